@@ -1,0 +1,98 @@
+"""The gateway's errors. Each carries an HTTP status, a FHIR issue code and a stable code.
+
+Only ``web.middleware`` turns these into responses; everything else raises them.
+Messages are shown to clients, so they never name a hidden record or a reason for hiding.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    status = 500
+    issue_code = "exception"
+    code = "internal-error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    issue_code = "invalid"
+    code = "bad-request"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    issue_code = "login"
+    code = "unauthenticated"
+
+
+class ConsentDenied(GatewayError):
+    status = 403
+    issue_code = "forbidden"
+    code = "consent-denied"
+
+
+class Refused(GatewayError):
+    """A request the gateway cannot filter safely (``_has``, ``$graphql``, ...)."""
+
+    status = 403
+    issue_code = "forbidden"
+    code = "not-filterable"
+
+
+class BreakGlassDisabled(GatewayError):
+    status = 403
+    issue_code = "forbidden"
+    code = "break-glass-disabled"
+
+
+class NotFound(GatewayError):
+    status = 404
+    issue_code = "not-found"
+    code = "not-found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    issue_code = "not-supported"
+    code = "method-not-allowed"
+
+
+class NotAcceptable(GatewayError):
+    status = 406
+    issue_code = "not-supported"
+    code = "not-acceptable"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    issue_code = "too-costly"
+    code = "payload-too-large"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    issue_code = "transient"
+    code = "upstream-unavailable"
+
+
+class ConsentUnavailable(GatewayError):
+    status = 503
+    issue_code = "transient"
+    code = "consent-unavailable"
+
+
+class AuditUnavailable(GatewayError):
+    status = 503
+    issue_code = "transient"
+    code = "audit-unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    issue_code = "timeout"
+    code = "upstream-timeout"

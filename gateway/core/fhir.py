@@ -1,0 +1,77 @@
+"""FHIR JSON helpers: OperationOutcomes, codings, references, Bundle walking."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+JSON = dict[str, Any]
+
+OUTCOME_DETAIL_SYSTEM = "urn:consent-gateway:issue"
+
+
+def operation_outcome(
+    severity: str, issue_code: str, message: str, detail_code: str | None = None
+) -> JSON:
+    """An OperationOutcome with one issue; ``detail_code`` is a stable searchable code."""
+    issue: JSON = {"severity": severity, "code": issue_code, "diagnostics": message}
+    if detail_code:
+        issue["details"] = {
+            "coding": [{"system": OUTCOME_DETAIL_SYSTEM, "code": detail_code}],
+            "text": message,
+        }
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def iter_codings(value: Any) -> Iterator[JSON]:
+    """Codings of a CodeableConcept, a list of them, or a bare Coding."""
+    if isinstance(value, list):
+        for item in value:
+            yield from iter_codings(item)
+    elif isinstance(value, dict):
+        codings = value.get("coding")
+        if isinstance(codings, list):
+            for coding in codings:
+                if isinstance(coding, dict):
+                    yield coding
+        elif "code" in value and "system" in value:
+            yield value
+
+
+def reference_of(value: Any) -> str | None:
+    """The ``reference`` string of a Reference, or None."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str):
+            return ref
+    return None
+
+
+def relative_reference(ref: str) -> str:
+    """``http://h/fhir/Patient/1/_history/2`` -> ``Patient/1``; ``Patient/1`` unchanged."""
+    ref = ref.split("#", 1)[0]
+    parts = [p for p in ref.split("/") if p]
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2:
+        return f"{parts[-2]}/{parts[-1]}"
+    return ref
+
+
+def resource_reference(resource: JSON) -> str | None:
+    """``Type/id`` of a resource, or None when it has no id."""
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    if isinstance(rtype, str) and isinstance(rid, str):
+        return f"{rtype}/{rid}"
+    return None
+
+
+def iter_bundle_resources(bundle: JSON) -> Iterator[JSON]:
+    """Each ``entry.resource`` of a Bundle (not recursing)."""
+    entries = bundle.get("entry")
+    if isinstance(entries, list):
+        for entry in entries:
+            if isinstance(entry, dict):
+                res = entry.get("resource")
+                if isinstance(res, dict):
+                    yield res

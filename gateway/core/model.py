@@ -1,0 +1,119 @@
+"""Frozen value types shared by the whole gateway.
+
+Everything here is pure data: the request context the decision engine reads, the
+labels the labeler computes and the decisions (with reasons) the engine returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
+V3_PURPOSE_OF_USE = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
+RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
+CONSENT_ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
+# Resource-scope codes (the vendor data scopes: LABS, MEDICATIONS, ...) defined in rules/.
+RESOURCE_SCOPE_SYSTEM = "urn:consent-gateway:resource-scope"
+# Emergency consents recorded by break-glass carry this policy/category.
+GATEWAY_CODE_SYSTEM = "urn:consent-gateway:code"
+
+ACTOR_TYPES = frozenset(
+    {"Practitioner", "PractitionerRole", "Patient", "Organization", "Device", "RelatedPerson"}
+)
+
+
+class Verdict(Enum):
+    """Outcome of a decision.
+
+    PERMIT: pass without looking at content; FILTER: allowed, but every resource must be
+    decided on its own; DENY: refused.
+    """
+
+    PERMIT = "permit"
+    FILTER = "filter"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """A security label (system may be empty when a consent names only the code)."""
+
+    system: str
+    code: str
+
+    def matches(self, other: Label) -> bool:
+        """Codes equal, and systems equal where both are given."""
+        if self.code != other.code:
+            return False
+        return not self.system or not other.system or self.system == other.system
+
+    def __str__(self) -> str:
+        return self.code
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who is asking: a FHIR reference such as ``Practitioner/1``."""
+
+    reference: str
+    organization: str | None = None
+    role: str | None = None
+    groups: frozenset[str] = frozenset()  # Group/CareTeam references the actor belongs to
+
+    @property
+    def resource_type(self) -> str:
+        return self.reference.split("/", 1)[0]
+
+    def references(self) -> frozenset[str]:
+        """Every reference a consent actor may name to match this requester."""
+        refs = {self.reference, *self.groups}
+        if self.organization:
+            refs.add(self.organization)
+        return frozenset(refs)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the decision engine knows about the request. ``now`` is an input, never read."""
+
+    actor: Actor
+    purpose: str
+    now: datetime
+    action: str = "access"
+    break_glass: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why: which consent, which provision path, which rule (never sent to a client)."""
+
+    consent: str
+    provision: str
+    rule: str
+
+    def __str__(self) -> str:
+        where = f"{self.consent} {self.provision}".strip()
+        return f"{self.rule} ({where})" if where else self.rule
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A verdict with the reasons that produced it.
+
+    ``labels`` are the labels that mattered; ``combining`` names the step that chose among
+    consents (``deny-overrides``, ``latest-wins``, ``default``, ``self-access``, ...).
+    """
+
+    verdict: Verdict
+    reasons: tuple[Reason, ...] = ()
+    labels: tuple[str, ...] = ()
+    combining: str = ""
+    errors: tuple[str, ...] = field(default=())
+
+    @property
+    def permitted(self) -> bool:
+        return self.verdict is not Verdict.DENY
