@@ -16,7 +16,8 @@ demo: $(STAMP)
 	$(BIN)/consent-gateway demo
 
 test: $(STAMP)
-	$(BIN)/python -m tests.run_all
+	bash tests/upstream/install.sh
+	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -96,3 +96,9 @@ class UpstreamTimeout(GatewayError):
     status = 504
     issue_code = "timeout"
     code = "upstream-timeout"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    issue_code = "not-supported"
+    code = "unsupported-media-type"

@@ -1,0 +1,140 @@
+"""Composition: build the proxy and admin applications from Settings and run them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.upstream import Upstream
+from gateway.web import admin, proxy
+from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
+from gateway.web.state import STATE, GatewayState, Readiness
+
+log = logging.getLogger("gateway")
+
+
+def build_state(settings: Settings, metrics: Metrics | None = None) -> GatewayState:
+    upstream = Upstream(
+        settings.upstream.url,
+        timeout_s=settings.upstream.timeout_s,
+        max_connections=settings.upstream.max_connections,
+    )
+    return GatewayState(
+        settings=settings,
+        upstream=upstream,
+        metrics=metrics or Metrics(),
+        readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
+    )
+
+
+async def _watch_upstream(state: GatewayState) -> None:
+    interval = state.settings.upstream.health_interval_s
+    while True:
+        if await state.upstream.ping(timeout_s=min(interval, state.settings.upstream.timeout_s)):
+            state.readiness.last_ok = time.monotonic()
+        await asyncio.sleep(interval)
+
+
+def build_proxy_app(state: GatewayState) -> web.Application:
+    """The FHIR-facing application; its cleanup_ctx owns the upstream session."""
+    app = web.Application(
+        middlewares=[request_id_middleware, proxy.observe_middleware, build_error_middleware(state.metrics)],
+        client_max_size=state.settings.listen.max_body_bytes,
+    )
+    app[STATE] = state
+
+    async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
+        await state.upstream.open()
+        watcher = asyncio.create_task(_watch_upstream(state))
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await state.upstream.close()
+
+    app.cleanup_ctx.append(upstream_ctx)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def build_admin_app(state: GatewayState) -> web.Application:
+    app = web.Application(middlewares=[build_error_middleware(state.metrics)])
+    app[STATE] = state
+    admin.add_routes(app)
+    return app
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stderr for every gateway logger."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("gateway")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@dataclass
+class RunningGateway:
+    """Both listeners, started; ``proxy_port``/``admin_port`` are the bound ports."""
+
+    proxy_runner: web.AppRunner
+    admin_runner: web.AppRunner
+    proxy_port: int
+    admin_port: int
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), release the upstream."""
+        await self.proxy_runner.cleanup()
+        await self.admin_runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    raise RuntimeError("listener is not bound")
+
+
+async def start(state: GatewayState) -> RunningGateway:
+    """Bind the proxy and admin listeners. Raises OSError when a port is taken."""
+    settings = state.settings
+    timeout = settings.listen.shutdown_timeout_s
+    proxy_runner = web.AppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
+    admin_runner = web.AppRunner(build_admin_app(state), access_log=None, shutdown_timeout=timeout)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    try:
+        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port).start()
+        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+    except OSError:
+        await proxy_runner.cleanup()
+        await admin_runner.cleanup()
+        raise
+    return RunningGateway(proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner))
+
+
+async def serve_until_signalled(state: GatewayState) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start(state)
+    log.info(
+        "listening: proxy %s:%d, admin %s:%d",
+        state.settings.listen.host, running.proxy_port, state.settings.admin.host, running.admin_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()

@@ -1,0 +1,215 @@
+"""Settings: the YAML file first, then ``GATEWAY_<SECTION>__<KEY>`` environment overrides.
+
+Every key has a default except ``upstream.url``. Invalid settings raise ``ConfigError`` whose
+message is one line naming the key and the problem; ``cli`` prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "GATEWAY_"
+
+
+class ConfigError(Exception):
+    """A configuration problem, as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"has an invalid port: {value!r}") from exc
+    return value.rstrip("/")
+
+
+class UpstreamSettings(_Section):
+    url: str
+    timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(100, ge=1)
+    health_interval_s: float = Field(10.0, gt=0)
+
+    _url = field_validator("url")(_check_http_url)
+
+
+class ListenSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    shutdown_timeout_s: float = Field(10.0, ge=0)
+
+
+class AdminSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+
+
+PURPOSE_CODE_PATTERN = r"^[A-Z][A-Z0-9]*$"
+
+
+class AuthSettings(_Section):
+    mode: Literal["headers"] = "headers"
+    default_purpose: str = Field("TREAT", pattern=PURPOSE_CODE_PATTERN)
+
+
+class ConsentSettings(_Section):
+    source_kind: Literal["fhir", "clinikapi", "healthex", "healtheintent"] = "fhir"
+    source_url: str | None = None
+    source_api_key_env: str | None = None
+    cache_ttl_s: float = Field(60.0, ge=0)
+    cache_max_patients: int = Field(100_000, ge=1)
+    default_decision: Literal["deny", "permit"] = "deny"
+    combining: Literal["deny-overrides", "latest-wins"] = "deny-overrides"
+    patient_self_access: bool = True
+
+    @field_validator("source_url")
+    @classmethod
+    def _source_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+
+class SensitivitySettings(_Section):
+    rules_dir: Path | None = None
+    explicit_consent_required: Literal["all", "none"] | tuple[str, ...] = "all"
+
+
+class EnforcementSettings(_Section):
+    denied_read_status: Literal[403, 404] = 403
+
+
+class BreakGlassSettings(_Section):
+    enabled: bool = True
+    reasons: tuple[str, ...] = ("Patient Unresponsive.", "Medical emergency", "Imminent threat to life")
+    duration_h: float = Field(4.0, gt=0)
+    record_consent: bool = True
+
+
+class AuditSettings(_Section):
+    path: Path = Path("audit.jsonl")
+    fhir_url: str | None = None
+
+    @field_validator("fhir_url")
+    @classmethod
+    def _fhir_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+
+class Settings(_Section):
+    upstream: UpstreamSettings
+    public_base_url: str | None = None
+    listen: ListenSettings = ListenSettings()
+    admin: AdminSettings = AdminSettings()
+    auth: AuthSettings = AuthSettings()
+    consent: ConsentSettings = ConsentSettings()
+    sensitivity: SensitivitySettings = SensitivitySettings()
+    enforcement: EnforcementSettings = EnforcementSettings()
+    break_glass: BreakGlassSettings = BreakGlassSettings()
+    audit: AuditSettings = AuditSettings()
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _public_base(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @property
+    def consent_source_url(self) -> str:
+        return self.consent.source_url or self.upstream.url
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML config file into a mapping (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"config file {path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    return data
+
+
+def _env_value(name: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        raise ConfigError(f"{name}: cannot parse value {raw!r}") from None
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``GATEWAY_<SECTION>__<KEY>`` (and ``GATEWAY_<KEY>`` for top-level keys)."""
+    merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        value = _env_value(name, raw)
+        if len(path) == 1:
+            merged[path[0]] = value
+        elif len(path) == 2:
+            section = merged.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{name}: section {path[0]!r} is not a mapping")
+            section[path[1]] = value
+        else:
+            raise ConfigError(f"{name}: expected GATEWAY_<SECTION>__<KEY>")
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if first["type"] == "missing":
+        # A missing upstream section means its one required key is missing.
+        return f"{'upstream.url' if key == 'upstream' else key}: required key is missing"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}"
+
+
+def build_settings(data: Mapping[str, Any]) -> Settings:
+    """Validate a config mapping; raise ConfigError with one line on the first problem."""
+    try:
+        return Settings.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_settings(
+    path: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """File, then environment, then command-line overrides (``{"upstream": {"url": ...}}``)."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_env(data, environ)
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict):
+            target = data.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section}: section is not a mapping")
+            target.update(values)
+        else:
+            data[section] = values
+    return build_settings(data)

@@ -1,0 +1,37 @@
+"""Rewriting upstream URLs to the gateway's public base, so paging stays behind the gateway."""
+
+from __future__ import annotations
+
+import orjson
+
+
+class LinkRewriter:
+    """Replaces the upstream base with the public base in JSON bytes and header values.
+
+    Works on serialized JSON: any string value that starts with the upstream base (a link,
+    a fullUrl, a location, an absolute reference) is rewritten in one pass per pattern.
+    """
+
+    __slots__ = ("upstream", "public", "_pairs")
+
+    def __init__(self, upstream_base: str, public_base: str) -> None:
+        self.upstream = upstream_base.rstrip("/")
+        self.public = public_base.rstrip("/")
+        up = orjson.dumps(self.upstream)[:-1]  # '"http://h/fhir' with JSON escaping
+        pub = orjson.dumps(self.public)[:-1]
+        self._pairs = tuple((up + tail, pub + tail) for tail in (b"/", b'"', b"?"))
+
+    def body(self, payload: bytes) -> bytes:
+        """JSON bytes with every upstream-based string rewritten."""
+        if self.upstream == self.public:
+            return payload
+        for old, new in self._pairs:
+            if old in payload:
+                payload = payload.replace(old, new)
+        return payload
+
+    def header(self, value: str) -> str:
+        """A Location-style header value rewritten when it points at the upstream."""
+        if value == self.upstream or value.startswith((self.upstream + "/", self.upstream + "?")):
+            return self.public + value[len(self.upstream):]
+        return value

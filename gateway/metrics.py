@@ -1,0 +1,75 @@
+"""Every metric of CONTRACT §8 on an injectable registry. Label values come from closed sets."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+INTERACTIONS = (
+    "read", "vread", "search", "history", "create", "update", "patch", "delete",
+    "batch", "operation", "capabilities", "other",
+)
+DECISIONS = ("permit", "filtered", "deny")
+# SECURITY: filtered-resource reasons are generic on purpose; the specific rule (which label,
+# which consent) would reveal what was hidden, so it only goes to the log.
+FILTER_REASONS = ("consent", "sensitivity", "malformed", "compartment")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The gateway's metrics, registered on ``registry`` (a fresh one per app in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "consent_gateway_requests", "FHIR requests answered",
+            ("method", "interaction", "code"), registry=r,
+        )
+        self.request_duration = Histogram(
+            "consent_gateway_request_duration_seconds", "Time to answer a FHIR request",
+            ("interaction",), buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "consent_gateway_upstream_duration_seconds", "Time the upstream took to answer",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.decisions = Counter(
+            "consent_gateway_decisions", "Consent decisions per request", ("decision",), registry=r,
+        )
+        self.resources_filtered = Counter(
+            "consent_gateway_resources_filtered", "Resources removed from responses",
+            ("resource_type", "reason"), registry=r,
+        )
+        self.cache_hits = Counter(
+            "consent_gateway_consent_cache_hits", "Consent lookups answered from the cache", registry=r,
+        )
+        self.cache_misses = Counter(
+            "consent_gateway_consent_cache_misses", "Consent lookups that went to the source", registry=r,
+        )
+        self.cache_entries = Gauge(
+            "consent_gateway_consent_cache_entries", "Patients with cached consents", registry=r,
+        )
+        self.lookup_errors = Counter(
+            "consent_gateway_consent_lookup_errors", "Failed consent lookups", registry=r,
+        )
+        self.break_glass = Counter(
+            "consent_gateway_break_glass", "Break-glass accesses", ("reason",), registry=r,
+        )
+        self.errors = Counter(
+            "consent_gateway_errors", "Error answers made by the gateway", ("code",), registry=r,
+        )
+        for decision in DECISIONS:
+            self.decisions.labels(decision)
+
+    def observe_request(self, method: str, interaction: str, status: int, seconds: float) -> None:
+        """Count one answered request (unknown methods are folded into ``other``)."""
+        method_label = method if method in METHODS else "other"
+        self.requests.labels(method_label, interaction, str(status)).inc()
+        self.request_duration.labels(interaction).observe(seconds)
+
+    def count_filtered(self, resource_type: str, reason: str, known_types: frozenset[str]) -> None:
+        """Count a removed resource; types outside the known FHIR set fold into ``other``."""
+        rtype = resource_type if resource_type in known_types else "other"
+        self.resources_filtered.labels(rtype, reason if reason in FILTER_REASONS else "consent").inc()

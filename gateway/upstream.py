@@ -1,0 +1,114 @@
+"""The only aiohttp client code: one pooled session to the FHIR upstream.
+
+Client errors become GatewayErrors here, with messages that never name the upstream host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.core.errors import UpstreamTimeout, UpstreamUnavailable
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those the gateway computes itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    }
+)
+
+
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers without hop-by-hop ones, including any the Connection header names."""
+    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in HOP_BY_HOP and lower not in named:
+            out.add(name, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    seconds: float
+
+
+class Upstream:
+    """A FHIR server reached over one pooled ClientSession (owned by the app's cleanup_ctx)."""
+
+    def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.base = URL(self.base_url)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("upstream session is not open")
+        return self._session
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=True,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url_for(self, path: str, query_string: str = "") -> URL:
+        """The upstream URL of a path below the FHIR base; the query string is kept verbatim."""
+        raw = f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
+        if query_string:
+            raw = f"{raw}?{query_string}"
+        return URL(raw, encoded=True)
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+        body: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request and read the whole answer; connection errors raise GatewayErrors."""
+        started = time.perf_counter()
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else self._timeout
+        try:
+            async with self.session.request(
+                method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout
+            ) as resp:
+                payload = await resp.read()
+                return UpstreamResponse(resp.status, resp.headers, payload, time.perf_counter() - started)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("The FHIR server did not answer in time.") from None
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamUnavailable("The FHIR server could not be reached.") from None
+
+    async def ping(self, timeout_s: float) -> bool:
+        """True when ``/metadata`` answers 2xx within ``timeout_s``."""
+        try:
+            resp = await self.request(
+                "GET", self.url_for("metadata"), headers={"Accept": "application/fhir+json"},
+                timeout_s=timeout_s,
+            )
+        except (UpstreamTimeout, UpstreamUnavailable):
+            return False
+        return 200 <= resp.status < 300

@@ -1,0 +1,1 @@
+"""The HTTP side: middleware, the FHIR proxy handler and the admin endpoints."""

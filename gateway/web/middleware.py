@@ -1,0 +1,127 @@
+"""Request ids, timing, access log, and the one place errors become OperationOutcomes."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.core.errors import GatewayError
+from gateway.core.fhir import operation_outcome
+from gateway.metrics import Metrics
+
+FHIR_JSON = "application/fhir+json"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+log = logging.getLogger("gateway.error")
+
+
+@dataclass
+class RequestInfo:
+    """What the access log and metrics need to know about one request."""
+
+    request_id: str
+    started: float
+    interaction: str = "other"
+    resource_type: str | None = None
+    actor: str | None = None
+    purpose: str | None = None
+    decision: str | None = None
+
+
+INFO = web.RequestKey("gateway_request_info", RequestInfo)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# aiohttp's own HTTP errors mapped to FHIR issue codes.
+_HTTP_ISSUE_CODES = {400: "invalid", 404: "not-found", 405: "not-supported", 413: "too-costly"}
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+
+
+def error_response(
+    status: int, issue_code: str, message: str, detail_code: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """An OperationOutcome answer; the only constructor of error bodies."""
+    body = orjson.dumps(operation_outcome("error", issue_code, message, detail_code))
+    return web.Response(status=status, body=body, content_type=FHIR_JSON, headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    issue = _HTTP_ISSUE_CODES.get(status, "processing")
+    if status == 413:
+        return error_response(413, issue, "The request body is too large.", "payload-too-large")
+    message = {404: "Not found.", 405: "Method not allowed."}.get(status, exc.reason or "Error.")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return error_response(status, issue, message, f"http-{status}", headers)
+
+
+def build_error_middleware(metrics: Metrics) -> Middleware:
+    """Middleware turning every exception into an application/fhir+json OperationOutcome."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            metrics.errors.labels(exc.code).inc()
+            return error_response(exc.status, exc.issue_code, exc.message, exc.code, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            metrics.errors.labels(f"http-{exc.status}").inc()
+            return _from_http_exception(exc)
+        except Exception:
+            # SECURITY: the trace goes to the log only; the body says nothing about internals.
+            info = request.get(INFO)
+            log.exception("unhandled error", extra={"request_id": info.request_id if info else None})
+            metrics.errors.labels("internal-error").inc()
+            return error_response(500, "exception", "Internal error.", "internal-error")
+
+    return error_middleware
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Assign the request id and start the clock before anything else runs."""
+    info = RequestInfo(request_id_of(request), time.perf_counter())
+    request[INFO] = info
+    response = await handler(request)
+    response.headers["X-Request-Id"] = info.request_id
+    return response
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line; fields come from ``extra``."""
+
+    FIELDS = (
+        "request_id", "method", "interaction", "resource_type", "status", "duration_ms",
+        "decision", "actor", "purpose", "break_glass", "reasons", "audit_id",
+    )
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in self.FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()

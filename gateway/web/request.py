@@ -1,0 +1,114 @@
+"""Reading an incoming FHIR request: its route below the FHIR base and who is asking."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.core.errors import BadRequest, NotAcceptable, Unauthenticated, UnsupportedMediaType
+from gateway.core.model import ACTOR_TYPES, Actor
+from gateway.core.purpose import PURPOSE_CODES
+
+# Headers that describe the requester to the gateway; never sent upstream.
+GATEWAY_HEADERS = frozenset(
+    {"x-actor", "x-actor-organization", "x-actor-role", "x-purpose-of-use", "x-break-glass"}
+)
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ROLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_XML = re.compile(r"(^|[/+])xml\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A request path split below the FHIR base, with its FHIR interaction."""
+
+    path: str            # below the base, no leading slash: "Patient/1/_history/2"
+    parts: tuple[str, ...]
+    prefix: str          # the path prefix the client used for the base: "" or "/fhir"
+    interaction: str
+    resource_type: str | None
+    resource_id: str | None
+    operation: str | None  # "$everything", "$graphql", ...
+
+
+def _interaction(method: str, parts: tuple[str, ...]) -> str:
+    n = len(parts)
+    if n == 0:
+        return "batch" if method == "POST" else ("search" if method == "GET" else "other")
+    if parts[0] == "metadata" and n == 1:
+        return "capabilities" if method in ("GET", "HEAD") else "other"
+    if any(p.startswith("$") for p in parts):
+        return "operation"
+    if "_history" in parts:
+        idx = parts.index("_history")
+        return "vread" if idx == n - 2 and method in ("GET", "HEAD") else "history"
+    if parts[-1] == "_search":
+        return "search"
+    if method in ("GET", "HEAD"):
+        return "read" if n == 2 else "search"
+    return {
+        "POST": "create" if n == 1 else "other",
+        "PUT": "update", "PATCH": "patch", "DELETE": "delete",
+    }.get(method, "other")
+
+
+def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
+    """Route of ``raw_path``, served both at the root and under the upstream's base path."""
+    path = raw_path.split("?", 1)[0]
+    prefix = ""
+    if base_prefix and (path == base_prefix or path.startswith(base_prefix + "/")):
+        prefix, path = base_prefix, path[len(base_prefix):]
+    parts = tuple(p for p in path.split("/") if p)
+    if any(p in (".", "..") for p in parts):
+        raise BadRequest("The request path is not a FHIR path.")
+    rtype = parts[0] if parts and _TYPE.match(parts[0]) and parts[0] != "metadata" else None
+    rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None
+    operation = next((p for p in parts if p.startswith("$")), None)
+    return Route("/".join(parts), parts, prefix, _interaction(method, parts), rtype, rid, operation)
+
+
+def reject_xml(request: web.Request) -> None:
+    """Only FHIR JSON is served: XML asked for by Accept or ``_format`` gets 406."""
+    fmt = request.query.get("_format", "")
+    if fmt and ("xml" in fmt.lower() or fmt.lower() == "html"):
+        raise NotAcceptable("Only JSON is supported (_format must be json).")
+    accept = request.headers.get("Accept", "").lower()
+    if accept and _XML.search(accept) and "json" not in accept and "*/*" not in accept:
+        raise NotAcceptable("Only JSON is supported (Accept: application/fhir+json).")
+    ctype = request.headers.get("Content-Type", "").lower()
+    if request.can_read_body and ctype and "xml" in ctype:
+        raise UnsupportedMediaType("Only JSON request bodies are supported.")
+
+
+def _reference(value: str, allowed: frozenset[str], what: str) -> str:
+    rtype, _, rid = value.strip().partition("/")
+    if rtype not in allowed or not _FHIR_ID.match(rid):
+        raise Unauthenticated(f"{what} must be a FHIR reference such as Practitioner/123.")
+    return f"{rtype}/{rid}"
+
+
+def read_actor(request: web.Request) -> Actor:
+    """The requester from the X-Actor headers; missing or malformed X-Actor is a 401."""
+    raw = request.headers.get("X-Actor")
+    if not raw:
+        raise Unauthenticated("X-Actor header is required.")
+    reference = _reference(raw, ACTOR_TYPES, "X-Actor")
+    org_raw = request.headers.get("X-Actor-Organization")
+    organization = _reference(org_raw, frozenset({"Organization"}), "X-Actor-Organization") if org_raw else None
+    role = request.headers.get("X-Actor-Role")
+    if role is not None and not _ROLE.match(role):
+        raise BadRequest("X-Actor-Role must be a v3 RoleCode such as PRCP.")
+    return Actor(reference=reference, organization=organization, role=role)
+
+
+def read_purpose(request: web.Request, settings: Settings) -> str:
+    """The purpose of use; an unknown code is a 400 naming the allowed ones."""
+    purpose = request.headers.get("X-Purpose-Of-Use", "").strip() or settings.auth.default_purpose
+    if purpose not in PURPOSE_CODES:
+        allowed = ", ".join(sorted(PURPOSE_CODES))
+        raise BadRequest(f"Unknown X-Purpose-Of-Use code. Allowed codes: {allowed}.")
+    return purpose

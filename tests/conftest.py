@@ -1,0 +1,93 @@
+"""Shared fixtures: a fake FHIR upstream on a real socket and a gateway in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from gateway.app import RunningGateway, build_state, start
+from gateway.config import Settings, build_settings
+from gateway.metrics import Metrics
+from gateway.web.state import GatewayState
+from tests.fakes import FakeFhir
+
+
+@dataclass
+class GatewayUnderTest:
+    state: GatewayState
+    running: RunningGateway
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.running.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.admin_port}"
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.state.metrics.registry
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    async def get(self, path: str, actor: str | None = "Practitioner/doc-1", **headers: str) -> aiohttp.ClientResponse:
+        hdrs = dict(headers)
+        if actor is not None:
+            hdrs["X-Actor"] = actor
+        return await self.session.get(self.url + path, headers=hdrs)
+
+
+@pytest.fixture
+async def fake_fhir() -> AsyncIterator[FakeFhir]:
+    fake = FakeFhir()
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    fake.base_url = f"http://127.0.0.1:{server.port}{fake.base_path}"
+    yield fake
+    await server.close()
+
+
+def gateway_settings(upstream_url: str, **sections: Any) -> Settings:
+    data: dict[str, Any] = {
+        "upstream": {"url": upstream_url, "timeout_s": 5},
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    return build_settings(data)
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
+    started: list[GatewayUnderTest] = []
+
+    async def factory(upstream_url: str, **sections: Any) -> GatewayUnderTest:
+        state = build_state(gateway_settings(upstream_url, **sections), Metrics(CollectorRegistry()))
+        running = await start(state)
+        gut = GatewayUnderTest(state, running, aiohttp.ClientSession())
+        started.append(gut)
+        return gut
+
+    yield factory
+    for gut in started:
+        await gut.session.close()
+        await gut.running.stop()
+
+
+@pytest.fixture
+async def gateway(fake_fhir: FakeFhir, make_gateway: Callable[..., Any]) -> GatewayUnderTest:
+    gut: GatewayUnderTest = await make_gateway(fake_fhir.base_url)
+    return gut
