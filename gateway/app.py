@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.core.labels import LabelIndex
+from gateway.rules import load_rules
+from gateway.sources.fhir import FhirConsentSource
+from gateway.sources.store import ConsentStore
+from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.web import admin, proxy
@@ -23,16 +28,31 @@ from gateway.web.state import STATE, GatewayState, Readiness
 log = logging.getLogger("gateway")
 
 
-def build_state(settings: Settings, metrics: Metrics | None = None) -> GatewayState:
-    upstream = Upstream(
-        settings.upstream.url,
-        timeout_s=settings.upstream.timeout_s,
-        max_connections=settings.upstream.max_connections,
+def _server(url: str, settings: Settings) -> Upstream:
+    return Upstream(url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections)
+
+
+def build_state(settings: Settings, metrics: Metrics | None = None, labels: LabelIndex | None = None) -> GatewayState:
+    """Everything the handlers share, built once at start-up (rules loaded, store empty)."""
+    metrics = metrics or Metrics()
+    labels = labels or load_rules(settings.sensitivity.rules_dir)
+    upstream = _server(settings.upstream.url, settings)
+    consent_server = None
+    if settings.consent_source_url.rstrip("/") != upstream.base_url:
+        consent_server = _server(settings.consent_source_url, settings)
+    source = FhirConsentSource(consent_server or upstream)
+    store = ConsentStore(
+        source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
     )
+    policy = policy_from(settings.consent, settings.sensitivity, labels)
     return GatewayState(
         settings=settings,
         upstream=upstream,
-        metrics=metrics or Metrics(),
+        metrics=metrics,
+        labels=labels,
+        store=store,
+        enforcement=ConsentEnforcement(store, labels, policy),
+        consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
     )
 
@@ -55,12 +75,16 @@ def build_proxy_app(state: GatewayState) -> web.Application:
 
     async def upstream_ctx(_: web.Application) -> AsyncIterator[None]:
         await state.upstream.open()
+        if state.consent_server is not None:
+            await state.consent_server.open()
         watcher = asyncio.create_task(_watch_upstream(state))
         yield
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await state.upstream.close()
+        if state.consent_server is not None:
+            await state.consent_server.close()
 
     app.cleanup_ctx.append(upstream_ctx)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)

@@ -69,7 +69,6 @@ class Metrics:
         self.requests.labels(method_label, interaction, str(status)).inc()
         self.request_duration.labels(interaction).observe(seconds)
 
-    def count_filtered(self, resource_type: str, reason: str, known_types: frozenset[str]) -> None:
-        """Count a removed resource; types outside the known FHIR set fold into ``other``."""
-        rtype = resource_type if resource_type in known_types else "other"
-        self.resources_filtered.labels(rtype, reason if reason in FILTER_REASONS else "consent").inc()
+    def count_filtered(self, resource_type: str, reason: str) -> None:
+        """Count a removed resource; the caller passes only known FHIR type names."""
+        self.resources_filtered.labels(resource_type, reason if reason in FILTER_REASONS else "consent").inc()

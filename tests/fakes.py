@@ -77,9 +77,12 @@ class FakeFhir:
             return _json(res)
         if request.method == "GET" and len(parts) == 1:
             patient = request.query.get("patient") or request.query.get("subject")
+            status = request.query.get("status")
             found = [
                 r for key, r in self.resources.items()
-                if key.startswith(parts[0] + "/") and (patient is None or _refers(r, patient))
+                if key.startswith(parts[0] + "/")
+                and (patient is None or any(_refers(r, p) for p in patient.split(",")))
+                and (status is None or r.get("status") == status)
             ]
             return _json(self.bundle(found, f"{self.base_url}/{parts[0]}?{request.query_string}"))
         if request.method in ("POST", "PUT") and parts:

@@ -9,8 +9,19 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.core.errors import PayloadTooLarge
+from urllib.parse import unquote
+
+import orjson
+
+from gateway.core.compartment import is_patient_data
+from gateway.core.enforce import Enforced
+from gateway.core.errors import ConsentDenied, GatewayError, NotFound, PayloadTooLarge, Refused, UpstreamUnavailable
+from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
+from gateway.core.model import Actor
+from gateway.core.projection import PROJECTION_PARAMS, Projection
+from gateway.core.refusals import named_patients, unfilterable
+from gateway.web.writes import WRITE_METHODS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
 from gateway.web.request import GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
@@ -77,25 +88,119 @@ def client_response(upstream: UpstreamResponse, links: LinkRewriter, body: bytes
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
+def _forwarded_query(raw: str, projection: Projection | None) -> str:
+    """The query string for the upstream: verbatim, minus the projection the gateway applies."""
+    if projection is None or not raw:
+        return raw
+    kept = [item for item in raw.split("&") if unquote(item.split("=", 1)[0]) not in PROJECTION_PARAMS]
+    return "&".join(kept)
+
+
+async def refuse_unfilterable(state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str) -> bool:
+    """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
+
+    Returns True when such a request is allowed through unfiltered.
+    """
+    why = unfilterable(route.parts, route.operation, query)
+    if why is None:
+        return False
+    patients = named_patients(route.parts, query)
+    if patients:
+        looked = await state.enforcement.look_up(patients, actor, purpose)
+        if state.enforcement.unconditional(looked, patients):
+            return True
+    access_log.info("refused", extra={"reasons": [why]})
+    raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
+
+
+def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
+    """The upstream's JSON body, parsed once; None when there is nothing to decide."""
+    if not upstream.body:
+        return None
+    ctype = upstream.headers.get("Content-Type", "").lower()
+    if "json" not in ctype:
+        if route.resource_type and is_patient_data(route.resource_type):
+            # SECURITY: patient data the gateway cannot read is never passed on.
+            raise UpstreamUnavailable("The FHIR server answered in a format the gateway cannot check.")
+        return None
+    try:
+        body = orjson.loads(upstream.body)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable("The FHIR server sent a malformed answer.") from None
+    if not isinstance(body, dict):
+        raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+    return body
+
+
+def _denied(state: GatewayState) -> GatewayError:
+    if state.settings.enforcement.denied_read_status == 404:
+        return NotFound("Resource not found.")
+    return ConsentDenied("Access to this resource is not permitted.")
+
+
+def count_removed(state: GatewayState, result: Enforced) -> None:
+    for rtype, decision in result.removed:
+        reason = "sensitivity" if decision.labels else ("malformed" if decision.errors else "consent")
+        # Only Patient-compartment types are ever removed; anything else folds into "other".
+        state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     """Proxy one FHIR request (CONTRACT §2-§6)."""
     state = request.app[STATE]
-    route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info = request[INFO]
+    route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
     actor = read_actor(request)
     purpose = read_purpose(request, state.settings)
     info.actor, info.purpose = actor.reference, purpose
+    query = list(request.query.items())
+    unfiltered = await refuse_unfilterable(state, route, query, actor, purpose)
+    projection = None if unfiltered else Projection.from_query(request.query.getall("_elements", []), request.query.getall("_summary", []))
     body = await read_body(request, state.settings.listen.max_body_bytes)
-    url = state.upstream.url_for(route.path, request.query_string)
+    url = state.upstream.url_for(route.path, _forwarded_query(request.query_string, projection))
     upstream = await state.upstream.request(
         request.method, url, headers=upstream_headers(request, info.request_id), body=body
     )
     state.metrics.upstream_duration.observe(upstream.seconds)
     links = LinkRewriter(state.upstream.base_url, public_base(request, state, route))
-    info.decision = "permit"
-    return client_response(upstream, links, links.body(upstream.body), "permit")
+    if request.method in WRITE_METHODS and route.interaction != "search" and route.operation is None:
+        evict_consents(state, request.method, route, body, upstream)
+        info.decision = "permit"
+        return client_response(upstream, links, links.body(upstream.body), "permit")
+    parsed = None if unfiltered else parse_body(upstream, route)
+    if parsed is None or parsed.get("resourceType") == "OperationOutcome":
+        info.decision = "permit"
+        return client_response(upstream, links, links.body(upstream.body), "permit")
+    result = await state.enforcement.enforce(
+        parsed, actor, purpose, confined=named_patients(route.parts, query)
+    )
+    info.decision = result.header
+    state.metrics.decisions.labels(result.header).inc()
+    count_removed(state, result)
+    if result.denied:
+        raise _denied(state)
+    if projection is not None:
+        if parsed.get("resourceType") == "Bundle":
+            projection.bundle(parsed)
+        else:
+            projection.apply(parsed)
+    return client_response(upstream, links, links.body(orjson.dumps(parsed)), result.header)
+
+
+def evict_consents(state: GatewayState, method: str, route: Route, body: bytes | None, upstream: UpstreamResponse) -> None:
+    """A successful write that touched Consents evicts those patients (all, when unknown)."""
+    if not 200 <= upstream.status < 300:
+        return
+    touched = touched_consent_patients(method, route.resource_type, body, upstream.body)
+    if touched is None:
+        return
+    if None in touched:
+        state.store.invalidate(None)
+        return
+    for patient in touched:
+        state.store.invalidate(patient)
 
 
 def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> None:

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.core.labels import LabelIndex
 from gateway.metrics import Metrics
+from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
+from gateway.web.enforcement import ConsentEnforcement
 
 
 @dataclass
@@ -27,6 +30,10 @@ class GatewayState:
     settings: Settings
     upstream: Upstream
     metrics: Metrics
+    labels: LabelIndex
+    store: ConsentStore
+    enforcement: ConsentEnforcement
+    consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
 
 

@@ -1,0 +1,443 @@
+"""Which patients a resource belongs to, and the other facts the consent engine reads.
+
+The patient compartment follows the FHIR R4 (4.0.1) CompartmentDefinition for Patient:
+every resource type it lists, with each linking search parameter mapped to the element
+path its R4 SearchParameter expression reads. The tables are compiled once, at import,
+into per-type accessors. Everything here is pure and never raises on odd JSON: a value of
+the wrong shape is simply not a reference, a date or a code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from gateway.core.fhir import JSON, iter_codings, relative_reference
+
+Path = tuple[str, ...]
+
+# R4 Patient CompartmentDefinition: resource type -> {search parameter: element path}.
+# Types the definition lists without a parameter are never in the compartment.
+PATIENT_COMPARTMENT: dict[str, dict[str, Path]] = {
+    "Account": {"subject": ("subject",)},
+    "AdverseEvent": {"subject": ("subject",)},
+    "AllergyIntolerance": {
+        "patient": ("patient",),
+        "recorder": ("recorder",),
+        "asserter": ("asserter",),
+    },
+    "Appointment": {"actor": ("participant", "actor")},
+    "AppointmentResponse": {"actor": ("actor",)},
+    "AuditEvent": {"patient": ("agent", "who"), "patient.entity": ("entity", "what")},
+    "Basic": {"patient": ("subject",), "author": ("author",)},
+    "BodyStructure": {"patient": ("patient",)},
+    "CarePlan": {"patient": ("subject",), "performer": ("activity", "detail", "performer")},
+    "CareTeam": {"patient": ("subject",), "participant": ("participant", "member")},
+    "ChargeItem": {"subject": ("subject",)},
+    "Claim": {"patient": ("patient",), "payee": ("payee", "party")},
+    "ClaimResponse": {"patient": ("patient",)},
+    "ClinicalImpression": {"subject": ("subject",)},
+    "Communication": {
+        "subject": ("subject",),
+        "sender": ("sender",),
+        "recipient": ("recipient",),
+    },
+    "CommunicationRequest": {
+        "subject": ("subject",),
+        "sender": ("sender",),
+        "recipient": ("recipient",),
+        "requester": ("requester",),
+    },
+    "Composition": {
+        "subject": ("subject",),
+        "author": ("author",),
+        "attester": ("attester", "party"),
+    },
+    "Condition": {"patient": ("subject",), "asserter": ("asserter",)},
+    "Consent": {"patient": ("patient",)},
+    "Coverage": {
+        "policy-holder": ("policyHolder",),
+        "subscriber": ("subscriber",),
+        "beneficiary": ("beneficiary",),
+        "payor": ("payor",),
+    },
+    "CoverageEligibilityRequest": {"patient": ("patient",)},
+    "CoverageEligibilityResponse": {"patient": ("patient",)},
+    "DetectedIssue": {"patient": ("patient",)},
+    "DeviceRequest": {"subject": ("subject",), "performer": ("performer",)},
+    "DeviceUseStatement": {"subject": ("subject",)},
+    "DiagnosticReport": {"subject": ("subject",)},
+    "DocumentManifest": {
+        "subject": ("subject",),
+        "author": ("author",),
+        "recipient": ("recipient",),
+    },
+    "DocumentReference": {"subject": ("subject",), "author": ("author",)},
+    "Encounter": {"patient": ("subject",)},
+    "EnrollmentRequest": {"subject": ("candidate",)},
+    "EpisodeOfCare": {"patient": ("patient",)},
+    "ExplanationOfBenefit": {"patient": ("patient",), "payee": ("payee", "party")},
+    "FamilyMemberHistory": {"patient": ("patient",)},
+    "Flag": {"patient": ("subject",)},
+    "Goal": {"patient": ("subject",)},
+    "Group": {"member": ("member", "entity")},
+    "ImagingStudy": {"patient": ("subject",)},
+    "Immunization": {"patient": ("patient",)},
+    "ImmunizationEvaluation": {"patient": ("patient",)},
+    "ImmunizationRecommendation": {"patient": ("patient",)},
+    "Invoice": {"subject": ("subject",), "recipient": ("recipient",)},
+    "List": {"subject": ("subject",), "source": ("source",)},
+    "MeasureReport": {"patient": ("subject",)},
+    "Media": {"subject": ("subject",)},
+    "MedicationAdministration": {
+        "patient": ("subject",),
+        "performer": ("performer", "actor"),
+    },
+    "MedicationDispense": {"subject": ("subject",), "receiver": ("receiver",)},
+    "MedicationRequest": {"subject": ("subject",)},
+    "MedicationStatement": {"subject": ("subject",)},
+    "MolecularSequence": {"patient": ("patient",)},
+    "NutritionOrder": {"patient": ("patient",)},
+    "Observation": {"subject": ("subject",), "performer": ("performer",)},
+    "Patient": {"link": ("link", "other")},
+    "Person": {"patient": ("link", "target")},
+    "Procedure": {"patient": ("subject",), "performer": ("performer", "actor")},
+    "Provenance": {"patient": ("target",)},
+    "QuestionnaireResponse": {"subject": ("subject",), "author": ("author",)},
+    "RelatedPerson": {"patient": ("patient",)},
+    "RequestGroup": {"subject": ("subject",), "participant": ("action", "participant")},
+    "ResearchSubject": {"individual": ("individual",)},
+    "RiskAssessment": {"subject": ("subject",)},
+    "Schedule": {"actor": ("actor",)},
+    "ServiceRequest": {"subject": ("subject",), "performer": ("performer",)},
+    "Specimen": {"subject": ("subject",)},
+    "SupplyDelivery": {"patient": ("patient",)},
+    "SupplyRequest": {"requester": ("requester",)},
+    "VisionPrescription": {"patient": ("patient",)},
+}
+
+# Elements holding the clinically relevant date, most specific first; the first present wins.
+CLINICAL_DATE: dict[str, tuple[Path, ...]] = {
+    "AdverseEvent": (("date",),),
+    "AllergyIntolerance": (("onsetDateTime",), ("onsetPeriod",), ("recordedDate",)),
+    "Account": (("servicePeriod",),),
+    "AuditEvent": (("recorded",),),
+    "Basic": (("created",),),
+    "CarePlan": (("period",), ("created",)),
+    "CareTeam": (("period",),),
+    "ChargeItem": (("occurrenceDateTime",), ("occurrencePeriod",), ("enteredDate",)),
+    "Claim": (("billablePeriod",), ("created",)),
+    "ClinicalImpression": (("effectiveDateTime",), ("effectivePeriod",), ("date",)),
+    "Communication": (("sent",), ("received",)),
+    "CommunicationRequest": (("occurrenceDateTime",), ("occurrencePeriod",), ("authoredOn",)),
+    "Composition": (("date",),),
+    "Condition": (("onsetDateTime",), ("onsetPeriod",), ("recordedDate",)),
+    "Consent": (("dateTime",),),
+    "Coverage": (("period",),),
+    "DetectedIssue": (("identifiedDateTime",), ("identifiedPeriod",)),
+    "DeviceRequest": (("occurrenceDateTime",), ("occurrencePeriod",), ("authoredOn",)),
+    "DeviceUseStatement": (("timingDateTime",), ("timingPeriod",), ("recordedOn",)),
+    "DiagnosticReport": (("effectiveDateTime",), ("effectivePeriod",), ("issued",)),
+    "DocumentManifest": (("created",),),
+    "DocumentReference": (("context", "period"), ("date",)),
+    "Encounter": (("period",),),
+    "EpisodeOfCare": (("period",),),
+    "ExplanationOfBenefit": (("billablePeriod",), ("created",)),
+    "FamilyMemberHistory": (("date",),),
+    "Flag": (("period",),),
+    "Goal": (("startDate",), ("statusDate",)),
+    "ImagingStudy": (("started",),),
+    "Immunization": (("occurrenceDateTime",), ("recorded",)),
+    "ImmunizationEvaluation": (("date",),),
+    "ImmunizationRecommendation": (("date",),),
+    "Invoice": (("date",),),
+    "List": (("date",),),
+    "MeasureReport": (("period",),),
+    "Media": (("createdDateTime",), ("createdPeriod",), ("issued",)),
+    "MedicationAdministration": (("effectiveDateTime",), ("effectivePeriod",)),
+    "MedicationDispense": (("whenHandedOver",), ("whenPrepared",)),
+    "MedicationRequest": (("authoredOn",),),
+    "MedicationStatement": (("effectiveDateTime",), ("effectivePeriod",), ("dateAsserted",)),
+    "NutritionOrder": (("dateTime",),),
+    "Observation": (
+        ("effectiveDateTime",),
+        ("effectivePeriod",),
+        ("effectiveInstant",),
+        ("issued",),
+    ),
+    "Procedure": (("performedDateTime",), ("performedPeriod",)),
+    "Provenance": (("occurredDateTime",), ("occurredPeriod",), ("recorded",)),
+    "QuestionnaireResponse": (("authored",),),
+    "RequestGroup": (("authoredOn",),),
+    "ResearchSubject": (("period",),),
+    "RiskAssessment": (("occurrenceDateTime",), ("occurrencePeriod",)),
+    "ServiceRequest": (("occurrenceDateTime",), ("occurrencePeriod",), ("authoredOn",)),
+    "Specimen": (
+        ("collection", "collectedDateTime"),
+        ("collection", "collectedPeriod"),
+        ("receivedTime",),
+    ),
+    "SupplyDelivery": (("occurrenceDateTime",), ("occurrencePeriod",)),
+    "SupplyRequest": (("occurrenceDateTime",), ("occurrencePeriod",), ("authoredOn",)),
+    "VisionPrescription": (("dateWritten",),),
+}
+
+# The resource's main code(s), matched by Consent.provision.code; "code" when not listed.
+MAIN_CODE: dict[str, tuple[Path, ...]] = {
+    "AdverseEvent": (("event",),),
+    "Account": (("type",),),
+    "CarePlan": (("category",),),
+    "CareTeam": (("category",),),
+    "Claim": (("type",),),
+    "Communication": (("category",),),
+    "CommunicationRequest": (("category",),),
+    "Composition": (("type",),),
+    "Consent": (("category",),),
+    "Coverage": (("type",),),
+    "DeviceRequest": (("codeCodeableConcept",),),
+    "DocumentReference": (("type",),),
+    "Encounter": (("type",),),
+    "EpisodeOfCare": (("type",),),
+    "FamilyMemberHistory": (("condition", "code"),),
+    "Goal": (("description",),),
+    "ImagingStudy": (("procedureCode",),),
+    "Immunization": (("vaccineCode",),),
+    "Media": (("type",),),
+    "MedicationAdministration": (("medicationCodeableConcept",),),
+    "MedicationDispense": (("medicationCodeableConcept",),),
+    "MedicationRequest": (("medicationCodeableConcept",),),
+    "MedicationStatement": (("medicationCodeableConcept",),),
+    "Specimen": (("type",),),
+}
+_DEFAULT_CODE: tuple[Path, ...] = (("code",),)
+
+# Elements naming who wrote, recorded, performed, asserted or asked for a resource.
+AUTHOR_ELEMENTS: tuple[str, ...] = (
+    "author",
+    "recorder",
+    "performer",
+    "asserter",
+    "requester",
+    "sender",
+    "enterer",
+    "attester",
+    "agent",
+    "source",
+)
+# Backbone elements wrap the reference one level down (performer.actor, attester.party, ...).
+_WRAPPED_REFERENCE = ("actor", "party", "who")
+
+
+@dataclass(frozen=True, slots=True)
+class DateRange:
+    """A half-open instant range ``[start, end)``; None means open on that side."""
+
+    start: datetime | None
+    end: datetime | None
+
+    def contains(self, other: DateRange) -> bool:
+        """``other`` lies entirely within this range (an open side of ``other`` must be open here)."""
+        if self.start is not None and (other.start is None or other.start < self.start):
+            return False
+        return self.end is None or (other.end is not None and other.end <= self.end)
+
+    def overlaps(self, other: DateRange) -> bool:
+        """The two ranges share at least one instant."""
+        if self.end is not None and other.start is not None and other.start >= self.end:
+            return False
+        return not (self.start is not None and other.end is not None and other.end <= self.start)
+
+    def contains_instant(self, when: datetime) -> bool:
+        """``when`` (naive means UTC) falls within the range."""
+        when = as_utc(when)
+        if self.start is not None and when < self.start:
+            return False
+        return self.end is None or when < self.end
+
+
+_PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+
+
+def as_utc(when: datetime) -> datetime:
+    """An aware datetime; naive values are taken as UTC."""
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
+
+
+def parse_date_range(text: Any) -> DateRange | None:
+    """The instants a FHIR date, dateTime or instant covers, at its own precision.
+
+    ``"2015"`` covers the whole year, ``"2015-02-01"`` the whole day and a full dateTime a
+    single instant (naive times are taken as UTC). Anything unparseable gives None.
+    """
+    if not isinstance(text, str):
+        return None
+    match = _PARTIAL_DATE.match(text)
+    try:
+        if match:
+            year, month, day = match.group(1), match.group(2), match.group(3)
+            start = datetime(int(year), int(month or 1), int(day or 1), tzinfo=timezone.utc)
+            if day:
+                end = start + timedelta(days=1)
+            elif month:
+                end = (start + timedelta(days=32)).replace(day=1)
+            else:
+                end = start.replace(year=start.year + 1)
+            return DateRange(start, end)
+        if "T" not in text:
+            return None
+        instant = as_utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except (ValueError, OverflowError):
+        return None
+    return DateRange(instant, instant + timedelta(microseconds=1))
+
+
+def parse_period(value: Any) -> DateRange | None:
+    """A FHIR Period as a range (end inclusive at its precision); None when unparseable."""
+    if not isinstance(value, dict):
+        return None
+    start = end = None
+    if "start" in value:
+        low = parse_date_range(value["start"])
+        if low is None:
+            return None
+        start = low.start
+    if "end" in value:
+        high = parse_date_range(value["end"])
+        if high is None:
+            return None
+        end = high.end
+    if start is not None and end is not None and end < start:
+        return None
+    return DateRange(start, end)
+
+
+def iter_path(node: Any, path: Path) -> Iterator[Any]:
+    """Values at ``path`` below ``node``, flattening lists at every step."""
+    if isinstance(node, list):
+        for item in node:
+            yield from iter_path(item, path)
+        return
+    if not path:
+        yield node
+        return
+    if isinstance(node, dict):
+        child = node.get(path[0])
+        if child is not None:
+            yield from iter_path(child, path[1:])
+
+
+def _reference_strings(node: Any, path: Path) -> Iterator[str]:
+    for value in iter_path(node, path):
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                yield relative_reference(ref)
+
+
+_COMPARTMENT_PATHS: dict[str, tuple[Path, ...]] = {
+    rtype: tuple(params.values()) for rtype, params in PATIENT_COMPARTMENT.items()
+}
+
+
+def is_patient_data(resource_type: str) -> bool:
+    """True when resources of this type can belong to a patient compartment."""
+    return resource_type in _COMPARTMENT_PATHS
+
+
+def patients_of(resource: JSON) -> frozenset[str]:
+    """``Patient/<id>`` references of every patient compartment the resource is in.
+
+    A Patient belongs to itself and to the patients it links to. Contained (``#``) and
+    conditional references name no patient, so they add nothing.
+    """
+    rtype = resource.get("resourceType")
+    paths = _COMPARTMENT_PATHS.get(rtype) if isinstance(rtype, str) else None
+    if paths is None:
+        return frozenset()
+    found = {
+        ref for path in paths for ref in _reference_strings(resource, path)
+        if ref.startswith("Patient/")
+    }
+    if rtype == "Patient":
+        rid = resource.get("id")
+        if isinstance(rid, str) and rid:
+            found.add(f"Patient/{rid}")
+    return frozenset(found)
+
+
+def _date_value(value: Any) -> DateRange | None:
+    if isinstance(value, dict):
+        return parse_period(value)
+    return parse_date_range(value)
+
+
+def clinical_date(resource: JSON) -> DateRange | None:
+    """The clinically relevant date of a resource, or None when it has none we can read."""
+    rtype = resource.get("resourceType")
+    paths = CLINICAL_DATE.get(rtype) if isinstance(rtype, str) else None
+    for path in paths or ():
+        for value in iter_path(resource, path):
+            found = _date_value(value)
+            if found is not None:
+                return found
+    return None
+
+
+def main_codes(resource: JSON) -> frozenset[tuple[str, str]]:
+    """(system, code) of every coding of the resource's main code element(s)."""
+    rtype = resource.get("resourceType")
+    paths = MAIN_CODE.get(rtype, _DEFAULT_CODE) if isinstance(rtype, str) else _DEFAULT_CODE
+    codes = set()
+    for path in paths:
+        for concept in iter_path(resource, path):
+            for coding in iter_codings(concept):
+                code = coding.get("code")
+                if isinstance(code, str):
+                    system = coding.get("system")
+                    codes.add((system if isinstance(system, str) else "", code))
+    return frozenset(codes)
+
+
+def references_of(resource: JSON) -> frozenset[str]:
+    """Every ``Reference.reference`` anywhere in the resource, in relative ``Type/id`` form."""
+    found: set[str] = set()
+    stack: list[Any] = [resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                found.add(relative_reference(ref))
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return frozenset(found)
+
+
+def authors_of(resource: JSON) -> frozenset[str]:
+    """References of whoever authored, recorded, performed, asserted or requested it."""
+    found: set[str] = set()
+    for key in AUTHOR_ELEMENTS:
+        for value in iter_path(resource, (key,)):
+            if not isinstance(value, dict):
+                continue
+            targets = [value, *(value.get(k) for k in _WRAPPED_REFERENCE)]
+            for target in targets:
+                if isinstance(target, dict):
+                    ref = target.get("reference")
+                    if isinstance(ref, str) and not ref.startswith("#"):
+                        found.add(relative_reference(ref))
+    return frozenset(found)
+
+
+def profiles_of(resource: JSON) -> frozenset[str]:
+    """The canonical URLs in ``meta.profile`` (version suffixes kept as given)."""
+    meta = resource.get("meta")
+    profiles = meta.get("profile") if isinstance(meta, dict) else None
+    if not isinstance(profiles, list):
+        return frozenset()
+    return frozenset(p for p in profiles if isinstance(p, str))
+

@@ -1,0 +1,664 @@
+"""Decide whether a requester may see a resource, from the patients' compiled Consents.
+
+Semantics (CONTRACT §5):
+- A consent applies when it is active, its scope fits (``patient-privacy``; ``research``
+  only for research purposes), its root period contains ``ctx.now`` and every condition of
+  its root provision matches. Its decision starts from the root type (else the policyRule,
+  else the policy default); every nested provision whose conditions all match overrides
+  its parent; the deepest match wins; matching siblings that disagree give deny.
+- Across consents ``deny-overrides`` (any deny wins) or ``latest-wins`` (latest
+  ``dateTime``; ties fall back to deny-overrides). No applicable consent: the default.
+- A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
+  path names it in ``securityLabel``; a general permit or a default permit does not.
+- A condition that cannot be evaluated (no clinical date for ``dataPeriod``, a ``related``
+  resource not in the response, a class system we cannot read) matches on a deny
+  provision and does not match on a permit provision, so missing data never opens data.
+- A malformed consent is skipped only when it is certain not to apply or could only
+  permit; otherwise the decision is deny, naming the defect. Nothing here raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any
+
+from gateway.core.compartment import (
+    DateRange,
+    as_utc,
+    authors_of,
+    clinical_date,
+    is_patient_data,
+    main_codes,
+    patients_of,
+    profiles_of,
+    references_of,
+)
+from gateway.core.consent import CONSENT_STATUSES, DENY, PERMIT, CompiledConsent, Provision
+from gateway.core.fhir import JSON, resource_reference
+from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.purpose import is_research, lineage
+
+DENY_OVERRIDES = "deny-overrides"
+LATEST_WINS = "latest-wins"
+# A read or search is any of these consent actions.
+READ_ACTIONS = frozenset({"access", "use", "disclose"})
+NO_REFS: Mapping[str, frozenset[str]] = MappingProxyType({})
+_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_INACTIVE = CONSENT_STATUSES - {"active"}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The operator's consent settings (``consent.*`` and ``sensitivity.*`` in the config).
+
+    ``explicit_consent_required`` None means every label in ``sensitive``; an empty set
+    means no label needs an explicit permit.
+    """
+
+    default_decision: str = DENY
+    combining: str = DENY_OVERRIDES
+    patient_self_access: bool = True
+    explicit_consent_required: frozenset[str] | None = None
+    sensitive: frozenset[str] = frozenset()
+
+    @property
+    def required_labels(self) -> frozenset[str]:
+        """Label codes that only an explicit permit naming them opens."""
+        if self.explicit_consent_required is None:
+            return self.sensitive
+        return self.explicit_consent_required
+
+
+class _Request:
+    """What the request contributes to every condition, computed once per decision."""
+
+    __slots__ = ("actors", "purposes", "action", "now", "research")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.actors = ctx.actor.references()
+        self.purposes = frozenset(lineage(ctx.purpose))
+        self.action = ctx.action
+        self.now = as_utc(ctx.now)
+        self.research = is_research(ctx.purpose)
+
+    def action_matches(self, actions: frozenset[str]) -> bool:
+        if self.action in READ_ACTIONS:
+            return not actions.isdisjoint(READ_ACTIONS)
+        return self.action in actions
+
+
+class _Facts:
+    """The resource as the conditions see it; each fact is read at most once, on demand."""
+
+    __slots__ = (
+        "resource", "rtype", "labels", "scopes", "known_refs",
+        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_have",
+    )
+
+    def __init__(
+        self,
+        resource: JSON,
+        labels: frozenset[Label],
+        scopes: frozenset[str],
+        known_refs: Mapping[str, frozenset[str]],
+    ) -> None:
+        self.resource = resource
+        rtype = resource.get("resourceType")
+        self.rtype = rtype if isinstance(rtype, str) else ""
+        self.labels = labels
+        self.scopes = scopes
+        self.known_refs = known_refs
+        self._have: set[str] = set()
+        self._ref: str | None = None
+        self._profiles: frozenset[str] = frozenset()
+        self._codes: frozenset[tuple[str, str]] = frozenset()
+        self._date: DateRange | None = None
+        self._refs: frozenset[str] = frozenset()
+        self._authors: frozenset[str] = frozenset()
+
+    def _once(self, name: str) -> bool:
+        if name in self._have:
+            return False
+        self._have.add(name)
+        return True
+
+    @property
+    def ref(self) -> str | None:
+        if self._once("ref"):
+            self._ref = resource_reference(self.resource)
+        return self._ref
+
+    @property
+    def profiles(self) -> frozenset[str]:
+        if self._once("profiles"):
+            self._profiles = profiles_of(self.resource)
+        return self._profiles
+
+    @property
+    def codes(self) -> frozenset[tuple[str, str]]:
+        if self._once("codes"):
+            self._codes = main_codes(self.resource)
+        return self._codes
+
+    @property
+    def date(self) -> DateRange | None:
+        if self._once("date"):
+            self._date = clinical_date(self.resource)
+        return self._date
+
+    @property
+    def references(self) -> frozenset[str]:
+        if self._once("refs"):
+            self._refs = references_of(self.resource)
+        return self._refs
+
+    @property
+    def authors(self) -> frozenset[str]:
+        if self._once("authors"):
+            self._authors = authors_of(self.resource)
+        return self._authors
+
+
+def _request_mismatch(node: Provision, req: _Request) -> str | None:
+    """The first request-side condition (period, actor, purpose, action) that fails."""
+    if node.period is not None and not node.period.contains_instant(req.now):
+        return "period-not-current"
+    if node.actors is not None and node.actors.isdisjoint(req.actors):
+        return "actor-mismatch"
+    if node.purposes is not None and node.purposes.isdisjoint(req.purposes):
+        return "purpose-mismatch"
+    if node.actions is not None and not req.action_matches(node.actions):
+        return "action-mismatch"
+    return None
+
+
+def _class_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
+    if facts.rtype in node.class_types or not facts.scopes.isdisjoint(node.class_scopes):
+        return True
+    if node.class_profiles and not facts.profiles.isdisjoint(node.class_profiles):
+        return True
+    bare = node.class_bare
+    if bare and (
+        facts.rtype in bare
+        or not facts.scopes.isdisjoint(bare)
+        or not facts.profiles.isdisjoint(bare)
+    ):
+        return True
+    return deny and node.class_other
+
+
+def _code_matches(wanted: frozenset[tuple[str, str]], facts: _Facts) -> bool:
+    for system, code in facts.codes:
+        if (system, code) in wanted or ("", code) in wanted:
+            return True
+        if not system and any(c == code for _, c in wanted):
+            return True
+    return False
+
+
+def _labels_match(wanted: tuple[Label, ...], labels: frozenset[Label]) -> bool:
+    return any(own.matches(label) for own in wanted for label in labels)
+
+
+def _date_matches(period: DateRange, facts: _Facts, deny: bool) -> bool:
+    found = facts.date
+    if found is None:
+        return deny
+    # A deny covers any record touching the period; a permit only records wholly inside it.
+    return period.overlaps(found) if deny else period.contains(found)
+
+
+def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
+    unknown = False
+    own = facts.ref
+    for item in node.data or ():
+        target = item.reference
+        if own == target:
+            return True
+        if item.meaning == "related":
+            refs = facts.known_refs.get(target)
+            if refs is None:
+                unknown = True
+            elif own is not None and own in refs:
+                return True
+        elif item.meaning == "dependents":
+            if target in facts.references:
+                return True
+        elif item.meaning == "authoredby" and target in facts.authors:
+            return True
+    return deny and unknown
+
+
+def _content_mismatch(node: Provision, facts: _Facts, deny: bool) -> str | None:
+    """The first resource-side condition (class, code, label, dataPeriod, data) that fails."""
+    if node.has_class and not _class_matches(node, facts, deny):
+        return "class-mismatch"
+    if node.codes is not None and not _code_matches(node.codes, facts):
+        return "code-mismatch"
+    if node.labels is not None and not _labels_match(node.labels, facts.labels):
+        return "label-mismatch"
+    if node.data_period is not None and not _date_matches(node.data_period, facts, deny):
+        return "data-period-mismatch"
+    if node.data is not None and not _data_matches(node, facts, deny):
+        return "data-mismatch"
+    return None
+
+
+def _resolve(node: Provision, policy: Policy) -> str:
+    return node.type or policy.default_decision
+
+
+def _mismatch(node: Provision, req: _Request, facts: _Facts, policy: Policy) -> str | None:
+    return _request_mismatch(node, req) or _content_mismatch(
+        node, facts, _resolve(node, policy) == DENY
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One consent's answer for one resource: its type and the matched provision chain."""
+
+    type: str
+    chain: tuple[Provision, ...]
+    rule: str
+
+
+def _descend(
+    node: Provision, chain: tuple[Provision, ...], req: _Request, facts: _Facts, policy: Policy
+) -> list[_Outcome]:
+    """Deepest matching provisions below ``node`` (``node`` itself when no child matches)."""
+    outcomes: list[_Outcome] = []
+    for child in node.children:
+        if _mismatch(child, req, facts, policy) is None:
+            outcomes.extend(_descend(child, (*chain, child), req, facts, policy))
+    if outcomes:
+        return outcomes
+    ptype = _resolve(node, policy)
+    return [_Outcome(ptype, chain, node.rule or f"default-{ptype}")]
+
+
+def _evaluate_tree(
+    consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
+) -> _Outcome | list[_Outcome]:
+    """The consent's outcome, or the agreeing permit outcomes (one per matched branch)."""
+    root = consent.root
+    if not root.children:
+        ptype = _resolve(root, policy)
+        return _Outcome(ptype, (root,), root.rule or f"default-{ptype}")
+    outcomes = _descend(root, (root,), req, facts, policy)
+    if len(outcomes) == 1:
+        return outcomes[0]
+    types = {o.type for o in outcomes}
+    if types == {PERMIT}:
+        return outcomes
+    denied = next(o for o in outcomes if o.type == DENY)
+    rule = "sibling-conflict" if len(types) > 1 else denied.rule
+    return _Outcome(DENY, denied.chain, rule)
+
+
+def _can_deny(consent: CompiledConsent, policy: Policy) -> bool:
+    return DENY in consent.types or ("" in consent.types and policy.default_decision == DENY)
+
+
+def _scope_applies(consent: CompiledConsent, req: _Request) -> bool:
+    scopes = consent.scopes
+    return "patient-privacy" in scopes or ("research" in scopes and req.research)
+
+
+def _certainly_inapplicable(
+    consent: CompiledConsent, req: _Request, facts: _Facts | None, policy: Policy
+) -> str | None:
+    """Why a defective consent cannot apply, judged only from the parts that compiled."""
+    if consent.status in _INACTIVE:
+        return "not-active"
+    if consent.scopes and not _scope_applies(consent, req):
+        return "scope-not-applicable"
+    if not consent.root_sound:
+        return None
+    root = consent.root
+    found = _request_mismatch(root, req)
+    if found is None and facts is not None:
+        found = _content_mismatch(root, facts, _resolve(root, policy) == DENY)
+    return found
+
+
+def _malformed(consent: CompiledConsent) -> str:
+    return f"malformed-consent:{consent.defects[0]}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """One consent's result: skipped (with why), or an outcome."""
+
+    consent: CompiledConsent
+    skip: Reason | None = None
+    outcome: _Outcome | list[_Outcome] | None = None
+    malformed: bool = False
+
+
+def _decide_consent(
+    consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
+) -> _Verdict:
+    cid = consent.id
+    if consent.defects:
+        why = _certainly_inapplicable(consent, req, facts, policy)
+        if why is not None:
+            return _Verdict(consent, skip=Reason(cid, "provision", why))
+        rule = _malformed(consent)
+        if _can_deny(consent, policy):
+            return _Verdict(consent, outcome=_Outcome(DENY, (consent.root,), rule), malformed=True)
+        return _Verdict(consent, skip=Reason(cid, "provision", rule), malformed=True)
+    if consent.status != "active":
+        return _Verdict(consent, skip=Reason(cid, "", "not-active"))
+    if not _scope_applies(consent, req):
+        return _Verdict(consent, skip=Reason(cid, "", "scope-not-applicable"))
+    why = _mismatch(consent.root, req, facts, policy)
+    if why is not None:
+        return _Verdict(consent, skip=Reason(cid, "provision", why))
+    return _Verdict(consent, outcome=_evaluate_tree(consent, req, facts, policy))
+
+
+def _chain_labels(chains: Sequence[tuple[Provision, ...]], labels: frozenset[Label]) -> list[str]:
+    """Codes of the resource labels some provision on the chains names."""
+    return sorted(
+        {
+            label.code
+            for label in labels
+            for chain in chains
+            for node in chain
+            if node.labels is not None and node.names_label(label)
+        }
+    )
+
+
+def _deny_decision(verdict: _Verdict, facts: _Facts, combining: str) -> Decision:
+    outcome = verdict.outcome
+    assert isinstance(outcome, _Outcome)
+    cid = verdict.consent.id
+    errors = tuple(f"{cid}: {d}" for d in verdict.consent.defects)
+    return Decision(
+        Verdict.DENY,
+        (Reason(cid, outcome.chain[-1].path, outcome.rule),),
+        labels=tuple(_chain_labels([outcome.chain], facts.labels)),
+        combining=combining,
+        errors=errors,
+    )
+
+
+def _outcomes(verdict: _Verdict) -> list[_Outcome]:
+    outcome = verdict.outcome
+    if outcome is None:
+        return []
+    return outcome if isinstance(outcome, list) else [outcome]
+
+
+def _permit_decision(
+    permits: Sequence[_Verdict],
+    facts: _Facts,
+    policy: Policy,
+    combining: str,
+    notes: Sequence[Reason],
+    errors: Sequence[str],
+) -> Decision:
+    """Permit, unless a required label is not named by any permitting provision chain."""
+    chains = [o.chain for v in permits for o in _outcomes(v)]
+    required = policy.required_labels
+    needed = [label for label in facts.labels if label.code in required]
+    closed = sorted(
+        {
+            label.code
+            for label in needed
+            if not any(node.names_label(label) for chain in chains for node in chain)
+        }
+    )
+    reasons = [
+        Reason(v.consent.id, o.chain[-1].path, o.rule) for v in permits for o in _outcomes(v)
+    ]
+    if closed:
+        where = reasons[0] if reasons else Reason("", "", "")
+        denied = [
+            Reason(where.consent, where.provision, f"label-not-permitted:{code}") for code in closed
+        ]
+        return Decision(Verdict.DENY, tuple(denied), tuple(closed), combining, tuple(errors))
+    mattered = _chain_labels(chains, facts.labels) if facts.labels else []
+    return Decision(
+        Verdict.PERMIT, (*notes, *reasons), tuple(mattered), combining, tuple(errors)
+    )
+
+
+def _default_decision(
+    facts: _Facts, policy: Policy, notes: Sequence[Reason], errors: Sequence[str]
+) -> Decision:
+    default = policy.default_decision
+    reasons = (*notes, Reason("", "", f"default-{default}"))
+    if default == DENY:
+        return Decision(Verdict.DENY, reasons, (), "default", tuple(errors))
+    return _permit_decision([], facts, policy, "default", reasons, errors)
+
+
+def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
+    """The applicable consents with the latest ``dateTime`` (undated count as earliest)."""
+    def stamp(v: _Verdict) -> datetime:
+        return v.consent.date_time or _EARLIEST
+
+    top = max(stamp(v) for v in applicable)
+    return [v for v in applicable if stamp(v) == top]
+
+
+def decide(
+    consents: Sequence[CompiledConsent],
+    resource: JSON,
+    labels: frozenset[Label],
+    scopes: frozenset[str],
+    ctx: RequestContext,
+    policy: Policy,
+    *,
+    known_refs: Mapping[str, frozenset[str]] = NO_REFS,
+    patient: str | None = None,
+) -> Decision:
+    """Decide one resource against ONE patient's consents.
+
+    ``patient`` (``Patient/<id>``), when given, enables self access. ``known_refs`` maps
+    other resources of the same response to the references each makes (for ``related``).
+    Deny-overrides stops at the first deny and reports only that reason.
+    """
+    if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
+        return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
+    req = _Request(ctx)
+    facts = _Facts(resource, labels, scopes, known_refs)
+    return _combine(consents, req, facts, policy)
+
+
+def _combine(
+    consents: Sequence[CompiledConsent], req: _Request, facts: _Facts, policy: Policy
+) -> Decision:
+    notes: list[Reason] = []
+    errors: list[str] = []
+    applicable: list[_Verdict] = []
+    deny_overrides = policy.combining != LATEST_WINS
+    for consent in consents:
+        verdict = _decide_consent(consent, req, facts, policy)
+        if verdict.malformed:
+            errors.extend(f"{consent.id}: {d}" for d in consent.defects)
+        if verdict.skip is not None:
+            notes.append(verdict.skip)
+            continue
+        outcome = verdict.outcome
+        if deny_overrides and isinstance(outcome, _Outcome) and outcome.type == DENY:
+            return _deny_decision(verdict, facts, DENY_OVERRIDES)
+        applicable.append(verdict)
+    if not applicable:
+        return _default_decision(facts, policy, notes, errors)
+    if deny_overrides:
+        return _permit_decision(applicable, facts, policy, DENY_OVERRIDES, (), errors)
+    latest = _latest(applicable)
+    for verdict in latest:
+        outcome = verdict.outcome
+        if isinstance(outcome, _Outcome) and outcome.type == DENY:
+            return _deny_decision(verdict, facts, LATEST_WINS)
+    return _permit_decision(latest, facts, policy, LATEST_WINS, (), errors)
+
+
+def decide_resource(
+    consents_by_patient: Mapping[str, Sequence[CompiledConsent]],
+    resource: JSON,
+    labels: frozenset[Label],
+    scopes: frozenset[str],
+    ctx: RequestContext,
+    policy: Policy,
+    *,
+    known_refs: Mapping[str, frozenset[str]] = NO_REFS,
+) -> Decision:
+    """Decide one resource for every patient whose compartment it is in; each must permit.
+
+    Non-patient data (a type outside the Patient compartment) passes without a consent
+    check. A compartment type naming no patient gets the default decision (with the
+    sensitive-label rule). A patient whose consents are missing from the mapping was not
+    looked up: deny (fail closed).
+    """
+    patients = patients_of(resource)
+    if not patients:
+        rtype = resource.get("resourceType")
+        if not (isinstance(rtype, str) and is_patient_data(rtype)):
+            return Decision(
+                Verdict.PERMIT, (Reason("", "", "non-patient-data"),), combining="non-patient-data"
+            )
+        facts = _Facts(resource, labels, scopes, known_refs)
+        return _default_decision(facts, policy, (Reason("", "", "no-patient"),), ())
+    decisions = []
+    for patient in sorted(patients):
+        consents = consents_by_patient.get(patient)
+        if consents is None:
+            return Decision(
+                Verdict.DENY,
+                (Reason("", "", "consents-unavailable"),),
+                combining="fail-closed",
+                errors=(f"no consents looked up for {patient}",),
+            )
+        found = decide(
+            consents, resource, labels, scopes, ctx, policy, known_refs=known_refs, patient=patient
+        )
+        if found.verdict is Verdict.DENY:
+            return found
+        decisions.append(found)
+    if len(decisions) == 1:
+        return decisions[0]
+    return Decision(
+        Verdict.PERMIT,
+        tuple(r for d in decisions for r in d.reasons),
+        tuple(sorted({label for d in decisions for label in d.labels})),
+        "all-patients",
+        tuple(e for d in decisions for e in d.errors),
+    )
+
+
+def _possible(node: Provision, req: _Request, policy: Policy) -> dict[str, Provision]:
+    """Every type ``node``'s subtree can produce for this request, with a node giving it."""
+    found: dict[str, Provision] = {}
+    always = False
+    for child in node.children:
+        if _request_mismatch(child, req) is None:
+            always = always or child.content_free
+            for ptype, where in _possible(child, req, policy).items():
+                found.setdefault(ptype, where)
+    if not always:
+        found.setdefault(_resolve(node, policy), node)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Pre:
+    """One consent's pre-flight answer: skip, permit, deny, or maybe (content decides)."""
+
+    consent: CompiledConsent
+    kind: str
+    reason: Reason
+
+
+def _preflight_consent(consent: CompiledConsent, req: _Request, policy: Policy) -> _Pre:
+    cid = consent.id
+    if consent.defects:
+        why = _certainly_inapplicable(consent, req, None, policy)
+        if why is not None:
+            return _Pre(consent, "skip", Reason(cid, "provision", why))
+        rule = _malformed(consent)
+        if not _can_deny(consent, policy):
+            return _Pre(consent, "skip", Reason(cid, "provision", rule))
+        kind = "maybe" if consent.root_sound and not consent.root.content_free else DENY
+        return _Pre(consent, kind, Reason(cid, "provision", rule))
+    if consent.status != "active":
+        return _Pre(consent, "skip", Reason(cid, "", "not-active"))
+    if not _scope_applies(consent, req):
+        return _Pre(consent, "skip", Reason(cid, "", "scope-not-applicable"))
+    root = consent.root
+    why = _request_mismatch(root, req)
+    if why is not None:
+        return _Pre(consent, "skip", Reason(cid, "provision", why))
+    if not root.content_free:
+        return _Pre(consent, "maybe", Reason(cid, "provision", "depends-on-content"))
+    found = _possible(root, req, policy)
+    if len(found) > 1:
+        return _Pre(consent, "maybe", Reason(cid, "provision", "depends-on-content"))
+    ptype, where = next(iter(found.items()))
+    return _Pre(consent, ptype, Reason(cid, where.path, where.rule or f"default-{ptype}"))
+
+
+def preflight(
+    consents: Sequence[CompiledConsent],
+    ctx: RequestContext,
+    policy: Policy,
+    *,
+    patient: str | None = None,
+) -> Decision:
+    """Decide a request about one patient before any resource is seen.
+
+    PERMIT only when no answer can depend on content (self access; or no label needs an
+    explicit permit and the consents permit unconditionally). DENY when every resource
+    would be denied (an applicable unconditional deny, or no applicable consent under a
+    deny default). Otherwise FILTER. Every consent is evaluated, so the reasons are complete.
+    """
+    if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
+        return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
+    req = _Request(ctx)
+    answers = [_preflight_consent(c, req, policy) for c in consents]
+    reasons = tuple(a.reason for a in answers)
+    errors = tuple(f"{a.consent.id}: {d}" for a in answers for d in a.consent.defects)
+    live = [a for a in answers if a.kind != "skip"]
+    open_content = not policy.required_labels
+    if not live:
+        default = policy.default_decision
+        every = (*reasons, Reason("", "", f"default-{default}"))
+        if default == DENY:
+            return Decision(Verdict.DENY, every, (), "default", errors)
+        verdict = Verdict.PERMIT if open_content else Verdict.FILTER
+        return Decision(verdict, every, (), "default", errors)
+    combining = DENY_OVERRIDES
+    if policy.combining == LATEST_WINS:
+        combining = LATEST_WINS
+        top = max(a.consent.date_time or _EARLIEST for a in live)
+        live = [a for a in live if (a.consent.date_time or _EARLIEST) == top]
+    kinds = {a.kind for a in live}
+    if DENY in kinds:
+        verdict = Verdict.DENY
+    elif "maybe" in kinds or not open_content:
+        verdict = Verdict.FILTER
+    else:
+        verdict = Verdict.PERMIT
+    return Decision(verdict, reasons, (), combining, errors)
+
+
+def explain_json(decision: Decision) -> dict[str, Any]:
+    """The decision as plain JSON for ``decide --json`` and the admin ``POST /decision``."""
+    return {
+        "decision": decision.verdict.value,
+        "combining": decision.combining,
+        "labels": list(decision.labels),
+        "reasons": [
+            {"consent": r.consent, "provision": r.provision, "rule": r.rule}
+            for r in decision.reasons
+        ],
+        "errors": list(decision.errors),
+    }

@@ -1,0 +1,177 @@
+"""Apply per-resource decisions to a parsed response body.
+
+Semantics: every resource is decided on its own, including entries of nested Bundles,
+resources inside Parameters and ``contained`` resources (a contained resource belongs to
+its container's patients; if any is denied the container is denied with it). Denied
+Bundle entries are removed and one OperationOutcome entry (issue ``suppressed``) is added;
+in batch/transaction responses the denied entry keeps its place but loses its resource.
+``Bundle.total`` is dropped whenever filtering could have hidden anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from gateway.core.compartment import patients_of
+from gateway.core.fhir import JSON
+from gateway.core.model import Decision, Reason, Verdict
+
+# judge(resource, owners inherited from a container) -> Decision
+Judge = Callable[[JSON, frozenset[str]], Decision]
+
+# A batch/transaction response slot whose resource was withheld looks like a refused read.
+WITHHELD_RESPONSE: JSON = {
+    "status": "403 Forbidden",
+    "outcome": {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "forbidden", "diagnostics": "Access denied."}],
+    },
+}
+_RESPONSE_BUNDLES = frozenset({"batch-response", "transaction-response"})
+SUPPRESSED_OUTCOME: JSON = {
+    "resourceType": "OperationOutcome",
+    "issue": [
+        {
+            "severity": "information",
+            "code": "suppressed",
+            "diagnostics": "Some results were withheld by consent policy.",
+        }
+    ],
+}
+
+
+@dataclass
+class Enforced:
+    """What enforcement did to one body."""
+
+    denied: bool = False            # the body as a whole may not be returned
+    removed: list[tuple[str, Decision]] = field(default_factory=list)  # (resource type, why)
+    deciding: list[Reason] = field(default_factory=list)
+
+    @property
+    def header(self) -> str:
+        if self.denied:
+            return "deny"
+        return "filtered" if self.removed else "permit"
+
+
+def _contained(resource: JSON) -> list[JSON]:
+    contained = resource.get("contained")
+    return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
+
+
+def iter_resources(node: JSON, owners: frozenset[str] = frozenset()) -> Iterator[tuple[JSON, frozenset[str]]]:
+    """Every resource in a body with the patients it belongs to (Bundles, Parameters, contained)."""
+    rtype = node.get("resourceType")
+    if rtype == "Bundle":
+        for entry in node.get("entry") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                yield from iter_resources(entry["resource"])
+        return
+    if rtype == "Parameters":
+        for param in _iter_parameters(node.get("parameter")):
+            if isinstance(param.get("resource"), dict):
+                yield from iter_resources(param["resource"])
+        return
+    own = patients_of(node) or owners
+    yield node, own
+    for inner in _contained(node):
+        yield inner, patients_of(inner) or own
+
+
+def patients_in(body: JSON) -> frozenset[str]:
+    """Every patient any resource in ``body`` belongs to: the consents to look up."""
+    found: set[str] = set()
+    for _, owners in iter_resources(body):
+        found.update(owners)
+    return frozenset(found)
+
+
+def _iter_parameters(params: object) -> Iterator[JSON]:
+    if isinstance(params, list):
+        for param in params:
+            if isinstance(param, dict):
+                yield param
+                yield from _iter_parameters(param.get("part"))
+
+
+def judge_resource(resource: JSON, judge: Judge, owners: frozenset[str] = frozenset()) -> Decision:
+    """A resource with its contained resources: denied if it or any contained one is denied."""
+    decision = judge(resource, owners)
+    if decision.verdict is Verdict.DENY:
+        return decision
+    own = patients_of(resource) or owners
+    for inner in _contained(resource):
+        inner_decision = judge(inner, own)
+        if inner_decision.verdict is Verdict.DENY:
+            return inner_decision
+    return decision
+
+
+class Enforcer:
+    """Walks one parsed body, mutating it in place to what the requester may see."""
+
+    def __init__(self, judge: Judge, *, drop_total: bool) -> None:
+        self.judge = judge
+        self.drop_total = drop_total
+        self.result = Enforced()
+
+    def body(self, body: JSON) -> Enforced:
+        """Enforce a whole response body (a resource, a Bundle or Parameters)."""
+        rtype = body.get("resourceType")
+        if rtype == "Bundle":
+            self.bundle(body)
+        elif rtype == "Parameters":
+            self.parameters(body.get("parameter"))
+        else:
+            decision = judge_resource(body, self.judge)
+            if decision.verdict is Verdict.DENY:
+                self.result.denied = True
+                self.result.deciding.extend(decision.reasons)
+        return self.result
+
+    def _keep(self, resource: JSON) -> bool:
+        rtype = resource.get("resourceType")
+        if rtype == "Bundle":
+            self.bundle(resource)
+            return True
+        if rtype == "Parameters":
+            self.parameters(resource.get("parameter"))
+            return True
+        decision = judge_resource(resource, self.judge)
+        if decision.verdict is Verdict.DENY:
+            self.result.removed.append((str(rtype), decision))
+            return False
+        return True
+
+    def bundle(self, bundle: JSON) -> None:
+        entries = bundle.get("entry")
+        removed_before = len(self.result.removed)
+        if isinstance(entries, list):
+            response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
+            kept: list[object] = []
+            for entry in entries:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if not isinstance(resource, dict) or self._keep(resource):
+                    kept.append(entry)
+                elif response_bundle:
+                    kept.append({"response": dict(WITHHELD_RESPONSE)})
+            if len(self.result.removed) > removed_before and not response_bundle:
+                kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+            bundle["entry"] = kept
+        if self.drop_total or len(self.result.removed) > removed_before:
+            # SECURITY: Bundle.total would reveal how many entries were withheld.
+            bundle.pop("total", None)
+
+    def parameters(self, params: object) -> None:
+        if not isinstance(params, list):
+            return
+        params[:] = [
+            p for p in params
+            if not isinstance(p, dict) or not isinstance(p.get("resource"), dict) or self._keep(p["resource"])
+        ]
+        for param in params:
+            if isinstance(param, dict):
+                self.parameters(param.get("part"))
+

@@ -1,0 +1,612 @@
+"""Sensitivity labels computed from the clinical codes in a resource (a security labeling service).
+
+``LabelIndex.from_documents`` compiles the parsed ``rules/`` files (plain dicts, one per file)
+into lookup tables once; ``labels_for`` then costs a few dict look-ups per coding.
+
+Semantics:
+- A resource's labels are the UNION of the labels its codes earn, the labels of every
+  ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
+  its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
+  ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
+- SNOMED CT, LOINC, RxNorm and CPT codes match exactly (no hierarchy: there is no terminology
+  server on the request path). ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule
+  code covers itself and every code below it (``F11`` covers ``F11.20`` and ``F1120``, never
+  ``F1`` or ``F12``). An ``exclude`` entry cancels the matches of its own set's category for
+  the codes below it (``F17`` under ``F10-F19``) and nothing else.
+- Codings with no system, or a system the rules do not know, earn nothing. A reference to a
+  resource that is not contained cannot be followed here (no I/O) and earns nothing.
+- Invalid rule data raises ``RuleDataError`` naming the file, the entry and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.core.fhir import JSON
+from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
+
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+CPT = "http://www.ama-assn.org/go/cpt"
+
+# Rule files name code systems by these short names; each has the display used in explanations
+# and the other URIs a sender may put in Coding.system for the same system.
+CODE_SYSTEMS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
+    "icd-10-cm": (ICD10CM, "ICD-10-CM", ("urn:oid:2.16.840.1.113883.6.90", ICD10, "urn:oid:2.16.840.1.113883.6.3")),
+    "snomed": (SNOMED, "SNOMED CT", ("urn:oid:2.16.840.1.113883.6.96",)),
+    "loinc": (LOINC, "LOINC", ("urn:oid:2.16.840.1.113883.6.1",)),
+    "rxnorm": (RXNORM, "RxNorm", ("urn:oid:2.16.840.1.113883.6.88",)),
+    "cpt": (CPT, "CPT", ("urn:oid:2.16.840.1.113883.6.12",)),
+}
+
+# v3-ActCode codes a rule may yield: information sensitivity policies and the privacy laws
+# that ride with them (http://terminology.hl7.org/CodeSystem/v3-ActCode).
+ACT_CODE_LABELS = frozenset(
+    {
+        "ETH", "GDIS", "HIV", "MST", "PREGNANT", "SCA", "SDV", "SEX", "SPI", "BH", "COGN",
+        "DVD", "EMOTDIS", "MH", "PSY", "PSYTHPN", "SUD", "ETHUD", "OPIOIDUD", "STD", "TBOO",
+        "VIO", "SICKLE", "GENDER", "42CFRPart2", "HIPAAPsyNotes", "Title38Section7332",
+    }
+)
+CONFIDENTIALITY_CODES = frozenset({"U", "L", "M", "N", "R", "V"})
+
+_ICD_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+_ICD_RANGE = re.compile(r"^([A-Z])([0-9]{2})-([A-Z])([0-9]{2})$")
+_CODE_PATTERNS: Mapping[str, re.Pattern[str]] = {
+    "snomed": re.compile(r"^[1-9][0-9]{5,17}$"),
+    "loinc": re.compile(r"^(LP|LA)?[0-9]{1,6}-[0-9]$"),
+    "rxnorm": re.compile(r"^[1-9][0-9]{0,8}$"),
+    "cpt": re.compile(r"^[0-9]{4}[0-9FTU]$"),
+}
+
+
+class RuleDataError(ValueError):
+    """Invalid rule data: ``file``, ``entry`` and ``problem`` say where and what."""
+
+    def __init__(self, file: str, entry: str, problem: str) -> None:
+        super().__init__(f"{file}: {entry}: {problem}")
+        self.file = file
+        self.entry = entry
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    """What one rule code gives: its labels, and each label with the rule that yields it."""
+
+    category: str
+    labels: frozenset[Label]
+    reasons: tuple[tuple[Label, str], ...]
+
+
+_Sink = list[Any]
+_Getter = Callable[[JSON, _Sink], None]
+
+
+def _field(name: str) -> _Getter:
+    def get(resource: JSON, out: _Sink) -> None:
+        value = resource.get(name)
+        if value is not None:
+            out.append(value)
+
+    return get
+
+
+def _path(names: tuple[str, ...]) -> _Getter:
+    head, rest = names[0], names[1:]
+
+    def get(resource: JSON, out: _Sink) -> None:
+        nodes = resource.get(head)
+        if nodes is None:
+            return
+        level = nodes if isinstance(nodes, list) else [nodes]
+        for name in rest:
+            nxt: list[Any] = []
+            for node in level:
+                if isinstance(node, dict):
+                    value = node.get(name)
+                    if isinstance(value, list):
+                        nxt.extend(value)
+                    elif value is not None:
+                        nxt.append(value)
+            level = nxt
+        out.extend(level)
+
+    return get
+
+
+def _sections(resource: JSON, out: _Sink) -> None:
+    """Composition sections nest to any depth; each may carry a code."""
+    stack = list(resource.get("section") or ())
+    while stack:
+        section = stack.pop()
+        if isinstance(section, dict):
+            code = section.get("code")
+            if code is not None:
+                out.append(code)
+            stack.extend(section.get("section") or ())
+
+
+def _answers(resource: JSON, out: _Sink) -> None:
+    """QuestionnaireResponse answers (valueCoding) at any depth of nested items."""
+    stack = list(resource.get("item") or ())
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            continue
+        stack.extend(item.get("item") or ())
+        for answer in item.get("answer") or ():
+            if isinstance(answer, dict):
+                coding = answer.get("valueCoding")
+                if coding is not None:
+                    out.append(coding)
+                stack.extend(answer.get("item") or ())
+
+
+def _getter(spec: str) -> _Getter:
+    parts = tuple(spec.split("."))
+    return _field(spec) if len(parts) == 1 else _path(parts)
+
+
+_MEDICATION = ("medicationCodeableConcept", "reasonCode")
+_BILLING = (
+    "diagnosis.diagnosisCodeableConcept",
+    "procedure.procedureCodeableConcept",
+    "item.productOrService",
+    "item.detail.productOrService",
+)
+
+# Where each resource type keeps the codes that reveal what the record is about.
+_CODE_PATHS: Mapping[str, tuple[str, ...]] = {
+    "Condition": ("code", "evidence.code", "stage.summary"),
+    "Observation": ("code", "valueCodeableConcept", "component.code", "component.valueCodeableConcept"),
+    "MedicationRequest": _MEDICATION,
+    "MedicationStatement": _MEDICATION,
+    "MedicationAdministration": _MEDICATION,
+    "MedicationDispense": ("medicationCodeableConcept",),
+    "Medication": ("code", "ingredient.itemCodeableConcept"),
+    "Procedure": ("code", "reasonCode", "complication"),
+    "DiagnosticReport": ("code", "conclusionCode"),
+    "DocumentReference": ("type", "category", "context.event"),
+    "Composition": ("type", "category"),
+    "Encounter": ("type", "reasonCode", "serviceType", "diagnosis.use"),
+    "EpisodeOfCare": ("type",),
+    "Appointment": ("serviceType", "appointmentType", "reasonCode"),
+    "AllergyIntolerance": ("code", "reaction.substance"),
+    "ServiceRequest": ("code", "reasonCode", "orderDetail"),
+    "DeviceRequest": ("codeCodeableConcept", "reasonCode"),
+    "CarePlan": (
+        "category",
+        "activity.detail.code",
+        "activity.detail.reasonCode",
+        "activity.detail.productCodeableConcept",
+    ),
+    "CareTeam": ("category", "reasonCode"),
+    "Goal": ("category", "description"),
+    "Immunization": ("vaccineCode", "reasonCode"),
+    "FamilyMemberHistory": ("condition.code", "reasonCode"),
+    "ClinicalImpression": ("code", "finding.itemCodeableConcept", "investigation.code"),
+    "RiskAssessment": ("code", "prediction.outcome", "reasonCode"),
+    "Claim": _BILLING,
+    "ExplanationOfBenefit": _BILLING,
+    "ImagingStudy": ("procedureCode", "reasonCode"),
+    "Media": ("type", "modality", "reasonCode"),
+    "Communication": ("category", "topic", "reasonCode"),
+    "CommunicationRequest": ("category", "reasonCode"),
+    "Flag": ("code",),
+    "DetectedIssue": ("code",),
+    "AdverseEvent": ("event",),
+    "List": ("code",),
+    "Task": ("code", "reasonCode"),
+    "Basic": ("code",),
+    "QuestionnaireResponse": (),
+    "Patient": (),
+    "Practitioner": (),
+    "PractitionerRole": (),
+    "Organization": (),
+    "Location": (),
+    "RelatedPerson": (),
+    "Coverage": (),
+    "Consent": (),
+}
+# A type not listed above is read at the places most resources keep their codes.
+_DEFAULT_PATHS = ("code", "category", "type", "reasonCode")
+_SPECIAL: Mapping[str, tuple[_Getter, ...]] = {
+    "Composition": (_sections,),
+    "QuestionnaireResponse": (_answers,),
+}
+
+
+def _extractors(rtype: str) -> tuple[_Getter, ...]:
+    paths = _CODE_PATHS.get(rtype, _DEFAULT_PATHS)
+    return tuple(_getter(p) for p in paths) + _SPECIAL.get(rtype, ())
+
+
+_EXTRACTORS: dict[str, tuple[_Getter, ...]] = {t: _extractors(t) for t in _CODE_PATHS}
+_DEFAULT_EXTRACTORS = _extractors("")
+
+
+def normalize_icd(code: str) -> str:
+    """``f11.20`` / ``F1120`` -> ``F1120``: upper case, the dot after the category dropped."""
+    code = code.strip().upper()
+    if len(code) > 3 and code[3] == ".":
+        code = code[:3] + code[4:]
+    return code
+
+
+class LabelIndex:
+    """Compiled sensitivity rules: code look-ups, resource scopes and sensitivity scopes."""
+
+    __slots__ = (
+        "_exact",
+        "_icd",
+        "_icd_excluded",
+        "_icd_systems",
+        "_scope_types",
+        "_scope_categories",
+        "_sensitivity_scopes",
+        "sensitive",
+        "resource_scope_names",
+        "sensitivity_scope_names",
+    )
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, _Hit]] = {}
+        self._icd: dict[str, list[_Hit]] = {}
+        self._icd_excluded: dict[str, set[str]] = {}
+        self._icd_systems: frozenset[str] = frozenset(
+            (CODE_SYSTEMS["icd-10-cm"][0], *CODE_SYSTEMS["icd-10-cm"][2])
+        )
+        self._scope_types: dict[str, frozenset[str]] = {}
+        self._scope_categories: dict[str, dict[tuple[str, str], frozenset[str]]] = {}
+        self._sensitivity_scopes: dict[str, tuple[Label, ...]] = {}
+        self.sensitive: frozenset[str] = frozenset()
+        self.resource_scope_names: frozenset[str] = frozenset()
+        self.sensitivity_scope_names: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_documents(cls, documents: Mapping[str, Any]) -> LabelIndex:
+        """Compile parsed rule files, keyed by the file name used in explanations.
+
+        Each document has ``kind``: ``category`` (code sets and the labels they yield),
+        ``confidentiality`` (which confidentiality codes are sensitive) or ``scopes``
+        (vendor sensitivity and resource scopes). Exactly one ``scopes`` document is required.
+        """
+        builder = _Builder()
+        for name in sorted(documents):
+            builder.add(name, documents[name])
+        return builder.finish(cls())
+
+    # ------------------------------------------------------------------ labels
+
+    def labels_for(self, resource: JSON) -> frozenset[Label]:
+        """Every label of the resource: computed from its codes, contained resources and its own."""
+        hits: list[_Hit] = []
+        own: list[tuple[Label, str]] = []
+        self._collect(resource, hits, own)
+        labels: set[Label] = {label for label, _ in own}
+        for hit in hits:
+            labels |= hit.labels
+        return frozenset(labels)
+
+    def explain(self, resource: JSON) -> list[tuple[Label, str]]:
+        """Each label with the rule (or resource element) that gave it, sorted, no repeats."""
+        hits: list[_Hit] = []
+        own: list[tuple[Label, str]] = []
+        self._collect(resource, hits, own)
+        reasons = set(own)
+        for hit in hits:
+            reasons.update(hit.reasons)
+        return sorted(reasons, key=lambda r: (r[0].code, r[0].system, r[1]))
+
+    def _collect(self, resource: JSON, hits: list[_Hit], own: list[tuple[Label, str]]) -> None:
+        rtype = resource.get("resourceType")
+        values: _Sink = []
+        extractors = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS) if isinstance(rtype, str) else ()
+        for extract in extractors:
+            extract(resource, values)
+        for value in values:
+            self._match(value, hits)
+        meta = resource.get("meta")
+        if isinstance(meta, dict):
+            _own_labels(meta.get("security"), "meta.security", own)
+        if rtype == "DocumentReference":
+            _own_labels(resource.get("securityLabel"), "DocumentReference.securityLabel", own)
+        elif rtype == "Composition":
+            code = resource.get("confidentiality")
+            if isinstance(code, str):
+                own.append((Label(V3_CONFIDENTIALITY, code), "Composition.confidentiality"))
+        elif rtype == "Bundle":
+            for entry in resource.get("entry") or ():
+                if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                    self._collect(entry["resource"], hits, own)
+        for inner in resource.get("contained") or ():
+            if isinstance(inner, dict):
+                self._collect(inner, hits, own)
+
+    def _match(self, value: Any, hits: list[_Hit]) -> None:
+        if isinstance(value, list):
+            for item in value:
+                self._match(item, hits)
+            return
+        if not isinstance(value, dict):
+            return
+        codings = value.get("coding")
+        if codings is None:
+            self._match_coding(value, hits)
+        elif isinstance(codings, list):
+            for coding in codings:
+                if isinstance(coding, dict):
+                    self._match_coding(coding, hits)
+
+    def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
+        system, code = coding.get("system"), coding.get("code")
+        if not isinstance(system, str) or not isinstance(code, str):
+            return
+        table = self._exact.get(system)
+        if table is not None:
+            hit = table.get(code) or table.get(code.strip())
+            if hit is not None:
+                hits.append(hit)
+        elif system in self._icd_systems:
+            self._match_icd(normalize_icd(code), hits)
+
+    def _match_icd(self, code: str, hits: list[_Hit]) -> None:
+        # Longest prefix first, so an exclusion below a rule is seen before the rule itself.
+        excluded: set[str] = set()
+        for end in range(len(code), 2, -1):
+            prefix = code[:end]
+            blocked = self._icd_excluded.get(prefix)
+            if blocked:
+                excluded |= blocked
+            for hit in self._icd.get(prefix, ()):
+                if hit.category not in excluded:
+                    hits.append(hit)
+
+    # ------------------------------------------------------------------ scopes
+
+    def scopes_for(self, resource: JSON) -> frozenset[str]:
+        """The resource scopes (LABS, MEDICATIONS, ...) the resource falls in; may be several."""
+        rtype = resource.get("resourceType")
+        if not isinstance(rtype, str):
+            return frozenset()
+        scopes = self._scope_types.get(rtype, frozenset())
+        by_category = self._scope_categories.get(rtype)
+        if by_category:
+            for value in _as_list(resource.get("category")):
+                for coding in _codings(value):
+                    code, system = coding.get("code"), coding.get("system")
+                    if isinstance(code, str):
+                        scopes = scopes | by_category.get(("", code), frozenset())
+                        if isinstance(system, str):
+                            scopes = scopes | by_category.get((system, code), frozenset())
+        return scopes
+
+    def sensitivity_scope_labels(self, scope: str) -> tuple[Label, ...]:
+        """Labels a vendor sensitivity scope (``HIV_OR_STI``, ...) opens; KeyError if unknown."""
+        try:
+            return self._sensitivity_scopes[scope]
+        except KeyError:
+            raise KeyError(f"unknown sensitivity scope {scope!r}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    return [] if value is None else [value]
+
+
+def _codings(value: Any) -> list[JSON]:
+    if not isinstance(value, dict):
+        return []
+    codings = value.get("coding")
+    if isinstance(codings, list):
+        return [c for c in codings if isinstance(c, dict)]
+    return [value] if "code" in value else []
+
+
+def _own_labels(value: Any, where: str, own: list[tuple[Label, str]]) -> None:
+    for item in _as_list(value):
+        for coding in _codings(item):
+            code, system = coding.get("code"), coding.get("system")
+            if isinstance(code, str):
+                own.append((Label(system if isinstance(system, str) else "", code), where))
+
+
+# ---------------------------------------------------------------------- rule compilation
+
+
+class _Builder:
+    """Validates rule documents and fills a LabelIndex; every problem is a RuleDataError."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, dict[str, _Hit]] = {}
+        self.icd: dict[str, list[_Hit]] = {}
+        self.icd_excluded: dict[str, set[str]] = {}
+        self.seen: dict[tuple[str, str], str] = {}
+        self.rule_labels: set[str] = set()
+        self.sensitive: set[str] = set()
+        self.scopes: tuple[str, JSON] | None = None
+
+    def add(self, file: str, document: Any) -> None:
+        if not isinstance(document, dict):
+            raise RuleDataError(file, "document", "expected a mapping at the top level")
+        kind = document.get("kind")
+        if kind == "category":
+            self._category(file, document)
+        elif kind == "confidentiality":
+            codes = _strings(file, "sensitive", document.get("sensitive"))
+            for code in codes:
+                if code not in CONFIDENTIALITY_CODES:
+                    raise RuleDataError(file, f"sensitive {code}", "bad label: not a v3-Confidentiality code")
+            self.sensitive.update(codes)
+        elif kind == "scopes":
+            if self.scopes is not None:
+                raise RuleDataError(file, "kind", f"a second scopes file (first: {self.scopes[0]})")
+            self.scopes = (file, document)
+        else:
+            raise RuleDataError(file, "kind", f"unknown kind {kind!r} (category, confidentiality, scopes)")
+
+    def _category(self, file: str, document: JSON) -> None:
+        category = document.get("category")
+        if not isinstance(category, str) or not category:
+            raise RuleDataError(file, "category", "missing category name")
+        sets = document.get("sets")
+        if not isinstance(sets, list) or not sets:
+            raise RuleDataError(file, "sets", "expected a non-empty list of code sets")
+        for number, code_set in enumerate(sets, 1):
+            if not isinstance(code_set, dict):
+                raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
+            self._code_set(file, category, f"sets[{number}]", code_set)
+
+    def _code_set(self, file: str, category: str, where: str, code_set: JSON) -> None:
+        name = code_set.get("name")
+        where = f"{where} ({name})" if isinstance(name, str) else where
+        if not isinstance(code_set.get("source"), str) or not code_set["source"].strip():
+            raise RuleDataError(file, where, "missing source (value set name/OID or regulation)")
+        alias = code_set.get("system")
+        if not isinstance(alias, str) or alias not in CODE_SYSTEMS:
+            raise RuleDataError(file, where, f"unknown code system {alias!r} (one of {', '.join(CODE_SYSTEMS)})")
+        labels = tuple(Label(V3_ACT_CODE, code) for code in _strings(file, f"{where} labels", code_set.get("labels")))
+        for label in labels:
+            if label.code not in ACT_CODE_LABELS:
+                raise RuleDataError(file, f"{where} labels", f"bad label {label.code!r}: not a v3-ActCode sensitivity or policy code")
+        if not labels:
+            raise RuleDataError(file, f"{where} labels", "no labels")
+        self.rule_labels.update(label.code for label in labels)
+        includes = [
+            (one, display if one == code else f"in {code}: {display}")
+            for code, display in _entries(file, where, code_set.get("codes"), "codes")
+            for one in self._expand(file, where, alias, code)
+        ]
+        excludes = [
+            one
+            for code, _display in _entries(file, where, code_set.get("exclude", []), "exclude")
+            for one in self._expand(file, where, alias, code)
+        ]
+        if excludes and alias != "icd-10-cm":
+            raise RuleDataError(file, f"{where} exclude", "exclude is only for ICD-10-CM code ranges")
+        for one in excludes:
+            key = normalize_icd(one)
+            if not any(key.startswith(normalize_icd(code)) for code, _ in includes):
+                raise RuleDataError(file, f"{where} exclude {one}", "excludes no code of this set")
+            self.icd_excluded.setdefault(key, set()).add(category)
+        for code, display in includes:
+            if code not in excludes:
+                self._add_code(file, category, where, alias, code, display, labels)
+
+    def _expand(self, file: str, where: str, alias: str, code: str) -> list[str]:
+        if alias == "icd-10-cm":
+            found = _ICD_RANGE.match(code)
+            if found:
+                first, low, last, high = found.groups()
+                if first != last or int(low) > int(high):
+                    raise RuleDataError(file, f"{where} {code}", "bad range: one letter, low to high (F10-F19)")
+                return [f"{first}{n:02d}" for n in range(int(low), int(high) + 1)]
+            if not _ICD_CODE.match(code):
+                raise RuleDataError(file, f"{where} {code}", "bad ICD-10-CM code (category of 3, then a dot: F11, F11.2)")
+            return [code]
+        if not _CODE_PATTERNS[alias].match(code):
+            raise RuleDataError(file, f"{where} {code}", f"bad {CODE_SYSTEMS[alias][1]} code")
+        return [code]
+
+    def _claim(self, file: str, entry: str, key: tuple[str, str]) -> None:
+        earlier = self.seen.get(key)
+        if earlier is not None:
+            raise RuleDataError(file, entry, f"duplicate code (already in {earlier})")
+        self.seen[key] = file
+
+    def _add_code(
+        self, file: str, category: str, where: str, alias: str, code: str, display: str, labels: tuple[Label, ...]
+    ) -> None:
+        self._claim(file, f"{where} {code}", (alias, code))
+        uri, title, others = CODE_SYSTEMS[alias]
+        rule = f"{file}: {title} {code} ({display})"
+        hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels))
+        if alias == "icd-10-cm":
+            self.icd.setdefault(normalize_icd(code), []).append(hit)
+            return
+        for system in (uri, *others):
+            self.exact.setdefault(system, {})[code] = hit
+
+    def finish(self, index: LabelIndex) -> LabelIndex:
+        if self.scopes is None:
+            raise RuleDataError("rules", "scopes", "no scopes file (kind: scopes)")
+        file, document = self.scopes
+        sensitivity = document.get("sensitivity")
+        if not isinstance(sensitivity, dict) or not sensitivity:
+            raise RuleDataError(file, "sensitivity", "expected a mapping of scope -> labels")
+        known = self.rule_labels | ACT_CODE_LABELS
+        scopes: dict[str, tuple[Label, ...]] = {}
+        for scope, codes in sensitivity.items():
+            labels = []
+            for code in _strings(file, f"sensitivity {scope}", codes):
+                if code not in known:
+                    raise RuleDataError(file, f"sensitivity {scope}", f"bad label {code!r}")
+                labels.append(Label(V3_ACT_CODE, code))
+            scopes[str(scope)] = tuple(labels)
+        index._sensitivity_scopes = scopes
+        index.sensitivity_scope_names = frozenset(scopes)
+        index._scope_types, index._scope_categories = self._resource_scopes(file, document.get("resource"))
+        index.resource_scope_names = frozenset(document.get("resource") or ())
+        scoped = {label.code for labels in scopes.values() for label in labels}
+        index.sensitive = frozenset(self.rule_labels | scoped | self.sensitive)
+        index._exact = self.exact
+        index._icd = self.icd
+        index._icd_excluded = self.icd_excluded
+        return index
+
+    @staticmethod
+    def _resource_scopes(
+        file: str, resource: Any
+    ) -> tuple[dict[str, frozenset[str]], dict[str, dict[tuple[str, str], frozenset[str]]]]:
+        if not isinstance(resource, dict) or not resource:
+            raise RuleDataError(file, "resource", "expected a mapping of scope -> resource types")
+        types: dict[str, set[str]] = {}
+        categories: dict[str, dict[tuple[str, str], set[str]]] = {}
+        for scope, members in resource.items():
+            if not isinstance(members, list) or not members:
+                raise RuleDataError(file, f"resource {scope}", "expected a non-empty list")
+            for member in members:
+                if isinstance(member, str) and member[:1].isupper():
+                    types.setdefault(member, set()).add(str(scope))
+                elif isinstance(member, dict) and isinstance(member.get("type"), str) and isinstance(member.get("category"), str):
+                    key = (str(member.get("system") or ""), member["category"])
+                    categories.setdefault(member["type"], {}).setdefault(key, set()).add(str(scope))
+                else:
+                    raise RuleDataError(file, f"resource {scope} {member!r}", "expected a resource type or {type, category[, system]}")
+        return (
+            {t: frozenset(s) for t, s in types.items()},
+            {t: {k: frozenset(s) for k, s in c.items()} for t, c in categories.items()},
+        )
+
+
+def _strings(file: str, entry: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RuleDataError(file, entry, "expected a list of codes")
+    return list(value)
+
+
+def _entries(file: str, where: str, value: Any, key: str) -> Iterable[tuple[str, str]]:
+    """``- CODE: display`` items; YAML reads numeric codes (RxNorm, CPT) as ints."""
+    if not isinstance(value, list):
+        raise RuleDataError(file, f"{where} {key}", "expected a list of 'CODE: display' items")
+    for item in value:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RuleDataError(file, f"{where} {key}", f"expected 'CODE: display', got {item!r}")
+        ((code, display),) = item.items()
+        if isinstance(code, bool) or not isinstance(code, (str, int)):
+            raise RuleDataError(file, f"{where} {key}", f"bad code {code!r}")
+        if not isinstance(display, str) or not display:
+            raise RuleDataError(file, f"{where} {key} {code}", "missing display")
+        yield str(code).strip(), display

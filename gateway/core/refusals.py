@@ -1,0 +1,62 @@
+"""Requests the gateway cannot filter safely, and the patients a request names.
+
+A refused request is answered 403 unless every patient it names is unconditionally
+permitted; a request that names no patient cannot be proven safe and stays refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# Operations whose answers cannot be decided per resource.
+UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message"})
+# Search parameters that select by data the requester may not see.
+UNFILTERABLE_PARAMS = frozenset({"_filter", "_query", "_text", "_content", "_list"})
+
+
+def unfilterable(
+    parts: tuple[str, ...], operation: str | None, query: Iterable[tuple[str, str]]
+) -> str | None:
+    """Why this request cannot be filtered (a stable code), or None when it can."""
+    if operation in UNFILTERABLE_OPERATIONS:
+        return f"operation:{operation}"
+    if parts and parts[-1] == "_history" and len(parts) <= 2:
+        return "history:type" if len(parts) == 2 else "history:system"
+    for name, value in query:
+        base = name.split(":", 1)[0]
+        if base.startswith("_has"):
+            return "param:_has"
+        if base == "_summary" and value.strip() == "count":
+            return "param:_summary=count"
+        if base in UNFILTERABLE_PARAMS:
+            return f"param:{base}"
+        if base == "_contained" and value.strip() not in ("", "false"):
+            return "param:_contained"
+        if "." in base and not base.startswith("_"):
+            # A chain selects by another resource's content, which may be hidden.
+            return "param:chain"
+    return None
+
+
+def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> frozenset[str] | None:
+    """The patients a request is confined to, or None when it is not confined."""
+    found: set[str] = set()
+    if len(parts) >= 2 and parts[0] == "Patient":
+        found.add(f"Patient/{parts[1]}")
+    for name, value in query:
+        base, _, modifier = name.partition(":")
+        if base not in ("patient", "subject", "beneficiary"):
+            continue
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "/" in item:
+                if not item.startswith("Patient/"):
+                    return None
+                found.add(item)
+            elif base == "patient" or modifier == "Patient":
+                found.add(f"Patient/{item}")
+            else:
+                return None
+    return frozenset(found) or None

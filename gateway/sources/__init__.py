@@ -1,0 +1,1 @@
+"""Consent sources behind one interface, with the TTL cache of compiled consents."""

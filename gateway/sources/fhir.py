@@ -1,0 +1,98 @@
+"""Consents kept as FHIR R4 ``Consent`` resources on a FHIR server (default: the upstream)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import quote
+
+import orjson
+from yarl import URL
+
+from gateway.core.errors import ConsentUnavailable
+from gateway.core.fhir import JSON, iter_bundle_resources, reference_of, relative_reference
+from gateway.upstream import Upstream
+
+MAX_PAGES = 200
+_HEADERS = {"Accept": "application/fhir+json"}
+
+
+class FhirConsentSource:
+    """``Consent?patient=P1,P2&status=active``, following ``next`` pages on the same server."""
+
+    def __init__(self, server: Upstream, page_size: int = 100) -> None:
+        self.server = server
+        self.page_size = page_size
+
+    async def _pages(self, first: URL) -> list[JSON]:
+        resources: list[JSON] = []
+        url: URL | None = first
+        for _ in range(MAX_PAGES):
+            if url is None:
+                return resources
+            bundle = await self._get_bundle(url)
+            resources.extend(_matches(bundle))
+            url = self._next(bundle)
+        raise ConsentUnavailable("Consent information is unavailable.")
+
+    async def _get_bundle(self, url: URL) -> JSON:
+        resp = await self.server.request("GET", url, headers=_HEADERS)
+        if resp.status != 200:
+            raise ConsentUnavailable("Consent information is unavailable.")
+        try:
+            bundle = orjson.loads(resp.body)
+        except orjson.JSONDecodeError:
+            raise ConsentUnavailable("Consent information is unavailable.") from None
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise ConsentUnavailable("Consent information is unavailable.")
+        return bundle
+
+    def _next(self, bundle: JSON) -> URL | None:
+        for link in bundle.get("link") or ():
+            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                url = URL(link["url"], encoded=True)
+                # SECURITY: never follow a paging link off the consent server.
+                if url.origin() != self.server.base.origin():
+                    raise ConsentUnavailable("Consent information is unavailable.")
+                return url
+        return None
+
+    async def fetch(self, patients: Sequence[str]) -> dict[str, list[JSON]]:
+        wanted = {p: [] for p in patients}  # type: dict[str, list[JSON]]
+        query = f"patient={','.join(quote(p, safe='/') for p in patients)}&status=active&_count={self.page_size}"
+        for consent in await self._pages(self.server.url_for("Consent", query)):
+            patient = reference_of(consent.get("patient"))
+            owner = relative_reference(patient) if patient else None
+            # SECURITY: a consent for someone else (or no one) means the answer cannot be trusted.
+            if owner not in wanted:
+                raise ConsentUnavailable("Consent information is unavailable.")
+            wanted[owner].append(consent)
+        return wanted
+
+    async def memberships(self, actor: str) -> frozenset[str]:
+        refs: set[str] = set()
+        for rtype, param in (("Group", "member"), ("CareTeam", "participant")):
+            query = f"{param}={quote(actor, safe='/')}&_elements=id&_count={self.page_size}"
+            for res in await self._pages(self.server.url_for(rtype, query)):
+                if res.get("resourceType") == rtype and isinstance(res.get("id"), str):
+                    refs.add(f"{rtype}/{res['id']}")
+        return frozenset(refs)
+
+
+def _matches(bundle: JSON) -> list[JSON]:
+    """Search matches of a page; an error outcome in the page fails the lookup."""
+    out: list[JSON] = []
+    for entry in bundle.get("entry") or ():
+        if not isinstance(entry, dict):
+            raise ConsentUnavailable("Consent information is unavailable.")
+        resource = entry.get("resource")
+        mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry.get("search"), dict) else "match"
+        if not isinstance(resource, dict):
+            raise ConsentUnavailable("Consent information is unavailable.")
+        rtype = resource.get("resourceType")
+        if rtype == "OperationOutcome":
+            if any(i.get("severity") in ("error", "fatal") for i in resource.get("issue") or () if isinstance(i, dict)):
+                raise ConsentUnavailable("Consent information is unavailable.")
+            continue
+        if mode == "match" or rtype in ("Consent", "Group", "CareTeam"):
+            out.append(resource)
+    return out

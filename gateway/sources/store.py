@@ -1,0 +1,168 @@
+"""The consent cache: compiled consents per patient, TTL-bound, single-flight, fail-closed.
+
+Concurrent misses for one patient share one source query; the misses of one request are
+fetched together, chunked. An invalidation during a fetch wins: the fetched answer is
+used for the requests already waiting on it but not cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.errors import ConsentUnavailable
+from gateway.core.fhir import JSON
+from gateway.metrics import Metrics
+
+GROUP_TYPES = ("Group/", "CareTeam/")
+
+
+class ConsentSource(Protocol):
+    """Where consents live. ``fetch`` returns each asked patient's active FHIR Consents."""
+
+    async def fetch(self, patients: Sequence[str]) -> dict[str, list[JSON]]:
+        """Raise ConsentUnavailable on any failure or malformed answer; never a partial answer."""
+        ...
+
+    async def memberships(self, actor: str) -> frozenset[str]:
+        """Group and CareTeam references the actor belongs to."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PatientConsents:
+    patient: str
+    consents: tuple[CompiledConsent, ...]
+    names_groups: bool  # some provision names a Group or CareTeam actor
+
+
+def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
+    def walk(provision: object) -> bool:
+        actors = getattr(provision, "actors", None) or ()
+        if any(a.startswith(GROUP_TYPES) for a in actors):
+            return True
+        return any(walk(child) for child in getattr(provision, "children", ()))
+
+    return any(walk(c.root) for c in consents)
+
+
+def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
+    """Compile one patient's consents once, as they enter the cache."""
+    compiled = tuple(compile_consent(c) for c in raw)
+    return PatientConsents(patient, compiled, _names_groups(compiled))
+
+
+class ConsentStore:
+    """Cached, compiled consents per patient, looked up through a ConsentSource."""
+
+    def __init__(
+        self,
+        source: ConsentSource,
+        metrics: Metrics,
+        *,
+        ttl_s: float,
+        max_patients: int,
+        chunk_size: int = 50,
+    ) -> None:
+        self.source = source
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+        self._cache: TTLCache[str, PatientConsents] = TTLCache(max_patients, ttl_s, timer=time.monotonic)
+        self._groups: TTLCache[str, frozenset[str]] = TTLCache(10_000, ttl_s, timer=time.monotonic)
+        self._inflight: dict[str, asyncio.Future[PatientConsents]] = {}
+        self._generation: dict[str, int] = {}
+        self._epoch = 0
+
+    def invalidate(self, patient: str | None = None) -> None:
+        """Forget one patient's consents, or everyone's."""
+        if patient is None:
+            self._cache.clear()
+            self._groups.clear()
+            self._epoch += 1
+        else:
+            self._cache.pop(patient, None)
+            self._generation[patient] = self._generation.get(patient, 0) + 1
+        self.metrics.cache_entries.set(len(self._cache))
+
+    async def get(self, patients: Iterable[str]) -> dict[str, PatientConsents]:
+        """Each patient's compiled consents; ConsentUnavailable if any lookup fails."""
+        found: dict[str, PatientConsents] = {}
+        waiting: dict[str, asyncio.Future[PatientConsents]] = {}
+        missing: list[str] = []
+        for patient in dict.fromkeys(patients):
+            cached = self._cache.get(patient)
+            if cached is not None:
+                self.metrics.cache_hits.inc()
+                found[patient] = cached
+            elif patient in self._inflight:
+                self.metrics.cache_hits.inc()
+                waiting[patient] = self._inflight[patient]
+            else:
+                self.metrics.cache_misses.inc()
+                missing.append(patient)
+        if missing:
+            loop = asyncio.get_running_loop()
+            futures = {p: loop.create_future() for p in missing}
+            self._inflight.update(futures)
+            await self._fill(futures)
+            waiting.update(futures)
+        for patient, future in waiting.items():
+            found[patient] = await asyncio.shield(future)
+        return found
+
+    async def _fill(self, futures: dict[str, asyncio.Future[PatientConsents]]) -> None:
+        patients = list(futures)
+        generations = {p: self._generation.get(p, 0) for p in patients}
+        epoch = self._epoch
+        try:
+            for start in range(0, len(patients), self.chunk_size):
+                chunk = patients[start : start + self.chunk_size]
+                raw = await self._fetch(chunk)
+                for patient in chunk:
+                    entry = compile_patient(patient, raw.get(patient, []))
+                    if self._generation.get(patient, 0) == generations[patient] and self._epoch == epoch:
+                        self._cache[patient] = entry
+                    futures[patient].set_result(entry)
+        except BaseException as exc:
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, ConsentUnavailable) else
+                                         ConsentUnavailable("Consent information is unavailable."))
+                    future.exception()  # mark retrieved: the caller re-raises it below
+            raise
+        finally:
+            for patient in patients:
+                self._inflight.pop(patient, None)
+            self.metrics.cache_entries.set(len(self._cache))
+
+    async def _fetch(self, chunk: list[str]) -> dict[str, list[JSON]]:
+        try:
+            return await self.source.fetch(chunk)
+        except ConsentUnavailable:
+            self.metrics.lookup_errors.inc()
+            raise
+        except Exception:
+            self.metrics.lookup_errors.inc()
+            raise ConsentUnavailable("Consent information is unavailable.") from None
+
+    async def memberships(self, actor: str) -> frozenset[str]:
+        """The Groups and CareTeams ``actor`` belongs to (cached like consents)."""
+        cached = self._groups.get(actor)
+        if cached is not None:
+            return cached
+        try:
+            groups = await self.source.memberships(actor)
+        except ConsentUnavailable:
+            self.metrics.lookup_errors.inc()
+            raise
+        except Exception:
+            self.metrics.lookup_errors.inc()
+            raise ConsentUnavailable("Consent information is unavailable.") from None
+        self._groups[actor] = groups
+        return groups

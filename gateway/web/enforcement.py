@@ -1,0 +1,133 @@
+"""Joins the consent store, the labeler and the decision engine for one request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.consent import CompiledConsent
+from gateway.core.decision import Policy, decide, decide_resource, preflight
+from gateway.core.enforce import Enforced, Enforcer, Judge, patients_in
+from gateway.core.fhir import JSON
+from gateway.core.labels import LabelIndex
+from gateway.core.model import Actor, Decision, Reason, RequestContext, Verdict
+from gateway.sources.store import ConsentStore, PatientConsents
+
+decision_log = logging.getLogger("gateway.decision")
+
+
+def policy_from(settings_consent: object, settings_sensitivity: object, labels: LabelIndex) -> Policy:
+    """The decision Policy from the ``consent`` and ``sensitivity`` config sections."""
+    required = getattr(settings_sensitivity, "explicit_consent_required")
+    explicit: frozenset[str] | None
+    if required == "all":
+        explicit = None
+    elif required == "none":
+        explicit = frozenset()
+    else:
+        explicit = frozenset(required)
+    return Policy(
+        default_decision=getattr(settings_consent, "default_decision"),
+        combining=getattr(settings_consent, "combining"),
+        patient_self_access=getattr(settings_consent, "patient_self_access"),
+        explicit_consent_required=explicit,
+        sensitive=labels.sensitive,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Looked:
+    """One request's consents, looked up once, and its request context."""
+
+    ctx: RequestContext
+    consents: Mapping[str, tuple[CompiledConsent, ...]]
+
+
+class ConsentEnforcement:
+    """Per-request consent work: look up once, decide per resource, filter."""
+
+    def __init__(self, store: ConsentStore, labels: LabelIndex, policy: Policy) -> None:
+        self.store = store
+        self.labels = labels
+        self.policy = policy
+
+    async def look_up(self, patients: frozenset[str], actor: Actor, purpose: str, now: datetime | None = None) -> Looked:
+        """Fetch every patient's consents in one go; add the actor's groups when consents name groups."""
+        found: dict[str, PatientConsents] = await self.store.get(sorted(patients)) if patients else {}
+        if any(pc.names_groups for pc in found.values()):
+            actor = replace(actor, groups=await self.store.memberships(actor.reference))
+        ctx = RequestContext(actor=actor, purpose=purpose, now=now or datetime.now(timezone.utc))
+        return Looked(ctx, {p: pc.consents for p, pc in found.items()})
+
+    def judge(self, looked: Looked) -> Judge:
+        """A per-resource decision function over the looked-up consents."""
+        labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
+
+        def judge(resource: JSON, inherited: frozenset[str]) -> Decision:
+            resource_labels = labels.labels_for(resource)
+            scopes = labels.scopes_for(resource)
+            rtype = resource.get("resourceType")
+            if inherited and isinstance(rtype, str) and is_patient_data(rtype) and not patients_of(resource):
+                # A contained resource belongs to its container's patients.
+                return _for_each_patient(consents, resource, resource_labels, scopes, ctx, policy, inherited)
+            return decide_resource(consents, resource, resource_labels, scopes, ctx, policy)
+
+        return judge
+
+    def unconditional(self, looked: Looked, patients: frozenset[str]) -> bool:
+        """True when every patient named permits this requester whatever the content."""
+        return bool(patients) and all(
+            preflight(looked.consents.get(p, ()), looked.ctx, self.policy, patient=p).verdict is Verdict.PERMIT
+            for p in patients
+        )
+
+    async def enforce(
+        self, body: JSON, actor: Actor, purpose: str, *, confined: frozenset[str] | None
+    ) -> Enforced:
+        """Decide and filter a parsed body in place.
+
+        ``confined`` are the patients the request named; Bundle.total survives only when the
+        requester may see everything of each of them.
+        """
+        looked = await self.look_up(patients_in(body) | (confined or frozenset()), actor, purpose)
+        drop_total = not (confined and self.unconditional(looked, confined))
+        result = Enforcer(self.judge(looked), drop_total=drop_total).body(body)
+        log_decisions(result)
+        return result
+
+
+def _for_each_patient(
+    consents: Mapping[str, tuple[CompiledConsent, ...]],
+    resource: JSON,
+    labels: frozenset,  # type: ignore[type-arg]
+    scopes: frozenset[str],
+    ctx: RequestContext,
+    policy: Policy,
+    patients: frozenset[str],
+) -> Decision:
+    decision = Decision(Verdict.DENY, (Reason("", "", "no-patient"),))
+    for patient in sorted(patients):
+        found = consents.get(patient)
+        if found is None:
+            return Decision(Verdict.DENY, (Reason("", "", "consents-unavailable"),), combining="fail-closed")
+        decision = decide(found, resource, labels, scopes, ctx, policy, patient=patient)
+        if decision.verdict is Verdict.DENY:
+            return decision
+    return decision
+
+
+def log_decisions(result: Enforced) -> None:
+    """Which consents and provisions hid something; never codes, labels or record ids."""
+    if not (result.denied or result.removed):
+        return
+    reasons = result.deciding + [r for _, d in result.removed for r in d.reasons]
+    decision_log.info(
+        "withheld",
+        extra={
+            "decision": result.header,
+            "reasons": sorted({f"{r.consent} {r.provision} {r.rule.split(':', 1)[0]}".strip() for r in reasons}),
+        },
+    )

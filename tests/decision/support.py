@@ -1,0 +1,93 @@
+"""Builders shared by the decision tests: cases from YAML into engine inputs."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.decision import Policy
+from gateway.core.model import Actor, Label, RequestContext
+
+REPO = Path(__file__).resolve().parents[2]
+HL7_EXAMPLES = REPO.parent / "shared" / "data" / "hl7-consent-examples"
+SENSITIVE = frozenset({"PSY", "HIV", "SUD", "ETH", "SEX", "STD"})
+SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
+
+
+def consent_json(spec: Any, index: int) -> Any:
+    """A Consent with test defaults; keys given as null are removed (for malformed cases)."""
+    if not isinstance(spec, dict):
+        return spec
+    consent: dict[str, Any] = {
+        "resourceType": "Consent",
+        "id": f"c{index}",
+        "status": "active",
+        "scope": {"coding": [{"system": SCOPE_SYSTEM, "code": "patient-privacy"}]},
+        "patient": {"reference": "Patient/p1"},
+        "dateTime": "2024-01-01",
+    }
+    if "scope" in spec and isinstance(spec["scope"], str):
+        spec = {**spec, "scope": {"coding": [{"system": SCOPE_SYSTEM, "code": spec["scope"]}]}}
+    consent.update(spec)
+    return {k: v for k, v in consent.items() if v is not None}
+
+
+def hl7_example(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (HL7_EXAMPLES / f"Consent-consent-example-{name}.json").read_text()
+    )
+    return data
+
+
+def compiled(case: dict[str, Any]) -> list[CompiledConsent]:
+    raw = [consent_json(spec, i) for i, spec in enumerate(case.get("consents", []), 1)]
+    raw += [hl7_example(name) for name in case.get("hl7", [])]
+    return [compile_consent(c) for c in raw]
+
+
+def policy_of(spec: dict[str, Any] | None) -> Policy:
+    spec = dict(spec or {})
+    required = spec.pop("explicit_consent_required", None)
+    if required == "none":
+        required = []
+    return Policy(
+        default_decision=spec.pop("default_decision", "deny"),
+        combining=spec.pop("combining", "deny-overrides"),
+        patient_self_access=spec.pop("patient_self_access", True),
+        explicit_consent_required=None if required is None else frozenset(required),
+        sensitive=frozenset(spec.pop("sensitive", SENSITIVE)),
+    )
+
+
+def context_of(spec: dict[str, Any] | None) -> RequestContext:
+    spec = spec or {}
+    return RequestContext(
+        actor=Actor(
+            reference=spec.get("actor", "Practitioner/pr1"),
+            organization=spec.get("organization"),
+            groups=frozenset(spec.get("groups", [])),
+        ),
+        purpose=spec.get("purpose", "TREAT"),
+        now=datetime.fromisoformat(spec.get("at", "2024-06-01T12:00:00+00:00")),
+        action=spec.get("action", "access"),
+    )
+
+
+def labels_of(items: list[Any]) -> frozenset[Label]:
+    return frozenset(
+        Label(i.get("system", ""), i["code"]) if isinstance(i, dict) else Label("", i)
+        for i in items
+    )
+
+
+DEFAULT_RESOURCE = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+    "subject": {"reference": "Patient/p1"},
+    "effectiveDateTime": "2024-03-01",
+}

@@ -1,0 +1,1 @@
+"""Container image, Helm chart and Grafana dashboard checks."""

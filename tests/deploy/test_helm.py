@@ -1,0 +1,310 @@
+"""The Helm chart, rendered and linted by Helm's own engine, for default, sidecar and full values."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import Settings, load_settings
+
+from .conftest import Render
+from .support import (
+    CHART_DIR,
+    DASHBOARD,
+    Manifest,
+    Stage,
+    find,
+    find_named,
+    image_default_config,
+    kinds_and_names,
+    load_values,
+)
+
+RELEASE = "ehr"
+FULL = f"{RELEASE}-consent-gateway"
+AUDIT_DIR = "/var/lib/consent-gateway"
+
+
+def _pod_spec(manifests: list[Manifest]) -> dict[str, Any]:
+    spec: dict[str, Any] = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def _container(pod: dict[str, Any]) -> dict[str, Any]:
+    (container,) = [c for c in pod["containers"] if c["name"] == "consent-gateway"]
+    assert isinstance(container, dict)
+    return container
+
+
+def _port(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return int(port)
+
+
+def _settings(manifests: list[Manifest], container: dict[str, Any], tmp_path: Path) -> Settings:
+    """What the gateway in that container would load: the ConfigMap file plus its env."""
+    config_map = find_named(manifests, "ConfigMap", f"{FULL}-config")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_map["data"]["gateway.yaml"], encoding="utf-8")
+    pod_name = f"{FULL}-7d9c-x2x4q"
+    environ = {
+        e["name"]: e["value"].replace("$(POD_NAME)", pod_name) for e in container["env"] if "value" in e
+    }
+    return load_settings(path, environ)
+
+
+@pytest.mark.parametrize("values", ["default", "sidecar", "full"])
+def test_helm_lint_strict_is_clean(helm: ModuleType, values: str) -> None:
+    report = helm.lint(str(CHART_DIR), None if values == "default" else load_values(values), strict=True)
+    assert report["errors"] == []
+    warnings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert warnings == []
+
+
+def test_default_values_render_a_standalone_release(render: Render) -> None:
+    assert kinds_and_names(render()) == {
+        ("ConfigMap", f"{FULL}-config"),
+        ("ConfigMap", f"{FULL}-dashboard"),
+        ("Deployment", FULL),
+        ("Service", FULL),
+        ("PodDisruptionBudget", FULL),
+        ("PersistentVolumeClaim", f"{FULL}-audit"),
+    }
+
+
+def test_probes_hit_healthz_and_readyz_on_the_admin_port(render: Render, tmp_path: Path) -> None:
+    manifests = render()
+    container = _container(_pod_spec(manifests))
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "gateway-admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "gateway-admin"}
+    settings = _settings(manifests, container, tmp_path)
+    # kubelet probes the pod IP: the admin listener must not be on loopback.
+    assert settings.admin.host == "0.0.0.0"
+    assert settings.admin.port == _port(container, "gateway-admin") == 9090
+    assert settings.listen.port == _port(container, "gateway") == 8080
+
+
+def test_pod_runs_non_root_with_the_image_uid(render: Render, final_stage: Stage) -> None:
+    pod = _pod_spec(render())
+    context = _container(pod)["securityContext"]
+    uid, gid = (int(part) for part in final_stage.last("USER").args.split(":"))
+    assert context["runAsNonRoot"] is True
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["fsGroup"] == gid
+
+
+def test_pod_gets_no_service_links_and_no_api_token(render: Render) -> None:
+    pod = _pod_spec(render())
+    # A Service named gateway-* would otherwise inject GATEWAY_* variables the loader rejects.
+    assert pod["enableServiceLinks"] is False
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_audit_log_goes_to_a_per_pod_file_on_the_claim(
+    render: Render, final_stage: Stage, tmp_path: Path
+) -> None:
+    manifests = render()
+    pod = _pod_spec(manifests)
+    container = _container(pod)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == AUDIT_DIR]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = find(manifests, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert final_stage.last("VOLUME").exec_form() == [AUDIT_DIR]
+    audit_path = _settings(manifests, container, tmp_path).audit.path
+    assert audit_path == Path(f"{AUDIT_DIR}/audit-{FULL}-7d9c-x2x4q.jsonl")
+
+
+def test_config_map_is_mounted_where_the_image_reads_it(render: Render, final_stage: Stage) -> None:
+    manifests = render()
+    pod = _pod_spec(manifests)
+    container = _container(pod)
+    assert container["args"] == final_stage.last("CMD").exec_form()
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/consent-gateway"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == f"{FULL}-config"
+    # The mounted file replaces the image's default one whole, so it must keep its listeners.
+    image_admin = image_default_config(final_stage)["admin"]
+    config = yaml.safe_load(find_named(manifests, "ConfigMap", f"{FULL}-config")["data"]["gateway.yaml"])
+    assert config["admin"]["host"] == image_admin["host"]
+
+
+def test_service_routes_to_the_named_container_ports(render: Render) -> None:
+    manifests = render()
+    container = _container(_pod_spec(manifests))
+    service = find(manifests, "Service")
+    assert service["spec"]["selector"] == find(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert targets == {"http": "gateway", "admin": "gateway-admin"}
+    assert {p["name"] for p in container["ports"]} == set(targets.values())
+
+
+def test_resources_have_requests_and_limits(render: Render) -> None:
+    resources = _container(_pod_spec(render()))["resources"]
+    assert set(resources["requests"]) == {"cpu", "memory"}
+    assert set(resources["limits"]) == {"cpu", "memory"}
+
+
+def test_pod_disruption_budget_selects_the_pods(render: Render) -> None:
+    manifests = render()
+    pdb = find(manifests, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == find(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_full_values_add_secrets_autoscaler_and_service_monitor(render: Render) -> None:
+    manifests = render(load_values("full"))
+    assert kinds_and_names(manifests) >= {
+        ("Secret", f"{FULL}-env"),
+        ("Secret", f"{FULL}-files"),
+        ("HorizontalPodAutoscaler", FULL),
+        ("ServiceMonitor", FULL),
+    }
+    deployment = find(manifests, "Deployment")
+    # The autoscaler owns the replica count; a fixed one would fight it on every upgrade.
+    assert "replicas" not in deployment["spec"]
+    hpa = find(manifests, "HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULL}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    monitor = find(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    service_ports = {p["name"] for p in find(manifests, "Service")["spec"]["ports"]}
+    assert endpoint["port"] in service_ports and endpoint["path"] == "/metrics"
+
+
+def test_vendor_api_key_reaches_the_env_var_the_config_names(render: Render, tmp_path: Path) -> None:
+    manifests = render(load_values("full"))
+    container = _container(_pod_spec(manifests))
+    assert container["envFrom"] == [{"secretRef": {"name": f"{FULL}-env"}}]
+    settings = _settings(manifests, container, tmp_path)
+    assert settings.consent.source_api_key_env in find_named(manifests, "Secret", f"{FULL}-env")["stringData"]
+    # Secrets never land in the ConfigMap.
+    assert "test-key-not-secret" not in find_named(manifests, "ConfigMap", f"{FULL}-config")["data"]["gateway.yaml"]
+
+
+def test_secret_files_are_mounted_read_only(render: Render) -> None:
+    pod = _pod_spec(render(load_values("full")))
+    (mount,) = [m for m in _container(pod)["volumeMounts"] if m["mountPath"] == "/var/run/secrets/consent-gateway"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == f"{FULL}-files"
+
+
+def test_existing_secrets_are_used_and_none_created(render: Render) -> None:
+    values = load_values("full")
+    values["secret"].update(existingEnvSecret="vendor-keys", existingFilesSecret="jwt-keys")
+    manifests = render(values)
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    pod = _pod_spec(manifests)
+    assert _container(pod)["envFrom"] == [{"secretRef": {"name": "vendor-keys"}}]
+    assert {"name": "consent-gateway-secrets", "secret": {"secretName": "jwt-keys"}} in pod["volumes"]
+
+
+def test_no_secret_values_means_no_secret_wiring(render: Render) -> None:
+    manifests = render()
+    container = _container(_pod_spec(manifests))
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    assert "envFrom" not in container
+
+
+def test_existing_claim_is_used_and_none_created(render: Render) -> None:
+    manifests = render({"persistence": {"existingClaim": "audit-evidence"}})
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    volumes = _pod_spec(manifests)["volumes"]
+    assert {"name": "consent-gateway-audit", "persistentVolumeClaim": {"claimName": "audit-evidence"}} in volumes
+
+
+def test_persistence_off_falls_back_to_an_empty_dir(render: Render) -> None:
+    manifests = render({"persistence": {"enabled": False}})
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    assert {"name": "consent-gateway-audit", "emptyDir": {}} in _pod_spec(manifests)["volumes"]
+
+
+def test_config_change_rolls_the_pods(render: Render) -> None:
+    def checksum(values: dict[str, Any]) -> str:
+        annotations = find(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["checksum/config"])
+
+    assert checksum({}) != checksum({"config": {"consent": {"cache_ttl_s": 5}}})
+
+
+def _sidecar(manifests: list[Manifest]) -> dict[str, Any]:
+    data = find_named(manifests, "ConfigMap", f"{FULL}-sidecar")["data"]
+    return {key: yaml.safe_load(text) for key, text in data.items()}
+
+
+def test_sidecar_values_render_no_workload(render: Render) -> None:
+    assert kinds_and_names(render(load_values("sidecar"))) == {
+        ("ConfigMap", f"{FULL}-config"),
+        ("ConfigMap", f"{FULL}-sidecar"),
+        ("ConfigMap", f"{FULL}-dashboard"),
+        ("PersistentVolumeClaim", f"{FULL}-audit"),
+    }
+
+
+def test_sidecar_forwards_to_the_fhir_server_on_loopback(render: Render, tmp_path: Path) -> None:
+    manifests = render(load_values("sidecar"))
+    (container,) = _sidecar(manifests)["container.yaml"]
+    settings = _settings(manifests, container, tmp_path)
+    assert settings.upstream.url == "http://127.0.0.1:8080/fhir"
+    assert settings.listen.port == _port(container, "gateway") == 8081
+    assert settings.admin.port == _port(container, "gateway-admin") == 9090
+
+
+def test_sidecar_patch_carries_the_same_container_and_volumes(render: Render) -> None:
+    snippet = _sidecar(render(load_values("sidecar")))
+    pod = snippet["patch.yaml"]["spec"]["template"]["spec"]
+    assert pod["containers"] == snippet["container.yaml"]
+    assert pod["volumes"] == snippet["volumes.yaml"]
+    assert pod["enableServiceLinks"] is False
+    assert pod["securityContext"] == {"fsGroup": 10001}
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # The FHIR pod's own securityContext is not ours: the container must carry non-root itself.
+    assert container["securityContext"]["runAsNonRoot"] is True
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [f"{FULL}-audit"]
+
+
+def test_sidecar_and_standalone_run_the_same_container(render: Render) -> None:
+    standalone = _container(_pod_spec(render({"ports": {"proxy": 8081}})))
+    (sidecar,) = _sidecar(render(load_values("sidecar")))["container.yaml"]
+    assert sidecar == standalone
+
+
+def test_dashboard_ships_in_a_grafana_config_map(render: Render) -> None:
+    config_map = find_named(render(), "ConfigMap", f"{FULL}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(config_map["data"]["consent-gateway.json"])
+    assert shipped == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"mode": "daemonset"}, 'mode must be standalone or sidecar, got "daemonset"'),
+        ({"config": {"listen": {"port": 80}}}, "config.listen is set by the chart: use ports.proxy"),
+        ({"config": {"admin": {"host": "127.0.0.1"}}}, "config.admin is set by the chart: use ports.admin"),
+        ({"config": {"audit": {"path": "/tmp/audit.jsonl"}}}, "config.audit.path is set by the chart"),
+        ({"config": {"upstream": {"url": ""}}}, "config.upstream.url is required in standalone mode"),
+        ({"mode": "sidecar"}, "sidecar.fhirPort 8080 collides with ports.proxy or ports.admin"),
+    ],
+)
+def test_contradictory_values_stop_rendering_with_one_line(
+    helm: ModuleType, render: Render, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(copy.deepcopy(values))
+    assert message in str(failure.value)

@@ -1,0 +1,244 @@
+"""``consent-gateway serve`` as a process: bad config exits 2 with one line; SIGTERM drains.
+
+The bad-config processes all start at once in one module fixture, so the table costs about
+one interpreter start-up rather than one per case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.fakes import FakeFhir
+from tests.unit._util import free_port, gateway_command
+
+GOOD_UPSTREAM = "upstream: {url: http://127.0.0.1:9/fhir}\n"
+
+
+@dataclass(frozen=True)
+class BadStart:
+    """One bad start-up: config text (None: the path does not exist), extra args/env, expected words."""
+
+    config: str | None
+    expected: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    as_directory: bool = False
+
+
+BAD_STARTS: dict[str, BadStart] = {
+    "unknown-key": BadStart(GOOD_UPSTREAM + "listen: {prot: 8080}\n", ("listen.prot", "unknown key")),
+    "unknown-section": BadStart(GOOD_UPSTREAM + "consnet: {cache_ttl_s: 5}\n", ("consnet", "unknown key")),
+    "wrong-type": BadStart(GOOD_UPSTREAM + "listen: {port: eighty}\n", ("listen.port", "integer")),
+    "wrong-type-bool": BadStart(GOOD_UPSTREAM + "break_glass: {enabled: sometimes}\n", ("break_glass.enabled",)),
+    "missing-upstream-url": BadStart("listen: {port: 8080}\n", ("upstream.url", "missing")),
+    "empty-file": BadStart("", ("upstream.url", "missing")),
+    "bad-url": BadStart("upstream: {url: fhir.local/fhir}\n", ("upstream.url", "http")),
+    "bad-url-port": BadStart("upstream: {url: 'http://fhir:123456/fhir'}\n", ("upstream.url", "port")),
+    "port-out-of-range": BadStart(GOOD_UPSTREAM + "admin: {port: 65536}\n", ("admin.port", "65535")),
+    "unreadable-missing": BadStart(None, ("cannot read config file", "missing.yaml")),
+    "unreadable-directory": BadStart("", ("cannot read config file",), as_directory=True),
+    "invalid-yaml": BadStart("upstream: {url: http://h/fhir\nlisten: [1, 2\n", ("invalid YAML", "line")),
+    "env-port-out-of-range": BadStart(
+        GOOD_UPSTREAM, ("listen.port", "65535"), env=(("GATEWAY_LISTEN__PORT", "70000"),)
+    ),
+    "env-unknown-key": BadStart(GOOD_UPSTREAM, ("upstream.retries", "unknown key"), env=(("GATEWAY_UPSTREAM__RETRIES", "3"),)),
+    "flag-bad-url": BadStart("", ("upstream.url",), args=("--upstream", "not-a-url")),
+}
+
+
+@dataclass(frozen=True)
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _clean_env(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def bad_start_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Finished]:
+    """Run every BAD_STARTS case in parallel and collect exit code and output."""
+    root = tmp_path_factory.mktemp("bad-configs")
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for name, case in BAD_STARTS.items():
+        path = root / name / ("missing.yaml" if case.config is None else "gateway.yaml")
+        path.parent.mkdir()
+        if case.as_directory:
+            path.mkdir()
+        elif case.config is not None:
+            path.write_text(case.config, encoding="utf-8")
+        cmd = [*gateway_command(), "serve", "--config", str(path), *case.args]
+        procs[name] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(case.env), cwd=root
+        )
+    results: dict[str, Finished] = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = Finished(proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("name", list(BAD_STARTS))
+def test_bad_config_exits_2_with_one_line(name: str, bad_start_results: dict[str, Finished]) -> None:
+    result = bad_start_results[name]
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in BAD_STARTS[name].expected:
+        assert word in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+def test_port_already_taken_exits_2_with_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(
+            GOOD_UPSTREAM
+            + f"listen: {{host: 127.0.0.1, port: {port}}}\nadmin: {{host: 127.0.0.1, port: {free_port()}}}\n",
+            encoding="utf-8",
+        )
+        proc = subprocess.run(
+            [*gateway_command(), "serve", "--config", str(config)],
+            capture_output=True, text=True, env=_clean_env(), timeout=20, cwd=tmp_path,
+        )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "cannot listen" in lines[0], proc.stderr
+
+
+@pytest.fixture
+def served_config(tmp_path: Path, fake_fhir: FakeFhir) -> Iterator[tuple[Path, int, int]]:
+    """A config file for a gateway in front of ``fake_fhir`` on two free ports."""
+    proxy_port, admin_port = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"upstream: {{url: '{fake_fhir.base_url}', timeout_s: 10}}\n"
+        f"listen: {{host: 127.0.0.1, port: {proxy_port}, shutdown_timeout_s: 10}}\n"
+        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        f"audit: {{path: '{tmp_path / 'audit.jsonl'}'}}\n",
+        encoding="utf-8",
+    )
+    yield config, proxy_port, admin_port
+
+
+async def _start_serving(config: Path, admin_port: int, cwd: Path) -> asyncio.subprocess.Process:
+    """Start ``serve`` (without blocking the loop the fake upstream runs on) and wait for /healthz."""
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(), "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_clean_env(), cwd=cwd,
+    )
+    deadline = time.monotonic() + 15
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.returncode is None, "gateway exited during start-up"
+            try:
+                async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError("gateway did not start")
+
+
+async def _wait_for_request(fake: FakeFhir, path_qs: str) -> None:
+    for _ in range(200):
+        if any(r.path_qs == path_qs for r in fake.requests):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path_qs} never reached the upstream")
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_sigterm_finishes_in_flight_request_then_exits_0(
+    fake_fhir: FakeFhir, served_config: tuple[Path, int, int], tmp_path: Path
+) -> None:
+    config, proxy_port, admin_port = served_config
+    fake_fhir.add({"resourceType": "Patient", "id": "pat-1", "gender": "female"})
+    proc = await _start_serving(config, admin_port, tmp_path)
+    fake_fhir.delay_s = 1.0
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.ensure_future(
+            session.get(f"http://127.0.0.1:{proxy_port}/Patient/pat-1", headers={"X-Actor": "Practitioner/doc-1"})
+        )
+        await _wait_for_request(fake_fhir, "/fhir/Patient/pat-1")
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert await _refused(proxy_port), "still accepting connections after SIGTERM"
+        resp = await asyncio.wait_for(in_flight, 10)
+        assert resp.status == 200
+        assert (await resp.json(content_type=None))["id"] == "pat-1"
+        resp.release()
+    _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+
+
+async def test_sigterm_does_not_wait_past_the_shutdown_bound(
+    fake_fhir: FakeFhir, tmp_path: Path
+) -> None:
+    proxy_port, admin_port = free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"upstream: {{url: '{fake_fhir.base_url}', timeout_s: 30}}\n"
+        f"listen: {{host: 127.0.0.1, port: {proxy_port}, shutdown_timeout_s: 0.5}}\n"
+        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n",
+        encoding="utf-8",
+    )
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith("/pat-2"):
+            await asyncio.wait_for(release.wait(), 20)
+        return None
+
+    fake_fhir.override = hang
+    proc = await _start_serving(config, admin_port, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            stuck = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{proxy_port}/Patient/pat-2", headers={"X-Actor": "Practitioner/doc-1"})
+            )
+            await _wait_for_request(fake_fhir, "/fhir/Patient/pat-2")
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 8)
+            elapsed = time.monotonic() - started
+            stuck.cancel()
+    finally:
+        release.set()
+    assert proc.returncode == 0
+    assert elapsed < 3.0, f"shutdown took {elapsed:.1f} s with shutdown_timeout_s 0.5"
