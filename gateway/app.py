@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.audit import AuditDelivery, AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
@@ -52,6 +53,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         labels=labels,
         store=store,
         enforcement=ConsentEnforcement(store, labels, policy),
+        audit=AuditLog(settings.audit.path),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
     )
@@ -77,11 +79,20 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.open()
         if state.consent_server is not None:
             await state.consent_server.open()
-        watcher = asyncio.create_task(_watch_upstream(state))
+        tasks = [asyncio.create_task(_watch_upstream(state))]
+        audit_server = None
+        if state.settings.audit.fhir_url:
+            audit_server = _server(state.settings.audit.fhir_url, state.settings)
+            await audit_server.open()
+            tasks.append(asyncio.create_task(AuditDelivery(state.audit, audit_server).run()))
         yield
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if audit_server is not None:
+            await audit_server.close()
+        state.audit.close()
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()

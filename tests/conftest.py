@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,10 +13,14 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from gateway.app import RunningGateway, build_state, start
+from gateway.rules import load_rules
 from gateway.config import Settings, build_settings
 from gateway.metrics import Metrics
 from gateway.web.state import GatewayState
 from tests.fakes import FakeFhir
+
+
+LABELS = load_rules()  # the bundled rules, loaded once for the whole test session
 
 
 @dataclass
@@ -71,11 +76,13 @@ def gateway_settings(upstream_url: str, **sections: Any) -> Settings:
 
 
 @pytest.fixture
-async def make_gateway() -> AsyncIterator[Callable[..., Any]]:
+async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[GatewayUnderTest] = []
 
     async def factory(upstream_url: str, **sections: Any) -> GatewayUnderTest:
-        state = build_state(gateway_settings(upstream_url, **sections), Metrics(CollectorRegistry()))
+        sections.setdefault("audit", {})
+        sections["audit"].setdefault("path", str(tmp_path / "audit.jsonl"))
+        state = build_state(gateway_settings(upstream_url, **sections), Metrics(CollectorRegistry()), LABELS)
         running = await start(state)
         gut = GatewayUnderTest(state, running, aiohttp.ClientSession())
         started.append(gut)

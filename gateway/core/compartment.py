@@ -329,12 +329,29 @@ def iter_path(node: Any, path: Path) -> Iterator[Any]:
             yield from iter_path(child, path[1:])
 
 
-def _reference_strings(node: Any, path: Path) -> Iterator[str]:
-    for value in iter_path(node, path):
-        if isinstance(value, dict):
-            ref = value.get("reference")
-            if isinstance(ref, str) and not ref.startswith("#"):
-                yield relative_reference(ref)
+def _relative(ref: str) -> str:
+    # Fast path for the common ``Type/id`` form; anything else goes the long way.
+    if ref.count("/") == 1 and ":" not in ref and "#" not in ref:
+        return ref
+    return relative_reference(ref)
+
+
+def _collect_references(node: Any, path: Path, found: set[str]) -> None:
+    """Add the relative ``reference`` of every Reference at ``path`` below ``node``."""
+    if isinstance(node, list):
+        for item in node:
+            _collect_references(item, path, found)
+        return
+    if not isinstance(node, dict):
+        return
+    if path:
+        child = node.get(path[0])
+        if child is not None:
+            _collect_references(child, path[1:], found)
+        return
+    ref = node.get("reference")
+    if isinstance(ref, str) and ref and not ref.startswith("#"):
+        found.add(_relative(ref))
 
 
 _COMPARTMENT_PATHS: dict[str, tuple[Path, ...]] = {
@@ -357,10 +374,10 @@ def patients_of(resource: JSON) -> frozenset[str]:
     paths = _COMPARTMENT_PATHS.get(rtype) if isinstance(rtype, str) else None
     if paths is None:
         return frozenset()
-    found = {
-        ref for path in paths for ref in _reference_strings(resource, path)
-        if ref.startswith("Patient/")
-    }
+    refs: set[str] = set()
+    for path in paths:
+        _collect_references(resource, path, refs)
+    found = {ref for ref in refs if ref.startswith("Patient/")}
     if rtype == "Patient":
         rid = resource.get("id")
         if isinstance(rid, str) and rid:

@@ -169,7 +169,9 @@ class _Compiler:
                     for i, child in enumerate(children)
                 )
             else:
+                # SECURITY: unreadable nested provisions might have been denials.
                 self.defect(f"bad-shape:{path}.provision")
+                self.types.add(DENY)
         return Provision(path=path, type=ptype, rule=rule, children=kids, **fields)
 
     def provision_type(self, node: JSON, path: str, inherited: str, rule: str) -> tuple[str, str]:
@@ -323,6 +325,7 @@ def compile_consent(consent: JSON) -> CompiledConsent:
     compiler = _Compiler()
     if not isinstance(consent, dict):
         compiler.defect("bad-shape:consent")
+        compiler.types.add(DENY)
         consent = {}
     rid = consent.get("id")
     cid = f"Consent/{rid}" if isinstance(rid, str) and rid else "Consent/?"

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.core.compartment import (
     DateRange,
@@ -73,7 +74,7 @@ class Policy:
 
 
 class _Request:
-    """What the request contributes to every condition, computed once per decision."""
+    """What the request contributes to every condition (cached per request context)."""
 
     __slots__ = ("actors", "purposes", "action", "now", "research")
 
@@ -90,12 +91,15 @@ class _Request:
         return self.action in actions
 
 
+_UNSET: Any = object()
+
+
 class _Facts:
     """The resource as the conditions see it; each fact is read at most once, on demand."""
 
     __slots__ = (
         "resource", "rtype", "labels", "scopes", "known_refs",
-        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_have",
+        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors",
     )
 
     def __init__(
@@ -111,55 +115,56 @@ class _Facts:
         self.labels = labels
         self.scopes = scopes
         self.known_refs = known_refs
-        self._have: set[str] = set()
-        self._ref: str | None = None
-        self._profiles: frozenset[str] = frozenset()
-        self._codes: frozenset[tuple[str, str]] = frozenset()
-        self._date: DateRange | None = None
-        self._refs: frozenset[str] = frozenset()
-        self._authors: frozenset[str] = frozenset()
-
-    def _once(self, name: str) -> bool:
-        if name in self._have:
-            return False
-        self._have.add(name)
-        return True
+        self._ref = self._profiles = self._codes = self._date = _UNSET
+        self._refs = self._authors = _UNSET
 
     @property
     def ref(self) -> str | None:
-        if self._once("ref"):
+        if self._ref is _UNSET:
             self._ref = resource_reference(self.resource)
-        return self._ref
+        found: str | None = self._ref
+        return found
 
     @property
     def profiles(self) -> frozenset[str]:
-        if self._once("profiles"):
+        if self._profiles is _UNSET:
             self._profiles = profiles_of(self.resource)
-        return self._profiles
+        found: frozenset[str] = self._profiles
+        return found
 
     @property
     def codes(self) -> frozenset[tuple[str, str]]:
-        if self._once("codes"):
+        if self._codes is _UNSET:
             self._codes = main_codes(self.resource)
-        return self._codes
+        found: frozenset[tuple[str, str]] = self._codes
+        return found
 
     @property
     def date(self) -> DateRange | None:
-        if self._once("date"):
+        if self._date is _UNSET:
             self._date = clinical_date(self.resource)
-        return self._date
+        found: DateRange | None = self._date
+        return found
 
     @property
     def references(self) -> frozenset[str]:
-        if self._once("refs"):
+        if self._refs is _UNSET:
             self._refs = references_of(self.resource)
-        return self._refs
+        found: frozenset[str] = self._refs
+        return found
 
     @property
     def authors(self) -> frozenset[str]:
-        if self._once("authors"):
+        if self._authors is _UNSET:
             self._authors = authors_of(self.resource)
-        return self._authors
+        found: frozenset[str] = self._authors
+        return found
+
+
+@lru_cache(maxsize=1024)
+def _request_of(ctx: RequestContext) -> _Request:
+    """The request's side of every condition; one response's resources share it."""
+    return _Request(ctx)
 
 
 def _request_mismatch(node: Provision, req: _Request) -> str | None:
@@ -257,8 +262,7 @@ def _mismatch(node: Provision, req: _Request, facts: _Facts, policy: Policy) -> 
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     """One consent's answer for one resource: its type and the matched provision chain."""
 
     type: str
@@ -329,8 +333,7 @@ def _malformed(consent: CompiledConsent) -> str:
     return f"malformed-consent:{consent.defects[0]}"
 
 
-@dataclass(frozen=True, slots=True)
-class _Verdict:
+class _Verdict(NamedTuple):
     """One consent's result: skipped (with why), or an outcome."""
 
     consent: CompiledConsent
@@ -467,7 +470,7 @@ def decide(
     """
     if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
         return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
-    req = _Request(ctx)
+    req = _request_of(ctx)
     facts = _Facts(resource, labels, scopes, known_refs)
     return _combine(consents, req, facts, policy)
 
@@ -622,7 +625,7 @@ def preflight(
     """
     if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
         return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
-    req = _Request(ctx)
+    req = _request_of(ctx)
     answers = [_preflight_consent(c, req, policy) for c in consents]
     reasons = tuple(a.reason for a in answers)
     errors = tuple(f"{a.consent.id}: {d}" for a in answers for d in a.consent.defects)

@@ -353,7 +353,7 @@ class LabelIndex:
             return
         table = self._exact.get(system)
         if table is not None:
-            hit = table.get(code) or table.get(code.strip())
+            hit = table.get(code.strip())
             if hit is not None:
                 hits.append(hit)
         elif system in self._icd_systems:
@@ -556,7 +556,7 @@ class _Builder:
         index._sensitivity_scopes = scopes
         index.sensitivity_scope_names = frozenset(scopes)
         index._scope_types, index._scope_categories = self._resource_scopes(file, document.get("resource"))
-        index.resource_scope_names = frozenset(document.get("resource") or ())
+        index.resource_scope_names = frozenset(str(scope) for scope in document["resource"])
         scoped = {label.code for labels in scopes.values() for label in labels}
         index.sensitive = frozenset(self.rule_labels | scoped | self.sensitive)
         index._exact = self.exact

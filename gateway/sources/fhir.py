@@ -78,6 +78,24 @@ class FhirConsentSource:
         return frozenset(refs)
 
 
+    async def store_consent(self, consent: JSON) -> str:
+        resp = await self.server.request(
+            "POST", self.server.url_for("Consent"), body=orjson.dumps(consent),
+            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+        )
+        if not 200 <= resp.status < 300:
+            raise ConsentUnavailable("The emergency consent could not be stored.")
+        try:
+            stored = orjson.loads(resp.body) if resp.body else {}
+        except orjson.JSONDecodeError:
+            stored = {}
+        cid = stored.get("id") if isinstance(stored, dict) else None
+        if not isinstance(cid, str):
+            location = resp.headers.get("Location", "")
+            cid = relative_reference(location).split("/")[-1] if location else ""
+        return f"Consent/{cid}"
+
+
 def _matches(bundle: JSON) -> list[JSON]:
     """Search matches of a page; an error outcome in the page fails the lookup."""
     out: list[JSON] = []

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from cachetools import TTLCache
 
+from gateway.core.breakglass import EmergencyWindow, emergency_window
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON
@@ -34,12 +35,17 @@ class ConsentSource(Protocol):
         """Group and CareTeam references the actor belongs to."""
         ...
 
+    async def store_consent(self, consent: JSON) -> str:
+        """Persist a Consent (an emergency grant); returns its ``Consent/<id>``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class PatientConsents:
     patient: str
     consents: tuple[CompiledConsent, ...]
     names_groups: bool  # some provision names a Group or CareTeam actor
+    emergency: tuple[EmergencyWindow, ...] = ()
 
 
 def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
@@ -55,7 +61,8 @@ def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
 def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
     """Compile one patient's consents once, as they enter the cache."""
     compiled = tuple(compile_consent(c) for c in raw)
-    return PatientConsents(patient, compiled, _names_groups(compiled))
+    windows = tuple(w for w in (emergency_window(c) for c in raw) if w is not None)
+    return PatientConsents(patient, compiled, _names_groups(compiled), windows)
 
 
 class ConsentStore:

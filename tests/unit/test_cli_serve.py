@@ -1,7 +1,7 @@
-"""``consent-gateway serve`` as a process: bad config exits 2 with one line; SIGTERM drains.
+"""``consent-gateway serve``: a bad config exits 2 with one line; SIGTERM drains, exits 0.
 
-The bad-config processes all start at once in one module fixture, so the table costs about
-one interpreter start-up rather than one per case.
+One process per problem the issue names, all started at once in a module fixture (start-up
+costs most of the time); further variants call ``cli.main`` in-process.
 """
 
 from __future__ import annotations
@@ -20,41 +20,36 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.cli import main
 from tests.fakes import FakeFhir
 from tests.unit._util import free_port, gateway_command
 
 GOOD_UPSTREAM = "upstream: {url: http://127.0.0.1:9/fhir}\n"
+TAKEN_PORT = "{taken}"
 
 
 @dataclass(frozen=True)
 class BadStart:
-    """One bad start-up: config text (None: the path does not exist), extra args/env, expected words."""
+    """One bad start-up: config text (None: the path does not exist), extra env, expected words."""
 
     config: str | None
     expected: tuple[str, ...]
-    args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
-    as_directory: bool = False
 
 
+# One process per problem named in the issue; variants of each run in-process below.
 BAD_STARTS: dict[str, BadStart] = {
     "unknown-key": BadStart(GOOD_UPSTREAM + "listen: {prot: 8080}\n", ("listen.prot", "unknown key")),
-    "unknown-section": BadStart(GOOD_UPSTREAM + "consnet: {cache_ttl_s: 5}\n", ("consnet", "unknown key")),
     "wrong-type": BadStart(GOOD_UPSTREAM + "listen: {port: eighty}\n", ("listen.port", "integer")),
-    "wrong-type-bool": BadStart(GOOD_UPSTREAM + "break_glass: {enabled: sometimes}\n", ("break_glass.enabled",)),
     "missing-upstream-url": BadStart("listen: {port: 8080}\n", ("upstream.url", "missing")),
-    "empty-file": BadStart("", ("upstream.url", "missing")),
     "bad-url": BadStart("upstream: {url: fhir.local/fhir}\n", ("upstream.url", "http")),
-    "bad-url-port": BadStart("upstream: {url: 'http://fhir:123456/fhir'}\n", ("upstream.url", "port")),
-    "port-out-of-range": BadStart(GOOD_UPSTREAM + "admin: {port: 65536}\n", ("admin.port", "65535")),
-    "unreadable-missing": BadStart(None, ("cannot read config file", "missing.yaml")),
-    "unreadable-directory": BadStart("", ("cannot read config file",), as_directory=True),
+    "env-port-out-of-range": BadStart(GOOD_UPSTREAM, ("admin.port", "65535"), env=(("GATEWAY_ADMIN__PORT", "65536"),)),
+    "unreadable-file": BadStart(None, ("cannot read config file", "missing.yaml")),
     "invalid-yaml": BadStart("upstream: {url: http://h/fhir\nlisten: [1, 2\n", ("invalid YAML", "line")),
-    "env-port-out-of-range": BadStart(
-        GOOD_UPSTREAM, ("listen.port", "65535"), env=(("GATEWAY_LISTEN__PORT", "70000"),)
+    "port-taken": BadStart(
+        GOOD_UPSTREAM + "listen: {host: 127.0.0.1, port: " + TAKEN_PORT + "}\nadmin: {host: 127.0.0.1, port: 0}\n",
+        ("cannot listen",),
     ),
-    "env-unknown-key": BadStart(GOOD_UPSTREAM, ("upstream.retries", "unknown key"), env=(("GATEWAY_UPSTREAM__RETRIES", "3"),)),
-    "flag-bad-url": BadStart("", ("upstream.url",), args=("--upstream", "not-a-url")),
 }
 
 
@@ -73,33 +68,34 @@ def _clean_env(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def bad_start_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Finished]:
-    """Run every BAD_STARTS case in parallel and collect exit code and output."""
+    """Run every BAD_STARTS case at once (one port held busy) and collect exit code and output."""
     root = tmp_path_factory.mktemp("bad-configs")
-    procs: dict[str, subprocess.Popen[str]] = {}
-    for name, case in BAD_STARTS.items():
-        path = root / name / ("missing.yaml" if case.config is None else "gateway.yaml")
-        path.parent.mkdir()
-        if case.as_directory:
-            path.mkdir()
-        elif case.config is not None:
-            path.write_text(case.config, encoding="utf-8")
-        cmd = [*gateway_command(), "serve", "--config", str(path), *case.args]
-        procs[name] = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(case.env), cwd=root
-        )
-    results: dict[str, Finished] = {}
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[name] = Finished(proc.returncode, out, err)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        procs: dict[str, subprocess.Popen[str]] = {}
+        for name, case in BAD_STARTS.items():
+            path = root / name / ("missing.yaml" if case.config is None else "gateway.yaml")
+            path.parent.mkdir()
+            if case.config is not None:
+                path.write_text(case.config.replace(TAKEN_PORT, str(taken.getsockname()[1])), encoding="utf-8")
+            procs[name] = subprocess.Popen(
+                [*gateway_command(), "serve", "--config", str(path)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(case.env), cwd=root,
+            )
+        results: dict[str, Finished] = {}
+        for name, proc in procs.items():
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            results[name] = Finished(proc.returncode, out, err)
     return results
 
 
 @pytest.mark.parametrize("name", list(BAD_STARTS))
-def test_bad_config_exits_2_with_one_line(name: str, bad_start_results: dict[str, Finished]) -> None:
+def test_bad_start_exits_2_with_one_line(name: str, bad_start_results: dict[str, Finished]) -> None:
     result = bad_start_results[name]
     assert result.returncode == 2, result
     lines = result.stderr.splitlines()
@@ -110,24 +106,41 @@ def test_bad_config_exits_2_with_one_line(name: str, bad_start_results: dict[str
     assert result.stdout == ""
 
 
-def test_port_already_taken_exits_2_with_one_line(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        config = tmp_path / "gateway.yaml"
-        config.write_text(
-            GOOD_UPSTREAM
-            + f"listen: {{host: 127.0.0.1, port: {port}}}\nadmin: {{host: 127.0.0.1, port: {free_port()}}}\n",
-            encoding="utf-8",
-        )
-        proc = subprocess.run(
-            [*gateway_command(), "serve", "--config", str(config)],
-            capture_output=True, text=True, env=_clean_env(), timeout=20, cwd=tmp_path,
-        )
-    assert proc.returncode == 2
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "cannot listen" in lines[0], proc.stderr
+IN_PROCESS_CASES: dict[str, tuple[str | None, list[str], dict[str, str], tuple[str, ...]]] = {
+    "unknown-section": (GOOD_UPSTREAM + "consnet: {cache_ttl_s: 5}\n", [], {}, ("consnet", "unknown key")),
+    "wrong-type-bool": (GOOD_UPSTREAM + "break_glass: {enabled: sometimes}\n", [], {}, ("break_glass.enabled",)),
+    "empty-file": ("", [], {}, ("upstream.url", "missing")),
+    "bad-url-port": ("upstream: {url: 'http://fhir:123456/fhir'}\n", [], {}, ("upstream.url", "port")),
+    "port-out-of-range-in-file": (GOOD_UPSTREAM + "listen: {port: 65536}\n", [], {}, ("listen.port", "65535")),
+    "unreadable-directory": (None, [], {}, ("cannot read config file",)),
+    "env-unknown-key": (GOOD_UPSTREAM, [], {"GATEWAY_UPSTREAM__RETRIES": "3"}, ("upstream.retries", "unknown key")),
+    "env-bad-yaml": (GOOD_UPSTREAM, [], {"GATEWAY_BREAK_GLASS__REASONS": "[a, b"}, ("GATEWAY_BREAK_GLASS__REASONS",)),
+    "flag-bad-url": ("", ["--upstream", "not-a-url"], {}, ("upstream.url",)),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PROCESS_CASES))
+def test_bad_config_variants_exit_2_with_one_line(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, args, env, expected = IN_PROCESS_CASES[name]
+    path = tmp_path / "gateway.yaml"
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text, encoding="utf-8")
+    for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--config", str(path), *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("consent-gateway: ")
+    for word in expected:
+        assert word in lines[0], lines[0]
+    assert captured.out == ""
 
 
 @pytest.fixture
@@ -187,20 +200,20 @@ async def test_sigterm_finishes_in_flight_request_then_exits_0(
     fake_fhir: FakeFhir, served_config: tuple[Path, int, int], tmp_path: Path
 ) -> None:
     config, proxy_port, admin_port = served_config
-    fake_fhir.add({"resourceType": "Patient", "id": "pat-1", "gender": "female"})
+    fake_fhir.add({"resourceType": "Practitioner", "id": "pr-1", "name": [{"family": "Osler"}]})
     proc = await _start_serving(config, admin_port, tmp_path)
     fake_fhir.delay_s = 1.0
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.ensure_future(
-            session.get(f"http://127.0.0.1:{proxy_port}/Patient/pat-1", headers={"X-Actor": "Practitioner/doc-1"})
+            session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-1", headers={"X-Actor": "Practitioner/doc-1"})
         )
-        await _wait_for_request(fake_fhir, "/fhir/Patient/pat-1")
+        await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-1")
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         assert await _refused(proxy_port), "still accepting connections after SIGTERM"
         resp = await asyncio.wait_for(in_flight, 10)
         assert resp.status == 200
-        assert (await resp.json(content_type=None))["id"] == "pat-1"
+        assert (await resp.json(content_type=None))["id"] == "pr-1"
         resp.release()
     _, stderr = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0, stderr
@@ -221,7 +234,7 @@ async def test_sigterm_does_not_wait_past_the_shutdown_bound(
     release = asyncio.Event()
 
     async def hang(request: web.Request) -> web.StreamResponse | None:
-        if request.path.endswith("/pat-2"):
+        if request.path.endswith("/pr-2"):
             await asyncio.wait_for(release.wait(), 20)
         return None
 
@@ -230,9 +243,9 @@ async def test_sigterm_does_not_wait_past_the_shutdown_bound(
     try:
         async with aiohttp.ClientSession() as session:
             stuck = asyncio.ensure_future(
-                session.get(f"http://127.0.0.1:{proxy_port}/Patient/pat-2", headers={"X-Actor": "Practitioner/doc-1"})
+                session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-2", headers={"X-Actor": "Practitioner/doc-1"})
             )
-            await _wait_for_request(fake_fhir, "/fhir/Patient/pat-2")
+            await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-2")
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 8)

@@ -146,7 +146,7 @@ def _convert_consent(
         fields.fail("source", "IAS consents are documented as never returned")
     if reason == "NO_RESPONSE" or source == "DEFAULTS":
         return []
-    pairs = _scope_pairs(fields, record, consented)
+    pairs = _scope_pairs(fields, record, consented, sensitivity_labels)
     record_id = fields.text("consentRecordId") or (record.text("id") if record else None)
     # Without a record id the whole consent is the identity: same content, same ids.
     base = record_id or stable_id("healthex", patient_id, dict(fields.data))
@@ -174,7 +174,7 @@ def _convert_consent(
             "id": stable_id("healthex", base, resource, sensitivity),
             **copy.deepcopy(common),
             "provision": _provision(
-                fields, use, consented, expires, resource, sensitivity, sensitivity_labels
+                use, consented, expires, resource, sensitivity_labels.get(sensitivity, ())
             ),
         }
         for resource, sensitivity in pairs
@@ -205,22 +205,29 @@ def _check_agreement(
         record.fail("patientId", "names another patient than its group")
 
 
-def _scope_pairs(fields: Fields, record: Fields | None, consented: bool) -> list[_ScopePair]:
+def _scope_pairs(
+    fields: Fields,
+    record: Fields | None,
+    consented: bool,
+    sensitivity_labels: Mapping[str, tuple[Label, ...]],
+) -> list[_ScopePair]:
     """The (resource, sensitivity) pairs the consent covers.
 
     ``consentDataScopes`` when given; else the consent record's scope lists (a missing
     sensitivity list means NORMAL, a missing resource list means all data). A permit
-    must name its data; a deny that names none closes all data.
+    must name its data; a deny that names none closes all data. Every sensitivity scope
+    but NORMAL must have labels in ``sensitivity_labels``.
     """
     pairs: list[_ScopePair] = []
     for scope in fields.objs("consentDataScopes"):
-        pairs.append((
-            scope.enum("resourceScope", RESOURCE_SCOPES, required=True),
-            scope.required_enum("sensitivityScope", SENSITIVITY_SCOPES),
-        ))
+        sensitivity = scope.required_enum("sensitivityScope", SENSITIVITY_SCOPES)
+        _check_labels(scope, "sensitivityScope", sensitivity, sensitivity_labels)
+        pairs.append((scope.enum("resourceScope", RESOURCE_SCOPES, required=True), sensitivity))
     if record is not None:
         resources = record.texts("consentDataResourceScopes", RESOURCE_SCOPES)
         sensitivities = record.texts("consentDataSensitivityScopes", SENSITIVITY_SCOPES)
+        for sensitivity in sensitivities:
+            _check_labels(record, "consentDataSensitivityScopes", sensitivity, sensitivity_labels)
         if not pairs and (resources or sensitivities):
             all_data: list[str | None] = [None]
             pairs = [
@@ -235,22 +242,19 @@ def _scope_pairs(fields: Fields, record: Fields | None, consented: bool) -> list
     return list(dict.fromkeys(pairs))
 
 
+def _check_labels(
+    fields: Fields, key: str, sensitivity: str, sensitivity_labels: Mapping[str, tuple[Label, ...]]
+) -> None:
+    # SECURITY: without its labels a sensitive-scope permit would widen to the whole
+    # resource scope (issue 8).
+    if sensitivity != "NORMAL" and not sensitivity_labels.get(sensitivity):
+        fields.fail(key, f"the rules give {sensitivity} no labels")
+
+
 def _provision(
-    fields: Fields,
-    use: _Use,
-    consented: bool,
-    expires: str | None,
-    resource: str | None,
-    sensitivity: str,
-    sensitivity_labels: Mapping[str, tuple[Label, ...]],
+    use: _Use, consented: bool, expires: str | None, resource: str | None, labels: tuple[Label, ...]
 ) -> JSON:
-    labels: tuple[Label, ...] = ()
-    if sensitivity != "NORMAL":
-        labels = sensitivity_labels.get(sensitivity, ())
-        if not labels:
-            # SECURITY: without its labels a sensitive-scope permit would widen to the
-            # whole resource scope (issue 8).
-            fields.fail("sensitivityScope", f"the rules give {sensitivity} no labels")
+    """The root provision: the consent type's purpose and actions, the scope pair's data."""
     return drop_empty({
         "type": "permit" if consented else "deny",
         "period": {"end": expires} if expires else None,

@@ -1,0 +1,160 @@
+"""``consent-gateway decide``: decide one resource against Consent files and explain why.
+
+Exit status: 0 permit, 1 deny, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gateway.core.compartment import patients_of
+from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.decision import Policy, decide_resource, explain_json
+from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
+from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
+
+Labeler = Callable[[JSON], tuple[frozenset[Label], frozenset[str]]]
+
+
+class BadInput(Exception):
+    """Input the command cannot use; the message is the one line printed."""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``decide`` on the top-level parser's subparsers."""
+    parser = subparsers.add_parser(
+        "decide", help="decide one resource against Consent files and explain why"
+    )
+    parser.add_argument("--consent", nargs="+", required=True, metavar="FILE",
+                        help="Consent JSON files (a Bundle of Consents also works)")
+    parser.add_argument("--resource", required=True, metavar="FILE", help="the resource (JSON)")
+    parser.add_argument("--actor", required=True, metavar="REF", help="e.g. Practitioner/1")
+    parser.add_argument("--purpose", default="TREAT", metavar="CODE", help="v3 PurposeOfUse")
+    parser.add_argument("--org", metavar="REF", help="Organization/<id> the actor acts for")
+    parser.add_argument("--group", action="append", default=[], metavar="REF",
+                        help="Group/CareTeam the actor belongs to (repeatable)")
+    parser.add_argument("--at", metavar="DATETIME", help="decide as of this instant (default now)")
+    parser.add_argument("--default-decision", choices=("deny", "permit"), default="deny")
+    parser.add_argument("--combining", choices=("deny-overrides", "latest-wins"),
+                        default="deny-overrides")
+    parser.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+
+def _read_json(path: str) -> JSON:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise BadInput(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} is not a FHIR resource (expected a JSON object)")
+    return data
+
+
+def _consents(paths: list[str]) -> list[CompiledConsent]:
+    found = []
+    for path in paths:
+        data = _read_json(path)
+        items = list(iter_bundle_resources(data)) if data.get("resourceType") == "Bundle" else [data]
+        for item in items:
+            if item.get("resourceType") != "Consent":
+                raise BadInput(f"{path} holds a {item.get('resourceType')!r}, not a Consent")
+            found.append(compile_consent(item))
+    return found
+
+
+def _reference(value: str, option: str) -> str:
+    kind, _, rid = value.partition("/")
+    if not kind or not rid or "/" in rid:
+        raise BadInput(f"{option} must be a reference like Practitioner/1, got {value!r}")
+    return value
+
+
+def _instant(value: str | None) -> datetime:
+    if value is None:
+        return datetime.now(timezone.utc)
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadInput(f"--at must be an ISO date-time, got {value!r}") from exc
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _meta_security(resource: JSON) -> tuple[frozenset[Label], frozenset[str]]:
+    meta = resource.get("meta")
+    codings = iter_codings(meta.get("security") if isinstance(meta, dict) else None)
+    labels = frozenset(
+        Label(str(c.get("system") or ""), c["code"]) for c in codings if isinstance(c.get("code"), str)
+    )
+    return labels, frozenset()
+
+
+def _labeler() -> tuple[Labeler, frozenset[str]]:
+    """The rules' labeler and sensitive codes; ``meta.security`` only when rules are absent."""
+    try:
+        from gateway.rules import load_rules
+    except ImportError:
+        return _meta_security, frozenset()
+    try:
+        index = load_rules(None)
+    except Exception as exc:  # rule loading reports its own problem; show it on one line
+        raise BadInput(f"cannot load rules: {exc}") from exc
+
+    def labels(resource: JSON) -> tuple[frozenset[Label], frozenset[str]]:
+        return index.labels_for(resource), index.scopes_for(resource)
+
+    return labels, frozenset(index.sensitive)
+
+
+def evaluate(args: argparse.Namespace) -> Decision:
+    """Read the files named in ``args`` and decide; raises BadInput on unusable input."""
+    consents = _consents(args.consent)
+    resource = _read_json(args.resource)
+    if not isinstance(resource.get("resourceType"), str):
+        raise BadInput(f"{args.resource} has no resourceType")
+    ctx = RequestContext(
+        actor=Actor(
+            reference=_reference(args.actor, "--actor"),
+            organization=_reference(args.org, "--org") if args.org else None,
+            groups=frozenset(_reference(g, "--group") for g in args.group),
+        ),
+        purpose=args.purpose,
+        now=_instant(args.at),
+    )
+    labeler, sensitive = _labeler()
+    labels, scopes = labeler(resource)
+    policy = Policy(
+        default_decision=args.default_decision, combining=args.combining, sensitive=sensitive
+    )
+    by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
+    for consent in consents:
+        if consent.patient in by_patient:
+            by_patient[consent.patient].append(consent)
+    return decide_resource(by_patient, resource, labels, scopes, ctx, policy)
+
+
+def _text(decision: Decision) -> str:
+    lines = [f"decision: {decision.verdict.value}", f"combining: {decision.combining}"]
+    if decision.labels:
+        lines.append(f"labels: {', '.join(decision.labels)}")
+    lines += [f"  {reason}" for reason in decision.reasons]
+    lines += [f"  error: {error}" for error in decision.errors]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the decision; 0 permit, 1 deny, 2 bad input."""
+    try:
+        decision = evaluate(args)
+    except BadInput as exc:
+        print(f"consent-gateway decide: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(explain_json(decision), indent=2) if args.json else _text(decision))
+    return 1 if decision.verdict is Verdict.DENY else 0

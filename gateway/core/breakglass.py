@@ -1,0 +1,199 @@
+"""Break-glass values: the AuditEvent of an emergency access and the emergency Consent.
+
+An emergency Consent (category ``emergency-access``) is a permit for one actor and one
+patient, for treatment, over a time window, naming the sensitive labels the emergency
+opened. While its window is open it overrides that patient's denials for that actor
+(for resources whose sensitive labels it names), and each such access is audited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gateway.core.compartment import parse_period
+from gateway.core.fhir import JSON, iter_codings, reference_of, relative_reference
+from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_PURPOSE_OF_USE, Actor, Label
+
+EMERGENCY_CODE = "emergency-access"
+REASON_EXTENSION = "urn:consent-gateway:break-glass-reason"
+CONSENT_WOULD_DENY = "urn:consent-gateway:consent-would-deny"
+_REST_INTERACTIONS = {
+    "read": "read", "vread": "vread", "search": "search-type", "history": "history-instance",
+    "create": "create", "update": "update", "patch": "patch", "delete": "delete",
+    "batch": "batch", "operation": "operation", "capabilities": "capabilities",
+}
+_ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "operation": "E", "batch": "E"}
+
+
+@dataclass(frozen=True, slots=True)
+class EmergencyWindow:
+    """An emergency Consent's grant: who, when, and which sensitive labels it opened."""
+
+    consent: str
+    actor: str
+    start: datetime
+    end: datetime
+    labels: frozenset[str]
+    reason: str
+
+    def open_at(self, now: datetime) -> bool:
+        return self.start <= now < self.end
+
+
+def _is_emergency(consent: JSON) -> bool:
+    return any(
+        c.get("system") == GATEWAY_CODE_SYSTEM and c.get("code") == EMERGENCY_CODE
+        for c in iter_codings(consent.get("category"))
+    )
+
+
+def emergency_window(consent: JSON) -> EmergencyWindow | None:
+    """The window of an active emergency Consent; None for anything else or anything unreadable."""
+    if consent.get("status") != "active" or not _is_emergency(consent):
+        return None
+    provision = consent.get("provision")
+    if not isinstance(provision, dict):
+        return None
+    period = parse_period(provision.get("period"))
+    actors = [reference_of(a.get("reference")) for a in provision.get("actor") or () if isinstance(a, dict)]
+    if period is None or period.start is None or period.end is None or len(actors) != 1 or actors[0] is None:
+        return None
+    labels = frozenset(
+        str(label.get("code"))
+        for nested in provision.get("provision") or () if isinstance(nested, dict)
+        for label in nested.get("securityLabel") or () if isinstance(label, dict)
+    )
+    reason = next(
+        (str(e.get("valueString")) for e in consent.get("extension") or ()
+         if isinstance(e, dict) and e.get("url") == REASON_EXTENSION),
+        "",
+    )
+    cid = consent.get("id")
+    return EmergencyWindow(
+        f"Consent/{cid}" if isinstance(cid, str) else "Consent",
+        relative_reference(actors[0]), period.start, period.end, labels, reason,
+    )
+
+
+def _instant(when: datetime) -> str:
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def emergency_consent(
+    actor: Actor, patient: str, labels: Iterable[Label], reason: str, now: datetime, duration_h: float
+) -> JSON:
+    """The Consent that persists a break-glass: permit for this actor and patient, for TREAT."""
+    provision: JSON = {
+        "type": "permit",
+        "period": {"start": _instant(now), "end": _instant(now + timedelta(hours=duration_h))},
+        "actor": [
+            {
+                "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+                "reference": {"reference": actor.reference},
+            }
+        ],
+        "purpose": [{"system": V3_PURPOSE_OF_USE, "code": "TREAT"}],
+    }
+    opened = sorted({(label.system, label.code) for label in labels})
+    if opened:
+        # Sensitive data opens only for a provision that names its labels.
+        provision["provision"] = [
+            {"type": "permit", "securityLabel": [{"system": s, "code": c} for s, c in opened]}
+        ]
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [
+            {"coding": [{"system": GATEWAY_CODE_SYSTEM, "code": EMERGENCY_CODE, "display": "Emergency access (break-glass)"}]},
+            {"coding": [{"system": "http://loinc.org", "code": "59284-0", "display": "Patient Consent"}]},
+        ],
+        "patient": {"reference": patient},
+        "dateTime": _instant(now),
+        "performer": [{"reference": actor.reference}],
+        "policyRule": {"coding": [{"system": V3_ACT_CODE, "code": "EMRGONLY", "display": "emergency only"}]},
+        "extension": [{"url": REASON_EXTENSION, "valueString": reason}],
+        "provision": provision,
+    }
+
+
+def audit_event(
+    *,
+    event_id: str,
+    actor: Actor,
+    interaction: str,
+    status: int,
+    reason: str,
+    now: datetime,
+    patients: Sequence[str],
+    resources: Sequence[tuple[str, bool]],
+    consents: Sequence[str] = (),
+    source_id: str = "consent-gateway",
+) -> JSON:
+    """A FHIR R4 AuditEvent of one emergency access.
+
+    ``resources`` are (reference, consent would have denied it) for every resource returned;
+    ``consents`` are the emergency Consents that granted the access (none for the first,
+    header-carrying request).
+    """
+    agents: list[JSON] = [
+        {
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "code": "humanuser"}]},
+            "who": {"reference": actor.reference},
+            "requestor": True,
+            "purposeOfUse": [{"coding": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT"}], "text": reason}],
+        }
+    ]
+    if actor.organization:
+        agents.append({"who": {"reference": actor.organization}, "requestor": False})
+    entities: list[JSON] = [
+        {
+            "what": {"reference": p},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"},
+        }
+        for p in patients
+    ]
+    entities.extend(
+        {
+            "what": {"reference": ref},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+            "detail": [{"type": CONSENT_WOULD_DENY, "valueString": "true" if denied else "false"}],
+        }
+        for ref, denied in resources
+    )
+    entities.extend(
+        {
+            "what": {"reference": c},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13", "display": "Security Resource"},
+        }
+        for c in consents
+    )
+    would_deny = sum(1 for _, denied in resources if denied)
+    return {
+        "resourceType": "AuditEvent",
+        "id": event_id,
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": _REST_INTERACTIONS.get(interaction, "operation")}],
+        "action": _ACTIONS.get(interaction, "R"),
+        "recorded": now.isoformat().replace("+00:00", "Z"),
+        "outcome": "0" if status < 400 else ("4" if status < 500 else "8"),
+        "outcomeDesc": (
+            f"Break-glass: {would_deny} of {len(resources)} resources would have been denied by consent"
+            if would_deny else "Break-glass: consent would have permitted this access"
+        ),
+        "purposeOfEvent": [
+            {"coding": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT"}], "text": reason},
+            {"coding": [{"system": V3_ACT_CODE, "code": "BTG", "display": "break the glass"}]},
+        ],
+        "agent": agents,
+        "source": {
+            "site": source_id,
+            "observer": {"display": "FHIR Consent Gateway"},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}],
+        },
+        "entity": entities,
+    }

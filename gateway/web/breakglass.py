@@ -1,0 +1,82 @@
+"""Break-glass at the edge: the header, the audit before the answer, the emergency consent."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.core.breakglass import audit_event, emergency_consent
+from gateway.core.errors import BadRequest, BreakGlassDisabled, ConsentUnavailable
+from gateway.core.model import Actor
+from gateway.web.enforcement import Emergency
+from gateway.web.state import GatewayState
+
+log = logging.getLogger("gateway.breakglass")
+
+
+def read_break_glass(request: web.Request, settings: Settings) -> str | None:
+    """The configured reason in X-Break-Glass, None without the header; 400/403 otherwise."""
+    raw = request.headers.get("X-Break-Glass")
+    if raw is None:
+        return None
+    if not settings.break_glass.enabled:
+        raise BreakGlassDisabled("Break-glass access is disabled on this gateway.")
+    reason = raw.strip()
+    if reason not in settings.break_glass.reasons:
+        allowed = "; ".join(repr(r) for r in settings.break_glass.reasons)
+        raise BadRequest(f"Unknown X-Break-Glass reason. Allowed reasons: {allowed}.")
+    return reason
+
+
+async def audit(
+    state: GatewayState, emergency: Emergency, actor: Actor, interaction: str, status: int,
+    extra_patients: frozenset[str] = frozenset(),
+) -> str:
+    """Write the AuditEvent (durably) and count it; returns the event id for the response header."""
+    event_id = str(uuid.uuid4())
+    reason = emergency.reason
+    if reason is None:
+        windows = [w for w in emergency.windows.values() if w.consent in emergency.used]
+        reason = next((w.reason for w in windows if w.reason), "Emergency access window")
+    event = audit_event(
+        event_id=event_id,
+        actor=actor,
+        interaction=interaction,
+        status=status,
+        reason=reason,
+        now=datetime.now(timezone.utc),
+        patients=sorted(emergency.patients | extra_patients),
+        resources=emergency.returned,
+        consents=sorted(emergency.used),
+    )
+    await state.audit.append(event)
+    if emergency.reason is not None:
+        state.metrics.break_glass.labels(emergency.reason).inc()
+    return event_id
+
+
+async def record_emergency_consents(state: GatewayState, emergency: Emergency, actor: Actor) -> None:
+    """Persist the access window for each patient whose denials were overridden.
+
+    A window of this actor that is open and already covers the opened labels is not
+    duplicated. A failure to store is logged, never turned into a failed emergency access.
+    """
+    if emergency.reason is None or not state.settings.break_glass.record_consent:
+        return
+    now = datetime.now(timezone.utc)
+    for patient, labels in sorted(emergency.opened.items()):
+        window = emergency.windows.get(patient)
+        if window is not None and {label.code for label in labels} <= window.labels:
+            continue
+        consent = emergency_consent(actor, patient, labels, emergency.reason, now, state.settings.break_glass.duration_h)
+        try:
+            stored = await state.store.source.store_consent(consent)
+        except ConsentUnavailable:
+            log.error("emergency consent could not be stored", extra={"actor": actor.reference})
+            continue
+        state.store.invalidate(patient)
+        log.info("emergency consent stored", extra={"actor": actor.reference, "reasons": [stored]})

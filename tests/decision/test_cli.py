@@ -1,0 +1,80 @@
+"""``consent-gateway decide``: exit codes, text and JSON explanations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.commands import decide as command
+
+OPT_OUT = {
+    "resourceType": "Consent", "id": "out", "status": "active",
+    "scope": {"coding": [{"code": "patient-privacy"}]},
+    "patient": {"reference": "Patient/p1"},
+    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]},
+    "provision": {
+        "actor": [{"reference": {"reference": "Organization/ghh"}}],
+        "provision": [{"type": "permit", "actor": [{"reference": {"reference": "Practitioner/gp"}}]}],
+    },
+}
+GLUCOSE = {
+    "resourceType": "Observation", "id": "o1", "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+    "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-03-01",
+}
+
+
+def run(tmp_path: Path, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    (tmp_path / "consent.json").write_text(json.dumps(OPT_OUT))
+    (tmp_path / "obs.json").write_text(json.dumps(GLUCOSE))
+    base = ["decide", "--consent", str(tmp_path / "consent.json"),
+            "--resource", str(tmp_path / "obs.json"), "--at", "2024-06-01T00:00:00Z"]
+    return command.run(parser.parse_args([*base, *argv]))
+
+
+def test_deny_exits_1_and_names_consent_and_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(tmp_path, "--actor", "Practitioner/x", "--org", "Organization/ghh") == 1
+    out = capsys.readouterr().out
+    assert "decision: deny" in out
+    assert "opt-out (Consent/out provision)" in out
+
+
+def test_permit_exits_0_with_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(tmp_path, "--actor", "Practitioner/gp", "--org", "Organization/ghh", "--json")
+    assert code == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["decision"] == "permit"
+    assert body["reasons"] == [
+        {"consent": "Consent/out", "provision": "provision.provision[0]", "rule": "permit"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--actor", "nobody"], "--actor must be a reference"),
+        (["--actor", "Practitioner/1", "--at", "tomorrow"], "--at must be an ISO date-time"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert run(tmp_path, *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unreadable_consent_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    (tmp_path / "obs.json").write_text(json.dumps(GLUCOSE))
+    (tmp_path / "bad.json").write_text("{not json")
+    args = parser.parse_args(["decide", "--consent", str(tmp_path / "bad.json"),
+                              "--resource", str(tmp_path / "obs.json"), "--actor", "Practitioner/1"])
+    assert command.run(args) == 2
+    assert "is not JSON" in capsys.readouterr().err
