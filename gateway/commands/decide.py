@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.core.compartment import patients_of
 from gateway.core.consent import CompiledConsent, compile_consent
-from gateway.core.decision import Policy, decide_resource, explain_json
+from gateway.core.decision import Policy, decide_with, explain_json
 from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
 
@@ -133,11 +133,7 @@ def evaluate(args: argparse.Namespace) -> Decision:
     policy = Policy(
         default_decision=args.default_decision, combining=args.combining, sensitive=sensitive
     )
-    by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
-    for consent in consents:
-        if consent.patient in by_patient:
-            by_patient[consent.patient].append(consent)
-    return decide_resource(by_patient, resource, labels, scopes, ctx, policy)
+    return decide_with(consents, resource, labels, scopes, ctx, policy)
 
 
 def _text(decision: Decision) -> str:

@@ -16,7 +16,7 @@ from gateway.core.compartment import parse_period
 from gateway.core.fhir import JSON, iter_codings, reference_of, relative_reference
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_PURPOSE_OF_USE, Actor, Label
 
-EMERGENCY_CODE = "emergency-access"
+EMERGENCY_CODE = "emergency"
 REASON_EXTENSION = "urn:consent-gateway:break-glass-reason"
 CONSENT_WOULD_DENY = "urn:consent-gateway:consent-would-deny"
 _REST_INTERACTIONS = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -272,8 +273,12 @@ def parse_date_range(text: Any) -> DateRange | None:
     ``"2015"`` covers the whole year, ``"2015-02-01"`` the whole day and a full dateTime a
     single instant (naive times are taken as UTC). Anything unparseable gives None.
     """
-    if not isinstance(text, str):
-        return None
+    return _parse_date_text(text) if isinstance(text, str) else None
+
+
+@lru_cache(maxsize=4096)
+def _parse_date_text(text: str) -> DateRange | None:
+    # Cached: records in one response share dates, and parsing dominates a date condition.
     match = _PARTIAL_DATE.match(text)
     try:
         if match:
@@ -376,7 +381,16 @@ def patients_of(resource: JSON) -> frozenset[str]:
         return frozenset()
     refs: set[str] = set()
     for path in paths:
-        _collect_references(resource, path, refs)
+        child = resource.get(path[0])
+        if child is None:
+            continue
+        if len(path) == 1 and isinstance(child, dict):
+            # The common case (subject, patient): one Reference, no walk needed.
+            ref = child.get("reference")
+            if isinstance(ref, str) and ref.startswith(("Patient/", "http")):
+                refs.add(_relative(ref))
+        else:
+            _collect_references(child, path[1:], refs)
     found = {ref for ref in refs if ref.startswith("Patient/")}
     if rtype == "Patient":
         rid = resource.get("id")
@@ -396,10 +410,12 @@ def clinical_date(resource: JSON) -> DateRange | None:
     rtype = resource.get("resourceType")
     paths = CLINICAL_DATE.get(rtype) if isinstance(rtype, str) else None
     for path in paths or ():
-        for value in iter_path(resource, path):
-            found = _date_value(value)
-            if found is not None:
-                return found
+        values = (resource.get(path[0]),) if len(path) == 1 else iter_path(resource, path)
+        for value in values:
+            if value is not None:
+                found = _date_value(value)
+                if found is not None:
+                    return found
     return None
 
 

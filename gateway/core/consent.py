@@ -50,7 +50,8 @@ class DataRef:
     reference: str
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: identity hashing, so the engine can memoise per provision cheaply.
+@dataclass(frozen=True, slots=True, eq=False)
 class Provision:
     """One compiled provision; a condition of None is absent and matches everything.
 
@@ -95,7 +96,7 @@ class Provision:
         return self.labels is not None and any(own.matches(label) for own in self.labels)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class CompiledConsent:
     """A Consent ready to decide with; ``defects`` lists what could not be read."""
 

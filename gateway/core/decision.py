@@ -49,6 +49,8 @@ READ_ACTIONS = frozenset({"access", "use", "disclose"})
 NO_REFS: Mapping[str, frozenset[str]] = MappingProxyType({})
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 _INACTIVE = CONSENT_STATUSES - {"active"}
+# Skip rules about the consent as a whole rather than its root provision.
+_CONSENT_LEVEL = frozenset({"not-active", "scope-not-applicable"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ class Policy:
 class _Request:
     """What the request contributes to every condition (cached per request context)."""
 
-    __slots__ = ("actors", "purposes", "action", "now", "research")
+    __slots__ = ("actors", "purposes", "action", "now", "research", "_gates", "_kids", "_reasons")
 
     def __init__(self, ctx: RequestContext) -> None:
         self.actors = ctx.actor.references()
@@ -84,6 +86,35 @@ class _Request:
         self.action = ctx.action
         self.now = as_utc(ctx.now)
         self.research = is_research(ctx.purpose)
+        # Request-side results are the same for every resource of a response: memoised.
+        self._gates: dict[CompiledConsent, str | None] = {}
+        self._kids: dict[Provision, tuple[Provision, ...]] = {}
+        self._reasons: dict[tuple[str, str, str], Reason] = {}
+
+    def gate(self, consent: CompiledConsent) -> str | None:
+        """Why a sound consent cannot apply to this request whatever the resource, or None."""
+        try:
+            return self._gates[consent]
+        except KeyError:
+            found = self._gates[consent] = _request_gate(consent, self)
+            return found
+
+    def children(self, node: Provision) -> tuple[Provision, ...]:
+        """The nested provisions whose request-side conditions match."""
+        try:
+            return self._kids[node]
+        except KeyError:
+            kids = tuple(c for c in node.children if _request_mismatch(c, self) is None)
+            self._kids[node] = kids
+            return kids
+
+    def reason(self, consent: str, provision: str, rule: str) -> Reason:
+        """A shared Reason value (resources of one response repeat the same few)."""
+        key = (consent, provision, rule)
+        found = self._reasons.get(key)
+        if found is None:
+            found = self._reasons[key] = Reason(consent, provision, rule)
+        return found
 
     def action_matches(self, actions: frozenset[str]) -> bool:
         if self.action in READ_ACTIONS:
@@ -180,6 +211,14 @@ def _request_mismatch(node: Provision, req: _Request) -> str | None:
     return None
 
 
+def _request_gate(consent: CompiledConsent, req: _Request) -> str | None:
+    if consent.status != "active":
+        return "not-active"
+    if not _scope_applies(consent, req):
+        return "scope-not-applicable"
+    return _request_mismatch(consent.root, req)
+
+
 def _class_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
     if facts.rtype in node.class_types or not facts.scopes.isdisjoint(node.class_scopes):
         return True
@@ -256,12 +295,6 @@ def _resolve(node: Provision, policy: Policy) -> str:
     return node.type or policy.default_decision
 
 
-def _mismatch(node: Provision, req: _Request, facts: _Facts, policy: Policy) -> str | None:
-    return _request_mismatch(node, req) or _content_mismatch(
-        node, facts, _resolve(node, policy) == DENY
-    )
-
-
 class _Outcome(NamedTuple):
     """One consent's answer for one resource: its type and the matched provision chain."""
 
@@ -275,8 +308,8 @@ def _descend(
 ) -> list[_Outcome]:
     """Deepest matching provisions below ``node`` (``node`` itself when no child matches)."""
     outcomes: list[_Outcome] = []
-    for child in node.children:
-        if _mismatch(child, req, facts, policy) is None:
+    for child in req.children(node):
+        if _content_mismatch(child, facts, _resolve(child, policy) == DENY) is None:
             outcomes.extend(_descend(child, (*chain, child), req, facts, policy))
     if outcomes:
         return outcomes
@@ -334,10 +367,10 @@ def _malformed(consent: CompiledConsent) -> str:
 
 
 class _Verdict(NamedTuple):
-    """One consent's result: skipped (with why), or an outcome."""
+    """One consent's result: skipped (with why: provision path and rule), or an outcome."""
 
     consent: CompiledConsent
-    skip: Reason | None = None
+    skip: tuple[str, str] | None = None
     outcome: _Outcome | list[_Outcome] | None = None
     malformed: bool = False
 
@@ -345,22 +378,21 @@ class _Verdict(NamedTuple):
 def _decide_consent(
     consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
 ) -> _Verdict:
-    cid = consent.id
     if consent.defects:
         why = _certainly_inapplicable(consent, req, facts, policy)
         if why is not None:
-            return _Verdict(consent, skip=Reason(cid, "provision", why))
+            return _Verdict(consent, skip=("provision", why))
         rule = _malformed(consent)
         if _can_deny(consent, policy):
             return _Verdict(consent, outcome=_Outcome(DENY, (consent.root,), rule), malformed=True)
-        return _Verdict(consent, skip=Reason(cid, "provision", rule), malformed=True)
-    if consent.status != "active":
-        return _Verdict(consent, skip=Reason(cid, "", "not-active"))
-    if not _scope_applies(consent, req):
-        return _Verdict(consent, skip=Reason(cid, "", "scope-not-applicable"))
-    why = _mismatch(consent.root, req, facts, policy)
+        return _Verdict(consent, skip=("provision", rule), malformed=True)
+    why = req.gate(consent)
     if why is not None:
-        return _Verdict(consent, skip=Reason(cid, "provision", why))
+        return _Verdict(consent, skip=("" if why in _CONSENT_LEVEL else "provision", why))
+    root = consent.root
+    why = _content_mismatch(root, facts, _resolve(root, policy) == DENY)
+    if why is not None:
+        return _Verdict(consent, skip=("provision", why))
     return _Verdict(consent, outcome=_evaluate_tree(consent, req, facts, policy))
 
 
@@ -377,15 +409,15 @@ def _chain_labels(chains: Sequence[tuple[Provision, ...]], labels: frozenset[Lab
     )
 
 
-def _deny_decision(verdict: _Verdict, facts: _Facts, combining: str) -> Decision:
+def _deny_decision(verdict: _Verdict, req: _Request, facts: _Facts, combining: str) -> Decision:
     outcome = verdict.outcome
     assert isinstance(outcome, _Outcome)
     cid = verdict.consent.id
     errors = tuple(f"{cid}: {d}" for d in verdict.consent.defects)
     return Decision(
         Verdict.DENY,
-        (Reason(cid, outcome.chain[-1].path, outcome.rule),),
-        labels=tuple(_chain_labels([outcome.chain], facts.labels)),
+        (req.reason(cid, outcome.chain[-1].path, outcome.rule),),
+        labels=tuple(_chain_labels([outcome.chain], facts.labels)) if facts.labels else (),
         combining=combining,
         errors=errors,
     )
@@ -400,6 +432,7 @@ def _outcomes(verdict: _Verdict) -> list[_Outcome]:
 
 def _permit_decision(
     permits: Sequence[_Verdict],
+    req: _Request,
     facts: _Facts,
     policy: Policy,
     combining: str,
@@ -408,17 +441,19 @@ def _permit_decision(
 ) -> Decision:
     """Permit, unless a required label is not named by any permitting provision chain."""
     chains = [o.chain for v in permits for o in _outcomes(v)]
-    required = policy.required_labels
-    needed = [label for label in facts.labels if label.code in required]
-    closed = sorted(
-        {
-            label.code
-            for label in needed
-            if not any(node.names_label(label) for chain in chains for node in chain)
-        }
-    )
+    closed: list[str] = []
+    if facts.labels:
+        required = policy.required_labels
+        closed = sorted(
+            {
+                label.code
+                for label in facts.labels
+                if label.code in required
+                and not any(node.names_label(label) for chain in chains for node in chain)
+            }
+        )
     reasons = [
-        Reason(v.consent.id, o.chain[-1].path, o.rule) for v in permits for o in _outcomes(v)
+        req.reason(v.consent.id, o.chain[-1].path, o.rule) for v in permits for o in _outcomes(v)
     ]
     if closed:
         where = reasons[0] if reasons else Reason("", "", "")
@@ -433,13 +468,13 @@ def _permit_decision(
 
 
 def _default_decision(
-    facts: _Facts, policy: Policy, notes: Sequence[Reason], errors: Sequence[str]
+    req: _Request, facts: _Facts, policy: Policy, notes: Sequence[Reason], errors: Sequence[str]
 ) -> Decision:
     default = policy.default_decision
-    reasons = (*notes, Reason("", "", f"default-{default}"))
+    reasons = (*notes, req.reason("", "", f"default-{default}"))
     if default == DENY:
         return Decision(Verdict.DENY, reasons, (), "default", tuple(errors))
-    return _permit_decision([], facts, policy, "default", reasons, errors)
+    return _permit_decision([], req, facts, policy, "default", reasons, errors)
 
 
 def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
@@ -478,7 +513,7 @@ def decide(
 def _combine(
     consents: Sequence[CompiledConsent], req: _Request, facts: _Facts, policy: Policy
 ) -> Decision:
-    notes: list[Reason] = []
+    skipped: list[_Verdict] = []
     errors: list[str] = []
     applicable: list[_Verdict] = []
     deny_overrides = policy.combining != LATEST_WINS
@@ -487,22 +522,24 @@ def _combine(
         if verdict.malformed:
             errors.extend(f"{consent.id}: {d}" for d in consent.defects)
         if verdict.skip is not None:
-            notes.append(verdict.skip)
+            skipped.append(verdict)
             continue
         outcome = verdict.outcome
         if deny_overrides and isinstance(outcome, _Outcome) and outcome.type == DENY:
-            return _deny_decision(verdict, facts, DENY_OVERRIDES)
+            return _deny_decision(verdict, req, facts, DENY_OVERRIDES)
         applicable.append(verdict)
     if not applicable:
-        return _default_decision(facts, policy, notes, errors)
+        # Only a default decision explains itself by why each consent did not apply.
+        notes = [req.reason(v.consent.id, *v.skip) for v in skipped if v.skip is not None]
+        return _default_decision(req, facts, policy, notes, errors)
     if deny_overrides:
-        return _permit_decision(applicable, facts, policy, DENY_OVERRIDES, (), errors)
+        return _permit_decision(applicable, req, facts, policy, DENY_OVERRIDES, (), errors)
     latest = _latest(applicable)
     for verdict in latest:
         outcome = verdict.outcome
         if isinstance(outcome, _Outcome) and outcome.type == DENY:
-            return _deny_decision(verdict, facts, LATEST_WINS)
-    return _permit_decision(latest, facts, policy, LATEST_WINS, (), errors)
+            return _deny_decision(verdict, req, facts, LATEST_WINS)
+    return _permit_decision(latest, req, facts, policy, LATEST_WINS, (), errors)
 
 
 def decide_resource(
@@ -530,7 +567,8 @@ def decide_resource(
                 Verdict.PERMIT, (Reason("", "", "non-patient-data"),), combining="non-patient-data"
             )
         facts = _Facts(resource, labels, scopes, known_refs)
-        return _default_decision(facts, policy, (Reason("", "", "no-patient"),), ())
+        req = _request_of(ctx)
+        return _default_decision(req, facts, policy, (req.reason("", "", "no-patient"),), ())
     decisions = []
     for patient in sorted(patients):
         consents = consents_by_patient.get(patient)
@@ -556,6 +594,26 @@ def decide_resource(
         "all-patients",
         tuple(e for d in decisions for e in d.errors),
     )
+
+
+def decide_with(
+    consents: Sequence[CompiledConsent],
+    resource: JSON,
+    labels: frozenset[Label],
+    scopes: frozenset[str],
+    ctx: RequestContext,
+    policy: Policy,
+) -> Decision:
+    """Decide a resource against a flat list of consents (``decide`` / ``POST /decision``).
+
+    Each consent counts for the patient it names; consents of patients the resource does not
+    belong to are ignored.
+    """
+    by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
+    for consent in consents:
+        if consent.patient in by_patient:
+            by_patient[consent.patient].append(consent)
+    return decide_resource(by_patient, resource, labels, scopes, ctx, policy)
 
 
 def _possible(node: Provision, req: _Request, policy: Policy) -> dict[str, Provision]:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.core.consent import compile_consent
+from gateway.core.decision import decide_with, explain_json
+from gateway.core.errors import BadRequest
+from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
+from gateway.core.purpose import PURPOSE_CODES
 from gateway.web.state import STATE
+
+_REF = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+_PATIENT = re.compile(r"^Patient/[A-Za-z0-9\-.]{1,64}$")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -29,7 +42,84 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        data = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        raise BadRequest("The body must be a JSON object.") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return data
+
+
+async def invalidate(request: web.Request) -> web.Response:
+    """Forget cached consents: ``{"patient": "Patient/1"}`` for one patient, ``{}`` for all."""
+    state = request.app[STATE]
+    data = await _json_object(request)
+    unknown = set(data) - {"patient"}
+    if unknown:
+        raise BadRequest(f"Unknown key {sorted(unknown)[0]!r}; expected only 'patient'.")
+    patient = data.get("patient")
+    if patient is None:
+        state.store.invalidate(None)
+        return web.json_response({"invalidated": "all"})
+    if not isinstance(patient, str) or not _PATIENT.match(patient):
+        raise BadRequest("'patient' must be a reference such as Patient/123.")
+    state.store.invalidate(patient)
+    return web.json_response({"invalidated": patient})
+
+
+def _ref(value: object, key: str, types: frozenset[str]) -> str:
+    if not isinstance(value, str) or value.split("/", 1)[0] not in types or not _REF.match(value):
+        raise BadRequest(f"'{key}' must be a reference such as {sorted(types)[0]}/123.")
+    return value
+
+
+def _at(value: object) -> datetime:
+    if value is None:
+        return datetime.now(timezone.utc)
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest("'at' must be an ISO 8601 date-time.") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+async def decision(request: web.Request) -> web.Response:
+    """The ``decide`` command as JSON: consents, a resource and a requester in; the explanation out."""
+    state = request.app[STATE]
+    data = await _json_object(request)
+    unknown = set(data) - {"consents", "resource", "actor", "organization", "groups", "purpose", "at"}
+    if unknown:
+        raise BadRequest(f"Unknown key {sorted(unknown)[0]!r}.")
+    consents, resource = data.get("consents", []), data.get("resource")
+    if not isinstance(consents, list) or not all(isinstance(c, dict) for c in consents):
+        raise BadRequest("'consents' must be a list of Consent resources.")
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        raise BadRequest("'resource' must be a FHIR resource.")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list):
+        raise BadRequest("'groups' must be a list of Group or CareTeam references.")
+    purpose = data.get("purpose", state.settings.auth.default_purpose)
+    if purpose not in PURPOSE_CODES:
+        raise BadRequest("'purpose' must be a v3 PurposeOfUse code such as TREAT.")
+    actor = Actor(
+        reference=_ref(data.get("actor"), "actor", ACTOR_TYPES),
+        organization=_ref(data["organization"], "organization", frozenset({"Organization"})) if data.get("organization") else None,
+        groups=frozenset(_ref(g, "groups", frozenset({"Group", "CareTeam"})) for g in groups),
+    )
+    ctx = RequestContext(actor=actor, purpose=str(purpose), now=_at(data.get("at")))
+    labels = state.labels
+    found = decide_with(
+        [compile_consent(c) for c in consents], resource, labels.labels_for(resource),
+        labels.scopes_for(resource), ctx, state.enforcement.policy,
+    )
+    return web.json_response(explain_json(found))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/cache/invalidate", invalidate)
+    app.router.add_post("/decision", decision)

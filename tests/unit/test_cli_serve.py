@@ -180,7 +180,8 @@ async def _start_serving(config: Path, admin_port: int, cwd: Path) -> asyncio.su
 
 
 async def _wait_for_request(fake: FakeFhir, path_qs: str) -> None:
-    for _ in range(200):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         if any(r.path_qs == path_qs for r in fake.requests):
             return
         await asyncio.sleep(0.01)

@@ -149,6 +149,21 @@ def test_single_group_object_and_patient_override() -> None:
     assert [c["id"] for c in via_registry] == [c["id"] for c in consents]
 
 
+def test_patient_override_refuses_a_response_about_two_patients() -> None:
+    with pytest.raises(VendorError) as caught:
+        convert(fixture("healthex-consents.json"), patient_ref="Patient/fhir-7")
+    assert (caught.value.record, caught.value.field) == ("healthex response[1]", "patientId")
+
+
+def test_revoked_permit_without_data_scopes_is_an_inactive_consent() -> None:
+    response = group(1)
+    consent = response[0]["consents"][0]
+    consent.update(reason="REVOKED", consentDataScopes=None)
+    (converted,) = convert(response)
+    assert converted["status"] == "inactive"
+    assert scope_pair(converted) == (None, ())
+
+
 def test_record_scope_lists_stand_in_for_null_data_scopes() -> None:
     response = group(0)
     consent = response[0]["consents"][0]

@@ -239,7 +239,6 @@ def period(fields: Fields | None) -> JSON | None:
 
 def coding(fields: Fields, default_system: str | None = None) -> JSON:
     """A FHIR Coding from ``{system, code, display}``; the code is required."""
-    fields.only(("system", "code", "display"))
     out: JSON = {}
     system = fields.text("system") or default_system
     if system:

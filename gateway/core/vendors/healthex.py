@@ -104,9 +104,14 @@ def consents_from_healthex(
     rules give no label, or ``source: IAS`` (documented as never returned).
     """
     consents: list[JSON] = []
+    first_patient: str | None = None
     for g, group in enumerate(records_of(response, "healthex")):
         fields = Fields.of(group, f"healthex response[{g}]")
         patient_id = fields.required_text("patientId")
+        first_patient = first_patient or patient_id
+        if patient_ref is not None and patient_id != first_patient:
+            # SECURITY: one FHIR patient cannot take on another patient's consents (issue 8).
+            fields.fail("patientId", f"a second patient in a response about {patient_ref}")
         reference = patient_ref or f"Patient/{patient_id}"
         for c, raw in enumerate(fields.items("consents")):
             consent = Fields.of(raw, _consent_name(raw, g, c))
@@ -146,14 +151,15 @@ def _convert_consent(
         fields.fail("source", "IAS consents are documented as never returned")
     if reason == "NO_RESPONSE" or source == "DEFAULTS":
         return []
-    pairs = _scope_pairs(fields, record, consented, sensitivity_labels)
+    inactive = reason in ("REVOKED", "EXPIRED")
+    pairs = _scope_pairs(fields, record, consented and not inactive, sensitivity_labels)
     record_id = fields.text("consentRecordId") or (record.text("id") if record else None)
     # Without a record id the whole consent is the identity: same content, same ids.
     base = record_id or stable_id("healthex", patient_id, dict(fields.data))
     use = _USES[consent_type]
     common: JSON = drop_empty({
         "identifier": [{"system": CONSENT_RECORD_SYSTEM, "value": record_id}] if record_id else None,
-        "status": "inactive" if reason in ("REVOKED", "EXPIRED") else "active",
+        "status": "inactive" if inactive else "active",
         "scope": scope_concept(use.scope),
         "category": [
             patient_consent_category(),
@@ -208,15 +214,15 @@ def _check_agreement(
 def _scope_pairs(
     fields: Fields,
     record: Fields | None,
-    consented: bool,
+    active_permit: bool,
     sensitivity_labels: Mapping[str, tuple[Label, ...]],
 ) -> list[_ScopePair]:
     """The (resource, sensitivity) pairs the consent covers.
 
     ``consentDataScopes`` when given; else the consent record's scope lists (a missing
-    sensitivity list means NORMAL, a missing resource list means all data). A permit
-    must name its data; a deny that names none closes all data. Every sensitivity scope
-    but NORMAL must have labels in ``sensitivity_labels``.
+    sensitivity list means NORMAL, a missing resource list means all data). An active
+    permit must name its data; otherwise naming none means all data. Every sensitivity
+    scope but NORMAL must have labels in ``sensitivity_labels``.
     """
     pairs: list[_ScopePair] = []
     for scope in fields.objs("consentDataScopes"):
@@ -236,7 +242,7 @@ def _scope_pairs(
                 for sensitivity in (sensitivities or ["NORMAL"])
             ]
     if not pairs:
-        if consented:
+        if active_permit:
             fields.fail("consentDataScopes", "missing: a consent that permits must name its data")
         pairs = [(None, "NORMAL")]
     return list(dict.fromkeys(pairs))

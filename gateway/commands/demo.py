@@ -1,0 +1,118 @@
+"""``consent-gateway demo``: an embedded demo FHIR server with the gateway in front of it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.app import build_state, configure_logging, start
+from gateway.config import build_settings
+from gateway.demo.server import demo_server
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("demo", help="run the gateway in front of an embedded demo FHIR server")
+    parser.add_argument("--port", type=int, default=8080, help="gateway proxy port (default 8080)")
+    parser.add_argument("--admin-port", type=int, default=9090, help="gateway admin port (default 9090)")
+    parser.add_argument("--upstream-port", type=int, default=0, help="demo FHIR server port (default: any free)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the audit log and demo files")
+    parser.add_argument("--quiet-log", action="store_true", help="do not print the access log")
+
+
+def _write_examples(server: Any, directory: Path) -> None:
+    for key, resource in server.resources.items():
+        (directory / (key.replace("/", "-") + ".json")).write_bytes(orjson.dumps(resource, option=orjson.OPT_INDENT_2))
+
+
+def instructions(port: int, admin: int, directory: Path, exe: str) -> str:
+    g, a = f"http://localhost:{port}", f"http://127.0.0.1:{admin}"
+    doc = "-H 'X-Actor: Practitioner/dr-gp'"
+    return f"""
+FHIR Consent Gateway demo: gateway on {g}, admin on {a}
+Demo patients: pat-alice (opted in; mental health only for her psychiatrist dr-psych),
+pat-bob (HIV, opioid use disorder under 42 CFR Part 2; opted in, but not dr-jones),
+pat-carol (opted out), pat-dana (shares with Organization/org-hospital; research permit;
+genetic test; restricted R and V documents).
+
+# 1. permit: a normal lab result
+curl -s {doc} {g}/Observation/alice-cbc
+
+# 2. filtered search: Bob's HIV and substance-use records are withheld from a general permit
+curl -s {doc} '{g}/Condition?patient=pat-bob'
+
+#    ...and Alice's psychiatrist sees her depression, her GP does not
+curl -s -H 'X-Actor: Practitioner/dr-psych' '{g}/Condition?patient=pat-alice'
+curl -s {doc} '{g}/Condition?patient=pat-alice'
+
+# 3. deny: Bob said "not Dr. Jones"; Carol opted out
+curl -si -H 'X-Actor: Practitioner/dr-jones' {g}/Observation/bob-cbc
+curl -si {doc} {g}/Observation/carol-cbc
+
+# 4. break-glass: an emergency read of Carol's record, audited (then later reads pass without the header)
+curl -si -H 'X-Actor: Practitioner/dr-er' -H 'X-Break-Glass: Medical emergency' {g}/Condition/carol-pregnancy
+curl -si -H 'X-Actor: Practitioner/dr-er' {g}/Condition/carol-pregnancy
+tail -n 2 {directory}/audit.jsonl
+
+# 5. metrics
+curl -s {a}/metrics | grep '^consent_gateway_'
+
+# 6. why? the decision explained
+{exe} decide --consent {directory}/Consent-consent-bob-optin-not-jones.json --resource {directory}/Observation-bob-hiv-test.json --actor Practitioner/dr-gp
+
+Press Ctrl-C to stop.
+"""
+
+
+async def _run(args: argparse.Namespace, directory: Path) -> int:
+    server = demo_server()
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", args.upstream_port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"consent-gateway demo: demo FHIR server port {args.upstream_port} is not free ({exc.strerror})", file=sys.stderr)
+        return 2
+    upstream_port = runner.addresses[0][1]
+    _write_examples(server, directory)
+    settings = build_settings({
+        "upstream": {"url": f"http://127.0.0.1:{upstream_port}/fhir", "health_interval_s": 5},
+        "listen": {"host": "127.0.0.1", "port": args.port},
+        "admin": {"host": "127.0.0.1", "port": args.admin_port},
+        "audit": {"path": str(directory / "audit.jsonl")},
+    })
+    try:
+        running = await start(build_state(settings))
+    except OSError as exc:
+        await runner.cleanup()
+        print(f"consent-gateway demo: cannot listen on port {args.port} or {args.admin_port}: {exc.strerror}; "
+              "choose others with --port / --admin-port", file=sys.stderr)
+        return 2
+    print(instructions(running.proxy_port, running.admin_port, directory, os.path.abspath(sys.argv[0])), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+    await runner.cleanup()
+    print("demo stopped", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.quiet_log:
+        configure_logging()
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="consent-gateway-demo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_run(args, directory))
