@@ -257,9 +257,9 @@ def parse_wrk(output: str) -> LoadResult:
 def run_wrk(
     url: str, headers: dict[str, str], *, connections: int, seconds: float, cpus: set[int] | None
 ) -> LoadResult:
-    """One wrk run (one thread), pinned to ``cpus``."""
+    """One wrk run (one thread), pinned to ``cpus``; wrk counts whole seconds, at least one."""
     assert WRK is not None
-    command = [WRK, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+    command = [WRK, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
     command.append(url)

@@ -12,7 +12,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+)
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -65,20 +67,66 @@ class AuthSettings(_Section):
     default_purpose: str = Field("TREAT", pattern=PURPOSE_CODE_PATTERN)
 
 
+HEALTHEX_CONSENT_TYPES = ("DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE")
+
+
 class ConsentSettings(_Section):
+    """Where consents come from and how they combine.
+
+    A vendor ``source_kind`` needs ``source_url`` and ``source_api_key_env``;
+    ``healtheintent`` also needs ``population_id``. ``patient_identifier_system`` picks the
+    vendor's patient id: the FHIR Patient id when null, else the value of the Patient's
+    identifier in that system. ``healthex_patient_field`` is the getPatientConsents field
+    that id goes in; ``healthex_consent_types`` the consent types asked for.
+    ``emergency_organization_id``/``emergency_organization_group_id`` are the HealtheIntent
+    care unit and group recorded on the emergency consents the gateway stores there.
+    """
+
     source_kind: Literal["fhir", "clinikapi", "healthex", "healtheintent"] = "fhir"
-    source_url: str | None = None
-    source_api_key_env: str | None = None
+    source_url: str | None = Field(None, validate_default=True)
+    source_api_key_env: str | None = Field(None, validate_default=True)
     cache_ttl_s: float = Field(60.0, ge=0)
     cache_max_patients: int = Field(100_000, ge=1)
     default_decision: Literal["deny", "permit"] = "deny"
     combining: Literal["deny-overrides", "latest-wins"] = "deny-overrides"
     patient_self_access: bool = True
+    patient_identifier_system: str | None = Field(None, min_length=1)
+    healthex_patient_field: Literal["patientId", "patientMRN", "externalId"] = "patientId"
+    healthex_consent_types: tuple[
+        Literal["DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE"], ...
+    ] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)
+    population_id: str | None = Field(None, min_length=1, validate_default=True)
+    emergency_organization_id: str | None = Field(None, min_length=1)
+    emergency_organization_group_id: str | None = Field(None, min_length=1)
 
     @field_validator("source_url")
     @classmethod
-    def _source_url(cls, value: str | None) -> str | None:
-        return None if value is None else _check_http_url(value)
+    def _source_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            _require_for_vendor(info, "source_url")
+            return None
+        return _check_http_url(value)
+
+    @field_validator("source_api_key_env")
+    @classmethod
+    def _api_key_env(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            _require_for_vendor(info, "source_api_key_env")
+        return value
+
+    @field_validator("population_id")
+    @classmethod
+    def _population(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("source_kind") == "healtheintent":
+            raise ValueError("required for source_kind healtheintent")
+        return value
+
+
+def _require_for_vendor(info: ValidationInfo, key: str) -> None:
+    kind = info.data.get("source_kind")
+    # An invalid source_kind is reported on its own; fhir needs neither key.
+    if kind not in (None, "fhir"):
+        raise ValueError(f"required for source_kind {kind}")
 
 
 class SensitivitySettings(_Section):
@@ -91,10 +139,22 @@ class EnforcementSettings(_Section):
 
 
 class BreakGlassSettings(_Section):
+    """Break-glass; also accepts the HealtheIntent consent-configuration names for its keys."""
+
     enabled: bool = True
-    reasons: tuple[str, ...] = ("Patient Unresponsive.", "Medical emergency", "Imminent threat to life")
-    duration_h: float = Field(4.0, gt=0)
+    reasons: tuple[str, ...] = Field(
+        ("Patient Unresponsive.", "Medical emergency", "Imminent threat to life"),
+        min_length=1,
+        validation_alias=AliasChoices("reasons", "emergencyConsentReasons"),
+    )
+    duration_h: float = Field(4.0, gt=0, validation_alias=AliasChoices("duration_h", "emergencyConsentDuration"))
     record_consent: bool = True
+
+    @field_validator("reasons", mode="before")
+    @classmethod
+    def _one_reason(cls, value: object) -> object:
+        # HealtheIntent documents emergencyConsentReasons as a single string.
+        return [value] if isinstance(value, str) else value
 
 
 class AuditSettings(_Section):

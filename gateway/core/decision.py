@@ -551,15 +551,20 @@ def decide_resource(
     policy: Policy,
     *,
     known_refs: Mapping[str, frozenset[str]] = NO_REFS,
+    patients: frozenset[str] | None = None,
 ) -> Decision:
     """Decide one resource for every patient whose compartment it is in; each must permit.
+
+    ``patients``, when given, are the patients the resource belongs to (the caller computed
+    them, or a contained resource inherits its container's); else they are read from it.
 
     Non-patient data (a type outside the Patient compartment) passes without a consent
     check. A compartment type naming no patient gets the default decision (with the
     sensitive-label rule). A patient whose consents are missing from the mapping was not
     looked up: deny (fail closed).
     """
-    patients = patients_of(resource)
+    if patients is None:
+        patients = patients_of(resource)
     if not patients:
         rtype = resource.get("resourceType")
         if not (isinstance(rtype, str) and is_patient_data(rtype)):
@@ -594,6 +599,24 @@ def decide_resource(
         "all-patients",
         tuple(e for d in decisions for e in d.errors),
     )
+
+
+def _reads_content(node: Provision) -> bool:
+    return (
+        node.codes is not None
+        or node.data_period is not None
+        or node.data is not None
+        or any(_reads_content(child) for child in node.children)
+    )
+
+
+def decided_by_summary(consents: Sequence[CompiledConsent]) -> bool:
+    """True when these consents decide a resource from its type, profiles, scopes and labels alone.
+
+    Then two resources of one patient that agree on those get the same decision, so a caller may
+    reuse it (no code, dataPeriod or data condition anywhere, and no defect).
+    """
+    return all(not c.defects and not _reads_content(c.root) for c in consents)
 
 
 def decide_with(

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gateway.core.compartment import patients_of
+from gateway.core.compartment import is_patient_data, patients_of
 from gateway.core.fhir import JSON
 from gateway.core.model import Decision, Reason, Verdict
 
-# judge(resource, owners inherited from a container) -> Decision
+# judge(resource, the patients it belongs to) -> Decision
 Judge = Callable[[JSON, frozenset[str]], Decision]
 
 # A batch/transaction response slot whose resource was withheld looks like a refused read.
@@ -61,7 +61,16 @@ def _contained(resource: JSON) -> list[JSON]:
     return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
 
 
-def iter_resources(node: JSON, owners: frozenset[str] = frozenset()) -> Iterator[tuple[JSON, frozenset[str]]]:
+def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The patients a resource belongs to; a contained one of a patient-data type inherits its container's."""
+    own = patients_of(resource)
+    if own or not inherited:
+        return own
+    rtype = resource.get("resourceType")
+    return inherited if isinstance(rtype, str) and is_patient_data(rtype) else frozenset()
+
+
+def iter_resources(node: JSON, inherited: frozenset[str] = frozenset()) -> Iterator[tuple[JSON, frozenset[str]]]:
     """Every resource in a body with the patients it belongs to (Bundles, Parameters, contained)."""
     rtype = node.get("resourceType")
     if rtype == "Bundle":
@@ -74,10 +83,10 @@ def iter_resources(node: JSON, owners: frozenset[str] = frozenset()) -> Iterator
             if isinstance(param.get("resource"), dict):
                 yield from iter_resources(param["resource"])
         return
-    own = patients_of(node) or owners
-    yield node, own
+    owners = owners_of(node, inherited)
+    yield node, owners
     for inner in _contained(node):
-        yield inner, patients_of(inner) or own
+        yield inner, owners_of(inner, owners)
 
 
 def patients_in(body: JSON) -> frozenset[str]:
@@ -96,14 +105,14 @@ def _iter_parameters(params: object) -> Iterator[JSON]:
                 yield from _iter_parameters(param.get("part"))
 
 
-def judge_resource(resource: JSON, judge: Judge, owners: frozenset[str] = frozenset()) -> Decision:
+def judge_resource(resource: JSON, judge: Judge) -> Decision:
     """A resource with its contained resources: denied if it or any contained one is denied."""
+    owners = owners_of(resource)
     decision = judge(resource, owners)
     if decision.verdict is Verdict.DENY:
         return decision
-    own = patients_of(resource) or owners
     for inner in _contained(resource):
-        inner_decision = judge(inner, own)
+        inner_decision = judge(inner, owners_of(inner, owners))
         if inner_decision.verdict is Verdict.DENY:
             return inner_decision
     return decision

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.compartment import is_patient_data, patients_of
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, decide, decide_resource, preflight
+from gateway.core.decision import Policy, decide_resource, decided_by_summary, preflight
 from gateway.core.enforce import Enforced, Enforcer, Judge, patients_in
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.labels import LabelIndex
@@ -92,14 +92,27 @@ class ConsentEnforcement:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
 
-        def judge(resource: JSON, inherited: frozenset[str]) -> Decision:
+        summary_decides = {p: decided_by_summary(c) for p, c in consents.items()}
+        memo: dict[tuple[object, ...], Decision] = {}
+
+        def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             resource_labels = labels.labels_for(resource)
             scopes = labels.scopes_for(resource)
-            rtype = resource.get("resourceType")
-            if inherited and isinstance(rtype, str) and is_patient_data(rtype) and not patients_of(resource):
-                # A contained resource belongs to its container's patients.
-                return _for_each_patient(consents, resource, resource_labels, scopes, ctx, policy, inherited)
-            return decide_resource(consents, resource, resource_labels, scopes, ctx, policy)
+            key: tuple[object, ...] | None = None
+            if all(summary_decides.get(p, False) for p in owners):
+                meta = resource.get("meta")
+                profiles = meta.get("profile") if isinstance(meta, dict) else None
+                key = (owners, resource.get("resourceType"), resource_labels, scopes,
+                       tuple(profiles) if isinstance(profiles, list) else None)
+                found = memo.get(key)
+                if found is not None:
+                    return found
+            decision = decide_resource(
+                consents, resource, resource_labels, scopes, ctx, policy, patients=owners
+            )
+            if key is not None:
+                memo[key] = decision
+            return decision
 
         return judge
 
@@ -114,9 +127,8 @@ class ConsentEnforcement:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
         labels, sensitive = self.labels, self.labels.sensitive
 
-        def wrapped(resource: JSON, inherited: frozenset[str]) -> Decision:
-            decision = judge(resource, inherited)
-            owners = patients_of(resource) or inherited
+        def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
+            decision = judge(resource, owners)
             windowed = [emergency.windows[p] for p in owners if p in emergency.windows]
             denied = decision.verdict is Verdict.DENY
             if denied:
@@ -163,26 +175,6 @@ class ConsentEnforcement:
         result = Enforcer(judge, drop_total=drop_total).body(body)
         log_decisions(result)
         return result, emergency
-
-
-def _for_each_patient(
-    consents: Mapping[str, tuple[CompiledConsent, ...]],
-    resource: JSON,
-    labels: frozenset[Label],
-    scopes: frozenset[str],
-    ctx: RequestContext,
-    policy: Policy,
-    patients: frozenset[str],
-) -> Decision:
-    decision = Decision(Verdict.DENY, (Reason("", "", "no-patient"),))
-    for patient in sorted(patients):
-        found = consents.get(patient)
-        if found is None:
-            return Decision(Verdict.DENY, (Reason("", "", "consents-unavailable"),), combining="fail-closed")
-        decision = decide(found, resource, labels, scopes, ctx, policy, patient=patient)
-        if decision.verdict is Verdict.DENY:
-            return decision
-    return decision
 
 
 def log_decisions(result: Enforced) -> None:

@@ -9,13 +9,13 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced
-from gateway.core.errors import ConsentDenied, GatewayError, NotFound, PayloadTooLarge, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, NotFound, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.model import Actor
@@ -90,6 +90,18 @@ def client_response(upstream: UpstreamResponse, links: LinkRewriter, body: bytes
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
+def _search_form(request: web.Request, route: Route, body: bytes | None) -> list[tuple[str, str]]:
+    """Parameters of a form-encoded POST ``_search`` body (empty for anything else)."""
+    if request.method != "POST" or route.interaction != "search" or not body:
+        return []
+    if "application/x-www-form-urlencoded" not in request.headers.get("Content-Type", "").lower():
+        raise BadRequest("A POST _search body must be application/x-www-form-urlencoded.")
+    try:
+        return parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise BadRequest("The _search body is not valid form data.") from None
+
+
 def _forwarded_query(raw: str, projection: Projection | None) -> str:
     """The query string for the upstream: verbatim, minus the projection the gateway applies."""
     if projection is None or not raw:
@@ -159,12 +171,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # Break-glass turns the purpose into emergency treatment.
     purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
     info.actor, info.purpose = actor.reference, purpose
-    query = list(request.query.items())
+    body = await read_body(request, state.settings.listen.max_body_bytes)
+    # A POST _search carries its parameters in the body: they are checked like the URL's.
+    form = _search_form(request, route, body)
+    query = list(request.query.items()) + form
     unfiltered = await refuse_unfilterable(state, route, query, actor, purpose)
     projection = None if unfiltered else Projection.from_query(
-        request.query.getall("_elements", []), request.query.getall("_summary", [])
+        [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
     )
-    body = await read_body(request, state.settings.listen.max_body_bytes)
+    if form and projection is not None:
+        body = _forwarded_query(body.decode() if body else "", projection).encode()
     url = state.upstream.url_for(route.path, _forwarded_query(request.query_string, projection))
     upstream = await state.upstream.request(
         request.method, url, headers=upstream_headers(request, info.request_id), body=body

@@ -203,15 +203,18 @@ async def test_sigterm_finishes_in_flight_request_then_exits_0(
     config, proxy_port, admin_port = served_config
     fake_fhir.add({"resourceType": "Practitioner", "id": "pr-1", "name": [{"family": "Osler"}]})
     proc = await _start_serving(config, admin_port, tmp_path)
-    fake_fhir.delay_s = 1.0
+    fake_fhir.delay_s = 1.5
     async with aiohttp.ClientSession() as session:
         in_flight = asyncio.ensure_future(
             session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-1", headers={"X-Actor": "Practitioner/doc-1"})
         )
         await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-1")
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        assert await _refused(proxy_port), "still accepting connections after SIGTERM"
+        refused_while_in_flight = False
+        while not in_flight.done() and not refused_while_in_flight:
+            refused_while_in_flight = await _refused(proxy_port)
+            await asyncio.sleep(0.05)
+        assert refused_while_in_flight and not in_flight.done(), "new connections accepted after SIGTERM"
         resp = await asyncio.wait_for(in_flight, 10)
         assert resp.status == 200
         assert (await resp.json(content_type=None))["id"] == "pr-1"
@@ -249,7 +252,7 @@ async def test_sigterm_does_not_wait_past_the_shutdown_bound(
             await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-2")
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 8)
+            await asyncio.wait_for(proc.communicate(), 8)
             elapsed = time.monotonic() - started
             stuck.cancel()
     finally:

@@ -193,9 +193,15 @@ async function search(res, req, resourceType, query) {
   if (!bundle) {
     return send(res, getStatus(outcome), outcome);
   }
-  bundle.link = pageLinks(resourceType, query, offset, count, bundle.total);
   addFullUrls(bundle);
-  return send(res, 200, bundle);
+  const page = {
+    resourceType: 'Bundle',
+    type: 'searchset',
+    total: bundle.total,
+    link: pageLinks(resourceType, query, offset, count, bundle.total),
+    entry: bundle.entry,
+  };
+  return send(res, 200, page);
 }
 
 /** Everything else goes to Medplum's router as it is. */
@@ -283,6 +289,10 @@ function completeBatchResponse(bundle) {
       entry.response.lastModified = resource.meta.lastUpdated;
       if (entry.response.location) {
         entry.response.location = versionUrl(resource);
+      }
+      const change = repo.lastChange(resource.resourceType, resource.id);
+      if (change?.created && change.resource?.meta.versionId === resource.meta.versionId) {
+        entry.response.status = '201 Created';
       }
     }
   }

@@ -1,0 +1,33 @@
+"""Integration tests run against the real FHIR engine: one seeded engine per test session.
+
+Every test under this directory is marked ``integration``. When the engine is not installed
+(``tests/upstream/node_modules`` missing) they are skipped with one reason line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.engine import Engine, engine_installed, start_engine
+
+_HERE = Path(__file__).resolve().parent
+NOT_INSTALLED = "FHIR engine not installed (tests/upstream/node_modules missing): run bash tests/upstream/install.sh"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test collected from this directory as ``integration``."""
+    for item in items:
+        if item.path.is_relative_to(_HERE):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def fhir_engine() -> Iterator[Engine]:
+    """The engine, started on a free 127.0.0.1 port and seeded with tests/upstream/seed.json."""
+    if not engine_installed():
+        pytest.skip(NOT_INSTALLED)
+    with start_engine() as engine:
+        yield engine
