@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from gateway.audit import AuditDelivery, AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
-from gateway.sources.fhir import FhirConsentSource
+from gateway.sources.factory import build_source
 from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
@@ -41,7 +42,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
     consent_server = None
     if settings.consent_source_url.rstrip("/") != upstream.base_url:
         consent_server = _server(settings.consent_source_url, settings)
-    source = FhirConsentSource(consent_server or upstream)
+    source = build_source(settings, upstream, consent_server, os.environ, labels)
     store = ConsentStore(
         source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
     )

@@ -67,7 +67,10 @@ class AuthSettings(_Section):
     default_purpose: str = Field("TREAT", pattern=PURPOSE_CODE_PATTERN)
 
 
-HEALTHEX_CONSENT_TYPES = ("DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE")
+HealthExConsentType = Literal["DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE"]
+HEALTHEX_CONSENT_TYPES: tuple[HealthExConsentType, ...] = (
+    "DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE",
+)
 
 
 class ConsentSettings(_Section):
@@ -92,9 +95,7 @@ class ConsentSettings(_Section):
     patient_self_access: bool = True
     patient_identifier_system: str | None = Field(None, min_length=1)
     healthex_patient_field: Literal["patientId", "patientMRN", "externalId"] = "patientId"
-    healthex_consent_types: tuple[
-        Literal["DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE"], ...
-    ] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)
+    healthex_consent_types: tuple[HealthExConsentType, ...] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)

@@ -1,5 +1,9 @@
 """``consent-gateway decide``: decide one resource against Consent files and explain why.
 
+With ``--from VENDOR`` the consent files hold that vendor's consent records, converted
+first exactly as the gateway's vendor source converts them (HealtheIntent records do not
+name their patient: they are taken to be about the resource's one patient).
+
 Exit status: 0 permit, 1 deny, 2 bad input (one line on stderr).
 """
 
@@ -18,6 +22,7 @@ from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.decision import Policy, decide_with, explain_json
 from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
+from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
 
 Labeler = Callable[[JSON], tuple[frozenset[Label], frozenset[str]]]
 
@@ -33,6 +38,8 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--consent", nargs="+", required=True, metavar="FILE",
                         help="Consent JSON files (a Bundle of Consents also works)")
+    parser.add_argument("--from", dest="vendor", choices=sorted(CONVERTERS),
+                        help="the --consent files are this vendor's consent records")
     parser.add_argument("--resource", required=True, metavar="FILE", help="the resource (JSON)")
     parser.add_argument("--actor", required=True, metavar="REF", help="e.g. Practitioner/1")
     parser.add_argument("--purpose", default="TREAT", metavar="CODE", help="v3 PurposeOfUse")
@@ -46,13 +53,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
 
 
-def _read_json(path: str) -> JSON:
+def _read_any_json(path: str) -> Any:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise BadInput(f"cannot read {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise BadInput(f"{path} is not JSON: {exc}") from exc
+
+
+def _read_json(path: str) -> JSON:
+    data = _read_any_json(path)
     if not isinstance(data, dict):
         raise BadInput(f"{path} is not a FHIR resource (expected a JSON object)")
     return data
@@ -68,6 +79,38 @@ def _consents(paths: list[str]) -> list[CompiledConsent]:
                 raise BadInput(f"{path} holds a {item.get('resourceType')!r}, not a Consent")
             found.append(compile_consent(item))
     return found
+
+
+def _vendor_consents(paths: list[str], vendor: str, resource: JSON) -> list[CompiledConsent]:
+    """Convert each vendor file to FHIR Consents, then compile them."""
+    patient: str | None = None
+    if vendor == "healtheintent":
+        owners = patients_of(resource)
+        if len(owners) != 1:
+            raise BadInput("--from healtheintent needs a resource about exactly one patient")
+        patient = next(iter(owners))
+    options = ConvertOptions(
+        sensitivity_labels=_sensitivity_labels() if vendor == "healthex" else {}, patient_ref=patient
+    )
+    found: list[CompiledConsent] = []
+    for path in paths:
+        try:
+            converted = CONVERTERS[vendor](_read_any_json(path), options)
+        except VendorError as exc:
+            raise BadInput(f"{path}: {exc}") from exc
+        found.extend(compile_consent(c) for c in converted)
+    return found
+
+
+def _sensitivity_labels() -> dict[str, tuple[Label, ...]]:
+    """Each vendor sensitivity scope of the bundled rules, with its labels."""
+    from gateway.rules import load_rules
+
+    try:
+        index = load_rules(None)
+    except Exception as exc:  # rule loading reports its own problem; show it on one line
+        raise BadInput(f"cannot load rules: {exc}") from exc
+    return {scope: index.sensitivity_scope_labels(scope) for scope in index.sensitivity_scope_names}
 
 
 def _reference(value: str, option: str) -> str:
@@ -115,10 +158,14 @@ def _labeler() -> tuple[Labeler, frozenset[str]]:
 
 def evaluate(args: argparse.Namespace) -> Decision:
     """Read the files named in ``args`` and decide; raises BadInput on unusable input."""
-    consents = _consents(args.consent)
+    vendor = getattr(args, "vendor", None)
+    consents = [] if vendor else _consents(args.consent)
     resource = _read_json(args.resource)
     if not isinstance(resource.get("resourceType"), str):
         raise BadInput(f"{args.resource} has no resourceType")
+    if vendor:
+        # HealtheIntent records are about the resource's patient, so the resource comes first.
+        consents = _vendor_consents(args.consent, vendor, resource)
     ctx = RequestContext(
         actor=Actor(
             reference=_reference(args.actor, "--actor"),

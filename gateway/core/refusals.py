@@ -6,7 +6,12 @@ permitted; a request that names no patient cannot be proven safe and stays refus
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+from gateway.core.compartment import PATIENT_COMPARTMENT
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 # Operations whose answers cannot be decided per resource.
 UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message"})
@@ -39,24 +44,31 @@ def unfilterable(
 
 
 def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> frozenset[str] | None:
-    """The patients a request is confined to, or None when it is not confined."""
+    """The patients a request is confined to, or None when it is not confined.
+
+    Only parameters the resource type really has count (its Patient-compartment search
+    parameters, or ``_id`` on Patient): a server ignores an unknown parameter, so accepting
+    one would let a request borrow a confinement it does not have.
+    """
     found: set[str] = set()
-    if len(parts) >= 2 and parts[0] == "Patient":
+    rtype = parts[0] if parts else ""
+    if len(parts) >= 2 and rtype == "Patient":
+        if not _FHIR_ID.match(parts[1]):
+            return None
         found.add(f"Patient/{parts[1]}")
+    links = set(PATIENT_COMPARTMENT.get(rtype, {}))
+    if "subject" in links or "patient" in links:
+        links.add("patient")  # R4 defines ``patient`` (subject as a Patient) wherever ``subject`` is
+    if rtype == "Patient" and len(parts) == 1:
+        links.add("_id")
     for name, value in query:
         base, _, modifier = name.partition(":")
-        if base not in ("patient", "subject", "beneficiary"):
+        if base not in links or modifier not in ("", "Patient"):
             continue
         for item in value.split(","):
             item = item.strip()
-            if not item:
-                continue
-            if "/" in item:
-                if not item.startswith("Patient/"):
-                    return None
-                found.add(item)
-            elif base == "patient" or modifier == "Patient":
-                found.add(f"Patient/{item}")
-            else:
+            patient = item if item.startswith("Patient/") else (f"Patient/{item}" if "/" not in item else None)
+            if patient is None or not _FHIR_ID.match(patient[len("Patient/"):]):
                 return None
+            found.add(patient)
     return frozenset(found) or None

@@ -131,11 +131,11 @@ class _VendorSource(ABC):
         raise ConsentUnavailable(f"The {self.kind} consent source cannot store emergency consents.")
 
     async def _patient_consents(self, patient: str) -> list[JSON]:
-        records = await self._records(patient, await self.patients.vendor_id(patient))
+        records = await self._records(await self.patients.vendor_id(patient))
         return self._convert(records, patient)
 
     @abstractmethod
-    async def _records(self, patient: str, vendor_id: str) -> object:
+    async def _records(self, vendor_id: str) -> object:
         """The vendor's answer about one patient, all pages joined, ready for the converter."""
 
     def _convert(self, payload: object, patient: str) -> list[JSON]:
@@ -166,7 +166,7 @@ class ClinikApiSource(_VendorSource):
 
     kind = "clinikapi"
 
-    async def _records(self, patient: str, vendor_id: str) -> list[object]:
+    async def _records(self, vendor_id: str) -> list[object]:
         records: list[object] = []
         cursor: str | None = None
         seen: set[str] = set()
@@ -212,7 +212,7 @@ class HealthExSource(_VendorSource):
         self.consent_types = list(consent_types)
         self.patient_field = patient_field
 
-    async def _records(self, patient: str, vendor_id: str) -> object:
+    async def _records(self, vendor_id: str) -> object:
         body: JSON = {
             "consentTypes": self.consent_types,
             "hasConsented": [True, False],
@@ -260,7 +260,7 @@ class HealtheIntentSource(_VendorSource):
         return (f"populations/{quote(self.population_id, safe='')}"
                 f"/patients/{quote(vendor_id, safe='')}/patient-consents")
 
-    async def _records(self, patient: str, vendor_id: str) -> JSON:
+    async def _records(self, vendor_id: str) -> JSON:
         items: list[object] = []
         next_link = ""
         seen: set[str] = set()
@@ -307,7 +307,8 @@ def emergency_patient_consent(consent: JSON, organization: str, group: str) -> J
     provision = consent.get("provision")
     provision = provision if isinstance(provision, dict) else {}
     actors = [reference_of(a.get("reference")) for a in provision.get("actor") or () if isinstance(a, dict)]
-    period = provision.get("period") if isinstance(provision.get("period"), dict) else {}
+    period = provision.get("period")
+    period = period if isinstance(period, dict) else {}
     reason = next(
         (e.get("valueString") for e in consent.get("extension") or ()
          if isinstance(e, dict) and e.get("url") == REASON_EXTENSION),

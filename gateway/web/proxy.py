@@ -15,7 +15,7 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced
-from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, NotFound, PayloadTooLarge, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.model import Actor
@@ -23,7 +23,7 @@ from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import named_patients, unfilterable
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web.enforcement import Emergency
-from gateway.web.writes import WRITE_METHODS, touched_consent_patients
+from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
 from gateway.web.request import GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
@@ -110,19 +110,19 @@ def _forwarded_query(raw: str, projection: Projection | None) -> str:
     return "&".join(kept)
 
 
-async def refuse_unfilterable(state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str) -> bool:
+async def refuse_unfilterable(state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str) -> None:
     """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
 
-    Returns True when such a request is allowed through unfiltered.
+    An allowed request is still filtered like any other.
     """
     why = unfilterable(route.parts, route.operation, query)
     if why is None:
-        return False
+        return
     patients = named_patients(route.parts, query)
     if patients:
         looked = await state.enforcement.look_up(patients, actor, purpose)
         if state.enforcement.unconditional(looked, patients):
-            return True
+            return
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
 
@@ -146,10 +146,13 @@ def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
     return body
 
 
-def _denied(state: GatewayState) -> GatewayError:
+def denied_answer(state: GatewayState) -> web.Response:
+    """A denied read: 403, or a 404 byte-for-byte like the upstream's own (scrubbed) not-found."""
     if state.settings.enforcement.denied_read_status == 404:
-        return NotFound("Resource not found.")
-    return ConsentDenied("Access to this resource is not permitted.")
+        body = generic_outcome({"issue": [{"severity": "error", "code": "not-found"}]})
+        return web.Response(status=404, body=body, content_type="application/fhir+json",
+                            headers={"X-Consent-Decision": "deny"})
+    raise ConsentDenied("Access to this resource is not permitted.")
 
 
 def count_removed(state: GatewayState, result: Enforced) -> None:
@@ -175,8 +178,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # A POST _search carries its parameters in the body: they are checked like the URL's.
     form = _search_form(request, route, body)
     query = list(request.query.items()) + form
-    unfiltered = await refuse_unfilterable(state, route, query, actor, purpose)
-    projection = None if unfiltered else Projection.from_query(
+    await refuse_unfilterable(state, route, query, actor, purpose)
+    projection = Projection.from_query(
         [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
     )
     if form and projection is not None:
@@ -187,10 +190,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     )
     state.metrics.upstream_duration.observe(upstream.seconds)
     links = LinkRewriter(state.upstream.base_url, public_base(request, state, route))
-    if request.method in WRITE_METHODS and route.interaction != "search" and route.operation is None:
+    if route.interaction in WRITE_INTERACTIONS:
         evict_consents(state, request.method, route, body, upstream)
         return await _unchecked(state, info, upstream, links, actor, reason, route)
-    parsed = None if unfiltered else parse_body(upstream, route)
+    if route.interaction == "batch":
+        # A batch's writes pass; its answers (reads inside it included) are decided below.
+        evict_consents(state, request.method, route, body, upstream)
+    parsed = parse_body(upstream, route)
+    if parsed is not None and parsed.get("resourceType") == "OperationOutcome" and upstream.status >= 400:
+        # SECURITY: an upstream error text can name a hidden record; keep only its codes.
+        return await _unchecked(state, info, upstream, links, actor, reason, route, generic_outcome(parsed))
     if parsed is None or parsed.get("resourceType") == "OperationOutcome":
         return await _unchecked(state, info, upstream, links, actor, reason, route)
     result, emergency = await state.enforcement.enforce(
@@ -200,7 +209,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state.metrics.decisions.labels(result.header).inc()
     count_removed(state, result)
     if result.denied:
-        raise _denied(state)
+        return denied_answer(state)
     headers = {}
     if emergency.audited:
         # SECURITY: the audit line is on disk before any data leaves (CONTRACT §7).
@@ -216,14 +225,32 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def generic_outcome(outcome: JSON) -> bytes:
+    """An upstream error outcome with its severities and codes but none of its texts."""
+    issues = [i for i in outcome.get("issue") or () if isinstance(i, dict)] or [{}]
+    return orjson.dumps({
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": str(i.get("severity", "error")), "code": str(i.get("code", "processing")),
+             "diagnostics": "The FHIR server reported an error."}
+            for i in issues
+        ],
+    })
+
+
 async def _unchecked(
     state: GatewayState, info: RequestInfo, upstream: UpstreamResponse, links: LinkRewriter,
-    actor: Actor, reason: str | None, route: Route,
+    actor: Actor, reason: str | None, route: Route, body: bytes | None = None,
 ) -> web.Response:
-    """An answer with nothing to decide (a write, an outcome, non-patient bytes), audited on break-glass."""
-    info.decision = "permit"
-    state.metrics.decisions.labels("permit").inc()
-    response = client_response(upstream, links, links.body(upstream.body), "permit")
+    """An answer with nothing to decide (a write, an outcome, non-patient bytes), audited on break-glass.
+
+    An answer that carries no data (an error) is a ``deny``, so a denied read and a missing
+    record look the same.
+    """
+    decision = "permit" if upstream.status < 400 else "deny"
+    info.decision = decision
+    state.metrics.decisions.labels(decision).inc()
+    response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision)
     if reason is not None:
         target = frozenset({f"{route.resource_type}/{route.resource_id}"}) if route.resource_type == "Patient" and route.resource_id else frozenset()
         emergency = Emergency(reason)

@@ -8,7 +8,8 @@ import orjson
 
 from gateway.core.fhir import JSON, reference_of, relative_reference
 
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Interactions whose answers pass unchecked: the client's own write echoed back.
+WRITE_INTERACTIONS = frozenset({"create", "update", "patch", "delete"})
 
 
 def _consent_patient(resource: object) -> str | None:

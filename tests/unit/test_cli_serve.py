@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.app import build_state, start
 from gateway.cli import main
+from tests.conftest import gateway_settings
 from tests.fakes import FakeFhir
 from tests.unit._util import free_port, gateway_command
 
@@ -143,19 +144,18 @@ def test_bad_config_variants_exit_2_with_one_line(
     assert captured.out == ""
 
 
-@pytest.fixture
-def served_config(tmp_path: Path, fake_fhir: FakeFhir) -> Iterator[tuple[Path, int, int]]:
-    """A config file for a gateway in front of ``fake_fhir`` on two free ports."""
+def _serve_config(tmp_path: Path, upstream_url: str, shutdown_timeout_s: float) -> tuple[Path, int, int]:
+    """A config file for a gateway in front of ``upstream_url`` on two free ports."""
     proxy_port, admin_port = free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
-        f"upstream: {{url: '{fake_fhir.base_url}', timeout_s: 10}}\n"
-        f"listen: {{host: 127.0.0.1, port: {proxy_port}, shutdown_timeout_s: 10}}\n"
+        f"upstream: {{url: '{upstream_url}', timeout_s: 30}}\n"
+        f"listen: {{host: 127.0.0.1, port: {proxy_port}, shutdown_timeout_s: {shutdown_timeout_s}}}\n"
         f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
         f"audit: {{path: '{tmp_path / 'audit.jsonl'}'}}\n",
         encoding="utf-8",
     )
-    yield config, proxy_port, admin_port
+    return config, proxy_port, admin_port
 
 
 async def _start_serving(config: Path, admin_port: int, cwd: Path) -> asyncio.subprocess.Process:
@@ -164,7 +164,7 @@ async def _start_serving(config: Path, admin_port: int, cwd: Path) -> asyncio.su
         *gateway_command(), "serve", "--config", str(config),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_clean_env(), cwd=cwd,
     )
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             assert proc.returncode is None, "gateway exited during start-up"
@@ -197,65 +197,85 @@ async def _refused(port: int) -> bool:
     return False
 
 
-async def test_sigterm_finishes_in_flight_request_then_exits_0(
-    fake_fhir: FakeFhir, served_config: tuple[Path, int, int], tmp_path: Path
-) -> None:
-    config, proxy_port, admin_port = served_config
-    fake_fhir.add({"resourceType": "Practitioner", "id": "pr-1", "name": [{"family": "Osler"}]})
-    proc = await _start_serving(config, admin_port, tmp_path)
-    fake_fhir.delay_s = 1.5
-    async with aiohttp.ClientSession() as session:
-        in_flight = asyncio.ensure_future(
-            session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-1", headers={"X-Actor": "Practitioner/doc-1"})
-        )
-        await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-1")
-        proc.send_signal(signal.SIGTERM)
-        refused_while_in_flight = False
-        while not in_flight.done() and not refused_while_in_flight:
-            refused_while_in_flight = await _refused(proxy_port)
-            await asyncio.sleep(0.05)
-        assert refused_while_in_flight and not in_flight.done(), "new connections accepted after SIGTERM"
-        resp = await asyncio.wait_for(in_flight, 10)
-        assert resp.status == 200
-        assert (await resp.json(content_type=None))["id"] == "pr-1"
-        resp.release()
-    _, stderr = await asyncio.wait_for(proc.communicate(), 10)
-    assert proc.returncode == 0, stderr
-    assert b"Traceback" not in stderr
+SHUTDOWN_BOUND_S = 2.0
 
 
-async def test_sigterm_does_not_wait_past_the_shutdown_bound(
+async def test_sigterm_stops_accepting_finishes_in_flight_within_bound_and_exits_0(
     fake_fhir: FakeFhir, tmp_path: Path
 ) -> None:
-    proxy_port, admin_port = free_port(), free_port()
-    config = tmp_path / "gateway.yaml"
-    config.write_text(
-        f"upstream: {{url: '{fake_fhir.base_url}', timeout_s: 30}}\n"
-        f"listen: {{host: 127.0.0.1, port: {proxy_port}, shutdown_timeout_s: 0.5}}\n"
-        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n",
-        encoding="utf-8",
-    )
+    """A slow request (1 s) in flight completes with 200; a stuck one is cut at the bound."""
+    fake_fhir.add({"resourceType": "Practitioner", "id": "pr-slow", "name": [{"family": "Osler"}]})
     release = asyncio.Event()
 
-    async def hang(request: web.Request) -> web.StreamResponse | None:
-        if request.path.endswith("/pr-2"):
-            await asyncio.wait_for(release.wait(), 20)
+    async def slow_or_stuck(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith("/pr-slow"):
+            await asyncio.sleep(1.0)
+        elif request.path.endswith("/pr-stuck"):
+            await asyncio.wait_for(release.wait(), 30)
         return None
 
-    fake_fhir.override = hang
+    fake_fhir.override = slow_or_stuck
+    config, proxy_port, admin_port = _serve_config(tmp_path, fake_fhir.base_url, SHUTDOWN_BOUND_S)
     proc = await _start_serving(config, admin_port, tmp_path)
+    actor = {"X-Actor": "Practitioner/doc-1"}
     try:
         async with aiohttp.ClientSession() as session:
-            stuck = asyncio.ensure_future(
-                session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-2", headers={"X-Actor": "Practitioner/doc-1"})
-            )
-            await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-2")
-            started = time.monotonic()
+            slow = asyncio.ensure_future(session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-slow", headers=actor))
+            stuck = asyncio.ensure_future(session.get(f"http://127.0.0.1:{proxy_port}/Practitioner/pr-stuck", headers=actor))
+            await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-slow")
+            await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-stuck")
+            signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.communicate(), 8)
-            elapsed = time.monotonic() - started
+            refused_while_in_flight = False
+            while not slow.done() and not refused_while_in_flight:
+                refused_while_in_flight = await _refused(proxy_port)
+                await asyncio.sleep(0.05)
+            assert refused_while_in_flight and not slow.done(), "new connections accepted after SIGTERM"
+            resp = await asyncio.wait_for(slow, 10)
+            assert resp.status == 200
+            assert (await resp.json(content_type=None))["id"] == "pr-slow"
+            resp.release()
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            elapsed = time.monotonic() - signalled
             stuck.cancel()
     finally:
         release.set()
-    assert proc.returncode == 0
-    assert elapsed < 3.0, f"shutdown took {elapsed:.1f} s with shutdown_timeout_s 0.5"
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+    # Bounded, though at twice the setting: see the strict test below.
+    assert elapsed < 2 * SHUTDOWN_BOUND_S + 1.5, f"shutdown took {elapsed:.1f} s, shutdown_timeout_s {SHUTDOWN_BOUND_S}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a stuck request holds shutdown for 2 x listen.shutdown_timeout_s (aiohttp waits the timeout twice)",
+)
+async def test_stuck_request_holds_shutdown_no_longer_than_the_setting(fake_fhir: FakeFhir) -> None:
+    release = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith("/pr-stuck"):
+            await asyncio.wait_for(release.wait(), 30)
+        return None
+
+    fake_fhir.override = stuck
+    bound = 0.5
+    state = build_state(gateway_settings(fake_fhir.base_url, listen={"shutdown_timeout_s": bound}))
+    running = await start(state)
+    try:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(
+                session.get(f"http://127.0.0.1:{running.proxy_port}/Practitioner/pr-stuck",
+                            headers={"X-Actor": "Practitioner/doc-1"})
+            )
+            await _wait_for_request(fake_fhir, "/fhir/Practitioner/pr-stuck")
+            started = time.monotonic()
+            await running.stop()
+            elapsed = time.monotonic() - started
+            request.cancel()
+    finally:
+        release.set()
+    assert elapsed < bound + 0.3, f"stop took {elapsed:.2f} s with shutdown_timeout_s {bound}"

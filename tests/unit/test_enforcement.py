@@ -159,7 +159,6 @@ async def test_consent_decides_reads(
     assert headers["X-Consent-Decision"] == ("permit" if expected == 200 else "deny")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rules/substance-use.yaml lacks RxNorm 1010600 (buprenorphine/naloxone film)")
 async def test_buprenorphine_naloxone_code_alone_is_part2(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.add(c.BUPRENORPHINE_CODE_ONLY)
     status, _, _ = await call(gateway, "GET", "/MedicationRequest/medrx-bupnal-only-5f2")
@@ -262,7 +261,6 @@ async def test_instance_history_decides_each_version(world: FakeFhir, gateway: G
     assert_no_secrets(raw, ("F32.9", "35489007", "Depressive disorder"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: proxy.handle passes POST / (batch) answers through unfiltered as a write")
 async def test_batch_response_entries_are_decided(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     batch = {"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Observation/obs-cbc-58410-ana"}},
@@ -441,7 +439,6 @@ async def test_has_in_post_search_body_is_refused(world: FakeFhir, gateway: Gate
     assert status == 403
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: refusals.named_patients takes the `patient` parameter as a confinement for any type; a lenient server ignores it on Patient and the self-access exemption passes everything unfiltered")
 async def test_self_exemption_cannot_be_borrowed_by_an_ignored_parameter(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     # A lenient server (the FHIR default) ignores `patient` on a Patient search and answers _has.
     world.override = routes({("GET", "/Patient"): lambda r: c.bundle([c.ANA], world.base_url)})
@@ -452,7 +449,6 @@ async def test_self_exemption_cannot_be_borrowed_by_an_ignored_parameter(world: 
     assert b"pat-ana-5581" not in raw
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: refusals.named_patients reads Patient/_history as patient `_history`, which a permit default treats as unconditional")
 async def test_type_history_of_patients_refused_under_permit_default(fake_fhir: FakeFhir, make_gateway: MakeGateway) -> None:
     c.seed_all(fake_fhir)
     fake_fhir.add(c.opt_out(c.PAT_BEN, "consent-ben-out"))

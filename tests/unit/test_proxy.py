@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
 from gateway.web.middleware import JsonLogFormatter
@@ -91,8 +92,6 @@ async def test_read_is_forwarded_below_the_base_at_root_and_under_fhir(gw: Gatew
 
 async def test_upstream_at_root_is_served_at_root(make_gateway: MakeGateway) -> None:
     fake = FakeFhir(base_path="")
-    from aiohttp.test_utils import TestServer
-
     server = TestServer(fake.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -274,13 +273,32 @@ async def test_encoded_dot_segments_are_refused_not_forwarded(gw: GatewayUnderTe
     assert status == 400
 
 
+async def test_http10_client_without_host_gets_well_formed_links(gw: GatewayUnderTest) -> None:
+    answer = await raw_http(
+        gw.running.proxy_port, b"GET /Practitioner?family=Osler HTTP/1.0\r\nX-Actor: Practitioner/doc-1\r\n\r\n"
+    )
+    status, _, body = split_http(answer)
+    assert status == 200
+    for url in _links(orjson.loads(body)):
+        assert re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d+)?/Practitioner[?/].+", url), url
+
+
+async def test_one_pooled_upstream_session_serves_every_request(gw: GatewayUnderTest) -> None:
+    session = gw.state.upstream.session
+    await send(gw, "GET", "/Practitioner/pr-osler")
+    await send(gw, "GET", "/Medication/med-metformin")
+    assert gw.state.upstream.session is session
+    assert isinstance(session.connector, aiohttp.TCPConnector)
+    assert session.connector.limit == gw.state.settings.upstream.max_connections
+
+
 # --- who is asking ------------------------------------------------------------------------
 
 
 async def test_missing_actor_is_401_and_nothing_is_forwarded(gw: GatewayUnderTest, fhir: FakeFhir) -> None:
     for headers in ({}, {"X-Actor": ""}):
         status, ctype, _, body = await send(gw, "GET", "/Practitioner/pr-osler", actor=None, headers=headers)
-        outcome = assert_outcome(status, ctype, body, 401, issue_code="login")
+        outcome = assert_outcome(status, ctype, body, 401, issue_code="login", upstream=host_port(fhir.base_url))
         assert "X-Actor" in diagnostics(outcome)
     assert forwarded(fhir, "/fhir/Practitioner") == []
 
@@ -302,7 +320,7 @@ BAD_ACTORS = {
 @pytest.mark.parametrize("actor", list(BAD_ACTORS.values()), ids=list(BAD_ACTORS))
 async def test_malformed_actor_is_401(gw: GatewayUnderTest, fhir: FakeFhir, actor: str) -> None:
     status, ctype, _, body = await send(gw, "GET", "/Practitioner/pr-osler", actor=actor)
-    assert_outcome(status, ctype, body, 401, issue_code="login")
+    assert_outcome(status, ctype, body, 401, issue_code="login", upstream=host_port(fhir.base_url))
     assert forwarded(fhir, "/fhir/Practitioner") == []
 
 
@@ -327,7 +345,7 @@ async def test_unknown_purpose_is_400_naming_the_allowed_codes(gw: GatewayUnderT
     status, ctype, _, body = await send(
         gw, "GET", "/Practitioner/pr-osler", headers={"X-Purpose-Of-Use": "TREATMENT"}
     )
-    outcome = assert_outcome(status, ctype, body, 400, issue_code="invalid")
+    outcome = assert_outcome(status, ctype, body, 400, issue_code="invalid", upstream=host_port(fhir.base_url))
     allowed = set(re.findall(r"\b[A-Z][A-Z0-9]{2,}\b", diagnostics(outcome)))
     assert {"TREAT", "ETREAT", "HPAYMT", "HOPERAT", "HRESCH", "PUBHLTH"} <= allowed
     assert "TREATMENT" not in allowed
@@ -414,7 +432,7 @@ async def test_body_over_the_limit_is_413(
     status, ctype, _, answer = await send(
         small_body_gw, "POST", "/Practitioner", headers={"Content-Type": FHIR_JSON}, data=data
     )
-    assert_outcome(status, ctype, answer, 413, issue_code="too-costly")
+    assert_outcome(status, ctype, answer, 413, issue_code="too-costly", upstream=host_port(fhir.base_url))
     assert forwarded(fhir, "/fhir/Practitioner") == []
 
 
@@ -655,23 +673,3 @@ async def test_error_answers_carry_and_log_the_request_id(gw: GatewayUnderTest, 
     assert status == 401 and headers["X-Request-Id"] == "req-401"
     entries = [e for e in _log_entries(access_log) if e.get("request_id") == "req-401"]
     assert [e["status"] for e in entries] == [401]
-
-
-async def test_aiohttp_session_is_not_needed_for_raw_clients(gw: GatewayUnderTest) -> None:
-    # An HTTP/1.0 client without Host still gets an answer whose links are well formed.
-    answer = await raw_http(
-        gw.running.proxy_port, b"GET /Practitioner?family=Osler HTTP/1.0\r\nX-Actor: Practitioner/doc-1\r\n\r\n"
-    )
-    status, _, body = split_http(answer)
-    assert status == 200
-    for url in _links(orjson.loads(body)):
-        assert re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d+)?/Practitioner[?/].+", url), url
-
-
-async def test_client_session_shared_across_requests(gw: GatewayUnderTest) -> None:
-    session = gw.state.upstream.session
-    await send(gw, "GET", "/Practitioner/pr-osler")
-    await send(gw, "GET", "/Medication/med-metformin")
-    assert gw.state.upstream.session is session
-    assert isinstance(session.connector, aiohttp.TCPConnector)
-    assert session.connector.limit == gw.state.settings.upstream.max_connections

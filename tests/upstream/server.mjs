@@ -99,6 +99,8 @@ class EngineRepository extends MemoryRepository {
 }
 
 const repo = new EngineRepository();
+/** Absolute base of this server (e.g. http://127.0.0.1:41234/fhir), known once listening. */
+let baseUrl = '';
 const router = new FhirRouter();
 
 const server = http.createServer((req, res) => {
@@ -113,7 +115,7 @@ const server = http.createServer((req, res) => {
 });
 server.listen(Number(options.port), options.host, () => {
   const { port } = server.address();
-  server.baseUrl = `http://${options.host}:${port}${basePath}`;
+  baseUrl = `http://${options.host}:${port}${basePath}`;
   process.stdout.write(`LISTENING ${port}\n`);
 });
 for (const signal of ['SIGTERM', 'SIGINT']) {
@@ -174,7 +176,7 @@ async function handle(req, res) {
     }
     return search(res, req, segments[0], query);
   }
-  if (method === 'GET' && segments.length <= 1 && !segments[0]?.startsWith('$')) {
+  if (method === 'GET' && segments.length <= 1) {
     return search(res, req, segments[0] ?? '', query);
   }
   return route(res, req, method, segments, url.search, body);
@@ -186,12 +188,12 @@ async function search(res, req, resourceType, query) {
   const offset = Math.max(0, intParam(query, '_offset', 0));
   query.set('_count', String(count));
   query.set('_offset', String(offset));
-  const [outcome, bundle] = await router.handleRequest(
+  const [result, bundle] = await router.handleRequest(
     fhirRequest(req, 'GET', `${resourceType}?${query}`, undefined),
     repo
   );
   if (!bundle) {
-    return send(res, getStatus(outcome), outcome);
+    return send(res, getStatus(result), result);
   }
   addFullUrls(bundle);
   const page = {
@@ -207,20 +209,20 @@ async function search(res, req, resourceType, query) {
 /** Everything else goes to Medplum's router as it is. */
 async function route(res, req, method, segments, search, body) {
   const path = segments.join('/') + search;
-  const [outcome, resource] = await router.handleRequest(fhirRequest(req, method, path, body), repo);
-  const status = getStatus(outcome);
-  if (isNotFound(outcome) && method === 'GET' && segments.length === 2) {
+  const [result, resource] = await router.handleRequest(fhirRequest(req, method, path, body), repo);
+  const status = getStatus(result);
+  if (isNotFound(result) && method === 'GET' && segments.length === 2) {
     // A deleted resource is gone (410), not unknown (404), as on a real server.
     if (repo.lastChange(segments[0], segments[1])?.method === 'DELETE') {
       return send(res, 410, gone);
     }
   }
   if (!resource) {
-    return send(res, status, outcome);
+    return send(res, status, result);
   }
   const headers = {};
   if (resource.resourceType === 'Bundle' && resource.type?.endsWith('-response')) {
-    completeBatchResponse(resource);
+    completeBatchResponse(resource, body);
   } else if (resource.meta?.versionId && resource.id) {
     Object.assign(headers, versionHeaders(resource));
     if (method === 'POST' || method === 'PUT') {
@@ -260,13 +262,13 @@ function historyEntry(change) {
   const ref = `${change.resourceType}/${change.id}`;
   if (change.method === 'DELETE') {
     return {
-      fullUrl: `${server.baseUrl}/${ref}`,
+      fullUrl: `${baseUrl}/${ref}`,
       request: { method: 'DELETE', url: ref },
-      response: { status: '204', lastModified: change.at },
+      response: { status: '200', lastModified: change.at },
     };
   }
   return {
-    fullUrl: `${server.baseUrl}/${ref}`,
+    fullUrl: `${baseUrl}/${ref}`,
     resource: change.resource,
     request: { method: change.method, url: change.method === 'POST' ? change.resourceType : ref },
     response: {
@@ -278,21 +280,23 @@ function historyEntry(change) {
 }
 
 /** Adds absolute locations, version headers and fullUrls to a batch/transaction response. */
-function completeBatchResponse(bundle) {
-  for (const entry of bundle.entry ?? []) {
+function completeBatchResponse(bundle, request) {
+  for (const [index, entry] of (bundle.entry ?? []).entries()) {
+    const method = request.entry?.[index]?.request?.method;
     const resource = entry.resource;
     if (resource?.resourceType === 'Bundle') {
       addFullUrls(resource);
     } else if (resource?.id && resource.meta?.versionId) {
-      entry.fullUrl = `${server.baseUrl}/${resource.resourceType}/${resource.id}`;
+      entry.fullUrl = `${baseUrl}/${resource.resourceType}/${resource.id}`;
       entry.response.etag = `W/"${resource.meta.versionId}"`;
       entry.response.lastModified = resource.meta.lastUpdated;
       if (entry.response.location) {
         entry.response.location = versionUrl(resource);
       }
       const change = repo.lastChange(resource.resourceType, resource.id);
-      if (change?.created && change.resource?.meta.versionId === resource.meta.versionId) {
-        entry.response.status = '201 Created';
+      const wrote = method === 'POST' || method === 'PUT';
+      if (wrote && change?.created && change.resource?.meta.versionId === resource.meta.versionId) {
+        entry.response.status = '201';
       }
     }
   }
@@ -302,7 +306,7 @@ function pageLinks(path, query, offset, count, total) {
   const page = (at) => {
     const params = new URLSearchParams(query);
     params.set('_offset', String(at));
-    return `${server.baseUrl}${path ? '/' + path : ''}?${params}`;
+    return `${baseUrl}${path ? '/' + path : ''}?${params}`;
   };
   const links = [{ relation: 'self', url: page(offset) }, { relation: 'first', url: page(0) }];
   if (count > 0 && total !== undefined && offset + count < total) {
@@ -317,13 +321,13 @@ function pageLinks(path, query, offset, count, total) {
 function addFullUrls(bundle) {
   for (const entry of bundle.entry ?? []) {
     if (entry.resource?.id) {
-      entry.fullUrl = `${server.baseUrl}/${entry.resource.resourceType}/${entry.resource.id}`;
+      entry.fullUrl = `${baseUrl}/${entry.resource.resourceType}/${entry.resource.id}`;
     }
   }
 }
 
 function versionUrl(resource) {
-  return `${server.baseUrl}/${resource.resourceType}/${resource.id}/_history/${resource.meta.versionId}`;
+  return `${baseUrl}/${resource.resourceType}/${resource.id}/_history/${resource.meta.versionId}`;
 }
 
 function versionHeaders(resource) {
@@ -354,7 +358,7 @@ function capabilityStatement() {
     date: '2026-01-01',
     kind: 'instance',
     software: { name: 'Medplum fhir-router (MemoryRepository) behind the gateway test front' },
-    implementation: { description: 'Integration-test FHIR engine', url: server.baseUrl },
+    implementation: { description: 'Integration-test FHIR engine', url: baseUrl },
     fhirVersion: '4.0.1',
     format: ['json'],
     rest: [
