@@ -146,7 +146,8 @@ def _bound_port(runner: web.AppRunner) -> int:
 async def start(state: GatewayState) -> RunningGateway:
     """Bind the proxy and admin listeners. Raises OSError when a port is taken."""
     settings = state.settings
-    timeout = settings.listen.shutdown_timeout_s
+    # aiohttp waits this long for handlers, then cancels and waits as long again: halve it.
+    timeout = settings.listen.shutdown_timeout_s / 2
     proxy_runner = web.AppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
     admin_runner = web.AppRunner(build_admin_app(state), access_log=None, shutdown_timeout=timeout)
     await proxy_runner.setup()

@@ -241,7 +241,13 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
 
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "config"
+    names: list[str] = []
+    for part in first["loc"]:
+        # pydantic appends union branches ("literal['all','none']") and list indexes: cut there.
+        if not isinstance(part, str) or not part.isidentifier():
+            break
+        names.append(part)
+    key = ".".join(names) or "config"
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if first["type"] == "missing":

@@ -26,7 +26,7 @@ from gateway.web.enforcement import Emergency
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
-from gateway.web.request import GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
+from gateway.web.request import GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
 from gateway.web.state import STATE, GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -54,7 +54,9 @@ def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
     """End-to-end request headers minus the gateway's own; JSON asked of the upstream."""
     headers = end_to_end(request.headers)
     for name in list(headers.keys()):
-        if name.lower() in _NOT_FORWARDED_REQUEST:
+        lower = name.lower()
+        # SECURITY: the requester's identity headers are the gateway's alone, whatever their suffix.
+        if lower in _NOT_FORWARDED_REQUEST or lower.startswith(GATEWAY_HEADER_PREFIXES):
             del headers[name]
     headers["Accept"] = "application/fhir+json"
     headers["X-Request-Id"] = request_id
@@ -184,7 +186,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     )
     if form and projection is not None:
         body = _forwarded_query(body.decode() if body else "", projection).encode()
-    url = state.upstream.url_for(route.path, _forwarded_query(request.query_string, projection))
+    url = state.upstream.url_for(route.path, _forwarded_query(request.rel_url.raw_query_string, projection))
     upstream = await state.upstream.request(
         request.method, url, headers=upstream_headers(request, info.request_id), body=body
     )

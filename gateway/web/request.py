@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from gateway.core.purpose import PURPOSE_CODES
 GATEWAY_HEADERS = frozenset(
     {"x-actor", "x-actor-organization", "x-actor-role", "x-purpose-of-use", "x-break-glass"}
 )
+GATEWAY_HEADER_PREFIXES = ("x-actor", "x-purpose-of-use", "x-break-glass")
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ROLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -63,7 +65,7 @@ def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
     if base_prefix and (path == base_prefix or path.startswith(base_prefix + "/")):
         prefix, path = base_prefix, path[len(base_prefix):]
     parts = tuple(p for p in path.split("/") if p)
-    if any(p in (".", "..") for p in parts):
+    if any(unquote(p) in (".", "..") or "/" in unquote(p) for p in parts):
         raise BadRequest("The request path is not a FHIR path.")
     rtype = parts[0] if parts and _TYPE.match(parts[0]) and parts[0] != "metadata" else None
     rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None

@@ -264,3 +264,32 @@ async def test_everything_is_not_supported(fhir_engine: Engine, http: aiohttp.Cl
         assert response.status == 501
         outcome = await response.json(content_type=None)
     assert outcome["issue"][0]["code"] == "not-supported"
+
+
+async def test_failed_transaction_changes_nothing(fhir_engine: Engine, http: aiohttp.ClientSession) -> None:
+    new_id = f"tx-{uuid4().hex[:8]}"
+    before = await get_json(http, f"{fhir_engine.base_url}/Patient/pat-normal")
+    renamed = {**before, "name": [{"family": "Renamed"}]}
+    invalid = {"resourceType": "Patient", "id": f"{new_id}-bad", "gender": "unknown-gender-code", "bogus": True}
+    transaction = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": new_id}, "request": {"method": "PUT", "url": f"Patient/{new_id}"}},
+            {"resource": renamed, "request": {"method": "PUT", "url": "Patient/pat-normal"}},
+            {"resource": invalid, "request": {"method": "PUT", "url": f"Patient/{new_id}-bad"}},
+        ],
+    }
+    async with http.post(fhir_engine.base_url, json=transaction, headers=FHIR_JSON) as response:
+        assert response.status == 400
+    async with http.get(f"{fhir_engine.base_url}/Patient/{new_id}") as response:
+        assert response.status == 404
+    assert await get_json(http, f"{fhir_engine.base_url}/Patient/pat-normal") == before
+
+
+async def test_summary_count_returns_the_total_only(fhir_engine: Engine, http: aiohttp.ClientSession) -> None:
+    bundle = await get_json(
+        http, f"{fhir_engine.base_url}/Observation?patient=Patient/pat-mh&_summary=count&_count=50"
+    )
+    assert bundle["total"] == 5
+    assert "entry" not in bundle

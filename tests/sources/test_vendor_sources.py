@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
@@ -25,6 +26,7 @@ MRN_SYSTEM = "urn:oid:2.16.840.1.113883.3.7418.1"
 LOOKUP_ERRORS = "consent_gateway_consent_lookup_errors_total"
 
 Factory = Callable[..., Any]
+Setup = Callable[[Any], None]
 
 
 def observation(rid: str, patient: str, loinc: str) -> dict[str, Any]:
@@ -320,13 +322,13 @@ def _he_loop(fake: FakeHealtheIntent) -> None:
     fake.stuck_next_link = True
 
 
-def _fail(status: int) -> Callable[[Any], None]:
+def _fail(status: int) -> Setup:
     def setup(fake: Any) -> None:
         fake.fail_status = status
     return setup
 
 
-CASES = {
+CASES: dict[str, tuple[str, str, Setup, str]] = {
     # id: (kind, patient, setup, expected log fragment)
     "clinikapi-unknown-provision-type": (
         "clinikapi", CK_PATIENT, _ck_bad, "clinikapi consent ck-consent-1, field provision.type"),
@@ -385,3 +387,23 @@ async def test_the_credential_never_reaches_the_logs_or_metrics(
         metrics = await resp.text()
     assert SECRET not in metrics and SECRET not in "\n".join(source_log.lines)
     assert all(r.headers.get("x-api-key") is None for r in ck_clinical.requests)  # not sent to the FHIR server
+
+
+async def test_clinikapi_group_actors_match_the_fhir_servers_group_members(
+    ck_clinical: FakeFhir, clinikapi: FakeClinikApi, make_gateway: Factory
+) -> None:
+    record = fixture("clinikapi-consents.json")[0]
+    record["provision"]["actor"] = [{"role": "PRCP", "reference": "Group/cardiology-team"}]
+    clinikapi.records["pat-100"] = [record]
+
+    async def groups(request: web.Request) -> web.StreamResponse | None:
+        if request.path != "/fhir/Group":
+            return None
+        members = [{"resourceType": "Group", "id": "cardiology-team", "type": "practitioner", "actual": True}]
+        found = members if request.query.get("member") == "Practitioner/dr-lee" else []
+        return web.json_response(ck_clinical.bundle(found, str(request.url)))
+
+    ck_clinical.override = groups
+    gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
+    assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-lee") == 200
+    assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-ada") == 403

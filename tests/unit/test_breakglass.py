@@ -595,9 +595,13 @@ async def test_window_is_for_treatment_only(gw: GatewayUnderTest) -> None:
     assert "X-Break-Glass-Audit-Id" not in headers
 
 
-async def test_repeated_break_glass_in_the_window_creates_no_duplicate(gw: GatewayUnderTest, fake_fhir: FakeFhir) -> None:
+@pytest.mark.parametrize("path", [ANA_OBSERVATIONS, f"/Observation?patient={c.PAT_BEN}"], ids=["opt-in", "opt-out"])
+async def test_repeated_break_glass_in_the_window_creates_no_duplicate(
+    path: str, gw: GatewayUnderTest, fake_fhir: FakeFhir
+) -> None:
+    # Under Ben's opt-out the window does not turn consent into a permit: denials are overridden again.
     for _ in range(3):
-        assert (await glass(gw, ANA_OBSERVATIONS))[0] == 200
+        assert (await glass(gw, path))[0] == 200
     assert len(consent_posts(fake_fhir)) == 1
     assert len(audit_lines(gw)) == 3  # each access is still audited
 

@@ -77,6 +77,36 @@ class EngineRepository extends MemoryRepository {
     this.changes.push({ method: 'DELETE', created: false, resourceType, id, at: new Date().toISOString() });
   }
 
+  /**
+   * Runs a transaction; on failure every change it made is undone, as a database would.
+   * (MemoryRepository itself commits each entry as it goes.) Writes are serialized by
+   * `serializeWrites`, so the changes after `mark` are this transaction's alone.
+   */
+  async withTransaction(callback) {
+    const mark = this.changes.length;
+    try {
+      return await callback(this);
+    } catch (err) {
+      await this.rollback(mark);
+      throw err;
+    }
+  }
+
+  async rollback(mark) {
+    const undone = this.changes.splice(mark);
+    const touched = new Map(undone.map((c) => [`${c.resourceType}/${c.id}`, c]));
+    for (const { resourceType, id } of touched.values()) {
+      const before = this.lastChange(resourceType, id);
+      if (before?.resource) {
+        // Seeding mode keeps the earlier versionId and lastUpdated.
+        await this.withSeeding(() => super.createResource(before.resource, undefined, true));
+      } else {
+        // Created inside the transaction (or re-created after a delete): remove it again.
+        await super.deleteResource(resourceType, id);
+      }
+    }
+  }
+
   exists(resourceType, id) {
     const last = this.lastChange(resourceType, id);
     return last !== undefined && last.method !== 'DELETE';
@@ -103,8 +133,20 @@ const repo = new EngineRepository();
 let baseUrl = '';
 const router = new FhirRouter();
 
+let writes = Promise.resolve();
+
+/** Runs write requests one at a time, so a failed transaction can undo exactly its own changes. */
+function serializeWrites(req, work) {
+  if (req.method === 'GET') {
+    return work();
+  }
+  const done = writes.then(work);
+  writes = done.catch(() => undefined);
+  return done;
+}
+
 const server = http.createServer((req, res) => {
-  handle(req, res).catch((err) => {
+  serializeWrites(req, () => handle(req, res)).catch((err) => {
     const result = normalizeOperationOutcome(err);
     const status = getStatus(result);
     if (status >= 500) {
@@ -184,7 +226,8 @@ async function handle(req, res) {
 
 /** Search with paging: `_count` (default 20) and `_offset` select the page. */
 async function search(res, req, resourceType, query) {
-  const count = clamp(intParam(query, '_count', DEFAULT_COUNT), 0, MAX_COUNT);
+  // _summary=count asks for the total only; an explicit _count must not bring entries back.
+  const count = query.get('_summary') === 'count' ? 0 : clamp(intParam(query, '_count', DEFAULT_COUNT), 0, MAX_COUNT);
   const offset = Math.max(0, intParam(query, '_offset', 0));
   query.set('_count', String(count));
   query.set('_offset', String(offset));
