@@ -601,22 +601,30 @@ def decide_resource(
     )
 
 
-def _reads_content(node: Provision) -> bool:
-    return (
-        node.codes is not None
-        or node.data_period is not None
-        or node.data is not None
-        or any(_reads_content(child) for child in node.children)
-    )
+def _content_reads(node: Provision, found: set[str]) -> None:
+    if node.codes is not None:
+        found.add("codes")
+    if node.data_period is not None:
+        found.add("date")
+    if node.data is not None:
+        found.add("data")
+    for child in node.children:
+        _content_reads(child, found)
 
 
-def decided_by_summary(consents: Sequence[CompiledConsent]) -> bool:
-    """True when these consents decide a resource from its type, profiles, scopes and labels alone.
+def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
+    """What beyond type, profiles, scopes and labels these consents read of a resource.
 
-    Then two resources of one patient that agree on those get the same decision, so a caller may
-    reuse it (no code, dataPeriod or data condition anywhere, and no defect).
+    A subset of {"codes", "date"}: two resources of one patient that agree on the summary
+    (plus these) get the same decision, so a caller may reuse it. None when no summary
+    decides (a ``data`` condition names instances, or a consent has defects).
     """
-    return all(not c.defects and not _reads_content(c.root) for c in consents)
+    found: set[str] = set()
+    for consent in consents:
+        if consent.defects:
+            return None
+        _content_reads(consent.root, found)
+    return None if "data" in found else frozenset(found)
 
 
 def decide_with(

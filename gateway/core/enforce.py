@@ -89,12 +89,14 @@ def iter_resources(node: JSON, inherited: frozenset[str] = frozenset()) -> Itera
         yield inner, owners_of(inner, owners)
 
 
-def patients_in(body: JSON) -> frozenset[str]:
-    """Every patient any resource in ``body`` belongs to: the consents to look up."""
-    found: set[str] = set()
-    for _, owners in iter_resources(body):
-        found.update(owners)
-    return frozenset(found)
+def owners_index(body: JSON) -> dict[int, frozenset[str]]:
+    """The patients of every resource in ``body``, by object identity (computed once per body)."""
+    return {id(resource): owners for resource, owners in iter_resources(body)}
+
+
+def patients_in(index: dict[int, frozenset[str]]) -> frozenset[str]:
+    """Every patient any resource belongs to: the consents to look up."""
+    return frozenset().union(*index.values())
 
 
 def _iter_parameters(params: object) -> Iterator[JSON]:
@@ -105,14 +107,15 @@ def _iter_parameters(params: object) -> Iterator[JSON]:
                 yield from _iter_parameters(param.get("part"))
 
 
-def judge_resource(resource: JSON, judge: Judge) -> Decision:
+def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]] | None = None) -> Decision:
     """A resource with its contained resources: denied if it or any contained one is denied."""
-    owners = owners_of(resource)
+    owners = index[id(resource)] if index is not None and id(resource) in index else owners_of(resource)
     decision = judge(resource, owners)
     if decision.verdict is Verdict.DENY:
         return decision
     for inner in _contained(resource):
-        inner_decision = judge(inner, owners_of(inner, owners))
+        inner_owners = index.get(id(inner)) if index is not None else None
+        inner_decision = judge(inner, owners_of(inner, owners) if inner_owners is None else inner_owners)
         if inner_decision.verdict is Verdict.DENY:
             return inner_decision
     return decision
@@ -121,9 +124,10 @@ def judge_resource(resource: JSON, judge: Judge) -> Decision:
 class Enforcer:
     """Walks one parsed body, mutating it in place to what the requester may see."""
 
-    def __init__(self, judge: Judge, *, drop_total: bool) -> None:
+    def __init__(self, judge: Judge, *, drop_total: bool, index: dict[int, frozenset[str]] | None = None) -> None:
         self.judge = judge
         self.drop_total = drop_total
+        self.index = index
         self.result = Enforced()
 
     def body(self, body: JSON) -> Enforced:
@@ -134,7 +138,7 @@ class Enforcer:
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
-            decision = judge_resource(body, self.judge)
+            decision = judge_resource(body, self.judge, self.index)
             if decision.verdict is Verdict.DENY:
                 self.result.denied = True
                 self.result.deciding.extend(decision.reasons)
@@ -148,7 +152,7 @@ class Enforcer:
         if rtype == "Parameters":
             self.parameters(resource.get("parameter"))
             return True
-        decision = judge_resource(resource, self.judge)
+        decision = judge_resource(resource, self.judge, self.index)
         if decision.verdict is Verdict.DENY:
             self.result.removed.append((str(rtype), decision))
             return False

@@ -125,9 +125,11 @@ class _VendorSource(ABC):
         return dict(zip(patients, found))
 
     async def memberships(self, actor: str) -> frozenset[str]:
+        """The actor's Groups and CareTeams, from wherever the vendor's group actors live."""
         return await self._memberships(actor)
 
     async def store_consent(self, consent: JSON) -> str:
+        """Vendors without a way to record an emergency grant refuse it (the access still happens)."""
         raise ConsentUnavailable(f"The {self.kind} consent source cannot store emergency consents.")
 
     async def _patient_consents(self, patient: str) -> list[JSON]:
@@ -338,7 +340,6 @@ def emergency_patient_consent(consent: JSON, organization: str, group: str) -> J
 def personal_emergency(consent: JSON) -> JSON:
     """An emergency grant for the personnel it names only, shaped as a gateway emergency Consent.
 
-    # SECURITY: a break-glass opens the record to the person who broke the glass (issue 8).
     HealtheIntent's provisionScope also names the care unit and group the record came from;
     read as alternative actors they would open the record to everyone there. Keeping the
     Practitioner alone narrows the grant and makes it an emergency window the engine
@@ -358,6 +359,7 @@ def personal_emergency(consent: JSON) -> JSON:
     ]
     if not personnel:
         return consent
+    # SECURITY: a break-glass opens the record to the person who broke the glass only (issue 8).
     reason = next(
         (c.get("text") for c in consent.get("category") or ()
          if isinstance(c, dict) and any(cd.get("code") == EMERGENCY_CODE for cd in iter_codings(c))),

