@@ -1,12 +1,13 @@
 """Integration tests run against the real FHIR engine: one seeded engine per test session.
 
 Every test under this directory is marked ``integration``. When the engine is not installed
-(``tests/upstream/node_modules`` missing) they are skipped with one reason line.
+(``tests/upstream/node_modules`` missing) the tests that need it are skipped, reported as one
+line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(_HERE):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport() -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Report the not-installed skips at one place, so ``-rs`` folds them into one line."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[2].endswith(NOT_INSTALLED):
+        report.longrepr = (__file__, 1, report.longrepr[2])
+    return report
 
 
 @pytest.fixture(scope="session")

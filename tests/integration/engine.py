@@ -40,7 +40,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 class EngineError(RuntimeError):
-    """The engine could not be started or seeded; the message says why in one line."""
+    """The engine could not be started or seeded; the message says why (with the engine's stderr)."""
 
 
 @dataclass(frozen=True, slots=True)

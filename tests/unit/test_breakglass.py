@@ -236,22 +236,38 @@ async def test_single_denied_read_is_opened(gw: GatewayUnderTest) -> None:
     assert would_deny(entities(event)[f"Condition/{c.HIV_CONDITION['id']}"]) == "true"
 
 
-async def test_purpose_becomes_etreat(
-    fake_fhir: FakeFhir, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture
-) -> None:
+class _Collect(logging.Handler):
+    """Keeps records itself: the CLI may have stopped ``gateway`` loggers propagating to caplog."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_purpose_becomes_etreat(fake_fhir: FakeFhir, make_gateway: MakeGateway) -> None:
     # A permit for treatment only: it applies to ETREAT (under TREAT), never to research.
     treat_only = c.opt_in(c.PAT_ANA, cid="consent-treat-only")
     treat_only["provision"]["purpose"] = [{"system": V3_ACT_REASON, "code": "TREAT"}]
     fake_fhir.add(c.ANA, c.ANA_CBC, treat_only)
     gw = await make_gateway(fake_fhir.base_url)
     assert (await call(gw, "GET", ANA_OBSERVATIONS, **{"X-Purpose-Of-Use": "HRESCH"}))[2].count(b"58410-2") == 0
-    caplog.set_level(logging.INFO, logger="gateway.access")
-    status, _, body = await glass(gw, ANA_OBSERVATIONS, **{"X-Purpose-Of-Use": "HRESCH"})
+    access, collect = logging.getLogger("gateway.access"), _Collect()
+    level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(collect)
+    try:
+        status, _, body = await glass(gw, ANA_OBSERVATIONS, **{"X-Purpose-Of-Use": "HRESCH"})
+    finally:
+        access.removeHandler(collect)
+        access.setLevel(level)
     assert status == 200 and returned_ids(body) == {ANA_CBC_REF}
     [event] = audit_lines(gw)
     # Judged as ETREAT, the treatment consent would have permitted the CBC.
     assert would_deny(entities(event)[ANA_CBC_REF]) == "false"
-    assert [r.purpose for r in caplog.records if r.name == "gateway.access"] == ["ETREAT"]  # type: ignore[attr-defined]
+    assert [getattr(r, "purpose", None) for r in collect.records] == ["ETREAT"]
 
 
 async def test_unknown_reason_is_400_listing_the_allowed_reasons(gw: GatewayUnderTest, fake_fhir: FakeFhir) -> None:

@@ -1,9 +1,12 @@
 // Thin HTTP front over Medplum's FhirRouter and MemoryRepository: the real FHIR engine
 // under the gateway's integration tests.
 //
-// Medplum's engine does the FHIR work (search, _include/_revinclude, transactions,
-// conditional create, validation). This file only adds what an HTTP FHIR server adds around
-// it: paging links, fullUrl, Location/ETag/Last-Modified, history bundles, /metadata.
+// Medplum's engine does the FHIR work (search, _include/_revinclude, batch/transaction,
+// conditional create/update, validation). This file only adds what an HTTP FHIR server adds
+// around it: paging links (_count, _offset), fullUrl, Location/ETag/Last-Modified, history
+// bundles (instance, type, system), 410 for deleted resources, transaction rollback and
+// /metadata. Not supported: operations such as Patient/$everything (501 not-supported),
+// _has reverse chaining (Medplum's MemoryRepository matches nothing), XML.
 //
 // Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1]
 // (or ENGINE_PORT / ENGINE_BASE_PATH). Port 0 picks a free port. Once listening, prints
@@ -13,7 +16,6 @@ import http from 'node:http';
 import { parseArgs } from 'node:util';
 import {
   OperationOutcomeError,
-  allOk,
   badRequest,
   deepClone,
   getExpressionForResourceType,
@@ -40,7 +42,8 @@ const options = parseArgs({
     'base-path': { type: 'string', default: process.env.ENGINE_BASE_PATH ?? '/fhir' },
   },
 }).values;
-const basePath = '/' + options['base-path'].replace(/^\/+|\/+$/g, '');
+const trimmedBase = options['base-path'].replace(/^\/+|\/+$/g, '');
+const basePath = trimmedBase ? `/${trimmedBase}` : '';
 
 loadDefinitions();
 
