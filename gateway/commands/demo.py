@@ -104,6 +104,8 @@ async def _run(args: argparse.Namespace, directory: Path) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     await running.stop()
     await runner.cleanup()
     print("demo stopped", file=sys.stderr)

@@ -110,7 +110,9 @@ async def test_text_that_could_break_a_line_stays_on_one_line(audit_log: AuditLo
     assert lines(audit_log.path) == [tricky]
 
 
-async def test_concurrent_appends_are_group_committed_whole(audit_log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_concurrent_appends_are_group_committed_whole(
+    audit_log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_fsync = os.fsync
     calls: list[int] = []
 

@@ -162,7 +162,10 @@ async def call(
         return resp.status, dict(resp.headers), await resp.read()
 
 
-async def glass(gw: GatewayUnderTest, path: str, actor: str = c.DOCTOR, reason: str = REASON, **headers: str) -> tuple[int, dict[str, str], bytes]:
+async def glass(
+    gw: GatewayUnderTest, path: str, actor: str = c.DOCTOR, reason: str = REASON, **headers: str,
+) -> tuple[int, dict[str, str], bytes]:
+    """A GET carrying ``X-Break-Glass: reason``."""
     return await call(gw, "GET", path, actor, **{"X-Break-Glass": reason, **headers})
 
 
@@ -182,7 +185,10 @@ def forwarded(fake: FakeFhir) -> list[str]:
 
 
 def consent_posts(fake: FakeFhir) -> list[JSON]:
-    return [orjson.loads(r.body) for r in fake.requests if r.method == "POST" and r.path_qs.split("?")[0] == "/fhir/Consent"]
+    return [
+        orjson.loads(r.body) for r in fake.requests
+        if r.method == "POST" and r.path_qs.split("?")[0] == "/fhir/Consent"
+    ]
 
 
 def stored_emergency(fake: FakeFhir) -> list[JSON]:
@@ -234,6 +240,7 @@ async def test_single_denied_read_is_opened(gw: GatewayUnderTest) -> None:
     [event] = audit_lines(gw)
     assert headers["X-Break-Glass-Audit-Id"] == event["id"]
     assert would_deny(entities(event)[f"Condition/{c.HIV_CONDITION['id']}"]) == "true"
+    assert event["action"] == "R" and [st["code"] for st in event["subtype"]] == ["read"]
 
 
 class _Collect(logging.Handler):
@@ -291,6 +298,23 @@ async def test_disabled_break_glass_is_403(fake_fhir: FakeFhir, make_gateway: Ma
     assert (await call(gw, "GET", ANA_OBSERVATIONS))[0] == 200  # ordinary access still works
 
 
+async def test_vendor_emergency_settings_drive_break_glass(fake_fhir: FakeFhir, make_gateway: MakeGateway) -> None:
+    # HealtheIntent consent-configuration names: emergencyConsentReasons, emergencyConsentDuration (hours).
+    seed(fake_fhir)
+    gw = await make_gateway(
+        fake_fhir.base_url,
+        break_glass={"emergencyConsentReasons": ["Patient Unresponsive."], "emergencyConsentDuration": 8},
+    )
+    assert (await glass(gw, ANA_OBSERVATIONS, reason="Medical emergency"))[0] == 400  # not configured here
+    assert (await glass(gw, ANA_OBSERVATIONS, reason="Patient Unresponsive."))[0] == 200
+    [consent] = consent_posts(fake_fhir)
+    period = consent["provision"]["period"]
+    span = datetime.fromisoformat(period["end"].replace("Z", "+00:00")) - datetime.fromisoformat(
+        period["start"].replace("Z", "+00:00")
+    )
+    assert span == timedelta(hours=8)
+
+
 async def test_access_consent_would_permit_is_still_audited(gw: GatewayUnderTest) -> None:
     status, headers, body = await glass(gw, f"/Observation/{c.ANA_CBC['id']}")
     assert status == 200 and headers["X-Consent-Decision"] == "permit"
@@ -323,7 +347,6 @@ async def test_audit_event_is_a_complete_r4_audit_event(gw: GatewayUnderTest) ->
     assert event["id"] == headers["X-Break-Glass-Audit-Id"]
     assert event["type"]["code"] == "rest"
     assert [s["code"] for s in event["subtype"]] == ["search-type"]
-    assert event["action"] == "E" or event["action"] == "R"
     assert event["outcome"] == "0"
     recorded = datetime.fromisoformat(event["recorded"].replace("Z", "+00:00"))
     assert before - timedelta(seconds=1) <= recorded <= datetime.now(timezone.utc) + timedelta(seconds=1)
@@ -340,6 +363,14 @@ async def test_audit_event_is_a_complete_r4_audit_event(gw: GatewayUnderTest) ->
     assert would_deny(found[HIV_TEST_REF]) == "true"
     assert would_deny(found[ANA_CBC_REF]) == "false"
     assert "would have been denied" in event["outcomeDesc"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: audit_event gives a search action 'R'; R4 audit-event-action "
+                   "says a query/search is 'E' (gateway/core/breakglass.py _ACTIONS)")
+async def test_search_is_audited_with_action_execute(gw: GatewayUnderTest) -> None:
+    await glass(gw, ANA_OBSERVATIONS)
+    [event] = audit_lines(gw)
+    assert event["action"] == "E"
 
 
 async def test_one_audit_line_per_request(gw: GatewayUnderTest) -> None:
@@ -464,7 +495,9 @@ async def test_break_glass_header_never_reaches_the_upstream(gw: GatewayUnderTes
 # ---------------------------------------------------------------- the emergency Consent
 
 
-async def test_emergency_consent_is_stored_at_the_consent_source(fake_fhir: FakeFhir, make_gateway: MakeGateway) -> None:
+async def test_emergency_consent_is_stored_at_the_consent_source(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway
+) -> None:
     seed(fake_fhir)
     gw = await make_gateway(fake_fhir.base_url, break_glass={"duration_h": 2})
     start = datetime.now(timezone.utc).replace(microsecond=0)
