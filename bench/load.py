@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ class LoadResult:
 
 def percentile(ordered: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile of an ascending sequence."""
-    rank = max(0, min(len(ordered) - 1, int(round(pct / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 

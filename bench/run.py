@@ -57,29 +57,33 @@ class Mode:
     def of(cls, smoke: bool, rounds: int | None) -> Mode:
         if smoke:
             return cls("smoke", rounds or 1, 0.3, 0.2, 0.3, 0.2, 100, 4)
-        # wrk runs whole seconds only.
-        return cls("full", rounds or 5, 2.0, 1.0, 1.5, 1.0, 1000, 4)
+        # wrk runs whole seconds only (it drives the closed loop, warm-up included).
+        return cls("full", rounds or 5, 2.0, 0.75, 1.5, 1.0, 1000, 4)
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One request shape and the targets it is measured on; ``reference`` is the denominator."""
+    """One request shape and the targets it is measured on; ``reference`` is the denominator.
+
+    With ``break_glass_actor``, the ``gateway`` target asks as that actor with X-Break-Glass
+    while every other target asks as ``ACTOR``, who has no emergency access window.
+    """
 
     name: str
     title: str
     path: str | None
     targets: tuple[str, ...]
     reference: str = "bare"
-    actor: str = ACTOR
+    break_glass_actor: str | None = None
     cold: bool = False
 
     def headers(self, target: str) -> dict[str, str]:
-        headers = {"X-Actor": self.actor}
-        if self.name == "W5" and target == "gateway":
-            headers["X-Break-Glass"] = BREAK_GLASS_REASON
-        return headers
+        if self.break_glass_actor and target == "gateway":
+            return {"X-Actor": self.break_glass_actor, "X-Break-Glass": BREAK_GLASS_REASON}
+        return {"X-Actor": ACTOR}
 
-    def open_loop_targets(self) -> tuple[str, ...]:
+    def latency_targets(self) -> tuple[str, ...]:
+        """The targets whose latencies are compared: the gateway and its references."""
         return tuple(t for t in self.targets if t in ("bare", "gateway", "gateway-nobg"))
 
 
@@ -90,7 +94,7 @@ WORKLOADS = (
     Workload("W3", "Patient/$everything, 1,000 resources", W3_PATH, ALL),
     Workload("W4", "cold cache: distinct patients, 4 concurrent requests each", None, ALL, cold=True),
     Workload("W5", "break-glass read (audit fsync) vs the same read without", W5_PATH,
-             ("bare", "gateway-nobg", "gateway"), reference="gateway-nobg", actor="Practitioner/er-1"),
+             ("bare", "gateway-nobg", "gateway"), reference="gateway-nobg", break_glass_actor="Practitioner/er-1"),
     Workload("W6", "search of a patient who opted out", W6_PATH, ALL),
 )
 
@@ -255,13 +259,8 @@ async def latency_c1(bench: Bench, workload: Workload, target: str) -> Sample:
     """One request at a time: the latency the gateway adds when nothing queues."""
     assert workload.path is not None
     service = bench.service(target)
-    headers = workload.headers(target)
-    if bench.client == "wrk":
-        result = load.run_wrk(f"http://127.0.0.1:{service.port}{workload.path}", headers,
-                              connections=1, seconds=bench.mode.c1_s, cpus=bench.cores.load)
-    else:
-        request = load.raw_request(workload.path, service.port, headers)
-        result = await load.closed_loop(service.port, load.repeat(request), connections=1, seconds=bench.mode.c1_s)
+    request = load.raw_request(workload.path, service.port, workload.headers(target))
+    result = await load.closed_loop(service.port, load.repeat(request), connections=1, seconds=bench.mode.c1_s)
     return Sample(result.rps, result.requests, None, result.errors, result.p50_us, result.p99_us)
 
 
@@ -310,9 +309,9 @@ async def one_round(bench: Bench, workloads: list[Workload], round_no: int) -> N
             bench.record(workload.name, target).throughput.append(sample)
         if workload.cold:
             continue
-        for target in targets:
+        for target in rotated(workload.latency_targets(), round_no):
             bench.record(workload.name, target).c1.append(await latency_c1(bench, workload, target))
-        for target in rotated(workload.open_loop_targets(), round_no):
+        for target in rotated(workload.latency_targets(), round_no):
             bench.record(workload.name, target).open_loop.append(await latency_open(bench, workload, target))
 
 
@@ -324,7 +323,7 @@ async def warm_up(bench: Bench, workloads: list[Workload]) -> None:
             sample = await measure_throughput(bench, workload, target, bench.mode.warmup_s, "w")
             speeds[target] = sample.rps
         if not workload.cold:
-            slowest = min(speeds[t] for t in workload.open_loop_targets())
+            slowest = min(speeds[t] for t in workload.latency_targets())
             # A third of the slowest target's capacity: a load it serves without queueing,
             # with headroom for the noise of a shared machine.
             bench.rates[workload.name] = max(5.0, min(1000.0, round(slowest / 3)))
@@ -597,7 +596,7 @@ def profile(mode: Mode, workdir: Path, cores: procs.Cores, workloads: list[Workl
             print(f"\n## {workload.name} {workload.title}: {result.requests} requests under cProfile\n")
             stats = pstats.Stats(str(prof))
             stats.sort_stats("tottime").print_stats(25)
-            saved = BENCH_DIR / f"profile-{workload.name}.prof"
+            saved = Path(tempfile.gettempdir()) / f"consent-bench-profile-{workload.name}.prof"
             saved.write_bytes(prof.read_bytes())
             print(f"(saved {saved}; per request divide by {result.requests})")
     finally:

@@ -48,6 +48,7 @@ async def upstream() -> AsyncIterator[tuple[Fixture, TestServer]]:
 
 async def test_consent_queries_are_counted_per_patient(upstream: tuple[Fixture, TestServer]) -> None:
     fixture, server = upstream
+    assert server.port is not None
     a, b = cold_patient("0", 0), cold_patient("0", 1)
     path = f"/fhir/Consent?patient={a},{b}&status=active&_count=100"
     result = await load.closed_loop(server.port, [load.raw_request(path, server.port, {})] * 3, connections=2, seconds=None)
@@ -59,6 +60,7 @@ async def test_consent_queries_are_counted_per_patient(upstream: tuple[Fixture, 
 
 async def test_closed_loop_reads_whole_answers_back_to_back(upstream: tuple[Fixture, TestServer]) -> None:
     _, server = upstream
+    assert server.port is not None
     requests = [load.raw_request(p, server.port, {}) for p in (W2_PATH, cold_path(cold_patient("0", 2)), "/nope")] * 4
     result = await load.closed_loop(server.port, requests, connections=3, seconds=None)
     assert result.requests == 12
@@ -75,6 +77,7 @@ async def test_open_loop_keeps_its_schedule() -> None:
     app.router.add_get("/", slow)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
+    assert server.port is not None
     try:
         result = await load.open_loop(server.port, load.raw_request("/", server.port, {}), rate=200, seconds=0.25)
     finally:

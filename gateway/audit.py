@@ -36,7 +36,12 @@ class AuditLog:
 
     def _open(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # A crash mid-write left a partial line: end it so the next event parses.
+                os.write(fd, b"\n")
+            self._fd = fd
         return self._fd
 
     def _write(self, data: bytes) -> None:
@@ -117,8 +122,16 @@ class AuditDelivery:
             line, sep, data = data.partition(b"\n")
             if not sep:
                 break  # a line still being written
-            event = orjson.loads(line)
-            url = self.server.url_for(f"AuditEvent/{event['id']}")
+            try:
+                event = orjson.loads(line)
+                event_id = str(event["id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                # A line cut short by a crash stays in the local file; delivery moves past it.
+                log.error("audit line at offset %d is not an AuditEvent; not delivered", offset)
+                offset += len(line) + 1
+                await asyncio.to_thread(self._save_offset, offset)
+                continue
+            url = self.server.url_for(f"AuditEvent/{event_id}")
             resp = await self.server.request(
                 "PUT", url, body=line, headers={"Content-Type": "application/fhir+json"}
             )

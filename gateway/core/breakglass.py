@@ -24,7 +24,8 @@ _REST_INTERACTIONS = {
     "create": "create", "update": "update", "patch": "patch", "delete": "delete",
     "batch": "batch", "operation": "operation", "capabilities": "capabilities",
 }
-_ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "operation": "E", "batch": "E"}
+# R4 audit-event-action: E (execute) covers query/search.
+_ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "operation": "E", "batch": "E", "search": "E"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +184,7 @@ def audit_event(
         "outcome": "0" if status < 400 else ("4" if status < 500 else "8"),
         "outcomeDesc": (
             f"Break-glass: {would_deny} of {len(resources)} resources would have been denied by consent"
-            if would_deny else "Break-glass: consent would have permitted this access"
+            if would_deny else "Break-glass: this access would have been permitted by consent"
         ),
         "purposeOfEvent": [
             {"coding": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT"}], "text": reason},

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.core.breakglass import audit_event, emergency_consent
-from gateway.core.errors import BadRequest, BreakGlassDisabled, ConsentUnavailable
+from gateway.core.errors import BadRequest, BreakGlassDisabled, GatewayError
 from gateway.core.model import Actor
 from gateway.web.enforcement import Emergency
 from gateway.web.state import GatewayState
@@ -67,16 +67,19 @@ async def record_emergency_consents(state: GatewayState, emergency: Emergency, a
     """
     if emergency.reason is None or not state.settings.break_glass.record_consent:
         return
-    now = datetime.now(timezone.utc)
     for patient, labels in sorted(emergency.opened.items()):
-        window = emergency.windows.get(patient)
-        if window is not None and {label.code for label in labels} <= window.labels:
-            continue
-        consent = emergency_consent(actor, patient, labels, emergency.reason, now, state.settings.break_glass.duration_h)
-        try:
-            stored = await state.store.source.store_consent(consent)
-        except ConsentUnavailable:
-            log.error("emergency consent could not be stored", extra={"actor": actor.reference})
-            continue
-        state.store.invalidate(patient)
-        log.info("emergency consent stored", extra={"actor": actor.reference, "reasons": [stored]})
+        # One window per actor and patient, even when a chart fires its queries at once.
+        async with state.window_lock(actor.reference, patient):
+            now = datetime.now(timezone.utc)
+            codes = {label.code for label in labels}
+            current = (await state.store.get([patient]))[patient].emergency
+            if any(w.actor == actor.reference and w.open_at(now) and codes <= w.labels for w in current):
+                continue
+            consent = emergency_consent(actor, patient, labels, emergency.reason, now, state.settings.break_glass.duration_h)
+            try:
+                stored = await state.store.source.store_consent(consent)
+            except GatewayError:
+                log.error("emergency consent could not be stored", extra={"actor": actor.reference})
+                continue
+            state.store.invalidate(patient)
+            log.info("emergency consent stored", extra={"actor": actor.reference, "reasons": [stored]})

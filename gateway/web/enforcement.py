@@ -13,7 +13,9 @@ from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, decide_resource, preflight, summary_reads
 from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
 from gateway.core.fhir import JSON, resource_reference
+from gateway.core.purpose import lineage
 from gateway.core.labels import LabelIndex
+from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
 from gateway.sources.store import ConsentStore, PatientConsents
 
@@ -82,10 +84,11 @@ class ConsentEnforcement:
         if any(pc.names_groups for pc in found.values()):
             actor = replace(actor, groups=await self.store.memberships(actor.reference))
         ctx = RequestContext(actor=actor, purpose=purpose, now=now or datetime.now(timezone.utc))
+        # An emergency window is a grant for treatment: other purposes do not open it.
         windows = {
             p: w for p, pc in found.items() for w in pc.emergency
             if w.actor == actor.reference and w.open_at(ctx.now)
-        }
+        } if "TREAT" in lineage(purpose) else {}
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
 
     def judge(self, looked: Looked) -> Judge:
@@ -179,7 +182,15 @@ class ConsentEnforcement:
         but what consent would have denied is recorded for the audit.
         """
         index = owners_index(body)
-        looked = await self.look_up(patients_in(index) | (confined or frozenset()), actor, purpose)
+        patients = patients_in(index) | (confined or frozenset())
+        try:
+            looked = await self.look_up(patients, actor, purpose)
+        except ConsentUnavailable:
+            if break_glass is None:
+                raise
+            # An emergency gets through even when consents cannot be read; every resource is
+            # then audited as one consent would have denied.
+            looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows)
         judge = self.judge(looked)

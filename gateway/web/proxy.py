@@ -204,8 +204,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _unchecked(state, info, upstream, links, actor, reason, route, generic_outcome(parsed))
     if parsed is None or parsed.get("resourceType") == "OperationOutcome":
         return await _unchecked(state, info, upstream, links, actor, reason, route)
+    confined = named_patients(route.parts, query)
     result, emergency = await state.enforcement.enforce(
-        parsed, actor, purpose, confined=named_patients(route.parts, query), break_glass=reason
+        parsed, actor, purpose, confined=confined, break_glass=reason
     )
     info.decision = result.header
     state.metrics.decisions.labels(result.header).inc()
@@ -215,7 +216,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     headers = {}
     if emergency.audited:
         # SECURITY: the audit line is on disk before any data leaves (CONTRACT §7).
-        headers["X-Break-Glass-Audit-Id"] = await audit(state, emergency, actor, route.interaction, upstream.status)
+        headers["X-Break-Glass-Audit-Id"] = await audit(
+            state, emergency, actor, route.interaction, upstream.status, confined or frozenset()
+        )
         await record_emergency_consents(state, emergency, actor)
     if projection is not None:
         if parsed.get("resourceType") == "Bundle":

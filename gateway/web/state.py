@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -37,6 +38,17 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
+
+
+    window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def window_lock(self, actor: str, patient: str) -> asyncio.Lock:
+        """The lock serialising emergency-window creation for one actor and patient."""
+        key = (actor, patient)
+        lock = self.window_locks.get(key)
+        if lock is None:
+            lock = self.window_locks[key] = asyncio.Lock()
+        return lock
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

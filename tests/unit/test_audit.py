@@ -153,8 +153,6 @@ async def test_every_waiter_of_a_failed_batch_gets_503_then_the_log_recovers(tmp
     assert lines(path) == [ok]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AuditLog._open appends after a torn last line (a crash mid-write), "
-                   "so the next event's line is glued to it and no longer parses")
 async def test_event_after_a_torn_line_still_parses(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     kept = event("kept")
@@ -274,8 +272,6 @@ async def test_a_partly_written_line_waits(audit_log: AuditLog, audit_server: Up
     assert [i for i, _ in puts(fake_fhir)] == [whole["id"], orjson.loads(partial)["id"]]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AuditDelivery.deliver_once raises on a line that does not parse, "
-                   "so run() retries it forever and nothing after it is ever delivered")
 async def test_a_line_that_does_not_parse_does_not_stop_delivery(
     audit_log: AuditLog, audit_server: Upstream, fake_fhir: FakeFhir
 ) -> None:
