@@ -494,7 +494,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| target | figure | met |", "|---|---|---|"]
     for row in results["targets"]:
         met = {True: "met", False: "NOT met", None: "not measured"}[row["met"]]
-        figure = "–" if row["figure"] is None else f"{row['figure']:,} {row['unit']}"
+        digits = 2 if row["unit"] in ("×", "queries/patient") or row["figure"] and row["figure"] < 100 else 0
+        figure = "–" if row["figure"] is None else f"{row['figure']:,.{digits}f} {row['unit']}"
         detail = f" ({row['detail']})" if row.get("detail") else ""
         lines.append(f"| {row['target']} | {figure}{detail} | {met} |")
     if results["notes"]:

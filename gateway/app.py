@@ -169,6 +169,12 @@ async def serve_until_signalled(state: GatewayState) -> None:
         "listening: proxy %s:%d, admin %s:%d",
         state.settings.listen.host, running.proxy_port, state.settings.admin.host, running.admin_port,
     )
+    await until_signalled()
+    await running.stop()
+
+
+async def until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT; later signals fall back to their defaults during shutdown."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,4 +182,3 @@ async def serve_until_signalled(state: GatewayState) -> None:
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
-    await running.stop()

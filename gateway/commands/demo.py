@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.app import build_state, configure_logging, start
+from gateway.app import build_state, configure_logging, start, until_signalled
 from gateway.config import build_settings
 from gateway.demo.server import demo_server
 
@@ -99,13 +98,7 @@ async def _run(args: argparse.Namespace, directory: Path) -> int:
               "choose others with --port / --admin-port", file=sys.stderr)
         return 2
     print(instructions(running.proxy_port, running.admin_port, directory, os.path.abspath(sys.argv[0])), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+    await until_signalled()
     await running.stop()
     await runner.cleanup()
     print("demo stopped", file=sys.stderr)

@@ -50,18 +50,6 @@ class BreakGlassDisabled(GatewayError):
     code = "break-glass-disabled"
 
 
-class NotFound(GatewayError):
-    status = 404
-    issue_code = "not-found"
-    code = "not-found"
-
-
-class MethodNotAllowed(GatewayError):
-    status = 405
-    issue_code = "not-supported"
-    code = "method-not-allowed"
-
-
 class NotAcceptable(GatewayError):
     status = 406
     issue_code = "not-supported"

@@ -13,7 +13,6 @@ from enum import Enum
 V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 V3_PURPOSE_OF_USE = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-V3_ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 CONSENT_ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
 # Resource-scope codes (the vendor data scopes: LABS, MEDICATIONS, ...) defined in rules/.

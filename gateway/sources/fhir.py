@@ -9,7 +9,7 @@ import orjson
 from yarl import URL
 
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.fhir import JSON, iter_bundle_resources, reference_of, relative_reference
+from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.upstream import Upstream
 
 MAX_PAGES = 200

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cachetools import TTLCache
 
@@ -22,6 +22,7 @@ from gateway.core.fhir import JSON
 from gateway.metrics import Metrics
 
 GROUP_TYPES = ("Group/", "CareTeam/")
+T = TypeVar("T")
 
 
 class ConsentSource(Protocol):
@@ -149,8 +150,12 @@ class ConsentStore:
             self.metrics.cache_entries.set(len(self._cache))
 
     async def _fetch(self, chunk: list[str]) -> dict[str, list[JSON]]:
+        return await self._counted(self.source.fetch(chunk))
+
+    async def _counted(self, lookup: Awaitable[T]) -> T:
+        """Await a source lookup; any failure is counted and becomes ConsentUnavailable."""
         try:
-            return await self.source.fetch(chunk)
+            return await lookup
         except ConsentUnavailable:
             self.metrics.lookup_errors.inc()
             raise
@@ -163,13 +168,6 @@ class ConsentStore:
         cached = self._groups.get(actor)
         if cached is not None:
             return cached
-        try:
-            groups = await self.source.memberships(actor)
-        except ConsentUnavailable:
-            self.metrics.lookup_errors.inc()
-            raise
-        except Exception:
-            self.metrics.lookup_errors.inc()
-            raise ConsentUnavailable("Consent information is unavailable.") from None
+        groups = await self._counted(self.source.memberships(actor))
         self._groups[actor] = groups
         return groups
