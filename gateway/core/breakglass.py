@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from gateway.core.compartment import parse_period
 from gateway.core.fhir import JSON, iter_codings, reference_of, relative_reference
-from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_PURPOSE_OF_USE, Actor, Label
+from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_CONFIDENTIALITY, V3_PURPOSE_OF_USE, Actor, Label
 
 EMERGENCY_CODE = "emergency"
 REASON_EXTENSION = "urn:consent-gateway:break-glass-reason"
@@ -177,6 +177,8 @@ def audit_event(
     return {
         "resourceType": "AuditEvent",
         "id": event_id,
+        # SECURITY: it names records consent hides; only a consent naming R opens it.
+        "meta": {"security": [{"system": V3_CONFIDENTIALITY, "code": "R"}]},
         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": _REST_INTERACTIONS.get(interaction, "operation")}],
         "action": _ACTIONS.get(interaction, "R"),

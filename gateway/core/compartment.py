@@ -359,8 +359,13 @@ def _collect_references(node: Any, path: Path, found: set[str]) -> None:
         found.add(_relative(ref))
 
 
+# Patient links the R4 CompartmentDefinition leaves out but that plainly name a patient.
+EXTRA_PATIENT_LINKS: dict[str, dict[str, Path]] = {
+    "Task": {"for": ("for",)},
+}
 _COMPARTMENT_PATHS: dict[str, tuple[Path, ...]] = {
-    rtype: tuple(params.values()) for rtype, params in PATIENT_COMPARTMENT.items()
+    rtype: tuple(params.values())
+    for rtype, params in {**PATIENT_COMPARTMENT, **EXTRA_PATIENT_LINKS}.items()
 }
 
 

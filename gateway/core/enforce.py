@@ -41,6 +41,19 @@ SUPPRESSED_OUTCOME: JSON = {
 }
 
 
+def scrubbed_outcome(outcome: JSON) -> JSON:
+    """An OperationOutcome with its severities and codes but none of its texts."""
+    issues = [i for i in outcome.get("issue") or () if isinstance(i, dict)] or [{}]
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": str(i.get("severity", "error")), "code": str(i.get("code", "processing")),
+             "diagnostics": "The FHIR server reported an error."}
+            for i in issues
+        ],
+    }
+
+
 @dataclass
 class Enforced:
     """What enforcement did to one body."""
@@ -48,6 +61,7 @@ class Enforced:
     denied: bool = False            # the body as a whole may not be returned
     removed: list[tuple[str, Decision]] = field(default_factory=list)  # (resource type, why)
     deciding: list[Reason] = field(default_factory=list)
+    changed: bool = False           # the body was altered (else its original bytes may be sent)
 
     @property
     def header(self) -> str:
@@ -124,16 +138,31 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
 class Enforcer:
     """Walks one parsed body, mutating it in place to what the requester may see."""
 
-    def __init__(self, judge: Judge, *, drop_total: bool, index: dict[int, frozenset[str]] | None = None) -> None:
+    def __init__(
+        self,
+        judge: Judge,
+        *,
+        drop_total: bool,
+        index: dict[int, frozenset[str]] | None = None,
+        withheld_status: str = "403 Forbidden",
+    ) -> None:
         self.judge = judge
         self.drop_total = drop_total
         self.index = index
+        self.withheld_status = withheld_status
         self.result = Enforced()
+
+    def _malformed(self) -> None:
+        # SECURITY: a shape the gateway cannot walk is never passed on (fail closed).
+        self.result.denied = True
+        self.result.deciding.append(Reason("", "", "malformed-response"))
 
     def body(self, body: JSON) -> Enforced:
         """Enforce a whole response body (a resource, a Bundle or Parameters)."""
         rtype = body.get("resourceType")
-        if rtype == "Bundle":
+        if not isinstance(rtype, str) or not rtype:
+            self._malformed()
+        elif rtype == "Bundle":
             self.bundle(body)
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
@@ -161,29 +190,53 @@ class Enforcer:
     def bundle(self, bundle: JSON) -> None:
         entries = bundle.get("entry")
         removed_before = len(self.result.removed)
-        if isinstance(entries, list):
+        if entries is not None and not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
+            self._malformed()
+            return
+        if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
             for entry in entries:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if not isinstance(resource, dict) or self._keep(resource):
+                resource = entry.get("resource")
+                if response_bundle:
+                    self._scrub_response(entry)
+                if resource is not None and not isinstance(resource, dict):
+                    self._malformed()
+                    return
+                if resource is None or self._keep(resource):
                     kept.append(entry)
                 elif response_bundle:
-                    kept.append({"response": dict(WITHHELD_RESPONSE)})
+                    slot = dict(WITHHELD_RESPONSE)
+                    slot["status"] = self.withheld_status
+                    kept.append({"response": slot})
             if len(self.result.removed) > removed_before and not response_bundle:
                 kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
-            bundle["entry"] = kept
-        if self.drop_total or len(self.result.removed) > removed_before:
+            if len(self.result.removed) > removed_before:
+                bundle["entry"] = kept
+                self.result.changed = True
+        if (self.drop_total or len(self.result.removed) > removed_before) and "total" in bundle:
             # SECURITY: Bundle.total would reveal how many entries were withheld.
-            bundle.pop("total", None)
+            del bundle["total"]
+            self.result.changed = True
+
+    def _scrub_response(self, entry: JSON) -> None:
+        """An upstream error outcome in a batch slot keeps its codes, never its texts."""
+        response = entry.get("response")
+        outcome = response.get("outcome") if isinstance(response, dict) else None
+        if isinstance(outcome, dict) and isinstance(response, dict):
+            response["outcome"] = scrubbed_outcome(outcome)
+            self.result.changed = True
 
     def parameters(self, params: object) -> None:
         if not isinstance(params, list):
             return
-        params[:] = [
+        kept = [
             p for p in params
             if not isinstance(p, dict) or not isinstance(p.get("resource"), dict) or self._keep(p["resource"])
         ]
+        if len(kept) != len(params):
+            params[:] = kept
+            self.result.changed = True
         for param in params:
             if isinstance(param, dict):
                 self.parameters(param.get("part"))

@@ -232,6 +232,16 @@ _EXTRACTORS: dict[str, tuple[_Getter, ...]] = {t: _extractors(t) for t in _CODE_
 _DEFAULT_EXTRACTORS = _extractors("")
 
 
+def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
+    if not isinstance(provision, dict):
+        return
+    for coding in provision.get("securityLabel") or ():
+        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+            own.append((Label(str(coding.get("system") or ""), coding["code"]), "Consent.provision.securityLabel"))
+    for nested in provision.get("provision") or ():
+        _provision_labels(nested, own)
+
+
 def normalize_icd(code: str) -> str:
     """``f11.20`` / ``F1120`` -> ``F1120``: upper case, the dot after the category dropped."""
     code = code.strip().upper()
@@ -324,6 +334,9 @@ class LabelIndex:
             code = resource.get("confidentiality")
             if isinstance(code, str):
                 own.append((Label(V3_CONFIDENTIALITY, code), "Composition.confidentiality"))
+        elif rtype == "Consent":
+            # A consent naming a sensitive label tells that the patient has such records.
+            _provision_labels(resource.get("provision"), own)
         elif rtype == "Bundle":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):

@@ -37,9 +37,18 @@ def unfilterable(
             return f"param:{base}"
         if base == "_contained" and value.strip() not in ("", "false"):
             return "param:_contained"
-        if "." in base and not base.startswith("_"):
+        if "." in name:
             # A chain selects by another resource's content, which may be hidden.
             return "param:chain"
+    return None
+
+
+def conditional_write(method: str, parts: tuple[str, ...], has_query: bool, if_none_exist: str | None) -> str | None:
+    """A conditional write selects records by a search whose answer may be hidden."""
+    if if_none_exist:
+        return "conditional:create"
+    if method in ("PUT", "PATCH", "DELETE") and len(parts) == 1 and has_query:
+        return f"conditional:{method.lower()}"
     return None
 
 
@@ -56,7 +65,8 @@ def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> 
         if not _FHIR_ID.match(parts[1]):
             return None
         found.add(f"Patient/{parts[1]}")
-    links = set(PATIENT_COMPARTMENT.get(rtype, {}))
+    # Patient?link= finds other (linked) patients: it confines nothing.
+    links = set(PATIENT_COMPARTMENT.get(rtype, {})) - {"link"}
     if "subject" in links or "patient" in links:
         links.add("patient")  # R4 defines ``patient`` (subject as a Patient) wherever ``subject`` is
     if rtype == "Patient" and len(parts) == 1:

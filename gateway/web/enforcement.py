@@ -174,6 +174,7 @@ class ConsentEnforcement:
         *,
         confined: frozenset[str] | None,
         break_glass: str | None = None,
+        withheld_status: str = "403 Forbidden",
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -196,7 +197,7 @@ class ConsentEnforcement:
         judge = self.judge(looked)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency)
-        result = Enforcer(judge, drop_total=drop_total, index=index).body(body)
+        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
 

@@ -14,13 +14,13 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from gateway.core.compartment import is_patient_data
-from gateway.core.enforce import Enforced
+from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BadRequest, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
-from gateway.core.refusals import named_patients, unfilterable
+from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web.enforcement import Emergency
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
@@ -35,6 +35,9 @@ _HOST_OK = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-
 # Headers recomputed by the gateway or by aiohttp for the other leg.
 _NOT_FORWARDED_REQUEST = GATEWAY_HEADERS | {"host", "content-length", "accept-encoding", "accept"}
 _NOT_FORWARDED_RESPONSE = frozenset({"content-length", "content-encoding", "server", "date"})
+_CONDITIONAL_READ = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
+# Headers of a stored resource the requester may not see.
+_RESOURCE_HEADERS = ("Location", "Content-Location", "ETag", "Last-Modified")
 
 
 def public_base(request: web.Request, state: GatewayState, route: Route) -> str:
@@ -53,10 +56,13 @@ def public_base(request: web.Request, state: GatewayState, route: Route) -> str:
 def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
     """End-to-end request headers minus the gateway's own; JSON asked of the upstream."""
     headers = end_to_end(request.headers)
+    reading = request.method in ("GET", "HEAD")
     for name in list(headers.keys()):
         lower = name.lower()
-        # SECURITY: the requester's identity headers are the gateway's alone, whatever their suffix.
-        if lower in _NOT_FORWARDED_REQUEST or lower.startswith(GATEWAY_HEADER_PREFIXES):
+        # SECURITY: the requester's identity headers are the gateway's alone, whatever their suffix;
+        # a conditional read (304) would confirm a hidden record without a decision.
+        if (lower in _NOT_FORWARDED_REQUEST or lower.startswith(GATEWAY_HEADER_PREFIXES)
+                or (reading and lower in _CONDITIONAL_READ)):
             del headers[name]
     headers["Accept"] = "application/fhir+json"
     headers["X-Request-Id"] = request_id
@@ -104,41 +110,63 @@ def _search_form(request: web.Request, route: Route, body: bytes | None) -> list
         raise BadRequest("The _search body is not valid form data.") from None
 
 
-def _forwarded_query(raw: str, projection: Projection | None) -> str:
-    """The query string for the upstream: verbatim, minus the projection the gateway applies."""
-    if projection is None or not raw:
+def _forwarded_query(raw: str) -> str:
+    """The query string for the upstream: verbatim, minus every ``_elements``/``_summary``.
+
+    The gateway applies the projection after deciding; with any modifier (``:exclude``) the
+    upstream could strip the codes that carry labels.
+    """
+    if not raw or ("_elements" not in raw and "_summary" not in raw and "%5F" not in raw.upper()):
         return raw
-    kept = [item for item in raw.split("&") if unquote(item.split("=", 1)[0]) not in PROJECTION_PARAMS]
+    kept = [
+        item for item in raw.split("&")
+        if unquote(item.split("=", 1)[0]).split(":", 1)[0] not in PROJECTION_PARAMS
+    ]
     return "&".join(kept)
 
 
-async def refuse_unfilterable(state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str) -> None:
+async def refuse_unfilterable(
+    state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str,
+    method: str = "GET", request_if_none_exist: str | None = None,
+) -> bool:
     """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
 
-    An allowed request is still filtered like any other.
+    Returns True when the request is such a one but allowed: it is still filtered like any
+    other, except that a non-FHIR answer (``$graphql``) may pass.
     """
     why = unfilterable(route.parts, route.operation, query)
+    condition = query
     if why is None:
-        return
-    patients = named_patients(route.parts, query)
+        if_none_exist = request_if_none_exist
+        why = conditional_write(method, route.parts, bool(query), if_none_exist)
+        if if_none_exist:
+            condition = parse_qsl(if_none_exist, keep_blank_values=True)
+    if why is None:
+        return False
+    patients = named_patients(route.parts if condition is query else route.parts[:1], condition)
     if patients:
         looked = await state.enforcement.look_up(patients, actor, purpose)
         if state.enforcement.unconditional(looked, patients):
-            return
+            return True
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
 
 
 def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
-    """The upstream's JSON body, parsed once; None when there is nothing to decide."""
+    """The upstream's JSON body, parsed once; None when there is nothing to decide.
+
+    SECURITY: anything but JSON is passed on only for the capability statement; an error
+    answer in another format is replaced by a bare outcome, a 2xx one is refused (502).
+    """
     if not upstream.body:
         return None
     ctype = upstream.headers.get("Content-Type", "").lower()
     if "json" not in ctype:
-        if route.resource_type and is_patient_data(route.resource_type):
-            # SECURITY: patient data the gateway cannot read is never passed on.
-            raise UpstreamUnavailable("The FHIR server answered in a format the gateway cannot check.")
-        return None
+        if route.interaction == "capabilities":
+            return None
+        if upstream.status >= 400:
+            return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing"}]}
+        raise UpstreamUnavailable("The FHIR server answered in a format the gateway cannot check.")
     try:
         body = orjson.loads(upstream.body)
     except orjson.JSONDecodeError:
@@ -151,7 +179,7 @@ def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
 def denied_answer(state: GatewayState) -> web.Response:
     """A denied read: 403, or a 404 byte-for-byte like the upstream's own (scrubbed) not-found."""
     if state.settings.enforcement.denied_read_status == 404:
-        body = generic_outcome({"issue": [{"severity": "error", "code": "not-found"}]})
+        body = orjson.dumps(scrubbed_outcome({"issue": [{"severity": "error", "code": "not-found"}]}))
         return web.Response(status=404, body=body, content_type="application/fhir+json",
                             headers={"X-Consent-Decision": "deny"})
     raise ConsentDenied("Access to this resource is not permitted.")
@@ -180,38 +208,44 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # A POST _search carries its parameters in the body: they are checked like the URL's.
     form = _search_form(request, route, body)
     query = list(request.query.items()) + form
-    await refuse_unfilterable(state, route, query, actor, purpose)
+    exempted = await refuse_unfilterable(
+        state, route, query, actor, purpose, request.method, request.headers.get("If-None-Exist")
+    )
+    await check_operation_target(state, request, route, actor, purpose)
     projection = Projection.from_query(
         [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
     )
-    if form and projection is not None:
-        body = _forwarded_query(body.decode() if body else "", projection).encode()
-    url = state.upstream.url_for(route.path, _forwarded_query(request.rel_url.raw_query_string, projection))
+    if form:
+        body = _forwarded_query(body.decode() if body else "").encode()
+    url = state.upstream.url_for(route.path, _forwarded_query(request.rel_url.raw_query_string))
+    # HEAD is asked as GET so the answer can be decided; aiohttp sends no body for HEAD.
+    method = "GET" if request.method == "HEAD" else request.method
     upstream = await state.upstream.request(
-        request.method, url, headers=upstream_headers(request, info.request_id), body=body
+        method, url, headers=upstream_headers(request, info.request_id), body=body
     )
     state.metrics.upstream_duration.observe(upstream.seconds)
     links = LinkRewriter(state.upstream.base_url, public_base(request, state, route))
-    if route.interaction in WRITE_INTERACTIONS:
-        evict_consents(state, request.method, route, body, upstream)
-        return await _unchecked(state, info, upstream, links, actor, reason, route)
-    if route.interaction == "batch":
-        # A batch's writes pass; its answers (reads inside it included) are decided below.
+    if route.interaction in WRITE_INTERACTIONS or route.interaction == "batch":
         evict_consents(state, request.method, route, body, upstream)
     parsed = parse_body(upstream, route)
-    if parsed is not None and parsed.get("resourceType") == "OperationOutcome" and upstream.status >= 400:
+    if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
-        return await _unchecked(state, info, upstream, links, actor, reason, route, generic_outcome(parsed))
-    if parsed is None or parsed.get("resourceType") == "OperationOutcome":
+        scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
+        return await _unchecked(state, info, upstream, links, actor, reason, route, scrubbed)
+    if parsed is None or (exempted and "resourceType" not in parsed):
+        # Nothing to decide, or a non-FHIR answer ($graphql) for patients who permit everything.
         return await _unchecked(state, info, upstream, links, actor, reason, route)
     confined = named_patients(route.parts, query)
+    withheld = "404 Not Found" if state.settings.enforcement.denied_read_status == 404 else "403 Forbidden"
     result, emergency = await state.enforcement.enforce(
-        parsed, actor, purpose, confined=confined, break_glass=reason
+        parsed, actor, purpose, confined=confined, break_glass=reason, withheld_status=withheld
     )
     info.decision = result.header
     state.metrics.decisions.labels(result.header).inc()
     count_removed(state, result)
-    if result.denied:
+    if result.denied or _all_versions_hidden(route, parsed, result):
+        if route.interaction in WRITE_INTERACTIONS:
+            return _write_withheld(upstream, links)
         return denied_answer(state)
     headers = {}
     if emergency.audited:
@@ -225,22 +259,60 @@ async def handle(request: web.Request) -> web.StreamResponse:
             projection.bundle(parsed)
         else:
             projection.apply(parsed)
-    response = client_response(upstream, links, links.body(orjson.dumps(parsed)), result.header)
+    # Unchanged bodies go out as the upstream wrote them (decimals and all).
+    payload = orjson.dumps(parsed) if result.changed or projection is not None else upstream.body
+    response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
 
 
-def generic_outcome(outcome: JSON) -> bytes:
-    """An upstream error outcome with its severities and codes but none of its texts."""
-    issues = [i for i in outcome.get("issue") or () if isinstance(i, dict)] or [{}]
-    return orjson.dumps({
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {"severity": str(i.get("severity", "error")), "code": str(i.get("code", "processing")),
-             "diagnostics": "The FHIR server reported an error."}
-            for i in issues
-        ],
-    })
+def _all_versions_hidden(route: Route, parsed: JSON, result: Enforced) -> bool:
+    """Instance history whose every version was withheld answers like a denied read."""
+    if route.interaction != "history" or route.resource_id is None or not result.removed:
+        return False
+    return all(
+        isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == "OperationOutcome"
+        for e in parsed.get("entry") or ()
+    )
+
+
+def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:
+    """A write that succeeded but whose stored resource the requester may not see."""
+    response = client_response(upstream, links, orjson.dumps(WRITE_WITHHELD), "filtered")
+    for name in _RESOURCE_HEADERS:
+        response.headers.popall(name, None)
+    response.content_type = "application/fhir+json"
+    return response
+
+
+async def check_operation_target(
+    state: GatewayState, request: web.Request, route: Route, actor: Actor, purpose: str
+) -> None:
+    """An instance operation on patient data runs only when the requester may read the instance.
+
+    Its answer ($meta, $validate, ...) need not contain the instance, so it is decided first.
+    """
+    if (route.operation is None or route.resource_id is None or route.resource_type is None
+            or route.operation == "$everything" or not is_patient_data(route.resource_type)):
+        return
+    url = state.upstream.url_for(f"{route.resource_type}/{route.resource_id}")
+    target = await state.upstream.request("GET", url, headers={"Accept": "application/fhir+json"})
+    if target.status == 404:
+        return
+    parsed = parse_body(target, route)
+    if target.status >= 400 or parsed is None:
+        raise ConsentDenied("Access to this resource is not permitted.")
+    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None)
+    if result.denied:
+        raise ConsentDenied("Access to this resource is not permitted.")
+
+
+WRITE_WITHHELD: JSON = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "information", "code": "informational",
+               "diagnostics": "The request was processed; the stored resource is not shown."}],
+}
 
 
 async def _unchecked(
@@ -256,6 +328,8 @@ async def _unchecked(
     info.decision = decision
     state.metrics.decisions.labels(decision).inc()
     response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision)
+    if body is not None:
+        response.content_type = "application/fhir+json"
     if reason is not None:
         target = frozenset({f"{route.resource_type}/{route.resource_id}"}) if route.resource_type == "Patient" and route.resource_id else frozenset()
         emergency = Emergency(reason)

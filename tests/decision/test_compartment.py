@@ -52,8 +52,10 @@ def test_compartment_covers_the_r4_definition() -> None:
     assert len(PATIENT_COMPARTMENT) == 66
     for rtype in ("ResearchSubject", "MolecularSequence", "ImmunizationEvaluation", "Invoice"):
         assert is_patient_data(rtype)
-    for rtype in ("Practitioner", "Organization", "Location", "Medication", "ValueSet", "Task"):
+    for rtype in ("Practitioner", "Organization", "Location", "Medication", "ValueSet"):
         assert not is_patient_data(rtype)
+    # Beyond the definition: Task.for names the patient the task is about.
+    assert patients_of({"resourceType": "Task", "for": {"reference": "Patient/p"}}) == {"Patient/p"}
 
 
 @pytest.mark.parametrize(

@@ -106,13 +106,16 @@ async def test_include_and_revinclude_entries_are_decided(gw: GatewayUnderTest) 
 
 async def test_instance_history_of_hidden_resource_reveals_nothing(gw: GatewayUnderTest) -> None:
     resp = await gw.get("/Condition/bob-hiv/_history", actor="Practitioner/dr-gp")
-    bundle = orjson.loads(await resp.read())
-    assert resp.status == 200
-    assert "total" not in bundle
-    # The self link echoes the requester's own URL; everything else must be silent.
-    body = orjson.dumps({k: v for k, v in bundle.items() if k != "link"})
+    body = await resp.read()
+    # Every version hidden: answered like the denied read itself.
+    assert resp.status == 403
+    assert resp.headers["X-Consent-Decision"] == "deny"
     for secret in BOB_HIDDEN:
         assert secret.encode() not in body
+    permitted = await gw.get("/Condition/bob-hiv/_history", actor="Patient/pat-bob")
+    bundle = orjson.loads(await permitted.read())
+    assert permitted.status == 200
+    assert any(e["resource"]["id"] == "bob-hiv" for e in bundle["entry"])
 
 
 async def test_consent_transaction_write_is_reflected_at_once(gw: GatewayUnderTest) -> None:
