@@ -83,6 +83,7 @@ class ConsentSettings(_Section):
     that id goes in; ``healthex_consent_types`` the consent types asked for.
     ``emergency_organization_id``/``emergency_organization_group_id`` are the HealtheIntent
     care unit and group recorded on the emergency consents the gateway stores there.
+    ``writer_roles`` limits who may write Consents through the gateway.
     """
 
     source_kind: Literal["fhir", "clinikapi", "healthex", "healtheintent"] = "fhir"
@@ -99,6 +100,9 @@ class ConsentSettings(_Section):
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)
+    # Who may write Consents through the gateway: None = anyone (writes pass through); else the
+    # patient the consent is about, or a requester whose X-Actor-Role is listed.
+    writer_roles: tuple[str, ...] | None = None
 
     @field_validator("source_url")
     @classmethod

@@ -43,7 +43,8 @@ class EmergencyWindow:
         return self.start <= now < self.end
 
 
-def _is_emergency(consent: JSON) -> bool:
+def is_emergency(consent: JSON) -> bool:
+    """True for a Consent that carries the gateway's emergency-access category."""
     return any(
         c.get("system") == GATEWAY_CODE_SYSTEM and c.get("code") == EMERGENCY_CODE
         for c in iter_codings(consent.get("category"))
@@ -52,7 +53,7 @@ def _is_emergency(consent: JSON) -> bool:
 
 def emergency_window(consent: JSON) -> EmergencyWindow | None:
     """The window of an active emergency Consent; None for anything else or anything unreadable."""
-    if consent.get("status") != "active" or not _is_emergency(consent):
+    if consent.get("status") != "active" or not is_emergency(consent):
         return None
     provision = consent.get("provision")
     if not isinstance(provision, dict):

@@ -16,14 +16,15 @@ import orjson
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BadRequest, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
-from gateway.core.fhir import JSON
+from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.core.links import LinkRewriter
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web.enforcement import Emergency
-from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
+from gateway.core.breakglass import is_emergency
+from gateway.web.writes import WRITE_INTERACTIONS, consents_written, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
 from gateway.web.request import GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
@@ -212,6 +213,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         state, route, query, actor, purpose, request.method, request.headers.get("If-None-Exist")
     )
     await check_operation_target(state, request, route, actor, purpose)
+    check_consent_write(state, request.method, route, body, actor)
     projection = Projection.from_query(
         [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
     )
@@ -235,6 +237,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if parsed is None or (exempted and "resourceType" not in parsed):
         # Nothing to decide, or a non-FHIR answer ($graphql) for patients who permit everything.
         return await _unchecked(state, info, upstream, links, actor, reason, route)
+    if reason is None:
+        await check_security_context(state, parsed, actor, purpose)
     confined = named_patients(route.parts, query)
     withheld = "404 Not Found" if state.settings.enforcement.denied_read_status == 404 else "403 Forbidden"
     result, emergency = await state.enforcement.enforce(
@@ -286,6 +290,53 @@ def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Resp
     return response
 
 
+def check_consent_write(state: GatewayState, method: str, route: Route, body: bytes | None, actor: Actor) -> None:
+    """Consent writes: never an emergency grant (only break-glass makes those); optionally only
+    the patient concerned or a listed role (``consent.writer_roles``)."""
+    written = consents_written(method, route.resource_type, body)
+    if written is None:
+        return
+    roles = state.settings.consent.writer_roles
+    for consent in written:
+        # Revoking a window (any status but active) is a write like any other.
+        if isinstance(consent, dict) and is_emergency(consent) and consent.get("status") == "active":
+            raise Refused("Emergency consents are created by break-glass only.")
+        if roles is not None and actor.role not in roles:
+            patient = consent.get("patient") if isinstance(consent, dict) else None
+            if not (isinstance(patient, dict) and patient.get("reference") == actor.reference):
+                raise Refused("This requester may not write consents.")
+
+
+async def ensure_readable(state: GatewayState, reference: str, actor: Actor, purpose: str) -> None:
+    """Refuse unless the requester may read ``reference`` (a missing target refuses nothing)."""
+    target = await state.upstream.request(
+        "GET", state.upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
+    )
+    if target.status == 404:
+        return
+    try:
+        parsed = orjson.loads(target.body) if target.status < 400 else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ConsentDenied("Access to this resource is not permitted.")
+    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None)
+    if result.denied:
+        raise ConsentDenied("Access to this resource is not permitted.")
+
+
+async def check_security_context(state: GatewayState, parsed: JSON, actor: Actor, purpose: str) -> None:
+    """A Binary is as readable as the patient data its securityContext names."""
+    if parsed.get("resourceType") != "Binary":
+        return
+    context = reference_of(parsed.get("securityContext"))
+    if context is None:
+        return
+    ref = relative_reference(context)
+    if is_patient_data(ref.split("/", 1)[0]):
+        await ensure_readable(state, ref, actor, purpose)
+
+
 async def check_operation_target(
     state: GatewayState, request: web.Request, route: Route, actor: Actor, purpose: str
 ) -> None:
@@ -296,16 +347,7 @@ async def check_operation_target(
     if (route.operation is None or route.resource_id is None or route.resource_type is None
             or route.operation == "$everything" or not is_patient_data(route.resource_type)):
         return
-    url = state.upstream.url_for(f"{route.resource_type}/{route.resource_id}")
-    target = await state.upstream.request("GET", url, headers={"Accept": "application/fhir+json"})
-    if target.status == 404:
-        return
-    parsed = parse_body(target, route)
-    if target.status >= 400 or parsed is None:
-        raise ConsentDenied("Access to this resource is not permitted.")
-    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None)
-    if result.denied:
-        raise ConsentDenied("Access to this resource is not permitted.")
+    await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", actor, purpose)
 
 
 WRITE_WITHHELD: JSON = {

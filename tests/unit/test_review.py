@@ -1,8 +1,7 @@
-"""Review findings: each test shows a leak, a fail-open path or a deviation that is still open.
+"""Review findings: leaks, fail-open paths and deviations found by reading the code.
 
-Every test is ``xfail(strict=True)``: it asserts the behaviour the contract (or the leak rules
-of STYLE.md) asks for, and fails today. When a fix lands the test passes, strict xfail turns
-that into a failure, and the marker comes off.
+Each test asserts what the contract (or the leak rules of STYLE.md) asks for. One still
+open is ``xfail(strict=True)``: when its fix lands, the strict marker fails and comes off.
 """
 
 from __future__ import annotations
@@ -78,7 +77,6 @@ def world(fake_fhir: FakeFhir) -> FakeFhir:
 # ---------------------------------------------------------------- refusals bypassed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: percent-encoded '$graphql' is not seen as an operation; a non-FHIR JSON answer passes")
 async def test_encoded_graphql_operation_is_refused(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     graphql = {"data": {"ConditionList": [
         {"id": "cond-hiv-b20-91a", "code": {"text": "HIV disease", "coding": [{"code": "B20"}]}},
@@ -89,7 +87,6 @@ async def test_encoded_graphql_operation_is_refused(world: FakeFhir, gateway: Ga
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: percent-encoded '_history' escapes the type-level history refusal")
 async def test_encoded_type_history_is_refused(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     history = {"resourceType": "Bundle", "type": "history", "entry": [
         {"fullUrl": f"{world.base_url}/{HIV_REF}", "request": {"method": "DELETE", "url": HIV_REF},
@@ -101,14 +98,12 @@ async def test_encoded_type_history_is_refused(world: FakeFhir, gateway: Gateway
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a chain written with a type modifier (result:Observation.code) is not refused")
 async def test_chain_with_type_modifier_is_refused(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     status, _, _ = await call(gateway, "GET", f"/DiagnosticReport?patient={c.PAT_ANA}&result:Observation.code=75622-1")
     assert status == 403
     assert data_requests(world) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _elements:exclude reaches the upstream, which then strips the codes that carry labels")
 async def test_elements_exclude_cannot_hide_labelled_codes(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     def trimmed(request: web.Request) -> web.Response:
         resource = dict(c.HIV_CONDITION)
@@ -124,7 +119,6 @@ async def test_elements_exclude_cannot_hide_labelled_codes(world: FakeFhir, gate
 # ---------------------------------------------------------------- answers that skip the decision
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: HEAD answers carry no body, so a hidden record's HEAD is a 200 'permit'")
 async def test_head_of_hidden_record_is_denied_like_get(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.override = answer("HEAD", f"/{HIV_REF}", lambda r: web.Response(status=200, headers={"ETag": 'W/"3"'}))
     status, headers, _ = await call(gateway, "HEAD", f"/{HIV_REF}")
@@ -133,7 +127,6 @@ async def test_head_of_hidden_record_is_denied_like_get(world: FakeFhir, gateway
     assert "ETag" not in headers
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 304 to If-None-Match passes unchecked, confirming a hidden record and its version")
 async def test_conditional_read_of_hidden_record_is_denied(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     def conditional(request: web.Request) -> web.Response:
         if request.headers.get("If-None-Match") == 'W/"1"':
@@ -146,7 +139,6 @@ async def test_conditional_read_of_hidden_record_is_denied(world: FakeFhir, gate
     assert headers["X-Consent-Decision"] == "deny"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Parameters without resources ($meta) pass; the hidden note's security labels leak")
 async def test_meta_operation_on_hidden_record_reveals_nothing(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     meta = {"resourceType": "Parameters", "parameter": [{"name": "return", "valueMeta": c.PSYCHOTHERAPY_NOTE["meta"]}]}
     world.override = answer("GET", "/DocumentReference/docref-psynote-8d3/$meta", lambda r: fhir(meta))
@@ -155,7 +147,6 @@ async def test_meta_operation_on_hidden_record_reveals_nothing(world: FakeFhir, 
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a 2xx OperationOutcome ($validate of a hidden record) passes with its texts")
 async def test_validate_of_hidden_record_reveals_nothing(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     outcome = {"resourceType": "OperationOutcome", "issue": [{
         "severity": "warning", "code": "code-invalid",
@@ -170,7 +161,6 @@ async def test_validate_of_hidden_record_reveals_nothing(world: FakeFhir, gatewa
 # ---------------------------------------------------------------- writes
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write error outcomes are not scrubbed; HAPI's 409 names the hidden referrer")
 async def test_write_error_text_is_scrubbed(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     outcome = {"resourceType": "OperationOutcome", "issue": [{
         "severity": "error", "code": "processing",
@@ -183,7 +173,6 @@ async def test_write_error_text_is_scrubbed(world: FakeFhir, gateway: GatewayUnd
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: entry.response.outcome texts in a batch-response are passed verbatim")
 async def test_batch_entry_error_text_is_scrubbed(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     response = {"resourceType": "Bundle", "type": "batch-response", "entry": [{"response": {
         "status": "409 Conflict",
@@ -199,14 +188,12 @@ async def test_batch_entry_error_text_is_scrubbed(world: FakeFhir, gateway: Gate
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write answers pass unchecked; an empty PATCH returns the whole hidden record")
 async def test_patch_does_not_return_a_hidden_record(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.override = answer("PATCH", f"/{HIV_REF}", lambda r: fhir(c.HIV_CONDITION))
     _, _, raw = await call(gateway, "PATCH", f"/{HIV_REF}", body=b"[]", headers={"Content-Type": "application/json-patch+json"})
     assert secrets_in(raw, c.SECRET_CODES + c.SECRET_TEXTS) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: conditional create (If-None-Exist) echoes the matching hidden record unchecked")
 async def test_conditional_create_does_not_return_a_hidden_record(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.override = answer(
         "POST", "/Condition",
@@ -220,13 +207,30 @@ async def test_conditional_create_does_not_return_a_hidden_record(world: FakeFhi
     assert secrets_in(raw + headers.get("Location", "").encode()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG/DESIGN: any requester can write a Consent that opens data it was denied")
-async def test_requester_cannot_grant_itself_access_by_writing_a_consent(world: FakeFhir, gateway: GatewayUnderTest) -> None:
-    assert (await call(gateway, "GET", f"/{HIV_REF}"))[0] == 403
+async def test_requester_cannot_grant_itself_access_by_writing_a_consent(
+    world: FakeFhir, make_gateway: Callable[..., Any]
+) -> None:
+    # Writes pass through by default (CONTRACT §6); consent.writer_roles closes Consent writes.
+    gw: GatewayUnderTest = await make_gateway(world.base_url, consent={"writer_roles": ["HIM"]})
+    assert (await call(gw, "GET", f"/{HIV_REF}"))[0] == 403
     forged = c.opt_in(c.PAT_ANA, cid="consent-forged", labels=("HIV",))
-    await call(gateway, "PUT", "/Consent/consent-forged", body=orjson.dumps(forged), headers={"Content-Type": FHIR_JSON})
-    status, _, _ = await call(gateway, "GET", f"/{HIV_REF}")
+    status, _, _ = await call(gw, "PUT", "/Consent/consent-forged", body=orjson.dumps(forged), headers={"Content-Type": FHIR_JSON})
     assert status == 403
+    assert "Consent/consent-forged" not in world.resources
+    status, _, _ = await call(gw, "GET", f"/{HIV_REF}")
+    assert status == 403
+    # The patient may write their own consent; so may a listed role.
+    own = c.opt_in(c.PAT_ANA, cid="consent-own")
+    status, _, _ = await call(gw, "PUT", "/Consent/consent-own", body=orjson.dumps(own), headers={"Content-Type": FHIR_JSON}, actor=c.PAT_ANA)
+    assert status in (200, 201)
+
+
+async def test_nobody_forges_an_emergency_window(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    forged = c.opt_in(c.PAT_ANA, cid="consent-forged-emergency", labels=("HIV",))
+    forged["category"] = [{"coding": [{"system": "urn:consent-gateway:code", "code": "emergency"}]}]
+    status, _, _ = await call(gateway, "PUT", "/Consent/consent-forged-emergency", body=orjson.dumps(forged), headers={"Content-Type": FHIR_JSON})
+    assert status == 403
+    assert "Consent/consent-forged-emergency" not in world.resources
 
 
 # ---------------------------------------------------------------- the gateway's own records
@@ -237,16 +241,15 @@ async def _break_glass_on_ana(gw: GatewayUnderTest) -> None:
     assert status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: emergency Consents list the sensitive labels break-glass opened; any permitted reader sees them")
 async def test_emergency_consent_does_not_reveal_what_was_opened(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     await _break_glass_on_ana(gateway)
-    status, _, raw = await call(gateway, "GET", f"/Consent?patient={c.PAT_ANA}")
+    assert any(b"emergency" in orjson.dumps(r) for k, r in world.resources.items() if k.startswith("Consent/"))
+    # A Consent naming sensitive labels is as sensitive as they are: a general permit opens none.
+    status, _, raw = await call(gateway, "GET", f"/Consent?patient={c.PAT_ANA}", actor=c.PSYCHIATRIST)
     assert status == 200
-    assert b"emergency" in raw  # the emergency consent is in the answer
     assert b'"code":"HIV"' not in raw and b'"code":"PSY"' not in raw
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: break-glass AuditEvents (audit.fhir_url = upstream) name the hidden records")
 async def test_delivered_audit_event_does_not_name_hidden_records(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     await _break_glass_on_ana(gateway)
     [line] = gateway.state.settings.audit.path.read_bytes().splitlines()
@@ -273,7 +276,6 @@ BINARY = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: types outside the Patient compartment pass even when about a patient or labelled sensitive")
 @pytest.mark.parametrize("resource", [TASK, BINARY], ids=["task-for-patient-with-hiv-code", "binary-of-restricted-document"])
 async def test_patient_data_outside_the_compartment_is_decided(world: FakeFhir, gateway: GatewayUnderTest, resource: dict[str, Any]) -> None:
     world.add(resource)
@@ -298,7 +300,6 @@ async def test_reference_display_to_hidden_record_is_not_shown(world: FakeFhir, 
 # ---------------------------------------------------------------- fail-open on odd answers
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: non-JSON answers pass when the route has no patient-data type (_format=ttl)")
 async def test_non_json_answer_to_system_search_is_not_passed(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     turtle = b'@prefix fhir: <http://hl7.org/fhir/> .\n<Condition/cond-hiv-b20-91a> fhir:code "B20" .\n'
     world.override = answer("GET", "", lambda r: web.Response(body=turtle, content_type="text/turtle"))
@@ -307,7 +308,6 @@ async def test_non_json_answer_to_system_search_is_not_passed(world: FakeFhir, g
     assert secrets_in(raw) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON that is not recognisably FHIR (no resourceType, entry not a list) passes undecided")
 @pytest.mark.parametrize("shape", ["no-resource-type", "entry-not-a-list"])
 async def test_malformed_json_answer_fails_closed(world: FakeFhir, gateway: GatewayUnderTest, shape: str) -> None:
     if shape == "no-resource-type":
@@ -325,7 +325,6 @@ async def test_malformed_json_answer_fails_closed(world: FakeFhir, gateway: Gate
 # ---------------------------------------------------------------- 404 mode
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with denied_read_status 404 a withheld batch slot still says 403")
 async def test_batch_slot_of_hidden_record_looks_missing_in_404_mode(world: FakeFhir, make_gateway: MakeGateway) -> None:
     gw = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
     response = {"resourceType": "Bundle", "type": "batch-response", "entry": [
@@ -342,7 +341,6 @@ async def test_batch_slot_of_hidden_record_looks_missing_in_404_mode(world: Fake
     assert hidden.split()[0] == missing.split()[0] == "404"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with denied_read_status 404 instance history of a hidden record is a 200 Bundle")
 async def test_history_of_hidden_record_looks_missing_in_404_mode(world: FakeFhir, make_gateway: MakeGateway) -> None:
     gw = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
     world.override = answer("GET", f"/{HIV_REF}/_history", lambda r: fhir(c.history_bundle([c.HIV_CONDITION], world.base_url)))
@@ -353,7 +351,6 @@ async def test_history_of_hidden_record_looks_missing_in_404_mode(world: FakeFhi
 # ---------------------------------------------------------------- correctness
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: re-serialising through floats changes FHIR decimals (7.10 -> 7.1, precision lost)")
 async def test_decimals_pass_unchanged(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.add(c.opt_in(c.PAT_BEN, "consent-ben"))
     raw = (
@@ -369,7 +366,6 @@ async def test_decimals_pass_unchanged(world: FakeFhir, gateway: GatewayUnderTes
     assert b'"value":4.10' in body and b"0.12345678901234567891" in body
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the self-access exemption from refusals trusts Patient?link=, whose results are other patients")
 async def test_self_access_does_not_open_has_over_linked_patients(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     linked_ben = {**c.BEN, "link": [{"other": {"reference": c.PAT_ANA}, "type": "seealso"}]}
     world.add(c.opt_in(c.PAT_BEN, "consent-ben"))
