@@ -60,14 +60,28 @@ class Metrics:
         self.errors = Counter(
             "consent_gateway_errors", "Error answers made by the gateway", ("code",), registry=r,
         )
-        for decision in DECISIONS:
-            self.decisions.labels(decision)
+        # Label children bound once: ``labels()`` validates and locks on every call.
+        self._decided = {decision: self.decisions.labels(decision) for decision in DECISIONS}
+        self._timed = {interaction: self.request_duration.labels(interaction) for interaction in INTERACTIONS}
+        # Filled as answers come; the keys come from closed sets (methods, interactions, statuses).
+        self._answered: dict[tuple[str, str, int], Counter] = {}
 
     def observe_request(self, method: str, interaction: str, status: int, seconds: float) -> None:
         """Count one answered request (unknown methods are folded into ``other``)."""
         method_label = method if method in METHODS else "other"
-        self.requests.labels(method_label, interaction, str(status)).inc()
-        self.request_duration.labels(interaction).observe(seconds)
+        key = (method_label, interaction, status)
+        counter = self._answered.get(key)
+        if counter is None:
+            counter = self._answered[key] = self.requests.labels(method_label, interaction, str(status))
+        counter.inc()
+        timer = self._timed.get(interaction)
+        if timer is None:
+            timer = self._timed[interaction] = self.request_duration.labels(interaction)
+        timer.observe(seconds)
+
+    def count_decision(self, decision: str) -> None:
+        """Count one request's consent decision (``permit``, ``filtered`` or ``deny``)."""
+        self._decided[decision].inc()
 
     def count_filtered(self, resource_type: str, reason: str) -> None:
         """Count a removed resource; the caller passes only known FHIR type names."""

@@ -84,28 +84,41 @@ def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozen
     return inherited if isinstance(rtype, str) and is_patient_data(rtype) else frozenset()
 
 
-def iter_resources(node: JSON, inherited: frozenset[str] = frozenset()) -> Iterator[tuple[JSON, frozenset[str]]]:
-    """Every resource in a body with the patients it belongs to (Bundles, Parameters, contained)."""
+def owners_index(body: JSON) -> dict[int, frozenset[str]]:
+    """The patients of every resource in ``body``, by object identity (computed once per body).
+
+    Equal owner sets are shared, so the per-resource decision memo hashes each one once.
+    """
+    index: dict[int, frozenset[str]] = {}
+    _index_into(body, index, {})
+    return index
+
+
+def _index_into(
+    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]]
+) -> None:
+    """Add every resource in ``node`` (Bundles, Parameters, contained) with its patients."""
     rtype = node.get("resourceType")
     if rtype == "Bundle":
         for entry in node.get("entry") or ():
-            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
-                yield from iter_resources(entry["resource"])
+            if isinstance(entry, dict):
+                resource = entry.get("resource")
+                if isinstance(resource, dict):
+                    _index_into(resource, index, shared)
         return
     if rtype == "Parameters":
         for param in _iter_parameters(node.get("parameter")):
-            if isinstance(param.get("resource"), dict):
-                yield from iter_resources(param["resource"])
+            resource = param.get("resource")
+            if isinstance(resource, dict):
+                _index_into(resource, index, shared)
         return
-    owners = owners_of(node, inherited)
-    yield node, owners
-    for inner in _contained(node):
-        yield inner, owners_of(inner, owners)
-
-
-def owners_index(body: JSON) -> dict[int, frozenset[str]]:
-    """The patients of every resource in ``body``, by object identity (computed once per body)."""
-    return {id(resource): owners for resource, owners in iter_resources(body)}
+    owners = owners_of(node)
+    owners = shared.setdefault(owners, owners)
+    index[id(node)] = owners
+    if "contained" in node:
+        for inner in _contained(node):
+            inner_owners = owners_of(inner, owners)
+            index[id(inner)] = shared.setdefault(inner_owners, inner_owners)
 
 
 def patients_in(index: dict[int, frozenset[str]]) -> frozenset[str]:
@@ -123,9 +136,11 @@ def _iter_parameters(params: object) -> Iterator[JSON]:
 
 def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]] | None = None) -> Decision:
     """A resource with its contained resources: denied if it or any contained one is denied."""
-    owners = index[id(resource)] if index is not None and id(resource) in index else owners_of(resource)
+    owners = index.get(id(resource)) if index is not None else None
+    if owners is None:
+        owners = owners_of(resource)
     decision = judge(resource, owners)
-    if decision.verdict is Verdict.DENY:
+    if decision.verdict is Verdict.DENY or "contained" not in resource:
         return decision
     for inner in _contained(resource):
         inner_owners = index.get(id(inner)) if index is not None else None

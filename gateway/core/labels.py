@@ -89,15 +89,6 @@ _Sink = list[Any]
 _Getter = Callable[[JSON, _Sink], None]
 
 
-def _field(name: str) -> _Getter:
-    def get(resource: JSON, out: _Sink) -> None:
-        value = resource.get(name)
-        if value is not None:
-            out.append(value)
-
-    return get
-
-
 def _path(names: tuple[str, ...]) -> _Getter:
     head, rest = names[0], names[1:]
 
@@ -147,11 +138,6 @@ def _answers(resource: JSON, out: _Sink) -> None:
                 if coding is not None:
                     out.append(coding)
                 stack.extend(answer.get("item") or ())
-
-
-def _getter(spec: str) -> _Getter:
-    parts = tuple(spec.split("."))
-    return _field(spec) if len(parts) == 1 else _path(parts)
 
 
 _MEDICATION = ("medicationCodeableConcept", "reasonCode")
@@ -223,13 +209,20 @@ _SPECIAL: Mapping[str, tuple[_Getter, ...]] = {
 }
 
 
-def _extractors(rtype: str) -> tuple[_Getter, ...]:
+# Top-level elements read directly, then getters for nested paths and special shapes.
+_Extractors = tuple[tuple[str, ...], tuple[_Getter, ...]]
+
+
+def _extractors(rtype: str) -> _Extractors:
     paths = _CODE_PATHS.get(rtype, _DEFAULT_PATHS)
-    return tuple(_getter(p) for p in paths) + _SPECIAL.get(rtype, ())
+    fields = tuple(p for p in paths if "." not in p)
+    nested = tuple(_path(tuple(p.split("."))) for p in paths if "." in p)
+    return fields, nested + _SPECIAL.get(rtype, ())
 
 
-_EXTRACTORS: dict[str, tuple[_Getter, ...]] = {t: _extractors(t) for t in _CODE_PATHS}
+_EXTRACTORS: dict[str, _Extractors] = {t: _extractors(t) for t in _CODE_PATHS}
 _DEFAULT_EXTRACTORS = _extractors("")
+_NO_EXTRACTORS: _Extractors = ((), ())
 
 
 def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
@@ -302,6 +295,13 @@ class LabelIndex:
         hits: list[_Hit] = []
         own: list[tuple[Label, str]] = []
         self._collect(resource, hits, own)
+        if not own:
+            # Most resources earn nothing or one rule's labels: hand back a shared set, which
+            # keeps its hash for the callers that key on it.
+            if not hits:
+                return _NO_LABELS
+            if len(hits) == 1:
+                return hits[0].labels
         labels: set[Label] = {label for label, _ in own}
         for hit in hits:
             labels |= hit.labels
@@ -319,12 +319,17 @@ class LabelIndex:
 
     def _collect(self, resource: JSON, hits: list[_Hit], own: list[tuple[Label, str]]) -> None:
         rtype = resource.get("resourceType")
-        values: _Sink = []
-        extractors = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS) if isinstance(rtype, str) else ()
-        for extract in extractors:
-            extract(resource, values)
-        for value in values:
-            self._match(value, hits)
+        fields, getters = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS) if isinstance(rtype, str) else _NO_EXTRACTORS
+        for name in fields:
+            value = resource.get(name)
+            if value is not None:
+                self._match(value, hits)
+        if getters:
+            values: _Sink = []
+            for extract in getters:
+                extract(resource, values)
+            for value in values:
+                self._match(value, hits)
         meta = resource.get("meta")
         if isinstance(meta, dict):
             _own_labels(meta.get("security"), "meta.security", own)
@@ -361,12 +366,15 @@ class LabelIndex:
                     self._match_coding(coding, hits)
 
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
-        system, code = coding.get("system"), coding.get("code")
-        if not isinstance(system, str) or not isinstance(code, str):
+        system = coding.get("system")
+        if system is None:
+            return
+        code = coding.get("code")
+        if not isinstance(code, str) or not isinstance(system, str):
             return
         table = self._exact.get(system)
         if table is not None:
-            hit = table.get(code.strip())
+            hit = table.get(code) or table.get(code.strip())
             if hit is not None:
                 hits.append(hit)
         elif system in self._icd_systems:
@@ -391,17 +399,28 @@ class LabelIndex:
         rtype = resource.get("resourceType")
         if not isinstance(rtype, str):
             return frozenset()
-        scopes = self._scope_types.get(rtype, frozenset())
+        scopes = self._scope_types.get(rtype, _NO_SCOPES)
         by_category = self._scope_categories.get(rtype)
-        if by_category:
-            for value in _as_list(resource.get("category")):
-                for coding in _codings(value):
-                    code, system = coding.get("code"), coding.get("system")
-                    if isinstance(code, str):
-                        scopes = scopes | by_category.get(("", code), frozenset())
-                        if isinstance(system, str):
-                            scopes = scopes | by_category.get((system, code), frozenset())
-        return scopes
+        category = resource.get("category") if by_category else None
+        if category is None or by_category is None:
+            return scopes
+        matched: list[frozenset[str]] = []
+        for value in category if isinstance(category, list) else (category,):
+            for coding in _codings(value):
+                code, system = coding.get("code"), coding.get("system")
+                if isinstance(code, str):
+                    by_code = by_category.get(("", code))
+                    if by_code is not None:
+                        matched.append(by_code)
+                    by_system = by_category.get((system, code)) if isinstance(system, str) else None
+                    if by_system is not None:
+                        matched.append(by_system)
+        # The rule's own set when one category matched, so callers keying on it hash it once.
+        if not matched:
+            return scopes
+        if len(matched) == 1 and not scopes:
+            return matched[0]
+        return scopes.union(*matched)
 
     def sensitivity_scope_labels(self, scope: str) -> tuple[Label, ...]:
         """Labels a vendor sensitivity scope (``HIV_OR_STI``, ...) opens; KeyError if unknown."""
@@ -409,6 +428,10 @@ class LabelIndex:
             return self._sensitivity_scopes[scope]
         except KeyError:
             raise KeyError(f"unknown sensitivity scope {scope!r}") from None
+
+
+_NO_LABELS: frozenset[Label] = frozenset()
+_NO_SCOPES: frozenset[str] = frozenset()
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -97,14 +97,25 @@ class ConsentEnforcement:
 
         reads = {p: summary_reads(c) for p, c in consents.items()}
         memo: dict[tuple[object, ...], Decision] = {}
+        # What the owners' consents read beyond the summary, per set of owners (few per body).
+        owners_reads: dict[frozenset[str], frozenset[str] | None] = {}
 
-        def summary_key(resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str]) -> tuple[object, ...] | None:
+        def extra_reads(owners: frozenset[str]) -> frozenset[str] | None:
             extra: set[str] = set()
             for patient in owners:
                 more = reads.get(patient)
                 if more is None:
                     return None
                 extra |= more
+            return frozenset(extra)
+
+        def summary_key(resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str]) -> tuple[object, ...] | None:
+            if owners in owners_reads:
+                extra = owners_reads[owners]
+            else:
+                extra = owners_reads[owners] = extra_reads(owners)
+            if extra is None:
+                return None
             meta = resource.get("meta")
             profiles = meta.get("profile") if isinstance(meta, dict) else None
             return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -52,6 +53,12 @@ def public_base(request: web.Request, state: GatewayState, route: Route) -> str:
     if not _HOST_OK.match(host):
         host = "localhost"
     return f"{scheme}://{host}{route.prefix}"
+
+
+@functools.lru_cache(maxsize=64)
+def link_rewriter(upstream_base: str, public: str) -> LinkRewriter:
+    """The (immutable) rewriter for a pair of bases, built once: a base rarely changes."""
+    return LinkRewriter(upstream_base, public)
 
 
 def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
@@ -226,7 +233,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         method, url, headers=upstream_headers(request, info.request_id), body=body
     )
     state.metrics.upstream_duration.observe(upstream.seconds)
-    links = LinkRewriter(state.upstream.base_url, public_base(request, state, route))
+    links = link_rewriter(state.upstream.base_url, public_base(request, state, route))
     if route.interaction in WRITE_INTERACTIONS or route.interaction == "batch":
         evict_consents(state, request.method, route, body, upstream)
     parsed = parse_body(upstream, route)
@@ -245,7 +252,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         parsed, actor, purpose, confined=confined, break_glass=reason, withheld_status=withheld
     )
     info.decision = result.header
-    state.metrics.decisions.labels(result.header).inc()
+    state.metrics.count_decision(result.header)
     count_removed(state, result)
     if result.denied or _all_versions_hidden(route, parsed, result):
         if route.interaction in WRITE_INTERACTIONS:
@@ -368,7 +375,7 @@ async def _unchecked(
     """
     decision = "permit" if upstream.status < 400 else "deny"
     info.decision = decision
-    state.metrics.decisions.labels(decision).inc()
+    state.metrics.count_decision(decision)
     response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision)
     if body is not None:
         response.content_type = "application/fhir+json"
