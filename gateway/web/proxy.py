@@ -124,7 +124,7 @@ def _forwarded_query(raw: str) -> str:
     The gateway applies the projection after deciding; with any modifier (``:exclude``) the
     upstream could strip the codes that carry labels.
     """
-    if not raw or ("_elements" not in raw and "_summary" not in raw and "%5F" not in raw.upper()):
+    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw):
         return raw
     kept = [
         item for item in raw.split("&")

@@ -116,6 +116,12 @@ async def test_elements_exclude_cannot_hide_labelled_codes(world: FakeFhir, gate
     assert status == 403, raw
 
 
+async def test_percent_encoded_projection_name_does_not_reach_the_upstream(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    await raw_get(gateway, f"/{HIV_REF}?_%65lements%3Aexclude=code")
+    sent = [r.path_qs for r in world.requests if r.path_qs.startswith(f"/fhir/{HIV_REF}")]
+    assert sent and all("lements" not in q for q in sent), sent
+
+
 # ---------------------------------------------------------------- answers that skip the decision
 
 
