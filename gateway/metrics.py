@@ -65,6 +65,7 @@ class Metrics:
         self._timed = {interaction: self.request_duration.labels(interaction) for interaction in INTERACTIONS}
         # Filled as answers come; the keys come from closed sets (methods, interactions, statuses).
         self._answered: dict[tuple[str, str, int], Counter] = {}
+        self._filtered: dict[tuple[str, str], Counter] = {}
 
     def observe_request(self, method: str, interaction: str, status: int, seconds: float) -> None:
         """Count one answered request (unknown methods are folded into ``other``)."""
@@ -85,4 +86,8 @@ class Metrics:
 
     def count_filtered(self, resource_type: str, reason: str) -> None:
         """Count a removed resource; the caller passes only known FHIR type names."""
-        self.resources_filtered.labels(resource_type, reason if reason in FILTER_REASONS else "consent").inc()
+        key = (resource_type, reason if reason in FILTER_REASONS else "consent")
+        counter = self._filtered.get(key)
+        if counter is None:
+            counter = self._filtered[key] = self.resources_filtered.labels(*key)
+        counter.inc()

@@ -602,6 +602,8 @@ def decide_resource(
 
 
 def _content_reads(node: Provision, found: set[str]) -> None:
+    if node.class_scopes or node.class_bare:
+        found.add("scopes")
     if node.codes is not None:
         found.add("codes")
     if node.data_period is not None:
@@ -613,11 +615,12 @@ def _content_reads(node: Provision, found: set[str]) -> None:
 
 
 def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
-    """What beyond type, profiles, scopes and labels these consents read of a resource.
+    """What beyond type, profiles and labels these consents read of a resource.
 
-    A subset of {"codes", "date"}: two resources of one patient that agree on the summary
-    (plus these) get the same decision, so a caller may reuse it. None when no summary
-    decides (a ``data`` condition names instances, or a consent has defects).
+    A subset of {"scopes", "codes", "date"}: two resources of one patient that agree on the
+    summary (plus these) get the same decision, so a caller may reuse it; without "scopes"
+    the resource scopes need not be computed. None when no summary decides (a ``data``
+    condition names instances, or a consent has defects).
     """
     found: set[str] = set()
     for consent in consents:

@@ -20,6 +20,7 @@ from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, V
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
+NO_SCOPES: frozenset[str] = frozenset()
 
 
 def policy_from(settings_consent: object, settings_sensitivity: object, labels: LabelIndex) -> Policy:
@@ -109,13 +110,16 @@ class ConsentEnforcement:
                 extra |= more
             return frozenset(extra)
 
-        def summary_key(resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str]) -> tuple[object, ...] | None:
+        def owners_extra(owners: frozenset[str]) -> frozenset[str] | None:
             if owners in owners_reads:
-                extra = owners_reads[owners]
-            else:
-                extra = owners_reads[owners] = extra_reads(owners)
-            if extra is None:
-                return None
+                return owners_reads[owners]
+            extra = owners_reads[owners] = extra_reads(owners)
+            return extra
+
+        def summary_key(
+            resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str],
+            extra: frozenset[str],
+        ) -> tuple[object, ...]:
             meta = resource.get("meta")
             profiles = meta.get("profile") if isinstance(meta, dict) else None
             return (
@@ -127,8 +131,10 @@ class ConsentEnforcement:
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             resource_labels = labels.labels_for(resource)
-            scopes = labels.scopes_for(resource)
-            key = summary_key(resource, owners, resource_labels, scopes)
+            extra = owners_extra(owners)
+            # Resource scopes matter only to consents whose class names one.
+            scopes = labels.scopes_for(resource) if extra is None or "scopes" in extra else NO_SCOPES
+            key = None if extra is None else summary_key(resource, owners, resource_labels, scopes, extra)
             if key is not None:
                 found = memo.get(key)
                 if found is not None:
