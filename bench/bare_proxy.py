@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from yarl import URL
 
+from gateway.app import until_signalled
 from gateway.upstream import Upstream, end_to_end
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -62,11 +62,7 @@ async def serve(upstream_origin: str, port: int, max_connections: int, timeout_s
     runner = web.AppRunner(build_app(upstream), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await runner.cleanup()
 
 

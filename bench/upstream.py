@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from bench.label import realistic_mix
+from gateway.app import until_signalled
 
 JSON = dict[str, Any]
 FHIR_JSON = "application/fhir+json"
@@ -303,11 +303,7 @@ async def serve(port: int, cold_sets: list[str], cold_patients: int) -> None:
     runner = web.AppRunner(build_app(fixture), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await runner.cleanup()
 
 
