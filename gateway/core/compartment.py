@@ -341,37 +341,46 @@ def _relative(ref: str) -> str:
     return relative_reference(ref)
 
 
-def _collect_references(node: Any, path: Path, found: set[str]) -> None:
-    """Add the relative ``reference`` of every Reference at ``path`` below ``node``."""
+def _collect_patients(node: Any, path: Path, found: set[str]) -> None:
+    """Add every ``Patient/<id>`` a Reference at ``path`` below ``node`` names (relative form)."""
     if isinstance(node, list):
         for item in node:
-            _collect_references(item, path, found)
+            _collect_patients(item, path, found)
         return
     if not isinstance(node, dict):
         return
     if path:
         child = node.get(path[0])
         if child is not None:
-            _collect_references(child, path[1:], found)
+            _collect_patients(child, path[1:], found)
         return
     ref = node.get("reference")
     if isinstance(ref, str) and ref and not ref.startswith("#"):
-        found.add(_relative(ref))
+        ref = _relative(ref)
+        if ref.startswith("Patient/"):
+            found.add(ref)
 
 
 # Patient links the R4 CompartmentDefinition leaves out but that plainly name a patient.
 EXTRA_PATIENT_LINKS: dict[str, dict[str, Path]] = {
     "Task": {"for": ("for",)},
 }
-_COMPARTMENT_PATHS: dict[str, tuple[Path, ...]] = {
-    rtype: tuple(params.values())
+
+
+def _compartment_plan(paths: tuple[Path, ...]) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+    """Top-level elements (read without a walk when they hold one Reference), then deeper paths."""
+    return tuple(p[0] for p in paths if len(p) == 1), tuple(p for p in paths if len(p) > 1)
+
+
+_COMPARTMENT_PLANS: dict[str, tuple[tuple[str, ...], tuple[Path, ...]]] = {
+    rtype: _compartment_plan(tuple(params.values()))
     for rtype, params in {**PATIENT_COMPARTMENT, **EXTRA_PATIENT_LINKS}.items()
 }
 
 
 def is_patient_data(resource_type: str) -> bool:
     """True when resources of this type can belong to a patient compartment."""
-    return resource_type in _COMPARTMENT_PATHS
+    return resource_type in _COMPARTMENT_PLANS
 
 
 def patients_of(resource: JSON) -> frozenset[str]:
@@ -381,22 +390,28 @@ def patients_of(resource: JSON) -> frozenset[str]:
     conditional references name no patient, so they add nothing.
     """
     rtype = resource.get("resourceType")
-    paths = _COMPARTMENT_PATHS.get(rtype) if isinstance(rtype, str) else None
-    if paths is None:
+    plan = _COMPARTMENT_PLANS.get(rtype) if isinstance(rtype, str) else None
+    if plan is None:
         return frozenset()
-    refs: set[str] = set()
-    for path in paths:
-        child = resource.get(path[0])
+    names, deeper = plan
+    found: set[str] = set()
+    for name in names:
+        child = resource.get(name)
         if child is None:
             continue
-        if len(path) == 1 and isinstance(child, dict):
+        if isinstance(child, dict):
             # The common case (subject, patient): one Reference, no walk needed.
             ref = child.get("reference")
             if isinstance(ref, str) and ref.startswith(("Patient/", "http")):
-                refs.add(_relative(ref))
+                ref = _relative(ref)
+                if ref.startswith("Patient/"):
+                    found.add(ref)
         else:
-            _collect_references(child, path[1:], refs)
-    found = {ref for ref in refs if ref.startswith("Patient/")}
+            _collect_patients(child, (), found)
+    for path in deeper:
+        child = resource.get(path[0])
+        if child is not None:
+            _collect_patients(child, path[1:], found)
     if rtype == "Patient":
         rid = resource.get("id")
         if isinstance(rid, str) and rid:

@@ -112,7 +112,7 @@ def _index_into(
             if isinstance(resource, dict):
                 _index_into(resource, index, shared)
         return
-    owners = owners_of(node)
+    owners = patients_of(node)
     owners = shared.setdefault(owners, owners)
     index[id(node)] = owners
     if "contained" in node:

@@ -203,26 +203,29 @@ _CODE_PATHS: Mapping[str, tuple[str, ...]] = {
 }
 # A type not listed above is read at the places most resources keep their codes.
 _DEFAULT_PATHS = ("code", "category", "type", "reasonCode")
-_SPECIAL: Mapping[str, tuple[_Getter, ...]] = {
-    "Composition": (_sections,),
-    "QuestionnaireResponse": (_answers,),
+_SPECIAL: Mapping[str, tuple[tuple[str, _Getter], ...]] = {
+    "Composition": (("section", _sections),),
+    "QuestionnaireResponse": (("item", _answers),),
 }
 
 
-# Top-level elements read directly, then getters for nested paths and special shapes.
-_Extractors = tuple[tuple[str, ...], tuple[_Getter, ...]]
+# Top-level elements read directly, then getters for nested paths and special shapes, each
+# with the top-level element it starts from (most resources lack it, so no call is made).
+_Extractors = tuple[tuple[str, ...], tuple[tuple[str, _Getter], ...]]
 
 
 def _extractors(rtype: str) -> _Extractors:
     paths = _CODE_PATHS.get(rtype, _DEFAULT_PATHS)
     fields = tuple(p for p in paths if "." not in p)
-    nested = tuple(_path(tuple(p.split("."))) for p in paths if "." in p)
+    nested = tuple((p.split(".")[0], _path(tuple(p.split(".")))) for p in paths if "." in p)
     return fields, nested + _SPECIAL.get(rtype, ())
 
 
 _EXTRACTORS: dict[str, _Extractors] = {t: _extractors(t) for t in _CODE_PATHS}
 _DEFAULT_EXTRACTORS = _extractors("")
 _NO_EXTRACTORS: _Extractors = ((), ())
+# Types with label-bearing elements beyond their codes and meta.security.
+_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle"})
 
 
 def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
@@ -320,19 +323,34 @@ class LabelIndex:
     def _collect(self, resource: JSON, hits: list[_Hit], own: list[tuple[Label, str]]) -> None:
         rtype = resource.get("resourceType")
         fields, getters = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS) if isinstance(rtype, str) else _NO_EXTRACTORS
+        match = self._match
         for name in fields:
             value = resource.get(name)
             if value is not None:
-                self._match(value, hits)
-        if getters:
-            values: _Sink = []
-            for extract in getters:
+                match(value, hits)
+        for head, extract in getters:
+            if head in resource:
+                values: _Sink = []
                 extract(resource, values)
-            for value in values:
-                self._match(value, hits)
+                for value in values:
+                    match(value, hits)
         meta = resource.get("meta")
         if isinstance(meta, dict):
-            _own_labels(meta.get("security"), "meta.security", own)
+            security = meta.get("security")
+            if security is not None:
+                _own_labels(security, "meta.security", own)
+        if rtype in _OWN_ELEMENT_TYPES:
+            self._collect_own_elements(resource, rtype, hits, own)
+        contained = resource.get("contained")
+        if contained:
+            for inner in contained:
+                if isinstance(inner, dict):
+                    self._collect(inner, hits, own)
+
+    def _collect_own_elements(
+        self, resource: JSON, rtype: str, hits: list[_Hit], own: list[tuple[Label, str]]
+    ) -> None:
+        """The labels a few types carry in elements of their own (and a Bundle's entries)."""
         if rtype == "DocumentReference":
             _own_labels(resource.get("securityLabel"), "DocumentReference.securityLabel", own)
         elif rtype == "Composition":
@@ -346,9 +364,6 @@ class LabelIndex:
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     self._collect(entry["resource"], hits, own)
-        for inner in resource.get("contained") or ():
-            if isinstance(inner, dict):
-                self._collect(inner, hits, own)
 
     def _match(self, value: Any, hits: list[_Hit]) -> None:
         if isinstance(value, list):

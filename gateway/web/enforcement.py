@@ -110,12 +110,6 @@ class ConsentEnforcement:
                 extra |= more
             return frozenset(extra)
 
-        def owners_extra(owners: frozenset[str]) -> frozenset[str] | None:
-            if owners in owners_reads:
-                return owners_reads[owners]
-            extra = owners_reads[owners] = extra_reads(owners)
-            return extra
-
         def summary_key(
             resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str],
             extra: frozenset[str],
@@ -129,22 +123,27 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
+        labels_for, scopes_for = labels.labels_for, labels.scopes_for
+
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
-            resource_labels = labels.labels_for(resource)
-            extra = owners_extra(owners)
+            resource_labels = labels_for(resource)
+            try:
+                extra = owners_reads[owners]
+            except KeyError:
+                extra = owners_reads[owners] = extra_reads(owners)
+            if extra is None:
+                return decide_resource(
+                    consents, resource, resource_labels, scopes_for(resource), ctx, policy, patients=owners
+                )
             # Resource scopes matter only to consents whose class names one.
-            scopes = labels.scopes_for(resource) if extra is None or "scopes" in extra else NO_SCOPES
-            key = None if extra is None else summary_key(resource, owners, resource_labels, scopes, extra)
-            if key is not None:
-                found = memo.get(key)
-                if found is not None:
-                    return found
-            decision = decide_resource(
-                consents, resource, resource_labels, scopes, ctx, policy, patients=owners
-            )
-            if key is not None:
-                memo[key] = decision
-            return decision
+            scopes = scopes_for(resource) if "scopes" in extra else NO_SCOPES
+            key = summary_key(resource, owners, resource_labels, scopes, extra)
+            found = memo.get(key)
+            if found is None:
+                found = memo[key] = decide_resource(
+                    consents, resource, resource_labels, scopes, ctx, policy, patients=owners
+                )
+            return found
 
         return judge
 
