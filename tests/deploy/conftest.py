@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 import yaml
 
-from .support import CHART_DIR, DOCKERFILE, Manifest, Stage, parse_dockerfile, require_tool
+from .support import (
+    CHART_DIR,
+    DOCKERFILE,
+    Manifest,
+    Stage,
+    parse_dockerfile,
+    require_tool,
+)
 
 Render = Callable[..., list[Manifest]]
 

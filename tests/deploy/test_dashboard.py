@@ -11,22 +11,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
+from tests.contract import CONTRACT_METRICS
 
 from .support import DASHBOARD
-
-# CONTRACT §8, as exposed names and their Prometheus types.
-CONTRACT_METRICS = {
-    "consent_gateway_requests_total": "counter",
-    "consent_gateway_request_duration_seconds": "histogram",
-    "consent_gateway_upstream_duration_seconds": "histogram",
-    "consent_gateway_decisions_total": "counter",
-    "consent_gateway_resources_filtered_total": "counter",
-    "consent_gateway_consent_cache_hits_total": "counter",
-    "consent_gateway_consent_cache_misses_total": "counter",
-    "consent_gateway_consent_cache_entries": "gauge",
-    "consent_gateway_consent_lookup_errors_total": "counter",
-    "consent_gateway_break_glass_total": "counter",
-}
 
 # Series names a query may select: a histogram is queried through its _bucket/_sum/_count.
 QUERYABLE = {

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 
 from tests.conftest import GatewayUnderTest
@@ -97,3 +100,35 @@ def gateway_command() -> list[str]:
         return [str(script)]
     found = shutil.which("consent-gateway")
     return [found] if found else [sys.executable, "-m", "gateway.cli"]
+
+
+def clean_env(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The environment without any GATEWAY_* setting of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(extra)
+    return env
+
+
+async def start_serving(
+    config: Path, admin_port: int, cwd: Path, *, capture: bool = True, timeout_s: float = 20.0
+) -> asyncio.subprocess.Process:
+    """Start ``consent-gateway serve`` without blocking this loop (a fake upstream may run on it)
+    and wait until its /healthz answers."""
+    output = asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL
+    proc = await asyncio.create_subprocess_exec(
+        *gateway_command(), "serve", "--config", str(config),
+        stdout=output, stderr=output, env=clean_env(), cwd=cwd,
+    )
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.returncode is None, "gateway exited during start-up"
+            try:
+                async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError("gateway did not start")

@@ -10,24 +10,13 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import GatewayUnderTest
+from tests.contract import CONTRACT_METRICS
 from tests.fakes import FakeFhir
 from tests.unit._util import FHIR_JSON, MakeGateway, assert_outcome, free_port
 
 DOC = {"X-Actor": "Practitioner/doc-1"}
 OSLER = {"resourceType": "Practitioner", "id": "pr-osler", "name": [{"family": "Osler", "given": ["William"]}]}
 
-CONTRACT_METRICS = {
-    "consent_gateway_requests_total": "counter",
-    "consent_gateway_request_duration_seconds": "histogram",
-    "consent_gateway_upstream_duration_seconds": "histogram",
-    "consent_gateway_decisions_total": "counter",
-    "consent_gateway_resources_filtered_total": "counter",
-    "consent_gateway_consent_cache_hits_total": "counter",
-    "consent_gateway_consent_cache_misses_total": "counter",
-    "consent_gateway_consent_cache_entries": "gauge",
-    "consent_gateway_consent_lookup_errors_total": "counter",
-    "consent_gateway_break_glass_total": "counter",
-}
 
 
 async def admin_get(gut: GatewayUnderTest, path: str) -> tuple[int, str, bytes]:

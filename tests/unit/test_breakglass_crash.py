@@ -6,10 +6,7 @@ event loop; SIGKILL gives it no chance to flush anything after the answer left.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
@@ -17,29 +14,7 @@ import orjson
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.unit._util import free_port, gateway_command
-
-
-async def _serve(config: Path, admin_port: int, cwd: Path) -> asyncio.subprocess.Process:
-    """Start ``serve`` without blocking the loop the fake upstream runs on; wait for /healthz."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), "serve", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env, cwd=cwd,
-    )
-    deadline = time.monotonic() + 15
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.returncode is None, "gateway exited during start-up"
-            try:
-                async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("gateway did not start")
+from tests.unit._util import free_port, start_serving
 
 
 async def test_sigkill_right_after_the_answer_leaves_the_audit_line_on_disk(
@@ -57,7 +32,7 @@ async def test_sigkill_right_after_the_answer_leaves_the_audit_line_on_disk(
         f"audit: {{path: '{audit}'}}\n",
         encoding="utf-8",
     )
-    proc = await _serve(config, admin_port, tmp_path)
+    proc = await start_serving(config, admin_port, tmp_path, capture=False, timeout_s=15)
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(

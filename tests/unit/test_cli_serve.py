@@ -23,7 +23,7 @@ from gateway.app import build_state, start
 from gateway.cli import main
 from tests.conftest import gateway_settings
 from tests.fakes import FakeFhir
-from tests.unit._util import free_port, gateway_command
+from tests.unit._util import clean_env, free_port, gateway_command, start_serving
 
 GOOD_UPSTREAM = "upstream: {url: http://127.0.0.1:9/fhir}\n"
 TAKEN_PORT = "{taken}"
@@ -61,12 +61,6 @@ class Finished:
     stderr: str
 
 
-def _clean_env(extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def bad_start_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Finished]:
     """Run every BAD_STARTS case at once (one port held busy) and collect exit code and output."""
@@ -82,7 +76,7 @@ def bad_start_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fin
                 path.write_text(case.config.replace(TAKEN_PORT, str(taken.getsockname()[1])), encoding="utf-8")
             procs[name] = subprocess.Popen(
                 [*gateway_command(), "serve", "--config", str(path)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env(case.env), cwd=root,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(case.env), cwd=root,
             )
         results: dict[str, Finished] = {}
         for name, proc in procs.items():
@@ -158,27 +152,6 @@ def _serve_config(tmp_path: Path, upstream_url: str, shutdown_timeout_s: float) 
     return config, proxy_port, admin_port
 
 
-async def _start_serving(config: Path, admin_port: int, cwd: Path) -> asyncio.subprocess.Process:
-    """Start ``serve`` (without blocking the loop the fake upstream runs on) and wait for /healthz."""
-    proc = await asyncio.create_subprocess_exec(
-        *gateway_command(), "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_clean_env(), cwd=cwd,
-    )
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.returncode is None, "gateway exited during start-up"
-            try:
-                async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("gateway did not start")
-
-
 async def _wait_for_request(fake: FakeFhir, path_qs: str) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -216,7 +189,7 @@ async def test_sigterm_stops_accepting_finishes_in_flight_within_bound_and_exits
 
     fake_fhir.override = slow_or_stuck
     config, proxy_port, admin_port = _serve_config(tmp_path, fake_fhir.base_url, SHUTDOWN_BOUND_S)
-    proc = await _start_serving(config, admin_port, tmp_path)
+    proc = await start_serving(config, admin_port, tmp_path)
     actor = {"X-Actor": "Practitioner/doc-1"}
     try:
         async with aiohttp.ClientSession() as session:

@@ -16,7 +16,13 @@ from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.unit._util import free_port
-from tests.unit.test_enforcement import MakeGateway, assert_no_secrets, call, fhir, routes
+from tests.unit.test_enforcement import (
+    MakeGateway,
+    assert_no_secrets,
+    call,
+    fhir,
+    routes,
+)
 
 CBC = "/Observation/obs-cbc-58410-ana"
 HITS = "consent_gateway_consent_cache_hits_total"
