@@ -20,6 +20,7 @@ from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
 from gateway.sources.factory import build_source
+from gateway.sources.fhir import FhirConsentSource
 from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
@@ -45,7 +46,9 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         consent_server = _server(settings.consent_source_url, settings)
     source = build_source(settings, upstream, consent_server, os.environ, labels)
     store = ConsentStore(
-        source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
+        source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients,
+        # Related data targets live on the FHIR server, read with the gateway's own credentials.
+        related=FhirConsentSource(upstream).references,
     )
     policy = policy_from(settings.consent, settings.sensitivity, labels)
     return GatewayState(

@@ -94,6 +94,9 @@ class ConsentSettings(_Section):
     default_decision: Literal["deny", "permit"] = "deny"
     combining: Literal["deny-overrides", "latest-wins"] = "deny-overrides"
     patient_self_access: bool = True
+    # How a root provision without ``type`` but with conditions reads (CONTRACT §5):
+    # exception (R4's text: the opposite of the base policy) or scope ("applies to").
+    untyped_root: Literal["exception", "scope"] = "exception"
     patient_identifier_system: str | None = Field(None, min_length=1)
     healthex_patient_field: Literal["patientId", "patientMRN", "externalId"] = "patientId"
     healthex_consent_types: tuple[HealthExConsentType, ...] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)

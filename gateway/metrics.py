@@ -57,6 +57,11 @@ class Metrics:
         self.break_glass = Counter(
             "consent_gateway_break_glass", "Break-glass accesses", ("reason",), registry=r,
         )
+        self.ambiguous_consents = Counter(
+            "consent_gateway_ambiguous_consents",
+            "Consent versions loaded whose root provision has conditions but no type",
+            registry=r,
+        )
         self.errors = Counter(
             "consent_gateway_errors", "Error answers made by the gateway", ("code",), registry=r,
         )

@@ -37,6 +37,7 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
         default_decision=getattr(settings_consent, "default_decision"),
         combining=getattr(settings_consent, "combining"),
         patient_self_access=getattr(settings_consent, "patient_self_access"),
+        untyped_root=getattr(settings_consent, "untyped_root", "exception"),
         explicit_consent_required=explicit,
         sensitive=labels.sensitive,
     )

@@ -16,6 +16,7 @@ OPT_OUT = {
     "patient": {"reference": "Patient/p1"},
     "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTOUT"}]},
     "provision": {
+        "type": "deny",
         "actor": [{"reference": {"reference": "Organization/ghh"}}],
         "provision": [{"type": "permit", "actor": [{"reference": {"reference": "Practitioner/gp"}}]}],
     },
@@ -41,7 +42,7 @@ def test_deny_exits_1_and_names_consent_and_path(tmp_path: Path, capsys: pytest.
     assert run(tmp_path, "--actor", "Practitioner/x", "--org", "Organization/ghh") == 1
     out = capsys.readouterr().out
     assert "decision: deny" in out
-    assert "opt-out (Consent/out provision)" in out
+    assert "deny (Consent/out provision)" in out
 
 
 def test_permit_exits_0_with_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

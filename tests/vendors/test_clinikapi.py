@@ -87,7 +87,9 @@ def test_full_record_keeps_every_decision_field() -> None:
 
 
 def test_untyped_provision_keeps_policy_rule_and_conditions() -> None:
-    consent = consent_from_clinikapi(fixture("clinikapi-consents.json")[1])
+    record = fixture("clinikapi-consents.json")[1]
+    del record["provision"]["type"]
+    consent = consent_from_clinikapi(record)
 
     assert consent["policyRule"] == {"coding": [{"system": ACT, "code": "OPTOUT"}]}
     assert "type" not in consent["provision"]

@@ -161,7 +161,7 @@ def test_restricted_documents_need_a_consent_naming_their_label(
     general_permit = CONVERTERS["clinikapi"]({
         "id": "ck-general", "patientId": "pat-100", "scope": "patient-privacy", "category": "59284-0",
         "status": "active", "policyRule": "OPTIN",
-        "provision": {"actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
+        "provision": {"type": "permit", "actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
     }, ConvertOptions())
     assert verdict(rules, general_permit, composition, ADA) is expected
 
