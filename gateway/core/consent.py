@@ -104,6 +104,7 @@ class Provision:
     period: DateRange | None = None
     actors: frozenset[str] | None = None
     authors: frozenset[str] | None = None
+    custodians: frozenset[str] = frozenset()  # CST actors: named, never a condition
     purposes: frozenset[str] | None = None
     actions: frozenset[str] | None = None
     class_types: frozenset[str] = frozenset()
@@ -227,7 +228,7 @@ class _Compiler:
         fields: dict[str, Any] = {}
         if "period" in node:
             fields["period"] = self.period(node["period"], f"{path}.period")
-        fields["actors"], fields["authors"] = self.actors(node, path)
+        fields["actors"], fields["authors"], fields["custodians"] = self.actors(node, path)
         fields["purposes"] = self.purposes(node, path)
         fields["actions"] = self.actions(node, path)
         fields.update(self.classes(node, path))
@@ -272,13 +273,14 @@ class _Compiler:
 
     def actors(
         self, node: JSON, path: str
-    ) -> tuple[frozenset[str] | None, frozenset[str] | None]:
-        """(recipient actors, author actors); custodian actors are no condition."""
+    ) -> tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str]]:
+        """(recipient actors, author actors, custodians); custodians are no condition."""
         entries = self.entries(node, "actor", path)
         if entries is None:
-            return None, None
+            return None, None, frozenset()
         recipients: set[str] = set()
         authors: set[str] = set()
+        custodians: set[str] = set()
         seen_recipient = seen_author = False
         for i, entry in enumerate(entries):
             ref = entry.get("reference")
@@ -289,6 +291,7 @@ class _Compiler:
                 continue
             roles = {c.get("code") for c in iter_codings(entry.get("role"))}
             if roles & CUSTODIAN_ROLES:
+                custodians.add(relative_reference(target))
                 continue
             if roles & AUTHOR_ROLES:
                 seen_author = True
@@ -299,6 +302,7 @@ class _Compiler:
         return (
             frozenset(recipients) if seen_recipient else None,
             frozenset(authors) if seen_author else None,
+            frozenset(custodians),
         )
 
     def purposes(self, node: JSON, path: str) -> frozenset[str] | None:

@@ -742,17 +742,19 @@ def decide_with(
     scopes: frozenset[str],
     ctx: RequestContext,
     policy: Policy,
+    *,
+    known_refs: Mapping[str, frozenset[str]] = NO_REFS,
 ) -> Decision:
     """Decide a resource against a flat list of consents (``decide`` / ``POST /decision``).
 
     Each consent counts for the patient it names; consents of patients the resource does not
-    belong to are ignored.
+    belong to are ignored. ``known_refs``: as for ``decide``.
     """
     by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
     for consent in consents:
         if consent.patient in by_patient:
             by_patient[consent.patient].append(consent)
-    return decide_resource(by_patient, resource, labels, scopes, ctx, policy)
+    return decide_resource(by_patient, resource, labels, scopes, ctx, policy, known_refs=known_refs)
 
 
 def _possible(node: Provision, req: _Request, policy: Policy) -> dict[str, Provision]:
