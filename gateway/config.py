@@ -103,6 +103,11 @@ class ConsentSettings(_Section):
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)
+    # HealtheIntent ConsentConfiguration ``consentDuration`` (hours): how long a consent record
+    # without an end is valid; null leaves such records open-ended.
+    healtheintent_consent_duration_h: float | None = Field(
+        None, gt=0, validation_alias=AliasChoices("healtheintent_consent_duration_h", "consentDuration"),
+    )
     # Who may write Consents through the gateway: None = anyone (writes pass through); else the
     # patient the consent is about, or a requester whose X-Actor-Role is listed.
     writer_roles: tuple[str, ...] | None = None

@@ -69,6 +69,11 @@ TYPED = "typed"          # root has a type: it applies to the whole consent (IHE
 BASE = "base"            # untyped, no conditions: the base policy decides, nested rules refine
 AMBIGUOUS = "ambiguous"  # untyped with conditions: exception (R4) or scope, per the operator
 NO_RELATED: Mapping[str, frozenset[str]] = MappingProxyType({})
+# Provision modifierExtension: every recipient actor must match the requester (the requester
+# is that person, acting for that organization, in that group), not any one of them. Vendor
+# scopes such as HealtheIntent's provisionScope (unit AND group AND person) need it.
+ACTORS_ALL_OF = "urn:consent-gateway:extension:actors-all-of"
+KNOWN_MODIFIERS = frozenset({ACTORS_ALL_OF})
 
 
 def opposite(ptype: str) -> str:
@@ -105,6 +110,7 @@ class Provision:
     actors: frozenset[str] | None = None
     authors: frozenset[str] | None = None
     custodians: frozenset[str] = frozenset()  # CST actors: named, never a condition
+    actors_all: bool = False  # every recipient actor must match (ACTORS_ALL_OF), not any
     purposes: frozenset[str] | None = None
     actions: frozenset[str] | None = None
     class_types: frozenset[str] = frozenset()
@@ -229,6 +235,7 @@ class _Compiler:
         if "period" in node:
             fields["period"] = self.period(node["period"], f"{path}.period")
         fields["actors"], fields["authors"], fields["custodians"] = self.actors(node, path)
+        fields["actors_all"] = self.modifiers(node, path)
         fields["purposes"] = self.purposes(node, path)
         fields["actions"] = self.actions(node, path)
         fields.update(self.classes(node, path))
@@ -304,6 +311,19 @@ class _Compiler:
             frozenset(authors) if seen_author else None,
             frozenset(custodians),
         )
+
+    def modifiers(self, node: JSON, path: str) -> bool:
+        """True when the actors-all-of modifier is set; an unknown modifier is a defect."""
+        entries = self.entries(node, "modifierExtension", path)
+        all_of = False
+        for entry in entries or ():
+            url = entry.get("url")
+            if url not in KNOWN_MODIFIERS:
+                # SECURITY: a modifier changes the meaning; one we do not know cannot be ignored.
+                self.defect(f"unknown-modifier:{path}.modifierExtension")
+            elif entry.get("valueBoolean") is True:
+                all_of = True
+        return all_of
 
     def purposes(self, node: JSON, path: str) -> frozenset[str] | None:
         entries = self.entries(node, "purpose", path)

@@ -258,7 +258,10 @@ def _request_mismatch(node: Provision, req: _Request) -> str | None:
     """The first request-side condition (period, actor, purpose, action) that fails."""
     if node.period is not None and not node.period.contains_instant(req.now):
         return "period-not-current"
-    if node.actors is not None and node.actors.isdisjoint(req.actors):
+    actors = node.actors
+    if actors is not None and (
+        not actors <= req.actors if node.actors_all else actors.isdisjoint(req.actors)
+    ):
         return "actor-mismatch"
     if node.purposes is not None and node.purposes.isdisjoint(req.purposes):
         return "purpose-mismatch"

@@ -65,6 +65,8 @@ def build_source(
         memberships=fhir_groups,
         emergency_organization_id=consent.emergency_organization_id,
         emergency_organization_group_id=consent.emergency_organization_group_id,
+        consent_duration_h=consent.healtheintent_consent_duration_h,
+        emergency_duration_h=settings.break_glass.duration_h,
     )
 
 

@@ -140,8 +140,11 @@ class _VendorSource(ABC):
     async def _records(self, vendor_id: str) -> object:
         """The vendor's answer about one patient, all pages joined, ready for the converter."""
 
+    def _options(self, patient: str) -> ConvertOptions:
+        return ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient)
+
     def _convert(self, payload: object, patient: str) -> list[JSON]:
-        options = ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient)
+        options = self._options(patient)
         try:
             return CONVERTERS[self.kind](payload, options)
         except VendorError as exc:
@@ -253,10 +256,17 @@ class HealtheIntentSource(_VendorSource):
         memberships: Memberships = no_groups,
         emergency_organization_id: str | None = None,
         emergency_organization_group_id: str | None = None,
+        consent_duration_h: float | None = None,
+        emergency_duration_h: float | None = None,
     ) -> None:
         super().__init__(server, patients, auth_headers, memberships=memberships)
         self.population_id = population_id
         self.emergency_scope = (emergency_organization_id, emergency_organization_group_id)
+        self.durations = (consent_duration_h, emergency_duration_h)
+
+    def _options(self, patient: str) -> ConvertOptions:
+        consent_h, emergency_h = self.durations
+        return ConvertOptions(patient_ref=patient, consent_duration_h=consent_h, emergency_duration_h=emergency_h)
 
     def _path(self, vendor_id: str) -> str:
         return (f"populations/{quote(self.population_id, safe='')}"
@@ -279,7 +289,9 @@ class HealtheIntentSource(_VendorSource):
         raise _too_many_pages(self.kind)
 
     def _convert(self, payload: object, patient: str) -> list[JSON]:
-        return [personal_emergency(consent) for consent in super()._convert(payload, patient)]
+        organization, group = self.emergency_scope
+        own = frozenset({f"Organization/{organization}", f"Group/{group}"}) if organization and group else frozenset()
+        return [personal_emergency(consent, own) for consent in super()._convert(payload, patient)]
 
     async def store_consent(self, consent: JSON) -> str:
         """POST the emergency grant as an EMERGENCY patient-consent; returns ``Consent/<consentId>``."""
@@ -337,14 +349,16 @@ def emergency_patient_consent(consent: JSON, organization: str, group: str) -> J
     }
 
 
-def personal_emergency(consent: JSON) -> JSON:
-    """An emergency grant for the personnel it names only, shaped as a gateway emergency Consent.
+def personal_emergency(consent: JSON, own_unit: frozenset[str] = frozenset()) -> JSON:
+    """A HealtheIntent emergency record shaped as a gateway emergency Consent (an audited window).
 
-    HealtheIntent's provisionScope also names the care unit and group the record came from;
-    read as alternative actors they would open the record to everyone there. Keeping the
-    Practitioner alone narrows the grant and makes it an emergency window the engine
-    recognises (one actor, a period, the reason as the break-glass reason extension).
-    A record without personnel, or anything else, is returned unchanged.
+    The converter scopes the grant to the person (when named) in the care unit and group,
+    all of them (``actors-all-of``). Adding the reason as the break-glass reason extension
+    makes it an emergency window the engine recognises, so every access through it is
+    audited as emergency access, with or without personnel. A window the gateway stored
+    itself names ``own_unit`` (``consent.emergency_organization_id`` / ``_group_id``) only
+    because HealtheIntent requires a unit: it opens to its person alone, as break-glass
+    does. Anything else is unchanged.
     """
     is_emergency = any(
         c.get("system") == GATEWAY_CODE_SYSTEM and c.get("code") == EMERGENCY_CODE
@@ -353,22 +367,24 @@ def personal_emergency(consent: JSON) -> JSON:
     provision = consent.get("provision")
     if not is_emergency or not isinstance(provision, dict):
         return consent
-    personnel = [
-        a for a in provision.get("actor") or ()
-        if (reference_of(a.get("reference")) or "").startswith("Practitioner/")
-    ]
-    if not personnel:
-        return consent
-    # SECURITY: a break-glass opens the record to the person who broke the glass only (issue 8).
     reason = next(
         (c.get("text") for c in consent.get("category") or ()
          if isinstance(c, dict) and any(cd.get("code") == EMERGENCY_CODE for cd in iter_codings(c))),
         None,
     )
-    narrowed = {**consent, "provision": {**provision, "actor": personnel}}
-    if isinstance(reason, str):
-        narrowed["extension"] = [*consent.get("extension", []), {"url": REASON_EXTENSION, "valueString": reason}]
-    return narrowed
+    if not isinstance(reason, str):
+        return consent
+    actors = [a for a in provision.get("actor") or () if isinstance(a, dict)]
+    refs = {reference_of(a.get("reference")) or "" for a in actors}
+    person = [a for a in actors if (reference_of(a.get("reference")) or "").startswith("Practitioner/")]
+    if own_unit and len(person) == 1 and refs - own_unit == {reference_of(person[0].get("reference"))}:
+        # The gateway's own break-glass record: the person who broke the glass only.
+        provision = {k: v for k, v in provision.items() if k != "modifierExtension"} | {"actor": person}
+    return {
+        **consent,
+        "provision": provision,
+        "extension": [*consent.get("extension", []), {"url": REASON_EXTENSION, "valueString": reason}],
+    }
 
 
 def _json_body(resp: UpstreamResponse, what: str) -> Any:

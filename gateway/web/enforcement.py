@@ -89,7 +89,7 @@ class ConsentEnforcement:
         # An emergency window is a grant for treatment: other purposes do not open it.
         windows = {
             p: w for p, pc in found.items() for w in pc.emergency
-            if w.actor == actor.reference and w.open_at(ctx.now)
+            if w.covers(actor) and w.open_at(ctx.now)
         } if "TREAT" in lineage(purpose) else {}
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
 

@@ -44,7 +44,7 @@ def decide(tmp_path: Path, vendor: str, consent: Path, resource: dict[str, Any],
         ("clinikapi", "clinikapi-consents.json", "Patient/pat-100", HIV_AB, "Practitioner/dr-ada", "deny"),
         ("healthex", "healthex-consents.json", "Patient/hx-pat-7", HIV_AB, "Practitioner/any-doc", "permit"),
         ("healtheintent", "healtheintent-consents.json", "Patient/he-1", GLUCOSE,
-         "Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", "permit"),
+         "Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", "deny"),
         ("healtheintent", "healtheintent-consents.json", "Patient/he-1", GLUCOSE, "Practitioner/elsewhere", "deny"),
     ],
 )
@@ -77,3 +77,11 @@ def test_healtheintent_needs_a_resource_of_one_patient(tmp_path: Path, capsys: p
     code = decide(tmp_path, "healtheintent", FIXTURES / "healtheintent-consents.json", practitioner, "Practitioner/x")
     assert code == 2
     assert "exactly one patient" in capsys.readouterr().err
+
+
+def test_healtheintent_permit_needs_person_unit_and_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = decide(tmp_path, "healtheintent", FIXTURES / "healtheintent-consents.json",
+                  observation("Patient/he-1", GLUCOSE), "Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15",
+                  "--org", "Organization/7582d101-c0bd-45a8-829c-a63f1587ea05",
+                  "--group", "Group/f2467686-1bc8-4bcf-a768-2cb3541e437e")
+    assert (code, json.loads(capsys.readouterr().out)["decision"]) == (0, "permit")

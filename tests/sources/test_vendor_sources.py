@@ -222,6 +222,8 @@ PERSONNEL = "Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15"
 DENIED_ORG = "Organization/0c6a1d55-2f0e-4d7b-8b8e-5d3f2a9e7b10"
 CARE_UNIT = "5d8f2a10-7c3e-4b9a-a1d2-6e0f4c8b9a21"
 CARE_GROUP = "c93e1f47-2b6a-4d0e-9f58-1a7d3e5c2b64"
+PDL_UNIT = "Organization/7582d101-c0bd-45a8-829c-a63f1587ea05"
+PDL_GROUP = "f2467686-1bc8-4bcf-a768-2cb3541e437e"
 
 
 @pytest.fixture
@@ -240,9 +242,14 @@ async def test_healtheintent_pages_are_followed_and_enforced(
     he_clinical: FakeFhir, healtheintent: FakeHealtheIntent, make_gateway: Factory
 ) -> None:
     healtheintent.records[HE_ID] = fixture("healtheintent-consents.json")["items"]
+    he_clinical.add({"resourceType": "Group", "id": PDL_GROUP, "type": "practitioner", "actual": True,
+                     "member": [{"entity": {"reference": PERSONNEL}}]})
     gw = await make_gateway(he_clinical.base_url, consent=he_settings(healtheintent.base_url))
 
-    assert await status_of(gw, "/Observation/o-glu", PERSONNEL) == 200
+    # PDL: the person, acting for the care unit, in its group: all three, not any one.
+    assert await status_of(gw, "/Observation/o-glu", PERSONNEL, **{"X-Actor-Organization": PDL_UNIT}) == 200
+    assert await status_of(gw, "/Observation/o-glu", PERSONNEL, **{"X-Actor-Organization": "Organization/other"}) == 403
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/colleague", **{"X-Actor-Organization": PDL_UNIT}) == 403
     assert await status_of(gw, "/Observation/o-glu", "Practitioner/p-3", **{"X-Actor-Organization": DENIED_ORG}) == 403
     assert await status_of(gw, "/Observation/o-glu", "Practitioner/elsewhere") == 403
     # The 2024 emergency grant (third record, second page) has expired.

@@ -235,10 +235,17 @@ def test_healthex_consent_expires(rules: LabelIndex, healthex_consents: list[dic
 
 # ---------------------------------------------------------------- HealtheIntent
 
-PERSON = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15")
-ORG_MEMBER = Actor("Practitioner/p-2", organization="Organization/7582d101-c0bd-45a8-829c-a63f1587ea05")
+UNIT = "Organization/7582d101-c0bd-45a8-829c-a63f1587ea05"
+UNIT_GROUP = frozenset({"Group/f2467686-1bc8-4bcf-a768-2cb3541e437e"})
+# PDL: the permit is for this person, acting for this care unit, in its group.
+PERSON = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", organization=UNIT, groups=UNIT_GROUP)
+PERSON_ALONE = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15")
+PERSON_ELSEWHERE = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", organization="Organization/x",
+                         groups=UNIT_GROUP)
+GROUP_COLLEAGUE = Actor("Practitioner/p-2", organization=UNIT, groups=UNIT_GROUP)
+ORG_MEMBER = Actor("Practitioner/p-2", organization=UNIT)
 DENIED_ORG_MEMBER = Actor("Practitioner/p-3", organization="Organization/0c6a1d55-2f0e-4d7b-8b8e-5d3f2a9e7b10")
-EMERGENCY_ACTOR = Actor("Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f")
+EMERGENCY_ACTOR = Actor("Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f", organization=UNIT, groups=UNIT_GROUP)
 
 
 @pytest.fixture
@@ -252,7 +259,11 @@ def healtheintent_consents() -> list[dict[str, Any]]:
     ("actor", "now", "default", "expected"),
     [
         (PERSON, "2025-01-15T12:00:00+00:00", "deny", Verdict.PERMIT),
-        (ORG_MEMBER, "2025-01-15T12:00:00+00:00", "deny", Verdict.PERMIT),
+        # provisionScope is unit AND group AND person: no part alone opens the permit.
+        (PERSON_ALONE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (PERSON_ELSEWHERE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (GROUP_COLLEAGUE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (ORG_MEMBER, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
         (DENIED_ORG_MEMBER, "2025-01-15T12:00:00+00:00", "permit", Verdict.DENY),
         (Actor("Practitioner/elsewhere"), "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
         # The permit ended 2031-01-08.
