@@ -100,6 +100,9 @@ class ConsentSettings(_Section):
     patient_identifier_system: str | None = Field(None, min_length=1)
     healthex_patient_field: Literal["patientId", "patientMRN", "externalId"] = "patientId"
     healthex_consent_types: tuple[HealthExConsentType, ...] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)
+    # The HealthEx study this site's research (HRESCH) requests are for; research consents
+    # recorded for any other study decide nothing here.
+    healthex_study_id: str | None = Field(None, min_length=1)
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)

@@ -212,10 +212,15 @@ class HealthExSource(_VendorSource):
         sensitivity_labels: Mapping[str, tuple[Label, ...]],
         consent_types: Sequence[str],
         patient_field: str = "patientId",
+        study_id: str | None = None,
     ) -> None:
         super().__init__(server, patients, auth_headers, sensitivity_labels=sensitivity_labels)
         self.consent_types = list(consent_types)
         self.patient_field = patient_field
+        self.study_id = study_id
+
+    def _options(self, patient: str) -> ConvertOptions:
+        return ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient, study_id=self.study_id)
 
     async def _records(self, vendor_id: str) -> object:
         body: JSON = {

@@ -209,8 +209,11 @@ PATIENT_7 = {"resourceType": "Patient", "id": "hx-pat-7", "name": [{"family": "L
         (condition("c1", "Patient/hx-pat-7", "F32.9"), "TREAT", "deny", Verdict.PERMIT),
         # No DIAGNOSES / NORMAL scope was consented: a plain diagnosis is not opened.
         (condition("c2", "Patient/hx-pat-7", "E11.9"), "TREAT", "deny", Verdict.DENY),
-        # The revoked deny-all is inactive: the default decides.
+        # The revocation covers IMAGING only: a diagnosis falls to the default.
         (condition("c2", "Patient/hx-pat-7", "E11.9"), "TREAT", "permit", Verdict.PERMIT),
+        # The patient revoked the IMAGING authorization: a permit default must not reopen it.
+        ({"resourceType": "ImagingStudy", "id": "img1", "status": "available",
+          "subject": {"reference": "Patient/hx-pat-7"}}, "TREAT", "permit", Verdict.DENY),
         # Declined patient-directed exchange of demographics.
         (PATIENT_7, "PATRQT", "permit", Verdict.DENY),
         (PATIENT_7, "TREAT", "permit", Verdict.PERMIT),
@@ -225,6 +228,21 @@ def test_healthex_consents_decide(
     expected: Verdict,
 ) -> None:
     assert verdict(rules, healthex_consents, resource, DOC, purpose=purpose, default=default) is expected
+
+
+def test_healthex_research_consent_decides_only_its_own_study(rules: LabelIndex) -> None:
+    labels = {s: rules.sensitivity_scope_labels(s) for s in rules.sensitivity_scope_names}
+    brca = {
+        "resourceType": "Observation", "id": "g1", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "GE"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "21636-6"}]},
+        "subject": {"reference": "Patient/hx-pat-7"}, "effectiveDateTime": "2024-03-10T08:00:00Z",
+    }
+    for study, expected in (("study-42", Verdict.PERMIT), ("study-43", Verdict.DENY), (None, Verdict.DENY)):
+        consents = CONVERTERS["healthex"](
+            fixture("healthex-consents.json")[:1], ConvertOptions(sensitivity_labels=labels, study_id=study)
+        )
+        assert verdict(rules, consents, brca, DOC, purpose="HRESCH") is expected, study
 
 
 def test_healthex_consent_expires(rules: LabelIndex, healthex_consents: list[dict[str, Any]]) -> None:

@@ -67,6 +67,8 @@ class ConvertOptions:
     # the validity of a record that names no end.
     consent_duration_h: float | None = None
     emergency_duration_h: float | None = None
+    # HealthEx: the study this site's research requests are for (consent.healthex_study_id).
+    study_id: str | None = None
 
 
 Converter = Callable[[object, ConvertOptions], list[JSON]]
