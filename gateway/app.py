@@ -26,6 +26,7 @@ from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.web import admin, proxy
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
+from gateway.web.resolve import MedicationCache
 from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
@@ -58,6 +59,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         audit=AuditLog(settings.audit.path),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
+        medications=MedicationCache(settings.consent.cache_ttl_s),
     )
 
 

@@ -150,6 +150,21 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
     return decision
 
 
+def total_is_visible(bundle: JSON) -> bool:
+    """True when ``Bundle.total`` counts only entries of this very page (no next page, no
+    ``_count=0``): then every match it counts has been decided and kept."""
+    links = bundle.get("link")
+    if isinstance(links, list) and any(isinstance(l, dict) and l.get("relation") == "next" for l in links):
+        return False
+    matches = 0
+    for entry in bundle.get("entry") or ():
+        search = entry.get("search") if isinstance(entry, dict) else None
+        mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+        if mode == "match":
+            matches += 1
+    return bundle.get("total") == matches
+
+
 class Enforcer:
     """Walks one parsed body, mutating it in place to what the requester may see."""
 
@@ -229,8 +244,11 @@ class Enforcer:
             if len(self.result.removed) > removed_before:
                 bundle["entry"] = kept
                 self.result.changed = True
-        if (self.drop_total or len(self.result.removed) > removed_before) and "total" in bundle:
-            # SECURITY: Bundle.total would reveal how many entries were withheld.
+        if "total" in bundle and (
+            self.drop_total or len(self.result.removed) > removed_before or not total_is_visible(bundle)
+        ):
+            # SECURITY: Bundle.total would reveal how many entries were withheld, or count
+            # matches on other pages (a joint record of another patient) never decided here.
             del bundle["total"]
             self.result.changed = True
 
