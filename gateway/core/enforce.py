@@ -54,6 +54,21 @@ def scrubbed_outcome(outcome: JSON) -> JSON:
     }
 
 
+def not_found_slot() -> JSON:
+    """The batch slot of a missing record, and of a withheld one in 404 mode."""
+    return {"status": "404 Not Found",
+            "outcome": scrubbed_outcome({"issue": [{"severity": "error", "code": "not-found"}]})}
+
+
+def withheld_slot(status: str) -> JSON:
+    """The batch slot of a withheld record: a refused read, or a missing one in 404 mode."""
+    if status.startswith("404"):
+        return not_found_slot()
+    slot = dict(WITHHELD_RESPONSE)
+    slot["status"] = status
+    return slot
+
+
 @dataclass
 class Enforced:
     """What enforcement did to one body."""
@@ -236,9 +251,7 @@ class Enforcer:
                 if resource is None or self._keep(resource):
                     kept.append(entry)
                 elif response_bundle:
-                    slot = dict(WITHHELD_RESPONSE)
-                    slot["status"] = self.withheld_status
-                    kept.append({"response": slot})
+                    kept.append({"response": withheld_slot(self.withheld_status)})
             if len(self.result.removed) > removed_before and not response_bundle:
                 kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
             if len(self.result.removed) > removed_before:
@@ -253,10 +266,17 @@ class Enforcer:
             self.result.changed = True
 
     def _scrub_response(self, entry: JSON) -> None:
-        """An upstream error outcome in a batch slot keeps its codes, never its texts."""
+        """An upstream error outcome in a batch slot keeps its codes, never its texts; a missing
+        record's slot reads exactly like a withheld one in 404 mode."""
         response = entry.get("response")
-        outcome = response.get("outcome") if isinstance(response, dict) else None
-        if isinstance(outcome, dict) and isinstance(response, dict):
+        if not isinstance(response, dict):
+            return
+        if str(response.get("status", "")).startswith("404"):
+            entry["response"] = not_found_slot()
+            self.result.changed = True
+            return
+        outcome = response.get("outcome")
+        if isinstance(outcome, dict):
             response["outcome"] = scrubbed_outcome(outcome)
             self.result.changed = True
 

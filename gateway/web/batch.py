@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from gateway.core.enforce import WITHHELD_RESPONSE, scrubbed_outcome
+from gateway.core.enforce import scrubbed_outcome, withheld_slot
 from gateway.core.errors import BadRequest, ConsentDenied, GatewayError
 from gateway.core.fhir import JSON
 from gateway.core.projection import Projection
@@ -53,11 +53,7 @@ def _failed() -> JSON:
 def refused_slot(exc: GatewayError, withheld_status: str) -> JSON:
     """A batch slot for an entry the gateway did not send."""
     if isinstance(exc, ConsentDenied):
-        slot = dict(WITHHELD_RESPONSE)
-        slot["status"] = withheld_status
-        if withheld_status.startswith("404"):
-            slot["outcome"] = not_found_outcome()
-        return slot
+        return withheld_slot(withheld_status)
     return {"status": f"{exc.status} {exc.issue_code}",
             "outcome": {"resourceType": "OperationOutcome",
                         "issue": [{"severity": "error", "code": exc.issue_code, "diagnostics": exc.message}]}}
