@@ -23,6 +23,7 @@ from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.request import Route
+from gateway.web.resolve import resolve_references
 from gateway.web.state import GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -167,7 +168,8 @@ async def ensure_readable(state: GatewayState, reference: str, actor: Actor, pur
         parsed = None
     if not isinstance(parsed, dict):
         raise ConsentDenied("Access to this resource is not permitted.")
-    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None)
+    resolved = await resolve_references(state, parsed)
+    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None, resolved=resolved)
     if result.denied:
         raise ConsentDenied("Access to this resource is not permitted.")
     return parsed
@@ -180,7 +182,8 @@ async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
     """
     route = ex.route
     if (route.operation is None or route.resource_id is None or route.resource_type is None
-            or route.operation == "$everything" or not is_patient_data(route.resource_type)):
+            or route.operation == "$everything"
+            or not (is_patient_data(route.resource_type) or route.resource_type == "Binary")):
         return
     await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
 
