@@ -17,7 +17,7 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import ConsentDenied, PayloadTooLarge, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.references import in_answer, scrub_displays
+from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
@@ -257,8 +257,9 @@ async def decide_answer(
         )
         await record_emergency_consents(state, emergency, ex.actor)
     changed = result.changed
-    if b'"display"' in upstream.body:
-        changed |= scrub_displays(parsed, frozenset(in_answer(parsed)))
+    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
+    if released and may_name_unreleased(upstream.body, released):
+        changed |= scrub_displays(parsed, released)
     if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
         apply_projections(plan, parsed["entry"])
         changed = True
