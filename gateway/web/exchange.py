@@ -19,11 +19,12 @@ from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.request import Route
-from gateway.web.resolve import resolve_references
+from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -157,17 +158,11 @@ async def ensure_readable(state: GatewayState, reference: str, actor: Actor, pur
 
     A missing target refuses nothing; one that cannot be read refuses (fail closed).
     """
-    target = await state.upstream.request(
-        "GET", state.upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
-    )
-    if target.status in (404, 410):
+    parsed = await read_target(state.upstream, reference)
+    if parsed is None:
         return None
-    try:
-        parsed = orjson.loads(target.body) if target.status < 400 else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise ConsentDenied("Access to this resource is not permitted.")
+    if parsed is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
     resolved = await resolve_references(state, parsed)
     result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None, resolved=resolved)
     if result.denied:
@@ -267,18 +262,10 @@ def _is_revocation(op: JSON) -> bool:
 
 async def _stored_consent(state: GatewayState, consent_id: str) -> JSON | None:
     """The Consent as the FHIR server holds it (None when there is none); unreadable → 503."""
-    stored = await state.upstream.request(
-        "GET", state.upstream.url_for(f"Consent/{consent_id}"), headers={"Accept": "application/fhir+json"}
-    )
-    if stored.status in (404, 410):
-        return None
-    try:
-        parsed = orjson.loads(stored.body) if stored.status < 400 else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    stored = await read_target(state.upstream, f"Consent/{consent_id}")
+    if stored is UNREADABLE:
         raise UpstreamUnavailable("The stored consent could not be read.")
-    return parsed
+    return stored
 
 
 def prepare_projection(ex: Exchange) -> None:
