@@ -111,9 +111,9 @@ class ConsentSettings(_Section):
     healtheintent_consent_duration_h: float | None = Field(
         None, gt=0, validation_alias=AliasChoices("healtheintent_consent_duration_h", "consentDuration"),
     )
-    # Who may write Consents through the gateway: None = anyone (writes pass through); else the
-    # patient the consent is about, or a requester whose X-Actor-Role is listed.
-    writer_roles: tuple[str, ...] | None = None
+    # Who may write Consents through the gateway besides the patient the consent is about:
+    # requesters whose X-Actor-Role is listed (default: nobody else).
+    writer_roles: tuple[str, ...] = ()
 
     @field_validator("source_url")
     @classmethod
