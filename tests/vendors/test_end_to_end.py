@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pytest
 
+from gateway.core.compartment import references_of
 from gateway.core.consent import compile_consent
 from gateway.core.decision import Policy, decide
 from gateway.core.labels import LabelIndex
@@ -45,6 +47,13 @@ def condition(rid: str, patient: str, icd: str) -> dict[str, Any]:
     }
 
 
+# What the FHIR server holds of the records consents name as related targets.
+SERVER: dict[str, dict[str, Any]] = {
+    "Observation/obs-phq9": observation("obs-phq9", "Patient/pat-100", "44249-1", "survey"),
+    "Condition/cond-f32": condition("cond-f32", "Patient/pat-100", "F32.9"),
+}
+
+
 def verdict(
     rules: LabelIndex,
     consents: list[dict[str, Any]],
@@ -71,6 +80,11 @@ def decision(
 ) -> Decision:
     compiled = [compile_consent(c) for c in consents]
     assert all(not c.defects for c in compiled), [c.defects for c in compiled]
+    # As the consent cache does: each related target read from the FHIR server.
+    compiled = [
+        replace(c, related={t: references_of(SERVER[t]) for t in c.related_targets if t in SERVER})
+        for c in compiled
+    ]
     ctx = RequestContext(actor=actor, purpose=purpose, now=datetime.fromisoformat(now))
     policy = Policy(default_decision=default, sensitive=rules.sensitive)
     return decide(compiled, resource, rules.labels_for(resource), rules.scopes_for(resource), ctx, policy)
