@@ -6,8 +6,11 @@ API serving the documented shapes (fixtures in tests/vendors/fixtures), paging i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -414,3 +417,24 @@ async def test_clinikapi_group_actors_match_the_fhir_servers_group_members(
     gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
     assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-lee") == 200
     assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-ada") == 403
+
+
+async def test_healtheintent_emergency_record_without_personnel_is_audited_for_the_unit(
+    he_clinical: FakeFhir, healtheintent: FakeHealtheIntent, make_gateway: Factory
+) -> None:
+    now = datetime.now(timezone.utc)
+    record = fixture("healtheintent-consents.json")["items"][2]
+    record["provisionScope"]["personnel"] = {}
+    record["effectivePeriod"] = {"start": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                 "end": (now + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    healtheintent.records[HE_ID] = [record]
+    he_clinical.add({"resourceType": "Group", "id": PDL_GROUP, "type": "practitioner", "actual": True,
+                     "member": [{"entity": {"reference": "Practitioner/nurse-4"}}]})
+    gw = await make_gateway(he_clinical.base_url, consent=he_settings(healtheintent.base_url))
+
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/nurse-4", **{"X-Actor-Organization": PDL_UNIT}) == 200
+    # Emergency access through the unit's window is audited like a break-glass.
+    lines = [json.loads(line) for line in Path(gw.state.settings.audit.path).read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["resourceType"] == "AuditEvent"
+    # Outside the unit (or outside its group) the window does not open.
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/nurse-4", **{"X-Actor-Organization": "Organization/x"}) == 403
