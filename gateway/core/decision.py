@@ -279,6 +279,9 @@ def _request_gate(consent: CompiledConsent, req: _Request) -> str | None:
     period = consent.root.period
     if period is not None and not period.contains_instant(req.now):
         return "period-not-current"
+    if consent.scope_root is None:
+        # One reading only (typed or base root): its request-side mismatch is a gate too.
+        return _request_mismatch(consent.root, req)
     return None
 
 
@@ -380,7 +383,17 @@ def _resolve_type(ptype: str, policy: Policy) -> str:
 
 
 def _resolve(node: Provision, policy: Policy) -> str:
-    return _resolve_type(node.type, policy)
+    ptype = node.type
+    if ptype == PERMIT or ptype == DENY:
+        return ptype
+    return _resolve_type(ptype, policy)
+
+
+def _is_deny(node: Provision, policy: Policy) -> bool:
+    ptype = node.type
+    if ptype == DENY:
+        return True
+    return ptype != PERMIT and _resolve_type(ptype, policy) == DENY
 
 
 class _Outcome(NamedTuple):
@@ -407,7 +420,7 @@ def _descend(
     """Deepest matching provisions below ``node`` (``node`` itself when no child matches)."""
     outcomes: list[_Outcome] = []
     for child in req.children(node):
-        if _content_mismatch(child, facts, _resolve(child, policy) == DENY) is None:
+        if _content_mismatch(child, facts, _is_deny(child, policy)) is None:
             outcomes.extend(_descend(child, (*chain, child), req, facts, policy))
     if outcomes:
         return outcomes
@@ -494,9 +507,16 @@ def _decide_consent(
     why = req.gate(consent)
     if why is not None:
         return _Verdict(consent, skip=("" if why in _CONSENT_LEVEL else "provision", why))
-    root, exception = _tree(consent, policy)
     facts.related = consent.related
-    why = req.mismatch(root) or _content_mismatch(root, facts, _resolve(root, policy) == DENY)
+    if consent.scope_root is None:
+        # Typed or base root (the gate checked its request side): the common, fast path.
+        root = consent.root
+        why = _content_mismatch(root, facts, _is_deny(root, policy))
+        if why is not None:
+            return _Verdict(consent, skip=("provision", why))
+        return _Verdict(consent, outcome=_evaluate_tree(root, req, facts, policy))
+    root, exception = _tree(consent, policy)
+    why = req.mismatch(root) or _content_mismatch(root, facts, _is_deny(root, policy))
     if why is not None:
         if exception:
             return _Verdict(consent, outcome=_base_outcome(consent, policy))
