@@ -69,6 +69,8 @@ TYPED = "typed"          # root has a type: it applies to the whole consent (IHE
 BASE = "base"            # untyped, no conditions: the base policy decides, nested rules refine
 AMBIGUOUS = "ambiguous"  # untyped with conditions: exception (R4) or scope, per the operator
 NO_RELATED: Mapping[str, frozenset[str]] = MappingProxyType({})
+# One shared empty set: every compiled provision keeps its absent references for free.
+NO_REFS: frozenset[str] = frozenset()
 # Provision modifierExtension: every recipient actor must match the requester (the requester
 # is that person, acting for that organization, in that group), not any one of them. Vendor
 # scopes such as HealtheIntent's provisionScope (unit AND group AND person) need it.
@@ -94,7 +96,7 @@ class DataRef:
 class Provision:
     """One compiled provision; a condition of None is absent and matches everything.
 
-    ``type`` is the effective type: declared here (``declared``), else inherited from the
+    ``type`` is the effective type: declared here, else inherited from the
     parent, else (at the root) from the reading of the root; "" means the policy's default
     decision and NOT_DEFAULT its opposite. ``rule`` names where that type came from
     (``permit``, ``deny``, ``opt-in``, ``opt-out``, ``root-exception``, or "" for the
@@ -109,7 +111,7 @@ class Provision:
     period: DateRange | None = None
     actors: frozenset[str] | None = None
     authors: frozenset[str] | None = None
-    custodians: frozenset[str] = frozenset()  # CST actors: named, never a condition
+    custodians: frozenset[str] = NO_REFS  # CST actors: named, never a condition
     actors_all: bool = False  # every recipient actor must match (ACTORS_ALL_OF), not any
     purposes: frozenset[str] | None = None
     actions: frozenset[str] | None = None
@@ -126,7 +128,6 @@ class Provision:
     data_period: DateRange | None = None
     data: tuple[DataRef, ...] | None = None
     children: tuple[Provision, ...] = ()
-    declared: bool = False
 
     @property
     def content_free(self) -> bool:
@@ -172,8 +173,6 @@ class CompiledConsent:
     defects: tuple[str, ...] = ()
     types: frozenset[str] = frozenset()  # every effective type either tree can give
     root_sound: bool = True  # the root's own conditions compiled without a defect
-    reading: str = TYPED  # TYPED, BASE or AMBIGUOUS (see the module docstring)
-    base: str = ""  # the base policy's type: PERMIT, DENY or "" (the default decision)
     scope_root: Provision | None = None  # the AMBIGUOUS root read as a scope
     # references each ``related`` data target makes, read from the FHIR server once per
     # consent version; a target missing here is unknown (unless in the same answer)
@@ -183,6 +182,18 @@ class CompiledConsent:
     def period(self) -> DateRange | None:
         """The root ``provision.period``: the consent is in force only within it."""
         return self.root.period
+
+    @property
+    def base(self) -> str:
+        """The base policy's type: PERMIT, DENY or "" (the default decision)."""
+        return POLICY_RULE_TYPES.get(self.policy_rule, "")
+
+    @property
+    def reading(self) -> str:
+        """TYPED, BASE or AMBIGUOUS (see the module docstring)."""
+        if self.scope_root is not None:
+            return AMBIGUOUS
+        return TYPED if self.root.rule in (PERMIT, DENY) else BASE
 
     @property
     def ambiguous(self) -> bool:
@@ -259,7 +270,7 @@ class _Compiler:
                 self.defect(f"bad-shape:{path}.provision")
                 self.types.add(DENY)
         return Provision(
-            path=path, type=ptype, rule=rule, children=kids, declared="type" in node, **fields
+            path=path, type=ptype, rule=rule, children=kids, **fields
         )
 
     def provision_type(self, node: JSON, path: str, inherited: str, rule: str) -> tuple[str, str]:
@@ -284,7 +295,7 @@ class _Compiler:
         """(recipient actors, author actors, custodians); custodians are no condition."""
         entries = self.entries(node, "actor", path)
         if entries is None:
-            return None, None, frozenset()
+            return None, None, NO_REFS
         recipients: set[str] = set()
         authors: set[str] = set()
         custodians: set[str] = set()
@@ -309,7 +320,7 @@ class _Compiler:
         return (
             frozenset(recipients) if seen_recipient else None,
             frozenset(authors) if seen_author else None,
-            frozenset(custodians),
+            _frozen(custodians),
         )
 
     def modifiers(self, node: JSON, path: str) -> bool:
@@ -369,10 +380,10 @@ class _Compiler:
                 other = True
         # Profiles are canonical URLs; a coding may carry one under any system.
         return {
-            "class_types": frozenset(types),
-            "class_profiles": frozenset(profiles),
-            "class_scopes": frozenset(scopes),
-            "class_bare": frozenset(bare),
+            "class_types": _frozen(types),
+            "class_profiles": _frozen(profiles),
+            "class_scopes": _frozen(scopes),
+            "class_bare": _frozen(bare),
             "class_other": other,
             "has_class": True,
         }
@@ -402,10 +413,13 @@ class _Compiler:
             else:
                 self.defect(f"bad-code:{path}.securityLabel")
         ranks = [r for r in (label.confidentiality_rank for label in labels) if r is not None]
+        labels_tuple = tuple(labels)
         return {
-            "labels": tuple(labels),
+            "labels": labels_tuple,
             "confidentiality": max(ranks, default=-1),
-            "other_labels": tuple(lb for lb in labels if lb.confidentiality_rank is None),
+            "other_labels": labels_tuple if not ranks else tuple(
+                lb for lb in labels if lb.confidentiality_rank is None
+            ),
         }
 
     def data(self, node: JSON, path: str) -> tuple[DataRef, ...] | None:
@@ -424,6 +438,11 @@ class _Compiler:
             else:
                 refs.append(DataRef(meaning, relative_reference(target)))
         return tuple(refs)
+
+
+def _frozen(items: set[str]) -> frozenset[str]:
+    """``items`` frozen; empty ones share NO_REFS (an empty frozenset costs 216 bytes)."""
+    return frozenset(items) if items else NO_REFS
 
 
 def _policy_rule(consent: JSON) -> str:
@@ -447,25 +466,27 @@ def _policy_rule(consent: JSON) -> str:
     return ""
 
 
-def _retyped(node: Provision, ptype: str, rule: str) -> Provision:
-    """``node`` (and its untyped descendants) with the type it inherits set to ``ptype``."""
-    if node.declared:
-        return node
-    kids = tuple(_retyped(c, ptype, rule) for c in node.children)
+def _retyped(node: Provision, ptype: str, rule: str, inherited: str) -> Provision:
+    """``node`` (and its untyped descendants) with the type it inherits set to ``ptype``.
+
+    Under an untyped root, a provision without its own type carries the root's rule
+    ``inherited`` (a policyRule reason); a declared one carries ``permit`` or ``deny``.
+    """
+    kids = tuple(
+        _retyped(c, ptype, rule, inherited) if c.rule == inherited else c for c in node.children
+    )
     return replace(node, type=ptype, rule=rule, children=kids)
 
 
 def _readings(
     root: Provision, raw_root: Any, base: str
-) -> tuple[str, Provision, Provision | None, frozenset[str]]:
-    """(reading, root, scope_root, types the readings add) for the compiled root."""
-    if isinstance(raw_root, dict) and "type" in raw_root:
-        return TYPED, root, None, frozenset()
-    if not root.has_conditions:
-        return BASE, root, None, frozenset()
-    exception = _retyped(root, opposite(base), ROOT_EXCEPTION)
+) -> tuple[Provision, Provision | None, frozenset[str]]:
+    """(root, scope_root, types the readings add): an ambiguous root gets both readings."""
+    if (isinstance(raw_root, dict) and "type" in raw_root) or not root.has_conditions:
+        return root, None, frozenset()
+    exception = _retyped(root, opposite(base), ROOT_EXCEPTION, root.rule)
     # The base decides whenever the exception does not match.
-    return AMBIGUOUS, exception, root, frozenset({opposite(base), base})
+    return exception, root, frozenset({opposite(base), base})
 
 
 def _scopes(consent: JSON) -> frozenset[str]:
@@ -510,7 +531,7 @@ def compile_consent(consent: JSON) -> CompiledConsent:
     if raw_root is None:
         raw_root = {}
     root = compiler.provision(raw_root, "provision", base, POLICY_RULE_REASONS.get(base, ""))
-    reading, root, scope_root, more_types = _readings(root, raw_root, base)
+    root, scope_root, more_types = _readings(root, raw_root, base)
     compiler.types.update(more_types)
     patient = consent.get("patient")
     patient_ref = patient.get("reference") if isinstance(patient, dict) else None
@@ -525,7 +546,5 @@ def compile_consent(consent: JSON) -> CompiledConsent:
         defects=tuple(compiler.defects),
         types=frozenset(compiler.types),
         root_sound=compiler.root_sound,
-        reading=reading,
-        base=base,
         scope_root=scope_root,
     )
