@@ -25,7 +25,8 @@ from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.upstream_auth import build_credentials, tls_context
-from gateway.web import admin, proxy
+from gateway.issuer import Issuer
+from gateway.web import admin, discovery, proxy
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
 from gateway.web.state import STATE, GatewayState, Readiness
 
@@ -74,6 +75,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         audit=AuditLog(settings.audit.path),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
+        issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
 
@@ -97,6 +99,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.open()
         if state.consent_server is not None:
             await state.consent_server.open()
+        if state.issuer is not None:
+            await state.issuer.open()
         tasks = [asyncio.create_task(_watch_upstream(state))]
         audit_server = None
         if state.settings.audit.fhir_url:
@@ -114,8 +118,11 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()
+        if state.issuer is not None:
+            await state.issuer.close()
 
     app.cleanup_ctx.append(upstream_ctx)
+    discovery.add_routes(app, state.upstream.base.path.rstrip("/"))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 

@@ -28,7 +28,8 @@ from gateway.core.breakglass import is_emergency
 from gateway.web.writes import WRITE_INTERACTIONS, consents_written, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
-from gateway.web.request import GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
+from gateway.web.identity import check_scopes, identify, purpose_of
+from gateway.web.request import GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, parse_route, reject_xml
 from gateway.web.state import STATE, GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -207,10 +208,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
-    actor = read_actor(request)
+    identity = await identify(request, state)
+    actor = identity.actor
     reason = read_break_glass(request, state.settings)
     # Break-glass turns the purpose into emergency treatment.
-    purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
+    purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose
     body = await read_body(request, state.settings.listen.max_body_bytes)
     # A POST _search carries its parameters in the body: they are checked like the URL's.
@@ -221,6 +223,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     )
     await check_operation_target(state, request, route, actor, purpose)
     check_consent_write(state, request.method, route, body, actor)
+    check_scopes(route, body, actor.grants)
     projection = Projection.from_query(
         [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
     )
