@@ -197,6 +197,8 @@ def denied_answer(state: GatewayState) -> web.Response:
 def count_removed(state: GatewayState, result: Enforced) -> None:
     for rtype, decision in result.removed:
         reason = "sensitivity" if decision.labels else ("malformed" if decision.errors else "consent")
+        if decision.combining == "scope":
+            reason = "scope"
         # Only Patient-compartment types are ever removed; anything else folds into "other".
         state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
 
