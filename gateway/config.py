@@ -313,11 +313,17 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
         value = _env_value(name, raw)
         if len(path) == 1:
             merged[path[0]] = value
-        elif len(path) == 2:
-            section = merged.setdefault(path[0], {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{name}: section {path[0]!r} is not a mapping")
-            section[path[1]] = value
+        elif len(path) <= 3:
+            # Nested sections (upstream.auth, auth.jwt): GATEWAY_UPSTREAM__AUTH__KIND.
+            section: Any = merged
+            for depth, part in enumerate(path[:-1]):
+                child = section.get(part)
+                child = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+                if not isinstance(child, dict):
+                    raise ConfigError(f"{name}: section {'.'.join(path[:depth + 1])!r} is not a mapping")
+                section[part] = child
+                section = child
+            section[path[-1]] = value
         else:
             raise ConfigError(f"{name}: expected GATEWAY_<SECTION>__<KEY>")
     return merged
