@@ -14,21 +14,23 @@ import urllib.request
 from pathlib import Path
 
 
-def _read_until(process: subprocess.Popen[str], marker: str, timeout_s: float = 30.0) -> str:
+def _read_until(process: subprocess.Popen[bytes], marker: str, timeout_s: float = 60.0) -> str:
+    """Everything the demo printed up to ``marker`` (read unbuffered: the text comes in one write)."""
     assert process.stdout is not None
-    out: list[str] = []
+    out = b""
+    fd = process.stdout.fileno()
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and marker.encode() not in out:
             if selector.select(timeout=0.5):
-                line = process.stdout.readline()
-                if not line and process.poll() is not None:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     break
-                out.append(line)
-                if marker in line:
-                    return "".join(out)
-    raise AssertionError(f"demo did not print {marker!r}: {''.join(out)}")
+                out += chunk
+    if marker.encode() not in out:
+        raise AssertionError(f"demo did not print {marker!r} (exit {process.poll()}): {out.decode()[-2000:]}")
+    return out.decode()
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -44,7 +46,7 @@ def test_demo_jwt_prints_working_tokens(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "demo", "--jwt", "--port", "0", "--admin-port", "0", "--quiet-log",
          "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         text = _read_until(process, "Press Ctrl-C")
