@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiohttp import web
 from yarl import URL
 
@@ -129,45 +128,11 @@ def _check_write(grants: Grants, interaction: str, rtype: str | None, resource: 
             raise _insufficient()
 
 
-def _entry_writes(body: bytes | None) -> list[tuple[str, str | None, object]]:
-    """(interaction, type, resource) of each write entry of a batch/transaction body."""
-    try:
-        bundle = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return []
-    entries = bundle.get("entry") if isinstance(bundle, dict) else None
-    found: list[tuple[str, str | None, object]] = []
-    for entry in entries if isinstance(entries, list) else ():
-        request = entry.get("request") if isinstance(entry, dict) else None
-        if not isinstance(request, dict):
-            continue
-        method, url = str(request.get("method", "")).upper(), str(request.get("url", ""))
-        path = url.split("?", 1)[0].strip("/").split("/")
-        rtype = path[0] or None
-        interaction = {"PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
-        if method == "POST":
-            interaction = "create" if len(path) == 1 and "?" not in url else "other"
-        if interaction in ("create", "update", "patch", "delete"):
-            found.append((interaction, rtype, entry.get("resource")))
-    return found
-
-
-def check_scopes(route: Route, body: bytes | None, grants: Grants | None) -> None:
-    """Refuse (403, ``insufficient_scope``) a write the token's scopes do not grant, alone or
-    as an entry of a batch/transaction; reads are decided on what they return."""
-    if grants is None:
-        return
-    if route.interaction == "batch":
-        for interaction, rtype, written in _entry_writes(body):
-            _check_write(grants, interaction, rtype, written)
-        return
-    resource: object = None
-    if route.interaction == "create" and body:
-        try:
-            resource = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            resource = None
-    _check_write(grants, route.interaction, route.resource_type, resource)
+def check_scopes(route: Route, resource: object, grants: Grants | None) -> None:
+    """Refuse (403, ``insufficient_scope``) a write the token's scopes do not grant; reads are
+    decided on what they return. ``admit`` runs it for a request and for each batch entry."""
+    if grants is not None:
+        _check_write(grants, route.interaction, route.resource_type, resource)
 
 
 __all__ = ["Identity", "Issuer", "Unauthenticated", "check_scopes", "identify", "purpose_of"]

@@ -140,11 +140,18 @@ async def test_writes_need_the_scope_letter(jwt_gateway: GatewayUnderTest, issue
 
 
 async def test_batch_write_entries_need_their_scope(jwt_gateway: GatewayUnderTest, issuer: LocalIssuer, clinical: FakeFhir) -> None:
-    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
+    entries = [
         {"request": {"method": "GET", "url": "Observation/o1"}},
         {"request": {"method": "DELETE", "url": "Condition/c1"}},
-    ]}
+    ]
+    headers = _token(issuer, "user/*.rs user/Observation.d")
     before = len(clinical.requests)
-    status, _, hdrs = await _status(jwt_gateway, "POST", "/", _token(issuer, "user/*.rs user/Observation.d"), batch)
+    status, _, hdrs = await _status(jwt_gateway, "POST", "/", headers,
+                                    {"resourceType": "Bundle", "type": "transaction", "entry": entries})
     assert status == 403 and "insufficient_scope" in hdrs["WWW-Authenticate"]
     assert len(clinical.requests) == before
+    # In a batch the entry alone is refused; the DELETE never reaches the FHIR server.
+    status, body, _ = await _status(jwt_gateway, "POST", "/", headers, {"resourceType": "Bundle", "type": "batch", "entry": entries})
+    assert status == 200 and body["entry"][0]["resource"]["id"] == "o1"
+    assert body["entry"][1]["response"]["status"].startswith("403")
+    assert not any(r.method == "DELETE" or b"DELETE" in r.body for r in clinical.requests[before:])
