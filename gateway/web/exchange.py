@@ -223,6 +223,10 @@ async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
             raise Refused("This requester may not write this consent.")
     if ex.method == "PATCH":
         _check_consent_patch(ex, roles)
+    if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is None \
+            and not (ex.actor.role is not None and ex.actor.role in roles):
+        # A conditional write selects stored Consents the gateway cannot check one by one.
+        raise Refused("This requester may not write consents selected by a search.")
     if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is not None:
         stored = await _stored_consent(state, route.resource_id)
         if stored is not None and not _may_write(ex, roles, _patient_of(stored)) \
