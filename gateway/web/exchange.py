@@ -23,6 +23,7 @@ from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.web.identity import check_scopes
 from gateway.web.request import Route
 from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
@@ -286,4 +287,5 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await refuse_unfilterable(state, ex)
     await check_operation_target(state, ex)
     await check_consent_write(state, ex)
+    check_scopes(ex.route, ex.resource, ex.actor.grants)
     prepare_projection(ex)
