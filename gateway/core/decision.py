@@ -495,6 +495,7 @@ class _Verdict(NamedTuple):
 def _decide_consent(
     consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
 ) -> _Verdict:
+    facts.related = consent.related  # this consent's server-read related targets
     if consent.defects:
         why = _certainly_inapplicable(consent, req, facts, policy)
         if why is not None:
@@ -507,7 +508,6 @@ def _decide_consent(
     why = req.gate(consent)
     if why is not None:
         return _Verdict(consent, skip=("" if why in _CONSENT_LEVEL else "provision", why))
-    facts.related = consent.related
     if consent.scope_root is None:
         # Typed or base root (the gate checked its request side): the common, fast path.
         root = consent.root
