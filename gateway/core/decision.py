@@ -20,8 +20,10 @@ Semantics (CONTRACT §5):
   ``dateTime``; ties fall back to deny-overrides). No applicable consent: the default.
 - A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
   path names it in ``securityLabel``; a general permit or a default permit does not.
+- A ``related`` target is looked up in the response (``known_refs``), else in what the
+  consent cache read from the FHIR server (``CompiledConsent.related``).
 - A condition that cannot be evaluated (no clinical date for ``dataPeriod``, a ``related``
-  resource not in the response, a class system we cannot read) matches on a deny
+  target found in neither, a class system we cannot read) matches on a deny
   provision and does not match on a permit provision, so missing data never opens data.
 - A malformed consent is skipped only when it is certain not to apply or could only
   permit; otherwise the decision is deny, naming the defect. Nothing here raises.
