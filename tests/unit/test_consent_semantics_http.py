@@ -4,7 +4,9 @@ counted and named."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -140,3 +142,29 @@ async def test_scope_reading_is_a_site_setting(world: FakeFhir, make_gateway: Ma
     assert (await call(gateway, "GET", CBC))[0] == 200
     assert (await call(gateway, "GET", CBC, actor=c.BANNED_DOCTOR))[0] == 403
     assert gateway.metric(AMBIGUOUS) == 1
+
+
+HL7 = Path(__file__).resolve().parents[1] / "data" / "hl7-consent-examples"
+
+
+async def test_admin_decision_gives_the_same_explanation_as_decide(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    not_this = json.loads((HL7 / "Consent-consent-example-notThis.json").read_text())
+    task = {"resourceType": "Task", "id": "example3", "status": "requested", "intent": "order",
+            "for": {"reference": "Patient/f001"}, "focus": {"reference": "Observation/o1"}}
+    body = {"consents": [not_this], "actor": "Practitioner/f204", "at": "2026-01-15T10:00:00Z",
+            "resource": {"resourceType": "Observation", "id": "o1", "status": "final",
+                         "subject": {"reference": "Patient/f001"}},
+            "related": [task]}
+    async with gateway.session.post(gateway.admin_url + "/decision", json=body) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["decision"] == "deny"
+    assert answer["ambiguous_consents"] == ["Consent/consent-example-notThis"]
+    [consent] = answer["consents"]
+    assert consent["root_reading"] == "exception"
+    assert consent["related"] == [{"provision": "provision", "target": "Task/example3",
+                                   "resolved": "in the answer", "covers_resource": True}]
+    # A record the Task does not refer to is not covered: the opt-in permits it.
+    body["resource"] = {**body["resource"], "id": "o2"}  # type: ignore[dict-item]
+    async with gateway.session.post(gateway.admin_url + "/decision", json=body) as resp:
+        assert (await resp.json())["decision"] == "permit"
