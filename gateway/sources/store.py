@@ -12,7 +12,9 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 import orjson
@@ -22,6 +24,7 @@ from gateway.core.breakglass import EmergencyWindow, emergency_window
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON
+from gateway.core.model import Label
 from gateway.metrics import Metrics
 
 GROUP_TYPES = ("Group/", "CareTeam/")
@@ -47,12 +50,18 @@ class ConsentSource(Protocol):
         ...
 
 
+NO_LABELS: Mapping[str, frozenset[Label]] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class PatientConsents:
     patient: str
     consents: tuple[CompiledConsent, ...]
     names_groups: bool  # some provision names a Group or CareTeam actor
     emergency: tuple[EmergencyWindow, ...] = ()
+    # labels the consent source knows for this patient's records (ClinikAPI documents'
+    # confidentiality), by ``Type/id``: added to what the rules give those records
+    labels: Mapping[str, frozenset[Label]] = field(default_factory=lambda: NO_LABELS)
 
 
 def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
@@ -153,8 +162,11 @@ class ConsentStore:
             for start in range(0, len(patients), self.chunk_size):
                 chunk = patients[start : start + self.chunk_size]
                 raw = await self._fetch(chunk)
+                labels = await self._document_labels(chunk)
                 for patient in chunk:
                     entry = await self._prepared(compile_patient(patient, raw.get(patient, [])), raw.get(patient, []))
+                    if labels.get(patient):
+                        entry = replace(entry, labels=labels[patient])
                     if self._generation.get(patient, 0) == generations[patient] and self._epoch == epoch:
                         self._cache[patient] = entry
                     futures[patient].set_result(entry)
@@ -201,6 +213,14 @@ class ConsentStore:
                     continue
                 self._related[(version, target)] = refs
             found[target] = refs
+        return found
+
+    async def _document_labels(self, chunk: list[str]) -> Mapping[str, Mapping[str, frozenset[Label]]]:
+        """Record labels the source knows (a ClinikAPI source: its documents'); fails closed."""
+        lookup = getattr(self.source, "document_labels", None)
+        if lookup is None:
+            return {}
+        found: Mapping[str, Mapping[str, frozenset[Label]]] = await self._counted(lookup(chunk))
         return found
 
     async def _fetch(self, chunk: list[str]) -> dict[str, list[JSON]]:

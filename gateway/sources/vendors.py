@@ -30,6 +30,7 @@ from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON, iter_codings, reference_of
 from gateway.core.model import GATEWAY_CODE_SYSTEM, Label
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
+from gateway.core.vendors.clinikapi import labels_by_document
 from gateway.core.vendors.healtheintent import EMERGENCY_CODE
 from gateway.upstream import Upstream, UpstreamResponse
 
@@ -167,19 +168,37 @@ class ClinikApiSource(_VendorSource):
     The consent search answers ``{"data": [consent...], "meta": {"nextCursor": ...}}``;
     the cursor is followed until it is absent. Every record must be about the patient
     asked for (``patientId`` as the bare id or ``Patient/<id>``). Credential: ``x-api-key``.
+    The patient's documents (``GET {source_url}/documents?patientId=&count=&cursor=``, paged
+    the same way) give the confidentiality R/V of the Compositions they became
+    (``document_labels``), so the gateway labels those documents when it serves them.
     """
 
     kind = "clinikapi"
 
-    async def _records(self, vendor_id: str) -> list[object]:
+    async def document_labels(self, patients: Sequence[str]) -> dict[str, dict[str, frozenset[Label]]]:
+        """Per patient, the labels of its ClinikAPI documents by ``Composition/<id>``."""
+        found = await asyncio.gather(*(self._patient_document_labels(p) for p in patients))
+        return dict(zip(patients, found))
+
+    async def _patient_document_labels(self, patient: str) -> dict[str, frozenset[Label]]:
+        documents = await self._records(await self.patients.vendor_id(patient), "documents")
+        try:
+            return {ref: frozenset(labels) for ref, labels in labels_by_document(documents).items()}
+        except VendorError as exc:
+            _log_unconvertible(exc)
+            raise ConsentUnavailable(UNAVAILABLE) from None
+
+    async def _records(self, vendor_id: str, collection: str = "consents") -> list[object]:
         records: list[object] = []
         cursor: str | None = None
         seen: set[str] = set()
         for _ in range(MAX_PAGES):
-            query: dict[str, str | int] = {"patientId": vendor_id, "status": "active", "count": PAGE_SIZE}
+            query: dict[str, str | int] = {"patientId": vendor_id, "count": PAGE_SIZE}
+            if collection == "consents":
+                query = {"patientId": vendor_id, "status": "active", "count": PAGE_SIZE}
             if cursor is not None:
                 query["cursor"] = cursor
-            page = await self._call("GET", self.server.url_for("consents", urlencode(query)))
+            page = await self._call("GET", self.server.url_for(collection, urlencode(query)))
             data, cursor = _clinikapi_page(page)
             for index, record in enumerate(data, start=len(records)):
                 _check_clinikapi_patient(record, index, vendor_id)

@@ -438,3 +438,41 @@ async def test_healtheintent_emergency_record_without_personnel_is_audited_for_t
     assert len(lines) == 1 and lines[0]["resourceType"] == "AuditEvent"
     # Outside the unit (or outside its group) the window does not open.
     assert await status_of(gw, "/Observation/o-glu", "Practitioner/nurse-4", **{"X-Actor-Organization": "Organization/x"}) == 403
+
+
+async def test_clinikapi_document_confidentiality_labels_the_documents_served(
+    ck_clinical: FakeFhir, clinikapi: FakeClinikApi, make_gateway: Factory
+) -> None:
+    # A general permit for dr-ada: restricted documents need a consent naming their label.
+    clinikapi.records["pat-100"] = [{
+        "id": "ck-general", "patientId": "pat-100", "scope": "patient-privacy", "category": "59284-0",
+        "status": "active", "policyRule": "OPTIN",
+        "provision": {"type": "permit", "actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
+    }]
+    documents = fixture("clinikapi-documents.json")
+    clinikapi.documents["pat-100"] = documents
+    # The FHIR server holds the documents as Compositions with no confidentiality of their own.
+    for doc in documents:
+        if doc.get("id"):
+            ck_clinical.add({"resourceType": "Composition", "id": doc["id"], "status": "final",
+                             "type": {"text": doc["type"]}, "subject": {"reference": CK_PATIENT},
+                             "date": "2024-03-01", "author": [{"reference": "Practitioner/dr-ada"}],
+                             "title": doc["title"]})
+    ck_clinical.add({"resourceType": "Composition", "id": "ck-doc-plain", "status": "final",
+                     "type": {"text": "care-plan"}, "subject": {"reference": CK_PATIENT},
+                     "date": "2024-03-01", "author": [{"reference": "Practitioner/dr-ada"}], "title": "Plan"})
+    gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
+
+    # ck-doc-1 is R at ClinikAPI: the general permit does not open it; a plain document opens.
+    assert await status_of(gw, "/Composition/ck-doc-1", "Practitioner/dr-ada") == 403
+    assert await status_of(gw, "/Composition/ck-doc-plain", "Practitioner/dr-ada") == 200
+    assert clinikapi.requests_to("/v1/documents")[0].query == {"patientId": "pat-100", "count": "100"}
+
+
+async def test_clinikapi_documents_that_cannot_be_read_fail_closed(
+    ck_clinical: FakeFhir, clinikapi: FakeClinikApi, make_gateway: Factory
+) -> None:
+    clinikapi.records["pat-100"] = fixture("clinikapi-consents.json")
+    clinikapi.documents["pat-100"] = [{"id": "bad", "patientId": "pat-100", "confidentiality": "X"}]
+    gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
+    assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-ada") == 503

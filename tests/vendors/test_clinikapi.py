@@ -14,6 +14,7 @@ from gateway.core.vendors.clinikapi import (
     composition_from_clinikapi_document,
     consent_from_clinikapi,
     document_labels,
+    labels_by_document,
 )
 from tests.vendors._fixtures import fixture
 
@@ -324,3 +325,14 @@ def test_data_without_meaning_reads_the_safe_way_for_its_provision() -> None:
     assert _data_meaning({"data": data}, "OPTOUT") == "instance"
     # A meaning given is kept.
     assert _data_meaning({"type": "deny", "data": [{**data[0], "meaning": "instance"}]}) == "instance"
+
+
+def test_labels_by_document_name_the_composition_each_becomes() -> None:
+    documents = fixture("clinikapi-documents.json")
+    found = labels_by_document(documents)
+    first = composition_from_clinikapi_document(documents[0])
+    second = composition_from_clinikapi_document(documents[1])
+    assert found == {
+        f"Composition/{first['id']}": (Label(V3_CONFIDENTIALITY, "R"),),
+        f"Composition/{second['id']}": (Label(V3_CONFIDENTIALITY, "V"),),
+    }  # N and no confidentiality are the default: nothing to add

@@ -125,6 +125,23 @@ def document_labels(document: dict[str, object]) -> tuple[Label, ...]:
     return (Label(V3_CONFIDENTIALITY, code),)
 
 
+def labels_by_document(payload: object) -> dict[str, tuple[Label, ...]]:
+    """The confidentiality labels of ClinikAPI documents, by the Composition each becomes.
+
+    Keys are ``Composition/<id>`` as ``composition_from_clinikapi_document`` names it; only
+    documents with a label (R or V) are listed: N, like no confidentiality, is the default.
+    Raises ``VendorError`` on a document that is not an object or an unknown confidentiality.
+    """
+    found: dict[str, tuple[Label, ...]] = {}
+    for i, item in enumerate(records_of(payload, "clinikapi")):
+        doc = _as_record(item, "document", i)
+        labels = document_labels(doc)
+        if labels:
+            fields = Fields.of(doc, _record_name("document", doc, i))
+            found[f"Composition/{fhir_id(fields.text('id'), 'clinikapi-doc', doc)}"] = labels
+    return found
+
+
 def composition_from_clinikapi_document(
     doc: dict[str, object], *, index: int | None = None
 ) -> JSON:
