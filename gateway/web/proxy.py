@@ -202,6 +202,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.body = plan.body
     except ConsentDenied:
         return denied_answer(state)
+    if plan is not None and not plan.sent:
+        # Every entry refused: nothing to send (an empty batch is an error to some servers).
+        info.decision = "deny"
+        state.metrics.count_decision("deny")
+        body = orjson.dumps({"resourceType": "Bundle", "type": f"{plan.kind}-response", "entry": plan.answer([])})
+        return web.Response(body=body, content_type="application/fhir+json", headers={"X-Consent-Decision": "deny"})
     upstream = await send(state, request, ex, info.request_id)
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
