@@ -10,15 +10,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.audit import AuditDelivery, AuditLog
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
+from gateway.core.errors import ConsentUnavailable
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
+from gateway.sources.changes import ChangeFeed
 from gateway.sources.factory import build_source
 from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
@@ -55,17 +57,40 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         labels=labels,
         store=store,
         enforcement=ConsentEnforcement(store, labels, policy),
-        audit=AuditLog(settings.audit.path),
+        audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
     )
 
 
-async def _watch_upstream(state: GatewayState) -> None:
+def open_audit(settings: Settings) -> AuditLog:
+    """The audit log, opened now: ConfigError (exit 2) when it cannot be written."""
+    audit = AuditLog(settings.audit.path, stdout=settings.audit.stdout)
+    try:
+        audit.open()
+    except OSError as exc:
+        raise ConfigError(f"audit.path: cannot write the audit file: {exc.strerror or exc}") from None
+    return audit
+
+
+async def _once_listening(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work`` once both listeners are bound (a start that fails to bind stays quiet)."""
+    await state.listening.wait()
+    await work()
+
+
+async def _watch_dependencies(state: GatewayState) -> None:
+    """Readiness: ping the FHIR server; ask the consent source when it has not answered lately."""
     interval = state.settings.upstream.health_interval_s
     while True:
         if await state.upstream.ping(timeout_s=min(interval, state.settings.upstream.timeout_s)):
             state.readiness.last_ok = time.monotonic()
+        store = state.store
+        stale = store.answered_at is None or time.monotonic() - store.answered_at > interval
+        failed = store.failed_at is not None and (store.answered_at is None or store.failed_at >= store.answered_at)
+        if store.probes and (stale or failed):
+            with contextlib.suppress(ConsentUnavailable):
+                await store.probe()
         await asyncio.sleep(interval)
 
 
@@ -81,17 +106,24 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.open()
         if state.consent_server is not None:
             await state.consent_server.open()
-        tasks = [asyncio.create_task(_watch_upstream(state))]
-        audit_server = None
+        tasks = [asyncio.create_task(_watch_dependencies(state))]
+        poll_s = state.settings.consent.change_poll_s
+        if poll_s > 0:
+            feed = ChangeFeed(state.store, state.metrics, poll_s)
+            tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
+        audit_server = delivery = None
         if state.settings.audit.fhir_url:
             audit_server = _server(state.settings.audit.fhir_url, state.settings)
             await audit_server.open()
-            tasks.append(asyncio.create_task(AuditDelivery(state.audit, audit_server).run()))
+            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
+            tasks.append(asyncio.create_task(delivery.run()))
         yield
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if delivery is not None:
+            delivery.close()
         if audit_server is not None:
             await audit_server.close()
         state.audit.close()
@@ -178,6 +210,7 @@ async def start(state: GatewayState) -> RunningGateway:
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
         raise
+    state.listening.set()
     return RunningGateway(proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner))
 
 

@@ -43,6 +43,8 @@ class UpstreamSettings(_Section):
     timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(100, ge=1)
     health_interval_s: float = Field(10.0, gt=0)
+    # A bigger answer is a 502: it is read with this cap, never buffered beyond it.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1)
 
     _url = field_validator("url")(_check_http_url)
 
@@ -52,6 +54,9 @@ class ListenSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
     shutdown_timeout_s: float = Field(10.0, ge=0)
+    # A client that has not sent its request line and headers within this many seconds is
+    # disconnected (slow clients must not hold connections forever).
+    header_timeout_s: float = Field(10.0, gt=0)
 
 
 class AdminSettings(_Section):
@@ -103,6 +108,8 @@ class ConsentSettings(_Section):
     # Who may write Consents through the gateway: None = anyone (writes pass through); else the
     # patient the consent is about, or a requester whose X-Actor-Role is listed.
     writer_roles: tuple[str, ...] | None = None
+    # How often each replica asks the consent source what changed (CONTRACT §9); 0 = never.
+    change_poll_s: float = Field(5.0, ge=0)
 
     @field_validator("source_url")
     @classmethod
@@ -165,6 +172,7 @@ class BreakGlassSettings(_Section):
 class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
     fhir_url: str | None = None
+    stdout: bool = False  # also print each AuditEvent as one JSON line (for a SIEM)
 
     @field_validator("fhir_url")
     @classmethod

@@ -65,6 +65,7 @@ class Emergency:
     patients: set[str] = field(default_factory=set)
     opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
     used: set[str] = field(default_factory=set)  # emergency consents that granted access
+    consents_unknown: bool = False  # break-glass served while the consents could not be read
 
     @property
     def audited(self) -> bool:
@@ -200,22 +201,29 @@ class ConsentEnforcement:
         """
         index = owners_index(body)
         patients = patients_in(index) | (confined or frozenset())
+        unknown = False
         try:
             looked = await self.look_up(patients, actor, purpose)
         except ConsentUnavailable:
             if break_glass is None:
                 raise
             # An emergency gets through even when consents cannot be read; every resource is
-            # then audited as one consent would have denied.
+            # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
+            unknown = True
         drop_total = not (confined and self.unconditional(looked, confined))
-        emergency = Emergency(break_glass, looked.windows)
-        judge = self.judge(looked)
+        emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
+        judge = _unknown_denies if unknown else self.judge(looked)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
+
+
+def _unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
+    """Consents that could not be read decide nothing: count each resource as denied."""
+    return Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
 
 
 def log_decisions(result: Enforced) -> None:

@@ -264,7 +264,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         headers["X-Break-Glass-Audit-Id"] = await audit(
             state, emergency, actor, route.interaction, upstream.status, confined or frozenset()
         )
-        await record_emergency_consents(state, emergency, actor)
+        await record_emergency_consents(state, emergency, actor, headers["X-Break-Glass-Audit-Id"])
     if projection is not None:
         if parsed.get("resourceType") == "Bundle":
             projection.bundle(parsed)

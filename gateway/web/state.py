@@ -18,13 +18,40 @@ from gateway.web.enforcement import ConsentEnforcement
 
 @dataclass
 class Readiness:
-    """When the upstream last answered ``/metadata`` (monotonic seconds), if ever."""
+    """CONTRACT §8: the FHIR server, the consent source and the audit file, each recently fine.
+
+    ``last_ok`` is when the FHIR server last answered ``/metadata`` (monotonic seconds).
+    """
 
     last_ok: float | None = None
     window_s: float = 30.0
 
     def ready(self, now: float) -> bool:
         return self.last_ok is not None and now - self.last_ok <= self.window_s
+
+    def consent_ready(self, now: float, store: ConsentStore) -> bool:
+        """The source's latest answer is recent and no failure came after it.
+
+        A source that has no cheap question to ask (a vendor API) and was never asked
+        anything yet counts as ready: a failed lookup makes it not ready until one succeeds.
+        """
+        answered, failed = store.answered_at, store.failed_at
+        if failed is not None and (answered is None or failed >= answered):
+            return False
+        if answered is not None and now - answered <= self.window_s:
+            return True
+        return answered is None and not store.probes
+
+    def failing(self, now: float, store: ConsentStore, audit: AuditLog) -> list[str]:
+        """Names of what is not ready (no hosts, no paths, no secrets)."""
+        names = []
+        if not self.ready(now):
+            names.append("fhir_server")
+        if not self.consent_ready(now, store):
+            names.append("consent_source")
+        if not audit.writable():
+            names.append("audit")
+        return names
 
 
 @dataclass
@@ -38,7 +65,7 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
-
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 

@@ -47,6 +47,9 @@ BAD_STARTS: dict[str, BadStart] = {
     "env-port-out-of-range": BadStart(GOOD_UPSTREAM, ("admin.port", "65535"), env=(("GATEWAY_ADMIN__PORT", "65536"),)),
     "unreadable-file": BadStart(None, ("cannot read config file", "missing.yaml")),
     "invalid-yaml": BadStart("upstream: {url: http://h/fhir\nlisten: [1, 2\n", ("invalid YAML", "line")),
+    "audit-directory-missing": BadStart(
+        GOOD_UPSTREAM + "audit: {path: no-such-dir/audit.jsonl}\n", ("audit.path", "cannot write the audit file"),
+    ),
     "port-taken": BadStart(
         GOOD_UPSTREAM + "listen: {host: 127.0.0.1, port: " + TAKEN_PORT + "}\nadmin: {host: 127.0.0.1, port: 0}\n",
         ("cannot listen",),
