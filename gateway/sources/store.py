@@ -204,15 +204,19 @@ class ConsentStore:
         return found
 
     def evict_changed(self, changes: Iterable[ConsentChange]) -> int:
-        """Evict the patients of changed Consents (everyone when one names no patient)."""
+        """Evict the patients of changed Consents (everyone when one names no patient);
+        returns how many cached patients were evicted."""
         patients = {c.patient for c in changes}
         if None in patients:
+            evicted = len(self._cache)
             self.invalidate(None)
-            return len(patients)
+            return evicted
+        evicted = 0
         for patient in patients:
             if patient is not None:
+                evicted += patient in self._cache
                 self.invalidate(patient)
-        return len(patients)
+        return evicted
 
     async def refresh_cached(self) -> None:
         """Re-read every cached patient's consents (sources without a change listing).
