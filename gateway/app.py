@@ -27,6 +27,7 @@ from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.web import admin, proxy
+from gateway.web.drain import Drain, build_drain_middleware
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
 from gateway.web.state import STATE, GatewayState, Readiness
 
@@ -34,7 +35,10 @@ log = logging.getLogger("gateway")
 
 
 def _server(url: str, settings: Settings) -> Upstream:
-    return Upstream(url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections)
+    return Upstream(
+        url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections,
+        max_response_bytes=settings.upstream.max_response_bytes,
+    )
 
 
 def build_state(settings: Settings, metrics: Metrics | None = None, labels: LabelIndex | None = None) -> GatewayState:
@@ -97,7 +101,10 @@ async def _watch_dependencies(state: GatewayState) -> None:
 def build_proxy_app(state: GatewayState) -> web.Application:
     """The FHIR-facing application; its cleanup_ctx owns the upstream session."""
     app = web.Application(
-        middlewares=[request_id_middleware, proxy.observe_middleware, build_error_middleware(state.metrics)],
+        middlewares=[
+            request_id_middleware, proxy.observe_middleware, build_drain_middleware(state.drain, state.metrics),
+            build_error_middleware(state.metrics),
+        ],
         client_max_size=state.settings.listen.max_body_bytes,
     )
     app[STATE] = state
@@ -168,9 +175,19 @@ class RunningGateway:
     proxy_port: int
     admin_port: int
 
+    drain: Drain
+    grace_s: float
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), release the upstream."""
-        await self.proxy_runner.cleanup()
+        """Stop accepting, let in-flight requests finish (bounded), release the upstream.
+
+        Requests still running when the grace period ends are answered 503 (CONTRACT §2).
+        """
+        cutter = asyncio.get_running_loop().call_later(self.grace_s, self.drain.cut_all)
+        try:
+            await self.proxy_runner.cleanup()
+        finally:
+            cutter.cancel()
         await self.admin_runner.cleanup()
 
 
@@ -199,8 +216,15 @@ async def start(state: GatewayState) -> RunningGateway:
     settings = state.settings
     # aiohttp waits this long for handlers, then cancels and waits as long again: halve it.
     timeout = settings.listen.shutdown_timeout_s / 2
-    proxy_runner = web.AppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
-    admin_runner = web.AppRunner(build_admin_app(state), access_log=None, shutdown_timeout=timeout)
+    # A connection must deliver a whole request head within this time of opening (or of its
+    # previous answer): aiohttp's keep-alive timer, which also runs while a head trickles in.
+    keepalive = settings.listen.header_timeout_s
+    proxy_runner = web.AppRunner(
+        build_proxy_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
+    )
+    admin_runner = web.AppRunner(
+        build_admin_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
+    )
     await proxy_runner.setup()
     await admin_runner.setup()
     try:
@@ -211,7 +235,12 @@ async def start(state: GatewayState) -> RunningGateway:
         await admin_runner.cleanup()
         raise
     state.listening.set()
-    return RunningGateway(proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner))
+    return RunningGateway(
+        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner),
+        # aiohttp gives handlers two ``timeout`` periods, then cancels them and closes their
+        # connections: cut just before that, so the 503s still go out.
+        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)),
+    )
 
 
 async def serve_until_signalled(state: GatewayState) -> None:

@@ -54,9 +54,10 @@ class ListenSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
     shutdown_timeout_s: float = Field(10.0, ge=0)
-    # A client that has not sent its request line and headers within this many seconds is
-    # disconnected (slow clients must not hold connections forever).
-    header_timeout_s: float = Field(10.0, gt=0)
+    # A connection that has not delivered a whole request head this many seconds after it
+    # opened (or after its previous answer) is closed: slow clients cannot hold connections.
+    # It is also the keep-alive idle limit, so keep it above the ingress's (nginx: 60 s).
+    header_timeout_s: float = Field(75.0, gt=0)
 
 
 class AdminSettings(_Section):

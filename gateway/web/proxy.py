@@ -272,6 +272,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             projection.apply(parsed)
     # Unchanged bodies go out as the upstream wrote them (decimals and all).
     payload = orjson.dumps(parsed) if result.changed or projection is not None else upstream.body
+    del parsed  # the decided tree is several times the answer's size: free it before rewriting
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response

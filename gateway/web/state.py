@@ -13,6 +13,7 @@ from gateway.core.labels import LabelIndex
 from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
+from gateway.web.drain import Drain
 from gateway.web.enforcement import ConsentEnforcement
 
 
@@ -66,6 +67,7 @@ class GatewayState:
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
+    drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
