@@ -417,6 +417,7 @@ def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> N
             "decision": info.decision,
             "actor": info.actor,
             "purpose": info.purpose,
+            "audit_id": info.audit_id,
         },
     )
 
@@ -428,6 +429,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     # An answer the gateway made itself (an error) returns no data: that is a deny.
     response.headers.setdefault("X-Consent-Decision", "deny")
     info = request[INFO]
+    info.audit_id = response.headers.get("X-Break-Glass-Audit-Id")
     seconds = time.perf_counter() - info.started
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
