@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from urllib.parse import quote
@@ -12,7 +13,9 @@ from yarl import URL
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.sources.store import ConsentChange
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger("gateway.changes")
 
 MAX_PAGES = 200
 # A change listing longer than this many pages evicts every cached patient instead.
@@ -32,6 +35,7 @@ class FhirConsentSource:
     def __init__(self, server: Upstream, page_size: int = 100) -> None:
         self.server = server
         self.page_size = page_size
+        self.history = True  # the server lists deletions in Consent/_history
 
     async def _pages(self, first: URL, max_pages: int = MAX_PAGES) -> list[JSON]:
         resources: list[JSON] = []
@@ -47,7 +51,9 @@ class FhirConsentSource:
         raise _TooManyPages(resources)
 
     async def _get_bundle(self, url: URL) -> JSON:
-        resp = await self.server.request("GET", url, headers=_HEADERS)
+        return self._bundle_of(await self.server.request("GET", url, headers=_HEADERS))
+
+    def _bundle_of(self, resp: UpstreamResponse) -> JSON:
         if resp.status != 200:
             raise ConsentUnavailable("Consent information is unavailable.")
         try:
@@ -107,7 +113,31 @@ class FhirConsentSource:
             found = exc.partial
             newest = max((u for u in map(_updated, found) if u is not None), default=None)
             return [ConsentChange("*", None, newest)]
-        return [_change(c) for c in found if c.get("resourceType") == "Consent"]
+        listed = [_change(c) for c in found if c.get("resourceType") == "Consent"]
+        return listed + await self._deletions(since)
+
+    async def _deletions(self, since: datetime) -> list[ConsentChange]:
+        """Consents deleted after ``since``: the search cannot list them, the type history can.
+
+        A server without type-level history (4xx) is asked no more; deletions then reach
+        other replicas within ``cache_ttl_s`` (those through this gateway evict at once).
+        """
+        if not self.history:
+            return []
+        url: URL | None = self.server.url_for("Consent/_history", f"_since={_instant(since)}&_count={self.page_size}")
+        deleted: list[ConsentChange] = []
+        for _ in range(MAX_CHANGE_PAGES):
+            if url is None:
+                return deleted
+            resp = await self.server.request("GET", url, headers=_HEADERS)
+            if 400 <= resp.status < 500:
+                self.history = False
+                log.warning("the consent source has no Consent/_history; deletions are not polled")
+                return deleted
+            bundle = self._bundle_of(resp)
+            deleted.extend(_deletions_in(bundle))
+            url = self._next(bundle)
+        return [ConsentChange("*", None, None)]
 
     async def probe(self) -> bool:
         """One cheap search through the gateway's own credentials: does the source answer?"""
@@ -176,3 +206,20 @@ def _change(consent: JSON) -> ConsentChange:
     key = f"Consent/{consent.get('id')}|{version or (updated.isoformat() if updated else '')}"
     patient = reference_of(consent.get("patient"))
     return ConsentChange(key, relative_reference(patient) if patient else None, updated)
+
+
+def _deletions_in(bundle: JSON) -> list[ConsentChange]:
+    """The DELETE entries of a history page, as changes naming the deleted Consent."""
+    found: list[ConsentChange] = []
+    for entry in bundle.get("entry") or ():
+        request = entry.get("request") if isinstance(entry, dict) else None
+        if not isinstance(request, dict) or request.get("method") != "DELETE":
+            continue
+        target = request.get("url")
+        if not isinstance(target, str) or not target.startswith("Consent/"):
+            continue
+        ref = "/".join(target.split("?")[0].split("/")[:2])
+        response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+        when = _updated({"meta": {"lastUpdated": response.get("lastModified")}})
+        found.append(ConsentChange(f"{ref}|deleted|{response.get('lastModified')}", None, when, consent=ref))
+    return found

@@ -31,13 +31,15 @@ class ConsentChange:
     """One changed Consent in a change listing.
 
     ``key`` names the Consent version (a listing read twice yields the same key);
-    ``patient`` is None when the change cannot be tied to one patient (evict everyone);
-    ``updated`` is its ``meta.lastUpdated`` by the source's clock.
+    ``patient`` is None when the change cannot be tied to one patient: then ``consent``
+    (``Consent/<id>``, a deletion) names the consent whose holders are evicted, and without
+    it everyone is evicted; ``updated`` is its ``meta.lastUpdated`` by the source's clock.
     """
 
     key: str
     patient: str | None
     updated: datetime | None
+    consent: str | None = None
 
 
 class ConsentSource(Protocol):
@@ -206,11 +208,17 @@ class ConsentStore:
     def evict_changed(self, changes: Iterable[ConsentChange]) -> int:
         """Evict the patients of changed Consents (everyone when one names no patient);
         returns how many cached patients were evicted."""
-        patients = {c.patient for c in changes}
+        changes = list(changes)
+        deleted = {c.consent for c in changes if c.patient is None and c.consent is not None}
+        patients = {c.patient for c in changes if c.patient is not None or c.consent is None}
         if None in patients:
             evicted = len(self._cache)
             self.invalidate(None)
             return evicted
+        if deleted:
+            # A deleted Consent names no patient any more: evict whoever had it cached (a
+            # patient who had it not cached is not affected by its deletion).
+            patients |= {p for p, entry in list(self._cache.items()) if any(c.id in deleted for c in entry.consents)}
         evicted = 0
         for patient in patients:
             if patient is not None:

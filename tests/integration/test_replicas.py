@@ -123,7 +123,7 @@ async def put(http: aiohttp.ClientSession, url: str, body: dict[str, Any], heade
         assert resp.status in (200, 201), await resp.text()
 
 
-@pytest.mark.parametrize("written_to", ["replica A", "the FHIR server"])
+@pytest.mark.parametrize("written_to", ["replica A", "the FHIR server", "the FHIR server, deleted"])
 async def test_revocation_reaches_replica_b_within_one_poll(
     written_to: str, replicas: tuple[Replica, Replica], fhir_engine: Engine, http: aiohttp.ClientSession
 ) -> None:
@@ -134,8 +134,12 @@ async def test_revocation_reaches_replica_b_within_one_poll(
     revoked = {**optin, "status": "inactive"}
     if written_to == "replica A":
         await put(http, f"{a.url}/Consent/{optin['id']}", revoked, {"X-Actor": patient})
-    else:
+    elif written_to == "the FHIR server":
         await put(http, f"{fhir_engine.base_url}/Consent/{optin['id']}", revoked, {})
+    else:
+        # A deletion is in no search listing; the type history names it.
+        async with http.delete(f"{fhir_engine.base_url}/Consent/{optin['id']}") as resp:
+            assert resp.status in (200, 204), await resp.text()
 
     async def denied_on_b() -> bool:
         return await status_of(http, b, observation, DOCTOR) == 403

@@ -3,7 +3,7 @@ where the next poll starts, and what a failed poll leaves behind."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -13,7 +13,10 @@ from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON
 from gateway.metrics import Metrics
 from gateway.sources.changes import OVERLAP, ChangeFeed
+from gateway.sources.fhir import FhirConsentSource
 from gateway.sources.store import ConsentChange, ConsentStore
+from gateway.upstream import Upstream
+from tests.fakes import FakeFhir
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
@@ -184,3 +187,84 @@ async def test_a_source_without_a_change_listing_has_its_cached_patients_reread(
     source.fetches.clear()
     found = await store.get(["Patient/a"])
     assert source.fetches == [] and found["Patient/a"].consents[0].policy_rule == "OPTOUT"
+
+
+async def test_a_deleted_consent_evicts_only_the_patients_who_had_it(metrics: Metrics) -> None:
+    source = ListingSource()
+    source.consents = {"Patient/a": [opt("Patient/a", "OPTIN")], "Patient/b": [opt("Patient/b", "OPTIN")]}
+    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
+    feed = ChangeFeed(store, metrics, 1)
+    await feed.poll_once()
+    await cached(store, source, "Patient/a", "Patient/b")
+    del source.consents["Patient/a"]
+    source.listed.append(ConsentChange("Consent/a-OPTIN|deleted", None, at(2), consent="Consent/a-OPTIN"))
+    assert await feed.poll_once() == 1
+    await store.get(["Patient/a", "Patient/b"])
+    assert source.fetches == [["Patient/a"]]
+
+
+# ---------------------------------------------------------------- the FHIR source's listing
+
+
+def _bundle(entries: list[JSON], next_url: str | None = None, kind: str = "searchset") -> JSON:
+    links = [{"relation": "next", "url": next_url}] if next_url else []
+    return {"resourceType": "Bundle", "type": kind, "link": links, "entry": entries}
+
+
+@pytest.fixture
+async def fhir_server(fake_fhir: FakeFhir) -> AsyncIterator[tuple[FakeFhir, Upstream]]:
+    server = Upstream(fake_fhir.base_url, timeout_s=5, max_connections=4)
+    await server.open()
+    yield fake_fhir, server
+    await server.close()
+
+
+async def test_fhir_listing_is_paged_read_by_lastupdated_and_names_deletions(
+    fhir_server: tuple[FakeFhir, Upstream],
+) -> None:
+    from aiohttp import web
+
+    fake, server = fhir_server
+    changed = [dict(opt(f"Patient/p{i}", "OPTOUT"), meta={"versionId": "2", "lastUpdated": f"2026-11-27T12:00:0{i}.000Z"})
+               for i in range(3)]
+
+    async def answer(request: web.Request) -> web.StreamResponse | None:
+        if request.path == "/fhir/Consent" and "_lastUpdated" in request.query:
+            assert request.query["_lastUpdated"] == "gt2026-11-27T11:59:50.000Z"
+            page = int(request.query.get("page", "0"))
+            following = f"{fake.base_url}/Consent?_lastUpdated=gt2026-11-27T11:59:50.000Z&page=1" if page == 0 else None
+            rows = changed[:2] if page == 0 else changed[2:]
+            return web.json_response(_bundle([{"resource": r, "search": {"mode": "match"}} for r in rows], following))
+        if request.path == "/fhir/Consent/_history":
+            gone = {"request": {"method": "DELETE", "url": "Consent/old-1"},
+                    "response": {"status": "200", "lastModified": "2026-11-27T12:00:05.000Z"}}
+            return web.json_response(_bundle([gone], kind="history"))
+        return None
+
+    fake.override = answer
+    source = FhirConsentSource(server)
+    found = await source.changes(datetime(2026, 11, 27, 11, 59, 50, tzinfo=timezone.utc))
+    assert [(c.patient, c.consent) for c in found] == [
+        ("Patient/p0", None), ("Patient/p1", None), ("Patient/p2", None), (None, "Consent/old-1"),
+    ]
+    assert found[2].updated == datetime(2026, 11, 27, 12, 0, 2, tzinfo=timezone.utc)
+    assert len({c.key for c in found}) == 4
+
+
+async def test_a_server_without_type_history_is_not_asked_again(fhir_server: tuple[FakeFhir, Upstream]) -> None:
+    from aiohttp import web
+
+    fake, server = fhir_server
+
+    async def answer(request: web.Request) -> web.StreamResponse | None:
+        if request.path == "/fhir/Consent/_history":
+            return web.json_response({"resourceType": "OperationOutcome", "issue": []}, status=404)
+        if request.path == "/fhir/Consent":
+            return web.json_response(_bundle([]))
+        return None
+
+    fake.override = answer
+    source = FhirConsentSource(server)
+    assert await source.changes(T0) == []
+    assert await source.changes(T0) == []
+    assert [r.path_qs.split("?")[0] for r in fake.requests].count("/fhir/Consent/_history") == 1
