@@ -26,17 +26,33 @@ from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
-from gateway.web import admin, proxy
+from gateway.upstream_auth import build_credentials, tls_context
+from gateway.issuer import Issuer
+from gateway.web import admin, discovery, proxy
 from gateway.web.drain import Drain, build_drain_middleware
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
+from gateway.web.protocol import FhirAppRunner
+from gateway.web.resolve import MedicationCache
 from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
 
 
-def _server(url: str, settings: Settings) -> Upstream:
+def _server(url: str, settings: Settings, own: Upstream | None = None) -> Upstream:
+    """A FHIR server session; ``own`` lends its TLS settings and credentials (same FHIR estate)."""
     return Upstream(
         url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections,
+        tls=own.tls if own else None, credentials=own.credentials if own else None,
+        max_response_bytes=settings.upstream.max_response_bytes,
+    )
+
+
+def _fhir_upstream(settings: Settings) -> Upstream:
+    """The upstream with ``upstream.ca_file``/mTLS and ``upstream.auth`` (ConfigError when unreadable)."""
+    return Upstream(
+        settings.upstream.url, timeout_s=settings.upstream.timeout_s,
+        max_connections=settings.upstream.max_connections, tls=tls_context(settings.upstream),
+        credentials=build_credentials(settings.upstream.auth, os.environ, settings.upstream.timeout_s),
         max_response_bytes=settings.upstream.max_response_bytes,
     )
 
@@ -45,10 +61,12 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
     """Everything the handlers share, built once at start-up (rules loaded, store empty)."""
     metrics = metrics or Metrics()
     labels = labels or load_rules(settings.sensitivity.rules_dir)
-    upstream = _server(settings.upstream.url, settings)
+    upstream = _fhir_upstream(settings)
     consent_server = None
     if settings.consent_source_url.rstrip("/") != upstream.base_url:
-        consent_server = _server(settings.consent_source_url, settings)
+        # A FHIR consent server is reached like the upstream; a vendor API with its own key.
+        fhir_source = upstream if settings.consent.source_kind == "fhir" else None
+        consent_server = _server(settings.consent_source_url, settings, fhir_source)
     source = build_source(settings, upstream, consent_server, os.environ, labels)
     store = ConsentStore(
         source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
@@ -64,6 +82,8 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
+        medications=MedicationCache(settings.consent.cache_ttl_s),
+        issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
 
@@ -113,6 +133,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.open()
         if state.consent_server is not None:
             await state.consent_server.open()
+        if state.issuer is not None:
+            await state.issuer.open()
         tasks = [asyncio.create_task(_watch_dependencies(state))]
         poll_s = state.settings.consent.change_poll_s
         if poll_s > 0:
@@ -120,7 +142,7 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
         audit_server = delivery = None
         if state.settings.audit.fhir_url:
-            audit_server = _server(state.settings.audit.fhir_url, state.settings)
+            audit_server = _server(state.settings.audit.fhir_url, state.settings, state.upstream)
             await audit_server.open()
             delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
             tasks.append(asyncio.create_task(delivery.run()))
@@ -137,8 +159,11 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()
+        if state.issuer is not None:
+            await state.issuer.close()
 
     app.cleanup_ctx.append(upstream_ctx)
+    discovery.add_routes(app, state.upstream.base.path.rstrip("/"))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -219,7 +244,7 @@ async def start(state: GatewayState) -> RunningGateway:
     # A connection must deliver a whole request head within this time of opening (or of its
     # previous answer): aiohttp's keep-alive timer, which also runs while a head trickles in.
     keepalive = settings.listen.header_timeout_s
-    proxy_runner = web.AppRunner(
+    proxy_runner = FhirAppRunner(
         build_proxy_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
     )
     admin_runner = web.AppRunner(

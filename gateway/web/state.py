@@ -10,11 +10,13 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
+from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.drain import Drain
 from gateway.web.enforcement import ConsentEnforcement
+from gateway.web.resolve import MedicationCache
 
 
 @dataclass
@@ -66,6 +68,8 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
+    medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
+    issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
     drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown
 

@@ -3,8 +3,9 @@ where the next poll starts, and what a failed poll leaves behind."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -268,3 +269,31 @@ async def test_a_server_without_type_history_is_not_asked_again(fhir_server: tup
     assert await source.changes(T0) == []
     assert await source.changes(T0) == []
     assert [r.path_qs.split("?")[0] for r in fake.requests].count("/fhir/Consent/_history") == 1
+
+
+async def test_change_polls_carry_the_gateways_own_credentials(
+    fake_fhir: FakeFhir, make_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse | None:
+        if request.path.startswith("/fhir/Consent"):
+            seen.append((request.path_qs, request.headers.get("Authorization")))
+        return None
+
+    fake_fhir.override = record
+    monkeypatch.setenv("FHIR_TOKEN", "gw-secret")
+    await make_gateway(
+        fake_fhir.base_url, upstream={"auth": {"kind": "bearer", "token_env": "FHIR_TOKEN"}},
+        consent={"change_poll_s": 0.05},
+    )
+    for _ in range(100):
+        if any("_lastUpdated=gt" in path for path, _ in seen) and any("_history" in path for path, _ in seen):
+            break
+        await asyncio.sleep(0.05)
+    polls = [auth for path, auth in seen if "_lastUpdated" in path or "_history" in path]
+    assert polls and set(polls) == {"Bearer gw-secret"}
