@@ -466,3 +466,14 @@ def test_manifests_validate_against_the_kubernetes_schemas(render: Render, value
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
         checked += 1
     assert checked >= 4
+
+
+def test_default_max_response_bytes_fits_the_memory_limit(render: Render, tmp_path: Path) -> None:
+    """Measured (README, Limits): many small resources peak at ~9 x N + 55 MiB; keep 10 x N + 64 MiB
+    under the limit, so the largest answer accepted cannot get the pod OOM-killed."""
+    manifests = render()
+    container = _container(_pod_spec(manifests))
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    cap = _settings(manifests, container, tmp_path).upstream.max_response_bytes
+    assert 10 * cap + 64 * 2**20 <= int(limit[:-2]) * 2**20
