@@ -198,7 +198,10 @@ class ConsentStore:
         except Exception as exc:
             if lookup_error:
                 self.metrics.lookup_errors.inc()
-            self.failed_at = time.monotonic()
+            # Readiness: one patient's unreadable consents must not take every replica out of
+            # service; a source with a probe is judged by the probe and the change poll.
+            if not lookup_error or not self.probes:
+                self.failed_at = time.monotonic()
             if isinstance(exc, ConsentUnavailable):
                 raise
             raise ConsentUnavailable("Consent information is unavailable.") from None

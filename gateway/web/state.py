@@ -33,17 +33,19 @@ class Readiness:
         return self.last_ok is not None and now - self.last_ok <= self.window_s
 
     def consent_ready(self, now: float, store: ConsentStore) -> bool:
-        """The source's latest answer is recent and no failure came after it.
+        """No failure since the source's latest answer, and (when it can be probed) that answer
+        is recent.
 
-        A source that has no cheap question to ask (a vendor API) and was never asked
-        anything yet counts as ready: a failed lookup makes it not ready until one succeeds.
+        A FHIR source is probed (and polled): a failed probe or poll makes it not ready until
+        it answers again. A vendor API has no cheap question to ask: it is ready unless its
+        latest call failed.
         """
         answered, failed = store.answered_at, store.failed_at
         if failed is not None and (answered is None or failed >= answered):
             return False
-        if answered is not None and now - answered <= self.window_s:
+        if not store.probes:
             return True
-        return answered is None and not store.probes
+        return answered is not None and now - answered <= self.window_s
 
     def failing(self, now: float, store: ConsentStore, audit: AuditLog) -> list[str]:
         """Names of what is not ready (no hosts, no paths, no secrets)."""
