@@ -211,9 +211,12 @@ async def test_sigterm_stops_accepting_finishes_in_flight_within_bound_and_exits
             assert resp.status == 200
             assert (await resp.json(content_type=None))["id"] == "pr-slow"
             resp.release()
+            # The stuck request is cut at the bound with a 503, not an empty reply.
+            cut = await asyncio.wait_for(stuck, 10)
+            assert cut.status == 503 and cut.headers["Retry-After"] == "1"
+            assert (await cut.json(content_type=None))["resourceType"] == "OperationOutcome"
             _, stderr = await asyncio.wait_for(proc.communicate(), 10)
             elapsed = time.monotonic() - signalled
-            stuck.cancel()
     finally:
         release.set()
         if proc.returncode is None:
