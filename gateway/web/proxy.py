@@ -268,7 +268,7 @@ async def decide_answer(
         headers["X-Break-Glass-Audit-Id"] = await audit(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
-        await record_emergency_consents(state, emergency, ex.actor)
+        await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
     changed = result.changed
     released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
     if released and may_name_unreleased(upstream.body, released):
@@ -366,6 +366,7 @@ def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> N
             "decision": info.decision,
             "actor": info.actor,
             "purpose": info.purpose,
+            "audit_id": info.audit_id,
         },
     )
 
@@ -377,6 +378,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     # An answer the gateway made itself (an error) returns no data: that is a deny.
     response.headers.setdefault("X-Consent-Decision", "deny")
     info = request[INFO]
+    info.audit_id = response.headers.get("X-Break-Glass-Audit-Id")
     seconds = time.perf_counter() - info.started
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
