@@ -21,10 +21,7 @@ HIV_MED = {
     "contained": [{"resourceType": "Medication", "id": "med", "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1999667"}]}}],
     "medicationReference": {"reference": "#med"},
 }
-SUD_LINE = (
-    "Condition/c1  42CFRPart2,ETH  rules/substance-use.yaml: ICD-10-CM F11 "
-    "(in F10-F19: Mental and behavioral disorders due to psychoactive substance use)"
-)
+SUD_LINE = "Condition/c1  42CFRPart2,OPIOIDUD  rules/substance-use.yaml: ICD-10-CM F11 (Opioid related disorders)"
 
 
 def _parse(*argv: str) -> argparse.Namespace:
