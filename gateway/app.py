@@ -26,6 +26,8 @@ from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.web import admin, proxy
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
+from gateway.web.protocol import FhirAppRunner
+from gateway.web.resolve import MedicationCache
 from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
@@ -58,6 +60,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         audit=AuditLog(settings.audit.path),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
+        medications=MedicationCache(settings.consent.cache_ttl_s),
     )
 
 
@@ -167,7 +170,7 @@ async def start(state: GatewayState) -> RunningGateway:
     settings = state.settings
     # aiohttp waits this long for handlers, then cancels and waits as long again: halve it.
     timeout = settings.listen.shutdown_timeout_s / 2
-    proxy_runner = web.AppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
+    proxy_runner = FhirAppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
     admin_runner = web.AppRunner(build_admin_app(state), access_log=None, shutdown_timeout=timeout)
     await proxy_runner.setup()
     await admin_runner.setup()

@@ -100,9 +100,9 @@ class ConsentSettings(_Section):
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)
-    # Who may write Consents through the gateway: None = anyone (writes pass through); else the
-    # patient the consent is about, or a requester whose X-Actor-Role is listed.
-    writer_roles: tuple[str, ...] | None = None
+    # Who may write Consents through the gateway besides the patient the consent is about:
+    # requesters whose X-Actor-Role is listed (default: nobody else).
+    writer_roles: tuple[str, ...] = ()
 
     @field_validator("source_url")
     @classmethod

@@ -54,6 +54,21 @@ def scrubbed_outcome(outcome: JSON) -> JSON:
     }
 
 
+def not_found_slot() -> JSON:
+    """The batch slot of a missing record, and of a withheld one in 404 mode."""
+    return {"status": "404 Not Found",
+            "outcome": scrubbed_outcome({"issue": [{"severity": "error", "code": "not-found"}]})}
+
+
+def withheld_slot(status: str) -> JSON:
+    """The batch slot of a withheld record: a refused read, or a missing one in 404 mode."""
+    if status.startswith("404"):
+        return not_found_slot()
+    slot = dict(WITHHELD_RESPONSE)
+    slot["status"] = status
+    return slot
+
+
 @dataclass
 class Enforced:
     """What enforcement did to one body."""
@@ -150,6 +165,21 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
     return decision
 
 
+def total_is_visible(bundle: JSON) -> bool:
+    """True when ``Bundle.total`` counts only entries of this very page (no next page, no
+    ``_count=0``): then every match it counts has been decided and kept."""
+    links = bundle.get("link")
+    if isinstance(links, list) and any(isinstance(l, dict) and l.get("relation") == "next" for l in links):
+        return False
+    matches = 0
+    for entry in bundle.get("entry") or ():
+        search = entry.get("search") if isinstance(entry, dict) else None
+        mode = search.get("mode", "match") if isinstance(search, dict) else "match"
+        if mode == "match":
+            matches += 1
+    return bundle.get("total") == matches
+
+
 class Enforcer:
     """Walks one parsed body, mutating it in place to what the requester may see."""
 
@@ -221,24 +251,32 @@ class Enforcer:
                 if resource is None or self._keep(resource):
                     kept.append(entry)
                 elif response_bundle:
-                    slot = dict(WITHHELD_RESPONSE)
-                    slot["status"] = self.withheld_status
-                    kept.append({"response": slot})
+                    kept.append({"response": withheld_slot(self.withheld_status)})
             if len(self.result.removed) > removed_before and not response_bundle:
                 kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
             if len(self.result.removed) > removed_before:
                 bundle["entry"] = kept
                 self.result.changed = True
-        if (self.drop_total or len(self.result.removed) > removed_before) and "total" in bundle:
-            # SECURITY: Bundle.total would reveal how many entries were withheld.
+        if "total" in bundle and (
+            self.drop_total or len(self.result.removed) > removed_before or not total_is_visible(bundle)
+        ):
+            # SECURITY: Bundle.total would reveal how many entries were withheld, or count
+            # matches on other pages (a joint record of another patient) never decided here.
             del bundle["total"]
             self.result.changed = True
 
     def _scrub_response(self, entry: JSON) -> None:
-        """An upstream error outcome in a batch slot keeps its codes, never its texts."""
+        """An upstream error outcome in a batch slot keeps its codes, never its texts; a missing
+        record's slot reads exactly like a withheld one in 404 mode."""
         response = entry.get("response")
-        outcome = response.get("outcome") if isinstance(response, dict) else None
-        if isinstance(outcome, dict) and isinstance(response, dict):
+        if not isinstance(response, dict):
+            return
+        if str(response.get("status", "")).startswith("404"):
+            entry["response"] = not_found_slot()
+            self.result.changed = True
+            return
+        outcome = response.get("outcome")
+        if isinstance(outcome, dict):
             response["outcome"] = scrubbed_outcome(outcome)
             self.result.changed = True
 

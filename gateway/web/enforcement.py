@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -11,16 +11,20 @@ from gateway.core.breakglass import EmergencyWindow
 from gateway.core.compartment import clinical_date, main_codes
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, decide_resource, preflight, summary_reads
-from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
+from gateway.core.enforce import Enforced, Enforcer, Judge, judge_resource, owners_index, patients_in
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.purpose import lineage
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
+from gateway.core.compartment import patients_of
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources, security_context
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
 NO_SCOPES: frozenset[str] = frozenset()
+# A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
+UNRESOLVED = Decision(Verdict.DENY, (Reason("", "", "unresolved-reference"),))
 
 
 def policy_from(settings_consent: object, settings_sensitivity: object, labels: LabelIndex) -> Policy:
@@ -93,7 +97,21 @@ class ConsentEnforcement:
         } if "TREAT" in lineage(purpose) else {}
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
 
-    def judge(self, looked: Looked) -> Judge:
+    def labeler(self, resolved: Resolved) -> Callable[[JSON], frozenset[Label]]:
+        """Labels of a resource, including those of the Medication it names by reference."""
+        own = self.labels.labels_for
+
+        def labels_for(resource: JSON) -> frozenset[Label]:
+            found = own(resource)
+            if "medicationReference" in resource:
+                medication = resolved.medication_of(resource)
+                if medication is not None and medication is not UNREADABLE:
+                    found = found | own(medication)
+            return found
+
+        return labels_for
+
+    def judge(self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED) -> Judge:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
 
@@ -124,9 +142,19 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
-        labels_for, scopes_for = labels.labels_for, labels.scopes_for
+        labels_for, scopes_for = self.labeler(resolved), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
+            rtype = resource.get("resourceType")
+            if rtype == "Binary":
+                # A Binary is the bytes of the patient data its securityContext names.
+                context = resolved.context_of(resource)
+                if context is UNREADABLE:
+                    return UNRESOLVED
+                if context is not None:
+                    return judge_resource(context, judge)
+            elif "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
+                return UNRESOLVED
             resource_labels = labels_for(resource)
             try:
                 extra = owners_reads[owners]
@@ -155,16 +183,16 @@ class ConsentEnforcement:
             for p in patients
         )
 
-    def overriding(self, judge: Judge, emergency: Emergency) -> Judge:
+    def overriding(self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED) -> Judge:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
-        labels, sensitive = self.labels, self.labels.sensitive
+        labels_for, sensitive = self.labeler(resolved), self.labels.sensitive
 
         def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
             decision = judge(resource, owners)
             windowed = [emergency.windows[p] for p in owners if p in emergency.windows]
             denied = decision.verdict is Verdict.DENY
             if denied:
-                opened = {label for label in labels.labels_for(resource) if label.code in sensitive}
+                opened = {label for label in labels_for(resource) if label.code in sensitive}
                 codes = {label.code for label in opened}
                 covered = bool(owners) and len(windowed) == len(owners) and all(codes <= w.labels for w in windowed)
                 if emergency.reason is None and not covered:
@@ -192,6 +220,7 @@ class ConsentEnforcement:
         confined: frozenset[str] | None,
         break_glass: str | None = None,
         withheld_status: str = "403 Forbidden",
+        resolved: Resolved = NOTHING_RESOLVED,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -200,6 +229,8 @@ class ConsentEnforcement:
         but what consent would have denied is recorded for the audit.
         """
         index = owners_index(body)
+        if resolved.targets:
+            bind_contexts(body, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
         try:
             looked = await self.look_up(patients, actor, purpose)
@@ -209,14 +240,25 @@ class ConsentEnforcement:
             # An emergency gets through even when consents cannot be read; every resource is
             # then audited as one consent would have denied.
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
+        # Bundle.total stays only where nothing could be hidden from it: every named patient permits
+        # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows)
-        judge = self.judge(looked)
+        judge = self.judge(looked, resolved)
         if break_glass is not None or looked.windows:
-            judge = self.overriding(judge, emergency)
+            judge = self.overriding(judge, emergency, resolved)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
+
+
+def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
+    """A Binary belongs to the patients of the resource its securityContext names."""
+    for resource in iter_resources(body):
+        if security_context(resource) is not None:
+            context = resolved.context_of(resource)
+            if context is not None and context is not UNREADABLE:
+                index[id(resource)] = patients_of(context)
 
 
 def log_decisions(result: Enforced) -> None:

@@ -10,25 +10,27 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
-from urllib.parse import parse_qsl, unquote
-
 import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
-from gateway.core.errors import BadRequest, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
-from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.errors import ConsentDenied, PayloadTooLarge, UpstreamUnavailable
+from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.model import Actor
-from gateway.core.projection import PROJECTION_PARAMS, Projection
-from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
+from gateway.core.strict_json import has_duplicate_keys
+from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web.enforcement import Emergency
-from gateway.core.breakglass import is_emergency
-from gateway.web.writes import WRITE_INTERACTIONS, consents_written, touched_consent_patients
+from gateway.web.exchange import Exchange, admit
+from gateway.web.resolve import resolve_references
+from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
-from gateway.web.request import GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, parse_route, read_actor, read_purpose, reject_xml
+from gateway.web.request import (
+    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, read_actor,
+    read_purpose, reject_xml,
+)
 from gateway.web.state import STATE, GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -106,60 +108,6 @@ def client_response(upstream: UpstreamResponse, links: LinkRewriter, body: bytes
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
-def _search_form(request: web.Request, route: Route, body: bytes | None) -> list[tuple[str, str]]:
-    """Parameters of a form-encoded POST ``_search`` body (empty for anything else)."""
-    if request.method != "POST" or route.interaction != "search" or not body:
-        return []
-    if "application/x-www-form-urlencoded" not in request.headers.get("Content-Type", "").lower():
-        raise BadRequest("A POST _search body must be application/x-www-form-urlencoded.")
-    try:
-        return parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError:
-        raise BadRequest("The _search body is not valid form data.") from None
-
-
-def _forwarded_query(raw: str) -> str:
-    """The query string for the upstream: verbatim, minus every ``_elements``/``_summary``.
-
-    The gateway applies the projection after deciding; with any modifier (``:exclude``) the
-    upstream could strip the codes that carry labels.
-    """
-    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw):
-        return raw
-    kept = [
-        item for item in raw.split("&")
-        if unquote(item.split("=", 1)[0]).split(":", 1)[0] not in PROJECTION_PARAMS
-    ]
-    return "&".join(kept)
-
-
-async def refuse_unfilterable(
-    state: GatewayState, route: Route, query: list[tuple[str, str]], actor: Actor, purpose: str,
-    method: str = "GET", request_if_none_exist: str | None = None,
-) -> bool:
-    """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
-
-    Returns True when the request is such a one but allowed: it is still filtered like any
-    other, except that a non-FHIR answer (``$graphql``) may pass.
-    """
-    why = unfilterable(route.parts, route.operation, query)
-    condition = query
-    if why is None:
-        if_none_exist = request_if_none_exist
-        why = conditional_write(method, route.parts, bool(query), if_none_exist)
-        if if_none_exist:
-            condition = parse_qsl(if_none_exist, keep_blank_values=True)
-    if why is None:
-        return False
-    patients = named_patients(route.parts if condition is query else route.parts[:1], condition)
-    if patients:
-        looked = await state.enforcement.look_up(patients, actor, purpose)
-        if state.enforcement.unconditional(looked, patients):
-            return True
-    access_log.info("refused", extra={"reasons": [why]})
-    raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
-
-
 def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
     """The upstream's JSON body, parsed once; None when there is nothing to decide.
 
@@ -181,15 +129,25 @@ def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.") from None
     if not isinstance(body, dict):
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+    # SECURITY: decided on one reading of a repeated key, read on another downstream.
+    if has_duplicate_keys(upstream.body, body):
+        raise UpstreamUnavailable("The FHIR server sent an answer with repeated keys.")
     return body
 
 
+def not_found(decision: str = "deny") -> web.Response:
+    """The one answer for a record the requester cannot have: missing, or hidden in 404 mode."""
+    return web.Response(status=404, body=NOT_FOUND_BODY, content_type="application/fhir+json",
+                        headers={"X-Consent-Decision": decision})
+
+
+NOT_FOUND_BODY = orjson.dumps(not_found_outcome())
+
+
 def denied_answer(state: GatewayState) -> web.Response:
-    """A denied read: 403, or a 404 byte-for-byte like the upstream's own (scrubbed) not-found."""
+    """A denied read: 403, or in 404 mode exactly the answer of a missing record."""
     if state.settings.enforcement.denied_read_status == 404:
-        body = orjson.dumps(scrubbed_outcome({"issue": [{"severity": "error", "code": "not-found"}]}))
-        return web.Response(status=404, body=body, content_type="application/fhir+json",
-                            headers={"X-Consent-Decision": "deny"})
+        return not_found()
     raise ConsentDenied("Access to this resource is not permitted.")
 
 
@@ -200,81 +158,132 @@ def count_removed(state: GatewayState, result: Enforced) -> None:
         state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """Proxy one FHIR request (CONTRACT §2-§7)."""
-    state = request.app[STATE]
-    info = request[INFO]
+def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
+    """The request as an Exchange: route, identity, purpose, break-glass (CONTRACT §4)."""
     route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
+    info = request[INFO]
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
+    check_identity_headers(request)
     actor = read_actor(request)
     reason = read_break_glass(request, state.settings)
     # Break-glass turns the purpose into emergency treatment.
     purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
     info.actor, info.purpose = actor.reference, purpose
-    body = await read_body(request, state.settings.listen.max_body_bytes)
-    # A POST _search carries its parameters in the body: they are checked like the URL's.
-    form = _search_form(request, route, body)
-    query = list(request.query.items()) + form
-    exempted = await refuse_unfilterable(
-        state, route, query, actor, purpose, request.method, request.headers.get("If-None-Exist")
+    return Exchange(
+        method=request.method, route=route, raw_query=request.rel_url.raw_query_string,
+        actor=actor, purpose=purpose, reason=reason, body=body,
+        content_type=request.headers.get("Content-Type", ""),
+        if_none_exist=request.headers.get("If-None-Exist"),
+        query=list(request.query.items()),
     )
-    await check_operation_target(state, request, route, actor, purpose)
-    check_consent_write(state, request.method, route, body, actor)
-    projection = Projection.from_query(
-        [v for k, v in query if k == "_elements"], [v for k, v in query if k == "_summary"]
-    )
-    if form:
-        body = _forwarded_query(body.decode() if body else "").encode()
-    url = state.upstream.url_for(route.path, _forwarded_query(request.rel_url.raw_query_string))
-    # HEAD is asked as GET so the answer can be decided; aiohttp sends no body for HEAD.
-    method = "GET" if request.method == "HEAD" else request.method
-    upstream = await state.upstream.request(
-        method, url, headers=upstream_headers(request, info.request_id), body=body
-    )
-    state.metrics.upstream_duration.observe(upstream.seconds)
-    links = link_rewriter(state.upstream.base_url, public_base(request, state, route))
-    if route.interaction in WRITE_INTERACTIONS or route.interaction == "batch":
-        evict_consents(state, request.method, route, body, upstream)
-    parsed = parse_body(upstream, route)
+
+
+def withheld_status(state: GatewayState) -> str:
+    return "404 Not Found" if state.settings.enforcement.denied_read_status == 404 else "403 Forbidden"
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Proxy one FHIR request (CONTRACT §2-§7): admit, send, decide, answer."""
+    state = request.app[STATE]
+    info = request[INFO]
+    ex = exchange_of(request, state, None)
+    ex.body = await read_body(request, state.settings.listen.max_body_bytes)
+    plan = None
+    try:
+        await admit(state, ex)
+        if ex.route.interaction == "batch" and request.method == "POST":
+            plan = await plan_batch(state, ex, withheld_status(state))
+            ex.body = plan.body
+    except ConsentDenied:
+        return denied_answer(state)
+    upstream = await send(state, request, ex, info.request_id)
+    links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
+    if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
+        evict_consents(state, request.method, ex.route, ex.body, upstream)
+    if upstream.status in (404, 410) and ex.route.interaction != "batch":
+        # A missing record: the same answer as a hidden one in 404 mode, nothing of the upstream's.
+        info.decision = "deny"
+        state.metrics.count_decision("deny")
+        return await audited(state, ex, upstream.status, not_found())
+    parsed = parse_body(upstream, ex.route)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
-        return await _unchecked(state, info, upstream, links, actor, reason, route, scrubbed)
-    if parsed is None or (exempted and "resourceType" not in parsed):
+        return await _unchecked(state, info, upstream, links, ex, scrubbed)
+    if parsed is None or (ex.exempted and "resourceType" not in parsed):
         # Nothing to decide, or a non-FHIR answer ($graphql) for patients who permit everything.
-        return await _unchecked(state, info, upstream, links, actor, reason, route)
-    if reason is None:
-        await check_security_context(state, parsed, actor, purpose)
-    confined = named_patients(route.parts, query)
-    withheld = "404 Not Found" if state.settings.enforcement.denied_read_status == 404 else "403 Forbidden"
+        return await _unchecked(state, info, upstream, links, ex)
+    if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
+        parsed["entry"] = plan.answer(parsed["entry"])
+    return await decide_answer(state, request, ex, upstream, parsed, links, plan)
+
+
+async def send(state: GatewayState, request: web.Request, ex: Exchange, request_id: str) -> UpstreamResponse:
+    """Forward the admitted request; HEAD is asked as GET so its answer can be decided."""
+    url = state.upstream.url_for(ex.route.path, ex.forwarded_query)
+    method = "GET" if request.method == "HEAD" else request.method
+    upstream = await state.upstream.request(
+        method, url, headers=upstream_headers(request, request_id), body=ex.body
+    )
+    state.metrics.upstream_duration.observe(upstream.seconds)
+    return upstream
+
+
+async def decide_answer(
+    state: GatewayState, request: web.Request, ex: Exchange, upstream: UpstreamResponse,
+    parsed: JSON, links: LinkRewriter, plan: BatchPlan | None,
+) -> web.StreamResponse:
+    """Decide every resource of the answer, remove what is denied, audit break-glass, project."""
+    info = request[INFO]
+    resolved = await resolve_references(state, parsed)
+    confined = ex.confined
     result, emergency = await state.enforcement.enforce(
-        parsed, actor, purpose, confined=confined, break_glass=reason, withheld_status=withheld
+        parsed, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
+        withheld_status=withheld_status(state), resolved=resolved,
     )
     info.decision = result.header
     state.metrics.count_decision(result.header)
     count_removed(state, result)
-    if result.denied or _all_versions_hidden(route, parsed, result):
-        if route.interaction in WRITE_INTERACTIONS:
+    if result.denied or _all_versions_hidden(ex.route, parsed, result) or _subject_hidden(state, ex, parsed):
+        if ex.route.interaction in WRITE_INTERACTIONS:
             return _write_withheld(upstream, links)
         return denied_answer(state)
     headers = {}
     if emergency.audited:
         # SECURITY: the audit line is on disk before any data leaves (CONTRACT §7).
         headers["X-Break-Glass-Audit-Id"] = await audit(
-            state, emergency, actor, route.interaction, upstream.status, confined or frozenset()
+            state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
-        await record_emergency_consents(state, emergency, actor)
-    if projection is not None:
+        await record_emergency_consents(state, emergency, ex.actor)
+    changed = result.changed
+    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
+    if released and may_name_unreleased(upstream.body, released):
+        changed |= scrub_displays(parsed, released)
+    if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
+        apply_projections(plan, parsed["entry"])
+        changed = True
+    if ex.projection is not None:
         if parsed.get("resourceType") == "Bundle":
-            projection.bundle(parsed)
+            ex.projection.bundle(parsed)
         else:
-            projection.apply(parsed)
+            ex.projection.apply(parsed)
+        changed = True
     # Unchanged bodies go out as the upstream wrote them (decimals and all).
-    payload = orjson.dumps(parsed) if result.changed or projection is not None else upstream.body
+    payload = orjson.dumps(parsed) if changed else upstream.body
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
+
+
+def _subject_hidden(state: GatewayState, ex: Exchange, parsed: JSON) -> bool:
+    """In 404 mode, ``$everything`` of a patient whose own record is withheld answers like a
+    missing patient."""
+    route = ex.route
+    if (state.settings.enforcement.denied_read_status != 404 or route.operation != "$everything"
+            or route.resource_type != "Patient" or route.resource_id is None):
+        return False
+    return f"Patient/{route.resource_id}" not in in_answer(parsed)
 
 
 def _all_versions_hidden(route: Route, parsed: JSON, result: Enforced) -> bool:
@@ -297,66 +306,6 @@ def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Resp
     return response
 
 
-def check_consent_write(state: GatewayState, method: str, route: Route, body: bytes | None, actor: Actor) -> None:
-    """Consent writes: never an emergency grant (only break-glass makes those); optionally only
-    the patient concerned or a listed role (``consent.writer_roles``)."""
-    written = consents_written(method, route.resource_type, body)
-    if written is None:
-        return
-    roles = state.settings.consent.writer_roles
-    for consent in written:
-        # Revoking a window (any status but active) is a write like any other.
-        if isinstance(consent, dict) and is_emergency(consent) and consent.get("status") == "active":
-            raise Refused("Emergency consents are created by break-glass only.")
-        if roles is not None and actor.role not in roles:
-            patient = consent.get("patient") if isinstance(consent, dict) else None
-            if not (isinstance(patient, dict) and patient.get("reference") == actor.reference):
-                raise Refused("This requester may not write consents.")
-
-
-async def ensure_readable(state: GatewayState, reference: str, actor: Actor, purpose: str) -> None:
-    """Refuse unless the requester may read ``reference`` (a missing target refuses nothing)."""
-    target = await state.upstream.request(
-        "GET", state.upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
-    )
-    if target.status == 404:
-        return
-    try:
-        parsed = orjson.loads(target.body) if target.status < 400 else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise ConsentDenied("Access to this resource is not permitted.")
-    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None)
-    if result.denied:
-        raise ConsentDenied("Access to this resource is not permitted.")
-
-
-async def check_security_context(state: GatewayState, parsed: JSON, actor: Actor, purpose: str) -> None:
-    """A Binary is as readable as the patient data its securityContext names."""
-    if parsed.get("resourceType") != "Binary":
-        return
-    context = reference_of(parsed.get("securityContext"))
-    if context is None:
-        return
-    ref = relative_reference(context)
-    if is_patient_data(ref.split("/", 1)[0]):
-        await ensure_readable(state, ref, actor, purpose)
-
-
-async def check_operation_target(
-    state: GatewayState, request: web.Request, route: Route, actor: Actor, purpose: str
-) -> None:
-    """An instance operation on patient data runs only when the requester may read the instance.
-
-    Its answer ($meta, $validate, ...) need not contain the instance, so it is decided first.
-    """
-    if (route.operation is None or route.resource_id is None or route.resource_type is None
-            or route.operation == "$everything" or not is_patient_data(route.resource_type)):
-        return
-    await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", actor, purpose)
-
-
 WRITE_WITHHELD: JSON = {
     "resourceType": "OperationOutcome",
     "issue": [{"severity": "information", "code": "informational",
@@ -366,7 +315,7 @@ WRITE_WITHHELD: JSON = {
 
 async def _unchecked(
     state: GatewayState, info: RequestInfo, upstream: UpstreamResponse, links: LinkRewriter,
-    actor: Actor, reason: str | None, route: Route, body: bytes | None = None,
+    ex: Exchange, body: bytes | None = None,
 ) -> web.Response:
     """An answer with nothing to decide (a write, an outcome, non-patient bytes), audited on break-glass.
 
@@ -379,12 +328,19 @@ async def _unchecked(
     response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision)
     if body is not None:
         response.content_type = "application/fhir+json"
-    if reason is not None:
-        target = frozenset({f"{route.resource_type}/{route.resource_id}"}) if route.resource_type == "Patient" and route.resource_id else frozenset()
-        emergency = Emergency(reason)
-        if route.resource_type and route.resource_id:
-            emergency.returned.append((f"{route.resource_type}/{route.resource_id}", False))
-        response.headers["X-Break-Glass-Audit-Id"] = await audit(state, emergency, actor, route.interaction, upstream.status, target)
+    return await audited(state, ex, upstream.status, response)
+
+
+async def audited(state: GatewayState, ex: Exchange, status: int, response: web.Response) -> web.Response:
+    """A break-glass answer with nothing decided in it is still audited before it leaves."""
+    if ex.reason is None:
+        return response
+    route = ex.route
+    target = frozenset({f"Patient/{route.resource_id}"}) if route.resource_type == "Patient" and route.resource_id else frozenset()
+    emergency = Emergency(ex.reason)
+    if route.resource_type and route.resource_id:
+        emergency.returned.append((f"{route.resource_type}/{route.resource_id}", False))
+    response.headers["X-Break-Glass-Audit-Id"] = await audit(state, emergency, ex.actor, route.interaction, status, target)
     return response
 
 

@@ -76,6 +76,17 @@ def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
     return Route("/".join(raw_parts), parts, prefix, _interaction(method, parts), rtype, rid, operation)
 
 
+def check_identity_headers(request: web.Request) -> None:
+    """Each who-is-asking header at most once and with one value (CONTRACT §4): of two, a
+    parser that keeps the first and one that keeps the last would see different requesters."""
+    for name in request.headers:
+        lower = name.lower()
+        if lower.startswith(GATEWAY_HEADER_PREFIXES) and lower in GATEWAY_HEADERS:
+            values = request.headers.getall(name)
+            if len(values) > 1 or any("," in v for v in values):
+                raise BadRequest(f"The {name} header must be given once, with a single value.")
+
+
 def reject_xml(request: web.Request) -> None:
     """Only FHIR JSON is served: XML asked for by Accept or ``_format`` gets 406."""
     for fmt in request.query.getall("_format", []):

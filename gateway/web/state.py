@@ -14,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.enforcement import ConsentEnforcement
+from gateway.web.resolve import MedicationCache
 
 
 @dataclass
@@ -38,6 +39,7 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
+    medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
 
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)

@@ -57,19 +57,3 @@ def touched_consent_patients(
                         if not url.startswith("Consent?") and (entry.get("request") or {}).get("method") in ("DELETE", "PATCH"):
                             touched.add(None)
     return touched or None
-
-
-def consents_written(method: str, resource_type: str | None, body: bytes | None) -> list[object] | None:
-    """The Consent resources a request writes (None when it writes no Consent body)."""
-    if method not in ("POST", "PUT", "PATCH") or not body:
-        return None
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if resource_type == "Consent":
-        return [parsed]
-    if resource_type is None and isinstance(parsed, dict) and parsed.get("resourceType") == "Bundle":
-        found = [e.get("resource") for e in _entries(parsed)]
-        return [r for r in found if isinstance(r, dict) and r.get("resourceType") == "Consent"] or None
-    return None

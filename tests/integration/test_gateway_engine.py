@@ -137,7 +137,11 @@ async def test_consent_transaction_write_is_reflected_at_once(gw: GatewayUnderTe
     }
     tx = {"resourceType": "Bundle", "type": "transaction",
           "entry": [{"resource": consent, "request": {"method": "POST", "url": "Consent"}}]}
+    # Only the patient (or a listed writer role) writes her Consents, in a transaction as alone.
     resp = await gw.session.post(gw.url + "/", data=orjson.dumps(tx), headers={**GP, "Content-Type": "application/fhir+json"})
+    assert resp.status == 403, await resp.text()
+    patient = {"X-Actor": f"Patient/{pid}", "Content-Type": "application/fhir+json"}
+    resp = await gw.session.post(gw.url + "/", data=orjson.dumps(tx), headers=patient)
     assert resp.status == 200, await resp.text()
     ids = [r["id"] for r in await fhir.resources("Observation").search(patient=f"Patient/{pid}").fetch_all()]
     assert ids == [f"{pid}-cbc"]

@@ -1,0 +1,201 @@
+"""References that decide: what a resource's data depends on outside itself.
+
+Two references change what a resource is:
+
+- a ``Binary`` is the bytes of the patient data its ``securityContext`` names, so it is
+  decided as that resource;
+- a ``MedicationRequest`` (and its siblings) naming a ``Medication`` by reference is labelled
+  like one that writes the same drug inline.
+
+The web layer finds the targets that are not in the answer (``missing_targets``), reads them
+from the FHIR server and hands everything to ``Resolved``; deciding stays pure.
+
+A ``Reference.display`` can name what it points at ("HIV-1 viral load 12000 copies/mL"):
+``scrub_displays`` removes the display of every reference to patient data that the answer
+does not release.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from gateway.core.compartment import is_patient_data
+from gateway.core.fhir import JSON, reference_of, relative_reference, resource_reference
+
+# Resource types whose medication may be a reference to a Medication resource.
+MEDICATION_HOLDERS = frozenset({
+    "MedicationRequest", "MedicationAdministration", "MedicationDispense", "MedicationStatement",
+})
+# What a target that could not be read stands for: decide as unknown (fail closed).
+UNREADABLE: JSON = {"resourceType": "OperationOutcome", "issue": []}
+
+
+def iter_resources(node: JSON) -> Iterator[JSON]:
+    """Every resource in a body: Bundle entries (nested), Parameters, and contained ones."""
+    rtype = node.get("resourceType")
+    if rtype == "Bundle":
+        for entry in node.get("entry") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                yield from iter_resources(entry["resource"])
+        return
+    if rtype == "Parameters":
+        stack = list(node.get("parameter") or ())
+        while stack:
+            param = stack.pop()
+            if isinstance(param, dict):
+                if isinstance(param.get("resource"), dict):
+                    yield from iter_resources(param["resource"])
+                stack.extend(param.get("part") or ())
+        return
+    yield node
+    contained = node.get("contained")
+    if isinstance(contained, list):
+        for inner in contained:
+            if isinstance(inner, dict):
+                yield inner
+
+
+def security_context(resource: JSON) -> str | None:
+    """``Type/id`` of the patient data a Binary stands for, or None."""
+    if resource.get("resourceType") != "Binary":
+        return None
+    ref = reference_of(resource.get("securityContext"))
+    if ref is None or ref.startswith("#"):
+        return None
+    target = relative_reference(ref)
+    rtype = target.split("/", 1)[0]
+    return target if "/" in target and is_patient_data(rtype) else None
+
+
+def medication_reference(resource: JSON) -> str | None:
+    """The ``medicationReference`` of an order or statement (``#id`` for a contained one)."""
+    if resource.get("resourceType") not in MEDICATION_HOLDERS:
+        return None
+    ref = reference_of(resource.get("medicationReference"))
+    if ref is None:
+        return None
+    return ref if ref.startswith("#") else relative_reference(ref)
+
+
+def in_answer(body: JSON) -> dict[str, JSON]:
+    """The resources of an answer by ``Type/id`` (contained ones are not addressable)."""
+    found: dict[str, JSON] = {}
+    for resource in iter_resources(body):
+        ref = resource_reference(resource)
+        if ref is not None:
+            found.setdefault(ref, resource)
+    return found
+
+
+def deciding_references(body: JSON) -> tuple[dict[str, JSON], frozenset[str], frozenset[str]] | None:
+    """The answer's resources by ``Type/id``, and the security contexts and Medications that
+    decide resources of ``body`` but are not in it; None when no resource refers to either."""
+    present: dict[str, JSON] = {}
+    contexts: set[str] = set()
+    medications: set[str] = set()
+    refers = False
+    for resource in iter_resources(body):
+        ref = resource_reference(resource)
+        if ref is not None:
+            present.setdefault(ref, resource)
+        context = security_context(resource)
+        if context is not None:
+            refers = True
+            contexts.add(context)
+        med = medication_reference(resource)
+        if med is not None:
+            refers = True
+            if not med.startswith("#"):
+                medications.add(med)
+    if not refers:
+        return None
+    return present, frozenset(contexts - present.keys()), frozenset(medications - present.keys())
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Targets by ``Type/id``: from the answer, or read from the FHIR server.
+
+    A target mapped to None is missing on the server (it decides nothing); one mapped to
+    ``UNREADABLE`` could not be read (what it decides is unknown, so it closes).
+    """
+
+    targets: Mapping[str, JSON | None] = field(default_factory=dict)
+
+    def context_of(self, resource: JSON) -> JSON | None:
+        """The resource a Binary is decided as (``UNREADABLE`` when it could not be read)."""
+        ref = security_context(resource)
+        return self.targets.get(ref) if ref is not None else None
+
+    def medication_of(self, resource: JSON) -> JSON | None:
+        """The Medication an order names by reference, contained or resolved."""
+        ref = medication_reference(resource)
+        if ref is None:
+            return None
+        if ref.startswith("#"):
+            for inner in resource.get("contained") or ():
+                if isinstance(inner, dict) and inner.get("id") == ref[1:] and inner.get("resourceType") == "Medication":
+                    return inner
+            return UNREADABLE
+        target = self.targets.get(ref, UNREADABLE)
+        return target
+
+
+NOTHING_RESOLVED = Resolved()
+
+
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
+    """False when no reference in the JSON text ``raw`` points at patient data outside
+    ``released`` (then no display needs removing); True when one may."""
+    if b'"display"' not in raw:
+        return False
+    if b"\\u" in raw:
+        return True  # a \u escape can spell a key the pattern cannot see
+    found = 0
+    for match in _REFERENCE.finditer(raw):
+        found += 1
+        value = match.group(1)
+        ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+        if ref.startswith("#"):
+            continue
+        target = relative_reference(ref)
+        if is_patient_data(target.split("/", 1)[0]) and target not in released:
+            return True
+    return found != raw.count(b'"reference"')
+
+
+def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
+    """Remove ``display`` from references to patient data not in ``released``; True if any was.
+
+    ``released`` are the ``Type/id`` of the resources the answer keeps.
+    """
+    changed = False
+    for resource in iter_resources(body):
+        changed |= _scrub(resource, released, resource)
+    return changed
+
+
+def _scrub(node: object, released: frozenset[str], top: JSON) -> bool:
+    changed = False
+    if isinstance(node, dict):
+        if "display" in node and isinstance(node.get("reference"), str) and node is not top:
+            ref = node["reference"]
+            if not ref.startswith("#"):
+                target = relative_reference(ref)
+                if is_patient_data(target.split("/", 1)[0]) and target not in released:
+                    del node["display"]
+                    changed = True
+        for key, value in node.items():
+            if key != "contained" and isinstance(value, (dict, list)):
+                changed |= _scrub(value, released, top)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, (dict, list)):
+                changed |= _scrub(item, released, top)
+    return changed

@@ -1,0 +1,136 @@
+"""Batches and transactions: each entry is admitted as the request it stands for.
+
+An entry refused on its own (a ``_has`` search, type history, a hidden operation target, a
+Consent write the requester may not make) is not sent: in a batch its slot of the answer
+says so, in a transaction the whole request is refused (a transaction is all or nothing).
+Projection is stripped from each entry's URL and applied to its slot after deciding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from gateway.core.enforce import scrubbed_outcome, withheld_slot
+from gateway.core.errors import BadRequest, ConsentDenied, GatewayError
+from gateway.core.fhir import JSON
+from gateway.core.projection import Projection
+from gateway.web.exchange import Exchange, admit
+from gateway.web.request import parse_route
+from gateway.web.state import GatewayState
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class BatchPlan:
+    """What is sent for a batch, and how its answer is put back together."""
+
+    kind: str                                   # "batch" | "transaction"
+    size: int                                   # entries the client sent
+    sent: list[int] = field(default_factory=list)               # client index of each sent entry
+    refused: dict[int, JSON] = field(default_factory=dict)      # client index -> response slot
+    projections: dict[int, Projection] = field(default_factory=dict)
+    body: bytes = b""                           # the Bundle sent upstream
+
+    def answer(self, upstream_entries: list[object]) -> list[object]:
+        """The slots in the client's order: the upstream's, with the refused ones put back."""
+        slots: list[object] = [None] * self.size
+        for index, refused in self.refused.items():
+            slots[index] = {"response": refused}
+        for index, sent in zip(self.sent, upstream_entries):
+            slots[index] = sent
+        return [s if s is not None else {"response": _failed()} for s in slots]
+
+
+def _failed() -> JSON:
+    return {"status": "500 Internal Server Error",
+            "outcome": scrubbed_outcome({"issue": [{"severity": "error", "code": "exception"}]})}
+
+
+def refused_slot(exc: GatewayError, withheld_status: str) -> JSON:
+    """A batch slot for an entry the gateway did not send."""
+    if isinstance(exc, ConsentDenied):
+        return withheld_slot(withheld_status)
+    return {"status": f"{exc.status} {exc.issue_code}",
+            "outcome": {"resourceType": "OperationOutcome",
+                        "issue": [{"severity": "error", "code": exc.issue_code, "diagnostics": exc.message}]}}
+
+
+def not_found_outcome() -> JSON:
+    """The body of a missing record, as the gateway passes on the FHIR server's own (scrubbed)."""
+    return scrubbed_outcome({"issue": [{"severity": "error", "code": "not-found"}]})
+
+
+def _entry_target(url: str, base_prefix: str) -> tuple[str, str]:
+    """(path, raw query) of an entry's ``request.url``, relative or absolute."""
+    split = urlsplit(url)
+    path = split.path if split.scheme or url.startswith("/") else "/" + split.path
+    if split.scheme and base_prefix and path.startswith(base_prefix):
+        path = path[len(base_prefix):]
+    return path, split.query
+
+
+async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str) -> BatchPlan:
+    """Admit every entry of a batch/transaction as a request of its own."""
+    bundle = front.resource
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
+            or bundle.get("type") not in ("batch", "transaction"):
+        raise BadRequest("The request body must be a batch or transaction Bundle.")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BadRequest("Bundle.entry must be a list of entries.")
+    plan = BatchPlan(kind=str(bundle["type"]), size=len(entries))
+    base_prefix = state.upstream.base.path.rstrip("/")
+    sent: list[JSON] = []
+    for index, entry in enumerate(entries):
+        request = entry.get("request")
+        if not isinstance(request, dict) or request.get("method") not in _METHODS \
+                or not isinstance(request.get("url"), str):
+            raise BadRequest("Each entry needs request.method and request.url.")
+        method, url = str(request["method"]), str(request["url"])
+        path, query = _entry_target(url, base_prefix)
+        route = parse_route(method, path, "")
+        if route.interaction == "batch" or not route.parts:
+            raise BadRequest("A batch entry cannot be a batch.")
+        resource = entry.get("resource")
+        sub = Exchange(
+            method=method, route=route, raw_query=query, actor=front.actor, purpose=front.purpose,
+            reason=front.reason, content_type="application/fhir+json",
+            if_none_exist=request.get("ifNoneExist") if isinstance(request.get("ifNoneExist"), str) else None,
+            body=orjson.dumps(resource) if resource is not None else None,
+        )
+        sub.query = parse_qsl(query, keep_blank_values=True)
+        try:
+            await admit(state, sub)
+        except GatewayError as exc:
+            if plan.kind == "transaction" or exc.status >= 500:
+                raise
+            plan.refused[index] = refused_slot(exc, withheld_status)
+            continue
+        if sub.projection is not None:
+            plan.projections[index] = sub.projection
+        forwarded = dict(entry)
+        forwarded_request = dict(request)
+        forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
+        forwarded["request"] = forwarded_request
+        if sub.resource is not None and resource is not None:
+            forwarded["resource"] = sub.resource
+        sent.append(forwarded)
+        plan.sent.append(index)
+    plan.body = orjson.dumps({**bundle, "entry": sent})
+    return plan
+
+
+def apply_projections(plan: BatchPlan, slots: list[object]) -> None:
+    """Each entry's ``_elements``/``_summary``, applied to its slot after deciding."""
+    for index, projection in plan.projections.items():
+        slot = slots[index] if index < len(slots) else None
+        resource = slot.get("resource") if isinstance(slot, dict) else None
+        if isinstance(resource, dict):
+            if resource.get("resourceType") == "Bundle":
+                projection.bundle(resource)
+            elif resource.get("resourceType") != "OperationOutcome":
+                projection.apply(resource)

@@ -1,0 +1,285 @@
+"""One FHIR request as the gateway sees it, and the checks every request passes before it is sent.
+
+The same ``Exchange`` stands for a request at the front door and for each entry of a batch
+or transaction, and ``admit`` runs the same steps on both: refusals, the operation-target
+check, the Consent-write checks and projection stripping. A check added here applies to
+every way in (CONTRACT §6).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, unquote
+
+import orjson
+
+from gateway.core import strict_json
+from gateway.core.breakglass import emergency_window, is_emergency
+from gateway.core.compartment import is_patient_data
+from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
+from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.references import UNREADABLE
+from gateway.core.model import Actor
+from gateway.core.projection import PROJECTION_PARAMS, Projection
+from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.web.request import Route
+from gateway.web.resolve import read_target, resolve_references
+from gateway.web.state import GatewayState
+
+access_log = logging.getLogger("gateway.access")
+
+FORM = "application/x-www-form-urlencoded"
+# Parameters of an operation's Parameters body that select or shape data like query parameters.
+_VALUE_KEYS = ("valueString", "valueCode", "valueUri", "valueBoolean", "valueInteger", "valueId")
+
+
+@dataclass
+class Exchange:
+    """A request (or batch entry): route, requester, purpose, break-glass, and what is sent on."""
+
+    method: str
+    route: Route
+    raw_query: str
+    actor: Actor
+    purpose: str
+    reason: str | None              # break-glass reason, when the request carries one
+    body: bytes | None = None
+    content_type: str = ""
+    if_none_exist: str | None = None
+    resource: object = None         # the parsed JSON body, when it has one
+    query: list[tuple[str, str]] = field(default_factory=list)  # URL query + form/Parameters body
+    projection: Projection | None = None
+    exempted: bool = False          # unfilterable, but every named patient permits everything
+
+    @property
+    def forwarded_query(self) -> str:
+        """The query string for the upstream: verbatim, minus every ``_elements``/``_summary``."""
+        return strip_projection(self.raw_query)
+
+    @property
+    def confined(self) -> frozenset[str] | None:
+        return named_patients(self.route.parts, self.query)
+
+
+def strip_projection(raw: str) -> str:
+    """``raw`` without ``_elements``/``_summary`` (any modifier, any encoding): the gateway applies
+    the projection after deciding, so the upstream cannot strip the codes that carry labels."""
+    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw):
+        return raw
+    kept = [
+        item for item in raw.split("&")
+        if unquote(item.split("=", 1)[0]).split(":", 1)[0] not in PROJECTION_PARAMS
+    ]
+    return "&".join(kept)
+
+
+def read_body_parameters(ex: Exchange) -> None:
+    """Parameters carried in a POST body are read like the query string (and stripped of
+    projection parameters before it is sent): a form body of ``_search`` or any operation, or
+    the ``Parameters`` resource of an operation."""
+    if ex.method != "POST" or not ex.body:
+        return
+    if FORM in ex.content_type.lower():
+        if ex.route.interaction not in ("search", "operation"):
+            raise BadRequest("A form-encoded body is accepted only by _search and operations.")
+        try:
+            text = ex.body.decode()
+        except UnicodeDecodeError:
+            raise BadRequest("The form body is not valid form data.") from None
+        ex.query += parse_qsl(text, keep_blank_values=True)
+        ex.body = strip_projection(text).encode()
+        return
+    if ex.route.interaction == "operation" and isinstance(ex.resource, dict) \
+            and ex.resource.get("resourceType") == "Parameters":
+        params = ex.resource.get("parameter")
+        if not isinstance(params, list):
+            return
+        kept = []
+        for param in params:
+            name = param.get("name") if isinstance(param, dict) else None
+            value = next((param[k] for k in _VALUE_KEYS if k in param), None) if isinstance(param, dict) else None
+            if isinstance(name, str) and value is not None:
+                ex.query.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+                if name.split(":", 1)[0] in PROJECTION_PARAMS:
+                    continue
+            kept.append(param)
+        if len(kept) != len(params):
+            ex.resource = {**ex.resource, "parameter": kept}
+            ex.body = orjson.dumps(ex.resource)
+
+
+def parse_json_body(ex: Exchange) -> None:
+    """The JSON body, parsed once: a byte order mark is dropped, duplicate keys are a 400.
+
+    A body the gateway must check (a Consent, a batch) and cannot read is a 400; any other is
+    left to the FHIR server to judge.
+    """
+    if not ex.body or FORM in ex.content_type.lower():
+        return
+    must_read = ex.route.resource_type == "Consent" or ex.route.interaction == "batch"
+    try:
+        ex.resource = strict_json.loads(ex.body)
+    except ValueError as exc:
+        if must_read or isinstance(exc, strict_json.DuplicateKey):
+            raise BadRequest("The request body is not a single valid JSON resource.") from None
+        return
+    if ex.body.startswith(strict_json.BOM):
+        ex.body = ex.body[len(strict_json.BOM):]  # the FHIR server reads what was checked
+
+
+async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
+    """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
+
+    An allowed one is still filtered like any other, except that a non-FHIR answer
+    (``$graphql``) may pass (``ex.exempted``).
+    """
+    route = ex.route
+    why = unfilterable(route.parts, route.operation, ex.query)
+    condition = ex.query
+    if why is None:
+        why = conditional_write(ex.method, route.parts, bool(ex.query), ex.if_none_exist)
+        if ex.if_none_exist:
+            condition = parse_qsl(ex.if_none_exist, keep_blank_values=True)
+    if why is None:
+        return
+    patients = named_patients(route.parts if condition is ex.query else route.parts[:1], condition)
+    if patients:
+        looked = await state.enforcement.look_up(patients, ex.actor, ex.purpose)
+        if state.enforcement.unconditional(looked, patients):
+            ex.exempted = True
+            return
+    access_log.info("refused", extra={"reasons": [why]})
+    raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
+
+
+async def ensure_readable(state: GatewayState, reference: str, actor: Actor, purpose: str) -> JSON | None:
+    """Refuse (ConsentDenied) unless the requester may read ``reference``; return it when found.
+
+    A missing target refuses nothing; one that cannot be read refuses (fail closed).
+    """
+    parsed = await read_target(state.upstream, reference)
+    if parsed is None:
+        return None
+    if parsed is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    resolved = await resolve_references(state, parsed)
+    result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None, resolved=resolved)
+    if result.denied:
+        raise ConsentDenied("Access to this resource is not permitted.")
+    return parsed
+
+
+async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
+    """An instance operation on patient data runs only when the requester may read the instance.
+
+    Its answer ($meta, $validate, ...) need not contain the instance, so it is decided first.
+    """
+    route = ex.route
+    if (route.operation is None or route.resource_id is None or route.resource_type is None
+            or route.operation == "$everything"
+            or not (is_patient_data(route.resource_type) or route.resource_type == "Binary")):
+        return
+    await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
+
+
+def _patient_of(consent: object) -> str | None:
+    if isinstance(consent, dict):
+        ref = reference_of(consent.get("patient"))
+        return relative_reference(ref) if ref else None
+    return None
+
+
+def _may_write(ex: Exchange, roles: tuple[str, ...], patient: str | None) -> bool:
+    """The patient for their own Consents, or a requester whose role is listed."""
+    return (ex.actor.role is not None and ex.actor.role in roles) or (
+        patient is not None and ex.actor.reference == patient
+    )
+
+
+_PATCH_PATHS_FOR_WRITERS = ("/patient", "/category", "/scope", "/policyRule", "/provision", "/status")
+
+
+async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
+    """Consent writes (CONTRACT §6): only the patient for their own Consents and
+    ``consent.writer_roles``; updates and deletes are checked against the stored Consent too;
+    an active emergency Consent is made by break-glass only."""
+    route = ex.route
+    if route.resource_type != "Consent" or ex.method not in ("POST", "PUT", "PATCH", "DELETE"):
+        return
+    if route.interaction not in ("create", "update", "patch", "delete"):
+        return
+    roles = state.settings.consent.writer_roles
+    if ex.method in ("POST", "PUT"):
+        consent = ex.resource
+        if not isinstance(consent, dict) or consent.get("resourceType") != "Consent":
+            raise BadRequest("A Consent write needs a Consent resource as its body.")
+        if is_emergency(consent) and consent.get("status") == "active":
+            raise Refused("Emergency consents are created by break-glass only.")
+        if not _may_write(ex, roles, _patient_of(consent)) and not (
+            ex.method == "PUT" and consent.get("status") != "active" and is_emergency(consent)
+        ):
+            raise Refused("This requester may not write this consent.")
+    if ex.method == "PATCH":
+        _check_consent_patch(ex, roles)
+    if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is not None:
+        stored = await _stored_consent(state, route.resource_id)
+        if stored is not None and not _may_write(ex, roles, _patient_of(stored)) \
+                and not _closes_own_window(ex, stored):
+            raise Refused("This requester may not write this consent.")
+
+
+def _closes_own_window(ex: Exchange, stored: JSON) -> bool:
+    """A clinician may close the emergency window his own break-glass opened (an update to a
+    status other than active, same patient); nothing else of it."""
+    window = emergency_window(stored) if is_emergency(stored) else None
+    new = ex.resource
+    return (
+        window is not None and window.actor == ex.actor.reference and ex.method == "PUT"
+        and isinstance(new, dict) and new.get("status") != "active"
+        and _patient_of(new) == _patient_of(stored)
+    )
+
+
+def _check_consent_patch(ex: Exchange, roles: tuple[str, ...]) -> None:
+    """A patch cannot be judged by its result, so it may not touch what decides who writes or
+    what opens: JSON Patch only, and only a listed role may change those elements."""
+    ops = ex.resource
+    if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
+        raise Refused("Consents may be patched only with JSON Patch.")
+    privileged = ex.actor.role is not None and ex.actor.role in roles
+    for op in ops:
+        path = str(op.get("path", ""))
+        if path.startswith(("/category", "/patient")) or (
+            not privileged and path.startswith(_PATCH_PATHS_FOR_WRITERS) and not _is_revocation(op)
+        ):
+            raise Refused("This requester may not change this part of a consent.")
+
+
+def _is_revocation(op: JSON) -> bool:
+    return op.get("path") == "/status" and op.get("op") == "replace" and op.get("value") in ("inactive", "rejected")
+
+
+async def _stored_consent(state: GatewayState, consent_id: str) -> JSON | None:
+    """The Consent as the FHIR server holds it (None when there is none); unreadable → 503."""
+    stored = await read_target(state.upstream, f"Consent/{consent_id}")
+    if stored is UNREADABLE:
+        raise UpstreamUnavailable("The stored consent could not be read.")
+    return stored
+
+
+def prepare_projection(ex: Exchange) -> None:
+    ex.projection = Projection.from_query(
+        [v for k, v in ex.query if k.split(":", 1)[0] == "_elements"],
+        [v for k, v in ex.query if k.split(":", 1)[0] == "_summary"],
+    )
+
+
+async def admit(state: GatewayState, ex: Exchange) -> None:
+    """Every check a request passes before it is sent upstream, in order."""
+    parse_json_body(ex)
+    read_body_parameters(ex)
+    await refuse_unfilterable(state, ex)
+    await check_operation_target(state, ex)
+    await check_consent_write(state, ex)
+    prepare_projection(ex)

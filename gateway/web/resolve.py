@@ -1,0 +1,92 @@
+"""Reading the references that decide resources of an answer (CONTRACT §6).
+
+A Binary's security context is read afresh for each answer (it is patient data, decided
+now); a Medication is not patient data and changes rarely, so it is kept for the consent
+cache's TTL. Targets are read concurrently, each once per answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import orjson
+from cachetools import TTLCache
+
+from gateway.core.errors import GatewayError
+from gateway.core.fhir import JSON
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, deciding_references
+from gateway.upstream import Upstream
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.web.state import GatewayState
+
+MEDICATION_CACHE_SIZE = 10_000
+
+
+class MedicationCache:
+    """Medications read from the FHIR server, kept for ``ttl_s`` (failures are not kept)."""
+
+    def __init__(self, ttl_s: float, maxsize: int = MEDICATION_CACHE_SIZE) -> None:
+        self._cache: TTLCache[str, JSON | None] = TTLCache(maxsize=maxsize, ttl=max(ttl_s, 1.0), timer=time.monotonic)
+
+    def get(self, reference: str) -> tuple[bool, JSON | None]:
+        try:
+            return True, self._cache[reference]
+        except KeyError:
+            return False, None
+
+    def put(self, reference: str, value: JSON | None) -> None:
+        if value is not UNREADABLE:
+            self._cache[reference] = value
+
+
+async def read_target(upstream: Upstream, reference: str) -> JSON | None:
+    """One resource by ``Type/id``: None when missing, ``UNREADABLE`` when it cannot be read."""
+    try:
+        answer = await upstream.request(
+            "GET", upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
+        )
+    except GatewayError:
+        return UNREADABLE
+    if answer.status in (404, 410):
+        return None
+    if answer.status >= 400:
+        return UNREADABLE
+    try:
+        parsed = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        return UNREADABLE
+    if not isinstance(parsed, dict) or f"{parsed.get('resourceType')}/{parsed.get('id')}" != reference:
+        return UNREADABLE
+    return parsed
+
+
+async def _read_all(upstream: Upstream, references: Iterable[str]) -> dict[str, JSON | None]:
+    refs = sorted(references)
+    found = await asyncio.gather(*(read_target(upstream, r) for r in refs))
+    return dict(zip(refs, found))
+
+
+async def resolve_references(state: GatewayState, body: JSON) -> Resolved:
+    """What decides the resources of ``body`` beyond themselves: in the answer, or read."""
+    found = deciding_references(body)
+    if found is None:
+        return NOTHING_RESOLVED
+    present, contexts, medications = found
+    targets: dict[str, JSON | None] = dict(present)
+    cache = state.medications
+    unknown = []
+    for ref in medications:
+        hit, value = cache.get(ref)
+        if hit:
+            targets[ref] = value
+        else:
+            unknown.append(ref)
+    read = await _read_all(state.upstream, [*contexts, *unknown])
+    for ref in unknown:
+        cache.put(ref, read[ref])
+    targets.update(read)
+    return Resolved(targets)
