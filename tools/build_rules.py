@@ -131,7 +131,7 @@ def build(policy: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
 
 def _sets_of(file_name: str, spec: Mapping[str, Any], claims: Claims, report: list[str]) -> list[dict[str, Any]]:
     extract = read_extract(SOURCES / spec["from"])
-    rows = _selected(extract, spec, report)
+    rows = _selected(extract, spec, report) + _products(spec, _selected(extract, spec, []))
     excluded = [str(code) for code in spec.get("exclude", [])]
     sixth = spec.get("sixth_character")
     by_system: dict[str, list[dict[str, str]]] = {}
@@ -147,7 +147,9 @@ def _sets_of(file_name: str, spec: Mapping[str, Any], claims: Claims, report: li
     for system, codes in by_system.items():
         one: dict[str, Any] = {
             "name": spec["name"] if len(by_system) == 1 else f"{spec['name']} ({system})",
-            "source": extract.source,
+            "source": "; ".join(
+                [extract.source, *(f"drugs from {read_extract(SOURCES / path).source}" for path in spec.get("products_from", []))]
+            ),
             "system": system,
             "labels": list(spec["labels"]),
         }
@@ -158,6 +160,21 @@ def _sets_of(file_name: str, spec: Mapping[str, Any], claims: Claims, report: li
             one["exclude"] = [{code: _display_of(code, extract)} for code in excluded]
         out.append(one)
     return out
+
+
+def _products(spec: Mapping[str, Any], ingredients: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """RxNorm drugs in ``products_from`` extracts whose normalized name contains an ingredient.
+
+    RxNorm clinical (SCD) and branded (SBD) drug names and packs spell out every ingredient
+    ("naltrexone hydrochloride 50 MG Oral Tablet"), so containment is read from the name.
+    """
+    names = [re.compile(rf"(?i)\b{re.escape(display)}\b") for system, _code, display in ingredients if system == "rxnorm"]
+    found: list[tuple[str, str, str]] = []
+    for path in spec.get("products_from", []):
+        for system, code, display in read_extract(SOURCES / path).rows:
+            if system == "rxnorm" and any(name.search(display) for name in names) and (system, code, display) not in found:
+                found.append((system, code, display))
+    return found
 
 
 def _display_of(code: str, extract: Extract) -> str:

@@ -9,8 +9,9 @@ Semantics:
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
 - SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
-  terminology server on the request path); RxNorm sets list the ingredient and the clinical and
-  branded drugs that contain it, CPT and HCPCS sets may give a numeric range (``90785-90899``).
+  terminology server on the request path); RxNorm sets list ingredients together with the drugs
+  (SCD, SBD, packs) their sources name that contain them; CPT and HCPCS sets may give a numeric
+  range (``90785-90899``).
   ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule code covers itself and every
   code below it (``F11`` covers ``F11.20`` and ``F1120``, never ``F1`` or ``F12``). A set's
   ``sixth_character`` keeps only the codes below it whose 6th character is one of those given

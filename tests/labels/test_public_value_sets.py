@@ -57,7 +57,7 @@ EXAMPLES: list[tuple[str, dict[str, Any], set[str]]] = [
     ("cannabis-use-F12.90", condition(ICD10CM, "F12.90"), SUD_PART2),
     ("naltrexone-ingredient-7243", medication_request("7243"), SUD_PART2),
     ("naltrexone-50mg-scd", medication_request("1483744"), SUD_PART2),
-    ("naltrexone-injection-scd", medication_request("637213"), OUD),
+    ("naltrexone-injection-scd", medication_request("637213"), SUD_PART2),
     ("disulfiram-250mg-scd", medication_request("197623"), SUD_PART2),
     ("acamprosate-333mg-scd", medication_request("835726"), SUD_PART2),
     ("buprenorphine-naloxone-film", medication_request("1010600"), OUD),
