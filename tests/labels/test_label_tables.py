@@ -69,7 +69,9 @@ TABLE: list[tuple[str, str, str, set[str]]] = [
     ("miss", ICD10CM, "I10", set()),  # essential hypertension
     ("miss", ICD10CM, "E11.9", set()),
     ("miss", ICD10CM, "F1", set()),  # not a category: must not match F10-F19
-    ("miss", ICD10CM, "F01.50", set()),  # vascular dementia, left out of mental health
+    ("miss", ICD10CM, "F06.4", set()),  # anxiety disorder due to a physiological condition, left out
+    ("cogn", ICD10CM, "F01.50", {"COGN"}),  # vascular dementia: cognitive disability (SHIFT SLS maps dementia to COGN)
+    ("cogn", ICD10CM, "G30.9", {"COGN"}),
     ("miss", ICD10CM, "D56.1", set()),  # beta thalassemia, next to D57
     ("miss", ICD10CM, "Z20.822", set()),  # COVID-19 exposure, next to Z20.6 / Z20.2
     ("miss", LOINC, "58410-2", set()),  # CBC panel

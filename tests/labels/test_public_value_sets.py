@@ -92,6 +92,8 @@ EXAMPLES: list[tuple[str, dict[str, Any], set[str]]] = [
     ("psychotherapy-crisis-90839", service_request(CPT, "90839"), {"PSY"}),
     ("psychotherapy-claim-90837", claim(CPT, "90837"), {"PSY"}),
     ("fluoxetine-shift-bh", medication_request("315952"), {"BH"}),
+    ("alzheimers-disease-snomed", condition(SNOMED, "26929004"), {"COGN"}),
+    ("donepezil-10mg", medication_request("997223"), {"COGN"}),
     # reproductive health
     ("abortion-d-and-c-59840", procedure(CPT, "59840"), {"SEX"}),
     ("abortion-d-and-e-59841", eob(CPT, "59841"), {"SEX"}),
@@ -128,6 +130,7 @@ NEAR_MISSES: list[tuple[str, dict[str, Any]]] = [
     ("opioid-underdosing-T40.2X6A", condition(ICD10CM, "T40.2X6A")),
     ("accidental-acetaminophen-T39.1X1A", condition(ICD10CM, "T39.1X1A")),
     ("office-visit-99213", procedure(CPT, "99213")),
+    ("pneumonia-from-the-dementia-module", condition(SNOMED, "233604007")),
     ("wellness-visit-G0439-claim", claim(HCPCS, "G0439")),
     ("psychiatry-neighbour-90900", procedure(CPT, "90900")),
     ("maternity-neighbour-59870", procedure(CPT, "59870")),
