@@ -650,6 +650,8 @@ class _Builder:
         self._claim(file, f"{where} {code}", (alias, code))
         uri, title, others = CODE_SYSTEMS[alias]
         rule = f"{file}: {title} {code} ({display})"
+        if sixth is not None:
+            rule += f", 6th character {'/'.join(sorted(sixth))}"
         hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels), sixth)
         if alias == "icd-10-cm":
             self.icd.setdefault(normalize_icd(code), []).append(hit)

@@ -8,6 +8,7 @@ rule documents, including the one-line errors for bad ones.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,22 @@ def test_committed_rules_are_what_the_sources_generate() -> None:
         [sys.executable, str(REPO / "tools" / "build_rules.py"), "--check"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_check_reports_a_hand_edited_rules_file(tmp_path: Path) -> None:
+    for part in ("tools", "rules"):
+        shutil.copytree(REPO / part, tmp_path / part)
+    (tmp_path / "gateway" / "core").mkdir(parents=True)
+    shutil.copy(REPO / "gateway" / "core" / "sensitivity_codes.py", tmp_path / "gateway" / "core")
+    edited = tmp_path / "rules" / "genetic.yaml"
+    edited.write_text(edited.read_text(encoding="utf-8").replace("GDIS", "PSY"), encoding="utf-8")
+    script = str(tmp_path / "tools" / "build_rules.py")
+    result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "build_rules: out of date: rules/genetic.yaml"
+    subprocess.run([sys.executable, script], capture_output=True, check=True, timeout=120)
+    assert subprocess.run([sys.executable, script, "--check"], capture_output=True, timeout=120).returncode == 0
+    assert edited.read_text(encoding="utf-8") == (REPO / "rules" / "genetic.yaml").read_text(encoding="utf-8")
 
 
 def test_hierarchy_is_the_published_code_system() -> None:
@@ -76,6 +93,8 @@ def test_cpt_and_hcpcs_ranges_expand_to_each_code() -> None:
 def test_sixth_character_filters_icd_descendants() -> None:
     index = _index({"system": "icd-10-cm", "sixth_character": "2", "codes": [{"T36-T50": "Poisoning"}]})
     assert _labels(index, ICD10CM, "T43.222A") == {"PSY"}
+    resource = {"resourceType": "Condition", "code": {"coding": [{"system": ICD10CM, "code": "T43.222A"}]}}
+    assert [rule for _, rule in index.explain(resource)] == ["t.yaml: ICD-10-CM T43 (in T36-T50: Poisoning), 6th character 2"]
     assert _labels(index, ICD10CM, "T43.221A") == set()
     assert _labels(index, ICD10CM, "T43") == set()  # too short to have a 6th character
 
