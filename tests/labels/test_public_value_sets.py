@@ -99,6 +99,9 @@ EXAMPLES: list[tuple[str, dict[str, Any], set[str]]] = [
     ("abortion-d-and-e-59841", eob(CPT, "59841"), {"SEX"}),
     ("induced-abortion-S2260", claim(HCPCS, "S2260"), {"SEX"}),
     ("mifepristone", medication_request("330381"), {"SEX"}),
+    ("induced-termination-synthea", procedure(SNOMED, "714812005"), {"SEX"}),
+    ("miscarriage-synthea", condition(SNOMED, "19169002"), {"PREGNANT"}),
+    ("attempted-suicide-synthea", condition(SNOMED, "287185009"), {"PSY"}),
     # violence, sickle cell
     ("adult-physical-abuse-T74.11XA", condition(ICD10CM, "T74.11XA"), {"SDV"}),
     ("intimate-partner-abuse-snomed", condition(SNOMED, "706893006"), {"SDV"}),
@@ -131,6 +134,8 @@ NEAR_MISSES: list[tuple[str, dict[str, Any]]] = [
     ("accidental-acetaminophen-T39.1X1A", condition(ICD10CM, "T39.1X1A")),
     ("office-visit-99213", procedure(CPT, "99213")),
     ("pneumonia-from-the-dementia-module", condition(SNOMED, "233604007")),
+    ("hemogram-from-the-pregnancy-module", procedure(SNOMED, "104091002")),
+    ("er-admission-from-the-self-harm-module", procedure(SNOMED, "50849002")),
     ("wellness-visit-G0439-claim", claim(HCPCS, "G0439")),
     ("psychiatry-neighbour-90900", procedure(CPT, "90900")),
     ("maternity-neighbour-59870", procedure(CPT, "59870")),
