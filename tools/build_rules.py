@@ -214,10 +214,8 @@ def hierarchy(policy: Mapping[str, Any]) -> str:
     """gateway/core/sensitivity_codes.py: for each label code, the codes whose consents cover it."""
     extract = read_extract(SOURCES / "v3-ActCode-sensitivity.tsv")
     parents: dict[str, list[str]] = {}
-    display: dict[str, str] = {}
-    for code, parent, rest in extract.rows:
+    for code, parent, _rest in extract.rows:
         parents[code] = [p for p in parent.split(",") if p]
-        display[code] = rest.split("\t")[-1]
     groups = [tuple(str(c) for c in pair["codes"]) for pair in policy.get("equivalent", [])]
     for group in groups:
         for code in group:
@@ -250,10 +248,6 @@ def hierarchy(policy: Mapping[str, Any]) -> str:
         "# code -> every broader code (ancestors, and equivalents with their ancestors); itself excluded.",
         "BROADER: Mapping[str, frozenset[str]] = {",
         *[f'    "{code}": frozenset({{{", ".join(repr(c) for c in sorted(found))}}}),' for code, found in sorted(broader.items())],
-        "}",
-        "",
-        "DISPLAY: Mapping[str, str] = {",
-        *[f'    "{code}": {display[code]!r},' for code in sorted(display) if not code.startswith("_")],
         "}",
         "",
     ]
