@@ -214,8 +214,10 @@ def hierarchy(policy: Mapping[str, Any]) -> str:
     """gateway/core/sensitivity_codes.py: for each label code, the codes whose consents cover it."""
     extract = read_extract(SOURCES / "v3-ActCode-sensitivity.tsv")
     parents: dict[str, list[str]] = {}
-    for code, parent, _rest in extract.rows:
-        parents[code] = [p for p in parent.split(",") if p]
+    for code, parent, rest in extract.rows:
+        # The published file also holds a retired entry whose code is not a code ("a) HIPAAConsent").
+        if re.fullmatch(r"_?[A-Za-z0-9]+", code) or not rest.startswith("retired"):
+            parents[code] = [p for p in parent.split(",") if p]
     groups = [tuple(str(c) for c in pair["codes"]) for pair in policy.get("equivalent", [])]
     for group in groups:
         for code in group:
@@ -244,6 +246,11 @@ def hierarchy(policy: Mapping[str, Any]) -> str:
         "from __future__ import annotations",
         "",
         "from collections.abc import Mapping",
+        "",
+        "# Every selectable code under _InformationSensitivityPolicy and _ActUSPrivacyLaw.",
+        "CODES: frozenset[str] = frozenset({",
+        *[f'    "{code}",' for code in sorted(parents) if not code.startswith("_")],
+        "})",
         "",
         "# code -> every broader code (ancestors, and equivalents with their ancestors); itself excluded.",
         "BROADER: Mapping[str, frozenset[str]] = {",

@@ -31,6 +31,7 @@ from typing import Any
 
 from gateway.core.fhir import JSON
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
+from gateway.core.sensitivity_codes import CODES
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -51,15 +52,9 @@ CODE_SYSTEMS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
     "hcpcs": (HCPCS, "HCPCS", ("urn:oid:2.16.840.1.113883.6.285", "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets")),
 }
 
-# v3-ActCode codes a rule may yield: information sensitivity policies and the privacy laws
-# that ride with them (http://terminology.hl7.org/CodeSystem/v3-ActCode).
-ACT_CODE_LABELS = frozenset(
-    {
-        "ETH", "GDIS", "HIV", "MST", "PREGNANT", "SCA", "SDV", "SEX", "SPI", "BH", "COGN",
-        "DVD", "EMOTDIS", "MH", "PSY", "PSYTHPN", "SUD", "ETHUD", "OPIOIDUD", "STD", "TBOO",
-        "VIO", "SICKLE", "GENDER", "42CFRPart2", "HIPAAPsyNotes", "Title38Section7332",
-    }
-)
+# v3-ActCode codes a rule may yield: the information sensitivity policies and the privacy laws
+# that ride with them, as the published code system lists them (http://terminology.hl7.org/CodeSystem/v3-ActCode).
+ACT_CODE_LABELS = CODES
 CONFIDENTIALITY_CODES = frozenset({"U", "L", "M", "N", "R", "V"})
 
 _ICD_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
