@@ -113,3 +113,10 @@ def test_bad_new_rule_shapes_are_one_clear_error(code_set: dict[str, Any], words
     with pytest.raises(RuleDataError) as caught:
         _index(code_set)
     assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_extract_feeds_the_rules() -> None:
+    sources = REPO / "tools" / "sources"
+    policy = (sources / "policy.yaml").read_text(encoding="utf-8")
+    extracts = {p.relative_to(sources).as_posix() for p in sources.rglob("*.tsv")}
+    assert {e for e in extracts if e not in policy} == {"v3-ActCode-sensitivity.tsv"}
