@@ -60,8 +60,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
 def test_wheel_carries_every_rules_file(installed: Installed) -> None:
     with zipfile.ZipFile(installed.wheel) as wheel:
-        shipped = {Path(n).name for n in wheel.namelist() if n.startswith("gateway/bundled_rules/")}
+        names = wheel.namelist()
+    shipped = {Path(n).name for n in names if n.startswith("gateway/bundled_rules/")}
     assert shipped == {p.name for p in (REPO / "rules").glob("*.yaml")}
+    assert "gateway/demo/seed.json" in names  # consent-gateway demo loads it
+    assert "gateway/py.typed" in names
 
 
 def test_installed_label_command_uses_the_bundled_rules(installed: Installed) -> None:
