@@ -71,7 +71,7 @@ class FakeFhir:
         parts = [p for p in path.split("/") if p]
         if parts == ["metadata"]:
             return _json({"resourceType": "CapabilityStatement", "status": "active", "fhirVersion": "4.0.1"})
-        if request.method == "GET" and len(parts) == 2:
+        if request.method in ("GET", "HEAD") and len(parts) == 2:
             res = self.resources.get("/".join(parts))
             if res is None:
                 return _json(_outcome("not-found"), 404)
@@ -101,6 +101,11 @@ class FakeFhir:
             if res is None:
                 return _json(_outcome("not-found"), 404)
             return _json(_history([res], self.base_url))
+        if request.method == "GET" and len(parts) == 4 and parts[2] == "_history":
+            res = self.resources.get("/".join(parts[:2]))
+            if res is None:
+                return _json(_outcome("not-found"), 404)
+            return _json(res)
         if request.method == "GET" and len(parts) == 3 and parts[2] == "$meta":
             res = self.resources.get("/".join(parts[:2]))
             if res is None:

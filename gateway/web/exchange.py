@@ -23,6 +23,7 @@ from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.web.identity import check_scopes
 from gateway.web.request import Route
 from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
@@ -222,6 +223,10 @@ async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
             raise Refused("This requester may not write this consent.")
     if ex.method == "PATCH":
         _check_consent_patch(ex, roles)
+    if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is None \
+            and not (ex.actor.role is not None and ex.actor.role in roles):
+        # A conditional write selects stored Consents the gateway cannot check one by one.
+        raise Refused("This requester may not write consents selected by a search.")
     if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is not None:
         stored = await _stored_consent(state, route.resource_id)
         if stored is not None and not _may_write(ex, roles, _patient_of(stored)) \
@@ -282,4 +287,5 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await refuse_unfilterable(state, ex)
     await check_operation_target(state, ex)
     await check_consent_write(state, ex)
+    check_scopes(ex.route, ex.resource, ex.actor.grants)
     prepare_projection(ex)

@@ -27,9 +27,9 @@ from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
+from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
-    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, read_actor,
-    read_purpose, reject_xml,
+    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, reject_xml,
 )
 from gateway.web.state import STATE, GatewayState
 
@@ -154,21 +154,24 @@ def denied_answer(state: GatewayState) -> web.Response:
 def count_removed(state: GatewayState, result: Enforced) -> None:
     for rtype, decision in result.removed:
         reason = "sensitivity" if decision.labels else ("malformed" if decision.errors else "consent")
+        if decision.combining == "scope":
+            reason = "scope"
         # Only Patient-compartment types are ever removed; anything else folds into "other".
         state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
 
 
-def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
+async def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
     """The request as an Exchange: route, identity, purpose, break-glass (CONTRACT §4)."""
     route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info = request[INFO]
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
     check_identity_headers(request)
-    actor = read_actor(request)
+    identity = await identify(request, state)
+    actor = identity.actor
     reason = read_break_glass(request, state.settings)
     # Break-glass turns the purpose into emergency treatment.
-    purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
+    purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose
     return Exchange(
         method=request.method, route=route, raw_query=request.rel_url.raw_query_string,
@@ -187,7 +190,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Proxy one FHIR request (CONTRACT §2-§7): admit, send, decide, answer."""
     state = request.app[STATE]
     info = request[INFO]
-    ex = exchange_of(request, state, None)
+    ex = await exchange_of(request, state, None)
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
     try:

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
+from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
@@ -40,6 +41,7 @@ class GatewayState:
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
     medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
+    issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
 
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
