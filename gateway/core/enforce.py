@@ -288,7 +288,10 @@ class Enforcer:
                     kept.append({"response": withheld_slot(self.withheld_status)})
             if len(self.result.removed) > removed_before and not response_bundle:
                 kept = without_orphan_includes(kept)
-                kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+                # In 404 mode a hidden record is indistinguishable from a missing one: no
+                # outcome entry tells that something was withheld.
+                if not self.withheld_status.startswith("404"):
+                    kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
             if len(self.result.removed) > removed_before:
                 bundle["entry"] = kept
                 self.result.changed = True

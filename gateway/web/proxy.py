@@ -19,7 +19,9 @@ from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
 from gateway.core.strict_json import has_duplicate_keys
-from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
+from gateway.web.batch import (
+    BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
+)
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web.enforcement import Emergency
 from gateway.web.exchange import Exchange, admit
@@ -214,9 +216,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
-    if parsed is None or (ex.exempted and "resourceType" not in parsed):
-        # Nothing to decide, or a non-FHIR answer ($graphql) for patients who permit everything.
-        return await _unchecked(state, info, upstream, links, ex)
+    if parsed is None:
+        return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
     if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
         parsed["entry"] = plan.answer(parsed["entry"])
     return await decide_answer(state, request, ex, upstream, parsed, links, plan)
@@ -248,7 +249,10 @@ async def decide_answer(
     info.decision = result.header
     state.metrics.count_decision(result.header)
     count_removed(state, result)
-    if result.denied or _all_versions_hidden(ex.route, parsed, result) or _subject_hidden(state, ex, parsed):
+    status = withheld_status(state)
+    if result.denied or all_versions_hidden(ex.route, parsed) or (
+        status.startswith("404") and subject_hidden(ex.route, parsed)
+    ):
         if ex.route.interaction in WRITE_INTERACTIONS:
             return _write_withheld(upstream, links)
         return denied_answer(state)
@@ -263,9 +267,11 @@ async def decide_answer(
     released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
     if released and may_name_unreleased(upstream.body, released):
         changed |= scrub_displays(parsed, released)
-    if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
-        apply_projections(plan, parsed["entry"])
-        changed = True
+    if plan is not None and isinstance(parsed.get("entry"), list):
+        changed |= settle_slots(plan, parsed["entry"], status)
+        if plan.projections:
+            apply_projections(plan, parsed["entry"])
+            changed = True
     if ex.projection is not None:
         if parsed.get("resourceType") == "Bundle":
             ex.projection.bundle(parsed)
@@ -277,27 +283,6 @@ async def decide_answer(
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
-
-
-def _subject_hidden(state: GatewayState, ex: Exchange, parsed: JSON) -> bool:
-    """In 404 mode, ``$everything`` of a patient whose own record is withheld answers like a
-    missing patient."""
-    route = ex.route
-    if (state.settings.enforcement.denied_read_status != 404 or route.operation != "$everything"
-            or route.resource_type != "Patient" or route.resource_id is None):
-        return False
-    return f"Patient/{route.resource_id}" not in in_answer(parsed)
-
-
-def _all_versions_hidden(route: Route, parsed: JSON, result: Enforced) -> bool:
-    """Instance history whose every version was withheld answers like a denied read."""
-    if route.interaction != "history" or route.resource_id is None or not result.removed:
-        return False
-    return all(
-        isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == "OperationOutcome"
-        for e in parsed.get("entry") or ()
-    )
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:
