@@ -19,7 +19,7 @@ from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources, security_context
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
@@ -148,12 +148,15 @@ class ConsentEnforcement:
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             rtype = resource.get("resourceType")
             if rtype == "Binary":
-                # A Binary is the bytes of the patient data its securityContext names.
-                context = resolved.context_of(resource)
-                if context is UNREADABLE:
+                # A Binary is the bytes of the patient data its securityContext names (or, without
+                # one, of the documents that attach it).
+                contexts = resolved.contexts_of(resource)
+                if contexts is None:
                     return UNRESOLVED
-                if context is not None:
-                    return judge_resource(context, judge)
+                for context in contexts:
+                    decision = judge_resource(context, judge)
+                    if decision.verdict is Verdict.DENY or context is contexts[-1]:
+                        return decision
             elif "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
                 return UNRESOLVED
             resource_labels = labels_for(resource)
@@ -266,10 +269,10 @@ class ConsentEnforcement:
 def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
     """A Binary belongs to the patients of the resource its securityContext names."""
     for resource in iter_resources(body):
-        if security_context(resource) is not None:
-            context = resolved.context_of(resource)
-            if context is not None and context is not UNREADABLE:
-                index[id(resource)] = patients_of(context)
+        if resource.get("resourceType") == "Binary":
+            contexts = resolved.contexts_of(resource)
+            if contexts:
+                index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
 
 
 def log_decisions(result: Enforced) -> None:

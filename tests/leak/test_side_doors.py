@@ -1228,7 +1228,6 @@ def _ips(request: web.Request) -> Any:
         for r in (composition, c.ANA, c.ANA_HYPERTENSION, c.HIV_CONDITION, c.OUD_CONDITION)]}
 
 
-@pytest.mark.xfail(strict=True, reason="LEAK: Patient/<id>/$summary (IPS): the Composition is released with its section narrative naming the withheld HIV and opioid-use conditions")
 async def test_patient_summary_narrative_does_not_name_withheld_entries(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.override = routes({("GET", f"/Patient/{ANA_ID}/$summary"): _ips})
     status, headers, body = await call(gateway, "GET", f"/Patient/{ANA_ID}/$summary")
@@ -1236,7 +1235,6 @@ async def test_patient_summary_narrative_does_not_name_withheld_entries(world: F
     assert leaks(body, headers) == []
 
 
-@pytest.mark.xfail(strict=True, reason="LEAK: a Binary without securityContext (HAPI does not set one) that is the attachment of a withheld DocumentReference is released by its id")
 async def test_binary_attached_to_a_hidden_document_without_security_context_is_withheld(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     world.add({"resourceType": "Binary", "id": "bin-r-61f", "contentType": "application/pdf",
                "data": base64.b64encode(b"%PDF-1.4 Admission after assault").decode()})
