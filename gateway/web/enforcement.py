@@ -17,7 +17,7 @@ from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
 from gateway.sources.store import ConsentStore, PatientConsents
@@ -37,7 +37,8 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
     elif required == "none":
         explicit = frozenset()
     else:
-        explicit = frozenset(required)
+        # A site that names ETH or SUD means their narrower labels (OPIOIDUD, ...) too.
+        explicit = covered_codes(frozenset(required))
     return Policy(
         default_decision=getattr(settings_consent, "default_decision"),
         combining=getattr(settings_consent, "combining"),

@@ -565,9 +565,9 @@ async def test_emergency_consent_is_stored_at_the_consent_source(
     ends = datetime.fromisoformat(root["period"]["end"].replace("Z", "+00:00"))
     assert abs((begins - start).total_seconds()) <= 2
     assert ends - begins == timedelta(hours=2)
-    # Ana's Condition search opened HIV, 42 CFR Part 2 / ETH (opioid use disorder) and PSY.
+    # Ana's Condition search opened HIV, 42 CFR Part 2 / OPIOIDUD (opioid use disorder) and PSY.
     opened = {(lb["system"], lb["code"]) for nested in root["provision"] for lb in nested["securityLabel"]}
-    assert opened == {(c.V3_ACT_CODE, code) for code in ("HIV", "42CFRPart2", "ETH", "PSY")}
+    assert opened == {(c.V3_ACT_CODE, code) for code in ("HIV", "42CFRPart2", "OPIOIDUD", "PSY")}
     assert all(nested["type"] == "permit" for nested in root["provision"])
 
 

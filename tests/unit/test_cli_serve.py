@@ -50,6 +50,9 @@ BAD_STARTS: dict[str, BadStart] = {
     "audit-directory-missing": BadStart(
         GOOD_UPSTREAM + "audit: {path: no-such-dir/audit.jsonl}\n", ("audit.path", "cannot write the audit file"),
     ),
+    "missing-rules-dir": BadStart(
+        GOOD_UPSTREAM + "sensitivity: {rules_dir: ./no-such-rules}\n", ("sensitivity.rules_dir", "no-such-rules", "not a directory")
+    ),
     "port-taken": BadStart(
         GOOD_UPSTREAM + "listen: {host: 127.0.0.1, port: " + TAKEN_PORT + "}\nadmin: {host: 127.0.0.1, port: 0}\n",
         ("cannot listen",),
@@ -114,6 +117,13 @@ IN_PROCESS_CASES: dict[str, tuple[str | None, list[str], dict[str, str], tuple[s
     "env-unknown-key": (GOOD_UPSTREAM, [], {"GATEWAY_UPSTREAM__RETRIES": "3"}, ("upstream.retries", "unknown key")),
     "env-bad-yaml": (GOOD_UPSTREAM, [], {"GATEWAY_BREAK_GLASS__REASONS": "[a, b"}, ("GATEWAY_BREAK_GLASS__REASONS",)),
     "flag-bad-url": ("", ["--upstream", "not-a-url"], {}, ("upstream.url",)),
+    "empty-rules-dir": (GOOD_UPSTREAM + "sensitivity: {rules_dir: '{tmp}/empty'}\n", [], {}, ("sensitivity.rules_dir", "no rules")),
+    "broken-rules-file": (
+        GOOD_UPSTREAM + "sensitivity: {rules_dir: '{tmp}/rules'}\n", [], {}, ("sensitivity.rules_dir", "bad.yaml", "malformed YAML")
+    ),
+    "env-rules-dir-missing": (
+        GOOD_UPSTREAM, [], {"GATEWAY_SENSITIVITY__RULES_DIR": "/nonexistent/rules"}, ("sensitivity.rules_dir", "not a directory")
+    ),
 }
 
 
@@ -123,10 +133,13 @@ def test_bad_config_variants_exit_2_with_one_line(
 ) -> None:
     text, args, env, expected = IN_PROCESS_CASES[name]
     path = tmp_path / "gateway.yaml"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "rules" / "bad.yaml").write_text("kind: [category\n", encoding="utf-8")
     if text is None:
         path.mkdir()
     else:
-        path.write_text(text, encoding="utf-8")
+        path.write_text(text.replace("{tmp}", str(tmp_path)), encoding="utf-8")
     for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
