@@ -17,7 +17,7 @@ from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
 from gateway.sources.store import ConsentStore, PatientConsents
@@ -37,7 +37,8 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
     elif required == "none":
         explicit = frozenset()
     else:
-        explicit = frozenset(required)
+        # A site that names ETH or SUD means their narrower labels (OPIOIDUD, ...) too.
+        explicit = covered_codes(frozenset(required))
     return Policy(
         default_decision=getattr(settings_consent, "default_decision"),
         combining=getattr(settings_consent, "combining"),
@@ -73,6 +74,7 @@ class Emergency:
     patients: set[str] = field(default_factory=set)
     opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
     used: set[str] = field(default_factory=set)  # emergency consents that granted access
+    consents_unknown: bool = False  # break-glass served while the consents could not be read
 
     @property
     def audited(self) -> bool:
@@ -256,19 +258,21 @@ class ConsentEnforcement:
         if resolved.targets:
             bind_contexts(body, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
+        unknown = False
         try:
             looked = await self.look_up(patients, actor, purpose)
         except ConsentUnavailable:
             if break_glass is None:
                 raise
             # An emergency gets through even when consents cannot be read; every resource is
-            # then audited as one consent would have denied.
+            # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
+            unknown = True
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
-        emergency = Emergency(break_glass, looked.windows)
-        judge = self.judge(looked, resolved)
+        emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
+        judge = _unknown_denies if unknown else self.judge(looked, resolved)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:
@@ -277,6 +281,11 @@ class ConsentEnforcement:
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
+
+
+def _unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
+    """Consents that could not be read decide nothing: count each resource as denied."""
+    return Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
 
 
 def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:

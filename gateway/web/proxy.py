@@ -202,6 +202,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             ex.body = plan.body
     except ConsentDenied:
         return denied_answer(state)
+    if plan is not None and not plan.sent:
+        # Every entry refused: nothing to send (an empty batch is an error to some servers).
+        info.decision = "deny"
+        state.metrics.count_decision("deny")
+        body = orjson.dumps({"resourceType": "Bundle", "type": f"{plan.kind}-response", "entry": plan.answer([])})
+        return web.Response(body=body, content_type="application/fhir+json", headers={"X-Consent-Decision": "deny"})
     upstream = await send(state, request, ex, info.request_id)
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
@@ -262,7 +268,7 @@ async def decide_answer(
         headers["X-Break-Glass-Audit-Id"] = await audit(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
-        await record_emergency_consents(state, emergency, ex.actor)
+        await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
     changed = result.changed
     released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
     if released and may_name_unreleased(upstream.body, released):
@@ -360,6 +366,7 @@ def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> N
             "decision": info.decision,
             "actor": info.actor,
             "purpose": info.purpose,
+            "audit_id": info.audit_id,
         },
     )
 
@@ -371,6 +378,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     # An answer the gateway made itself (an error) returns no data: that is a deny.
     response.headers.setdefault("X-Consent-Decision", "deny")
     info = request[INFO]
+    info.audit_id = response.headers.get("X-Break-Glass-Audit-Id")
     seconds = time.perf_counter() - info.started
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
