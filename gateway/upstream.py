@@ -132,6 +132,10 @@ class Upstream:
             if renewed != sent["Authorization"]:
                 sent["Authorization"] = renewed
                 resp = await self._send(method, url, sent, body, timeout, started)
+        if resp.status == 401:
+            # The FHIR server refused the gateway's own credentials: the client's request is not
+            # at fault, and the server's challenge (its identity provider) is not the client's.
+            raise UpstreamUnavailable("The FHIR server refused the gateway's credentials.")
         return resp
 
     async def _authorization(self, refused: str | None) -> str:

@@ -364,6 +364,8 @@ def _collect_patients(node: Any, path: Path, found: set[str]) -> None:
 # Patient links the R4 CompartmentDefinition leaves out but that plainly name a patient.
 EXTRA_PATIENT_LINKS: dict[str, dict[str, Path]] = {
     "Task": {"for": ("for",)},
+    "Device": {"patient": ("patient",)},
+    "GuidanceResponse": {"subject": ("subject",)},
 }
 
 

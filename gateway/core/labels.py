@@ -361,6 +361,10 @@ class LabelIndex:
                 extract(resource, values)
                 for value in values:
                     match(value, hits)
+        for key in ("extension", "modifierExtension"):
+            if key in resource:
+                for value in _extension_codes(resource[key]):
+                    match(value, hits)
         meta = resource.get("meta")
         if isinstance(meta, dict):
             security = meta.get("security")
@@ -476,6 +480,24 @@ class LabelIndex:
 
 _NO_LABELS: frozenset[Label] = frozenset()
 _NO_SCOPES: frozenset[str] = frozenset()
+
+
+def _extension_codes(extensions: Any) -> list[Any]:
+    """Coded values of a resource's own extensions, nested ones included (``condition-dueTo``
+    carrying B20 names the diagnosis as surely as ``code`` does)."""
+    found: list[Any] = []
+    stack = list(extensions) if isinstance(extensions, list) else []
+    while stack:
+        ext = stack.pop()
+        if not isinstance(ext, dict):
+            continue
+        for key in ("valueCodeableConcept", "valueCoding"):
+            if key in ext:
+                found.append(ext[key])
+        nested = ext.get("extension")
+        if isinstance(nested, list):
+            stack.extend(nested)
+    return found
 
 
 def _as_list(value: Any) -> list[Any]:

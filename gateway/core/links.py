@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
 
@@ -29,6 +31,10 @@ class LinkRewriter:
             if old in payload:
                 payload = payload.replace(old, new)
         return payload
+
+    def link_header(self, value: str) -> str:
+        """An RFC 8288 ``Link`` header with each ``<url>`` rewritten like ``header``."""
+        return re.sub(r"<([^>]*)>", lambda m: f"<{self.header(m.group(1))}>", value)
 
     def header(self, value: str) -> str:
         """A Location-style header value rewritten when it points at the upstream."""

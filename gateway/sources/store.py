@@ -104,8 +104,14 @@ def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
 
 def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
     """Compile one patient's consents once, as they enter the cache."""
-    compiled = tuple(compile_consent(c) for c in raw)
     windows = tuple(w for w in (emergency_window(c) for c in raw) if w is not None)
+    # A person's emergency window acts only through the break-glass override (exact labels,
+    # audited), never as an ordinary permit whose labels would also open narrower ones. A
+    # care-unit window (HealtheIntent) is decided as its consent: unit AND group AND person.
+    opened = {w.consent for w in windows if w.actor and not w.requires}
+    compiled = tuple(
+        compile_consent(c) for c in raw if f"Consent/{c.get('id')}" not in opened and c.get("id") not in opened
+    )
     return PatientConsents(patient, compiled, _names_groups(compiled), windows)
 
 

@@ -158,18 +158,7 @@ class ConsentEnforcement:
         labels_for, scopes_for = self.labeler(resolved, looked.labels), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
-            rtype = resource.get("resourceType")
-            if rtype == "Binary":
-                # A Binary is the bytes of the patient data its securityContext names (or, without
-                # one, of the documents that attach it).
-                contexts = resolved.contexts_of(resource)
-                if contexts is None:
-                    return UNRESOLVED
-                for context in contexts:
-                    decision = judge_resource(context, judge)
-                    if decision.verdict is Verdict.DENY or context is contexts[-1]:
-                        return decision
-            elif "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
+            if "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
                 return UNRESOLVED
             resource_labels = labels_for(resource)
             try:
@@ -278,6 +267,8 @@ class ConsentEnforcement:
         if actor.grants is not None:
             # SECURITY: scopes decide first and break-glass never overrides them.
             judge = scoped(judge, actor.grants)
+        if resolved.targets or resolved.attached:
+            judge = binaries_as_contexts(judge, resolved)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
@@ -286,6 +277,26 @@ class ConsentEnforcement:
 def _unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
     """Consents that could not be read decide nothing: count each resource as denied."""
     return Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
+
+
+def binaries_as_contexts(judge: Judge, resolved: Resolved) -> Judge:
+    """A Binary is decided as the patient data its securityContext names (or, without one, as
+    the documents that attach it), by the whole judge: scopes, consent and break-glass."""
+
+    def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
+        if resource.get("resourceType") != "Binary":
+            return judge(resource, owners)
+        contexts = resolved.contexts_of(resource)
+        if contexts is None:
+            return UNRESOLVED
+        decision = judge(resource, owners)
+        for context in contexts:
+            if decision.verdict is Verdict.DENY:
+                break
+            decision = judge_resource(context, wrapped)
+        return decision
+
+    return wrapped
 
 
 def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:

@@ -30,6 +30,7 @@ TOKEN_ACTOR_TYPES = frozenset({"Practitioner", "PractitionerRole", "Patient", "R
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ROLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _HEADERS_REFUSED = ("x-actor", "x-purpose-of-use")
+META_WRITES = frozenset({"$meta-add", "$meta-delete"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,9 @@ class Identity:
 
 def claim_reference(value: object, types: frozenset[str]) -> str | None:
     """``Type/id`` out of a reference or an absolute URL of one; None when it is neither."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "%" in value or "\\" in value:
+        return None  # an encoded or dot-segment path resolves to someone else
+    if any(seg in (".", "..") for seg in value.split("?", 1)[0].split("/")):
         return None
     path = URL(value).path if "://" in value else value
     parts = [p for p in path.split("/") if p]
@@ -132,7 +135,9 @@ def check_scopes(route: Route, resource: object, grants: Grants | None) -> None:
     """Refuse (403, ``insufficient_scope``) a write the token's scopes do not grant; reads are
     decided on what they return. ``admit`` runs it for a request and for each batch entry."""
     if grants is not None:
-        _check_write(grants, route.interaction, route.resource_type, resource)
+        # $meta-add / $meta-delete change the stored resource's labels: an update.
+        interaction = "update" if route.operation in META_WRITES else route.interaction
+        _check_write(grants, interaction, route.resource_type, resource)
 
 
 __all__ = ["Identity", "Issuer", "Unauthenticated", "check_scopes", "identify", "purpose_of"]

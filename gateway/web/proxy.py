@@ -14,7 +14,7 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
-from gateway.core.errors import ConsentDenied, PayloadTooLarge, UpstreamUnavailable
+from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
@@ -37,6 +37,7 @@ from gateway.web.state import STATE, GatewayState
 
 access_log = logging.getLogger("gateway.access")
 
+BREAK_GLASS_ACTORS = frozenset({"Practitioner", "PractitionerRole"})
 _HOST_OK = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 # Headers recomputed by the gateway or by aiohttp for the other leg.
 _NOT_FORWARDED_REQUEST = GATEWAY_HEADERS | {"host", "content-length", "accept-encoding", "accept"}
@@ -106,6 +107,8 @@ def client_response(upstream: UpstreamResponse, links: LinkRewriter, body: bytes
             del headers[name]
         elif lower in ("location", "content-location"):
             headers[name] = links.header(headers[name])
+        elif lower == "link":
+            headers[name] = links.link_header(headers[name])
     headers["X-Consent-Decision"] = decision
     return web.Response(status=upstream.status, body=body, headers=headers)
 
@@ -172,6 +175,9 @@ async def exchange_of(request: web.Request, state: GatewayState, body: bytes | N
     identity = await identify(request, state)
     actor = identity.actor
     reason = read_break_glass(request, state.settings)
+    if reason is not None and actor.reference.split("/", 1)[0] not in BREAK_GLASS_ACTORS:
+        # An emergency override is a clinician's: a patient, relative or device cannot claim one.
+        raise BreakGlassDisabled("Break-glass access is for clinicians.")
     # Break-glass turns the purpose into emergency treatment.
     purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose

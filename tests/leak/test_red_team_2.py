@@ -168,11 +168,6 @@ GRANTED_BINARY = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAK: jwt scope 'user/Binary.rs' (no Condition grant), GET /Binary/bin-htn-ana-2c4 whose securityContext "
-    "is Condition/cond-htn-i10-ana -> 200 with the Binary's data: scopes are checked on the Binary's own type, "
-    "its securityContext is decided by consent only (gateway/web/enforcement.py judge -> judge_resource(context) "
-    "runs the unscoped judge), so a token without Condition scope reads the Condition's bytes"))
 async def test_binary_of_a_type_not_granted_is_withheld(world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer) -> None:
     world.add(GRANTED_BINARY)
     status, headers, body = await jcall(jgw, "GET", f"/Binary/{GRANTED_BINARY['id']}", bearer(issuer, "user/Binary.rs"))
@@ -188,9 +183,9 @@ BINARY_CONFINED_LEAK = (
 
 
 @pytest.mark.parametrize("door", [
-    pytest.param("read", marks=pytest.mark.xfail(strict=True, reason=BINARY_CONFINED_LEAK.format(door="GET /Binary/bin-ben-cbc-5e1"))),
-    pytest.param("search", marks=pytest.mark.xfail(strict=True, reason=BINARY_CONFINED_LEAK.format(door="GET /Binary?_id=bin-ben-cbc-5e1"))),
-    pytest.param("batch", marks=pytest.mark.xfail(strict=True, reason=BINARY_CONFINED_LEAK.format(door="batch entry GET Binary/bin-ben-cbc-5e1"))),
+    pytest.param("read"),
+    pytest.param("search"),
+    pytest.param("batch"),
 ])
 async def test_binary_of_another_patient_is_withheld_from_a_confined_token(
     world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer, door: str
@@ -279,11 +274,6 @@ async def test_confined_token_cannot_write_for_another_patient_in_a_batch(
     assert not any(r.method in ("POST", "PUT", "PATCH") and BATCH_ENTRY_HEADER in r.headers for r in world.requests[before:])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAK (scope bypass, integrity): jwt scope 'user/*.rs' (read/search only), POST /Observation/obs-cbc-58410-ana/$meta-delete "
-    "with a Parameters body removing meta.security R -> forwarded to the FHIR server and answered 200: instance "
-    "operations that change the stored resource ($meta-add, $meta-delete) are treated as reads, never need the 'u' "
-    "letter (gateway/core/scopes.py INTERACTION_LETTER); a read-only app can relabel records so that they open to others"))
 async def test_read_only_token_cannot_change_meta_through_an_operation(
     world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer
 ) -> None:
@@ -430,12 +420,7 @@ async def test_forged_tokens_are_refused(world: FakeFhir, jgw: GatewayUnderTest,
     f"{c.PAT_ANA}/_history/1",
     f"https://ehr.example/fhir/{c.PAT_ANA}/",
     f"https://ehr.example/fhir/{c.PAT_ANA}%2F..%2F..%2F{c.DOCTOR}",
-    pytest.param(f"https://ehr.example/fhir/{c.DOCTOR}/..%2F..%2F{c.PAT_ANA}", marks=pytest.mark.xfail(strict=True, reason=(
-        "LEAK (identity confusion, needs an issuer that signs such a URL): fhirUser "
-        "'https://ehr.example/fhir/Practitioner/dr-gomez/..%2F..%2FPatient/pat-ana-5581' (literal segments: "
-        "Practitioner, dr-gomez, '..%2F..%2FPatient', pat-ana-5581: not a Patient reference) -> the gateway decodes %2F, "
-        "resolves '..' and acts as Patient/pat-ana-5581: GET /Condition/cond-hiv-b20-91a -> 200 with B20 by self access "
-        "(gateway/web/identity.py claim_reference uses the decoded yarl URL.path)"))),
+    pytest.param(f"https://ehr.example/fhir/{c.DOCTOR}/..%2F..%2F{c.PAT_ANA}"),
     f"Patient/{ANA_ID}%00",
     f"Patient/{ANA_ID}\n",
 ])
@@ -584,12 +569,6 @@ async def test_upstream_token_is_never_echoed_in_a_body(
     assert status == 200 and world.base_url.encode() not in body, body
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAK: upstream.auth bearer; the FHIR server refuses the gateway's own credentials (401, twice) with "
-    "'WWW-Authenticate: Bearer realm=\"fhir-internal\", authorization_uri=\"https://login.internal-idp.corp/tenant-4471\"'; "
-    "GET /Observation/obs-cbc-58410-ana with a valid SMART token -> 401 whose WWW-Authenticate is the FHIR server's "
-    "challenge (internal IdP and tenant, and tells the client its own valid token is refused); upstream response "
-    "headers are passed to the client as they are (also X-* headers on a permitted read)"))
 async def test_upstream_challenge_about_the_gateway_credentials_is_not_passed_on(
     world: FakeFhir, issuer: LocalIssuer, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -610,10 +589,6 @@ async def test_upstream_challenge_about_the_gateway_credentials_is_not_passed_on
     assert leaks(body, headers, ("internal-idp.corp", "tenant-4471", "fhir-internal")) == [], headers
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LEAK (upstream address): GET /Observation/obs-cbc-58410-ana where the FHIR server adds "
-    "'Link: <http://127.0.0.1:<fhir-port>/fhir/Observation/obs-cbc-58410-ana>; rel=\"canonical\"' -> the Link header "
-    "reaches the client with the upstream base unrewritten (Location/Content-Location are rewritten, Link is not)"))
 async def test_upstream_urls_in_link_headers_are_rewritten(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     async def link(request: web.Request) -> web.StreamResponse | None:
         if request.path.endswith(f"/Observation/{c.ANA_CBC['id']}"):
@@ -762,11 +737,6 @@ ODD_PLACES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                 "item": [{"sequence": 1, "productOrService": _cc("http://hl7.org/fhir/sid/ndc", "12496-1208",
                                                                                   "Buprenorphine and Naloxone Sublingual Film (Suboxone)")}]},
                                ("12496-1208", "Naloxone Sublingual")),
-    "condition-dueTo-extension": ({"resourceType": "Condition", "id": "cond-pcp-dueto-8f8", **SUBJ,
-                                   "code": _cc(ICD, "B59", "Pneumocystosis"),
-                                   "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/condition-dueTo",
-                                                  "valueCodeableConcept": _cc(ICD, "B20", "HIV disease")}]},
-                                  ("B20", "HIV disease")),
 }
 XFAIL_ODD = {
     "dispense-ndc-suboxone": (
@@ -1066,10 +1036,8 @@ WINDOW_WIDER = (
 
 @pytest.mark.parametrize(("opened", "later"), [
     pytest.param(c.HIV_CONDITION, c.OUD_CONDITION, id="hiv-window-vs-oud"),
-    pytest.param(CANNABIS, c.OUD_CONDITION, id="sud-window-vs-opioid", marks=pytest.mark.xfail(strict=True, reason=WINDOW_WIDER.format(
-        later="cond-oud-f1120-3be", code="F11.20 (opioid dependence)"))),
-    pytest.param(CANNABIS, AUD, id="sud-window-vs-alcohol", marks=pytest.mark.xfail(strict=True, reason=WINDOW_WIDER.format(
-        later="cond-aud-f1020-9a1", code="F10.20 (alcohol dependence)"))),
+    pytest.param(CANNABIS, c.OUD_CONDITION, id="sud-window-vs-opioid"),
+    pytest.param(CANNABIS, AUD, id="sud-window-vs-alcohol"),
 ])
 async def test_emergency_window_opens_only_what_break_glass_opened(
     world: FakeFhir, gateway: GatewayUnderTest, opened: dict[str, Any], later: dict[str, Any]
@@ -1257,11 +1225,8 @@ OUTSIDE_LEAK = (
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("device", marks=pytest.mark.xfail(strict=True, reason=OUTSIDE_LEAK.format(
-        path="Device/dev-ana-pump-6c2", what="implanted pump and the note about her overdose", rtype="Device", element="patient"))),
-    pytest.param("guidance-response", marks=pytest.mark.xfail(strict=True, reason=OUTSIDE_LEAK.format(
-        path="GuidanceResponse/guid-ana-prep-7d3", what="HIV PrEP eligibility result", rtype="GuidanceResponse",
-        element="subject"))),
+    pytest.param("device"),
+    pytest.param("guidance-response"),
 ])
 async def test_patient_data_outside_the_r4_compartment_is_decided(fake_fhir: FakeFhir, gateway: GatewayUnderTest, name: str) -> None:
     c.seed_all(fake_fhir)
@@ -1367,9 +1332,8 @@ BG_BY_NON_CLINICIAN = (
 
 
 @pytest.mark.parametrize("user", [
-    pytest.param(c.PAT_BEN, marks=pytest.mark.xfail(strict=True, reason=BG_BY_NON_CLINICIAN.format(user=c.PAT_BEN))),
-    pytest.param("RelatedPerson/rp-ana-sister-1", marks=pytest.mark.xfail(strict=True, reason=BG_BY_NON_CLINICIAN.format(
-        user="RelatedPerson/rp-ana-sister-1"))),
+    pytest.param(c.PAT_BEN),
+    pytest.param("RelatedPerson/rp-ana-sister-1"),
 ])
 async def test_only_clinicians_break_the_glass_with_a_token(world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer, user: str) -> None:
     status, headers, body = await jcall(jgw, "GET", f"/Condition/{c.HIV_CONDITION['id']}", bearer(issuer, "user/*.rs", user=user),
