@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.audit import AuditDelivery, AuditLog
+from gateway.audit import AuditDelivery, AuditLog, disclosures_path
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
@@ -61,6 +61,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
         medications=MedicationCache(settings.consent.cache_ttl_s),
+        disclosures=AuditLog(disclosures_path(settings.audit.path)),
     )
 
 
@@ -90,6 +91,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             audit_server = _server(state.settings.audit.fhir_url, state.settings)
             await audit_server.open()
             tasks.append(asyncio.create_task(AuditDelivery(state.audit, audit_server).run()))
+            if state.disclosures is not None:
+                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server).run()))
         yield
         for task in tasks:
             task.cancel()
@@ -98,6 +101,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         if audit_server is not None:
             await audit_server.close()
         state.audit.close()
+        if state.disclosures is not None:
+            state.disclosures.close()
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()

@@ -140,6 +140,8 @@ class SensitivitySettings(_Section):
 
 
 class EnforcementSettings(_Section):
+    # shadow: every answer is decided as in enforce mode but passed unfiltered (CONTRACT §10).
+    mode: Literal["enforce", "shadow"] = "enforce"
     denied_read_status: Literal[403, 404] = 403
 
 
@@ -165,6 +167,8 @@ class BreakGlassSettings(_Section):
 class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
     fhir_url: str | None = None
+    # Accounting of disclosures (CONTRACT §10): which releases are recorded as AuditEvents.
+    disclosures: Literal["sensitive", "all", "none"] = "sensitive"
 
     @field_validator("fhir_url")
     @classmethod

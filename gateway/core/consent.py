@@ -110,6 +110,7 @@ class CompiledConsent:
     defects: tuple[str, ...] = ()
     types: frozenset[str] = frozenset()  # every effective type in the tree
     root_sound: bool = True  # the root's own conditions compiled without a defect
+    version: str | None = None  # meta.versionId, for the decision log
 
     @property
     def period(self) -> DateRange | None:
@@ -364,4 +365,11 @@ def compile_consent(consent: JSON) -> CompiledConsent:
         defects=tuple(compiler.defects),
         types=frozenset(compiler.types),
         root_sound=compiler.root_sound,
+        version=_version_of(consent),
     )
+
+
+def _version_of(consent: JSON) -> str | None:
+    meta = consent.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None

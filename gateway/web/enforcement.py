@@ -75,6 +75,15 @@ class Emergency:
         return self.reason is not None or bool(self.used)
 
 
+@dataclass
+class Observed:
+    """What one enforcement saw, for the privacy officer's records: each judged resource's
+    labels (by object identity) and the consents looked up."""
+
+    labels: dict[int, frozenset[Label]] = field(default_factory=dict)
+    consents: Mapping[str, tuple[CompiledConsent, ...]] = field(default_factory=dict)
+
+
 class ConsentEnforcement:
     """Per-request consent work: look up once, decide per resource, filter."""
 
@@ -96,8 +105,11 @@ class ConsentEnforcement:
         } if "TREAT" in lineage(purpose) else {}
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
 
-    def labeler(self, resolved: Resolved) -> Callable[[JSON], frozenset[Label]]:
-        """Labels of a resource, including those of the Medication it names by reference."""
+    def labeler(
+        self, resolved: Resolved, seen: dict[int, frozenset[Label]] | None = None
+    ) -> Callable[[JSON], frozenset[Label]]:
+        """Labels of a resource, including those of the Medication it names by reference
+        (kept in ``seen`` by object identity when given)."""
         own = self.labels.labels_for
 
         def labels_for(resource: JSON) -> frozenset[Label]:
@@ -106,11 +118,15 @@ class ConsentEnforcement:
                 medication = resolved.medication_of(resource)
                 if medication is not None and medication is not UNREADABLE:
                     found = found | own(medication)
+            if seen is not None:
+                seen[id(resource)] = found
             return found
 
         return labels_for
 
-    def judge(self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED) -> Judge:
+    def judge(
+        self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None
+    ) -> Judge:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
 
@@ -141,7 +157,7 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
-        labels_for, scopes_for = self.labeler(resolved), labels.scopes_for
+        labels_for, scopes_for = self.labeler(resolved, seen), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             rtype = resource.get("resourceType")
@@ -220,6 +236,7 @@ class ConsentEnforcement:
         break_glass: str | None = None,
         withheld_status: str = "403 Forbidden",
         resolved: Resolved = NOTHING_RESOLVED,
+        observed: Observed | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -243,7 +260,9 @@ class ConsentEnforcement:
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows)
-        judge = self.judge(looked, resolved)
+        if observed is not None:
+            observed.consents = looked.consents
+        judge = self.judge(looked, resolved, observed.labels if observed is not None else None)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)

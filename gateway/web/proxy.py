@@ -14,15 +14,16 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
-from gateway.core.errors import ConsentDenied, PayloadTooLarge, UpstreamUnavailable
+from gateway.core.errors import ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, scrub_displays
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
-from gateway.web.enforcement import Emergency
-from gateway.web.exchange import Exchange, admit
+from gateway.web import officer
+from gateway.web.enforcement import Emergency, Observed
+from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
@@ -188,6 +189,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     info = request[INFO]
     ex = exchange_of(request, state, None)
+    officer.outcome_of(request).exchange = ex
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
     try:
@@ -195,8 +197,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if ex.route.interaction == "batch" and request.method == "POST":
             plan = await plan_batch(state, ex, withheld_status(state))
             ex.body = plan.body
-    except ConsentDenied:
-        return denied_answer(state)
+    except (ConsentDenied, Refused) as exc:
+        if not officer.admitted_in_shadow(state, request, ex):
+            if isinstance(exc, Refused):
+                raise
+            return denied_answer(state)
+        prepare_projection(ex)
     upstream = await send(state, request, ex, info.request_id)
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
@@ -238,14 +244,27 @@ async def decide_answer(
     info = request[INFO]
     resolved = await resolve_references(state, parsed)
     confined = ex.confined
+    shadow = officer.is_shadow(state)
+    # Shadow mode decides a copy exactly as enforce mode would, and answers with the original.
+    decided, originals = officer.shadow_copy(parsed) if shadow else (parsed, {})
+    observed = Observed()
     result, emergency = await state.enforcement.enforce(
-        parsed, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
-        withheld_status=withheld_status(state), resolved=resolved,
+        decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
+        withheld_status=withheld_status(state), resolved=resolved, observed=observed,
     )
+    denied = result.denied or _all_versions_hidden(ex.route, decided, result) or _subject_hidden(state, ex, decided)
+    outcome = officer.outcome_of(request)
+    outcome.consents = observed.consents
+    decided_result = result
+    if denied:
+        officer.count_denied(request, decided)
+    if shadow:
+        outcome.shadow = outcome.shadow or ("deny" if denied else result.header)
+        result = Enforced()
     info.decision = result.header
     state.metrics.count_decision(result.header)
     count_removed(state, result)
-    if result.denied or _all_versions_hidden(ex.route, parsed, result) or _subject_hidden(state, ex, parsed):
+    if denied and not shadow:
         if ex.route.interaction in WRITE_INTERACTIONS:
             return _write_withheld(upstream, links)
         return denied_answer(state)
@@ -256,8 +275,9 @@ async def decide_answer(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
         await record_emergency_consents(state, emergency, ex.actor)
-    changed = result.changed
-    if b'"display"' in upstream.body:
+    labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
+    changed = await officer.released(state, request, ex, parsed, labels, decided_result) or result.changed
+    if b'"display"' in upstream.body and not shadow:
         changed |= scrub_displays(parsed, frozenset(in_answer(parsed)))
     if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
         apply_projections(plan, parsed["entry"])
@@ -386,4 +406,5 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
     log_access(request.method, info, response.status, seconds)
+    officer.finish(request, response)
     return response

@@ -40,6 +40,7 @@ class GatewayState:
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
     medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
+    disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
 
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
