@@ -17,6 +17,7 @@ from gateway.core.decision import decide_with, explain_json
 from gateway.core.errors import BadRequest
 from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
+from gateway.web import review
 from gateway.web.state import STATE
 
 _REF = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
@@ -123,3 +124,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/cache/invalidate", invalidate)
     app.router.add_post("/decision", decision)
+    review.add_routes(app)
