@@ -78,9 +78,9 @@ grep '"mode":"shadow"' {directory}/gateway.log | tail -n 2
 # 8. what would a draft consent change? (replays the reads in the decision log)
 {exe} whatif --consent {directory}/draft-consent-bob.json --log {directory}/gateway.log --patient Patient/pat-bob --upstream {upstream}
 
-# 9. accounting of disclosures: Bob reads his HIV and substance-use records (released with DS4P
-#    labels in meta.security, NORDSLCD and the 42 CFR Part 2 notice); each release is an AuditEvent
-curl -s -H 'X-Actor: Patient/pat-bob' '{g}/Condition?patient=pat-bob'
+# 9. accounting of disclosures: an emergency read of Bob's HIV and substance-use records (released
+#    with DS4P labels in meta.security, NORDSLCD and the 42 CFR Part 2 notice) is an AuditEvent
+curl -s -H 'X-Actor: Practitioner/dr-er' -H 'X-Break-Glass: Medical emergency' '{g}/Condition?patient=pat-bob'
 curl -s '{a}/admin/disclosures?patient=Patient/pat-bob'
 
 # 10. break-glass review page (open in a browser; "Mark reviewed" is itself audited)

@@ -132,7 +132,9 @@ async def released(
         if ref is None:
             continue
         for patient in patients_of(resource):
-            disclosed.setdefault(patient, []).append((ref, marked))
+            # A patient reading their own record is not a disclosure to account for (45 CFR 164.528(a)(1)(i)).
+            if patient != ex.actor.reference:
+                disclosed.setdefault(patient, []).append((ref, marked))
     if part2 and body.get("resourceType") == "Bundle":
         changed |= add_notice(body)
     if disclosed:

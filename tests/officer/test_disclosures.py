@@ -60,15 +60,16 @@ async def test_unlabelled_resources_keep_their_bytes(demo_fhir: DemoFhirServer, 
 
 async def test_each_release_of_labelled_data_is_an_audit_event(demo_fhir: DemoFhirServer, make_gateway: MakeGateway) -> None:
     gw = await make_gateway(demo_fhir.base_url)
-    await _get(gw, "Patient/pat-bob", "/Condition?patient=pat-bob")
+    await _get(gw, "Patient/pat-bob", "/Condition?patient=pat-bob")  # his own record: no disclosure
+    await _get(gw, "Practitioner/dr-er", "/Condition?patient=pat-bob", **{"X-Break-Glass": "Medical emergency"})
     await _get(gw, "Practitioner/dr-gp", "/Observation/alice-cbc")  # unlabelled: not recorded
     await _get(gw, "Practitioner/dr-psych", "/Condition/alice-depression")
     status, bundle = await _admin(gw, "/admin/disclosures?patient=Patient/pat-bob")
     assert status == 200 and bundle["resourceType"] == "Bundle"
     [event] = [e["resource"] for e in bundle["entry"]]
     assert event["resourceType"] == "AuditEvent"
-    assert event["agent"][0]["who"]["reference"] == "Patient/pat-bob"
-    assert event["purposeOfEvent"][0]["coding"][0]["code"] == "TREAT"
+    assert event["agent"][0]["who"]["reference"] == "Practitioner/dr-er"
+    assert event["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT"
     released = {e["what"]["reference"]: {l["code"] for l in e.get("securityLabel", [])} for e in event["entity"][1:]}
     assert set(released) == {"Condition/bob-hiv", "Condition/bob-oud"}
     assert "42CFRPart2" in released["Condition/bob-oud"]
@@ -86,7 +87,7 @@ async def test_each_release_of_labelled_data_is_an_audit_event(demo_fhir: DemoFh
 async def test_disclosures_mode(demo_fhir: DemoFhirServer, make_gateway: MakeGateway, mode: str, expected: int) -> None:
     gw = await make_gateway(demo_fhir.base_url, audit={"disclosures": mode})
     await _get(gw, "Practitioner/dr-gp", "/Observation/alice-cbc")
-    await _get(gw, "Patient/pat-bob", "/Condition/bob-hiv")
+    await _get(gw, "Practitioner/dr-er", "/Condition/bob-hiv", **{"X-Break-Glass": "Medical emergency"})
     _, bundle = await _admin(gw, "/admin/disclosures")
     assert len(bundle["entry"]) == expected
 
@@ -103,7 +104,7 @@ async def test_a_disclosure_that_cannot_be_made_durable_returns_nothing(
     gw = await make_gateway(demo_fhir.base_url)
     assert gw.state.disclosures is not None
     gw.state.disclosures.path = tmp_path / "missing-dir" / "d.jsonl"
-    status, raw = await _get(gw, "Patient/pat-bob", "/Condition/bob-hiv")
-    assert status == 503 and b"B20" not in raw
+    status, raw = await _get(gw, "Practitioner/dr-psych", "/Condition/alice-depression")
+    assert status == 503 and b"F32" not in raw
     status, raw = await _get(gw, "Practitioner/dr-gp", "/Observation/alice-cbc")
     assert status == 200  # nothing labelled: nothing to record
