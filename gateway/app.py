@@ -24,7 +24,9 @@ from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
-from gateway.web import admin, proxy
+from gateway.upstream_auth import build_credentials, tls_context
+from gateway.issuer import Issuer
+from gateway.web import admin, discovery, proxy
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
 from gateway.web.protocol import FhirAppRunner
 from gateway.web.resolve import MedicationCache
@@ -33,18 +35,33 @@ from gateway.web.state import STATE, GatewayState, Readiness
 log = logging.getLogger("gateway")
 
 
-def _server(url: str, settings: Settings) -> Upstream:
-    return Upstream(url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections)
+def _server(url: str, settings: Settings, own: Upstream | None = None) -> Upstream:
+    """A FHIR server session; ``own`` lends its TLS settings and credentials (same FHIR estate)."""
+    return Upstream(
+        url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections,
+        tls=own.tls if own else None, credentials=own.credentials if own else None,
+    )
+
+
+def _fhir_upstream(settings: Settings) -> Upstream:
+    """The upstream with ``upstream.ca_file``/mTLS and ``upstream.auth`` (ConfigError when unreadable)."""
+    return Upstream(
+        settings.upstream.url, timeout_s=settings.upstream.timeout_s,
+        max_connections=settings.upstream.max_connections, tls=tls_context(settings.upstream),
+        credentials=build_credentials(settings.upstream.auth, os.environ, settings.upstream.timeout_s),
+    )
 
 
 def build_state(settings: Settings, metrics: Metrics | None = None, labels: LabelIndex | None = None) -> GatewayState:
     """Everything the handlers share, built once at start-up (rules loaded, store empty)."""
     metrics = metrics or Metrics()
     labels = labels or load_rules(settings.sensitivity.rules_dir)
-    upstream = _server(settings.upstream.url, settings)
+    upstream = _fhir_upstream(settings)
     consent_server = None
     if settings.consent_source_url.rstrip("/") != upstream.base_url:
-        consent_server = _server(settings.consent_source_url, settings)
+        # A FHIR consent server is reached like the upstream; a vendor API with its own key.
+        fhir_source = upstream if settings.consent.source_kind == "fhir" else None
+        consent_server = _server(settings.consent_source_url, settings, fhir_source)
     source = build_source(settings, upstream, consent_server, os.environ, labels)
     store = ConsentStore(
         source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
@@ -62,6 +79,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
         medications=MedicationCache(settings.consent.cache_ttl_s),
         disclosures=AuditLog(disclosures_path(settings.audit.path)),
+        issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
 
@@ -85,10 +103,12 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.open()
         if state.consent_server is not None:
             await state.consent_server.open()
+        if state.issuer is not None:
+            await state.issuer.open()
         tasks = [asyncio.create_task(_watch_upstream(state))]
         audit_server = None
         if state.settings.audit.fhir_url:
-            audit_server = _server(state.settings.audit.fhir_url, state.settings)
+            audit_server = _server(state.settings.audit.fhir_url, state.settings, state.upstream)
             await audit_server.open()
             tasks.append(asyncio.create_task(AuditDelivery(state.audit, audit_server).run()))
             if state.disclosures is not None:
@@ -106,8 +126,11 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()
+        if state.issuer is not None:
+            await state.issuer.close()
 
     app.cleanup_ctx.append(upstream_ctx)
+    discovery.add_routes(app, state.upstream.base.path.rstrip("/"))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 

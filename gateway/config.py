@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import (
     AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
 ENV_PREFIX = "GATEWAY_"
@@ -38,13 +39,58 @@ def _check_http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+class UpstreamAuthSettings(_Section):
+    """How the gateway's own calls to the FHIR server authenticate (CONTRACT §3).
+
+    ``bearer`` takes the token from the env var ``token_env`` or the file ``token_file``
+    (re-read when it changes); ``smart-backend`` asks ``token_url`` for a token with a
+    ``private_key_jwt`` client assertion signed by ``private_key_file`` (RS384 for an RSA
+    key, ES384 for a P-384 key), ``key_id`` naming the key (default: its JWK thumbprint).
+    """
+
+    kind: Literal["none", "bearer", "smart-backend"] = "none"
+    token_env: str | None = Field(None, min_length=1)
+    token_file: Path | None = None
+    token_url: str | None = None
+    client_id: str | None = Field(None, min_length=1)
+    private_key_file: Path | None = None
+    key_id: str | None = Field(None, min_length=1)
+    scope: str = Field("system/*.rs", min_length=1)
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> UpstreamAuthSettings:
+        if self.kind == "bearer" and (self.token_env is None) == (self.token_file is None):
+            raise ValueError("bearer needs exactly one of token_env or token_file")
+        if self.kind == "smart-backend":
+            for key in ("token_url", "client_id", "private_key_file"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key} is required for kind smart-backend")
+        return self
+
+
 class UpstreamSettings(_Section):
     url: str
     timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(100, ge=1)
     health_interval_s: float = Field(10.0, gt=0)
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    auth: UpstreamAuthSettings = UpstreamAuthSettings()
 
     _url = field_validator("url")(_check_http_url)
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> UpstreamSettings:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            missing = "client_key_file" if self.client_key_file is None else "client_cert_file"
+            raise ValueError(f"{missing} is required with {'client_cert_file' if missing == 'client_key_file' else 'client_key_file'}")
+        return self
 
 
 class ListenSettings(_Section):
@@ -62,9 +108,43 @@ class AdminSettings(_Section):
 PURPOSE_CODE_PATTERN = r"^[A-Z][A-Z0-9]*$"
 
 
+class JwtSettings(_Section):
+    """SMART on FHIR access tokens (CONTRACT §4); ``role_claim`` optionally names the role."""
+
+    issuer: str | None = None
+    audience: str | None = Field(None, min_length=1)
+    jwks_url: str | None = None
+    algorithms: tuple[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"], ...] = Field(
+        ("RS256", "RS384", "ES256", "ES384"), min_length=1
+    )
+    leeway_s: float = Field(30.0, ge=0)
+    actor_claim: str = Field("fhirUser", min_length=1)
+    organization_claim: str | None = Field(None, min_length=1)
+    purpose_claim: str | None = Field(None, min_length=1)
+    role_claim: str | None = Field(None, min_length=1)
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @property
+    def jwks(self) -> str:
+        return self.jwks_url or f"{self.issuer}/.well-known/jwks.json"
+
+
 class AuthSettings(_Section):
-    mode: Literal["headers"] = "headers"
+    mode: Literal["headers", "jwt"] = "headers"
     default_purpose: str = Field("TREAT", pattern=PURPOSE_CODE_PATTERN)
+    jwt: JwtSettings = JwtSettings()
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> AuthSettings:
+        if self.mode == "jwt":
+            for key in ("issuer", "audience"):
+                if getattr(self.jwt, key) is None:
+                    raise ValueError(f"jwt.{key} is required in mode jwt")
+        return self
 
 
 HealthExConsentType = Literal["DATA_AUTHORIZATION", "PATIENT_DIRECTED_DATA_EXCHANGE", "FUTURE_DATA_USE"]
@@ -237,11 +317,17 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
         value = _env_value(name, raw)
         if len(path) == 1:
             merged[path[0]] = value
-        elif len(path) == 2:
-            section = merged.setdefault(path[0], {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{name}: section {path[0]!r} is not a mapping")
-            section[path[1]] = value
+        elif len(path) <= 3:
+            # Nested sections (upstream.auth, auth.jwt): GATEWAY_UPSTREAM__AUTH__KIND.
+            section: Any = merged
+            for depth, part in enumerate(path[:-1]):
+                child = section.get(part)
+                child = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+                if not isinstance(child, dict):
+                    raise ConfigError(f"{name}: section {'.'.join(path[:depth + 1])!r} is not a mapping")
+                section[part] = child
+                section = child
+            section[path[-1]] = value
         else:
             raise ConfigError(f"{name}: expected GATEWAY_<SECTION>__<KEY>")
     return merged

@@ -12,7 +12,7 @@ INTERACTIONS = (
 DECISIONS = ("permit", "filtered", "deny")
 # SECURITY: filtered-resource reasons are generic on purpose; the specific rule (which label,
 # which consent) would reveal what was hidden, so it only goes to the log.
-FILTER_REASONS = ("consent", "sensitivity", "malformed", "compartment")
+FILTER_REASONS = ("consent", "sensitivity", "malformed", "compartment", "scope")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

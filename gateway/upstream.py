@@ -6,6 +6,7 @@ Client errors become GatewayErrors here, with messages that never name the upstr
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.core.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream_auth import Credentials, CredentialsUnavailable
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those the gateway computes itself.
 HOP_BY_HOP = frozenset(
@@ -47,12 +49,18 @@ class UpstreamResponse:
 class Upstream:
     """A FHIR server reached over one pooled ClientSession (owned by the app's cleanup_ctx)."""
 
-    def __init__(self, base_url: str, *, timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self, base_url: str, *, timeout_s: float, max_connections: int,
+        tls: ssl.SSLContext | None = None, credentials: Credentials | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.base = URL(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self.tls = tls
+        # The gateway's own credentials replace any Authorization a caller passes (CONTRACT §4).
+        self.credentials = credentials
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -61,7 +69,9 @@ class Upstream:
         return self._session
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ttl_dns_cache=300, ssl=self.tls if self.tls is not None else True
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=True,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
@@ -91,6 +101,32 @@ class Upstream:
         """Send one request and read the whole answer; connection errors raise GatewayErrors."""
         started = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else self._timeout
+        if self.credentials is None:
+            return await self._send(method, url, headers, body, timeout, started)
+        sent = CIMultiDict(headers or {})
+        sent["Authorization"] = await self._authorization(None)
+        resp = await self._send(method, url, sent, body, timeout, started)
+        if resp.status == 401:
+            # One renewal and one retry: a token revoked or expired early.
+            renewed = await self._authorization(sent["Authorization"])
+            if renewed != sent["Authorization"]:
+                sent["Authorization"] = renewed
+                resp = await self._send(method, url, sent, body, timeout, started)
+        return resp
+
+    async def _authorization(self, refused: str | None) -> str:
+        assert self.credentials is not None
+        try:
+            if refused is not None and not await self.credentials.renew(self.session, refused):
+                return refused
+            return await self.credentials.authorization(self.session)
+        except CredentialsUnavailable:
+            raise UpstreamUnavailable("The gateway could not obtain its credentials for the FHIR server.") from None
+
+    async def _send(
+        self, method: str, url: URL, headers: Mapping[str, str] | CIMultiDict[str] | None,
+        body: bytes | None, timeout: aiohttp.ClientTimeout, started: float,
+    ) -> UpstreamResponse:
         try:
             async with self.session.request(
                 method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout

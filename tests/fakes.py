@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -78,13 +79,34 @@ class FakeFhir:
         if request.method == "GET" and len(parts) == 1:
             patient = request.query.get("patient") or request.query.get("subject")
             status = request.query.get("status")
+            wanted = request.query.get("_id")
             found = [
                 r for key, r in self.resources.items()
                 if key.startswith(parts[0] + "/")
+                and (wanted is None or r.get("id") in wanted.split(","))
                 and (patient is None or any(_refers(r, p) for p in patient.split(",")))
                 and (status is None or r.get("status") == status)
             ]
             return _json(self.bundle(found, f"{self.base_url}/{parts[0]}?{request.query_string}"))
+        if request.method == "POST" and not parts and body:
+            batch = await self._batch(body)
+            if batch is not None:
+                return batch
+        if request.method == "DELETE" and len(parts) == 2:
+            if self.resources.pop("/".join(parts), None) is None:
+                return _json(_outcome("not-found"), 404)
+            return _json(_outcome("informational", "information"))
+        if request.method == "GET" and len(parts) == 3 and parts[2] == "_history":
+            res = self.resources.get("/".join(parts[:2]))
+            if res is None:
+                return _json(_outcome("not-found"), 404)
+            return _json(_history([res], self.base_url))
+        if request.method == "GET" and len(parts) == 3 and parts[2] == "$meta":
+            res = self.resources.get("/".join(parts[:2]))
+            if res is None:
+                return _json(_outcome("not-found"), 404)
+            return _json({"resourceType": "Parameters",
+                          "parameter": [{"name": "return", "valueMeta": res.get("meta", {})}]})
         if request.method in ("POST", "PUT") and parts:
             res = orjson.loads(body)
             res.setdefault("id", f"new{len(self.resources)}")
@@ -92,6 +114,58 @@ class FakeFhir:
             loc = f"{self.base_url}/{res['resourceType']}/{res['id']}/_history/1"
             return _json(res, 201 if request.method == "POST" else 200, {"Location": loc})
         return _json(_outcome("not-supported"), 400)
+
+
+    async def _batch(self, body: bytes) -> web.Response | None:
+        """A batch/transaction: each entry sent to this same server as a request of its own
+        (so overrides and recording see it), answered as a batch-/transaction-response."""
+        try:
+            bundle = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
+                or bundle.get("type") not in ("batch", "transaction"):
+            return None
+        slots = []
+        async with aiohttp.ClientSession() as session:
+            for entry in bundle.get("entry") or ():
+                request = entry.get("request") or {}
+                url = str(request.get("url", ""))
+                if "://" in url:
+                    url = url.split("://", 1)[1].split("/", 1)[1] if "/" in url.split("://", 1)[1] else ""
+                    url = url.removeprefix(self.base_path.strip("/")).lstrip("/")
+                data = orjson.dumps(entry["resource"]) if entry.get("resource") is not None else None
+                headers = {"Content-Type": FHIR_JSON, BATCH_ENTRY_HEADER: "1"} if data else {BATCH_ENTRY_HEADER: "1"}
+                async with session.request(str(request.get("method", "GET")), f"{self.base_url}/{url.lstrip('/')}",
+                                           data=data, headers=headers) as resp:
+                    raw = await resp.read()
+                    status = f"{resp.status} {resp.reason}"
+                    location = resp.headers.get("Location")
+                answer = orjson.loads(raw) if raw else None
+                response: dict[str, Any] = {"status": status}
+                if location:
+                    response["location"] = location
+                slot: dict[str, Any] = {"response": response}
+                if isinstance(answer, dict) and answer.get("resourceType") == "OperationOutcome":
+                    if resp.status >= 400:
+                        response["outcome"] = answer
+                elif answer is not None:
+                    slot["resource"] = answer
+                slots.append(slot)
+        return _json({"resourceType": "Bundle", "type": f"{bundle['type']}-response", "entry": slots})
+
+
+# A request the fake sent to itself for one entry of a batch/transaction.
+BATCH_ENTRY_HEADER = "X-Fake-Batch-Entry"
+
+
+def _history(versions: list[dict[str, Any]], base: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle", "type": "history", "total": len(versions),
+        "entry": [{"fullUrl": f"{base}/{v['resourceType']}/{v['id']}", "resource": v,
+                   "request": {"method": "PUT", "url": f"{v['resourceType']}/{v['id']}"},
+                   "response": {"status": "200 OK"}} for v in versions],
+    }
 
 
 def _refers(resource: dict[str, Any], patient: str) -> bool:
@@ -103,8 +177,8 @@ def _refers(resource: dict[str, Any], patient: str) -> bool:
     return False
 
 
-def _outcome(code: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code}]}
+def _outcome(code: str, severity: str = "error") -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code}]}
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

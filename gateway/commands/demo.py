@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.app import RunningGateway, build_state, configure_logging, start, until_signalled
 from gateway.config import build_settings
+from gateway.demo.issuer import LocalIssuer
 from gateway.demo.server import demo_server
 from gateway.web.middleware import JsonLogFormatter
 
@@ -29,7 +30,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the audit log and demo files")
     parser.add_argument("--quiet-log", action="store_true", help="do not print the access log")
     parser.add_argument("--shadow-port", type=int, default=8081,
-                        help="a second gateway in shadow (report-only) mode (default 8081)")
+                        help="a second gateway in shadow (report-only) mode (default 8081; headers mode only)")
+    parser.add_argument("--jwt", action="store_true",
+                        help="SMART on FHIR tokens instead of X-Actor headers: starts a local token issuer")
 
 
 def _write_examples(server: Any, directory: Path) -> None:
@@ -125,6 +128,69 @@ curl -s {a}/metrics | grep '^consent_gateway_'
 """
 
 
+# Demo users: (shell variable, fhirUser, extra claims).
+DEMO_USERS = (
+    ("GP", "Practitioner/dr-gp", {"scope": "openid fhirUser user/*.rs"}),
+    ("PSYCH", "Practitioner/dr-psych", {"scope": "openid fhirUser user/*.rs"}),
+    ("JONES", "Practitioner/dr-jones", {"scope": "openid fhirUser user/*.rs"}),
+    ("ER", "Practitioner/dr-er", {"scope": "openid fhirUser user/*.rs"}),
+    ("ALICE", "Patient/pat-alice", {"scope": "openid fhirUser launch/patient patient/*.rs", "patient": "pat-alice"}),
+    ("LABS_ONLY", "Practitioner/dr-gp", {"scope": "openid fhirUser user/Observation.rs"}),
+)
+
+
+def jwt_instructions(port: int, admin: int, issuer: LocalIssuer, audience: str) -> str:
+    """Tokens for each demo user (8 hours) and curl commands that use them."""
+    g = f"http://localhost:{port}"
+    tokens = "\n".join(
+        f"export {var}={issuer.mint({'fhirUser': user, **claims}, audience=audience, lifetime_s=8 * 3600)}"
+        for var, user, claims in DEMO_USERS
+    )
+    return f"""
+FHIR Consent Gateway demo (SMART on FHIR tokens): gateway on {g}, admin on http://127.0.0.1:{admin}
+Token issuer: {issuer.base_url} (keys made at start; JWKS at {issuer.base_url}/.well-known/jwks.json)
+Tokens (8 hours): GP, PSYCH, JONES, ER are clinicians with user/*.rs; ALICE is a patient app
+(patient/*.rs, confined to pat-alice); LABS_ONLY is dr-gp with user/Observation.rs only.
+
+{tokens}
+
+# discovery: no token needed
+curl -s {g}/.well-known/smart-configuration
+curl -s {g}/metadata | grep -o '"security":{{[^]]*]]'
+
+# 1. permit, and the filtered search: Bob's HIV and substance-use records are withheld
+curl -s -H "Authorization: Bearer $GP" {g}/Observation/alice-cbc
+curl -s -H "Authorization: Bearer $GP" '{g}/Condition?patient=pat-bob'
+curl -s -H "Authorization: Bearer $PSYCH" '{g}/Condition?patient=pat-alice'
+
+# 2. deny: Bob said "not Dr. Jones"
+curl -si -H "Authorization: Bearer $JONES" {g}/Observation/bob-cbc
+
+# 3. scopes decide first: Observation only; a patient app sees its own compartment only
+curl -si -H "Authorization: Bearer $LABS_ONLY" {g}/Condition/alice-htn
+curl -s -H "Authorization: Bearer $ALICE" '{g}/Observation'
+curl -si -H "Authorization: Bearer $ALICE" {g}/Observation/bob-cbc
+
+# 4. break-glass stays a header
+curl -si -H "Authorization: Bearer $ER" -H 'X-Break-Glass: Medical emergency' {g}/Condition/carol-pregnancy
+
+# 5. no token, or X-Actor in jwt mode
+curl -si {g}/Observation/alice-cbc
+curl -si -H "Authorization: Bearer $GP" -H 'X-Actor: Practitioner/dr-psych' {g}/Observation/alice-cbc
+
+Press Ctrl-C to stop.
+"""
+
+
+async def _start_issuer() -> tuple[LocalIssuer, web.AppRunner]:
+    issuer = LocalIssuer()
+    runner = web.AppRunner(issuer.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    issuer.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return issuer, runner
+
+
 async def _run(args: argparse.Namespace, directory: Path) -> int:
     server = demo_server()
     runner = web.AppRunner(server.app(), access_log=None)
@@ -140,30 +206,44 @@ async def _run(args: argparse.Namespace, directory: Path) -> int:
     _write_examples(server, directory)
     write_draft(server, directory)
     upstream = f"http://127.0.0.1:{upstream_port}/fhir"
-    settings = build_settings({
+    config: dict[str, Any] = {
         "upstream": {"url": upstream, "health_interval_s": 5},
         "listen": {"host": "127.0.0.1", "port": args.port},
         "admin": {"host": "127.0.0.1", "port": args.admin_port},
         "audit": {"path": str(directory / "audit.jsonl")},
-    })
+    }
+    issuer = issuer_runner = None
+    audience = f"http://localhost:{args.port}"
+    if args.jwt:
+        issuer, issuer_runner = await _start_issuer()
+        config["auth"] = {"mode": "jwt", "jwt": {"issuer": issuer.base_url, "audience": audience}}
+    settings = build_settings(config)
     try:
         running = await start(build_state(settings))
     except OSError as exc:
         await runner.cleanup()
+        if issuer_runner is not None:
+            await issuer_runner.cleanup()
         print(f"consent-gateway demo: cannot listen on port {args.port} or {args.admin_port}: {exc.strerror}; "
               "choose others with --port / --admin-port", file=sys.stderr)
         return 2
-    shadow = await _start_shadow(args, upstream, directory)
-    exe = os.path.abspath(sys.argv[0])
-    print(instructions(running.proxy_port, running.admin_port, directory, exe)
-          + officer_instructions(running.proxy_port, shadow.proxy_port if shadow else None, running.admin_port,
-                                 directory, exe, upstream)
-          + "\nPress Ctrl-C to stop.\n", flush=True)
+    shadow = None
+    if issuer is not None:
+        print(jwt_instructions(running.proxy_port, running.admin_port, issuer, audience), flush=True)
+    else:
+        shadow = await _start_shadow(args, upstream, directory)
+        exe = os.path.abspath(sys.argv[0])
+        print(instructions(running.proxy_port, running.admin_port, directory, exe)
+              + officer_instructions(running.proxy_port, shadow.proxy_port if shadow else None, running.admin_port,
+                                     directory, exe, upstream)
+              + "\nPress Ctrl-C to stop.\n", flush=True)
     await until_signalled()
     if shadow is not None:
         await shadow.stop()
     await running.stop()
     await runner.cleanup()
+    if issuer_runner is not None:
+        await issuer_runner.cleanup()
     print("demo stopped", file=sys.stderr)
     return 0
 

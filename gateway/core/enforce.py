@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.compartment import is_patient_data, patients_of, references_of
 from gateway.core.fhir import JSON
 from gateway.core.model import Decision, Reason, Verdict
 
@@ -165,6 +165,40 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
     return decision
 
 
+def _mode(entry: object) -> object:
+    search = entry.get("search") if isinstance(entry, dict) else None
+    return search.get("mode") if isinstance(search, dict) else None
+
+
+def without_orphan_includes(entries: list[object]) -> list[object]:
+    """Drop included non-patient resources (a Medication, a Practitioner) that no kept resource
+    refers to and that refer to none: they were brought by a withheld match and would tell
+    what it was (the drug of a hidden order)."""
+    kept_refs: set[str] = set()
+    others: set[str] = set()
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        rtype = resource.get("resourceType")
+        if _mode(entry) == "include" and isinstance(rtype, str) and not is_patient_data(rtype):
+            continue
+        kept_refs.update(references_of(resource))
+        if isinstance(rtype, str) and isinstance(resource.get("id"), str):
+            others.add(f"{rtype}/{resource['id']}")
+    out: list[object] = []
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(entry, dict) and isinstance(resource, dict) and _mode(entry) == "include":
+            rtype = resource.get("resourceType")
+            if isinstance(rtype, str) and not is_patient_data(rtype):
+                own = f"{rtype}/{resource.get('id')}"
+                if own not in kept_refs and not (references_of(resource) & others):
+                    continue
+        out.append(entry)
+    return out
+
+
 def total_is_visible(bundle: JSON) -> bool:
     """True when ``Bundle.total`` counts only entries of this very page (no next page, no
     ``_count=0``): then every match it counts has been decided and kept."""
@@ -253,6 +287,7 @@ class Enforcer:
                 elif response_bundle:
                     kept.append({"response": withheld_slot(self.withheld_status)})
             if len(self.result.removed) > removed_before and not response_bundle:
+                kept = without_orphan_includes(kept)
                 kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
             if len(self.result.removed) > removed_before:
                 bundle["entry"] = kept

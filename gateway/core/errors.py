@@ -90,3 +90,19 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     issue_code = "not-supported"
     code = "unsupported-media-type"
+
+
+class IdentityUnavailable(GatewayError):
+    """The token issuer's keys or discovery document cannot be read: nobody can be identified."""
+
+    status = 503
+    issue_code = "transient"
+    code = "identity-unavailable"
+
+
+class InsufficientScope(GatewayError):
+    """The access token's scopes do not grant the request (RFC 6750 ``insufficient_scope``)."""
+
+    status = 403
+    issue_code = "forbidden"
+    code = "insufficient-scope"

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.core.scopes import Grants
 
 V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
@@ -62,6 +66,7 @@ class Actor:
     organization: str | None = None
     role: str | None = None
     groups: frozenset[str] = frozenset()  # Group/CareTeam references the actor belongs to
+    grants: Grants | None = None  # SMART scopes of a verified token (None: headers mode)
 
     @property
     def resource_type(self) -> str:

@@ -17,6 +17,8 @@ does not release.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -143,6 +145,29 @@ class Resolved:
 
 
 NOTHING_RESOLVED = Resolved()
+
+
+_REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
+    """False when no reference in the JSON text ``raw`` points at patient data outside
+    ``released`` (then no display needs removing); True when one may."""
+    if b'"display"' not in raw:
+        return False
+    if b"\\u" in raw:
+        return True  # a \u escape can spell a key the pattern cannot see
+    found = 0
+    for match in _REFERENCE.finditer(raw):
+        found += 1
+        value = match.group(1)
+        ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+        if ref.startswith("#"):
+            continue
+        target = relative_reference(ref)
+        if is_patient_data(target.split("/", 1)[0]) and target not in released:
+            return True
+    return found != raw.count(b'"reference"')
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:

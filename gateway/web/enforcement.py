@@ -14,6 +14,7 @@ from gateway.core.decision import Policy, decide_resource, preflight, summary_re
 from gateway.core.enforce import Enforced, Enforcer, Judge, judge_resource, owners_index, patients_in
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.purpose import lineage
+from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
@@ -192,7 +193,14 @@ class ConsentEnforcement:
         return judge
 
     def unconditional(self, looked: Looked, patients: frozenset[str]) -> bool:
-        """True when every patient named permits this requester whatever the content."""
+        """True when every patient named permits this requester whatever the content.
+
+        A token whose scopes restrict anything never counts as unconditional: its answers are
+        filtered by type and compartment, so totals and unfilterable requests stay closed.
+        """
+        grants = looked.ctx.actor.grants
+        if grants is not None and not grants.unrestricted:
+            return False
         return bool(patients) and all(
             preflight(looked.consents.get(p, ()), looked.ctx, self.policy, patient=p).verdict is Verdict.PERMIT
             for p in patients
@@ -265,6 +273,9 @@ class ConsentEnforcement:
         judge = self.judge(looked, resolved, observed.labels if observed is not None else None)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved)
+        if actor.grants is not None:
+            # SECURITY: scopes decide first and break-glass never overrides them.
+            judge = scoped(judge, actor.grants)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency

@@ -19,11 +19,13 @@ from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.web.identity import check_scopes
 from gateway.web.request import Route
-from gateway.web.resolve import resolve_references
+from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
 
 access_log = logging.getLogger("gateway.access")
@@ -157,17 +159,11 @@ async def ensure_readable(state: GatewayState, reference: str, actor: Actor, pur
 
     A missing target refuses nothing; one that cannot be read refuses (fail closed).
     """
-    target = await state.upstream.request(
-        "GET", state.upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
-    )
-    if target.status in (404, 410):
+    parsed = await read_target(state.upstream, reference)
+    if parsed is None:
         return None
-    try:
-        parsed = orjson.loads(target.body) if target.status < 400 else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise ConsentDenied("Access to this resource is not permitted.")
+    if parsed is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
     resolved = await resolve_references(state, parsed)
     result, _ = await state.enforcement.enforce(parsed, actor, purpose, confined=None, resolved=resolved)
     if result.denied:
@@ -227,6 +223,10 @@ async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
             raise Refused("This requester may not write this consent.")
     if ex.method == "PATCH":
         _check_consent_patch(ex, roles)
+    if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is None \
+            and not (ex.actor.role is not None and ex.actor.role in roles):
+        # A conditional write selects stored Consents the gateway cannot check one by one.
+        raise Refused("This requester may not write consents selected by a search.")
     if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is not None:
         stored = await _stored_consent(state, route.resource_id)
         if stored is not None and not _may_write(ex, roles, _patient_of(stored)) \
@@ -267,18 +267,10 @@ def _is_revocation(op: JSON) -> bool:
 
 async def _stored_consent(state: GatewayState, consent_id: str) -> JSON | None:
     """The Consent as the FHIR server holds it (None when there is none); unreadable → 503."""
-    stored = await state.upstream.request(
-        "GET", state.upstream.url_for(f"Consent/{consent_id}"), headers={"Accept": "application/fhir+json"}
-    )
-    if stored.status in (404, 410):
-        return None
-    try:
-        parsed = orjson.loads(stored.body) if stored.status < 400 else None
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, dict):
+    stored = await read_target(state.upstream, f"Consent/{consent_id}")
+    if stored is UNREADABLE:
         raise UpstreamUnavailable("The stored consent could not be read.")
-    return parsed
+    return stored
 
 
 def prepare_projection(ex: Exchange) -> None:
@@ -295,4 +287,5 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await refuse_unfilterable(state, ex)
     await check_operation_target(state, ex)
     await check_consent_write(state, ex)
+    check_scopes(ex.route, ex.resource, ex.actor.grants)
     prepare_projection(ex)

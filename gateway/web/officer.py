@@ -21,11 +21,12 @@ from aiohttp import web
 from gateway.core.compartment import is_patient_data, patients_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.ds4p import add_notice, is_part2, mark, sensitive_of
-from gateway.core.enforce import Enforced
+from gateway.core.enforce import Enforced, Enforcer
 from gateway.core.fhir import JSON, resource_reference
-from gateway.core.model import Label
+from gateway.core.model import Actor, Decision, Label, Verdict
 from gateway.core.officer import disclosure_event, loggable_path, loggable_query
 from gateway.core.references import iter_resources
+from gateway.core.scopes import scoped
 from gateway.web.enforcement import Observed
 from gateway.web.exchange import Exchange
 from gateway.web.middleware import INFO
@@ -66,6 +67,18 @@ def admitted_in_shadow(state: GatewayState, request: web.Request, ex: Exchange) 
         return False
     outcome_of(request).shadow = "deny"
     return True
+
+
+_PERMITTED = Decision(Verdict.PERMIT)
+
+
+def scopes_only(body: JSON, actor: Actor, withheld_status: str) -> Enforced:
+    """Shadow mode withholds nothing consent would, but a token's scopes still apply: they are
+    the client's authorization, not the patient's consent (CONTRACT §4)."""
+    if actor.grants is None:
+        return Enforced()
+    judge = scoped(lambda resource, owners: _PERMITTED, actor.grants)
+    return Enforcer(judge, drop_total=False, withheld_status=withheld_status).body(body)
 
 
 def shadow_copy(parsed: JSON) -> tuple[JSON, dict[int, JSON]]:

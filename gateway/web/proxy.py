@@ -17,7 +17,7 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.references import in_answer, scrub_displays
+from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
@@ -28,9 +28,9 @@ from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo
+from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
-    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, read_actor,
-    read_purpose, reject_xml,
+    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, reject_xml,
 )
 from gateway.web.state import STATE, GatewayState
 
@@ -155,21 +155,24 @@ def denied_answer(state: GatewayState) -> web.Response:
 def count_removed(state: GatewayState, result: Enforced) -> None:
     for rtype, decision in result.removed:
         reason = "sensitivity" if decision.labels else ("malformed" if decision.errors else "consent")
+        if decision.combining == "scope":
+            reason = "scope"
         # Only Patient-compartment types are ever removed; anything else folds into "other".
         state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
 
 
-def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
+async def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
     """The request as an Exchange: route, identity, purpose, break-glass (CONTRACT §4)."""
     route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
     info = request[INFO]
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
     check_identity_headers(request)
-    actor = read_actor(request)
+    identity = await identify(request, state)
+    actor = identity.actor
     reason = read_break_glass(request, state.settings)
     # Break-glass turns the purpose into emergency treatment.
-    purpose = "ETREAT" if reason is not None else read_purpose(request, state.settings)
+    purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose
     return Exchange(
         method=request.method, route=route, raw_query=request.rel_url.raw_query_string,
@@ -188,7 +191,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """Proxy one FHIR request (CONTRACT §2-§7): admit, send, decide, answer."""
     state = request.app[STATE]
     info = request[INFO]
-    ex = exchange_of(request, state, None)
+    ex = await exchange_of(request, state, None)
     officer.outcome_of(request).exchange = ex
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
@@ -260,11 +263,11 @@ async def decide_answer(
         officer.count_denied(request, decided)
     if shadow:
         outcome.shadow = outcome.shadow or ("deny" if denied else result.header)
-        result = Enforced()
+        result = officer.scopes_only(parsed, ex.actor, withheld_status(state))
     info.decision = result.header
     state.metrics.count_decision(result.header)
     count_removed(state, result)
-    if denied and not shadow:
+    if result.denied or (denied and not shadow):
         if ex.route.interaction in WRITE_INTERACTIONS:
             return _write_withheld(upstream, links)
         return denied_answer(state)
@@ -277,8 +280,9 @@ async def decide_answer(
         await record_emergency_consents(state, emergency, ex.actor)
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
     changed = await officer.released(state, request, ex, parsed, labels, decided_result) or result.changed
-    if b'"display"' in upstream.body and not shadow:
-        changed |= scrub_displays(parsed, frozenset(in_answer(parsed)))
+    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body and not shadow else frozenset()
+    if released and may_name_unreleased(upstream.body, released):
+        changed |= scrub_displays(parsed, released)
     if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
         apply_projections(plan, parsed["entry"])
         changed = True

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
+from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
@@ -41,6 +42,7 @@ class GatewayState:
     readiness: Readiness = field(default_factory=Readiness)
     medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
     disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
+    issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
 
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)

@@ -58,8 +58,12 @@ def engine_installed() -> bool:
 
 
 @contextmanager
-def start_engine(seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0) -> Iterator[Engine]:
+def start_engine(
+    seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0, require_bearer: str | None = None
+) -> Iterator[Engine]:
     """Run the engine for the duration of the ``with`` block, seeded with ``seeds`` in order.
+
+    With ``require_bearer`` the engine answers 401 to every request without that bearer token.
 
     Raises EngineError when the engine is not installed, does not start within ``timeout_s``
     or rejects any entry of a seed; the engine's stderr is included in the message.
@@ -67,23 +71,25 @@ def start_engine(seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0)
     if not engine_installed():
         raise EngineError(f"FHIR engine not installed ({NODE} missing): run bash tests/upstream/install.sh")
     with tempfile.TemporaryFile() as stderr:
-        process = _spawn(stderr)
+        process = _spawn(stderr, require_bearer)
         stop = functools.partial(_stop, process)
         atexit.register(stop)
         try:
             port = _await_port(process, stderr, time.monotonic() + timeout_s)
             base_url = f"http://127.0.0.1:{port}{BASE_PATH}"
-            _await_metadata(base_url, process, stderr, time.monotonic() + timeout_s)
-            responses = tuple(_post_seed(base_url, seed, stderr) for seed in seeds)
+            auth = {"Authorization": f"Bearer {require_bearer}"} if require_bearer else {}
+            _await_metadata(base_url, process, stderr, time.monotonic() + timeout_s, auth)
+            responses = tuple(_post_seed(base_url, seed, stderr, auth) for seed in seeds)
             yield Engine(base_url=base_url, port=port, seed_responses=responses)
         finally:
             stop()
             atexit.unregister(stop)
 
 
-def _spawn(stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+def _spawn(stderr: IO[bytes], require_bearer: str | None = None) -> subprocess.Popen[bytes]:
+    extra = ["--require-bearer", require_bearer] if require_bearer else []
     return subprocess.Popen(
-        [str(NODE), str(SERVER), "--port", "0", "--base-path", BASE_PATH],
+        [str(NODE), str(SERVER), "--port", "0", "--base-path", BASE_PATH, *extra],
         cwd=UPSTREAM_DIR,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -113,10 +119,13 @@ def _await_port(process: subprocess.Popen[bytes], stderr: IO[bytes], deadline: f
     raise EngineError(f"engine did not report its port: {_tail(stderr)}")
 
 
-def _await_metadata(base_url: str, process: subprocess.Popen[bytes], stderr: IO[bytes], deadline: float) -> None:
+def _await_metadata(
+    base_url: str, process: subprocess.Popen[bytes], stderr: IO[bytes], deadline: float, auth: dict[str, str]
+) -> None:
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(f"{base_url}/metadata", timeout=2) as response:
+            request = urllib.request.Request(f"{base_url}/metadata", headers=auth)
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -124,12 +133,12 @@ def _await_metadata(base_url: str, process: subprocess.Popen[bytes], stderr: IO[
     raise EngineError(f"engine did not answer {base_url}/metadata: {_tail(stderr)}")
 
 
-def _post_seed(base_url: str, seed: Path, stderr: IO[bytes]) -> dict[str, Any]:
+def _post_seed(base_url: str, seed: Path, stderr: IO[bytes], auth: dict[str, str]) -> dict[str, Any]:
     request = urllib.request.Request(
         base_url,
         data=seed.read_bytes(),
         method="POST",
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **auth},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:

@@ -191,9 +191,10 @@ def test_bad_config_is_one_line_naming_the_key(data: dict[str, Any], expected: s
         ({"GATEWAY_LISTEN__PORT": "http"}, "listen.port:"),
         ({"GATEWAY_UPSTREAM__URLL": "http://x/fhir"}, "upstream.urll: unknown key"),
         ({"GATEWAY_BREAK_GLASS__REASONS": "[unclosed"}, "GATEWAY_BREAK_GLASS__REASONS:"),
-        ({"GATEWAY_LISTEN__TLS__CERT": "x"}, "GATEWAY_LISTEN__TLS__CERT:"),
+        ({"GATEWAY_LISTEN__TLS__CERT": "x"}, "listen.tls: unknown key"),
+        ({"GATEWAY_UPSTREAM__AUTH__KIND__X": "x"}, "GATEWAY_UPSTREAM__AUTH__KIND__X:"),
     ],
-    ids=["port-range", "port-type", "unknown-key", "bad-yaml-value", "too-deep"],
+    ids=["port-range", "port-type", "unknown-key", "bad-yaml-value", "unknown-nested", "too-deep"],
 )
 def test_bad_environment_is_one_line_naming_the_key(env: dict[str, str], expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -233,3 +234,27 @@ def test_unreadable_file_is_one_line(tmp_path: Path, kind: str) -> None:
     message = str(caught.value)
     assert "\n" not in message
     assert str(path) in message
+
+
+def test_nested_sections_from_the_environment() -> None:
+    settings = load_settings(None, {
+        "GATEWAY_UPSTREAM__URL": UPSTREAM, "GATEWAY_UPSTREAM__AUTH__KIND": "bearer",
+        "GATEWAY_UPSTREAM__AUTH__TOKEN_ENV": "FHIR_TOKEN", "GATEWAY_AUTH__MODE": "jwt",
+        "GATEWAY_AUTH__JWT__ISSUER": "https://login.example.org", "GATEWAY_AUTH__JWT__AUDIENCE": "https://gw.example.org/fhir",
+    })
+    assert settings.upstream.auth.kind == "bearer" and settings.upstream.auth.token_env == "FHIR_TOKEN"
+    assert settings.auth.jwt.jwks == "https://login.example.org/.well-known/jwks.json"
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "bearer"}}}, "upstream.auth: bearer needs exactly one of token_env or token_file"),
+    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "smart-backend", "client_id": "gw"}}}, "upstream.auth: token_url is required"),
+    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "basic"}}}, "upstream.auth.kind:"),
+    ({"upstream": {"url": UPSTREAM, "client_key_file": "k.pem"}}, "upstream: client_cert_file is required"),
+    ({"upstream": {"url": UPSTREAM}, "auth": {"mode": "jwt", "jwt": {"issuer": "https://i.example.org"}}}, "auth: jwt.audience is required"),
+    ({"upstream": {"url": UPSTREAM}, "auth": {"mode": "jwt", "jwt": {"issuer": "https://i", "audience": "a", "algorithms": ["none"]}}}, "auth.jwt.algorithms:"),
+])
+def test_identity_settings_are_checked(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_settings(data)
+    assert str(caught.value).startswith(expected), caught.value

@@ -8,8 +8,8 @@
 // /metadata. Not supported: operations such as Patient/$everything (501 not-supported),
 // _has reverse chaining (Medplum's MemoryRepository matches nothing), XML.
 //
-// Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1]
-// (or ENGINE_PORT / ENGINE_BASE_PATH). Port 0 picks a free port. Once listening, prints
+// Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1] [--require-bearer TOKEN]
+// (or ENGINE_PORT / ENGINE_BASE_PATH / ENGINE_REQUIRE_BEARER). Port 0 picks a free port. Once listening, prints
 // one line `LISTENING <port>` on stdout.
 
 import http from 'node:http';
@@ -40,6 +40,8 @@ const options = parseArgs({
     port: { type: 'string', default: process.env.ENGINE_PORT ?? '0' },
     host: { type: 'string', default: '127.0.0.1' },
     'base-path': { type: 'string', default: process.env.ENGINE_BASE_PATH ?? '/fhir' },
+    // A secured server: every request (also /metadata) needs `Authorization: Bearer <token>`.
+    'require-bearer': { type: 'string', default: process.env.ENGINE_REQUIRE_BEARER ?? '' },
   },
 }).values;
 const trimmedBase = options['base-path'].replace(/^\/+|\/+$/g, '');
@@ -196,6 +198,9 @@ function assertValid(resource) {
 
 async function handle(req, res) {
   const url = new URL(req.url, 'http://engine');
+  if (options['require-bearer'] && req.headers.authorization !== `Bearer ${options['require-bearer']}`) {
+    return send(res, 401, outcome('login', 'A valid bearer token is required'), { 'WWW-Authenticate': 'Bearer' });
+  }
   if (url.pathname !== basePath && !url.pathname.startsWith(basePath + '/')) {
     return send(res, 404, outcome('not-found', `Not under ${basePath}`));
   }

@@ -1,0 +1,115 @@
+"""The pure pieces of "one door": strict JSON reading and the references that decide."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.core import strict_json
+from gateway.core.references import (
+    UNREADABLE, Resolved, deciding_references, iter_resources, may_name_unreleased, medication_reference,
+    scrub_displays,
+    security_context,
+)
+from tests.fixtures import clinical as c
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"subject":{"reference":"Patient/a"},"subject":{"reference":"Patient/b"}}',
+    b'{"a": {"x": 1, "x" : 2}}',                       # space before the colon: exact parser
+    b'{"entry":[{"resource":{"id":"1","id":"2"}}]}',
+    b'{"note":"say \\u0022:","note":"x"}',              # an escaped quote the count cannot see
+    b'{"note":"say \\":","note":"x"}',
+])
+def test_repeated_keys_are_found(raw: bytes) -> None:
+    assert strict_json.has_duplicate_keys(raw, orjson.loads(raw))
+    with pytest.raises(ValueError):
+        strict_json.loads(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a":1,"b":{"a":2}}',                               # the same key in two objects
+    b'[{"a":1},{"a":2}]',
+    b'{"div":"<div xmlns=\\"http://www.w3.org/1999/xhtml\\">a: b</div>","x":1}',
+    b'{\n  "a": 1,\n  "b": "c:d"\n}',
+    b'{"note":"say \\":"}',
+])
+def test_distinct_keys_pass(raw: bytes) -> None:
+    assert not strict_json.has_duplicate_keys(raw, orjson.loads(raw))
+
+
+def test_a_byte_order_mark_is_read_past() -> None:
+    assert strict_json.loads(strict_json.BOM + b'{"resourceType":"Consent"}') == {"resourceType": "Consent"}
+
+
+BINARY: dict[str, Any] = {
+    "resourceType": "Binary", "id": "bin-1", "contentType": "text/plain", "data": "SElW",
+    "securityContext": {"reference": "DocumentReference/doc-1"},
+}
+MED = {"resourceType": "Medication", "id": "med-1",
+       "code": c.concept(c.RXNORM, "1010600", c.BUPRENORPHINE_DISPLAY)}
+ORDER = {"resourceType": "MedicationRequest", "id": "rx-1", "subject": {"reference": c.PAT_ANA},
+         "medicationReference": {"reference": "Medication/med-1"}}
+
+
+def test_security_context_only_names_patient_data() -> None:
+    assert security_context(BINARY) == "DocumentReference/doc-1"
+    assert security_context({**BINARY, "securityContext": {"reference": "Organization/o1"}}) is None
+    assert security_context({**BINARY, "resourceType": "Basic"}) is None
+
+
+def test_targets_missing_from_the_answer_are_listed() -> None:
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": BINARY}, {"resource": ORDER}]}
+    present, contexts, medications = deciding_references(bundle) or ({}, frozenset(), frozenset())
+    assert set(present) == {"Binary/bin-1", "MedicationRequest/rx-1"}
+    assert contexts == {"DocumentReference/doc-1"} and medications == {"Medication/med-1"}
+    with_med = {"resourceType": "Bundle", "entry": [{"resource": ORDER}, {"resource": MED}]}
+    assert deciding_references(with_med) == (
+        {"MedicationRequest/rx-1": ORDER, "Medication/med-1": MED}, frozenset(), frozenset()
+    )
+    assert deciding_references({"resourceType": "Bundle", "entry": [{"resource": c.ANA_CBC}]}) is None
+
+
+def test_a_contained_medication_is_found_and_an_unread_one_is_unreadable() -> None:
+    contained = {**ORDER, "contained": [{**MED, "id": "m"}], "medicationReference": {"reference": "#m"}}
+    assert medication_reference(contained) == "#m"
+    assert Resolved().medication_of(contained) == {**MED, "id": "m"}
+    assert Resolved().medication_of(ORDER) is UNREADABLE
+    assert Resolved({"Medication/med-1": None}).medication_of(ORDER) is None
+
+
+def test_displays_of_unreleased_patient_data_are_removed() -> None:
+    report = {
+        "resourceType": "DiagnosticReport", "id": "dr-1", "subject": {"reference": c.PAT_ANA, "display": "Ana"},
+        "performer": [{"reference": c.DOCTOR, "display": "Dr Gomez"}],
+        "result": [{"reference": "Observation/hiv-vl", "display": "HIV-1 viral load 12000 copies/mL"},
+                   {"reference": "Observation/cbc", "display": "CBC"}],
+    }
+    bundle = {"resourceType": "Bundle", "entry": [
+        {"resource": report}, {"resource": {"resourceType": "Observation", "id": "cbc"}},
+    ]}
+    released = frozenset(r for r in (f"{x['resourceType']}/{x['id']}" for x in iter_resources(bundle)))
+    assert scrub_displays(bundle, released)
+    assert report["result"] == [{"reference": "Observation/hiv-vl"}, {"reference": "Observation/cbc", "display": "CBC"}]
+    assert report["performer"][0]["display"] == "Dr Gomez"      # not patient data
+    assert "display" not in report["subject"]                      # the Patient is not in the answer
+    assert not scrub_displays(bundle, released)                    # nothing left to remove
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"subject":{"reference":"Patient/a","display":"Ana"}}', True),
+    (b'{"result":[{"reference":"Observation\\/hiv","display":"HIV-1 viral load"}]}', True),
+    (b'{"result":[{"refer\\u0065nce":"Observation/hiv","display":"HIV-1 viral load"}]}', True),
+    (b'{"result":[{"reference" : "Observation/hiv", "display":"x"}]}', True),
+    (b'{"performer":[{"reference":"Practitioner/p","display":"Dr"}],"code":{"text":"x"}}', False),
+    (b'{"subject":{"reference":"Patient/a"}}', False),
+    (b'{"result":[{"reference":"Observation/cbc","display":"CBC"}]}', False),
+])
+def test_the_byte_check_never_misses_a_display_to_remove(raw: bytes, expected: bool) -> None:
+    released = frozenset({"Observation/cbc"})
+    assert may_name_unreleased(raw, released) is expected
+    if not expected:
+        parsed = {"resourceType": "Basic", **orjson.loads(raw)}
+        assert not scrub_displays(parsed, released) or b'"display"' not in raw
