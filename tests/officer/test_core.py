@@ -55,3 +55,16 @@ def test_audit_events_are_told_apart() -> None:
     assert disclosure["entity"][1]["securityLabel"] == [{"system": V3_ACT_CODE, "code": "HIV"}]
     review = review_event(event_id="r1", reviewed="bg1", reviewer="Kim", now=now, note="")
     assert tags_of(review) == {"break-glass-review"} and review["entity"][0]["what"]["reference"] == "AuditEvent/bg1"
+
+
+def test_config_names_the_key_of_a_bad_mode() -> None:
+    import pytest
+
+    from gateway.config import ConfigError, build_settings
+
+    base = {"upstream": {"url": "http://fhir:8080/fhir"}}
+    assert build_settings(base).audit.disclosures == "sensitive"
+    with pytest.raises(ConfigError, match=r"^enforcement\.mode: "):
+        build_settings({**base, "enforcement": {"mode": "report"}})
+    with pytest.raises(ConfigError, match=r"^audit\.disclosures: "):
+        build_settings({**base, "audit": {"disclosures": "some"}})
