@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pytest
+
+from gateway.config import ConfigError, build_settings
+
 from gateway.core.ds4p import NORDSLCD, add_notice, mark
 from gateway.core.model import V3_ACT_CODE, Actor, Label
 from gateway.core.officer import disclosure_event, is_break_glass, loggable_path, loggable_query, review_event, tags_of
@@ -58,10 +62,6 @@ def test_audit_events_are_told_apart() -> None:
 
 
 def test_config_names_the_key_of_a_bad_mode() -> None:
-    import pytest
-
-    from gateway.config import ConfigError, build_settings
-
     base = {"upstream": {"url": "http://fhir:8080/fhir"}}
     assert build_settings(base).audit.disclosures == "sensitive"
     with pytest.raises(ConfigError, match=r"^enforcement\.mode: "):
