@@ -31,7 +31,10 @@ REDISCLOSURE_NOTICE = (
 
 def sensitive_of(labels: Iterable[Label], sensitive: frozenset[str]) -> list[Label]:
     """The labels of ``labels`` that are sensitive, in a stable order."""
-    return sorted({label for label in labels if label.code in sensitive}, key=lambda l: (l.system, l.code))
+    hits = [label for label in labels if label.code in sensitive]
+    if len(hits) < 2:
+        return hits
+    return sorted(set(hits), key=lambda l: (l.system, l.code))
 
 
 def is_part2(labels: Iterable[Label]) -> bool:
