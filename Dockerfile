@@ -21,16 +21,14 @@ WORKDIR /src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install pip==25.3
 
-# The dependency pins live in pyproject.toml; pip installs exactly those versions.
-COPY pyproject.toml README.md ./
+# The dependency pins live in pyproject.toml; pip installs exactly those versions. The wheel
+# carries the label rules (rules/ becomes the package data gateway/bundled_rules, see setup.py),
+# so the default sensitivity.rules_dir works with no setting at all.
+COPY pyproject.toml setup.py README.md ./
 COPY gateway/ gateway/
+COPY rules/ rules/
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /tmp/wheels . \
  && /opt/venv/bin/pip install /tmp/wheels/consent_gateway-*.whl
-
-# The wheel holds only the gateway package, and the gateway finds its bundled label rules at
-# Path(gateway.__file__).parent.parent / "rules". Installed, that parent is site-packages, so
-# the rules go there: the default sensitivity.rules_dir then works with no setting at all.
-COPY rules/ /opt/venv/lib/python3.11/site-packages/rules/
 
 
 FROM python:3.11.14-slim-trixie

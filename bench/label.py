@@ -134,6 +134,58 @@ def realistic_mix() -> list[JSON]:
     return mix
 
 
+# A Synthea-like record of routine care, none of it sensitive: (resource type, system, code).
+# Codes are those Synthea's general-care modules write (wellness encounters, chronic disease,
+# acute illness, labs, vitals, routine medications and immunizations).
+ROUTINE_CODES: list[tuple[str, str, str]] = [
+    *[("Observation", LOINC, c) for c in (
+        "58410-2", "718-7", "789-8", "786-4", "787-2", "6690-2", "777-3", "2339-0", "2160-0", "4548-4",
+        "2093-3", "18262-6", "2085-9", "2571-8", "57698-3", "33914-3", "6298-4", "2947-0", "1742-6", "1920-8",
+        "8480-6", "8462-4", "8867-4", "9279-1", "8310-5", "29463-7", "8302-2", "39156-5", "72514-3", "55757-9",
+        "72166-2", "59576-9", "8289-1", "5902-2", "6301-6",
+    )],
+    *[("Condition", SCT, c) for c in (
+        "59621000", "15777000", "444814009", "10509002", "162864005", "271737000", "44465007", "55822004",
+        "65363002", "195662009", "40055000", "233678006", "66383009", "399211009", "160903007", "314529007",
+    )],
+    *[("Condition", ICD, c) for c in ("I10", "E11.9", "J45.909", "E78.5", "J06.9", "M54.5", "K21.9", "E66.9")],
+    *[("MedicationRequest", RXNORM, c) for c in (
+        "314076", "860975", "314231", "310798", "308182", "313782", "310965", "197806", "5640", "895994",
+        "1049630", "849574", "106892", "198405",
+    )],
+    *[("Immunization", "http://hl7.org/fhir/sid/cvx", c) for c in ("140", "133", "115", "208", "62", "21")],
+    *[("Procedure", SCT, c) for c in ("430193006", "171207006", "710824005", "183460006", "252160004")],
+    *[("Encounter", SCT, c) for c in ("185349003", "162673000", "185345009", "410620009")],
+]
+
+
+def routine_mix() -> list[JSON]:
+    """One resource per routine code, each in the element its type keeps it in."""
+    mix: list[JSON] = []
+    for n, (rtype, system, code) in enumerate(ROUTINE_CODES):
+        if rtype == "Observation":
+            mix.append(_obs(1000 + n, code, "laboratory"))
+        elif rtype == "Condition":
+            mix.append(_condition(1000 + n, system, code))
+        elif rtype == "MedicationRequest":
+            mix.append(_med(1000 + n, code, contained=n % 2 == 0))
+        elif rtype == "Immunization":
+            mix.append({"resourceType": rtype, "id": f"imm-{n}", "vaccineCode": _concept(system, code)})
+        elif rtype == "Encounter":
+            mix.append({"resourceType": rtype, "id": f"enc-{n}", "type": [_concept(system, code)]})
+        else:
+            mix.append({"resourceType": rtype, "id": f"proc-{n}", "code": _concept(system, code)})
+    return mix
+
+
+def false_positives() -> tuple[int, int, list[str]]:
+    """(labeled, total, which) over the routine mix: every label there is a false positive."""
+    index = load_rules()
+    mix = routine_mix()
+    labeled = [f"{r['resourceType']}/{r['id']}" for r in mix if index.labels_for(r)]
+    return len(labeled), len(mix), labeled
+
+
 def measure(rounds: int) -> tuple[int, float]:
     """Label the mix ``rounds`` times; return (resources labeled, microseconds per resource)."""
     index = load_rules()
@@ -158,6 +210,8 @@ def main() -> None:
     args = parser.parse_args()
     count, micros = measure(args.rounds)
     print(f"labels_for: {micros:.2f} us per resource ({count} resources per run, best of 5; target < 10 us)")
+    labeled, total, which = false_positives()
+    print(f"false positives: {labeled} of {total} routine resources ({labeled / total:.1%}) {' '.join(which)}")
 
 
 if __name__ == "__main__":

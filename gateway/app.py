@@ -10,15 +10,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway.audit import AuditDelivery, AuditLog, disclosures_path
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
+from gateway.core.errors import ConsentUnavailable
 from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
+from gateway.sources.changes import ChangeFeed
 from gateway.sources.factory import build_source
 from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
@@ -27,6 +29,7 @@ from gateway.upstream import Upstream
 from gateway.upstream_auth import build_credentials, tls_context
 from gateway.issuer import Issuer
 from gateway.web import admin, discovery, proxy
+from gateway.web.drain import Drain, build_drain_middleware
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
 from gateway.web.protocol import FhirAppRunner
 from gateway.web.resolve import MedicationCache
@@ -40,6 +43,7 @@ def _server(url: str, settings: Settings, own: Upstream | None = None) -> Upstre
     return Upstream(
         url, timeout_s=settings.upstream.timeout_s, max_connections=settings.upstream.max_connections,
         tls=own.tls if own else None, credentials=own.credentials if own else None,
+        max_response_bytes=settings.upstream.max_response_bytes,
     )
 
 
@@ -49,6 +53,7 @@ def _fhir_upstream(settings: Settings) -> Upstream:
         settings.upstream.url, timeout_s=settings.upstream.timeout_s,
         max_connections=settings.upstream.max_connections, tls=tls_context(settings.upstream),
         credentials=build_credentials(settings.upstream.auth, os.environ, settings.upstream.timeout_s),
+        max_response_bytes=settings.upstream.max_response_bytes,
     )
 
 
@@ -74,27 +79,53 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         labels=labels,
         store=store,
         enforcement=ConsentEnforcement(store, labels, policy),
-        audit=AuditLog(settings.audit.path),
+        audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
         medications=MedicationCache(settings.consent.cache_ttl_s),
-        disclosures=AuditLog(disclosures_path(settings.audit.path)),
+        disclosures=AuditLog(disclosures_path(settings.audit.path), stdout=settings.audit.stdout),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
 
-async def _watch_upstream(state: GatewayState) -> None:
+def open_audit(settings: Settings) -> AuditLog:
+    """The audit log, opened now: ConfigError (exit 2) when it cannot be written."""
+    audit = AuditLog(settings.audit.path, stdout=settings.audit.stdout)
+    try:
+        audit.open()
+    except OSError as exc:
+        raise ConfigError(f"audit.path: cannot write the audit file: {exc.strerror or exc}") from None
+    return audit
+
+
+async def _once_listening(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work`` once both listeners are bound (a start that fails to bind stays quiet)."""
+    await state.listening.wait()
+    await work()
+
+
+async def _watch_dependencies(state: GatewayState) -> None:
+    """Readiness: ping the FHIR server; ask the consent source when it has not answered lately."""
     interval = state.settings.upstream.health_interval_s
     while True:
         if await state.upstream.ping(timeout_s=min(interval, state.settings.upstream.timeout_s)):
             state.readiness.last_ok = time.monotonic()
+        store = state.store
+        stale = store.answered_at is None or time.monotonic() - store.answered_at > interval
+        failed = store.failed_at is not None and (store.answered_at is None or store.failed_at >= store.answered_at)
+        if store.probes and (stale or failed):
+            with contextlib.suppress(ConsentUnavailable):
+                await store.probe()
         await asyncio.sleep(interval)
 
 
 def build_proxy_app(state: GatewayState) -> web.Application:
     """The FHIR-facing application; its cleanup_ctx owns the upstream session."""
     app = web.Application(
-        middlewares=[request_id_middleware, proxy.observe_middleware, build_error_middleware(state.metrics)],
+        middlewares=[
+            request_id_middleware, proxy.observe_middleware, build_drain_middleware(state.drain, state.metrics),
+            build_error_middleware(state.metrics),
+        ],
         client_max_size=state.settings.listen.max_body_bytes,
     )
     app[STATE] = state
@@ -105,12 +136,17 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             await state.consent_server.open()
         if state.issuer is not None:
             await state.issuer.open()
-        tasks = [asyncio.create_task(_watch_upstream(state))]
-        audit_server = None
+        tasks = [asyncio.create_task(_watch_dependencies(state))]
+        poll_s = state.settings.consent.change_poll_s
+        if poll_s > 0:
+            feed = ChangeFeed(state.store, state.metrics, poll_s)
+            tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
+        audit_server = delivery = None
         if state.settings.audit.fhir_url:
             audit_server = _server(state.settings.audit.fhir_url, state.settings, state.upstream)
             await audit_server.open()
-            tasks.append(asyncio.create_task(AuditDelivery(state.audit, audit_server).run()))
+            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
+            tasks.append(asyncio.create_task(delivery.run()))
             if state.disclosures is not None:
                 tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server).run()))
         yield
@@ -118,6 +154,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if delivery is not None:
+            delivery.close()
         if audit_server is not None:
             await audit_server.close()
         state.audit.close()
@@ -167,9 +205,19 @@ class RunningGateway:
     proxy_port: int
     admin_port: int
 
+    drain: Drain
+    grace_s: float
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), release the upstream."""
-        await self.proxy_runner.cleanup()
+        """Stop accepting, let in-flight requests finish (bounded), release the upstream.
+
+        Requests still running when the grace period ends are answered 503 (CONTRACT §2).
+        """
+        cutter = asyncio.get_running_loop().call_later(self.grace_s, self.drain.cut_all)
+        try:
+            await self.proxy_runner.cleanup()
+        finally:
+            cutter.cancel()
         await self.admin_runner.cleanup()
 
 
@@ -198,8 +246,15 @@ async def start(state: GatewayState) -> RunningGateway:
     settings = state.settings
     # aiohttp waits this long for handlers, then cancels and waits as long again: halve it.
     timeout = settings.listen.shutdown_timeout_s / 2
-    proxy_runner = FhirAppRunner(build_proxy_app(state), access_log=None, shutdown_timeout=timeout)
-    admin_runner = web.AppRunner(build_admin_app(state), access_log=None, shutdown_timeout=timeout)
+    # A connection must deliver a whole request head within this time of opening (or of its
+    # previous answer): aiohttp's keep-alive timer, which also runs while a head trickles in.
+    keepalive = settings.listen.header_timeout_s
+    proxy_runner = FhirAppRunner(
+        build_proxy_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
+    )
+    admin_runner = web.AppRunner(
+        build_admin_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
+    )
     await proxy_runner.setup()
     await admin_runner.setup()
     try:
@@ -209,7 +264,13 @@ async def start(state: GatewayState) -> RunningGateway:
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
         raise
-    return RunningGateway(proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner))
+    state.listening.set()
+    return RunningGateway(
+        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner),
+        # aiohttp gives handlers two ``timeout`` periods, then cancels them and closes their
+        # connections: cut just before that, so the 503s still go out.
+        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)),
+    )
 
 
 async def serve_until_signalled(state: GatewayState) -> None:

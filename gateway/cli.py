@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.rules import RulesError
 
 # Subcommand modules under gateway/commands, each with add_parser() and run().
 COMMANDS = ("demo", "decide", "label", "convert", "whatif")
@@ -62,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
     except ConfigError as exc:
         print(f"consent-gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    except RulesError as exc:
+        print(f"consent-gateway: config error: sensitivity.rules_dir: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

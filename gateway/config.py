@@ -78,6 +78,8 @@ class UpstreamSettings(_Section):
     timeout_s: float = Field(30.0, gt=0)
     max_connections: int = Field(100, ge=1)
     health_interval_s: float = Field(10.0, gt=0)
+    # A bigger answer is a 502: it is read with this cap, never buffered beyond it.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1)
     ca_file: Path | None = None
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
@@ -98,6 +100,10 @@ class ListenSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
     shutdown_timeout_s: float = Field(10.0, ge=0)
+    # A connection that has not delivered a whole request head this many seconds after it
+    # opened (or after its previous answer) is closed: slow clients cannot hold connections.
+    # It is also the keep-alive idle limit, so keep it above the ingress's (nginx: 60 s).
+    header_timeout_s: float = Field(75.0, gt=0)
 
 
 class AdminSettings(_Section):
@@ -183,6 +189,8 @@ class ConsentSettings(_Section):
     # Who may write Consents through the gateway besides the patient the consent is about:
     # requesters whose X-Actor-Role is listed (default: nobody else).
     writer_roles: tuple[str, ...] = ()
+    # How often each replica asks the consent source what changed (CONTRACT §9); 0 = never.
+    change_poll_s: float = Field(5.0, ge=0)
 
     @field_validator("source_url")
     @classmethod
@@ -247,6 +255,7 @@ class BreakGlassSettings(_Section):
 class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
     fhir_url: str | None = None
+    stdout: bool = False  # also print each AuditEvent as one JSON line (for a SIEM)
     # Accounting of disclosures (CONTRACT §10): which releases are recorded as AuditEvents.
     disclosures: Literal["sensitive", "all", "none"] = "sensitive"
 

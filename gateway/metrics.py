@@ -64,6 +64,17 @@ class Metrics:
         self.disclosures = Counter(
             "consent_gateway_disclosures", "Disclosure AuditEvents recorded", registry=r,
         )
+        self.change_poll_errors = Counter(
+            "consent_gateway_change_poll_errors", "Consent change polls that failed", registry=r,
+        )
+        self.change_poll_age = Gauge(
+            "consent_gateway_change_poll_age_seconds",
+            "Seconds since the last successful consent change poll", registry=r,
+        )
+        self.audit_backlog = Gauge(
+            "consent_gateway_audit_delivery_backlog_bytes",
+            "Audit bytes written locally but not yet delivered to audit.fhir_url", registry=r,
+        )
         self.errors = Counter(
             "consent_gateway_errors", "Error answers made by the gateway", ("code",), registry=r,
         )

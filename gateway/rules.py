@@ -9,7 +9,13 @@ import yaml
 
 from gateway.core.labels import LabelIndex, RuleDataError
 
-BUNDLED_RULES = Path(__file__).resolve().parent.parent / "rules"
+_PACKAGE = Path(__file__).resolve().parent
+# Installed from a wheel, rules/ is the package data gateway/bundled_rules (setup.py maps it);
+# in a source checkout or an editable install it is the top-level rules/ beside the package.
+BUNDLED_RULES = next(
+    (d for d in (_PACKAGE / "bundled_rules", _PACKAGE.parent / "rules") if d.is_dir()),
+    _PACKAGE / "bundled_rules",
+)
 
 
 class RulesError(Exception):
@@ -23,7 +29,9 @@ def load_rules(rules_dir: Path | None = None) -> LabelIndex:
     content is wrong (unknown code system, bad label, duplicate code, ...).
     """
     directory = BUNDLED_RULES if rules_dir is None else Path(rules_dir)
-    files = sorted(directory.glob("*.yaml")) if directory.is_dir() else []
+    if not directory.is_dir():
+        raise RulesError(f"{directory}: not a directory")
+    files = sorted(directory.glob("*.yaml"))
     if not files:
         raise RulesError(f"{directory}: no rules (*.yaml) found")
     documents = {f"{directory.name}/{path.name}": _read(directory.name, path) for path in files}

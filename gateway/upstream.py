@@ -15,7 +15,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.core.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.core.errors import UpstreamTimeout, UpstreamTooLarge, UpstreamUnavailable
 from gateway.upstream_auth import Credentials, CredentialsUnavailable
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those the gateway computes itself.
@@ -46,13 +46,33 @@ class UpstreamResponse:
     seconds: float
 
 
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, read chunk by chunk; UpstreamTooLarge (502) as soon as it passes ``limit``.
+
+    SECURITY: an answer is never buffered beyond the limit, so no answer can exhaust memory.
+    """
+    too_large = UpstreamTooLarge("The FHIR server's answer is larger than this gateway accepts.")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class Upstream:
     """A FHIR server reached over one pooled ClientSession (owned by the app's cleanup_ctx)."""
 
     def __init__(
         self, base_url: str, *, timeout_s: float, max_connections: int,
         tls: ssl.SSLContext | None = None, credentials: Credentials | None = None,
+        max_response_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        self.max_response_bytes = max_response_bytes
         self.base_url = base_url.rstrip("/")
         self.base = URL(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -131,7 +151,7 @@ class Upstream:
             async with self.session.request(
                 method, url, headers=headers, data=body, allow_redirects=False, timeout=timeout
             ) as resp:
-                payload = await resp.read()
+                payload = await read_capped(resp, self.max_response_bytes)
                 return UpstreamResponse(resp.status, resp.headers, payload, time.perf_counter() - started)
         except asyncio.TimeoutError:
             raise UpstreamTimeout("The FHIR server did not answer in time.") from None

@@ -66,6 +66,8 @@ def gateway_settings(upstream_url: str, **sections: Any) -> Settings:
         "upstream": {"url": upstream_url, "timeout_s": 5},
         "listen": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
+        # The fake upstream has no change listing; tests of the change feed turn it on.
+        "consent": {"change_poll_s": 0},
     }
     for name, values in sections.items():
         if isinstance(values, dict):

@@ -28,18 +28,31 @@ def add_parser(subparsers: Any) -> None:
             "A Bundle is labeled entry by entry; an NDJSON file line by line."
         ),
     )
-    parser.add_argument("file", type=Path, help="FHIR JSON resource, Bundle, or NDJSON file ('-' for stdin)")
+    parser.add_argument(
+        "file", type=Path, nargs="?", help="FHIR JSON resource, Bundle, or NDJSON file ('-' for stdin)"
+    )
     parser.add_argument("--rules-dir", type=Path, default=None, help="rules directory (default: the bundled rules/)")
+    parser.add_argument(
+        "--coverage",
+        action="store_true",
+        help="print, per category and code system, how many codes the rules hold and their sources",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the labels; exit 2 with one line on stderr when the rules or the input are bad."""
+    if (args.file is None) == (not args.coverage):
+        print("consent-gateway label: give a FILE, or --coverage", file=sys.stderr)
+        return 2
     try:
         index = load_rules(args.rules_dir)
-        resources = read_resources(args.file)
+        resources = [] if args.coverage else read_resources(args.file)
     except (RulesError, InputError) as exc:
         print(f"consent-gateway label: {exc}", file=sys.stderr)
         return 2
+    if args.coverage:
+        print("\n".join(coverage_report(index)))
+        return 0
     for number, resource in enumerate(resources, 1):
         print(describe(index, resource, number))
     return 0
@@ -56,6 +69,33 @@ def describe(index: LabelIndex, resource: JSON, number: int) -> str:
     labels = ",".join(sorted({label.code for label, _ in reasons}))
     rules = "; ".join(dict.fromkeys(rule for _, rule in reasons))
     return f"{name}  {labels}  {rules}"
+
+
+def coverage_report(index: LabelIndex) -> list[str]:
+    """Per category and code system: codes held (ranges and ICD-10-CM categories as listed, and
+    expanded), the labels they give, then every source the codes come from."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    labels: dict[tuple[str, str], set[str]] = {}
+    sources: dict[tuple[str, str], dict[str, int]] = {}
+    for entry in index.coverage:
+        key = (entry.category, entry.system)
+        count = totals.setdefault(key, [0, 0])
+        count[0] += entry.entries
+        count[1] += entry.codes
+        labels.setdefault(key, set()).update(entry.labels)
+        by_source = sources.setdefault(key, {})
+        by_source[entry.source] = by_source.get(entry.source, 0) + entry.codes
+    lines = [f"{'category':<22}{'system':<12}{'entries':>8}{'codes':>8}  labels"]
+    for (category, system), (entries, codes) in sorted(totals.items()):
+        lines.append(f"{category:<22}{system:<12}{entries:>8}{codes:>8}  {','.join(sorted(labels[(category, system)]))}")
+    lines.append("")
+    lines.append("ICD-10-CM entries cover every code below them; CPT/HCPCS ranges count each code.")
+    lines.append("")
+    lines.append("sources:")
+    for (category, system), by_source in sorted(sources.items()):
+        for source, codes in by_source.items():
+            lines.append(f"  {category} / {system}: {codes:>4}  {source}")
+    return lines
 
 
 def read_resources(path: Path) -> list[JSON]:

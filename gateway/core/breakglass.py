@@ -133,12 +133,14 @@ def audit_event(
     resources: Sequence[tuple[str, bool]],
     consents: Sequence[str] = (),
     source_id: str = "consent-gateway",
+    consents_unknown: bool = False,
 ) -> JSON:
     """A FHIR R4 AuditEvent of one emergency access.
 
     ``resources`` are (reference, consent would have denied it) for every resource returned;
     ``consents`` are the emergency Consents that granted the access (none for the first,
-    header-carrying request).
+    header-carrying request). ``consents_unknown``: the consents could not be read, so every
+    resource is marked as one consent would have denied, and the event says so.
     """
     agents: list[JSON] = [
         {
@@ -175,6 +177,13 @@ def audit_event(
         for c in consents
     )
     would_deny = sum(1 for _, denied in resources if denied)
+    summary = (
+        f"Break-glass: {would_deny} of {len(resources)} resources would have been denied by consent"
+        if would_deny else "Break-glass: this access would have been permitted by consent"
+    )
+    if consents_unknown:
+        summary = (f"Break-glass: the patients' consents could not be read; all {len(resources)} "
+                   "resources returned are counted as consent would have denied them")
     return {
         "resourceType": "AuditEvent",
         "id": event_id,
@@ -185,10 +194,7 @@ def audit_event(
         "action": _ACTIONS.get(interaction, "R"),
         "recorded": now.isoformat().replace("+00:00", "Z"),
         "outcome": "0" if status < 400 else ("4" if status < 500 else "8"),
-        "outcomeDesc": (
-            f"Break-glass: {would_deny} of {len(resources)} resources would have been denied by consent"
-            if would_deny else "Break-glass: this access would have been permitted by consent"
-        ),
+        "outcomeDesc": summary,
         "purposeOfEvent": [
             {"coding": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT"}], "text": reason},
             {"coding": [{"system": V3_ACT_CODE, "code": "BTG", "display": "break the glass"}]},
@@ -200,4 +206,53 @@ def audit_event(
             "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}],
         },
         "entity": entities,
+    }
+
+
+def window_not_recorded_event(
+    *, event_id: str, access_event_id: str, actor: Actor, reason: str, now: datetime, patients: Sequence[str],
+    source_id: str = "consent-gateway",
+) -> JSON:
+    """The AuditEvent saying that a break-glass access was served but no emergency window was
+    recorded for it (the Consent could not be stored): later requests need the header again.
+
+    It follows the access's own AuditEvent (``access_event_id``), which was written first.
+    """
+    return {
+        "resourceType": "AuditEvent",
+        "id": event_id,
+        "meta": {"security": [{"system": V3_CONFIDENTIALITY, "code": "R"}]},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "create"}],
+        "action": "C",
+        "recorded": now.isoformat().replace("+00:00", "Z"),
+        "outcome": "4",
+        "outcomeDesc": ("Break-glass: no emergency access window was recorded (the emergency Consent "
+                        "could not be stored); the access itself was served and audited"),
+        "purposeOfEvent": [
+            {"coding": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT"}], "text": reason},
+            {"coding": [{"system": V3_ACT_CODE, "code": "BTG", "display": "break the glass"}]},
+        ],
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/extra-security-role-type", "code": "humanuser"}]},
+            "who": {"reference": actor.reference},
+            "requestor": True,
+        }],
+        "source": {
+            "site": source_id,
+            "observer": {"display": "FHIR Consent Gateway"},
+            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            *({
+                "what": {"reference": p},
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
+                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"},
+            } for p in patients),
+            {
+                "what": {"reference": f"AuditEvent/{access_event_id}"},
+                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
+                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "13", "display": "Security Resource"},
+            },
+        ],
     }

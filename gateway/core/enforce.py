@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from gateway.core.compartment import is_patient_data, patients_of, references_of
-from gateway.core.fhir import JSON
+from gateway.core.fhir import JSON, relative_reference, resource_reference
 from gateway.core.model import Decision, Reason, Verdict
 
 # judge(resource, the patients it belongs to) -> Decision
@@ -165,6 +165,57 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
     return decision
 
 
+def _identities(entry: JSON, resource: JSON) -> set[str]:
+    """How other resources of the Bundle may refer to this entry: ``Type/id`` and its fullUrl."""
+    found = set()
+    ref = resource_reference(resource)
+    if ref is not None:
+        found.add(ref)
+    full = entry.get("fullUrl")
+    if isinstance(full, str):
+        found.add(full)
+        found.add(relative_reference(full))
+    return found
+
+
+def scrub_compositions(entries: list[object], gone: set[str]) -> bool:
+    """A document's Composition whose sections list withheld entries loses those entries and
+    the narrative that may name them (the section's and the document's); True if any did."""
+    changed = False
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "Composition":
+            if _scrub_sections(resource.get("section"), gone):
+                resource.pop("text", None)
+                changed = True
+    return changed
+
+
+def _scrub_sections(sections: object, gone: set[str]) -> bool:
+    changed = False
+    for section in sections if isinstance(sections, list) else ():
+        if not isinstance(section, dict):
+            continue
+        refs = section.get("entry")
+        if isinstance(refs, list):
+            kept = [r for r in refs if not _names(r, gone)]
+            if len(kept) != len(refs):
+                section["entry"] = kept
+                if not kept:
+                    del section["entry"]
+                section.pop("text", None)
+                changed = True
+        if _scrub_sections(section.get("section"), gone):
+            section.pop("text", None)
+            changed = True
+    return changed
+
+
+def _names(ref: object, gone: set[str]) -> bool:
+    target = ref.get("reference") if isinstance(ref, dict) else None
+    return isinstance(target, str) and (target in gone or relative_reference(target) in gone)
+
+
 def _mode(entry: object) -> object:
     search = entry.get("search") if isinstance(entry, dict) else None
     return search.get("mode") if isinstance(search, dict) else None
@@ -275,6 +326,7 @@ class Enforcer:
         if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
+            gone: set[str] = set()
             for entry in entries:
                 resource = entry.get("resource")
                 if response_bundle:
@@ -284,11 +336,18 @@ class Enforcer:
                     return
                 if resource is None or self._keep(resource):
                     kept.append(entry)
-                elif response_bundle:
+                    continue
+                gone.update(_identities(entry, resource))
+                if response_bundle:
                     kept.append({"response": withheld_slot(self.withheld_status)})
+            if gone and scrub_compositions(kept, gone):
+                self.result.changed = True
             if len(self.result.removed) > removed_before and not response_bundle:
                 kept = without_orphan_includes(kept)
-                kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+                # In 404 mode a hidden record is indistinguishable from a missing one: no
+                # outcome entry tells that something was withheld.
+                if not self.withheld_status.startswith("404"):
+                    kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
             if len(self.result.removed) > removed_before:
                 bundle["entry"] = kept
                 self.result.changed = True

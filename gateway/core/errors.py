@@ -68,6 +68,12 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream-unavailable"
 
 
+class UpstreamTooLarge(UpstreamUnavailable):
+    """The FHIR server's answer exceeds ``upstream.max_response_bytes`` (read no further)."""
+
+    code = "upstream-too-large"
+
+
 class ConsentUnavailable(GatewayError):
     status = 503
     issue_code = "transient"

@@ -8,11 +8,15 @@ Semantics:
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
-- SNOMED CT, LOINC, RxNorm and CPT codes match exactly (no hierarchy: there is no terminology
-  server on the request path). ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule
-  code covers itself and every code below it (``F11`` covers ``F11.20`` and ``F1120``, never
-  ``F1`` or ``F12``). An ``exclude`` entry cancels the matches of its own set's category for
-  the codes below it (``F17`` under ``F10-F19``) and nothing else.
+- SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
+  terminology server on the request path); RxNorm sets list ingredients together with the drugs
+  (SCD, SBD, packs) their sources name that contain them; CPT and HCPCS sets may give a numeric
+  range (``90785-90899``).
+  ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule code covers itself and every
+  code below it (``F11`` covers ``F11.20`` and ``F1120``, never ``F1`` or ``F12``). A set's
+  ``sixth_character`` keeps only the codes below it whose 6th character is one of those given
+  (``T36-T50`` with ``2``: intentional self-harm). An ``exclude`` entry cancels the matches of
+  its own set's category for the codes below it (``F17`` under ``F12-F19``) and nothing else.
 - Codings with no system, or a system the rules do not know, earn nothing. A reference to a
   resource that is not contained cannot be followed here (no I/O) and earns nothing.
 - Invalid rule data raises ``RuleDataError`` naming the file, the entry and the problem.
@@ -27,6 +31,7 @@ from typing import Any
 
 from gateway.core.fhir import JSON
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
+from gateway.core.sensitivity_codes import CODES
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -34,6 +39,7 @@ SNOMED = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CPT = "http://www.ama-assn.org/go/cpt"
+HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 
 # Rule files name code systems by these short names; each has the display used in explanations
 # and the other URIs a sender may put in Coding.system for the same system.
@@ -43,17 +49,12 @@ CODE_SYSTEMS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
     "loinc": (LOINC, "LOINC", ("urn:oid:2.16.840.1.113883.6.1",)),
     "rxnorm": (RXNORM, "RxNorm", ("urn:oid:2.16.840.1.113883.6.88",)),
     "cpt": (CPT, "CPT", ("urn:oid:2.16.840.1.113883.6.12",)),
+    "hcpcs": (HCPCS, "HCPCS", ("urn:oid:2.16.840.1.113883.6.285", "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets")),
 }
 
-# v3-ActCode codes a rule may yield: information sensitivity policies and the privacy laws
-# that ride with them (http://terminology.hl7.org/CodeSystem/v3-ActCode).
-ACT_CODE_LABELS = frozenset(
-    {
-        "ETH", "GDIS", "HIV", "MST", "PREGNANT", "SCA", "SDV", "SEX", "SPI", "BH", "COGN",
-        "DVD", "EMOTDIS", "MH", "PSY", "PSYTHPN", "SUD", "ETHUD", "OPIOIDUD", "STD", "TBOO",
-        "VIO", "SICKLE", "GENDER", "42CFRPart2", "HIPAAPsyNotes", "Title38Section7332",
-    }
-)
+# v3-ActCode codes a rule may yield: the information sensitivity policies and the privacy laws
+# that ride with them, as the published code system lists them (http://terminology.hl7.org/CodeSystem/v3-ActCode).
+ACT_CODE_LABELS = CODES
 CONFIDENTIALITY_CODES = frozenset({"U", "L", "M", "N", "R", "V"})
 
 _ICD_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -63,7 +64,10 @@ _CODE_PATTERNS: Mapping[str, re.Pattern[str]] = {
     "loinc": re.compile(r"^(LP|LA)?[0-9]{1,6}-[0-9]$"),
     "rxnorm": re.compile(r"^[1-9][0-9]{0,8}$"),
     "cpt": re.compile(r"^[0-9]{4}[0-9FTU]$"),
+    "hcpcs": re.compile(r"^[A-V][0-9]{4}$"),
 }
+# A CPT or HCPCS range: one optional letter, then numbers of equal length (S2260-S2267).
+_NUMERIC_RANGE = re.compile(r"^([A-Z]?)([0-9]{4,5})-([A-Z]?)([0-9]{4,5})$")
 
 
 class RuleDataError(ValueError):
@@ -78,11 +82,29 @@ class RuleDataError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class _Hit:
-    """What one rule code gives: its labels, and each label with the rule that yields it."""
+    """What one rule code gives: its labels, and each label with the rule that yields it.
+
+    ``sixth``: for ICD-10-CM, the 6th characters a code below the rule code must have (None: any).
+    """
 
     category: str
     labels: frozenset[Label]
     reasons: tuple[tuple[Label, str], ...]
+    sixth: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CoverageEntry:
+    """One rule set as loaded, for the coverage report: where its codes come from."""
+
+    file: str
+    category: str
+    name: str
+    system: str
+    labels: tuple[str, ...]
+    entries: int  # codes, categories and ranges as the rule file lists them
+    codes: int  # after expanding ranges (ICD-10-CM categories also cover their descendants)
+    source: str
 
 
 _Sink = list[Any]
@@ -146,6 +168,8 @@ _BILLING = (
     "procedure.procedureCodeableConcept",
     "item.productOrService",
     "item.detail.productOrService",
+    "item.detail.subDetail.productOrService",
+    "addItem.productOrService",
 )
 
 # Where each resource type keeps the codes that reveal what the record is about.
@@ -191,6 +215,7 @@ _CODE_PATHS: Mapping[str, tuple[str, ...]] = {
     "List": ("code",),
     "Task": ("code", "reasonCode"),
     "Basic": ("code",),
+    "ChargeItem": ("code",),
     "QuestionnaireResponse": (),
     "Patient": (),
     "Practitioner": (),
@@ -260,6 +285,7 @@ class LabelIndex:
         "sensitive",
         "resource_scope_names",
         "sensitivity_scope_names",
+        "coverage",
     )
 
     def __init__(self) -> None:
@@ -275,6 +301,7 @@ class LabelIndex:
         self.sensitive: frozenset[str] = frozenset()
         self.resource_scope_names: frozenset[str] = frozenset()
         self.sensitivity_scope_names: frozenset[str] = frozenset()
+        self.coverage: tuple[CoverageEntry, ...] = ()
 
     # ------------------------------------------------------------------ building
 
@@ -404,7 +431,9 @@ class LabelIndex:
             if blocked:
                 excluded |= blocked
             for hit in self._icd.get(prefix, ()):
-                if hit.category not in excluded:
+                if hit.category not in excluded and (
+                    hit.sixth is None or (len(code) > 5 and code[5] in hit.sixth)
+                ):
                     hits.append(hit)
 
     # ------------------------------------------------------------------ scopes
@@ -486,6 +515,7 @@ class _Builder:
         self.rule_labels: set[str] = set()
         self.sensitive: set[str] = set()
         self.scopes: tuple[str, JSON] | None = None
+        self.coverage: list[CoverageEntry] = []
 
     def add(self, file: str, document: Any) -> None:
         if not isinstance(document, dict):
@@ -545,14 +575,31 @@ class _Builder:
         ]
         if excludes and alias != "icd-10-cm":
             raise RuleDataError(file, f"{where} exclude", "exclude is only for ICD-10-CM code ranges")
+        sixth = self._sixth(file, where, alias, code_set.get("sixth_character"))
         for one in excludes:
             key = normalize_icd(one)
             if not any(key.startswith(normalize_icd(code)) for code, _ in includes):
                 raise RuleDataError(file, f"{where} exclude {one}", "excludes no code of this set")
             self.icd_excluded.setdefault(key, set()).add(category)
+        listed = 0
         for code, display in includes:
             if code not in excludes:
-                self._add_code(file, category, where, alias, code, display, labels)
+                listed += 1
+                self._add_code(file, category, where, alias, code, display, labels, sixth)
+        self.coverage.append(
+            CoverageEntry(
+                file, category, str(name or where), CODE_SYSTEMS[alias][1], tuple(label.code for label in labels),
+                len(code_set.get("codes") or ()), listed, " ".join(str(code_set["source"]).split()),
+            )
+        )
+
+    @staticmethod
+    def _sixth(file: str, where: str, alias: str, value: Any) -> frozenset[str] | None:
+        if value is None:
+            return None
+        if alias != "icd-10-cm" or not isinstance(value, str) or not value.isalnum():
+            raise RuleDataError(file, f"{where} sixth_character", "expected ICD-10-CM 6th characters, such as '2' or '1234'")
+        return frozenset(value.upper())
 
     def _expand(self, file: str, where: str, alias: str, code: str) -> list[str]:
         if alias == "icd-10-cm":
@@ -565,9 +612,18 @@ class _Builder:
             if not _ICD_CODE.match(code):
                 raise RuleDataError(file, f"{where} {code}", "bad ICD-10-CM code (category of 3, then a dot: F11, F11.2)")
             return [code]
-        if not _CODE_PATTERNS[alias].match(code):
-            raise RuleDataError(file, f"{where} {code}", f"bad {CODE_SYSTEMS[alias][1]} code")
-        return [code]
+        found = _NUMERIC_RANGE.match(code) if alias in ("cpt", "hcpcs") else None
+        if found:
+            letter, low, other, high = found.groups()
+            if letter != other or len(low) != len(high) or int(low) > int(high):
+                raise RuleDataError(file, f"{where} {code}", "bad range: same letter and width, low to high (90785-90899)")
+            codes = [f"{letter}{n:0{len(low)}d}" for n in range(int(low), int(high) + 1)]
+        else:
+            codes = [code]
+        for one in codes:
+            if not _CODE_PATTERNS[alias].match(one):
+                raise RuleDataError(file, f"{where} {code}", f"bad {CODE_SYSTEMS[alias][1]} code")
+        return codes
 
     def _claim(self, file: str, entry: str, key: tuple[str, str]) -> None:
         earlier = self.seen.get(key)
@@ -576,12 +632,22 @@ class _Builder:
         self.seen[key] = file
 
     def _add_code(
-        self, file: str, category: str, where: str, alias: str, code: str, display: str, labels: tuple[Label, ...]
+        self,
+        file: str,
+        category: str,
+        where: str,
+        alias: str,
+        code: str,
+        display: str,
+        labels: tuple[Label, ...],
+        sixth: frozenset[str] | None,
     ) -> None:
         self._claim(file, f"{where} {code}", (alias, code))
         uri, title, others = CODE_SYSTEMS[alias]
         rule = f"{file}: {title} {code} ({display})"
-        hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels))
+        if sixth is not None:
+            rule += f", 6th character {'/'.join(sorted(sixth))}"
+        hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels), sixth)
         if alias == "icd-10-cm":
             self.icd.setdefault(normalize_icd(code), []).append(hit)
             return
@@ -613,6 +679,7 @@ class _Builder:
         index._exact = self.exact
         index._icd = self.icd
         index._icd_excluded = self.icd_excluded
+        index.coverage = tuple(self.coverage)
         return index
 
     @staticmethod

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.core.scopes import Grants
 
+from gateway.core.sensitivity_codes import BROADER
+
 V3_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 V3_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 V3_PURPOSE_OF_USE = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
@@ -27,6 +29,11 @@ GATEWAY_CODE_SYSTEM = "urn:consent-gateway:code"
 ACTOR_TYPES = frozenset(
     {"Practitioner", "PractitionerRole", "Patient", "Organization", "Device", "RelatedPerson"}
 )
+
+
+def covered_codes(codes: frozenset[str]) -> frozenset[str]:
+    """The label codes ``codes`` cover: themselves and every narrower or equivalent code."""
+    return codes | frozenset(code for code, broader in BROADER.items() if broader & codes)
 
 
 class Verdict(Enum):
@@ -49,10 +56,18 @@ class Label:
     code: str
 
     def matches(self, other: Label) -> bool:
-        """Codes equal, and systems equal where both are given."""
-        if self.code != other.code:
+        """This label (a consent's) covers ``other`` (a resource's): systems equal where both are
+        given, and codes equal or, for v3-ActCode labels, this code broader than the other
+        (``SUD`` covers ``OPIOIDUD``; the table is generated from the published code system).
+        """
+        if self.system and other.system and self.system != other.system:
             return False
-        return not self.system or not other.system or self.system == other.system
+        if self.code == other.code:
+            return True
+        if (self.system or V3_ACT_CODE) != V3_ACT_CODE or (other.system or V3_ACT_CODE) != V3_ACT_CODE:
+            return False
+        broader = BROADER.get(other.code)
+        return broader is not None and self.code in broader
 
     def __str__(self) -> str:
         return self.code

@@ -90,12 +90,22 @@ def in_answer(body: JSON) -> dict[str, JSON]:
     return found
 
 
-def deciding_references(body: JSON) -> tuple[dict[str, JSON], frozenset[str], frozenset[str]] | None:
-    """The answer's resources by ``Type/id``, and the security contexts and Medications that
-    decide resources of ``body`` but are not in it; None when no resource refers to either."""
+@dataclass(frozen=True, slots=True)
+class Deciding:
+    """What decides resources of an answer beyond themselves."""
+
+    present: dict[str, JSON]        # the answer's resources by ``Type/id``
+    contexts: frozenset[str]        # security contexts not in the answer
+    medications: frozenset[str]     # Medications named by reference, not in the answer
+    unattached: frozenset[str]      # Binaries without a security context (``Binary/id``)
+
+
+def deciding_references(body: JSON) -> Deciding | None:
+    """What decides resources of ``body`` beyond themselves; None when nothing does."""
     present: dict[str, JSON] = {}
     contexts: set[str] = set()
     medications: set[str] = set()
+    unattached: set[str] = set()
     refers = False
     for resource in iter_resources(body):
         ref = resource_reference(resource)
@@ -105,6 +115,9 @@ def deciding_references(body: JSON) -> tuple[dict[str, JSON], frozenset[str], fr
         if context is not None:
             refers = True
             contexts.add(context)
+        elif ref is not None and resource.get("resourceType") == "Binary" and "securityContext" not in resource:
+            refers = True
+            unattached.add(ref)
         med = medication_reference(resource)
         if med is not None:
             refers = True
@@ -112,7 +125,25 @@ def deciding_references(body: JSON) -> tuple[dict[str, JSON], frozenset[str], fr
                 medications.add(med)
     if not refers:
         return None
-    return present, frozenset(contexts - present.keys()), frozenset(medications - present.keys())
+    return Deciding(present, frozenset(contexts - present.keys()), frozenset(medications - present.keys()),
+                    frozenset(unattached))
+
+
+def attachment_urls(binary: str, base_url: str) -> tuple[str, ...]:
+    """The ways a DocumentReference's ``content.attachment.url`` names a Binary."""
+    return (binary, f"{base_url.rstrip('/')}/{binary}")
+
+
+def attachments_by_binary(documents: list[JSON], binaries: frozenset[str]) -> dict[str, tuple[JSON, ...]]:
+    """The DocumentReferences that attach each Binary (by ``content.attachment.url``)."""
+    found: dict[str, list[JSON]] = {b: [] for b in binaries}
+    for doc in documents:
+        for content in doc.get("content") or ():
+            attachment = content.get("attachment") if isinstance(content, dict) else None
+            url = attachment.get("url") if isinstance(attachment, dict) else None
+            if isinstance(url, str) and relative_reference(url) in found:
+                found[relative_reference(url)].append(doc)
+    return {b: tuple(d) for b, d in found.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +151,28 @@ class Resolved:
     """Targets by ``Type/id``: from the answer, or read from the FHIR server.
 
     A target mapped to None is missing on the server (it decides nothing); one mapped to
-    ``UNREADABLE`` could not be read (what it decides is unknown, so it closes).
+    ``UNREADABLE`` could not be read (what it decides is unknown, so it closes). ``attached``
+    maps a Binary without a security context to the DocumentReferences that attach it (None:
+    unknown, so it closes).
     """
 
     targets: Mapping[str, JSON | None] = field(default_factory=dict)
+    attached: Mapping[str, tuple[JSON, ...] | None] = field(default_factory=dict)
 
-    def context_of(self, resource: JSON) -> JSON | None:
-        """The resource a Binary is decided as (``UNREADABLE`` when it could not be read)."""
+    def contexts_of(self, resource: JSON) -> tuple[JSON, ...] | None:
+        """The patient data a Binary is decided as; None when that is unknown (it closes)."""
+        if resource.get("resourceType") != "Binary":
+            return ()
         ref = security_context(resource)
-        return self.targets.get(ref) if ref is not None else None
+        if ref is not None:
+            target = self.targets.get(ref, UNREADABLE)
+            if target is UNREADABLE:
+                return None
+            return (target,) if target is not None else ()
+        own = resource_reference(resource)
+        if own is None or "securityContext" in resource:
+            return ()
+        return self.attached.get(own, ())
 
     def medication_of(self, resource: JSON) -> JSON | None:
         """The Medication an order names by reference, contained or resolved."""
@@ -140,8 +184,7 @@ class Resolved:
                 if isinstance(inner, dict) and inner.get("id") == ref[1:] and inner.get("resourceType") == "Medication":
                     return inner
             return UNREADABLE
-        target = self.targets.get(ref, UNREADABLE)
-        return target
+        return self.targets.get(ref, UNREADABLE)
 
 
 NOTHING_RESOLVED = Resolved()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 import orjson
@@ -10,10 +12,21 @@ from yarl import URL
 
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON, reference_of, relative_reference
-from gateway.upstream import Upstream
+from gateway.sources.store import ConsentChange
+from gateway.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger("gateway.changes")
 
 MAX_PAGES = 200
+# A change listing longer than this many pages evicts every cached patient instead.
+MAX_CHANGE_PAGES = 50
 _HEADERS = {"Accept": "application/fhir+json"}
+
+
+class _TooManyPages(ConsentUnavailable):
+    def __init__(self, partial: list[JSON]) -> None:
+        super().__init__("Consent information is unavailable.")
+        self.partial = partial
 
 
 class FhirConsentSource:
@@ -22,20 +35,25 @@ class FhirConsentSource:
     def __init__(self, server: Upstream, page_size: int = 100) -> None:
         self.server = server
         self.page_size = page_size
+        self.history = True  # the server lists deletions in Consent/_history
 
-    async def _pages(self, first: URL) -> list[JSON]:
+    async def _pages(self, first: URL, max_pages: int = MAX_PAGES) -> list[JSON]:
         resources: list[JSON] = []
         url: URL | None = first
-        for _ in range(MAX_PAGES):
+        for _ in range(max_pages):
             if url is None:
                 return resources
             bundle = await self._get_bundle(url)
             resources.extend(_matches(bundle))
             url = self._next(bundle)
-        raise ConsentUnavailable("Consent information is unavailable.")
+        if url is None:
+            return resources
+        raise _TooManyPages(resources)
 
     async def _get_bundle(self, url: URL) -> JSON:
-        resp = await self.server.request("GET", url, headers=_HEADERS)
+        return self._bundle_of(await self.server.request("GET", url, headers=_HEADERS))
+
+    def _bundle_of(self, resp: UpstreamResponse) -> JSON:
         if resp.status != 200:
             raise ConsentUnavailable("Consent information is unavailable.")
         try:
@@ -77,6 +95,54 @@ class FhirConsentSource:
                     refs.add(f"{rtype}/{res['id']}")
         return frozenset(refs)
 
+    async def latest_change(self) -> datetime | None:
+        """The server's newest ``Consent.meta.lastUpdated`` (its own clock), None when it has none."""
+        query = "_sort=-_lastUpdated&_count=1"
+        page = await self._get_bundle(self.server.url_for("Consent", query))
+        return max((u for u in map(_updated, _matches(page)) if u is not None), default=None)
+
+    async def changes(self, since: datetime) -> list[ConsentChange]:
+        """Consents of any status changed after ``since`` (``Consent?_lastUpdated=gt``), paged.
+
+        A listing too long to read in one poll yields one change with no patient: evict all.
+        """
+        query = f"_lastUpdated=gt{_instant(since)}&_sort=_lastUpdated&_count={self.page_size}"
+        try:
+            found = await self._pages(self.server.url_for("Consent", query), MAX_CHANGE_PAGES)
+        except _TooManyPages as exc:
+            found = exc.partial
+            newest = max((u for u in map(_updated, found) if u is not None), default=None)
+            return [ConsentChange("*", None, newest)]
+        listed = [_change(c) for c in found if c.get("resourceType") == "Consent"]
+        return listed + await self._deletions(since)
+
+    async def _deletions(self, since: datetime) -> list[ConsentChange]:
+        """Consents deleted after ``since``: the search cannot list them, the type history can.
+
+        A server without type-level history (4xx) is asked no more; deletions then reach
+        other replicas within ``cache_ttl_s`` (those through this gateway evict at once).
+        """
+        if not self.history:
+            return []
+        url: URL | None = self.server.url_for("Consent/_history", f"_since={_instant(since)}&_count={self.page_size}")
+        deleted: list[ConsentChange] = []
+        for _ in range(MAX_CHANGE_PAGES):
+            if url is None:
+                return deleted
+            resp = await self.server.request("GET", url, headers=_HEADERS)
+            if 400 <= resp.status < 500:
+                self.history = False
+                log.warning("the consent source has no Consent/_history; deletions are not polled")
+                return deleted
+            bundle = self._bundle_of(resp)
+            deleted.extend(_deletions_in(bundle))
+            url = self._next(bundle)
+        return [ConsentChange("*", None, None)]
+
+    async def probe(self) -> bool:
+        """One cheap search through the gateway's own credentials: does the source answer?"""
+        _matches(await self._get_bundle(self.server.url_for("Consent", "_count=1&_elements=id")))
+        return True
 
     async def store_consent(self, consent: JSON) -> str:
         resp = await self.server.request(
@@ -114,3 +180,46 @@ def _matches(bundle: JSON) -> list[JSON]:
         if mode == "match" or rtype in ("Consent", "Group", "CareTeam"):
             out.append(resource)
     return out
+
+
+def _updated(resource: JSON) -> datetime | None:
+    meta = resource.get("meta")
+    raw = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if not isinstance(raw, str):
+        return None
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _instant(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _change(consent: JSON) -> ConsentChange:
+    """Which patient a changed Consent concerns; one that names none evicts everyone."""
+    meta = consent.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    updated = _updated(consent)
+    key = f"Consent/{consent.get('id')}|{version or (updated.isoformat() if updated else '')}"
+    patient = reference_of(consent.get("patient"))
+    return ConsentChange(key, relative_reference(patient) if patient else None, updated)
+
+
+def _deletions_in(bundle: JSON) -> list[ConsentChange]:
+    """The DELETE entries of a history page, as changes naming the deleted Consent."""
+    found: list[ConsentChange] = []
+    for entry in bundle.get("entry") or ():
+        request = entry.get("request") if isinstance(entry, dict) else None
+        if not isinstance(request, dict) or request.get("method") != "DELETE":
+            continue
+        target = request.get("url")
+        if not isinstance(target, str) or not target.startswith("Consent/"):
+            continue
+        ref = "/".join(target.split("?")[0].split("/")[:2])
+        response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+        when = _updated({"meta": {"lastUpdated": response.get("lastModified")}})
+        found.append(ConsentChange(f"{ref}|deleted|{response.get('lastModified')}", None, when, consent=ref))
+    return found

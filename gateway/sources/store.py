@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from cachetools import TTLCache
@@ -23,6 +24,22 @@ from gateway.metrics import Metrics
 
 GROUP_TYPES = ("Group/", "CareTeam/")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentChange:
+    """One changed Consent in a change listing.
+
+    ``key`` names the Consent version (a listing read twice yields the same key);
+    ``patient`` is None when the change cannot be tied to one patient: then ``consent``
+    (``Consent/<id>``, a deletion) names the consent whose holders are evicted, and without
+    it everyone is evicted; ``updated`` is its ``meta.lastUpdated`` by the source's clock.
+    """
+
+    key: str
+    patient: str | None
+    updated: datetime | None
+    consent: str | None = None
 
 
 class ConsentSource(Protocol):
@@ -38,6 +55,18 @@ class ConsentSource(Protocol):
 
     async def store_consent(self, consent: JSON) -> str:
         """Persist a Consent (an emergency grant); returns its ``Consent/<id>``."""
+        ...
+
+    async def latest_change(self) -> datetime | None:
+        """The newest change instant by the source's own clock (None: none, or no listing)."""
+        ...
+
+    async def changes(self, since: datetime) -> list[ConsentChange] | None:
+        """Consents changed after ``since``; None when the source has no change listing."""
+        ...
+
+    async def probe(self) -> bool:
+        """Ask something cheap; False when the source has no such question (raise on failure)."""
         ...
 
 
@@ -86,6 +115,15 @@ class ConsentStore:
         self._inflight: dict[str, asyncio.Future[PatientConsents]] = {}
         self._generation: dict[str, int] = {}
         self._epoch = 0
+        # When the source last answered and last failed (monotonic seconds), for readiness.
+        self.answered_at: float | None = None
+        self.failed_at: float | None = None
+        self.probes = True  # False once the source said it has no cheap question to ask
+
+    @property
+    def size(self) -> int:
+        """How many patients have cached consents."""
+        return len(self._cache)
 
     def invalidate(self, patient: str | None = None) -> None:
         """Forget one patient's consents, or everyone's."""
@@ -152,16 +190,64 @@ class ConsentStore:
     async def _fetch(self, chunk: list[str]) -> dict[str, list[JSON]]:
         return await self._counted(self.source.fetch(chunk))
 
-    async def _counted(self, lookup: Awaitable[T]) -> T:
-        """Await a source lookup; any failure is counted and becomes ConsentUnavailable."""
+    async def _counted(self, lookup: Awaitable[T], *, lookup_error: bool = True) -> T:
+        """Await a source call; any failure is counted (as a lookup error unless told otherwise),
+        noted for readiness, and becomes ConsentUnavailable."""
         try:
-            return await lookup
-        except ConsentUnavailable:
-            self.metrics.lookup_errors.inc()
-            raise
-        except Exception:
-            self.metrics.lookup_errors.inc()
+            found = await lookup
+        except Exception as exc:
+            if lookup_error:
+                self.metrics.lookup_errors.inc()
+            # Readiness: one patient's unreadable consents must not take every replica out of
+            # service; a source with a probe is judged by the probe and the change poll.
+            if not lookup_error or not self.probes:
+                self.failed_at = time.monotonic()
+            if isinstance(exc, ConsentUnavailable):
+                raise
             raise ConsentUnavailable("Consent information is unavailable.") from None
+        self.answered_at = time.monotonic()
+        return found
+
+    def evict_changed(self, changes: Iterable[ConsentChange]) -> int:
+        """Evict the patients of changed Consents (everyone when one names no patient);
+        returns how many cached patients were evicted."""
+        changes = list(changes)
+        deleted = {c.consent for c in changes if c.patient is None and c.consent is not None}
+        patients = {c.patient for c in changes if c.patient is not None or c.consent is None}
+        if None in patients:
+            evicted = len(self._cache)
+            self.invalidate(None)
+            return evicted
+        if deleted:
+            # A deleted Consent names no patient any more: evict whoever had it cached (a
+            # patient who had it not cached is not affected by its deletion).
+            patients |= {p for p, entry in list(self._cache.items()) if any(c.id in deleted for c in entry.consents)}
+        evicted = 0
+        for patient in patients:
+            if patient is not None:
+                evicted += patient in self._cache
+                self.invalidate(patient)
+        return evicted
+
+    async def refresh_cached(self) -> None:
+        """Re-read every cached patient's consents (sources without a change listing).
+
+        A chunk that fails leaves its entries as they are (they still expire by TTL).
+        """
+        patients = list(self._cache.keys())
+        for start in range(0, len(patients), self.chunk_size):
+            chunk = patients[start : start + self.chunk_size]
+            generations = {p: self._generation.get(p, 0) for p in chunk}
+            epoch = self._epoch
+            raw = await self._fetch(chunk)
+            for patient in chunk:
+                if self._generation.get(patient, 0) == generations[patient] and self._epoch == epoch:
+                    self._cache[patient] = compile_patient(patient, raw.get(patient, []))
+
+    async def probe(self) -> bool:
+        """Ask the source a cheap question (readiness); False when it has none to ask."""
+        self.probes = await self._counted(self.source.probe(), lookup_error=False)
+        return self.probes
 
     async def memberships(self, actor: str) -> frozenset[str]:
         """The Groups and CareTeams ``actor`` belongs to (cached like consents)."""

@@ -18,6 +18,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -31,6 +32,7 @@ from gateway.core.fhir import JSON, iter_codings, reference_of
 from gateway.core.model import GATEWAY_CODE_SYSTEM, Label
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
 from gateway.core.vendors.healtheintent import EMERGENCY_CODE
+from gateway.sources.store import ConsentChange
 from gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("gateway.sources")
@@ -131,6 +133,17 @@ class _VendorSource(ABC):
     async def store_consent(self, consent: JSON) -> str:
         """Vendors without a way to record an emergency grant refuse it (the access still happens)."""
         raise ConsentUnavailable(f"The {self.kind} consent source cannot store emergency consents.")
+
+    async def latest_change(self) -> datetime | None:
+        return None
+
+    async def changes(self, since: datetime) -> list[ConsentChange] | None:
+        """None: none of the three vendor APIs lists changes, so cached patients are re-read."""
+        return None
+
+    async def probe(self) -> bool:
+        """None of the vendor APIs documents a cheap question; readiness uses lookups instead."""
+        return False
 
     async def _patient_consents(self, patient: str) -> list[JSON]:
         records = await self._records(await self.patients.vendor_id(patient))

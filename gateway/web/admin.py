@@ -30,11 +30,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the upstream answered ``/metadata`` recently; 503 otherwise."""
+    """Ready (200) when the FHIR server, the consent source and the audit file are all fine;
+    else 503 naming which, e.g. ``{"status": "not ready", "failing": ["consent_source"]}``."""
     state = request.app[STATE]
-    if state.readiness.ready(time.monotonic()):
+    failing = state.readiness.failing(time.monotonic(), state.store, state.audit)
+    if not failing:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "upstream not answering"}, status=503)
+    return web.json_response({"status": "not ready", "failing": failing}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -18,7 +18,8 @@ from gateway.core.errors import BadRequest, ConsentDenied, GatewayError
 from gateway.core.fhir import JSON
 from gateway.core.projection import Projection
 from gateway.web.exchange import Exchange, admit
-from gateway.web.request import parse_route
+from gateway.core.references import in_answer
+from gateway.web.request import Route, parse_route
 from gateway.web.state import GatewayState
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
@@ -33,6 +34,8 @@ class BatchPlan:
     sent: list[int] = field(default_factory=list)               # client index of each sent entry
     refused: dict[int, JSON] = field(default_factory=dict)      # client index -> response slot
     projections: dict[int, Projection] = field(default_factory=dict)
+    heads: set[int] = field(default_factory=set)                # HEAD entries, sent as GET
+    routes: dict[int, Route] = field(default_factory=dict)      # client index -> route
     body: bytes = b""                           # the Bundle sent upstream
 
     def answer(self, upstream_entries: list[object]) -> list[object]:
@@ -115,6 +118,11 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
+        if method == "HEAD":
+            # Asked as GET so its answer can be decided; the body is dropped afterwards.
+            forwarded_request["method"] = "GET"
+            plan.heads.add(index)
+        plan.routes[index] = route
         forwarded["request"] = forwarded_request
         if sub.resource is not None and resource is not None:
             forwarded["resource"] = sub.resource
@@ -122,6 +130,47 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         plan.sent.append(index)
     plan.body = orjson.dumps({**bundle, "entry": sent})
     return plan
+
+
+def settle_slots(plan: BatchPlan, slots: list[object], withheld_status: str) -> bool:
+    """After deciding: a slot that lost everything its request was about reads like the
+    request alone (an instance history of withheld versions, ``$everything`` of a patient
+    whose own record is withheld in 404 mode); HEAD slots lose their bodies. True if changed."""
+    changed = False
+    for index, route in plan.routes.items():
+        slot = slots[index] if index < len(slots) else None
+        if not isinstance(slot, dict):
+            continue
+        resource = slot.get("resource")
+        if isinstance(resource, dict) and (
+            all_versions_hidden(route, resource)
+            or (withheld_status.startswith("404") and subject_hidden(route, resource))
+        ):
+            slots[index] = {"response": withheld_slot(withheld_status)}
+            changed = True
+        elif index in plan.heads and "resource" in slot:
+            del slot["resource"]
+            changed = True
+    return changed
+
+
+def all_versions_hidden(route: Route, body: JSON) -> bool:
+    """Instance history whose every version was withheld: no version is left (a record that
+    exists has at least one, a missing one is a 404)."""
+    if route.interaction != "history" or route.resource_id is None or body.get("resourceType") != "Bundle":
+        return False
+    return not any(
+        isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") != "OperationOutcome"
+        for e in body.get("entry") or ()
+    )
+
+
+def subject_hidden(route: Route, body: JSON) -> bool:
+    """``Patient/<id>/$everything`` whose answer no longer holds that patient's own record."""
+    if route.operation != "$everything" or route.resource_type != "Patient" or route.resource_id is None:
+        return False
+    return f"Patient/{route.resource_id}" not in in_answer(body)
 
 
 def apply_projections(plan: BatchPlan, slots: list[object]) -> None:

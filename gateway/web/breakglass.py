@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.core.breakglass import audit_event, emergency_consent
+from gateway.core.breakglass import audit_event, emergency_consent, window_not_recorded_event
 from gateway.core.errors import BadRequest, BreakGlassDisabled, GatewayError
 from gateway.core.model import Actor
 from gateway.web.enforcement import Emergency
@@ -52,6 +52,7 @@ async def audit(
         patients=sorted(emergency.patients | extra_patients),
         resources=emergency.returned,
         consents=sorted(emergency.used),
+        consents_unknown=emergency.consents_unknown,
     )
     await state.audit.append(event)
     if emergency.reason is not None:
@@ -59,27 +60,47 @@ async def audit(
     return event_id
 
 
-async def record_emergency_consents(state: GatewayState, emergency: Emergency, actor: Actor) -> None:
+async def record_emergency_consents(
+    state: GatewayState, emergency: Emergency, actor: Actor, audit_id: str = ""
+) -> None:
     """Persist the access window for each patient whose denials were overridden.
 
     A window of this actor that is open and already covers the opened labels is not
-    duplicated. A failure to store is logged, never turned into a failed emergency access.
+    duplicated. A failure (the consents or the store cannot be reached) never fails the
+    emergency access: it is logged and audited as "no window recorded" after the access's
+    own AuditEvent (``audit_id``), so the audit trail says truthfully what happened.
     """
     if emergency.reason is None or not state.settings.break_glass.record_consent:
         return
+    failed: list[str] = []
     for patient, labels in sorted(emergency.opened.items()):
         # One window per actor and patient, even when a chart fires its queries at once.
         async with state.window_lock(actor.reference, patient):
             now = datetime.now(timezone.utc)
             codes = {label.code for label in labels}
-            current = (await state.store.get([patient]))[patient].emergency
-            if any(w.actor == actor.reference and w.open_at(now) and codes <= w.labels for w in current):
-                continue
-            consent = emergency_consent(actor, patient, labels, emergency.reason, now, state.settings.break_glass.duration_h)
             try:
+                current = (await state.store.get([patient]))[patient].emergency
+                if any(w.actor == actor.reference and w.open_at(now) and codes <= w.labels for w in current):
+                    continue
+                consent = emergency_consent(actor, patient, labels, emergency.reason, now, state.settings.break_glass.duration_h)
                 stored = await state.store.source.store_consent(consent)
-            except GatewayError:
-                log.error("emergency consent could not be stored", extra={"actor": actor.reference})
+            except GatewayError as exc:
+                log.error("emergency consent could not be stored: %s", exc.code, extra={"actor": actor.reference})
+                failed.append(patient)
                 continue
             state.store.invalidate(patient)
             log.info("emergency consent stored", extra={"actor": actor.reference, "reasons": [stored]})
+    if failed:
+        await _audit_no_window(state, emergency.reason, actor, failed, audit_id)
+
+
+async def _audit_no_window(state: GatewayState, reason: str, actor: Actor, patients: list[str], audit_id: str) -> None:
+    event = window_not_recorded_event(
+        event_id=str(uuid.uuid4()), access_event_id=audit_id, actor=actor, reason=reason,
+        now=datetime.now(timezone.utc), patients=patients,
+    )
+    try:
+        await state.audit.append(event)
+    except GatewayError:
+        # The access itself is audited already; this line only says no window exists.
+        log.error("audit of the missing emergency window failed", extra={"actor": actor.reference})

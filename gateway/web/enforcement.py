@@ -17,9 +17,9 @@ from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources, security_context
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
@@ -37,7 +37,8 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
     elif required == "none":
         explicit = frozenset()
     else:
-        explicit = frozenset(required)
+        # A site that names ETH or SUD means their narrower labels (OPIOIDUD, ...) too.
+        explicit = covered_codes(frozenset(required))
     return Policy(
         default_decision=getattr(settings_consent, "default_decision"),
         combining=getattr(settings_consent, "combining"),
@@ -70,6 +71,7 @@ class Emergency:
     patients: set[str] = field(default_factory=set)
     opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
     used: set[str] = field(default_factory=set)  # emergency consents that granted access
+    consents_unknown: bool = False  # break-glass served while the consents could not be read
 
     @property
     def audited(self) -> bool:
@@ -163,12 +165,15 @@ class ConsentEnforcement:
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             rtype = resource.get("resourceType")
             if rtype == "Binary":
-                # A Binary is the bytes of the patient data its securityContext names.
-                context = resolved.context_of(resource)
-                if context is UNREADABLE:
+                # A Binary is the bytes of the patient data its securityContext names (or, without
+                # one, of the documents that attach it).
+                contexts = resolved.contexts_of(resource)
+                if contexts is None:
                     return UNRESOLVED
-                if context is not None:
-                    return judge_resource(context, judge)
+                for context in contexts:
+                    decision = judge_resource(context, judge)
+                    if decision.verdict is Verdict.DENY or context is contexts[-1]:
+                        return decision
             elif "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
                 return UNRESOLVED
             resource_labels = labels_for(resource)
@@ -256,21 +261,24 @@ class ConsentEnforcement:
         if resolved.targets:
             bind_contexts(body, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
+        unknown = False
         try:
             looked = await self.look_up(patients, actor, purpose)
         except ConsentUnavailable:
             if break_glass is None:
                 raise
             # An emergency gets through even when consents cannot be read; every resource is
-            # then audited as one consent would have denied.
+            # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
+            unknown = True
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
-        emergency = Emergency(break_glass, looked.windows)
+        emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
         if observed is not None:
             observed.consents = looked.consents
-        judge = self.judge(looked, resolved, observed.labels if observed is not None else None)
+        seen = observed.labels if observed is not None else None
+        judge = _unknown_denies if unknown else self.judge(looked, resolved, seen)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved)
         if actor.grants is not None:
@@ -281,13 +289,18 @@ class ConsentEnforcement:
         return result, emergency
 
 
+def _unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
+    """Consents that could not be read decide nothing: count each resource as denied."""
+    return Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
+
+
 def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
     """A Binary belongs to the patients of the resource its securityContext names."""
     for resource in iter_resources(body):
-        if security_context(resource) is not None:
-            context = resolved.context_of(resource)
-            if context is not None and context is not UNREADABLE:
-                index[id(resource)] = patients_of(context)
+        if resource.get("resourceType") == "Binary":
+            contexts = resolved.contexts_of(resource)
+            if contexts:
+                index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
 
 
 def log_decisions(result: Enforced) -> None:

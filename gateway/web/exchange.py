@@ -9,6 +9,7 @@ every way in (CONTRACT §6).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote
 
@@ -51,7 +52,6 @@ class Exchange:
     resource: object = None         # the parsed JSON body, when it has one
     query: list[tuple[str, str]] = field(default_factory=list)  # URL query + form/Parameters body
     projection: Projection | None = None
-    exempted: bool = False          # unfilterable, but every named patient permits everything
 
     @property
     def forwarded_query(self) -> str:
@@ -130,11 +130,8 @@ def parse_json_body(ex: Exchange) -> None:
 
 
 async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
-    """Refuse (403) what cannot be filtered unless every named patient is unconditionally permitted.
-
-    An allowed one is still filtered like any other, except that a non-FHIR answer
-    (``$graphql``) may pass (``ex.exempted``).
-    """
+    """Refuse (403) what cannot be filtered unless every named patient is unconditionally
+    permitted; an allowed one is still filtered like any other."""
     route = ex.route
     why = unfilterable(route.parts, route.operation, ex.query)
     condition = ex.query
@@ -145,10 +142,11 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     if why is None:
         return
     patients = named_patients(route.parts if condition is ex.query else route.parts[:1], condition)
-    if patients:
+    # An operation whose answer is not a set of resources ($graphql) can reach other patients'
+    # records through references: no consent of the named patient can vouch for it.
+    if patients and not why.startswith("operation:"):
         looked = await state.enforcement.look_up(patients, ex.actor, ex.purpose)
         if state.enforcement.unconditional(looked, patients):
-            ex.exempted = True
             return
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
@@ -171,17 +169,76 @@ async def ensure_readable(state: GatewayState, reference: str, actor: Actor, pur
     return parsed
 
 
-async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
-    """An instance operation on patient data runs only when the requester may read the instance.
+def _guarded(resource_type: str | None) -> bool:
+    """Types whose instances are decided by consent (a Binary by its security context)."""
+    return resource_type is not None and (is_patient_data(resource_type) or resource_type == "Binary")
 
-    Its answer ($meta, $validate, ...) need not contain the instance, so it is decided first.
+
+async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
+    """An operation runs only when the requester may read the instances it names: the one in
+    its path (``Observation/1/$meta``) and any named in its parameters (``$diff?from=...``).
+
+    Its answer need not contain them, so they are decided first.
     """
     route = ex.route
-    if (route.operation is None or route.resource_id is None or route.resource_type is None
-            or route.operation == "$everything"
-            or not (is_patient_data(route.resource_type) or route.resource_type == "Binary")):
+    if route.operation is None:
+        return
+    targets: set[str] = set()
+    if route.resource_id is not None and route.operation != "$everything" and _guarded(route.resource_type):
+        targets.add(f"{route.resource_type}/{route.resource_id}")
+    for _, value in ex.query:
+        for item in value.split(","):
+            ref = relative_reference(item.strip()) if "/" in item else ""
+            if _REFERENCE.match(ref) and _guarded(ref.split("/", 1)[0]) and ref != _everything_subject(route):
+                targets.add(ref)
+    for target in sorted(targets):
+        await ensure_readable(state, target, ex.actor, ex.purpose)
+
+
+def _everything_subject(route: Route) -> str | None:
+    if route.operation == "$everything" and route.resource_type and route.resource_id:
+        return f"{route.resource_type}/{route.resource_id}"
+    return None
+
+
+async def check_write_target(state: GatewayState, ex: Exchange) -> None:
+    """Nobody changes what he may not see: an update, patch or delete of patient data (or of a
+    Binary) needs the stored instance to be readable by the requester, else a patch could
+    relabel a hidden record and release it (Consents have their own rules)."""
+    route = ex.route
+    if (ex.method not in ("PUT", "PATCH", "DELETE") or route.resource_id is None
+            or route.resource_type == "Consent" or not _guarded(route.resource_type)):
         return
     await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
+
+
+def check_conditional_references(ex: Exchange) -> None:
+    """A written resource may not refer by search (``Patient?identifier=...``): the server
+    resolves it over records the requester may not see, and 201 or 412 tells which exist."""
+    if ex.method not in ("POST", "PUT", "PATCH") or not isinstance(ex.resource, (dict, list)):
+        return
+    stack: list[object] = [ex.resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str) and "?" in ref and not ref.startswith("#"):
+                raise Refused("Conditional references cannot be resolved through the consent gateway.")
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def check_request_shape(ex: Exchange) -> None:
+    """Requests that are not FHIR interactions the gateway can reason about."""
+    if ex.method not in ("GET", "HEAD") and "_history" in ex.route.parts:
+        raise BadRequest("History is read-only.")
+    if ex.route.resource_type == "Consent" and ex.method in ("POST", "PUT", "PATCH", "DELETE") \
+            and ex.route.interaction not in ("create", "update", "patch", "delete", "search"):
+        raise Refused("This requester may not write consents this way.")
+
+
+_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
 
 
 def _patient_of(consent: object) -> str | None:
@@ -254,11 +311,14 @@ def _check_consent_patch(ex: Exchange, roles: tuple[str, ...]) -> None:
         raise Refused("Consents may be patched only with JSON Patch.")
     privileged = ex.actor.role is not None and ex.actor.role in roles
     for op in ops:
-        path = str(op.get("path", ""))
-        if path.startswith(("/category", "/patient")) or (
-            not privileged and path.startswith(_PATCH_PATHS_FOR_WRITERS) and not _is_revocation(op)
-        ):
-            raise Refused("This requester may not change this part of a consent.")
+        for key in ("path", "from"):
+            if key not in op:
+                continue
+            path = str(op.get(key, ""))
+            if path in ("", "/") or path.startswith(("/category", "/patient", "/resourceType", "/id")) or (
+                not privileged and path.startswith(_PATCH_PATHS_FOR_WRITERS) and not _is_revocation(op)
+            ):
+                raise Refused("This requester may not change this part of a consent.")
 
 
 def _is_revocation(op: JSON) -> bool:
@@ -282,10 +342,13 @@ def prepare_projection(ex: Exchange) -> None:
 
 async def admit(state: GatewayState, ex: Exchange) -> None:
     """Every check a request passes before it is sent upstream, in order."""
+    check_request_shape(ex)
     parse_json_body(ex)
     read_body_parameters(ex)
+    check_conditional_references(ex)
+    check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
     await check_operation_target(state, ex)
+    await check_write_target(state, ex)
     await check_consent_write(state, ex)
-    check_scopes(ex.route, ex.resource, ex.actor.grants)
     prepare_projection(ex)

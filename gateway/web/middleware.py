@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 
@@ -34,7 +35,11 @@ class RequestInfo:
     actor: str | None = None
     purpose: str | None = None
     decision: str | None = None
+    audit_id: str | None = None  # the break-glass AuditEvent of this request, if any
 
+
+# The id of the request being handled, for every log line written while handling it.
+CURRENT_REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 
 INFO = web.RequestKey("gateway_request_info", RequestInfo)
 
@@ -98,13 +103,21 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     """Assign the request id and start the clock before anything else runs."""
     info = RequestInfo(request_id_of(request), time.perf_counter())
     request[INFO] = info
-    response = await handler(request)
+    token = CURRENT_REQUEST_ID.set(info.request_id)
+    try:
+        response = await handler(request)
+    finally:
+        CURRENT_REQUEST_ID.reset(token)
     response.headers["X-Request-Id"] = info.request_id
     return response
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line; fields come from ``extra``."""
+    """One JSON object per line; fields come from ``extra``.
+
+    ``ts`` is RFC 3339 in UTC with milliseconds (``2026-11-27T13:14:15.123Z``); a line
+    written while a request is handled carries that request's ``request_id``.
+    """
 
     FIELDS = (
         "request_id", "method", "interaction", "resource_type", "status", "duration_ms",
@@ -115,15 +128,15 @@ class JsonLogFormatter(logging.Formatter):
     )
 
     _second = -1
-    _stamp = ""
+    _prefix = ""
 
     def _timestamp(self, record: logging.LogRecord) -> str:
-        # Lines come many per second and ``ts`` has whole seconds: format each second once.
+        # Lines come many per second: format each second once, then add the milliseconds.
         second = int(record.created)
         if second != self._second:
-            self._stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return self._stamp
+        return f"{self._prefix}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -136,6 +149,10 @@ class JsonLogFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
+        if "request_id" not in entry:
+            current = CURRENT_REQUEST_ID.get()
+            if current is not None:
+                entry["request_id"] = current
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

@@ -19,7 +19,9 @@ from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
 from gateway.core.strict_json import has_duplicate_keys
-from gateway.web.batch import BatchPlan, apply_projections, not_found_outcome, plan_batch
+from gateway.web.batch import (
+    BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
+)
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web import officer
 from gateway.web.enforcement import Emergency, Observed
@@ -206,6 +208,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 raise
             return denied_answer(state)
         prepare_projection(ex)
+    if plan is not None and not plan.sent:
+        # Every entry refused: nothing to send (an empty batch is an error to some servers).
+        info.decision = "deny"
+        state.metrics.count_decision("deny")
+        body = orjson.dumps({"resourceType": "Bundle", "type": f"{plan.kind}-response", "entry": plan.answer([])})
+        return web.Response(body=body, content_type="application/fhir+json", headers={"X-Consent-Decision": "deny"})
     upstream = await send(state, request, ex, info.request_id)
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
@@ -220,9 +228,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
-    if parsed is None or (ex.exempted and "resourceType" not in parsed):
-        # Nothing to decide, or a non-FHIR answer ($graphql) for patients who permit everything.
-        return await _unchecked(state, info, upstream, links, ex)
+    if parsed is None:
+        return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
     if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
         parsed["entry"] = plan.answer(parsed["entry"])
     return await decide_answer(state, request, ex, upstream, parsed, links, plan)
@@ -255,7 +262,10 @@ async def decide_answer(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
         withheld_status=withheld_status(state), resolved=resolved, observed=observed,
     )
-    denied = result.denied or _all_versions_hidden(ex.route, decided, result) or _subject_hidden(state, ex, decided)
+    status = withheld_status(state)
+    denied = result.denied or all_versions_hidden(ex.route, decided) or (
+        status.startswith("404") and subject_hidden(ex.route, decided)
+    )
     outcome = officer.outcome_of(request)
     outcome.consents = observed.consents
     decided_result = result
@@ -277,15 +287,17 @@ async def decide_answer(
         headers["X-Break-Glass-Audit-Id"] = await audit(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
-        await record_emergency_consents(state, emergency, ex.actor)
+        await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
     changed = await officer.released(state, request, ex, parsed, labels, decided_result) or result.changed
     released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body and not shadow else frozenset()
     if released and may_name_unreleased(upstream.body, released):
         changed |= scrub_displays(parsed, released)
-    if plan is not None and plan.projections and isinstance(parsed.get("entry"), list):
-        apply_projections(plan, parsed["entry"])
-        changed = True
+    if plan is not None and isinstance(parsed.get("entry"), list):
+        changed |= settle_slots(plan, parsed["entry"], status)
+        if plan.projections:
+            apply_projections(plan, parsed["entry"])
+            changed = True
     if ex.projection is not None:
         if parsed.get("resourceType") == "Bundle":
             ex.projection.bundle(parsed)
@@ -297,27 +309,6 @@ async def decide_answer(
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
-
-
-def _subject_hidden(state: GatewayState, ex: Exchange, parsed: JSON) -> bool:
-    """In 404 mode, ``$everything`` of a patient whose own record is withheld answers like a
-    missing patient."""
-    route = ex.route
-    if (state.settings.enforcement.denied_read_status != 404 or route.operation != "$everything"
-            or route.resource_type != "Patient" or route.resource_id is None):
-        return False
-    return f"Patient/{route.resource_id}" not in in_answer(parsed)
-
-
-def _all_versions_hidden(route: Route, parsed: JSON, result: Enforced) -> bool:
-    """Instance history whose every version was withheld answers like a denied read."""
-    if route.interaction != "history" or route.resource_id is None or not result.removed:
-        return False
-    return all(
-        isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == "OperationOutcome"
-        for e in parsed.get("entry") or ()
-    )
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:
@@ -395,6 +386,7 @@ def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> N
             "decision": info.decision,
             "actor": info.actor,
             "purpose": info.purpose,
+            "audit_id": info.audit_id,
         },
     )
 
@@ -406,6 +398,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     # An answer the gateway made itself (an error) returns no data: that is a deny.
     response.headers.setdefault("X-Consent-Decision", "deny")
     info = request[INFO]
+    info.audit_id = response.headers.get("X-Break-Glass-Audit-Id")
     seconds = time.perf_counter() - info.started
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)

@@ -68,12 +68,16 @@ def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
     raw_parts = [p for p in path.split("/") if p]
     # SECURITY: classify what the upstream will see (it decodes %24graphql, %5Fhistory).
     parts = tuple(unquote(p) for p in raw_parts)
-    if any(p in (".", "..") or "/" in p or "\\" in p for p in parts):
+    # A ";" starts path parameters that many servers drop (Consent;x/1 is Consent/1 to them).
+    if any(p in (".", "..") or "/" in p or "\\" in p or ";" in p for p in parts):
         raise BadRequest("The request path is not a FHIR path.")
     rtype = parts[0] if parts and _TYPE.match(parts[0]) and parts[0] != "metadata" else None
     rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None
     operation = next((p for p in parts if p.startswith("$")), None)
     return Route("/".join(raw_parts), parts, prefix, _interaction(method, parts), rtype, rid, operation)
+
+
+METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
 
 
 def check_identity_headers(request: web.Request) -> None:
@@ -85,6 +89,9 @@ def check_identity_headers(request: web.Request) -> None:
             values = request.headers.getall(name)
             if len(values) > 1 or any("," in v for v in values):
                 raise BadRequest(f"The {name} header must be given once, with a single value.")
+        elif lower in METHOD_OVERRIDES:
+            # The server would run another method than the one the gateway checked.
+            raise BadRequest("Method override headers are not accepted.")
 
 
 def reject_xml(request: web.Request) -> None:

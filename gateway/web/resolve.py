@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 from collections.abc import Iterable
 
 import orjson
@@ -16,7 +17,9 @@ from cachetools import TTLCache
 
 from gateway.core.errors import GatewayError
 from gateway.core.fhir import JSON
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, deciding_references
+from gateway.core.references import (
+    NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, deciding_references, iter_resources,
+)
 from gateway.upstream import Upstream
 from typing import TYPE_CHECKING
 
@@ -70,23 +73,49 @@ async def _read_all(upstream: Upstream, references: Iterable[str]) -> dict[str, 
     return dict(zip(refs, found))
 
 
+async def read_attachments(upstream: Upstream, binaries: frozenset[str]) -> dict[str, tuple[JSON, ...] | None]:
+    """The DocumentReferences attaching each Binary (``DocumentReference?location=``), in one
+    search; None for every Binary when the search fails (what they hold is then unknown)."""
+    urls = ",".join(u for b in sorted(binaries) for u in attachment_urls(b, upstream.base_url))
+    try:
+        answer = await upstream.request(
+            "GET", upstream.url_for("DocumentReference", f"location={quote(urls, safe=',/:')}&_count=1000"),
+            headers={"Accept": "application/fhir+json"},
+        )
+        bundle = orjson.loads(answer.body) if answer.status == 200 else None
+    except (GatewayError, orjson.JSONDecodeError):
+        bundle = None
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or _has_next(bundle):
+        return {b: None for b in binaries}
+    documents = [r for r in iter_resources(bundle) if r.get("resourceType") == "DocumentReference"]
+    return dict(attachments_by_binary(documents, binaries))
+
+
+def _has_next(bundle: JSON) -> bool:
+    links = bundle.get("link")
+    return isinstance(links, list) and any(isinstance(l, dict) and l.get("relation") == "next" for l in links)
+
+
 async def resolve_references(state: GatewayState, body: JSON) -> Resolved:
     """What decides the resources of ``body`` beyond themselves: in the answer, or read."""
     found = deciding_references(body)
     if found is None:
         return NOTHING_RESOLVED
-    present, contexts, medications = found
-    targets: dict[str, JSON | None] = dict(present)
+    targets: dict[str, JSON | None] = dict(found.present)
     cache = state.medications
     unknown = []
-    for ref in medications:
+    for ref in found.medications:
         hit, value = cache.get(ref)
         if hit:
             targets[ref] = value
         else:
             unknown.append(ref)
-    read = await _read_all(state.upstream, [*contexts, *unknown])
+    reads = _read_all(state.upstream, [*found.contexts, *unknown])
+    if found.unattached:
+        read, attached = await asyncio.gather(reads, read_attachments(state.upstream, found.unattached))
+    else:
+        read, attached = await reads, {}
     for ref in unknown:
         cache.put(ref, read[ref])
     targets.update(read)
-    return Resolved(targets)
+    return Resolved(targets, attached)

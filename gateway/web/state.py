@@ -14,19 +14,49 @@ from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
+from gateway.web.drain import Drain
 from gateway.web.enforcement import ConsentEnforcement
 from gateway.web.resolve import MedicationCache
 
 
 @dataclass
 class Readiness:
-    """When the upstream last answered ``/metadata`` (monotonic seconds), if ever."""
+    """CONTRACT §8: the FHIR server, the consent source and the audit file, each recently fine.
+
+    ``last_ok`` is when the FHIR server last answered ``/metadata`` (monotonic seconds).
+    """
 
     last_ok: float | None = None
     window_s: float = 30.0
 
     def ready(self, now: float) -> bool:
         return self.last_ok is not None and now - self.last_ok <= self.window_s
+
+    def consent_ready(self, now: float, store: ConsentStore) -> bool:
+        """No failure since the source's latest answer, and (when it can be probed) that answer
+        is recent.
+
+        A FHIR source is probed (and polled): a failed probe or poll makes it not ready until
+        it answers again. A vendor API has no cheap question to ask: it is ready unless its
+        latest call failed.
+        """
+        answered, failed = store.answered_at, store.failed_at
+        if failed is not None and (answered is None or failed >= answered):
+            return False
+        if not store.probes:
+            return True
+        return answered is not None and now - answered <= self.window_s
+
+    def failing(self, now: float, store: ConsentStore, audit: AuditLog) -> list[str]:
+        """Names of what is not ready (no hosts, no paths, no secrets)."""
+        names = []
+        if not self.ready(now):
+            names.append("fhir_server")
+        if not self.consent_ready(now, store):
+            names.append("consent_source")
+        if not audit.writable():
+            names.append("audit")
+        return names
 
 
 @dataclass
@@ -43,7 +73,8 @@ class GatewayState:
     medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
     disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
     issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
-
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
+    drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 

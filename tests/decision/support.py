@@ -13,7 +13,7 @@ from gateway.core.model import Actor, Label, RequestContext
 
 REPO = Path(__file__).resolve().parents[2]
 HL7_EXAMPLES = REPO.parent / "shared" / "data" / "hl7-consent-examples"
-SENSITIVE = frozenset({"PSY", "HIV", "SUD", "ETH", "SEX", "STD"})
+SENSITIVE = frozenset({"PSY", "HIV", "SUD", "ETH", "SEX", "STD", "OPIOIDUD", "ETHUD", "BH", "COGN", "SCA", "SICKLE"})
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
 
 

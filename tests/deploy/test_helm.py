@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,8 +32,13 @@ FULL = f"{RELEASE}-consent-gateway"
 AUDIT_DIR = "/var/lib/consent-gateway"
 
 
+def _workload(manifests: list[Manifest]) -> Manifest:
+    (workload,) = [m for m in manifests if m["kind"] in ("StatefulSet", "Deployment")]
+    return workload
+
+
 def _pod_spec(manifests: list[Manifest]) -> dict[str, Any]:
-    spec: dict[str, Any] = find(manifests, "Deployment")["spec"]["template"]["spec"]
+    spec: dict[str, Any] = _workload(manifests)["spec"]["template"]["spec"]
     return spec
 
 
@@ -71,8 +77,21 @@ def test_default_values_render_a_standalone_release(render: Render) -> None:
     assert kinds_and_names(render()) == {
         ("ConfigMap", f"{FULL}-config"),
         ("ConfigMap", f"{FULL}-dashboard"),
+        ("StatefulSet", FULL),
+        ("Service", FULL),
+        ("Service", f"{FULL}-pods"),
+        ("NetworkPolicy", FULL),
+        ("PodDisruptionBudget", FULL),
+    }
+
+
+def test_deployment_workload_renders_one_shared_claim(render: Render) -> None:
+    assert kinds_and_names(render({"workload": "deployment"})) == {
+        ("ConfigMap", f"{FULL}-config"),
+        ("ConfigMap", f"{FULL}-dashboard"),
         ("Deployment", FULL),
         ("Service", FULL),
+        ("NetworkPolicy", FULL),
         ("PodDisruptionBudget", FULL),
         ("PersistentVolumeClaim", f"{FULL}-audit"),
     }
@@ -109,10 +128,34 @@ def test_pod_gets_no_service_links_and_no_api_token(render: Render) -> None:
     assert pod["automountServiceAccountToken"] is False
 
 
-def test_audit_log_goes_to_a_per_pod_file_on_the_claim(
+def test_audit_log_goes_to_a_per_pod_file_on_the_pods_own_claim(
     render: Render, final_stage: Stage, tmp_path: Path
 ) -> None:
     manifests = render()
+    statefulset = find(manifests, "StatefulSet")
+    pod = _pod_spec(manifests)
+    container = _container(pod)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == AUDIT_DIR]
+    # The claim comes from the StatefulSet's template: one ReadWriteOnce volume per pod name.
+    assert not [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == mount["name"]
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert statefulset["spec"]["serviceName"] == find_named(manifests, "Service", f"{FULL}-pods")["metadata"]["name"]
+    assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    assert final_stage.last("VOLUME").exec_form() == [AUDIT_DIR]
+    # A stable pod name: after a restart the pod appends to (and delivers) the same file.
+    pod_name = f"{FULL}-1"
+    config_map = find_named(manifests, "ConfigMap", f"{FULL}-config")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_map["data"]["gateway.yaml"], encoding="utf-8")
+    environ = {e["name"]: e["value"].replace("$(POD_NAME)", pod_name) for e in container["env"] if "value" in e}
+    assert load_settings(path, environ).audit.path == Path(f"{AUDIT_DIR}/audit-{pod_name}.jsonl")
+
+
+def test_deployment_workload_shares_a_kept_claim(render: Render, tmp_path: Path) -> None:
+    manifests = render({"workload": "deployment"})
     pod = _pod_spec(manifests)
     container = _container(pod)
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == AUDIT_DIR]
@@ -120,7 +163,6 @@ def test_audit_log_goes_to_a_per_pod_file_on_the_claim(
     claim = find(manifests, "PersistentVolumeClaim")
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert final_stage.last("VOLUME").exec_form() == [AUDIT_DIR]
     audit_path = _settings(manifests, container, tmp_path).audit.path
     assert audit_path == Path(f"{AUDIT_DIR}/audit-{FULL}-7d9c-x2x4q.jsonl")
 
@@ -142,8 +184,8 @@ def test_config_map_is_mounted_where_the_image_reads_it(render: Render, final_st
 def test_service_routes_to_the_named_container_ports(render: Render) -> None:
     manifests = render()
     container = _container(_pod_spec(manifests))
-    service = find(manifests, "Service")
-    assert service["spec"]["selector"] == find(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+    service = find_named(manifests, "Service", FULL)
+    assert service["spec"]["selector"] == _workload(manifests)["spec"]["selector"]["matchLabels"]
     targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
     assert targets == {"http": "gateway", "admin": "gateway-admin"}
     assert {p["name"] for p in container["ports"]} == set(targets.values())
@@ -159,7 +201,7 @@ def test_pod_disruption_budget_selects_the_pods(render: Render) -> None:
     manifests = render()
     pdb = find(manifests, "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"] == find(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"] == _workload(manifests)["spec"]["selector"]["matchLabels"]
 
 
 def test_full_values_add_secrets_autoscaler_and_service_monitor(render: Render) -> None:
@@ -170,16 +212,16 @@ def test_full_values_add_secrets_autoscaler_and_service_monitor(render: Render) 
         ("HorizontalPodAutoscaler", FULL),
         ("ServiceMonitor", FULL),
     }
-    deployment = find(manifests, "Deployment")
+    workload = _workload(manifests)
     # The autoscaler owns the replica count; a fixed one would fight it on every upgrade.
-    assert "replicas" not in deployment["spec"]
+    assert "replicas" not in workload["spec"]
     hpa = find(manifests, "HorizontalPodAutoscaler")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULL}
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": FULL}
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
     monitor = find(manifests, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     (endpoint,) = monitor["spec"]["endpoints"]
-    service_ports = {p["name"] for p in find(manifests, "Service")["spec"]["ports"]}
+    service_ports = {p["name"] for p in find_named(manifests, "Service", FULL)["spec"]["ports"]}
     assert endpoint["port"] in service_ports and endpoint["path"] == "/metrics"
 
 
@@ -218,8 +260,9 @@ def test_no_secret_values_means_no_secret_wiring(render: Render) -> None:
     assert "envFrom" not in container
 
 
-def test_existing_claim_is_used_and_none_created(render: Render) -> None:
-    manifests = render({"persistence": {"existingClaim": "audit-evidence"}})
+@pytest.mark.parametrize("workload", ["statefulset", "deployment"])
+def test_existing_claim_is_used_and_none_created(render: Render, workload: str) -> None:
+    manifests = render({"workload": workload, "persistence": {"existingClaim": "audit-evidence"}})
     assert not [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     volumes = _pod_spec(manifests)["volumes"]
     assert {"name": "consent-gateway-audit", "persistentVolumeClaim": {"claimName": "audit-evidence"}} in volumes
@@ -233,7 +276,7 @@ def test_persistence_off_falls_back_to_an_empty_dir(render: Render) -> None:
 
 def test_config_change_rolls_the_pods(render: Render) -> None:
     def checksum(values: dict[str, Any]) -> str:
-        annotations = find(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        annotations = _workload(render(values))["spec"]["template"]["metadata"]["annotations"]
         return str(annotations["checksum/config"])
 
     assert checksum({}) != checksum({"config": {"consent": {"cache_ttl_s": 5}}})
@@ -301,18 +344,20 @@ def test_dashboard_ships_in_a_grafana_config_map(render: Render) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"mode": "daemonset"}, 'mode must be standalone or sidecar, got "daemonset"'),
+        ({"mode": "daemonset"}, "at '/mode': value must be one of 'standalone', 'sidecar'"),
         ({"config": {"listen": {"port": 80}}}, "config.listen is set by the chart: use ports.proxy"),
         ({"config": {"admin": {"host": "127.0.0.1"}}}, "config.admin is set by the chart: use ports.admin"),
         ({"config": {"audit": {"path": "/tmp/audit.jsonl"}}}, "config.audit.path is set by the chart"),
         ({"config": {"upstream": {"url": ""}}}, "config.upstream.url is required in standalone mode"),
         ({"mode": "sidecar"}, "sidecar.fhirPort 8080 collides with ports.proxy or ports.admin"),
+        ({"terminationGracePeriodSeconds": 15}, "terminationGracePeriodSeconds 15 must exceed preStopSleepSeconds 10"),
+        ({"networkPolicy": {"ingressFrom": []}}, "networkPolicy.ingressFrom must name the ingress"),
     ],
 )
 def test_contradictory_values_stop_rendering_with_one_line(
     helm: ModuleType, render: Render, values: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(helm.HelmRenderError) as failure:
+    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as failure:
         render(copy.deepcopy(values))
     assert message in str(failure.value)
 
@@ -335,3 +380,100 @@ def test_every_top_level_value_is_used_by_a_template() -> None:
     templates = " ".join(path.read_text(encoding="utf-8") for path in (CHART_DIR / "templates").iterdir())
     keys = [line.split(":")[0] for line in _values_lines() if line[:1].isalpha()]
     assert keys and [key for key in keys if f".Values.{key}" not in templates] == []
+
+
+# --- many replicas: network policy, graceful endpoint removal, alerts, values schema ----------
+
+
+def test_network_policy_admits_the_ingress_to_the_proxy_port_and_monitoring_to_admin(render: Render) -> None:
+    manifests = render()
+    policy = find(manifests, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == _workload(manifests)["spec"]["selector"]["matchLabels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    proxy, admin = policy["ingress"]
+    container = _container(_pod_spec(manifests))
+    assert [p["port"] for p in proxy["ports"]] == ["gateway"] and _port(container, "gateway")
+    assert proxy["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert [p["port"] for p in admin["ports"]] == ["gateway-admin"] and _port(container, "gateway-admin")
+    assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+def test_network_policy_follows_the_configured_peers(render: Render) -> None:
+    ingress = [{"namespaceSelector": {"matchLabels": {"team": "edge"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}}}]
+    policy = find(render({"networkPolicy": {"ingressFrom": ingress, "monitoringFrom": []}}), "NetworkPolicy")["spec"]
+    (only,) = policy["ingress"]  # no monitoring peers: the admin port admits nobody
+    assert only["from"] == ingress
+
+
+def test_pre_stop_outlasts_endpoint_removal_within_the_grace_period(render: Render, tmp_path: Path) -> None:
+    manifests = render()
+    pod = _pod_spec(manifests)
+    container = _container(pod)
+    assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "10"]}}
+    shutdown = _settings(manifests, container, tmp_path).listen.shutdown_timeout_s
+    assert 10 + shutdown < pod["terminationGracePeriodSeconds"]
+
+
+def test_prometheus_rule_alerts_on_metrics_the_gateway_exports(render: Render) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+
+    rule = find(render(load_values("full")), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert set(alerts) == {
+        "ConsentGatewayLookupErrors", "ConsentGatewayBreakGlassSpike",
+        "ConsentGatewayAuditBacklog", "ConsentGatewayChangePollStale",
+    }
+    exported = {s.name for m in Metrics(CollectorRegistry()).registry.collect() for s in m.samples}
+    exported |= {m.name + "_total" for m in Metrics(CollectorRegistry()).registry.collect() if m.type == "counter"}
+    for alert, expr in alerts.items():
+        names = set(re.findall(r"consent_gateway_[a-z_]+", expr))
+        assert names and names <= exported, (alert, names - exported)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"workload": "daemonset"},
+        {"persistence": {"accessModes": ["RWX"]}},
+        {"preStopSleepSeconds": "ten"},
+        {"networkPolicy": {"enabled": True, "ingresFrom": []}},
+        {"replicaCuont": 3},
+    ],
+)
+def test_values_schema_refuses_bad_values(helm: ModuleType, render: Render, values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError, match="schema"):
+        render(copy.deepcopy(values))
+    report = helm.lint(str(CHART_DIR), copy.deepcopy(values), strict=True)
+    assert report["errors"] or [m for m in report["messages"] if m["severity"] >= 3], report
+
+
+K8S_VERSION = "1.30.0"  # the oldest Kubernetes the chart supports (NetworkPolicy, StatefulSet retention)
+
+
+@pytest.mark.parametrize("values", ["default", "deployment", "sidecar", "full"])
+def test_manifests_validate_against_the_kubernetes_schemas(render: Render, values: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    chosen = {"default": {}, "deployment": {"workload": "deployment"}}.get(values)
+    manifests = render(chosen if chosen is not None else load_values(values))
+    checked = 0
+    for manifest in manifests:
+        if manifest["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator CRDs: not part of Kubernetes' own schemas
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked >= 4
+
+
+def test_default_max_response_bytes_fits_the_memory_limit(render: Render, tmp_path: Path) -> None:
+    """Measured (README, Limits): many small resources peak at ~9 x N + 55 MiB; keep 10 x N + 64 MiB
+    under the limit, so the largest answer accepted cannot get the pod OOM-killed."""
+    manifests = render()
+    container = _container(_pod_spec(manifests))
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    cap = _settings(manifests, container, tmp_path).upstream.max_response_bytes
+    assert 10 * cap + 64 * 2**20 <= int(limit[:-2]) * 2**20

@@ -21,10 +21,7 @@ HIV_MED = {
     "contained": [{"resourceType": "Medication", "id": "med", "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1999667"}]}}],
     "medicationReference": {"reference": "#med"},
 }
-SUD_LINE = (
-    "Condition/c1  42CFRPart2,ETH  rules/substance-use.yaml: ICD-10-CM F11 "
-    "(in F10-F19: Mental and behavioral disorders due to psychoactive substance use)"
-)
+SUD_LINE = "Condition/c1  42CFRPart2,OPIOIDUD  rules/substance-use.yaml: ICD-10-CM F11 (Opioid related disorders)"
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -101,7 +98,24 @@ def test_bad_rules_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_reads_stdin_in_a_subprocess() -> None:
     script = "import sys; from gateway.commands import label; from pathlib import Path; import argparse; " \
-        "sys.exit(label.run(argparse.Namespace(file=Path('-'), rules_dir=None)))"
+        "sys.exit(label.run(argparse.Namespace(file=Path('-'), rules_dir=None, coverage=False)))"
     done = subprocess.run([sys.executable, "-c", script], input=orjson.dumps(CONDITION), capture_output=True, timeout=60, check=False)
     assert done.returncode == 0
     assert done.stdout.decode().splitlines() == [SUD_LINE]
+
+
+def test_coverage_counts_codes_per_category_and_system_with_sources(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "--coverage")
+    assert code == 0 and err == []
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out if line and not line.startswith((" ", "category", "ICD"))}
+    assert rows[("substance-use", "HCPCS")][-1] == "42CFRPart2,SUD"
+    assert int(rows[("substance-use", "HCPCS")][1]) >= 30  # the VSAC SUD treatment and MOUD codes
+    assert int(rows[("mental-health", "CPT")][1]) >= 115  # the Psychiatry range 90785-90899
+    assert any("2.16.840.1.113762.1.4.1046.269" in line and "substance-use / RxNorm" in line for line in out)
+    assert any("SHIFT Task Force SLS value set" in line for line in out)
+
+
+def test_label_needs_a_file_or_coverage(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys)
+    assert code == 2 and out == []
+    assert err == ["consent-gateway label: give a FILE, or --coverage"]

@@ -22,16 +22,16 @@ TABLE: list[tuple[str, str, str, set[str]]] = [
     ("sti", ICD10CM, "A56.01", {"STD"}),
     ("sti", SNOMED, "76272004", {"STD"}),
     ("sti", LOINC, "21613-5", {"STD"}),
-    # substance use: ETH + the 42 CFR Part 2 policy
-    ("sud", ICD10CM, "F11.20", {"ETH", "42CFRPart2"}),
-    ("sud", ICD10CM, "F11.9", {"ETH", "42CFRPart2"}),
-    ("sud", ICD10CM, "F10.239", {"ETH", "42CFRPart2"}),
-    ("sud", ICD10CM, "F19.10", {"ETH", "42CFRPart2"}),
-    ("sud", ICD10CM, "Z71.41", {"ETH", "42CFRPart2"}),
-    ("sud", SNOMED, "5602001", {"ETH", "42CFRPart2"}),
-    ("sud", LOINC, "19295-5", {"ETH", "42CFRPart2"}),
-    ("sud", RXNORM, "352364", {"ETH", "42CFRPart2"}),
-    ("sud", CPT, "99408", {"ETH", "42CFRPart2"}),
+    # substance use: SUD or its narrower ETHUD / OPIOIDUD, + the 42 CFR Part 2 policy
+    ("sud", ICD10CM, "F11.20", {"OPIOIDUD", "42CFRPart2"}),
+    ("sud", ICD10CM, "F11.9", {"OPIOIDUD", "42CFRPart2"}),
+    ("sud", ICD10CM, "F10.239", {"ETHUD", "42CFRPart2"}),
+    ("sud", ICD10CM, "F19.10", {"SUD", "42CFRPart2"}),
+    ("sud", ICD10CM, "Z71.41", {"ETHUD", "42CFRPart2"}),
+    ("sud", SNOMED, "5602001", {"OPIOIDUD", "42CFRPart2"}),
+    ("sud", LOINC, "19295-5", {"SUD", "42CFRPart2"}),
+    ("sud", RXNORM, "352364", {"OPIOIDUD", "42CFRPart2"}),
+    ("sud", CPT, "99408", {"SUD", "42CFRPart2"}),
     # mental health
     ("mh", ICD10CM, "F32.9", {"PSY"}),
     ("mh", ICD10CM, "F32.A", {"PSY"}),
@@ -59,17 +59,19 @@ TABLE: list[tuple[str, str, str, set[str]]] = [
     ("repro", LOINC, "2106-3", {"PREGNANT"}),
     ("repro", RXNORM, "757594", {"SEX"}),
     # sickle cell
-    ("sickle", ICD10CM, "D57.1", {"SICKLE"}),
-    ("sickle", ICD10CM, "D57.3", {"SICKLE"}),
-    ("sickle", SNOMED, "127040003", {"SICKLE"}),
-    ("sickle", LOINC, "6864-3", {"SICKLE"}),
+    ("sickle", ICD10CM, "D57.1", {"SCA"}),
+    ("sickle", ICD10CM, "D57.3", {"SCA"}),
+    ("sickle", SNOMED, "127040003", {"SCA"}),
+    ("sickle", LOINC, "6864-3", {"SCA"}),
     # near misses
     ("miss", ICD10CM, "F17.210", set()),  # nicotine dependence, cigarettes
     ("miss", ICD10CM, "F17", set()),
     ("miss", ICD10CM, "I10", set()),  # essential hypertension
     ("miss", ICD10CM, "E11.9", set()),
     ("miss", ICD10CM, "F1", set()),  # not a category: must not match F10-F19
-    ("miss", ICD10CM, "F01.50", set()),  # vascular dementia, left out of mental health
+    ("miss", ICD10CM, "F06.4", set()),  # anxiety disorder due to a physiological condition, left out
+    ("cogn", ICD10CM, "F01.50", {"COGN"}),  # vascular dementia: cognitive disability (SHIFT SLS maps dementia to COGN)
+    ("cogn", ICD10CM, "G30.9", {"COGN"}),
     ("miss", ICD10CM, "D56.1", set()),  # beta thalassemia, next to D57
     ("miss", ICD10CM, "Z20.822", set()),  # COVID-19 exposure, next to Z20.6 / Z20.2
     ("miss", LOINC, "58410-2", set()),  # CBC panel
@@ -122,6 +124,6 @@ def test_labels_use_the_v3_actcode_system(index: LabelIndex) -> None:
 def test_explain_names_file_system_code_and_display(index: LabelIndex) -> None:
     reasons = index.explain(_condition(ICD10CM, "F11.20"))
     assert [(label.code, rule) for label, rule in reasons] == [
-        ("42CFRPart2", "rules/substance-use.yaml: ICD-10-CM F11 (in F10-F19: Mental and behavioral disorders due to psychoactive substance use)"),
-        ("ETH", "rules/substance-use.yaml: ICD-10-CM F11 (in F10-F19: Mental and behavioral disorders due to psychoactive substance use)"),
+        ("42CFRPart2", "rules/substance-use.yaml: ICD-10-CM F11 (Opioid related disorders)"),
+        ("OPIOIDUD", "rules/substance-use.yaml: ICD-10-CM F11 (Opioid related disorders)"),
     ]

@@ -72,7 +72,7 @@ def test_empty_directory(tmp_path: Path) -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    assert "no rules" in _error(tmp_path / "absent")
+    assert _error(tmp_path / "absent") == f"{tmp_path / 'absent'}: not a directory"
 
 
 def test_malformed_yaml(tmp_path: Path) -> None:

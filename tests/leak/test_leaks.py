@@ -29,7 +29,7 @@ Answer = Callable[[web.Request, str], Any]  # (request, upstream base) -> JSON o
 # Ben opted out: nothing of his may show, unless the requester named him.
 BEN_SECRETS = ("obs-cbc-58410-ben", "cond-htn-i10-ben", "Okafor", "1959-12-02")
 # Reasons never reach a client: no consent id, no label.
-BODY_SECRETS = ("consent-optin", "consent-ben-out", "HIV", "PSY", "ETH", "42CFRPart2", "sensitiv")
+BODY_SECRETS = ("consent-optin", "consent-ben-out", "HIV", "PSY", "ETH", "OPIOIDUD", "42CFRPart2", "sensitiv")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ async def test_released_sensitive_data_carries_its_labels_and_the_part2_notice(
     bundle = orjson.loads(raw)
     found = _by_id(bundle)
     assert "HIV" in _security(found["bob-hiv"]) and NORDSLCD not in _security(found["bob-hiv"])
-    assert {"ETH", "42CFRPart2", NORDSLCD} <= _security(found["bob-oud"])
+    assert {"42CFRPart2", NORDSLCD} <= _security(found["bob-oud"])
+    assert _security(found["bob-oud"]) & {"ETH", "SUD", "OPIOIDUD"}
     [notice] = [e for e in bundle["meta"]["extension"] if e["url"] == NOTICE_EXTENSION]
     assert "42 CFR part 2" in notice["valueString"]
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -73,6 +76,75 @@ async def test_readyz_follows_the_upstream_down_and_back(fake_fhir: FakeFhir, ma
     await wait_for_readyz(gut, 503)
     fake_fhir.override = None
     await wait_for_readyz(gut, 200)
+
+
+async def readyz_body(gut: GatewayUnderTest) -> dict[str, Any]:
+    status, _, body = await admin_get(gut, "/readyz")
+    found: dict[str, Any] = orjson.loads(body)
+    found["code"] = status
+    return found
+
+
+async def test_readyz_names_the_consent_source_when_it_fails_and_recovers(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gut = await make_gateway(fake_fhir.base_url, upstream={"health_interval_s": 0.05})
+    await wait_for_readyz(gut, 200)
+
+    async def consent_source_down(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith("/Consent"):
+            return web.json_response({"resourceType": "OperationOutcome", "issue": []}, status=503)
+        return None
+
+    fake_fhir.override = consent_source_down
+    await wait_for_readyz(gut, 503)
+    body = await readyz_body(gut)
+    assert body == {"status": "not ready", "failing": ["consent_source"], "code": 503}
+    fake_fhir.override = None
+    await wait_for_readyz(gut, 200)
+
+
+async def test_one_patients_unreadable_consents_do_not_take_the_replica_out_of_service(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway
+) -> None:
+    # Probed once at start-up, not again during the test.
+    gut = await make_gateway(fake_fhir.base_url, upstream={"health_interval_s": 5})
+    await wait_for_readyz(gut, 200)
+
+    async def one_patient_malformed(request: web.Request) -> web.StreamResponse | None:
+        if request.path.endswith("/Consent") and "pat-broken" in request.query.get("patient", ""):
+            return web.Response(body=b"{not json", content_type="application/fhir+json")
+        return None
+
+    fake_fhir.override = one_patient_malformed
+    resp = await gut.get("/Observation?patient=Patient/pat-broken")
+    assert resp.status == 503  # that patient's data stays closed
+    assert (await readyz_body(gut))["code"] == 200  # everyone else's is still served here
+
+
+async def test_readyz_names_the_audit_file_when_its_directory_goes(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    gut = await make_gateway(fake_fhir.base_url, audit={"path": str(folder / "audit.jsonl")})
+    await wait_for_readyz(gut, 200)
+    shutil.rmtree(folder)
+    body = await readyz_body(gut)
+    assert body == {"status": "not ready", "failing": ["audit"], "code": 503}
+    # SECURITY: the reason names no host, path or secret.
+    assert str(tmp_path) not in str(body) and "127.0.0.1" not in str(body)
+    folder.mkdir()
+    assert (await readyz_body(gut))["code"] == 200
+
+
+async def test_readyz_names_the_fhir_server_without_its_host(make_gateway: MakeGateway) -> None:
+    port = free_port()
+    gut = await make_gateway(f"http://127.0.0.1:{port}/fhir", upstream={"health_interval_s": 0.05})
+    await asyncio.sleep(0.3)
+    body = await readyz_body(gut)
+    assert body["code"] == 503 and "fhir_server" in body["failing"]
+    assert str(port) not in orjson.dumps(body).decode()
 
 
 # --- the admin port serves only admin paths, the proxy port only FHIR ---------------------
@@ -180,7 +252,8 @@ async def test_requests_are_counted_per_interaction(gateway: GatewayUnderTest, a
         labels = {"interaction": interaction}
         assert gateway.metric("consent_gateway_request_duration_seconds_count", labels) == expected, interaction
         assert gateway.metric("consent_gateway_request_duration_seconds_sum", labels) > 0
-    assert gateway.metric("consent_gateway_upstream_duration_seconds_count") == len(INTERACTIONS)
+    # The empty batch is answered without asking the upstream (nothing in it to send).
+    assert gateway.metric("consent_gateway_upstream_duration_seconds_count") == len(INTERACTIONS) - 1
 
 
 async def test_errors_are_counted_with_their_status(gateway: GatewayUnderTest) -> None:

@@ -187,7 +187,7 @@ async def test_delivery_puts_each_event_once_in_order(
     )
     assert await delivery.deliver_once() is True
     assert len(puts(fake_fhir)) == 3  # nothing is sent twice
-    assert int(delivery.offset_path.read_text()) == audit_log.path.stat().st_size
+    assert int(delivery.offset_path.read_text().split()[1]) == audit_log.path.stat().st_size
 
 
 async def test_server_answering_errors_loses_nothing(
@@ -308,3 +308,76 @@ async def test_gateway_delivers_break_glass_events_to_audit_fhir_url(
         assert not any(r.path_qs.startswith("/fhir/AuditEvent") for r in fake_fhir.requests)
     finally:
         await server.close()
+
+
+def delivered(fake: FakeFhir) -> list[str]:
+    """Ids of the AuditEvents the audit server stored, in order."""
+    return [k.split("/", 1)[1] for k in fake.resources if k.startswith("AuditEvent/")]
+
+
+def down_while(fake: FakeFhir, flag: list[bool]) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse | None:
+        if flag[0] and request.method == "PUT":
+            return web.json_response({"resourceType": "OperationOutcome", "issue": []}, status=503)
+        return None
+
+    fake.override = answer
+
+
+async def test_backlog_is_a_metric_and_delivery_resumes_after_a_restart(
+    tmp_path: Path, audit_server: Upstream, fake_fhir: FakeFhir
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+
+    path = tmp_path / "audit.jsonl"
+    down = [True]
+    down_while(fake_fhir, down)
+    first_metrics = Metrics(CollectorRegistry())
+    first_run = AuditLog(path)
+    events = [event("a"), event("b")]
+    for e in events:
+        await first_run.append(e)
+    delivery = AuditDelivery(first_run, audit_server, metrics=first_metrics)
+    assert await delivery.deliver_once() is False
+    backlog = first_metrics.registry.get_sample_value("consent_gateway_audit_delivery_backlog_bytes")
+    assert backlog == path.stat().st_size > 0
+    delivery.close()
+    first_run.close()
+    # A new process on the same storage (the StatefulSet's volume): the backlog goes out.
+    down[0] = False
+    second_metrics = Metrics(CollectorRegistry())
+    second_run = AuditLog(path)
+    restarted = AuditDelivery(second_run, audit_server, metrics=second_metrics)
+    assert await restarted.deliver_once() is True
+    assert delivered(fake_fhir) == [e["id"] for e in events]
+    assert second_metrics.registry.get_sample_value("consent_gateway_audit_delivery_backlog_bytes") == 0
+    restarted.close()
+    second_run.close()
+
+
+@pytest.mark.parametrize("how", ["rotated", "deleted"])
+async def test_undelivered_lines_of_a_rotated_or_deleted_file_are_still_delivered(
+    how: str, audit_log: AuditLog, audit_server: Upstream, fake_fhir: FakeFhir
+) -> None:
+    down = [True]
+    down_while(fake_fhir, down)
+    before = [event("before-1"), event("before-2")]
+    for e in before:
+        await audit_log.append(e)
+    delivery = AuditDelivery(audit_log, audit_server)
+    assert await delivery.deliver_once() is False  # delivery holds the file open from here
+    if how == "rotated":
+        audit_log.path.rename(audit_log.path.with_name("audit.jsonl.1"))
+    else:
+        audit_log.path.unlink()
+    after = event("after")
+    await audit_log.append(after)  # the log reopens a new file at the configured path
+    assert lines(audit_log.path) == [after]
+    down[0] = False
+    assert await delivery.deliver_once() is True
+    assert delivered(fake_fhir) == [e["id"] for e in (*before, after)]
+    inode, offset = delivery.offset_path.read_text().split()
+    assert (int(inode), int(offset)) == (audit_log.path.stat().st_ino, audit_log.path.stat().st_size)
+    delivery.close()

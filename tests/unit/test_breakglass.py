@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.config import ConfigError
 from gateway.core.breakglass import emergency_consent
 from gateway.core.model import Actor, Label
 from tests.conftest import GatewayUnderTest
@@ -407,18 +409,20 @@ async def test_audit_line_is_fsynced_before_the_answer(gw: GatewayUnderTest, mon
     assert str(gw.state.settings.audit.path) in synced
 
 
-@pytest.mark.parametrize("where", ["missing-directory", "path-is-a-directory", "read-only-location", "disk-full"])
+@pytest.mark.parametrize("where", ["directory-removed", "path-became-a-directory", "disk-full"])
 async def test_audit_not_writable_is_503_without_data(
     where: str, fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
 ) -> None:
     seed(fake_fhir)
-    path = {
-        "missing-directory": tmp_path / "no-such-dir" / "audit.jsonl",
-        "path-is-a-directory": tmp_path,
-        "read-only-location": Path("/sys/consent-gateway-audit.jsonl"),  # sysfs: no one may create files
-        "disk-full": Path("/dev/full"),  # opens, every write fails with ENOSPC
-    }[where]
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    path = Path("/dev/full") if where == "disk-full" else folder / "audit.jsonl"  # /dev/full: ENOSPC
     gw = await make_gateway(fake_fhir.base_url, audit={"path": str(path)})
+    if where == "directory-removed":
+        shutil.rmtree(folder)
+    elif where == "path-became-a-directory":
+        path.unlink()
+        path.mkdir()
     status, headers, body = await glass(gw, ANA_OBSERVATIONS)
     outcome = assert_outcome(status, headers["Content-Type"], body, 503, issue_code="transient")
     assert outcome["resourceType"] == "OperationOutcome"
@@ -428,19 +432,69 @@ async def test_audit_not_writable_is_503_without_data(
     assert headers.get("X-Consent-Decision") == "deny"
     assert consent_posts(fake_fhir) == []  # no window is opened for an access that was not audited
     assert gw.metric("consent_gateway_break_glass_total", {"reason": REASON}) == 0
+    async with gw.session.get(gw.admin_url + "/readyz") as resp:
+        assert resp.status == 503
+        assert "audit" in (await resp.json())["failing"]
 
 
-async def test_audit_recovers_when_the_directory_appears(
+@pytest.mark.parametrize("where", ["missing-directory", "path-is-a-directory", "read-only-location"])
+async def test_audit_not_writable_at_start_up_is_a_config_error(
+    where: str, fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    path = {
+        "missing-directory": tmp_path / "no-such-dir" / "audit.jsonl",
+        "path-is-a-directory": tmp_path,
+        "read-only-location": Path("/sys/consent-gateway-audit.jsonl"),  # sysfs: no one may create files
+    }[where]
+    with pytest.raises(ConfigError, match=r"^audit\.path: cannot write the audit file: "):
+        await make_gateway(fake_fhir.base_url, audit={"path": str(path)})
+
+
+async def test_audit_recovers_when_the_directory_appears_again(
     fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
 ) -> None:
     seed(fake_fhir)
     path = tmp_path / "later" / "audit.jsonl"
+    path.parent.mkdir()
     gw = await make_gateway(fake_fhir.base_url, audit={"path": str(path)})
+    shutil.rmtree(path.parent)
     assert (await glass(gw, ANA_OBSERVATIONS))[0] == 503
     path.parent.mkdir()
     status, headers, _ = await glass(gw, ANA_OBSERVATIONS)
     assert status == 200
     assert [e["id"] for e in audit_lines(gw)] == [headers["X-Break-Glass-Audit-Id"]]
+
+
+@pytest.mark.parametrize("how", ["rotated", "deleted"])
+async def test_audit_file_is_reopened_after_rotation_or_deletion(
+    how: str, fake_fhir: FakeFhir, make_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    seed(fake_fhir)
+    gw = await make_gateway(fake_fhir.base_url)
+    path = gw.state.settings.audit.path
+    first = (await glass(gw, ANA_OBSERVATIONS))[1]["X-Break-Glass-Audit-Id"]
+    if how == "rotated":
+        path.rename(path.with_name("audit.jsonl.1"))  # what logrotate does
+    else:
+        path.unlink()
+    status, headers, _ = await glass(gw, ANA_OBSERVATIONS)
+    assert status == 200
+    # The second event is in the file at the configured path, not in the old inode.
+    assert [e["id"] for e in audit_lines(gw)] == [headers["X-Break-Glass-Audit-Id"]]
+    if how == "rotated":
+        old = [orjson.loads(line)["id"] for line in path.with_name("audit.jsonl.1").read_bytes().splitlines()]
+        assert old == [first]
+
+
+async def test_audit_stdout_prints_each_event_as_one_line(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, capfd: pytest.CaptureFixture[str]
+) -> None:
+    seed(fake_fhir)
+    gw = await make_gateway(fake_fhir.base_url, audit={"stdout": True})
+    ids = [(await glass(gw, ANA_OBSERVATIONS))[1]["X-Break-Glass-Audit-Id"] for _ in range(2)]
+    printed = [orjson.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["id"] for e in printed] == ids == [e["id"] for e in audit_lines(gw)]
+    assert all(e["resourceType"] == "AuditEvent" for e in printed)
 
 
 async def test_concurrent_break_glass_lines_are_whole_and_all_there(gw: GatewayUnderTest) -> None:
@@ -511,9 +565,9 @@ async def test_emergency_consent_is_stored_at_the_consent_source(
     ends = datetime.fromisoformat(root["period"]["end"].replace("Z", "+00:00"))
     assert abs((begins - start).total_seconds()) <= 2
     assert ends - begins == timedelta(hours=2)
-    # Ana's Condition search opened HIV, 42 CFR Part 2 / ETH (opioid use disorder) and PSY.
+    # Ana's Condition search opened HIV, 42 CFR Part 2 / OPIOIDUD (opioid use disorder) and PSY.
     opened = {(lb["system"], lb["code"]) for nested in root["provision"] for lb in nested["securityLabel"]}
-    assert opened == {(c.V3_ACT_CODE, code) for code in ("HIV", "42CFRPart2", "ETH", "PSY")}
+    assert opened == {(c.V3_ACT_CODE, code) for code in ("HIV", "42CFRPart2", "OPIOIDUD", "PSY")}
     assert all(nested["type"] == "permit" for nested in root["provision"])
 
 
@@ -556,7 +610,40 @@ async def test_failing_consent_store_does_not_fail_the_emergency_access(
     fake_fhir.override = refuse_consent_writes
     status, headers, body = await glass(gw, ANA_OBSERVATIONS)
     assert status == 200 and returned_ids(body) == {ANA_CBC_REF, HIV_TEST_REF}
-    assert [e["id"] for e in audit_lines(gw)] == [headers["X-Break-Glass-Audit-Id"]]
+    assert_no_window_recorded(audit_lines(gw), headers["X-Break-Glass-Audit-Id"])
+
+
+def assert_no_window_recorded(events: list[JSON], access_id: str) -> None:
+    """The access's own event (success), then one saying that no window was recorded."""
+    access, no_window = events
+    assert access["id"] == access_id and access["outcome"] == "0"
+    assert no_window["outcome"] == "4"
+    assert "no emergency access window was recorded" in no_window["outcomeDesc"]
+    assert {"reference": f"AuditEvent/{access_id}"} in [e["what"] for e in no_window["entity"]]
+    assert {"reference": c.PAT_ANA} in [e["what"] for e in no_window["entity"]]
+    assert_r4_audit_event(no_window)
+
+
+async def test_consent_source_down_break_glass_is_served_and_truthfully_audited(
+    gw: GatewayUnderTest, fake_fhir: FakeFhir
+) -> None:
+    async def consents_down(request: web.Request) -> web.StreamResponse | None:
+        if request.path == "/fhir/Consent":
+            return web.json_response({"resourceType": "OperationOutcome", "issue": []}, status=503)
+        return None
+
+    fake_fhir.override = consents_down
+    for _ in range(3):
+        status, headers, body = await glass(gw, ANA_OBSERVATIONS)
+        assert status == 200, body
+        assert returned_ids(body) == {ANA_CBC_REF, HIV_TEST_REF}
+    events = audit_lines(gw)
+    assert len(events) == 6  # each access: its event, then "no window recorded"; nothing else
+    for access, no_window in zip(events[::2], events[1::2]):
+        assert_no_window_recorded([access, no_window], access["id"])
+        details = [d for e in access["entity"] for d in e.get("detail", ())]
+        assert details and all(d["valueString"] == "true" for d in details)  # all would-deny
+        assert "consents could not be read" in access["outcomeDesc"]
 
 
 async def test_unreachable_consent_store_does_not_fail_the_emergency_access(
@@ -573,7 +660,7 @@ async def test_unreachable_consent_store_does_not_fail_the_emergency_access(
     status, headers, body = await glass(gw, ANA_OBSERVATIONS)
     assert status == 200, body
     assert returned_ids(body) == {ANA_CBC_REF, HIV_TEST_REF}
-    assert [e["id"] for e in audit_lines(gw)] == [headers["X-Break-Glass-Audit-Id"]]
+    assert_no_window_recorded(audit_lines(gw), headers["X-Break-Glass-Audit-Id"])
 
 
 # ---------------------------------------------------------------- the access window

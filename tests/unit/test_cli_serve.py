@@ -23,7 +23,7 @@ from gateway.app import build_state, start
 from gateway.cli import main
 from tests.conftest import gateway_settings
 from tests.fakes import FakeFhir
-from tests.unit._util import clean_env, free_port, gateway_command, start_serving
+from tests.unit._util import assert_outcome, clean_env, free_port, gateway_command, start_serving
 
 GOOD_UPSTREAM = "upstream: {url: http://127.0.0.1:9/fhir}\n"
 TAKEN_PORT = "{taken}"
@@ -47,6 +47,12 @@ BAD_STARTS: dict[str, BadStart] = {
     "env-port-out-of-range": BadStart(GOOD_UPSTREAM, ("admin.port", "65535"), env=(("GATEWAY_ADMIN__PORT", "65536"),)),
     "unreadable-file": BadStart(None, ("cannot read config file", "missing.yaml")),
     "invalid-yaml": BadStart("upstream: {url: http://h/fhir\nlisten: [1, 2\n", ("invalid YAML", "line")),
+    "audit-directory-missing": BadStart(
+        GOOD_UPSTREAM + "audit: {path: no-such-dir/audit.jsonl}\n", ("audit.path", "cannot write the audit file"),
+    ),
+    "missing-rules-dir": BadStart(
+        GOOD_UPSTREAM + "sensitivity: {rules_dir: ./no-such-rules}\n", ("sensitivity.rules_dir", "no-such-rules", "not a directory")
+    ),
     "port-taken": BadStart(
         GOOD_UPSTREAM + "listen: {host: 127.0.0.1, port: " + TAKEN_PORT + "}\nadmin: {host: 127.0.0.1, port: 0}\n",
         ("cannot listen",),
@@ -111,6 +117,13 @@ IN_PROCESS_CASES: dict[str, tuple[str | None, list[str], dict[str, str], tuple[s
     "env-unknown-key": (GOOD_UPSTREAM, [], {"GATEWAY_UPSTREAM__RETRIES": "3"}, ("upstream.retries", "unknown key")),
     "env-bad-yaml": (GOOD_UPSTREAM, [], {"GATEWAY_BREAK_GLASS__REASONS": "[a, b"}, ("GATEWAY_BREAK_GLASS__REASONS",)),
     "flag-bad-url": ("", ["--upstream", "not-a-url"], {}, ("upstream.url",)),
+    "empty-rules-dir": (GOOD_UPSTREAM + "sensitivity: {rules_dir: '{tmp}/empty'}\n", [], {}, ("sensitivity.rules_dir", "no rules")),
+    "broken-rules-file": (
+        GOOD_UPSTREAM + "sensitivity: {rules_dir: '{tmp}/rules'}\n", [], {}, ("sensitivity.rules_dir", "bad.yaml", "malformed YAML")
+    ),
+    "env-rules-dir-missing": (
+        GOOD_UPSTREAM, [], {"GATEWAY_SENSITIVITY__RULES_DIR": "/nonexistent/rules"}, ("sensitivity.rules_dir", "not a directory")
+    ),
 }
 
 
@@ -120,10 +133,13 @@ def test_bad_config_variants_exit_2_with_one_line(
 ) -> None:
     text, args, env, expected = IN_PROCESS_CASES[name]
     path = tmp_path / "gateway.yaml"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "rules" / "bad.yaml").write_text("kind: [category\n", encoding="utf-8")
     if text is None:
         path.mkdir()
     else:
-        path.write_text(text, encoding="utf-8")
+        path.write_text(text.replace("{tmp}", str(tmp_path)), encoding="utf-8")
     for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -208,9 +224,12 @@ async def test_sigterm_stops_accepting_finishes_in_flight_within_bound_and_exits
             assert resp.status == 200
             assert (await resp.json(content_type=None))["id"] == "pr-slow"
             resp.release()
+            # The stuck request is cut at the bound with a 503, not an empty reply.
+            cut = await asyncio.wait_for(stuck, 10)
+            assert cut.status == 503 and cut.headers["Retry-After"] == "1"
+            assert (await cut.json(content_type=None))["resourceType"] == "OperationOutcome"
             _, stderr = await asyncio.wait_for(proc.communicate(), 10)
             elapsed = time.monotonic() - signalled
-            stuck.cancel()
     finally:
         release.set()
         if proc.returncode is None:
@@ -222,7 +241,9 @@ async def test_sigterm_stops_accepting_finishes_in_flight_within_bound_and_exits
     assert elapsed < 2 * SHUTDOWN_BOUND_S + 1.5, f"shutdown took {elapsed:.1f} s, shutdown_timeout_s {SHUTDOWN_BOUND_S}"
 
 
-async def test_stuck_request_holds_shutdown_no_longer_than_the_setting(fake_fhir: FakeFhir) -> None:
+async def test_stuck_request_holds_shutdown_no_longer_than_the_setting_and_answers_503(
+    fake_fhir: FakeFhir, tmp_path: Path
+) -> None:
     release = asyncio.Event()
 
     async def stuck(request: web.Request) -> web.StreamResponse | None:
@@ -232,7 +253,9 @@ async def test_stuck_request_holds_shutdown_no_longer_than_the_setting(fake_fhir
 
     fake_fhir.override = stuck
     bound = 0.5
-    state = build_state(gateway_settings(fake_fhir.base_url, listen={"shutdown_timeout_s": bound}))
+    state = build_state(gateway_settings(
+        fake_fhir.base_url, listen={"shutdown_timeout_s": bound}, audit={"path": str(tmp_path / "audit.jsonl")}
+    ))
     running = await start(state)
     try:
         async with aiohttp.ClientSession() as session:
@@ -244,7 +267,13 @@ async def test_stuck_request_holds_shutdown_no_longer_than_the_setting(fake_fhir
             started = time.monotonic()
             await running.stop()
             elapsed = time.monotonic() - started
-            request.cancel()
+            # The cut request gets an answer, not an empty reply (CONTRACT §2).
+            resp = await asyncio.wait_for(request, 5)
+            body = await resp.read()
     finally:
         release.set()
     assert elapsed < bound + 0.3, f"stop took {elapsed:.2f} s with shutdown_timeout_s {bound}"
+    outcome = assert_outcome(resp.status, resp.content_type, body, 503, issue_code="transient")
+    assert outcome["issue"][0]["details"]["coding"][0]["code"] == "shutting-down"
+    assert resp.headers["Retry-After"] == "1"
+    assert state.metrics.registry.get_sample_value("consent_gateway_errors_total", {"code": "shutting-down"}) == 1

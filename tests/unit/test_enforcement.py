@@ -416,7 +416,6 @@ async def test_unfilterable_requests_are_refused(world: FakeFhir, gateway: Gatew
         "/Observation?patient=pat-ana-5581&_summary=count",
         f"/Observation?subject={c.PAT_ANA}&_has:Provenance:target:agent={c.DOCTOR}",
         f"/Observation?patient={c.PAT_ANA}&performer.name=Gomez",
-        "/Patient/pat-ana-5581/$graphql?query={id}",
     ],
 )
 async def test_self_access_is_not_refused(world: FakeFhir, gateway: GatewayUnderTest, path: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core import strict_json
 from gateway.core.references import (
-    UNREADABLE, Resolved, deciding_references, iter_resources, may_name_unreleased, medication_reference,
+    UNREADABLE, Resolved, attachments_by_binary, deciding_references, iter_resources, may_name_unreleased, medication_reference,
     scrub_displays,
     security_context,
 )
@@ -61,15 +61,28 @@ def test_security_context_only_names_patient_data() -> None:
 
 
 def test_targets_missing_from_the_answer_are_listed() -> None:
-    bundle = {"resourceType": "Bundle", "entry": [{"resource": BINARY}, {"resource": ORDER}]}
-    present, contexts, medications = deciding_references(bundle) or ({}, frozenset(), frozenset())
-    assert set(present) == {"Binary/bin-1", "MedicationRequest/rx-1"}
-    assert contexts == {"DocumentReference/doc-1"} and medications == {"Medication/med-1"}
-    with_med = {"resourceType": "Bundle", "entry": [{"resource": ORDER}, {"resource": MED}]}
-    assert deciding_references(with_med) == (
-        {"MedicationRequest/rx-1": ORDER, "Medication/med-1": MED}, frozenset(), frozenset()
-    )
+    bare = {"resourceType": "Binary", "id": "bin-2", "contentType": "application/pdf"}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": BINARY}, {"resource": ORDER}, {"resource": bare}]}
+    found = deciding_references(bundle)
+    assert found is not None
+    assert set(found.present) == {"Binary/bin-1", "MedicationRequest/rx-1", "Binary/bin-2"}
+    assert found.contexts == {"DocumentReference/doc-1"} and found.medications == {"Medication/med-1"}
+    assert found.unattached == {"Binary/bin-2"}
+    with_med = deciding_references({"resourceType": "Bundle", "entry": [{"resource": ORDER}, {"resource": MED}]})
+    assert with_med is not None and not with_med.medications and not with_med.contexts
     assert deciding_references({"resourceType": "Bundle", "entry": [{"resource": c.ANA_CBC}]}) is None
+
+
+def test_a_binary_is_decided_as_its_context_or_the_documents_attaching_it() -> None:
+    doc = {"resourceType": "DocumentReference", "id": "doc-1", "content": [{"attachment": {"url": "Binary/bin-2"}}]}
+    bare = {"resourceType": "Binary", "id": "bin-2"}
+    assert Resolved({"DocumentReference/doc-1": doc}).contexts_of(BINARY) == (doc,)
+    assert Resolved().contexts_of(BINARY) is None                      # unread: it closes
+    assert Resolved({"DocumentReference/doc-1": None}).contexts_of(BINARY) == ()  # missing
+    assert Resolved(attached={"Binary/bin-2": (doc,)}).contexts_of(bare) == (doc,)
+    assert Resolved(attached={"Binary/bin-2": None}).contexts_of(bare) is None
+    assert attachments_by_binary([doc], frozenset({"Binary/bin-2", "Binary/bin-3"})) == {
+        "Binary/bin-2": (doc,), "Binary/bin-3": ()}
 
 
 def test_a_contained_medication_is_found_and_an_unread_one_is_unreadable() -> None:

@@ -279,3 +279,35 @@ def test_healtheintent_emergency_consent_does_not_open_sensitive_data(
 ) -> None:
     hiv = observation("o2", "Patient/he-1", "7917-8")
     assert verdict(rules, healtheintent_consents, hiv, EMERGENCY_ACTOR, now="2024-05-01T03:00:00+00:00") is Verdict.DENY
+
+
+def _scope_consent(rules: LabelIndex, *scopes: str) -> dict[str, Any]:
+    """A permit naming the labels the HealthEx sensitivity scopes open (as the converter writes)."""
+    labels = [label for scope in scopes for label in rules.sensitivity_scope_labels(scope)]
+    return {
+        "resourceType": "Consent", "id": "hx-sud", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "patient": {"reference": "Patient/hx-pat-7"}, "dateTime": "2024-01-01",
+        "provision": {"type": "permit", "securityLabel": [{"system": x.system, "code": x.code} for x in labels]},
+    }
+
+
+@pytest.mark.parametrize("icd", ["F11.20", "F10.20", "F12.90", "T40.1X1A"])
+def test_healthex_substance_use_scopes_open_the_narrower_sud_labels(rules: LabelIndex, icd: str) -> None:
+    # Rules label these OPIOIDUD, ETHUD or SUD with 42CFRPart2; the scopes name ETH/SUD and 42CFRPart2.
+    record = condition("c-sud", "Patient/hx-pat-7", icd)
+    both = _scope_consent(rules, "SUBSTANCE_USE_OR_DRUG_ABUSE", "SUD_PART_2")
+    assert verdict(rules, [both], record, DOC) is Verdict.PERMIT
+    without_part2 = _scope_consent(rules, "SUBSTANCE_USE_OR_DRUG_ABUSE")
+    assert verdict(rules, [without_part2], record, DOC) is Verdict.DENY
+
+
+def test_healthex_mental_health_scope_opens_dementia_but_not_substance_use(rules: LabelIndex) -> None:
+    consent = _scope_consent(rules, "MENTAL_HEALTH")
+    assert verdict(rules, [consent], condition("c-dem", "Patient/hx-pat-7", "G30.9"), DOC) is Verdict.PERMIT
+    assert verdict(rules, [consent], condition("c-oud", "Patient/hx-pat-7", "F11.20"), DOC) is Verdict.DENY
+
+
+def test_healthex_sickle_cell_scope_opens_sca(rules: LabelIndex) -> None:
+    consent = _scope_consent(rules, "SICKLE_CELL")
+    assert verdict(rules, [consent], condition("c-scd", "Patient/hx-pat-7", "D57.1"), DOC) is Verdict.PERMIT

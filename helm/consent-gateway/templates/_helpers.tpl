@@ -38,6 +38,12 @@ settable inside `config`.
 {{- if not (has .Values.mode (list "standalone" "sidecar")) }}
 {{- fail (printf "mode must be standalone or sidecar, got %q" (toString .Values.mode)) }}
 {{- end }}
+{{- if not (has .Values.workload (list "statefulset" "deployment")) }}
+{{- fail (printf "workload must be statefulset or deployment, got %q" (toString .Values.workload)) }}
+{{- end }}
+{{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) 10) }}
+{{- fail (printf "terminationGracePeriodSeconds %d must exceed preStopSleepSeconds %d plus the gateway's 10 s shutdown" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
+{{- end }}
 {{- if hasKey .Values.config "listen" }}
 {{- fail "config.listen is set by the chart: use ports.proxy" }}
 {{- end }}
@@ -137,6 +143,14 @@ definition, so the snippet is exactly what the chart runs.
       path: /readyz
       port: gateway-admin
     {{- toYaml .Values.readinessProbe | nindent 4 }}
+  {{- if .Values.preStopSleepSeconds }}
+  lifecycle:
+    # Keep serving while the endpoint removal reaches every kube-proxy and ingress; only then
+    # does SIGTERM start the gateway's own drain (new connections refused, 503s at the bound).
+    preStop:
+      exec:
+        command: ["sleep", "{{ int .Values.preStopSleepSeconds }}"]
+  {{- end }}
   resources:
     {{- toYaml .Values.resources | nindent 4 }}
   securityContext:
@@ -161,6 +175,7 @@ definition, so the snippet is exactly what the chart runs.
 - name: consent-gateway-config
   configMap:
     name: {{ include "consent-gateway.fullname" . }}-config
+{{- if not (include "consent-gateway.perPodClaim" .) }}
 - name: consent-gateway-audit
   {{- if .Values.persistence.enabled }}
   persistentVolumeClaim:
@@ -168,6 +183,7 @@ definition, so the snippet is exactly what the chart runs.
   {{- else }}
   emptyDir: {}
   {{- end }}
+{{- end }}
 - name: consent-gateway-tmp
   emptyDir: {}
 {{- with include "consent-gateway.filesSecretName" . }}
@@ -175,4 +191,50 @@ definition, so the snippet is exactly what the chart runs.
   secret:
     secretName: {{ . }}
 {{- end }}
+{{- end }}
+
+{{/* The pod spec both standalone workloads run (Deployment and StatefulSet). */}}
+{{- define "consent-gateway.podSpecRest" -}}
+# Service links would inject <SERVICE>_PORT-style variables; a Service whose name starts
+# with "gateway" would then set GATEWAY_* keys the config loader rejects at start-up.
+enableServiceLinks: false
+# The gateway never calls the Kubernetes API.
+automountServiceAccountToken: false
+terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+containers:
+  {{- include "consent-gateway.container" . | nindent 2 }}
+volumes:
+  {{- include "consent-gateway.volumes" . | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when each pod gets its own audit claim from the StatefulSet's template. */}}
+{{- define "consent-gateway.perPodClaim" -}}
+{{- if and (eq .Values.mode "standalone") (eq .Values.workload "statefulset") .Values.persistence.enabled (not .Values.persistence.existingClaim) }}true{{ end }}
+{{- end }}
+
+{{/* The workload kind the autoscaler and the notes name. */}}
+{{- define "consent-gateway.workloadKind" -}}
+{{- if eq .Values.workload "statefulset" }}StatefulSet{{ else }}Deployment{{ end }}
 {{- end }}

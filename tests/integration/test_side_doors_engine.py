@@ -1,0 +1,118 @@
+"""Side doors against the real FHIR engine: what the engine itself answers is decided alike.
+
+Bob's consent (gateway/demo/seed.json) gives Dr GP a general permit that does not open his
+HIV and opioid-use records. Every way in must keep them hidden, whatever the engine does with
+the request; each test searches the raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import GatewayUnderTest
+from tests.integration.engine import Engine
+from tests.integration.test_gateway_engine import BOB_HIDDEN, GP
+
+pytestmark = pytest.mark.integration
+FHIR_JSON = "application/fhir+json"
+
+
+@pytest.fixture
+async def gw(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> GatewayUnderTest:
+    gut: GatewayUnderTest = await make_gateway(fhir_engine.base_url)
+    return gut
+
+
+def leaks(raw: bytes) -> list[str]:
+    return [s for s in BOB_HIDDEN if s.encode() in raw]
+
+
+async def post(gw: GatewayUnderTest, path: str, body: bytes, ctype: str = FHIR_JSON) -> tuple[int, bytes]:
+    async with gw.session.post(gw.url + path, data=body, headers={**GP, "Content-Type": ctype}) as resp:
+        return resp.status, await resp.read()
+
+
+async def engine_put(engine: Engine, resource: dict[str, Any]) -> None:
+    """Write straight to the engine, as another system would (not through the gateway)."""
+    async with aiohttp.ClientSession() as session:
+        url = f"{engine.base_url}/{resource['resourceType']}/{resource['id']}"
+        async with session.put(url, data=orjson.dumps(resource), headers={"Content-Type": FHIR_JSON}) as resp:
+            assert resp.status in (200, 201), await resp.text()
+
+
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+async def test_reverse_chain_in_a_batch_entry_is_refused(gw: GatewayUnderTest, kind: str) -> None:
+    bundle = {"resourceType": "Bundle", "type": kind, "entry": [
+        {"request": {"method": "GET", "url": "Patient?_has:Condition:subject:code=B20"}},
+    ]}
+    status, raw = await post(gw, "/", orjson.dumps(bundle))
+    if kind == "transaction":
+        assert status == 403
+    else:
+        assert status == 200
+        assert orjson.loads(raw)["entry"][0]["response"]["status"].startswith("403")
+    assert b"pat-bob" not in raw and leaks(raw) == []
+
+
+async def test_projection_in_a_batch_entry_cannot_strip_the_codes(gw: GatewayUnderTest) -> None:
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Condition/bob-hiv?_elements=id,subject,onsetDateTime"}},
+        {"request": {"method": "GET", "url": "Observation?patient=Patient/pat-bob&_elements=id,subject,valueQuantity"}},
+    ]}
+    status, raw = await post(gw, "/", orjson.dumps(bundle))
+    assert status == 200
+    assert leaks(raw) == []
+    assert orjson.loads(raw)["entry"][0]["response"]["status"].startswith("403")
+
+
+async def test_form_body_of_an_operation_is_read_like_the_query(gw: GatewayUnderTest) -> None:
+    status, raw = await post(gw, "/Patient/pat-bob/$everything", b"_elements=id,subject",
+                             "application/x-www-form-urlencoded")
+    assert leaks(raw) == [], status
+
+
+async def test_binary_of_a_hidden_record_is_hidden_in_every_answer(gw: GatewayUnderTest, fhir_engine: Engine) -> None:
+    bid = f"bin-{uuid.uuid4().hex[:8]}"
+    await engine_put(fhir_engine, {
+        "resourceType": "Binary", "id": bid, "contentType": "text/plain",
+        "securityContext": {"reference": "Condition/bob-hiv"},
+        "data": base64.b64encode(b"viral load 12000 copies/mL").decode(),
+    })
+    secret = base64.b64encode(b"viral load 12000 copies/mL")
+    async with gw.session.get(f"{gw.url}/Binary/{bid}", headers=GP) as resp:
+        assert resp.status == 403
+        assert secret not in await resp.read()
+    for path in (f"/Binary?_id={bid}", f"/Binary/{bid}/_history"):
+        async with gw.session.get(gw.url + path, headers=GP) as resp:
+            raw = await resp.read()
+            assert secret not in raw, path
+    batch = {"resourceType": "Bundle", "type": "batch", "entry": [{"request": {"method": "GET", "url": f"Binary/{bid}"}}]}
+    status, raw = await post(gw, "/", orjson.dumps(batch))
+    assert status == 200 and secret not in raw
+
+
+async def test_order_naming_the_drug_by_reference_is_hidden(gw: GatewayUnderTest, fhir_engine: Engine) -> None:
+    mid, rid = f"med-{uuid.uuid4().hex[:8]}", f"rx-{uuid.uuid4().hex[:8]}"
+    await engine_put(fhir_engine, {
+        "resourceType": "Medication", "id": mid,
+        "code": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "1010600",
+                             "display": "buprenorphine 2 MG / naloxone 0.5 MG Sublingual Film"}]},
+    })
+    await engine_put(fhir_engine, {
+        "resourceType": "MedicationRequest", "id": rid, "status": "active", "intent": "order",
+        "subject": {"reference": "Patient/pat-bob"}, "medicationReference": {"reference": f"Medication/{mid}"},
+    })
+    async with gw.session.get(f"{gw.url}/MedicationRequest/{rid}", headers=GP) as resp:
+        assert resp.status == 403
+    async with gw.session.get(f"{gw.url}/MedicationRequest?patient=Patient/pat-bob&_include=MedicationRequest:medication",
+                              headers=GP) as resp:
+        raw = await resp.read()
+        assert resp.status == 200
+        assert rid.encode() not in raw and b"naloxone" not in raw and mid.encode() not in raw

@@ -1,0 +1,91 @@
+"""The JSON-lines log: RFC 3339 UTC millisecond timestamps, the request id on every line
+written while a request is handled, the audit id on a break-glass request's access line."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.web.middleware import JsonLogFormatter
+from tests.conftest import GatewayUnderTest
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+from tests.unit._util import MakeGateway
+
+RFC3339_UTC_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+class Lines(logging.Handler):
+    """Formats each record when it is emitted (as the stderr handler does) and keeps the line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonLogFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(orjson.loads(self.format(record)))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Lines]:
+    handler = Lines()
+    root = logging.getLogger("gateway")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+async def test_every_line_of_a_request_carries_its_id_and_a_millisecond_utc_time(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, log_lines: Lines
+) -> None:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_out(c.PAT_BEN))
+    gw: GatewayUnderTest = await make_gateway(fake_fhir.base_url)
+    resp = await gw.get(f"/Observation?patient={c.PAT_BEN}", actor=c.DOCTOR, **{"X-Request-Id": "req-filtered-1"})
+    await resp.read()
+    lines = [line for line in log_lines.lines if line["logger"] != "gateway.changes"]
+    loggers = {line["logger"] for line in lines}
+    assert {"gateway.access", "gateway.decision"} <= loggers, lines  # the access and the decision line
+    for line in lines:
+        assert line["request_id"] == "req-filtered-1", line
+        assert RFC3339_UTC_MS.match(line["ts"]), line["ts"]
+
+
+async def test_break_glass_access_line_names_the_audit_event(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, log_lines: Lines
+) -> None:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_out(c.PAT_BEN))
+    gw: GatewayUnderTest = await make_gateway(fake_fhir.base_url)
+    resp = await gw.get(f"/Observation?patient={c.PAT_BEN}", actor=c.DOCTOR, **{"X-Break-Glass": "Medical emergency"})
+    await resp.read()
+    assert resp.status == 200
+    (access,) = [line for line in log_lines.lines if line["logger"] == "gateway.access"]
+    assert access["audit_id"] == resp.headers["X-Break-Glass-Audit-Id"]
+    assert access["request_id"] == resp.headers["X-Request-Id"]
+    stored = [line for line in log_lines.lines if line["msg"] == "emergency consent stored"]
+    assert stored and stored[0]["request_id"] == resp.headers["X-Request-Id"]
+
+
+def test_timestamps_are_utc_with_milliseconds_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "x", None, None)
+        record.created, record.msecs = 1_780_000_000.0421, 42.1
+        line = orjson.loads(JsonLogFormatter().format(record))
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert line["ts"] == "2026-05-28T20:26:40.042Z"
