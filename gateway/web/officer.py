@@ -92,8 +92,12 @@ def top_resources(body: JSON) -> Iterator[JSON]:
     rtype = body.get("resourceType")
     if rtype == "Bundle":
         for entry in body.get("entry") or ():
-            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
-                yield from top_resources(entry["resource"])
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                if resource.get("resourceType") in ("Bundle", "Parameters"):
+                    yield from top_resources(resource)
+                elif isinstance(resource.get("resourceType"), str):
+                    yield resource
     elif rtype == "Parameters":
         stack = list(body.get("parameter") or ())
         while stack:
