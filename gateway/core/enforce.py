@@ -225,6 +225,12 @@ def without_orphan_includes(entries: list[object]) -> list[object]:
     """Drop included non-patient resources (a Medication, a Practitioner) that no kept resource
     refers to and that refer to none: they were brought by a withheld match and would tell
     what it was (the drug of a hidden order)."""
+    if not any(
+        _mode(e) == "include" and isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        and not is_patient_data(str(e["resource"].get("resourceType")))
+        for e in entries
+    ):
+        return entries
     kept_refs: set[str] = set()
     others: set[str] = set()
     for entry in entries:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.compartment import is_patient_data
@@ -33,29 +33,34 @@ MEDICATION_HOLDERS = frozenset({
 UNREADABLE: JSON = {"resourceType": "OperationOutcome", "issue": []}
 
 
-def iter_resources(node: JSON) -> Iterator[JSON]:
+def iter_resources(node: JSON) -> list[JSON]:
     """Every resource in a body: Bundle entries (nested), Parameters, and contained ones."""
-    rtype = node.get("resourceType")
-    if rtype == "Bundle":
-        for entry in node.get("entry") or ():
-            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
-                yield from iter_resources(entry["resource"])
-        return
-    if rtype == "Parameters":
-        stack = list(node.get("parameter") or ())
-        while stack:
-            param = stack.pop()
-            if isinstance(param, dict):
-                if isinstance(param.get("resource"), dict):
-                    yield from iter_resources(param["resource"])
-                stack.extend(param.get("part") or ())
-        return
-    yield node
-    contained = node.get("contained")
-    if isinstance(contained, list):
-        for inner in contained:
-            if isinstance(inner, dict):
-                yield inner
+    found: list[JSON] = []
+    stack: list[JSON] = [node]
+    while stack:
+        current = stack.pop()
+        rtype = current.get("resourceType")
+        if rtype == "Bundle":
+            for entry in current.get("entry") or ():
+                if type(entry) is dict:
+                    resource = entry.get("resource")
+                    if type(resource) is dict:
+                        stack.append(resource)
+        elif rtype == "Parameters":
+            params = list(current.get("parameter") or ())
+            while params:
+                param = params.pop()
+                if type(param) is dict:
+                    resource = param.get("resource")
+                    if type(resource) is dict:
+                        stack.append(resource)
+                    params.extend(param.get("part") or ())
+        else:
+            found.append(current)
+            contained = current.get("contained")
+            if type(contained) is list:
+                found.extend(inner for inner in contained if type(inner) is dict)
+    return found
 
 
 def security_context(resource: JSON) -> str | None:
@@ -216,29 +221,29 @@ def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
     """Remove ``display`` from references to patient data not in ``released``; True if any was.
 
-    ``released`` are the ``Type/id`` of the resources the answer keeps.
+    ``released`` are the ``Type/id`` of the resources the answer keeps. One walk over the
+    whole body (contained resources included).
     """
     changed = False
-    for resource in iter_resources(body):
-        changed |= _scrub(resource, released, resource)
-    return changed
-
-
-def _scrub(node: object, released: frozenset[str], top: JSON) -> bool:
-    changed = False
-    if isinstance(node, dict):
-        if "display" in node and isinstance(node.get("reference"), str) and node is not top:
-            ref = node["reference"]
-            if not ref.startswith("#"):
-                target = relative_reference(ref)
-                if is_patient_data(target.split("/", 1)[0]) and target not in released:
-                    del node["display"]
-                    changed = True
-        for key, value in node.items():
-            if key != "contained" and isinstance(value, (dict, list)):
-                changed |= _scrub(value, released, top)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, (dict, list)):
-                changed |= _scrub(item, released, top)
+    stack: list[object] = [body]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            if "display" in node:
+                ref = node.get("reference")
+                if type(ref) is str and not ref.startswith("#"):
+                    target = relative_reference(ref)
+                    if target not in released and is_patient_data(target.split("/", 1)[0]):
+                        del node["display"]
+                        changed = True
+            for value in node.values():
+                kind = type(value)
+                if kind is dict or kind is list:
+                    push(value)
+        else:
+            for value in node:  # type: ignore[attr-defined]
+                kind = type(value)
+                if kind is dict or kind is list:
+                    push(value)
     return changed
