@@ -81,10 +81,20 @@ def scopes_only(body: JSON, actor: Actor, withheld_status: str) -> Enforced:
     return Enforcer(judge, drop_total=False, withheld_status=withheld_status).body(body)
 
 
-def shadow_copy(parsed: JSON) -> tuple[JSON, dict[int, JSON]]:
-    """A copy to decide on, and each copied resource's original (by the copy's identity)."""
+def shadow_copy(parsed: JSON, refused: Mapping[int, JSON] | None = None) -> tuple[JSON, dict[int, JSON]]:
+    """A copy to decide on, and each copied resource's original (by the copy's identity).
+
+    ``refused`` are the batch slots enforce mode would have answered without sending the entry:
+    the copy holds them instead of the answers, so it is decided exactly as enforce mode would.
+    """
     copy: JSON = orjson.loads(orjson.dumps(parsed))
-    return copy, {id(c): o for c, o in zip(iter_resources(copy), iter_resources(parsed))}
+    originals = {id(c): o for c, o in zip(iter_resources(copy), iter_resources(parsed))}
+    entries = copy.get("entry")
+    if refused and isinstance(entries, list):
+        for index, slot in refused.items():
+            if index < len(entries):
+                entries[index] = {"response": slot}
+    return copy, originals
 
 
 def top_resources(body: JSON) -> Iterator[JSON]:

@@ -256,7 +256,8 @@ async def decide_answer(
     confined = ex.confined
     shadow = officer.is_shadow(state)
     # Shadow mode decides a copy exactly as enforce mode would, and answers with the original.
-    decided, originals = officer.shadow_copy(parsed) if shadow else (parsed, {})
+    refused = plan.shadow_refused if plan is not None else None
+    decided, originals = officer.shadow_copy(parsed, refused) if shadow else (parsed, {})
     observed = Observed()
     result, emergency = await state.enforcement.enforce(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
@@ -272,6 +273,8 @@ async def decide_answer(
     if denied:
         officer.count_denied(request, decided)
     if shadow:
+        if plan is not None and plan.shadow_refused and len(plan.shadow_refused) == len(plan.sent):
+            denied = True  # enforce mode would have sent nothing: every entry refused
         outcome.shadow = outcome.shadow or ("deny" if denied else result.header)
         result = officer.scopes_only(parsed, ex.actor, withheld_status(state))
     info.decision = result.header

@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.demo.server import DemoFhirServer
+from gateway.demo.server import DemoFhirServer, demo_server
+from tests.fakes import FakeFhir
 from tests.unit._util import MakeGateway
 
 # (requester, path, extra headers): permits, filtered searches, denials, 404s, refusals.
@@ -95,3 +96,41 @@ async def test_enforce_mode_is_the_default(demo_fhir: DemoFhirServer, make_gatew
     status, headers, _ = await _ask(gw, "Practitioner/dr-jones", "/Observation/bob-cbc", {})
     assert status == 403
     assert "X-Consent-Decision-Shadow" not in headers
+
+
+BATCH = {
+    "resourceType": "Bundle", "type": "batch",
+    "entry": [
+        {"request": {"method": "GET", "url": "Observation/alice-cbc"}},
+        {"request": {"method": "GET", "url": "Observation?patient=pat-carol&_summary=count"}},  # refused alone
+        {"request": {"method": "GET", "url": "Condition?patient=pat-bob"}},
+    ],
+}
+
+
+async def _batch(gw: Any, body: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    async with gw.session.post(gw.url + "/fhir", data=orjson.dumps(body),
+                               headers={"X-Actor": "Practitioner/dr-gp", "Content-Type": "application/fhir+json"}) as resp:
+        assert resp.status == 200, await resp.text()
+        return resp.headers["X-Consent-Decision"], dict(resp.headers), orjson.loads(await resp.read())
+
+
+@pytest.mark.parametrize("entries", [[0, 1, 2], [1]])
+async def test_shadow_batch_sends_refused_reads_and_decides_like_enforce(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, entries: list[int]
+) -> None:
+    fake_fhir.add(*demo_server().resources.values())
+    body = {**BATCH, "entry": [BATCH["entry"][i] for i in entries]}
+    enforcing = await make_gateway(fake_fhir.base_url)
+    shadow = await make_gateway(fake_fhir.base_url, enforcement={"mode": "shadow"})
+    enforced, _, enforced_body = await _batch(enforcing, body)
+    actual, headers, shadow_body = await _batch(shadow, body)
+    assert headers["X-Consent-Decision-Shadow"] == enforced
+    assert actual == "permit"
+    refused = entries.index(1)
+    # Enforce mode answers the refused read in its slot; shadow mode sent it.
+    assert "resource" not in enforced_body["entry"][refused]
+    assert shadow_body["entry"][refused]["resource"]["resourceType"] == "Bundle"
+    if 2 in entries:
+        bob = shadow_body["entry"][entries.index(2)]["resource"]
+        assert {e["resource"]["id"] for e in bob["entry"]} >= {"bob-hiv", "bob-oud"}
