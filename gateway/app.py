@@ -83,7 +83,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
         medications=MedicationCache(settings.consent.cache_ttl_s),
-        disclosures=AuditLog(disclosures_path(settings.audit.path), stdout=settings.audit.stdout),
+        disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
@@ -96,6 +96,19 @@ def open_audit(settings: Settings) -> AuditLog:
     except OSError as exc:
         raise ConfigError(f"audit.path: cannot write the audit file: {exc.strerror or exc}") from None
     return audit
+
+
+def open_disclosures(settings: Settings) -> AuditLog | None:
+    """The disclosures file beside the audit file (none with ``audit.disclosures: none``),
+    opened now: ConfigError (exit 2) when it cannot be written."""
+    if settings.audit.disclosures == "none":
+        return None
+    log = AuditLog(disclosures_path(settings.audit.path), stdout=settings.audit.stdout)
+    try:
+        log.open()
+    except OSError as exc:
+        raise ConfigError(f"audit.disclosures: cannot write {log.path.name}: {exc.strerror or exc}") from None
+    return log
 
 
 async def _once_listening(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from gateway.core.fhir import JSON
-from gateway.core.officer import REVIEW_TAG, entity_references, is_break_glass, tags_of
+from gateway.core.officer import DISCLOSURE_TAG, REVIEW_TAG, entity_references, is_break_glass, tags_of
 
 
 def read_events(path: Path) -> Iterator[JSON]:
@@ -60,7 +60,7 @@ def disclosures_bundle(path: Path, patient: str | None, since: datetime | None) 
     """A searchset Bundle of the disclosure AuditEvents about ``patient`` since ``since``."""
     found = [
         e for e in read_events(path)
-        if (patient is None or patient in patients_of_event(e)) and _since_ok(e, since)
+        if DISCLOSURE_TAG in tags_of(e) and (patient is None or patient in patients_of_event(e)) and _since_ok(e, since)
     ]
     return {
         "resourceType": "Bundle",

@@ -179,7 +179,9 @@ async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[
         )
         for patient, resources in sorted(disclosed.items())
     ]
-    log = state.disclosures or state.audit
+    log = state.disclosures
+    if log is None:
+        return
     await asyncio.gather(*(log.append(event) for event in events))
     state.metrics.disclosures.inc(len(events))
 

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
+from gateway.audit import disclosures_path
 from gateway.core.errors import BadRequest
 from gateway.core.officer import review_event
 from gateway.disclosures import EmergencyAccess, in_thread_accesses, in_thread_bundle, recorded_at
@@ -44,7 +45,7 @@ async def disclosures(request: web.Request) -> web.Response:
     if patient is not None and not _PATIENT.match(patient):
         raise BadRequest("'patient' must be a reference such as Patient/123.")
     since = _since(request.query.get("since"))
-    path = state.disclosures.path if state.disclosures is not None else state.audit.path
+    path = disclosures_path(state.settings.audit.path)
     bundle = await in_thread_bundle(path, patient, since)
     return web.Response(body=orjson.dumps(bundle), content_type="application/fhir+json")
 

@@ -7,8 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.app import open_disclosures
+from gateway.config import ConfigError
 from gateway.core.ds4p import NOTICE_EXTENSION, NORDSLCD
 from gateway.demo.server import DemoFhirServer
+from tests.conftest import gateway_settings
 from tests.unit._util import MakeGateway
 
 
@@ -109,3 +112,13 @@ async def test_a_disclosure_that_cannot_be_made_durable_returns_nothing(
     assert status == 503 and b"F32" not in raw
     status, raw = await _get(gw, "Practitioner/dr-gp", "/Observation/alice-cbc")
     assert status == 200  # nothing labelled: nothing to record
+
+
+async def test_an_unwritable_disclosures_file_stops_start_up(tmp_path: Any) -> None:
+    blocked = tmp_path / "audit.disclosures.jsonl"
+    blocked.mkdir()  # a directory where the file should be
+    settings = gateway_settings("http://fhir:8080/fhir", audit={"path": str(tmp_path / "audit.jsonl")})
+    with pytest.raises(ConfigError, match=r"^audit\.disclosures: cannot write audit\.disclosures\.jsonl"):
+        open_disclosures(settings)
+    off = gateway_settings("http://fhir:8080/fhir", audit={"path": str(tmp_path / "audit.jsonl"), "disclosures": "none"})
+    assert open_disclosures(off) is None
