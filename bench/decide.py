@@ -30,9 +30,9 @@ def _consent(cid: str, **fields: Any) -> dict[str, Any]:
 
 CONSENTS = [
     _consent("treat", policyRule={"coding": [{"system": ACT, "code": "OPTIN"}]},
-             provision={"purpose": [{"code": "TREAT"}]}),
+             provision={"type": "permit", "purpose": [{"code": "TREAT"}]}),
     _consent("not-ghh", policyRule={"coding": [{"system": ACT, "code": "OPTOUT"}]},
-             provision={"actor": [{"reference": {"reference": "Organization/ghh"}}],
+             provision={"type": "deny", "actor": [{"reference": {"reference": "Organization/ghh"}}],
                         "provision": [{"type": "permit",
                                        "actor": [{"reference": {"reference": "Practitioner/gp"}}]}]}),
     _consent("psy", provision={"type": "permit",

@@ -22,6 +22,7 @@ from gateway.core.labels import LabelIndex
 from gateway.rules import load_rules
 from gateway.sources.changes import ChangeFeed
 from gateway.sources.factory import build_source
+from gateway.sources.fhir import FhirConsentSource
 from gateway.sources.store import ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 from gateway.metrics import Metrics
@@ -69,7 +70,9 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         consent_server = _server(settings.consent_source_url, settings, fhir_source)
     source = build_source(settings, upstream, consent_server, os.environ, labels)
     store = ConsentStore(
-        source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients
+        source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients,
+        # Related data targets live on the FHIR server, read with the gateway's own credentials.
+        related=FhirConsentSource(upstream).references,
     )
     policy = policy_from(settings.consent, settings.sensitivity, labels)
     return GatewayState(

@@ -180,12 +180,23 @@ class ConsentSettings(_Section):
     default_decision: Literal["deny", "permit"] = "deny"
     combining: Literal["deny-overrides", "latest-wins"] = "deny-overrides"
     patient_self_access: bool = True
+    # How a root provision without ``type`` but with conditions reads (CONTRACT §5):
+    # exception (R4's text: the opposite of the base policy) or scope ("applies to").
+    untyped_root: Literal["exception", "scope"] = "exception"
     patient_identifier_system: str | None = Field(None, min_length=1)
     healthex_patient_field: Literal["patientId", "patientMRN", "externalId"] = "patientId"
     healthex_consent_types: tuple[HealthExConsentType, ...] = Field(HEALTHEX_CONSENT_TYPES, min_length=1)
+    # The HealthEx study this site's research (HRESCH) requests are for; research consents
+    # recorded for any other study decide nothing here.
+    healthex_study_id: str | None = Field(None, min_length=1)
     population_id: str | None = Field(None, min_length=1, validate_default=True)
     emergency_organization_id: str | None = Field(None, min_length=1)
     emergency_organization_group_id: str | None = Field(None, min_length=1)
+    # HealtheIntent ConsentConfiguration ``consentDuration`` (hours): how long a consent record
+    # without an end is valid; null leaves such records open-ended.
+    healtheintent_consent_duration_h: float | None = Field(
+        None, gt=0, validation_alias=AliasChoices("healtheintent_consent_duration_h", "consentDuration"),
+    )
     # Who may write Consents through the gateway besides the patient the consent is about:
     # requesters whose X-Actor-Role is listed (default: nobody else).
     writer_roles: tuple[str, ...] = ()

@@ -64,6 +64,11 @@ class Metrics:
         self.disclosures = Counter(
             "consent_gateway_disclosures", "Disclosure AuditEvents recorded", registry=r,
         )
+        self.ambiguous_consents = Counter(
+            "consent_gateway_ambiguous_consents",
+            "Consent versions loaded whose root provision has conditions but no type",
+            registry=r,
+        )
         self.change_poll_errors = Counter(
             "consent_gateway_change_poll_errors", "Consent change polls that failed", registry=r,
         )

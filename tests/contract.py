@@ -12,4 +12,6 @@ CONTRACT_METRICS = {
     "consent_gateway_consent_cache_entries": "gauge",
     "consent_gateway_consent_lookup_errors_total": "counter",
     "consent_gateway_break_glass_total": "counter",
+    # CONTRACT §5: untyped roots with conditions, so producers can be asked to add a type.
+    "consent_gateway_ambiguous_consents_total": "counter",
 }

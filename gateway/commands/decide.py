@@ -4,6 +4,12 @@ With ``--from VENDOR`` the consent files hold that vendor's consent records, con
 first exactly as the gateway's vendor source converts them (HealtheIntent records do not
 name their patient: they are taken to be about the resource's one patient).
 
+``--json`` also explains how each consent was read: the root reading (typed, base,
+exception, scope), the role rule of each actor, each confidentiality high-water mark against
+the resource's level, and how each ``related`` target was resolved (``--related`` files are
+the other resources of the same answer). Consents whose root has conditions but no type
+are named under ``ambiguous_consents``.
+
 Exit status: 0 permit, 1 deny, 2 bad input (one line on stderr).
 """
 
@@ -17,9 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gateway.core.compartment import patients_of
+from gateway.core.compartment import patients_of, references_of
 from gateway.core.consent import CompiledConsent, compile_consent
-from gateway.core.decision import Policy, decide_with, explain_json
+from gateway.core.decision import UNTYPED_EXCEPTION, UNTYPED_SCOPE, Policy, decide_with, explain_json
+from gateway.core.explain import explain_consents
 from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
@@ -50,6 +57,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--default-decision", choices=("deny", "permit"), default="deny")
     parser.add_argument("--combining", choices=("deny-overrides", "latest-wins"),
                         default="deny-overrides")
+    parser.add_argument("--untyped-root", choices=(UNTYPED_EXCEPTION, UNTYPED_SCOPE),
+                        default=UNTYPED_EXCEPTION,
+                        help="how a root provision with conditions but no type reads "
+                             "(consent.untyped_root)")
+    parser.add_argument("--related", nargs="+", default=[], metavar="FILE",
+                        help="other resources of the same answer (for data.meaning related)")
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
 
 
@@ -158,6 +171,23 @@ def _labeler() -> tuple[Labeler, frozenset[str]]:
 
 def evaluate(args: argparse.Namespace) -> Decision:
     """Read the files named in ``args`` and decide; raises BadInput on unusable input."""
+    return _evaluated(args)[0]
+
+
+def _known_refs(paths: list[str]) -> dict[str, frozenset[str]]:
+    found: dict[str, frozenset[str]] = {}
+    for path in paths:
+        data = _read_json(path)
+        items = list(iter_bundle_resources(data)) if data.get("resourceType") == "Bundle" else [data]
+        for item in items:
+            rtype, rid = item.get("resourceType"), item.get("id")
+            if isinstance(rtype, str) and isinstance(rid, str):
+                found[f"{rtype}/{rid}"] = references_of(item)
+    return found
+
+
+def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
+    """The decision and its explanation of how each consent was read."""
     vendor = getattr(args, "vendor", None)
     consents = [] if vendor else _consents(args.consent)
     resource = _read_json(args.resource)
@@ -178,26 +208,43 @@ def evaluate(args: argparse.Namespace) -> Decision:
     labeler, sensitive = _labeler()
     labels, scopes = labeler(resource)
     policy = Policy(
-        default_decision=args.default_decision, combining=args.combining, sensitive=sensitive
+        default_decision=args.default_decision, combining=args.combining, sensitive=sensitive,
+        untyped_root=getattr(args, "untyped_root", UNTYPED_EXCEPTION),
     )
-    return decide_with(consents, resource, labels, scopes, ctx, policy)
+    known = _known_refs(getattr(args, "related", []))
+    decision = decide_with(consents, resource, labels, scopes, ctx, policy, known_refs=known)
+    explained = {
+        "consents": explain_consents(
+            consents, resource, labels, ctx.actor.references(), policy, known
+        ),
+        "ambiguous_consents": [c.id for c in consents if c.ambiguous],
+    }
+    return decision, explained
 
 
-def _text(decision: Decision) -> str:
+def _text(decision: Decision, explained: dict[str, Any]) -> str:
     lines = [f"decision: {decision.verdict.value}", f"combining: {decision.combining}"]
     if decision.labels:
         lines.append(f"labels: {', '.join(decision.labels)}")
     lines += [f"  {reason}" for reason in decision.reasons]
     lines += [f"  error: {error}" for error in decision.errors]
+    lines += [
+        f"  ambiguous: {cid} has a root provision with conditions but no type "
+        "(ask its producer to add provision.type)"
+        for cid in explained["ambiguous_consents"]
+    ]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the decision; 0 permit, 1 deny, 2 bad input."""
     try:
-        decision = evaluate(args)
+        decision, explained = _evaluated(args)
     except BadInput as exc:
         print(f"consent-gateway decide: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(explain_json(decision), indent=2) if args.json else _text(decision))
+    if args.json:
+        print(json.dumps({**explain_json(decision), **explained}, indent=2))
+    else:
+        print(_text(decision, explained))
     return 1 if decision.verdict is Verdict.DENY else 0

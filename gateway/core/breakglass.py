@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 from gateway.core.compartment import parse_period
 from gateway.core.fhir import JSON, iter_codings, reference_of, relative_reference
+from gateway.core.consent import ACTORS_ALL_OF
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_CONFIDENTIALITY, V3_PURPOSE_OF_USE, Actor, Label
 
 EMERGENCY_CODE = "emergency"
@@ -33,14 +34,21 @@ class EmergencyWindow:
     """An emergency Consent's grant: who, when, and which sensitive labels it opened."""
 
     consent: str
-    actor: str
+    actor: str  # the person it opens to; "" for a care-unit window (``requires`` only)
     start: datetime
     end: datetime
     labels: frozenset[str]
     reason: str
+    requires: frozenset[str] = frozenset()  # references the requester must all have
 
     def open_at(self, now: datetime) -> bool:
         return self.start <= now < self.end
+
+    def covers(self, actor: Actor) -> bool:
+        """This window opens to ``actor``: that person, and (if set) in every unit it names."""
+        if self.actor and actor.reference != self.actor:
+            return False
+        return self.requires <= actor.references()
 
 
 def is_emergency(consent: JSON) -> bool:
@@ -60,7 +68,18 @@ def emergency_window(consent: JSON) -> EmergencyWindow | None:
         return None
     period = parse_period(provision.get("period"))
     actors = [reference_of(a.get("reference")) for a in provision.get("actor") or () if isinstance(a, dict)]
-    if period is None or period.start is None or period.end is None or len(actors) != 1 or actors[0] is None:
+    if period is None or period.start is None or period.end is None or not actors or None in actors:
+        return None
+    refs = frozenset(relative_reference(str(a)) for a in actors)
+    persons = [r for r in refs if r.startswith("Practitioner/")]
+    if len(refs) == 1 and not _all_of(provision):
+        person, refs = next(iter(refs)), frozenset()
+    elif _all_of(provision) and len(persons) <= 1:
+        # A care-unit window (HealtheIntent): that person (if named) in every unit named.
+        person = persons[0] if persons else ""
+        refs = refs - {person}
+    else:
+        # Alternative actors: not a window shape the gateway writes or reads.
         return None
     labels = frozenset(
         str(label.get("code"))
@@ -75,7 +94,14 @@ def emergency_window(consent: JSON) -> EmergencyWindow | None:
     cid = consent.get("id")
     return EmergencyWindow(
         f"Consent/{cid}" if isinstance(cid, str) else "Consent",
-        relative_reference(actors[0]), period.start, period.end, labels, reason,
+        person, period.start, period.end, labels, reason, refs,
+    )
+
+
+def _all_of(provision: JSON) -> bool:
+    return any(
+        isinstance(e, dict) and e.get("url") == ACTORS_ALL_OF and e.get("valueBoolean") is True
+        for e in provision.get("modifierExtension") or ()
     )
 
 

@@ -454,6 +454,33 @@ def main_codes(resource: JSON) -> frozenset[tuple[str, str]]:
     return frozenset(codes)
 
 
+def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
+    """(system, code) of every coding anywhere in the resource, contained resources included.
+
+    R4 ``provision.code``: "if this code is found in an instance, then the rule applies", so
+    a reasonCode, a category, a medication or a value counts like the main code. A Coding
+    is any object with a string ``code`` and a ``system`` (or inside a ``coding`` list).
+    """
+    found: set[tuple[str, str]] = set()
+    stack: list[Any] = [resource]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            codings = node.get("coding")
+            if isinstance(codings, list):
+                for coding in codings:
+                    if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                        system = coding.get("system")
+                        found.add((system if isinstance(system, str) else "", coding["code"]))
+            code = node.get("code")
+            if isinstance(code, str) and isinstance(node.get("system"), str):
+                found.add((node["system"], code))
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return frozenset(found)
+
+
 def references_of(resource: JSON) -> frozenset[str]:
     """Every ``Reference.reference`` anywhere in the resource, in relative ``Type/id`` form."""
     found: set[str] = set()

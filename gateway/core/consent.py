@@ -3,6 +3,17 @@
 ``compile_consent`` runs once per consent when it enters the cache; deciding a resource
 then reads frozen sets and tuples, never the consent's JSON.
 
+How the root reads (CONTRACT §5): a root with ``type`` applies to the whole consent (IHE
+PCF); a root without ``type`` and without conditions (besides ``period`` and custodian
+actors) leaves the base policy (``policyRule``); a root without ``type`` WITH conditions is
+ambiguous: R4's text makes it an exception to the base policy (``root``, type the opposite of
+the base), sites whose producers mean "applies to" read it as a scope (``scope_root``, type
+the base). Both trees are compiled; the engine picks one by ``Policy.untyped_root``.
+
+Actor roles: recipient roles (none, PRCP, IRCP, DELEGATEE, GRANTEE, any other) name the
+requester; ``CST`` (custodian) names who holds the data and is no condition; ``AUT``,
+``INF``, ``ENT`` name the resource's author (``authors``).
+
 Compiling never raises. Whatever cannot be read (a missing status, a provision of the
 wrong shape, an unparseable date, an unknown code) is recorded in ``defects``; the
 condition it belonged to is left out and the decision engine decides what a defective
@@ -11,8 +22,10 @@ consent means (skipped only when it could never deny, else deny naming the defec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 from gateway.core.compartment import DateRange, parse_date_range, parse_period
@@ -26,6 +39,8 @@ from gateway.core.model import (
 
 PERMIT = "permit"
 DENY = "deny"
+# The type of an exception to a base policy that is itself the operator's default decision.
+NOT_DEFAULT = "not-default"
 
 CONSENT_STATUSES = frozenset(
     {"draft", "proposed", "active", "rejected", "inactive", "entered-in-error"}
@@ -39,7 +54,33 @@ POLICY_RULE_TYPES: dict[str, str] = {
     "OPTOUT": DENY,
     "OPTOUTE": DENY,
 }
-_POLICY_RULE_REASON = {PERMIT: "opt-in", DENY: "opt-out"}
+# Consent.policy / policyRule URIs that mean the same as the ActCode.
+POLICY_URIS: dict[str, str] = {
+    "http://hl7.org/fhir/ConsentPolicy/opt-in": "OPTIN",
+    "http://hl7.org/fhir/ConsentPolicy/opt-out": "OPTOUT",
+}
+POLICY_RULE_REASONS = {PERMIT: "opt-in", DENY: "opt-out"}
+# Rule name of an untyped root read as an exception to the base policy (R4's text).
+ROOT_EXCEPTION = "root-exception"
+CUSTODIAN_ROLES = frozenset({"CST"})
+AUTHOR_ROLES = frozenset({"AUT", "INF", "ENT"})
+# How a root provision reads (CompiledConsent.reading).
+TYPED = "typed"          # root has a type: it applies to the whole consent (IHE PCF)
+BASE = "base"            # untyped, no conditions: the base policy decides, nested rules refine
+AMBIGUOUS = "ambiguous"  # untyped with conditions: exception (R4) or scope, per the operator
+NO_RELATED: Mapping[str, frozenset[str]] = MappingProxyType({})
+# One shared empty set: every compiled provision keeps its absent references for free.
+NO_REFS: frozenset[str] = frozenset()
+# Provision modifierExtension: every recipient actor must match the requester (the requester
+# is that person, acting for that organization, in that group), not any one of them. Vendor
+# scopes such as HealtheIntent's provisionScope (unit AND group AND person) need it.
+ACTORS_ALL_OF = "urn:consent-gateway:extension:actors-all-of"
+KNOWN_MODIFIERS = frozenset({ACTORS_ALL_OF})
+
+
+def opposite(ptype: str) -> str:
+    """The other decision; the opposite of the default decision ("") is NOT_DEFAULT."""
+    return {PERMIT: DENY, DENY: PERMIT, "": NOT_DEFAULT, NOT_DEFAULT: ""}[ptype]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +96,13 @@ class DataRef:
 class Provision:
     """One compiled provision; a condition of None is absent and matches everything.
 
-    ``type`` is the effective type: declared here, else inherited from the parent, else
-    (at the root) the policyRule's; "" means the policy's default decision decides.
-    ``rule`` names where that type came from (``permit``, ``deny``, ``opt-in``,
-    ``opt-out``, or "" for the default).
+    ``type`` is the effective type: declared here, else inherited from the
+    parent, else (at the root) from the reading of the root; "" means the policy's default
+    decision and NOT_DEFAULT its opposite. ``rule`` names where that type came from
+    (``permit``, ``deny``, ``opt-in``, ``opt-out``, ``root-exception``, or "" for the
+    default). ``actors`` are recipient actors (the requester); ``authors`` the AUT/INF/ENT
+    actors (the resource's author). Confidentiality codes in ``labels`` are a high-water
+    mark: ``confidentiality`` is the highest rank named (-1: none).
     """
 
     path: str
@@ -66,6 +110,9 @@ class Provision:
     rule: str
     period: DateRange | None = None
     actors: frozenset[str] | None = None
+    authors: frozenset[str] | None = None
+    custodians: frozenset[str] = NO_REFS  # CST actors: named, never a condition
+    actors_all: bool = False  # every recipient actor must match (ACTORS_ALL_OF), not any
     purposes: frozenset[str] | None = None
     actions: frozenset[str] | None = None
     class_types: frozenset[str] = frozenset()
@@ -76,6 +123,8 @@ class Provision:
     has_class: bool = False
     codes: frozenset[tuple[str, str]] | None = None
     labels: tuple[Label, ...] | None = None
+    confidentiality: int = -1
+    other_labels: tuple[Label, ...] = ()
     data_period: DateRange | None = None
     data: tuple[DataRef, ...] | None = None
     children: tuple[Provision, ...] = ()
@@ -85,15 +134,29 @@ class Provision:
         """No condition here reads the resource (only actor, purpose, action, period)."""
         return not (
             self.has_class
+            or self.authors is not None
             or self.codes is not None
             or self.labels is not None
             or self.data_period is not None
             or self.data is not None
         )
 
+    @property
+    def has_conditions(self) -> bool:
+        """Some condition besides ``period`` (custodian actors are none)."""
+        return not self.content_free or any(
+            c is not None for c in (self.actors, self.purposes, self.actions)
+        )
+
     def names_label(self, label: Label) -> bool:
-        """This provision's securityLabel condition names ``label``."""
-        return self.labels is not None and any(own.matches(label) for own in self.labels)
+        """This provision's securityLabel condition names ``label`` (confidentiality: at or
+        below the high-water mark it names)."""
+        if self.labels is None:
+            return False
+        rank = label.confidentiality_rank
+        if rank is not None and self.confidentiality >= 0:
+            return rank <= self.confidentiality
+        return any(own.matches(label) for own in self.other_labels)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -108,14 +171,46 @@ class CompiledConsent:
     policy_rule: str
     root: Provision
     defects: tuple[str, ...] = ()
-    types: frozenset[str] = frozenset()  # every effective type in the tree
+    types: frozenset[str] = frozenset()  # every effective type either tree can give
     root_sound: bool = True  # the root's own conditions compiled without a defect
+    scope_root: Provision | None = None  # the AMBIGUOUS root read as a scope
+    # references each ``related`` data target makes, read from the FHIR server once per
+    # consent version; a target missing here is unknown (unless in the same answer)
+    related: Mapping[str, frozenset[str]] = field(default_factory=lambda: NO_RELATED)
     version: str | None = None  # meta.versionId, for the decision log
 
     @property
     def period(self) -> DateRange | None:
-        """The root ``provision.period``: the consent applies only within it."""
+        """The root ``provision.period``: the consent is in force only within it."""
         return self.root.period
+
+    @property
+    def base(self) -> str:
+        """The base policy's type: PERMIT, DENY or "" (the default decision)."""
+        return POLICY_RULE_TYPES.get(self.policy_rule, "")
+
+    @property
+    def reading(self) -> str:
+        """TYPED, BASE or AMBIGUOUS (see the module docstring)."""
+        if self.scope_root is not None:
+            return AMBIGUOUS
+        return TYPED if self.root.rule in (PERMIT, DENY) else BASE
+
+    @property
+    def ambiguous(self) -> bool:
+        """An untyped root with conditions: producers should add ``provision.type``."""
+        return self.reading == AMBIGUOUS
+
+    @property
+    def related_targets(self) -> frozenset[str]:
+        """Every ``data.meaning = related`` reference in the tree."""
+        found: set[str] = set()
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            found.update(d.reference for d in node.data or () if d.meaning == "related")
+            stack.extend(node.children)
+        return frozenset(found)
 
 
 class _Compiler:
@@ -151,12 +246,13 @@ class _Compiler:
         fields: dict[str, Any] = {}
         if "period" in node:
             fields["period"] = self.period(node["period"], f"{path}.period")
-        fields["actors"] = self.actors(node, path)
+        fields["actors"], fields["authors"], fields["custodians"] = self.actors(node, path)
+        fields["actors_all"] = self.modifiers(node, path)
         fields["purposes"] = self.purposes(node, path)
         fields["actions"] = self.actions(node, path)
         fields.update(self.classes(node, path))
         fields["codes"] = self.codes(node, path)
-        fields["labels"] = self.labels(node, path)
+        fields.update(self.labels(node, path))
         if "dataPeriod" in node:
             fields["data_period"] = self.period(node["dataPeriod"], f"{path}.dataPeriod")
         fields["data"] = self.data(node, path)
@@ -174,7 +270,9 @@ class _Compiler:
                 # SECURITY: unreadable nested provisions might have been denials.
                 self.defect(f"bad-shape:{path}.provision")
                 self.types.add(DENY)
-        return Provision(path=path, type=ptype, rule=rule, children=kids, **fields)
+        return Provision(
+            path=path, type=ptype, rule=rule, children=kids, **fields
+        )
 
     def provision_type(self, node: JSON, path: str, inherited: str, rule: str) -> tuple[str, str]:
         declared = node.get("type")
@@ -192,19 +290,52 @@ class _Compiler:
             self.defect(f"bad-date:{path}")
         return found
 
-    def actors(self, node: JSON, path: str) -> frozenset[str] | None:
+    def actors(
+        self, node: JSON, path: str
+    ) -> tuple[frozenset[str] | None, frozenset[str] | None, frozenset[str]]:
+        """(recipient actors, author actors, custodians); custodians are no condition."""
         entries = self.entries(node, "actor", path)
         if entries is None:
-            return None
-        refs = set()
+            return None, None, NO_REFS
+        recipients: set[str] = set()
+        authors: set[str] = set()
+        custodians: set[str] = set()
+        seen_recipient = seen_author = False
         for i, entry in enumerate(entries):
             ref = entry.get("reference")
             target = ref.get("reference") if isinstance(ref, dict) else None
-            if isinstance(target, str) and target:
-                refs.add(relative_reference(target))
-            else:
+            if not (isinstance(target, str) and target):
                 self.defect(f"bad-actor:{path}.actor[{i}]")
-        return frozenset(refs)
+                seen_recipient = True  # SECURITY: an unreadable actor still restricts
+                continue
+            roles = {c.get("code") for c in iter_codings(entry.get("role"))}
+            if roles & CUSTODIAN_ROLES:
+                custodians.add(relative_reference(target))
+                continue
+            if roles & AUTHOR_ROLES:
+                seen_author = True
+                authors.add(relative_reference(target))
+            else:
+                seen_recipient = True
+                recipients.add(relative_reference(target))
+        return (
+            frozenset(recipients) if seen_recipient else None,
+            frozenset(authors) if seen_author else None,
+            _frozen(custodians),
+        )
+
+    def modifiers(self, node: JSON, path: str) -> bool:
+        """True when the actors-all-of modifier is set; an unknown modifier is a defect."""
+        entries = self.entries(node, "modifierExtension", path)
+        all_of = False
+        for entry in entries or ():
+            url = entry.get("url")
+            if url not in KNOWN_MODIFIERS:
+                # SECURITY: a modifier changes the meaning; one we do not know cannot be ignored.
+                self.defect(f"unknown-modifier:{path}.modifierExtension")
+            elif entry.get("valueBoolean") is True:
+                all_of = True
+        return all_of
 
     def purposes(self, node: JSON, path: str) -> frozenset[str] | None:
         entries = self.entries(node, "purpose", path)
@@ -250,10 +381,10 @@ class _Compiler:
                 other = True
         # Profiles are canonical URLs; a coding may carry one under any system.
         return {
-            "class_types": frozenset(types),
-            "class_profiles": frozenset(profiles),
-            "class_scopes": frozenset(scopes),
-            "class_bare": frozenset(bare),
+            "class_types": _frozen(types),
+            "class_profiles": _frozen(profiles),
+            "class_scopes": _frozen(scopes),
+            "class_bare": _frozen(bare),
             "class_other": other,
             "has_class": True,
         }
@@ -271,10 +402,10 @@ class _Compiler:
             self.defect(f"bad-code:{path}.code")
         return frozenset(codes)
 
-    def labels(self, node: JSON, path: str) -> tuple[Label, ...] | None:
+    def labels(self, node: JSON, path: str) -> dict[str, Any]:
         entries = self.entries(node, "securityLabel", path)
         if entries is None:
-            return None
+            return {}
         labels = []
         for entry in entries:
             code, system = entry.get("code"), entry.get("system")
@@ -282,7 +413,15 @@ class _Compiler:
                 labels.append(Label(system if isinstance(system, str) else "", code))
             else:
                 self.defect(f"bad-code:{path}.securityLabel")
-        return tuple(labels)
+        ranks = [r for r in (label.confidentiality_rank for label in labels) if r is not None]
+        labels_tuple = tuple(labels)
+        return {
+            "labels": labels_tuple,
+            "confidentiality": max(ranks, default=-1),
+            "other_labels": labels_tuple if not ranks else tuple(
+                lb for lb in labels if lb.confidentiality_rank is None
+            ),
+        }
 
     def data(self, node: JSON, path: str) -> tuple[DataRef, ...] | None:
         entries = self.entries(node, "data", path)
@@ -302,13 +441,53 @@ class _Compiler:
         return tuple(refs)
 
 
+def _frozen(items: set[str]) -> frozenset[str]:
+    """``items`` frozen; empty ones share NO_REFS (an empty frozenset costs 216 bytes)."""
+    return frozenset(items) if items else NO_REFS
+
+
 def _policy_rule(consent: JSON) -> str:
-    """The v3 ActCode policyRule code (OPTIN, OPTOUT, ...), or "" when there is none."""
+    """The v3 ActCode policyRule code (OPTIN, OPTOUT, ...), or "" when there is none.
+
+    The policy URIs ``http://hl7.org/fhir/ConsentPolicy/opt-in`` / ``opt-out`` (as a
+    policyRule coding or a ``policy.uri``) count as OPTIN / OPTOUT.
+    """
     codings = list(iter_codings(consent.get("policyRule")))
     for coding in codings:
-        if coding.get("system") in (V3_ACT_CODE, None) and isinstance(coding.get("code"), str):
-            return str(coding["code"])
+        code = coding.get("code")
+        if isinstance(code, str) and code in POLICY_URIS:
+            return POLICY_URIS[code]
+        if coding.get("system") in (V3_ACT_CODE, None) and isinstance(code, str):
+            return code
+    policies = consent.get("policy")
+    for policy in policies if isinstance(policies, list) else ():
+        uri = policy.get("uri") if isinstance(policy, dict) else None
+        if isinstance(uri, str) and uri in POLICY_URIS:
+            return POLICY_URIS[uri]
     return ""
+
+
+def _retyped(node: Provision, ptype: str, rule: str, inherited: str) -> Provision:
+    """``node`` (and its untyped descendants) with the type it inherits set to ``ptype``.
+
+    Under an untyped root, a provision without its own type carries the root's rule
+    ``inherited`` (a policyRule reason); a declared one carries ``permit`` or ``deny``.
+    """
+    kids = tuple(
+        _retyped(c, ptype, rule, inherited) if c.rule == inherited else c for c in node.children
+    )
+    return replace(node, type=ptype, rule=rule, children=kids)
+
+
+def _readings(
+    root: Provision, raw_root: Any, base: str
+) -> tuple[Provision, Provision | None, frozenset[str]]:
+    """(root, scope_root, types the readings add): an ambiguous root gets both readings."""
+    if (isinstance(raw_root, dict) and "type" in raw_root) or not root.has_conditions:
+        return root, None, frozenset()
+    exception = _retyped(root, opposite(base), ROOT_EXCEPTION, root.rule)
+    # The base decides whenever the exception does not match.
+    return exception, root, frozenset({opposite(base), base})
 
 
 def _scopes(consent: JSON) -> frozenset[str]:
@@ -320,8 +499,9 @@ def _scopes(consent: JSON) -> frozenset[str]:
 def compile_consent(consent: JSON) -> CompiledConsent:
     """Compile one Consent resource; never raises, records every defect found.
 
-    The root type is ``provision.type``, else the policyRule's (OPTIN/OPTINR permit,
-    OPTOUT/OPTOUTE deny), else "" (the policy's default decision). Nested provisions
+    The base is the policyRule's type (OPTIN/OPTINR permit, OPTOUT/OPTOUTE deny), else ""
+    (the policy's default decision). The root type is ``provision.type``; an untyped root
+    takes the base, or (AMBIGUOUS, in ``root``) the opposite of the base. Nested provisions
     without a type inherit their parent's.
     """
     compiler = _Compiler()
@@ -351,7 +531,9 @@ def compile_consent(consent: JSON) -> CompiledConsent:
     raw_root = consent.get("provision")
     if raw_root is None:
         raw_root = {}
-    root = compiler.provision(raw_root, "provision", base, _POLICY_RULE_REASON.get(base, ""))
+    root = compiler.provision(raw_root, "provision", base, POLICY_RULE_REASONS.get(base, ""))
+    root, scope_root, more_types = _readings(root, raw_root, base)
+    compiler.types.update(more_types)
     patient = consent.get("patient")
     patient_ref = patient.get("reference") if isinstance(patient, dict) else None
     return CompiledConsent(
@@ -365,6 +547,7 @@ def compile_consent(consent: JSON) -> CompiledConsent:
         defects=tuple(compiler.defects),
         types=frozenset(compiler.types),
         root_sound=compiler.root_sound,
+        scope_root=scope_root,
         version=_version_of(consent),
     )
 

@@ -1,17 +1,29 @@
 """Decide whether a requester may see a resource, from the patients' compiled Consents.
 
 Semantics (CONTRACT §5):
-- A consent applies when it is active, its scope fits (``patient-privacy``; ``research``
-  only for research purposes), its root period contains ``ctx.now`` and every condition of
-  its root provision matches. Its decision starts from the root type (else the policyRule,
-  else the policy default); every nested provision whose conditions all match overrides
-  its parent; the deepest match wins; matching siblings that disagree give deny.
+- A consent is in force when it is active, its scope fits (``patient-privacy``; ``research``
+  only for research purposes) and its root period contains ``ctx.now``.
+- The root reads by its kind (``CompiledConsent.reading``): a typed root (IHE PCF) applies
+  to the whole consent: when its conditions all match its type decides, otherwise the
+  consent does not apply. An untyped root without conditions leaves the base policy
+  (policyRule, else the default decision). An untyped root with conditions is, under
+  ``Policy.untyped_root = exception`` (R4's text), an exception: when its conditions match
+  its decision is the opposite of the base, otherwise the base decides; under ``scope`` it
+  reads like a typed root whose type is the base.
+- Then every nested provision whose conditions all match overrides its parent with its own
+  type; the deepest match wins; matching siblings that disagree give deny.
+- Actors: recipient roles match the requester (or its organization, groups, care teams);
+  custodian actors are no condition; AUT/INF/ENT actors match the resource's author.
+  ``code`` matches any coding anywhere in the resource. Confidentiality labels are a
+  high-water mark: naming R covers U..R; a resource without one counts as N.
 - Across consents ``deny-overrides`` (any deny wins) or ``latest-wins`` (latest
   ``dateTime``; ties fall back to deny-overrides). No applicable consent: the default.
 - A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
   path names it in ``securityLabel``; a general permit or a default permit does not.
+- A ``related`` target is looked up in the response (``known_refs``), else in what the
+  consent cache read from the FHIR server (``CompiledConsent.related``).
 - A condition that cannot be evaluated (no clinical date for ``dataPeriod``, a ``related``
-  resource not in the response, a class system we cannot read) matches on a deny
+  target found in neither, a class system we cannot read) matches on a deny
   provision and does not match on a permit provision, so missing data never opens data.
 - A malformed consent is skipped only when it is certain not to apply or could only
   permit; otherwise the decision is deny, naming the defect. Nothing here raises.
@@ -28,22 +40,44 @@ from typing import Any, NamedTuple
 
 from gateway.core.compartment import (
     DateRange,
+    all_codes,
     as_utc,
     authors_of,
     clinical_date,
     is_patient_data,
-    main_codes,
     patients_of,
     profiles_of,
     references_of,
 )
-from gateway.core.consent import CONSENT_STATUSES, DENY, PERMIT, CompiledConsent, Provision
+from gateway.core.consent import (
+    AMBIGUOUS,
+    CONSENT_STATUSES,
+    DENY,
+    NO_RELATED,
+    NOT_DEFAULT,
+    PERMIT,
+    POLICY_RULE_REASONS,
+    CompiledConsent,
+    Provision,
+)
 from gateway.core.fhir import JSON, resource_reference
-from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.model import (
+    DEFAULT_CONFIDENTIALITY_RANK,
+    Decision,
+    Label,
+    Reason,
+    RequestContext,
+    Verdict,
+)
 from gateway.core.purpose import is_research, lineage
 
 DENY_OVERRIDES = "deny-overrides"
 LATEST_WINS = "latest-wins"
+# consent.untyped_root: how an untyped root provision with conditions reads.
+UNTYPED_EXCEPTION = "exception"
+UNTYPED_SCOPE = "scope"
+# Reason.provision of a decision the base policy (policyRule) made.
+BASE_POLICY = "policyRule"
 # A read or search is any of these consent actions.
 READ_ACTIONS = frozenset({"access", "use", "disclose"})
 NO_REFS: Mapping[str, frozenset[str]] = MappingProxyType({})
@@ -66,6 +100,7 @@ class Policy:
     patient_self_access: bool = True
     explicit_consent_required: frozenset[str] | None = None
     sensitive: frozenset[str] = frozenset()
+    untyped_root: str = UNTYPED_EXCEPTION
 
     @property
     def required_labels(self) -> frozenset[str]:
@@ -78,7 +113,9 @@ class Policy:
 class _Request:
     """What the request contributes to every condition (cached per request context)."""
 
-    __slots__ = ("actors", "purposes", "action", "now", "research", "_gates", "_kids", "_reasons")
+    __slots__ = (
+        "actors", "purposes", "action", "now", "research", "_gates", "_mismatch", "_kids", "_reasons",
+    )
 
     def __init__(self, ctx: RequestContext) -> None:
         self.actors = ctx.actor.references()
@@ -88,15 +125,24 @@ class _Request:
         self.research = is_research(ctx.purpose)
         # Request-side results are the same for every resource of a response: memoised.
         self._gates: dict[CompiledConsent, str | None] = {}
+        self._mismatch: dict[Provision, str | None] = {}
         self._kids: dict[Provision, tuple[Provision, ...]] = {}
         self._reasons: dict[tuple[str, str, str], Reason] = {}
 
     def gate(self, consent: CompiledConsent) -> str | None:
-        """Why a sound consent cannot apply to this request whatever the resource, or None."""
+        """Why a sound consent is not in force for this request, or None."""
         try:
             return self._gates[consent]
         except KeyError:
             found = self._gates[consent] = _request_gate(consent, self)
+            return found
+
+    def mismatch(self, node: Provision) -> str | None:
+        """The first request-side condition of ``node`` that fails (memoised), or None."""
+        try:
+            return self._mismatch[node]
+        except KeyError:
+            found = self._mismatch[node] = _request_mismatch(node, self)
             return found
 
     def children(self, node: Provision) -> tuple[Provision, ...]:
@@ -129,8 +175,8 @@ class _Facts:
     """The resource as the conditions see it; each fact is read at most once, on demand."""
 
     __slots__ = (
-        "resource", "rtype", "labels", "scopes", "known_refs",
-        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors",
+        "resource", "rtype", "labels", "scopes", "known_refs", "related",
+        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_rank",
     )
 
     def __init__(
@@ -146,8 +192,10 @@ class _Facts:
         self.labels = labels
         self.scopes = scopes
         self.known_refs = known_refs
+        # the deciding consent's server-read related targets (set per consent)
+        self.related: Mapping[str, frozenset[str]] = NO_RELATED
         self._ref = self._profiles = self._codes = self._date = _UNSET
-        self._refs = self._authors = _UNSET
+        self._refs = self._authors = self._rank = _UNSET
 
     @property
     def ref(self) -> str | None:
@@ -165,9 +213,19 @@ class _Facts:
 
     @property
     def codes(self) -> frozenset[tuple[str, str]]:
+        """Every coding anywhere in the resource (R4: "found in an instance")."""
         if self._codes is _UNSET:
-            self._codes = main_codes(self.resource)
+            self._codes = all_codes(self.resource)
         found: frozenset[tuple[str, str]] = self._codes
+        return found
+
+    @property
+    def confidentiality(self) -> int:
+        """The highest confidentiality rank among the labels; none counts as N."""
+        if self._rank is _UNSET:
+            ranks = [r for r in (lb.confidentiality_rank for lb in self.labels) if r is not None]
+            self._rank = max(ranks, default=DEFAULT_CONFIDENTIALITY_RANK)
+        found: int = self._rank
         return found
 
     @property
@@ -202,7 +260,10 @@ def _request_mismatch(node: Provision, req: _Request) -> str | None:
     """The first request-side condition (period, actor, purpose, action) that fails."""
     if node.period is not None and not node.period.contains_instant(req.now):
         return "period-not-current"
-    if node.actors is not None and node.actors.isdisjoint(req.actors):
+    actors = node.actors
+    if actors is not None and (
+        not actors <= req.actors if node.actors_all else actors.isdisjoint(req.actors)
+    ):
         return "actor-mismatch"
     if node.purposes is not None and node.purposes.isdisjoint(req.purposes):
         return "purpose-mismatch"
@@ -212,11 +273,27 @@ def _request_mismatch(node: Provision, req: _Request) -> str | None:
 
 
 def _request_gate(consent: CompiledConsent, req: _Request) -> str | None:
+    """Why the consent is not in force: status, scope, or the root period (its validity)."""
     if consent.status != "active":
         return "not-active"
     if not _scope_applies(consent, req):
         return "scope-not-applicable"
-    return _request_mismatch(consent.root, req)
+    period = consent.root.period
+    if period is not None and not period.contains_instant(req.now):
+        return "period-not-current"
+    if consent.scope_root is None:
+        # One reading only (typed or base root): its request-side mismatch is a gate too.
+        return _request_mismatch(consent.root, req)
+    return None
+
+
+def _tree(consent: CompiledConsent, policy: Policy) -> tuple[Provision, bool]:
+    """The root to evaluate, and whether it reads as an exception to the base policy."""
+    if consent.scope_root is None:
+        return consent.root, False
+    if policy.untyped_root == UNTYPED_SCOPE:
+        return consent.scope_root, False
+    return consent.root, consent.reading == AMBIGUOUS
 
 
 def _class_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
@@ -243,8 +320,11 @@ def _code_matches(wanted: frozenset[tuple[str, str]], facts: _Facts) -> bool:
     return False
 
 
-def _labels_match(wanted: tuple[Label, ...], labels: frozenset[Label]) -> bool:
-    return any(own.matches(label) for own in wanted for label in labels)
+def _labels_match(node: Provision, facts: _Facts) -> bool:
+    # Confidentiality is a high-water mark: naming R covers every rank up to R.
+    if node.confidentiality >= 0 and facts.confidentiality <= node.confidentiality:
+        return True
+    return any(own.matches(label) for own in node.other_labels for label in facts.labels)
 
 
 def _date_matches(period: DateRange, facts: _Facts, deny: bool) -> bool:
@@ -265,6 +345,8 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
         if item.meaning == "related":
             refs = facts.known_refs.get(target)
             if refs is None:
+                refs = facts.related.get(target)
+            if refs is None:
                 unknown = True
             elif own is not None and own in refs:
                 return True
@@ -278,11 +360,13 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
 
 def _content_mismatch(node: Provision, facts: _Facts, deny: bool) -> str | None:
     """The first resource-side condition (class, code, label, dataPeriod, data) that fails."""
+    if node.authors is not None and node.authors.isdisjoint(facts.authors):
+        return "author-mismatch"
     if node.has_class and not _class_matches(node, facts, deny):
         return "class-mismatch"
     if node.codes is not None and not _code_matches(node.codes, facts):
         return "code-mismatch"
-    if node.labels is not None and not _labels_match(node.labels, facts.labels):
+    if node.labels is not None and not _labels_match(node, facts):
         return "label-mismatch"
     if node.data_period is not None and not _date_matches(node.data_period, facts, deny):
         return "data-period-mismatch"
@@ -291,16 +375,45 @@ def _content_mismatch(node: Provision, facts: _Facts, deny: bool) -> str | None:
     return None
 
 
+def _resolve_type(ptype: str, policy: Policy) -> str:
+    if ptype == PERMIT or ptype == DENY:
+        return ptype
+    default = policy.default_decision
+    if ptype == NOT_DEFAULT:
+        return PERMIT if default == DENY else DENY
+    return default
+
+
 def _resolve(node: Provision, policy: Policy) -> str:
-    return node.type or policy.default_decision
+    ptype = node.type
+    if ptype == PERMIT or ptype == DENY:
+        return ptype
+    return _resolve_type(ptype, policy)
+
+
+def _is_deny(node: Provision, policy: Policy) -> bool:
+    ptype = node.type
+    if ptype == DENY:
+        return True
+    return ptype != PERMIT and _resolve_type(ptype, policy) == DENY
 
 
 class _Outcome(NamedTuple):
-    """One consent's answer for one resource: its type and the matched provision chain."""
+    """One consent's answer for one resource: its type and the matched provision chain.
+
+    ``path`` is the deciding provision's path (``policyRule`` when the base decided).
+    """
 
     type: str
     chain: tuple[Provision, ...]
     rule: str
+    path: str
+
+
+def _base_outcome(consent: CompiledConsent, policy: Policy) -> _Outcome:
+    """The base policy decides: an exception root that does not match."""
+    ptype = _resolve_type(consent.base, policy)
+    return _Outcome(ptype, (), POLICY_RULE_REASONS.get(consent.base) or f"default-{ptype}", BASE_POLICY)
 
 
 def _descend(
@@ -309,22 +422,21 @@ def _descend(
     """Deepest matching provisions below ``node`` (``node`` itself when no child matches)."""
     outcomes: list[_Outcome] = []
     for child in req.children(node):
-        if _content_mismatch(child, facts, _resolve(child, policy) == DENY) is None:
+        if _content_mismatch(child, facts, _is_deny(child, policy)) is None:
             outcomes.extend(_descend(child, (*chain, child), req, facts, policy))
     if outcomes:
         return outcomes
     ptype = _resolve(node, policy)
-    return [_Outcome(ptype, chain, node.rule or f"default-{ptype}")]
+    return [_Outcome(ptype, chain, node.rule or f"default-{ptype}", node.path)]
 
 
 def _evaluate_tree(
-    consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
+    root: Provision, req: _Request, facts: _Facts, policy: Policy
 ) -> _Outcome | list[_Outcome]:
     """The consent's outcome, or the agreeing permit outcomes (one per matched branch)."""
-    root = consent.root
     if not root.children:
         ptype = _resolve(root, policy)
-        return _Outcome(ptype, (root,), root.rule or f"default-{ptype}")
+        return _Outcome(ptype, (root,), root.rule or f"default-{ptype}", root.path)
     outcomes = _descend(root, (root,), req, facts, policy)
     if len(outcomes) == 1:
         return outcomes[0]
@@ -333,11 +445,14 @@ def _evaluate_tree(
         return outcomes
     denied = next(o for o in outcomes if o.type == DENY)
     rule = "sibling-conflict" if len(types) > 1 else denied.rule
-    return _Outcome(DENY, denied.chain, rule)
+    return _Outcome(DENY, denied.chain, rule, denied.path)
 
 
 def _can_deny(consent: CompiledConsent, policy: Policy) -> bool:
-    return DENY in consent.types or ("" in consent.types and policy.default_decision == DENY)
+    types = consent.types
+    if policy.default_decision == DENY:
+        return DENY in types or "" in types
+    return DENY in types or NOT_DEFAULT in types
 
 
 def _scope_applies(consent: CompiledConsent, req: _Request) -> bool:
@@ -353,9 +468,13 @@ def _certainly_inapplicable(
         return "not-active"
     if consent.scopes and not _scope_applies(consent, req):
         return "scope-not-applicable"
-    if not consent.root_sound:
+    period = consent.root.period
+    if period is not None and not period.contains_instant(req.now):
+        return "period-not-current"
+    root, exception = _tree(consent, policy)
+    if exception or not consent.root_sound:
+        # An exception root that does not match still leaves the base policy deciding.
         return None
-    root = consent.root
     found = _request_mismatch(root, req)
     if found is None and facts is not None:
         found = _content_mismatch(root, facts, _resolve(root, policy) == DENY)
@@ -378,22 +497,33 @@ class _Verdict(NamedTuple):
 def _decide_consent(
     consent: CompiledConsent, req: _Request, facts: _Facts, policy: Policy
 ) -> _Verdict:
+    facts.related = consent.related  # this consent's server-read related targets
     if consent.defects:
         why = _certainly_inapplicable(consent, req, facts, policy)
         if why is not None:
             return _Verdict(consent, skip=("provision", why))
         rule = _malformed(consent)
         if _can_deny(consent, policy):
-            return _Verdict(consent, outcome=_Outcome(DENY, (consent.root,), rule), malformed=True)
+            outcome = _Outcome(DENY, (consent.root,), rule, consent.root.path)
+            return _Verdict(consent, outcome=outcome, malformed=True)
         return _Verdict(consent, skip=("provision", rule), malformed=True)
     why = req.gate(consent)
     if why is not None:
         return _Verdict(consent, skip=("" if why in _CONSENT_LEVEL else "provision", why))
-    root = consent.root
-    why = _content_mismatch(root, facts, _resolve(root, policy) == DENY)
+    if consent.scope_root is None:
+        # Typed or base root (the gate checked its request side): the common, fast path.
+        root = consent.root
+        why = _content_mismatch(root, facts, _is_deny(root, policy))
+        if why is not None:
+            return _Verdict(consent, skip=("provision", why))
+        return _Verdict(consent, outcome=_evaluate_tree(root, req, facts, policy))
+    root, exception = _tree(consent, policy)
+    why = req.mismatch(root) or _content_mismatch(root, facts, _is_deny(root, policy))
     if why is not None:
+        if exception:
+            return _Verdict(consent, outcome=_base_outcome(consent, policy))
         return _Verdict(consent, skip=("provision", why))
-    return _Verdict(consent, outcome=_evaluate_tree(consent, req, facts, policy))
+    return _Verdict(consent, outcome=_evaluate_tree(root, req, facts, policy))
 
 
 def _chain_labels(chains: Sequence[tuple[Provision, ...]], labels: frozenset[Label]) -> list[str]:
@@ -416,7 +546,7 @@ def _deny_decision(verdict: _Verdict, req: _Request, facts: _Facts, combining: s
     errors = tuple(f"{cid}: {d}" for d in verdict.consent.defects)
     return Decision(
         Verdict.DENY,
-        (req.reason(cid, outcome.chain[-1].path, outcome.rule),),
+        (req.reason(cid, outcome.path, outcome.rule),),
         labels=tuple(_chain_labels([outcome.chain], facts.labels)) if facts.labels else (),
         combining=combining,
         errors=errors,
@@ -452,9 +582,7 @@ def _permit_decision(
                 and not any(node.names_label(label) for chain in chains for node in chain)
             }
         )
-    reasons = [
-        req.reason(v.consent.id, o.chain[-1].path, o.rule) for v in permits for o in _outcomes(v)
-    ]
+    reasons = [req.reason(v.consent.id, o.path, o.rule) for v in permits for o in _outcomes(v)]
     if closed:
         where = reasons[0] if reasons else Reason("", "", "")
         denied = [
@@ -604,8 +732,9 @@ def decide_resource(
 def _content_reads(node: Provision, found: set[str]) -> None:
     if node.class_scopes or node.class_bare:
         found.add("scopes")
-    if node.codes is not None:
-        found.add("codes")
+    if node.codes is not None or node.authors is not None:
+        # Codes anywhere in the resource and its authors are not in any summary.
+        found.add("data")
     if node.data_period is not None:
         found.add("date")
     if node.data is not None:
@@ -617,10 +746,11 @@ def _content_reads(node: Provision, found: set[str]) -> None:
 def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
     """What beyond type, profiles and labels these consents read of a resource.
 
-    A subset of {"scopes", "codes", "date"}: two resources of one patient that agree on the
-    summary (plus these) get the same decision, so a caller may reuse it; without "scopes"
-    the resource scopes need not be computed. None when no summary decides (a ``data``
-    condition names instances, or a consent has defects).
+    A subset of {"scopes", "date"}: two resources of one patient that agree on the summary
+    (plus these) get the same decision, so a caller may reuse it; without "scopes" the
+    resource scopes need not be computed. None when no summary decides (a ``data``
+    condition names instances, a ``code`` condition reads every coding, an author actor
+    reads the author, or a consent has defects).
     """
     found: set[str] = set()
     for consent in consents:
@@ -637,17 +767,19 @@ def decide_with(
     scopes: frozenset[str],
     ctx: RequestContext,
     policy: Policy,
+    *,
+    known_refs: Mapping[str, frozenset[str]] = NO_REFS,
 ) -> Decision:
     """Decide a resource against a flat list of consents (``decide`` / ``POST /decision``).
 
     Each consent counts for the patient it names; consents of patients the resource does not
-    belong to are ignored.
+    belong to are ignored. ``known_refs``: as for ``decide``.
     """
     by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
     for consent in consents:
         if consent.patient in by_patient:
             by_patient[consent.patient].append(consent)
-    return decide_resource(by_patient, resource, labels, scopes, ctx, policy)
+    return decide_resource(by_patient, resource, labels, scopes, ctx, policy, known_refs=known_refs)
 
 
 def _possible(node: Provision, req: _Request, policy: Policy) -> dict[str, Provision]:
@@ -684,13 +816,15 @@ def _preflight_consent(consent: CompiledConsent, req: _Request, policy: Policy) 
             return _Pre(consent, "skip", Reason(cid, "provision", rule))
         kind = "maybe" if consent.root_sound and not consent.root.content_free else DENY
         return _Pre(consent, kind, Reason(cid, "provision", rule))
-    if consent.status != "active":
-        return _Pre(consent, "skip", Reason(cid, "", "not-active"))
-    if not _scope_applies(consent, req):
-        return _Pre(consent, "skip", Reason(cid, "", "scope-not-applicable"))
-    root = consent.root
-    why = _request_mismatch(root, req)
+    why = req.gate(consent)
     if why is not None:
+        return _Pre(consent, "skip", Reason(cid, "" if why in _CONSENT_LEVEL else "provision", why))
+    root, exception = _tree(consent, policy)
+    why = req.mismatch(root)
+    if why is not None:
+        if exception:
+            base = _base_outcome(consent, policy)
+            return _Pre(consent, base.type, Reason(cid, base.path, base.rule))
         return _Pre(consent, "skip", Reason(cid, "provision", why))
     if not root.content_free:
         return _Pre(consent, "maybe", Reason(cid, "provision", "depends-on-content"))

@@ -26,6 +26,11 @@ RESOURCE_SCOPE_SYSTEM = "urn:consent-gateway:resource-scope"
 # Emergency consents recorded by break-glass carry this policy/category.
 GATEWAY_CODE_SYSTEM = "urn:consent-gateway:code"
 
+# v3 Confidentiality codes in order: a high-water mark (R4 Consent.provision.securityLabel).
+CONFIDENTIALITY_RANK: dict[str, int] = {"U": 0, "L": 1, "M": 2, "N": 3, "R": 4, "V": 5}
+# A resource that carries no confidentiality label counts as normal (N).
+DEFAULT_CONFIDENTIALITY_RANK = CONFIDENTIALITY_RANK["N"]
+
 ACTOR_TYPES = frozenset(
     {"Practitioner", "PractitionerRole", "Patient", "Organization", "Device", "RelatedPerson"}
 )
@@ -71,6 +76,13 @@ class Label:
 
     def __str__(self) -> str:
         return self.code
+
+    @property
+    def confidentiality_rank(self) -> int | None:
+        """The rank of a v3 Confidentiality code (a code without a system counts), else None."""
+        if self.system and self.system != V3_CONFIDENTIALITY:
+            return None
+        return CONFIDENTIALITY_RANK.get(self.code)
 
 
 @dataclass(frozen=True, slots=True)

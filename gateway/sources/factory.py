@@ -50,6 +50,7 @@ def build_source(
             sensitivity_labels=_sensitivity_labels(labels or load_rules(settings.sensitivity.rules_dir)),
             consent_types=consent.healthex_consent_types,
             patient_field=consent.healthex_patient_field,
+            study_id=consent.healthex_study_id,
         )
     if settings.break_glass.enabled and settings.break_glass.record_consent:
         for key in ("emergency_organization_id", "emergency_organization_group_id"):
@@ -65,6 +66,8 @@ def build_source(
         memberships=fhir_groups,
         emergency_organization_id=consent.emergency_organization_id,
         emergency_organization_group_id=consent.emergency_organization_group_id,
+        consent_duration_h=consent.healtheintent_consent_duration_h,
+        emergency_duration_h=settings.break_glass.duration_h,
     )
 
 

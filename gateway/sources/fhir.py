@@ -10,6 +10,7 @@ from urllib.parse import quote
 import orjson
 from yarl import URL
 
+from gateway.core.compartment import references_of
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.sources.store import ConsentChange
@@ -21,6 +22,16 @@ MAX_PAGES = 200
 # A change listing longer than this many pages evicts every cached patient instead.
 MAX_CHANGE_PAGES = 50
 _HEADERS = {"Accept": "application/fhir+json"}
+# A server answering a search parameter it does not support (MedicaSoft-style servers know only
+# ``patient`` and ``category`` for Consent) with one of these is asked again without it.
+_REJECTED = frozenset({400, 422})
+
+
+class _SearchRejected(ConsentUnavailable):
+    """The server refused the search as asked (a parameter it does not support)."""
+
+    def __init__(self) -> None:
+        super().__init__("Consent information is unavailable.")
 
 
 class _TooManyPages(ConsentUnavailable):
@@ -30,28 +41,36 @@ class _TooManyPages(ConsentUnavailable):
 
 
 class FhirConsentSource:
-    """``Consent?patient=P1,P2&status=active``, following ``next`` pages on the same server."""
+    """``Consent?patient=P1,P2&status=active``, following ``next`` pages on the same server.
+
+    A server that rejects ``status`` is asked without it (and then ``_count``), from then on,
+    and only the active Consents of its answer are kept.
+    """
 
     def __init__(self, server: Upstream, page_size: int = 100) -> None:
         self.server = server
         self.page_size = page_size
+        self._filters: tuple[str, ...] = ("status=active", f"_count={page_size}")
         self.history = True  # the server lists deletions in Consent/_history
 
     async def _pages(self, first: URL, max_pages: int = MAX_PAGES) -> list[JSON]:
         resources: list[JSON] = []
         url: URL | None = first
-        for _ in range(max_pages):
+        for page in range(max_pages):
             if url is None:
                 return resources
-            bundle = await self._get_bundle(url)
+            bundle = await self._get_bundle(url, first_page=page == 0)
             resources.extend(_matches(bundle))
             url = self._next(bundle)
         if url is None:
             return resources
         raise _TooManyPages(resources)
 
-    async def _get_bundle(self, url: URL) -> JSON:
-        return self._bundle_of(await self.server.request("GET", url, headers=_HEADERS))
+    async def _get_bundle(self, url: URL, *, first_page: bool = False) -> JSON:
+        resp = await self.server.request("GET", url, headers=_HEADERS)
+        if first_page and resp.status in _REJECTED:
+            raise _SearchRejected()
+        return self._bundle_of(resp)
 
     def _bundle_of(self, resp: UpstreamResponse) -> JSON:
         if resp.status != 200:
@@ -74,10 +93,26 @@ class FhirConsentSource:
                 return url
         return None
 
+    async def _consents(self, patients: Sequence[str]) -> list[JSON]:
+        """The patients' Consents, dropping filters the server rejects (status, then _count)."""
+        base = f"patient={','.join(quote(p, safe='/') for p in patients)}"
+        while True:
+            query = "&".join((base, *self._filters))
+            try:
+                found = await self._pages(self.server.url_for("Consent", query))
+            except _SearchRejected:
+                if not self._filters:
+                    raise ConsentUnavailable("Consent information is unavailable.") from None
+                self._filters = self._filters[1:]
+                continue
+            if "status=active" in self._filters:
+                return found
+            # SECURITY: the server did not filter by status; only active Consents are in force.
+            return [c for c in found if c.get("status") == "active"]
+
     async def fetch(self, patients: Sequence[str]) -> dict[str, list[JSON]]:
         wanted = {p: [] for p in patients}  # type: dict[str, list[JSON]]
-        query = f"patient={','.join(quote(p, safe='/') for p in patients)}&status=active&_count={self.page_size}"
-        for consent in await self._pages(self.server.url_for("Consent", query)):
+        for consent in await self._consents(patients):
             patient = reference_of(consent.get("patient"))
             owner = relative_reference(patient) if patient else None
             # SECURITY: a consent for someone else (or no one) means the answer cannot be trusted.
@@ -86,11 +121,40 @@ class FhirConsentSource:
             wanted[owner].append(consent)
         return wanted
 
+    async def references(self, target: str) -> frozenset[str] | None:
+        """What ``target`` (``Type/id``) refers to, read with the gateway's own credentials.
+
+        None when the read fails (the condition it serves is then unknown); an empty set when
+        the server says the instance does not exist (it refers to nothing).
+        """
+        rtype, _, rid = target.partition("/")
+        if not rtype.isalpha() or not rid or "/" in rid:
+            return None
+        try:
+            resp = await self.server.request("GET", self.server.url_for(f"{rtype}/{quote(rid, safe='')}"), headers=_HEADERS)
+        except Exception:
+            return None
+        if resp.status in (404, 410):
+            return frozenset()
+        if resp.status != 200:
+            return None
+        try:
+            resource = orjson.loads(resp.body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            return None
+        return references_of(resource)
+
     async def memberships(self, actor: str) -> frozenset[str]:
         refs: set[str] = set()
         for rtype, param in (("Group", "member"), ("CareTeam", "participant")):
             query = f"{param}={quote(actor, safe='/')}&_elements=id&_count={self.page_size}"
-            for res in await self._pages(self.server.url_for(rtype, query)):
+            try:
+                found = await self._pages(self.server.url_for(rtype, query))
+            except _SearchRejected:
+                raise ConsentUnavailable("Consent information is unavailable.") from None
+            for res in found:
                 if res.get("resourceType") == rtype and isinstance(res.get("id"), str):
                     refs.add(f"{rtype}/{res['id']}")
         return frozenset(refs)

@@ -8,22 +8,30 @@ used for the requests already waiting on it but not cached.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
-from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from cachetools import TTLCache
+import orjson
+from cachetools import LRUCache, TTLCache
 
 from gateway.core.breakglass import EmergencyWindow, emergency_window
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON
+from gateway.core.model import Label
 from gateway.metrics import Metrics
 
 GROUP_TYPES = ("Group/", "CareTeam/")
 T = TypeVar("T")
+decision_log = logging.getLogger("gateway.decision")
+# Reads what a ``related`` data target refers to: None when the read fails.
+RelatedReader = Callable[[str], Awaitable[frozenset[str] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +78,18 @@ class ConsentSource(Protocol):
         ...
 
 
+NO_LABELS: Mapping[str, frozenset[Label]] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class PatientConsents:
     patient: str
     consents: tuple[CompiledConsent, ...]
     names_groups: bool  # some provision names a Group or CareTeam actor
     emergency: tuple[EmergencyWindow, ...] = ()
+    # labels the consent source knows for this patient's records (ClinikAPI documents'
+    # confidentiality), by ``Type/id``: added to what the rules give those records
+    labels: Mapping[str, frozenset[Label]] = field(default_factory=lambda: NO_LABELS)
 
 
 def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
@@ -95,8 +109,19 @@ def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
     return PatientConsents(patient, compiled, _names_groups(compiled), windows)
 
 
+def consent_version(raw: JSON) -> str:
+    """A key that changes whenever the Consent's content does (its version, whatever the server)."""
+    return hashlib.sha256(orjson.dumps(raw, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 class ConsentStore:
-    """Cached, compiled consents per patient, looked up through a ConsentSource."""
+    """Cached, compiled consents per patient, looked up through a ConsentSource.
+
+    ``related`` reads what a consent's ``data.meaning = related`` target refers to; each
+    target is read once per consent version (kept with the compiled consent). A consent
+    version whose root has conditions but no type is counted once in
+    ``consent_gateway_ambiguous_consents_total`` and named in the decision log.
+    """
 
     def __init__(
         self,
@@ -106,10 +131,14 @@ class ConsentStore:
         ttl_s: float,
         max_patients: int,
         chunk_size: int = 50,
+        related: RelatedReader | None = None,
     ) -> None:
         self.source = source
         self.metrics = metrics
         self.chunk_size = chunk_size
+        self.related = related
+        self._related: LRUCache[tuple[str, str], frozenset[str]] = LRUCache(10_000)
+        self._seen_ambiguous: LRUCache[str, bool] = LRUCache(100_000)
         self._cache: TTLCache[str, PatientConsents] = TTLCache(max_patients, ttl_s, timer=time.monotonic)
         self._groups: TTLCache[str, frozenset[str]] = TTLCache(10_000, ttl_s, timer=time.monotonic)
         self._inflight: dict[str, asyncio.Future[PatientConsents]] = {}
@@ -169,9 +198,9 @@ class ConsentStore:
         try:
             for start in range(0, len(patients), self.chunk_size):
                 chunk = patients[start : start + self.chunk_size]
-                raw = await self._fetch(chunk)
+                entries = await self._load(chunk)
                 for patient in chunk:
-                    entry = compile_patient(patient, raw.get(patient, []))
+                    entry = entries[patient]
                     if self._generation.get(patient, 0) == generations[patient] and self._epoch == epoch:
                         self._cache[patient] = entry
                     futures[patient].set_result(entry)
@@ -186,6 +215,60 @@ class ConsentStore:
             for patient in patients:
                 self._inflight.pop(patient, None)
             self.metrics.cache_entries.set(len(self._cache))
+
+    async def _load(self, chunk: list[str]) -> dict[str, PatientConsents]:
+        """The chunk's consents from the source, compiled and prepared for the cache."""
+        raw = await self._fetch(chunk)
+        labels = await self._document_labels(chunk)
+        entries: dict[str, PatientConsents] = {}
+        for patient in chunk:
+            consents = raw.get(patient, [])
+            entry = await self._prepared(compile_patient(patient, consents), consents)
+            if labels.get(patient):
+                entry = replace(entry, labels=labels[patient])
+            entries[patient] = entry
+        return entries
+
+    async def _prepared(self, entry: PatientConsents, raw: Sequence[JSON]) -> PatientConsents:
+        """Count and name ambiguous consents; attach what their related targets refer to."""
+        consents = list(entry.consents)
+        for i, (consent, source) in enumerate(zip(entry.consents, raw)):
+            if not (consent.ambiguous or consent.related_targets):
+                continue
+            version = consent_version(source)
+            if consent.ambiguous and version not in self._seen_ambiguous:
+                self._seen_ambiguous[version] = True
+                self.metrics.ambiguous_consents.inc()
+                decision_log.warning(
+                    "ambiguous-consent",
+                    extra={"reasons": [f"{consent.id} provision untyped-root-with-conditions"]},
+                )
+            targets = consent.related_targets
+            if targets and self.related is not None:
+                consents[i] = replace(consent, related=await self._references(version, targets))
+        return replace(entry, consents=tuple(consents))
+
+    async def _references(self, version: str, targets: Iterable[str]) -> dict[str, frozenset[str]]:
+        """What each target refers to; a failed read is left out (the condition is unknown)."""
+        assert self.related is not None
+        found: dict[str, frozenset[str]] = {}
+        for target in sorted(targets):
+            refs = self._related.get((version, target))
+            if refs is None:
+                refs = await self.related(target)
+                if refs is None:
+                    continue
+                self._related[(version, target)] = refs
+            found[target] = refs
+        return found
+
+    async def _document_labels(self, chunk: list[str]) -> Mapping[str, Mapping[str, frozenset[Label]]]:
+        """Record labels the source knows (a ClinikAPI source: its documents'); fails closed."""
+        lookup = getattr(self.source, "document_labels", None)
+        if lookup is None:
+            return {}
+        found: Mapping[str, Mapping[str, frozenset[Label]]] = await self._counted(lookup(chunk))
+        return found
 
     async def _fetch(self, chunk: list[str]) -> dict[str, list[JSON]]:
         return await self._counted(self.source.fetch(chunk))
@@ -239,10 +322,10 @@ class ConsentStore:
             chunk = patients[start : start + self.chunk_size]
             generations = {p: self._generation.get(p, 0) for p in chunk}
             epoch = self._epoch
-            raw = await self._fetch(chunk)
+            entries = await self._load(chunk)
             for patient in chunk:
                 if self._generation.get(patient, 0) == generations[patient] and self._epoch == epoch:
-                    self._cache[patient] = compile_patient(patient, raw.get(patient, []))
+                    self._cache[patient] = entries[patient]
 
     async def probe(self) -> bool:
         """Ask the source a cheap question (readiness); False when it has none to ask."""

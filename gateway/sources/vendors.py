@@ -31,6 +31,7 @@ from gateway.core.errors import ConsentUnavailable
 from gateway.core.fhir import JSON, iter_codings, reference_of
 from gateway.core.model import GATEWAY_CODE_SYSTEM, Label
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
+from gateway.core.vendors.clinikapi import labels_by_document
 from gateway.core.vendors.healtheintent import EMERGENCY_CODE
 from gateway.sources.store import ConsentChange
 from gateway.upstream import Upstream, UpstreamResponse
@@ -153,8 +154,11 @@ class _VendorSource(ABC):
     async def _records(self, vendor_id: str) -> object:
         """The vendor's answer about one patient, all pages joined, ready for the converter."""
 
+    def _options(self, patient: str) -> ConvertOptions:
+        return ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient)
+
     def _convert(self, payload: object, patient: str) -> list[JSON]:
-        options = ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient)
+        options = self._options(patient)
         try:
             return CONVERTERS[self.kind](payload, options)
         except VendorError as exc:
@@ -177,19 +181,37 @@ class ClinikApiSource(_VendorSource):
     The consent search answers ``{"data": [consent...], "meta": {"nextCursor": ...}}``;
     the cursor is followed until it is absent. Every record must be about the patient
     asked for (``patientId`` as the bare id or ``Patient/<id>``). Credential: ``x-api-key``.
+    The patient's documents (``GET {source_url}/documents?patientId=&count=&cursor=``, paged
+    the same way) give the confidentiality R/V of the Compositions they became
+    (``document_labels``), so the gateway labels those documents when it serves them.
     """
 
     kind = "clinikapi"
 
-    async def _records(self, vendor_id: str) -> list[object]:
+    async def document_labels(self, patients: Sequence[str]) -> dict[str, dict[str, frozenset[Label]]]:
+        """Per patient, the labels of its ClinikAPI documents by ``Composition/<id>``."""
+        found = await asyncio.gather(*(self._patient_document_labels(p) for p in patients))
+        return dict(zip(patients, found))
+
+    async def _patient_document_labels(self, patient: str) -> dict[str, frozenset[Label]]:
+        documents = await self._records(await self.patients.vendor_id(patient), "documents")
+        try:
+            return {ref: frozenset(labels) for ref, labels in labels_by_document(documents).items()}
+        except VendorError as exc:
+            _log_unconvertible(exc)
+            raise ConsentUnavailable(UNAVAILABLE) from None
+
+    async def _records(self, vendor_id: str, collection: str = "consents") -> list[object]:
         records: list[object] = []
         cursor: str | None = None
         seen: set[str] = set()
         for _ in range(MAX_PAGES):
-            query: dict[str, str | int] = {"patientId": vendor_id, "status": "active", "count": PAGE_SIZE}
+            query: dict[str, str | int] = {"patientId": vendor_id, "count": PAGE_SIZE}
+            if collection == "consents":
+                query = {"patientId": vendor_id, "status": "active", "count": PAGE_SIZE}
             if cursor is not None:
                 query["cursor"] = cursor
-            page = await self._call("GET", self.server.url_for("consents", urlencode(query)))
+            page = await self._call("GET", self.server.url_for(collection, urlencode(query)))
             data, cursor = _clinikapi_page(page)
             for index, record in enumerate(data, start=len(records)):
                 _check_clinikapi_patient(record, index, vendor_id)
@@ -222,10 +244,15 @@ class HealthExSource(_VendorSource):
         sensitivity_labels: Mapping[str, tuple[Label, ...]],
         consent_types: Sequence[str],
         patient_field: str = "patientId",
+        study_id: str | None = None,
     ) -> None:
         super().__init__(server, patients, auth_headers, sensitivity_labels=sensitivity_labels)
         self.consent_types = list(consent_types)
         self.patient_field = patient_field
+        self.study_id = study_id
+
+    def _options(self, patient: str) -> ConvertOptions:
+        return ConvertOptions(sensitivity_labels=self._labels, patient_ref=patient, study_id=self.study_id)
 
     async def _records(self, vendor_id: str) -> object:
         body: JSON = {
@@ -266,10 +293,17 @@ class HealtheIntentSource(_VendorSource):
         memberships: Memberships = no_groups,
         emergency_organization_id: str | None = None,
         emergency_organization_group_id: str | None = None,
+        consent_duration_h: float | None = None,
+        emergency_duration_h: float | None = None,
     ) -> None:
         super().__init__(server, patients, auth_headers, memberships=memberships)
         self.population_id = population_id
         self.emergency_scope = (emergency_organization_id, emergency_organization_group_id)
+        self.durations = (consent_duration_h, emergency_duration_h)
+
+    def _options(self, patient: str) -> ConvertOptions:
+        consent_h, emergency_h = self.durations
+        return ConvertOptions(patient_ref=patient, consent_duration_h=consent_h, emergency_duration_h=emergency_h)
 
     def _path(self, vendor_id: str) -> str:
         return (f"populations/{quote(self.population_id, safe='')}"
@@ -292,7 +326,9 @@ class HealtheIntentSource(_VendorSource):
         raise _too_many_pages(self.kind)
 
     def _convert(self, payload: object, patient: str) -> list[JSON]:
-        return [personal_emergency(consent) for consent in super()._convert(payload, patient)]
+        organization, group = self.emergency_scope
+        own = frozenset({f"Organization/{organization}", f"Group/{group}"}) if organization and group else frozenset()
+        return [personal_emergency(consent, own) for consent in super()._convert(payload, patient)]
 
     async def store_consent(self, consent: JSON) -> str:
         """POST the emergency grant as an EMERGENCY patient-consent; returns ``Consent/<consentId>``."""
@@ -350,14 +386,16 @@ def emergency_patient_consent(consent: JSON, organization: str, group: str) -> J
     }
 
 
-def personal_emergency(consent: JSON) -> JSON:
-    """An emergency grant for the personnel it names only, shaped as a gateway emergency Consent.
+def personal_emergency(consent: JSON, own_unit: frozenset[str] = frozenset()) -> JSON:
+    """A HealtheIntent emergency record shaped as a gateway emergency Consent (an audited window).
 
-    HealtheIntent's provisionScope also names the care unit and group the record came from;
-    read as alternative actors they would open the record to everyone there. Keeping the
-    Practitioner alone narrows the grant and makes it an emergency window the engine
-    recognises (one actor, a period, the reason as the break-glass reason extension).
-    A record without personnel, or anything else, is returned unchanged.
+    The converter scopes the grant to the person (when named) in the care unit and group,
+    all of them (``actors-all-of``). Adding the reason as the break-glass reason extension
+    makes it an emergency window the engine recognises, so every access through it is
+    audited as emergency access, with or without personnel. A window the gateway stored
+    itself names ``own_unit`` (``consent.emergency_organization_id`` / ``_group_id``) only
+    because HealtheIntent requires a unit: it opens to its person alone, as break-glass
+    does. Anything else is unchanged.
     """
     is_emergency = any(
         c.get("system") == GATEWAY_CODE_SYSTEM and c.get("code") == EMERGENCY_CODE
@@ -366,22 +404,24 @@ def personal_emergency(consent: JSON) -> JSON:
     provision = consent.get("provision")
     if not is_emergency or not isinstance(provision, dict):
         return consent
-    personnel = [
-        a for a in provision.get("actor") or ()
-        if (reference_of(a.get("reference")) or "").startswith("Practitioner/")
-    ]
-    if not personnel:
-        return consent
-    # SECURITY: a break-glass opens the record to the person who broke the glass only (issue 8).
     reason = next(
         (c.get("text") for c in consent.get("category") or ()
          if isinstance(c, dict) and any(cd.get("code") == EMERGENCY_CODE for cd in iter_codings(c))),
         None,
     )
-    narrowed = {**consent, "provision": {**provision, "actor": personnel}}
-    if isinstance(reason, str):
-        narrowed["extension"] = [*consent.get("extension", []), {"url": REASON_EXTENSION, "valueString": reason}]
-    return narrowed
+    if not isinstance(reason, str):
+        return consent
+    actors = [a for a in provision.get("actor") or () if isinstance(a, dict)]
+    refs = {reference_of(a.get("reference")) or "" for a in actors}
+    person = [a for a in actors if (reference_of(a.get("reference")) or "").startswith("Practitioner/")]
+    if own_unit and len(person) == 1 and refs - own_unit == {reference_of(person[0].get("reference"))}:
+        # The gateway's own break-glass record: the person who broke the glass only.
+        provision = {k: v for k, v in provision.items() if k != "modifierExtension"} | {"actor": person}
+    return {
+        **consent,
+        "provision": provision,
+        "extension": [*consent.get("extension", []), {"url": REASON_EXTENSION, "valueString": reason}],
+    }
 
 
 def _json_body(resp: UpstreamResponse, what: str) -> Any:

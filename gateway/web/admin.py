@@ -12,9 +12,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.core.compartment import references_of
 from gateway.core.consent import compile_consent
 from gateway.core.decision import decide_with, explain_json
 from gateway.core.errors import BadRequest
+from gateway.core.explain import explain_consents
+from gateway.core.fhir import resource_reference
 from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
 from gateway.web import review
@@ -92,7 +95,7 @@ async def decision(request: web.Request) -> web.Response:
     """The ``decide`` command as JSON: consents, a resource and a requester in; the explanation out."""
     state = request.app[STATE]
     data = await _json_object(request)
-    unknown = set(data) - {"consents", "resource", "actor", "organization", "groups", "purpose", "at"}
+    unknown = set(data) - {"consents", "resource", "actor", "organization", "groups", "purpose", "at", "related"}
     if unknown:
         raise BadRequest(f"Unknown key {sorted(unknown)[0]!r}.")
     consents, resource = data.get("consents", []), data.get("resource")
@@ -112,12 +115,22 @@ async def decision(request: web.Request) -> web.Response:
         groups=frozenset(_ref(g, "groups", frozenset({"Group", "CareTeam"})) for g in groups),
     )
     ctx = RequestContext(actor=actor, purpose=str(purpose), now=_at(data.get("at")))
-    labels = state.labels
+    related = data.get("related", [])
+    if not isinstance(related, list) or not all(isinstance(r, dict) for r in related):
+        raise BadRequest("'related' must be a list of FHIR resources.")
+    # The other resources of the same answer, for data.meaning = related (as decide --related).
+    known = {ref: references_of(r) for r in related if (ref := resource_reference(r))}
+    labels, policy = state.labels, state.enforcement.policy
+    compiled = [compile_consent(c) for c in consents]
+    resource_labels = labels.labels_for(resource)
     found = decide_with(
-        [compile_consent(c) for c in consents], resource, labels.labels_for(resource),
-        labels.scopes_for(resource), ctx, state.enforcement.policy,
+        compiled, resource, resource_labels, labels.scopes_for(resource), ctx, policy, known_refs=known,
     )
-    return web.json_response(explain_json(found))
+    return web.json_response({
+        **explain_json(found),
+        "consents": explain_consents(compiled, resource, resource_labels, actor.references(), policy, known),
+        "ambiguous_consents": [c.id for c in compiled if c.ambiguous],
+    })
 
 
 def add_routes(app: web.Application) -> None:

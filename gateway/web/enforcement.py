@@ -43,6 +43,7 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
         default_decision=getattr(settings_consent, "default_decision"),
         combining=getattr(settings_consent, "combining"),
         patient_self_access=getattr(settings_consent, "patient_self_access"),
+        untyped_root=getattr(settings_consent, "untyped_root", "exception"),
         explicit_consent_required=explicit,
         sensitive=labels.sensitive,
     )
@@ -55,6 +56,8 @@ class Looked:
     ctx: RequestContext
     consents: Mapping[str, tuple[CompiledConsent, ...]]
     windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)  # open for this actor
+    # labels the consent source gives records by Type/id (ClinikAPI documents' confidentiality)
+    labels: Mapping[str, frozenset[Label]] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,19 +107,26 @@ class ConsentEnforcement:
         # An emergency window is a grant for treatment: other purposes do not open it.
         windows = {
             p: w for p, pc in found.items() for w in pc.emergency
-            if w.actor == actor.reference and w.open_at(ctx.now)
+            if w.covers(actor) and w.open_at(ctx.now)
         } if "TREAT" in lineage(purpose) else {}
-        return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows)
+        source_labels = {ref: lb for pc in found.values() for ref, lb in pc.labels.items()}
+        return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows, source_labels)
 
     def labeler(
-        self, resolved: Resolved, seen: dict[int, frozenset[Label]] | None = None
+        self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
+        seen: dict[int, frozenset[Label]] | None = None,
     ) -> Callable[[JSON], frozenset[Label]]:
-        """Labels of a resource, including those of the Medication it names by reference
-        (kept in ``seen`` by object identity when given)."""
+        """Labels of a resource, including those of the Medication it names by reference and
+        those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
+        by object identity when given."""
         own = self.labels.labels_for
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             found = own(resource)
+            if source_labels:
+                extra = source_labels.get(resource_reference(resource) or "")
+                if extra:
+                    found = found | extra
             if "medicationReference" in resource:
                 medication = resolved.medication_of(resource)
                 if medication is not None and medication is not UNREADABLE:
@@ -160,7 +170,7 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
-        labels_for, scopes_for = self.labeler(resolved, seen), labels.scopes_for
+        labels_for, scopes_for = self.labeler(resolved, looked.labels, seen), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             rtype = resource.get("resourceType")
@@ -211,9 +221,12 @@ class ConsentEnforcement:
             for p in patients
         )
 
-    def overriding(self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED) -> Judge:
+    def overriding(
+        self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED,
+        source_labels: Mapping[str, frozenset[Label]] | None = None,
+    ) -> Judge:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
-        labels_for, sensitive = self.labeler(resolved), self.labels.sensitive
+        labels_for, sensitive = self.labeler(resolved, source_labels), self.labels.sensitive
 
         def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
             decision = judge(resource, owners)
@@ -280,7 +293,7 @@ class ConsentEnforcement:
         seen = observed.labels if observed is not None else None
         judge = _unknown_denies if unknown else self.judge(looked, resolved, seen)
         if break_glass is not None or looked.windows:
-            judge = self.overriding(judge, emergency, resolved)
+            judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:
             # SECURITY: scopes decide first and break-glass never overrides them.
             judge = scoped(judge, actor.grants)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from gateway.core.decision import Policy
 from gateway.core.model import Actor, Label, RequestContext
 
 REPO = Path(__file__).resolve().parents[2]
-HL7_EXAMPLES = REPO.parent / "shared" / "data" / "hl7-consent-examples"
+HL7_EXAMPLES = REPO / "tests" / "data" / "hl7-consent-examples"
+SEED_EXAMPLES = REPO / "tests" / "data" / "seeds"
 SENSITIVE = frozenset({"PSY", "HIV", "SUD", "ETH", "SEX", "STD", "OPIOIDUD", "ETHUD", "BH", "COGN", "SCA", "SICKLE"})
 SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
 
@@ -42,10 +44,22 @@ def hl7_example(name: str) -> dict[str, Any]:
     return data
 
 
+def seed_example(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((SEED_EXAMPLES / f"{name}.json").read_text())
+    return data
+
+
 def compiled(case: dict[str, Any]) -> list[CompiledConsent]:
     raw = [consent_json(spec, i) for i, spec in enumerate(case.get("consents", []), 1)]
     raw += [hl7_example(name) for name in case.get("hl7", [])]
-    return [compile_consent(c) for c in raw]
+    raw += [seed_example(name) for name in case.get("seed", [])]
+    found = [compile_consent(c) for c in raw]
+    related = case.get("related")
+    if related is not None:
+        # What the consent cache read from the FHIR server for each related target.
+        refs = {k: frozenset(v) for k, v in related.items()}
+        found = [replace(c, related=refs) for c in found]
+    return found
 
 
 def policy_of(spec: dict[str, Any] | None) -> Policy:
@@ -54,6 +68,7 @@ def policy_of(spec: dict[str, Any] | None) -> Policy:
     if required == "none":
         required = []
     return Policy(
+        untyped_root=spec.pop("untyped_root", "exception"),
         default_decision=spec.pop("default_decision", "deny"),
         combining=spec.pop("combining", "deny-overrides"),
         patient_self_access=spec.pop("patient_self_access", True),

@@ -14,7 +14,6 @@ from gateway.core.decision import decide_resource, preflight
 from gateway.core.model import Decision
 from tests.decision.support import (
     DEFAULT_RESOURCE,
-    HL7_EXAMPLES,
     compiled,
     context_of,
     labels_of,
@@ -28,10 +27,7 @@ def _load() -> list[Any]:
     params = []
     for path in sorted(CASES_DIR.glob("*.yaml")):
         for case in yaml.safe_load(path.read_text()):
-            marks = []
-            if case.get("hl7") and not HL7_EXAMPLES.is_dir():
-                marks.append(pytest.mark.skip(reason=f"HL7 examples not found at {HL7_EXAMPLES}"))
-            params.append(pytest.param(case, id=case["name"], marks=marks))
+            params.append(pytest.param(case, id=case["name"]))
     return params
 
 

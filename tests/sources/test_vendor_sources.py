@@ -6,8 +6,11 @@ API serving the documented shapes (fixtures in tests/vendors/fixtures), paging i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,6 +225,8 @@ PERSONNEL = "Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15"
 DENIED_ORG = "Organization/0c6a1d55-2f0e-4d7b-8b8e-5d3f2a9e7b10"
 CARE_UNIT = "5d8f2a10-7c3e-4b9a-a1d2-6e0f4c8b9a21"
 CARE_GROUP = "c93e1f47-2b6a-4d0e-9f58-1a7d3e5c2b64"
+PDL_UNIT = "Organization/7582d101-c0bd-45a8-829c-a63f1587ea05"
+PDL_GROUP = "f2467686-1bc8-4bcf-a768-2cb3541e437e"
 
 
 @pytest.fixture
@@ -240,9 +245,14 @@ async def test_healtheintent_pages_are_followed_and_enforced(
     he_clinical: FakeFhir, healtheintent: FakeHealtheIntent, make_gateway: Factory
 ) -> None:
     healtheintent.records[HE_ID] = fixture("healtheintent-consents.json")["items"]
+    he_clinical.add({"resourceType": "Group", "id": PDL_GROUP, "type": "practitioner", "actual": True,
+                     "member": [{"entity": {"reference": PERSONNEL}}]})
     gw = await make_gateway(he_clinical.base_url, consent=he_settings(healtheintent.base_url))
 
-    assert await status_of(gw, "/Observation/o-glu", PERSONNEL) == 200
+    # PDL: the person, acting for the care unit, in its group: all three, not any one.
+    assert await status_of(gw, "/Observation/o-glu", PERSONNEL, **{"X-Actor-Organization": PDL_UNIT}) == 200
+    assert await status_of(gw, "/Observation/o-glu", PERSONNEL, **{"X-Actor-Organization": "Organization/other"}) == 403
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/colleague", **{"X-Actor-Organization": PDL_UNIT}) == 403
     assert await status_of(gw, "/Observation/o-glu", "Practitioner/p-3", **{"X-Actor-Organization": DENIED_ORG}) == 403
     assert await status_of(gw, "/Observation/o-glu", "Practitioner/elsewhere") == 403
     # The 2024 emergency grant (third record, second page) has expired.
@@ -407,3 +417,62 @@ async def test_clinikapi_group_actors_match_the_fhir_servers_group_members(
     gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
     assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-lee") == 200
     assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-ada") == 403
+
+
+async def test_healtheintent_emergency_record_without_personnel_is_audited_for_the_unit(
+    he_clinical: FakeFhir, healtheintent: FakeHealtheIntent, make_gateway: Factory
+) -> None:
+    now = datetime.now(timezone.utc)
+    record = fixture("healtheintent-consents.json")["items"][2]
+    record["provisionScope"]["personnel"] = {}
+    record["effectivePeriod"] = {"start": (now - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                 "end": (now + timedelta(hours=3)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    healtheintent.records[HE_ID] = [record]
+    he_clinical.add({"resourceType": "Group", "id": PDL_GROUP, "type": "practitioner", "actual": True,
+                     "member": [{"entity": {"reference": "Practitioner/nurse-4"}}]})
+    gw = await make_gateway(he_clinical.base_url, consent=he_settings(healtheintent.base_url))
+
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/nurse-4", **{"X-Actor-Organization": PDL_UNIT}) == 200
+    # Emergency access through the unit's window is audited like a break-glass.
+    lines = [json.loads(line) for line in Path(gw.state.settings.audit.path).read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["resourceType"] == "AuditEvent"
+    # Outside the unit (or outside its group) the window does not open.
+    assert await status_of(gw, "/Observation/o-glu", "Practitioner/nurse-4", **{"X-Actor-Organization": "Organization/x"}) == 403
+
+
+async def test_clinikapi_document_confidentiality_labels_the_documents_served(
+    ck_clinical: FakeFhir, clinikapi: FakeClinikApi, make_gateway: Factory
+) -> None:
+    # A general permit for dr-ada: restricted documents need a consent naming their label.
+    clinikapi.records["pat-100"] = [{
+        "id": "ck-general", "patientId": "pat-100", "scope": "patient-privacy", "category": "59284-0",
+        "status": "active", "policyRule": "OPTIN",
+        "provision": {"type": "permit", "actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
+    }]
+    documents = fixture("clinikapi-documents.json")
+    clinikapi.documents["pat-100"] = documents
+    # The FHIR server holds the documents as Compositions with no confidentiality of their own.
+    for doc in documents:
+        if doc.get("id"):
+            ck_clinical.add({"resourceType": "Composition", "id": doc["id"], "status": "final",
+                             "type": {"text": doc["type"]}, "subject": {"reference": CK_PATIENT},
+                             "date": "2024-03-01", "author": [{"reference": "Practitioner/dr-ada"}],
+                             "title": doc["title"]})
+    ck_clinical.add({"resourceType": "Composition", "id": "ck-doc-plain", "status": "final",
+                     "type": {"text": "care-plan"}, "subject": {"reference": CK_PATIENT},
+                     "date": "2024-03-01", "author": [{"reference": "Practitioner/dr-ada"}], "title": "Plan"})
+    gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
+
+    # ck-doc-1 is R at ClinikAPI: the general permit does not open it; a plain document opens.
+    assert await status_of(gw, "/Composition/ck-doc-1", "Practitioner/dr-ada") == 403
+    assert await status_of(gw, "/Composition/ck-doc-plain", "Practitioner/dr-ada") == 200
+    assert clinikapi.requests_to("/v1/documents")[0].query == {"patientId": "pat-100", "count": "100"}
+
+
+async def test_clinikapi_documents_that_cannot_be_read_fail_closed(
+    ck_clinical: FakeFhir, clinikapi: FakeClinikApi, make_gateway: Factory
+) -> None:
+    clinikapi.records["pat-100"] = fixture("clinikapi-consents.json")
+    clinikapi.documents["pat-100"] = [{"id": "bad", "patientId": "pat-100", "confidentiality": "X"}]
+    gw = await make_gateway(ck_clinical.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
+    assert await status_of(gw, "/Observation/obs-glu", "Practitioner/dr-ada") == 503

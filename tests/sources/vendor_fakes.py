@@ -61,17 +61,22 @@ class FakeVendor:
         return [s for s in self.seen if s.path.endswith(suffix)]
 
 
+@dataclass
 class FakeClinikApi(FakeVendor):
-    """``GET /v1/consents?patientId=&status=&count=&cursor=`` -> ``{data, meta: {nextCursor}}``."""
+    """``GET /v1/consents?patientId=&status=&count=&cursor=`` -> ``{data, meta: {nextCursor}}``;
+    ``GET /v1/documents?patientId=&count=&cursor=`` the same way from ``documents``."""
+
+    documents: dict[str, list[Any]] = field(default_factory=dict)
 
     def authorized(self, request: web.Request) -> bool:
         return request.headers.get("x-api-key") == SECRET
 
     async def handle(self, request: web.Request, body: Any) -> web.StreamResponse:
-        if request.method != "GET" or request.path != "/v1/consents":
+        if request.method != "GET" or request.path not in ("/v1/consents", "/v1/documents"):
             return _json({"error": "not found"}, 404)
+        stored = self.records if request.path == "/v1/consents" else self.documents
         records = [
-            r for r in self.records.get(request.query.get("patientId", ""), [])
+            r for r in stored.get(request.query.get("patientId", ""), [])
             if "status" not in request.query or r.get("status") == request.query["status"]
         ]
         start = int(request.query.get("cursor", "0").removeprefix("cur_") or 0)

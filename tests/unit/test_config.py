@@ -157,6 +157,8 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], str]] = [
     ("bad-enum", {"upstream": {"url": UPSTREAM}, "enforcement": {"denied_read_status": 500}},
      "enforcement.denied_read_status:"),
     ("bad-purpose", {"upstream": {"url": UPSTREAM}, "auth": {"default_purpose": "treat"}}, "auth.default_purpose:"),
+    ("bad-untyped-root", {"upstream": {"url": UPSTREAM}, "consent": {"untyped_root": "applies-to"}},
+     "consent.untyped_root:"),
     ("bad-label-choice", {"upstream": {"url": UPSTREAM}, "sensitivity": {"explicit_consent_required": 5}},
      "sensitivity.explicit_consent_required"),
     ("missing-upstream-section", {}, "upstream.url: required key is missing"),

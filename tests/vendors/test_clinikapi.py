@@ -14,6 +14,7 @@ from gateway.core.vendors.clinikapi import (
     composition_from_clinikapi_document,
     consent_from_clinikapi,
     document_labels,
+    labels_by_document,
 )
 from tests.vendors._fixtures import fixture
 
@@ -81,13 +82,16 @@ def test_full_record_keeps_every_decision_field() -> None:
                     "purpose": [{"system": V3_PURPOSE_OF_USE, "code": "ETREAT", "display": "Emergency Treatment"}],
                 }],
             },
-            {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": "Observation/obs-phq9"}}]},
+            # no meaning given, on a deny: the safe reading is related
+            {"type": "deny", "data": [{"meaning": "related", "reference": {"reference": "Observation/obs-phq9"}}]},
         ],
     }
 
 
 def test_untyped_provision_keeps_policy_rule_and_conditions() -> None:
-    consent = consent_from_clinikapi(fixture("clinikapi-consents.json")[1])
+    record = fixture("clinikapi-consents.json")[1]
+    del record["provision"]["type"]
+    consent = consent_from_clinikapi(record)
 
     assert consent["policyRule"] == {"coding": [{"system": ACT, "code": "OPTOUT"}]}
     assert "type" not in consent["provision"]
@@ -289,3 +293,46 @@ def test_document_it_cannot_understand_raises(key: str, value: Any, problem: str
     assert caught.value.record == "clinikapi document ck-doc-1"
     assert caught.value.field == key
     assert problem in caught.value.problem
+
+
+def test_policy_rule_given_as_a_policy_uri_counts_as_the_directive() -> None:
+    record = fixture("clinikapi-consents.json")[1]
+    for uri, code in (("http://hl7.org/fhir/ConsentPolicy/opt-out", "OPTOUT"),
+                      ("http://hl7.org/fhir/ConsentPolicy/opt-in", "OPTIN")):
+        record["policyRule"] = uri
+        assert consent_from_clinikapi(record)["policyRule"] == {"coding": [{"system": ACT, "code": code}]}
+
+
+def _data_meaning(provision: dict[str, Any], policy_rule: str | None = None) -> str:
+    record = fixture("clinikapi-consents.json")[1]
+    record["provision"] = provision
+    record["policyRule"] = policy_rule
+    converted = consent_from_clinikapi(record)["provision"]
+    while "data" not in converted:
+        converted = converted["provision"][0]
+    meaning: str = converted["data"][0]["meaning"]
+    return meaning
+
+
+def test_data_without_meaning_reads_the_safe_way_for_its_provision() -> None:
+    data = [{"reference": "Condition/cond-f32"}]
+    assert _data_meaning({"type": "deny", "data": data}) == "related"
+    assert _data_meaning({"type": "permit", "data": data}) == "instance"
+    # Untyped nested provisions inherit their parent's type.
+    assert _data_meaning({"type": "deny", "provision": [{"data": data}]}) == "related"
+    # An untyped root is R4's exception to the base: the opposite of OPTIN is a deny.
+    assert _data_meaning({"data": data}, "OPTIN") == "related"
+    assert _data_meaning({"data": data}, "OPTOUT") == "instance"
+    # A meaning given is kept.
+    assert _data_meaning({"type": "deny", "data": [{**data[0], "meaning": "instance"}]}) == "instance"
+
+
+def test_labels_by_document_name_the_composition_each_becomes() -> None:
+    documents = fixture("clinikapi-documents.json")
+    found = labels_by_document(documents)
+    first = composition_from_clinikapi_document(documents[0])
+    second = composition_from_clinikapi_document(documents[1])
+    assert found == {
+        f"Composition/{first['id']}": (Label(V3_CONFIDENTIALITY, "R"),),
+        f"Composition/{second['id']}": (Label(V3_CONFIDENTIALITY, "V"),),
+    }  # N and no confidentiality are the default: nothing to add

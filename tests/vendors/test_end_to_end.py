@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pytest
 
+from gateway.core.compartment import references_of
 from gateway.core.consent import compile_consent
 from gateway.core.decision import Policy, decide
 from gateway.core.labels import LabelIndex
@@ -45,6 +47,13 @@ def condition(rid: str, patient: str, icd: str) -> dict[str, Any]:
     }
 
 
+# What the FHIR server holds of the records consents name as related targets.
+SERVER: dict[str, dict[str, Any]] = {
+    "Observation/obs-phq9": observation("obs-phq9", "Patient/pat-100", "44249-1", "survey"),
+    "Condition/cond-f32": condition("cond-f32", "Patient/pat-100", "F32.9"),
+}
+
+
 def verdict(
     rules: LabelIndex,
     consents: list[dict[str, Any]],
@@ -71,6 +80,11 @@ def decision(
 ) -> Decision:
     compiled = [compile_consent(c) for c in consents]
     assert all(not c.defects for c in compiled), [c.defects for c in compiled]
+    # As the consent cache does: each related target read from the FHIR server.
+    compiled = [
+        replace(c, related={t: references_of(SERVER[t]) for t in c.related_targets if t in SERVER})
+        for c in compiled
+    ]
     ctx = RequestContext(actor=actor, purpose=purpose, now=datetime.fromisoformat(now))
     policy = Policy(default_decision=default, sensitive=rules.sensitive)
     return decide(compiled, resource, rules.labels_for(resource), rules.scopes_for(resource), ctx, policy)
@@ -161,7 +175,7 @@ def test_restricted_documents_need_a_consent_naming_their_label(
     general_permit = CONVERTERS["clinikapi"]({
         "id": "ck-general", "patientId": "pat-100", "scope": "patient-privacy", "category": "59284-0",
         "status": "active", "policyRule": "OPTIN",
-        "provision": {"actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
+        "provision": {"type": "permit", "actor": [{"role": "PRCP", "reference": "Practitioner/dr-ada"}]},
     }, ConvertOptions())
     assert verdict(rules, general_permit, composition, ADA) is expected
 
@@ -209,8 +223,11 @@ PATIENT_7 = {"resourceType": "Patient", "id": "hx-pat-7", "name": [{"family": "L
         (condition("c1", "Patient/hx-pat-7", "F32.9"), "TREAT", "deny", Verdict.PERMIT),
         # No DIAGNOSES / NORMAL scope was consented: a plain diagnosis is not opened.
         (condition("c2", "Patient/hx-pat-7", "E11.9"), "TREAT", "deny", Verdict.DENY),
-        # The revoked deny-all is inactive: the default decides.
+        # The revocation covers IMAGING only: a diagnosis falls to the default.
         (condition("c2", "Patient/hx-pat-7", "E11.9"), "TREAT", "permit", Verdict.PERMIT),
+        # The patient revoked the IMAGING authorization: a permit default must not reopen it.
+        ({"resourceType": "ImagingStudy", "id": "img1", "status": "available",
+          "subject": {"reference": "Patient/hx-pat-7"}}, "TREAT", "permit", Verdict.DENY),
         # Declined patient-directed exchange of demographics.
         (PATIENT_7, "PATRQT", "permit", Verdict.DENY),
         (PATIENT_7, "TREAT", "permit", Verdict.PERMIT),
@@ -227,6 +244,21 @@ def test_healthex_consents_decide(
     assert verdict(rules, healthex_consents, resource, DOC, purpose=purpose, default=default) is expected
 
 
+def test_healthex_research_consent_decides_only_its_own_study(rules: LabelIndex) -> None:
+    labels = {s: rules.sensitivity_scope_labels(s) for s in rules.sensitivity_scope_names}
+    brca = {
+        "resourceType": "Observation", "id": "g1", "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "GE"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "21636-6"}]},
+        "subject": {"reference": "Patient/hx-pat-7"}, "effectiveDateTime": "2024-03-10T08:00:00Z",
+    }
+    for study, expected in (("study-42", Verdict.PERMIT), ("study-43", Verdict.DENY), (None, Verdict.DENY)):
+        consents = CONVERTERS["healthex"](
+            fixture("healthex-consents.json")[:1], ConvertOptions(sensitivity_labels=labels, study_id=study)
+        )
+        assert verdict(rules, consents, brca, DOC, purpose="HRESCH") is expected, study
+
+
 def test_healthex_consent_expires(rules: LabelIndex, healthex_consents: list[dict[str, Any]]) -> None:
     lab = observation("o1", "Patient/hx-pat-7", "2345-7")
     assert verdict(rules, healthex_consents, lab, DOC, now="2029-04-02T14:19:00+00:00") is Verdict.PERMIT
@@ -235,10 +267,17 @@ def test_healthex_consent_expires(rules: LabelIndex, healthex_consents: list[dic
 
 # ---------------------------------------------------------------- HealtheIntent
 
-PERSON = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15")
-ORG_MEMBER = Actor("Practitioner/p-2", organization="Organization/7582d101-c0bd-45a8-829c-a63f1587ea05")
+UNIT = "Organization/7582d101-c0bd-45a8-829c-a63f1587ea05"
+UNIT_GROUP = frozenset({"Group/f2467686-1bc8-4bcf-a768-2cb3541e437e"})
+# PDL: the permit is for this person, acting for this care unit, in its group.
+PERSON = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", organization=UNIT, groups=UNIT_GROUP)
+PERSON_ALONE = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15")
+PERSON_ELSEWHERE = Actor("Practitioner/f181b922-f5fd-401f-abaf-90475eb15f15", organization="Organization/x",
+                         groups=UNIT_GROUP)
+GROUP_COLLEAGUE = Actor("Practitioner/p-2", organization=UNIT, groups=UNIT_GROUP)
+ORG_MEMBER = Actor("Practitioner/p-2", organization=UNIT)
 DENIED_ORG_MEMBER = Actor("Practitioner/p-3", organization="Organization/0c6a1d55-2f0e-4d7b-8b8e-5d3f2a9e7b10")
-EMERGENCY_ACTOR = Actor("Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f")
+EMERGENCY_ACTOR = Actor("Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f", organization=UNIT, groups=UNIT_GROUP)
 
 
 @pytest.fixture
@@ -252,7 +291,11 @@ def healtheintent_consents() -> list[dict[str, Any]]:
     ("actor", "now", "default", "expected"),
     [
         (PERSON, "2025-01-15T12:00:00+00:00", "deny", Verdict.PERMIT),
-        (ORG_MEMBER, "2025-01-15T12:00:00+00:00", "deny", Verdict.PERMIT),
+        # provisionScope is unit AND group AND person: no part alone opens the permit.
+        (PERSON_ALONE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (PERSON_ELSEWHERE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (GROUP_COLLEAGUE, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
+        (ORG_MEMBER, "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
         (DENIED_ORG_MEMBER, "2025-01-15T12:00:00+00:00", "permit", Verdict.DENY),
         (Actor("Practitioner/elsewhere"), "2025-01-15T12:00:00+00:00", "deny", Verdict.DENY),
         # The permit ended 2031-01-08.

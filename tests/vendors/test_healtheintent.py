@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_PURPOSE_OF_USE
+from datetime import datetime, timezone
+
+from gateway.core.breakglass import emergency_window
+from gateway.core.consent import compile_consent
+from gateway.core.decision import Policy, decide
+from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_PURPOSE_OF_USE, Actor, RequestContext
+from gateway.sources.vendors import personal_emergency
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
 from gateway.core.vendors.healtheintent import (
     break_glass_settings_from_healtheintent,
@@ -18,6 +24,9 @@ PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 ORG = "7582d101-c0bd-45a8-829c-a63f1587ea05"
 GROUP = "f2467686-1bc8-4bcf-a768-2cb3541e437e"
 PERSON = "f181b922-f5fd-401f-abaf-90475eb15f15"
+
+
+LAB = {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/he-1"}}
 
 
 def item(index: int) -> dict[str, Any]:
@@ -52,6 +61,8 @@ def test_patient_granted_permit_keeps_scope_period_and_policy() -> None:
     assert consent["provision"] == {
         "type": "permit",
         "period": {"start": "2021-01-01T00:00:00Z", "end": "2031-01-08T00:00:00Z"},
+        # unit AND group AND person (Swedish PDL), not any one of them
+        "modifierExtension": [{"url": "urn:consent-gateway:extension:actors-all-of", "valueBoolean": True}],
         "actor": [
             recipient(f"Organization/{ORG}"),
             recipient(f"Group/{GROUP}"),
@@ -115,6 +126,17 @@ def test_absent_provision_type_leaves_the_decision_to_the_default() -> None:
     del record["provisionType"]
     consent = consent_from_healtheintent(record, patient_ref="Patient/he-1")
     assert "type" not in consent["provision"]
+    # The scope is nested under a root without conditions: R4 would read an untyped root
+    # naming actors as an exception (the opposite of the default) for those actors.
+    assert "actor" not in consent["provision"]
+    assert not compile_consent(consent).ambiguous
+    for actor in (Actor(f"Practitioner/{PERSON}", organization=f"Organization/{ORG}",
+                        groups=frozenset({f"Group/{GROUP}"})), Actor("Practitioner/x")):
+        for default in ("deny", "permit"):
+            ctx = RequestContext(actor=actor, purpose="TREAT", now=datetime(2025, 1, 1, tzinfo=timezone.utc))
+            found = decide([compile_consent(consent)], LAB, frozenset(), frozenset(), ctx,
+                           Policy(default_decision=default))
+            assert found.verdict.value == default
     # The policy rule is HealtheIntent's, not an OPTIN/OPTOUT the engine would act on.
     assert consent["policyRule"]["coding"][0]["system"] != "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
@@ -214,3 +236,56 @@ def test_configuration_it_cannot_understand_raises(config: dict[str, Any], field
         break_glass_settings_from_healtheintent(config)
     assert caught.value.field == field
     assert problem in caught.value.problem
+
+
+def test_deny_matches_any_part_of_the_scope() -> None:
+    consent = consent_from_healtheintent(item(1), patient_ref="Patient/he-1")
+    # A restriction reads wide: no all-of modifier on a DENY.
+    assert "modifierExtension" not in consent["provision"]
+
+
+def test_record_without_end_lasts_the_configured_consent_duration() -> None:
+    (consent,) = CONVERTERS["healtheintent"](
+        item(1), ConvertOptions(patient_ref="Patient/he-1", consent_duration_h=48)
+    )
+    assert consent["provision"]["period"] == {"start": "2022-06-01T00:00:00Z", "end": "2022-06-03T00:00:00Z"}
+    # Without a configured duration it stays open-ended, as the documentation says of a blank end.
+    (open_ended,) = CONVERTERS["healtheintent"](item(1), ConvertOptions(patient_ref="Patient/he-1"))
+    assert open_ended["provision"]["period"] == {"start": "2022-06-01T00:00:00Z"}
+
+
+def test_emergency_record_without_end_lasts_the_emergency_duration() -> None:
+    record = item(2)
+    del record["effectivePeriod"]["end"]
+    (consent,) = CONVERTERS["healtheintent"](
+        record, ConvertOptions(patient_ref="Patient/he-1", consent_duration_h=480, emergency_duration_h=4)
+    )
+    assert consent["provision"]["period"]["end"] == "2024-05-01T06:00:00Z"
+
+
+def test_emergency_record_without_personnel_is_an_audited_window_for_the_unit() -> None:
+    record = item(2)
+    record["provisionScope"]["personnel"] = {}
+    window = emergency_window(personal_emergency(consent_from_healtheintent(record, patient_ref="Patient/he-1")))
+    assert window is not None
+    assert window.reason == "Patient Unresponsive."
+    member = Actor("Practitioner/nurse", organization=f"Organization/{ORG}", groups=frozenset({f"Group/{GROUP}"}))
+    assert window.covers(member)
+    assert not window.covers(Actor("Practitioner/nurse", organization=f"Organization/{ORG}"))
+    assert not window.covers(Actor("Practitioner/nurse", groups=frozenset({f"Group/{GROUP}"})))
+
+
+def test_emergency_record_with_personnel_is_that_person_in_the_unit() -> None:
+    window = emergency_window(personal_emergency(consent_from_healtheintent(item(2), patient_ref="Patient/he-1")))
+    assert window is not None
+    person = "Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f"
+    assert window.covers(Actor(person, organization=f"Organization/{ORG}", groups=frozenset({f"Group/{GROUP}"})))
+    assert not window.covers(Actor(person, organization="Organization/elsewhere", groups=frozenset({f"Group/{GROUP}"})))
+
+
+def test_window_the_gateway_stored_opens_to_its_person_only() -> None:
+    record = item(2)
+    own = frozenset({f"Organization/{ORG}", f"Group/{GROUP}"})
+    window = emergency_window(personal_emergency(consent_from_healtheintent(record, patient_ref="Patient/he-1"), own))
+    assert window is not None and window.requires == frozenset()
+    assert window.covers(Actor("Practitioner/a0d3c5e7-1b2f-4c6d-8e9a-0f1b2c3d4e5f"))

@@ -8,7 +8,12 @@ import pytest
 
 from gateway.core.model import CONSENT_ACTION_SYSTEM, RESOURCE_SCOPE_SYSTEM, V3_ACT_CODE, V3_PURPOSE_OF_USE, Label
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
-from gateway.core.vendors.healthex import RESOURCE_SCOPES, SENSITIVITY_SCOPES, consents_from_healthex
+from gateway.core.vendors.healthex import (
+    RESOURCE_SCOPES,
+    SENSITIVITY_SCOPES,
+    STUDY_PURPOSE_SYSTEM,
+    consents_from_healthex,
+)
 from tests.vendors._fixtures import fixture
 
 
@@ -96,20 +101,46 @@ def test_declined_exchange_denies_the_record_scopes_for_patient_requests() -> No
         assert consent["provision"]["action"] == [{"coding": [{"system": CONSENT_ACTION_SYSTEM, "code": "disclose"}]}]
 
 
-def test_future_data_use_is_research() -> None:
-    (consent,) = by_record(convert(group(0)), "cr-7003")
+def test_future_data_use_is_research_for_the_sites_study() -> None:
+    (consent,) = by_record(convert(group(0), study_id="study-42"), "cr-7003")
     assert consent["scope"]["coding"][0]["code"] == "research"
     assert consent["provision"]["purpose"] == [{"system": V3_PURPOSE_OF_USE, "code": "HRESCH"}]
     assert scope_pair(consent) == ("GENOMIC_DATA", ("GDIS",))
 
 
-def test_revoked_and_expired_consents_are_inactive() -> None:
+def test_future_data_use_for_another_study_decides_no_research_here() -> None:
+    for site_study in ("study-43", None):
+        (consent,) = by_record(convert(group(0), study_id=site_study), "cr-7003")
+        assert consent["provision"]["purpose"] == [{"system": STUDY_PURPOSE_SYSTEM, "code": "study-42"}]
+
+
+@pytest.mark.parametrize(
+    ("consent_type", "scope", "purpose", "actions"),
+    [
+        ("DATA_AUTHORIZATION", "patient-privacy", "TREAT", ["access", "use"]),
+        ("PATIENT_DIRECTED_DATA_EXCHANGE", "patient-privacy", "PATRQT", ["disclose"]),
+        ("FUTURE_DATA_USE", "research", "HRESCH", ["use"]),
+    ],
+)
+def test_each_consent_type_maps_to_a_purpose(consent_type: str, scope: str, purpose: str, actions: list[str]) -> None:
+    response = group(1)
+    response[0]["consents"][0]["consentType"] = consent_type
+    consent = convert(response)[0]
+    assert consent["scope"]["coding"][0]["code"] == scope
+    assert consent["provision"]["purpose"] == [{"system": V3_PURPOSE_OF_USE, "code": purpose}]
+    assert [a["coding"][0]["code"] for a in consent["provision"]["action"]] == actions
+
+
+def test_revoked_denies_what_the_consent_covered_and_expired_is_inactive() -> None:
     consents = convert(group(0))
     (revoked,) = by_record(consents, "cr-6990")
     (expired,) = by_record(consents, "cr-6500")
-    assert revoked["status"] == "inactive"
+    # The patient withdrew: an active deny, not "no consent" (a permit default must not open).
+    assert revoked["status"] == "active"
     assert revoked["provision"]["type"] == "deny"
-    assert scope_pair(revoked) == (None, ())  # a deny naming no data covers all data
+    assert revoked["policyRule"]["coding"][0]["code"] == "OPTOUT"
+    assert revoked["provision"]["purpose"] == [{"system": V3_PURPOSE_OF_USE, "code": "TREAT"}]
+    assert scope_pair(revoked) == ("IMAGING", ())
     assert expired["status"] == "inactive"
     assert expired["provision"]["period"] == {"end": "2023-01-01T00:00:00Z"}
 
@@ -117,8 +148,10 @@ def test_revoked_and_expired_consents_are_inactive() -> None:
 def test_no_response_and_defaults_give_no_consent() -> None:
     consents = convert(group(0))
     assert len(consents) == 5 + 2 + 1 + 1 + 1  # cr-7001, cr-7002, cr-7003, cr-6990, cr-6500
-    assert not any(c["category"][1]["coding"][0]["code"] == "DATA_AUTHORIZATION"
-                   and c["provision"]["type"] == "deny" and c["status"] == "active" for c in consents)
+    # The DEFAULTS record (the patient never answered) gives no deny; only the revocation does.
+    denies = [c for c in consents if c["category"][1]["coding"][0]["code"] == "DATA_AUTHORIZATION"
+              and c["provision"]["type"] == "deny" and c["status"] == "active"]
+    assert [d["identifier"][0]["value"] for d in denies] == ["cr-6990"]
 
 
 def test_every_documented_scope_value_converts() -> None:
@@ -155,13 +188,14 @@ def test_patient_override_refuses_a_response_about_two_patients() -> None:
     assert (caught.value.record, caught.value.field) == ("healthex response[1]", "patientId")
 
 
-def test_revoked_permit_without_data_scopes_is_an_inactive_consent() -> None:
+def test_revoked_permit_without_data_scopes_denies_all_data_for_its_purpose() -> None:
     response = group(1)
     consent = response[0]["consents"][0]
     consent.update(reason="REVOKED", consentDataScopes=None)
     (converted,) = convert(response)
-    assert converted["status"] == "inactive"
-    assert scope_pair(converted) == (None, ())
+    assert converted["status"] == "active"
+    assert converted["provision"]["type"] == "deny"
+    assert scope_pair(converted) == (None, ())  # a deny naming no data covers all data
 
 
 def test_record_scope_lists_stand_in_for_null_data_scopes() -> None:

@@ -57,11 +57,18 @@ class ConvertOptions:
 
     ``sensitivity_labels`` maps a vendor sensitivity scope (``HIV_OR_STI``) to the labels
     the rules give it; ``patient_ref`` is the FHIR patient the records belong to when the
-    vendor payload does not say (HealtheIntent).
+    vendor payload does not say (HealtheIntent); ``consent_duration_h`` and
+    ``emergency_duration_h`` end HealtheIntent records that have no end.
     """
 
     sensitivity_labels: Mapping[str, tuple[Label, ...]] = field(default_factory=dict)
     patient_ref: str | None = None
+    # HealtheIntent ConsentConfiguration consentDuration / emergencyConsentDuration (hours):
+    # the validity of a record that names no end.
+    consent_duration_h: float | None = None
+    emergency_duration_h: float | None = None
+    # HealthEx: the study this site's research requests are for (consent.healthex_study_id).
+    study_id: str | None = None
 
 
 Converter = Callable[[object, ConvertOptions], list[JSON]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import re
 
+from gateway.core.consent import POLICY_RULE_TYPES, POLICY_URIS, opposite
 from gateway.core.fhir import JSON
 from gateway.core.model import (
     CONSENT_ACTION_SYSTEM,
@@ -92,7 +93,7 @@ def consent_from_clinikapi(record: dict[str, object], *, index: int | None = Non
         "policy": _policies(fields),
         "policyRule": _policy_rule(fields.text("policyRule")),
         "verification": [_verification(v) for v in fields.objs("verification")],
-        "provision": _provision(p) if (p := fields.obj("provision")) else None,
+        "provision": _root(p, fields.text("policyRule")) if (p := fields.obj("provision")) else None,
     }
     if vendor_id is not None:
         consent["identifier"] = [{"system": "urn:consent-gateway:clinikapi:consent", "value": vendor_id}]
@@ -122,6 +123,23 @@ def document_labels(document: dict[str, object]) -> tuple[Label, ...]:
     if code is None or code == "N":
         return ()
     return (Label(V3_CONFIDENTIALITY, code),)
+
+
+def labels_by_document(payload: object) -> dict[str, tuple[Label, ...]]:
+    """The confidentiality labels of ClinikAPI documents, by the Composition each becomes.
+
+    Keys are ``Composition/<id>`` as ``composition_from_clinikapi_document`` names it; only
+    documents with a label (R or V) are listed: N, like no confidentiality, is the default.
+    Raises ``VendorError`` on a document that is not an object or an unknown confidentiality.
+    """
+    found: dict[str, tuple[Label, ...]] = {}
+    for i, item in enumerate(records_of(payload, "clinikapi")):
+        doc = _as_record(item, "document", i)
+        labels = document_labels(doc)
+        if labels:
+            fields = Fields.of(doc, _record_name("document", doc, i))
+            found[f"Composition/{fhir_id(fields.text('id'), 'clinikapi-doc', doc)}"] = labels
+    return found
 
 
 def composition_from_clinikapi_document(
@@ -214,12 +232,21 @@ def _category_concept(value: str) -> JSON:
 
 
 def _policy_rule(value: str | None) -> JSON | None:
-    """Consent.policyRule; the v3 consent directives (OPTIN, OPTOUT, ...) in any case."""
+    """Consent.policyRule; the v3 consent directives (OPTIN, OPTOUT, ...) in any case, and
+    the FHIR policy URIs ``http://hl7.org/fhir/ConsentPolicy/opt-in`` / ``opt-out``."""
     if value is None:
         return None
-    if value.upper() in _CONSENT_DIRECTIVES:
-        return {"coding": [{"system": V3_ACT_CODE, "code": value.upper()}]}
+    code = POLICY_URIS.get(value.rstrip("/"), value.upper())
+    if code in _CONSENT_DIRECTIVES:
+        return {"coding": [{"system": V3_ACT_CODE, "code": code}]}
     return {"text": value}
+
+
+def _base_type(policy_rule: str | None) -> str:
+    """The base policy's type, as the engine reads it: permit (OPTIN), deny (OPTOUT) or ""."""
+    rule = _policy_rule(policy_rule)
+    code = rule["coding"][0]["code"] if rule and "coding" in rule else ""
+    return POLICY_RULE_TYPES.get(code, "")
 
 
 def _policies(fields: Fields) -> list[JSON]:
@@ -251,14 +278,25 @@ def _verification(fields: Fields) -> JSON:
     })
 
 
-def _provision(fields: Fields) -> JSON:
-    """One provision and, recursively, its nested provisions (``provision``: list or object)."""
+def _root(fields: Fields, policy_rule: str | None) -> JSON:
+    """The root provision; an untyped one with conditions reads as R4's exception to the base."""
+    base = _base_type(policy_rule)
+    return _provision(fields, opposite(base) if base else "")
+
+
+def _provision(fields: Fields, inherited: str) -> JSON:
+    """One provision and, recursively, its nested provisions (``provision``: list or object).
+
+    ``inherited`` is the type an untyped provision takes (its parent's; "" when unknown),
+    which decides what ``data`` without a meaning covers.
+    """
     fields.only(_PROVISION_KEYS)
     nested = fields.data.get("provision")
     children = [fields.obj("provision")] if isinstance(nested, dict) else fields.objs("provision")
     ptype = fields.text("type")
     if ptype is not None and ptype.lower() not in PROVISION_TYPES:
         fields.fail("type", "unknown value; expected one of permit, deny")
+    effective = ptype.lower() if ptype else inherited
     return drop_empty({
         "type": ptype.lower() if ptype else None,
         "period": period(fields.obj("period")),
@@ -269,8 +307,8 @@ def _provision(fields: Fields) -> JSON:
         "class": [coding(c) for c in fields.objs("class")],
         "code": [{"coding": [coding(c)]} for c in fields.objs("code")],
         "dataPeriod": period(fields.obj("dataPeriod")),
-        "data": [_data(d) for d in fields.objs("data")],
-        "provision": [_provision(child) for child in children if child is not None],
+        "data": [_data(d, effective) for d in fields.objs("data")],
+        "provision": [_provision(child, effective) for child in children if child is not None],
     })
 
 
@@ -296,13 +334,15 @@ def _actor(fields: Fields) -> JSON:
     })
 
 
-def _data(fields: Fields) -> JSON:
-    """A data element; without ``meaning`` it means the referenced resource only (instance)."""
+def _data(fields: Fields, ptype: str) -> JSON:
+    """A data element. ClinikAPI documents no ``meaning``; without one it is read the safe way
+    for its provision: ``related`` on a deny (the record and what it refers to are closed),
+    ``instance`` on a permit or an unknown type (only the record itself is opened)."""
     fields.only(("reference", "meaning"))
     reference = fields.required_text("reference")
     if reference.count("/") != 1:
         fields.fail("reference", "expected Type/id")
-    meaning = fields.enum("meaning", DATA_MEANINGS) or "instance"
+    meaning = fields.enum("meaning", DATA_MEANINGS) or ("related" if ptype == "deny" else "instance")
     return {"meaning": meaning, "reference": {"reference": reference}}
 
 

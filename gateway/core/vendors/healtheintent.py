@@ -5,10 +5,18 @@ in the ``POST .../patient-consents`` body shape) becomes one FHIR R4 Consent:
 - ``provisionType`` PERMIT/DENY -> ``provision.type``; absent, the root provision has no
   type and the engine falls back to ``policyRule`` (a HealtheIntent consent type, never
   OPTIN/OPTOUT), i.e. to ``consent.default_decision``.
-- ``effectivePeriod`` -> ``provision.period`` (a blank end is open-ended).
-- ``provisionScope``: the documentation says the record is "accessible by the correct
-  organization, organizational group, or personnel member", so the three become alternative
-  actors (Organization/<id>, Group/<id>, Practitioner/<id>): any one of them matches.
+- ``effectivePeriod`` -> ``provision.period``. A record without an end (absent or blank)
+  ends ``consentDuration`` hours after its start (``emergencyConsentDuration`` for emergency
+  records) when the ConsentConfiguration sets it; otherwise it is open-ended.
+- ``provisionScope`` names a care unit (organization), its group and optionally a person,
+  as Swedish PDL does: the record is about that person IN that group IN that unit. A PERMIT
+  therefore needs every part to match (actors Organization/<id>, Group/<id>,
+  Practitioner/<id> with the ``actors-all-of`` modifier): it opens neither to the rest of
+  the group nor to the person acting for another unit. A DENY matches any part (the wider,
+  safe reading of a restriction).
+- ``provisionType`` absent: the record says neither permit nor deny, so it changes nothing
+  (the scope becomes a nested provision under a root without conditions; the default
+  decision decides) instead of an untyped root, which R4 would read as an exception.
 - ``consentReasonType``: PATIENT_GRANTED (or absent) is an ordinary consent. The document
   names no other value, only that the field says "whether emergency access is granted", so
   a value starting with EMERGENCY marks an emergency consent: it must carry
@@ -21,8 +29,11 @@ The API has no status field (a deleted record is simply gone), so every record i
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, TypedDict
 
+from gateway.core.compartment import parse_date_range
+from gateway.core.consent import ACTORS_ALL_OF
 from gateway.core.fhir import JSON
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_PURPOSE_OF_USE
 from gateway.core.vendors._common import (
@@ -63,7 +74,12 @@ class BreakGlassSettings(TypedDict, total=False):
 
 
 def consent_from_healtheintent(
-    record: dict[str, Any], *, patient_ref: str, index: int | None = None
+    record: dict[str, Any],
+    *,
+    patient_ref: str,
+    index: int | None = None,
+    consent_duration_h: float | None = None,
+    emergency_duration_h: float | None = None,
 ) -> JSON:
     """A FHIR R4 Consent for ``patient_ref`` (``Patient/<id>`` or a bare id) from one record.
 
@@ -82,6 +98,13 @@ def consent_from_healtheintent(
     effective.date_time("start", required=True)
     provision_type = fields.enum("provisionType", tuple(PROVISION_TYPES))
     policy_rule = fields.text("policyRule")
+    ptype = PROVISION_TYPES[provision_type] if provision_type else None
+    actors = _actors(fields)
+    scope: JSON = {"actor": actors}
+    if ptype == "permit" and len(actors) > 1:
+        # SECURITY: unit AND group AND person; any one alone must not open the record.
+        scope["modifierExtension"] = [{"url": ACTORS_ALL_OF, "valueBoolean": True}]
+    duration = options_duration(emergency, consent_duration_h, emergency_duration_h)
     consent: JSON = {
         "resourceType": "Consent",
         "id": fhir_id(consent_id, "healtheintent", record),
@@ -93,12 +116,7 @@ def consent_from_healtheintent(
         "dateTime": fields.date_time("recordedDateTime"),
         "policyRule": {"coding": [{"system": POLICY_RULE_SYSTEM, "code": policy_rule}]}
         if policy_rule else None,
-        "provision": drop_empty({
-            "type": PROVISION_TYPES[provision_type] if provision_type else None,
-            "period": period(effective),
-            "actor": _actors(fields),
-            "purpose": [{"system": V3_PURPOSE_OF_USE, "code": "TREAT"}] if emergency else None,
-        }),
+        "provision": _provision(ptype, _period(effective, duration), scope, emergency),
     }
     return drop_empty(consent)
 
@@ -116,7 +134,11 @@ def convert(payload: object, options: ConvertOptions) -> list[JSON]:
         patient_ref = options.patient_ref or fields.text("patientId")
         if patient_ref is None:
             fields.fail("patientId", "missing: the patient is not in the record, pass it in")
-        consents.append(consent_from_healtheintent(dict(fields.data), patient_ref=patient_ref, index=i))
+        consents.append(consent_from_healtheintent(
+            dict(fields.data), patient_ref=patient_ref, index=i,
+            consent_duration_h=options.consent_duration_h,
+            emergency_duration_h=options.emergency_duration_h,
+        ))
     return consents
 
 
@@ -147,6 +169,33 @@ def break_glass_settings_from_healtheintent(config: dict[str, Any]) -> BreakGlas
     if duration is not None:
         settings["duration_h"] = duration
     return settings
+
+
+def options_duration(
+    emergency: bool, consent_duration_h: float | None, emergency_duration_h: float | None
+) -> float | None:
+    """How long a record without an end lasts, in hours (None: open-ended)."""
+    return emergency_duration_h if emergency else consent_duration_h
+
+
+def _period(effective: Fields, duration_h: float | None) -> JSON | None:
+    """The validity period; without an end, ``duration_h`` after the start when given."""
+    found = period(effective)
+    if found is None or "end" in found or duration_h is None:
+        return found
+    start = parse_date_range(found["start"])
+    if start is None or start.start is None:
+        effective.fail("start", "expected a date-time such as 2024-03-01T09:30:00Z")
+    end = start.start + timedelta(hours=duration_h)
+    return {**found, "end": end.isoformat(timespec="seconds").replace("+00:00", "Z")}
+
+
+def _provision(ptype: str | None, validity: JSON | None, scope: JSON, emergency: bool) -> JSON:
+    purpose = [{"system": V3_PURPOSE_OF_USE, "code": "TREAT"}] if emergency else None
+    if ptype is None:
+        # No type: the record decides nothing; its scope must not become R4's root exception.
+        return drop_empty({"period": validity, "provision": [drop_empty({**scope, "purpose": purpose})]})
+    return drop_empty({"type": ptype, "period": validity, **scope, "purpose": purpose})
 
 
 def _record_name(record: object, index: int | None) -> str:

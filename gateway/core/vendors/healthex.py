@@ -9,14 +9,19 @@ NORMAL deny closes the whole scope.
 
 Meaning of the HealthEx fields:
 - ``hasPatientConsented`` true -> permit (policyRule OPTIN), false -> deny (OPTOUT).
-- ``consentType``: FUTURE_DATA_USE is research (scope ``research``, purpose HRESCH);
+- ``consentType`` (the vendor documents the names only; the mapping is the gateway's):
+  FUTURE_DATA_USE is research (scope ``research``, purpose HRESCH, action use);
   DATA_AUTHORIZATION authorises access for care (purpose TREAT, actions access/use);
   PATIENT_DIRECTED_DATA_EXCHANGE is disclosure the patient directs (purpose PATRQT,
   action disclose).
-- ``reason``: CONSENTED / DECLINED must agree with ``hasPatientConsented``; REVOKED and
-  EXPIRED give ``status: inactive`` (the consent no longer applies); NO_RESPONSE, like
-  ``source: DEFAULTS`` (the patient never answered), gives no Consent at all, so the
-  gateway's ``consent.default_decision`` applies.
+- ``studyId``: a FUTURE_DATA_USE consent is about research in ITS study. Unless that study
+  is the site's (``study_id``, config ``consent.healthex_study_id``), its purpose is that
+  study (system ``STUDY_PURPOSE_SYSTEM``) instead of HRESCH: it decides no other research.
+- ``reason``: CONSENTED / DECLINED must agree with ``hasPatientConsented``; REVOKED means
+  the patient withdrew: an active deny of what the consent type covered (its purpose,
+  actions and data scopes), never a fall-back to a permitting default; EXPIRED gives
+  ``status: inactive`` (the consent ran out); NO_RESPONSE, like ``source: DEFAULTS`` (the
+  patient never answered), gives no Consent at all, so ``consent.default_decision`` applies.
 - ``expirationTimestamp`` -> ``provision.period.end``, so expiry needs no clock here.
 - ``consentRecord``: ``consentStatus`` must agree with ``hasPatientConsented``; its
   ``timestamp`` is the Consent's ``dateTime``; its resource and sensitivity scope lists
@@ -68,6 +73,8 @@ CONSENT_STATUSES = ("OPTED_IN", "OPTED_OUT")
 SOURCES = ("STUDY", "DEFAULTS", "IAS")
 CONSENT_TYPE_SYSTEM = "urn:consent-gateway:healthex:consent-type"
 CONSENT_RECORD_SYSTEM = "urn:consent-gateway:healthex:consent-record"
+# Purpose of a research consent for a study other than the site's: no request carries it.
+STUDY_PURPOSE_SYSTEM = "urn:consent-gateway:healthex:study"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,7 @@ class _Use:
     scope: str
     purpose: str
     actions: tuple[str, ...]
+    purpose_system: str = V3_PURPOSE_OF_USE
 
 
 _USES = {
@@ -93,6 +101,7 @@ def consents_from_healthex(
     *,
     sensitivity_labels: Mapping[str, tuple[Label, ...]],
     patient_ref: str | None = None,
+    study_id: str | None = None,
 ) -> list[JSON]:
     """The Consents of a ``getPatientConsents`` response (a list of patient groups, or one).
 
@@ -115,7 +124,7 @@ def consents_from_healthex(
         reference = patient_ref or f"Patient/{patient_id}"
         for c, raw in enumerate(fields.items("consents")):
             consent = Fields.of(raw, _consent_name(raw, g, c))
-            consents.extend(_convert_consent(consent, patient_id, reference, sensitivity_labels))
+            consents.extend(_convert_consent(consent, patient_id, reference, sensitivity_labels, study_id))
     return consents
 
 
@@ -124,7 +133,8 @@ def convert(payload: object, options: ConvertOptions) -> list[JSON]:
     if not isinstance(payload, (list, dict)):
         raise VendorError("healthex", "(payload)", "expected an object or a list")
     return consents_from_healthex(
-        payload, sensitivity_labels=options.sensitivity_labels, patient_ref=options.patient_ref
+        payload, sensitivity_labels=options.sensitivity_labels, patient_ref=options.patient_ref,
+        study_id=options.study_id,
     )
 
 
@@ -140,6 +150,7 @@ def _convert_consent(
     patient_id: str,
     patient_ref: str,
     sensitivity_labels: Mapping[str, tuple[Label, ...]],
+    study_id: str | None = None,
 ) -> list[JSON]:
     consent_type = fields.required_enum("consentType", CONSENT_TYPES)
     consented = bool(fields.flag("hasPatientConsented", required=True))
@@ -151,12 +162,15 @@ def _convert_consent(
         fields.fail("source", "IAS consents are documented as never returned")
     if reason == "NO_RESPONSE" or source == "DEFAULTS":
         return []
-    inactive = reason in ("REVOKED", "EXPIRED")
+    # SECURITY: a withdrawal denies what the consent covered; it is not "no consent".
+    revoked = reason == "REVOKED"
+    consented = consented and not revoked
+    inactive = reason == "EXPIRED"
     pairs = _scope_pairs(fields, record, consented and not inactive, sensitivity_labels)
     record_id = fields.text("consentRecordId") or (record.text("id") if record else None)
     # Without a record id the whole consent is the identity: same content, same ids.
     base = record_id or stable_id("healthex", patient_id, dict(fields.data))
-    use = _USES[consent_type]
+    use = _study_use(_USES[consent_type], consent_type, fields, record, study_id)
     common: JSON = drop_empty({
         "identifier": [{"system": CONSENT_RECORD_SYSTEM, "value": record_id}] if record_id else None,
         "status": "inactive" if inactive else "active",
@@ -185,6 +199,20 @@ def _convert_consent(
         }
         for resource, sensitivity in pairs
     ]
+
+
+def _study_use(
+    use: _Use, consent_type: str, fields: Fields, record: Fields | None, study_id: str | None
+) -> _Use:
+    """Research consented for another study than the site's decides no research here."""
+    if consent_type != "FUTURE_DATA_USE":
+        return use
+    study = fields.data.get("studyId") or (record.data.get("studyId") if record else None)
+    if study is None or study == study_id:
+        return use
+    if not isinstance(study, str) or not study:
+        fields.fail("studyId", "expected a study id")
+    return _Use(use.scope, study, use.actions, STUDY_PURPOSE_SYSTEM)
 
 
 def _check_agreement(
@@ -265,7 +293,7 @@ def _provision(
         "type": "permit" if consented else "deny",
         "period": {"end": expires} if expires else None,
         "action": [{"coding": [{"system": CONSENT_ACTION_SYSTEM, "code": a}]} for a in use.actions],
-        "purpose": [{"system": V3_PURPOSE_OF_USE, "code": use.purpose}],
+        "purpose": [{"system": use.purpose_system, "code": use.purpose}],
         "class": [{"system": RESOURCE_SCOPE_SYSTEM, "code": resource}] if resource else None,
         "securityLabel": [label_coding(label) for label in labels],
     })
