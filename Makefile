@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash tests/upstream/install.sh
+	bash tests/browser/install.sh
 	$(BIN)/python -m pytest -q
 
 unit: $(STAMP)

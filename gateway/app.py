@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.audit import AuditDelivery, AuditLog
+from gateway.audit import AuditDelivery, AuditLog, disclosures_path
 from gateway.config import ConfigError, Settings
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.labels import LabelIndex
@@ -86,6 +86,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
         medications=MedicationCache(settings.consent.cache_ttl_s),
+        disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
 
@@ -98,6 +99,19 @@ def open_audit(settings: Settings) -> AuditLog:
     except OSError as exc:
         raise ConfigError(f"audit.path: cannot write the audit file: {exc.strerror or exc}") from None
     return audit
+
+
+def open_disclosures(settings: Settings) -> AuditLog | None:
+    """The disclosures file beside the audit file (none with ``audit.disclosures: none``),
+    opened now: ConfigError (exit 2) when it cannot be written."""
+    if settings.audit.disclosures == "none":
+        return None
+    log = AuditLog(disclosures_path(settings.audit.path), stdout=settings.audit.stdout)
+    try:
+        log.open()
+    except OSError as exc:
+        raise ConfigError(f"audit.disclosures: cannot write {log.path.name}: {exc.strerror or exc}") from None
+    return log
 
 
 async def _once_listening(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:
@@ -149,6 +163,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             await audit_server.open()
             delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
             tasks.append(asyncio.create_task(delivery.run()))
+            if state.disclosures is not None:
+                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server).run()))
         yield
         for task in tasks:
             task.cancel()
@@ -159,6 +175,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         if audit_server is not None:
             await audit_server.close()
         state.audit.close()
+        if state.disclosures is not None:
+            state.disclosures.close()
         await state.upstream.close()
         if state.consent_server is not None:
             await state.consent_server.close()

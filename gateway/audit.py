@@ -27,6 +27,12 @@ from gateway.upstream import Upstream
 log = logging.getLogger("gateway.audit")
 
 
+def disclosures_path(audit_path: Path) -> Path:
+    """Where disclosure AuditEvents go: beside the break-glass audit file (``audit.jsonl`` ->
+    ``audit.disclosures.jsonl``), so each file keeps one kind of event."""
+    return audit_path.with_name(f"{audit_path.stem}.disclosures{audit_path.suffix or '.jsonl'}")
+
+
 class AuditLog:
     """Appends AuditEvents durably; ``append`` returns only after the line is on disk.
 

@@ -1,4 +1,4 @@
-"""The ``consent-gateway`` command: serve | demo | decide | label | convert."""
+"""The ``consent-gateway`` command: serve | demo | decide | label | convert | whatif."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from gateway.config import ConfigError, Settings, load_settings
 from gateway.rules import RulesError
 
 # Subcommand modules under gateway/commands, each with add_parser() and run().
-COMMANDS = ("demo", "decide", "label", "convert")
+COMMANDS = ("demo", "decide", "label", "convert", "whatif")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -239,6 +239,8 @@ class SensitivitySettings(_Section):
 
 
 class EnforcementSettings(_Section):
+    # shadow: every answer is decided as in enforce mode but passed unfiltered (CONTRACT §10).
+    mode: Literal["enforce", "shadow"] = "enforce"
     denied_read_status: Literal[403, 404] = 403
 
 
@@ -265,6 +267,8 @@ class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
     fhir_url: str | None = None
     stdout: bool = False  # also print each AuditEvent as one JSON line (for a SIEM)
+    # Accounting of disclosures (CONTRACT §10): which releases are recorded as AuditEvents.
+    disclosures: Literal["sensitive", "all", "none"] = "sensitive"
 
     @field_validator("fhir_url")
     @classmethod

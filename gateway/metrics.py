@@ -57,6 +57,13 @@ class Metrics:
         self.break_glass = Counter(
             "consent_gateway_break_glass", "Break-glass accesses", ("reason",), registry=r,
         )
+        # CONTRACT §10: what enforce mode would have decided, counted in shadow mode.
+        self.shadow_decisions = Counter(
+            "consent_gateway_shadow_decisions", "Would-be consent decisions in shadow mode", ("decision",), registry=r,
+        )
+        self.disclosures = Counter(
+            "consent_gateway_disclosures", "Disclosure AuditEvents recorded", registry=r,
+        )
         self.ambiguous_consents = Counter(
             "consent_gateway_ambiguous_consents",
             "Consent versions loaded whose root provision has conditions but no type",

@@ -177,6 +177,7 @@ class CompiledConsent:
     # references each ``related`` data target makes, read from the FHIR server once per
     # consent version; a target missing here is unknown (unless in the same answer)
     related: Mapping[str, frozenset[str]] = field(default_factory=lambda: NO_RELATED)
+    version: str | None = None  # meta.versionId, for the decision log
 
     @property
     def period(self) -> DateRange | None:
@@ -547,4 +548,11 @@ def compile_consent(consent: JSON) -> CompiledConsent:
         types=frozenset(compiler.types),
         root_sound=compiler.root_sound,
         scope_root=scope_root,
+        version=_version_of(consent),
     )
+
+
+def _version_of(consent: JSON) -> str | None:
+    meta = consent.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None

@@ -20,6 +20,7 @@ from gateway.core.explain import explain_consents
 from gateway.core.fhir import resource_reference
 from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
+from gateway.web import review
 from gateway.web.state import STATE
 
 _REF = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
@@ -138,3 +139,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/cache/invalidate", invalidate)
     app.router.add_post("/decision", decision)
+    review.add_routes(app)

@@ -14,10 +14,10 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from gateway.core.enforce import scrubbed_outcome, withheld_slot
-from gateway.core.errors import BadRequest, ConsentDenied, GatewayError
+from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, Refused
 from gateway.core.fhir import JSON
 from gateway.core.projection import Projection
-from gateway.web.exchange import Exchange, admit
+from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.core.references import in_answer
 from gateway.web.request import Route, parse_route
 from gateway.web.state import GatewayState
@@ -37,6 +37,8 @@ class BatchPlan:
     heads: set[int] = field(default_factory=set)                # HEAD entries, sent as GET
     routes: dict[int, Route] = field(default_factory=dict)      # client index -> route
     body: bytes = b""                           # the Bundle sent upstream
+    # Shadow mode: reads refused on their own but sent anyway; the slot enforce mode would give.
+    shadow_refused: dict[int, JSON] = field(default_factory=dict)
 
     def answer(self, upstream_entries: list[object]) -> list[object]:
         """The slots in the client's order: the upstream's, with the refused ones put back."""
@@ -109,10 +111,14 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         try:
             await admit(state, sub)
         except GatewayError as exc:
-            if plan.kind == "transaction" or exc.status >= 500:
-                raise
-            plan.refused[index] = refused_slot(exc, withheld_status)
-            continue
+            if _shadow_read(state, sub, exc):
+                plan.shadow_refused[index] = refused_slot(exc, withheld_status)
+                prepare_projection(sub)
+            else:
+                if plan.kind == "transaction" or exc.status >= 500:
+                    raise
+                plan.refused[index] = refused_slot(exc, withheld_status)
+                continue
         if sub.projection is not None:
             plan.projections[index] = sub.projection
         forwarded = dict(entry)
@@ -130,6 +136,12 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         plan.sent.append(index)
     plan.body = orjson.dumps({**bundle, "entry": sent})
     return plan
+
+
+def _shadow_read(state: GatewayState, sub: Exchange, exc: GatewayError) -> bool:
+    """In shadow mode a read refused on its own is sent anyway (CONTRACT §10)."""
+    return (state.settings.enforcement.mode == "shadow" and sub.method in ("GET", "HEAD")
+            and isinstance(exc, (ConsentDenied, Refused)))
 
 
 def settle_slots(plan: BatchPlan, slots: list[object], withheld_status: str) -> bool:

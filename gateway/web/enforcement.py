@@ -81,6 +81,15 @@ class Emergency:
         return self.reason is not None or bool(self.used)
 
 
+@dataclass
+class Observed:
+    """What one enforcement saw, for the privacy officer's records: each judged resource's
+    labels (by object identity) and the consents looked up."""
+
+    labels: dict[int, frozenset[Label]] = field(default_factory=dict)
+    consents: Mapping[str, tuple[CompiledConsent, ...]] = field(default_factory=dict)
+
+
 class ConsentEnforcement:
     """Per-request consent work: look up once, decide per resource, filter."""
 
@@ -104,10 +113,12 @@ class ConsentEnforcement:
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows, source_labels)
 
     def labeler(
-        self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None
+        self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
+        seen: dict[int, frozenset[Label]] | None = None,
     ) -> Callable[[JSON], frozenset[Label]]:
         """Labels of a resource, including those of the Medication it names by reference and
-        those the consent source gives it (``source_labels``, by ``Type/id``)."""
+        those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
+        by object identity when given."""
         own = self.labels.labels_for
 
         def labels_for(resource: JSON) -> frozenset[Label]:
@@ -120,11 +131,15 @@ class ConsentEnforcement:
                 medication = resolved.medication_of(resource)
                 if medication is not None and medication is not UNREADABLE:
                     found = found | own(medication)
+            if seen is not None:
+                seen[id(resource)] = found
             return found
 
         return labels_for
 
-    def judge(self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED) -> Judge:
+    def judge(
+        self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None
+    ) -> Judge:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
 
@@ -155,7 +170,7 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
-        labels_for, scopes_for = self.labeler(resolved, looked.labels), labels.scopes_for
+        labels_for, scopes_for = self.labeler(resolved, looked.labels, seen), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             if "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
@@ -236,6 +251,7 @@ class ConsentEnforcement:
         break_glass: str | None = None,
         withheld_status: str = "403 Forbidden",
         resolved: Resolved = NOTHING_RESOLVED,
+        observed: Observed | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -261,7 +277,10 @@ class ConsentEnforcement:
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
-        judge = _unknown_denies if unknown else self.judge(looked, resolved)
+        if observed is not None:
+            observed.consents = looked.consents
+        seen = observed.labels if observed is not None else None
+        judge = _unknown_denies if unknown else self.judge(looked, resolved, seen)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:

@@ -122,6 +122,9 @@ class JsonLogFormatter(logging.Formatter):
     FIELDS = (
         "request_id", "method", "interaction", "resource_type", "status", "duration_ms",
         "decision", "actor", "purpose", "break_glass", "reasons", "audit_id",
+        # The decision log (CONTRACT §10).
+        "organization", "role", "path", "query", "replayable", "mode", "shadow", "consents",
+        "released", "withheld",
     )
 
     _second = -1

@@ -14,7 +14,7 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
-from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, UpstreamUnavailable
+from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
@@ -23,8 +23,9 @@ from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
 )
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
-from gateway.web.enforcement import Emergency
-from gateway.web.exchange import Exchange, admit
+from gateway.web import officer
+from gateway.web.enforcement import Emergency, Observed
+from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
@@ -199,6 +200,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     info = request[INFO]
     ex = await exchange_of(request, state, None)
+    officer.outcome_of(request).exchange = ex
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
     try:
@@ -206,8 +208,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if ex.route.interaction == "batch" and request.method == "POST":
             plan = await plan_batch(state, ex, withheld_status(state))
             ex.body = plan.body
-    except ConsentDenied:
-        return denied_answer(state)
+    except (ConsentDenied, Refused) as exc:
+        if not officer.admitted_in_shadow(state, request, ex):
+            if isinstance(exc, Refused):
+                raise
+            return denied_answer(state)
+        prepare_projection(ex)
     if plan is not None and not plan.sent:
         # Every entry refused: nothing to send (an empty batch is an error to some servers).
         info.decision = "deny"
@@ -254,17 +260,33 @@ async def decide_answer(
     info = request[INFO]
     resolved = await resolve_references(state, parsed)
     confined = ex.confined
+    shadow = officer.is_shadow(state)
+    # Shadow mode decides a copy exactly as enforce mode would, and answers with the original.
+    refused = plan.shadow_refused if plan is not None else None
+    decided, originals = officer.shadow_copy(parsed, refused) if shadow else (parsed, {})
+    observed = Observed()
     result, emergency = await state.enforcement.enforce(
-        parsed, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
-        withheld_status=withheld_status(state), resolved=resolved,
+        decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
+        withheld_status=withheld_status(state), resolved=resolved, observed=observed,
     )
+    status = withheld_status(state)
+    denied = result.denied or all_versions_hidden(ex.route, decided) or (
+        status.startswith("404") and subject_hidden(ex.route, decided)
+    )
+    outcome = officer.outcome_of(request)
+    outcome.consents = observed.consents
+    decided_result = result
+    if denied:
+        officer.count_denied(request, decided)
+    if shadow:
+        if plan is not None and plan.shadow_refused and len(plan.shadow_refused) == len(plan.sent):
+            denied = True  # enforce mode would have sent nothing: every entry refused
+        outcome.shadow = outcome.shadow or ("deny" if denied else result.header)
+        result = officer.scopes_only(parsed, ex.actor, withheld_status(state))
     info.decision = result.header
     state.metrics.count_decision(result.header)
     count_removed(state, result)
-    status = withheld_status(state)
-    if result.denied or all_versions_hidden(ex.route, parsed) or (
-        status.startswith("404") and subject_hidden(ex.route, parsed)
-    ):
+    if result.denied or (denied and not shadow):
         if ex.route.interaction in WRITE_INTERACTIONS:
             return _write_withheld(upstream, links)
         return denied_answer(state)
@@ -275,8 +297,9 @@ async def decide_answer(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
         await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
-    changed = result.changed
-    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body else frozenset()
+    labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
+    changed = await officer.released(state, request, ex, parsed, labels, decided_result) or result.changed
+    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body and not shadow else frozenset()
     if released and may_name_unreleased(upstream.body, released):
         changed |= scrub_displays(parsed, released)
     if plan is not None and isinstance(parsed.get("entry"), list):
@@ -389,4 +412,5 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     state = request.app[STATE]
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
     log_access(request.method, info, response.status, seconds)
+    officer.finish(request, response)
     return response

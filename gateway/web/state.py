@@ -71,6 +71,7 @@ class GatewayState:
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
     medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
+    disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
     issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
     drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown

@@ -1,0 +1,230 @@
+"""The privacy officer's view at the edge (CONTRACT §10): shadow mode, the decision log,
+accounting of disclosures and DS4P labels on released data.
+
+Each request carries one ``Outcome``. The handler fills it as it decides; the observing
+middleware writes the decision line and, in shadow mode, the would-be decision header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import orjson
+from aiohttp import web
+
+from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.consent import CompiledConsent
+from gateway.core.ds4p import add_notice, is_part2, mark, sensitive_of
+from gateway.core.enforce import Enforced, Enforcer
+from gateway.core.fhir import JSON, resource_reference
+from gateway.core.model import Actor, Decision, Label, Verdict
+from gateway.core.officer import disclosure_event, loggable_path, loggable_query
+from gateway.core.references import iter_resources
+from gateway.core.scopes import scoped
+from gateway.web.enforcement import Observed
+from gateway.web.exchange import Exchange
+from gateway.web.middleware import INFO
+from gateway.web.state import STATE, GatewayState
+
+decision_log = logging.getLogger("gateway.decision")
+SHADOW_HEADER = "X-Consent-Decision-Shadow"
+
+
+@dataclass
+class Outcome:
+    """What one request released and withheld, for the decision log and shadow mode."""
+
+    exchange: Exchange | None = None
+    shadow: str | None = None           # would-be decision already known (shadow mode)
+    consents: Mapping[str, tuple[CompiledConsent, ...]] = field(default_factory=dict)
+    released: Counter[str] = field(default_factory=Counter)
+    withheld: Counter[str] = field(default_factory=Counter)
+
+
+OUTCOME = web.RequestKey("gateway_outcome", Outcome)
+
+
+def is_shadow(state: GatewayState) -> bool:
+    return state.settings.enforcement.mode == "shadow"
+
+
+def outcome_of(request: web.Request) -> Outcome:
+    found = request.get(OUTCOME)
+    if found is None:
+        found = request[OUTCOME] = Outcome()
+    return found
+
+
+def admitted_in_shadow(state: GatewayState, request: web.Request, ex: Exchange) -> bool:
+    """In shadow mode a read refused before it is sent is sent anyway, its refusal recorded."""
+    if not is_shadow(state) or ex.method not in ("GET", "HEAD"):
+        return False
+    outcome_of(request).shadow = "deny"
+    return True
+
+
+_PERMITTED = Decision(Verdict.PERMIT)
+
+
+def scopes_only(body: JSON, actor: Actor, withheld_status: str) -> Enforced:
+    """Shadow mode withholds nothing consent would, but a token's scopes still apply: they are
+    the client's authorization, not the patient's consent (CONTRACT §4)."""
+    if actor.grants is None:
+        return Enforced()
+    judge = scoped(lambda resource, owners: _PERMITTED, actor.grants)
+    return Enforcer(judge, drop_total=False, withheld_status=withheld_status).body(body)
+
+
+def shadow_copy(parsed: JSON, refused: Mapping[int, JSON] | None = None) -> tuple[JSON, dict[int, JSON]]:
+    """A copy to decide on, and each copied resource's original (by the copy's identity).
+
+    ``refused`` are the batch slots enforce mode would have answered without sending the entry:
+    the copy holds them instead of the answers, so it is decided exactly as enforce mode would.
+    """
+    copy: JSON = orjson.loads(orjson.dumps(parsed))
+    originals = {id(c): o for c, o in zip(iter_resources(copy), iter_resources(parsed))}
+    entries = copy.get("entry")
+    if refused and isinstance(entries, list):
+        for index, slot in refused.items():
+            if index < len(entries):
+                entries[index] = {"response": slot}
+    return copy, originals
+
+
+def top_resources(body: JSON) -> Iterator[JSON]:
+    """The resources of an answer that are released as such (contained ones go with theirs)."""
+    rtype = body.get("resourceType")
+    if rtype == "Bundle":
+        for entry in body.get("entry") or ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                if resource.get("resourceType") in ("Bundle", "Parameters"):
+                    yield from top_resources(resource)
+                elif isinstance(resource.get("resourceType"), str):
+                    yield resource
+    elif rtype == "Parameters":
+        stack = list(body.get("parameter") or ())
+        while stack:
+            param = stack.pop()
+            if isinstance(param, dict):
+                if isinstance(param.get("resource"), dict):
+                    yield from top_resources(param["resource"])
+                stack.extend(param.get("part") or ())
+    elif isinstance(rtype, str):
+        yield body
+
+
+def count_denied(request: web.Request, body: JSON) -> None:
+    """A body withheld whole: every resource in it counts as withheld."""
+    withheld = outcome_of(request).withheld
+    for resource in top_resources(body):
+        rtype = str(resource["resourceType"])
+        withheld[rtype if is_patient_data(rtype) else "other"] += 1
+
+
+async def released(
+    state: GatewayState, request: web.Request, ex: Exchange, body: JSON, labels: Mapping[int, frozenset[Label]],
+    result: Enforced,
+) -> bool:
+    """Label what ``body`` releases (DS4P), record its disclosures; True when ``body`` changed.
+
+    AuditUnavailable (503) when a disclosure cannot be made durable: nothing is returned.
+    """
+    outcome = outcome_of(request)
+    for rtype, _ in () if result.denied else result.removed:
+        outcome.withheld[rtype if is_patient_data(rtype) else "other"] += 1
+    mode = state.settings.audit.disclosures
+    sensitive = state.labels.sensitive
+    changed = part2 = False
+    disclosed: dict[str, list[tuple[str, list[Label]]]] = {}
+    for resource in top_resources(body):
+        rtype = str(resource["resourceType"])
+        if rtype == "OperationOutcome":
+            continue
+        outcome.released[rtype] += 1
+        found = labels.get(id(resource))
+        marked = sensitive_of(found, sensitive) if found else []
+        if marked:
+            changed |= mark(resource, marked)
+            part2 = part2 or is_part2(marked)
+        if mode == "none" or (mode == "sensitive" and not marked) or not is_patient_data(rtype):
+            continue
+        ref = resource_reference(resource)
+        if ref is None:
+            continue
+        for patient in patients_of(resource):
+            # A patient reading their own record is not a disclosure to account for (45 CFR 164.528(a)(1)(i)).
+            if patient != ex.actor.reference:
+                disclosed.setdefault(patient, []).append((ref, marked))
+    if part2 and body.get("resourceType") == "Bundle":
+        changed |= add_notice(body)
+    if disclosed:
+        await record_disclosures(state, ex, disclosed)
+    return changed
+
+
+async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[str, list[tuple[str, list[Label]]]]) -> None:
+    """One AuditEvent per patient, group-committed with every other line being written."""
+    now = datetime.now(timezone.utc)
+    events = [
+        disclosure_event(
+            event_id=str(uuid.uuid4()), actor=ex.actor, purpose=ex.purpose, patient=patient, now=now,
+            resources=resources, interaction=ex.route.interaction,
+        )
+        for patient, resources in sorted(disclosed.items())
+    ]
+    log = state.disclosures
+    if log is None:
+        return
+    await asyncio.gather(*(log.append(event) for event in events))
+    state.metrics.disclosures.inc(len(events))
+
+
+def finish(request: web.Request, response: web.StreamResponse) -> None:
+    """The shadow header and counter, and the request's decision line."""
+    found = request.get(OUTCOME)
+    outcome = found if found is not None else Outcome()
+    decision = response.headers.get("X-Consent-Decision", "deny")
+    state = request.app[STATE]
+    shadow = None
+    if is_shadow(state):
+        shadow = outcome.shadow or decision
+        response.headers[SHADOW_HEADER] = shadow
+        state.metrics.shadow_decisions.labels(shadow).inc()
+    log_decision(request, outcome, decision, shadow, response.status)
+
+
+def log_decision(request: web.Request, outcome: Outcome, decision: str, shadow: str | None, status: int) -> None:
+    """One JSON line per request: who, why, what was asked, and what went out (never ids of
+    withheld records, never codes)."""
+    ex = outcome.exchange
+    info = request[INFO]
+    extra: dict[str, object] = {
+        "request_id": info.request_id, "method": request.method, "status": status,
+        "decision": decision, "mode": "shadow" if shadow is not None else "enforce",
+        "actor": info.actor, "purpose": info.purpose,
+    }
+    if shadow is not None:
+        extra["shadow"] = shadow
+    if ex is not None:
+        denied = (shadow or decision) == "deny"
+        path, whole_path = loggable_path(ex.route.parts, denied)
+        query, whole_query = loggable_query(ex.raw_query)
+        extra.update(
+            organization=ex.actor.organization, role=ex.actor.role, path=path, query=query,
+            replayable=whole_path and whole_query and ex.reason is None, interaction=ex.route.interaction,
+            break_glass=ex.reason is not None or None,
+            consents={
+                patient: [f"{c.id}/_history/{c.version}" if c.version else c.id for c in consents]
+                for patient, consents in sorted(outcome.consents.items())
+            },
+            released=dict(sorted(outcome.released.items())),
+            withheld=dict(sorted(outcome.withheld.items())),
+        )
+    decision_log.info("decision", extra=extra)

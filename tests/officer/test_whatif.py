@@ -1,0 +1,101 @@
+"""``consent-gateway whatif``: a draft consent replayed over the decision log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.cli import main
+from gateway.demo.server import DemoFhirServer
+from gateway.web.middleware import JsonLogFormatter
+from tests.unit._util import MakeGateway
+
+V3 = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+
+READS = [
+    ("Practitioner/dr-gp", "/Condition?patient=pat-bob"),
+    ("Practitioner/dr-gp", "/Observation?patient=pat-bob"),
+    ("Practitioner/dr-psych", "/Observation?patient=pat-bob"),
+    ("Practitioner/dr-gp", "/Observation/alice-cbc"),          # another patient: not replayed
+    ("Practitioner/dr-jones", "/Observation/bob-hiv-test"),     # denied: its id is not logged
+]
+
+
+def _actor(reference: str) -> dict[str, Any]:
+    return {"role": {"coding": [{"system": PARTICIPATION, "code": "PRCP"}]}, "reference": {"reference": reference}}
+
+
+def draft_of(demo: DemoFhirServer) -> dict[str, Any]:
+    """Bob's consent revised: his GP may see HIV records, his psychiatrist nothing."""
+    draft = copy.deepcopy(demo.resources["Consent/consent-bob-optin-not-jones"])
+    draft["provision"]["provision"] += [
+        {"type": "permit", "actor": [_actor("Practitioner/dr-gp")], "securityLabel": [{"system": V3, "code": "HIV"}]},
+        {"type": "deny", "actor": [_actor("Practitioner/dr-psych")]},
+    ]
+    return draft
+
+
+async def _write_log(gw: Any, caplog: pytest.LogCaptureFixture, path: Path) -> None:
+    for actor, target in READS:
+        async with gw.session.get(gw.url + "/fhir" + target, headers={"X-Actor": actor}) as resp:
+            await resp.read()
+    formatter = JsonLogFormatter()
+    lines = [formatter.format(r) for r in caplog.records if r.name.startswith("gateway")]
+    path.write_text("\n".join(lines) + "\nnot json\n")
+
+
+async def _whatif(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+
+    def call() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return main(["whatif", *argv])
+
+    code = await asyncio.to_thread(call)
+    return code, out.getvalue(), err.getvalue()
+
+
+async def test_whatif_reports_what_the_draft_would_change(
+    demo_fhir: DemoFhirServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    gw = await make_gateway(demo_fhir.base_url)
+    log = tmp_path / "gateway.log"
+    await _write_log(gw, caplog, log)
+    draft = tmp_path / "draft.json"
+    draft.write_bytes(orjson.dumps(draft_of(demo_fhir)))
+    code, out, err = await _whatif("--consent", str(draft), "--log", str(log), "--patient", "Patient/pat-bob",
+                                   "--upstream", demo_fhir.base_url)
+    assert code == 0, err
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.startswith("Practitioner/")}
+    assert rows == {
+        ("Practitioner/dr-gp", "Condition"): ["0", "1"],     # bob-hiv newly released
+        ("Practitioner/dr-gp", "Observation"): ["0", "1"],   # bob-hiv-test newly released
+        ("Practitioner/dr-psych", "Observation"): ["1", "0"],  # bob-cbc newly denied
+    }
+    assert "replayed 3 logged read(s); skipped 1 not replayable" in out
+    for secret in ("bob-hiv", "bob-cbc", "B20", "75622"):
+        assert secret not in out
+
+
+async def test_whatif_refuses_a_draft_for_another_patient(demo_fhir: DemoFhirServer, tmp_path: Path) -> None:
+    draft = tmp_path / "draft.json"
+    draft.write_bytes(orjson.dumps(draft_of(demo_fhir)))
+    log = tmp_path / "empty.log"
+    log.write_text("")
+    code, _, err = await _whatif("--consent", str(draft), "--log", str(log), "--patient", "Patient/pat-alice",
+                                 "--upstream", demo_fhir.base_url)
+    assert code == 2 and err.count("\n") == 1 and "Patient/pat-bob" in err
+    draft.write_text("{}")
+    code, _, err = await _whatif("--consent", str(draft), "--log", str(log), "--upstream", demo_fhir.base_url)
+    assert code == 2 and "not a Consent" in err
