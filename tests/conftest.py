@@ -18,6 +18,7 @@ from gateway.config import Settings, build_settings
 from gateway.metrics import Metrics
 from gateway.web.state import GatewayState
 from tests.fakes import FakeFhir
+from gateway.demo.issuer import LocalIssuer
 
 
 LABELS = load_rules()  # the bundled rules, loaded once for the whole test session
@@ -49,6 +50,17 @@ class GatewayUnderTest:
         if actor is not None:
             hdrs["X-Actor"] = actor
         return await self.session.get(self.url + path, headers=hdrs)
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[LocalIssuer]:
+    """A SMART authorization server on 127.0.0.1 with real RSA and EC keys."""
+    local = LocalIssuer()
+    server = TestServer(local.app(), host="127.0.0.1")
+    await server.start_server()
+    local.base_url = f"http://127.0.0.1:{server.port}"
+    yield local
+    await server.close()
 
 
 @pytest.fixture

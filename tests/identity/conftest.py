@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from gateway.demo.issuer import LocalIssuer
 from tests.conftest import GatewayUnderTest
@@ -31,16 +30,6 @@ def condition(cid: str, patient: str) -> dict[str, Any]:
         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10", "display": "Essential (primary) hypertension"}]},
         "subject": {"reference": f"Patient/{patient}"},
     }
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[LocalIssuer]:
-    local = LocalIssuer()
-    server = TestServer(local.app(), host="127.0.0.1")
-    await server.start_server()
-    local.base_url = f"http://127.0.0.1:{server.port}"
-    yield local
-    await server.close()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fhirpy import AsyncFHIRClient
@@ -97,16 +96,6 @@ async def test_smart_backend_credentials_for_the_gateways_own_calls(
     client = AsyncFHIRClient(gw.url, extra_headers={"X-Actor": "Practitioner/dr-gp"})
     assert await conditions(client, "Patient/pat-alice") == {"alice-htn"}
     assert len(server.issued) == 1, "one token serves every call until it nears expiry"
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[LocalIssuer]:
-    local = LocalIssuer()
-    server = TestServer(local.app(), host="127.0.0.1")
-    await server.start_server()
-    local.base_url = f"http://127.0.0.1:{server.port}"
-    yield local
-    await server.close()
 
 
 async def test_fhirpy_with_a_smart_token_through_the_gateway(

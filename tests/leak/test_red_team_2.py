@@ -15,7 +15,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,7 +24,6 @@ import jwt as pyjwt
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -49,16 +48,6 @@ BEN_SECRETS = (c.BEN_CBC["id"], c.BEN_HYPERTENSION["id"], "Okafor")
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[LocalIssuer]:
-    local = LocalIssuer()
-    server = TestServer(local.app(), host="127.0.0.1")
-    await server.start_server()
-    local.base_url = f"http://127.0.0.1:{server.port}"
-    yield local
-    await server.close()
 
 
 @pytest.fixture
