@@ -717,6 +717,13 @@ ODD_PLACES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                   "effectiveDateTime": "2023-02-01",
                                   "medicationCodeableConcept": _cc(c.RXNORM, "1996186", "Buprenorphine 200 MG/ML [Sublocade]")},
                                  ("1996186", "Sublocade")),
+    "rxnorm-suboxone-sbd": ({"resourceType": "MedicationStatement", "id": "medst-subx-sbd-b5c", "status": "active", **SUBJ,
+                             "medicationCodeableConcept": _cc(c.RXNORM, "1010603", "buprenorphine 2 MG / naloxone 0.5 MG Sublingual Film [Suboxone]")},
+                            ("1010603", "Suboxone")),
+    "rxnorm-sublocade-sbd": ({"resourceType": "MedicationAdministration", "id": "medadm-sublo-sbd-c6d", "status": "completed", **SUBJ,
+                              "effectiveDateTime": "2023-02-01",
+                              "medicationCodeableConcept": _cc(c.RXNORM, "1996189", "0.5 ML buprenorphine 200 MG/ML Prefilled Syringe [Sublocade]")},
+                             ("1996189", "Sublocade")),
     "dispense-ndc-suboxone": ({"resourceType": "MedicationDispense", "id": "meddisp-ndc-subx-d3e", "status": "completed", **SUBJ,
                               "medicationCodeableConcept": _cc("http://hl7.org/fhir/sid/ndc", "12496-1208",
                                                                "Buprenorphine and Naloxone Sublingual Film (Suboxone)")},
@@ -738,12 +745,13 @@ XFAIL_ODD = {
         "buprenorphine/naloxone) -> 200 with the NDC and the drug name: NDC-coded claims are never labelled"),
     "rxnorm-suboxone-branded": (
         "LEAK: GET /MedicationStatement/medst-subx-b1c coded RxNorm 1010601 'Buprenorphine 2 MG / Naloxone 0.5 MG [Suboxone]' "
-        "(the branded form of listed clinical drug 1010600; listed in CDC's opioid value sets) by a clinician with a general "
-        "opt-in -> 200 with 1010601 and 'Suboxone': rules/substance-use.yaml lists no branded buprenorphine/naloxone "
-        "products (Suboxone, Zubsolv, Sublocade, ...), so MOUD written by brand is unlabelled"),
+        "(named as a branded drug component, RxNorm TTY SBDC: strength and brand, no dose form) by a clinician with a "
+        "general opt-in -> 200 with 1010601 and 'Suboxone': the rules list the branded drugs (SBD, e.g. 1010603) from the CDC opioid CDS value sets, but no "
+        "source lists the SBDC/SBDF concepts, so MOUD written by branded component is unlabelled"),
     "rxnorm-sublocade-branded": (
         "LEAK: GET /MedicationAdministration/medadm-sublo-c2d coded RxNorm 1996186 'Buprenorphine 200 MG/ML [Sublocade]' "
-        "(branded form of listed 1996184/1996192) -> 200 with 1996186 and 'Sublocade': branded MOUD is not in the rules"),
+        "(named as a branded drug component, TTY SBDC) -> 200 with 1996186 and 'Sublocade': the branded syringes (SBD 1996189, "
+        "1996193) are labelled, the component concept is in no source"),
     "condition-dueTo-extension": (
         "LEAK: GET /Condition/cond-pcp-dueto-8f8 (Pneumocystosis B59 whose standard R4 extension "
         "http://hl7.org/fhir/StructureDefinition/condition-dueTo carries ICD-10-CM B20) by a clinician with a general "
