@@ -9,6 +9,7 @@ Projection is stripped from each entry's URL and applied to its slot after decid
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -59,7 +60,8 @@ def refused_slot(exc: GatewayError, withheld_status: str) -> JSON:
     """A batch slot for an entry the gateway did not send."""
     if isinstance(exc, ConsentDenied):
         return withheld_slot(withheld_status)
-    return {"status": f"{exc.status} {exc.issue_code}",
+    phrase = HTTPStatus(exc.status).phrase if exc.status in HTTPStatus._value2member_map_ else "Error"
+    return {"status": f"{exc.status} {phrase}",
             "outcome": {"resourceType": "OperationOutcome",
                         "issue": [{"severity": "error", "code": exc.issue_code, "diagnostics": exc.message}]}}
 

@@ -1,8 +1,9 @@
 """One FHIR request as the gateway sees it, and the checks every request passes before it is sent.
 
 The same ``Exchange`` stands for a request at the front door and for each entry of a batch
-or transaction, and ``admit`` runs the same steps on both: refusals, the operation-target
-check, the Consent-write checks and projection stripping. A check added here applies to
+or transaction, and ``admit`` runs the same steps on both, in order: request shape, body
+parsing, body parameters, conditional references, SMART scopes, refusals, operation targets,
+write targets, Consent-write checks and projection stripping. A check added here applies to
 every way in (CONTRACT §6).
 """
 
