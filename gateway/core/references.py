@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import orjson
+
 from gateway.core.compartment import is_patient_data
 from gateway.core.fhir import JSON, reference_of, relative_reference, resource_reference
 
@@ -213,9 +215,25 @@ def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
         if ref.startswith("#"):
             continue
         target = relative_reference(ref)
-        if is_patient_data(target.split("/", 1)[0]) and target not in released:
+        if is_patient_data(target.split("/", 1)[0]) and target not in released \
+                and _may_have_display(raw, match.start(), match.end()):
             return True
     return found != raw.count(b'"reference"')
+
+
+def _may_have_display(raw: bytes, start: int, end: int) -> bool:
+    """Whether the Reference object around ``raw[start:end]`` has a display. The text from the
+    nearest ``{`` before to the nearest ``}`` after is that very object only when it parses as
+    one object holding the match (a nested or brace-bearing object does not): then its keys
+    answer; anything else may have one."""
+    first, last = raw.rfind(b"{", 0, start), raw.find(b"}", end)
+    if first < 0 or last < 0:
+        return True
+    try:
+        node = orjson.loads(raw[first:last + 1])
+    except orjson.JSONDecodeError:
+        return True
+    return not isinstance(node, dict) or "display" in node
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:

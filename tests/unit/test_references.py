@@ -126,3 +126,16 @@ def test_the_byte_check_never_misses_a_display_to_remove(raw: bytes, expected: b
     if not expected:
         parsed = {"resourceType": "Basic", **orjson.loads(raw)}
         assert not scrub_displays(parsed, released) or b'"display"' not in raw
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'{"subject":{"reference":"Patient/a"},"code":{"coding":[{"code":"x","display":"y"}]}}', False),
+    (b'{"result":[{"reference":"Observation/hiv","type":"Observation","display":"HIV"}]}', True),
+    (b'{"result":[{"display":"HIV","reference":"Observation/hiv"}]}', True),
+    (b'{"result":[{"reference":"Observation/hiv","identifier":{"value":"1"},"display":"HIV"}]}', True),
+    (b'{"result":[{"identifier":{"value":"1"},"reference":"Observation/hiv","display":"HIV"}]}', True),
+    (b'{"result":[{"reference":"Observation/hiv","extension":[{"url":"u","valueString":"}"}],"display":"x"}]}', True),
+    (b'{"result":[{"reference":"Observation/hiv","note":"{ \\"a\\": 1 }","display":"x"}]}', True),
+])
+def test_the_reference_object_is_read_exactly_or_the_walk_runs(raw: bytes, expected: bool) -> None:
+    assert may_name_unreleased(raw, frozenset()) is expected
