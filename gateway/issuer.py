@@ -56,6 +56,15 @@ def _key_fits(jwk: dict[str, Any], algorithm: str) -> bool:
     return jwk.get("kty") == "EC" and jwk.get("crv") == _CURVES.get(algorithm)
 
 
+_REJECTIONS: tuple[tuple[type[Exception], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidAudienceError, "wrong audience"),
+    (jwt.InvalidIssuerError, "wrong issuer"),
+    (jwt.InvalidSignatureError, "bad signature"),
+)
+
+
 class Issuer:
     """One token issuer: cached JWKS, verification, cached discovery document."""
 
@@ -170,18 +179,10 @@ class Issuer:
                 token, key.key, algorithms=[algorithm], audience=self.settings.audience, issuer=self.issuer,
                 leeway=self.settings.leeway_s, options={"require": ["exp", "iss", "aud"]},
             )
-        except jwt.ExpiredSignatureError:
-            raise invalid_token("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise invalid_token("token not yet valid") from None
-        except jwt.InvalidAudienceError:
-            raise invalid_token("wrong audience") from None
-        except jwt.InvalidIssuerError:
-            raise invalid_token("wrong issuer") from None
-        except jwt.InvalidSignatureError:
-            raise invalid_token("bad signature") from None
-        except jwt.InvalidTokenError:
-            raise invalid_token("token rejected") from None
+        except jwt.InvalidTokenError as exc:
+            # The most specific reason first; a client learns what to fix, nothing else.
+            why = next((text for kind, text in _REJECTIONS if isinstance(exc, kind)), "token rejected")
+            raise invalid_token(why) from None
         return claims
 
     async def discovery(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
@@ -52,25 +55,32 @@ class GatewayUnderTest:
         return await self.session.get(self.url + path, headers=hdrs)
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free 127.0.0.1 port for the block; yields its ``http://host:port``."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
 @pytest.fixture
 async def issuer() -> AsyncIterator[LocalIssuer]:
     """A SMART authorization server on 127.0.0.1 with real RSA and EC keys."""
     local = LocalIssuer()
-    server = TestServer(local.app(), host="127.0.0.1")
-    await server.start_server()
-    local.base_url = f"http://127.0.0.1:{server.port}"
-    yield local
-    await server.close()
+    async with serving(local.app()) as url:
+        local.base_url = url
+        yield local
 
 
 @pytest.fixture
 async def fake_fhir() -> AsyncIterator[FakeFhir]:
     fake = FakeFhir()
-    server = TestServer(fake.app(), host="127.0.0.1")
-    await server.start_server()
-    fake.base_url = f"http://127.0.0.1:{server.port}{fake.base_path}"
-    yield fake
-    await server.close()
+    async with serving(fake.app()) as url:
+        fake.base_url = url + fake.base_path
+        yield fake
 
 
 def gateway_settings(upstream_url: str, **sections: Any) -> Settings:

@@ -80,6 +80,12 @@ def metrics() -> Metrics:
     return Metrics(CollectorRegistry())
 
 
+def watched(source: ListingSource, metrics: Metrics, interval_s: float) -> tuple[ConsentStore, ChangeFeed]:
+    """A consent cache (long TTL, so only the feed evicts) and the feed that watches it."""
+    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
+    return store, ChangeFeed(store, metrics, interval_s)
+
+
 async def cached(store: ConsentStore, source: ListingSource, *patients: str) -> None:
     await store.get(patients)
     source.fetches.clear()
@@ -88,7 +94,7 @@ async def cached(store: ConsentStore, source: ListingSource, *patients: str) -> 
 async def test_first_poll_starts_at_the_sources_newest_change_by_its_clock(metrics: Metrics) -> None:
     source = ListingSource()
     source.listed = [ConsentChange("Consent/old|1", "Patient/a", at(-3600))]
-    feed = ChangeFeed(ConsentStore(source, metrics, ttl_s=600, max_patients=10), metrics, 1)
+    _, feed = watched(source, metrics, 1)
     assert await feed.poll_once() == 0
     assert feed.since == at(-3600)  # the server's instant, whatever this machine's clock says
     await feed.poll_once()
@@ -98,8 +104,7 @@ async def test_first_poll_starts_at_the_sources_newest_change_by_its_clock(metri
 async def test_changed_patients_are_evicted_once_and_others_stay_cached(metrics: Metrics) -> None:
     source = ListingSource()
     source.consents = {"Patient/a": [opt("Patient/a", "OPTIN")], "Patient/b": [opt("Patient/b", "OPTIN")]}
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 1)
+    store, feed = watched(source, metrics, 1)
     await feed.poll_once()
     await cached(store, source, "Patient/a", "Patient/b")
     source.consents["Patient/a"] = [opt("Patient/a", "OPTOUT")]
@@ -117,8 +122,7 @@ async def test_changed_patients_are_evicted_once_and_others_stay_cached(metrics:
 
 async def test_a_change_that_commits_late_inside_the_overlap_is_still_seen(metrics: Metrics) -> None:
     source = ListingSource()
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 1)
+    store, feed = watched(source, metrics, 1)
     source.listed = [ConsentChange("Consent/x|1", "Patient/x", at(10))]
     await feed.poll_once()
     await cached(store, source, "Patient/b")
@@ -130,8 +134,7 @@ async def test_a_change_that_commits_late_inside_the_overlap_is_still_seen(metri
 
 async def test_a_change_naming_no_patient_evicts_everyone(metrics: Metrics) -> None:
     source = ListingSource()
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 1)
+    store, feed = watched(source, metrics, 1)
     await feed.poll_once()
     await cached(store, source, "Patient/a", "Patient/b")
     source.listed.append(ConsentChange("*", None, at(1)))
@@ -141,8 +144,7 @@ async def test_a_change_naming_no_patient_evicts_everyone(metrics: Metrics) -> N
 
 async def test_failed_polls_are_counted_change_nothing_and_resume_from_the_same_instant(metrics: Metrics) -> None:
     source = ListingSource()
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 0.01)
+    store, feed = watched(source, metrics, 0.01)
     source.listed = [ConsentChange("Consent/x|1", "Patient/x", at(0))]
     await feed.poll_once()
     await cached(store, source, "Patient/a")
@@ -160,8 +162,7 @@ async def test_run_counts_errors_and_reports_the_age_of_the_last_good_poll(metri
     import asyncio
 
     source = ListingSource()
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 0.02)
+    store, feed = watched(source, metrics, 0.02)
     task = asyncio.create_task(feed.run())
     await asyncio.sleep(0.1)
     age = metrics.registry.get_sample_value("consent_gateway_change_poll_age_seconds")
@@ -178,8 +179,7 @@ async def test_run_counts_errors_and_reports_the_age_of_the_last_good_poll(metri
 async def test_a_source_without_a_change_listing_has_its_cached_patients_reread(metrics: Metrics) -> None:
     source = ListingSource(listing=False)
     source.consents = {"Patient/a": [opt("Patient/a", "OPTIN")]}
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 1)
+    store, feed = watched(source, metrics, 1)
     await feed.poll_once()
     await cached(store, source, "Patient/a")
     source.consents["Patient/a"] = [opt("Patient/a", "OPTOUT")]
@@ -193,8 +193,7 @@ async def test_a_source_without_a_change_listing_has_its_cached_patients_reread(
 async def test_a_deleted_consent_evicts_only_the_patients_who_had_it(metrics: Metrics) -> None:
     source = ListingSource()
     source.consents = {"Patient/a": [opt("Patient/a", "OPTIN")], "Patient/b": [opt("Patient/b", "OPTIN")]}
-    store = ConsentStore(source, metrics, ttl_s=600, max_patients=10)
-    feed = ChangeFeed(store, metrics, 1)
+    store, feed = watched(source, metrics, 1)
     await feed.poll_once()
     await cached(store, source, "Patient/a", "Patient/b")
     del source.consents["Patient/a"]
