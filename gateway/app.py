@@ -38,6 +38,8 @@ from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
 
+AUDIT_POLL_S = 1.0  # listen.workers above 1: how often worker 0 looks for the others' audit lines
+
 
 def _server(url: str, settings: Settings, own: Upstream | None = None) -> Upstream:
     """A FHIR server session; ``own`` lends its TLS settings and credentials (same FHIR estate)."""
@@ -158,13 +160,17 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             feed = ChangeFeed(state.store, state.metrics, poll_s)
             tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
         audit_server = delivery = None
-        if state.settings.audit.fhir_url:
+        # With several workers all of them append to the audit files and worker 0 alone
+        # delivers them, so each line goes out once; it looks for the others' lines every
+        # AUDIT_POLL_S, as their writes do not wake it.
+        if state.settings.audit.fhir_url and state.worker.owner:
             audit_server = _server(state.settings.audit.fhir_url, state.settings, state.upstream)
             await audit_server.open()
-            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
+            audit_poll_s = AUDIT_POLL_S if state.worker.shared else None
+            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics, poll_s=audit_poll_s)
             tasks.append(asyncio.create_task(delivery.run()))
             if state.disclosures is not None:
-                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server).run()))
+                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server, poll_s=audit_poll_s).run()))
         yield
         for task in tasks:
             task.cancel()
@@ -190,9 +196,13 @@ def build_proxy_app(state: GatewayState) -> web.Application:
 
 
 def build_admin_app(state: GatewayState) -> web.Application:
+    """The admin port (worker 0's), or with several workers the private socket of the others."""
     app = web.Application(middlewares=[build_error_middleware(state.metrics)])
     app[STATE] = state
-    admin.add_routes(app)
+    if state.worker.owner:
+        admin.add_routes(app)
+    else:
+        admin.add_worker_routes(app)
     return app
 
 
@@ -273,16 +283,23 @@ async def start(state: GatewayState) -> RunningGateway:
     )
     await proxy_runner.setup()
     await admin_runner.setup()
+    role = state.worker
+    admin_site: web.BaseSite
+    if role.owner:
+        admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
+    else:
+        admin_site = web.UnixSite(admin_runner, str(role.socket_path(role.index)))
     try:
-        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port).start()
-        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        # SO_REUSEPORT with several workers: each binds the port and the kernel spreads connections.
+        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None).start()
+        await admin_site.start()
     except OSError:
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
         raise
     state.listening.set()
     return RunningGateway(
-        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner),
+        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner) if role.owner else 0,
         # aiohttp gives handlers two ``timeout`` periods, then cancels them and closes their
         # connections: cut just before that, so the 503s still go out.
         drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)),
