@@ -196,13 +196,17 @@ def build_proxy_app(state: GatewayState) -> web.Application:
 
 
 def build_admin_app(state: GatewayState) -> web.Application:
-    """The admin port (worker 0's), or with several workers the private socket of the others."""
     app = web.Application(middlewares=[build_error_middleware(state.metrics)])
     app[STATE] = state
-    if state.worker.owner:
-        admin.add_routes(app)
-    else:
-        admin.add_worker_routes(app)
+    admin.add_routes(app)
+    return app
+
+
+def build_worker_app(state: GatewayState) -> web.Application:
+    """A worker's private socket (listen.workers above 1): what the other workers tell it."""
+    app = web.Application(middlewares=[build_error_middleware(state.metrics)])
+    app[STATE] = state
+    admin.add_worker_routes(app)
     return app
 
 
@@ -233,6 +237,7 @@ class RunningGateway:
 
     drain: Drain
     grace_s: float
+    worker_runner: web.AppRunner | None = None  # the private socket (listen.workers above 1)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), release the upstream.
@@ -245,6 +250,8 @@ class RunningGateway:
         finally:
             cutter.cancel()
         await self.admin_runner.cleanup()
+        if self.worker_runner is not None:
+            await self.worker_runner.cleanup()
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -281,28 +288,31 @@ async def start(state: GatewayState) -> RunningGateway:
     admin_runner = web.AppRunner(
         build_admin_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
     )
+    role = state.worker
+    worker_runner = web.AppRunner(build_worker_app(state), access_log=None) if role.shared else None
     await proxy_runner.setup()
     await admin_runner.setup()
-    role = state.worker
-    admin_site: web.BaseSite
-    if role.owner:
-        admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
-    else:
-        admin_site = web.UnixSite(admin_runner, str(role.socket_path(role.index)))
+    if worker_runner is not None:
+        await worker_runner.setup()
     try:
         # SO_REUSEPORT with several workers: each binds the port and the kernel spreads connections.
         await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None).start()
-        await admin_site.start()
+        if role.owner:
+            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        if worker_runner is not None:
+            await web.UnixSite(worker_runner, str(role.socket_path(role.index))).start()
     except OSError:
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
+        if worker_runner is not None:
+            await worker_runner.cleanup()
         raise
     state.listening.set()
     return RunningGateway(
         proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner) if role.owner else 0,
         # aiohttp gives handlers two ``timeout`` periods, then cancels them and closes their
         # connections: cut just before that, so the 503s still go out.
-        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)),
+        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)), worker_runner=worker_runner,
     )
 
 

@@ -1,18 +1,22 @@
 """Several worker processes on one proxy port: which one this is, and reaching the others.
 
-Worker 0 owns the admin port and audit delivery; every other worker listens on a Unix
-socket in the supervisor's private run directory (``worker-<i>.sock``) for the one thing
-the admin port must reach in all of them: dropping cached consents.
+Worker 0 owns the admin port and audit delivery. Every worker listens on a Unix socket in
+the supervisor's private run directory (``worker-<i>.sock``) for the one thing that must
+reach all of them: dropping cached consents (``/cache/invalidate`` on the admin port, a
+Consent written through any worker, an emergency window recorded by one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import orjson
+
+log = logging.getLogger("gateway.workers")
 
 # How long worker 0 waits for the others to confirm an invalidation before answering 503.
 CONFIRM_TIMEOUT_S = 5.0
@@ -76,3 +80,26 @@ async def invalidate_others(role: WorkerRole, patient: str | None) -> list[int]:
     except TimeoutError:
         return others
     return [i for i, ok in zip(others, confirmed) if not ok]
+
+
+class Announcer:
+    """Passes invalidations made in this worker (a Consent written through it, an emergency
+    window recorded) to the others, without holding up the answer that caused them.
+
+    A worker that does not confirm is logged; the change feed still reaches it within
+    ``consent.change_poll_s``.
+    """
+
+    def __init__(self, role: WorkerRole) -> None:
+        self.role = role
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def announce(self, patient: str | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(patient))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, patient: str | None) -> None:
+        missed = await invalidate_others(self.role, patient)
+        if missed:
+            log.warning("cache invalidation not confirmed by workers %s", missed)

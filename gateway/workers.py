@@ -5,7 +5,7 @@ exit 2), makes a private run directory (mode 0700: the settings, the metric file
 prometheus_client's multiprocess mode, the workers' sockets) and starts each worker as
 ``python -m gateway.workers``. Every worker binds the proxy port with SO_REUSEPORT, so the
 kernel spreads connections over them; worker 0 also serves the admin port and delivers the
-audit files (see ``gateway.peers``).
+audit files; each listens on a private socket for cache invalidations (``gateway.peers``).
 
 A worker that stops before it listens (a port taken, a file unreadable) stops them all, and
 the supervisor exits with its code: restarting would fail the same way. A worker that dies
@@ -32,7 +32,7 @@ import orjson
 
 from gateway.app import build_state, configure_logging, start, tune_gc, until_signalled
 from gateway.config import ConfigError, Settings, build_settings
-from gateway.peers import WorkerRole
+from gateway.peers import Announcer, WorkerRole
 from gateway.rules import RulesError
 from gateway.web.state import GatewayState
 
@@ -186,6 +186,7 @@ def worker_main(argv: Sequence[str]) -> int:
         print(f"consent-gateway: config error: {exc}", file=sys.stderr)
         return 2
     state.worker = WorkerRole(index, count, run_dir)
+    state.store.announce = Announcer(state.worker).announce
     try:
         asyncio.run(_serve(state, ready_fd))
     except OSError as exc:

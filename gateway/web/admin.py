@@ -76,7 +76,8 @@ async def _invalidate_here(request: web.Request) -> str | None:
     patient = data.get("patient")
     if patient is not None and (not isinstance(patient, str) or not _PATIENT.match(patient)):
         raise BadRequest("'patient' must be a reference such as Patient/123.")
-    state.store.invalidate(patient)
+    # Not announced: worker 0 tells the others itself, and waits for them (below).
+    state.store.invalidate(patient, announce=False)
     return patient
 
 
@@ -94,7 +95,7 @@ async def invalidate(request: web.Request) -> web.Response:
 
 
 async def invalidate_worker(request: web.Request) -> web.Response:
-    """The same, on a worker's private socket: this process only (worker 0 asks each)."""
+    """The same, on a worker's private socket: this process only (another worker asks)."""
     patient = await _invalidate_here(request)
     return web.json_response({"invalidated": patient or "all"})
 
@@ -167,5 +168,5 @@ def add_routes(app: web.Application) -> None:
 
 
 def add_worker_routes(app: web.Application) -> None:
-    """The private socket of a worker other than 0 (listen.workers above 1)."""
+    """A worker's private socket (listen.workers above 1)."""
     app.router.add_post("/cache/invalidate", invalidate_worker)

@@ -185,6 +185,24 @@ async def test_cache_invalidation_reaches_every_worker(
     assert all(after[w] > before[w] for w in (0, 1))  # both workers answered the 403s
 
 
+async def test_a_consent_written_through_one_worker_evicts_in_every_worker(fake_fhir: FakeFhir, launch: Any) -> None:
+    optin = c.opt_in(c.PAT_ANA)
+    seed(fake_fhir, optin)
+    gw = await launch(fake_fhir.base_url)  # no change feed: only the workers telling each other
+    assert {s for s, _ in await fresh_gets(gw.url + READ, DOCTOR)} == {200}
+    assert sorted(gw.answered_by()) == [0, 1]
+    revoked = {**optin, "status": "inactive"}
+    async with aiohttp.ClientSession() as session:
+        async with session.put(
+            f"{gw.url}/Consent/{optin['id']}", data=orjson.dumps(revoked),
+            headers={"Content-Type": "application/fhir+json", "X-Actor": c.PAT_ANA},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+    deadline = time.monotonic() + 1.0
+    while {s for s, _ in await fresh_gets(gw.url + READ, DOCTOR)} != {403}:
+        assert time.monotonic() < deadline, "a worker still decides from the revoked consent"
+
+
 async def test_each_break_glass_event_is_delivered_exactly_once(fake_fhir: FakeFhir, launch: Any) -> None:
     seed(fake_fhir, c.opt_out(c.PAT_ANA))
     audit_fhir = FakeFhir()
