@@ -59,7 +59,12 @@ def supervise(settings: Settings) -> int:
     state.audit.close()
     if state.disclosures is not None:
         state.disclosures.close()
-    run_dir = Path(tempfile.mkdtemp(prefix="consent-gateway-"))
+    try:
+        run_dir = Path(tempfile.mkdtemp(prefix="consent-gateway-"))
+    except OSError as exc:
+        raise ConfigError(
+            f"listen.workers: cannot make a run directory in {tempfile.gettempdir()}: {exc.strerror or exc}"
+        ) from None
     try:
         (run_dir / "metrics").mkdir()
         settings_path = run_dir / SETTINGS_FILE
@@ -145,7 +150,8 @@ async def _stop_all(workers: list[_Worker], limit_s: float, run_dir: Path) -> bo
     try:
         async with asyncio.timeout(limit_s):
             codes = await asyncio.gather(*(w.exited for w in workers))
-        clean = all(c == 0 for c in codes)
+        # -SIGTERM: a worker stopped before it had set up its own handling (still starting).
+        clean = all(c in (0, -signal.SIGTERM) for c in codes)
     except TimeoutError:
         clean = False
         for worker in workers:

@@ -25,6 +25,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from gateway.config import build_settings
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.unit._util import clean_env, free_port, gateway_command
@@ -315,3 +316,18 @@ async def test_a_taken_port_stops_every_worker_with_exit_2(fake_fhir: FakeFhir, 
     assert code == 2
     assert "cannot listen" in err
     assert [p for p in tmp_path.iterdir() if p.name.startswith("consent-gateway-")] == []
+
+
+def test_settings_reach_the_workers_unchanged() -> None:
+    """The supervisor hands its validated settings to the workers as JSON."""
+    settings = build_settings({
+        "upstream": {"url": "https://fhir.example.org/fhir", "auth": {"kind": "bearer", "token_env": "TOKEN"}},
+        "listen": {"port": 8443, "workers": 4, "shutdown_timeout_s": 3},
+        "consent": {"source_kind": "healtheintent", "source_url": "https://hi.example.org", "population_id": "p1",
+                    "source_api_key_env": "KEY", "consentDuration": 12, "writer_roles": ["registrar"]},
+        "sensitivity": {"explicit_consent_required": ["HIV", "PSY"]},
+        "enforcement": {"denied_read_status": 404},
+        "break_glass": {"emergencyConsentReasons": "Trauma bay", "duration_h": 2},
+        "audit": {"path": "/var/lib/audit.jsonl", "disclosures": "all"},
+    })
+    assert build_settings(orjson.loads(orjson.dumps(settings.model_dump(mode="json")))) == settings
