@@ -523,3 +523,17 @@ def profiles_of(resource: JSON) -> frozenset[str]:
         return frozenset()
     return frozenset(p for p in profiles if isinstance(p, str))
 
+
+def deciding_elements(rtype: str) -> frozenset[str]:
+    """The top-level elements the consent engine reads of a resource of this type beyond its
+    labels: its patients, clinical date, main code, authors and profiles (``meta``). Codes
+    anywhere and references anywhere (``provision.code``, ``provision.data``) are not here:
+    consents that read those decide on the whole resource."""
+    found = {"resourceType", "id", "meta"}
+    names, deeper = _COMPARTMENT_PLANS.get(rtype, ((), ()))
+    found.update(names)
+    found.update(path[0] for path in deeper)
+    found.update(path[0] for path in CLINICAL_DATE.get(rtype, ()))
+    found.update(path[0] for path in MAIN_CODE.get(rtype, _DEFAULT_CODE))
+    found.update(AUTHOR_ELEMENTS)
+    return frozenset(found)

@@ -25,7 +25,7 @@ Semantics:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,6 +253,23 @@ _NO_EXTRACTORS: _Extractors = ((), ())
 _OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle"})
 
 
+def label_elements(rtype: str) -> frozenset[str]:
+    """The top-level elements ``labels_for`` reads of a resource of this type (its field plan)."""
+    fields, getters = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS)
+    found = {*fields, *(head for head, _ in getters), "extension", "modifierExtension", "meta", "contained"}
+    found.update(_OWN_ELEMENTS.get(rtype, ()))
+    return frozenset(found)
+
+
+# The label-bearing elements of _OWN_ELEMENT_TYPES, as _collect_own_elements reads them.
+_OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
+    "DocumentReference": ("securityLabel",),
+    "Composition": ("confidentiality",),
+    "Consent": ("provision",),
+    "Bundle": ("entry",),
+}
+
+
 def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
     if not isinstance(provision, dict):
         return
@@ -286,6 +303,7 @@ class LabelIndex:
         "resource_scope_names",
         "sensitivity_scope_names",
         "coverage",
+        "_memo",
     )
 
     def __init__(self) -> None:
@@ -302,6 +320,7 @@ class LabelIndex:
         self.resource_scope_names: frozenset[str] = frozenset()
         self.sensitivity_scope_names: frozenset[str] = frozenset()
         self.coverage: tuple[CoverageEntry, ...] = ()
+        self._memo: dict[Hashable, frozenset[Label]] = {}
 
     # ------------------------------------------------------------------ building
 
@@ -336,6 +355,17 @@ class LabelIndex:
         for hit in hits:
             labels |= hit.labels
         return frozenset(labels)
+
+    def labels_keyed(self, key: Hashable, resource: JSON) -> frozenset[Label]:
+        """``labels_for(resource)``, remembered under ``key``: the exact text of every element
+        the labels depend on (core.view.label_key), so equal texts are labelled once."""
+        found = self._memo.get(key)
+        if found is None:
+            found = self.labels_for(resource)
+            if len(self._memo) >= _MEMO_MAX:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
 
     def explain(self, resource: JSON) -> list[tuple[Label, str]]:
         """Each label with the rule (or resource element) that gave it, sorted, no repeats."""
@@ -479,6 +509,7 @@ class LabelIndex:
 
 
 _NO_LABELS: frozenset[Label] = frozenset()
+_MEMO_MAX = 16_384  # remembered label sets (core.view keys), cleared when full
 _NO_SCOPES: frozenset[str] = frozenset()
 
 

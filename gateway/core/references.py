@@ -203,22 +203,34 @@ _REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
 def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
     """False when no reference in the JSON text ``raw`` points at patient data outside
     ``released`` (then no display needs removing); True when one may."""
+    return unreleased_named(raw, released) != frozenset()
+
+
+def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] | None:
+    """The reference values (as written in ``raw``) that point at patient data outside
+    ``released`` from a Reference that may carry a display; None when the text cannot be read
+    this way (then any reference may)."""
     if b'"display"' not in raw:
-        return False
+        return frozenset()
     if b"\\u" in raw:
-        return True  # a \u escape can spell a key the pattern cannot see
+        return None  # a \u escape can spell a key the pattern cannot see
     found = 0
+    named: set[bytes] = set()
     for match in _REFERENCE.finditer(raw):
         found += 1
         value = match.group(1)
+        if value in named:
+            continue
         ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
         if ref.startswith("#"):
             continue
         target = relative_reference(ref)
         if is_patient_data(target.split("/", 1)[0]) and target not in released \
                 and _may_have_display(raw, match.start(), match.end()):
-            return True
-    return found != raw.count(b'"reference"')
+            named.add(value)
+    if found != raw.count(b'"reference"'):
+        return None
+    return frozenset(named)
 
 
 def _may_have_display(raw: bytes, start: int, end: int) -> bool:

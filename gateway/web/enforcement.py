@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -19,6 +19,7 @@ from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
+from gateway.core.view import ViewsInsufficient
 from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
 from gateway.sources.store import ConsentStore, PatientConsents
 
@@ -114,15 +115,17 @@ class ConsentEnforcement:
 
     def labeler(
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
-        seen: dict[int, frozenset[Label]] | None = None,
+        seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
     ) -> Callable[[JSON], frozenset[Label]]:
         """Labels of a resource, including those of the Medication it names by reference and
         those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
-        by object identity when given."""
-        own = self.labels.labels_for
+        by object identity when given. ``keys``: the label keys of viewed resources (by object
+        identity), under which equal texts are labelled once."""
+        own, keyed = self.labels.labels_for, self.labels.labels_keyed
 
         def labels_for(resource: JSON) -> frozenset[Label]:
-            found = own(resource)
+            key = keys.get(id(resource)) if keys else None
+            found = own(resource) if key is None else keyed(key, resource)
             if source_labels:
                 extra = source_labels.get(resource_reference(resource) or "")
                 if extra:
@@ -138,7 +141,8 @@ class ConsentEnforcement:
         return labels_for
 
     def judge(
-        self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None
+        self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None,
+        keys: Mapping[int, Hashable] | None = None,
     ) -> Judge:
         """A per-resource decision function over the looked-up consents."""
         labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
@@ -170,7 +174,7 @@ class ConsentEnforcement:
                 clinical_date(resource) if "date" in extra else None,
             )
 
-        labels_for, scopes_for = self.labeler(resolved, looked.labels, seen), labels.scopes_for
+        labels_for, scopes_for = self.labeler(resolved, looked.labels, seen, keys), labels.scopes_for
 
         def judge(resource: JSON, owners: frozenset[str]) -> Decision:
             if "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
@@ -252,6 +256,8 @@ class ConsentEnforcement:
         withheld_status: str = "403 Forbidden",
         resolved: Resolved = NOTHING_RESOLVED,
         observed: Observed | None = None,
+        views: bool = False,
+        label_keys: Mapping[int, Hashable] | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -273,6 +279,8 @@ class ConsentEnforcement:
             # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
             unknown = True
+        if views and any(summary_reads(c) is None for c in looked.consents.values()):
+            raise ViewsInsufficient("the consents read codes or references anywhere in a resource")
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
@@ -280,7 +288,7 @@ class ConsentEnforcement:
         if observed is not None:
             observed.consents = looked.consents
         seen = observed.labels if observed is not None else None
-        judge = _unknown_denies if unknown else self.judge(looked, resolved, seen)
+        judge = _unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:

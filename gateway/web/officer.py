@@ -130,9 +130,10 @@ def count_denied(request: web.Request, body: JSON) -> None:
 
 async def released(
     state: GatewayState, request: web.Request, ex: Exchange, body: JSON, labels: Mapping[int, frozenset[Label]],
-    result: Enforced,
+    result: Enforced, touched: set[int] | None = None,
 ) -> bool:
     """Label what ``body`` releases (DS4P), record its disclosures; True when ``body`` changed.
+    The ids of the resources labelled in place go into ``touched`` when given.
 
     AuditUnavailable (503) when a disclosure cannot be made durable: nothing is returned.
     """
@@ -151,7 +152,10 @@ async def released(
         found = labels.get(id(resource))
         marked = sensitive_of(found, sensitive) if found else []
         if marked:
-            changed |= mark(resource, marked)
+            if mark(resource, marked):
+                changed = True
+                if touched is not None:
+                    touched.add(id(resource))
             part2 = part2 or is_part2(marked)
         if mode == "none" or (mode == "sensitive" and not marked) or not is_patient_data(rtype):
             continue

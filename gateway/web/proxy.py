@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import logging
 import re
 import time
@@ -17,8 +18,9 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.references import in_answer, may_name_unreleased, scrub_displays
+from gateway.core.references import in_answer, may_name_unreleased, scrub_displays, unreleased_named
 from gateway.core.strict_json import has_duplicate_keys
+from gateway.core.view import AnswerView, ViewsInsufficient, read_answer
 from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
 )
@@ -229,7 +231,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         info.decision = "deny"
         state.metrics.count_decision("deny")
         return await audited(state, ex, upstream.status, not_found())
-    parsed = parse_body(upstream, ex.route)
+    view = view_of(state, ex, upstream, plan)
+    parsed = view.body if view is not None else parse_body(upstream, ex.route)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
@@ -238,7 +241,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
     if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
         parsed["entry"] = plan.answer(parsed["entry"])
+    if view is not None:
+        try:
+            return await decide_answer(state, request, ex, upstream, parsed, links, plan, view)
+        except ViewsInsufficient:
+            parsed = parse_body(upstream, ex.route)
+            if parsed is None:  # pragma: no cover - a viewed answer parses whole too
+                raise UpstreamUnavailable("The FHIR server sent a malformed answer.") from None
     return await decide_answer(state, request, ex, upstream, parsed, links, plan)
+
+
+# Interactions whose answers may be decided on views (reads and searches of patient data).
+_VIEWED = frozenset({"read", "vread", "search", "operation"})
+
+
+def view_of(state: GatewayState, ex: Exchange, upstream: UpstreamResponse, plan: BatchPlan | None) -> AnswerView | None:
+    """The answer read as views of its deciding elements (core.view), when nothing about the
+    request needs whole resources: not break-glass, shadow mode, a batch or a projection."""
+    if (plan is not None or ex.reason is not None or ex.projection is not None or upstream.status >= 300
+            or ex.route.interaction not in _VIEWED or officer.is_shadow(state) or not upstream.body
+            or "json" not in upstream.headers.get("Content-Type", "").lower()):
+        return None
+    return read_answer(upstream.body)
 
 
 async def send(state: GatewayState, request: web.Request, ex: Exchange, request_id: str) -> UpstreamResponse:
@@ -254,9 +278,13 @@ async def send(state: GatewayState, request: web.Request, ex: Exchange, request_
 
 async def decide_answer(
     state: GatewayState, request: web.Request, ex: Exchange, upstream: UpstreamResponse,
-    parsed: JSON, links: LinkRewriter, plan: BatchPlan | None,
+    parsed: JSON, links: LinkRewriter, plan: BatchPlan | None, view: AnswerView | None = None,
 ) -> web.StreamResponse:
-    """Decide every resource of the answer, remove what is denied, audit break-glass, project."""
+    """Decide every resource of the answer, remove what is denied, audit break-glass, project.
+
+    With a ``view``, ``parsed`` holds views of the deciding elements and the answer is spliced
+    from the upstream's bytes; ViewsInsufficient (before anything is decided) asks the caller
+    for whole resources."""
     info = request[INFO]
     resolved = await resolve_references(state, parsed)
     confined = ex.confined
@@ -267,7 +295,8 @@ async def decide_answer(
     observed = Observed()
     result, emergency = await state.enforcement.enforce(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
-        withheld_status=withheld_status(state), resolved=resolved, observed=observed,
+        withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None,
+        label_keys=view.label_keys if view is not None else None,
     )
     status = withheld_status(state)
     denied = result.denied or all_versions_hidden(ex.route, decided) or (
@@ -298,8 +327,18 @@ async def decide_answer(
         )
         await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
-    changed = await officer.released(state, request, ex, parsed, labels, decided_result) or result.changed
+    touched = view.touched if view is not None else None
+    changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched) or result.changed
     released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body and not shadow else frozenset()
+    if view is not None:
+        named = unreleased_named(upstream.body, released) if released else frozenset()
+        if changed or named != frozenset():
+            payload = view.splice(displays_scrubber(released, named) if named != frozenset() else None)
+        else:
+            payload = upstream.body
+        response = client_response(upstream, links, links.body(payload), result.header)
+        response.headers.update(headers)
+        return response
     if released and may_name_unreleased(upstream.body, released):
         changed |= scrub_displays(parsed, released)
     if plan is not None and isinstance(parsed.get("entry"), list):
@@ -318,6 +357,22 @@ async def decide_answer(
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
+
+
+def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
+    """Rewrites one kept entry's text without the displays of references to patient data the
+    answer does not release (the entry as the upstream wrote it when it has none). ``named``:
+    the reference values of the whole answer that may (core.references.unreleased_named)."""
+
+    def scrub(text: bytes) -> bytes:
+        if named is not None and not any(value in text for value in named):
+            return text
+        if not may_name_unreleased(text, released):
+            return text
+        entry = orjson.loads(text)
+        return orjson.dumps(entry) if scrub_displays(entry, released) else text
+
+    return scrub
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:

@@ -1,0 +1,288 @@
+"""Views of an answer: the elements that decide, parsed; everything else kept as bytes.
+
+An upstream answer is read once. Each resource's top-level elements are located without
+being parsed (``msgspec.Raw``); only the elements its type's field plan names are parsed
+(``view_elements``: what the labeler, the compartment, the consent conditions, the scopes
+and the reference resolution read). The decision pipeline runs over these views exactly as
+over whole resources, and the answer is put back together from the upstream's own bytes
+of every kept entry (``splice``), so a kept ``4.10`` stays ``4.10`` and an unfiltered
+answer goes out byte for byte.
+
+What a view cannot vouch for takes the whole-resource path:
+
+- a text that is not compact at the levels read here, or names a key twice there, or in
+  any element parsed (the whole-resource path then refuses a repeated key, 502);
+- Bundles other than search sets, Parameters, OperationOutcomes, documents, included
+  resources (their orphan check reads every reference of every kept resource);
+- Bundles, Parameters, Compositions and Binaries inside a search set are parsed whole, one
+  entry at a time, and re-serialized when kept;
+- consents whose ``code`` or ``data`` conditions read codes or references anywhere in a
+  resource (``ViewsInsufficient``, raised by the judge before anything is decided).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+import orjson
+
+from gateway.core.compartment import deciding_elements
+from gateway.core.fhir import JSON
+from gateway.core.labels import label_elements
+from gateway.core.strict_json import has_duplicate_keys
+
+_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+# Entry resources read whole: they hold resources (Bundle, Parameters), are rewritten by
+# enforcement (a document's Composition) or decided through what they point at (Binary).
+WHOLE_TYPES = frozenset({"Bundle", "Parameters", "Composition", "Binary"})
+# Answers the whole-resource path handles: they are rewritten, never filtered.
+_NOT_VIEWED = frozenset({"OperationOutcome", "Parameters", "Composition", "Binary"})
+# Elements every view holds: what reference resolution and the scopes read.
+_ALWAYS = frozenset({"resourceType", "id", "meta", "category", "contained", "medicationReference",
+                     "securityContext", "extension", "modifierExtension"})
+
+
+class ViewsInsufficient(Exception):
+    """The consents read elements a view does not hold: decide on whole resources."""
+
+
+class _Unviewable(Exception):
+    """The text cannot be vouched for at the levels a view reads."""
+
+
+@lru_cache(maxsize=512)
+def view_elements(rtype: str) -> frozenset[str]:
+    """The top-level elements a view of a resource of this type holds: every element the
+    decision pipeline reads of it (its field plan)."""
+    return label_elements(rtype) | deciding_elements(rtype) | _ALWAYS
+
+
+@lru_cache(maxsize=4096)
+def _key_text(key: str) -> bytes:
+    return msgspec.json.encode(key) + b":"
+
+
+def _fields(raw: msgspec.Raw | bytes) -> dict[str, msgspec.Raw]:
+    """The top-level elements of a JSON object, unparsed; only when the object's own text is
+    compact and names each key once (its compact re-encoding, computed from the lengths, is
+    exactly as long: a repeated key or any whitespace makes the text longer)."""
+    try:
+        found = _FIELDS.decode(raw)
+    except msgspec.DecodeError:
+        raise _Unviewable from None
+    expected = 1 + max(len(found), 1) + sum(len(_key_text(k)) + len(v) for k, v in found.items())
+    if expected != len(raw):
+        raise _Unviewable
+    return found
+
+
+# Parsed elements by their exact text, shared by every resource that writes them the same
+# way (a patient's subject, a lab's code and category): parsed and checked once. Shared values
+# are never changed in place; the elements that are (``meta``, by DS4P labelling) or that are
+# large and unique (``contained``) are parsed afresh for each resource.
+_ELEMENTS: dict[bytes, Any] = {}
+_ELEMENTS_MAX = 16_384
+_SHARED_MAX_BYTES = 2_048
+_FRESH = frozenset({"meta", "contained"})
+
+
+def _element(raw: msgspec.Raw, fresh: bool = False) -> Any:
+    """One element, parsed (shared unless ``fresh``); a key given twice anywhere in it makes the
+    answer unviewable."""
+    text = bytes(raw)
+    if text[:1] not in (b"{", b"["):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise _Unviewable from None
+    if not fresh:
+        found = _ELEMENTS.get(text)
+        if found is not None:
+            return found
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise _Unviewable from None
+    if has_duplicate_keys(text, value):
+        raise _Unviewable
+    if not fresh and len(text) <= _SHARED_MAX_BYTES:
+        if len(_ELEMENTS) >= _ELEMENTS_MAX:
+            _ELEMENTS.clear()
+        _ELEMENTS[text] = value
+    return value
+
+
+def _parsed(
+    fields: dict[str, msgspec.Raw], keep: frozenset[str] | None, skip: str = "", fresh: bool = False
+) -> JSON:
+    """The elements of ``fields`` named in ``keep`` (all but ``skip`` when None), parsed; every
+    one afresh with ``fresh`` (a whole resource or Bundle, which enforcement may change)."""
+    return {
+        key: _element(value, fresh or key in _FRESH)
+        for key, value in fields.items()
+        if ((key in keep) if keep is not None else key != skip)
+    }
+
+
+def label_key(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[str | bytes, ...] | None:
+    """What a resource's labels depend on, as text: the exact text of each label-bearing element
+    (None when its own meta.security or contained resources also label it)."""
+    meta = fields.get("meta")
+    if "contained" in fields or (meta is not None and b'"security"' in bytes(meta)):
+        return None
+    plan = label_elements(rtype)
+    key: list[str | bytes] = [rtype]
+    for name, value in fields.items():
+        if name in plan and name != "meta":
+            key.append(name)
+            key.append(bytes(value))
+    return tuple(key)
+
+
+def _string(raw: msgspec.Raw | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(memoryview(raw))
+    except orjson.JSONDecodeError:
+        raise _Unviewable from None
+    return value if isinstance(value, str) else None
+
+
+@dataclass(slots=True)
+class EntryView:
+    """One search-set entry: its upstream bytes and what the pipeline decides on."""
+
+    raw: msgspec.Raw
+    entry: JSON                  # the entry as decided: small elements parsed, resource viewed
+    resource_raw: msgspec.Raw | None
+    whole: bool                  # the resource was parsed whole
+
+
+@dataclass(slots=True)
+class AnswerView:
+    """An answer read once. ``body`` is what the pipeline decides and filters in place (a
+    Bundle of entry views, or one resource's view); ``splice`` gives the bytes to send."""
+
+    raw: bytes
+    body: JSON
+    entries: dict[int, EntryView] = field(default_factory=dict)  # by id of the entry dict
+    label_keys: dict[int, tuple[str | bytes, ...]] = field(default_factory=dict)  # by id of the view
+    touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
+
+    @property
+    def is_bundle(self) -> bool:
+        return self.body.get("resourceType") == "Bundle"
+
+    def splice(self, entry_bytes: Callable[[bytes], bytes] | None = None) -> bytes:
+        """The answer after filtering: kept entries as the upstream wrote them (or, for the
+        few changed in place or parsed whole, re-serialized); ``entry_bytes`` may rewrite each
+        kept entry's text (display scrubbing)."""
+        if not self.is_bundle:
+            text = self.raw if id(self.body) not in self.touched else orjson.dumps(_merged(self.raw, self.body))
+            return entry_bytes(text) if entry_bytes is not None else text
+        parts: list[bytes] = []
+        for key, value in self.body.items():
+            if key == "entry" and isinstance(value, list):
+                parts.append(b'"entry":[' + b",".join(self._entry_texts(value, entry_bytes)) + b"]")
+            else:
+                parts.append(orjson.dumps(key) + b":" + orjson.dumps(value))
+        return b"{" + b",".join(parts) + b"}"
+
+    def _entry_texts(self, entries: Iterable[object], rewrite: Callable[[bytes], bytes] | None) -> Iterable[bytes]:
+        for entry in entries:
+            found = self.entries.get(id(entry))
+            if found is None or found.whole:
+                text = orjson.dumps(entry)
+            else:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if resource is not None and id(resource) in self.touched and found.resource_raw is not None:
+                    whole = {**entry, "resource": _merged(found.resource_raw, resource)}
+                    text = orjson.dumps(whole)
+                else:
+                    text = bytes(found.raw)
+            yield rewrite(text) if rewrite is not None else text
+
+
+def _merged(raw: msgspec.Raw | bytes, view: JSON) -> JSON:
+    """The whole resource with the elements of its view (changed in place) put back."""
+    whole: JSON = orjson.loads(memoryview(raw))
+    plan = view_elements(str(whole.get("resourceType")))
+    for key in [k for k in whole if k in plan and k not in view]:
+        del whole[key]
+    whole.update(view)
+    return whole
+
+
+def read_answer(raw: bytes) -> AnswerView | None:
+    """A view of the upstream answer ``raw``, or None when it takes the whole-resource path."""
+    try:
+        top = _fields(raw)
+        rtype = _string(top.get("resourceType"))
+        if not rtype or rtype in _NOT_VIEWED:
+            return None
+        if rtype != "Bundle":
+            answer = AnswerView(raw, _parsed(top, view_elements(rtype)))
+            key = label_key(top, rtype)
+            if key is not None:
+                answer.label_keys[id(answer.body)] = key
+            return answer
+        return _bundle(raw, top)
+    except _Unviewable:
+        return None
+
+
+def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
+    body = _parsed(top, None, skip="entry", fresh=True)
+    if body.get("type") != "searchset":
+        return None
+    answer = AnswerView(raw, body)
+    entries_raw = top.get("entry")
+    if entries_raw is None:
+        return answer
+    try:
+        items = _ITEMS.decode(entries_raw)
+    except msgspec.DecodeError:
+        return None
+    if 1 + max(len(items), 1) + sum(len(i) for i in items) != len(entries_raw):
+        return None  # whitespace between entries: vouch for nothing
+    decided: list[object] = []
+    for item in items:
+        entry, resource_raw, whole = _entry(item, answer.label_keys)
+        if entry is None:
+            return None
+        answer.entries[id(entry)] = EntryView(item, entry, resource_raw, whole)
+        decided.append(entry)
+    # The entries keep their place among the Bundle's elements.
+    answer.body = {key: (decided if key == "entry" else body[key]) for key in top if key == "entry" or key in body}
+    return answer
+
+
+def _entry(
+    item: msgspec.Raw, keys: dict[int, tuple[str | bytes, ...]]
+) -> tuple[JSON | None, msgspec.Raw | None, bool]:
+    fields = _fields(item)
+    entry = _parsed(fields, None, skip="resource")
+    search = entry.get("search")
+    if isinstance(search, dict) and search.get("mode", "match") not in ("match", "outcome"):
+        return None, None, False  # an included resource: the orphan check reads whole resources
+    resource_raw = fields.get("resource")
+    whole = False
+    if resource_raw is not None:
+        inner = _fields(resource_raw)
+        rtype = _string(inner.get("resourceType"))
+        if rtype is None or rtype in WHOLE_TYPES:
+            entry["resource"] = _parsed(inner, None, fresh=True)
+            whole = True
+        else:
+            entry["resource"] = resource = _parsed(inner, view_elements(rtype))
+            key = label_key(inner, rtype)
+            if key is not None:
+                keys[id(resource)] = key
+    return entry, resource_raw, whole
