@@ -204,7 +204,7 @@ async def test_a_consent_written_through_one_worker_evicts_in_every_worker(fake_
         assert time.monotonic() < deadline, "a worker still decides from the revoked consent"
 
 
-async def test_each_break_glass_event_is_delivered_exactly_once(fake_fhir: FakeFhir, launch: Any) -> None:
+async def test_each_audit_event_is_delivered_exactly_once(fake_fhir: FakeFhir, launch: Any) -> None:
     seed(fake_fhir, c.opt_out(c.PAT_ANA))
     audit_fhir = FakeFhir()
     server = TestServer(audit_fhir.app(), host="127.0.0.1")
@@ -214,21 +214,24 @@ async def test_each_break_glass_event_is_delivered_exactly_once(fake_fhir: FakeF
         gw = await launch(
             fake_fhir.base_url,
             extra="break_glass: {record_consent: false}\n",
-            audit=f", fhir_url: {audit_fhir.base_url}, disclosures: none",
+            audit=f", fhir_url: {audit_fhir.base_url}, disclosures: all",
         )
         answers = await fresh_gets(gw.url + SEARCH, BREAK_GLASS)
-        assert [status for status, _ in answers] == [200] * SPREAD
-        ids = [headers["X-Break-Glass-Audit-Id"] for _, headers in answers]
+        answers += await fresh_gets(gw.url + SEARCH, {"X-Actor": c.PAT_ANA})  # disclosures only
+        assert [status for status, _ in answers] == [200] * 2 * SPREAD
+        ids = [headers["X-Break-Glass-Audit-Id"] for _, headers in answers[:SPREAD]]
         assert len(set(ids)) == SPREAD
         by_worker = Counter(int(e["worker"]) for e in gw.lines() if e.get("audit_id"))
         assert sorted(by_worker) == [0, 1]  # both workers wrote to the audit file
         written = [orjson.loads(line)["id"] for line in gw.audit.read_bytes().splitlines()]
         assert sorted(written) == sorted(ids)
+        disclosed = [orjson.loads(line)["id"] for line in (gw.audit.parent / "audit.disclosures.jsonl").read_bytes().splitlines()]
+        assert len(disclosed) >= SPREAD and not set(disclosed) & set(ids)
         deadline = time.monotonic() + 15
-        while len(delivered(audit_fhir)) < SPREAD and time.monotonic() < deadline:
+        while len(delivered(audit_fhir)) < len(written) + len(disclosed) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.5)  # more than two delivery polls: a second deliverer would show
-        assert sorted(delivered(audit_fhir)) == sorted(ids)
+        assert sorted(delivered(audit_fhir)) == sorted(written + disclosed)
         puts = Counter(r.path_qs for r in audit_fhir.requests if r.method == "PUT")
         assert set(puts.values()) == {1}
         assert await metric(gw, "consent_gateway_audit_delivery_backlog_bytes") == 0
