@@ -207,7 +207,7 @@ class AnswerView:
                 text = orjson.dumps(entry)
             elif resource is None or id(resource) not in self.touched:
                 text = bytes(found.raw)
-            elif found.resource_raw is not None:
+            elif found.resource_raw is not None and isinstance(entry, dict):
                 text = orjson.dumps({**entry, "resource": _merged(found.resource_raw, resource)})
             else:
                 text = orjson.dumps(entry)
