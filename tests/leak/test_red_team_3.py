@@ -1,0 +1,200 @@
+"""Red team, third pass: answers decided on views and spliced from the upstream's bytes, and
+decisions shared across requests (core.view, core.judge.DecisionCache, the label memo).
+
+The question each test asks: which bytes does the client read that the gateway did not
+decide on, or decided for someone else? Every test goes through the real request path (HTTP
+to the gateway, the fake FHIR server on a real socket answering raw bytes) and searches the
+RAW response bytes and headers. The leak conftest runs each test twice: answers parsed whole,
+and answers decided on views (``upstream.views_above_bytes: 0``). A door that does not hold
+on one path is ``xfail(strict=True)`` on that path only, with the leak in its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.demo.issuer import LocalIssuer
+from tests.conftest import GatewayUnderTest
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+from tests.leak.test_red_team_2 import bearer, jcall, jwt_config
+from tests.leak.test_side_doors import FHIR_JSON, call, entries, ids_in, leaks, routes
+
+MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
+ANA_ID = c.PAT_ANA.split("/", 1)[1]
+BEN_ID = c.PAT_BEN.split("/", 1)[1]
+V3_CONF = c.V3_CONFIDENTIALITY
+PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+RESOURCE_TYPES = "http://hl7.org/fhir/resource-types"
+HIDDEN_PROFILE = "http://example.org/fhir/StructureDefinition/forensic-finding"
+
+HIV_SECRETS = ("B20", "86406008", "Human immunodeficiency virus", c.HIV_CONDITION["id"])
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+def world(fake_fhir: FakeFhir) -> FakeFhir:
+    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed)."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
+    return fake_fhir
+
+
+def path_of(request: pytest.FixtureRequest) -> str:
+    """``whole`` or ``views``: how the leak conftest runs this test."""
+    callspec = getattr(request.node, "callspec", None)
+    return str(callspec.params.get("make_gateway", "whole")) if callspec is not None else "whole"
+
+
+def xfail_on(request: pytest.FixtureRequest, paths: Iterable[str], reason: str) -> None:
+    """A known leak on the given paths only: strict there, a plain test elsewhere."""
+    if path_of(request) in set(paths):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def answer(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=FHIR_JSON)
+
+
+def searchset(resources: Iterable[dict[str, Any]], base: str, self_url: str = "") -> dict[str, Any]:
+    return c.bundle(list(resources), base, self_url=self_url or f"{base}/Observation?patient={c.PAT_ANA}")
+
+
+def observation(rid: str, subject: str = c.PAT_ANA, **extra: Any) -> dict[str, Any]:
+    """An ordinary lab result (a CBC) with ``extra`` elements."""
+    return {**c.ANA_CBC, "id": rid, "subject": {"reference": subject}, **extra}
+
+
+def hiv_condition(rid: str, subject: str) -> dict[str, Any]:
+    return {**c.HIV_CONDITION, "id": rid, "subject": {"reference": subject}}
+
+
+def serve(fake: FakeFhir, table: dict[tuple[str, str], Callable[[web.Request], Any]]) -> None:
+    fake.override = routes(table)
+
+
+async def search(gw: GatewayUnderTest, path: str = f"/Observation?patient={c.PAT_ANA}", actor: str = c.DOCTOR,
+                 **headers: str) -> tuple[int, dict[str, str], bytes]:
+    return await call(gw, "GET", path, actor=actor, **headers)
+
+
+def consent(cid: str, subject: str, provision: dict[str, Any], rule: str = "OPTIN") -> dict[str, Any]:
+    return c._consent(cid, subject, rule, provision)
+
+
+def fhir_instant(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def soon(seconds: float) -> tuple[datetime, str]:
+    """A whole second at least ``seconds`` from now, and its FHIR text."""
+    moment = datetime.fromtimestamp(math.ceil(time.time() + seconds), timezone.utc)
+    return moment, fhir_instant(moment)
+
+
+async def sleep_past(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, moment.timestamp() - time.time()) + 0.15)
+
+
+# ================================================================ 1. meta spelled oddly
+
+
+def _escaped(body: bytes, key: bytes) -> bytes:
+    """``body`` with every ``"key"`` written with its first letter as a \\u escape (same JSON)."""
+    escaped = b'"\\u%04x' % key[0] + key[1:] + b'"'
+    out = body.replace(b'"' + key + b'"', escaped)
+    assert out != body
+    return out
+
+
+RESTRICTED_NOTE = "Restricted finding: disclosed under seal"
+
+
+def _restricted_cbc() -> dict[str, Any]:
+    return observation(
+        "obs-sealed-r-4e1", meta={"versionId": "3", "security": [{"system": V3_CONF, "code": "R"}]},
+        note=[{"text": RESTRICTED_NOTE}],
+    )
+
+
+@pytest.mark.parametrize("interaction", ["search", "read"])
+async def test_meta_security_spelled_with_an_escape_still_labels(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway, interaction: str,
+) -> None:
+    """``"\\u0073ecurity"`` is the key ``security`` to every JSON reader; a view that looks for
+    the bytes ``"security"`` in ``meta`` leaves meta out and decides without the R label."""
+    xfail_on(request, ["views"], "views: meta whose 'security' key is \\u-escaped is left out of the "
+             "view (core.view._DECIDING_META byte search), so a resource labelled R (restricted) by its own "
+             "meta.security is released under a general opt-in, note text and all")
+    sealed = _restricted_cbc()
+    if interaction == "search":
+        raw = _escaped(orjson.dumps(searchset([c.ANA_CBC, sealed], world.base_url)), b"security")
+        serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+        path = f"/Observation?patient={c.PAT_ANA}"
+    else:
+        raw = _escaped(orjson.dumps(sealed), b"security")
+        serve(world, {("GET", f"/Observation/{sealed['id']}"): lambda r: answer(raw)})
+        path = f"/Observation/{sealed['id']}"
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, path)
+    assert leaks(body, headers, (RESTRICTED_NOTE, sealed["id"])) == [], body[:400]
+    if interaction == "search":
+        assert status == 200 and ids_in(body) == {c.ANA_CBC["id"]}
+    else:
+        assert status == 403
+
+
+async def test_meta_profile_spelled_with_an_escape_still_matches_a_profile_class(
+    request: pytest.FixtureRequest, fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """A consent denying a profile (class = canonical URL) must match ``"\\u0070rofile"``."""
+    xfail_on(request, ["views"], "views: meta whose 'profile' key is \\u-escaped is left out of the view, "
+             "so a consent denying that profile (provision.class) does not match and the record is released")
+    c.seed_all(fake_fhir)
+    fake_fhir.add(consent("consent-noforensic", c.PAT_ANA, {
+        "type": "permit",
+        "provision": [{"type": "deny", "class": [{"system": "urn:ietf:rfc:3986", "code": HIDDEN_PROFILE}]}],
+    }))
+    forensic = observation("obs-forensic-7b2", meta={"profile": [HIDDEN_PROFILE]}, note=[{"text": RESTRICTED_NOTE}])
+    raw = _escaped(orjson.dumps(searchset([c.ANA_CBC, forensic], fake_fhir.base_url)), b"profile")
+    serve(fake_fhir, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(fake_fhir.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {c.ANA_CBC["id"]}
+    assert leaks(body, headers, (RESTRICTED_NOTE, forensic["id"])) == []
+
+
+@pytest.mark.parametrize("spelling", [
+    b'"meta":{"versionId":"3","security" : [{"system":"%s","code":"R"}]}',
+    b'"meta":{"versionId":"3","extension":[{"url":"urn:x","valueString":"a"}],"security":[{"system":"%s","code":"R"}]}',
+    b'"meta":{"security":[{"system":"%s","code":"R"}],"lastUpdated":"2024-01-01T00:00:00Z"}',
+    b'"meta":{\n  "security": [ {"system": "%s", "code": "R"} ]\n}',
+])
+async def test_meta_security_spelled_otherwise_still_labels(
+    world: FakeFhir, make_gateway: MakeGateway, spelling: bytes,
+) -> None:
+    """Whitespace inside meta, security after other keys, a pretty-printed meta: the R label holds."""
+    plain = observation("obs-sealed-r-4e1", note=[{"text": RESTRICTED_NOTE}])
+    text = orjson.dumps(plain)
+    text = text[:-1] + b"," + spelling.replace(b"%s", V3_CONF.encode()) + b"}"
+    raw = orjson.dumps(searchset([c.ANA_CBC], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[{"fullUrl":"%s/Observation/obs-sealed-r-4e1","resource":%s,'
+                      b'"search":{"mode":"match"}},' % (world.base_url.encode(), text))
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {c.ANA_CBC["id"]}
+    assert leaks(body, headers, (RESTRICTED_NOTE, "obs-sealed-r-4e1")) == []
