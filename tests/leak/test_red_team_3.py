@@ -198,3 +198,164 @@ async def test_meta_security_spelled_otherwise_still_labels(
     assert status == 200, body
     assert ids_in(body) == {c.ANA_CBC["id"]}
     assert leaks(body, headers, (RESTRICTED_NOTE, "obs-sealed-r-4e1")) == []
+
+
+# ================================================================ 2. repeated keys at every level
+
+
+def _with_entry_text(base: str, resource_text: bytes, rid: str, rtype: str = "Observation") -> bytes:
+    """A search set of Ana's CBC and one more entry whose resource is written as ``resource_text``."""
+    raw = orjson.dumps(searchset([c.ANA_CBC], base))
+    entry = b'{"fullUrl":"%s/%s/%s","resource":%s,"search":{"mode":"match"}}' % (
+        base.encode(), rtype.encode(), rid.encode(), resource_text)
+    return raw.replace(b'"entry":[', b'"entry":[' + entry + b",")
+
+
+SUBJECT_ANA = b'{"reference":"%s"}' % c.PAT_ANA.encode()
+SUBJECT_BEN = b'{"reference":"%s"}' % c.PAT_BEN.encode()
+HIV_CODE = orjson.dumps(c.HIV_CONDITION["code"])
+HTN_CODE = orjson.dumps(c.ANA_HYPERTENSION["code"])
+
+
+@pytest.mark.parametrize("where", [
+    # a deciding element named twice at the resource's top level: the subject, the code
+    b'{"resourceType":"Condition","id":"cond-dup-1","subject":%(ben)s,"code":%(hiv)s,"subject":%(ana)s}',
+    b'{"resourceType":"Condition","id":"cond-dup-1","code":%(hiv)s,"subject":%(ana)s,"code":%(htn)s}',
+    # a key twice inside a deciding element: the coding's code, the subject's reference
+    b'{"resourceType":"Condition","id":"cond-dup-1","code":{"coding":[{"system":"%(icd)s","code":"B20","code":"I10"}]},'
+    b'"subject":%(ana)s}',
+    b'{"resourceType":"Condition","id":"cond-dup-1","code":%(hiv)s,'
+    b'"subject":{"reference":"%(pana)s","reference":"%(pben)s"}}',
+    # meta.security named twice (the second empty)
+    b'{"resourceType":"Condition","id":"cond-dup-1","meta":{"security":[{"system":"%(conf)s","code":"R"}],"security":[]},'
+    b'"code":%(htn)s,"subject":%(ana)s,"note":[{"text":"Human immunodeficiency virus"}]}',
+    # the resourceType itself twice
+    b'{"resourceType":"Condition","id":"cond-dup-1","code":%(hiv)s,"subject":%(ana)s,"resourceType":"Basic"}',
+])
+async def test_repeated_deciding_keys_are_refused(world: FakeFhir, make_gateway: MakeGateway, where: bytes) -> None:
+    """A key given twice where the decision reads is a 502 on either path (CONTRACT §6)."""
+    text = where % {b"ben": SUBJECT_BEN, b"ana": SUBJECT_ANA, b"hiv": HIV_CODE, b"htn": HTN_CODE,
+                    b"icd": c.ICD10CM.encode(), b"pana": c.PAT_ANA.encode(), b"pben": c.PAT_BEN.encode(),
+                    b"conf": V3_CONF.encode()}
+    raw = _with_entry_text(world.base_url, text, "cond-dup-1", "Condition")
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 502, body
+    assert leaks(body, headers, (*HIV_SECRETS, "cond-dup-1")) == []
+
+
+@pytest.mark.parametrize("where", [
+    b'"entry":[{"fullUrl":"u1","fullUrl":"u2",',
+    b'"entry":[{"search":{"mode":"include"},"search":{"mode":"match"},',
+    b'"type":"searchset","type":"batch-response",',
+])
+async def test_repeated_keys_at_the_bundle_and_entry_levels_are_refused(
+    world: FakeFhir, make_gateway: MakeGateway, where: bytes,
+) -> None:
+    hidden = hiv_condition("cond-hiv-dup-2", c.PAT_ANA)
+    raw = orjson.dumps(searchset([hidden, c.ANA_CBC], world.base_url))
+    if where.startswith(b'"entry"'):
+        raw = raw.replace(b'"entry":[{', where, 1)
+    else:
+        raw = raw.replace(b'"type":"searchset",', where, 1)
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 502, body
+    assert leaks(body, headers, (*HIV_SECRETS, "cond-hiv-dup-2")) == []
+
+
+@pytest.mark.parametrize("where", [
+    b'"note":[{"text":"first reading","text":"second reading"}]',
+    b'"meta":{"versionId":"1","versionId":"2"}',
+])
+async def test_repeated_keys_in_elements_no_decision_reads_are_refused_too(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway, where: bytes,
+) -> None:
+    """CONTRACT §6: duplicate JSON keys in patient data -> 502, on either path; the kept entry
+    would otherwise reach a first-key reader as one text and a last-key reader as another."""
+    xfail_on(request, ["views"], "views: a key repeated inside an element no decision reads (note, a meta "
+             "without profile/security) is never parsed, so the answer is spliced out with the repeated key "
+             "instead of the 502 of the whole path (contract deviation; nothing decided is read differently)")
+    text = orjson.dumps(observation("obs-dup-note-3"))
+    text = text[:-1] + b"," + where + b"}"
+    raw = _with_entry_text(world.base_url, text, "obs-dup-note-3")
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, _, body = await search(gw)
+    assert status == 502, body[:300]
+
+
+# ================================================================ 3. displays on spliced entries
+
+
+HIV_DISPLAY = "Human immunodeficiency virus [HIV] disease"
+
+
+def _cbc_naming_hiv(reference: bytes = b"Condition/cond-hiv-b20-91a", key: bytes = b"display",
+                    rid: str = "obs-cbc-names-hiv") -> bytes:
+    text = orjson.dumps(observation(rid, hasMember=[{"reference": "REF", "display": HIV_DISPLAY}]))
+    return text.replace(b'"REF"', b'"' + reference + b'"').replace(
+        b'"display":"' + HIV_DISPLAY.encode() + b'"', b'"' + key + b'":"' + HIV_DISPLAY.encode() + b'"')
+
+
+@pytest.mark.parametrize("reference", [
+    b"Condition/cond-hiv-b20-91a",
+    b"Condition\\/cond-hiv-b20-91a",
+    b"http:\\/\\/fhir.example\\/Condition\\/cond-hiv-b20-91a\\/_history\\/2",
+    b"Condition/cond-hiv-b20-\\u0039\\u0031a",
+])
+async def test_display_of_a_hidden_record_is_scrubbed_from_a_kept_entry(
+    world: FakeFhir, make_gateway: MakeGateway, reference: bytes,
+) -> None:
+    """The kept CBC names Ana's hidden HIV condition (withheld in the same answer) with a display,
+    its reference spelled with ``\\/`` or ``\\u`` escapes: the display goes."""
+    text = _cbc_naming_hiv(reference)
+    raw = orjson.dumps(searchset([c.HIV_CONDITION, c.ANA_CBC], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[{"fullUrl":"x","resource":%s,"search":{"mode":"match"}},' % text)
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {c.ANA_CBC["id"], "obs-cbc-names-hiv"}
+    assert leaks(body, headers, (HIV_DISPLAY, "B20")) == []
+    # the other kept entry goes out as the upstream wrote it
+    assert orjson.dumps(c.ANA_CBC) in body
+
+
+async def test_display_key_spelled_with_an_escape_is_scrubbed_too(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """``"displa\\u0079"`` is ``display`` to the client."""
+    xfail_on(request, ["whole", "views"], "both paths: a Reference display written as \"displa\\u0079\" is not "
+             "scrubbed: decide_answer computes `released` only when the bytes '\"display\"' occur in the body and "
+             "references.unreleased_named returns 'nothing named' on the same byte test before its \\u guard, so "
+             "the kept CBC carries the hidden HIV condition's display text")
+    text = _cbc_naming_hiv(key=b"displa\\u0079")
+    raw = orjson.dumps(searchset([c.HIV_CONDITION, c.ANA_CBC], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[{"fullUrl":"x","resource":%s,"search":{"mode":"match"}},' % text)
+    raw = raw.replace(b'"display"', b'"displa\\u0079"')  # every display key spelled alike
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert "obs-cbc-names-hiv" in ids_in(body)
+    assert leaks(body, headers, (HIV_DISPLAY,)) == []
+
+
+async def test_display_in_a_read_without_id_is_scrubbed(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """A read whose answer has no ``id`` (nothing released by Type/id) still loses the display of
+    the hidden record it names."""
+    xfail_on(request, ["whole", "views"], "both paths: when no kept resource has an id, `released` "
+             "(in_answer) is empty and decide_answer skips display scrubbing altogether ('if released and "
+             "...'), so the answer names the hidden HIV condition in a Reference.display")
+    text = orjson.loads(_cbc_naming_hiv())
+    del text["id"]
+    serve(world, {("GET", "/Observation/obs-cbc-names-hiv"): lambda r: answer(orjson.dumps(text))})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, "/Observation/obs-cbc-names-hiv")
+    assert status == 200, body
+    assert leaks(body, headers, (HIV_DISPLAY,)) == []
