@@ -359,3 +359,197 @@ async def test_display_in_a_read_without_id_is_scrubbed(
     status, headers, body = await search(gw, "/Observation/obs-cbc-names-hiv")
     assert status == 200, body
     assert leaks(body, headers, (HIV_DISPLAY,)) == []
+
+
+# ================================================================ 4. element texts shared between resources
+
+
+US_CORE_CONDITION = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition-problems-health-concerns"
+SHARED_META = {"versionId": "1", "profile": [US_CORE_CONDITION]}
+
+
+@pytest.fixture
+def ben_opens_hiv(fake_fhir: FakeFhir) -> FakeFhir:
+    """Ben's consent opens his HIV records; Ana's general opt-in does not."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-hiv", labels=("HIV",)))
+    return fake_fhir
+
+
+async def test_identical_texts_of_two_patients_are_decided_per_patient(
+    ben_opens_hiv: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """Ana's and Ben's HIV conditions write code, category, meta alike (one shared parse); Ben's
+    consent opens his, Ana's does not; the DS4P label put on Ben's kept one reaches neither
+    Ana's (withheld) nor Ben's ordinary record of the same meta, in this answer or the next."""
+    world = ben_opens_hiv
+    ben_hiv = {**hiv_condition("cond-hiv-ben-1", c.PAT_BEN), "meta": SHARED_META}
+    ana_hiv = {**hiv_condition("cond-hiv-ana-2", c.PAT_ANA), "meta": SHARED_META}
+    ben_htn = {**c.BEN_HYPERTENSION, "meta": SHARED_META}
+    first = orjson.dumps(searchset([ben_hiv, ana_hiv, ben_htn], world.base_url))
+    again = orjson.dumps(searchset([ana_hiv, ben_htn], world.base_url))
+    answers = iter([first, again])
+    serve(world, {("GET", "/Condition"): lambda r: answer(next(answers)),
+                  ("GET", f"/Condition/{ben_htn['id']}"): lambda r: answer(orjson.dumps(ben_htn))})
+    gw = await make_gateway(world.base_url)
+    path = f"/Condition?patient={c.PAT_ANA},{c.PAT_BEN}"
+    status, headers, body = await search(gw, path)
+    assert status == 200, body
+    assert ids_in(body) == {"cond-hiv-ben-1", ben_htn["id"]}
+    kept = {e["resource"]["id"]: e["resource"] for e in entries(body) if "id" in e.get("resource", {})}
+    assert {s["code"] for s in kept["cond-hiv-ben-1"]["meta"]["security"]} >= {"HIV"}
+    assert kept[ben_htn["id"]]["meta"] == SHARED_META
+    assert leaks(body, headers, ("cond-hiv-ana-2",)) == []
+    # the next request (same element texts, parsed or remembered) is decided afresh per patient
+    status, headers, body = await search(gw, path)
+    assert status == 200 and ids_in(body) == {ben_htn["id"]}, body
+    assert b'"security"' not in body and leaks(body, headers, ("cond-hiv-ana-2", "B20")) == []
+    status, _, body = await search(gw, f"/Condition/{ben_htn['id']}")
+    assert status == 200 and body == orjson.dumps(ben_htn)
+
+
+async def test_long_identical_texts_are_decided_per_patient(ben_opens_hiv: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Element texts over the sharing limit (2 KiB) are parsed per resource and decided alike."""
+    world = ben_opens_hiv
+    long_code = {**c.HIV_CONDITION["code"], "text": "HIV disease; " + "history reviewed. " * 200}
+    ben_hiv = {**hiv_condition("cond-hiv-ben-long", c.PAT_BEN), "code": long_code}
+    ana_hiv = {**hiv_condition("cond-hiv-ana-long", c.PAT_ANA), "code": long_code}
+    raw = orjson.dumps(searchset([ana_hiv, ben_hiv, c.ANA_HYPERTENSION], world.base_url))
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"/Condition?patient={c.PAT_ANA},{c.PAT_BEN}")
+    assert status == 200, body
+    assert ids_in(body) == {"cond-hiv-ben-long", c.ANA_HYPERTENSION["id"]}
+    assert leaks(body, headers, ("cond-hiv-ana-long",)) == []
+
+
+# ================================================================ 5. labels remembered by text
+
+
+def _report(rid: str, **extra: Any) -> dict[str, Any]:
+    report = {k: v for k, v in c.cbc_report_with_contained_hiv().items() if k not in ("contained", "result")}
+    return {**report, "id": rid, **extra}
+
+
+@pytest.mark.parametrize("twin", ["contained", "security", "extension", "meta-security-after-profile"])
+async def test_label_memo_does_not_cover_a_twin_that_differs_outside_the_remembered_text(
+    world: FakeFhir, make_gateway: MakeGateway, twin: str,
+) -> None:
+    """Two DiagnosticReports whose code, category and subject are byte-identical; the second
+    carries its sensitivity elsewhere (a contained HIV result, its own meta.security R, an
+    extension coding B20): remembered labels of the first must not clear the second, in the
+    same answer or in a later request."""
+    plain = _report("dr-plain-1")
+    sensitive: dict[str, Any]
+    if twin == "contained":
+        sensitive = {**c.cbc_report_with_contained_hiv(), "id": "dr-twin-2"}
+    elif twin == "security":
+        sensitive = _report("dr-twin-2", meta={"security": [{"system": V3_CONF, "code": "R"}]})
+    elif twin == "extension":
+        sensitive = _report("dr-twin-2", extension=[{
+            "url": "http://hl7.org/fhir/StructureDefinition/condition-dueTo",
+            "valueCodeableConcept": c.HIV_CONDITION["code"]}])
+    else:
+        sensitive = _report("dr-twin-2", meta={"profile": [US_CORE_CONDITION],
+                                               "security": [{"system": V3_CONF, "code": "R"}]})
+    together = orjson.dumps(searchset([plain, sensitive], world.base_url))
+    plain_only = orjson.dumps(searchset([plain], world.base_url))
+    alone = orjson.dumps(searchset([sensitive], world.base_url))
+    answers = iter([plain_only, alone, together])
+    serve(world, {("GET", "/DiagnosticReport"): lambda r: answer(next(answers))})
+    gw = await make_gateway(world.base_url)
+    path = f"/DiagnosticReport?patient={c.PAT_ANA}"
+    for expected in ({"dr-plain-1"}, set(), {"dr-plain-1"}):
+        status, headers, body = await search(gw, path)
+        assert status == 200, body
+        assert ids_in(body) == expected, body[:300]
+        assert leaks(body, headers, ("dr-twin-2", "contained-hiv-1", "B20")) == []
+
+
+# ================================================================ 6. decisions shared across requests
+
+
+async def _kept(gw: GatewayUnderTest, actor: str = c.DOCTOR, path: str = f"/Observation?patient={c.PAT_ANA}",
+                **headers: str) -> set[str]:
+    status, _, body = await search(gw, path, actor=actor, **headers)
+    assert status in (200, 403), body
+    return ids_in(body) if status == 200 else set()
+
+
+async def test_consent_revoked_and_invalidated_is_not_served_from_the_decision_cache(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(world.base_url)
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+    assert await _kept(gw) == {c.ANA_CBC["id"]}  # decided once, then served from the cache
+    world.add(c.opt_out(c.PAT_ANA, "consent-optin"))  # the same Consent, now an opt-out
+    async with gw.session.post(gw.admin_url + "/cache/invalidate", json={"patient": c.PAT_ANA}) as resp:
+        assert resp.status == 200
+    assert await _kept(gw) == set()
+
+
+async def test_consent_revoked_through_the_gateway_is_not_served_from_the_decision_cache(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(world.base_url)
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+    status, _, body = await call(gw, "PUT", "/Consent/consent-optin", actor=c.PAT_ANA,
+                                 body=c.opt_out(c.PAT_ANA, "consent-optin"))
+    assert status in (200, 201), body
+    assert await _kept(gw) == set()
+    # and a new permit opens again at once
+    status, _, body = await call(gw, "PUT", "/Consent/consent-optin", actor=c.PAT_ANA,
+                                 body=c.opt_in(c.PAT_ANA, "consent-optin"))
+    assert status in (200, 201), body
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+
+
+async def test_requesters_differing_only_by_organization_get_their_own_decisions(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.not_this_doctor(c.PAT_ANA, "Organization/org-insurer-x"))
+    gw = await make_gateway(fake_fhir.base_url)
+    for org, expected in (("Organization/org-clinic-y", {c.ANA_CBC["id"]}), ("Organization/org-insurer-x", set()),
+                          ("Organization/org-clinic-y", {c.ANA_CBC["id"]}), ("Organization/org-insurer-x", set())):
+        assert await _kept(gw, **{"X-Actor-Organization": org}) == expected, org
+    assert await _kept(gw) == {c.ANA_CBC["id"]}  # no organization at all
+
+
+async def test_requests_differing_only_by_purpose_get_their_own_decisions(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(consent("consent-treat-only", c.PAT_ANA, {
+        "type": "permit", "purpose": [{"system": PURPOSE_SYSTEM, "code": "TREAT"}]}))
+    gw = await make_gateway(fake_fhir.base_url)
+    for purpose, expected in (("TREAT", {c.ANA_CBC["id"]}), ("HPAYMT", set()), ("ETREAT", {c.ANA_CBC["id"]}),
+                              ("HRESCH", set()), ("TREAT", {c.ANA_CBC["id"]})):
+        assert await _kept(gw, **{"X-Purpose-Of-Use": purpose}) == expected, purpose
+
+
+async def test_requesters_differing_only_by_actor_get_their_own_decisions(
+    ben_opens_hiv: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    world = ben_opens_hiv
+    world.add(c.not_this_doctor(c.PAT_ANA, c.BANNED_DOCTOR, "consent-ana-notdoc"))
+    gw = await make_gateway(world.base_url)
+    path = f"/Condition?patient={c.PAT_ANA}"
+    ana_all = {r["id"] for r in (c.HIV_CONDITION, c.OUD_CONDITION, c.DEPRESSION, c.ANA_HYPERTENSION)}
+    assert await _kept(gw, c.PAT_ANA, path) == ana_all  # self access
+    assert await _kept(gw, c.DOCTOR, path) == {c.ANA_HYPERTENSION["id"]}
+    assert await _kept(gw, c.BANNED_DOCTOR, path) == set()
+    assert await _kept(gw, c.PAT_BEN, path) == {c.ANA_HYPERTENSION["id"]}  # the opt-in names no one
+    assert await _kept(gw, c.DOCTOR, path) == {c.ANA_HYPERTENSION["id"]}
+
+
+async def test_tokens_differing_only_by_scopes_get_their_own_answers(
+    world: FakeFhir, issuer: LocalIssuer, make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(world.base_url, **jwt_config(issuer))
+    path = f"/Observation?patient={c.PAT_ANA}"
+    for scope, expected in (("user/*.rs", {c.ANA_CBC["id"]}), ("user/Condition.rs", set()),
+                            ("user/Observation.rs", {c.ANA_CBC["id"]}), ("user/Patient.rs", set())):
+        status, _, body = await jcall(gw, "GET", path, bearer(issuer, scope))
+        assert status in (200, 403), body
+        assert (ids_in(body) if status == 200 else set()) == expected, scope
