@@ -553,3 +553,116 @@ async def test_tokens_differing_only_by_scopes_get_their_own_answers(
         status, _, body = await jcall(gw, "GET", path, bearer(issuer, scope))
         assert status in (200, 403), body
         assert (ids_in(body) if status == 200 else set()) == expected, scope
+
+
+async def test_a_consent_period_that_ends_is_not_served_from_an_earlier_decision(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """A permit valid until a second from now (the root period: the consent's validity) and a
+    nested exception (deny) that starts then: decisions cached before either edge must expire."""
+    c.seed_all(fake_fhir)
+    ends, ends_text = soon(1.0)
+    fake_fhir.add(c.opt_in(c.PAT_BEN, "consent-ben-in"))
+    fake_fhir.add(consent("consent-ana-until", c.PAT_ANA, {"type": "permit", "period": {"end": ends_text}}))
+    fake_fhir.add(consent("consent-ben-later", c.PAT_BEN, {
+        "type": "permit", "provision": [{"type": "deny", "period": {"start": ends_text}}]}))
+    gw = await make_gateway(fake_fhir.base_url)
+    ana, ben = f"/Observation?patient={c.PAT_ANA}", f"/Observation?patient={c.PAT_BEN}"
+    assert await _kept(gw, path=ana) == {c.ANA_CBC["id"]}
+    assert await _kept(gw, path=ben) == {c.BEN_CBC["id"]}
+    await sleep_past(ends)
+    assert await _kept(gw, path=ana) == set()
+    assert await _kept(gw, path=ben) == set()
+
+
+# ================================================================ 7. what a spliced answer is made of
+
+
+async def test_spliced_answer_drops_total_rewrites_links_and_counts_its_own_bytes(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """Withheld entries gone, Bundle.total gone, every upstream URL rewritten, the kept entries
+    byte for byte as the upstream wrote them (4.10 stays 4.10), Content-Length the body's."""
+    labs = [observation(f"obs-hb-{i}", valueQuantity={"value": 4.1, "unit": "g/dL"}) for i in range(3)]
+    raw = orjson.dumps(searchset([labs[0], c.HIV_CONDITION, labs[1], c.OUD_CONDITION, labs[2]], world.base_url))
+    raw = raw.replace(b'"value":4.1,', b'"value":4.10,')
+    raw = raw.replace(b'"link":[', b'"link":[{"relation":"next","url":"%s/Observation?page=2"},' % world.base_url.encode())
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert headers["X-Consent-Decision"] == "filtered"
+    assert int(headers["Content-Length"]) == len(body)
+    bundle = orjson.loads(body)
+    assert "total" not in bundle
+    assert [e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "match"] == [r["id"] for r in labs]
+    assert world.base_url.encode() not in body
+    assert all(link["url"].startswith(gw.url) for link in bundle["link"])
+    for lab in labs:
+        written = orjson.dumps(lab).replace(b'"value":4.1,', b'"value":4.10,')
+        assert written in body
+    assert leaks(body, headers, HIV_SECRETS + ("F11.20", "Opioid")) == []
+
+
+async def test_an_answer_nothing_is_withheld_from_goes_out_byte_for_byte(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    raw = orjson.dumps(searchset([c.ANA_CBC, c.ANA_HYPERTENSION], world.base_url))
+    raw = raw.replace(b'"total":2,', b"").replace(b'"status":"final"', b'"status":"final","valueDecimal":1.50')
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200 and headers["X-Consent-Decision"] == "permit", body
+    assert body == raw.replace(world.base_url.encode(), gw.url.encode())
+
+
+def kept_ids(body: bytes) -> set[str]:
+    found = set()
+    for entry in entries(body):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and isinstance(resource.get("id"), str):
+            found.add(resource["id"])
+    return found
+
+
+ODD_ENTRIES_HOLD = [
+    b'{"search":{"mode":"outcome"},"resource":{"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"processing"}]}}',
+    b'{"fullUrl":"urn:uuid:0d1f","search":{"mode":"match"}}',
+    b'{"resource":null,"search":{"mode":"match"}}',
+    b'{"resource":[%(hiv)s],"search":{"mode":"match"}}',
+    b'{"resource":"%(hivs)s","search":{"mode":"match"}}',
+    b'{"resource":{"resourceType":"Condition","id":"big-1","subject":{"reference":"%(ana)s"},"code":%(code)s,'
+    b'"onsetAge":{"value":1e400}}}',
+    b'{"resource":{"resourceType":"Condition","id":"nan-1","subject":{"reference":"%(ana)s"},"code":%(code)s,'
+    b'"onsetAge":{"value":NaN}}}',
+]
+ODD_ENTRIES_LEAK = [
+    b'{"resource":{"resourceType":"FutureFinding","id":"ff-1","subject":{"reference":"%(ana)s"},"code":%(code)s}}',
+    b'{"resource":{"id":"no-type-1","subject":{"reference":"%(ana)s"},"code":%(code)s}}',
+    b'{"resource":{"resourceType":null,"id":"null-type-1","subject":{"reference":"%(ana)s"},"code":%(code)s}}',
+]
+
+
+@pytest.mark.parametrize("odd", [
+    *ODD_ENTRIES_HOLD,
+    *(pytest.param(odd, marks=pytest.mark.xfail(strict=True, reason=(
+        "both paths: a search entry whose resource names Ana as subject and codes B20 but whose resourceType "
+        "is unknown to the compartment tables, missing or null is passed as non-patient data (no consent "
+        "check); the unknown type is even DS4P-labelled HIV on the way out, yet released"))) for odd in ODD_ENTRIES_LEAK),
+])
+async def test_odd_entries_beside_a_hidden_record(world: FakeFhir, make_gateway: MakeGateway, odd: bytes) -> None:
+    """Outcome entries, entries without a resource, resources that are null, an array, a string,
+    with a huge number or NaN, of a type no table knows, without a type: the hidden record stays
+    hidden, and an odd entry carrying its codes goes or closes the answer (403/502)."""
+    hiv = orjson.dumps(c.HIV_CONDITION)
+    entry = odd % {b"hiv": hiv, b"hivs": hiv.replace(b'"', b'\\"'), b"ana": c.PAT_ANA.encode(),
+                   b"code": orjson.dumps(c.HIV_CONDITION["code"])}
+    raw = orjson.dumps(searchset([c.HIV_CONDITION, c.ANA_HYPERTENSION], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[' + entry + b",")
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"/Condition?patient={c.PAT_ANA}")
+    assert status in (200, 403, 502), body
+    assert leaks(body, headers, HIV_SECRETS) == [], body[:500]
+    if status == 200:
+        assert c.ANA_HYPERTENSION["id"] in kept_ids(body)
