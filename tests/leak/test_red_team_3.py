@@ -666,3 +666,141 @@ async def test_odd_entries_beside_a_hidden_record(world: FakeFhir, make_gateway:
     assert leaks(body, headers, HIV_SECRETS) == [], body[:500]
     if status == 200:
         assert c.ANA_HYPERTENSION["id"] in kept_ids(body)
+
+
+# ================================================================ 8. large answers, fallbacks, owners, break-glass
+
+
+async def test_an_answer_over_the_view_threshold_decides_and_splices_like_a_small_one(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """The same records in a 1 MiB+ answer (views) and in a small one (parsed whole): the same
+    entries withheld, the kept ones byte for byte (4.10 stays 4.10)."""
+    if path_of(request) == "views":
+        pytest.skip("sets the threshold itself: one run covers both paths")
+    threshold = 1024 * 1024
+    gw = await make_gateway(world.base_url, upstream={"views_above_bytes": threshold})
+    hidden = [c.HIV_CONDITION, c.HIV_TEST, c.DEPRESSION, c.PSYCHOTHERAPY_NOTE, c.RESTRICTED_DOCUMENT]
+
+    def page(count: int) -> bytes:
+        labs = [observation(f"obs-hb-{i:05d}", valueQuantity={"value": 4.1, "unit": "g/dL"}) for i in range(count)]
+        mixed: list[dict[str, Any]] = []
+        for i, lab in enumerate(labs):
+            mixed.append(lab)
+            if i % 97 == 0:
+                mixed.append(hidden[(i // 97) % len(hidden)])
+        return orjson.dumps(searchset(mixed, world.base_url)).replace(b'"value":4.1,', b'"value":4.10,')
+
+    large, small = page(1400), page(40)
+    assert len(large) > threshold > len(small)
+    for raw in (large, small):
+        serve(world, {("GET", "/Observation"): lambda r, raw=raw: answer(raw)})
+        status, headers, body = await search(gw)
+        assert status == 200 and headers["X-Consent-Decision"] == "filtered", body[:300]
+        kept = [e for e in entries(body) if e["search"]["mode"] == "match"]
+        assert all(e["resource"]["id"].startswith("obs-hb-") for e in kept)
+        upstream_entries = orjson.loads(raw)["entry"]
+        assert len(kept) == sum(1 for e in upstream_entries if e["resource"]["id"].startswith("obs-hb-"))
+        assert body.count(b'"value":4.10,') == len(kept)
+        assert leaks(body, headers) == []
+
+
+async def test_consents_reading_codes_anywhere_decide_whole_resources(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """A deny naming a code that only a component carries (no view holds it): the views step aside."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(consent("consent-no-cd4", c.PAT_ANA, {
+        "type": "permit", "provision": [{"type": "deny", "code": [c.concept(c.LOINC, "24467-3", "CD4 count")]}]}))
+    panel = observation("obs-panel-cd4", component=[{"code": c.concept(c.LOINC, "24467-3", "CD3+CD4+ cells"),
+                                                     "valueQuantity": {"value": 310}}])
+    raw = orjson.dumps(searchset([c.ANA_CBC, panel], fake_fhir.base_url))
+    serve(fake_fhir, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(fake_fhir.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {c.ANA_CBC["id"]}
+    assert leaks(body, headers, ("obs-panel-cd4", "24467-3", "CD3+CD4+")) == []
+
+
+async def test_a_record_of_two_patients_follows_each_ones_revocation(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """Ana's result performed on Ben belongs to both; Ben's revocation (a write through the
+    gateway) closes it though Ana's consent, and the cached decision, did not change."""
+    joint = observation("obs-joint-ab", performer=[{"reference": c.PAT_BEN}])
+    raw = orjson.dumps(searchset([c.ANA_CBC, joint], world.base_url))
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    assert await _kept(gw) == {c.ANA_CBC["id"], "obs-joint-ab"}
+    status, _, body = await call(gw, "PUT", "/Consent/consent-ben-in", actor=c.PAT_BEN,
+                                 body=c.opt_out(c.PAT_BEN, "consent-ben-in"))
+    assert status in (200, 201), body
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+
+
+async def test_break_glass_decisions_are_not_reused_without_the_header(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    gw = await make_gateway(world.base_url, break_glass={"record_consent": False})
+    path = f"/Condition?patient={c.PAT_ANA}"
+    status, headers, body = await search(gw, path, **{"X-Break-Glass": "Medical emergency"})
+    assert status == 200 and c.HIV_CONDITION["id"] in ids_in(body), body[:300]
+    assert await _kept(gw, path=path) == {c.ANA_HYPERTENSION["id"]}
+    status, headers, body = await search(gw, path)
+    assert leaks(body, headers, HIV_SECRETS) == []
+
+
+def _whole_type_entry(kind: str, base: str) -> dict[str, Any]:
+    if kind == "Bundle":
+        return {"resourceType": "Bundle", "id": "coll-1", "type": "collection",
+                "entry": [{"resource": c.ANA_CBC}, {"resource": c.HIV_CONDITION}]}
+    if kind == "Composition":
+        return {"resourceType": "Composition", "id": "comp-1", "status": "final",
+                "type": c.concept(c.LOINC, "60591-5", "Patient summary Document"),
+                "subject": {"reference": c.PAT_ANA}, "date": "2024-02-01", "title": "Summary",
+                "author": [{"reference": c.DOCTOR}],
+                "section": [{"title": "Problems", "text": {"status": "generated", "div": "<div>HIV disease</div>"},
+                             "entry": [{"reference": f"Condition/{c.HIV_CONDITION['id']}"}]}]}
+    return {"resourceType": "Binary", "id": "bin-hiv-1", "contentType": "text/plain",
+            "securityContext": {"reference": f"Condition/{c.HIV_CONDITION['id']}"},
+            "data": "SElWIGRpc2Vhc2UgY29uZmlybWVk"}
+
+
+@pytest.mark.parametrize("kind", ["Bundle", "Composition", "Binary"])
+async def test_entries_read_whole_inside_a_spliced_search(world: FakeFhir, make_gateway: MakeGateway, kind: str) -> None:
+    """A collection Bundle, a Composition listing the withheld record, a Binary whose security
+    context is it, each as an entry of a search set beside the hidden HIV condition."""
+    inner = _whole_type_entry(kind, world.base_url)
+    raw = orjson.dumps(searchset([c.HIV_CONDITION, inner, c.ANA_HYPERTENSION], world.base_url))
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"/Condition?patient={c.PAT_ANA}")
+    assert status == 200, body
+    assert c.ANA_HYPERTENSION["id"] in ids_in(body)
+    assert leaks(body, headers, (*HIV_SECRETS, "HIV disease", "SElWIGRpc2Vhc2UgY29uZmlybWVk")) == [], body[:600]
+
+
+@pytest.mark.parametrize("spelling", [
+    (b'"resource":', b'"resourc\\u0065":'),
+    (b'"resourceType":"Condition"', b'"resourceType":"Conditio\\u006e"'),
+    (b'"subject":{"reference":"Patient/', b'"subject":{"reference":"Patient\\/'),
+    (b'"code":"B20"', b'"code":"B\\u0032\\u0030"'),
+    (b'"subject":', b'"subjec\\u0074":'),
+])
+async def test_a_hidden_record_spelled_with_escapes_is_still_withheld(
+    world: FakeFhir, make_gateway: MakeGateway, spelling: tuple[bytes, bytes],
+) -> None:
+    hidden = orjson.dumps(c.HIV_CONDITION)
+    spelled = hidden.replace(*spelling) if spelling[0] in hidden else hidden
+    entry = b'{"fullUrl":"x","resource":%s,"search":{"mode":"match"}}' % spelled
+    if spelling[0] == b'"resource":':
+        entry = entry.replace(*spelling)
+    raw = orjson.dumps(searchset([c.ANA_HYPERTENSION], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[' + entry + b",")
+    assert spelling[1] in raw
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"/Condition?patient={c.PAT_ANA}")
+    assert status in (200, 502), body
+    assert leaks(body, headers, ("Human immunodeficiency virus", "86406008", c.HIV_CONDITION["id"])) == [], body[:500]
