@@ -12,10 +12,11 @@ on one path is ``xfail(strict=True)`` on that path only, with the leak in its re
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -694,7 +695,8 @@ async def test_an_answer_over_the_view_threshold_decides_and_splices_like_a_smal
     large, small = page(1400), page(40)
     assert len(large) > threshold > len(small)
     for raw in (large, small):
-        serve(world, {("GET", "/Observation"): lambda r, raw=raw: answer(raw)})
+        body_of: Callable[[web.Request], web.Response] = functools.partial(lambda text, _r: answer(text), raw)
+        serve(world, {("GET", "/Observation"): body_of})
         status, headers, body = await search(gw)
         assert status == 200 and headers["X-Consent-Decision"] == "filtered", body[:300]
         kept = [e for e in entries(body) if e["search"]["mode"] == "match"]
