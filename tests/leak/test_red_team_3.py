@@ -806,3 +806,23 @@ async def test_a_hidden_record_spelled_with_escapes_is_still_withheld(
     status, headers, body = await search(gw, f"/Condition?patient={c.PAT_ANA}")
     assert status in (200, 502), body
     assert leaks(body, headers, ("Human immunodeficiency virus", "86406008", c.HIV_CONDITION["id"])) == [], body[:500]
+
+
+async def test_display_at_the_bundle_level_of_a_spliced_answer_is_scrubbed(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """``Bundle.signature.who`` naming a patient the answer does not release, with a display:
+    the display goes, as scrub_displays does over a whole body."""
+    xfail_on(request, ["whole", "views"], "both paths (small answers are spliced too, via spans_of): "
+             "AnswerView.splice applies the display scrubber to entry texts only and re-serializes the "
+             "Bundle's own elements unscrubbed, so Bundle.signature.who.display 'Ben Okafor' (a patient "
+             "not released in this answer) goes out")
+    raw = orjson.dumps({**searchset([c.ANA_CBC, c.HIV_CONDITION], world.base_url), "signature": {
+        "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}],
+        "when": "2024-02-01T10:00:00Z", "who": {"reference": c.PAT_BEN, "display": "Ben Okafor"}}})
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {c.ANA_CBC["id"]}
+    assert leaks(body, headers, ("Okafor",)) == []
