@@ -432,14 +432,21 @@ def _report(rid: str, **extra: Any) -> dict[str, Any]:
     return {**report, "id": rid, **extra}
 
 
-@pytest.mark.parametrize("twin", ["contained", "security", "extension", "meta-security-after-profile"])
+@pytest.mark.parametrize("twin", ["contained", "security", "extension", "meta-security-after-profile",
+                                  "escaped-security-after-profile"])
 async def test_label_memo_does_not_cover_a_twin_that_differs_outside_the_remembered_text(
-    world: FakeFhir, make_gateway: MakeGateway, twin: str,
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway, twin: str,
 ) -> None:
     """Two DiagnosticReports whose code, category and subject are byte-identical; the second
     carries its sensitivity elsewhere (a contained HIV result, its own meta.security R, an
     extension coding B20): remembered labels of the first must not clear the second, in the
     same answer or in a later request."""
+    if twin == "escaped-security-after-profile":
+        xfail_on(request, ["views"], "views: a meta holding \"profile\" and a \\u-escaped \"security\" key IS "
+                 "parsed into the view (so R is there), but core.view._view only drops the label key when the "
+                 "bytes '\"security\"' occur in meta; the labels are then taken from LabelIndex's memo under the "
+                 "text of code/category/... remembered for an identical unlabelled report, and the R report is "
+                 "released")
     plain = _report("dr-plain-1")
     sensitive: dict[str, Any]
     if twin == "contained":
@@ -456,6 +463,8 @@ async def test_label_memo_does_not_cover_a_twin_that_differs_outside_the_remembe
     together = orjson.dumps(searchset([plain, sensitive], world.base_url))
     plain_only = orjson.dumps(searchset([plain], world.base_url))
     alone = orjson.dumps(searchset([sensitive], world.base_url))
+    if twin.startswith("escaped"):
+        together, alone = _escaped(together, b"security"), _escaped(alone, b"security")
     answers = iter([plain_only, alone, together])
     serve(world, {("GET", "/DiagnosticReport"): lambda r: answer(next(answers))})
     gw = await make_gateway(world.base_url)
