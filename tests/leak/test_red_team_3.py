@@ -514,6 +514,19 @@ async def test_consent_revoked_through_the_gateway_is_not_served_from_the_decisi
     assert await _kept(gw) == {c.ANA_CBC["id"]}
 
 
+async def test_consent_changed_upstream_is_not_served_from_the_decision_cache_after_the_ttl(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """No invalidation at all: once the consent cache refills (``cache_ttl_s``), the decisions
+    made on the old consents are not reused."""
+    gw = await make_gateway(world.base_url, consent={"cache_ttl_s": 0.5})
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+    assert await _kept(gw) == {c.ANA_CBC["id"]}
+    world.add(c.opt_out(c.PAT_ANA, "consent-optin"))
+    await asyncio.sleep(0.8)
+    assert await _kept(gw) == set()
+
+
 async def test_requesters_differing_only_by_organization_get_their_own_decisions(
     fake_fhir: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
