@@ -848,3 +848,23 @@ async def test_display_at_the_bundle_level_of_a_spliced_answer_is_scrubbed(
     assert status == 200, body
     assert ids_in(body) == {c.ANA_CBC["id"]}
     assert leaks(body, headers, ("Okafor",)) == []
+
+
+async def test_upstream_urls_written_with_escaped_slashes_are_rewritten_in_kept_entries(
+    request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """CONTRACT §6: every URL pointing at the upstream is rewritten to the gateway's base. A
+    filtered answer whose kept entries write their fullUrl as ``http:\\/\\/upstream\\/fhir\\/...``."""
+    xfail_on(request, ["whole", "views"], "both paths: kept entries are spliced as the upstream wrote them and "
+             "LinkRewriter.body replaces only the unescaped base, so a fullUrl written with \\/ escapes keeps "
+             "the upstream's internal address (filtered answers were re-serialized, unescaped, before splicing)")
+    raw = orjson.dumps(searchset([c.ANA_CBC, c.HIV_CONDITION], world.base_url))
+    escaped_base = world.base_url.replace("/", "\\/").encode()
+    raw = raw.replace(b'"fullUrl":"' + world.base_url.encode(), b'"fullUrl":"' + escaped_base)
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200 and ids_in(body) == {c.ANA_CBC["id"]}, body
+    upstream_host = world.base_url.split("//", 1)[1].split("/", 1)[0]
+    assert [e["fullUrl"] for e in entries(body) if "fullUrl" in e] == [f"{gw.url}/Observation/{c.ANA_CBC['id']}"]
+    assert upstream_host not in orjson.loads(body).__repr__()
