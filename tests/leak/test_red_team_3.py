@@ -250,13 +250,16 @@ async def test_repeated_deciding_keys_are_refused(world: FakeFhir, make_gateway:
     b'"entry":[{"fullUrl":"u1","fullUrl":"u2",',
     b'"entry":[{"search":{"mode":"include"},"search":{"mode":"match"},',
     b'"type":"searchset","type":"batch-response",',
+    b'"entry":[],"entry":[{',
 ])
 async def test_repeated_keys_at_the_bundle_and_entry_levels_are_refused(
     world: FakeFhir, make_gateway: MakeGateway, where: bytes,
 ) -> None:
     hidden = hiv_condition("cond-hiv-dup-2", c.PAT_ANA)
     raw = orjson.dumps(searchset([hidden, c.ANA_CBC], world.base_url))
-    if where.startswith(b'"entry"'):
+    if where.startswith(b'"entry":[],'):
+        raw = raw.replace(b'"entry":[{', where, 1)  # an empty list first, the hidden one after
+    elif where.startswith(b'"entry"'):
         raw = raw.replace(b'"entry":[{', where, 1)
     else:
         raw = raw.replace(b'"type":"searchset",', where, 1)
@@ -868,3 +871,26 @@ async def test_upstream_urls_written_with_escaped_slashes_are_rewritten_in_kept_
     upstream_host = world.base_url.split("//", 1)[1].split("/", 1)[0]
     assert [e["fullUrl"] for e in entries(body) if "fullUrl" in e] == [f"{gw.url}/Observation/{c.ANA_CBC['id']}"]
     assert upstream_host not in orjson.loads(body).__repr__()
+
+
+async def test_emergency_window_reads_are_audited_each_time_though_decisions_are_shared(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """After break-glass with a recorded window, the actor's later reads pass without the header;
+    each is audited like the first, also when its decision was decided before."""
+    gw = await make_gateway(world.base_url)
+    path = f"/Condition?patient={c.PAT_ANA}"
+    status, headers, body = await search(gw, path, **{"X-Break-Glass": "Medical emergency"})
+    assert status == 200 and c.HIV_CONDITION["id"] in ids_in(body), body[:300]
+    assert headers.get("X-Break-Glass-Audit-Id")
+    seen = {headers["X-Break-Glass-Audit-Id"]}
+    for _ in range(2):
+        status, headers, body = await search(gw, path)
+        assert status == 200 and c.HIV_CONDITION["id"] in ids_in(body), body[:300]
+        audit_id = headers.get("X-Break-Glass-Audit-Id")
+        assert audit_id and audit_id not in seen, headers
+        seen.add(audit_id)
+    # another clinician has no window: the shared decisions do not open it for them
+    status, headers, body = await search(gw, path, actor=c.PSYCHIATRIST)
+    assert "X-Break-Glass-Audit-Id" not in headers
+    assert leaks(body, headers, HIV_SECRETS) == []
