@@ -894,3 +894,45 @@ async def test_emergency_window_reads_are_audited_each_time_though_decisions_are
     status, headers, body = await search(gw, path, actor=c.PSYCHIATRIST)
     assert "X-Break-Glass-Audit-Id" not in headers
     assert leaks(body, headers, HIV_SECRETS) == []
+
+
+async def test_both_paths_send_the_same_answer_for_a_labelled_and_filtered_one(
+    request: pytest.FixtureRequest, ben_opens_hiv: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """One answer through a gateway that parses it whole and one that decides it on views: the
+    same answer out (Ben's opened HIV records DS4P-labelled whatever their meta, Ana's withheld),
+    the untouched entry byte for byte (decimals as written) on both."""
+    if path_of(request) == "views":
+        pytest.skip("sets the threshold itself: one run covers both paths")
+    world = ben_opens_hiv
+    records = [
+        {**hiv_condition("cond-hiv-ben-nometa", c.PAT_BEN)},
+        {**hiv_condition("cond-hiv-ben-plainmeta", c.PAT_BEN), "meta": {"versionId": "7", "lastUpdated": "2024-01-01T00:00:00Z"}},
+        {**hiv_condition("cond-hiv-ben-profile", c.PAT_BEN), "meta": SHARED_META},
+        {**hiv_condition("cond-hiv-ben-labelled", c.PAT_BEN),
+         "meta": {"security": [{"system": c.V3_ACT_CODE, "code": "HIV"}], "tag": [{"code": "x"}]}},
+        hiv_condition("cond-hiv-ana-x", c.PAT_ANA),
+        {**c.BEN_HYPERTENSION, "onsetAge": {"value": 58.10, "unit": "a"}},
+    ]
+    raw = orjson.dumps(searchset(records, world.base_url)).replace(b'"value":58.1,', b'"value":58.10,')
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    whole = await make_gateway(world.base_url, upstream={"views_above_bytes": 1 << 30})
+    views = await make_gateway(world.base_url, upstream={"views_above_bytes": 0})
+    path = f"/Condition?patient={c.PAT_ANA},{c.PAT_BEN}"
+    outs = []
+    for gw in (whole, views):
+        status, headers, body = await search(gw, path)
+        assert status == 200, body
+        outs.append(body.replace(gw.url.encode(), b"GATEWAY"))
+    assert orjson.loads(outs[0]) == orjson.loads(outs[1])
+    untouched = b'{"fullUrl":"GATEWAY/Condition/%s","resource":%s,"search":{"mode":"match"}}' % (
+        c.BEN_HYPERTENSION["id"].encode(),
+        orjson.dumps({**c.BEN_HYPERTENSION, "onsetAge": {"value": 58.10, "unit": "a"}}).replace(b"58.1,", b"58.10,"))
+    assert untouched in outs[0] and untouched in outs[1]
+    kept = {e["resource"]["id"]: e["resource"] for e in entries(outs[0]) if "id" in e.get("resource", {})}
+    assert "cond-hiv-ana-x" not in kept and b'"value":58.10,' in outs[0]
+    for rid, resource in kept.items():
+        if rid.startswith("cond-hiv-ben"):
+            assert "HIV" in {s["code"] for s in resource["meta"]["security"]}, rid
+    assert kept["cond-hiv-ben-plainmeta"]["meta"]["versionId"] == "7"
+    assert kept["cond-hiv-ben-labelled"]["meta"]["tag"] == [{"code": "x"}]
