@@ -60,7 +60,7 @@ from gateway.core.consent import (
     CompiledConsent,
     Provision,
 )
-from gateway.core.fhir import JSON, resource_reference
+from gateway.core.fhir import JSON, R4_RESOURCE_TYPES, resource_reference
 from gateway.core.model import (
     DEFAULT_CONFIDENTIALITY_RANK,
     Decision,
@@ -670,6 +670,10 @@ def _combine(
     return _permit_decision(latest, req, facts, policy, LATEST_WINS, (), errors)
 
 
+UNKNOWN_TYPE = Decision(Verdict.DENY, (Reason("", "", "unknown-resource-type"),), combining="fail-closed",
+                        errors=("unknown-resource-type",))
+
+
 def decide_resource(
     consents_by_patient: Mapping[str, Sequence[CompiledConsent]],
     resource: JSON,
@@ -691,10 +695,13 @@ def decide_resource(
     sensitive-label rule). A patient whose consents are missing from the mapping was not
     looked up: deny (fail closed).
     """
+    rtype = resource.get("resourceType")
+    if rtype not in R4_RESOURCE_TYPES:
+        # SECURITY: a type no table knows (or none) could be anyone's data: it closes.
+        return UNKNOWN_TYPE
     if patients is None:
         patients = patients_of(resource)
     if not patients:
-        rtype = resource.get("resourceType")
         if not (isinstance(rtype, str) and is_patient_data(rtype)):
             return Decision(
                 Verdict.PERMIT, (Reason("", "", "non-patient-data"),), combining="non-patient-data"

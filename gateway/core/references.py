@@ -210,10 +210,10 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     """The reference values (as written in ``raw``) that point at patient data outside
     ``released`` from a Reference that may carry a display; None when the text cannot be read
     this way (then any reference may)."""
+    if b"\\u" in raw:
+        return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
     if b'"display"' not in raw:
         return frozenset()
-    if b"\\u" in raw:
-        return None  # a \u escape can spell a key the pattern cannot see
     values = _REFERENCE.findall(raw)
     if len(values) != raw.count(b'"reference"'):
         return None

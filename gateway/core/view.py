@@ -141,9 +141,10 @@ def _view(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[JSON, LabelKey | 
             continue
         if name == "meta":
             meta = bytes(raw)
-            if not any(part in meta for part in _DECIDING_META):
+            escaped = b"\\u" in meta  # a \u escape can spell either key
+            if not escaped and not any(part in meta for part in _DECIDING_META):
                 continue
-            if b'"security"' in meta:
+            if escaped or b'"security"' in meta:
                 key = None
         elif name == "contained":
             key = None

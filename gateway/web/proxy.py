@@ -333,9 +333,14 @@ async def decide_answer(
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
     touched = view.touched if view is not None else None
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched) or result.changed
-    released = frozenset(in_answer(parsed)) if b'"display"' in upstream.body and not shadow else frozenset()
+    # A display may name what is not released: the key as written, or spelled with a \u escape.
+    may_display = (b'"display"' in upstream.body or b"\\u" in upstream.body) and not shadow
+    released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
-        named = unreleased_named(upstream.body, released) if released else frozenset()
+        named = unreleased_named(upstream.body, released) if may_display else frozenset()
+        if named != frozenset() and view.is_bundle:
+            # The Bundle's own elements (a signature's who.display) are put back from the parse.
+            changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released)
         if changed or named != frozenset():
             payload = view.splice(displays_scrubber(released, named) if named != frozenset() else None)
         else:
@@ -343,7 +348,7 @@ async def decide_answer(
         response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
         return response
-    if released and may_name_unreleased(upstream.body, released):
+    if may_display and may_name_unreleased(upstream.body, released):
         changed |= scrub_displays(parsed, released)
     if plan is not None and isinstance(parsed.get("entry"), list):
         changed |= settle_slots(plan, parsed["entry"], status)

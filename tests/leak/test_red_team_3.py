@@ -135,9 +135,6 @@ async def test_meta_security_spelled_with_an_escape_still_labels(
 ) -> None:
     """``"\\u0073ecurity"`` is the key ``security`` to every JSON reader; a view that looks for
     the bytes ``"security"`` in ``meta`` leaves meta out and decides without the R label."""
-    xfail_on(request, ["views"], "views: meta whose 'security' key is \\u-escaped is left out of the "
-             "view (core.view._DECIDING_META byte search), so a resource labelled R (restricted) by its own "
-             "meta.security is released under a general opt-in, note text and all")
     sealed = _restricted_cbc()
     if interaction == "search":
         raw = _escaped(orjson.dumps(searchset([c.ANA_CBC, sealed], world.base_url)), b"security")
@@ -160,8 +157,6 @@ async def test_meta_profile_spelled_with_an_escape_still_matches_a_profile_class
     request: pytest.FixtureRequest, fake_fhir: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
     """A consent denying a profile (class = canonical URL) must match ``"\\u0070rofile"``."""
-    xfail_on(request, ["views"], "views: meta whose 'profile' key is \\u-escaped is left out of the view, "
-             "so a consent denying that profile (provision.class) does not match and the record is released")
     c.seed_all(fake_fhir)
     fake_fhir.add(consent("consent-noforensic", c.PAT_ANA, {
         "type": "permit",
@@ -332,10 +327,6 @@ async def test_display_key_spelled_with_an_escape_is_scrubbed_too(
     request: pytest.FixtureRequest, world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
     """``"displa\\u0079"`` is ``display`` to the client."""
-    xfail_on(request, ["whole", "views"], "both paths: a Reference display written as \"displa\\u0079\" is not "
-             "scrubbed: decide_answer computes `released` only when the bytes '\"display\"' occur in the body and "
-             "references.unreleased_named returns 'nothing named' on the same byte test before its \\u guard, so "
-             "the kept CBC carries the hidden HIV condition's display text")
     text = _cbc_naming_hiv(key=b"displa\\u0079")
     raw = orjson.dumps(searchset([c.HIV_CONDITION, c.ANA_CBC], world.base_url))
     raw = raw.replace(b'"entry":[', b'"entry":[{"fullUrl":"x","resource":%s,"search":{"mode":"match"}},' % text)
@@ -353,9 +344,6 @@ async def test_display_in_a_read_without_id_is_scrubbed(
 ) -> None:
     """A read whose answer has no ``id`` (nothing released by Type/id) still loses the display of
     the hidden record it names."""
-    xfail_on(request, ["whole", "views"], "both paths: when no kept resource has an id, `released` "
-             "(in_answer) is empty and decide_answer skips display scrubbing altogether ('if released and "
-             "...'), so the answer names the hidden HIV condition in a Reference.display")
     text = orjson.loads(_cbc_naming_hiv())
     del text["id"]
     serve(world, {("GET", "/Observation/obs-cbc-names-hiv"): lambda r: answer(orjson.dumps(text))})
@@ -444,12 +432,6 @@ async def test_label_memo_does_not_cover_a_twin_that_differs_outside_the_remembe
     carries its sensitivity elsewhere (a contained HIV result, its own meta.security R, an
     extension coding B20): remembered labels of the first must not clear the second, in the
     same answer or in a later request."""
-    if twin == "escaped-security-after-profile":
-        xfail_on(request, ["views"], "views: a meta holding \"profile\" and a \\u-escaped \"security\" key IS "
-                 "parsed into the view (so R is there), but core.view._view only drops the label key when the "
-                 "bytes '\"security\"' occur in meta; the labels are then taken from LabelIndex's memo under the "
-                 "text of code/category/... remembered for an identical unlabelled report, and the R report is "
-                 "released")
     plain = _report("dr-plain-1")
     sensitive: dict[str, Any]
     if twin == "contained":
@@ -662,6 +644,7 @@ ODD_ENTRIES_HOLD = [
     b'{"resource":{"resourceType":"Condition","id":"nan-1","subject":{"reference":"%(ana)s"},"code":%(code)s,'
     b'"onsetAge":{"value":NaN}}}',
 ]
+# Were passed as non-patient data: a type no table knows, or none, now closes.
 ODD_ENTRIES_LEAK = [
     b'{"resource":{"resourceType":"FutureFinding","id":"ff-1","subject":{"reference":"%(ana)s"},"code":%(code)s}}',
     b'{"resource":{"id":"no-type-1","subject":{"reference":"%(ana)s"},"code":%(code)s}}',
@@ -669,13 +652,7 @@ ODD_ENTRIES_LEAK = [
 ]
 
 
-@pytest.mark.parametrize("odd", [
-    *ODD_ENTRIES_HOLD,
-    *(pytest.param(odd, marks=pytest.mark.xfail(strict=True, reason=(
-        "both paths: a search entry whose resource names Ana as subject and codes B20 but whose resourceType "
-        "is unknown to the compartment tables, missing or null is passed as non-patient data (no consent "
-        "check); the unknown type is even DS4P-labelled HIV on the way out, yet released"))) for odd in ODD_ENTRIES_LEAK),
-])
+@pytest.mark.parametrize("odd", [*ODD_ENTRIES_HOLD, *ODD_ENTRIES_LEAK])
 async def test_odd_entries_beside_a_hidden_record(world: FakeFhir, make_gateway: MakeGateway, odd: bytes) -> None:
     """Outcome entries, entries without a resource, resources that are null, an array, a string,
     with a huge number or NaN, of a type no table knows, without a type: the hidden record stays
@@ -838,10 +815,6 @@ async def test_display_at_the_bundle_level_of_a_spliced_answer_is_scrubbed(
 ) -> None:
     """``Bundle.signature.who`` naming a patient the answer does not release, with a display:
     the display goes, as scrub_displays does over a whole body."""
-    xfail_on(request, ["whole", "views"], "both paths (small answers are spliced too, via spans_of): "
-             "AnswerView.splice applies the display scrubber to entry texts only and re-serializes the "
-             "Bundle's own elements unscrubbed, so Bundle.signature.who.display 'Ben Okafor' (a patient "
-             "not released in this answer) goes out")
     raw = orjson.dumps({**searchset([c.ANA_CBC, c.HIV_CONDITION], world.base_url), "signature": {
         "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}],
         "when": "2024-02-01T10:00:00Z", "who": {"reference": c.PAT_BEN, "display": "Ben Okafor"}}})
