@@ -95,9 +95,9 @@ _FRESH = frozenset({"meta", "contained"})
 _DECIDING_META = (b'"profile"', b'"security"')
 
 
-def _element(raw: msgspec.Raw, fresh: bool = False) -> tuple[bytes, Any]:
+def _element(raw: msgspec.Raw, fresh: bool = False, checked: bool = False) -> tuple[bytes, Any]:
     """One element's text and value (shared unless ``fresh``); a key given twice anywhere in it
-    makes the answer unviewable."""
+    makes the answer unviewable (``checked``: the text around it was checked already)."""
     text = bytes(raw)
     if text[:1] not in (b"{", b"["):
         try:
@@ -112,7 +112,7 @@ def _element(raw: msgspec.Raw, fresh: bool = False) -> tuple[bytes, Any]:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise _Unviewable from None
-    if has_duplicate_keys(text, value):
+    if not checked and has_duplicate_keys(text, value):
         raise _Unviewable
     if not fresh and len(text) <= _SHARED_MAX_BYTES:
         if len(_ELEMENTS) >= _ELEMENTS_MAX:
@@ -121,16 +121,28 @@ def _element(raw: msgspec.Raw, fresh: bool = False) -> tuple[bytes, Any]:
     return text, value
 
 
-def _parsed(fields: dict[str, msgspec.Raw], skip: str = "", fresh: bool = False) -> JSON:
+def _parsed(fields: dict[str, msgspec.Raw], skip: str = "", fresh: bool = False, checked: bool = False) -> JSON:
     """Every element of ``fields`` but ``skip``, parsed; each afresh with ``fresh`` (a whole
     resource or Bundle, which enforcement may change)."""
-    return {key: _element(value, fresh or key in _FRESH)[1] for key, value in fields.items() if key != skip}
+    return {key: _element(value, fresh or key in _FRESH, checked)[1] for key, value in fields.items() if key != skip}
+
+
+def _check_whole(raw: msgspec.Raw | bytes) -> None:
+    """A key given twice anywhere in the text, read or not, makes it unviewable (the whole
+    path then refuses the answer, as for any other): parsed once, then let go."""
+    text = bytes(raw)
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise _Unviewable from None
+    if has_duplicate_keys(text, value):
+        raise _Unviewable
 
 
 LabelKey = tuple[str | bytes, ...]
 
 
-def _view(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[JSON, LabelKey | None]:
+def _view(fields: dict[str, msgspec.Raw], rtype: str, checked: bool = True) -> tuple[JSON, LabelKey | None]:
     """The view of one resource, and what its labels depend on as text (the exact text of each
     label-bearing element; None when its own meta.security or contained resources label it)."""
     plan, labelled = view_elements(rtype), label_elements(rtype)
@@ -148,7 +160,7 @@ def _view(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[JSON, LabelKey | 
                 key = None
         elif name == "contained":
             key = None
-        text, view[name] = _element(raw, name in _FRESH)
+        text, view[name] = _element(raw, name in _FRESH, checked)
         if key is not None and name in labelled and name != "meta":
             key.append(name)
             key.append(text)
@@ -270,6 +282,7 @@ def read_answer(raw: bytes) -> AnswerView | None:
         if not rtype or rtype in _NOT_VIEWED:
             return None
         if rtype != "Bundle":
+            _check_whole(raw)
             view, key = _view(top, rtype)
             answer = AnswerView(raw, view)
             if key is not None:
@@ -310,7 +323,8 @@ def _entry(
     item: msgspec.Raw, keys: dict[int, LabelKey]
 ) -> tuple[JSON | None, msgspec.Raw | None, bool]:
     fields = _fields(item)
-    entry = _parsed(fields, skip="resource")
+    _check_whole(item)
+    entry = _parsed(fields, skip="resource", checked=True)
     search = entry.get("search")
     if isinstance(search, dict) and search.get("mode", "match") not in ("match", "outcome"):
         return None, None, False  # an included resource: the orphan check reads whole resources
@@ -320,7 +334,7 @@ def _entry(
         inner = _fields(resource_raw)
         rtype = _string(inner.get("resourceType"))
         if rtype is None or rtype in WHOLE_TYPES:
-            entry["resource"] = _parsed(inner, fresh=True)
+            entry["resource"] = _parsed(inner, fresh=True, checked=True)
             whole = True
         else:
             entry["resource"], key = _view(inner, rtype)

@@ -5,8 +5,9 @@ The question each test asks: which bytes does the client read that the gateway d
 decide on, or decided for someone else? Every test goes through the real request path (HTTP
 to the gateway, the fake FHIR server on a real socket answering raw bytes) and searches the
 RAW response bytes and headers. The leak conftest runs each test twice: answers parsed whole,
-and answers decided on views (``upstream.views_above_bytes: 0``). A door that does not hold
-on one path is ``xfail(strict=True)`` on that path only, with the leak in its reason.
+and answers decided on views (``upstream.views_above_bytes: 0``). Every door here held or
+was closed: escaped meta keys, escaped display keys, displays in answers without ids and at
+the Bundle level, unknown resource types, repeated keys anywhere, escaped upstream URLs.
 """
 
 from __future__ import annotations
@@ -56,12 +57,6 @@ def path_of(request: pytest.FixtureRequest) -> str:
     """``whole`` or ``views``: how the leak conftest runs this test."""
     callspec = getattr(request.node, "callspec", None)
     return str(callspec.params.get("make_gateway", "whole")) if callspec is not None else "whole"
-
-
-def xfail_on(request: pytest.FixtureRequest, paths: Iterable[str], reason: str) -> None:
-    """A known leak on the given paths only: strict there, a plain test elsewhere."""
-    if path_of(request) in set(paths):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def answer(body: bytes, status: int = 200) -> web.Response:
@@ -274,9 +269,6 @@ async def test_repeated_keys_in_elements_no_decision_reads_are_refused_too(
 ) -> None:
     """CONTRACT §6: duplicate JSON keys in patient data -> 502, on either path; the kept entry
     would otherwise reach a first-key reader as one text and a last-key reader as another."""
-    xfail_on(request, ["views"], "views: a key repeated inside an element no decision reads (note, a meta "
-             "without profile/security) is never parsed, so the answer is spliced out with the repeated key "
-             "instead of the 502 of the whole path (contract deviation; nothing decided is read differently)")
     text = orjson.dumps(observation("obs-dup-note-3"))
     text = text[:-1] + b"," + where + b"}"
     raw = _with_entry_text(world.base_url, text, "obs-dup-note-3")
@@ -831,9 +823,6 @@ async def test_upstream_urls_written_with_escaped_slashes_are_rewritten_in_kept_
 ) -> None:
     """CONTRACT §6: every URL pointing at the upstream is rewritten to the gateway's base. A
     filtered answer whose kept entries write their fullUrl as ``http:\\/\\/upstream\\/fhir\\/...``."""
-    xfail_on(request, ["whole", "views"], "both paths: kept entries are spliced as the upstream wrote them and "
-             "LinkRewriter.body replaces only the unescaped base, so a fullUrl written with \\/ escapes keeps "
-             "the upstream's internal address (filtered answers were re-serialized, unescaped, before splicing)")
     raw = orjson.dumps(searchset([c.ANA_CBC, c.HIV_CONDITION], world.base_url))
     escaped_base = world.base_url.replace("/", "\\/").encode()
     raw = raw.replace(b'"fullUrl":"' + world.base_url.encode(), b'"fullUrl":"' + escaped_base)
