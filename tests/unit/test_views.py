@@ -1,0 +1,423 @@
+"""Views of an answer (core.view) decide exactly as the whole resources do.
+
+1. Over generated resources of every patient-compartment type (and a few others), the view
+   and the whole resource give the same labels, scopes, patients, date, main codes, authors,
+   profiles, deciding references and per-resource decision (for consents a summary settles).
+2. Decision code reads no top-level element outside the type's field plan (``view_elements``);
+   the tracker that checks it is shown to catch a plan missing one element.
+3. Search sets splice back from the upstream's bytes; texts a view cannot vouch for are not
+   viewed at all.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.core import view as view_module
+from gateway.core.compartment import authors_of, clinical_date, main_codes, patients_of, profiles_of
+from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.decision import Decision, Policy, decide_resource, summary_reads
+from gateway.core.fhir import resource_reference
+from gateway.core.labels import LabelIndex
+from gateway.core.model import Actor, RequestContext
+from gateway.core.references import medication_reference, security_context
+from gateway.core.view import WHOLE_TYPES, read_answer, view_elements
+from tests.decision.support import consent_json
+from tests.strategies import (
+    ALL_TYPES,
+    JSON,
+    PATIENTS,
+    consent_specs,
+    resources,
+    rules_index,
+    searchset_texts,
+    sensitive_codings,
+)
+
+LABELS = rules_index()
+NOW = datetime(2024, 6, 1, 12, tzinfo=timezone.utc)
+_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+def _fast(examples: int) -> settings:
+    """Reproducible runs (CI sees the same examples every time) without deadlines."""
+    return settings(derandomize=True, database=None, deadline=None, max_examples=examples, suppress_health_check=_HEALTH)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def entry_view(resource: JSON, labels: LabelIndex = LABELS) -> tuple[JSON, frozenset[Any]]:
+    """The resource as a search answer's pipeline decides it (its view, or the whole resource
+    for the types read whole), and its labels as the pipeline computes them (through the
+    label memo when the view has a key)."""
+    raw = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": resource}]})
+    answer = read_answer(raw)
+    assert answer is not None
+    found: JSON = answer.body["entry"][0]["resource"]
+    key = answer.label_keys.get(id(found))
+    return found, (labels.labels_keyed(key, found) if key is not None else labels.labels_for(found))
+
+
+def facts(resource: Mapping[str, Any]) -> dict[str, object]:
+    """Everything the pipeline reads of one resource besides the consent decision."""
+    res: JSON = resource  # type: ignore[assignment]
+    return {
+        "labels": LABELS.labels_for(res),
+        "scopes": LABELS.scopes_for(res),
+        "patients": patients_of(res),
+        "date": clinical_date(res),
+        "main_codes": main_codes(res),
+        "authors": authors_of(res),
+        "profiles": profiles_of(res),
+        "security_context": security_context(res),
+        "medication_reference": medication_reference(res),
+        "reference": resource_reference(res),
+    }
+
+
+def by_patient(specs: Sequence[JSON], missing: str | None) -> dict[str, list[CompiledConsent]]:
+    """Each patient's compiled consents (a patient ``missing`` was not looked up)."""
+    compiled = [compile_consent(consent_json(spec, number)) for number, spec in enumerate(specs, 1)]
+    return {p: [c for c in compiled if c.patient == p] for p in PATIENTS if p != missing}
+
+
+policies = st.builds(
+    Policy,
+    default_decision=st.sampled_from(["permit", "deny"]),
+    combining=st.sampled_from(["deny-overrides", "latest-wins"]),
+    explicit_consent_required=st.sampled_from([None, frozenset(), frozenset({"HIV", "R"})]),
+    sensitive=st.just(LABELS.sensitive),
+    untyped_root=st.sampled_from(["exception", "scope"]),
+)
+contexts = st.builds(
+    RequestContext,
+    actor=st.builds(
+        Actor,
+        reference=st.sampled_from(["Practitioner/pr1", "Practitioner/pr2", "Patient/p1"]),
+        organization=st.sampled_from([None, "Organization/org1"]),
+    ),
+    purpose=st.sampled_from(["TREAT", "ETREAT", "HPAYMT"]),
+    now=st.just(NOW),
+)
+
+
+def decisions(
+    consents: Mapping[str, Sequence[CompiledConsent]], resource: JSON, labels: frozenset[Any],
+    ctx: RequestContext, policy: Policy,
+) -> tuple[Decision, Decision]:
+    """The decision with the patients read from the resource, and with them given (as the
+    judge gives them)."""
+    scopes = LABELS.scopes_for(resource)
+    return (
+        decide_resource(consents, resource, labels, scopes, ctx, policy),
+        decide_resource(consents, resource, labels, scopes, ctx, policy, patients=patients_of(resource)),
+    )
+
+
+def test_the_generated_codes_earn_labels() -> None:
+    """The strategies draw from the bundled rules' sensitive codes, so labels are exercised."""
+    assert len(sensitive_codings()) >= 40
+    categories = {label.code for c in sensitive_codings() for label in LABELS.labels_for({"resourceType": "Basic", "code": c})}
+    assert {"HIV", "PSY", "SUD", "SEX", "42CFRPart2"} <= categories
+
+
+# ---------------------------------------------------------------------- 1. view == whole
+
+
+@pytest.mark.parametrize("rtype", ALL_TYPES)
+@_fast(6)
+@given(data=st.data())
+def test_the_view_decides_as_the_whole_resource(rtype: str, data: st.DataObject) -> None:
+    whole = data.draw(resources(rtype), label="resource")
+    specs = data.draw(st.lists(consent_specs, max_size=4), label="consents")
+    consents = by_patient(specs, data.draw(st.sampled_from([None, "Patient/p3"]), label="not looked up"))
+    assert all(summary_reads(c) is not None for c in consents.values())
+    ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
+
+    viewed, pipeline_labels = entry_view(whole)
+    if rtype in WHOLE_TYPES:
+        assert viewed == whole
+    else:
+        # The view holds exactly the planned elements, and a single read gives the same view.
+        assert viewed == {k: v for k, v in whole.items() if k in view_elements(rtype)}
+        single = read_answer(orjson.dumps(whole))
+        assert single is not None and single.body == viewed
+
+    assert facts(viewed) == facts(whole)
+    assert pipeline_labels == LABELS.labels_for(whole)
+    labels = LABELS.labels_for(whole)
+    assert decisions(consents, viewed, labels, ctx, policy) == decisions(consents, whole, labels, ctx, policy)
+
+
+# ---------------------------------------------------------------------- 2. reads within the plan
+
+
+class Tracked(dict[str, Any]):
+    """A resource that records every top-level key asked of it."""
+
+    asked: set[str]
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        super().__init__(items)
+        self.asked = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+    def _all(self) -> None:
+        self.asked.update(super().keys())
+
+    def keys(self) -> Any:
+        self._all()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._all()
+        return super().items()
+
+    def values(self) -> Any:
+        self._all()
+        return super().values()
+
+    def __iter__(self) -> Iterator[str]:
+        self._all()
+        return super().__iter__()
+
+
+def read_by_decision(
+    resource: JSON, consents: Mapping[str, Sequence[CompiledConsent]], ctx: RequestContext, policy: Policy
+) -> set[str]:
+    """The top-level keys the whole pipeline asks of ``resource``."""
+    tracked = Tracked(resource)
+    facts(tracked)
+    labels = LABELS.labels_for(tracked)
+    decisions(consents, tracked, labels, ctx, policy)  # type: ignore[arg-type]
+    return tracked.asked
+
+
+def check_reads_planned(
+    resource: JSON, consents: Mapping[str, Sequence[CompiledConsent]], ctx: RequestContext, policy: Policy
+) -> None:
+    """Fails when decision code asks for an element the type's view does not hold."""
+    rtype = str(resource["resourceType"])
+    unplanned = read_by_decision(resource, consents, ctx, policy) - view_module.view_elements(rtype)
+    assert not unplanned, f"{rtype}: decision code reads {sorted(unplanned)}, which its view does not hold"
+
+
+@pytest.mark.parametrize("rtype", ALL_TYPES)
+@_fast(3)
+@given(data=st.data())
+def test_decision_code_reads_only_what_the_view_holds(rtype: str, data: st.DataObject) -> None:
+    whole = data.draw(resources(rtype), label="resource")
+    consents = by_patient(data.draw(st.lists(consent_specs, max_size=3), label="consents"), None)
+    check_reads_planned(whole, consents, data.draw(contexts), data.draw(policies))
+
+
+OBSERVATION: JSON = {
+    "resourceType": "Observation", "id": "o1",
+    "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-observation-lab"]},
+    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+    "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-03-01",
+    "performer": [{"reference": "Practitioner/pr1"}],
+}
+PROCEDURE: JSON = {
+    "resourceType": "Procedure", "id": "pr1", "subject": {"reference": "Patient/p1"},
+    "performer": [{"actor": {"reference": "Patient/p2"}}], "performedDateTime": "2024-02-01",
+}
+DATED_CONSENT: JSON = {"provision": {"type": "deny", "dataPeriod": {"start": "2024-01-01"}}, "patient": {"reference": "Patient/p1"}}
+
+
+@pytest.mark.parametrize(("resource", "dropped"), [
+    (OBSERVATION, "code"),               # labels_for, main_codes
+    (OBSERVATION, "category"),           # scopes_for
+    (OBSERVATION, "subject"),            # patients_of
+    (OBSERVATION, "effectiveDateTime"),  # clinical_date, a dataPeriod condition
+    (OBSERVATION, "meta"),               # profiles_of, meta.security
+    (OBSERVATION, "performer"),          # authors_of
+    (PROCEDURE, "performer"),            # patients_of through performer.actor
+])
+def test_the_read_check_catches_an_element_missing_from_the_plan(
+    monkeypatch: pytest.MonkeyPatch, resource: JSON, dropped: str
+) -> None:
+    consents = by_patient([DATED_CONSENT], None)
+    ctx = RequestContext(Actor("Practitioner/pr1"), "TREAT", NOW)
+    check_reads_planned(resource, consents, ctx, Policy())  # the real plan holds every read
+    planned = view_module.view_elements
+    monkeypatch.setattr(view_module, "view_elements", lambda rtype: planned(rtype) - {dropped})
+    with pytest.raises(AssertionError, match=dropped):
+        check_reads_planned(resource, consents, ctx, Policy())
+
+
+# ---------------------------------------------------------------------- 3. splicing
+
+
+def entry_texts(raw: bytes) -> list[bytes]:
+    """The text of each entry of a Bundle, exactly as written."""
+    fields = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+    entries = fields.get("entry")
+    return [bytes(e) for e in msgspec.json.decode(entries, type=list[msgspec.Raw])] if entries is not None else []
+
+
+def entry_type(text: bytes) -> object:
+    return orjson.loads(text).get("resource", {}).get("resourceType")
+
+
+@_fast(80)
+@given(raw=searchset_texts(), data=st.data())
+def test_a_spliced_search_set_is_the_original_minus_the_removed_entries(raw: bytes, data: st.DataObject) -> None:
+    answer = read_answer(raw)
+    assert answer is not None
+    original = orjson.loads(raw)
+    texts = entry_texts(raw)
+    assert orjson.loads(answer.splice()) == original
+    if not any(entry_type(t) in WHOLE_TYPES for t in texts):
+        assert answer.splice() == raw  # nothing removed, nothing read whole: byte for byte
+
+    removed = data.draw(st.sets(st.integers(0, len(texts) - 1)) if texts else st.just(set()), label="removed")
+    answer.body["entry"] = [e for i, e in enumerate(answer.body.get("entry", [])) if i not in removed]
+    out = answer.splice()
+    expected = dict(original)
+    if "entry" in original:
+        expected["entry"] = [e for i, e in enumerate(original["entry"]) if i not in removed]
+    else:
+        expected["entry"] = []
+    assert orjson.loads(out) == expected
+    kept = [t for i, t in enumerate(texts) if i not in removed]
+    for before, after in zip(kept, entry_texts(out), strict=True):
+        if entry_type(before) in WHOLE_TYPES:
+            assert orjson.loads(after) == orjson.loads(before)  # read whole: re-serialized
+        else:
+            assert after == before  # the upstream's bytes, decimals as written
+
+
+def test_a_kept_entry_keeps_its_decimals_as_written() -> None:
+    kept = (b'{"fullUrl":"http://x/Observation/a","resource":{"resourceType":"Observation","id":"a",'
+            b'"subject":{"reference":"Patient/p1"},"valueQuantity":{"value":4.10,"unit":"mmol/L"}},'
+            b'"search":{"mode":"match","score":1.000}}')
+    dropped = b'{"resource":{"resourceType":"Observation","id":"b","subject":{"reference":"Patient/p2"}}}'
+    raw = b'{"resourceType":"Bundle","type":"searchset","total":2,"entry":[' + dropped + b"," + kept + b"]}"
+    answer = read_answer(raw)
+    assert answer is not None
+    del answer.body["entry"][0]
+    out = answer.splice()
+    assert out == b'{"resourceType":"Bundle","type":"searchset","total":2,"entry":[' + kept + b"]}"
+    assert b'"value":4.10' in out and b'"score":1.000' in out
+
+
+def test_whitespace_inside_an_element_is_kept_and_decides_the_same() -> None:
+    """Only the levels a view locates must be compact; inside an element the text is parsed
+    (when it decides) or kept as written."""
+    resource = (b'{"resourceType":"Condition","id":"c","subject":{"reference" : "Patient/p1"},'
+                b'"code":{ "coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"B20"}]},'
+                b'"note":[ {"text":"  spaced  "} ]}')
+    raw = b'{"resourceType":"Bundle","type":"searchset","entry":[{"resource":' + resource + b"}]}"
+    answer = read_answer(raw)
+    assert answer is not None and answer.splice() == raw
+    viewed = answer.body["entry"][0]["resource"]
+    assert facts(viewed) == facts(orjson.loads(resource))
+    assert {label.code for label in LABELS.labels_for(viewed)} >= {"HIV"}
+
+
+OBS = (b'{"resourceType":"Observation","id":"o1","status":"final",'
+       b'"code":{"coding":[{"system":"http://loinc.org","code":"2345-7"}]},'
+       b'"subject":{"reference":"Patient/p1"},"valueQuantity":{"value":4.10}}')
+
+
+def searchset(*entries: bytes, head: bytes = b'"resourceType":"Bundle","type":"searchset"') -> bytes:
+    return b"{" + head + b',"entry":[' + b",".join(entries) + b"]}"
+
+
+def entry(resource: bytes, tail: bytes = b"") -> bytes:
+    return b'{"fullUrl":"http://x/Observation/o1","resource":' + resource + tail + b"}"
+
+
+NOT_VIEWED: dict[str, bytes] = {
+    # whitespace at each level a view locates without parsing
+    "bundle-indented": orjson.dumps(orjson.loads(searchset(entry(OBS))), option=orjson.OPT_INDENT_2),
+    "bundle-space-after-colon": searchset(entry(OBS), head=b'"resourceType":"Bundle","type": "searchset"'),
+    "bundle-space-before-entries": searchset(entry(OBS)).replace(b'"entry":[', b'"entry": ['),
+    "between-entries": searchset(entry(OBS), entry(OBS)).replace(b"}},{", b"}}, {"),
+    "entry-level": searchset(entry(OBS).replace(b'{"fullUrl"', b'{ "fullUrl"')),
+    "resource-level": searchset(entry(OBS.replace(b'"subject":', b'"subject" :'))),
+    "single-resource-level": OBS.replace(b'"status":"final",', b'"status":"final",\n'),
+    "trailing-newline-in-resource": searchset(entry(OBS[:-1] + b"\n}")),
+    # a key given twice
+    "duplicate-bundle-key": searchset(entry(OBS), head=b'"resourceType":"Bundle","type":"searchset","type":"searchset"'),
+    "duplicate-entry-key": searchset(entry(OBS, tail=b',"fullUrl":"http://x/Observation/o2"')),
+    "duplicate-resource-key": searchset(entry(OBS[:-1] + b',"subject":{"reference":"Patient/p2"}}')),
+    "duplicate-single-resource-key": OBS[:-1] + b',"subject":{"reference":"Patient/p2"}}',
+    "duplicate-in-a-reference": searchset(entry(OBS.replace(
+        b'{"reference":"Patient/p1"}', b'{"reference":"Patient/p1","reference":"Patient/p2"}'))),
+    "duplicate-in-a-coding": searchset(entry(OBS.replace(b'"code":"2345-7"', b'"code":"2345-7","code":"B20"'))),
+    "duplicate-in-meta-security": searchset(entry(OBS[:-1] + b',"meta":{"security":[{"code":"N","code":"R"}]}}')),
+    "duplicate-in-contained": searchset(entry(OBS[:-1] + b',"contained":[{"resourceType":"Medication","id":"m","id":"n"}]}')),
+    "duplicate-in-entry-search": searchset(entry(OBS, tail=b',"search":{"mode":"match","mode":"include"}')),
+    # answers the whole-resource path handles
+    "collection": searchset(entry(OBS), head=b'"resourceType":"Bundle","type":"collection"'),
+    "batch-response": searchset(entry(OBS), head=b'"resourceType":"Bundle","type":"batch-response"'),
+    "history": searchset(entry(OBS), head=b'"resourceType":"Bundle","type":"history"'),
+    "document": searchset(entry(OBS), head=b'"resourceType":"Bundle","type":"document"'),
+    "no-type": searchset(entry(OBS), head=b'"resourceType":"Bundle"'),
+    "included-entry": searchset(entry(OBS), entry(OBS, tail=b',"search":{"mode":"include"}')),
+    "operation-outcome": b'{"resourceType":"OperationOutcome","issue":[]}',
+    "parameters": b'{"resourceType":"Parameters","parameter":[]}',
+    "not-an-object": b"[" + OBS + b"]",
+}
+
+
+@pytest.mark.parametrize("raw", NOT_VIEWED.values(), ids=NOT_VIEWED.keys())
+def test_texts_a_view_cannot_vouch_for_take_the_whole_resource_path(raw: bytes) -> None:
+    assert read_answer(raw) is None
+
+
+# ---------------------------------------------------------------------- mismatches found
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "CONTRACT: an upstream answer with duplicate JSON keys in patient data is a 502. A view "
+    "checks keys only at the levels it locates and in the elements it parses, so a key given "
+    "twice inside an element no decision reads (valueQuantity, text) passes through unrefused."))
+@pytest.mark.parametrize("single", [True, False], ids=["read", "search"])
+def test_a_repeated_key_inside_an_unread_element_is_not_viewed(single: bool) -> None:
+    resource = OBS.replace(b'"valueQuantity":{"value":4.10}', b'"valueQuantity":{"value":4.10,"value":9.99}')
+    assert read_answer(resource if single else searchset(entry(resource))) is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core.view.label_key leaves meta out of the label key unless its text holds the bytes "
+    '"security"; a key written with an escape ("\\u0073ecurity") is parsed as meta.security '
+    "yet not seen, so LabelIndex.labels_keyed returns the labels remembered for another "
+    "resource with the same codes and the security label (here R) is lost."))
+def test_an_escaped_security_key_still_labels_the_view() -> None:
+    index = copy.copy(LABELS)
+    index._memo = {}  # a memo of its own
+    plain = b'{"resourceType":"Observation","id":"a","code":{"coding":[{"system":"http://loinc.org","code":"2345-7"}]}}'
+    escaped = plain.replace(b'"id":"a"', b'"id":"b","meta":{"\\u0073ecurity":[{"system":'
+                            b'"http://terminology.hl7.org/CodeSystem/v3-Confidentiality","code":"R"}]}')
+    answer = read_answer(searchset(entry(plain), entry(escaped)))
+    assert answer is not None
+    first, second = (e["resource"] for e in answer.body["entry"])
+    for viewed in (first, second):
+        key = answer.label_keys.get(id(viewed))
+        found = index.labels_keyed(key, viewed) if key is not None else index.labels_for(viewed)
+        assert found == index.labels_for(viewed)
