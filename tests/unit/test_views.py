@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.core import view as view_module
@@ -29,8 +29,10 @@ from gateway.core.decision import Decision, Policy, decide_resource, summary_rea
 from gateway.core.fhir import resource_reference
 from gateway.core.labels import LabelIndex
 from gateway.core.model import Actor, RequestContext
-from gateway.core.references import medication_reference, security_context
+from gateway.core.enforce import Enforcer, owners_index
+from gateway.core.references import Resolved, medication_reference, security_context
 from gateway.core.view import WHOLE_TYPES, read_answer, view_elements
+from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts, binaries_as_contexts
 from tests.decision.support import consent_json
 from tests.strategies import (
     ALL_TYPES,
@@ -156,7 +158,44 @@ def test_the_view_decides_as_the_whole_resource(rtype: str, data: st.DataObject)
     assert facts(viewed) == facts(whole)
     assert pipeline_labels == LABELS.labels_for(whole)
     labels = LABELS.labels_for(whole)
-    assert decisions(consents, viewed, labels, ctx, policy) == decisions(consents, whole, labels, ctx, policy)
+    found = decisions(consents, viewed, labels, ctx, policy)
+    assert found == decisions(consents, whole, labels, ctx, policy)
+    event(f"{'labelled' if labels else 'unlabelled'} {found[0].verdict.value}")
+
+
+MEDICATION: JSON = {"resourceType": "Medication", "id": "m1", "code": {"coding": [
+    {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "352364"}]}}  # buprenorphine / naloxone: OPIOIDUD
+RESOLVED = Resolved(targets={"Medication/m1": MEDICATION, "Patient/p1": {"resourceType": "Patient", "id": "p1"}})
+
+
+def filtered(
+    body: JSON, keys: Mapping[int, Any] | None, consents: Mapping[str, Sequence[CompiledConsent]],
+    ctx: RequestContext, policy: Policy,
+) -> tuple[Any, ...]:
+    """What the gateway's enforcement leaves of ``body`` (changed in place) and why, as
+    ConsentEnforcement.enforce runs it once the consents are looked up."""
+    looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
+    judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED, None, keys)  # type: ignore[arg-type]
+    judge = binaries_as_contexts(judge, RESOLVED)
+    index = owners_index(body)
+    bind_contexts(body, index, RESOLVED)
+    result = Enforcer(judge, drop_total=True, index=index).body(body)
+    return result.denied, result.removed, result.deciding, result.changed
+
+
+@_fast(60)
+@given(raw=searchset_texts(), data=st.data())
+def test_a_viewed_search_set_is_filtered_as_the_whole_one(raw: bytes, data: st.DataObject) -> None:
+    consents = by_patient(data.draw(st.lists(consent_specs, max_size=4), label="consents"), None)
+    ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
+    whole = orjson.loads(raw)
+    answer = read_answer(raw)
+    assert answer is not None
+    found = filtered(answer.body, answer.label_keys, consents, ctx, policy)
+    assert found == filtered(whole, None, consents, ctx, policy)
+    event(f"entries removed: {min(len(found[1]), 2)}, left: {min(len(whole.get('entry', [])), 2)}")
+    # What goes out is the whole answer filtered the same way.
+    assert orjson.loads(answer.splice()) == whole
 
 
 # ---------------------------------------------------------------------- 2. reads within the plan
@@ -289,6 +328,8 @@ def test_a_spliced_search_set_is_the_original_minus_the_removed_entries(raw: byt
     assert answer is not None
     original = orjson.loads(raw)
     texts = entry_texts(raw)
+    for viewed, whole in zip(answer.body.get("entry", []), original.get("entry", []), strict=True):
+        assert facts(viewed["resource"]) == facts(whole["resource"])
     assert orjson.loads(answer.splice()) == original
     if not any(entry_type(t) in WHOLE_TYPES for t in texts):
         assert answer.splice() == raw  # nothing removed, nothing read whole: byte for byte
