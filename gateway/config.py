@@ -80,6 +80,9 @@ class UpstreamSettings(_Section):
     health_interval_s: float = Field(10.0, gt=0)
     # A bigger answer is a 502: it is read with this cap, never buffered beyond it.
     max_response_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # Answers at least this large are decided on views of their deciding elements (core.view):
+    # memory stays near the answer's size; smaller ones are parsed whole, which is faster.
+    views_above_bytes: int = Field(1024 * 1024, ge=0)
     ca_file: Path | None = None
     client_cert_file: Path | None = None
     client_key_file: Path | None = None

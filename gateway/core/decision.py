@@ -760,6 +760,39 @@ def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
     return None if "data" in found else frozenset(found)
 
 
+def summary_key(facts: Any, reads: frozenset[str]) -> tuple[object, ...]:
+    """The memo key of a resource whose patients' consents read ``reads`` beyond the summary
+    (``summary_reads``): two resources with equal keys get the same decision. ``facts`` is a
+    ``core.judge.Facts``."""
+    return (
+        facts.owners, facts.rtype, facts.labels, facts.scopes, facts.profiles,
+        facts.date if "date" in reads else None,
+    )
+
+
+def _boundaries(node: Provision | None, now: datetime, found: list[datetime]) -> None:
+    if node is None:
+        return
+    period = node.period
+    if period is not None:
+        for edge in (period.start, period.end):
+            if edge is not None and edge > now:
+                found.append(edge)
+    for child in node.children:
+        _boundaries(child, now, found)
+
+
+def next_boundary(consents: Sequence[CompiledConsent], now: datetime) -> datetime | None:
+    """The first instant after ``now`` at which a period of these consents starts or ends:
+    until then, every decision over them stands as it is now (None: none ever changes)."""
+    found: list[datetime] = []
+    moment = as_utc(now)
+    for consent in consents:
+        _boundaries(consent.root, moment, found)
+        _boundaries(consent.scope_root, moment, found)
+    return min(found, default=None)
+
+
 def decide_with(
     consents: Sequence[CompiledConsent],
     resource: JSON,

@@ -27,7 +27,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from gateway.core.fhir import JSON
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
@@ -253,12 +256,19 @@ _NO_EXTRACTORS: _Extractors = ((), ())
 _OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle"})
 
 
+@lru_cache(maxsize=512)
 def label_elements(rtype: str) -> frozenset[str]:
     """The top-level elements ``labels_for`` reads of a resource of this type (its field plan)."""
     fields, getters = _EXTRACTORS.get(rtype, _DEFAULT_EXTRACTORS)
     found = {*fields, *(head for head, _ in getters), "extension", "modifierExtension", "meta", "contained"}
     found.update(_OWN_ELEMENTS.get(rtype, ()))
     return frozenset(found)
+
+
+@lru_cache(maxsize=512)
+def _label_names(rtype: str) -> tuple[str, ...]:
+    """The elements the labels of a resource without meta.security or contained depend on."""
+    return tuple(sorted(label_elements(rtype) - {"meta", "contained"}))
 
 
 # The label-bearing elements of _OWN_ELEMENT_TYPES, as _collect_own_elements reads them.
@@ -366,6 +376,17 @@ class LabelIndex:
                 self._memo.clear()
             self._memo[key] = found
         return found
+
+    def labels_remembered(self, resource: JSON) -> frozenset[Label]:
+        """``labels_for(resource)``, remembered under the compact text of the elements the labels
+        depend on: records that code alike are labelled once (a resource labelled by its own
+        meta.security or contained resources is labelled afresh)."""
+        rtype = resource.get("resourceType")
+        meta = resource.get("meta")
+        if not isinstance(rtype, str) or "contained" in resource or (isinstance(meta, dict) and "security" in meta):
+            return self.labels_for(resource)
+        names = _label_names(rtype)
+        return self.labels_keyed((rtype, orjson.dumps([resource.get(n) for n in names])), resource)
 
     def explain(self, resource: JSON) -> list[tuple[Label, str]]:
         """Each label with the rule (or resource element) that gave it, sorted, no repeats."""

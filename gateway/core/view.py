@@ -160,9 +160,9 @@ class EntryView:
     """One search-set entry: its upstream bytes and what the pipeline decides on."""
 
     raw: msgspec.Raw
-    entry: JSON                  # the entry as decided: small elements parsed, resource viewed
-    resource_raw: msgspec.Raw | None
-    whole: bool                  # the resource was parsed whole
+    entry: JSON                  # the entry as decided: small elements parsed, resource viewed or whole
+    resource_raw: msgspec.Raw | None = None  # set when the resource is a view
+    rewritten: bool = False      # enforcement may change it in place untold: always re-serialized
 
 
 @dataclass(slots=True)
@@ -172,6 +172,7 @@ class AnswerView:
 
     raw: bytes
     body: JSON
+    partial: bool = True         # resources are views (else parsed whole)
     entries: dict[int, EntryView] = field(default_factory=dict)  # by id of the entry dict
     label_keys: dict[int, tuple[str | bytes, ...]] = field(default_factory=dict)  # by id of the view
     touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
@@ -185,7 +186,10 @@ class AnswerView:
         few changed in place or parsed whole, re-serialized); ``entry_bytes`` may rewrite each
         kept entry's text (display scrubbing)."""
         if not self.is_bundle:
-            text = self.raw if id(self.body) not in self.touched else orjson.dumps(_merged(self.raw, self.body))
+            if id(self.body) not in self.touched:
+                text = self.raw
+            else:
+                text = orjson.dumps(_merged(self.raw, self.body) if self.partial else self.body)
             return entry_bytes(text) if entry_bytes is not None else text
         parts: list[bytes] = []
         for key, value in self.body.items():
@@ -198,15 +202,15 @@ class AnswerView:
     def _entry_texts(self, entries: Iterable[object], rewrite: Callable[[bytes], bytes] | None) -> Iterable[bytes]:
         for entry in entries:
             found = self.entries.get(id(entry))
-            if found is None or found.whole:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if found is None or found.rewritten:
                 text = orjson.dumps(entry)
+            elif resource is None or id(resource) not in self.touched:
+                text = bytes(found.raw)
+            elif found.resource_raw is not None and isinstance(entry, dict):
+                text = orjson.dumps({**entry, "resource": _merged(found.resource_raw, resource)})
             else:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                if resource is not None and id(resource) in self.touched and found.resource_raw is not None:
-                    whole = {**entry, "resource": _merged(found.resource_raw, resource)}
-                    text = orjson.dumps(whole)
-                else:
-                    text = bytes(found.raw)
+                text = orjson.dumps(entry)
             yield rewrite(text) if rewrite is not None else text
 
 
@@ -257,7 +261,7 @@ def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
         entry, resource_raw, whole = _entry(item, answer.label_keys)
         if entry is None:
             return None
-        answer.entries[id(entry)] = EntryView(item, entry, resource_raw, whole)
+        answer.entries[id(entry)] = EntryView(item, entry, None if whole else resource_raw, whole)
         decided.append(entry)
     # The entries keep their place among the Bundle's elements.
     answer.body = {key: (decided if key == "entry" else body[key]) for key in top if key == "entry" or key in body}
@@ -286,3 +290,31 @@ def _entry(
             if key is not None:
                 keys[id(resource)] = key
     return entry, resource_raw, whole
+
+
+def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
+    """An answer parsed whole (``body``, from ``raw``, checked for repeated keys), with each
+    search-set entry's upstream bytes beside it, so kept entries go out as written; None when
+    it cannot be spliced (then it is re-serialized)."""
+    rtype = body.get("resourceType")
+    if not isinstance(rtype, str) or rtype in _NOT_VIEWED:
+        return None
+    if rtype != "Bundle":
+        return AnswerView(raw, body, partial=False)
+    entries = body.get("entry")
+    if body.get("type") != "searchset" or not isinstance(entries, list):
+        return None
+    try:
+        items = _ITEMS.decode(_FIELDS.decode(raw)["entry"])
+    except (msgspec.DecodeError, KeyError):
+        return None
+    if len(items) != len(entries):
+        return None
+    answer = AnswerView(raw, body, partial=False)
+    for item, entry in zip(items, entries):
+        if not isinstance(entry, dict):
+            return None
+        resource = entry.get("resource")
+        rewritten = isinstance(resource, dict) and resource.get("resourceType") in WHOLE_TYPES
+        answer.entries[id(entry)] = EntryView(item, entry, rewritten=rewritten)
+    return answer

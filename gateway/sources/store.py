@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -81,6 +82,9 @@ class ConsentSource(Protocol):
 NO_LABELS: Mapping[str, frozenset[Label]] = MappingProxyType({})
 
 
+_VERSIONS = itertools.count(1)
+
+
 @dataclass(frozen=True, slots=True)
 class PatientConsents:
     patient: str
@@ -90,6 +94,8 @@ class PatientConsents:
     # labels the consent source knows for this patient's records (ClinikAPI documents'
     # confidentiality), by ``Type/id``: added to what the rules give those records
     labels: Mapping[str, frozenset[Label]] = field(default_factory=lambda: NO_LABELS)
+    # One per compiled set: decisions over these consents are shared under it (core.judge).
+    version: int = field(default_factory=lambda: next(_VERSIONS))
 
 
 def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
@@ -231,7 +237,7 @@ class ConsentStore:
             consents = raw.get(patient, [])
             entry = await self._prepared(compile_patient(patient, consents), consents)
             if labels.get(patient):
-                entry = replace(entry, labels=labels[patient])
+                entry = replace(entry, labels=labels[patient], version=next(_VERSIONS))
             entries[patient] = entry
         return entries
 
@@ -252,7 +258,7 @@ class ConsentStore:
             targets = consent.related_targets
             if targets and self.related is not None:
                 consents[i] = replace(consent, related=await self._references(version, targets))
-        return replace(entry, consents=tuple(consents))
+        return replace(entry, consents=tuple(consents), version=next(_VERSIONS))
 
     async def _references(self, version: str, targets: Iterable[str]) -> dict[str, frozenset[str]]:
         """What each target refers to; a failed read is left out (the condition is unknown)."""

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import clinical_date, main_codes
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, decide_resource, preflight, summary_reads
-from gateway.core.enforce import Enforced, Enforcer, Judge, judge_resource, owners_index, patients_in
+from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
+from gateway.core.judge import ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, overriding, unknown_denies
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
@@ -24,9 +24,6 @@ from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
-NO_SCOPES: frozenset[str] = frozenset()
-# A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
-UNRESOLVED = Decision(Verdict.DENY, (Reason("", "", "unresolved-reference"),))
 
 
 def policy_from(settings_consent: object, settings_sensitivity: object, labels: LabelIndex) -> Policy:
@@ -59,27 +56,8 @@ class Looked:
     windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)  # open for this actor
     # labels the consent source gives records by Type/id (ClinikAPI documents' confidentiality)
     labels: Mapping[str, frozenset[Label]] = field(default_factory=dict)
-
-
-@dataclass
-class Emergency:
-    """What an emergency override did in one request: the audit's raw material.
-
-    ``reason`` is the break-glass reason when the request carried the header; without it,
-    only the actor's open emergency windows can override a denial.
-    """
-
-    reason: str | None
-    windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)
-    returned: list[tuple[str, bool]] = field(default_factory=list)  # (reference, consent would deny)
-    patients: set[str] = field(default_factory=set)
-    opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
-    used: set[str] = field(default_factory=set)  # emergency consents that granted access
-    consents_unknown: bool = False  # break-glass served while the consents could not be read
-
-    @property
-    def audited(self) -> bool:
-        return self.reason is not None or bool(self.used)
+    # each patient's consent-set version (one per cache fill): decisions are shared under it
+    versions: Mapping[str, Hashable] | None = None
 
 
 @dataclass
@@ -94,10 +72,14 @@ class Observed:
 class ConsentEnforcement:
     """Per-request consent work: look up once, decide per resource, filter."""
 
-    def __init__(self, store: ConsentStore, labels: LabelIndex, policy: Policy) -> None:
+    def __init__(
+        self, store: ConsentStore, labels: LabelIndex, policy: Policy, decisions: DecisionCache | None = None
+    ) -> None:
         self.store = store
         self.labels = labels
         self.policy = policy
+        # Decisions shared across requests (core.judge.DecisionCache); None: per request only.
+        self.decisions = decisions if decisions is not None else DecisionCache()
 
     async def look_up(self, patients: frozenset[str], actor: Actor, purpose: str, now: datetime | None = None) -> Looked:
         """Fetch every patient's consents in one go; add the actor's groups when consents name groups."""
@@ -111,7 +93,8 @@ class ConsentEnforcement:
             if w.covers(actor) and w.open_at(ctx.now)
         } if "TREAT" in lineage(purpose) else {}
         source_labels = {ref: lb for pc in found.values() for ref, lb in pc.labels.items()}
-        return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows, source_labels)
+        versions = {p: pc.version for p, pc in found.items()}
+        return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows, source_labels, versions)
 
     def labeler(
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
@@ -121,7 +104,7 @@ class ConsentEnforcement:
         those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
         by object identity when given. ``keys``: the label keys of viewed resources (by object
         identity), under which equal texts are labelled once."""
-        own, keyed = self.labels.labels_for, self.labels.labels_keyed
+        own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             key = keys.get(id(resource)) if keys else None
@@ -143,62 +126,12 @@ class ConsentEnforcement:
     def judge(
         self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None,
         keys: Mapping[int, Hashable] | None = None,
-    ) -> Judge:
+    ) -> ConsentJudge:
         """A per-resource decision function over the looked-up consents."""
-        labels, policy, ctx, consents = self.labels, self.policy, looked.ctx, looked.consents
-
-        reads = {p: summary_reads(c) for p, c in consents.items()}
-        memo: dict[tuple[object, ...], Decision] = {}
-        # What the owners' consents read beyond the summary, per set of owners (few per body).
-        owners_reads: dict[frozenset[str], frozenset[str] | None] = {}
-
-        def extra_reads(owners: frozenset[str]) -> frozenset[str] | None:
-            extra: set[str] = set()
-            for patient in owners:
-                more = reads.get(patient)
-                if more is None:
-                    return None
-                extra |= more
-            return frozenset(extra)
-
-        def summary_key(
-            resource: JSON, owners: frozenset[str], found: frozenset[Label], scopes: frozenset[str],
-            extra: frozenset[str],
-        ) -> tuple[object, ...]:
-            meta = resource.get("meta")
-            profiles = meta.get("profile") if isinstance(meta, dict) else None
-            return (
-                owners, resource.get("resourceType"), found, scopes,
-                tuple(profiles) if isinstance(profiles, list) else None,
-                main_codes(resource) if "codes" in extra else None,
-                clinical_date(resource) if "date" in extra else None,
-            )
-
-        labels_for, scopes_for = self.labeler(resolved, looked.labels, seen, keys), labels.scopes_for
-
-        def judge(resource: JSON, owners: frozenset[str]) -> Decision:
-            if "medicationReference" in resource and resolved.medication_of(resource) is UNREADABLE:
-                return UNRESOLVED
-            resource_labels = labels_for(resource)
-            try:
-                extra = owners_reads[owners]
-            except KeyError:
-                extra = owners_reads[owners] = extra_reads(owners)
-            if extra is None:
-                return decide_resource(
-                    consents, resource, resource_labels, scopes_for(resource), ctx, policy, patients=owners
-                )
-            # Resource scopes matter only to consents whose class names one.
-            scopes = scopes_for(resource) if "scopes" in extra else NO_SCOPES
-            key = summary_key(resource, owners, resource_labels, scopes, extra)
-            found = memo.get(key)
-            if found is None:
-                found = memo[key] = decide_resource(
-                    consents, resource, resource_labels, scopes, ctx, policy, patients=owners
-                )
-            return found
-
-        return judge
+        return ConsentJudge(
+            looked.consents, looked.ctx, self.policy, self.labeler(resolved, looked.labels, seen, keys),
+            self.labels.scopes_for, resolved, versions=looked.versions, cache=self.decisions,
+        )
 
     def unconditional(self, looked: Looked, patients: frozenset[str]) -> bool:
         """True when every patient named permits this requester whatever the content.
@@ -219,31 +152,7 @@ class ConsentEnforcement:
         source_labels: Mapping[str, frozenset[Label]] | None = None,
     ) -> Judge:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
-        labels_for, sensitive = self.labeler(resolved, source_labels), self.labels.sensitive
-
-        def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
-            decision = judge(resource, owners)
-            windowed = [emergency.windows[p] for p in owners if p in emergency.windows]
-            denied = decision.verdict is Verdict.DENY
-            if denied:
-                opened = {label for label in labels_for(resource) if label.code in sensitive}
-                codes = {label.code for label in opened}
-                covered = bool(owners) and len(windowed) == len(owners) and all(codes <= w.labels for w in windowed)
-                if emergency.reason is None and not covered:
-                    return decision
-                for patient in owners:
-                    emergency.opened.setdefault(patient, set()).update(opened)
-                decision = Decision(Verdict.PERMIT, (Reason("", "", "break-glass"),), combining="break-glass")
-            if emergency.reason is None:
-                emergency.used.update(w.consent for w in windowed)
-            if emergency.reason is not None or windowed:
-                ref = resource_reference(resource)
-                if ref:
-                    emergency.returned.append((ref, denied))
-                emergency.patients.update(owners)
-            return decision
-
-        return wrapped
+        return overriding(judge, emergency, self.labeler(resolved, source_labels), self.labels.sensitive)
 
     async def enforce(
         self,
@@ -288,7 +197,7 @@ class ConsentEnforcement:
         if observed is not None:
             observed.consents = looked.consents
         seen = observed.labels if observed is not None else None
-        judge = _unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys)
+        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:
@@ -299,31 +208,6 @@ class ConsentEnforcement:
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
-
-
-def _unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
-    """Consents that could not be read decide nothing: count each resource as denied."""
-    return Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
-
-
-def binaries_as_contexts(judge: Judge, resolved: Resolved) -> Judge:
-    """A Binary is decided as the patient data its securityContext names (or, without one, as
-    the documents that attach it), by the whole judge: scopes, consent and break-glass."""
-
-    def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
-        if resource.get("resourceType") != "Binary":
-            return judge(resource, owners)
-        contexts = resolved.contexts_of(resource)
-        if contexts is None:
-            return UNRESOLVED
-        decision = judge(resource, owners)
-        for context in contexts:
-            if decision.verdict is Verdict.DENY:
-                break
-            decision = judge_resource(context, wrapped)
-        return decision
-
-    return wrapped
 
 
 def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
@@ -347,3 +231,6 @@ def log_decisions(result: Enforced) -> None:
             "reasons": sorted({f"{r.consent} {r.provision} {r.rule.split(':', 1)[0]}".strip() for r in reasons}),
         },
     )
+
+
+__all__ = ["ConsentEnforcement", "Emergency", "Looked", "Observed", "policy_from"]

@@ -20,7 +20,7 @@ from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import in_answer, may_name_unreleased, scrub_displays, unreleased_named
 from gateway.core.strict_json import has_duplicate_keys
-from gateway.core.view import AnswerView, ViewsInsufficient, read_answer
+from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
 from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
 )
@@ -231,8 +231,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         info.decision = "deny"
         state.metrics.count_decision("deny")
         return await audited(state, ex, upstream.status, not_found())
-    view = view_of(state, ex, upstream, plan)
+    spliceable = can_splice(state, ex, upstream, plan)
+    view = read_answer(upstream.body) if spliceable and len(upstream.body) >= state.settings.upstream.views_above_bytes else None
     parsed = view.body if view is not None else parse_body(upstream, ex.route)
+    if view is None and spliceable and parsed is not None:
+        view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes.
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
@@ -241,28 +244,29 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
     if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
         parsed["entry"] = plan.answer(parsed["entry"])
-    if view is not None:
+    if view is not None and view.partial:
         try:
             return await decide_answer(state, request, ex, upstream, parsed, links, plan, view)
         except ViewsInsufficient:
             parsed = parse_body(upstream, ex.route)
             if parsed is None:  # pragma: no cover - a viewed answer parses whole too
                 raise UpstreamUnavailable("The FHIR server sent a malformed answer.") from None
-    return await decide_answer(state, request, ex, upstream, parsed, links, plan)
+            view = spans_of(upstream.body, parsed)
+    return await decide_answer(state, request, ex, upstream, parsed, links, plan, view)
 
 
-# Interactions whose answers may be decided on views (reads and searches of patient data).
-_VIEWED = frozenset({"read", "vread", "search", "operation"})
+# Interactions whose answers are spliced from the upstream's bytes (reads and searches).
+_SPLICED = frozenset({"read", "vread", "search", "operation"})
 
 
-def view_of(state: GatewayState, ex: Exchange, upstream: UpstreamResponse, plan: BatchPlan | None) -> AnswerView | None:
-    """The answer read as views of its deciding elements (core.view), when nothing about the
-    request needs whole resources: not break-glass, shadow mode, a batch or a projection."""
-    if (plan is not None or ex.reason is not None or ex.projection is not None or upstream.status >= 300
-            or ex.route.interaction not in _VIEWED or officer.is_shadow(state) or not upstream.body
-            or "json" not in upstream.headers.get("Content-Type", "").lower()):
-        return None
-    return read_answer(upstream.body)
+def can_splice(state: GatewayState, ex: Exchange, upstream: UpstreamResponse, plan: BatchPlan | None) -> bool:
+    """Whether the answer may go out as the upstream's bytes of what is kept (core.view): not
+    for break-glass, shadow mode, a batch or a projection, which rewrite whole resources."""
+    return not (
+        plan is not None or ex.reason is not None or ex.projection is not None or upstream.status >= 300
+        or ex.route.interaction not in _SPLICED or officer.is_shadow(state) or not upstream.body
+        or "json" not in upstream.headers.get("Content-Type", "").lower()
+    )
 
 
 async def send(state: GatewayState, request: web.Request, ex: Exchange, request_id: str) -> UpstreamResponse:
@@ -295,7 +299,7 @@ async def decide_answer(
     observed = Observed()
     result, emergency = await state.enforcement.enforce(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
-        withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None,
+        withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None and view.partial,
         label_keys=view.label_keys if view is not None else None,
     )
     status = withheld_status(state)

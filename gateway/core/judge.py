@@ -1,0 +1,261 @@
+"""Deciding one resource: its facts, the consent judge over them, and the wrappers around it.
+
+``Facts`` is what decides a resource beyond its patients' consents: type, ``Type/id``,
+patients, labels, resource scopes, profiles and clinical date. ``ConsentJudge`` decides from
+facts; two resources whose facts agree on what the consents read (``decision.summary_key``)
+get one decision, remembered for the request and, through a ``DecisionCache``, across
+requests with the same consents, requester and purpose until the next period boundary of
+those consents. Consents that read codes or references anywhere decide each resource whole.
+
+Around the judge: break-glass and emergency windows (``overriding``), a Binary decided as
+what it stands for (``binaries_as_contexts``), consents that could not be read
+(``unknown_denies``). Everything here is pure: time is an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.core.breakglass import EmergencyWindow
+from gateway.core.compartment import DateRange, clinical_date, profiles_of
+from gateway.core.consent import CompiledConsent
+from gateway.core.decision import Policy, decide_resource, next_boundary, summary_key, summary_reads
+from gateway.core.enforce import Judge, judge_resource
+from gateway.core.fhir import JSON, resource_reference
+from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
+from gateway.core.references import UNREADABLE, Resolved
+
+NO_SCOPES: frozenset[str] = frozenset()
+# A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
+UNRESOLVED = Decision(Verdict.DENY, (Reason("", "", "unresolved-reference"),))
+CONSENT_UNAVAILABLE = Decision(Verdict.DENY, (Reason("", "", "consent-unavailable"),), errors=("consent-unavailable",))
+BREAK_GLASS = Decision(Verdict.PERMIT, (Reason("", "", "break-glass"),), combining="break-glass")
+
+Labeler = Callable[[JSON], frozenset[Label]]
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What decides one resource besides its patients' consents (its summary)."""
+
+    rtype: str
+    owners: frozenset[str]          # the patients it belongs to
+    labels: frozenset[Label]
+    scopes: frozenset[str]          # resource scopes; empty when no consent reads them
+    profiles: frozenset[str]
+    date: DateRange | None          # read only when a consent reads it
+
+
+def facts_of(
+    resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str]
+) -> Facts:
+    """The facts of ``resource`` that ``reads`` (decision.summary_reads) need."""
+    rtype = resource.get("resourceType")
+    meta = resource.get("meta")
+    return Facts(
+        rtype if isinstance(rtype, str) else "",
+        owners,
+        labels,
+        scopes if "scopes" in reads else NO_SCOPES,
+        profiles_of(resource) if isinstance(meta, dict) and "profile" in meta else frozenset(),
+        clinical_date(resource) if "date" in reads else None,
+    )
+
+
+class DecisionCache:
+    """Decisions across requests, keyed by the consents' versions, the request (requester with
+    groups, organization and role, purpose, action) and the facts summary; each kept until the
+    next period boundary of the consents it was decided on. Bounded: cleared when full."""
+
+    def __init__(self, max_entries: int = 65_536) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, tuple[Decision, datetime | None]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, now: datetime) -> Decision | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        decision, until = found
+        if until is not None and now >= until:
+            del self._entries[key]
+            self.misses += 1
+            return None
+        self.hits += 1
+        return decision
+
+    def put(self, key: Hashable, decision: Decision, until: datetime | None) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (decision, until)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ConsentJudge:
+    """Decides resources of one request against the looked-up consents (a ``Judge``)."""
+
+    def __init__(
+        self,
+        consents: Mapping[str, tuple[CompiledConsent, ...]],
+        ctx: RequestContext,
+        policy: Policy,
+        labels_for: Labeler,
+        scopes_for: Callable[[JSON], frozenset[str]],
+        resolved: Resolved,
+        *,
+        versions: Mapping[str, Hashable] | None = None,
+        cache: DecisionCache | None = None,
+    ) -> None:
+        self.consents, self.ctx, self.policy = consents, ctx, policy
+        self.labels_for, self.scopes_for, self.resolved = labels_for, scopes_for, resolved
+        self._reads = {p: summary_reads(c) for p, c in consents.items()}
+        self._owners_reads: dict[frozenset[str], frozenset[str] | None] = {}
+        self._memo: dict[Hashable, Decision] = {}
+        # Across requests only with versioned consents: a version names one cache fill.
+        self._cache = cache if versions is not None else None
+        self._versions = versions or {}
+        self._request = (ctx.actor, ctx.purpose, ctx.action, ctx.break_glass)
+        self._until: dict[frozenset[str], datetime | None] = {}
+
+    def reads(self, owners: frozenset[str]) -> frozenset[str] | None:
+        """What the owners' consents read beyond the summary; None when no summary decides."""
+        try:
+            return self._owners_reads[owners]
+        except KeyError:
+            pass
+        extra: set[str] | None = set()
+        for patient in owners:
+            more = self._reads.get(patient)
+            if more is None:
+                extra = None
+                break
+            extra |= more  # type: ignore[operator]
+        found = self._owners_reads[owners] = frozenset(extra) if extra is not None else None
+        return found
+
+    def __call__(self, resource: JSON, owners: frozenset[str]) -> Decision:
+        if "medicationReference" in resource and self.resolved.medication_of(resource) is UNREADABLE:
+            return UNRESOLVED
+        labels = self.labels_for(resource)
+        reads = self.reads(owners)
+        if reads is None:
+            return decide_resource(
+                self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners
+            )
+        # Resource scopes matter only to consents whose class names one.
+        scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
+        facts = facts_of(resource, owners, labels, scopes, reads)
+        key = summary_key(facts, reads)
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        shared = self._shared_key(owners, key)
+        if shared is not None and self._cache is not None:
+            found = self._cache.get(shared, self.ctx.now)
+        if found is None:
+            found = decide_resource(self.consents, resource, labels, scopes, self.ctx, self.policy, patients=owners)
+            if shared is not None and self._cache is not None:
+                self._cache.put(shared, found, self._boundary(owners))
+        self._memo[key] = found
+        return found
+
+    def _shared_key(self, owners: frozenset[str], key: Hashable) -> Hashable | None:
+        if self._cache is None:
+            return None
+        versions = []
+        for patient in sorted(owners):
+            version = self._versions.get(patient)
+            if version is None:
+                return None  # not looked up (it fails closed) or unversioned: never shared
+            versions.append((patient, version))
+        return (tuple(versions), self._request, key)
+
+    def _boundary(self, owners: frozenset[str]) -> datetime | None:
+        try:
+            return self._until[owners]
+        except KeyError:
+            pass
+        bounds = [b for p in owners if (b := next_boundary(self.consents.get(p, ()), self.ctx.now)) is not None]
+        found = self._until[owners] = min(bounds, default=None)
+        return found
+
+
+def unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
+    """Consents that could not be read decide nothing: count each resource as denied."""
+    return CONSENT_UNAVAILABLE
+
+
+@dataclass
+class Emergency:
+    """What an emergency override did in one request: the audit's raw material.
+
+    ``reason`` is the break-glass reason when the request carried the header; without it,
+    only the actor's open emergency windows can override a denial.
+    """
+
+    reason: str | None
+    windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)
+    returned: list[tuple[str, bool]] = field(default_factory=list)  # (reference, consent would deny)
+    patients: set[str] = field(default_factory=set)
+    opened: dict[str, set[Label]] = field(default_factory=dict)  # patient -> sensitive labels opened
+    used: set[str] = field(default_factory=set)  # emergency consents that granted access
+    consents_unknown: bool = False  # break-glass served while the consents could not be read
+
+    @property
+    def audited(self) -> bool:
+        return self.reason is not None or bool(self.used)
+
+
+def overriding(judge: Judge, emergency: Emergency, labels_for: Labeler, sensitive: frozenset[str]) -> Judge:
+    """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials; never
+    remembered across requests (the audit records every resource it returns)."""
+
+    def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
+        decision = judge(resource, owners)
+        windowed = [emergency.windows[p] for p in owners if p in emergency.windows]
+        denied = decision.verdict is Verdict.DENY
+        if denied:
+            opened = {label for label in labels_for(resource) if label.code in sensitive}
+            codes = {label.code for label in opened}
+            covered = bool(owners) and len(windowed) == len(owners) and all(codes <= w.labels for w in windowed)
+            if emergency.reason is None and not covered:
+                return decision
+            for patient in owners:
+                emergency.opened.setdefault(patient, set()).update(opened)
+            decision = BREAK_GLASS
+        if emergency.reason is None:
+            emergency.used.update(w.consent for w in windowed)
+        if emergency.reason is not None or windowed:
+            ref = resource_reference(resource)
+            if ref:
+                emergency.returned.append((ref, denied))
+            emergency.patients.update(owners)
+        return decision
+
+    return wrapped
+
+
+def binaries_as_contexts(judge: Judge, resolved: Resolved) -> Judge:
+    """A Binary is decided as the patient data its securityContext names (or, without one, as
+    the documents that attach it), by the whole judge: scopes, consent and break-glass."""
+
+    def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
+        if resource.get("resourceType") != "Binary":
+            return judge(resource, owners)
+        contexts = resolved.contexts_of(resource)
+        if contexts is None:
+            return UNRESOLVED
+        decision = judge(resource, owners)
+        for context in contexts:
+            if decision.verdict is Verdict.DENY:
+                break
+            decision = judge_resource(context, wrapped)
+        return decision
+
+    return wrapped
