@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,14 +25,15 @@ from hypothesis import strategies as st
 from gateway.core import view as view_module
 from gateway.core.compartment import authors_of, clinical_date, main_codes, patients_of, profiles_of
 from gateway.core.consent import CompiledConsent, compile_consent
-from gateway.core.decision import Decision, Policy, decide_resource, summary_reads
+from gateway.core.decision import Policy, decide_resource, summary_reads
 from gateway.core.fhir import resource_reference
 from gateway.core.labels import LabelIndex
-from gateway.core.model import Actor, RequestContext
-from gateway.core.enforce import Enforcer, owners_index
+from gateway.core.model import Actor, Decision, RequestContext
+from gateway.core.enforce import Enforcer, judge_resource, owners_index
 from gateway.core.references import Resolved, medication_reference, security_context
 from gateway.core.view import WHOLE_TYPES, read_answer, view_elements
-from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts, binaries_as_contexts
+from gateway.core.judge import binaries_as_contexts
+from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts
 from tests.decision.support import consent_json
 from tests.strategies import (
     ALL_TYPES,
@@ -168,15 +169,24 @@ MEDICATION: JSON = {"resourceType": "Medication", "id": "m1", "code": {"coding":
 RESOLVED = Resolved(targets={"Medication/m1": MEDICATION, "Patient/p1": {"resourceType": "Patient", "id": "p1"}})
 
 
+# One gateway per policy, its decision cache shared by every example: decisions made on one
+# example's views are served to later examples whose facts agree, under the consents' version.
+_GATEWAYS: dict[Policy, ConsentEnforcement] = {}
+
+
 def filtered(
     body: JSON, keys: Mapping[int, Any] | None, consents: Mapping[str, Sequence[CompiledConsent]],
-    ctx: RequestContext, policy: Policy,
+    ctx: RequestContext, policy: Policy, versions: Mapping[str, Hashable] | None = None,
 ) -> tuple[Any, ...]:
     """What the gateway's enforcement leaves of ``body`` (changed in place) and why, as
-    ConsentEnforcement.enforce runs it once the consents are looked up."""
-    looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
-    judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED, None, keys)  # type: ignore[arg-type]
-    judge = binaries_as_contexts(judge, RESOLVED)
+    ConsentEnforcement.enforce runs it once the consents are looked up; with ``versions``
+    through the decision cache shared across requests, else deciding afresh."""
+    looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()}, versions=versions)
+    if versions is None:
+        enforcement = ConsentEnforcement(None, LABELS, policy)  # type: ignore[arg-type]
+    else:
+        enforcement = _GATEWAYS.setdefault(policy, ConsentEnforcement(None, LABELS, policy))  # type: ignore[arg-type]
+    judge = binaries_as_contexts(enforcement.judge(looked, RESOLVED, None, keys), RESOLVED)
     index = owners_index(body)
     bind_contexts(body, index, RESOLVED)
     result = Enforcer(judge, drop_total=True, index=index).body(body)
@@ -186,12 +196,15 @@ def filtered(
 @_fast(60)
 @given(raw=searchset_texts(), data=st.data())
 def test_a_viewed_search_set_is_filtered_as_the_whole_one(raw: bytes, data: st.DataObject) -> None:
-    consents = by_patient(data.draw(st.lists(consent_specs, max_size=4), label="consents"), None)
+    specs: list[JSON] = data.draw(st.lists(consent_specs, max_size=4), label="consents")
+    consents = by_patient(specs, None)
+    # A version names one consent set: equal sets share cached decisions across examples.
+    versions = {p: repr([s for s in specs if s["patient"]["reference"] == p]) for p in consents}
     ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
     whole = orjson.loads(raw)
     answer = read_answer(raw)
     assert answer is not None
-    found = filtered(answer.body, answer.label_keys, consents, ctx, policy)
+    found = filtered(answer.body, answer.label_keys, consents, ctx, policy, versions)
     assert found == filtered(whole, None, consents, ctx, policy)
     event(f"entries removed: {min(len(found[1]), 2)}, left: {min(len(whole.get('entry', [])), 2)}")
     # What goes out is the whole answer filtered the same way.
@@ -210,7 +223,7 @@ class Tracked(dict[str, Any]):
         super().__init__(items)
         self.asked = set()
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         self.asked.add(key)
         return super().get(key, default)
 
@@ -245,11 +258,15 @@ class Tracked(dict[str, Any]):
 def read_by_decision(
     resource: JSON, consents: Mapping[str, Sequence[CompiledConsent]], ctx: RequestContext, policy: Policy
 ) -> set[str]:
-    """The top-level keys the whole pipeline asks of ``resource``."""
+    """The top-level keys the whole pipeline asks of ``resource``: the facts, the decision, and
+    the gateway's judge (labels remembered, the decision memo key, references resolved)."""
     tracked = Tracked(resource)
     facts(tracked)
     labels = LABELS.labels_for(tracked)
-    decisions(consents, tracked, labels, ctx, policy)  # type: ignore[arg-type]
+    decisions(consents, tracked, labels, ctx, policy)
+    looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
+    judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED)  # type: ignore[arg-type]
+    judge_resource(tracked, binaries_as_contexts(judge, RESOLVED))
     return tracked.asked
 
 
