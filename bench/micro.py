@@ -22,6 +22,8 @@ from gateway.config import build_settings
 from gateway.core.enforce import judge_resource
 from gateway.core.labels import LabelIndex
 from gateway.core.links import LinkRewriter
+from gateway.core.strict_json import has_duplicate_keys
+from gateway.core.view import read_answer, spans_of
 from gateway.core.model import Actor
 from gateway.metrics import Metrics
 from gateway.rules import load_rules
@@ -67,22 +69,67 @@ def _best_of(runs: int, action: Callable[[], object]) -> float:
 
 
 async def decision_us_per_resource(labels: LabelIndex, passes: int) -> dict[str, float]:
-    """Label extraction + decision per resource (consents cached), on W2's and W3's resources."""
+    """Label extraction + decision per resource (consents cached, one request's judge), on W2's
+    and W3's resources parsed whole (``W2``, ``W3``: what answers under
+    ``upstream.views_above_bytes`` take) and as views (``W2 views``, ``W3 views``)."""
     source = CannedSource({"Patient/p1": orjson.dumps(consents_for("Patient/p1", 0))})
     enforcement = _enforcement(labels, source, 10)
     looked = await enforcement.look_up(frozenset({"Patient/p1"}), Actor(ACTOR), PURPOSE)
-    judge = enforcement.judge(looked)
     out: dict[str, float] = {}
     for name, resources in (("W2", search_entries("Patient/p1")), ("W3", everything())):
+        bundle = orjson.dumps({"resourceType": "Bundle", "type": "searchset",
+                               "entry": [{"resource": r} for r in resources]})
+        view = read_answer(bundle)
+        assert view is not None
+        views = [e["resource"] for e in view.body["entry"]]
+        for label, items, keys in ((name, resources, None), (f"{name} views", views, view.label_keys)):
 
-        def run(resources: list[JSON] = resources) -> None:
-            for _ in range(passes):
-                for resource in resources:
-                    judge_resource(resource, judge)
+            def run(items: list[JSON] = items, keys: Any = keys) -> None:
+                for _ in range(passes):
+                    judge = enforcement.judge(looked, keys=keys)  # one request's judge per pass
+                    for resource in items:
+                        judge_resource(resource, judge)
 
-        run()
-        out[name] = _best_of(5, run) / (passes * len(resources)) * 1e6
+            run()
+            out[label] = _best_of(5, run) / (passes * len(items)) * 1e6
     return out
+
+
+def observations(entries: int) -> bytes:
+    """A searchset of many small lab results (each with its own id, meta and time)."""
+    def lab(i: int) -> JSON:
+        return {"fullUrl": f"http://upstream.invalid/fhir/Observation/o{i}", "search": {"mode": "match"}, "resource": {
+            "resourceType": "Observation", "id": f"o{i}",
+            "meta": {"versionId": "1", "lastUpdated": f"2024-05-01T10:{i % 60:02d}:00Z"}, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "20447-9" if i % 50 == 0 else "718-7"}]},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": f"2024-05-01T09:{i % 60:02d}:00Z",
+            "valueQuantity": {"value": 13.2 + i % 7, "unit": "g/dL", "system": "http://unitsofmeasure.org"},
+        }}
+    return orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [lab(i) for i in range(entries)]})
+
+
+async def peak_memory_ratio(labels: LabelIndex, entries: int) -> dict[str, float]:
+    """Peak memory the gateway's pipeline allocates for a large answer (views, decisions, the
+    spliced and rewritten answer; traced Python allocations, the answer's own bytes excluded),
+    as a multiple of the answer's size."""
+    source = CannedSource({"Patient/p1": orjson.dumps(consents_for("Patient/p1", 0))})
+    enforcement = _enforcement(labels, source, 10)
+    links = LinkRewriter("http://upstream.invalid/fhir", "http://gateway.example/fhir")
+    body = observations(entries)
+    await enforcement.look_up(frozenset({"Patient/p1"}), Actor(ACTOR), PURPOSE)
+    gc.collect()
+    tracemalloc.start()
+    view = read_answer(body)
+    assert view is not None
+    await enforcement.enforce(view.body, Actor(ACTOR), PURPOSE, confined=frozenset({"Patient/p1"}),
+                              views=True, label_keys=view.label_keys)
+    answer = links.body(view.splice())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del answer, view
+    return {"answer_bytes": float(len(body)), "peak_ratio": peak / len(body)}
 
 
 async def bytes_per_cached_patient(labels: LabelIndex, patients: int) -> float:
@@ -118,16 +165,33 @@ async def pipeline_us(labels: LabelIndex, base_url: str, runs: int) -> dict[str,
         body = fixture.answers[path]
 
         async def gateway_once(body: bytes = body) -> None:
+            # What the gateway does with an answer of this size: parse whole, check keys, decide,
+            # splice the kept entries' own bytes, rewrite links.
             parsed = orjson.loads(body)
+            if has_duplicate_keys(body, parsed):
+                raise AssertionError("the fixture repeats a key")
+            answer = spans_of(body, parsed)
+            assert answer is not None
             await enforcement.enforce(parsed, actor, PURPOSE, confined=frozenset({"Patient/p1"}))
-            links.body(orjson.dumps(parsed))
+            links.body(answer.splice())
 
+        async def views_once(body: bytes = body) -> None:
+            answer = read_answer(body)
+            assert answer is not None
+            await enforcement.enforce(answer.body, actor, PURPOSE, confined=frozenset({"Patient/p1"}),
+                                      views=True, label_keys=answer.label_keys)
+            links.body(answer.splice())
+
+        best, best_views = float("inf"), float("inf")
         await gateway_once()
-        best = float("inf")
+        await views_once()
         for _ in range(runs):
             started = time.perf_counter()
             await gateway_once()
             best = min(best, time.perf_counter() - started)
+            started = time.perf_counter()
+            await views_once()
+            best_views = min(best_views, time.perf_counter() - started)
 
         def orjson_round_trip(body: bytes = body) -> None:
             orjson.dumps(orjson.loads(body))
@@ -137,6 +201,7 @@ async def pipeline_us(labels: LabelIndex, base_url: str, runs: int) -> dict[str,
 
         out[name] = {
             "gateway_us": best * 1e6,
+            "views_us": best_views * 1e6,
             "orjson_round_trip_us": _best_of(runs, orjson_round_trip) * 1e6,
             "stdlib_json_round_trip_us": _best_of(runs, stdlib_round_trip) * 1e6,
         }
@@ -152,6 +217,7 @@ def measure(smoke: bool, base_url: str) -> dict[str, Any]:
             "decision_us_per_resource": await decision_us_per_resource(labels, 2 if smoke else 20),
             "bytes_per_cached_patient": await bytes_per_cached_patient(labels, 200 if smoke else 2000),
             "pipeline": await pipeline_us(labels, base_url, 3 if smoke else 15),
+            "peak_memory": await peak_memory_ratio(labels, 2_000 if smoke else 20_000),
         }
 
     return asyncio.run(run())

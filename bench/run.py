@@ -416,14 +416,16 @@ def target(name: str, figure: float | None, limit: float, at_least: bool, unit: 
 def targets(results: dict[str, Any], bench: Bench) -> list[dict[str, Any]]:
     w = results["workloads"]
     micro_figures = results["in_process"]
-    decision = max(micro_figures["decision_us_per_resource"].values())
+    # Resources parsed whole: what answers of W2's and W3's size take.
+    decision = max(v for k, v in micro_figures["decision_us_per_resource"].items() if "views" not in k)
     out = [
-        target("W1 throughput ≥ 0.85× bare", w["W1"]["throughput_ratio"], 0.85, True, "×"),
-        target("W2 throughput ≥ 0.50× bare", w["W2"]["throughput_ratio"], 0.50, True, "×"),
-        target("W2 CPU ≤ 350 µs above bare per request", w["W2"]["added_cpu_us_per_request"], 350, False, "µs"),
-        target("W3 CPU ≤ 3 ms above bare per 1,000-resource response",
-               w["W3"]["added_cpu_us_per_request"], 3000, False, "µs"),
-        target("label extraction + decision ≤ 2 µs per resource", decision, 2.0, False, "µs"),
+        target("W1 throughput ≥ 0.75× bare", w["W1"]["throughput_ratio"], 0.75, True, "×"),
+        target("W2 throughput ≥ 0.35× bare", w["W2"]["throughput_ratio"], 0.35, True, "×"),
+        target("W3 CPU ≤ 5 ms above bare per 1,000-resource response",
+               w["W3"]["added_cpu_us_per_request"], 5000, False, "µs"),
+        target("label extraction + decision ≤ 1.5 µs per resource", decision, 1.5, False, "µs"),
+        target("peak memory ≤ 3× the answer (large answer, views)", micro_figures["peak_memory"]["peak_ratio"],
+               3.0, False, "×"),
         target("≤ 4 KiB per cached patient with 2 Consents", micro_figures["bytes_per_cached_patient"], 4096, False, "B"),
     ]
     cold = [c for c in bench.cold_queries if c["set"] != "w"]  # the rounds' sets, not the warm-up's
@@ -485,9 +487,13 @@ def markdown(results: dict[str, Any]) -> str:
     for name, value in figures["decision_us_per_resource"].items():
         lines.append(f"- label extraction + decision, {name} resources: {value:.2f} µs per resource")
     lines.append(f"- consent cache: {figures['bytes_per_cached_patient']:,.0f} bytes per patient with 2 Consents")
+    peak = figures["peak_memory"]
+    lines.append(f"- a {peak['answer_bytes'] / 1e6:,.1f} MB answer of small resources, decided on views: the pipeline's "
+                 f"peak allocations {peak['peak_ratio']:.2f}× the answer")
     for name, p in figures["pipeline"].items():
         lines.append(
-            f"- {name} body parse + enforce + serialize: {p['gateway_us']:,.0f} µs; whole-body orjson round trip "
+            f"- {name} body parse + enforce + splice: {p['gateway_us']:,.0f} µs (on views: {p['views_us']:,.0f} µs); "
+            f"whole-body orjson round trip "
             f"{p['orjson_round_trip_us']:,.0f} µs; stdlib json round trip {p['stdlib_json_round_trip_us']:,.0f} µs "
             f"({p['stdlib_json_round_trip_us'] / p['gateway_us']:.2f}× the gateway's time; the aim is ≥ 2×)"
         )

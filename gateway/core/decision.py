@@ -31,7 +31,7 @@ Semantics (CONTRACT §5):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime, timezone
@@ -760,14 +760,13 @@ def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
     return None if "data" in found else frozenset(found)
 
 
-def summary_key(facts: Any, reads: frozenset[str]) -> tuple[object, ...]:
+def summary_key(facts: Any, reads: frozenset[str]) -> Hashable:
     """The memo key of a resource whose patients' consents read ``reads`` beyond the summary
     (``summary_reads``): two resources with equal keys get the same decision. ``facts`` is a
-    ``core.judge.Facts``."""
-    return (
-        facts.owners, facts.rtype, facts.labels, facts.scopes, facts.profiles,
-        facts.date if "date" in reads else None,
-    )
+    ``core.judge.Facts`` built for ``reads`` (patients, type, labels, profiles; scopes and the
+    clinical date only when read), so it is the key itself."""
+    key: Hashable = facts
+    return key
 
 
 def _boundaries(node: Provision | None, now: datetime, found: list[datetime]) -> None:

@@ -77,6 +77,8 @@ class Enforced:
     removed: list[tuple[str, Decision]] = field(default_factory=list)  # (resource type, why)
     deciding: list[Reason] = field(default_factory=list)
     changed: bool = False           # the body was altered (else its original bytes may be sent)
+    # The verdict per entry of a Bundle body: the indices of the entries kept (None: not a Bundle)
+    kept: list[int] | None = None
 
     @property
     def header(self) -> str:
@@ -299,7 +301,8 @@ class Enforcer:
         if not isinstance(rtype, str) or not rtype:
             self._malformed()
         elif rtype == "Bundle":
-            self.bundle(body)
+            self.result.kept = []
+            self.bundle(body, self.result.kept)
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
@@ -323,7 +326,9 @@ class Enforcer:
             return False
         return True
 
-    def bundle(self, bundle: JSON) -> None:
+    def bundle(self, bundle: JSON, kept_indices: list[int] | None = None) -> None:
+        """Decide a Bundle's entries and remove the withheld ones; ``kept_indices`` receives the
+        index of every entry kept (whole or, in batch answers, as a withheld slot: not kept)."""
         entries = bundle.get("entry")
         removed_before = len(self.result.removed)
         if entries is not None and not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
@@ -333,7 +338,7 @@ class Enforcer:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
             gone: set[str] = set()
-            for entry in entries:
+            for index, entry in enumerate(entries):
                 resource = entry.get("resource")
                 if response_bundle:
                     self._scrub_response(entry)
@@ -342,6 +347,8 @@ class Enforcer:
                     return
                 if resource is None or self._keep(resource):
                     kept.append(entry)
+                    if kept_indices is not None:
+                        kept_indices.append(index)
                     continue
                 gone.update(_identities(entry, resource))
                 if response_bundle:
@@ -349,7 +356,11 @@ class Enforcer:
             if gone and scrub_compositions(kept, gone):
                 self.result.changed = True
             if len(self.result.removed) > removed_before and not response_bundle:
-                kept = without_orphan_includes(kept)
+                orphans = without_orphan_includes(kept)
+                if kept_indices is not None and len(orphans) != len(kept):
+                    left = {id(e) for e in orphans}
+                    kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]
+                kept = orphans
                 # In 404 mode a hidden record is indistinguishable from a missing one: no
                 # outcome entry tells that something was withheld.
                 if not self.withheld_status.startswith("404"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.compartment import DateRange, clinical_date, profiles_of
@@ -36,9 +37,9 @@ BREAK_GLASS = Decision(Verdict.PERMIT, (Reason("", "", "break-glass"),), combini
 Labeler = Callable[[JSON], frozenset[Label]]
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What decides one resource besides its patients' consents (its summary)."""
+class Facts(NamedTuple):
+    """What decides one resource besides its patients' consents (its summary). Built with only
+    what the consents read (``facts_of``), it is itself the memo key (``decision.summary_key``)."""
 
     rtype: str
     owners: frozenset[str]          # the patients it belongs to
@@ -46,6 +47,9 @@ class Facts:
     scopes: frozenset[str]          # resource scopes; empty when no consent reads them
     profiles: frozenset[str]
     date: DateRange | None          # read only when a consent reads it
+
+
+_NO_PROFILES: frozenset[str] = frozenset()
 
 
 def facts_of(
@@ -59,7 +63,7 @@ def facts_of(
         owners,
         labels,
         scopes if "scopes" in reads else NO_SCOPES,
-        profiles_of(resource) if isinstance(meta, dict) and "profile" in meta else frozenset(),
+        profiles_of(resource) if isinstance(meta, dict) and "profile" in meta else _NO_PROFILES,
         clinical_date(resource) if "date" in reads else None,
     )
 

@@ -86,19 +86,22 @@ def _fields(raw: msgspec.Raw | bytes) -> dict[str, msgspec.Raw]:
 # way (a patient's subject, a lab's code and category): parsed and checked once. Shared values
 # are never changed in place; the elements that are (``meta``, by DS4P labelling) or that are
 # large and unique (``contained``) are parsed afresh for each resource.
-_ELEMENTS: dict[bytes, Any] = {}
+_ELEMENTS: dict[bytes, tuple[bytes, Any]] = {}
 _ELEMENTS_MAX = 16_384
 _SHARED_MAX_BYTES = 2_048
 _FRESH = frozenset({"meta", "contained"})
+# What of ``meta`` decides: profiles (consent class) and security labels. A meta without
+# either (versionId, lastUpdated, tags) stays out of the view.
+_DECIDING_META = (b'"profile"', b'"security"')
 
 
-def _element(raw: msgspec.Raw, fresh: bool = False) -> Any:
-    """One element, parsed (shared unless ``fresh``); a key given twice anywhere in it makes the
-    answer unviewable."""
+def _element(raw: msgspec.Raw, fresh: bool = False) -> tuple[bytes, Any]:
+    """One element's text and value (shared unless ``fresh``); a key given twice anywhere in it
+    makes the answer unviewable."""
     text = bytes(raw)
     if text[:1] not in (b"{", b"["):
         try:
-            return orjson.loads(text)
+            return text, orjson.loads(text)
         except orjson.JSONDecodeError:
             raise _Unviewable from None
     if not fresh:
@@ -114,35 +117,41 @@ def _element(raw: msgspec.Raw, fresh: bool = False) -> Any:
     if not fresh and len(text) <= _SHARED_MAX_BYTES:
         if len(_ELEMENTS) >= _ELEMENTS_MAX:
             _ELEMENTS.clear()
-        _ELEMENTS[text] = value
-    return value
+        _ELEMENTS[text] = (text, value)
+    return text, value
 
 
-def _parsed(
-    fields: dict[str, msgspec.Raw], keep: frozenset[str] | None, skip: str = "", fresh: bool = False
-) -> JSON:
-    """The elements of ``fields`` named in ``keep`` (all but ``skip`` when None), parsed; every
-    one afresh with ``fresh`` (a whole resource or Bundle, which enforcement may change)."""
-    return {
-        key: _element(value, fresh or key in _FRESH)
-        for key, value in fields.items()
-        if ((key in keep) if keep is not None else key != skip)
-    }
+def _parsed(fields: dict[str, msgspec.Raw], skip: str = "", fresh: bool = False) -> JSON:
+    """Every element of ``fields`` but ``skip``, parsed; each afresh with ``fresh`` (a whole
+    resource or Bundle, which enforcement may change)."""
+    return {key: _element(value, fresh or key in _FRESH)[1] for key, value in fields.items() if key != skip}
 
 
-def label_key(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[str | bytes, ...] | None:
-    """What a resource's labels depend on, as text: the exact text of each label-bearing element
-    (None when its own meta.security or contained resources also label it)."""
-    meta = fields.get("meta")
-    if "contained" in fields or (meta is not None and b'"security"' in bytes(meta)):
-        return None
-    plan = label_elements(rtype)
-    key: list[str | bytes] = [rtype]
-    for name, value in fields.items():
-        if name in plan and name != "meta":
+LabelKey = tuple[str | bytes, ...]
+
+
+def _view(fields: dict[str, msgspec.Raw], rtype: str) -> tuple[JSON, LabelKey | None]:
+    """The view of one resource, and what its labels depend on as text (the exact text of each
+    label-bearing element; None when its own meta.security or contained resources label it)."""
+    plan, labelled = view_elements(rtype), label_elements(rtype)
+    view: JSON = {}
+    key: list[str | bytes] | None = [rtype]
+    for name, raw in fields.items():
+        if name not in plan:
+            continue
+        if name == "meta":
+            meta = bytes(raw)
+            if not any(part in meta for part in _DECIDING_META):
+                continue
+            if b'"security"' in meta:
+                key = None
+        elif name == "contained":
+            key = None
+        text, view[name] = _element(raw, name in _FRESH)
+        if key is not None and name in labelled and name != "meta":
             key.append(name)
-            key.append(bytes(value))
-    return tuple(key)
+            key.append(text)
+    return view, tuple(key) if key is not None else None
 
 
 def _string(raw: msgspec.Raw | None) -> str | None:
@@ -174,7 +183,7 @@ class AnswerView:
     body: JSON
     partial: bool = True         # resources are views (else parsed whole)
     entries: dict[int, EntryView] = field(default_factory=dict)  # by id of the entry dict
-    label_keys: dict[int, tuple[str | bytes, ...]] = field(default_factory=dict)  # by id of the view
+    label_keys: dict[int, LabelKey] = field(default_factory=dict)  # by id of the view
     touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
 
     @property
@@ -184,43 +193,71 @@ class AnswerView:
     def splice(self, entry_bytes: Callable[[bytes], bytes] | None = None) -> bytes:
         """The answer after filtering: kept entries as the upstream wrote them (or, for the
         few changed in place or parsed whole, re-serialized); ``entry_bytes`` may rewrite each
-        kept entry's text (display scrubbing)."""
+        kept entry's text (display scrubbing).
+
+        Consumes the view: the decided entries are let go before the answer is put together,
+        so the views and the answer are never in memory at once."""
         if not self.is_bundle:
             if id(self.body) not in self.touched:
                 text = self.raw
             else:
                 text = orjson.dumps(_merged(self.raw, self.body) if self.partial else self.body)
             return entry_bytes(text) if entry_bytes is not None else text
-        parts: list[bytes] = []
+        pieces: list[bytes | msgspec.Raw] = [b"{"]
+        at: list[int] = []  # where the entries' texts are
         for key, value in self.body.items():
+            if len(pieces) > 1:
+                pieces.append(b",")
             if key == "entry" and isinstance(value, list):
-                parts.append(b'"entry":[' + b",".join(self._entry_texts(value, entry_bytes)) + b"]")
+                pieces.append(b'"entry":[')
+                for text in self._entry_texts(value):
+                    if pieces[-1] != b'"entry":[':
+                        pieces.append(b",")
+                    at.append(len(pieces))
+                    pieces.append(text)
+                pieces.append(b"]")
             else:
-                parts.append(orjson.dumps(key) + b":" + orjson.dumps(value))
-        return b"{" + b",".join(parts) + b"}"
+                pieces.append(orjson.dumps(key) + b":" + orjson.dumps(value))
+        pieces.append(b"}")
+        entries = self.body.get("entry")
+        if isinstance(entries, list):
+            entries.clear()
+        self.entries.clear()
+        self.label_keys.clear()
+        if entry_bytes is not None:
+            for index in at:
+                text = bytes(pieces[index])
+                rewritten = entry_bytes(text)
+                if rewritten is not text:
+                    pieces[index] = rewritten
+        return b"".join(pieces)
 
-    def _entry_texts(self, entries: Iterable[object], rewrite: Callable[[bytes], bytes] | None) -> Iterable[bytes]:
+    def _entry_texts(self, entries: Iterable[object]) -> Iterable[bytes | msgspec.Raw]:
         for entry in entries:
             found = self.entries.get(id(entry))
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if found is None or found.rewritten:
-                text = orjson.dumps(entry)
+                yield orjson.dumps(entry)
             elif resource is None or id(resource) not in self.touched:
-                text = bytes(found.raw)
+                yield found.raw
             elif found.resource_raw is not None and isinstance(entry, dict):
-                text = orjson.dumps({**entry, "resource": _merged(found.resource_raw, resource)})
+                yield orjson.dumps({**entry, "resource": _merged(found.resource_raw, resource)})
             else:
-                text = orjson.dumps(entry)
-            yield rewrite(text) if rewrite is not None else text
+                yield orjson.dumps(entry)
 
 
 def _merged(raw: msgspec.Raw | bytes, view: JSON) -> JSON:
-    """The whole resource with the elements of its view (changed in place) put back."""
+    """The whole resource with the elements of its view (changed in place) put back; ``meta``
+    (which a view may lack, or hold only since labelling added it) is merged key by key."""
     whole: JSON = orjson.loads(memoryview(raw))
     plan = view_elements(str(whole.get("resourceType")))
-    for key in [k for k in whole if k in plan and k not in view]:
+    for key in [k for k in whole if k in plan and k not in view and k != "meta"]:
         del whole[key]
-    whole.update(view)
+    for key, value in view.items():
+        if key == "meta" and isinstance(value, dict) and isinstance(whole.get("meta"), dict):
+            whole["meta"].update(value)
+        else:
+            whole[key] = value
     return whole
 
 
@@ -232,10 +269,10 @@ def read_answer(raw: bytes) -> AnswerView | None:
         if not rtype or rtype in _NOT_VIEWED:
             return None
         if rtype != "Bundle":
-            answer = AnswerView(raw, _parsed(top, view_elements(rtype)))
-            key = label_key(top, rtype)
+            view, key = _view(top, rtype)
+            answer = AnswerView(raw, view)
             if key is not None:
-                answer.label_keys[id(answer.body)] = key
+                answer.label_keys[id(view)] = key
             return answer
         return _bundle(raw, top)
     except _Unviewable:
@@ -243,7 +280,7 @@ def read_answer(raw: bytes) -> AnswerView | None:
 
 
 def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
-    body = _parsed(top, None, skip="entry", fresh=True)
+    body = _parsed(top, skip="entry", fresh=True)
     if body.get("type") != "searchset":
         return None
     answer = AnswerView(raw, body)
@@ -269,10 +306,10 @@ def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
 
 
 def _entry(
-    item: msgspec.Raw, keys: dict[int, tuple[str | bytes, ...]]
+    item: msgspec.Raw, keys: dict[int, LabelKey]
 ) -> tuple[JSON | None, msgspec.Raw | None, bool]:
     fields = _fields(item)
-    entry = _parsed(fields, None, skip="resource")
+    entry = _parsed(fields, skip="resource")
     search = entry.get("search")
     if isinstance(search, dict) and search.get("mode", "match") not in ("match", "outcome"):
         return None, None, False  # an included resource: the orphan check reads whole resources
@@ -282,12 +319,12 @@ def _entry(
         inner = _fields(resource_raw)
         rtype = _string(inner.get("resourceType"))
         if rtype is None or rtype in WHOLE_TYPES:
-            entry["resource"] = _parsed(inner, None, fresh=True)
+            entry["resource"] = _parsed(inner, fresh=True)
             whole = True
         else:
-            entry["resource"] = resource = _parsed(inner, view_elements(rtype))
-            key = label_key(inner, rtype)
+            entry["resource"], key = _view(inner, rtype)
             if key is not None:
+                resource = entry["resource"]
                 keys[id(resource)] = key
     return entry, resource_raw, whole
 

@@ -139,6 +139,50 @@ async def test_peak_memory_for_a_large_answer_stays_under_4n_plus_100_mib(
     assert peak < 4 * n + 100 * MiB
 
 
+def observations(entries: int) -> bytes:
+    """A searchset of Patient/p1's lab results: many small resources, each with its own id,
+    meta and time, a few of them sensitive (HIV viral load, LOINC 20447-9)."""
+    def lab(i: int) -> dict[str, object]:
+        code = ("20447-9", "HIV 1 RNA [#/volume] in Serum or Plasma") if i % 50 == 0 else ("718-7", "Hemoglobin")
+        return {"fullUrl": f"http://upstream.invalid/fhir/Observation/o{i}", "search": {"mode": "match"}, "resource": {
+            "resourceType": "Observation", "id": f"o{i}",
+            "meta": {"versionId": "1", "lastUpdated": f"2024-05-01T10:{i % 60:02d}:00Z"}, "status": "final",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "laboratory", "display": "Laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": code[0], "display": code[1]}]},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": f"2024-05-01T09:{i % 60:02d}:00Z",
+            "valueQuantity": {"value": 13.2 + i % 7, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
+            "referenceRange": [{"low": {"value": 12.0, "unit": "g/dL"}, "high": {"value": 16.0, "unit": "g/dL"}}],
+        }}
+    return orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [lab(i) for i in range(entries)]})
+
+
+async def test_peak_memory_for_many_small_resources_stays_under_4n_plus_100_mib(
+    big_upstream: tuple[str, dict[str, object]], tmp_path: Path
+) -> None:
+    """60,000 small Observations (about 50 MB): decided on views of their deciding elements,
+    spliced from the upstream's bytes; the sensitive ones are withheld (the consent opts in
+    without sensitive labels)."""
+    url, answer = big_upstream
+    body = observations(60_000)
+    answer.update(body=body, chunked=True)
+    process, port = await serve(tmp_path, url, 64 * MiB)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/Observation?patient=Patient/p1",
+                                   headers={"X-Actor": "Practitioner/dr-1"}) as resp:
+                assert resp.status == 200
+                sent = await resp.read()
+        peak = peak_rss(process.pid)
+    finally:
+        process.terminate()
+        await process.wait()
+    n = len(body)
+    assert b"20447-9" not in sent and b'"o1"' in sent and b'"o50"' not in sent
+    print(f"answer {n / MiB:.1f} MiB of 60,000 resources: peak RSS {peak / MiB:.0f} MiB = {peak / n:.1f} N")
+    assert peak < 4 * n + 100 * MiB
+
+
 async def test_an_answer_far_over_the_cap_is_never_buffered(
     big_upstream: tuple[str, dict[str, object]], tmp_path: Path
 ) -> None:

@@ -1,0 +1,95 @@
+"""The enforcer as a table: a body in, the indices of the entries kept out; and the bytes
+spliced from those indices are exactly the upstream's bytes of those entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+
+from gateway.core.enforce import Enforcer
+from gateway.core.model import Decision, Reason, Verdict
+from gateway.core.view import WHOLE_TYPES, read_answer, spans_of
+
+JSON = dict[str, Any]
+HIDDEN = "B20"  # the code this table's judge withholds
+
+
+def judge(resource: JSON, owners: frozenset[str]) -> Decision:
+    code = resource.get("code", {}).get("coding", [{}])[0].get("code") if isinstance(resource.get("code"), dict) else None
+    if code == HIDDEN:
+        return Decision(Verdict.DENY, (Reason("c1", "", "deny"),))
+    return Decision(Verdict.PERMIT, (Reason("c1", "", "permit"),))
+
+
+def cond(rid: str, code: str, **more: Any) -> JSON:
+    return {"resourceType": "Condition", "id": rid, "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}]}, **more}
+
+
+def searchset(*entries: JSON) -> JSON:
+    return {"resourceType": "Bundle", "type": "searchset", "entry": list(entries)}
+
+
+def match(resource: JSON, mode: str = "match") -> JSON:
+    return {"fullUrl": f"http://fhir.example/{resource['resourceType']}/{resource['id']}",
+            "resource": resource, "search": {"mode": mode}}
+
+
+ORDER = {"resourceType": "MedicationRequest", "id": "mr1", "subject": {"reference": "Patient/p1"},
+         "medicationReference": {"reference": "Medication/med1"}, "code": {"coding": [{"code": HIDDEN}]}}
+MEDICATION = {"resourceType": "Medication", "id": "med1", "code": {"coding": [{"code": "1010600"}]}}
+
+TABLE: list[tuple[str, JSON, list[int] | None]] = [
+    ("all kept", searchset(match(cond("a", "I10")), match(cond("b", "E11.9")), match(cond("c", "J45"))), [0, 1, 2]),
+    ("one withheld", searchset(match(cond("a", "I10")), match(cond("b", HIDDEN)), match(cond("c", "J45"))), [0, 2]),
+    ("all withheld", searchset(match(cond("a", HIDDEN)), match(cond("b", HIDDEN))), []),
+    ("contained withheld closes its container",
+     searchset(match(cond("a", "I10", contained=[cond("inner", HIDDEN)])), match(cond("b", "J45"))), [1]),
+    ("entry without a resource is kept", searchset({"fullUrl": "urn:uuid:1"}, match(cond("b", HIDDEN))), [0]),
+    ("nested Bundle kept, filtered inside",
+     searchset(match({"resourceType": "Bundle", "id": "inner", "type": "collection",
+                      "entry": [{"resource": cond("x", HIDDEN)}]})), [0]),
+    ("the Medication included with a withheld order goes with it",
+     searchset(match(cond("a", "I10")), match(ORDER), match(MEDICATION, "include")), [0]),
+    ("a resource, not a Bundle", cond("a", "I10"), None),
+    ("batch answer: a withheld slot is not a kept entry",
+     {"resourceType": "Bundle", "type": "batch-response",
+      "entry": [{"resource": cond("a", HIDDEN), "response": {"status": "200 OK"}},
+                {"resource": cond("b", "I10"), "response": {"status": "200 OK"}}]}, [1]),
+]
+
+
+@pytest.mark.parametrize(("body", "kept"), [(b, k) for _, b, k in TABLE], ids=[n for n, _, _ in TABLE])
+def test_kept_indices(body: JSON, kept: list[int] | None) -> None:
+    parsed = orjson.loads(orjson.dumps(body))
+    result = Enforcer(judge, drop_total=True).body(parsed)
+    assert result.kept == kept
+
+
+@pytest.mark.parametrize(("body", "kept"), [(b, k) for _, b, k in TABLE if b.get("type") == "searchset"],
+                         ids=[n for n, b, _ in TABLE if b.get("type") == "searchset"])
+@pytest.mark.parametrize("path", ["whole", "views"])
+def test_spliced_answer_is_the_upstream_bytes_of_the_kept_entries(body: JSON, kept: list[int], path: str) -> None:
+    raw = orjson.dumps(body).replace(b'"J45"', b'"J45","version":"4.10"')
+    if path == "views":
+        answer = read_answer(raw)
+    else:
+        answer = spans_of(raw, orjson.loads(raw))
+    if answer is None:
+        pytest.skip("takes the whole path (re-serialized), e.g. included entries on views")
+    result = Enforcer(judge, drop_total=True, withheld_status="404 Not Found").body(answer.body)
+    assert result.kept == kept
+    spliced = answer.splice()
+    entries = msgspec.json.decode(msgspec.json.decode(raw, type=dict[str, msgspec.Raw])["entry"], type=list[msgspec.Raw])
+    out = msgspec.json.decode(msgspec.json.decode(spliced, type=dict[str, msgspec.Raw])["entry"], type=list[msgspec.Raw])
+    assert len(out) == len(kept)
+    for index, text in zip(kept, out):
+        if orjson.loads(bytes(entries[index])).get("resource", {}).get("resourceType") in WHOLE_TYPES:
+            assert HIDDEN.encode() not in bytes(text)  # filtered inside, re-serialized
+        else:
+            assert bytes(text) == bytes(entries[index])
+    if any(b'"J45"' in bytes(entries[i]) for i in kept):
+        assert b'"4.10"' in spliced  # kept bytes as written
