@@ -214,26 +214,29 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
         return frozenset()
     if b"\\u" in raw:
         return None  # a \u escape can spell a key the pattern cannot see
-    found = 0
-    named: set[bytes] = set()
-    for match in _REFERENCE.finditer(raw):
-        found += 1
-        value = match.group(1)
-        if value in named:
-            continue
+    values = _REFERENCE.findall(raw)
+    if len(values) != raw.count(b'"reference"'):
+        return None
+    suspects: set[bytes] = set()
+    for value in set(values):
         ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
         if ref.startswith("#"):
             continue
         target = relative_reference(ref)
-        if is_patient_data(target.split("/", 1)[0]) and target not in released \
-                and _may_have_display(raw, match.start(), match.end()):
+        if is_patient_data(target.split("/", 1)[0]) and target not in released:
+            suspects.add(value)
+    if not suspects:
+        return frozenset()
+    named: set[bytes] = set()
+    objects: dict[bytes, bool] = {}  # the text around a match, read once
+    for match in _REFERENCE.finditer(raw):
+        value = match.group(1)
+        if value in suspects and value not in named and _may_have_display(raw, match.start(), match.end(), objects):
             named.add(value)
-    if found != raw.count(b'"reference"'):
-        return None
     return frozenset(named)
 
 
-def _may_have_display(raw: bytes, start: int, end: int) -> bool:
+def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool] | None = None) -> bool:
     """Whether the Reference object around ``raw[start:end]`` has a display. The text from the
     nearest ``{`` before to the nearest ``}`` after is that very object only when it parses as
     one object holding the match (a nested or brace-bearing object does not): then its keys
@@ -241,11 +244,17 @@ def _may_have_display(raw: bytes, start: int, end: int) -> bool:
     first, last = raw.rfind(b"{", 0, start), raw.find(b"}", end)
     if first < 0 or last < 0:
         return True
+    text = raw[first:last + 1]
+    if seen is not None and text in seen:
+        return seen[text]
     try:
-        node = orjson.loads(raw[first:last + 1])
+        node = orjson.loads(text)
+        found = not isinstance(node, dict) or "display" in node
     except orjson.JSONDecodeError:
-        return True
-    return not isinstance(node, dict) or "display" in node
+        found = True
+    if seen is not None:
+        seen[text] = found
+    return found
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
