@@ -357,7 +357,7 @@ def spliced(raw: bytes, reader: str) -> AnswerView | None:
 
 
 @pytest.mark.parametrize("reader", ["views", "whole"])
-@_fast(60)
+@_fast(40)
 @given(raw=searchset_texts(), data=st.data())
 def test_a_spliced_search_set_is_the_original_minus_the_removed_entries(
     reader: str, raw: bytes, data: st.DataObject
@@ -395,7 +395,7 @@ def test_a_spliced_search_set_is_the_original_minus_the_removed_entries(
 
 
 @pytest.mark.parametrize("reader", ["views", "whole"])
-@_fast(40)
+@_fast(25)
 @given(resource=st.sampled_from(ALL_TYPES).flatmap(resources))
 def test_an_unchanged_single_resource_goes_out_as_written(reader: str, resource: JSON) -> None:
     raw = with_decimals(orjson.dumps(resource))
