@@ -27,11 +27,11 @@ from gateway.core import view as view_module
 from gateway.core.compartment import authors_of, clinical_date, main_codes, patients_of, profiles_of
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.decision import Policy, decide_resource, summary_reads
-from gateway.core.enforce import Enforcer, judge_resource, owners_index
+from gateway.core.enforce import Enforcer, owners_index
 from gateway.core.fhir import resource_reference
 from gateway.core.judge import binaries_as_contexts
 from gateway.core.model import Actor, Decision, RequestContext
-from gateway.core.references import Resolved, medication_reference, security_context
+from gateway.core.references import Resolved, deciding_references, medication_reference, security_context
 from gateway.core.view import WHOLE_TYPES, AnswerView, read_answer, spans_of, view_elements
 from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts
 from tests.conftest import GatewayUnderTest
@@ -268,14 +268,19 @@ def read_by_decision(
     resource: JSON, consents: Mapping[str, Sequence[CompiledConsent]], ctx: RequestContext, policy: Policy
 ) -> set[str]:
     """The top-level keys the whole pipeline asks of ``resource``: the facts, the decision, and
-    the gateway's judge (labels remembered, the decision memo key, references resolved)."""
+    the gateway's enforcement of a search set holding it (the references it resolves, its
+    owners, the judge with its label and decision memos, the enforcer)."""
     tracked = Tracked(resource)
     facts(tracked)
     labels = LABELS.labels_for(tracked)
     decisions(consents, tracked, labels, ctx, policy)
+    body: JSON = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": tracked}]}
+    deciding_references(tracked)  # the resource itself: entries are walked only when exactly dicts
     looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
     judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED)  # type: ignore[arg-type]
-    judge_resource(tracked, binaries_as_contexts(judge, RESOLVED))
+    index = owners_index(body)
+    bind_contexts(body, index, RESOLVED)
+    Enforcer(binaries_as_contexts(judge, RESOLVED), drop_total=True, index=index).body(body)
     return tracked.asked
 
 
