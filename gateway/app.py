@@ -38,6 +38,8 @@ from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
 
+AUDIT_POLL_S = 1.0  # listen.workers above 1: how often worker 0 looks for the others' audit lines
+
 
 def _server(url: str, settings: Settings, own: Upstream | None = None) -> Upstream:
     """A FHIR server session; ``own`` lends its TLS settings and credentials (same FHIR estate)."""
@@ -158,13 +160,17 @@ def build_proxy_app(state: GatewayState) -> web.Application:
             feed = ChangeFeed(state.store, state.metrics, poll_s)
             tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
         audit_server = delivery = None
-        if state.settings.audit.fhir_url:
+        # With several workers all of them append to the audit files and worker 0 alone
+        # delivers them, so each line goes out once; it looks for the others' lines every
+        # AUDIT_POLL_S, as their writes do not wake it.
+        if state.settings.audit.fhir_url and state.worker.owner:
             audit_server = _server(state.settings.audit.fhir_url, state.settings, state.upstream)
             await audit_server.open()
-            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics)
+            audit_poll_s = AUDIT_POLL_S if state.worker.shared else None
+            delivery = AuditDelivery(state.audit, audit_server, metrics=state.metrics, poll_s=audit_poll_s)
             tasks.append(asyncio.create_task(delivery.run()))
             if state.disclosures is not None:
-                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server).run()))
+                tasks.append(asyncio.create_task(AuditDelivery(state.disclosures, audit_server, poll_s=audit_poll_s).run()))
         yield
         for task in tasks:
             task.cancel()
@@ -196,6 +202,14 @@ def build_admin_app(state: GatewayState) -> web.Application:
     return app
 
 
+def build_worker_app(state: GatewayState) -> web.Application:
+    """A worker's private socket (listen.workers above 1): what the other workers tell it."""
+    app = web.Application(middlewares=[build_error_middleware(state.metrics)])
+    app[STATE] = state
+    admin.add_worker_routes(app)
+    return app
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """JSON lines on stderr for every gateway logger."""
     handler = logging.StreamHandler(sys.stderr)
@@ -223,6 +237,7 @@ class RunningGateway:
 
     drain: Drain
     grace_s: float
+    worker_runner: web.AppRunner | None = None  # the private socket (listen.workers above 1)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), release the upstream.
@@ -235,6 +250,8 @@ class RunningGateway:
         finally:
             cutter.cancel()
         await self.admin_runner.cleanup()
+        if self.worker_runner is not None:
+            await self.worker_runner.cleanup()
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -271,21 +288,31 @@ async def start(state: GatewayState) -> RunningGateway:
     admin_runner = web.AppRunner(
         build_admin_app(state), access_log=None, shutdown_timeout=timeout, keepalive_timeout=keepalive
     )
+    role = state.worker
+    worker_runner = web.AppRunner(build_worker_app(state), access_log=None) if role.shared else None
     await proxy_runner.setup()
     await admin_runner.setup()
+    if worker_runner is not None:
+        await worker_runner.setup()
     try:
-        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port).start()
-        await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        # SO_REUSEPORT with several workers: each binds the port and the kernel spreads connections.
+        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None).start()
+        if role.owner:
+            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+        if worker_runner is not None:
+            await web.UnixSite(worker_runner, str(role.socket_path(role.index))).start()
     except OSError:
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
+        if worker_runner is not None:
+            await worker_runner.cleanup()
         raise
     state.listening.set()
     return RunningGateway(
-        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner),
+        proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner) if role.owner else 0,
         # aiohttp gives handlers two ``timeout`` periods, then cancels them and closes their
         # connections: cut just before that, so the 503s still go out.
-        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)),
+        drain=state.drain, grace_s=max(0.0, 2 * timeout - min(0.5, timeout / 2)), worker_runner=worker_runner,
     )
 
 

@@ -145,12 +145,16 @@ class AuditDelivery:
     """
 
     def __init__(
-        self, audit: AuditLog, server: Upstream, retry_s: float = 5.0, metrics: Metrics | None = None
+        self, audit: AuditLog, server: Upstream, retry_s: float = 5.0, metrics: Metrics | None = None,
+        poll_s: float | None = None,
     ) -> None:
         self.audit = audit
         self.server = server
         self.retry_s = retry_s
         self.metrics = metrics
+        # Other processes append to the same file (listen.workers): look every ``poll_s``
+        # as well as after this process's own writes.
+        self.poll_s = poll_s
         self.offset_path = audit.path.with_name(audit.path.name + ".delivered")
         self._file: BinaryIO | None = None
         self._inode: int | None = None
@@ -269,7 +273,9 @@ class AuditDelivery:
                 log.warning("audit delivery failed: %s", type(exc).__name__)
                 done = False
             if done:
-                await self.audit.written.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_s):
+                        await self.audit.written.wait()
             else:
                 await asyncio.sleep(self.retry_s)
 

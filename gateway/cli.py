@@ -31,6 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     configure_logging()
+    if settings.listen.workers > 1:
+        from gateway.workers import supervise
+
+        return supervise(settings)
     try:
         asyncio.run(serve_until_signalled(build_state(settings)))
     except OSError as exc:

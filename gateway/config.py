@@ -107,6 +107,15 @@ class ListenSettings(_Section):
     # opened (or after its previous answer) is closed: slow clients cannot hold connections.
     # It is also the keep-alive idle limit, so keep it above the ingress's (nginx: 60 s).
     header_timeout_s: float = Field(75.0, gt=0)
+    # Worker processes sharing the proxy port (SO_REUSEPORT); README "Several worker processes".
+    workers: int = Field(1, ge=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _shared_port(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("port") == 0:
+            raise ValueError("more than 1 worker needs a fixed listen.port (port 0 gives each worker its own)")
+        return value
 
 
 class AdminSettings(_Section):

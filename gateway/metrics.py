@@ -18,7 +18,12 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 class Metrics:
-    """The gateway's metrics, registered on ``registry`` (a fresh one per app in tests)."""
+    """The gateway's metrics, registered on ``registry`` (a fresh one per app in tests).
+
+    With several worker processes (listen.workers) prometheus_client runs in multiprocess
+    mode: counters and histograms are summed over the workers; each gauge says how in
+    ``multiprocess_mode`` (cache entries summed, ages and backlogs the largest).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -50,6 +55,7 @@ class Metrics:
         )
         self.cache_entries = Gauge(
             "consent_gateway_consent_cache_entries", "Patients with cached consents", registry=r,
+            multiprocess_mode="livesum",
         )
         self.lookup_errors = Counter(
             "consent_gateway_consent_lookup_errors", "Failed consent lookups", registry=r,
@@ -75,10 +81,12 @@ class Metrics:
         self.change_poll_age = Gauge(
             "consent_gateway_change_poll_age_seconds",
             "Seconds since the last successful consent change poll", registry=r,
+            multiprocess_mode="livemax",
         )
         self.audit_backlog = Gauge(
             "consent_gateway_audit_delivery_backlog_bytes",
             "Audit bytes written locally but not yet delivered to audit.fhir_url", registry=r,
+            multiprocess_mode="livemax",
         )
         self.errors = Counter(
             "consent_gateway_errors", "Error answers made by the gateway", ("code",), registry=r,

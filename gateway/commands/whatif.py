@@ -142,7 +142,8 @@ async def replay(state: GatewayState, entry: JSON, patient: str, draft: Compiled
     consents[patient] = with_draft(consents.get(patient, ()), draft)
     resolved = await resolve_references(state, body)
     now: Judge = state.enforcement.judge(looked, resolved)
-    then: Judge = state.enforcement.judge(replace(looked, consents=consents), resolved)
+    # The draft is no cached consent set: its decisions are never shared (versions=None).
+    then: Judge = state.enforcement.judge(replace(looked, consents=consents, versions=None), resolved)
     for resource in top_resources(body):
         if patient not in index.get(id(resource), frozenset()):
             continue

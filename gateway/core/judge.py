@@ -113,7 +113,7 @@ class ConsentJudge:
         scopes_for: Callable[[JSON], frozenset[str]],
         resolved: Resolved,
         *,
-        versions: Mapping[str, Hashable] | None = None,
+        versions: Mapping[str, tuple[Hashable, tuple[CompiledConsent, ...]]] | None = None,
         cache: DecisionCache | None = None,
     ) -> None:
         self.consents, self.ctx, self.policy = consents, ctx, policy
@@ -174,10 +174,12 @@ class ConsentJudge:
             return None
         versions = []
         for patient in sorted(owners):
-            version = self._versions.get(patient)
-            if version is None:
-                return None  # not looked up (it fails closed) or unversioned: never shared
-            versions.append((patient, version))
+            found = self._versions.get(patient)
+            # Shared only under the version of these very consents: not looked up (it fails
+            # closed), unversioned, or replaced (a draft replayed by what-if) is never shared.
+            if found is None or found[1] is not self.consents.get(patient):
+                return None
+            versions.append((patient, found[0]))
         return (tuple(versions), self._request, key)
 
     def _boundary(self, owners: frozenset[str]) -> datetime | None:

@@ -86,4 +86,7 @@ class ChangeFeed:
                 self.last_ok = self.store.answered_at = time.monotonic()
                 if evicted:
                     log.info("consent changes: %d patients evicted", evicted)
+            # Read through ``set_function`` in one process; with several workers the metric
+            # files hold what was last set, so set it after every poll too.
+            self.metrics.change_poll_age.set(self.age())
             await asyncio.sleep(self.interval_s)

@@ -160,14 +160,18 @@ class ConsentStore:
         self.answered_at: float | None = None
         self.failed_at: float | None = None
         self.probes = True  # False once the source said it has no cheap question to ask
+        # listen.workers above 1: passes an invalidation made here (a Consent written through
+        # this process) on to the other workers' caches; set by the composition.
+        self.announce: Callable[[str | None], None] | None = None
 
     @property
     def size(self) -> int:
         """How many patients have cached consents."""
         return len(self._cache)
 
-    def invalidate(self, patient: str | None = None) -> None:
-        """Forget one patient's consents, or everyone's."""
+    def invalidate(self, patient: str | None = None, *, announce: bool = True) -> None:
+        """Forget one patient's consents, or everyone's; ``announce`` passes it on to the
+        other workers (not for what each of them learns by itself: the change feed)."""
         if patient is None:
             self._cache.clear()
             self._groups.clear()
@@ -176,6 +180,8 @@ class ConsentStore:
             self._cache.pop(patient, None)
             self._generation[patient] = self._generation.get(patient, 0) + 1
         self.metrics.cache_entries.set(len(self._cache))
+        if announce and self.announce is not None:
+            self.announce(patient)
 
     async def get(self, patients: Iterable[str]) -> dict[str, PatientConsents]:
         """Each patient's compiled consents; ConsentUnavailable if any lookup fails."""
@@ -311,7 +317,7 @@ class ConsentStore:
         patients = {c.patient for c in changes if c.patient is not None or c.consent is None}
         if None in patients:
             evicted = len(self._cache)
-            self.invalidate(None)
+            self.invalidate(None, announce=False)
             return evicted
         if deleted:
             # A deleted Consent names no patient any more: evict whoever had it cached (a
@@ -321,7 +327,7 @@ class ConsentStore:
         for patient in patients:
             if patient is not None:
                 evicted += patient in self._cache
-                self.invalidate(patient)
+                self.invalidate(patient, announce=False)
         return evicted
 
     async def refresh_cached(self) -> None:

@@ -10,16 +10,18 @@ from typing import Any
 import orjson
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.core.compartment import references_of
 from gateway.core.consent import compile_consent
 from gateway.core.decision import decide_with, explain_json
-from gateway.core.errors import BadRequest
+from gateway.core.errors import BadRequest, ConsentUnavailable
 from gateway.core.explain import explain_consents
 from gateway.core.fhir import resource_reference
 from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
+from gateway.peers import invalidate_others
 from gateway.web import review
 from gateway.web.state import STATE
 
@@ -44,7 +46,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = generate_latest(state.metrics.registry)
+    registry = state.metrics.registry
+    folder = state.worker.metrics_dir
+    if folder is not None:
+        # Several workers: each keeps its values in files there; add them all up.
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
+    body = generate_latest(registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -58,21 +66,38 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-async def invalidate(request: web.Request) -> web.Response:
-    """Forget cached consents: ``{"patient": "Patient/1"}`` for one patient, ``{}`` for all."""
+async def _invalidate_here(request: web.Request) -> str | None:
+    """Forget this process's cached consents as the body says; returns the patient (None: all)."""
     state = request.app[STATE]
     data = await _json_object(request)
     unknown = set(data) - {"patient"}
     if unknown:
         raise BadRequest(f"Unknown key {sorted(unknown)[0]!r}; expected only 'patient'.")
     patient = data.get("patient")
-    if patient is None:
-        state.store.invalidate(None)
-        return web.json_response({"invalidated": "all"})
-    if not isinstance(patient, str) or not _PATIENT.match(patient):
+    if patient is not None and (not isinstance(patient, str) or not _PATIENT.match(patient)):
         raise BadRequest("'patient' must be a reference such as Patient/123.")
-    state.store.invalidate(patient)
-    return web.json_response({"invalidated": patient})
+    # Not announced: worker 0 tells the others itself, and waits for them (below).
+    state.store.invalidate(patient, announce=False)
+    return patient
+
+
+async def invalidate(request: web.Request) -> web.Response:
+    """Forget cached consents: ``{"patient": "Patient/1"}`` for one patient, ``{}`` for all.
+
+    With several workers every one forgets them before the answer; a worker that does not
+    confirm makes it a 503 (retry), since its cache would go on deciding from the old consents.
+    """
+    patient = await _invalidate_here(request)
+    role = request.app[STATE].worker
+    if role.shared and await invalidate_others(role, patient):
+        raise ConsentUnavailable("Not every worker process confirmed the invalidation; retry.")
+    return web.json_response({"invalidated": patient or "all"})
+
+
+async def invalidate_worker(request: web.Request) -> web.Response:
+    """The same, on a worker's private socket: this process only (another worker asks)."""
+    patient = await _invalidate_here(request)
+    return web.json_response({"invalidated": patient or "all"})
 
 
 def _ref(value: object, key: str, types: frozenset[str]) -> str:
@@ -140,3 +165,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/cache/invalidate", invalidate)
     app.router.add_post("/decision", decision)
     review.add_routes(app)
+
+
+def add_worker_routes(app: web.Application) -> None:
+    """A worker's private socket (listen.workers above 1)."""
+    app.router.add_post("/cache/invalidate", invalidate_worker)

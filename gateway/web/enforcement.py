@@ -56,8 +56,9 @@ class Looked:
     windows: Mapping[str, EmergencyWindow] = field(default_factory=dict)  # open for this actor
     # labels the consent source gives records by Type/id (ClinikAPI documents' confidentiality)
     labels: Mapping[str, frozenset[Label]] = field(default_factory=dict)
-    # each patient's consent-set version (one per cache fill): decisions are shared under it
-    versions: Mapping[str, Hashable] | None = None
+    # each patient's consent-set version (one per cache fill) with the very consents it names:
+    # decisions are shared under it (core.judge.ConsentJudge)
+    versions: Mapping[str, tuple[Hashable, tuple[CompiledConsent, ...]]] | None = None
 
 
 @dataclass
@@ -93,7 +94,7 @@ class ConsentEnforcement:
             if w.covers(actor) and w.open_at(ctx.now)
         } if "TREAT" in lineage(purpose) else {}
         source_labels = {ref: lb for pc in found.values() for ref, lb in pc.labels.items()}
-        versions = {p: pc.version for p, pc in found.items()}
+        versions = {p: (pc.version, pc.consents) for p, pc in found.items()}
         return Looked(ctx, {p: pc.consents for p, pc in found.items()}, windows, source_labels, versions)
 
     def labeler(

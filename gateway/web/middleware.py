@@ -125,6 +125,7 @@ class JsonLogFormatter(logging.Formatter):
         # The decision log (CONTRACT §10).
         "organization", "role", "path", "query", "replayable", "mode", "shadow", "consents",
         "released", "withheld",
+        "worker",  # listen.workers above 1: which worker process wrote the line
     )
 
     _second = -1

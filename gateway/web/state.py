@@ -12,6 +12,7 @@ from gateway.config import Settings
 from gateway.core.labels import LabelIndex
 from gateway.issuer import Issuer
 from gateway.metrics import Metrics
+from gateway.peers import WorkerRole
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.drain import Drain
@@ -75,6 +76,7 @@ class GatewayState:
     issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
     drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown
+    worker: WorkerRole = field(default_factory=WorkerRole)  # listen.workers: which process this is
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 

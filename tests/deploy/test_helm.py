@@ -305,6 +305,14 @@ def test_sidecar_forwards_to_the_fhir_server_on_loopback(render: Render, tmp_pat
     assert settings.admin.port == _port(container, "gateway-admin") == 9090
 
 
+@pytest.mark.parametrize("workers", [None, 4])
+def test_workers_value_reaches_listen_workers(render: Render, tmp_path: Path, workers: int | None) -> None:
+    manifests = render({} if workers is None else {"workers": workers})
+    settings = _settings(manifests, _container(_pod_spec(manifests)), tmp_path)
+    assert settings.listen.workers == (workers or 1)
+    assert settings.listen.port == 8080
+
+
 def test_sidecar_patch_carries_the_same_container_and_volumes(render: Render) -> None:
     snippet = _sidecar(render(load_values("sidecar")))
     pod = snippet["patch.yaml"]["spec"]["template"]["spec"]
@@ -345,7 +353,7 @@ def test_dashboard_ships_in_a_grafana_config_map(render: Render) -> None:
     ("values", "message"),
     [
         ({"mode": "daemonset"}, "at '/mode': value must be one of 'standalone', 'sidecar'"),
-        ({"config": {"listen": {"port": 80}}}, "config.listen is set by the chart: use ports.proxy"),
+        ({"config": {"listen": {"port": 80}}}, "config.listen is set by the chart: use ports.proxy and workers"),
         ({"config": {"admin": {"host": "127.0.0.1"}}}, "config.admin is set by the chart: use ports.admin"),
         ({"config": {"audit": {"path": "/tmp/audit.jsonl"}}}, "config.audit.path is set by the chart"),
         ({"config": {"upstream": {"url": ""}}}, "config.upstream.url is required in standalone mode"),
@@ -442,6 +450,8 @@ def test_prometheus_rule_alerts_on_metrics_the_gateway_exports(render: Render) -
         {"preStopSleepSeconds": "ten"},
         {"networkPolicy": {"enabled": True, "ingresFrom": []}},
         {"replicaCuont": 3},
+        {"workers": 0},
+        {"workers": "two"},
     ],
 )
 def test_values_schema_refuses_bad_values(helm: ModuleType, render: Render, values: dict[str, Any]) -> None:

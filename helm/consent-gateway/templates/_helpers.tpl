@@ -45,7 +45,7 @@ settable inside `config`.
 {{- fail (printf "terminationGracePeriodSeconds %d must exceed preStopSleepSeconds %d plus the gateway's 10 s shutdown" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- end }}
 {{- if hasKey .Values.config "listen" }}
-{{- fail "config.listen is set by the chart: use ports.proxy" }}
+{{- fail "config.listen is set by the chart: use ports.proxy and workers" }}
 {{- end }}
 {{- if hasKey .Values.config "admin" }}
 {{- fail "config.admin is set by the chart: use ports.admin" }}
@@ -70,7 +70,7 @@ settable inside `config`.
 {{- end }}
 {{- $_ := set $config "upstream" $upstream }}
 {{- /* 0.0.0.0: kubelet probes and Prometheus connect to the pod IP, not to loopback. */}}
-{{- $_ := set $config "listen" (dict "host" "0.0.0.0" "port" (int .Values.ports.proxy)) }}
+{{- $_ := set $config "listen" (dict "host" "0.0.0.0" "port" (int .Values.ports.proxy) "workers" (int .Values.workers)) }}
 {{- $_ := set $config "admin" (dict "host" "0.0.0.0" "port" (int .Values.ports.admin)) }}
 {{- toYaml $config }}
 {{- end }}
