@@ -495,13 +495,9 @@ def test_texts_a_view_cannot_vouch_for_take_the_whole_resource_path(raw: bytes) 
     assert read_answer(raw) is None
 
 
-# ---------------------------------------------------------------------- mismatches found
+# ---------------------------------------------------------------------- mismatches found and closed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CONTRACT: an upstream answer with duplicate JSON keys in patient data is a 502. A view "
-    "checks keys only at the levels it locates and in the elements it parses, so a key given "
-    "twice inside an element no decision reads (valueQuantity, text) passes through unrefused."))
 @pytest.mark.parametrize("single", [True, False], ids=["read", "search"])
 def test_a_repeated_key_inside_an_unread_element_is_not_viewed(single: bool) -> None:
     resource = OBS.replace(b'"valueQuantity":{"value":4.10}', b'"valueQuantity":{"value":4.10,"value":9.99}')
@@ -517,12 +513,6 @@ PROFILE_DENIED: JSON = {"patient": {"reference": "Patient/p1"}, "provision": {"t
                                 "code": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-observation-lab"}]}]}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core.view keeps meta in a view only when its text holds the bytes \"profile\" or \"security\" "
-    "(and keys labels by the text of the other elements): a key written with an escape "
-    "(\"\\u0073ecurity\", \"\\u0070rofile\") is the same key once parsed, yet the view drops it, so the "
-    "record loses its security label (R) or its profile, and a consent that denies by either "
-    "no longer denies it."))
 @pytest.mark.parametrize("spelled", sorted(ESCAPED_META))
 def test_a_meta_key_spelled_with_an_escape_decides_as_written_plainly(spelled: str) -> None:
     plain = (b'{"resourceType":"Observation","id":"a","code":{"coding":[{"system":"http://loinc.org","code":"2345-7"}]},'
@@ -552,10 +542,7 @@ def lab(rid: bytes, extra: bytes = b"") -> bytes:
 
 @pytest.mark.parametrize("views", [
     pytest.param(False, id="whole"),
-    pytest.param(True, id="views", marks=pytest.mark.xfail(strict=True, reason=(
-        "On the views path a record restricted (R) by a meta.security whose key is written with an "
-        "escape is released to a requester whose consent opens no R: its labels come from the memo "
-        "entry of a record coded alike (core.view.label_key)."))),
+    pytest.param(True, id="views"),
 ])
 async def test_a_restricted_record_stays_withheld_however_its_meta_is_spelled(
     fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], views: bool
@@ -587,12 +574,8 @@ REFUSED_INSIDE_UNREAD: dict[str, tuple[bytes, str]] = {
 
 
 @pytest.mark.parametrize(("fault", "views"), [
-    pytest.param(fault, views, id=f"{fault}-{'views' if views else 'whole'}", marks=[
-        pytest.mark.xfail(strict=True, reason=(
-            f"{why}; on the views path the fault lies in an element the view does not parse, "
-            "so the answer is sent on as written (core.view checks keys and syntax only where it reads)."))
-    ] if views else [])
-    for fault, (_, why) in REFUSED_INSIDE_UNREAD.items() for views in (False, True)
+    pytest.param(fault, views, id=f"{fault}-{'views' if views else 'whole'}")
+    for fault in REFUSED_INSIDE_UNREAD for views in (False, True)
 ])
 async def test_a_fault_inside_an_unread_element_is_a_502_on_both_paths(
     fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], fault: str, views: bool
