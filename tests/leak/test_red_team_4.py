@@ -29,6 +29,7 @@ from tests.leak.test_red_team_3 import (
     sleep_past, soon,
 )
 from tests.sources.conftest import clinikapi, vendor_key  # noqa: F401 (fixtures)
+from tests.workers.test_workers import launch  # noqa: F401 (fixture)
 from tests.leak.test_side_doors import call, entries, fhir, forged_emergency, ids_in, leaks
 
 MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
@@ -56,6 +57,13 @@ def xfail_on(request: pytest.FixtureRequest, path: str, reason: str) -> None:
     """Mark this run a strict expected failure when the leak conftest runs it on ``path``."""
     if path_of(request) == path:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def serving(fake: FakeFhir, path: str) -> list[bytes]:
+    """``GET path`` answered with whatever bytes the returned one-slot list holds at the time."""
+    slot = [b""]
+    serve(fake, {("GET", path): lambda r: answer(slot[0])})
+    return slot
 
 
 async def kept(gw: GatewayUnderTest, path: str = CONDITIONS, actor: str = c.DOCTOR, **headers: str) -> set[str]:
@@ -213,11 +221,10 @@ async def test_break_glass_returning_an_unknown_type_audits_it(
     serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
     gw = await make_gateway(world.base_url, break_glass={"record_consent": False})
     status, headers, body = await search(gw, CONDITIONS, **{"X-Break-Glass": "Medical emergency"})
-    assert status == 200, body
-    if "cond-r5-bg-1" in ids_in(body):
-        assert headers.get("X-Break-Glass-Audit-Id"), headers
-        audit = (tmp_path / "audit.jsonl").read_bytes()
-        assert b"cond-r5-bg-1" in audit
+    assert status == 200 and "cond-r5-bg-1" in ids_in(body), body[:300]
+    assert headers.get("X-Break-Glass-Audit-Id"), headers
+    audit = (tmp_path / "audit.jsonl").read_bytes()
+    assert b"cond-r5-bg-1" in audit, audit[-600:]
     # and without the header it stays closed
     status, headers, body = await search(gw, CONDITIONS)
     assert "cond-r5-bg-1" not in ids_in(body) and "X-Break-Glass-Audit-Id" not in headers
@@ -264,7 +271,7 @@ async def test_a_resource_type_that_is_not_a_string_is_a_502(
 # Elements written in a shape FHIR does not allow (a coding that is an object, not an array; a
 # code that is a list; contained resources as one object; a security label as a bare string):
 # whatever reads them as FHIR cannot decide them, so they must not pass as undecided.
-MALFORMED = {
+MALFORMED: dict[str, dict[str, Any]] = {
     "coding-object": {"code": {"coding": {"system": c.ICD10CM, "code": "B20"}}},
     "code-list": {"code": {"coding": [{"system": c.ICD10CM, "code": ["B20"]}]}},
     "category-object": {"category": {"coding": [{"system": c.ICD10CM, "code": "B20"}]}},
@@ -305,7 +312,7 @@ async def test_a_binary_with_a_malformed_security_context_is_not_released(
     world: FakeFhir, make_gateway: MakeGateway, context: str,
 ) -> None:
     from tests.leak.test_side_doors import HIDDEN_BINARY
-    proper = HIDDEN_BINARY["securityContext"]
+    proper: Any = HIDDEN_BINARY["securityContext"]
     shaped: Any = {"null": None, "empty": {}, "list": [proper], "string": proper["reference"],
                    "reference-list": {"reference": [proper["reference"]]}}[context]
     binary = {**HIDDEN_BINARY, "securityContext": shaped}
@@ -315,7 +322,7 @@ async def test_a_binary_with_a_malformed_security_context_is_not_released(
     gw = await make_gateway(world.base_url)
     for path in (f"/Binary/{binary['id']}", f"/Binary?_id={binary['id']}"):
         status, headers, body = await search(gw, path)
-        assert leaks(body, headers, (HIDDEN_BINARY["data"],)) == [], (path, status)
+        assert leaks(body, headers, (str(HIDDEN_BINARY["data"]),)) == [], (path, status)
 
 
 def test_the_r4_type_table_knows_every_r4_resource_type() -> None:
@@ -461,9 +468,8 @@ async def test_an_emergency_window_that_closes_is_not_served_from_a_shared_decis
     gw = await make_gateway(world.base_url)
     for _ in range(2):
         status, headers, body = await search(gw, CONDITIONS)
-        assert status == 200, body
-        if HIV_ID in ids_in(body):
-            assert headers.get("X-Break-Glass-Audit-Id"), headers
+        assert status == 200 and HIV_ID in ids_in(body), body[:300]
+        assert headers.get("X-Break-Glass-Audit-Id"), headers
     await sleep_past(end)
     status, headers, body = await search(gw, CONDITIONS)
     assert status == 200, body
@@ -489,6 +495,45 @@ async def test_a_shared_decision_does_not_outlive_a_window_opened_later(
     # another purpose does not open the window, and its decision is its own
     status, headers, body = await search(gw, CONDITIONS, **{"X-Purpose-Of-Use": "HPAYMT"})
     assert leaks(body, headers, HIV_SECRETS) == [] and "X-Break-Glass-Audit-Id" not in headers
+
+
+async def test_an_emergency_window_opened_through_one_worker_is_audited_by_every_worker(
+    world: FakeFhir, launch: Any,
+) -> None:
+    """``listen.workers: 2``, real processes, each with its own decision cache: both decide Ana's
+    conditions (HIV withheld) and remember it; the doctor breaks the glass through one of them
+    (the emergency consent is written upstream and the eviction fans out). From then on every
+    answer either worker gives without the header that holds the HIV condition carries an audit
+    id, and none holds it for another clinician."""
+    import aiohttp
+
+    gw = await launch(world.base_url)
+    url = gw.url + CONDITIONS
+
+    async def fresh(headers: dict[str, str], times: int = 16) -> list[tuple[int, dict[str, str], bytes]]:
+        found = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(times):
+                async with session.get(url, headers=headers) as resp:
+                    found.append((resp.status, dict(resp.headers), await resp.read()))
+        return found
+
+    before = await fresh({"X-Actor": c.DOCTOR})
+    assert all(status == 200 and HIV_ID not in ids_in(body) for status, _, body in before)
+    assert sorted(gw.answered_by()) == [0, 1]  # both workers hold the shared deny
+    (status, headers, body), = await fresh({"X-Actor": c.DOCTOR, "X-Break-Glass": "Medical emergency"}, 1)
+    assert status == 200 and HIV_ID in ids_in(body) and headers.get("X-Break-Glass-Audit-Id"), headers
+    await asyncio.sleep(0.3)
+    seen = gw.answered_by()
+    after = await fresh({"X-Actor": c.DOCTOR})
+    assert all(gw.answered_by()[w] > seen[w] for w in (0, 1))
+    for status, headers, body in after:
+        assert status == 200, body
+        if HIV_ID in ids_in(body):
+            assert headers.get("X-Break-Glass-Audit-Id"), headers
+    assert any(HIV_ID in ids_in(body) for _, _, body in after)  # the window is open somewhere
+    for status, headers, body in await fresh({"X-Actor": c.PSYCHIATRIST}, 8):
+        assert leaks(body, headers, HIV_SECRETS) == [] and "X-Break-Glass-Audit-Id" not in headers
 
 
 def _dated(rid: str, onset: str | None, recorded: str | None = None) -> dict[str, Any]:
@@ -526,10 +571,10 @@ async def test_twins_differing_only_by_their_own_label_get_their_own_decisions(
     the restricted one withheld, the other kept, whichever is decided first, across requests."""
     plain = observation("obs-twin-plain")
     sealed = observation("obs-twin-sealed", meta={"security": [{"system": c.V3_CONFIDENTIALITY, "code": "R"}]})
+    served = serving(world, "/Observation")
+    gw = await make_gateway(world.base_url)
     for order in ([plain, sealed], [sealed, plain], [plain, sealed]):
-        raw = orjson.dumps(searchset(order, world.base_url))
-        serve(world, {("GET", "/Observation"): lambda r, raw=raw: answer(raw)})
-        gw = await make_gateway(world.base_url)
+        served[0] = orjson.dumps(searchset(order, world.base_url))
         assert await kept(gw, f"/Observation?patient={c.PAT_ANA}") == {"obs-twin-plain"}
 
 
@@ -566,9 +611,9 @@ async def test_clinikapi_document_labels_are_part_of_the_shared_decision(
     fake_fhir.add(_composition("ck-doc-r"), _composition("ck-doc-n"))
     gw = await make_gateway(fake_fhir.base_url, consent=vendor_settings("clinikapi", clinikapi.base_url))
     path = f"/Composition?patient={CK_PATIENT}"
+    served = serving(fake_fhir, "/Composition")
     for order in (("ck-doc-n", "ck-doc-r"), ("ck-doc-r", "ck-doc-n"), ("ck-doc-n", "ck-doc-r")):
-        raw = orjson.dumps(searchset([_composition(rid) for rid in order], fake_fhir.base_url))
-        serve(fake_fhir, {("GET", "/Composition"): lambda r, raw=raw: answer(raw)})
+        served[0] = orjson.dumps(searchset([_composition(rid) for rid in order], fake_fhir.base_url))
         assert await kept(gw, path, actor="Practitioner/dr-ada") == {"ck-doc-n"}, order
     clinikapi.documents["pat-100"] = [_ck_document("ck-doc-r", "R"), _ck_document("ck-doc-n", "R")]
     async with gw.session.post(gw.admin_url + "/cache/invalidate", json={"patient": CK_PATIENT}) as resp:
