@@ -206,7 +206,12 @@ class AnswerView:
     def splice(self, entry_bytes: Callable[[bytes], bytes] | None = None) -> bytes:
         """The answer after filtering: kept entries as the upstream wrote them (or, for the
         few changed in place or parsed whole, re-serialized); ``entry_bytes`` may rewrite each
-        kept entry's text (display scrubbing).
+        kept entry's text (display scrubbing)."""
+        return b"".join(self.pieces(entry_bytes))
+
+    def pieces(self, entry_bytes: Callable[[bytes], bytes] | None = None) -> list[bytes | msgspec.Raw]:
+        """``splice`` in pieces (the upstream's own bytes where kept as written), to be sent one
+        after the other without joining them.
 
         Consumes the view: the decided entries are let go before the answer is put together,
         so the views and the answer are never in memory at once."""
@@ -215,7 +220,7 @@ class AnswerView:
                 text = self.raw
             else:
                 text = orjson.dumps(_merged(self.raw, self.body) if self.partial else self.body)
-            return entry_bytes(text) if entry_bytes is not None else text
+            return [entry_bytes(text) if entry_bytes is not None else text]
         pieces: list[bytes | msgspec.Raw] = [b"{"]
         at: list[int] = []  # where the entries' texts are
         for key, value in self.body.items():
@@ -243,7 +248,7 @@ class AnswerView:
                 rewritten = entry_bytes(text)
                 if rewritten is not text:
                     pieces[index] = rewritten
-        return b"".join(pieces)
+        return pieces
 
     def _entry_texts(self, entries: Iterable[object]) -> Iterable[bytes | msgspec.Raw]:
         for entry in entries:

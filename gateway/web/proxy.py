@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 import logging
 import re
 import time
 
+import msgspec
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
 import orjson
@@ -101,7 +104,42 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def client_response(upstream: UpstreamResponse, links: LinkRewriter, body: bytes, decision: str) -> web.Response:
+class SplicedPayload(Payload):
+    """A spliced answer sent as its pieces, each rewritten on the way (``rewrite``: the link
+    rewriter), gathered into writes of about ``CHUNK`` bytes; chunked, never joined whole."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, pieces: list[bytes | msgspec.Raw], rewrite: Callable[[bytes], bytes]) -> None:
+        super().__init__(pieces, content_type="application/fhir+json")
+        self._pieces = pieces
+        self._rewrite = rewrite
+
+    def _texts(self) -> Iterator[bytes]:
+        rewrite = self._rewrite
+        for piece in self._pieces:
+            yield rewrite(piece if isinstance(piece, bytes) else bytes(piece))
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._texts()).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for text in self._texts():
+            chunk.append(text)
+            size += len(text)
+            if size >= self.CHUNK:
+                await writer.write(b"".join(chunk))
+                chunk, size = [], 0
+        if chunk:
+            await writer.write(b"".join(chunk))
+        self._pieces = []
+
+
+def client_response(
+    upstream: UpstreamResponse, links: LinkRewriter, body: bytes | Payload, decision: str
+) -> web.Response:
     """The answer to the client: end-to-end upstream headers, URLs rewritten, decision header."""
     headers = end_to_end(upstream.headers)
     for name in list(headers.keys()):
@@ -341,11 +379,13 @@ async def decide_answer(
         if named != frozenset() and view.is_bundle:
             # The Bundle's own elements (a signature's who.display) are put back from the parse.
             changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released)
-        if changed or named != frozenset():
-            payload = view.splice(displays_scrubber(released, named) if named != frozenset() else None)
+        scrub = displays_scrubber(released, named) if named != frozenset() else None
+        if view.partial and view.is_bundle and (changed or scrub is not None):
+            # A large answer is sent piece by piece: never joined, rewritten as it goes.
+            response = client_response(upstream, links, SplicedPayload(view.pieces(scrub), links.body), result.header)
         else:
-            payload = upstream.body
-        response = client_response(upstream, links, links.body(payload), result.header)
+            payload = view.splice(scrub) if changed or scrub is not None else upstream.body
+            response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
         return response
     if may_display and may_name_unreleased(upstream.body, released):
