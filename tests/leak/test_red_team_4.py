@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -25,7 +24,7 @@ from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir, _refers
 from tests.fixtures import clinical as c
 from tests.leak.test_red_team_3 import (
-    HIV_DISPLAY, HIV_SECRETS, answer, consent, hiv_condition, observation, path_of, search, searchset, serve,
+    HIV_DISPLAY, HIV_SECRETS, answer, consent, hiv_condition, observation, search, searchset, serve,
     sleep_past, soon,
 )
 from tests.sources.conftest import clinikapi, vendor_key  # noqa: F401 (fixtures)
@@ -51,12 +50,6 @@ def ben_opens_hiv(fake_fhir: FakeFhir) -> FakeFhir:
     c.seed_all(fake_fhir)
     fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in", labels=("HIV",)))
     return fake_fhir
-
-
-def xfail_on(request: pytest.FixtureRequest, path: str, reason: str) -> None:
-    """Mark this run a strict expected failure when the leak conftest runs it on ``path``."""
-    if path_of(request) == path:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def serving(fake: FakeFhir, path: str) -> list[bytes]:
@@ -757,6 +750,3 @@ async def test_a_denied_single_read_is_withheld_whatever_its_meta(
         assert status == 403, body
         assert leaks(body, headers, HIV_SECRETS) == []
 
-
-__all__: list[str] = []
-_ = datetime
