@@ -228,12 +228,31 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     if not suspects:
         return frozenset()
     named: set[bytes] = set()
-    objects: dict[bytes, bool] = {}  # the text around a match, read once
-    for match in _REFERENCE.finditer(raw):
-        value = match.group(1)
-        if value in suspects and value not in named and _may_have_display(raw, match.start(), match.end(), objects):
+    slow: set[bytes] = set()
+    for value in suspects:
+        # Each Reference object around the value, found in one scan when none holds a brace
+        # (the common {"reference": "..."} or with a display): each distinct text read once.
+        found = re.findall(rb'\{[^{}]*"reference"\s*:\s*"' + re.escape(value) + rb'"[^{}]*\}', raw)
+        if len(found) != values.count(value):
+            slow.add(value)
+        elif any(_names_display(text) for text in set(found)):
             named.add(value)
+    if slow:
+        objects: dict[bytes, bool] = {}  # the text around a match, read once
+        for match in _REFERENCE.finditer(raw):
+            value = match.group(1)
+            if value in slow and value not in named and _may_have_display(raw, match.start(), match.end(), objects):
+                named.add(value)
     return frozenset(named)
+
+
+def _names_display(text: bytes) -> bool:
+    """Whether the object text has a display (or cannot be read as one object: it may)."""
+    try:
+        node = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return True
+    return not isinstance(node, dict) or "display" in node
 
 
 def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool] | None = None) -> bool:
@@ -247,11 +266,7 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool] 
     text = raw[first:last + 1]
     if seen is not None and text in seen:
         return seen[text]
-    try:
-        node = orjson.loads(text)
-        found = not isinstance(node, dict) or "display" in node
-    except orjson.JSONDecodeError:
-        found = True
+    found = _names_display(text)
     if seen is not None:
         seen[text] = found
     return found

@@ -1,17 +1,25 @@
-"""Views of an answer: the elements that decide, parsed; everything else kept as bytes.
+"""Reading an answer once and sending back the upstream's own bytes of what is kept.
 
-An upstream answer is read once. Each resource's top-level elements are located without
-being parsed (``msgspec.Raw``); only the elements its type's field plan names are parsed
-(``view_elements``: what the labeler, the compartment, the consent conditions, the scopes
-and the reference resolution read). The decision pipeline runs over these views exactly as
-over whole resources, and the answer is put back together from the upstream's own bytes
-of every kept entry (``splice``), so a kept ``4.10`` stays ``4.10`` and an unfiltered
-answer goes out byte for byte.
+Two readings, both keeping each search-set entry's bytes beside what is decided:
 
-What a view cannot vouch for takes the whole-resource path:
+- ``spans_of``: the answer parsed whole (orjson, repeated keys checked over the whole text),
+  with every entry's byte span (``msgspec.Raw``): the reading for answers under
+  ``upstream.views_above_bytes``, where the C parse is faster than anything per element;
+- ``read_answer``: views. Each resource's top-level elements are located without being
+  parsed; only those its type's field plan names are parsed (``view_elements``: what the
+  labeler, the compartment, the consent conditions, the scopes and the reference resolution
+  read), element texts written alike are parsed once and shared, and each entry is checked
+  whole for repeated keys and let go. Memory stays near the answer's size.
 
-- a text that is not compact at the levels read here, or names a key twice there, or in
-  any element parsed (the whole-resource path then refuses a repeated key, 502);
+The decision pipeline runs over either exactly as over whole resources, and ``splice`` (or
+``pieces``, to send without joining) puts the answer back together from the upstream's bytes
+of every kept entry, so a kept ``4.10`` stays ``4.10`` and an unfiltered answer goes out byte
+for byte; only entries changed in place are written anew.
+
+What views cannot vouch for takes the whole-resource path:
+
+- a text that is not compact at the levels a view locates, or names a key twice anywhere in an
+  entry (the whole-resource path then refuses it, 502);
 - Bundles other than search sets, Parameters, OperationOutcomes, documents, included
   resources (their orphan check reads every reference of every kept resource);
 - Bundles, Parameters, Compositions and Binaries inside a search set are parsed whole, one

@@ -540,15 +540,12 @@ def lab(rid: bytes, extra: bytes = b"") -> bytes:
             b'"subject":{"reference":"Patient/pat-ana-5581"}}')
 
 
-@pytest.mark.parametrize("views", [
-    pytest.param(False, id="whole"),
-    pytest.param(True, id="views"),
-])
-async def test_a_restricted_record_stays_withheld_however_its_meta_is_spelled(
-    fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], views: bool
-) -> None:
-    fake_fhir.add(clinical.opt_in(clinical.PAT_ANA))  # a general permit: R needs one naming it
-    body = searchset(entry(lab(b"lab-plain")), entry(lab(b"lab-restricted", ESCAPED_META["security"])))
+async def search_answering(
+    fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], body: bytes, views: bool
+) -> Any:
+    """Ana's Observation search through a gateway on views (or parsing whole), the FHIR server
+    answering ``body``; Ana opts in in general (a restricted record needs a consent naming R)."""
+    fake_fhir.add(clinical.opt_in(clinical.PAT_ANA))
 
     async def answer(request: web.Request) -> web.StreamResponse | None:
         if request.path.endswith("/Observation"):
@@ -557,7 +554,18 @@ async def test_a_restricted_record_stays_withheld_however_its_meta_is_spelled(
 
     fake_fhir.override = answer
     gateway = await make_gateway(fake_fhir.base_url, upstream={"views_above_bytes": 0 if views else 1 << 30})
-    response = await gateway.get(f"/Observation?patient={clinical.PAT_ANA}")
+    return await gateway.get(f"/Observation?patient={clinical.PAT_ANA}")
+
+
+@pytest.mark.parametrize("views", [
+    pytest.param(False, id="whole"),
+    pytest.param(True, id="views"),
+])
+async def test_a_restricted_record_stays_withheld_however_its_meta_is_spelled(
+    fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], views: bool
+) -> None:
+    body = searchset(entry(lab(b"lab-plain")), entry(lab(b"lab-restricted", ESCAPED_META["security"])))
+    response = await search_answering(fake_fhir, make_gateway, body, views)
     assert response.status == 200
     returned = [e["resource"]["id"] for e in (await response.json(content_type=None)).get("entry", [])
                 if e.get("resource", {}).get("resourceType") == "Observation"]
@@ -580,16 +588,7 @@ REFUSED_INSIDE_UNREAD: dict[str, tuple[bytes, str]] = {
 async def test_a_fault_inside_an_unread_element_is_a_502_on_both_paths(
     fake_fhir: FakeFhir, make_gateway: Callable[..., Awaitable[GatewayUnderTest]], fault: str, views: bool
 ) -> None:
-    fake_fhir.add(clinical.opt_in(clinical.PAT_ANA))
     body = searchset(entry(lab(b"lab-faulty")[:-1] + b"," + REFUSED_INSIDE_UNREAD[fault][0] + b"}"))
-
-    async def answer(request: web.Request) -> web.StreamResponse | None:
-        if request.path.endswith("/Observation"):
-            return web.Response(body=body, content_type="application/fhir+json")
-        return None
-
-    fake_fhir.override = answer
-    gateway = await make_gateway(fake_fhir.base_url, upstream={"views_above_bytes": 0 if views else 1 << 30})
-    response = await gateway.get(f"/Observation?patient={clinical.PAT_ANA}")
+    response = await search_answering(fake_fhir, make_gateway, body, views)
     assert response.status == 502
     assert b"lab-faulty" not in await response.read()
