@@ -107,6 +107,12 @@ class Deciding:
     unattached: frozenset[str]      # Binaries without a security context (``Binary/id``)
 
 
+def may_refer(raw: bytes) -> bool:
+    """False when the JSON text ``raw`` certainly holds no Binary and no ``medicationReference``
+    (then ``deciding_references`` of it is None, without a walk)."""
+    return b"\\u" in raw or b'"Binary"' in raw or b'"medicationReference"' in raw
+
+
 def deciding_references(body: JSON) -> Deciding | None:
     """What decides resources of ``body`` beyond themselves; None when nothing does."""
     present: dict[str, JSON] = {}

@@ -19,6 +19,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.fhir import JSON
 from gateway.core.references import (
     NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, deciding_references, iter_resources,
+    may_refer,
 )
 from gateway.upstream import Upstream
 from typing import TYPE_CHECKING
@@ -96,8 +97,11 @@ def _has_next(bundle: JSON) -> bool:
     return isinstance(links, list) and any(isinstance(l, dict) and l.get("relation") == "next" for l in links)
 
 
-async def resolve_references(state: GatewayState, body: JSON) -> Resolved:
-    """What decides the resources of ``body`` beyond themselves: in the answer, or read."""
+async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None = None) -> Resolved:
+    """What decides the resources of ``body`` beyond themselves: in the answer, or read.
+    ``raw``, the text ``body`` was read from, spares the walk when it names nothing that refers."""
+    if raw is not None and not may_refer(raw):
+        return NOTHING_RESOLVED
     found = deciding_references(body)
     if found is None:
         return NOTHING_RESOLVED
