@@ -696,7 +696,7 @@ def decide_resource(
     looked up: deny (fail closed).
     """
     rtype = resource.get("resourceType")
-    if rtype not in R4_RESOURCE_TYPES:
+    if not isinstance(rtype, str) or rtype not in R4_RESOURCE_TYPES:
         # SECURITY: a type no table knows (or none) could be anyone's data: it closes.
         return UNKNOWN_TYPE
     if patients is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from gateway.core.compartment import is_patient_data, patients_of, references_of
 from gateway.core.fhir import JSON, relative_reference, resource_reference
+from gateway.core.errors import UpstreamUnavailable
 from gateway.core.model import Decision, Reason, Verdict
 
 # judge(resource, the patients it belongs to) -> Decision
@@ -88,7 +89,10 @@ class Enforced:
 
 
 def _contained(resource: JSON) -> list[JSON]:
+    """Contained resources; one written as an object (not FHIR, but a reader may take it) too."""
     contained = resource.get("contained")
+    if isinstance(contained, dict):
+        return [contained]
     return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
 
 
@@ -132,8 +136,12 @@ def _index_into(
     owners = patients_of(node)
     owners = shared.setdefault(owners, owners)
     index[id(node)] = owners
+    if not isinstance(rtype, (str, type(None))):
+        raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
     if "contained" in node:
         for inner in _contained(node):
+            if not isinstance(inner.get("resourceType"), (str, type(None))):
+                raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
             inner_owners = owners_of(inner, owners)
             index[id(inner)] = shared.setdefault(inner_owners, inner_owners)
 

@@ -178,7 +178,7 @@ _BILLING = (
 # Where each resource type keeps the codes that reveal what the record is about.
 _CODE_PATHS: Mapping[str, tuple[str, ...]] = {
     "Condition": ("code", "evidence.code", "stage.summary"),
-    "Observation": ("code", "valueCodeableConcept", "component.code", "component.valueCodeableConcept"),
+    "Observation": ("code", "category", "valueCodeableConcept", "component.code", "component.valueCodeableConcept"),
     "MedicationRequest": _MEDICATION,
     "MedicationStatement": _MEDICATION,
     "MedicationAdministration": _MEDICATION,
@@ -425,7 +425,8 @@ class LabelIndex:
             self._collect_own_elements(resource, rtype, hits, own)
         contained = resource.get("contained")
         if contained:
-            for inner in contained:
+            # one contained resource written as an object: not FHIR, but a reader may take it
+            for inner in [contained] if isinstance(contained, dict) else contained:
                 if isinstance(inner, dict):
                     self._collect(inner, hits, own)
 
@@ -461,12 +462,20 @@ class LabelIndex:
             for coding in codings:
                 if isinstance(coding, dict):
                     self._match_coding(coding, hits)
+        elif isinstance(codings, dict):
+            self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
 
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
         system = coding.get("system")
         if system is None:
             return
         code = coding.get("code")
+        if isinstance(code, list) and isinstance(system, str):
+            # codes as a list: not FHIR, but each is read as written
+            for item in code:
+                if isinstance(item, str):
+                    self._match_coding({"system": system, "code": item}, hits)
+            return
         if not isinstance(code, str) or not isinstance(system, str):
             return
         table = self._exact.get(system)
@@ -569,6 +578,9 @@ def _codings(value: Any) -> list[JSON]:
 
 def _own_labels(value: Any, where: str, own: list[tuple[Label, str]]) -> None:
     for item in _as_list(value):
+        if isinstance(item, str):
+            own.append((Label("", item), where))  # a bare code: read as a code without a system
+            continue
         for coding in _codings(item):
             code, system = coding.get("code"), coding.get("system")
             if isinstance(code, str):

@@ -14,7 +14,7 @@ class LinkRewriter:
     a fullUrl, a location, an absolute reference) is rewritten in one pass per pattern.
     """
 
-    __slots__ = ("upstream", "public", "_pairs", "_escaped", "_public")
+    __slots__ = ("upstream", "public", "_pairs")
 
     def __init__(self, upstream_base: str, public_base: str) -> None:
         self.upstream = upstream_base.rstrip("/")
@@ -22,21 +22,21 @@ class LinkRewriter:
         up = orjson.dumps(self.upstream)[:-1]  # '"http://h/fhir' with JSON escaping
         pub = orjson.dumps(self.public)[:-1]
         self._pairs = tuple((up + tail, pub + tail) for tail in (b"/", b'"', b"?"))
-        # The same base with any of its slashes written "\/" (texts passed on as the upstream
-        # wrote them keep its escapes).
-        slash = rb"(?:/|\\/)"
-        self._escaped = re.compile(slash.join(re.escape(part) for part in up.split(b"/")) + rb'(?=/|\\/|"|\?)')
-        self._public = pub
 
     def body(self, payload: bytes) -> bytes:
         """JSON bytes with every upstream-based string rewritten."""
         if self.upstream == self.public:
             return payload
+        if b"\\u" in payload or b"\\/" in payload:
+            # The base may be spelled with escapes (texts passed on as the upstream wrote them
+            # keep them): written anew, plainly, when the text is one JSON value.
+            try:
+                payload = orjson.dumps(orjson.loads(payload))
+            except orjson.JSONDecodeError:
+                pass
         for old, new in self._pairs:
             if old in payload:
                 payload = payload.replace(old, new)
-        if b"\\/" in payload:
-            payload = self._escaped.sub(self._public.replace(b"\\", b"\\\\"), payload)
         return payload
 
     def link_header(self, value: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from gateway.core.compartment import is_patient_data
-from gateway.core.fhir import JSON, reference_of, relative_reference, resource_reference
+from gateway.core.fhir import JSON, R4_RESOURCE_TYPES, reference_of, relative_reference, resource_reference
 
 # Resource types whose medication may be a reference to a Medication resource.
 MEDICATION_HOLDERS = frozenset({
@@ -62,6 +62,8 @@ def iter_resources(node: JSON) -> list[JSON]:
             contained = current.get("contained")
             if type(contained) is list:
                 found.extend(inner for inner in contained if type(inner) is dict)
+            elif type(contained) is dict:
+                found.append(contained)  # not FHIR, but a reader may take it as one
     return found
 
 
@@ -77,9 +79,17 @@ def security_context(resource: JSON) -> str | None:
     return target if "/" in target and is_patient_data(rtype) else None
 
 
+def unreadable_context(resource: JSON) -> bool:
+    """A Binary whose securityContext is there but is no Reference (null, {}, a list, a string,
+    a list of references): what it stands for is unknown."""
+    return (resource.get("resourceType") == "Binary" and "securityContext" in resource
+            and reference_of(resource.get("securityContext")) is None)
+
+
 def medication_reference(resource: JSON) -> str | None:
     """The ``medicationReference`` of an order or statement (``#id`` for a contained one)."""
-    if resource.get("resourceType") not in MEDICATION_HOLDERS:
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or rtype not in MEDICATION_HOLDERS:
         return None
     ref = reference_of(resource.get("medicationReference"))
     if ref is None:
@@ -131,6 +141,8 @@ def deciding_references(body: JSON) -> Deciding | None:
         elif ref is not None and resource.get("resourceType") == "Binary" and "securityContext" not in resource:
             refers = True
             unattached.add(ref)
+        elif unreadable_context(resource):
+            refers = True  # decided as unknown (contexts_of: None), so it closes
         med = medication_reference(resource)
         if med is not None:
             refers = True
@@ -176,6 +188,8 @@ class Resolved:
         """The patient data a Binary is decided as; None when that is unknown (it closes)."""
         if resource.get("resourceType") != "Binary":
             return ()
+        if unreadable_context(resource):
+            return None
         ref = security_context(resource)
         if ref is not None:
             target = self.targets.get(ref, UNREADABLE)
@@ -206,6 +220,17 @@ NOTHING_RESOLVED = Resolved()
 _REFERENCE = re.compile(rb'"reference"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def may_be_patient_data(target: str) -> bool:
+    """Whether a reference (relative form) may point at patient data: anything but ``Type/id``
+    of a FHIR type outside the Patient compartment (a conditional reference, an unknown or
+    misspelled type may be anyone's record)."""
+    rtype, _, rid = target.partition("/")
+    return not (rtype in R4_RESOURCE_TYPES and not is_patient_data(rtype) and _ID.fullmatch(rid) is not None)
+
+
 def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
     """False when no reference in the JSON text ``raw`` points at patient data outside
     ``released`` (then no display needs removing); True when one may."""
@@ -229,7 +254,7 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
         if ref.startswith("#"):
             continue
         target = relative_reference(ref)
-        if is_patient_data(target.split("/", 1)[0]) and target not in released:
+        if target not in released and may_be_patient_data(target):
             suspects.add(value)
     if not suspects:
         return frozenset()
@@ -294,7 +319,7 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#"):
                     target = relative_reference(ref)
-                    if target not in released and is_patient_data(target.split("/", 1)[0]):
+                    if target not in released and may_be_patient_data(target):
                         del node["display"]
                         changed = True
             for value in node.values():

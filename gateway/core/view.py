@@ -380,6 +380,7 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
         if not isinstance(entry, dict):
             return None
         resource = entry.get("resource")
-        rewritten = isinstance(resource, dict) and resource.get("resourceType") in WHOLE_TYPES
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        rewritten = isinstance(rtype, str) and rtype in WHOLE_TYPES
         answer.entries[id(entry)] = EntryView(item, entry, rewritten=rewritten)
     return answer

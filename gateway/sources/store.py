@@ -172,12 +172,15 @@ class ConsentStore:
     def invalidate(self, patient: str | None = None, *, announce: bool = True) -> None:
         """Forget one patient's consents, or everyone's; ``announce`` passes it on to the
         other workers (not for what each of them learns by itself: the change feed)."""
+        # A lookup already under way was begun before the change: later requests start anew.
         if patient is None:
             self._cache.clear()
             self._groups.clear()
+            self._inflight.clear()
             self._epoch += 1
         else:
             self._cache.pop(patient, None)
+            self._inflight.pop(patient, None)
             self._generation[patient] = self._generation.get(patient, 0) + 1
         self.metrics.cache_entries.set(len(self._cache))
         if announce and self.announce is not None:
@@ -231,7 +234,8 @@ class ConsentStore:
             raise
         finally:
             for patient in patients:
-                self._inflight.pop(patient, None)
+                if self._inflight.get(patient) is futures[patient]:
+                    del self._inflight[patient]
             self.metrics.cache_entries.set(len(self._cache))
 
     async def _load(self, chunk: list[str]) -> dict[str, PatientConsents]:

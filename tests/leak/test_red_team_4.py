@@ -5,8 +5,10 @@ versions, the label memo, and single resources spliced back after DS4P labelling
 Every test goes through the real request path (HTTP to the gateway, the fake FHIR server on a
 real socket answering raw bytes) and searches the RAW response bytes and headers. The leak
 conftest runs each test twice: answers parsed whole, and decided on views
-(``upstream.views_above_bytes: 0``). Doors that hold are ordinary tests; doors that do not are
-``xfail(strict=True)`` with what leaks in the reason.
+(``upstream.views_above_bytes: 0``). Every door here held or was closed: upstream URLs
+spelled with \\u escapes, displays of references that are not ``Type/id``, codes and labels in
+shapes FHIR does not allow, Binaries with an unreadable securityContext, lookups begun before an
+invalidation, resource types that are not strings.
 """
 
 from __future__ import annotations
@@ -73,11 +75,6 @@ def _u_escaped(url: str) -> bytes:
     return url.replace("/", "\\u002f").encode()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LinkRewriter.body matches the upstream base only as written plainly or with \\/ slashes: "
-    "kept entries go out as the upstream wrote them, so an entry.fullUrl written "
-    "http:\\u002f\\u002f<upstream>\\u002ffhir/Observation/... reaches the client unrewritten "
-    "(the upstream's address, CONTRACT §6); Bundle.link is re-serialized and rewritten"))
 async def test_upstream_urls_written_with_unicode_escapes_are_rewritten(
     world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
@@ -98,10 +95,6 @@ async def test_upstream_urls_written_with_unicode_escapes_are_rewritten(
     assert upstream_host not in repr(parsed)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a kept entry's fullUrl written http:\\u002f\\u002f<upstream>\\u002ffhir/... is spliced as the "
-    "upstream wrote it (spans_of on the whole path, views otherwise) and LinkRewriter does not "
-    "see the base in it: the client reads the upstream's address"))
 async def test_upstream_urls_with_unicode_escapes_in_a_filtered_answer(
     world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
@@ -119,11 +112,6 @@ async def test_upstream_urls_with_unicode_escapes_in_a_filtered_answer(
 # ================================================================ 2. displays of references the scrubber cannot place
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scrub_displays / unreleased_named drop a display only when its reference parses as "
-    "Type/id of patient data: a conditional reference (Condition?identifier=...) or a type "
-    "spelled in another case (condition/...) to the withheld HIV record keeps its display "
-    "'Human immunodeficiency virus [HIV] disease' in the kept CBC, on both paths"))
 @pytest.mark.parametrize("reference", [
     "Condition?identifier=http://hospital.example/conditions|cond-hiv-b20-91a",
     "condition/cond-hiv-b20-91a",
@@ -240,11 +228,6 @@ async def test_parameters_answer_holding_a_hidden_record_is_decided(
     assert leaks(body, headers, HIV_SECRETS) == [], body[:400]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a resourceType that is a JSON array or object (an entry's, or a contained resource's) "
-    "crashes the decision (TypeError: unhashable type in references.medication_reference / "
-    "deciding_references): 500 Internal error instead of the 502 of any other answer the "
-    "gateway cannot check; fails closed (no data), but not as CONTRACT §6 says"))
 @pytest.mark.parametrize("where", ["entry-list", "entry-object", "contained-list"])
 async def test_a_resource_type_that_is_not_a_string_is_a_502(
     world: FakeFhir, make_gateway: MakeGateway, where: str,
@@ -274,11 +257,6 @@ MALFORMED: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the labeler reads codes and labels only in their FHIR shapes and skips the rest: a result "
-    "whose coding is an object (not an array), whose code is a list, whose contained resources "
-    "are one object, or whose meta.security is a bare string 'R' is labelled as ordinary and "
-    "released with B20 / the contained HIV condition / its restricted note, on both paths"))
 @pytest.mark.parametrize("shape", list(MALFORMED))
 async def test_sensitive_codes_in_malformed_shapes_do_not_pass_undecided(
     world: FakeFhir, make_gateway: MakeGateway, shape: str,
@@ -294,12 +272,6 @@ async def test_sensitive_codes_in_malformed_shapes_do_not_pass_undecided(
         assert leaks(body, headers, ("B20", "HIV confirmed", "obs-malformed-1")) == [], (path, body[:300])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a Binary whose securityContext is present but not a Reference to patient data (null, {}, "
-    "a list, a bare string, a reference that is a list) is decided as itself (no patient: "
-    "non-patient data, permit): the very restricted document's bytes (bin-v-9a0's base64 data) "
-    "are released on reads and searches; without the key it would be decided by the documents "
-    "attaching it, and with a proper reference by that document"))
 @pytest.mark.parametrize("context", ["null", "empty", "list", "string", "reference-list"])
 async def test_a_binary_with_a_malformed_security_context_is_not_released(
     world: FakeFhir, make_gateway: MakeGateway, context: str,
@@ -372,10 +344,6 @@ def _snapshot_then_wait(fake: FakeFhir, seconds: float) -> Callable[[web.Request
     return consents
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ConsentStore.invalidate forgets the cached entry but not a lookup in flight: a request sent "
-    "after the invalidation was acknowledged joins the older lookup (store._inflight) and is "
-    "decided on the revoked opt-in, so Ana's CBC (obs-cbc-58410-ana) is served after her opt-out"))
 async def test_a_request_after_an_invalidation_is_not_decided_on_a_lookup_begun_before_it(
     world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
