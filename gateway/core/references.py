@@ -259,21 +259,11 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     if not suspects:
         return frozenset()
     named: set[bytes] = set()
-    slow: set[bytes] = set()
-    for value in suspects:
-        # Each Reference object around the value, found in one scan when none holds a brace
-        # (the common {"reference": "..."} or with a display): each distinct text read once.
-        found = re.findall(rb'\{[^{}]*"reference"\s*:\s*"' + re.escape(value) + rb'"[^{}]*\}', raw)
-        if len(found) != values.count(value):
-            slow.add(value)
-        elif any(_names_display(text) for text in set(found)):
+    objects: dict[bytes, bool] = {}  # the text around a match, read once
+    for match in _REFERENCE.finditer(raw):
+        value = match.group(1)
+        if value in suspects and value not in named and _may_have_display(raw, match.start(), match.end(), objects):
             named.add(value)
-    if slow:
-        objects: dict[bytes, bool] = {}  # the text around a match, read once
-        for match in _REFERENCE.finditer(raw):
-            value = match.group(1)
-            if value in slow and value not in named and _may_have_display(raw, match.start(), match.end(), objects):
-                named.add(value)
     return frozenset(named)
 
 
