@@ -46,6 +46,15 @@ from gateway.core.strict_json import has_duplicate_keys
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 
+
+class _Entries(msgspec.Struct):
+    """A Bundle's entries as their texts (every other element skipped)."""
+
+    entry: list[msgspec.Raw] = []
+
+
+_ENTRIES = msgspec.json.Decoder(_Entries)
+
 # Entry resources read whole: they hold resources (Bundle, Parameters), are rewritten by
 # enforcement (a document's Composition) or decided through what they point at (Binary).
 WHOLE_TYPES = frozenset({"Bundle", "Parameters", "Composition", "Binary"})
@@ -186,16 +195,6 @@ def _string(raw: msgspec.Raw | None) -> str | None:
 
 
 @dataclass(slots=True)
-class EntryView:
-    """One search-set entry: its upstream bytes and what the pipeline decides on."""
-
-    raw: msgspec.Raw
-    entry: JSON                  # the entry as decided: small elements parsed, resource viewed or whole
-    resource_raw: msgspec.Raw | None = None  # set when the resource is a view
-    rewritten: bool = False      # enforcement may change it in place untold: always re-serialized
-
-
-@dataclass(slots=True)
 class AnswerView:
     """An answer read once. ``body`` is what the pipeline decides and filters in place (a
     Bundle of entry views, or one resource's view); ``splice`` gives the bytes to send."""
@@ -203,7 +202,11 @@ class AnswerView:
     raw: bytes
     body: JSON
     partial: bool = True         # resources are views (else parsed whole)
-    entries: dict[int, EntryView] = field(default_factory=dict)  # by id of the entry dict
+    # By id of each decided entry dict: its upstream bytes; for viewed resources, the resource's
+    # bytes; and the entries enforcement may change untold (always re-serialized).
+    spans: dict[int, msgspec.Raw] = field(default_factory=dict)
+    resource_spans: dict[int, msgspec.Raw] = field(default_factory=dict)
+    rewritten: set[int] = field(default_factory=set)
     label_keys: dict[int, LabelKey] = field(default_factory=dict)  # by id of the view
     touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
 
@@ -248,7 +251,8 @@ class AnswerView:
         entries = self.body.get("entry")
         if isinstance(entries, list):
             entries.clear()
-        self.entries.clear()
+        self.spans.clear()
+        self.resource_spans.clear()
         self.label_keys.clear()
         if entry_bytes is not None:
             for index in at:
@@ -259,15 +263,17 @@ class AnswerView:
         return pieces
 
     def _entry_texts(self, entries: Iterable[object]) -> Iterable[bytes | msgspec.Raw]:
+        spans, touched = self.spans, self.touched
         for entry in entries:
-            found = self.entries.get(id(entry))
+            key = id(entry)
+            span = spans.get(key)
             resource = entry.get("resource") if isinstance(entry, dict) else None
-            if found is None or found.rewritten:
+            if span is None or key in self.rewritten:
                 yield orjson.dumps(entry)
-            elif resource is None or id(resource) not in self.touched:
-                yield found.raw
-            elif found.resource_raw is not None and isinstance(entry, dict):
-                yield orjson.dumps({**entry, "resource": _merged(found.resource_raw, resource)})
+            elif resource is None or id(resource) not in touched:
+                yield span
+            elif key in self.resource_spans and isinstance(entry, dict):
+                yield orjson.dumps({**entry, "resource": _merged(self.resource_spans[key], resource)})
             else:
                 yield orjson.dumps(entry)
 
@@ -325,7 +331,12 @@ def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
         entry, resource_raw, whole = _entry(item, answer.label_keys)
         if entry is None:
             return None
-        answer.entries[id(entry)] = EntryView(item, entry, None if whole else resource_raw, whole)
+        key = id(entry)
+        answer.spans[key] = item
+        if whole:
+            answer.rewritten.add(key)
+        elif resource_raw is not None:
+            answer.resource_spans[key] = resource_raw
         decided.append(entry)
     # The entries keep their place among the Bundle's elements.
     answer.body = {key: (decided if key == "entry" else body[key]) for key in top if key == "entry" or key in body}
@@ -370,17 +381,21 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
     if body.get("type") != "searchset" or not isinstance(entries, list):
         return None
     try:
-        items = _ITEMS.decode(_FIELDS.decode(raw)["entry"])
-    except (msgspec.DecodeError, KeyError):
+        items = _ENTRIES.decode(raw).entry
+    except msgspec.DecodeError:
         return None
     if len(items) != len(entries):
         return None
     answer = AnswerView(raw, body, partial=False)
+    spans, rewritten = answer.spans, answer.rewritten
     for item, entry in zip(items, entries):
         if not isinstance(entry, dict):
             return None
+        key = id(entry)
+        spans[key] = item
         resource = entry.get("resource")
-        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
-        rewritten = isinstance(rtype, str) and rtype in WHOLE_TYPES
-        answer.entries[id(entry)] = EntryView(item, entry, rewritten=rewritten)
+        if isinstance(resource, dict):
+            rtype = resource.get("resourceType")
+            if isinstance(rtype, str) and rtype in WHOLE_TYPES:
+                rewritten.add(key)
     return answer
