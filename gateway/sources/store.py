@@ -94,7 +94,8 @@ class PatientConsents:
     # labels the consent source knows for this patient's records (ClinikAPI documents'
     # confidentiality), by ``Type/id``: added to what the rules give those records
     labels: Mapping[str, frozenset[Label]] = field(default_factory=lambda: NO_LABELS)
-    # One per compiled set: decisions over these consents are shared under it (core.judge).
+    # The fill that compiled this set (unique per patient and fill): decisions over these
+    # consents are shared under it (core.judge).
     version: int = field(default_factory=lambda: next(_VERSIONS))
 
 
@@ -108,8 +109,9 @@ def _names_groups(consents: Iterable[CompiledConsent]) -> bool:
     return any(walk(c.root) for c in consents)
 
 
-def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
-    """Compile one patient's consents once, as they enter the cache."""
+def compile_patient(patient: str, raw: Sequence[JSON], version: int | None = None) -> PatientConsents:
+    """Compile one patient's consents once, as they enter the cache. ``version``: the fill's
+    (one per lookup, shared by the patients it fills: a patient is in a fill once)."""
     windows = tuple(w for w in (emergency_window(c) for c in raw) if w is not None)
     # A person's emergency window acts only through the break-glass override (exact labels,
     # audited), never as an ordinary permit whose labels would also open narrower ones. A
@@ -118,7 +120,8 @@ def compile_patient(patient: str, raw: Sequence[JSON]) -> PatientConsents:
     compiled = tuple(
         compile_consent(c) for c in raw if f"Consent/{c.get('id')}" not in opened and c.get("id") not in opened
     )
-    return PatientConsents(patient, compiled, _names_groups(compiled), windows)
+    return PatientConsents(patient, compiled, _names_groups(compiled), windows,
+                           version=next(_VERSIONS) if version is None else version)
 
 
 def consent_version(raw: JSON) -> str:
@@ -243,9 +246,10 @@ class ConsentStore:
         raw = await self._fetch(chunk)
         labels = await self._document_labels(chunk)
         entries: dict[str, PatientConsents] = {}
+        version = next(_VERSIONS)  # this fill's: the decisions over what it compiles are shared under it
         for patient in chunk:
             consents = raw.get(patient, [])
-            entry = await self._prepared(compile_patient(patient, consents), consents)
+            entry = await self._prepared(compile_patient(patient, consents, version), consents)
             if labels.get(patient):
                 entry = replace(entry, labels=labels[patient], version=next(_VERSIONS))
             entries[patient] = entry
