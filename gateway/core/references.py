@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -276,7 +276,7 @@ def _names_display(text: bytes) -> bool:
     return not isinstance(node, dict) or "display" in node
 
 
-def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool] | None = None) -> bool:
+def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool]) -> bool:
     """Whether the Reference object around ``raw[start:end]`` has a display. The text from the
     nearest ``{`` before to the nearest ``}`` after is that very object only when it parses as
     one object holding the match (a nested or brace-bearing object does not): then its keys
@@ -285,12 +285,9 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool] 
     if first < 0 or last < 0:
         return True
     text = raw[first:last + 1]
-    if seen is not None and text in seen:
-        return seen[text]
-    found = _names_display(text)
-    if seen is not None:
-        seen[text] = found
-    return found
+    if text not in seen:
+        seen[text] = _names_display(text)
+    return seen[text]
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
@@ -322,3 +319,19 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
                 if kind is dict or kind is list:
                     push(value)
     return changed
+
+
+def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
+    """Rewrites one kept entry's text without the displays of references to patient data the
+    answer does not release (the entry as the upstream wrote it when it has none). ``named``:
+    the reference values of the whole answer that may (``unreleased_named``)."""
+
+    def scrub(text: bytes) -> bytes:
+        if named is not None and not any(value in text for value in named):
+            return text
+        if not may_name_unreleased(text, released):
+            return text
+        entry = orjson.loads(text)
+        return orjson.dumps(entry) if scrub_displays(entry, released) else text
+
+    return scrub

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, decide_resource, preflight, summary_reads
+from gateway.core.decision import Policy, preflight, summary_reads
 from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
 from gateway.core.judge import ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, overriding, unknown_denies
 from gateway.core.fhir import JSON, resource_reference
@@ -17,7 +17,7 @@ from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.model import Actor, Decision, Label, Reason, RequestContext, Verdict, covered_codes
+from gateway.core.model import Actor, Label, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
 from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources

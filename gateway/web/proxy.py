@@ -21,7 +21,7 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.references import in_answer, may_name_unreleased, scrub_displays, unreleased_named
+from gateway.core.references import displays_scrubber, in_answer, may_name_unreleased, scrub_displays, unreleased_named
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
 from gateway.web.batch import (
@@ -406,22 +406,6 @@ async def decide_answer(
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
     return response
-
-
-def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
-    """Rewrites one kept entry's text without the displays of references to patient data the
-    answer does not release (the entry as the upstream wrote it when it has none). ``named``:
-    the reference values of the whole answer that may (core.references.unreleased_named)."""
-
-    def scrub(text: bytes) -> bytes:
-        if named is not None and not any(value in text for value in named):
-            return text
-        if not may_name_unreleased(text, released):
-            return text
-        entry = orjson.loads(text)
-        return orjson.dumps(entry) if scrub_displays(entry, released) else text
-
-    return scrub
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:
