@@ -23,6 +23,7 @@ from tests.fixtures import clinical as c
 from tests.unit._util import free_port
 from tests.unit.test_enforcement import MakeGateway, fhir
 from gateway.web.middleware import JsonLogFormatter
+from tests.hidden import hidden_in
 
 Answer = Callable[[web.Request, str], Any]  # (request, upstream base) -> JSON or a Response
 
@@ -220,7 +221,7 @@ def _override(fake: FakeFhir, answers: dict[str, Answer]) -> Any:
 
 
 def find_secrets(text: str, secrets: tuple[str, ...]) -> list[str]:
-    return [s for s in secrets if s in text]
+    return hidden_in(text, secrets)
 
 
 def _bundles(node: Any) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from aiohttp import web
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
+from tests.hidden import hidden_in
 
 MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
 Override = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -82,8 +83,7 @@ def assert_suppressed_once(bundle: dict[str, Any]) -> None:
 
 
 def assert_no_secrets(raw: bytes, secrets: tuple[str, ...] = c.SECRETS) -> None:
-    text = raw.decode("utf-8", "replace")
-    found = [s for s in secrets if s in text]
+    found = hidden_in(raw, secrets)
     assert not found, f"hidden data in the answer: {found}"
 
 

@@ -18,6 +18,7 @@ from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.unit._util import raw_http, split_http
+from tests.hidden import hidden_in
 
 MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
 Override = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
@@ -58,8 +59,7 @@ async def raw_get(gw: GatewayUnderTest, target: str, actor: str = c.DOCTOR) -> t
 
 
 def secrets_in(raw: bytes, secrets: tuple[str, ...] = c.SECRETS) -> list[str]:
-    text = raw.decode("utf-8", "replace")
-    return [s for s in secrets if s in text]
+    return hidden_in(raw, secrets)
 
 
 def data_requests(fake: FakeFhir) -> list[str]:
