@@ -105,43 +105,58 @@ def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozen
     return inherited if isinstance(rtype, str) and is_patient_data(rtype) else frozenset()
 
 
-def owners_index(body: JSON) -> dict[int, frozenset[str]]:
-    """The patients of every resource in ``body``, by object identity (computed once per body).
+# Entries indexed by a call of their own: they hold resources, or are collected (Binary).
+_WALKED = frozenset({"Bundle", "Parameters", "Binary"})
+
+
+def owners_index(body: JSON, binaries: list[JSON] | None = None) -> dict[int, frozenset[str]]:
+    """The patients of every resource in ``body``, by object identity (computed once per body);
+    every Binary met on the way (contained ones too) goes into ``binaries`` when given.
 
     Equal owner sets are shared, so the per-resource decision memo hashes each one once.
     """
     index: dict[int, frozenset[str]] = {}
-    _index_into(body, index, {})
+    _index_into(body, index, {}, [] if binaries is None else binaries)
     return index
 
 
 def _index_into(
-    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]]
+    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON]
 ) -> None:
     """Add every resource in ``node`` (Bundles, Parameters, contained) with its patients."""
     rtype = node.get("resourceType")
     if rtype == "Bundle":
         for entry in node.get("entry") or ():
-            if isinstance(entry, dict):
-                resource = entry.get("resource")
-                if isinstance(resource, dict):
-                    _index_into(resource, index, shared)
+            resource = entry.get("resource") if type(entry) is dict else None
+            if type(resource) is not dict:
+                continue
+            inner_type = resource.get("resourceType")
+            if type(inner_type) is str and inner_type not in _WALKED and "contained" not in resource:
+                # The common entry, indexed here: one call per resource fewer.
+                owners = patients_of(resource)
+                index[id(resource)] = shared.setdefault(owners, owners)
+            else:
+                _index_into(resource, index, shared, binaries)
         return
     if rtype == "Parameters":
         for param in _iter_parameters(node.get("parameter")):
             resource = param.get("resource")
             if isinstance(resource, dict):
-                _index_into(resource, index, shared)
+                _index_into(resource, index, shared, binaries)
         return
     owners = patients_of(node)
     owners = shared.setdefault(owners, owners)
     index[id(node)] = owners
     if not isinstance(rtype, (str, type(None))):
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+    if rtype == "Binary":
+        binaries.append(node)
     if "contained" in node:
         for inner in _contained(node):
             if not isinstance(inner.get("resourceType"), (str, type(None))):
                 raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+            if inner.get("resourceType") == "Binary":
+                binaries.append(inner)
             inner_owners = owners_of(inner, owners)
             index[id(inner)] = shared.setdefault(inner_owners, inner_owners)
 

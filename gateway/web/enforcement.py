@@ -20,7 +20,7 @@ from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Label, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
@@ -175,9 +175,10 @@ class ConsentEnforcement:
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
         but what consent would have denied is recorded for the audit.
         """
-        index = owners_index(body)
+        binaries: list[JSON] = []
+        index = owners_index(body, binaries)
         if resolved.targets:
-            bind_contexts(body, index, resolved)
+            bind_contexts(binaries, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
         unknown = False
         try:
@@ -211,13 +212,12 @@ class ConsentEnforcement:
         return result, emergency
 
 
-def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
+def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolved: Resolved) -> None:
     """A Binary belongs to the patients of the resource its securityContext names."""
-    for resource in iter_resources(body):
-        if resource.get("resourceType") == "Binary":
-            contexts = resolved.contexts_of(resource)
-            if contexts:
-                index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
+    for resource in binaries:
+        contexts = resolved.contexts_of(resource)
+        if contexts:
+            index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
 
 
 def log_decisions(result: Enforced) -> None:
