@@ -10,7 +10,7 @@ in batch/transaction responses the denied entry keeps its place but loses its re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.compartment import is_patient_data, patients_of, references_of
@@ -109,19 +109,30 @@ def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozen
 _WALKED = frozenset({"Bundle", "Parameters", "Binary"})
 
 
-def owners_index(body: JSON, binaries: list[JSON] | None = None) -> dict[int, frozenset[str]]:
+def owners_index(
+    body: JSON, binaries: list[JSON] | None = None, content_keys: Mapping[int, Hashable] | None = None
+) -> dict[int, frozenset[str]]:
     """The patients of every resource in ``body``, by object identity (computed once per body);
     every Binary met on the way (contained ones too) goes into ``binaries`` when given.
+    ``content_keys``: by object identity, a text that fixes a resource's whole content (its
+    entry's, core.view.spans_of), under which its patients are remembered across answers.
 
     Equal owner sets are shared, so the per-resource decision memo hashes each one once.
     """
     index: dict[int, frozenset[str]] = {}
-    _index_into(body, index, {}, [] if binaries is None else binaries)
+    _index_into(body, index, {}, [] if binaries is None else binaries, content_keys or _NO_KEYS)
     return index
 
 
+_NO_KEYS: Mapping[int, Hashable] = {}
+# Patients by content key (see owners_index); bounded, cleared when full.
+_OWNERS: dict[Hashable, frozenset[str]] = {}
+_OWNERS_MAX = 16_384
+
+
 def _index_into(
-    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON]
+    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON],
+    keys: Mapping[int, Hashable] = _NO_KEYS,
 ) -> None:
     """Add every resource in ``node`` (Bundles, Parameters, contained) with its patients."""
     rtype = node.get("resourceType")
@@ -133,8 +144,15 @@ def _index_into(
             inner_type = resource.get("resourceType")
             if type(inner_type) is str and inner_type not in _WALKED and "contained" not in resource:
                 # The common entry, indexed here: one call per resource fewer.
-                owners = patients_of(resource)
-                index[id(resource)] = shared.setdefault(owners, owners)
+                key = keys.get(id(resource)) if keys else None
+                found = _OWNERS.get(key) if key is not None else None
+                if found is None:
+                    found = patients_of(resource)
+                    if key is not None:
+                        if len(_OWNERS) >= _OWNERS_MAX:
+                            _OWNERS.clear()
+                        _OWNERS[key] = found
+                index[id(resource)] = shared.setdefault(found, found)
             else:
                 _index_into(resource, index, shared, binaries)
         return

@@ -103,8 +103,9 @@ class ConsentEnforcement:
     ) -> Callable[[JSON], frozenset[Label]]:
         """Labels of a resource, including those of the Medication it names by reference and
         those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
-        by object identity when given. ``keys``: the label keys of viewed resources (by object
-        identity), under which equal texts are labelled once."""
+        by object identity when given. ``keys``: by object identity, the label keys of viewed
+        resources or the content keys of resources parsed whole (core.view), under which equal
+        texts are labelled once."""
         own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
 
         def labels_for(resource: JSON) -> frozenset[Label]:
@@ -168,6 +169,7 @@ class ConsentEnforcement:
         observed: Observed | None = None,
         views: bool = False,
         label_keys: Mapping[int, Hashable] | None = None,
+        content_keys: Mapping[int, Hashable] | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -176,7 +178,7 @@ class ConsentEnforcement:
         but what consent would have denied is recorded for the audit.
         """
         binaries: list[JSON] = []
-        index = owners_index(body, binaries)
+        index = owners_index(body, binaries, content_keys)
         if resolved.targets:
             bind_contexts(binaries, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
@@ -199,7 +201,7 @@ class ConsentEnforcement:
         if observed is not None:
             observed.consents = looked.consents
         seen = observed.labels if observed is not None else None
-        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys)
+        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys or content_keys)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:

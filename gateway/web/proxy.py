@@ -339,6 +339,7 @@ async def decide_answer(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
         withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None and view.partial,
         label_keys=view.label_keys if view is not None else None,
+        content_keys=view.content_keys if view is not None else None,
     )
     status = withheld_status(state)
     denied = result.denied or all_versions_hidden(ex.route, decided) or (

@@ -93,3 +93,29 @@ def test_spliced_answer_is_the_upstream_bytes_of_the_kept_entries(body: JSON, ke
             assert bytes(text) == bytes(entries[index])
     if any(b'"J45"' in bytes(entries[i]) for i in kept):
         assert b'"4.10"' in spliced  # kept bytes as written
+
+
+def test_what_is_remembered_by_an_entry_text_is_what_that_text_says() -> None:
+    """Patients and labels remembered under an entry's exact text (answers parsed whole) are
+    those of that very text: an answer repeating the entry gets them again, and an entry one
+    byte apart (another patient, a sensitive code) is computed anew, never taken from the memo."""
+    from gateway.core.compartment import patients_of
+    from gateway.core.enforce import owners_index
+    from tests.conftest import LABELS
+
+    ana = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/ana"},
+           "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10"}]}}
+    ben = {**ana, "subject": {"reference": "Patient/bea"}}                     # same length
+    hiv = {**ana, "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "B20"}]}}
+    for answer in ([ana, ben, hiv], [hiv, ana, ben], [ben, hiv, ana]):
+        raw = orjson.dumps(searchset(*[match(r) for r in answer]))
+        body = orjson.loads(raw)
+        view = spans_of(raw, body)
+        assert view is not None
+        resources = [e["resource"] for e in body["entry"]]
+        assert set(view.content_keys) == {id(r) for r in resources}
+        index = owners_index(body, [], view.content_keys)
+        assert [index[id(r)] for r in resources] == [patients_of(r) for r in resources]
+        keyed = [LABELS.labels_keyed(view.content_keys[id(r)], r) for r in resources]
+        assert keyed == [LABELS.labels_for(r) for r in resources]
+    assert any(label.code == "HIV" for label in LABELS.labels_for(hiv))
