@@ -379,14 +379,32 @@ class Enforcer:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
             gone: set[str] = set()
+            judge, owners, removed = self.judge, self.index, self.result.removed
+            # Seen on the way, so the passes after the loop run only where they can matter.
+            compositions = includes = False
             for index, entry in enumerate(entries):
                 resource = entry.get("resource")
                 if response_bundle:
                     self._scrub_response(entry)
-                if resource is not None and not isinstance(resource, dict):
+                if resource is None:
+                    keep = True
+                elif type(resource) is not dict:
                     self._malformed()
                     return
-                if resource is None or self._keep(resource):
+                else:
+                    rtype = resource.get("resourceType")
+                    if rtype == "Composition":
+                        compositions = True
+                    if not includes and "search" in entry:
+                        includes = _mode(entry) == "include"
+                    if rtype == "Bundle" or rtype == "Parameters":
+                        keep = self._keep(resource)
+                    else:
+                        decision = judge_resource(resource, judge, owners)
+                        keep = decision.verdict is not Verdict.DENY
+                        if not keep:
+                            removed.append((str(rtype), decision))
+                if keep:
                     kept.append(entry)
                     if kept_indices is not None:
                         kept_indices.append(index)
@@ -394,14 +412,15 @@ class Enforcer:
                 gone.update(_identities(entry, resource))
                 if response_bundle:
                     kept.append({"response": withheld_slot(self.withheld_status)})
-            if gone and scrub_compositions(kept, gone):
+            if gone and compositions and scrub_compositions(kept, gone):
                 self.result.changed = True
-            if len(self.result.removed) > removed_before and not response_bundle:
+            if len(self.result.removed) > removed_before and not response_bundle and includes:
                 orphans = without_orphan_includes(kept)
                 if kept_indices is not None and len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]
                 kept = orphans
+            if len(self.result.removed) > removed_before and not response_bundle:
                 # In 404 mode a hidden record is indistinguishable from a missing one: no
                 # outcome entry tells that something was withheld.
                 if not self.withheld_status.startswith("404"):
