@@ -400,7 +400,11 @@ class Enforcer:
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
-                        decision = judge_resource(resource, judge, owners)
+                        found = owners.get(id(resource)) if owners is not None else None
+                        if found is not None and "contained" not in resource:
+                            decision = judge(resource, found)  # judge_resource, inline for the common entry
+                        else:
+                            decision = judge_resource(resource, judge, owners)
                         keep = decision.verdict is not Verdict.DENY
                         if not keep:
                             removed.append((str(rtype), decision))

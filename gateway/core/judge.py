@@ -70,6 +70,7 @@ def facts_of(
 
 
 _new_facts = tuple.__new__
+_UNSET: frozenset[str] = frozenset({"\0unset"})
 
 
 class DecisionCache:
@@ -151,15 +152,16 @@ class ConsentJudge:
         if "medicationReference" in resource and self.resolved.medication_of(resource) is UNREADABLE:
             return UNRESOLVED
         labels = self.labels_for(resource)
-        reads = self.reads(owners)
+        reads = self._owners_reads.get(owners, _UNSET)
+        if reads is _UNSET:
+            reads = self.reads(owners)
         if reads is None:
             return decide_resource(
                 self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        facts = facts_of(resource, owners, labels, scopes, reads)
-        key = summary_key(facts, reads)
+        key = summary_key(facts_of(resource, owners, labels, scopes, reads), reads)
         found = self._memo.get(key)
         if found is not None:
             return found

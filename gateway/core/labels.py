@@ -377,6 +377,11 @@ class LabelIndex:
             self._memo[key] = found
         return found
 
+    def remembered(self) -> Callable[[Hashable], frozenset[Label] | None]:
+        """The lookup of what ``labels_keyed`` remembers (None: not remembered), for callers
+        that look up once per resource before they label."""
+        return self._memo.get
+
     def labels_remembered(self, resource: JSON) -> frozenset[Label]:
         """``labels_for(resource)``, remembered under the compact text of the elements the labels
         depend on: records that code alike are labelled once (a resource labelled by its own

@@ -106,11 +106,15 @@ class ConsentEnforcement:
         by object identity when given. ``keys``: by object identity, the label keys of viewed
         resources or the content keys of resources parsed whole (core.view), under which equal
         texts are labelled once."""
-        own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
+        own, keyed, remembered = self.labels.labels_remembered, self.labels.labels_keyed, self.labels.remembered()
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             key = keys.get(id(resource)) if keys else None
-            found = own(resource) if key is None else keyed(key, resource)
+            if key is None:
+                found = own(resource)
+            else:
+                known = remembered(key)
+                found = keyed(key, resource) if known is None else known
             if source_labels:
                 extra = source_labels.get(resource_reference(resource) or "")
                 if extra:
