@@ -373,7 +373,8 @@ async def decide_answer(
     touched = view.touched if view is not None else None
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched) or result.changed
     # A display may name what is not released: the key as written, or spelled with a \u escape.
-    may_display = (b'"display"' in upstream.body or b"\\u" in upstream.body) and not shadow
+    raw = upstream.body
+    may_display = (b'"display"' in raw or (b"\\" in raw and b"\\u" in raw)) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
         named = unreleased_named(upstream.body, released) if may_display else frozenset()
