@@ -64,7 +64,8 @@ async def test_no_answer_outlives_its_request_in_a_reference_cycle(
     only_collector_frees: Callable[[], list[object]],
 ) -> None:
     gateway = await make_gateway(fake_fhir.base_url, upstream={"views_above_bytes": views_above_bytes})
-    fake_fhir.add(*c.ANA_ORDINARY, *c.ANA_SENSITIVE, c.ANA, MEDICATION, BY_REFERENCE, LETTER)
+    fake_fhir.add(*c.ANA_ORDINARY, *c.ANA_SENSITIVE, c.ANA, MEDICATION, BY_REFERENCE, LETTER,
+                  c.not_this_doctor(c.PAT_ANA, c.BANNED_DOCTOR))
     doctor = {"X-Actor": c.DOCTOR}
     asks = [
         ("GET", f"/Condition?patient={c.PAT_ANA}", doctor),
@@ -74,6 +75,9 @@ async def test_no_answer_outlives_its_request_in_a_reference_cycle(
         ("GET", f"/Condition/{c.HIV_CONDITION['id']}", doctor),
         ("GET", f"/Condition?patient={c.PAT_ANA}", {**doctor, "X-Break-Glass": "Medical emergency"}),
         ("POST", "/", doctor),                                            # a batch
+        ("GET", f"/Condition/{c.HIV_CONDITION['id']}", {"X-Actor": c.BANNED_DOCTOR}),  # refused
+        ("GET", "/Condition/no-such-record", doctor),                     # missing upstream
+        ("GET", "/Condition?_count=abc&patient=", {}),                     # no requester
     ]
     batch = orjson.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": f"Condition?patient={c.PAT_ANA}"}},
@@ -86,6 +90,6 @@ async def test_no_answer_outlives_its_request_in_a_reference_cycle(
         async with gateway.session.request(method, gateway.url + path, headers=headers, data=body) as resp:
             await resp.read()
             statuses.append(resp.status)
-    assert all(s < 500 for s in statuses), statuses
+    assert all(s < 500 for s in statuses) and {403, 404} <= set(statuses), statuses
     cyclic = only_collector_frees()
     assert cyclic == [], sorted({getattr(o, "__qualname__", type(o).__qualname__) for o in cyclic})
