@@ -125,9 +125,12 @@ def owners_index(
 
 
 _NO_KEYS: Mapping[int, Hashable] = {}
-# Patients by content key (see owners_index); bounded, cleared when full.
+# Patients by content key (see owners_index); bounded by count and by the bytes of the keys'
+# texts, cleared when full.
 _OWNERS: dict[Hashable, frozenset[str]] = {}
 _OWNERS_MAX = 16_384
+_OWNERS_MAX_BYTES = 16 << 20
+_owners_bytes = [0]
 
 
 def _index_into(
@@ -149,9 +152,12 @@ def _index_into(
                 if found is None:
                     found = patients_of(resource)
                     if key is not None:
-                        if len(_OWNERS) >= _OWNERS_MAX:
+                        size = len(key) if isinstance(key, bytes) else 0
+                        if len(_OWNERS) >= _OWNERS_MAX or _owners_bytes[0] + size > _OWNERS_MAX_BYTES:
                             _OWNERS.clear()
+                            _owners_bytes[0] = 0
                         _OWNERS[key] = found
+                        _owners_bytes[0] += size
                 index[id(resource)] = shared.setdefault(found, found)
             else:
                 _index_into(resource, index, shared, binaries)

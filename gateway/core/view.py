@@ -409,4 +409,4 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
 
 
 # Entries larger than this (an inline document) are not remembered by their text.
-_CONTENT_KEY_MAX_BYTES = 8_192
+_CONTENT_KEY_MAX_BYTES = 4_096
