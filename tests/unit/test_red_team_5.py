@@ -29,8 +29,11 @@ from gateway.core.links import LinkRewriter
 from gateway.core.model import Decision, Reason, Verdict
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import spans_of
+from gateway.core.judge import binaries_as_contexts
+from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts
 from tests.conftest import LABELS
-from tests.strategies import searchset_texts
+from tests.strategies import consent_specs, searchset_texts
+from tests.unit.test_views import RESOLVED, by_patient, contexts, policies
 
 JSON = dict[str, Any]
 
@@ -392,3 +395,40 @@ def test_every_spelling_of_the_upstream_base_is_rewritten(data: st.DataObject) -
     assert parsed["entry"][0]["fullUrl"] == public + tail
     assert "10.0.0.7" not in out.decode()
     assert orjson.loads(raw)["entry"][0]["resource"] == parsed["entry"][0]["resource"]
+
+
+# ================================================================ 1+3+4. the whole pipeline with and without the memos
+
+
+@settings(max_examples=80, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(raw=searchset_texts(), data=st.data())
+def test_an_answer_decided_through_the_memos_is_decided_as_without_them(raw: bytes, data: st.DataObject) -> None:
+    """Generated search sets and consents: enforcement with the entry-text keys (labels and
+    patients remembered, looked up before labelling, the common entry judged inline) leaves the
+    same answer, for the same reasons, as enforcement that remembers nothing; a second pass,
+    served from what the first remembered, too."""
+    specs = data.draw(st.lists(consent_specs, max_size=4), label="consents")
+    consents = by_patient(specs, None)
+    ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
+    memo = _labels_copy()
+
+    def decided(keyed: bool) -> tuple[Any, ...]:
+        body = orjson.loads(raw)
+        view = spans_of(raw, body)
+        keys = view.content_keys if keyed and view is not None else None
+        looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
+        seen: dict[int, Any] = {}
+        enforcement = ConsentEnforcement(None, memo if keyed else LABELS, policy)  # type: ignore[arg-type]
+        judge = binaries_as_contexts(enforcement.judge(looked, RESOLVED, seen, keys), RESOLVED)
+        binaries: list[JSON] = []
+        index = owners_index(body, binaries, keys)
+        bind_contexts(binaries, index, RESOLVED)
+        result = Enforcer(judge, drop_total=True, index=index).body(body)
+        released = sorted((str(r.get("id")), sorted(map(str, seen.get(id(r), ()))))
+                          for e in body.get("entry") or () if isinstance(r := e.get("resource"), dict))
+        return result.denied, result.removed, result.deciding, result.changed, result.kept, orjson.dumps(body), released
+
+    plain = decided(False)
+    assert decided(True) == plain
+    assert decided(True) == plain
