@@ -308,6 +308,43 @@ async def test_consent_source_labels_of_a_remembered_record_follow_the_source(
         assert await kept(gw, path, actor="Practitioner/dr-ada") == expected, confidentiality
 
 
+@pytest.mark.parametrize("repeat", [
+    "subject twice", "subject escaped twice", "code twice", "resource twice", "entry twice", "meta security twice",
+])
+async def test_an_entry_naming_a_key_twice_is_refused_whatever_was_remembered(
+    world: FakeFhir, make_gateway: MakeGateway, repeat: str,
+) -> None:
+    """An entry whose text names a key twice reads two ways (Ben's record by the first key,
+    Ana's HIV record by the last): after the plain answer has been remembered, such an answer
+    is refused as a whole (502), never decided on one reading and sent as the other."""
+    hiv = orjson.dumps(c.HIV_CONDITION)
+    plain = orjson.dumps(searchset([c.ANA_HYPERTENSION, c.HIV_CONDITION], world.base_url))
+    ben = b'"subject":{"reference":"' + c.PAT_BEN.encode() + b'"},'
+    ordinary = b'"code":' + orjson.dumps(c.ANA_HYPERTENSION["code"]) + b","
+    forms = {
+        "subject twice": plain.replace(b'"subject":{"reference":"' + c.PAT_ANA.encode() + b'"},"onsetDateTime":"2021',
+                                       ben + b'"subject":{"reference":"' + c.PAT_ANA.encode() + b'"},"onsetDateTime":"2021'),
+        "subject escaped twice": plain.replace(b'"subject":{"reference":"' + c.PAT_ANA.encode() + b'"},"onsetDateTime":"2021',
+                                               ben.replace(b'"subject"', b'"\\u0073ubject"') + b'"subject":{"reference":"'
+                                               + c.PAT_ANA.encode() + b'"},"onsetDateTime":"2021'),
+        "code twice": plain.replace(b'"code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"B20"',
+                                    ordinary + b'"code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"B20"'),
+        "resource twice": plain.replace(b'"resource":' + hiv, b'"resource":' + orjson.dumps(c.ANA_HYPERTENSION) + b',"resource":' + hiv),
+        "entry twice": plain[:-1] + b',"entry":' + orjson.dumps(orjson.loads(plain)["entry"][1:]) + b"}",
+        "meta security twice": plain.replace(b'"resource":' + hiv, b'"resource":' + hiv[:-1]
+                                             + b',"meta":{"security":[{"code":"N"}],"security":[{"code":"R"}]}}'),
+    }
+    raw = forms[repeat]
+    assert raw != plain
+    served = serving(world, "/Condition")
+    gw = await make_gateway(world.base_url)
+    for text, refused in ((plain, False), (raw, True), (plain, False), (raw, True)):
+        served[0] = text
+        status, headers, body = await search(gw, CONDITIONS)
+        assert status == (502 if refused else 200), (repeat, status, body[:300])
+        assert leaks(body, headers, HIV_SECRETS) == []
+
+
 def entry_texts(raw: bytes) -> list[bytes]:
     """Each entry's exact text in a compact searchset ``raw`` (the memos' keys when parsed whole)."""
     texts = [orjson.dumps(e) for e in orjson.loads(raw)["entry"]]
