@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from bench.upstream import ACTOR, W2_PATH, W3_PATH, Fixture, consents_for, everything, search_entries
 from gateway.config import build_settings
-from gateway.core.enforce import judge_resource
+from gateway.core.enforce import judge_resource, owners_index
 from gateway.core.labels import LabelIndex
 from gateway.core.links import LinkRewriter
 from gateway.core.references import deciding_references, in_answer, unreleased_named
@@ -70,8 +70,9 @@ def _best_of(runs: int, action: Callable[[], object]) -> float:
 
 
 async def decision_us_per_resource(labels: LabelIndex, passes: int) -> dict[str, float]:
-    """Label extraction + decision per resource (consents cached, one request's judge), on W2's
-    and W3's resources parsed whole (``W2``, ``W3``: what answers under
+    """Label extraction + decision per resource (consents cached, one request's judge, the
+    resources' patients indexed per pass as the live path does), on W2's and W3's resources
+    parsed whole with their entries' texts as content keys (``W2``, ``W3``: what answers under
     ``upstream.views_above_bytes`` take) and as views (``W2 views``, ``W3 views``)."""
     source = CannedSource({"Patient/p1": orjson.dumps(consents_for("Patient/p1", 0))})
     enforcement = _enforcement(labels, source, 10)
@@ -80,16 +81,20 @@ async def decision_us_per_resource(labels: LabelIndex, passes: int) -> dict[str,
     for name, resources in (("W2", search_entries("Patient/p1")), ("W3", everything())):
         bundle = orjson.dumps({"resourceType": "Bundle", "type": "searchset",
                                "entry": [{"resource": r} for r in resources]})
+        whole = spans_of(bundle, orjson.loads(bundle))
         view = read_answer(bundle)
-        assert view is not None
-        views = [e["resource"] for e in view.body["entry"]]
-        for label, items, keys in ((name, resources, None), (f"{name} views", views, view.label_keys)):
+        assert view is not None and whole is not None
+        for label, answer, keys in ((name, whole, whole.content_keys), (f"{name} views", view, view.label_keys)):
+            body = answer.body
+            items = [e["resource"] for e in body["entry"]]
+            content = answer.content_keys
 
-            def run(items: list[JSON] = items, keys: Any = keys) -> None:
+            def run(items: list[JSON] = items, body: JSON = body, keys: Any = keys, content: Any = content) -> None:
                 for _ in range(passes):
                     judge = enforcement.judge(looked, keys=keys)  # one request's judge per pass
+                    index = owners_index(body, [], content)
                     for resource in items:
-                        judge_resource(resource, judge)
+                        judge_resource(resource, judge, index)
 
             run()
             out[label] = _best_of(5, run) / (passes * len(items)) * 1e6

@@ -10,7 +10,7 @@ in batch/transaction responses the denied entry keeps its place but loses its re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from gateway.core.compartment import is_patient_data, patients_of, references_of
@@ -105,43 +105,82 @@ def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozen
     return inherited if isinstance(rtype, str) and is_patient_data(rtype) else frozenset()
 
 
-def owners_index(body: JSON) -> dict[int, frozenset[str]]:
-    """The patients of every resource in ``body``, by object identity (computed once per body).
+# Entries indexed by a call of their own: they hold resources, or are collected (Binary).
+_WALKED = frozenset({"Bundle", "Parameters", "Binary"})
+
+
+def owners_index(
+    body: JSON, binaries: list[JSON] | None = None, content_keys: Mapping[int, Hashable] | None = None
+) -> dict[int, frozenset[str]]:
+    """The patients of every resource in ``body``, by object identity (computed once per body);
+    every Binary met on the way (contained ones too) goes into ``binaries`` when given.
+    ``content_keys``: by object identity, a text that fixes a resource's whole content (its
+    entry's, core.view.spans_of), under which its patients are remembered across answers.
 
     Equal owner sets are shared, so the per-resource decision memo hashes each one once.
     """
     index: dict[int, frozenset[str]] = {}
-    _index_into(body, index, {})
+    _index_into(body, index, {}, [] if binaries is None else binaries, content_keys or _NO_KEYS)
     return index
 
 
+_NO_KEYS: Mapping[int, Hashable] = {}
+# Patients by content key (see owners_index); bounded by count and by the bytes of the keys'
+# texts, cleared when full.
+_OWNERS: dict[Hashable, frozenset[str]] = {}
+_OWNERS_MAX = 16_384
+_OWNERS_MAX_BYTES = 16 << 20
+_owners_bytes = [0]
+
+
 def _index_into(
-    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]]
+    node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON],
+    keys: Mapping[int, Hashable] = _NO_KEYS,
 ) -> None:
     """Add every resource in ``node`` (Bundles, Parameters, contained) with its patients."""
     rtype = node.get("resourceType")
     if rtype == "Bundle":
         for entry in node.get("entry") or ():
-            if isinstance(entry, dict):
-                resource = entry.get("resource")
-                if isinstance(resource, dict):
-                    _index_into(resource, index, shared)
+            resource = entry.get("resource") if type(entry) is dict else None
+            if type(resource) is not dict:
+                continue
+            inner_type = resource.get("resourceType")
+            if type(inner_type) is str and inner_type not in _WALKED and "contained" not in resource:
+                # The common entry, indexed here: one call per resource fewer.
+                key = keys.get(id(resource)) if keys else None
+                found = _OWNERS.get(key) if key is not None else None
+                if found is None:
+                    found = patients_of(resource)
+                    if key is not None:
+                        size = len(key) if isinstance(key, bytes) else 0
+                        if len(_OWNERS) >= _OWNERS_MAX or _owners_bytes[0] + size > _OWNERS_MAX_BYTES:
+                            _OWNERS.clear()
+                            _owners_bytes[0] = 0
+                        _OWNERS[key] = found
+                        _owners_bytes[0] += size
+                index[id(resource)] = shared.setdefault(found, found)
+            else:
+                _index_into(resource, index, shared, binaries)
         return
     if rtype == "Parameters":
         for param in _iter_parameters(node.get("parameter")):
             resource = param.get("resource")
             if isinstance(resource, dict):
-                _index_into(resource, index, shared)
+                _index_into(resource, index, shared, binaries)
         return
     owners = patients_of(node)
     owners = shared.setdefault(owners, owners)
     index[id(node)] = owners
     if not isinstance(rtype, (str, type(None))):
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+    if rtype == "Binary":
+        binaries.append(node)
     if "contained" in node:
         for inner in _contained(node):
             if not isinstance(inner.get("resourceType"), (str, type(None))):
                 raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
+            if inner.get("resourceType") == "Binary":
+                binaries.append(inner)
             inner_owners = owners_of(inner, owners)
             index[id(inner)] = shared.setdefault(inner_owners, inner_owners)
 
@@ -346,14 +385,36 @@ class Enforcer:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
             gone: set[str] = set()
+            judge, owners, removed = self.judge, self.index, self.result.removed
+            # Seen on the way, so the passes after the loop run only where they can matter.
+            compositions = includes = False
             for index, entry in enumerate(entries):
                 resource = entry.get("resource")
                 if response_bundle:
                     self._scrub_response(entry)
-                if resource is not None and not isinstance(resource, dict):
+                if resource is None:
+                    keep = True
+                elif type(resource) is not dict:
                     self._malformed()
                     return
-                if resource is None or self._keep(resource):
+                else:
+                    rtype = resource.get("resourceType")
+                    if rtype == "Composition":
+                        compositions = True
+                    if not includes and "search" in entry:
+                        includes = _mode(entry) == "include"
+                    if rtype == "Bundle" or rtype == "Parameters":
+                        keep = self._keep(resource)
+                    else:
+                        found = owners.get(id(resource)) if owners is not None else None
+                        if found is not None and "contained" not in resource:
+                            decision = judge(resource, found)  # judge_resource, inline for the common entry
+                        else:
+                            decision = judge_resource(resource, judge, owners)
+                        keep = decision.verdict is not Verdict.DENY
+                        if not keep:
+                            removed.append((str(rtype), decision))
+                if keep:
                     kept.append(entry)
                     if kept_indices is not None:
                         kept_indices.append(index)
@@ -361,14 +422,15 @@ class Enforcer:
                 gone.update(_identities(entry, resource))
                 if response_bundle:
                     kept.append({"response": withheld_slot(self.withheld_status)})
-            if gone and scrub_compositions(kept, gone):
+            if gone and compositions and scrub_compositions(kept, gone):
                 self.result.changed = True
-            if len(self.result.removed) > removed_before and not response_bundle:
+            if len(self.result.removed) > removed_before and not response_bundle and includes:
                 orphans = without_orphan_includes(kept)
                 if kept_indices is not None and len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]
                 kept = orphans
+            if len(self.result.removed) > removed_before and not response_bundle:
                 # In 404 mode a hidden record is indistinguishable from a missing one: no
                 # outcome entry tells that something was withheld.
                 if not self.withheld_status.startswith("404"):

@@ -58,14 +58,19 @@ def facts_of(
     """The facts of ``resource`` that ``reads`` (decision.summary_reads) need."""
     rtype = resource.get("resourceType")
     meta = resource.get("meta")
-    return Facts(
-        rtype if isinstance(rtype, str) else "",
+    # tuple.__new__: a NamedTuple's own constructor is a Python call, paid per resource.
+    return _new_facts(Facts, (
+        rtype if type(rtype) is str else "",
         owners,
         labels,
         scopes if "scopes" in reads else NO_SCOPES,
-        profiles_of(resource) if isinstance(meta, dict) and "profile" in meta else _NO_PROFILES,
+        profiles_of(resource) if type(meta) is dict and "profile" in meta else _NO_PROFILES,
         clinical_date(resource) if "date" in reads else None,
-    )
+    ))
+
+
+_new_facts = tuple.__new__
+_UNSET: frozenset[str] = frozenset({"\0unset"})
 
 
 class DecisionCache:
@@ -147,15 +152,16 @@ class ConsentJudge:
         if "medicationReference" in resource and self.resolved.medication_of(resource) is UNREADABLE:
             return UNRESOLVED
         labels = self.labels_for(resource)
-        reads = self.reads(owners)
+        reads = self._owners_reads.get(owners, _UNSET)
+        if reads is _UNSET:
+            reads = self.reads(owners)
         if reads is None:
             return decide_resource(
                 self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        facts = facts_of(resource, owners, labels, scopes, reads)
-        key = summary_key(facts, reads)
+        key = summary_key(facts_of(resource, owners, labels, scopes, reads), reads)
         found = self._memo.get(key)
         if found is not None:
             return found
@@ -250,18 +256,28 @@ def overriding(judge: Judge, emergency: Emergency, labels_for: Labeler, sensitiv
 def binaries_as_contexts(judge: Judge, resolved: Resolved) -> Judge:
     """A Binary is decided as the patient data its securityContext names (or, without one, as
     the documents that attach it), by the whole judge: scopes, consent and break-glass."""
+    return _BinariesAsContexts(judge, resolved)
 
-    def wrapped(resource: JSON, owners: frozenset[str]) -> Decision:
+
+class _BinariesAsContexts:
+    """``binaries_as_contexts``. A class, not a closure calling itself: a self-referencing
+    closure keeps the judge, and with it every resource of the answer, in a reference cycle
+    that only the cyclic collector frees (measured: the whole answer, every request)."""
+
+    __slots__ = ("judge", "resolved")
+
+    def __init__(self, judge: Judge, resolved: Resolved) -> None:
+        self.judge, self.resolved = judge, resolved
+
+    def __call__(self, resource: JSON, owners: frozenset[str]) -> Decision:
         if resource.get("resourceType") != "Binary":
-            return judge(resource, owners)
-        contexts = resolved.contexts_of(resource)
+            return self.judge(resource, owners)
+        contexts = self.resolved.contexts_of(resource)
         if contexts is None:
             return UNRESOLVED
-        decision = judge(resource, owners)
+        decision = self.judge(resource, owners)
         for context in contexts:
             if decision.verdict is Verdict.DENY:
                 break
-            decision = judge_resource(context, wrapped)
+            decision = judge_resource(context, self)
         return decision
-
-    return wrapped

@@ -314,6 +314,7 @@ class LabelIndex:
         "sensitivity_scope_names",
         "coverage",
         "_memo",
+        "_memo_bytes",
     )
 
     def __init__(self) -> None:
@@ -331,6 +332,7 @@ class LabelIndex:
         self.sensitivity_scope_names: frozenset[str] = frozenset()
         self.coverage: tuple[CoverageEntry, ...] = ()
         self._memo: dict[Hashable, frozenset[Label]] = {}
+        self._memo_bytes = 0  # the texts its keys hold
 
     # ------------------------------------------------------------------ building
 
@@ -372,10 +374,18 @@ class LabelIndex:
         found = self._memo.get(key)
         if found is None:
             found = self.labels_for(resource)
-            if len(self._memo) >= _MEMO_MAX:
+            size = _text_size(key)
+            if len(self._memo) >= _MEMO_MAX or self._memo_bytes + size > _MEMO_MAX_BYTES:
                 self._memo.clear()
+                self._memo_bytes = 0
             self._memo[key] = found
+            self._memo_bytes += size
         return found
+
+    def remembered(self) -> Callable[[Hashable], frozenset[Label] | None]:
+        """The lookup of what ``labels_keyed`` remembers (None: not remembered), for callers
+        that look up once per resource before they label."""
+        return self._memo.get
 
     def labels_remembered(self, resource: JSON) -> frozenset[Label]:
         """``labels_for(resource)``, remembered under the compact text of the elements the labels
@@ -540,6 +550,16 @@ class LabelIndex:
 
 _NO_LABELS: frozenset[Label] = frozenset()
 _MEMO_MAX = 16_384  # remembered label sets (core.view keys), cleared when full
+_MEMO_MAX_BYTES = 16 << 20  # ... or when their keys hold this many bytes of text
+
+
+def _text_size(key: Hashable) -> int:
+    """The bytes of text a memo key holds (a text, or a tuple of names and texts)."""
+    if isinstance(key, bytes):
+        return len(key)
+    if isinstance(key, tuple):
+        return sum(len(part) for part in key if isinstance(part, bytes))
+    return 0
 _NO_SCOPES: frozenset[str] = frozenset()
 
 

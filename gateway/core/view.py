@@ -208,6 +208,10 @@ class AnswerView:
     resource_spans: dict[int, msgspec.Raw] = field(default_factory=dict)
     rewritten: set[int] = field(default_factory=set)
     label_keys: dict[int, LabelKey] = field(default_factory=dict)  # by id of the view
+    # Parsed whole: by id of each entry's resource, the exact text of its entry, which fixes
+    # everything about it; what is computed from a resource alone (its labels, its patients)
+    # is remembered under it across requests (``content_keys``).
+    content_keys: dict[int, bytes] = field(default_factory=dict)
     touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
 
     @property
@@ -254,6 +258,7 @@ class AnswerView:
         self.spans.clear()
         self.resource_spans.clear()
         self.label_keys.clear()
+        self.content_keys.clear()
         if entry_bytes is not None:
             for index in at:
                 text = bytes(pieces[index])
@@ -387,15 +392,21 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
     if len(items) != len(entries):
         return None
     answer = AnswerView(raw, body, partial=False)
-    spans, rewritten = answer.spans, answer.rewritten
+    spans, rewritten, content = answer.spans, answer.rewritten, answer.content_keys
     for item, entry in zip(items, entries):
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             return None
         key = id(entry)
         spans[key] = item
         resource = entry.get("resource")
-        if isinstance(resource, dict):
+        if type(resource) is dict:
             rtype = resource.get("resourceType")
-            if isinstance(rtype, str) and rtype in WHOLE_TYPES:
+            if type(rtype) is str and rtype in WHOLE_TYPES:
                 rewritten.add(key)
+            elif len(item) <= _CONTENT_KEY_MAX_BYTES:
+                content[id(resource)] = bytes(item)
     return answer
+
+
+# Entries larger than this (an inline document) are not remembered by their text.
+_CONTENT_KEY_MAX_BYTES = 4_096

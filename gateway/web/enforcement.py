@@ -20,7 +20,7 @@ from gateway.core.errors import ConsentUnavailable
 from gateway.core.model import Actor, Label, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved, iter_resources
+from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
@@ -103,13 +103,18 @@ class ConsentEnforcement:
     ) -> Callable[[JSON], frozenset[Label]]:
         """Labels of a resource, including those of the Medication it names by reference and
         those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
-        by object identity when given. ``keys``: the label keys of viewed resources (by object
-        identity), under which equal texts are labelled once."""
-        own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
+        by object identity when given. ``keys``: by object identity, the label keys of viewed
+        resources or the content keys of resources parsed whole (core.view), under which equal
+        texts are labelled once."""
+        own, keyed, remembered = self.labels.labels_remembered, self.labels.labels_keyed, self.labels.remembered()
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             key = keys.get(id(resource)) if keys else None
-            found = own(resource) if key is None else keyed(key, resource)
+            if key is None:
+                found = own(resource)
+            else:
+                known = remembered(key)
+                found = keyed(key, resource) if known is None else known
             if source_labels:
                 extra = source_labels.get(resource_reference(resource) or "")
                 if extra:
@@ -168,6 +173,7 @@ class ConsentEnforcement:
         observed: Observed | None = None,
         views: bool = False,
         label_keys: Mapping[int, Hashable] | None = None,
+        content_keys: Mapping[int, Hashable] | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
@@ -175,9 +181,10 @@ class ConsentEnforcement:
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
         but what consent would have denied is recorded for the audit.
         """
-        index = owners_index(body)
+        binaries: list[JSON] = []
+        index = owners_index(body, binaries, content_keys)
         if resolved.targets:
-            bind_contexts(body, index, resolved)
+            bind_contexts(binaries, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
         unknown = False
         try:
@@ -198,7 +205,7 @@ class ConsentEnforcement:
         if observed is not None:
             observed.consents = looked.consents
         seen = observed.labels if observed is not None else None
-        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys)
+        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys or content_keys)
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:
@@ -211,13 +218,12 @@ class ConsentEnforcement:
         return result, emergency
 
 
-def bind_contexts(body: JSON, index: dict[int, frozenset[str]], resolved: Resolved) -> None:
+def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolved: Resolved) -> None:
     """A Binary belongs to the patients of the resource its securityContext names."""
-    for resource in iter_resources(body):
-        if resource.get("resourceType") == "Binary":
-            contexts = resolved.contexts_of(resource)
-            if contexts:
-                index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
+    for resource in binaries:
+        contexts = resolved.contexts_of(resource)
+        if contexts:
+            index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
 
 
 def log_decisions(result: Enforced) -> None:

@@ -144,13 +144,19 @@ async def released(
     sensitive = state.labels.sensitive
     changed = part2 = False
     disclosed: dict[str, list[tuple[str, list[Label]]]] = {}
+    counts: dict[str, int] = {}
     for resource in top_resources(body):
-        rtype = str(resource["resourceType"])
+        rtype = resource["resourceType"]
         if rtype == "OperationOutcome":
             continue
-        outcome.released[rtype] += 1
+        counts[rtype] = counts.get(rtype, 0) + 1
         found = labels.get(id(resource))
-        marked = sensitive_of(found, sensitive) if found else []
+        if not found:
+            if mode != "all":
+                continue
+            marked = []
+        else:
+            marked = sensitive_of(found, sensitive)
         if marked:
             if mark(resource, marked):
                 changed = True
@@ -166,6 +172,7 @@ async def released(
             # A patient reading their own record is not a disclosure to account for (45 CFR 164.528(a)(1)(i)).
             if patient != ex.actor.reference:
                 disclosed.setdefault(patient, []).append((ref, marked))
+    outcome.released.update(counts)
     if part2 and body.get("resourceType") == "Bundle":
         changed |= add_notice(body)
     if disclosed:

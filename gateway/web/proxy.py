@@ -339,6 +339,7 @@ async def decide_answer(
         decided, ex.actor, ex.purpose, confined=confined, break_glass=ex.reason,
         withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None and view.partial,
         label_keys=view.label_keys if view is not None else None,
+        content_keys=view.content_keys if view is not None else None,
     )
     status = withheld_status(state)
     denied = result.denied or all_versions_hidden(ex.route, decided) or (
@@ -372,7 +373,8 @@ async def decide_answer(
     touched = view.touched if view is not None else None
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched) or result.changed
     # A display may name what is not released: the key as written, or spelled with a \u escape.
-    may_display = (b'"display"' in upstream.body or b"\\u" in upstream.body) and not shadow
+    raw = upstream.body
+    may_display = (b'"display"' in raw or (b"\\" in raw and b"\\u" in raw)) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
         named = unreleased_named(upstream.body, released) if may_display else frozenset()

@@ -93,3 +93,59 @@ def test_spliced_answer_is_the_upstream_bytes_of_the_kept_entries(body: JSON, ke
             assert bytes(text) == bytes(entries[index])
     if any(b'"J45"' in bytes(entries[i]) for i in kept):
         assert b'"4.10"' in spliced  # kept bytes as written
+
+
+def test_what_is_remembered_by_an_entry_text_is_what_that_text_says() -> None:
+    """Patients and labels remembered under an entry's exact text (answers parsed whole) are
+    those of that very text: an answer repeating the entry gets them again, and an entry one
+    byte apart (another patient, a sensitive code) is computed anew, never taken from the memo."""
+    from gateway.core.compartment import patients_of
+    from gateway.core.enforce import owners_index
+    from tests.conftest import LABELS
+
+    ana = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/ana"},
+           "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10"}]}}
+    ben = {**ana, "subject": {"reference": "Patient/bea"}}                     # same length
+    hiv = {**ana, "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "B20"}]}}
+    for answer in ([ana, ben, hiv], [hiv, ana, ben], [ben, hiv, ana]):
+        raw = orjson.dumps(searchset(*[match(r) for r in answer]))
+        body = orjson.loads(raw)
+        view = spans_of(raw, body)
+        assert view is not None
+        resources = [e["resource"] for e in body["entry"]]
+        assert set(view.content_keys) == {id(r) for r in resources}
+        index = owners_index(body, [], view.content_keys)
+        assert [index[id(r)] for r in resources] == [patients_of(r) for r in resources]
+        keyed = [LABELS.labels_keyed(view.content_keys[id(r)], r) for r in resources]
+        assert keyed == [LABELS.labels_for(r) for r in resources]
+    assert any(label.code == "HIV" for label in LABELS.labels_for(hiv))
+
+
+def test_what_is_remembered_by_text_is_bounded_by_the_bytes_of_the_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many distinct entries of the largest size remembered by their texts stay within a bound
+    of bytes (not only of entries): patients and labels alike."""
+    import gateway.core.enforce as enforce
+    import gateway.core.labels as labels
+    from gateway.core.labels import LabelIndex
+    from tests.conftest import LABELS
+
+    monkeypatch.setattr(labels, "_MEMO_MAX_BYTES", 64 * 1024)
+    monkeypatch.setattr(enforce, "_OWNERS_MAX_BYTES", 64 * 1024)
+    index = LabelIndex.__new__(LabelIndex)
+    for name in LabelIndex.__slots__:
+        setattr(index, name, getattr(LABELS, name))
+    index._memo, index._memo_bytes = {}, 0
+    enforce._OWNERS.clear()
+    enforce._owners_bytes[0] = 0
+    for n in range(200):
+        resource = cond(f"c{n}", "I10", note=[{"text": "x" * 3000}])
+        raw = orjson.dumps(searchset(match(resource)))
+        body = orjson.loads(raw)
+        view = spans_of(raw, body)
+        assert view is not None and len(view.content_keys) == 1
+        key = view.content_keys[id(body["entry"][0]["resource"])]
+        enforce.owners_index(body, [], view.content_keys)
+        index.labels_keyed(key, body["entry"][0]["resource"])
+        assert sum(len(k) for k in enforce._OWNERS if isinstance(k, bytes)) <= 64 * 1024
+        assert sum(len(k) for k in index._memo if isinstance(k, bytes)) <= 64 * 1024
+    assert enforce._OWNERS and index._memo

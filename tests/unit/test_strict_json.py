@@ -77,3 +77,10 @@ def test_a_repeated_key_hidden_by_whitespace_before_its_colon_is_found() -> None
 def test_an_escaped_quote_before_a_colon_in_a_string_is_no_repeated_key() -> None:
     text = b'{"note":"he said \\": here","a":1}'
     assert not has_duplicate_keys(text, orjson.loads(text))
+
+
+def test_a_compact_text_is_checked_by_its_re_serialisation_and_a_repeat_still_found() -> None:
+    same = b'{"resourceType":"Observation","subject":{"reference":"Patient/a"}}'
+    assert orjson.dumps(orjson.loads(same)) == same and not has_duplicate_keys(same, orjson.loads(same))
+    repeated = b'{"resourceType":"Observation","subject":{"reference":"Patient/a"},"subject":{"reference":"Patient/b"}}'
+    assert has_duplicate_keys(repeated, orjson.loads(repeated))

@@ -196,8 +196,9 @@ def filtered(
     else:
         enforcement = _GATEWAYS.setdefault(policy, ConsentEnforcement(None, LABELS, policy))  # type: ignore[arg-type]
     judge = binaries_as_contexts(enforcement.judge(looked, RESOLVED, None, keys), RESOLVED)
-    index = owners_index(body)
-    bind_contexts(body, index, RESOLVED)
+    binaries: list[JSON] = []
+    index = owners_index(body, binaries)
+    bind_contexts(binaries, index, RESOLVED)
     result = Enforcer(judge, drop_total=True, index=index).body(body)
     return result.denied, result.removed, result.deciding, result.changed
 
@@ -278,8 +279,9 @@ def read_by_decision(
     deciding_references(tracked)  # the resource itself: entries are walked only when exactly dicts
     looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
     judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED)  # type: ignore[arg-type]
-    index = owners_index(body)
-    bind_contexts(body, index, RESOLVED)
+    binaries: list[JSON] = []
+    index = owners_index(body, binaries)
+    bind_contexts(binaries, index, RESOLVED)
     Enforcer(binaries_as_contexts(judge, RESOLVED), drop_total=True, index=index).body(body)
     return tracked.asked
 
