@@ -401,8 +401,9 @@ class Enforcer:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
                         compositions = True
-                    if not includes and "search" in entry:
-                        includes = _mode(entry) == "include"
+                    if not includes:
+                        search = entry.get("search")  # _mode, inline
+                        includes = type(search) is dict and search.get("mode") == "include"
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
