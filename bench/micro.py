@@ -22,6 +22,7 @@ from gateway.config import build_settings
 from gateway.core.enforce import judge_resource, owners_index
 from gateway.core.labels import LabelIndex
 from gateway.core.links import LinkRewriter
+from gateway.core.references import deciding_references, in_answer, unreleased_named
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import read_answer, spans_of
 from gateway.core.model import Actor
@@ -213,6 +214,24 @@ async def pipeline_us(labels: LabelIndex, base_url: str, runs: int) -> dict[str,
     return out
 
 
+def reference_scans_us(base_url: str, runs: int) -> dict[str, dict[str, float]]:
+    """The reference scans on a W2 / W3 answer: the displays that may name what is not
+    released (over the bytes), the released ``Type/id`` and the references that decide (over
+    the parsed answer)."""
+    fixture = Fixture(base_url, [], 0)
+    out: dict[str, dict[str, float]] = {}
+    for name, path in (("W2", W2_PATH), ("W3", W3_PATH)):
+        body = fixture.answers[path]
+        parsed = orjson.loads(body)
+        released = frozenset(in_answer(parsed))
+        out[name] = {
+            "unreleased_named_us": _best_of(runs, lambda: unreleased_named(body, released)) * 1e6,
+            "in_answer_us": _best_of(runs, lambda: in_answer(parsed)) * 1e6,
+            "deciding_references_us": _best_of(runs, lambda: deciding_references(parsed)) * 1e6,
+        }
+    return out
+
+
 def measure(smoke: bool, base_url: str) -> dict[str, Any]:
     """Every in-process figure; smaller samples in smoke mode."""
     labels = load_rules()
@@ -222,6 +241,7 @@ def measure(smoke: bool, base_url: str) -> dict[str, Any]:
             "decision_us_per_resource": await decision_us_per_resource(labels, 2 if smoke else 20),
             "bytes_per_cached_patient": await bytes_per_cached_patient(labels, 200 if smoke else 2000),
             "pipeline": await pipeline_us(labels, base_url, 3 if smoke else 15),
+            "reference_scans": reference_scans_us(base_url, 3 if smoke else 20),
             "peak_memory": await peak_memory_ratio(labels, 2_000 if smoke else 20_000),
         }
 

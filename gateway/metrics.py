@@ -115,10 +115,10 @@ class Metrics:
         """Count one request's consent decision (``permit``, ``filtered`` or ``deny``)."""
         self._decided[decision].inc()
 
-    def count_filtered(self, resource_type: str, reason: str) -> None:
-        """Count a removed resource; the caller passes only known FHIR type names."""
+    def count_filtered(self, resource_type: str, reason: str, count: int = 1) -> None:
+        """Count removed resources; the caller passes only known FHIR type names."""
         key = (resource_type, reason if reason in FILTER_REASONS else "consent")
         counter = self._filtered.get(key)
         if counter is None:
             counter = self._filtered[key] = self.resources_filtered.labels(*key)
-        counter.inc()
+        counter.inc(count)

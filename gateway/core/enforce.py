@@ -384,7 +384,7 @@ class Enforcer:
         if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             kept: list[object] = []
-            gone: set[str] = set()
+            withheld: list[tuple[JSON, JSON]] = []
             judge, owners, removed = self.judge, self.index, self.result.removed
             # Seen on the way, so the passes after the loop run only where they can matter.
             compositions = includes = False
@@ -401,8 +401,9 @@ class Enforcer:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
                         compositions = True
-                    if not includes and "search" in entry:
-                        includes = _mode(entry) == "include"
+                    if not includes:
+                        search = entry.get("search")  # _mode, inline
+                        includes = type(search) is dict and search.get("mode") == "include"
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
@@ -419,11 +420,13 @@ class Enforcer:
                     if kept_indices is not None:
                         kept_indices.append(index)
                     continue
-                gone.update(_identities(entry, resource))
+                withheld.append((entry, resource))
                 if response_bundle:
                     kept.append({"response": withheld_slot(self.withheld_status)})
-            if gone and compositions and scrub_compositions(kept, gone):
-                self.result.changed = True
+            if withheld and compositions:
+                gone = set().union(*(_identities(e, r) for e, r in withheld))
+                if scrub_compositions(kept, gone):
+                    self.result.changed = True
             if len(self.result.removed) > removed_before and not response_bundle and includes:
                 orphans = without_orphan_includes(kept)
                 if kept_indices is not None and len(orphans) != len(kept):

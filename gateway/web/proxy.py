@@ -198,12 +198,16 @@ def denied_answer(state: GatewayState) -> web.Response:
 
 
 def count_removed(state: GatewayState, result: Enforced) -> None:
+    counts: dict[tuple[str, str], int] = {}
     for rtype, decision in result.removed:
         reason = "sensitivity" if decision.labels else ("malformed" if decision.errors else "consent")
         if decision.combining == "scope":
             reason = "scope"
         # Only Patient-compartment types are ever removed; anything else folds into "other".
-        state.metrics.count_filtered(rtype if is_patient_data(rtype) else "other", reason)
+        key = (rtype if is_patient_data(rtype) else "other", reason)
+        counts[key] = counts.get(key, 0) + 1
+    for (rtype, reason), count in counts.items():
+        state.metrics.count_filtered(rtype, reason, count)
 
 
 async def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:

@@ -50,11 +50,15 @@ def only_collector_frees() -> Iterator[Callable[[], list[object]]]:
     if cached is not None:
         cached.cache_clear()
     gc.collect()
+    # Held until the end: what was alive before (an earlier test's gateway still being let go)
+    # cannot turn up as this test's garbage.
+    alive = gc.get_objects()
     gc.disable()
     try:
         yield collect
     finally:
         gc.enable()
+        del alive
 
 
 def _of_the_gateway(obj: object) -> bool:
