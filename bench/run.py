@@ -492,7 +492,8 @@ def markdown(results: dict[str, Any]) -> str:
                  f"peak allocations {peak['peak_ratio']:.2f}× the answer")
     for name, p in figures["pipeline"].items():
         lines.append(
-            f"- {name} body parse + enforce + splice: {p['gateway_us']:,.0f} µs (on views: {p['views_us']:,.0f} µs); "
+            f"- {name} body parse + enforce + splice: {p['gateway_us']:,.0f} µs (first reading, nothing remembered: "
+            f"{p['gateway_first_reading_us']:,.0f} µs; on views: {p['views_us']:,.0f} µs); "
             f"whole-body orjson round trip "
             f"{p['orjson_round_trip_us']:,.0f} µs; stdlib json round trip {p['stdlib_json_round_trip_us']:,.0f} µs "
             f"({p['stdlib_json_round_trip_us'] / p['gateway_us']:.2f}× the gateway's time; the aim is ≥ 2×)"

@@ -133,6 +133,12 @@ _OWNERS_MAX_BYTES = 16 << 20
 _owners_bytes = [0]
 
 
+def forget_owners() -> None:
+    """Forget the patients remembered by content key."""
+    _OWNERS.clear()
+    _owners_bytes[0] = 0
+
+
 def _index_into(
     node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON],
     keys: Mapping[int, Hashable] = _NO_KEYS,

@@ -102,6 +102,9 @@ class DecisionCache:
             self._entries.clear()
         self._entries[key] = (decision, until)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def __len__(self) -> int:
         return len(self._entries)
 

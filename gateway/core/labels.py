@@ -382,6 +382,11 @@ class LabelIndex:
             self._memo_bytes += size
         return found
 
+    def forget(self) -> None:
+        """Forget every remembered label set (what ``labels_keyed`` keeps)."""
+        self._memo.clear()
+        self._memo_bytes = 0
+
     def remembered(self) -> Callable[[Hashable], frozenset[Label] | None]:
         """The lookup of what ``labels_keyed`` remembers (None: not remembered), for callers
         that look up once per resource before they label."""
