@@ -276,12 +276,24 @@ def _mode(entry: object) -> object:
     return search.get("mode") if isinstance(search, dict) else None
 
 
-def without_orphan_includes(entries: list[object]) -> list[object]:
+def may_be_included(entry: object, searchset: bool = True) -> bool:
+    """Whether a Bundle entry may be one the server included rather than matched: its
+    ``search.mode`` is "include" in any case or spacing, or, in a search set, it has no readable
+    mode at all (``search`` is optional in R4: a server that leaves it out must not turn the
+    Medication of a withheld order into a match)."""
+    mode = _mode(entry)
+    if type(mode) is str:
+        mode = mode.strip().lower()
+        return mode == "include" or (searchset and mode != "match" and mode != "outcome")
+    return searchset
+
+
+def without_orphan_includes(entries: list[object], searchset: bool = True) -> list[object]:
     """Drop included non-patient resources (a Medication, a Practitioner) that no kept resource
     refers to and that refer to none: they were brought by a withheld match and would tell
-    what it was (the drug of a hidden order)."""
+    what it was (the drug of a hidden order). Included: ``may_be_included``."""
     if not any(
-        _mode(e) == "include" and isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        may_be_included(e, searchset) and isinstance(e, dict) and isinstance(e.get("resource"), dict)
         and not is_patient_data(str(e["resource"].get("resourceType")))
         for e in entries
     ):
@@ -293,7 +305,7 @@ def without_orphan_includes(entries: list[object]) -> list[object]:
         if not isinstance(resource, dict):
             continue
         rtype = resource.get("resourceType")
-        if _mode(entry) == "include" and isinstance(rtype, str) and not is_patient_data(rtype):
+        if may_be_included(entry, searchset) and isinstance(rtype, str) and not is_patient_data(rtype):
             continue
         kept_refs.update(references_of(resource))
         if isinstance(rtype, str) and isinstance(resource.get("id"), str):
@@ -301,7 +313,7 @@ def without_orphan_includes(entries: list[object]) -> list[object]:
     out: list[object] = []
     for entry in entries:
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(entry, dict) and isinstance(resource, dict) and _mode(entry) == "include":
+        if isinstance(entry, dict) and isinstance(resource, dict) and may_be_included(entry, searchset):
             rtype = resource.get("resourceType")
             if isinstance(rtype, str) and not is_patient_data(rtype):
                 own = f"{rtype}/{resource.get('id')}"
@@ -389,6 +401,7 @@ class Enforcer:
             return
         if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
+            searchset = bundle.get("type") == "searchset"
             kept: list[object] = []
             withheld: list[tuple[JSON, JSON]] = []
             judge, owners, removed = self.judge, self.index, self.result.removed
@@ -408,8 +421,7 @@ class Enforcer:
                     if rtype == "Composition":
                         compositions = True
                     if not includes:
-                        search = entry.get("search")  # _mode, inline
-                        includes = type(search) is dict and search.get("mode") == "include"
+                        includes = may_be_included(entry, searchset)
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
@@ -434,7 +446,7 @@ class Enforcer:
                 if scrub_compositions(kept, gone):
                     self.result.changed = True
             if len(self.result.removed) > removed_before and not response_bundle and includes:
-                orphans = without_orphan_includes(kept)
+                orphans = without_orphan_includes(kept, searchset)
                 if kept_indices is not None and len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]

@@ -201,6 +201,23 @@ class ConsentJudge:
         return found
 
 
+def labelling(judge: Judge, labels_for: Labeler) -> Judge:
+    """``judge``, with every resource it decides labelled first by ``labels_for`` (which records
+    them): for a judge that decides without labels."""
+    return _Labelling(judge, labels_for)
+
+
+class _Labelling:
+    __slots__ = ("judge", "labels_for")
+
+    def __init__(self, judge: Judge, labels_for: Labeler) -> None:
+        self.judge, self.labels_for = judge, labels_for
+
+    def __call__(self, resource: JSON, owners: frozenset[str]) -> Decision:
+        self.labels_for(resource)
+        return self.judge(resource, owners)
+
+
 def unknown_denies(resource: JSON, owners: frozenset[str]) -> Decision:
     """Consents that could not be read decide nothing: count each resource as denied."""
     return CONSENT_UNAVAILABLE

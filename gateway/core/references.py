@@ -80,10 +80,18 @@ def security_context(resource: JSON) -> str | None:
 
 
 def unreadable_context(resource: JSON) -> bool:
-    """A Binary whose securityContext is there but is no Reference (null, {}, a list, a string,
-    a list of references): what it stands for is unknown."""
-    return (resource.get("resourceType") == "Binary" and "securityContext" in resource
-            and reference_of(resource.get("securityContext")) is None)
+    """A Binary whose securityContext is there but names nothing the gateway decides by: no
+    Reference (null, {}, a list, a string, a list of references), a ``#`` reference (a Binary
+    contains nothing), anything but ``Type/id`` of an R4 type (a conditional or misspelled
+    reference may be anyone's record), or another Binary (what that one stands for is not
+    followed): what it stands for is unknown."""
+    if resource.get("resourceType") != "Binary" or "securityContext" not in resource:
+        return False
+    ref = reference_of(resource.get("securityContext"))
+    if ref is None or ref.startswith("#"):
+        return True
+    rtype, _, rid = relative_reference(ref).partition("/")
+    return rtype == "Binary" or rtype not in R4_RESOURCE_TYPES or _ID.fullmatch(rid) is None
 
 
 def medication_reference(resource: JSON) -> str | None:

@@ -38,7 +38,8 @@ from typing import Any
 import msgspec
 import orjson
 
-from gateway.core.compartment import deciding_elements
+from gateway.core.compartment import deciding_elements, is_patient_data
+from gateway.core.enforce import may_be_included
 from gateway.core.fhir import JSON
 from gateway.core.labels import label_elements
 from gateway.core.strict_json import has_duplicate_keys
@@ -362,6 +363,8 @@ def _entry(
     if resource_raw is not None:
         inner = _fields(resource_raw)
         rtype = _string(inner.get("resourceType"))
+        if may_be_included(entry) and (rtype is None or not is_patient_data(rtype)):
+            return None, None, False  # no readable mode: it may be an included one
         if rtype is None or rtype in WHOLE_TYPES:
             entry["resource"] = _parsed(inner, fresh=True, checked=True)
             whole = True

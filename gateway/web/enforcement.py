@@ -11,7 +11,9 @@ from gateway.core.breakglass import EmergencyWindow
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, preflight, summary_reads
 from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
-from gateway.core.judge import ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, overriding, unknown_denies
+from gateway.core.judge import (
+    ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, labelling, overriding, unknown_denies,
+)
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
@@ -205,13 +207,17 @@ class ConsentEnforcement:
         if observed is not None:
             observed.consents = looked.consents
         seen = observed.labels if observed is not None else None
-        judge: Judge = unknown_denies if unknown else self.judge(looked, resolved, seen, label_keys or content_keys)
+        keys = label_keys or content_keys
+        # Consents that could not be read decide nothing, but what is released under break-glass
+        # is still labelled (DS4P) and accounted, so every resource is labelled on the way.
+        judge: Judge = (labelling(unknown_denies, self.labeler(resolved, looked.labels, seen, keys)) if unknown
+                        else self.judge(looked, resolved, seen, keys))
         if break_glass is not None or looked.windows:
             judge = self.overriding(judge, emergency, resolved, looked.labels)
         if actor.grants is not None:
             # SECURITY: scopes decide first and break-glass never overrides them.
             judge = scoped(judge, actor.grants)
-        if resolved.targets or resolved.attached:
+        if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)

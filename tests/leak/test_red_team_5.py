@@ -473,13 +473,10 @@ async def test_a_composition_listing_a_withheld_record_loses_its_narrative(
             assert c.ANA_HYPERTENSION["id"].encode() in got, got[:300]
 
 
-ODD_MODE = (
-    "An included entry whose search.mode is not exactly 'include' (odd case, trailing space, no "
-    "mode, no search element: search is 0..1 in R4) is taken as a match: the Bundle loop's "
-    "includes flag and without_orphan_includes both test _mode(entry) == 'include', so the "
-    "Medication (RxNorm 1010600, buprenorphine/naloxone) and the treatment-programme Practitioner "
-    "brought by the withheld order reach the client. Not new in this change: the orphan pass "
-    "has always compared the exact code.")
+# An included entry whose search.mode is not exactly 'include' (odd case, trailing space, no
+# mode, no search element: search is 0..1 in R4) must not pass for a match: the Medication
+# (RxNorm 1010600, buprenorphine/naloxone) and the treatment-programme Practitioner brought by
+# the withheld order would tell what it was (core.enforce.may_be_included).
 
 
 @pytest.mark.parametrize("written", [
@@ -489,8 +486,7 @@ ODD_MODE = (
     b'{"mode":"incl\\u0075de"}',
     "key escaped",
     "match first",
-    *(pytest.param(w, marks=pytest.mark.xfail(strict=True, reason=ODD_MODE)) for w in (
-        {"mode": "Include"}, {"mode": "INCLUDE"}, {"mode": "include "}, {}, "no search")),
+    {"mode": "Include"}, {"mode": "INCLUDE"}, {"mode": "include "}, {}, "no search",
 ])
 async def test_included_records_of_a_withheld_order_do_not_name_it(
     world: FakeFhir, make_gateway: MakeGateway, written: Any,
@@ -605,10 +601,6 @@ async def _broken_glass(gw: GatewayUnderTest) -> dict[str, dict[str, Any]]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Break-glass while the consent source is down: the judge is unknown_denies, which never "
-    "labels, so observed.labels is empty and the officer marks nothing: Ana's HIV condition is "
-    "released (with an audit id) without its DS4P HIV label."))
 async def test_break_glass_while_consents_cannot_be_read_labels_what_it_releases(
     world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
@@ -620,9 +612,6 @@ async def test_break_glass_while_consents_cannot_be_read_labels_what_it_releases
     assert "HIV" in security(found[HIV_ID]), found[HIV_ID].get("meta")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Break-glass while the consent source is down: no labels are seen, so in 'sensitive' "
-    "disclosure mode the release of Ana's HIV condition is not accounted as a disclosure."))
 async def test_break_glass_while_consents_cannot_be_read_accounts_the_disclosure(
     world: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
@@ -666,10 +655,6 @@ async def test_binaries_naming_each_other_do_not_crash_the_judge(
 CHAINED = "Forensic photo log: bruising"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A Binary whose securityContext names another Binary (not a patient-compartment type) is "
-    "decided as non-patient data: security_context() keeps only patient-data targets, so "
-    "Binary A -> Binary B -> Ana's HIV condition releases A's data while B is withheld."))
 @pytest.mark.parametrize("where", ["everything", "read"])
 async def test_a_binary_standing_for_a_hidden_binary_is_withheld(
     world: FakeFhir, make_gateway: MakeGateway, where: str,

@@ -269,7 +269,8 @@ class ReferenceEnforcer(Enforcer):
             if gone and scrub_compositions(kept, gone):
                 self.result.changed = True
             if len(self.result.removed) > removed_before and not response_bundle:
-                orphans = without_orphan_includes(kept)
+                # Which entries may be included depends on the Bundle type (core.enforce.may_be_included).
+                orphans = without_orphan_includes(kept, bundle.get("type") == "searchset")
                 if kept_indices is not None and len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]

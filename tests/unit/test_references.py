@@ -11,7 +11,7 @@ from gateway.core import strict_json
 from gateway.core.references import (
     UNREADABLE, Resolved, attachments_by_binary, deciding_references, iter_resources, may_name_unreleased, medication_reference,
     scrub_displays,
-    security_context,
+    security_context, unreadable_context,
 )
 from tests.fixtures import clinical as c
 
@@ -139,3 +139,22 @@ def test_the_byte_check_never_misses_a_display_to_remove(raw: bytes, expected: b
 ])
 def test_the_reference_object_is_read_exactly_or_the_walk_runs(raw: bytes, expected: bool) -> None:
     assert may_name_unreleased(raw, frozenset()) is expected
+
+
+@pytest.mark.parametrize("context, unreadable", [
+    ({"reference": "Condition/c1"}, False),                      # patient data: decided as it
+    ({"reference": "http://fhir.example/fhir/Condition/c1"}, False),
+    ({"reference": "Organization/o1"}, False),                   # not patient data: decided as itself
+    ({"reference": "Binary/b2"}, True),                          # what that one stands for is not followed
+    ({"reference": "#c1"}, True),                                # a Binary contains nothing
+    ({"reference": "Condition?code=B20"}, True),                 # conditional: anyone's record
+    ({"reference": "Conditoin/c1"}, True),                       # no R4 type
+    ({"reference": "Condition/"}, True),
+    ({"display": "HIV care plan"}, True),                        # no reference
+    (None, True),
+])
+def test_a_security_context_the_gateway_cannot_decide_by_closes_the_binary(context: object, unreadable: bool) -> None:
+    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain", "securityContext": context}
+    assert unreadable_context(binary) is unreadable
+    if unreadable:
+        assert Resolved({"Condition/c1": {"resourceType": "Condition", "id": "c1"}}).contexts_of(binary) is None

@@ -67,7 +67,7 @@ def entry_view(resource: JSON) -> tuple[JSON, frozenset[Any]]:
     """The resource as a search answer's pipeline decides it (its view, or the whole resource
     for the types read whole), and its labels as the pipeline computes them (through the
     label memo when the view has a key)."""
-    raw = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": resource}]})
+    raw = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": resource, "search": {"mode": "match"}}]})
     answer = read_answer(raw)
     assert answer is not None
     found: JSON = answer.body["entry"][0]["resource"]
