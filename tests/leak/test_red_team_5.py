@@ -27,6 +27,7 @@ import gateway.core.labels as labels_module
 from tests.conftest import LABELS, GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
+from tests.leak.test_red_team_4 import kept, serving
 from tests.leak.test_red_team_3 import (
     HIV_DISPLAY, HIV_SECRETS, answer, observation, path_of, search, searchset, serve,
 )
@@ -49,19 +50,6 @@ def world(fake_fhir: FakeFhir) -> FakeFhir:
     c.seed_all(fake_fhir)
     fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
     return fake_fhir
-
-
-def serving(fake: FakeFhir, path: str) -> list[bytes]:
-    """``GET path`` answered with whatever bytes the returned one-slot list holds at the time."""
-    slot = [b""]
-    serve(fake, {("GET", path): lambda r: answer(slot[0])})
-    return slot
-
-
-async def kept(gw: GatewayUnderTest, path: str = CONDITIONS, actor: str = c.DOCTOR, **headers: str) -> set[str]:
-    status, _, body = await search(gw, path, actor=actor, **headers)
-    assert status in (200, 403), body
-    return ids_in(body) if status == 200 else set()
 
 
 async def invalidate(gw: GatewayUnderTest, patient: str) -> None:
