@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+
 
 @pytest.fixture(params=["whole", "views"])
 def make_gateway(request: pytest.FixtureRequest, make_gateway: Callable[..., Any]) -> Callable[..., Any]:
@@ -22,3 +25,12 @@ def make_gateway(request: pytest.FixtureRequest, make_gateway: Callable[..., Any
         return await make_gateway(upstream_url, **sections)
 
     return factory
+
+
+@pytest.fixture
+def world(fake_fhir: FakeFhir) -> FakeFhir:
+    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed). A
+    module may define its own ``world``."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
+    return fake_fhir

@@ -51,14 +51,6 @@ BEN_SECRETS = (c.BEN_CBC["id"], c.BEN_HYPERTENSION["id"], "Okafor")
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture
-def world(fake_fhir: FakeFhir) -> FakeFhir:
-    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed)."""
-    c.seed_all(fake_fhir)
-    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
-    return fake_fhir
-
-
 def jwt_config(issuer: LocalIssuer, **extra: Any) -> dict[str, Any]:
     return {"auth": {"mode": "jwt", "jwt": {"issuer": issuer.base_url, "audience": AUDIENCE}}, **extra}
 

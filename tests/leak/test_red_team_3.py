@@ -45,14 +45,6 @@ HIV_SECRETS = ("B20", "86406008", "Human immunodeficiency virus", c.HIV_CONDITIO
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture
-def world(fake_fhir: FakeFhir) -> FakeFhir:
-    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed)."""
-    c.seed_all(fake_fhir)
-    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
-    return fake_fhir
-
-
 def path_of(request: pytest.FixtureRequest) -> str:
     """``whole`` or ``views``: how the leak conftest runs this test."""
     callspec = getattr(request.node, "callspec", None)

@@ -39,14 +39,6 @@ CONDITIONS = f"/Condition?patient={c.PAT_ANA}"
 
 
 @pytest.fixture
-def world(fake_fhir: FakeFhir) -> FakeFhir:
-    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed)."""
-    c.seed_all(fake_fhir)
-    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
-    return fake_fhir
-
-
-@pytest.fixture
 def ben_opens_hiv(fake_fhir: FakeFhir) -> FakeFhir:
     """Ben's consent opens his HIV records (so they are released, DS4P-labelled); Ana's does not."""
     c.seed_all(fake_fhir)

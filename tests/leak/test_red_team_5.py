@@ -44,14 +44,6 @@ CONDITIONS = f"/Condition?patient={c.PAT_ANA}"
 BEN_CONDITIONS = f"/Condition?patient={c.PAT_BEN}"
 
 
-@pytest.fixture
-def world(fake_fhir: FakeFhir) -> FakeFhir:
-    """Ana's and Ben's records; both hold a general opt-in (sensitive data stays closed)."""
-    c.seed_all(fake_fhir)
-    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
-    return fake_fhir
-
-
 async def invalidate(gw: GatewayUnderTest, patient: str) -> None:
     async with gw.session.post(gw.admin_url + "/cache/invalidate", json={"patient": patient}) as resp:
         assert resp.status == 200
