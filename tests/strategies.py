@@ -21,6 +21,7 @@ import yaml
 from hypothesis import strategies as st
 
 from gateway.core import labels as labels_module
+from gateway.core.compartment import is_patient_data
 from gateway.core.compartment import (
     AUTHOR_ELEMENTS,
     CLINICAL_DATE,
@@ -379,7 +380,9 @@ def searchset_texts(draw: Draw) -> bytes:
         else:
             resource = draw(resources(rtype))
         entry: JSON = {"fullUrl": f"http://example.org/fhir/{rtype}/{number}", "resource": resource}
-        if draw(st.booleans()):
+        # Without a mode, an entry of no patient's data may be an included one, which views hand
+        # to the whole path (core.enforce.may_be_included): those always say they match.
+        if not is_patient_data(rtype) or draw(st.booleans()):
             entry["search"] = {"mode": "match", "score": decimal_marker(draw(decimal))}
         entries.append(entry)
     bundle: JSON = {"resourceType": "Bundle", "id": "b1", "meta": {"lastUpdated": "2024-05-01T10:00:00Z"},
