@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from gateway.core.compartment import is_patient_data, patients_of, references_of
 from gateway.core.fhir import JSON, relative_reference, resource_reference
 from gateway.core.errors import UpstreamUnavailable
+from gateway.core.memo import TextMemo
 from gateway.core.model import Decision, Reason, Verdict
 
 # judge(resource, the patients it belongs to) -> Decision
@@ -125,18 +126,13 @@ def owners_index(
 
 
 _NO_KEYS: Mapping[int, Hashable] = {}
-# Patients by content key (see owners_index); bounded by count and by the bytes of the keys'
-# texts, cleared when full.
-_OWNERS: dict[Hashable, frozenset[str]] = {}
-_OWNERS_MAX = 16_384
-_OWNERS_MAX_BYTES = 16 << 20
-_owners_bytes = [0]
+# Patients by content key (see owners_index).
+_OWNERS: TextMemo[frozenset[str]] = TextMemo(16_384, 16 << 20)
 
 
 def forget_owners() -> None:
     """Forget the patients remembered by content key."""
     _OWNERS.clear()
-    _owners_bytes[0] = 0
 
 
 def _index_into(
@@ -158,12 +154,7 @@ def _index_into(
                 if found is None:
                     found = patients_of(resource)
                     if key is not None:
-                        size = len(key) if isinstance(key, bytes) else 0
-                        if len(_OWNERS) >= _OWNERS_MAX or _owners_bytes[0] + size > _OWNERS_MAX_BYTES:
-                            _OWNERS.clear()
-                            _owners_bytes[0] = 0
-                        _OWNERS[key] = found
-                        _owners_bytes[0] += size
+                        _OWNERS.put(key, found)
                 index[id(resource)] = shared.setdefault(found, found)
             else:
                 _index_into(resource, index, shared, binaries)
@@ -425,11 +416,7 @@ class Enforcer:
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
-                        found = owners.get(id(resource)) if owners is not None else None
-                        if found is not None and "contained" not in resource:
-                            decision = judge(resource, found)  # judge_resource, inline for the common entry
-                        else:
-                            decision = judge_resource(resource, judge, owners)
+                        decision = judge_resource(resource, judge, owners)
                         keep = decision.verdict is not Verdict.DENY
                         if not keep:
                             removed.append((str(rtype), decision))

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from gateway.core.fhir import JSON
+from gateway.core.memo import TextMemo
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
 from gateway.core.sensitivity_codes import CODES
 
@@ -314,7 +315,6 @@ class LabelIndex:
         "sensitivity_scope_names",
         "coverage",
         "_memo",
-        "_memo_bytes",
     )
 
     def __init__(self) -> None:
@@ -331,8 +331,7 @@ class LabelIndex:
         self.resource_scope_names: frozenset[str] = frozenset()
         self.sensitivity_scope_names: frozenset[str] = frozenset()
         self.coverage: tuple[CoverageEntry, ...] = ()
-        self._memo: dict[Hashable, frozenset[Label]] = {}
-        self._memo_bytes = 0  # the texts its keys hold
+        self._memo: TextMemo[frozenset[Label]] = TextMemo(_MEMO_MAX, _MEMO_MAX_BYTES)
 
     # ------------------------------------------------------------------ building
 
@@ -374,23 +373,12 @@ class LabelIndex:
         found = self._memo.get(key)
         if found is None:
             found = self.labels_for(resource)
-            size = _text_size(key)
-            if len(self._memo) >= _MEMO_MAX or self._memo_bytes + size > _MEMO_MAX_BYTES:
-                self._memo.clear()
-                self._memo_bytes = 0
-            self._memo[key] = found
-            self._memo_bytes += size
+            self._memo.put(key, found)
         return found
 
     def forget(self) -> None:
         """Forget every remembered label set (what ``labels_keyed`` keeps)."""
         self._memo.clear()
-        self._memo_bytes = 0
-
-    def remembered(self) -> Callable[[Hashable], frozenset[Label] | None]:
-        """The lookup of what ``labels_keyed`` remembers (None: not remembered), for callers
-        that look up once per resource before they label."""
-        return self._memo.get
 
     def labels_remembered(self, resource: JSON) -> frozenset[Label]:
         """``labels_for(resource)``, remembered under the compact text of the elements the labels
@@ -556,15 +544,6 @@ class LabelIndex:
 _NO_LABELS: frozenset[Label] = frozenset()
 _MEMO_MAX = 16_384  # remembered label sets (core.view keys), cleared when full
 _MEMO_MAX_BYTES = 16 << 20  # ... or when their keys hold this many bytes of text
-
-
-def _text_size(key: Hashable) -> int:
-    """The bytes of text a memo key holds (a text, or a tuple of names and texts)."""
-    if isinstance(key, bytes):
-        return len(key)
-    if isinstance(key, tuple):
-        return sum(len(part) for part in key if isinstance(part, bytes))
-    return 0
 _NO_SCOPES: frozenset[str] = frozenset()
 
 

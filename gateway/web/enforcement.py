@@ -108,15 +108,11 @@ class ConsentEnforcement:
         by object identity when given. ``keys``: by object identity, the label keys of viewed
         resources or the content keys of resources parsed whole (core.view), under which equal
         texts are labelled once."""
-        own, keyed, remembered = self.labels.labels_remembered, self.labels.labels_keyed, self.labels.remembered()
+        own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             key = keys.get(id(resource)) if keys else None
-            if key is None:
-                found = own(resource)
-            else:
-                known = remembered(key)
-                found = keyed(key, resource) if known is None else known
+            found = own(resource) if key is None else keyed(key, resource)
             if source_labels:
                 extra = source_labels.get(resource_reference(resource) or "")
                 if extra:

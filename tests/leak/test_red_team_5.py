@@ -23,7 +23,6 @@ import pytest
 from aiohttp import web
 
 import gateway.core.enforce as enforce
-import gateway.core.labels as labels_module
 from tests.conftest import LABELS, GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
@@ -240,10 +239,10 @@ async def test_memos_cleared_at_their_bounds_between_and_within_answers(
     """The memos bounded to a few entries and ~2 KB: cleared while an answer is being decided
     and between answers (shuffled, with Ben's and Ana's records alike but for their subjects);
     every decision stays what it is without the memos, and the counted bytes stay in bounds."""
-    monkeypatch.setattr(enforce, "_OWNERS_MAX", 3)
-    monkeypatch.setattr(enforce, "_OWNERS_MAX_BYTES", 2_000)
-    monkeypatch.setattr(labels_module, "_MEMO_MAX", 3)
-    monkeypatch.setattr(labels_module, "_MEMO_MAX_BYTES", 2_000)
+    monkeypatch.setattr(enforce._OWNERS, "max_entries", 3)
+    monkeypatch.setattr(enforce._OWNERS, "max_bytes", 2_000)
+    monkeypatch.setattr(LABELS._memo, "max_entries", 3)
+    monkeypatch.setattr(LABELS._memo, "max_bytes", 2_000)
     records = [c.ANA_HYPERTENSION, c.HIV_CONDITION, c.ANA_CBC, c.BEN_HYPERTENSION, c.BEN_CBC,
                ben_hiv(), c.OUD_CONDITION, c.DEPRESSION, {**c.ANA_CBC, "id": "obs-cbc-rt5-2"}]
     served = serving(world, "/Condition")
@@ -257,9 +256,9 @@ async def test_memos_cleared_at_their_bounds_between_and_within_answers(
         assert status == 200, body
         assert ids_in(body) == expected
         assert leaks(body, headers, (*HIV_SECRETS, "cond-hiv-ben-5a1", "F11.20", "F32.9")) == []
-        assert len(enforce._OWNERS) <= 3 and enforce._owners_bytes[0] <= 2_000
-        assert enforce._owners_bytes[0] == sum(len(k) for k in enforce._OWNERS if isinstance(k, bytes))
-        assert len(LABELS._memo) <= 3 and LABELS._memo_bytes <= 2_000
+        assert len(enforce._OWNERS) <= 3 and enforce._OWNERS.held <= 2_000
+        assert enforce._OWNERS.held == sum(len(k) for k in enforce._OWNERS.entries if isinstance(k, bytes))
+        assert len(LABELS._memo) <= 3 and LABELS._memo.held <= 2_000
 
 
 async def test_consent_source_labels_of_a_remembered_record_follow_the_source(
@@ -337,8 +336,8 @@ def assert_remembered(request: pytest.FixtureRequest, raw: bytes) -> None:
     (so the test went through the memos, not around them)."""
     if path_of(request) == "whole":
         for text in entry_texts(raw):
-            assert text in enforce._OWNERS or len(text) > 4096, text[:80]
-            assert LABELS.remembered()(text) is not None, text[:80]
+            assert text in enforce._OWNERS.entries or len(text) > 4096, text[:80]
+            assert LABELS._memo.get(text) is not None, text[:80]
 
 
 @pytest.mark.parametrize("first", ["shadow", "break-glass", "projection", "batch"])

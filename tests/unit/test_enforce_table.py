@@ -125,18 +125,16 @@ def test_what_is_remembered_by_text_is_bounded_by_the_bytes_of_the_texts(monkeyp
     """Many distinct entries of the largest size remembered by their texts stay within a bound
     of bytes (not only of entries): patients and labels alike."""
     import gateway.core.enforce as enforce
-    import gateway.core.labels as labels
     from gateway.core.labels import LabelIndex
+    from gateway.core.memo import TextMemo
     from tests.conftest import LABELS
 
-    monkeypatch.setattr(labels, "_MEMO_MAX_BYTES", 64 * 1024)
-    monkeypatch.setattr(enforce, "_OWNERS_MAX_BYTES", 64 * 1024)
+    monkeypatch.setattr(enforce._OWNERS, "max_bytes", 64 * 1024)
     index = LabelIndex.__new__(LabelIndex)
     for name in LabelIndex.__slots__:
         setattr(index, name, getattr(LABELS, name))
-    index._memo, index._memo_bytes = {}, 0
+    index._memo = TextMemo(LABELS._memo.max_entries, 64 * 1024)
     enforce._OWNERS.clear()
-    enforce._owners_bytes[0] = 0
     for n in range(200):
         resource = cond(f"c{n}", "I10", note=[{"text": "x" * 3000}])
         raw = orjson.dumps(searchset(match(resource)))
@@ -146,6 +144,6 @@ def test_what_is_remembered_by_text_is_bounded_by_the_bytes_of_the_texts(monkeyp
         key = view.content_keys[id(body["entry"][0]["resource"])]
         enforce.owners_index(body, [], view.content_keys)
         index.labels_keyed(key, body["entry"][0]["resource"])
-        assert sum(len(k) for k in enforce._OWNERS if isinstance(k, bytes)) <= 64 * 1024
-        assert sum(len(k) for k in index._memo if isinstance(k, bytes)) <= 64 * 1024
+        assert sum(len(k) for k in enforce._OWNERS.entries if isinstance(k, bytes)) <= 64 * 1024
+        assert sum(len(k) for k in index._memo.entries if isinstance(k, bytes)) <= 64 * 1024
     assert enforce._OWNERS and index._memo

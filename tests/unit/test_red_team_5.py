@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gateway.core.enforce as enforce
-import gateway.core.labels as labels_module
 from gateway.core.compartment import patients_of
 from gateway.core.enforce import (
     Enforcer, _identities, owners_index, total_is_visible, scrub_compositions, withheld_slot,
     without_orphan_includes, SUPPRESSED_OUTCOME,
 )
 from gateway.core.judge import Facts, facts_of
-from gateway.core.labels import LabelIndex, _text_size
+from gateway.core.labels import LabelIndex
+from gateway.core.memo import TextMemo, text_size
 from gateway.core.links import LinkRewriter
 from gateway.core.model import Decision, Reason, Verdict
 from gateway.core.strict_json import has_duplicate_keys
@@ -130,7 +130,7 @@ def _labels_copy() -> LabelIndex:
     index = LabelIndex.__new__(LabelIndex)
     for name in LabelIndex.__slots__:
         setattr(index, name, getattr(LABELS, name))
-    index._memo, index._memo_bytes = {}, 0
+    index._memo = TextMemo(LABELS._memo.max_entries, LABELS._memo.max_bytes)
     return index
 
 
@@ -164,11 +164,10 @@ def test_an_entry_text_fixes_the_resource_it_keys(raw: bytes) -> None:
 def test_memos_account_their_bytes_exactly_and_stay_within_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """With small bounds, after every answer: the bytes the memos count are the bytes of their
     keys, never above the bound, and entries never above their count bound."""
-    monkeypatch.setattr(labels_module, "_MEMO_MAX_BYTES", 3_000)
-    monkeypatch.setattr(labels_module, "_MEMO_MAX", 5)
-    monkeypatch.setattr(enforce, "_OWNERS_MAX_BYTES", 3_000)
-    monkeypatch.setattr(enforce, "_OWNERS_MAX", 5)
+    monkeypatch.setattr(enforce._OWNERS, "max_bytes", 3_000)
+    monkeypatch.setattr(enforce._OWNERS, "max_entries", 5)
     index = _labels_copy()
+    index._memo.max_bytes, index._memo.max_entries = 3_000, 5
     for n in range(60):
         resources = [
             {"resourceType": "Condition", "id": f"c{n}-{i}", "subject": {"reference": f"Patient/p{i}"},
@@ -186,10 +185,10 @@ def test_memos_account_their_bytes_exactly_and_stay_within_them(monkeypatch: pyt
             r = resource["resource"]
             assert found[id(r)] == patients_of(r)
             assert index.labels_keyed(view.content_keys[id(r)], r) == LABELS.labels_for(r)
-        assert enforce._owners_bytes[0] == sum(len(k) for k in enforce._OWNERS if isinstance(k, bytes))
-        assert enforce._owners_bytes[0] <= 3_000 and len(enforce._OWNERS) <= 5
-        assert index._memo_bytes == sum(_text_size(k) for k in index._memo)
-        assert index._memo_bytes <= 3_000 and len(index._memo) <= 5
+        assert enforce._OWNERS.held == sum(len(k) for k in enforce._OWNERS.entries if isinstance(k, bytes))
+        assert enforce._OWNERS.held <= 3_000 and len(enforce._OWNERS) <= 5
+        assert index._memo.held == sum(text_size(k) for k in index._memo.entries)
+        assert index._memo.held <= 3_000 and len(index._memo) <= 5
 
 
 def test_a_remembered_empty_label_set_is_a_hit_not_a_miss() -> None:
@@ -197,7 +196,7 @@ def test_a_remembered_empty_label_set_is_a_hit_not_a_miss() -> None:
     empty set is remembered as such (a miss would label it again; a falsy test would too)."""
     index = _labels_copy()
     plain = {"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"}}
-    look = index.remembered()
+    look = index._memo.get
     assert look(b"k1") is None
     assert index.labels_keyed(b"k1", plain) == frozenset()
     assert look(b"k1") == frozenset() and look(b"k1") is not None

@@ -23,6 +23,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from gateway.core.memo import TextMemo
 from gateway.core import view as view_module
 from gateway.core.compartment import authors_of, clinical_date, main_codes, patients_of, profiles_of
 from gateway.core.consent import CompiledConsent, compile_consent
@@ -521,7 +522,7 @@ def test_a_meta_key_spelled_with_an_escape_decides_as_written_plainly(spelled: s
              b'"subject":{"reference":"Patient/p1"}}')
     escaped = plain.replace(b'"id":"a",', b'"id":"b",' + ESCAPED_META[spelled])
     index = copy.copy(LABELS)
-    index._memo = {}  # a memo of its own
+    index._memo = TextMemo(LABELS._memo.max_entries, LABELS._memo.max_bytes)  # a memo of its own
     answer = read_answer(searchset(entry(plain), entry(escaped)))
     assert answer is not None
     consents = by_patient([PROFILE_DENIED], None)
