@@ -32,7 +32,7 @@ from tests.leak.test_red_team_3 import (
 )
 from tests.sources.conftest import clinikapi, vendor_key  # noqa: F401 (fixtures)
 from tests.leak.test_side_doors import (
-    BUPNAL_MEDICATION, LISINOPRIL, MED_SECRETS, call, entries, ids_in, leaks, med_request,
+    BUPNAL_MEDICATION, LISINOPRIL, MED_SECRETS, batch, call, entries, ids_in, leaks, med_request,
 )
 
 MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
@@ -716,3 +716,47 @@ async def test_a_display_naming_a_withheld_record_is_scrubbed_whatever_else_is_e
         kept_one = by_id(body)["obs-names-hiv-rt5"] if how == "search" else got
         assert kept_one["note"] == [{"text": notes[other]}]
         assert kept_one["hasMember"] == [{"reference": HIV_REF}]
+
+
+# ================================================================ 6. the fixes above, through the side doors
+
+
+@pytest.mark.parametrize("status_mode", [403, 404])
+async def test_a_binary_standing_for_a_hidden_binary_stays_closed_in_a_batch_and_in_404_mode(
+    world: FakeFhir, make_gateway: MakeGateway, status_mode: int,
+) -> None:
+    """The Binary chain (A -> B -> Ana's HIV condition) read as batch entries and by its own
+    search, in 403 and 404 modes: neither Binary's data is in the raw bytes."""
+    outer = _binary("bin-outer-sd5", "Binary/bin-inner-sd5", CHAINED)
+    inner = _binary("bin-inner-sd5", HIV_REF, "inner " + CHAINED)
+    _everything_of(world, [outer, inner, c.ANA_CBC])
+    world.add(outer, inner)
+    gw = await make_gateway(world.base_url, enforcement={"denied_read_status": status_mode})
+    status, headers, body = await call(gw, "POST", "/", body=batch(
+        ("GET", "Binary/bin-outer-sd5"), ("GET", "Binary/bin-inner-sd5"), ("GET", f"Observation/{c.ANA_CBC['id']}")))
+    assert status == 200, body
+    assert leaks(body, headers, (outer["data"], inner["data"], HIV_ID)) == [], body[:400]
+    status, headers, body = await search(gw, "/Binary?_id=bin-outer-sd5,bin-inner-sd5")
+    assert status in (200, 403, 404), body
+    assert leaks(body, headers, (outer["data"], inner["data"], HIV_ID)) == [], body[:400]
+
+
+@pytest.mark.parametrize("status_mode", [403, 404])
+async def test_included_records_without_a_search_mode_stay_out_in_a_batch_and_in_404_mode(
+    world: FakeFhir, make_gateway: MakeGateway, status_mode: int,
+) -> None:
+    """The withheld buprenorphine order's Medication and Practitioner, included without any
+    ``search`` element, asked as a batch entry and directly, in 403 and 404 modes."""
+    program = {"resourceType": "Practitioner", "id": "pr-otp-sd5", "name": [{"text": "Opioid Treatment Program Clinic"}]}
+    order = med_request("medrx-bupnal-sd5", f"Medication/{BUPNAL_MEDICATION['id']}")
+    order["requester"] = {"reference": "Practitioner/pr-otp-sd5"}
+    raw = orjson.dumps(c.bundle([c.ANA_CBC, order], world.base_url, include=(BUPNAL_MEDICATION, program)))
+    raw = raw.replace(b',"search":{"mode":"include"}', b"")
+    serve(world, {("GET", "/MedicationRequest"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url, enforcement={"denied_read_status": status_mode})
+    query = f"MedicationRequest?patient={c.PAT_ANA}&_include=MedicationRequest:medication"
+    secrets = (*MED_SECRETS, "Opioid Treatment", "pr-otp-sd5", "medrx-bupnal-sd5")
+    for status, headers, body in (await search(gw, "/" + query), await call(gw, "POST", "/", body=batch(("GET", query)))):
+        assert status == 200, body
+        assert leaks(body, headers, secrets) == [], body[:600]
+        assert c.ANA_CBC["id"].encode() in body
