@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
@@ -49,10 +49,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _HTTP_ISSUE_CODES = {400: "invalid", 404: "not-found", 405: "not-supported", 413: "too-costly"}
 
 
+# The version (4) and variant (RFC 4122) bits of a random UUID, as uuid.UUID(version=4) sets them.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def fresh_request_id() -> str:
+    """A random UUID4 as 32 hex digits: ``uuid.uuid4().hex`` without building a UUID object,
+    which costs twice as much on every request that brings no id of its own."""
+    return "%032x" % ((int.from_bytes(os.urandom(16), "big") & _UUID4_CLEAR) | _UUID4_SET)
+
+
 def request_id_of(request: web.Request) -> str:
     """The caller's X-Request-Id when it is a sane token, else a fresh one."""
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    given = request.headers.get("X-Request-Id")
+    return given if given and _REQUEST_ID_OK.match(given) else fresh_request_id()
 
 
 def error_response(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from gateway.web.middleware import JsonLogFormatter
+from gateway.web.middleware import JsonLogFormatter, fresh_request_id
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir, Recorded
 from tests.unit._util import (
@@ -674,3 +675,12 @@ async def test_error_answers_carry_and_log_the_request_id(gw: GatewayUnderTest, 
     assert status == 401 and headers["X-Request-Id"] == "req-401"
     entries = [e for e in _log_entries(access_log) if e.get("request_id") == "req-401"]
     assert [e["status"] for e in entries] == [401]
+
+
+def test_a_made_request_id_is_a_random_uuid4_in_hex() -> None:
+    made = [fresh_request_id() for _ in range(200)]
+    assert len(set(made)) == 200
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert (len(value), parsed.hex, parsed.version, parsed.variant) == (32, value, 4, uuid.RFC_4122)
+
