@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote
 from dataclasses import dataclass
@@ -59,9 +60,21 @@ def _interaction(method: str, parts: tuple[str, ...]) -> str:
     }.get(method, "other")
 
 
+# Paths up to this long have their Route remembered (a Route is immutable): the path of a
+# search (its query aside) and of a much-read record repeat. Longer ones are parsed each time,
+# so the memo stays small.
+_REMEMBERED_PATH_MAX = 256
+
+
 def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
     """Route of ``raw_path``, served both at the root and under the upstream's base path."""
     path = raw_path.split("?", 1)[0]
+    if len(path) > _REMEMBERED_PATH_MAX:
+        return _route_of(method, path, base_prefix)
+    return _remembered_route(method, path, base_prefix)
+
+
+def _route_of(method: str, path: str, base_prefix: str) -> Route:
     prefix = ""
     if base_prefix and (path == base_prefix or path.startswith(base_prefix + "/")):
         prefix, path = base_prefix, path[len(base_prefix):]
@@ -75,6 +88,10 @@ def parse_route(method: str, raw_path: str, base_prefix: str) -> Route:
     rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None
     operation = next((p for p in parts if p.startswith("$")), None)
     return Route("/".join(raw_parts), parts, prefix, _interaction(method, parts), rtype, rid, operation)
+
+
+# A path that is not a FHIR path raises each time: exceptions are not remembered.
+_remembered_route = functools.lru_cache(maxsize=1024)(_route_of)
 
 
 METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")

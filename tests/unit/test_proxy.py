@@ -21,6 +21,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from gateway.core.errors import BadRequest
+from gateway.web import request as request_module
 from gateway.web.middleware import JsonLogFormatter, fresh_request_id
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir, Recorded
@@ -684,3 +686,25 @@ def test_a_made_request_id_is_a_random_uuid4_in_hex() -> None:
         parsed = uuid.UUID(hex=value)
         assert (len(value), parsed.hex, parsed.version, parsed.variant) == (32, value, 4, uuid.RFC_4122)
 
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+@pytest.mark.parametrize("path", [
+    "/fhir/Observation/obs-1", "/fhir/Observation", "/Patient/p1/$everything", "/fhir/Consent/c1/_history/2",
+    "/fhir", "/metadata", "/fhir/%24graphql", "/fhir/Observation/_search",
+])
+def test_a_remembered_route_is_the_route_parsed_afresh(method: str, path: str) -> None:
+    first = request_module.parse_route(method, f"{path}?patient=p1", "/fhir")
+    again = request_module.parse_route(method, f"{path}?patient=p2&_count=5", "/fhir")
+    fresh = request_module._route_of(method, path, "/fhir")
+    assert first == again == fresh
+    assert request_module.parse_route(method, path, "") == request_module._route_of(method, path, "")
+
+
+def test_routes_of_long_paths_are_not_remembered_and_bad_paths_refused_each_time() -> None:
+    long_path = "/fhir/Observation/" + "a" * 300
+    before = request_module._remembered_route.cache_info().currsize
+    assert request_module.parse_route("GET", long_path, "/fhir").resource_type == "Observation"
+    assert request_module._remembered_route.cache_info().currsize == before
+    for _ in range(2):
+        with pytest.raises(BadRequest):
+            request_module.parse_route("GET", "/fhir/Consent;x/1", "/fhir")
