@@ -157,8 +157,10 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # ``extra`` lands in the record's __dict__; none of FIELDS is a LogRecord attribute.
+        given = record.__dict__
         for name in self.FIELDS:
-            value = getattr(record, name, None)
+            value = given.get(name)
             if value is not None:
                 entry[name] = value
         if "request_id" not in entry:

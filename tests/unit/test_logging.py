@@ -89,3 +89,14 @@ def test_timestamps_are_utc_with_milliseconds_whatever_the_local_zone(monkeypatc
         monkeypatch.delenv("TZ")
         time.tzset()
     assert line["ts"] == "2026-05-28T20:26:40.042Z"
+
+
+def test_every_logged_field_comes_from_extra_and_none_is_left_out() -> None:
+    bare = logging.LogRecord("gateway", logging.INFO, __file__, 1, "x", None, None)
+    # The formatter reads the fields from the record's own dict: none may shadow a record attribute.
+    assert not [name for name in JsonLogFormatter.FIELDS if hasattr(bare, name)]
+    given = {name: f"v-{name}" for name in JsonLogFormatter.FIELDS}
+    record = logging.makeLogRecord({**bare.__dict__, **given, "status": None})
+    line = orjson.loads(JsonLogFormatter().format(record))
+    assert {k: v for k, v in line.items() if k in given} == {k: v for k, v in given.items() if k != "status"}
+    assert list(line)[4:] == [name for name in JsonLogFormatter.FIELDS if name != "status"]
