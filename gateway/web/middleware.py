@@ -123,6 +123,16 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     return response
 
 
+def log_line(logger: logging.Logger, message: str, fields: dict[str, object]) -> None:
+    """``logger.info(message, extra=fields)`` for the lines written on every request: the same
+    record, handlers and filters, without the caller lookup and the per-key checks of
+    ``extra`` (the callers' keys are JsonLogFormatter.FIELDS, none a LogRecord attribute)."""
+    if logger.isEnabledFor(logging.INFO):
+        record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, message, (), None, "(unknown function)")
+        record.__dict__.update(fields)
+        logger.handle(record)
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line; fields come from ``extra``.
 

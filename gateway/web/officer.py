@@ -29,7 +29,7 @@ from gateway.core.references import iter_resources
 from gateway.core.scopes import scoped
 from gateway.web.enforcement import Observed
 from gateway.web.exchange import Exchange
-from gateway.web.middleware import INFO
+from gateway.web.middleware import INFO, log_line
 from gateway.web.state import STATE, GatewayState
 
 decision_log = logging.getLogger("gateway.decision")
@@ -238,4 +238,4 @@ def log_decision(request: web.Request, outcome: Outcome, decision: str, shadow: 
             released=dict(sorted(outcome.released.items())),
             withheld=dict(sorted(outcome.withheld.items())),
         )
-    decision_log.info("decision", extra=extra)
+    log_line(decision_log, "decision", extra)

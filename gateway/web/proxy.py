@@ -34,7 +34,7 @@ from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
 from gateway.upstream import UpstreamResponse, end_to_end
-from gateway.web.middleware import INFO, Handler, RequestInfo
+from gateway.web.middleware import INFO, Handler, RequestInfo, log_line
 from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
     GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, reject_xml,
@@ -477,9 +477,10 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
 
 def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> None:
     """One structured access line per FHIR request; no ids, codes or bodies."""
-    access_log.info(
+    log_line(
+        access_log,
         "request",
-        extra={
+        {
             "request_id": info.request_id,
             "method": method,
             "interaction": info.interaction,

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.web.middleware import JsonLogFormatter
+from gateway.web.middleware import JsonLogFormatter, log_line
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
@@ -100,3 +100,20 @@ def test_every_logged_field_comes_from_extra_and_none_is_left_out() -> None:
     line = orjson.loads(JsonLogFormatter().format(record))
     assert {k: v for k, v in line.items() if k in given} == {k: v for k, v in given.items() if k != "status"}
     assert list(line)[4:] == [name for name in JsonLogFormatter.FIELDS if name != "status"]
+
+
+def test_a_hot_path_line_is_the_line_info_with_extra_writes(log_lines: Lines) -> None:
+    fields: dict[str, object] = {"request_id": "r-1", "method": "GET", "status": 200, "decision": "permit",
+                                 "released": {"Observation": 1}, "audit_id": None}
+    logger = logging.getLogger("gateway.access")
+    logger.info("request", extra=fields)
+    log_line(logger, "request", fields)
+    logger.setLevel(logging.WARNING)
+    try:
+        log_line(logger, "request", fields)  # below the logger's level: nothing is written
+    finally:
+        logger.setLevel(logging.NOTSET)
+    by_info, by_line = ({k: v for k, v in line.items() if k != "ts"} for line in log_lines.lines)
+    assert by_info == by_line == {"level": "info", "logger": "gateway.access", "msg": "request", "request_id": "r-1",
+                                  "method": "GET", "status": 200, "decision": "permit", "released": {"Observation": 1}}
+    assert len(log_lines.lines) == 2
