@@ -27,13 +27,25 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Headers without hop-by-hop ones, including any the Connection header names."""
-    named = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    """The (lower-case) names the Connection header lists: hop-by-hop for this connection."""
+    return {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+
+
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], dropped: frozenset[str] = HOP_BY_HOP,
+    dropped_prefixes: tuple[str, ...] = (),
+) -> CIMultiDict[str]:
+    """Headers without hop-by-hop ones, including any the Connection header names.
+
+    ``dropped`` (lower-case, a superset of HOP_BY_HOP) and ``dropped_prefixes`` name more
+    headers to leave out, every occurrence, in the same pass.
+    """
+    named = connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
+        if lower not in dropped and lower not in named and not lower.startswith(dropped_prefixes):
             out.add(name, value)
     return out
 

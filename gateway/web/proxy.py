@@ -33,7 +33,7 @@ from gateway.web.enforcement import Emergency, Observed
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
-from gateway.upstream import UpstreamResponse, end_to_end
+from gateway.upstream import HOP_BY_HOP, UpstreamResponse, connection_named, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo, log_line
 from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
@@ -49,6 +49,10 @@ _HOST_OK = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-
 _NOT_FORWARDED_REQUEST = GATEWAY_HEADERS | {"host", "content-length", "accept-encoding", "accept"}
 _NOT_FORWARDED_RESPONSE = frozenset({"content-length", "content-encoding", "server", "date"})
 _CONDITIONAL_READ = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
+# Each leg's headers left out in one pass: hop-by-hop, recomputed, and (a read) conditional.
+_DROPPED_REQUEST = HOP_BY_HOP | _NOT_FORWARDED_REQUEST
+_DROPPED_READ_REQUEST = _DROPPED_REQUEST | _CONDITIONAL_READ
+_DROPPED_RESPONSE = HOP_BY_HOP | _NOT_FORWARDED_RESPONSE
 # Headers of a stored resource the requester may not see.
 _RESOURCE_HEADERS = ("Location", "Content-Location", "ETag", "Last-Modified")
 
@@ -74,15 +78,10 @@ def link_rewriter(upstream_base: str, public: str) -> LinkRewriter:
 
 def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
     """End-to-end request headers minus the gateway's own; JSON asked of the upstream."""
-    headers = end_to_end(request.headers)
-    reading = request.method in ("GET", "HEAD")
-    for name in list(headers.keys()):
-        lower = name.lower()
-        # SECURITY: the requester's identity headers are the gateway's alone, whatever their suffix;
-        # a conditional read (304) would confirm a hidden record without a decision.
-        if (lower in _NOT_FORWARDED_REQUEST or lower.startswith(GATEWAY_HEADER_PREFIXES)
-                or (reading and lower in _CONDITIONAL_READ)):
-            del headers[name]
+    # SECURITY: the requester's identity headers are the gateway's alone, whatever their suffix;
+    # a conditional read (304) would confirm a hidden record without a decision.
+    dropped = _DROPPED_READ_REQUEST if request.method in ("GET", "HEAD") else _DROPPED_REQUEST
+    headers = end_to_end(request.headers, dropped, GATEWAY_HEADER_PREFIXES)
     headers["Accept"] = "application/fhir+json"
     headers["X-Request-Id"] = request_id
     return headers
@@ -141,15 +140,17 @@ def client_response(
     upstream: UpstreamResponse, links: LinkRewriter, body: bytes | Payload, decision: str
 ) -> web.Response:
     """The answer to the client: end-to-end upstream headers, URLs rewritten, decision header."""
-    headers = end_to_end(upstream.headers)
-    for name in list(headers.keys()):
+    named = connection_named(upstream.headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
         lower = name.lower()
-        if lower in _NOT_FORWARDED_RESPONSE:
-            del headers[name]
-        elif lower in ("location", "content-location"):
-            headers[name] = links.header(headers[name])
+        if lower in _DROPPED_RESPONSE or lower in named:
+            continue
+        if lower == "location" or lower == "content-location":
+            value = links.header(value)
         elif lower == "link":
-            headers[name] = links.link_header(headers[name])
+            value = links.link_header(value)
+        headers.add(name, value)
     headers["X-Consent-Decision"] = decision
     return web.Response(status=upstream.status, body=body, headers=headers)
 

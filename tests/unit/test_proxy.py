@@ -708,3 +708,34 @@ def test_routes_of_long_paths_are_not_remembered_and_bad_paths_refused_each_time
     for _ in range(2):
         with pytest.raises(BadRequest):
             request_module.parse_route("GET", "/fhir/Consent;x/1", "/fhir")
+
+
+async def test_repeated_headers_pass_each_leg_every_value_filtered_or_rewritten(gw: GatewayUnderTest, fhir: FakeFhir) -> None:
+    seen: list[CIMultiDict[str]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse | None:
+        if request.path != "/fhir/Practitioner/pr-osler":
+            return None
+        seen.append(CIMultiDict(request.headers))
+        return web.Response(body=orjson.dumps(OSLER), content_type=FHIR_JSON, headers=CIMultiDict([
+            ("Link", f'<{fhir.base_url}/Practitioner?page=2>; rel="next"'),
+            ("Link", f'<{fhir.base_url}/Practitioner?page=1>; rel="prev"'),
+            ("Server", "upstream-one"), ("Server", "upstream-two"),
+            ("X-Upstream-Note", "a"), ("X-Upstream-Note", "b"),
+        ]))
+
+    fhir.override = answer
+    sent = CIMultiDict([
+        ("X-Actor", DOC), ("Accept", "application/json"), ("Accept", "application/fhir+json"),
+        ("If-None-Match", 'W/"1"'), ("If-None-Match", 'W/"2"'), ("X-Note", "c"), ("X-Note", "d"),
+    ])
+    async with gw.session.get(gw.url + "/Practitioner/pr-osler", headers=sent) as resp:
+        status, headers = resp.status, resp.headers
+        await resp.read()
+    assert status == 200
+    (got,) = seen
+    assert (got.getall("Accept"), got.getall("X-Note"), "If-None-Match" in got) == ([FHIR_JSON], ["c", "d"], False)
+    links = headers.getall("Link")
+    assert len(links) == 2 and all(link.startswith(f"<{gw.url}/Practitioner?page=") for link in links), links
+    assert "upstream-" not in " ".join(headers.getall("Server", []))
+    assert headers.getall("X-Upstream-Note") == ["a", "b"]
