@@ -58,20 +58,23 @@ class UpstreamResponse:
     seconds: float
 
 
+def _too_large() -> UpstreamTooLarge:
+    return UpstreamTooLarge("The FHIR server's answer is larger than this gateway accepts.")
+
+
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The whole body, read chunk by chunk; UpstreamTooLarge (502) as soon as it passes ``limit``.
 
     SECURITY: an answer is never buffered beyond the limit, so no answer can exhaust memory.
     """
-    too_large = UpstreamTooLarge("The FHIR server's answer is larger than this gateway accepts.")
     if resp.content_length is not None and resp.content_length > limit:
-        raise too_large
+        raise _too_large()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large()
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
