@@ -8,6 +8,7 @@ claims, and the token's scopes travel with the actor as ``Grants``. The ``X-Acto
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from gateway.core.model import Actor
 from gateway.core.purpose import PURPOSE_CODES
 from gateway.core.scopes import Grants, parse_scopes
 from gateway.issuer import CHALLENGE, Issuer, invalid_token, no_token
-from gateway.web.request import Route, read_actor, read_purpose
+from gateway.web.request import Route, actor_headers, actor_of, read_purpose
 from gateway.web.state import GatewayState
 
 # fhirUser may name any of these (SMART App Launch: Practitioner, Patient, RelatedPerson, Person).
@@ -98,14 +99,28 @@ def identity_from_claims(claims: dict[str, Any], settings: Settings) -> Identity
     return Identity(Actor(actor_ref, organization=organization, role=role, grants=grants), purpose)
 
 
+# Header values up to this long (all three together) have their Identity remembered.
+_REMEMBERED_HEADERS_MAX = 512
+
+
 async def identify(request: web.Request, state: GatewayState) -> Identity:
     """The requester of ``request``: 401 without a valid identity, 400 for refused headers."""
     if state.issuer is None:
-        return Identity(read_actor(request))
+        given = actor_headers(request)
+        if sum(len(value) for value in given if value) > _REMEMBERED_HEADERS_MAX:
+            return Identity(actor_of(*given))
+        return _header_identity(*given)
     for name in request.headers:
         if name.lower().startswith(_HEADERS_REFUSED):
             raise BadRequest(f"The {name} header is not accepted: the access token says who is asking.")
     return identity_from_claims(await state.issuer.verify(bearer_token(request)), state.settings)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_identity(raw: str | None, org_raw: str | None, role: str | None) -> Identity:
+    """The Identity of X-Actor header values, remembered (both are immutable, and a requester
+    asks many times); values that are refused raise each time: exceptions are not remembered."""
+    return Identity(actor_of(raw, org_raw, role))
 
 
 def purpose_of(request: web.Request, settings: Settings, identity: Identity) -> str:

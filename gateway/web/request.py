@@ -131,15 +131,18 @@ def _reference(value: str, allowed: frozenset[str], what: str) -> str:
     return f"{rtype}/{rid}"
 
 
-def read_actor(request: web.Request) -> Actor:
-    """The requester from the X-Actor headers; missing or malformed X-Actor is a 401."""
-    raw = request.headers.get("X-Actor")
+def actor_headers(request: web.Request) -> tuple[str | None, str | None, str | None]:
+    """The raw X-Actor, X-Actor-Organization and X-Actor-Role values (None when absent)."""
+    headers = request.headers
+    return headers.get("X-Actor"), headers.get("X-Actor-Organization"), headers.get("X-Actor-Role")
+
+
+def actor_of(raw: str | None, org_raw: str | None, role: str | None) -> Actor:
+    """The requester the X-Actor header values name; missing or malformed X-Actor is a 401."""
     if not raw:
         raise Unauthenticated("X-Actor header is required.")
     reference = _reference(raw, ACTOR_TYPES, "X-Actor")
-    org_raw = request.headers.get("X-Actor-Organization")
     organization = _reference(org_raw, frozenset({"Organization"}), "X-Actor-Organization") if org_raw else None
-    role = request.headers.get("X-Actor-Role")
     if role is not None and not _ROLE.match(role):
         raise BadRequest("X-Actor-Role must be a v3 RoleCode such as PRCP.")
     return Actor(reference=reference, organization=organization, role=role)

@@ -18,10 +18,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 from multidict import CIMultiDict
 
 from gateway.core.errors import BadRequest
+from gateway.core.model import Actor
 from gateway.web import request as request_module
 from gateway.web.middleware import JsonLogFormatter, fresh_request_id
 from tests.conftest import GatewayUnderTest
@@ -739,3 +740,23 @@ async def test_repeated_headers_pass_each_leg_every_value_filtered_or_rewritten(
     assert len(links) == 2 and all(link.startswith(f"<{gw.url}/Practitioner?page=") for link in links), links
     assert "upstream-" not in " ".join(headers.getall("Server", []))
     assert headers.getall("X-Upstream-Note") == ["a", "b"]
+
+
+async def test_a_remembered_identity_is_the_identity_of_those_very_headers(gw: GatewayUnderTest) -> None:
+    from gateway.web import identity
+
+    first = identity._header_identity("Practitioner/doc-1", "Organization/org-stmary", "PRCP")
+    assert identity._header_identity("Practitioner/doc-1", "Organization/org-stmary", "PRCP") is first
+    assert first.actor == Actor("Practitioner/doc-1", organization="Organization/org-stmary", role="PRCP")
+    assert identity._header_identity("Practitioner/doc-1", None, None).actor == Actor("Practitioner/doc-1")
+    assert identity._header_identity("Practitioner/doc-2", "Organization/org-stmary", "PRCP").actor.reference == \
+        "Practitioner/doc-2"
+    for _ in range(2):  # a refusal is never remembered as an identity
+        with pytest.raises(BadRequest):
+            identity._header_identity("Practitioner/doc-1", None, "not a role")
+        status, _, _, _ = await send(gw, "GET", "/Practitioner/pr-osler", headers={"X-Actor-Role": "not a role"})
+        assert status == 400
+    before = identity._header_identity.cache_info().currsize
+    padded = make_mocked_request("GET", "/Practitioner/pr-osler", headers={"X-Actor": "Practitioner/doc-9" + " " * 600})
+    found = await identity.identify(padded, gw.state)
+    assert found.actor == Actor("Practitioner/doc-9") and identity._header_identity.cache_info().currsize == before
