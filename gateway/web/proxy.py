@@ -62,12 +62,27 @@ def public_base(request: web.Request, state: GatewayState, route: Route) -> str:
     configured = state.settings.public_base_url
     if configured:
         return configured
-    proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    scheme = proto if proto in ("http", "https") else request.scheme
-    host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip() or request.host
+    headers = request.headers
+    given = (headers.get("X-Forwarded-Proto", ""), headers.get("X-Forwarded-Host", ""), request.scheme, request.host)
+    if len(given[1]) + len(given[3]) > _REMEMBERED_HOSTS_MAX:
+        return _public_base.__wrapped__(*given, route.prefix)
+    return _public_base(*given, route.prefix)
+
+
+# Host values up to this long (forwarded and own together) have their base remembered.
+_REMEMBERED_HOSTS_MAX = 512
+
+
+@functools.lru_cache(maxsize=256)
+def _public_base(forwarded_proto: str, forwarded_host: str, scheme: str, host: str, prefix: str) -> str:
+    """The base for these header values, remembered: a client's values rarely change."""
+    proto = forwarded_proto.split(",")[0].strip().lower()
+    if proto in ("http", "https"):
+        scheme = proto
+    host = forwarded_host.split(",")[0].strip() or host
     if not _HOST_OK.match(host):
         host = "localhost"
-    return f"{scheme}://{host}{route.prefix}"
+    return f"{scheme}://{host}{prefix}"
 
 
 @functools.lru_cache(maxsize=64)

@@ -760,3 +760,32 @@ async def test_a_remembered_identity_is_the_identity_of_those_very_headers(gw: G
     padded = make_mocked_request("GET", "/Practitioner/pr-osler", headers={"X-Actor": "Practitioner/doc-9" + " " * 600})
     found = await identity.identify(padded, gw.state)
     assert found.actor == Actor("Practitioner/doc-9") and identity._header_identity.cache_info().currsize == before
+
+
+@pytest.mark.parametrize(("forwarded", "expected"), [
+    ({}, "http://gw.example.test/fhir"),
+    ({"X-Forwarded-Host": "ehr.example.org"}, "http://ehr.example.org/fhir"),
+    ({"X-Forwarded-Proto": "HTTPS, http", "X-Forwarded-Host": "ehr.example.org:8443, inner"}, "https://ehr.example.org:8443/fhir"),
+    ({"X-Forwarded-Proto": "gopher"}, "http://gw.example.test/fhir"),
+    ({"X-Forwarded-Host": "evil.example/x"}, "http://localhost/fhir"),
+])
+async def test_a_remembered_public_base_follows_each_requests_headers(
+    gw: GatewayUnderTest, forwarded: dict[str, str], expected: str
+) -> None:
+    from gateway.web.proxy import public_base
+
+    route = request_module.parse_route("GET", "/fhir/Observation/obs-1", "/fhir")
+    for _ in range(2):
+        request = make_mocked_request("GET", "/fhir/Observation/obs-1", headers={"Host": "gw.example.test", **forwarded})
+        assert public_base(request, gw.state, route) == expected
+
+
+async def test_long_hosts_are_not_remembered(gw: GatewayUnderTest) -> None:
+    from gateway.web import proxy
+
+    route = request_module.parse_route("GET", "/Observation/obs-1", "")
+    before = proxy._public_base.cache_info().currsize
+    host = "h" * 600 + ".example.org"
+    request = make_mocked_request("GET", "/Observation/obs-1", headers={"Host": "gw.example.test", "X-Forwarded-Host": host})
+    assert proxy.public_base(request, gw.state, route) == f"http://{host}"
+    assert proxy._public_base.cache_info().currsize == before
