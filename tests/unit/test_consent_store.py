@@ -261,3 +261,26 @@ async def test_failed_consent_write_keeps_the_cache(world: FakeFhir, gateway: Ga
     assert status == 409
     await call(gateway, "GET", CBC)
     assert len(consent_queries(world)) == 1
+
+
+async def test_a_cached_patient_is_asked_again_once_the_ttl_passes_or_it_is_evicted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+    from gateway.sources.store import ConsentStore
+    from tests.sources.test_change_feed import ListingSource, opt
+
+    source = ListingSource()
+    source.consents["Patient/a"] = [opt("Patient/a", "OPTIN")]
+    metrics = Metrics(CollectorRegistry())
+    store = ConsentStore(source, metrics, ttl_s=0.3, max_patients=10)
+    first = await store.get(["Patient/a"])
+    assert (await store.get(["Patient/a", "Patient/a"]))["Patient/a"] is first["Patient/a"]
+    assert source.fetches == [["Patient/a"]]
+    await asyncio.sleep(0.35)
+    await store.get(["Patient/a"])
+    store.invalidate("Patient/a")
+    await store.get(["Patient/a"])
+    assert source.fetches == [["Patient/a"]] * 3
+    hits = metrics.registry.get_sample_value(HITS)
+    assert (hits, metrics.registry.get_sample_value(MISSES)) == (1.0, 3.0)
