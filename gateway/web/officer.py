@@ -227,15 +227,26 @@ def log_decision(request: web.Request, outcome: Outcome, decision: str, shadow: 
         denied = (shadow or decision) == "deny"
         path, whole_path = loggable_path(ex.route.parts, denied)
         query, whole_query = loggable_query(ex.raw_query)
-        extra.update(
-            organization=ex.actor.organization, role=ex.actor.role, path=path, query=query,
-            replayable=whole_path and whole_query and ex.reason is None, interaction=ex.route.interaction,
-            break_glass=ex.reason is not None or None,
-            consents={
-                patient: [f"{c.id}/_history/{c.version}" if c.version else c.id for c in consents]
-                for patient, consents in sorted(outcome.consents.items())
-            },
-            released=dict(sorted(outcome.released.items())),
-            withheld=dict(sorted(outcome.withheld.items())),
-        )
+        actor = ex.actor
+        extra["organization"] = actor.organization
+        extra["role"] = actor.role
+        extra["path"] = path
+        extra["query"] = query
+        extra["replayable"] = whole_path and whole_query and ex.reason is None
+        extra["interaction"] = ex.route.interaction
+        extra["break_glass"] = ex.reason is not None or None
+        extra["consents"] = {
+            patient: [consent_version(c) for c in consents] for patient, consents in sorted(outcome.consents.items())
+        }
+        extra["released"] = _sorted_counts(outcome.released)
+        extra["withheld"] = _sorted_counts(outcome.withheld)
     log_line(decision_log, "decision", extra)
+
+
+def consent_version(consent: CompiledConsent) -> str:
+    """``Consent/<id>/_history/<version>``, or the bare id of a consent without a version."""
+    return f"{consent.id}/_history/{consent.version}" if consent.version else consent.id
+
+
+def _sorted_counts(counts: Counter[str]) -> dict[str, int]:
+    return dict(sorted(counts.items())) if len(counts) > 1 else dict(counts)
