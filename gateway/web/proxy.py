@@ -242,12 +242,13 @@ async def exchange_of(request: web.Request, state: GatewayState, body: bytes | N
     # Break-glass turns the purpose into emergency treatment.
     purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose
+    raw_query = request.rel_url.raw_query_string
     return Exchange(
-        method=request.method, route=route, raw_query=request.rel_url.raw_query_string,
+        method=request.method, route=route, raw_query=raw_query,
         actor=actor, purpose=purpose, reason=reason, body=body,
         content_type=request.headers.get("Content-Type", ""),
         if_none_exist=request.headers.get("If-None-Exist"),
-        query=list(request.query.items()),
+        query=list(request.query.items()) if raw_query else [],
     )
 
 
@@ -502,7 +503,8 @@ def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> N
             "interaction": info.interaction,
             "resource_type": info.resource_type,
             "status": status,
-            "duration_ms": round(seconds * 1000, 3),
+            # Whole microseconds in milliseconds: round(ms, 3) without its decimal conversion.
+            "duration_ms": round(seconds * 1_000_000) / 1000,
             "decision": info.decision,
             "actor": info.actor,
             "purpose": info.purpose,

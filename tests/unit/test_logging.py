@@ -117,3 +117,18 @@ def test_a_hot_path_line_is_the_line_info_with_extra_writes(log_lines: Lines) ->
     assert by_info == by_line == {"level": "info", "logger": "gateway.access", "msg": "request", "request_id": "r-1",
                                   "method": "GET", "status": 200, "decision": "permit", "released": {"Observation": 1}}
     assert len(log_lines.lines) == 2
+
+
+def test_the_access_lines_duration_is_milliseconds_rounded_to_three_places(log_lines: Lines) -> None:
+    import random
+
+    from gateway.web.middleware import RequestInfo
+    from gateway.web.proxy import log_access
+
+    draw = random.Random(19)
+    samples = [0.0, 0.0005, 0.0015, 0.0123456, 1.0, 29.9999996] + [
+        draw.random() * draw.choice((0.001, 0.01, 0.1, 1.0, 30.0)) for _ in range(2000)
+    ]
+    for seconds in samples:
+        log_access("GET", RequestInfo("r-1", 0.0), 200, seconds)
+    assert [line["duration_ms"] for line in log_lines.lines] == [round(s * 1000, 3) for s in samples]
