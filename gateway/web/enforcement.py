@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, preflight, summary_reads
+from gateway.core.decision import WHOLE_RESOURCE_READS, Policy, preflight, summary_reads
 from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
 from gateway.core.judge import (
     ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, labelling, overriding, unknown_denies,
@@ -194,7 +194,7 @@ class ConsentEnforcement:
             # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
             unknown = True
-        if views and any(summary_reads(c) is None for c in looked.consents.values()):
+        if views and any(_reads_whole(summary_reads(c)) for c in looked.consents.values()):
             raise ViewsInsufficient("the consents read codes or references anywhere in a resource")
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
@@ -218,6 +218,12 @@ class ConsentEnforcement:
         result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
         log_decisions(result)
         return result, emergency
+
+
+def _reads_whole(reads: frozenset[str] | None) -> bool:
+    """Whether consents reading ``reads`` read facts no view holds (codes, authors, references
+    anywhere in a resource; None: the resource as it is)."""
+    return reads is None or not reads.isdisjoint(WHOLE_RESOURCE_READS)
 
 
 def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolved: Resolved) -> None:

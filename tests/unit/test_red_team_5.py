@@ -22,6 +22,7 @@ from gateway.core.enforce import (
     Enforcer, _identities, owners_index, total_is_visible, scrub_compositions, withheld_slot,
     without_orphan_includes, SUPPRESSED_OUTCOME,
 )
+from gateway.core.decision import NOT_READ
 from gateway.core.judge import Facts, facts_of
 from gateway.core.labels import LabelIndex
 from gateway.core.memo import TextMemo, text_size
@@ -217,7 +218,7 @@ def test_facts_built_by_tuple_new_are_facts_with_every_field() -> None:
         expected = Facts(facts.rtype, owners, labels, frozenset({"s"}) if "scopes" in reads else frozenset(),
                          frozenset({"http://x/p"}), facts.date)
         assert facts == expected and hash(facts) == hash(expected)
-        assert (facts.date is None) == ("date" not in reads)
+        assert (facts.date is NOT_READ) == ("date" not in reads)
     odd = facts_of({"resourceType": 7, "meta": {"profile": "x"}}, owners, labels, frozenset(), frozenset())
     assert odd.rtype == "" and len(odd) == len(Facts._fields)
 
