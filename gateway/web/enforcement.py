@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import WHOLE_RESOURCE_READS, Policy, preflight, summary_reads
-from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
+from gateway.core.enforce import Enforced, Enforcer, Judge, apply, owners_index, patients_in
 from gateway.core.judge import (
     ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, labelling, overriding, unknown_denies,
 )
@@ -215,7 +215,10 @@ class ConsentEnforcement:
             judge = scoped(judge, actor.grants)
         if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
-        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
+        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
+        # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
+        # upstream's bytes, core.view).
+        apply(body, result)
         log_decisions(result)
         return result, emergency
 
