@@ -171,6 +171,42 @@ class _Request:
 _UNSET: Any = object()
 
 
+class _NotRead:
+    """The value of a fact the consents do not read (``Facts``): reading it is a defect."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_READ"
+
+
+NOT_READ: Any = _NotRead()
+# Facts read anywhere in a resource: no view of some of its elements holds them.
+WHOLE_RESOURCE_READS = frozenset({"codes", "authors", "data"})
+
+
+class FactNotRead(LookupError):
+    """A condition read a fact the record was built without (``Facts``, ``summary_reads``)."""
+
+
+class Facts(NamedTuple):
+    """What decides one resource besides the request and its patients' consents: its frozen
+    facts record. Built with only what the consents read (``core.judge.facts_of`` with
+    ``summary_reads``; the others hold ``NOT_READ``), it is itself the memo key
+    (``summary_key``) and all ``decide_facts`` reads."""
+
+    rtype: str
+    owners: frozenset[str]          # the patients it belongs to
+    labels: frozenset[Label]
+    scopes: frozenset[str]          # resource scopes; empty when no consent reads them
+    profiles: frozenset[str]
+    date: DateRange | None          # "date"
+    ref: str | None = NOT_READ       # its ``Type/id``: "data"
+    codes: frozenset[tuple[str, str]] = NOT_READ  # every coding anywhere in it: "codes"
+    references: frozenset[str] = NOT_READ          # every reference it makes: "data"
+    authors: frozenset[str] = NOT_READ             # its authors: "authors", "data"
+
+
 class _Facts:
     """The resource as the conditions see it; each fact is read at most once, on demand."""
 
@@ -247,6 +283,60 @@ class _Facts:
         if self._authors is _UNSET:
             self._authors = authors_of(self.resource)
         found: frozenset[str] = self._authors
+        return found
+
+
+def _read(value: Any, name: str) -> Any:
+    if value is NOT_READ:
+        raise FactNotRead(name)
+    return value
+
+
+class _RecordFacts(_Facts):
+    """A facts record as the conditions see it: every fact comes from the record, none from
+    a resource; a fact the record was built without raises ``FactNotRead``."""
+
+    __slots__ = ()
+
+    def __init__(self, facts: Facts, known_refs: Mapping[str, frozenset[str]] = NO_REFS) -> None:
+        self.resource = None  # type: ignore[assignment]
+        self.rtype = facts.rtype
+        self.labels = facts.labels
+        self.scopes = facts.scopes
+        self.known_refs = known_refs
+        self.related = NO_RELATED
+        self._ref, self._profiles, self._codes = facts.ref, facts.profiles, facts.codes
+        self._date, self._refs, self._authors = facts.date, facts.references, facts.authors
+        self._rank = _UNSET
+
+    @property
+    def ref(self) -> str | None:
+        found: str | None = _read(self._ref, "ref")
+        return found
+
+    @property
+    def profiles(self) -> frozenset[str]:
+        found: frozenset[str] = self._profiles
+        return found
+
+    @property
+    def codes(self) -> frozenset[tuple[str, str]]:
+        found: frozenset[tuple[str, str]] = _read(self._codes, "codes")
+        return found
+
+    @property
+    def date(self) -> DateRange | None:
+        found: DateRange | None = _read(self._date, "date")
+        return found
+
+    @property
+    def references(self) -> frozenset[str]:
+        found: frozenset[str] = _read(self._refs, "references")
+        return found
+
+    @property
+    def authors(self) -> frozenset[str]:
+        found: frozenset[str] = _read(self._authors, "authors")
         return found
 
 
@@ -614,6 +704,9 @@ def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
     return [v for v in applicable if stamp(v) == top]
 
 
+SELF_ACCESS = Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
+
+
 def decide(
     consents: Sequence[CompiledConsent],
     resource: JSON,
@@ -632,7 +725,7 @@ def decide(
     Deny-overrides stops at the first deny and reports only that reason.
     """
     if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
-        return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
+        return SELF_ACCESS
     req = _request_of(ctx)
     facts = _Facts(resource, labels, scopes, known_refs)
     return _combine(consents, req, facts, policy)
@@ -701,12 +794,35 @@ def decide_resource(
         return UNKNOWN_TYPE
     if patients is None:
         patients = patients_of(resource)
+    return _decide_patients(consents_by_patient, _Facts(resource, labels, scopes, known_refs), patients, ctx, policy)
+
+
+def decide_facts(
+    consents_by_patient: Mapping[str, Sequence[CompiledConsent]],
+    facts: Facts,
+    ctx: RequestContext,
+    policy: Policy,
+) -> Decision:
+    """``decide_resource`` from a resource's facts record alone: the same decision whenever the
+    record holds every fact the owners' consents read (``summary_reads``); a fact it was built
+    without raises ``FactNotRead`` (a defect, never a guess)."""
+    if facts.rtype not in R4_RESOURCE_TYPES:
+        return UNKNOWN_TYPE
+    return _decide_patients(consents_by_patient, _RecordFacts(facts), facts.owners, ctx, policy)
+
+
+def _decide_patients(
+    consents_by_patient: Mapping[str, Sequence[CompiledConsent]],
+    facts: _Facts,
+    patients: frozenset[str],
+    ctx: RequestContext,
+    policy: Policy,
+) -> Decision:
     if not patients:
-        if not (isinstance(rtype, str) and is_patient_data(rtype)):
+        if not is_patient_data(facts.rtype):
             return Decision(
                 Verdict.PERMIT, (Reason("", "", "non-patient-data"),), combining="non-patient-data"
             )
-        facts = _Facts(resource, labels, scopes, known_refs)
         req = _request_of(ctx)
         return _default_decision(req, facts, policy, (req.reason("", "", "no-patient"),), ())
     decisions = []
@@ -719,9 +835,10 @@ def decide_resource(
                 combining="fail-closed",
                 errors=(f"no consents looked up for {patient}",),
             )
-        found = decide(
-            consents, resource, labels, scopes, ctx, policy, known_refs=known_refs, patient=patient
-        )
+        if policy.patient_self_access and ctx.actor.reference == patient:
+            found = SELF_ACCESS
+        else:
+            found = _combine(consents, _request_of(ctx), facts, policy)
         if found.verdict is Verdict.DENY:
             return found
         decisions.append(found)
@@ -739,9 +856,10 @@ def decide_resource(
 def _content_reads(node: Provision, found: set[str]) -> None:
     if node.class_scopes or node.class_bare:
         found.add("scopes")
-    if node.codes is not None or node.authors is not None:
-        # Codes anywhere in the resource and its authors are not in any summary.
-        found.add("data")
+    if node.codes is not None:
+        found.add("codes")
+    if node.authors is not None:
+        found.add("authors")
     if node.data_period is not None:
         found.add("date")
     if node.data is not None:
@@ -751,27 +869,25 @@ def _content_reads(node: Provision, found: set[str]) -> None:
 
 
 def summary_reads(consents: Sequence[CompiledConsent]) -> frozenset[str] | None:
-    """What beyond type, profiles and labels these consents read of a resource.
-
-    A subset of {"scopes", "date"}: two resources of one patient that agree on the summary
-    (plus these) get the same decision, so a caller may reuse it; without "scopes" the
-    resource scopes need not be computed. None when no summary decides (a ``data``
-    condition names instances, a ``code`` condition reads every coding, an author actor
-    reads the author, or a consent has defects).
+    """What beyond type, patients, profiles and labels these consents read of a resource: a
+    subset of {"scopes", "date", "codes", "authors", "data"} (``data``: its own ``Type/id``,
+    the references it makes and its authors). A facts record holding these (``Facts``)
+    decides like the resource itself (``decide_facts``), so resources whose records agree get
+    one decision. None when no record decides: a consent has defects (the malformed-consent
+    rules read the resource as it is).
     """
     found: set[str] = set()
     for consent in consents:
         if consent.defects:
             return None
         _content_reads(consent.root, found)
-    return None if "data" in found else frozenset(found)
+    return frozenset(found)
 
 
-def summary_key(facts: Any, reads: frozenset[str]) -> Hashable:
-    """The memo key of a resource whose patients' consents read ``reads`` beyond the summary
-    (``summary_reads``): two resources with equal keys get the same decision. ``facts`` is a
-    ``core.judge.Facts`` built for ``reads`` (patients, type, labels, profiles; scopes and the
-    clinical date only when read), so it is the key itself."""
+def summary_key(facts: Facts, reads: frozenset[str]) -> Hashable:
+    """The memo key of a resource whose patients' consents read ``reads`` (``summary_reads``):
+    two resources with equal keys get the same decision. ``facts`` is built for ``reads``
+    (``core.judge.facts_of``: what is not read holds ``NOT_READ``), so it is the key itself."""
     key: Hashable = facts
     return key
 

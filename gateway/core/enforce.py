@@ -79,8 +79,14 @@ class Enforced:
     removed: list[tuple[str, Decision]] = field(default_factory=list)  # (resource type, why)
     deciding: list[Reason] = field(default_factory=list)
     changed: bool = False           # the body was altered (else its original bytes may be sent)
-    # The verdict per entry of a Bundle body: the indices of the entries kept (None: not a Bundle)
+    # The verdicts on a Bundle body's entries (None: not a Bundle), applied by ``apply``: the
+    # indices of the entries kept; in a batch/transaction answer every other entry becomes a
+    # refused slot (``slots``), in any other the "withheld" outcome entry may follow them.
     kept: list[int] | None = None
+    slots: str | None = None        # the status of a refused slot, in a batch/transaction answer
+    outcome_entry: bool = False     # the "some results were withheld" entry goes last
+    drop_total: bool = False        # Bundle.total goes
+    applied: bool = False
 
     @property
     def header(self) -> str:
@@ -314,6 +320,30 @@ def without_orphan_includes(entries: list[object], searchset: bool = True) -> li
     return out
 
 
+def apply(body: JSON, result: Enforced) -> None:
+    """Apply the verdicts ``Enforcer.decide`` gave on a Bundle body's entries to the parsed
+    tree (once): the kept entries stay in their order, the others go (or become refused slots
+    in a batch answer), the withheld outcome entry follows, total goes."""
+    if result.kept is None or result.applied or result.denied:
+        return
+    result.applied = True
+    _apply_bundle(body, result.kept, result.slots, result.outcome_entry, result.drop_total)
+
+
+def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: bool, drop_total: bool) -> None:
+    entries = bundle.get("entry")
+    if isinstance(entries, list) and (len(kept) != len(entries) or outcome):
+        if slots is not None:
+            keep = set(kept)
+            bundle["entry"] = [e if i in keep else {"response": withheld_slot(slots)} for i, e in enumerate(entries)]
+        else:
+            bundle["entry"] = [entries[i] for i in kept]
+            if outcome:
+                bundle["entry"].append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+    if drop_total:
+        bundle.pop("total", None)
+
+
 def total_is_visible(bundle: JSON) -> bool:
     """True when ``Bundle.total`` counts only entries of this very page (no next page, no
     ``_count=0``): then every match it counts has been decided and kept."""
@@ -352,13 +382,22 @@ class Enforcer:
         self.result.deciding.append(Reason("", "", "malformed-response"))
 
     def body(self, body: JSON) -> Enforced:
-        """Enforce a whole response body (a resource, a Bundle or Parameters)."""
+        """Enforce a whole response body (a resource, a Bundle or Parameters): ``decide``, then
+        ``apply`` the verdicts to it."""
+        result = self.decide(body)
+        apply(body, result)
+        return result
+
+    def decide(self, body: JSON) -> Enforced:
+        """Decide a whole response body. A Bundle's entries are not removed here: the verdict
+        per entry index is in the result, for ``apply``. What is kept may be rewritten in place
+        (a batch slot's error text, a document's sections naming withheld entries, Bundles and
+        Parameters inside entries, which are filtered as they are decided)."""
         rtype = body.get("resourceType")
         if not isinstance(rtype, str) or not rtype:
             self._malformed()
         elif rtype == "Bundle":
-            self.result.kept = []
-            self.bundle(body, self.result.kept)
+            self._bundle(body, top=True)
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
@@ -382,14 +421,24 @@ class Enforcer:
             return False
         return True
 
-    def bundle(self, bundle: JSON, kept_indices: list[int] | None = None) -> None:
-        """Decide a Bundle's entries and remove the withheld ones; ``kept_indices`` receives the
-        index of every entry kept (whole or, in batch answers, as a withheld slot: not kept)."""
+    def bundle(self, bundle: JSON) -> None:
+        """Decide a Bundle inside the body and remove its withheld entries at once."""
+        found = self._bundle(bundle, top=False)
+        if found is not None:
+            _apply_bundle(bundle, *found)
+
+    def _bundle(self, bundle: JSON, top: bool) -> tuple[list[int], str | None, bool, bool] | None:
+        """Decide a Bundle's entries: (indices kept, refused-slot status of a batch answer,
+        whether the withheld outcome entry follows, whether total goes), or None when nothing
+        is to be removed. For the body itself (``top``) the verdicts go into the result."""
         entries = bundle.get("entry")
         removed_before = len(self.result.removed)
         if entries is not None and not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
             self._malformed()
-            return
+            return None
+        kept_indices: list[int] = []
+        slots: str | None = None
+        outcome = False
         if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
             searchset = bundle.get("type") == "searchset"
@@ -406,7 +455,7 @@ class Enforcer:
                     keep = True
                 elif type(resource) is not dict:
                     self._malformed()
-                    return
+                    return None
                 else:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
@@ -422,37 +471,41 @@ class Enforcer:
                             removed.append((str(rtype), decision))
                 if keep:
                     kept.append(entry)
-                    if kept_indices is not None:
-                        kept_indices.append(index)
-                    continue
-                withheld.append((entry, resource))
-                if response_bundle:
-                    kept.append({"response": withheld_slot(self.withheld_status)})
+                    kept_indices.append(index)
+                else:
+                    withheld.append((entry, resource))
             if withheld and compositions:
                 gone = set().union(*(_identities(e, r) for e, r in withheld))
                 if scrub_compositions(kept, gone):
                     self.result.changed = True
-            if len(self.result.removed) > removed_before and not response_bundle and includes:
+            # Something was withheld here or inside a kept entry (a Bundle in an entry).
+            filtered = len(removed) > removed_before
+            if filtered and not response_bundle and includes:
                 orphans = without_orphan_includes(kept, searchset)
-                if kept_indices is not None and len(orphans) != len(kept):
+                if len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
-                    kept_indices[:] = [i for i in kept_indices if id(entries[i]) in left]
-                kept = orphans
-            if len(self.result.removed) > removed_before and not response_bundle:
-                # In 404 mode a hidden record is indistinguishable from a missing one: no
-                # outcome entry tells that something was withheld.
-                if not self.withheld_status.startswith("404"):
-                    kept.append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
-            if len(self.result.removed) > removed_before:
-                bundle["entry"] = kept
+                    kept_indices = [i for i in kept_indices if id(entries[i]) in left]
+            if response_bundle:
+                slots = self.withheld_status
+            # In 404 mode a hidden record is indistinguishable from a missing one: no outcome
+            # entry tells that something was withheld.
+            elif filtered and not self.withheld_status.startswith("404"):
+                outcome = True
+            if filtered:
                 self.result.changed = True
-        if "total" in bundle and (
-            self.drop_total or len(self.result.removed) > removed_before or not total_is_visible(bundle)
-        ):
+        filtered = len(self.result.removed) > removed_before
+        drop_total = "total" in bundle and (self.drop_total or filtered or not total_is_visible(bundle))
+        if drop_total:
             # SECURITY: Bundle.total would reveal how many entries were withheld, or count
             # matches on other pages (a joint record of another patient) never decided here.
-            del bundle["total"]
             self.result.changed = True
+        if top:
+            result = self.result
+            result.kept, result.slots, result.outcome_entry, result.drop_total = kept_indices, slots, outcome, drop_total
+            return None
+        if not filtered and not drop_total:
+            return None
+        return kept_indices, slots, outcome, drop_total
 
     def _scrub_response(self, entry: JSON) -> None:
         """An upstream error outcome in a batch slot keeps its codes, never its texts; a missing

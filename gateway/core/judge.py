@@ -1,11 +1,13 @@
-"""Deciding one resource: its facts, the consent judge over them, and the wrappers around it.
+"""Deciding one resource: its facts record, the consent judge over it, and the wrappers around it.
 
-``Facts`` is what decides a resource beyond its patients' consents: type, ``Type/id``,
-patients, labels, resource scopes, profiles and clinical date. ``ConsentJudge`` decides from
-facts; two resources whose facts agree on what the consents read (``decision.summary_key``)
+``decision.Facts`` is what decides a resource beyond the request and its patients' consents:
+type, patients, labels, resource scopes, profiles, and, only when a consent reads them, its
+clinical date, codes, ``Type/id``, references and authors (``facts_of``). ``ConsentJudge``
+decides from the record alone (``decision.decide_facts``); two resources whose records agree
 get one decision, remembered for the request and, through a ``DecisionCache``, across
 requests with the same consents, requester and purpose until the next period boundary of
-those consents. Consents that read codes or references anywhere decide each resource whole.
+those consents (a record naming its own instance, for ``data`` conditions, is not shared).
+Consents with defects decide each resource whole.
 
 Around the judge: break-glass and emergency windows (``overriding``), a Binary decided as
 what it stands for (``binaries_as_contexts``), consents that could not be read
@@ -17,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import DateRange, clinical_date, profiles_of
+from gateway.core.compartment import all_codes, authors_of, clinical_date, profiles_of, references_of
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, decide_resource, next_boundary, summary_key, summary_reads
+from gateway.core.decision import (
+    NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, decide_facts, decide_resource, next_boundary, summary_key,
+    summary_reads,
+)
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
@@ -37,27 +41,18 @@ BREAK_GLASS = Decision(Verdict.PERMIT, (Reason("", "", "break-glass"),), combini
 Labeler = Callable[[JSON], frozenset[Label]]
 
 
-class Facts(NamedTuple):
-    """What decides one resource besides its patients' consents (its summary). Built with only
-    what the consents read (``facts_of``), it is itself the memo key (``decision.summary_key``)."""
-
-    rtype: str
-    owners: frozenset[str]          # the patients it belongs to
-    labels: frozenset[Label]
-    scopes: frozenset[str]          # resource scopes; empty when no consent reads them
-    profiles: frozenset[str]
-    date: DateRange | None          # read only when a consent reads it
-
-
 _NO_PROFILES: frozenset[str] = frozenset()
 
 
 def facts_of(
     resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str]
 ) -> Facts:
-    """The facts of ``resource`` that ``reads`` (decision.summary_reads) need."""
+    """The facts record of ``resource`` with what ``reads`` (decision.summary_reads) needs; the
+    facts not read hold ``NOT_READ``."""
     rtype = resource.get("resourceType")
     meta = resource.get("meta")
+    whole = not reads.isdisjoint(WHOLE_RESOURCE_READS)
+    data = whole and "data" in reads
     # tuple.__new__: a NamedTuple's own constructor is a Python call, paid per resource.
     return _new_facts(Facts, (
         rtype if type(rtype) is str else "",
@@ -65,7 +60,11 @@ def facts_of(
         labels,
         scopes if "scopes" in reads else NO_SCOPES,
         profiles_of(resource) if type(meta) is dict and "profile" in meta else _NO_PROFILES,
-        clinical_date(resource) if "date" in reads else None,
+        clinical_date(resource) if "date" in reads else NOT_READ,
+        resource_reference(resource) if data else NOT_READ,
+        all_codes(resource) if whole and "codes" in reads else NOT_READ,
+        references_of(resource) if data else NOT_READ,
+        authors_of(resource) if whole and (data or "authors" in reads) else NOT_READ,
     ))
 
 
@@ -164,15 +163,17 @@ class ConsentJudge:
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        key = summary_key(facts_of(resource, owners, labels, scopes, reads), reads)
+        facts = facts_of(resource, owners, labels, scopes, reads)
+        key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:
             return found
-        shared = self._shared_key(owners, key)
+        # A record naming one instance ("data") decides that instance only: not shared.
+        shared = self._shared_key(owners, key) if "data" not in reads else None
         if shared is not None and self._cache is not None:
             found = self._cache.get(shared, self.ctx.now)
         if found is None:
-            found = decide_resource(self.consents, resource, labels, scopes, self.ctx, self.policy, patients=owners)
+            found = decide_facts(self.consents, facts, self.ctx, self.policy)
             if shared is not None and self._cache is not None:
                 self._cache.put(shared, found, self._boundary(owners))
         self._memo[key] = found

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
 from gateway.core.consent import CompiledConsent
-from gateway.core.decision import Policy, preflight, summary_reads
-from gateway.core.enforce import Enforced, Enforcer, Judge, owners_index, patients_in
+from gateway.core.decision import WHOLE_RESOURCE_READS, Policy, preflight, summary_reads
+from gateway.core.enforce import Enforced, Enforcer, Judge, apply, owners_index, patients_in
 from gateway.core.judge import (
     ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, labelling, overriding, unknown_denies,
 )
@@ -70,6 +70,7 @@ class Observed:
 
     labels: dict[int, frozenset[Label]] = field(default_factory=dict)
     consents: Mapping[str, tuple[CompiledConsent, ...]] = field(default_factory=dict)
+    owners: Mapping[int, frozenset[str]] = field(default_factory=dict)  # patients, by object identity
 
 
 class ConsentEnforcement:
@@ -194,14 +195,14 @@ class ConsentEnforcement:
             # then audited as one consent would have denied (CONTRACT §7).
             looked = Looked(RequestContext(actor=actor, purpose=purpose, now=datetime.now(timezone.utc)), {})
             unknown = True
-        if views and any(summary_reads(c) is None for c in looked.consents.values()):
+        if views and any(_reads_whole(summary_reads(c)) for c in looked.consents.values()):
             raise ViewsInsufficient("the consents read codes or references anywhere in a resource")
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
         if observed is not None:
-            observed.consents = looked.consents
+            observed.consents, observed.owners = looked.consents, index
         seen = observed.labels if observed is not None else None
         keys = label_keys or content_keys
         # Consents that could not be read decide nothing, but what is released under break-glass
@@ -215,9 +216,18 @@ class ConsentEnforcement:
             judge = scoped(judge, actor.grants)
         if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
-        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).body(body)
+        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
+        # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
+        # upstream's bytes, core.view).
+        apply(body, result)
         log_decisions(result)
         return result, emergency
+
+
+def _reads_whole(reads: frozenset[str] | None) -> bool:
+    """Whether consents reading ``reads`` read facts no view holds (codes, authors, references
+    anywhere in a resource; None: the resource as it is)."""
+    return reads is None or not reads.isdisjoint(WHOLE_RESOURCE_READS)
 
 
 def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolved: Resolved) -> None:

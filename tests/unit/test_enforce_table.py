@@ -9,7 +9,7 @@ import msgspec
 import orjson
 import pytest
 
-from gateway.core.enforce import Enforcer
+from gateway.core.enforce import Enforcer, apply
 from gateway.core.model import Decision, Reason, Verdict
 from gateway.core.view import WHOLE_TYPES, read_answer, spans_of
 
@@ -67,6 +67,35 @@ def test_kept_indices(body: JSON, kept: list[int] | None) -> None:
     parsed = orjson.loads(orjson.dumps(body))
     result = Enforcer(judge, drop_total=True).body(parsed)
     assert result.kept == kept
+
+
+@pytest.mark.parametrize(("body", "kept"), [(b, k) for _, b, k in TABLE], ids=[n for n, _, _ in TABLE])
+@pytest.mark.parametrize("status", ["403 Forbidden", "404 Not Found"])
+def test_verdicts_are_applied_afterwards(body: JSON, kept: list[int] | None, status: str) -> None:
+    """``decide`` gives the verdict per entry index and removes no entry; ``apply`` then gives
+    exactly the body ``body()`` gives (which decides and applies), once."""
+    decided, whole = orjson.loads(orjson.dumps(body)), orjson.loads(orjson.dumps(body))
+    entries = decided.get("entry")
+    result = Enforcer(judge, drop_total=True, withheld_status=status).decide(decided)
+    assert result.kept == kept
+    if entries is not None:
+        assert decided["entry"] is entries and len(entries) == len(body["entry"])
+    apply(decided, result)
+    Enforcer(judge, drop_total=True, withheld_status=status).body(whole)
+    assert orjson.dumps(decided) == orjson.dumps(whole)
+    if kept is not None and body.get("type") == "searchset":
+        left = [e for e in decided["entry"] if e.get("search", {}).get("mode") != "outcome"]
+        assert len(left) == len(kept)
+        for entry, index in zip(left, kept):  # the kept entries, in order (a nested Bundle filtered inside)
+            assert entry.get("fullUrl") == body["entry"][index].get("fullUrl")
+            if entry.get("resource", {}).get("resourceType") != "Bundle":
+                assert orjson.dumps(entry) == orjson.dumps(body["entry"][index])
+        # Something withheld, here or inside a kept entry: told in 403 mode, never in 404 mode.
+        assert any(e.get("search", {}).get("mode") == "outcome" for e in decided["entry"]) == (
+            bool(result.removed) and status.startswith("403"))
+        assert "total" not in decided
+    apply(decided, result)  # once: a second apply changes nothing
+    assert orjson.dumps(decided) == orjson.dumps(whole)
 
 
 @pytest.mark.parametrize(("body", "kept"), [(b, k) for _, b, k in TABLE if b.get("type") == "searchset"],

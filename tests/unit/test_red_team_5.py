@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 import gateway.core.enforce as enforce
 from gateway.core.compartment import patients_of
 from gateway.core.enforce import (
-    Enforcer, _identities, owners_index, total_is_visible, scrub_compositions, withheld_slot,
+    Enforced, Enforcer, _identities, owners_index, total_is_visible, scrub_compositions, withheld_slot,
     without_orphan_includes, SUPPRESSED_OUTCOME,
 )
+from gateway.core.decision import NOT_READ
 from gateway.core.judge import Facts, facts_of
 from gateway.core.labels import LabelIndex
 from gateway.core.memo import TextMemo, text_size
@@ -217,7 +218,7 @@ def test_facts_built_by_tuple_new_are_facts_with_every_field() -> None:
         expected = Facts(facts.rtype, owners, labels, frozenset({"s"}) if "scopes" in reads else frozenset(),
                          frozenset({"http://x/p"}), facts.date)
         assert facts == expected and hash(facts) == hash(expected)
-        assert (facts.date is None) == ("date" not in reads)
+        assert (facts.date is NOT_READ) == ("date" not in reads)
     odd = facts_of({"resourceType": 7, "meta": {"profile": "x"}}, owners, labels, frozenset(), frozenset())
     assert odd.rtype == "" and len(odd) == len(Facts._fields)
 
@@ -239,6 +240,14 @@ def judge(resource: JSON, owners: frozenset[str]) -> Decision:
 class ReferenceEnforcer(Enforcer):
     """The Bundle loop as it was: every entry judged through ``_keep``, the Composition and
     orphan passes run whenever something was withheld."""
+
+    def body(self, body: JSON) -> Enforced:
+        """The Bundle body filtered in place as it is decided."""
+        if body.get("resourceType") != "Bundle":
+            return super().body(body)
+        self.result.kept = []
+        self.bundle(body, self.result.kept)
+        return self.result
 
     def bundle(self, bundle: JSON, kept_indices: list[int] | None = None) -> None:
         entries = bundle.get("entry")
@@ -343,7 +352,7 @@ def entries_of(draw: Any, depth: int = 0) -> list[JSON]:
 
 
 @settings(max_examples=500, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(entries_of(), st.sampled_from(["searchset", "document", "collection"]), st.booleans())
+@given(entries_of(), st.sampled_from(["searchset", "document", "collection", "batch-response"]), st.booleans())
 def test_the_flagged_loop_decides_and_rewrites_exactly_as_the_passes_run_always(
     entries: list[JSON], btype: str, not_found: bool,
 ) -> None:
