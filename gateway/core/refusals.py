@@ -52,6 +52,18 @@ def conditional_write(method: str, parts: tuple[str, ...], has_query: bool, if_n
     return None
 
 
+def _confining(params: Iterable[str]) -> frozenset[str]:
+    # Patient?link= finds other (linked) patients: it confines nothing.
+    links = set(params) - {"link"}
+    if "subject" in links or "patient" in links:
+        links.add("patient")  # R4 defines ``patient`` (subject as a Patient) wherever ``subject`` is
+    return frozenset(links)
+
+
+# The search parameters that confine a search of each type to patients, built once.
+_CONFINING = {rtype: _confining(params) for rtype, params in PATIENT_COMPARTMENT.items()}
+
+
 def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> frozenset[str] | None:
     """The patients a request is confined to, or None when it is not confined.
 
@@ -65,12 +77,9 @@ def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> 
         if not _FHIR_ID.match(parts[1]):
             return None
         found.add(f"Patient/{parts[1]}")
-    # Patient?link= finds other (linked) patients: it confines nothing.
-    links = set(PATIENT_COMPARTMENT.get(rtype, {})) - {"link"}
-    if "subject" in links or "patient" in links:
-        links.add("patient")  # R4 defines ``patient`` (subject as a Patient) wherever ``subject`` is
+    links = _CONFINING.get(rtype, frozenset())
     if rtype == "Patient" and len(parts) == 1:
-        links.add("_id")
+        links = links | {"_id"}
     for name, value in query:
         base, _, modifier = name.partition(":")
         if base not in links or modifier not in ("", "Patient"):
