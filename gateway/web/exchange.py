@@ -335,6 +335,9 @@ async def _stored_consent(state: GatewayState, consent_id: str) -> JSON | None:
 
 
 def prepare_projection(ex: Exchange) -> None:
+    if not ex.query:
+        ex.projection = None  # what from_query answers for no parameters, without building them
+        return
     ex.projection = Projection.from_query(
         [v for k, v in ex.query if k.split(":", 1)[0] == "_elements"],
         [v for k, v in ex.query if k.split(":", 1)[0] == "_summary"],
