@@ -133,6 +133,10 @@ def log_line(logger: logging.Logger, message: str, fields: dict[str, object]) ->
         logger.handle(record)
 
 
+# ".000Z" to ".999Z": a timestamp's tail, formatted once.
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line; fields come from ``extra``.
 
@@ -158,7 +162,8 @@ class JsonLogFormatter(logging.Formatter):
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int(record.msecs):03d}Z"
+        millis = int(record.msecs)
+        return self._prefix + (_MILLIS[millis] if 0 <= millis < 1000 else f".{millis:03d}Z")
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {

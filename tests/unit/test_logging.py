@@ -132,3 +132,14 @@ def test_the_access_lines_duration_is_milliseconds_rounded_to_three_places(log_l
     for seconds in samples:
         log_access("GET", RequestInfo("r-1", 0.0), 200, seconds)
     assert [line["duration_ms"] for line in log_lines.lines] == [round(s * 1000, 3) for s in samples]
+
+
+@pytest.mark.parametrize(("created", "msecs", "tail"), [
+    (1_780_000_000.0, 0.0, "40.000Z"), (1_780_000_000.007, 7.9, "40.007Z"), (1_780_000_000.9999, 999.9, "40.999Z"),
+    (1_780_000_001.5, 500.0, "41.500Z"),
+])
+def test_each_millisecond_is_written_with_three_digits(created: float, msecs: float, tail: str) -> None:
+    formatter = JsonLogFormatter()
+    record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "x", None, None)
+    record.created, record.msecs = created, msecs
+    assert orjson.loads(formatter.format(record))["ts"] == f"2026-05-28T20:26:{tail}"
