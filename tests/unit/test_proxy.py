@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -681,8 +682,8 @@ async def test_error_answers_carry_and_log_the_request_id(gw: GatewayUnderTest, 
 
 
 def test_a_made_request_id_is_a_random_uuid4_in_hex() -> None:
-    made = [fresh_request_id() for _ in range(200)]
-    assert len(set(made)) == 200
+    made = [fresh_request_id() for _ in range(700)]  # more than two pools of random bytes
+    assert len(set(made)) == 700
     for value in made:
         parsed = uuid.UUID(hex=value)
         assert (len(value), parsed.hex, parsed.version, parsed.variant) == (32, value, 4, uuid.RFC_4122)
@@ -789,3 +790,20 @@ async def test_long_hosts_are_not_remembered(gw: GatewayUnderTest) -> None:
     request = make_mocked_request("GET", "/Observation/obs-1", headers={"Host": "gw.example.test", "X-Forwarded-Host": host})
     assert proxy.public_base(request, gw.state, route) == f"http://{host}"
     assert proxy._public_base.cache_info().currsize == before
+
+
+def test_a_forked_process_makes_request_ids_of_its_own() -> None:
+    fresh_request_id()  # the pool holds bytes a child would otherwise share
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, " ".join(fresh_request_id() for _ in range(4)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split())
+    ours = {fresh_request_id() for _ in range(4)}
+    assert len(theirs) == 4 and not theirs & ours
