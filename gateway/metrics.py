@@ -97,6 +97,8 @@ class Metrics:
         # Filled as answers come; the keys come from closed sets (methods, interactions, statuses).
         self._answered: dict[tuple[str, str, int], Counter] = {}
         self._filtered: dict[tuple[str, str], Counter] = {}
+        self._errored: dict[str, Counter] = {}  # error codes: the gateway's own and http-<status>
+        self._shadowed: dict[str, Counter] = {d: self.shadow_decisions.labels(d) for d in DECISIONS}
 
     def observe_request(self, method: str, interaction: str, status: int, seconds: float) -> None:
         """Count one answered request (unknown methods are folded into ``other``)."""
@@ -114,6 +116,20 @@ class Metrics:
     def count_decision(self, decision: str) -> None:
         """Count one request's consent decision (``permit``, ``filtered`` or ``deny``)."""
         self._decided[decision].inc()
+
+    def count_error(self, code: str) -> None:
+        """Count one error answer by its code (``GatewayError.code``, ``http-404``, ...)."""
+        counter = self._errored.get(code)
+        if counter is None:
+            counter = self._errored[code] = self.errors.labels(code)
+        counter.inc()
+
+    def count_shadow(self, decision: str) -> None:
+        """Count one would-be decision of shadow mode (``permit``, ``filtered`` or ``deny``)."""
+        counter = self._shadowed.get(decision)
+        if counter is None:
+            counter = self._shadowed[decision] = self.shadow_decisions.labels(decision)
+        counter.inc()
 
     def count_filtered(self, resource_type: str, reason: str, count: int = 1) -> None:
         """Count removed resources; the caller passes only known FHIR type names."""

@@ -45,7 +45,7 @@ def build_drain_middleware(drain: Drain, metrics: Metrics) -> Middleware:
             if task not in drain.cut:
                 raise
             task.uncancel()
-            metrics.errors.labels("shutting-down").inc()
+            metrics.count_error("shutting-down")
             return error_response(
                 503, "transient", "The gateway is shutting down; retry the request.", "shutting-down",
                 {"Retry-After": "1", "Connection": "close"},

@@ -117,18 +117,18 @@ def build_error_middleware(metrics: Metrics) -> Middleware:
         try:
             return await handler(request)
         except GatewayError as exc:
-            metrics.errors.labels(exc.code).inc()
+            metrics.count_error(exc.code)
             return error_response(exc.status, exc.issue_code, exc.message, exc.code, exc.headers)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            metrics.errors.labels(f"http-{exc.status}").inc()
+            metrics.count_error(f"http-{exc.status}")
             return _from_http_exception(exc)
         except Exception:
             # SECURITY: the trace goes to the log only; the body says nothing about internals.
             info = request.get(INFO)
             log.exception("unhandled error", extra={"request_id": info.request_id if info else None})
-            metrics.errors.labels("internal-error").inc()
+            metrics.count_error("internal-error")
             return error_response(500, "exception", "Internal error.", "internal-error")
 
     return error_middleware

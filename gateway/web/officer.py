@@ -220,7 +220,7 @@ def finish(request: web.Request, response: web.StreamResponse) -> None:
     if is_shadow(state):
         shadow = outcome.shadow or decision
         response.headers[SHADOW_HEADER] = shadow
-        state.metrics.shadow_decisions.labels(shadow).inc()
+        state.metrics.count_shadow(shadow)
     log_decision(request, outcome, decision, shadow, response.status)
 
 
