@@ -63,6 +63,12 @@ def is_shadow(state: GatewayState) -> bool:
     return state.settings.enforcement.mode == "shadow"
 
 
+def open_outcome(request: web.Request, ex: Exchange) -> None:
+    """Start the request's Outcome once its Exchange is read: the handler's first step, so
+    there is none yet (outcome_of would first look for one, and raise and catch a KeyError)."""
+    request[OUTCOME] = Outcome(exchange=ex)
+
+
 def outcome_of(request: web.Request) -> Outcome:
     found = request.get(OUTCOME)
     if found is None:

@@ -261,7 +261,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     info = request[INFO]
     ex = await exchange_of(request, state, None)
-    officer.outcome_of(request).exchange = ex
+    officer.open_outcome(request, ex)
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
     try:
