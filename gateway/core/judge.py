@@ -164,6 +164,12 @@ class ConsentJudge:
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
         facts = facts_of(resource, owners, labels, scopes, reads)
+        if "codes" in reads and "medicationReference" in resource:
+            # SECURITY: the drug an order names by reference is its code as much as an inline
+            # medicationCodeableConcept (CONTRACT §5 ``code``; the labels follow it the same way).
+            medication = self.resolved.medication_of(resource)
+            if isinstance(medication, dict):
+                facts = facts._replace(codes=facts.codes | all_codes(medication))
         key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:

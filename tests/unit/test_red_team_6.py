@@ -46,7 +46,6 @@ DIABETES = "E11.9"        # ICD-10-CM: type 2 diabetes mellitus without complica
 PSYCHIATRIST = "Practitioner/dr-psy"
 OPEN = Policy(default_decision="permit")
 # Doors found open, each closed by the commit that removes its marker.
-HOLE_MEDICATION = pytest.mark.xfail(strict=True, reason="code conditions do not see the Medication an order names")
 HOLE_SPELLING = pytest.mark.xfail(strict=True, reason="code conditions read one spelling of a code")
 HOLE_NO_SYSTEM = pytest.mark.xfail(strict=True, reason="Codings without system outside coding lists are not read")
 HOLE_AUTHORS = pytest.mark.xfail(strict=True, reason="author actors miss author elements")
@@ -105,7 +104,6 @@ def medication(value: str, rid: str = "m1", system: str = RXNORM) -> JSON:
 # ================================================================ 1. codes: every spelling, every place
 
 
-@HOLE_MEDICATION
 def test_a_code_condition_covers_the_medication_an_order_names_by_reference() -> None:
     """"Do not share my lisinopril orders": the order names its drug by ``medicationReference``
     (the Medication in the answer or read from the server): it is the order's code as much as an
@@ -123,7 +121,6 @@ def test_a_code_condition_covers_a_contained_medication() -> None:
     assert verdict(deny(code=code(RXNORM, LISINOPRIL)), contained, Resolved()) == "deny"
 
 
-@HOLE_MEDICATION
 def test_orders_with_one_text_and_different_medications_get_their_own_decisions() -> None:
     """Two orders alike but for the drug they name: one record each, within a request (memo) and
     across requests (the DecisionCache)."""
@@ -366,7 +363,6 @@ def test_the_record_holds_nothing_the_consents_do_not_read() -> None:
     assert one == facts_of(condition(SNOMED, "I10", rid="c2"), OWNERS, frozenset(), frozenset(), reads)
 
 
-@HOLE_MEDICATION
 def test_the_judge_decides_the_medication_codes_like_the_whole_resource_path() -> None:
     """The whole-resource path (consents with defects) and the record path agree on an order
     whose drug a code condition names."""
