@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from gateway.core.fhir import JSON, iter_codings, relative_reference
+from gateway.core.labels import code_spellings
 
 Path = tuple[str, ...]
 
@@ -461,7 +462,8 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
 
     R4 ``provision.code``: "if this code is found in an instance, then the rule applies", so
     a reasonCode, a category, a medication or a value counts like the main code. A Coding
-    is any object with a string ``code`` and a ``system`` (or inside a ``coding`` list).
+    is any object with a string ``code`` and a ``system`` (or inside a ``coding`` list). A code
+    of a known system is also given as the labels read it (``labels.code_spellings``).
     """
     found: set[tuple[str, str]] = set()
     stack: list[Any] = [resource]
@@ -480,7 +482,7 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
-    return frozenset(found)
+    return code_spellings(frozenset(found))
 
 
 def references_of(resource: JSON) -> frozenset[str]:

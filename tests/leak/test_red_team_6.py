@@ -41,7 +41,6 @@ LISINOPRIL = {"resourceType": "Medication", "id": "med-lis-rt6",
 LISINOPRIL_SECRETS = ("314076", "lisinopril", "medrx-lis-rt6", "med-lis-rt6")
 HTN_SECRETS = (HTN_CODE, "Essential (primary) hypertension", HTN_ID)
 # Doors found open, each closed by the commit that removes its marker.
-HOLE_SPELLING = pytest.mark.xfail(strict=True, reason="code conditions read one spelling of a code")
 HOLE_AUTHORS = pytest.mark.xfail(strict=True, reason="author actors miss author elements")
 
 
@@ -115,7 +114,6 @@ async def test_a_code_consent_hides_orders_naming_the_drug_by_reference(
     assert hidden_in(gateway_logs(caplog), ("314076", "lisinopril", "med-lis-rt6")) == []
 
 
-@HOLE_SPELLING
 async def test_a_code_consent_hides_the_code_spelled_with_its_systems_oid(
     fake_fhir: FakeFhir, make_gateway: MakeGateway,
 ) -> None:

@@ -46,7 +46,6 @@ DIABETES = "E11.9"        # ICD-10-CM: type 2 diabetes mellitus without complica
 PSYCHIATRIST = "Practitioner/dr-psy"
 OPEN = Policy(default_decision="permit")
 # Doors found open, each closed by the commit that removes its marker.
-HOLE_SPELLING = pytest.mark.xfail(strict=True, reason="code conditions read one spelling of a code")
 HOLE_NO_SYSTEM = pytest.mark.xfail(strict=True, reason="Codings without system outside coding lists are not read")
 HOLE_AUTHORS = pytest.mark.xfail(strict=True, reason="author actors miss author elements")
 HOLE_DATA_REF = pytest.mark.xfail(strict=True, reason="a data reference naming no instance matches nothing")
@@ -133,7 +132,6 @@ def test_orders_with_one_text_and_different_medications_get_their_own_decisions(
         assert judge(provision, resolved, cache=cache)(order(), OWNERS).verdict.value == expected
 
 
-@HOLE_SPELLING
 @pytest.mark.parametrize(("consent_system", "consent_code", "system", "value"), [
     (SNOMED, HTN, SNOMED_OID, HTN),                 # the resource names SNOMED CT by its OID
     (SNOMED_OID, HTN, SNOMED, HTN),                 # the consent does
@@ -156,7 +154,6 @@ def test_a_code_condition_reads_every_spelling_the_labeler_reads(
     assert verdict(provision, condition(system, "I10")) == "permit"
 
 
-@HOLE_SPELLING
 def test_a_code_spelled_otherwise_opens_what_its_permit_names() -> None:
     """The same reading for a permit: the code is the same code (a deny base, one code opened)."""
     provision = {"provision": [{"type": "permit", "code": code(SNOMED, HTN)}]}
