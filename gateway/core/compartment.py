@@ -462,7 +462,8 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
 
     R4 ``provision.code``: "if this code is found in an instance, then the rule applies", so
     a reasonCode, a category, a medication or a value counts like the main code. A Coding
-    is any object with a string ``code`` and a ``system`` (or inside a ``coding`` list). A code
+    is any object with a string ``code`` (its ``system`` may be absent), in a ``coding`` list
+    or not (a ``valueCoding``). A code
     of a known system is also given as the labels read it (``labels.code_spellings``).
     """
     found: set[tuple[str, str]] = set()
@@ -477,8 +478,12 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
                         system = coding.get("system")
                         found.add((system if isinstance(system, str) else "", coding["code"]))
             code = node.get("code")
-            if isinstance(code, str) and isinstance(node.get("system"), str):
-                found.add((node["system"], code))
+            if isinstance(code, str):
+                # SECURITY: a Coding's system is optional (R4 0..1): one written without it
+                # (a valueCoding) may be the code a deny names, as in a ``coding`` list.
+                system = node.get("system")
+                if isinstance(system, str) or system is None:
+                    found.add((system or "", code))
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))

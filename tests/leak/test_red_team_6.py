@@ -172,6 +172,23 @@ async def test_a_code_consent_hides_codes_in_contained_resources_and_extensions(
     assert leaks(body, headers, ("obs-cont-rt6", "obs-ext-rt6", HTN_CODE)) == []
 
 
+async def test_a_code_consent_hides_a_coding_written_without_its_system(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """The code in a ``valueCoding`` without a system (R4: system 0..1): a deny naming the code
+    covers it, as it covers one in a ``coding`` list."""
+    world = world_with(fake_fhir, no_code(c.PAT_ANA, c.ICD10CM, HTN_CODE))
+    bare = {**c.ANA_CBC, "id": "obs-bare-rt6",
+            "extension": [{"url": "http://example.org/reason", "valueCoding": {"code": HTN_CODE}}]}
+    raw = orjson.dumps(searchset([bare, c.ANA_CBC], world.base_url))
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {CBC_ID}, body[:400]
+    assert leaks(body, headers, ("obs-bare-rt6",)) == []
+
+
 @pytest.mark.parametrize("how", ["author", "data-authoredby", "data-instance-url", "data-dependents-versioned"])
 async def test_author_and_instance_consents_decide_on_both_paths(
     fake_fhir: FakeFhir, make_gateway: MakeGateway, how: str,
