@@ -228,6 +228,16 @@ AUTHOR_ELEMENTS: tuple[str, ...] = (
     "attester",
     "agent",
     "source",
+    # who told (INF) or wrote what a resource holds under its own name in R4: the informant of a
+    # MedicationStatement, a report's interpreter, an impression's assessor, the orderer or
+    # prescriber of an order, the operator of a Media, who expressed a Goal
+    "informationSource",
+    "resultsInterpreter",
+    "assessor",
+    "orderer",
+    "prescriber",
+    "operator",
+    "expressedBy",
 )
 # Backbone elements wrap the reference one level down (performer.actor, attester.party, ...).
 _WRAPPED_REFERENCE = ("actor", "party", "who")
