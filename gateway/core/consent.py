@@ -436,7 +436,9 @@ class _Compiler:
             target = ref.get("reference") if isinstance(ref, dict) else None
             if meaning not in DATA_MEANINGS:
                 self.defect(f"unknown-data-meaning:{path}.data[{i}]")
-            elif not isinstance(target, str) or not target:
+            elif not isinstance(target, str) or "/" not in relative_reference(target):
+                # SECURITY: a reference naming no ``Type/id`` (a fragment into the Consent, a
+                # bundle-local urn, a bare type) would match no record and release what it hides.
                 self.defect(f"bad-reference:{path}.data[{i}]")
             else:
                 refs.append(DataRef(meaning, relative_reference(target)))

@@ -40,7 +40,6 @@ LISINOPRIL = {"resourceType": "Medication", "id": "med-lis-rt6",
               "code": c.concept(c.RXNORM, "314076", "lisinopril 10 MG Oral Tablet")}
 LISINOPRIL_SECRETS = ("314076", "lisinopril", "medrx-lis-rt6", "med-lis-rt6")
 HTN_SECRETS = (HTN_CODE, "Essential (primary) hypertension", HTN_ID)
-# Doors found open, each closed by the commit that removes its marker.
 
 
 def no_code(subject: str, system: str, code: str, cid: str = "consent-nocode", **more: Any) -> dict[str, Any]:
