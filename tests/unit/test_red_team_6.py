@@ -365,6 +365,22 @@ def test_the_judge_decides_the_medication_codes_like_the_whole_resource_path() -
     assert record.verdict is whole.verdict is Verdict.DENY
 
 
+def test_a_consent_with_defects_sees_the_medication_an_order_names_too() -> None:
+    """A typed deny root naming the drug, with a defect below it: the consent is read as it is
+    (no record), and still sees the drug the order names by reference; it is not skipped as a
+    code mismatch while an opt-in beside it permits."""
+    provision = {"type": "deny", "code": code(RXNORM, LISINOPRIL), "provision": [
+        {"type": "permit", "data": [{"meaning": "bogus", "reference": {"reference": "Observation/x"}}]}]}
+    broken = compile_consent(consent_json({"provision": provision}, 1))
+    assert broken.defects and broken.root_sound
+    opt_in = compile_consent(consent_json({"policyRule": {"coding": [{"code": "OPTIN"}]}, "provision": {}}, 2))
+    ctx = RequestContext(actor=Actor(reference="Practitioner/x"), purpose="TREAT", now=NOW)
+    resolved = Resolved(targets={"Medication/m1": medication(LISINOPRIL), "Medication/m2": medication("197361")})
+    j = ConsentJudge({P1: (broken, opt_in)}, ctx, OPEN, LABELS.labels_for, LABELS.scopes_for, resolved)
+    assert j(order(), OWNERS).verdict is Verdict.DENY
+    assert j(order(medication="Medication/m2"), OWNERS).verdict is Verdict.PERMIT
+
+
 # ================================================================ 5. decide, then apply
 
 
