@@ -384,3 +384,31 @@ async def test_withheld_counts_and_logs_name_no_record(
     assert hidden_in(text, HTN_SECRETS) == []
     assert hidden_in(gateway_logs(caplog), HTN_SECRETS) == []
     assert [e for e in entries(body) if e.get("search", {}).get("mode") == "outcome"]
+
+
+async def test_an_error_while_deciding_sends_no_data(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The facts of the second record cannot be read (a defect in the engine): the answer is a
+    503 that names nothing (fail closed, as when consents cannot be read), never the first record
+    alone nor the answer as the upstream sent it."""
+    caplog.set_level(logging.INFO)
+    import gateway.core.judge as judge_module
+
+    real = judge_module.authors_of
+
+    def failing(resource: dict[str, Any]) -> frozenset[str]:
+        if resource.get("id") == HTN_ID:
+            raise RuntimeError("facts could not be read")
+        return real(resource)
+
+    monkeypatch.setattr(judge_module, "authors_of", failing)
+    world = world_with(fake_fhir, no_author(c.PAT_ANA, c.PSYCHIATRIST))
+    raw = orjson.dumps(searchset([c.ANA_CBC, c.ANA_HYPERTENSION], world.base_url))
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, CONDITIONS)
+    assert status == 503, (status, body)
+    assert orjson.loads(body)["resourceType"] == "OperationOutcome"
+    assert leaks(body, headers, (*HTN_SECRETS, CBC_ID, "58410-2")) == []
+    assert hidden_in(gateway_logs(caplog), (*HTN_SECRETS, CBC_ID)) == []
