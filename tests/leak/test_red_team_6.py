@@ -186,6 +186,30 @@ async def test_a_code_consent_hides_a_coding_written_without_its_system(
     assert leaks(body, headers, ("obs-bare-rt6",)) == []
 
 
+async def test_one_order_text_is_decided_by_the_drug_each_answer_includes(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """The order's entry is byte-identical in every answer; the Medication it names, included
+    beside it, is lisinopril in one answer and another drug in the next: the order is withheld
+    with lisinopril, kept with the other, whatever the memos and the shared decisions hold."""
+    world = world_with(fake_fhir, no_code(c.PAT_ANA, c.RXNORM, "314076"))
+    served = [b""]
+    serve(world, {("GET", "/MedicationRequest"): lambda r: answer(served[0])})
+    gw = await make_gateway(world.base_url)
+    other = {"resourceType": "Medication", "id": LISINOPRIL["id"],
+             "code": c.concept(c.RXNORM, "197361", "amlodipine 5 MG Oral Tablet")}
+    path = f"/MedicationRequest?patient={c.PAT_ANA}&_include=MedicationRequest:medication"
+    for closed in (True, False, True, False, False, True):
+        served[0] = orjson.dumps(c.bundle([lisinopril_order(), c.ANA_CBC], world.base_url,
+                                          include=(LISINOPRIL if closed else other,)))
+        status, headers, body = await search(gw, path)
+        assert status == 200, body
+        expected = {CBC_ID} if closed else {CBC_ID, "medrx-lis-rt6", LISINOPRIL["id"]}
+        assert ids_in(body) == expected, (closed, body[:300])
+        if closed:
+            assert leaks(body, headers, LISINOPRIL_SECRETS) == []
+
+
 @pytest.mark.parametrize("how", ["author", "data-authoredby", "data-instance-url", "data-dependents-versioned"])
 async def test_author_and_instance_consents_decide_on_both_paths(
     fake_fhir: FakeFhir, make_gateway: MakeGateway, how: str,
