@@ -436,3 +436,22 @@ async def test_an_error_while_deciding_sends_no_data(
     assert orjson.loads(body)["resourceType"] == "OperationOutcome"
     assert leaks(body, headers, (*HTN_SECRETS, CBC_ID, "58410-2")) == []
     assert hidden_in(gateway_logs(caplog), (*HTN_SECRETS, CBC_ID)) == []
+
+
+async def test_counts_and_everything_under_a_code_consent(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """A count cannot be filtered: refused while a code consent may hide something. ``$everything``
+    is decided entry by entry: hypertension withheld, no total."""
+    world = world_with(fake_fhir, no_code(c.PAT_ANA, c.ICD10CM, HTN_CODE))
+    everything = c.bundle([c.ANA, c.ANA_HYPERTENSION, c.ANA_CBC], world.base_url)
+    serve(world, {("GET", f"/Patient/{c.PAT_ANA.split('/')[1]}/$everything"): lambda r: answer(orjson.dumps(everything))})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"{CONDITIONS}&_summary=count")
+    assert status == 403, body
+    assert b'"total"' not in body
+    status, headers, body = await search(gw, f"/{c.PAT_ANA}/$everything")
+    assert status == 200, body
+    assert ids_in(body) == {c.PAT_ANA.split("/")[1], CBC_ID}, body[:300]
+    assert b'"total"' not in body
+    assert leaks(body, headers, HTN_SECRETS) == []
