@@ -455,3 +455,29 @@ async def test_counts_and_everything_under_a_code_consent(
     assert ids_in(body) == {c.PAT_ANA.split("/")[1], CBC_ID}, body[:300]
     assert b'"total"' not in body
     assert leaks(body, headers, HTN_SECRETS) == []
+
+
+@pytest.mark.parametrize("holder", ["Bundle", "Parameters"])
+async def test_records_inside_a_contained_bundle_or_parameters_are_decided(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, holder: str,
+) -> None:
+    """An upstream (compromised, or buggy) smuggles Ana's hidden records inside a contained Bundle
+    or Parameters of an ordinary CBC: her HIV record (a label), her hypertension (a data instance
+    her consent names). The records inside are decided like any other: the CBC goes with them."""
+    closed = c._consent("consent-optin", c.PAT_ANA, "OPTIN", {"type": "permit", "provision": [
+        {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": f"Condition/{HTN_ID}"}}]}]})
+    world = world_with(fake_fhir, closed)
+    smuggled = []
+    for rid, record in (("obs-hiv-rt6", c.HIV_CONDITION), ("obs-htn-rt6", c.ANA_HYPERTENSION)):
+        inner: dict[str, Any] = (
+            {"resourceType": "Bundle", "id": "held", "type": "collection", "entry": [{"resource": record}]}
+            if holder == "Bundle" else
+            {"resourceType": "Parameters", "id": "held", "parameter": [{"name": "record", "resource": record}]})
+        smuggled.append({**c.ANA_CBC, "id": rid, "contained": [inner]})
+    raw = orjson.dumps(searchset([*smuggled, c.ANA_CBC], world.base_url))
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert ids_in(body) == {CBC_ID}, body[:400]
+    assert leaks(body, headers, (*HTN_SECRETS, "B20", "Human immunodeficiency virus", "obs-hiv-rt6", "obs-htn-rt6")) == []

@@ -465,3 +465,29 @@ def test_a_judge_that_fails_leaves_the_answer_unapplied() -> None:
     with pytest.raises(RuntimeError):
         enforcer.decide(body)
     assert enforcer.result.kept is None and not enforcer.result.applied
+
+
+@pytest.mark.parametrize("holder", ["Bundle", "Parameters", "Bundle in Parameters", "contained in a held record"])
+def test_records_held_inside_a_contained_resource_are_judged(holder: str) -> None:
+    hidden = condition(SNOMED, HIDDEN, rid="c9")
+    if holder == "Bundle":
+        inner: JSON = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": hidden}]}
+    elif holder == "Parameters":
+        inner = {"resourceType": "Parameters", "parameter": [{"name": "a", "part": [{"name": "b", "resource": hidden}]}]}
+    elif holder == "Bundle in Parameters":
+        inner = {"resourceType": "Parameters", "parameter": [{"name": "a", "resource": {
+            "resourceType": "Bundle", "type": "collection", "entry": [{"resource": hidden}]}}]}
+    else:
+        inner = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {
+            **condition(SNOMED, HTN, rid="c8"), "contained": [hidden]}}]}
+    body = _bundle("searchset", {**condition(SNOMED, HTN), "contained": [inner]}, condition(SNOMED, HTN, rid="c2"))
+    result = Enforcer(_judge_ids, drop_total=False).decide(body)
+    apply(body, result)
+    assert [e["resource"].get("id") for e in body["entry"]] == ["c2", None]
+
+
+def _judge_ids(resource: JSON, owners: frozenset[str]) -> Decision:
+    """Withholds the record c9 only (by its own id, not by what it contains)."""
+    if resource.get("id") == "c9":
+        return Decision(Verdict.DENY, (Reason("Consent/c1", "provision", "deny"),))
+    return Decision(Verdict.PERMIT)
