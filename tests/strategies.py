@@ -11,13 +11,16 @@ are added beside them and must change nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from gateway.core import labels as labels_module
@@ -29,8 +32,10 @@ from gateway.core.compartment import (
     MAIN_CODE,
     PATIENT_COMPARTMENT,
 )
+from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.decision import Policy
 from gateway.core.labels import CODE_SYSTEMS, LabelIndex
-from gateway.core.model import RESOURCE_SCOPE_SYSTEM, RESOURCE_TYPES_SYSTEM, V3_ACT_CODE, V3_CONFIDENTIALITY
+from gateway.core.model import Actor, RequestContext, RESOURCE_SCOPE_SYSTEM, RESOURCE_TYPES_SYSTEM, V3_ACT_CODE, V3_CONFIDENTIALITY
 from gateway.core.references import MEDICATION_HOLDERS
 from gateway.core.view import view_elements
 from gateway.rules import BUNDLED_RULES, load_rules
@@ -395,3 +400,46 @@ def searchset_texts(draw: Draw) -> bytes:
     if draw(st.booleans()):
         bundle["signature"] = {"data": "c2ln"}  # an element after the entries
     return with_decimals(orjson.dumps(bundle))
+
+
+# ---------------------------------------------------------------------- deciding
+
+
+def fast(examples: int) -> settings:
+    """Reproducible runs (CI sees the same examples every time) without deadlines."""
+    return settings(derandomize=True, database=None, deadline=None, max_examples=examples,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+DECIDED_AT = datetime(2024, 6, 1, 12, tzinfo=timezone.utc)
+decision_policies = st.builds(
+    Policy,
+    default_decision=st.sampled_from(["permit", "deny"]),
+    combining=st.sampled_from(["deny-overrides", "latest-wins"]),
+    explicit_consent_required=st.sampled_from([None, frozenset(), frozenset({"HIV", "R"})]),
+    sensitive=st.deferred(lambda: st.just(rules_index().sensitive)),
+    untyped_root=st.sampled_from(["exception", "scope"]),
+)
+request_contexts = st.builds(
+    RequestContext,
+    actor=st.builds(
+        Actor,
+        reference=st.sampled_from(["Practitioner/pr1", "Practitioner/pr2", "Patient/p1"]),
+        organization=st.sampled_from([None, "Organization/org1"]),
+    ),
+    purpose=st.sampled_from(["TREAT", "ETREAT", "HPAYMT"]),
+    now=st.just(DECIDED_AT),
+)
+
+
+def by_patient(
+    specs: Sequence[Any], missing: str | None = None, related: Mapping[str, frozenset[str]] | None = None,
+) -> dict[str, list[CompiledConsent]]:
+    """Each patient's compiled consents from consent specs (tests.decision.support); a patient
+    ``missing`` was not looked up; ``related``: what the consent cache read for related targets."""
+    from tests.decision.support import consent_json
+
+    compiled = [compile_consent(consent_json(spec, number)) for number, spec in enumerate(specs, 1)]
+    if related is not None:
+        compiled = [replace(c, related=related) for c in compiled]
+    return {p: [c for c in compiled if c.patient == p] for p in PATIENTS if p != missing}

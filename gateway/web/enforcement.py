@@ -70,6 +70,7 @@ class Observed:
 
     labels: dict[int, frozenset[Label]] = field(default_factory=dict)
     consents: Mapping[str, tuple[CompiledConsent, ...]] = field(default_factory=dict)
+    owners: Mapping[int, frozenset[str]] = field(default_factory=dict)  # patients, by object identity
 
 
 class ConsentEnforcement:
@@ -201,7 +202,7 @@ class ConsentEnforcement:
         drop_total = not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
         if observed is not None:
-            observed.consents = looked.consents
+            observed.consents, observed.owners = looked.consents, index
         seen = observed.labels if observed is not None else None
         keys = label_keys or content_keys
         # Consents that could not be read decide nothing, but what is released under break-glass

@@ -130,10 +130,11 @@ def count_denied(request: web.Request, body: JSON) -> None:
 
 async def released(
     state: GatewayState, request: web.Request, ex: Exchange, body: JSON, labels: Mapping[int, frozenset[Label]],
-    result: Enforced, touched: set[int] | None = None,
+    result: Enforced, touched: set[int] | None = None, owners: Mapping[int, frozenset[str]] | None = None,
 ) -> bool:
     """Label what ``body`` releases (DS4P), record its disclosures; True when ``body`` changed.
-    The ids of the resources labelled in place go into ``touched`` when given.
+    The ids of the resources labelled in place go into ``touched`` when given; ``owners`` are
+    the patients enforcement found for each resource (by object identity), read again if absent.
 
     AuditUnavailable (503) when a disclosure cannot be made durable: nothing is returned.
     """
@@ -168,7 +169,8 @@ async def released(
         ref = resource_reference(resource)
         if ref is None:
             continue
-        for patient in patients_of(resource):
+        found_owners = owners.get(id(resource)) if owners else None
+        for patient in patients_of(resource) if found_owners is None else found_owners:
             # A patient reading their own record is not a disclosure to account for (45 CFR 164.528(a)(1)(i)).
             if patient != ex.actor.reference:
                 disclosed.setdefault(patient, []).append((ref, marked))
@@ -193,7 +195,10 @@ async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[
     log = state.disclosures
     if log is None:
         return
-    await asyncio.gather(*(log.append(event) for event in events))
+    if len(events) == 1:
+        await log.append(events[0])
+    else:
+        await asyncio.gather(*(log.append(event) for event in events))
     state.metrics.disclosures.inc(len(events))
 
 

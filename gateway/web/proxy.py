@@ -374,8 +374,10 @@ async def decide_answer(
         )
         await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
+    # In shadow mode the copy was decided: its patients are not the answer's resources'.
+    owners = None if shadow else observed.owners
     touched = view.touched if view is not None else None
-    changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched) or result.changed
+    changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
     # A display may name what is not released: the key as written, or spelled with a \u escape.
     raw = upstream.body
     may_display = (b'"display"' in raw or (b"\\" in raw and b"\\u" in raw)) and not shadow

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.core.compartment import patients_of
@@ -36,7 +36,10 @@ from gateway.core.judge import ConsentJudge, DecisionCache, facts_of
 from gateway.core.model import Actor, RequestContext
 from gateway.core.references import NOTHING_RESOLVED
 from tests.decision.support import consent_json
-from tests.strategies import ALL_TYPES, PATIENTS, consent_specs, resources, rules_index, sensitive_codings
+from tests.strategies import (
+    ALL_TYPES, PATIENTS, by_patient, consent_specs, decision_policies, fast, request_contexts, resources, rules_index,
+    sensitive_codings,
+)
 
 LABELS = rules_index()
 NOW = datetime(2024, 6, 1, 12, tzinfo=timezone.utc)
@@ -44,9 +47,7 @@ PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 ORDINARY = ({"system": "http://loinc.org", "code": "2345-7"}, {"system": "http://snomed.info/sct", "code": "38341003"})
 
 
-def _fast(examples: int) -> settings:
-    return settings(derandomize=True, database=None, deadline=None, max_examples=examples,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+_fast = fast
 
 
 # Conditions that read the resource anywhere: codes, authors, instances and what they make.
@@ -79,29 +80,7 @@ _whole_specs = st.fixed_dictionaries(
     },
     optional={"policyRule": st.sampled_from(["OPTIN", "OPTOUT"]).map(lambda c: {"coding": [{"code": c}]})},
 )
-policies = st.builds(
-    Policy,
-    default_decision=st.sampled_from(["permit", "deny"]),
-    combining=st.sampled_from(["deny-overrides", "latest-wins"]),
-    explicit_consent_required=st.sampled_from([None, frozenset()]),
-    sensitive=st.just(LABELS.sensitive),
-    untyped_root=st.sampled_from(["exception", "scope"]),
-)
-contexts = st.builds(
-    RequestContext,
-    actor=st.builds(Actor, reference=st.sampled_from(["Practitioner/pr1", "Practitioner/pr2", "Patient/p1"]),
-                    organization=st.sampled_from([None, "Organization/org1"])),
-    purpose=st.sampled_from(["TREAT", "HPAYMT"]),
-    now=st.just(NOW),
-)
-
-
-def by_patient(specs: Sequence[Any], related: Mapping[str, frozenset[str]] | None) -> dict[str, list[CompiledConsent]]:
-    compiled = [compile_consent(consent_json(spec, n)) for n, spec in enumerate(specs, 1)]
-    if related is not None:
-        from dataclasses import replace
-        compiled = [replace(c, related=related) for c in compiled]
-    return {p: [c for c in compiled if c.patient == p] for p in PATIENTS}
+policies, contexts = decision_policies, request_contexts
 
 
 def _reads(consents: Mapping[str, Sequence[CompiledConsent]], owners: frozenset[str]) -> frozenset[str] | None:
@@ -124,7 +103,7 @@ def test_the_record_decides_as_the_resource(rtype: str, data: st.DataObject) -> 
     resource = data.draw(resources(rtype), label="resource")
     specs = data.draw(st.lists(st.one_of(_whole_specs, consent_specs), max_size=3), label="consents")
     related = data.draw(st.sampled_from([None, {"Observation/r1": frozenset({"Condition/r2"})}]), label="related")
-    consents = by_patient(specs, related)
+    consents = by_patient(specs, related=related)
     ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
     owners = patients_of(resource)
     reads = _reads(consents, owners)
@@ -161,7 +140,7 @@ def test_the_record_decides_instance_conditions_as_the_resource(rtype: str, data
     patient = sorted(owners)[0]
     provision = data.draw(_data_only, label="provision")
     consents = by_patient([{"provision": provision, "patient": {"reference": patient}}],
-                          {"Observation/r1": frozenset({"Condition/r2"})})
+                          related={"Observation/r1": frozenset({"Condition/r2"})})
     ctx, policy = data.draw(contexts, label="context"), data.draw(policies, label="policy")
     labels, scopes = LABELS.labels_for(resource), LABELS.scopes_for(resource)
     reads = _reads(consents, owners)

@@ -20,13 +20,13 @@ import msgspec
 import orjson
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from gateway.core.memo import TextMemo
 from gateway.core import view as view_module
 from gateway.core.compartment import authors_of, clinical_date, main_codes, patients_of, profiles_of
-from gateway.core.consent import CompiledConsent, compile_consent
+from gateway.core.consent import CompiledConsent
 from gateway.core.decision import Policy, decide_resource, summary_reads
 from gateway.core.enforce import Enforcer, owners_index
 from gateway.core.fhir import resource_reference
@@ -36,13 +36,15 @@ from gateway.core.references import Resolved, deciding_references, medication_re
 from gateway.core.view import WHOLE_TYPES, AnswerView, read_answer, spans_of, view_elements
 from gateway.web.enforcement import ConsentEnforcement, Looked, bind_contexts
 from tests.conftest import GatewayUnderTest
-from tests.decision.support import consent_json
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical
 from tests.strategies import (
+    by_patient,
+    decision_policies,
+    fast,
+    request_contexts,
     ALL_TYPES,
     JSON,
-    PATIENTS,
     consent_specs,
     resources,
     rules_index,
@@ -53,12 +55,9 @@ from tests.strategies import (
 
 LABELS = rules_index()
 NOW = datetime(2024, 6, 1, 12, tzinfo=timezone.utc)
-_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 
 
-def _fast(examples: int) -> settings:
-    """Reproducible runs (CI sees the same examples every time) without deadlines."""
-    return settings(derandomize=True, database=None, deadline=None, max_examples=examples, suppress_health_check=_HEALTH)
+_fast = fast
 
 
 # ---------------------------------------------------------------------- helpers
@@ -92,30 +91,7 @@ def facts(res: JSON) -> dict[str, object]:
     }
 
 
-def by_patient(specs: Sequence[JSON], missing: str | None) -> dict[str, list[CompiledConsent]]:
-    """Each patient's compiled consents (a patient ``missing`` was not looked up)."""
-    compiled = [compile_consent(consent_json(spec, number)) for number, spec in enumerate(specs, 1)]
-    return {p: [c for c in compiled if c.patient == p] for p in PATIENTS if p != missing}
-
-
-policies = st.builds(
-    Policy,
-    default_decision=st.sampled_from(["permit", "deny"]),
-    combining=st.sampled_from(["deny-overrides", "latest-wins"]),
-    explicit_consent_required=st.sampled_from([None, frozenset(), frozenset({"HIV", "R"})]),
-    sensitive=st.just(LABELS.sensitive),
-    untyped_root=st.sampled_from(["exception", "scope"]),
-)
-contexts = st.builds(
-    RequestContext,
-    actor=st.builds(
-        Actor,
-        reference=st.sampled_from(["Practitioner/pr1", "Practitioner/pr2", "Patient/p1"]),
-        organization=st.sampled_from([None, "Organization/org1"]),
-    ),
-    purpose=st.sampled_from(["TREAT", "ETREAT", "HPAYMT"]),
-    now=st.just(NOW),
-)
+policies, contexts = decision_policies, request_contexts
 
 
 def decisions(
