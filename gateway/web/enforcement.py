@@ -220,10 +220,11 @@ class ConsentEnforcement:
             result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
         except GatewayError:
             raise
-        except Exception:
+        except Exception as exc:
             # SECURITY: an error while deciding sends nothing and is a 503 (fail closed), like
             # consents that cannot be read: never the answer as it stands, never half applied.
-            decision_log.exception("deciding failed")
+            # Its type only: a message or traceback may quote the record being decided.
+            decision_log.error("deciding failed: %s", type(exc).__name__)
             raise ConsentUnavailable("The consent decision could not be made.") from None
         # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
         # upstream's bytes, core.view).

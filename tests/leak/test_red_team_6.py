@@ -423,7 +423,7 @@ async def test_an_error_while_deciding_sends_no_data(
 
     def failing(resource: dict[str, Any]) -> frozenset[str]:
         if resource.get("id") == HTN_ID:
-            raise RuntimeError("facts could not be read")
+            raise RuntimeError(f"facts of Condition/{HTN_ID} could not be read")  # a message quoting the record
         return real(resource)
 
     monkeypatch.setattr(judge_module, "authors_of", failing)
