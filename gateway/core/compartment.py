@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from gateway.core.fhir import JSON, iter_codings, relative_reference
+from gateway.core.labels import code_spellings
 
 Path = tuple[str, ...]
 
@@ -227,6 +228,16 @@ AUTHOR_ELEMENTS: tuple[str, ...] = (
     "attester",
     "agent",
     "source",
+    # who told (INF) or wrote what a resource holds under its own name in R4: the informant of a
+    # MedicationStatement, a report's interpreter, an impression's assessor, the orderer or
+    # prescriber of an order, the operator of a Media, who expressed a Goal
+    "informationSource",
+    "resultsInterpreter",
+    "assessor",
+    "orderer",
+    "prescriber",
+    "operator",
+    "expressedBy",
 )
 # Backbone elements wrap the reference one level down (performer.actor, attester.party, ...).
 _WRAPPED_REFERENCE = ("actor", "party", "who")
@@ -461,7 +472,9 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
 
     R4 ``provision.code``: "if this code is found in an instance, then the rule applies", so
     a reasonCode, a category, a medication or a value counts like the main code. A Coding
-    is any object with a string ``code`` and a ``system`` (or inside a ``coding`` list).
+    is any object with a string ``code`` (its ``system`` may be absent), in a ``coding`` list
+    or not (a ``valueCoding``). A code
+    of a known system is also given as the labels read it (``labels.code_spellings``).
     """
     found: set[tuple[str, str]] = set()
     stack: list[Any] = [resource]
@@ -475,12 +488,16 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
                         system = coding.get("system")
                         found.add((system if isinstance(system, str) else "", coding["code"]))
             code = node.get("code")
-            if isinstance(code, str) and isinstance(node.get("system"), str):
-                found.add((node["system"], code))
+            if isinstance(code, str):
+                # SECURITY: a Coding's system is optional (R4 0..1): one written without it
+                # (a valueCoding) may be the code a deny names, as in a ``coding`` list.
+                system = node.get("system")
+                if isinstance(system, str) or system is None:
+                    found.add((system or "", code))
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
-    return frozenset(found)
+    return code_spellings(frozenset(found))
 
 
 def references_of(resource: JSON) -> frozenset[str]:

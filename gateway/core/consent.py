@@ -30,6 +30,7 @@ from typing import Any
 
 from gateway.core.compartment import DateRange, parse_date_range, parse_period
 from gateway.core.fhir import JSON, iter_codings, relative_reference
+from gateway.core.labels import code_spellings
 from gateway.core.model import (
     RESOURCE_SCOPE_SYSTEM,
     RESOURCE_TYPES_SYSTEM,
@@ -400,7 +401,8 @@ class _Compiler:
                 codes.add((system if isinstance(system, str) else "", code))
         if not codes:
             self.defect(f"bad-code:{path}.code")
-        return frozenset(codes)
+        # The code as the resource's codes are read too, whichever URI or spelling each uses.
+        return code_spellings(frozenset(codes))
 
     def labels(self, node: JSON, path: str) -> dict[str, Any]:
         entries = self.entries(node, "securityLabel", path)
@@ -434,7 +436,9 @@ class _Compiler:
             target = ref.get("reference") if isinstance(ref, dict) else None
             if meaning not in DATA_MEANINGS:
                 self.defect(f"unknown-data-meaning:{path}.data[{i}]")
-            elif not isinstance(target, str) or not target:
+            elif not isinstance(target, str) or "/" not in relative_reference(target):
+                # SECURITY: a reference naming no ``Type/id`` (a fragment into the Consent, a
+                # bundle-local urn, a bare type) would match no record and release what it hides.
                 self.defect(f"bad-reference:{path}.data[{i}]")
             else:
                 refs.append(DataRef(meaning, relative_reference(target)))

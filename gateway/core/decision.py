@@ -777,11 +777,13 @@ def decide_resource(
     *,
     known_refs: Mapping[str, frozenset[str]] = NO_REFS,
     patients: frozenset[str] | None = None,
+    medication: JSON | None = None,
 ) -> Decision:
     """Decide one resource for every patient whose compartment it is in; each must permit.
 
     ``patients``, when given, are the patients the resource belongs to (the caller computed
     them, or a contained resource inherits its container's); else they are read from it.
+    ``medication``: the Medication an order names by reference, whose codes are the order's.
 
     Non-patient data (a type outside the Patient compartment) passes without a consent
     check. A compartment type naming no patient gets the default decision (with the
@@ -794,7 +796,10 @@ def decide_resource(
         return UNKNOWN_TYPE
     if patients is None:
         patients = patients_of(resource)
-    return _decide_patients(consents_by_patient, _Facts(resource, labels, scopes, known_refs), patients, ctx, policy)
+    facts = _Facts(resource, labels, scopes, known_refs)
+    if medication is not None:
+        facts._codes = all_codes(resource) | all_codes(medication)
+    return _decide_patients(consents_by_patient, facts, patients, ctx, policy)
 
 
 def decide_facts(

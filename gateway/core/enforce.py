@@ -2,7 +2,8 @@
 
 Semantics: every resource is decided on its own, including entries of nested Bundles,
 resources inside Parameters and ``contained`` resources (a contained resource belongs to
-its container's patients; if any is denied the container is denied with it). Denied
+its container's patients; if any is denied the container is denied with it; so are the
+resources a contained Bundle or Parameters holds). Denied
 Bundle entries are removed and one OperationOutcome entry (issue ``suppressed``) is added;
 in batch/transaction responses the denied entry keeps its place but loses its resource.
 ``Bundle.total`` is dropped whenever filtering could have hidden anything.
@@ -210,11 +211,31 @@ def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]
     if decision.verdict is Verdict.DENY or "contained" not in resource:
         return decision
     for inner in _contained(resource):
-        inner_owners = index.get(id(inner)) if index is not None else None
-        inner_decision = judge(inner, owners_of(inner, owners) if inner_owners is None else inner_owners)
-        if inner_decision.verdict is Verdict.DENY:
-            return inner_decision
+        for one in _within(inner):
+            one_owners = index.get(id(one)) if index is not None else None
+            inner_decision = judge(one, owners_of(one, owners) if one_owners is None else one_owners)
+            if inner_decision.verdict is Verdict.DENY:
+                return inner_decision
     return decision
+
+
+def _within(resource: JSON) -> Iterator[JSON]:
+    """A contained resource and every resource it holds: a Bundle's entries, a Parameters'
+    resources, and theirs, contained ones too. SECURITY: not FHIR, but an upstream that smuggles
+    records inside a contained Bundle or Parameters gets each of them decided."""
+    yield resource
+    rtype = resource.get("resourceType")
+    held: list[object] = []
+    if rtype == "Bundle":
+        entries = resource.get("entry")
+        held = [e.get("resource") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    elif rtype == "Parameters":
+        held = [p.get("resource") for p in _iter_parameters(resource.get("parameter"))]
+    if "contained" in resource:
+        held.extend(_contained(resource))
+    for inner in held:
+        if isinstance(inner, dict):
+            yield from _within(inner)
 
 
 def _identities(entry: JSON, resource: JSON) -> set[str]:

@@ -159,11 +159,16 @@ class ConsentJudge:
             reads = self.reads(owners)
         if reads is None:
             return decide_resource(
-                self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners
+                self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners,
+                medication=self._medication(resource),
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
         facts = facts_of(resource, owners, labels, scopes, reads)
+        if "codes" in reads:
+            medication = self._medication(resource)
+            if medication is not None:
+                facts = facts._replace(codes=facts.codes | all_codes(medication))
         key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:
@@ -178,6 +183,15 @@ class ConsentJudge:
                 self._cache.put(shared, found, self._boundary(owners))
         self._memo[key] = found
         return found
+
+    def _medication(self, resource: JSON) -> JSON | None:
+        """The Medication an order names by reference (contained, in the answer or read): its
+        codes are the order's, as much as an inline medicationCodeableConcept's (CONTRACT §5
+        ``code``; the labels follow it the same way)."""
+        if "medicationReference" not in resource:
+            return None
+        found = self.resolved.medication_of(resource)
+        return found if isinstance(found, dict) else None
 
     def _shared_key(self, owners: frozenset[str], key: Hashable) -> Hashable | None:
         if self._cache is None:

@@ -299,6 +299,26 @@ def normalize_icd(code: str) -> str:
     return code
 
 
+# Every URI a sender may put in Coding.system for a known code system -> its canonical URI.
+_CANONICAL_SYSTEMS: Mapping[str, str] = {
+    alias: uri for uri, _, others in CODE_SYSTEMS.values() for alias in (uri, *others)
+}
+
+
+def code_spellings(codes: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """``codes`` (system, code) with each code of a known system also written as this index
+    reads it: under the system's canonical URI (``urn:oid:2.16.840.1.113883.6.96`` is SNOMED CT),
+    and an ICD-10-CM code as ``normalize_icd`` spells it (``f11.20`` is ``F1120``). Applied to a
+    resource's codes and to a consent's, a ``code`` condition names a code however either side
+    writes it, as the labels do."""
+    extra: set[tuple[str, str]] = set()
+    for system, code in codes:
+        canonical = _CANONICAL_SYSTEMS.get(system)
+        if canonical is not None:
+            extra.add((canonical, normalize_icd(code) if canonical == ICD10CM else code.strip()))
+    return codes if extra <= codes else codes | extra
+
+
 class LabelIndex:
     """Compiled sensitivity rules: code look-ups, resource scopes and sensitivity scopes."""
 

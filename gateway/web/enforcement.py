@@ -18,7 +18,7 @@ from gateway.core.fhir import JSON, resource_reference
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
-from gateway.core.errors import ConsentUnavailable
+from gateway.core.errors import ConsentUnavailable, GatewayError
 from gateway.core.model import Actor, Label, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
@@ -216,7 +216,16 @@ class ConsentEnforcement:
             judge = scoped(judge, actor.grants)
         if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
-        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
+        try:
+            result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            # SECURITY: an error while deciding sends nothing and is a 503 (fail closed), like
+            # consents that cannot be read: never the answer as it stands, never half applied.
+            # Its type only: a message or traceback may quote the record being decided.
+            decision_log.error("deciding failed: %s", type(exc).__name__)
+            raise ConsentUnavailable("The consent decision could not be made.") from None
         # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
         # upstream's bytes, core.view).
         apply(body, result)
