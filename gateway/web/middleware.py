@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import time
+import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
@@ -109,6 +110,13 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return error_response(status, issue, message, f"http-{status}", headers)
 
 
+def code_locations(exc: BaseException, last: int = 12) -> list[str]:
+    """The code an exception passed through (``file:line function``, innermost last): its
+    message and the values it carries are left out."""
+    return [f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.name}"
+            for frame in traceback.extract_tb(exc.__traceback__)[-last:]]
+
+
 def build_error_middleware(metrics: Metrics) -> Middleware:
     """Middleware turning every exception into an application/fhir+json OperationOutcome."""
 
@@ -124,10 +132,12 @@ def build_error_middleware(metrics: Metrics) -> Middleware:
                 raise
             metrics.count_error(f"http-{exc.status}")
             return _from_http_exception(exc)
-        except Exception:
-            # SECURITY: the trace goes to the log only; the body says nothing about internals.
+        except Exception as exc:
+            # SECURITY: where it happened goes to the log only, and never the error's message or
+            # values (they may quote the record being handled); the body says nothing of internals.
             info = request.get(INFO)
-            log.exception("unhandled error", extra={"request_id": info.request_id if info else None})
+            log.error(f"unhandled error: {type(exc).__name__}",
+                      extra={"request_id": info.request_id if info else None, "where": code_locations(exc)})
             metrics.count_error("internal-error")
             return error_response(500, "exception", "Internal error.", "internal-error")
 
@@ -176,6 +186,7 @@ class JsonLogFormatter(logging.Formatter):
         "organization", "role", "path", "query", "replayable", "mode", "shadow", "consents",
         "released", "withheld",
         "worker",  # listen.workers above 1: which worker process wrote the line
+        "where",  # an unhandled error: the code locations it passed through
     )
 
     _second = -1

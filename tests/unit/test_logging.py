@@ -143,3 +143,29 @@ def test_each_millisecond_is_written_with_three_digits(created: float, msecs: fl
     record = logging.LogRecord("gateway", logging.INFO, __file__, 1, "x", None, None)
     record.created, record.msecs = created, msecs
     assert orjson.loads(formatter.format(record))["ts"] == f"2026-05-28T20:26:{tail}"
+
+
+async def test_an_unhandled_error_is_logged_by_type_and_place_never_by_its_message(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, log_lines: Lines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error nobody expected may carry the record it was handling in its message (a KeyError
+    of a code, a ValueError quoting a reference): the log names its type and the code it passed
+    through, the answer is a bare 500, and neither quotes the message."""
+    import gateway.web.proxy as proxy
+
+    secret = "Condition/hiv-secret B20"
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"cannot read {secret}")
+
+    monkeypatch.setattr(proxy, "link_rewriter", broken)
+    c.seed_all(fake_fhir)
+    gw: GatewayUnderTest = await make_gateway(fake_fhir.base_url)
+    resp = await gw.get(f"/Observation?patient={c.PAT_BEN}", actor=c.DOCTOR)
+    body = await resp.read()
+    assert resp.status == 500 and secret.encode() not in body
+    errors = [line for line in log_lines.lines if line["msg"].startswith("unhandled error")]
+    assert len(errors) == 1, log_lines.lines
+    assert errors[0]["msg"] == "unhandled error: ValueError"
+    assert any(place.endswith(" broken") for place in errors[0]["where"]), errors[0]
+    assert all(secret not in orjson.dumps(line).decode() for line in log_lines.lines)
