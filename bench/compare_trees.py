@@ -21,7 +21,7 @@ from pathlib import Path
 
 import bench.upstream as fixture
 from bench import procs, run
-from bench.upstream import ACTOR, BASE_PATH
+from bench.upstream import ACTOR
 
 
 def wrk(port: int, path: str, seconds: int, connections: int, cpus: set[int] | None) -> int:
@@ -53,19 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="consent-compare-") as tmp:
         workdir = Path(tmp)
         try:
-            upstream_port = procs.free_port()
-            services["upstream"] = procs.start(
-                "upstream",
-                procs.python_module("bench.upstream", "--port", str(upstream_port), "--rounds", "1",
-                                    "--cold-patients", "10"),
-                upstream_port, cores.load, workdir / "upstream.log", f"{BASE_PATH}/metadata",
-            )
-            bare_port = procs.free_port()
-            services["bare"] = procs.start(
-                "bare", procs.python_module("bench.bare_proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
-                                            "--port", str(bare_port)),
-                bare_port, cores.under_test, workdir / "bare.log",
-            )
+            upstream_port = run.start_baselines(workdir, cores, 1, 10, services)
             for label, tree in trees.items():
                 own = workdir / label
                 own.mkdir()

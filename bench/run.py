@@ -169,13 +169,16 @@ def start_gateway(workdir: Path, upstream_port: int, cores: procs.Cores, profile
     return procs.Service("gateway", service.proc, port)
 
 
-def start_services(mode: Mode, workdir: Path, cores: procs.Cores) -> dict[str, procs.Service]:
-    services: dict[str, procs.Service] = {}
+def start_baselines(
+    workdir: Path, cores: procs.Cores, rounds: int, cold_patients: int, services: dict[str, procs.Service],
+) -> int:
+    """Start the fixture upstream (on the load CPU) and the bare proxy (on the CPU under test)
+    into ``services``; the upstream's port."""
     upstream_port = procs.free_port()
     services["upstream"] = procs.start(
         "upstream",
-        procs.python_module("bench.upstream", "--port", str(upstream_port), "--rounds", str(mode.rounds),
-                            "--cold-patients", str(mode.cold_patients)),
+        procs.python_module("bench.upstream", "--port", str(upstream_port), "--rounds", str(rounds),
+                            "--cold-patients", str(cold_patients)),
         upstream_port, cores.load, workdir / "upstream.log", f"{BASE_PATH}/metadata",
     )
     bare_port = procs.free_port()
@@ -184,6 +187,12 @@ def start_services(mode: Mode, workdir: Path, cores: procs.Cores) -> dict[str, p
                                     "--port", str(bare_port)),
         bare_port, cores.under_test, workdir / "bare.log",
     )
+    return upstream_port
+
+
+def start_services(mode: Mode, workdir: Path, cores: procs.Cores) -> dict[str, procs.Service]:
+    services: dict[str, procs.Service] = {}
+    upstream_port = start_baselines(workdir, cores, mode.rounds, mode.cold_patients, services)
     nginx = procs.start_nginx(workdir, procs.free_port(), upstream_port, cores.under_test)
     if nginx is not None:
         services["nginx"] = nginx
