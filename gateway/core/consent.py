@@ -90,6 +90,19 @@ class DataRef:
 
     meaning: str
     reference: str
+    # The version a reference names (``Type/id/_history/N``): a permit of that instance opens
+    # that version only; a deny closes every version.
+    version: str | None = None
+
+
+def reference_version(ref: str) -> str | None:
+    """The version a reference names (``.../_history/2`` -> ``2``), or None."""
+    parts = [p for p in ref.split("#", 1)[0].split("/") if p]
+    if "_history" in parts:
+        at = parts.index("_history")
+        if at + 1 < len(parts):
+            return parts[at + 1]
+    return None
 
 
 # eq=False: identity hashing, so the engine can memoise per provision cheaply.
@@ -441,7 +454,7 @@ class _Compiler:
                 # bundle-local urn, a bare type) would match no record and release what it hides.
                 self.defect(f"bad-reference:{path}.data[{i}]")
             else:
-                refs.append(DataRef(meaning, relative_reference(target)))
+                refs.append(DataRef(meaning, relative_reference(target), reference_version(target)))
         return tuple(refs)
 
 

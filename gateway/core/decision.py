@@ -205,6 +205,7 @@ class Facts(NamedTuple):
     codes: frozenset[tuple[str, str]] = NOT_READ  # every coding anywhere in it: "codes"
     references: frozenset[str] = NOT_READ          # every reference it makes: "data"
     authors: frozenset[str] = NOT_READ             # its authors: "authors", "data"
+    version: str | None = NOT_READ                 # its meta.versionId: "data"
 
 
 class _Facts:
@@ -212,7 +213,7 @@ class _Facts:
 
     __slots__ = (
         "resource", "rtype", "labels", "scopes", "known_refs", "related",
-        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_rank",
+        "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_rank", "_version",
     )
 
     def __init__(
@@ -231,7 +232,7 @@ class _Facts:
         # the deciding consent's server-read related targets (set per consent)
         self.related: Mapping[str, frozenset[str]] = NO_RELATED
         self._ref = self._profiles = self._codes = self._date = _UNSET
-        self._refs = self._authors = self._rank = _UNSET
+        self._refs = self._authors = self._rank = self._version = _UNSET
 
     @property
     def ref(self) -> str | None:
@@ -285,6 +286,20 @@ class _Facts:
         found: frozenset[str] = self._authors
         return found
 
+    @property
+    def version(self) -> str | None:
+        if self._version is _UNSET:
+            self._version = version_of(self.resource)
+        found: str | None = self._version
+        return found
+
+
+def version_of(resource: JSON) -> str | None:
+    """A resource's ``meta.versionId``, or None."""
+    meta = resource.get("meta")
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
+
 
 def _read(value: Any, name: str) -> Any:
     if value is NOT_READ:
@@ -307,7 +322,7 @@ class _RecordFacts(_Facts):
         self.related = NO_RELATED
         self._ref, self._profiles, self._codes = facts.ref, facts.profiles, facts.codes
         self._date, self._refs, self._authors = facts.date, facts.references, facts.authors
-        self._rank = _UNSET
+        self._version, self._rank = facts.version, _UNSET
 
     @property
     def ref(self) -> str | None:
@@ -337,6 +352,11 @@ class _RecordFacts(_Facts):
     @property
     def authors(self) -> frozenset[str]:
         found: frozenset[str] = _read(self._authors, "authors")
+        return found
+
+    @property
+    def version(self) -> str | None:
+        found: str | None = _read(self._version, "version")
         return found
 
 
@@ -431,7 +451,10 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
     for item in node.data or ():
         target = item.reference
         if own == target:
-            return True
+            # A permit naming one version opens that version only (a deny closes them all).
+            if deny or item.version is None or facts.version == item.version:
+                return True
+            continue
         if item.meaning == "related":
             refs = facts.known_refs.get(target)
             if refs is None:

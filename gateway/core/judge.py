@@ -25,7 +25,7 @@ from gateway.core.compartment import all_codes, authors_of, clinical_date, profi
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import (
     NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, decide_facts, decide_resource, next_boundary, summary_key,
-    summary_reads,
+    summary_reads, version_of,
 )
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import JSON, resource_reference
@@ -65,6 +65,7 @@ def facts_of(
         all_codes(resource) if whole and "codes" in reads else NOT_READ,
         references_of(resource) if data else NOT_READ,
         authors_of(resource) if whole and (data or "authors" in reads) else NOT_READ,
+        version_of(resource) if data else NOT_READ,
     ))
 
 

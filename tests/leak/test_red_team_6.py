@@ -392,6 +392,35 @@ async def test_history_of_an_instance_a_data_consent_names_hides_every_version(
     assert leaks(body, headers, HTN_SECRETS) == []
 
 
+async def test_a_permit_of_one_version_releases_that_version_only(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """An opt-out whose one exception permits ``Condition/<id>/_history/1``: the history and the
+    version reads give version 1 only; version 2, whose note names what the patient shared
+    later, is never sent."""
+    secret = "later: HIV positive, started on Biktarvy"
+    consent = c._consent("consent-v1", c.PAT_ANA, "OPTOUT", {"type": "deny", "provision": [
+        {"type": "permit", "data": [{"meaning": "instance",
+                                     "reference": {"reference": f"Condition/{HTN_ID}/_history/1"}}]}]})
+    world = world_with(fake_fhir, consent)
+    v1 = {**c.ANA_HYPERTENSION, "meta": {"versionId": "1"}}
+    v2 = {**c.ANA_HYPERTENSION, "meta": {"versionId": "2"}, "note": [{"text": secret}]}
+    serve(world, {
+        ("GET", f"/Condition/{HTN_ID}/_history"): lambda r: answer(orjson.dumps(c.history_bundle([v2, v1], world.base_url))),
+        ("GET", f"/Condition/{HTN_ID}/_history/1"): lambda r: answer(orjson.dumps(v1)),
+        ("GET", f"/Condition/{HTN_ID}/_history/2"): lambda r: answer(orjson.dumps(v2)),
+    })
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history/1")
+    assert status == 200, body
+    status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history/2")
+    assert status == 403 and leaks(body, headers, (secret, "Biktarvy")) == []
+    status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history")
+    assert status == 200 and leaks(body, headers, (secret, "Biktarvy")) == []
+    assert [e["resource"]["meta"]["versionId"] for e in entries(body) if "resource" in e
+            and e["resource"].get("resourceType") == "Condition"] == ["1"]
+
+
 async def test_withheld_counts_and_logs_name_no_record(
     fake_fhir: FakeFhir, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
 ) -> None:

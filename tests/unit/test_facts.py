@@ -37,7 +37,7 @@ from gateway.core.model import Actor, RequestContext
 from gateway.core.references import NOTHING_RESOLVED
 from tests.decision.support import consent_json
 from tests.strategies import (
-    ALL_TYPES, PATIENTS, by_patient, consent_specs, decision_policies, fast, request_contexts, resources, rules_index,
+    ALL_TYPES, DECIDED_AT, PATIENTS, by_patient, consent_specs, decision_policies, fast, request_contexts, resources, rules_index,
     sensitive_codings,
 )
 
@@ -116,7 +116,8 @@ def test_the_record_decides_as_the_resource(rtype: str, data: st.DataObject) -> 
 
 
 _REFERENCED = ["Patient/p1", "Patient/p2", "Practitioner/pr1", "Organization/org1", "RelatedPerson/rp1",
-               "Observation/r1", "Condition/r2", "Observation/p1"]
+               "Observation/r1", "Condition/r2", "Observation/p1",
+               "Observation/r1/_history/1", "Condition/r2/_history/7", "http://h/fhir/Observation/r2/_history/1"]
 _data_only = st.fixed_dictionaries({
     "type": st.sampled_from(["permit", "deny"]),
     "data": st.lists(st.fixed_dictionaries({
@@ -187,8 +188,10 @@ def test_the_record_holds_what_the_consents_read(condition: dict[str, Any], read
     consent = compile_consent(consent_json({"provision": {"type": "deny", **condition}}, 1))
     assert summary_reads([consent]) == reads
     record = facts_of(OBS, frozenset({"Patient/p1"}), frozenset(), frozenset(), reads)
-    held = {name for name in ("date", "ref", "codes", "references", "authors") if getattr(record, name) is not NOT_READ}
-    wanted = {"codes": {"codes"}, "authors": {"authors"}, "data": {"ref", "references", "authors"}, "date": {"date"}}
+    held = {name for name in ("date", "ref", "codes", "references", "authors", "version")
+            if getattr(record, name) is not NOT_READ}
+    wanted = {"codes": {"codes"}, "authors": {"authors"}, "data": {"ref", "references", "authors", "version"},
+              "date": {"date"}}
     assert held == set().union(*(wanted[r] for r in reads))
     if "codes" in reads:
         assert ("http://loinc.org", "2345-7") in record.codes
@@ -256,3 +259,38 @@ def test_consents_with_defects_still_decide_the_resource() -> None:
     assert summary_reads(broken["Patient/p1"]) is None
     decision = _judge(broken, DecisionCache())(OBS, frozenset({"Patient/p1"}))
     assert decision.verdict.value == "deny"
+
+
+# ---------------------------------------------------------------------- 4. versions
+
+
+@pytest.mark.parametrize("path", ["resource", "record"])
+def test_a_permit_naming_one_version_opens_that_version_only(path: str) -> None:
+    """``data.reference`` to ``Observation/r1/_history/1`` in a permit (under opt-out) opens
+    version 1; version 2, or a copy that names no version, stays closed. A deny naming one
+    version closes every version (what is named may be any of them, fail closed)."""
+    ctx = RequestContext(actor=Actor(reference="Practitioner/pr1"), purpose="TREAT", now=DECIDED_AT)
+    owners = frozenset({"Patient/p1"})
+
+    def verdict(provision: dict[str, Any], policy_rule: str, version: str | None) -> str:
+        consent = compile_consent(consent_json({"policyRule": {"coding": [{"code": policy_rule}]},
+                                                "provision": provision}, 1))
+        resource = dict(OBS, meta={"versionId": version}) if version else dict(OBS)
+        consents = {"Patient/p1": [consent]}
+        policy = Policy(default_decision="permit")
+        if path == "resource":
+            return decide_resource(consents, resource, frozenset(), frozenset(), ctx, policy, patients=owners).verdict.value
+        record = facts_of(resource, owners, frozenset(), frozenset(), summary_reads([consent]) or frozenset())
+        return decide_facts(consents, record, ctx, policy).verdict.value
+
+    named = {"data": [{"meaning": "instance", "reference": {"reference": "Observation/r1/_history/1"}}]}
+    permit = {"provision": [{"type": "permit", **named}]}
+    assert verdict(permit, "OPTOUT", "1") == "permit"
+    assert verdict(permit, "OPTOUT", "2") == "deny"
+    assert verdict(permit, "OPTOUT", None) == "deny"
+    unversioned = {"provision": [{"type": "permit", "data": [
+        {"meaning": "instance", "reference": {"reference": "Observation/r1"}}]}]}
+    assert verdict(unversioned, "OPTOUT", "2") == "permit"
+    deny = {"provision": [{"type": "deny", **named}]}
+    for version in ("1", "2", None):
+        assert verdict(deny, "OPTIN", version) == "deny"
