@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -34,19 +34,20 @@ def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[s
 
 def end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], dropped: frozenset[str] = HOP_BY_HOP,
-    dropped_prefixes: tuple[str, ...] = (),
+    dropped_prefixes: tuple[str, ...] = (), rewrite: Callable[[str, str], str] | None = None,
 ) -> CIMultiDict[str]:
     """Headers without hop-by-hop ones, including any the Connection header names.
 
     ``dropped`` (lower-case, a superset of HOP_BY_HOP) and ``dropped_prefixes`` name more
-    headers to leave out, every occurrence, in the same pass.
+    headers to leave out, every occurrence, in the same pass; ``rewrite(lower-case name,
+    value)`` gives the value kept of every other occurrence.
     """
     named = connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         if lower not in dropped and lower not in named and not lower.startswith(dropped_prefixes):
-            out.add(name, value)
+            out.add(name, value if rewrite is None else rewrite(lower, value))
     return out
 
 

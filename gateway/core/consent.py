@@ -29,7 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.core.compartment import DateRange, parse_date_range, parse_period
-from gateway.core.fhir import JSON, iter_codings, relative_reference
+from gateway.core.fhir import JSON, iter_codings, reference_version, relative_reference
 from gateway.core.labels import code_spellings
 from gateway.core.model import (
     RESOURCE_SCOPE_SYSTEM,
@@ -93,16 +93,6 @@ class DataRef:
     # The version a reference names (``Type/id/_history/N``): a permit of that instance opens
     # that version only; a deny closes every version.
     version: str | None = None
-
-
-def reference_version(ref: str) -> str | None:
-    """The version a reference names (``.../_history/2`` -> ``2``), or None."""
-    parts = [p for p in ref.split("#", 1)[0].split("/") if p]
-    if "_history" in parts:
-        at = parts.index("_history")
-        if at + 1 < len(parts):
-            return parts[at + 1]
-    return None
 
 
 # eq=False: identity hashing, so the engine can memoise per provision cheaply.

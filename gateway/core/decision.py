@@ -294,6 +294,13 @@ class _Facts:
         return found
 
 
+def codes_of(resource: JSON, medication: JSON | None = None) -> frozenset[tuple[str, str]]:
+    """Every coding a ``code`` condition reads of ``resource``: anywhere in it, and in the
+    Medication an order names by reference (its drug as much as an inline one)."""
+    found = all_codes(resource)
+    return found | all_codes(medication) if medication is not None else found
+
+
 def version_of(resource: JSON) -> str | None:
     """A resource's ``meta.versionId``, or None."""
     meta = resource.get("meta")
@@ -327,11 +334,6 @@ class _RecordFacts(_Facts):
     @property
     def ref(self) -> str | None:
         found: str | None = _read(self._ref, "ref")
-        return found
-
-    @property
-    def profiles(self) -> frozenset[str]:
-        found: frozenset[str] = self._profiles
         return found
 
     @property
@@ -821,7 +823,7 @@ def decide_resource(
         patients = patients_of(resource)
     facts = _Facts(resource, labels, scopes, known_refs)
     if medication is not None:
-        facts._codes = all_codes(resource) | all_codes(medication)
+        facts._codes = codes_of(resource, medication)
     return _decide_patients(consents_by_patient, facts, patients, ctx, policy)
 
 

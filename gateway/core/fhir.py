@@ -84,15 +84,26 @@ def reference_of(value: Any) -> str | None:
     return None
 
 
+def _reference_parts(ref: str) -> tuple[list[str], str | None]:
+    """A reference's path segments before ``_history``, and the version after it (or None)."""
+    parts = [p for p in ref.split("#", 1)[0].split("/") if p]
+    if "_history" not in parts:
+        return parts, None
+    at = parts.index("_history")
+    return parts[:at], parts[at + 1] if at + 1 < len(parts) else None
+
+
 def relative_reference(ref: str) -> str:
     """``http://h/fhir/Patient/1/_history/2`` -> ``Patient/1``; ``Patient/1`` unchanged."""
-    ref = ref.split("#", 1)[0]
-    parts = [p for p in ref.split("/") if p]
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
+    parts, _ = _reference_parts(ref)
     if len(parts) >= 2:
         return f"{parts[-2]}/{parts[-1]}"
-    return ref
+    return ref.split("#", 1)[0]
+
+
+def reference_version(ref: str) -> str | None:
+    """The version a reference names (``Patient/1/_history/2`` -> ``2``), or None."""
+    return _reference_parts(ref)[1]
 
 
 def resource_reference(resource: JSON) -> str | None:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import all_codes, authors_of, clinical_date, profiles_of, references_of
+from gateway.core.compartment import authors_of, clinical_date, profiles_of, references_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import (
-    NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, decide_facts, decide_resource, next_boundary, summary_key,
-    summary_reads, version_of,
+    NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, codes_of, decide_facts, decide_resource, next_boundary,
+    summary_key, summary_reads, version_of,
 )
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import JSON, resource_reference
@@ -45,10 +45,12 @@ _NO_PROFILES: frozenset[str] = frozenset()
 
 
 def facts_of(
-    resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str]
+    resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str],
+    medication: JSON | None = None,
 ) -> Facts:
     """The facts record of ``resource`` with what ``reads`` (decision.summary_reads) needs; the
-    facts not read hold ``NOT_READ``."""
+    facts not read hold ``NOT_READ``. ``medication``: the Medication an order names by
+    reference, whose codes are the order's (``decision.codes_of``)."""
     rtype = resource.get("resourceType")
     meta = resource.get("meta")
     whole = not reads.isdisjoint(WHOLE_RESOURCE_READS)
@@ -62,7 +64,7 @@ def facts_of(
         profiles_of(resource) if type(meta) is dict and "profile" in meta else _NO_PROFILES,
         clinical_date(resource) if "date" in reads else NOT_READ,
         resource_reference(resource) if data else NOT_READ,
-        all_codes(resource) if whole and "codes" in reads else NOT_READ,
+        codes_of(resource, medication) if whole and "codes" in reads else NOT_READ,
         references_of(resource) if data else NOT_READ,
         authors_of(resource) if whole and (data or "authors" in reads) else NOT_READ,
         version_of(resource) if data else NOT_READ,
@@ -165,11 +167,8 @@ class ConsentJudge:
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        facts = facts_of(resource, owners, labels, scopes, reads)
-        if "codes" in reads:
-            medication = self._medication(resource)
-            if medication is not None:
-                facts = facts._replace(codes=facts.codes | all_codes(medication))
+        facts = facts_of(resource, owners, labels, scopes, reads,
+                         self._medication(resource) if "codes" in reads else None)
         key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:

@@ -129,10 +129,10 @@ class Deciding:
 def may_refer(raw: bytes) -> bool:
     """False when the JSON text ``raw`` certainly holds no Binary and no ``medicationReference``
     (then ``deciding_references`` of it is None, without a walk)."""
-    return b'"medicationReference"' in raw or b'"Binary"' in raw or _has_u_escape(raw)
+    return b'"medicationReference"' in raw or b'"Binary"' in raw or has_u_escape(raw)
 
 
-def _has_u_escape(raw: bytes) -> bool:
+def has_u_escape(raw: bytes) -> bool:
     """``b"\\u" in raw``, faster: a backslash alone is found by ``memchr``, and most answers
     have none."""
     first = raw.find(b"\\")
@@ -267,7 +267,7 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     One scan of the text: each distinct value is judged once, and the object around a match
     is read only while its value is a suspect not yet named. A value that is no JSON string
     raises (``ValueError``) unless the text is unreadable anyway (None)."""
-    if _has_u_escape(raw):
+    if has_u_escape(raw):
         return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
     if b'"display"' not in raw:
         return frozenset()

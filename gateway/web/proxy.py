@@ -21,7 +21,9 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
-from gateway.core.references import displays_scrubber, in_answer, may_name_unreleased, scrub_displays, unreleased_named
+from gateway.core.references import (
+    displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
+)
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
 from gateway.web.batch import (
@@ -33,7 +35,7 @@ from gateway.web.enforcement import Emergency, Observed
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
-from gateway.upstream import HOP_BY_HOP, UpstreamResponse, connection_named, end_to_end
+from gateway.upstream import HOP_BY_HOP, UpstreamResponse, end_to_end
 from gateway.web.middleware import INFO, Handler, RequestInfo, log_line
 from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
@@ -155,17 +157,12 @@ def client_response(
     upstream: UpstreamResponse, links: LinkRewriter, body: bytes | Payload, decision: str
 ) -> web.Response:
     """The answer to the client: end-to-end upstream headers, URLs rewritten, decision header."""
-    named = connection_named(upstream.headers)
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        lower = name.lower()
-        if lower in _DROPPED_RESPONSE or lower in named:
-            continue
+    def rewrite(lower: str, value: str) -> str:
         if lower == "location" or lower == "content-location":
-            value = links.header(value)
-        elif lower == "link":
-            value = links.link_header(value)
-        headers.add(name, value)
+            return links.header(value)
+        return links.link_header(value) if lower == "link" else value
+
+    headers = end_to_end(upstream.headers, _DROPPED_RESPONSE, rewrite=rewrite)
     headers["X-Consent-Decision"] = decision
     return web.Response(status=upstream.status, body=body, headers=headers)
 
@@ -397,7 +394,7 @@ async def decide_answer(
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
     # A display may name what is not released: the key as written, or spelled with a \u escape.
     raw = upstream.body
-    may_display = (b'"display"' in raw or (b"\\" in raw and b"\\u" in raw)) and not shadow
+    may_display = (b'"display"' in raw or has_u_escape(raw)) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
         named = unreleased_named(upstream.body, released) if may_display else frozenset()

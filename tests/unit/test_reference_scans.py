@@ -139,30 +139,9 @@ def old_may_refer(raw: bytes) -> bool:
     return b"\\u" in raw or b'"Binary"' in raw or b'"medicationReference"' in raw
 
 
-def _old_security_context(resource: JSON) -> str | None:
-    if resource.get("resourceType") != "Binary":
-        return None
-    ref = reference_of(resource.get("securityContext"))
-    if ref is None or ref.startswith("#"):
-        return None
-    target = relative_reference(ref)
-    rtype = target.split("/", 1)[0]
-    return target if "/" in target and is_patient_data(rtype) else None
-
-
 def _old_unreadable_context(resource: JSON) -> bool:
     return (resource.get("resourceType") == "Binary" and "securityContext" in resource
             and reference_of(resource.get("securityContext")) is None)
-
-
-def _old_medication_reference(resource: JSON) -> str | None:
-    rtype = resource.get("resourceType")
-    if not isinstance(rtype, str) or rtype not in references.MEDICATION_HOLDERS:
-        return None
-    ref = reference_of(resource.get("medicationReference"))
-    if ref is None:
-        return None
-    return ref if ref.startswith("#") else relative_reference(ref)
 
 
 def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
@@ -176,7 +155,7 @@ def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
         ref = resource_reference(resource)
         if ref is not None:
             present.setdefault(ref, resource)
-        context = _old_security_context(resource)
+        context = references.security_context(resource)  # unchanged since the first version
         if context is not None:
             refers = True
             contexts.add(context)
@@ -185,7 +164,7 @@ def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
             unattached.add(ref)
         elif _old_unreadable_context(resource):
             refers = True
-        med = _old_medication_reference(resource)
+        med = references.medication_reference(resource)  # unchanged since the first version
         if med is not None:
             refers = True
             if not med.startswith("#"):
