@@ -33,7 +33,7 @@ from gateway.web import admin, discovery, proxy
 from gateway.web.drain import Drain, build_drain_middleware
 from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
 from gateway.web.protocol import FhirAppRunner
-from gateway.web.resolve import MedicationCache
+from gateway.web.resolve import TargetCache, role_resolver
 from gateway.web.state import STATE, GatewayState, Readiness
 
 log = logging.getLogger("gateway")
@@ -83,11 +83,14 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         metrics=metrics,
         labels=labels,
         store=store,
-        enforcement=ConsentEnforcement(store, labels, policy),
+        # PractitionerRoles named as authors: read only for consents that read authors.
+        enforcement=ConsentEnforcement(
+            store, labels, policy, roles=role_resolver(upstream, TargetCache(settings.consent.cache_ttl_s)),
+        ),
         audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
-        medications=MedicationCache(settings.consent.cache_ttl_s),
+        medications=TargetCache(settings.consent.cache_ttl_s),
         disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )

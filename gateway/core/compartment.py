@@ -10,7 +10,7 @@ the wrong shape is simply not a reference, a date or a code.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
@@ -516,10 +516,23 @@ def references_of(resource: JSON) -> frozenset[str]:
     return frozenset(found)
 
 
-def authors_of(resource: JSON) -> frozenset[str]:
-    """References of whoever authored, recorded, performed, asserted or requested it."""
-    found: set[str] = set()
+# An author that stands for someone the gateway could not learn (a PractitionerRole that could not
+# be read): an authors condition is unknown for the resource (CONTRACT §5: it matches a deny
+# provision, never a permit one). No reference is spelled this way.
+UNKNOWN_AUTHOR = "\0unknown-author"
+ROLE = "PractitionerRole"
+# A PractitionerRole's members who act through it: an authors condition naming either sees it.
+ROLE_MEMBERS = ("practitioner", "organization")
+_ROLE_ID = re.compile(r"PractitionerRole/[A-Za-z0-9\-.]{1,64}")
+NO_ROLES: dict[str, JSON | None] = {}
+
+
+def author_references(resource: JSON) -> list[str]:
+    """Every reference in the author elements as written (``#id`` for a contained author)."""
+    found: list[str] = []
     for key in AUTHOR_ELEMENTS:
+        if key not in resource:
+            continue
         for value in iter_path(resource, (key,)):
             if not isinstance(value, dict):
                 continue
@@ -527,8 +540,68 @@ def authors_of(resource: JSON) -> frozenset[str]:
             for target in targets:
                 if isinstance(target, dict):
                     ref = target.get("reference")
-                    if isinstance(ref, str) and not ref.startswith("#"):
-                        found.add(relative_reference(ref))
+                    if isinstance(ref, str):
+                        found.append(ref)
+    return found
+
+
+def role_reference(ref: str) -> str | None:
+    """``PractitionerRole/id`` when an author reference (as written) names a PractitionerRole on
+    the server, ``UNKNOWN_AUTHOR`` when it names one in a form that cannot be read (a conditional
+    or malformed reference), None when it names no PractitionerRole."""
+    if ROLE not in ref or ref.startswith("#"):
+        return None
+    target = relative_reference(ref)
+    if not target.startswith(ROLE) or target[len(ROLE):len(ROLE) + 1] not in ("/", "?", ""):
+        return None
+    return target if _ROLE_ID.fullmatch(target) else UNKNOWN_AUTHOR
+
+
+def role_members(role: JSON) -> set[str]:
+    """The practitioner and organization of a PractitionerRole (``Type/id``)."""
+    found: set[str] = set()
+    for key in ROLE_MEMBERS:
+        ref = role.get(key)
+        ref = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(ref, str) and not ref.startswith("#"):
+            found.add(relative_reference(ref))
+    return found
+
+
+def _contained_role(resource: JSON, ref: str) -> JSON | None:
+    contained = resource.get("contained")
+    for inner in contained if isinstance(contained, list) else ():
+        if isinstance(inner, dict) and inner.get("id") == ref[1:] and inner.get("resourceType") == ROLE:
+            return inner
+    return None
+
+
+def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> frozenset[str]:
+    """References of whoever authored, recorded, performed, asserted or requested it.
+
+    An author given as a PractitionerRole (contained, or ``PractitionerRole/id`` looked up in
+    ``roles``) also counts its practitioner and organization: a consent naming the doctor sees
+    the records the doctor wrote in any role. A role ``roles`` does not hold (it was not read,
+    or could not be) adds ``UNKNOWN_AUTHOR``; one mapped to None (missing on the server) adds
+    nothing.
+    """
+    found: set[str] = set()
+    for ref in author_references(resource):
+        if ref.startswith("#"):
+            role = _contained_role(resource, ref)
+            if role is not None:
+                found |= role_members(role)
+            continue
+        found.add(relative_reference(ref))
+        key = role_reference(ref)
+        if key is None:
+            continue
+        if key == UNKNOWN_AUTHOR or key not in roles:
+            found.add(UNKNOWN_AUTHOR)
+            continue
+        target = roles[key]
+        if target is not None:
+            found |= role_members(target)
     return frozenset(found)
 
 

@@ -39,6 +39,8 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from gateway.core.compartment import (
+    NO_ROLES,
+    UNKNOWN_AUTHOR,
     DateRange,
     all_codes,
     as_utc,
@@ -212,7 +214,7 @@ class _Facts:
     """The resource as the conditions see it; each fact is read at most once, on demand."""
 
     __slots__ = (
-        "resource", "rtype", "labels", "scopes", "known_refs", "related",
+        "resource", "rtype", "labels", "scopes", "known_refs", "related", "roles",
         "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_rank", "_version",
     )
 
@@ -231,6 +233,7 @@ class _Facts:
         self.known_refs = known_refs
         # the deciding consent's server-read related targets (set per consent)
         self.related: Mapping[str, frozenset[str]] = NO_RELATED
+        self.roles: Mapping[str, JSON | None] = NO_ROLES  # PractitionerRoles read (authors_of)
         self._ref = self._profiles = self._codes = self._date = _UNSET
         self._refs = self._authors = self._rank = self._version = _UNSET
 
@@ -282,7 +285,7 @@ class _Facts:
     @property
     def authors(self) -> frozenset[str]:
         if self._authors is _UNSET:
-            self._authors = authors_of(self.resource)
+            self._authors = authors_of(self.resource, self.roles)
         found: frozenset[str] = self._authors
         return found
 
@@ -294,11 +297,14 @@ class _Facts:
         return found
 
 
-def codes_of(resource: JSON, medication: JSON | None = None) -> frozenset[tuple[str, str]]:
+def codes_of(resource: JSON, medications: Sequence[JSON] = ()) -> frozenset[tuple[str, str]]:
     """Every coding a ``code`` condition reads of ``resource``: anywhere in it, and in the
-    Medication an order names by reference (its drug as much as an inline one)."""
+    Medication an order names by reference with the ingredients that one names by reference
+    (``references.Resolved.medications_of``): its drug as much as an inline one."""
     found = all_codes(resource)
-    return found | all_codes(medication) if medication is not None else found
+    for medication in medications:
+        found = found | all_codes(medication)
+    return found
 
 
 def version_of(resource: JSON) -> str | None:
@@ -327,6 +333,7 @@ class _RecordFacts(_Facts):
         self.scopes = facts.scopes
         self.known_refs = known_refs
         self.related = NO_RELATED
+        self.roles = NO_ROLES
         self._ref, self._profiles, self._codes = facts.ref, facts.profiles, facts.codes
         self._date, self._refs, self._authors = facts.date, facts.references, facts.authors
         self._version, self._rank = facts.version, _UNSET
@@ -468,15 +475,20 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
         elif item.meaning == "dependents":
             if target in facts.references:
                 return True
-        elif item.meaning == "authoredby" and target in facts.authors:
-            return True
+        elif item.meaning == "authoredby":
+            authors = facts.authors
+            if target in authors:
+                return True
+            unknown = unknown or UNKNOWN_AUTHOR in authors
     return deny and unknown
 
 
 def _content_mismatch(node: Provision, facts: _Facts, deny: bool) -> str | None:
     """The first resource-side condition (class, code, label, dataPeriod, data) that fails."""
     if node.authors is not None and node.authors.isdisjoint(facts.authors):
-        return "author-mismatch"
+        # An author that could not be learnt matches a deny and never a permit (CONTRACT §5).
+        if not (deny and UNKNOWN_AUTHOR in facts.authors):
+            return "author-mismatch"
     if node.has_class and not _class_matches(node, facts, deny):
         return "class-mismatch"
     if node.codes is not None and not _code_matches(node.codes, facts):
@@ -802,13 +814,16 @@ def decide_resource(
     *,
     known_refs: Mapping[str, frozenset[str]] = NO_REFS,
     patients: frozenset[str] | None = None,
-    medication: JSON | None = None,
+    medications: Sequence[JSON] = (),
+    roles: Mapping[str, JSON | None] = NO_ROLES,
 ) -> Decision:
     """Decide one resource for every patient whose compartment it is in; each must permit.
 
     ``patients``, when given, are the patients the resource belongs to (the caller computed
     them, or a contained resource inherits its container's); else they are read from it.
-    ``medication``: the Medication an order names by reference, whose codes are the order's.
+    ``medications``: the Medication an order names by reference and its ingredients named by
+    reference, whose codes are the order's. ``roles``: the PractitionerRoles read for the
+    authors (``compartment.authors_of``).
 
     Non-patient data (a type outside the Patient compartment) passes without a consent
     check. A compartment type naming no patient gets the default decision (with the
@@ -822,8 +837,9 @@ def decide_resource(
     if patients is None:
         patients = patients_of(resource)
     facts = _Facts(resource, labels, scopes, known_refs)
-    if medication is not None:
-        facts._codes = codes_of(resource, medication)
+    facts.roles = roles
+    if medications:
+        facts._codes = codes_of(resource, medications)
     return _decide_patients(consents_by_patient, facts, patients, ctx, policy)
 
 

@@ -16,12 +16,12 @@ what it stands for (``binaries_as_contexts``), consents that could not be read
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import authors_of, clinical_date, profiles_of, references_of
+from gateway.core.compartment import NO_ROLES, authors_of, clinical_date, profiles_of, references_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import (
     NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, codes_of, decide_facts, decide_resource, next_boundary,
@@ -30,7 +30,7 @@ from gateway.core.decision import (
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
-from gateway.core.references import UNREADABLE, Resolved
+from gateway.core.references import Resolved
 
 NO_SCOPES: frozenset[str] = frozenset()
 # A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
@@ -46,11 +46,13 @@ _NO_PROFILES: frozenset[str] = frozenset()
 
 def facts_of(
     resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str],
-    medication: JSON | None = None,
+    medications: Sequence[JSON] = (), roles: Mapping[str, JSON | None] = NO_ROLES,
 ) -> Facts:
     """The facts record of ``resource`` with what ``reads`` (decision.summary_reads) needs; the
-    facts not read hold ``NOT_READ``. ``medication``: the Medication an order names by
-    reference, whose codes are the order's (``decision.codes_of``)."""
+    facts not read hold ``NOT_READ``. ``medications``: the Medication an order names by
+    reference and its ingredients named by reference, whose codes are the order's
+    (``decision.codes_of``). ``roles``: the PractitionerRoles read, whose practitioner and
+    organization are authors of what the role wrote (``compartment.authors_of``)."""
     rtype = resource.get("resourceType")
     meta = resource.get("meta")
     whole = not reads.isdisjoint(WHOLE_RESOURCE_READS)
@@ -64,9 +66,9 @@ def facts_of(
         profiles_of(resource) if type(meta) is dict and "profile" in meta else _NO_PROFILES,
         clinical_date(resource) if "date" in reads else NOT_READ,
         resource_reference(resource) if data else NOT_READ,
-        codes_of(resource, medication) if whole and "codes" in reads else NOT_READ,
+        codes_of(resource, medications) if whole and "codes" in reads else NOT_READ,
         references_of(resource) if data else NOT_READ,
-        authors_of(resource) if whole and (data or "authors" in reads) else NOT_READ,
+        authors_of(resource, roles) if whole and (data or "authors" in reads) else NOT_READ,
         version_of(resource) if data else NOT_READ,
     ))
 
@@ -154,8 +156,14 @@ class ConsentJudge:
         return found
 
     def __call__(self, resource: JSON, owners: frozenset[str]) -> Decision:
-        if "medicationReference" in resource and self.resolved.medication_of(resource) is UNREADABLE:
-            return UNRESOLVED
+        medications: tuple[JSON, ...] = ()
+        if "medicationReference" in resource:
+            # Its drug and the drug's ingredients are the order's codes, as much as an inline
+            # medicationCodeableConcept (CONTRACT §5 ``code``; the labels follow them the same way).
+            named = self.resolved.medications_of(resource)
+            if named is None:
+                return UNRESOLVED
+            medications = named
         labels = self.labels_for(resource)
         reads = self._owners_reads.get(owners, _UNSET)
         if reads is _UNSET:
@@ -163,12 +171,11 @@ class ConsentJudge:
         if reads is None:
             return decide_resource(
                 self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners,
-                medication=self._medication(resource),
+                medications=medications, roles=self.resolved.roles,
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        facts = facts_of(resource, owners, labels, scopes, reads,
-                         self._medication(resource) if "codes" in reads else None)
+        facts = facts_of(resource, owners, labels, scopes, reads, medications, self.resolved.roles)
         key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:
@@ -183,15 +190,6 @@ class ConsentJudge:
                 self._cache.put(shared, found, self._boundary(owners))
         self._memo[key] = found
         return found
-
-    def _medication(self, resource: JSON) -> JSON | None:
-        """The Medication an order names by reference (contained, in the answer or read): its
-        codes are the order's, as much as an inline medicationCodeableConcept's (CONTRACT §5
-        ``code``; the labels follow it the same way)."""
-        if "medicationReference" not in resource:
-            return None
-        found = self.resolved.medication_of(resource)
-        return found if isinstance(found, dict) else None
 
     def _shared_key(self, owners: frozenset[str], key: Hashable) -> Hashable | None:
         if self._cache is None:

@@ -5,7 +5,10 @@ Two references change what a resource is:
 - a ``Binary`` is the bytes of the patient data its ``securityContext`` names, so it is
   decided as that resource;
 - a ``MedicationRequest`` (and its siblings) naming a ``Medication`` by reference is labelled
-  like one that writes the same drug inline.
+  like one that writes the same drug inline, and so are the ingredients that Medication names by
+  reference (``ingredient.itemReference``: one hop, never further);
+- an author given as a ``PractitionerRole`` is also that role's practitioner and organization
+  (``compartment.authors_of``), read only when a consent reads authors (``author_roles``).
 
 The web layer finds the targets that are not in the answer (``missing_targets``), reads them
 from the FHIR server and hands everything to ``Resolved``; deciding stays pure.
@@ -19,18 +22,22 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
 
-from gateway.core.compartment import is_patient_data
+from gateway.core.compartment import (
+    ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
+)
 from gateway.core.fhir import JSON, R4_RESOURCE_TYPES, reference_of, relative_reference, resource_reference
 
 # Resource types whose medication may be a reference to a Medication resource.
 MEDICATION_HOLDERS = frozenset({
     "MedicationRequest", "MedicationAdministration", "MedicationDispense", "MedicationStatement",
 })
+# What a Medication's ingredient may name by reference (R4 ``Medication.ingredient.item[x]``).
+INGREDIENT_TYPES = frozenset({"Medication", "Substance"})
 # What a target that could not be read stands for: decide as unknown (fail closed).
 UNREADABLE: JSON = {"resourceType": "OperationOutcome", "issue": []}
 
@@ -105,6 +112,45 @@ def medication_reference(resource: JSON) -> str | None:
     return ref if ref.startswith("#") else relative_reference(ref)
 
 
+def ingredient_references(medication: JSON) -> list[str]:
+    """The ``ingredient.itemReference`` of a Medication as ``Type/id`` (``#id`` for a contained
+    one); ``UNKNOWN_INGREDIENT`` for one naming no Medication or Substance in a form that can be
+    read (what it is, is unknown)."""
+    ingredients = medication.get("ingredient")
+    if medication.get("resourceType") != "Medication" or not isinstance(ingredients, list):
+        return []
+    found: list[str] = []
+    for ingredient in ingredients:
+        item = ingredient.get("itemReference") if isinstance(ingredient, dict) else None
+        if item is None:
+            continue
+        ref = reference_of(item)
+        if ref is None:
+            if isinstance(item, dict) and set(item) <= _NAMING_NOTHING:
+                continue  # a display or identifier alone names nothing the gateway could read
+            found.append(UNKNOWN_INGREDIENT)
+        elif ref.startswith("#"):
+            found.append(ref)
+        else:
+            target = relative_reference(ref)
+            rtype, _, rid = target.partition("/")
+            found.append(target if rtype in INGREDIENT_TYPES and _ID.fullmatch(rid) else UNKNOWN_INGREDIENT)
+    return found
+
+
+# Reference members that name nothing the gateway follows.
+_NAMING_NOTHING = frozenset({"display", "identifier", "type", "id", "extension"})
+UNKNOWN_INGREDIENT = "\0unknown-ingredient"
+
+
+def _contained(resource: JSON, ref: str) -> JSON | None:
+    contained = resource.get("contained")
+    for inner in contained if isinstance(contained, list) else ():
+        if isinstance(inner, dict) and inner.get("id") == ref[1:]:
+            return inner
+    return None
+
+
 def in_answer(body: JSON) -> dict[str, JSON]:
     """The resources of an answer by ``Type/id`` (contained ones are not addressable); the first
     one ``iter_resources`` gives wins."""
@@ -124,12 +170,14 @@ class Deciding:
     contexts: frozenset[str]        # security contexts not in the answer
     medications: frozenset[str]     # Medications named by reference, not in the answer
     unattached: frozenset[str]      # Binaries without a security context (``Binary/id``)
+    ingredients: frozenset[str] = frozenset()  # ingredients of the answer's Medications, not in it
 
 
 def may_refer(raw: bytes) -> bool:
-    """False when the JSON text ``raw`` certainly holds no Binary and no ``medicationReference``
-    (then ``deciding_references`` of it is None, without a walk)."""
-    return b'"medicationReference"' in raw or b'"Binary"' in raw or has_u_escape(raw)
+    """False when the JSON text ``raw`` certainly holds no Binary, no ``medicationReference`` and
+    no ``itemReference`` (then ``deciding_references`` of it is None, without a walk)."""
+    return (b'"medicationReference"' in raw or b'"Binary"' in raw or b'"itemReference"' in raw
+            or has_u_escape(raw))
 
 
 def has_u_escape(raw: bytes) -> bool:
@@ -140,16 +188,22 @@ def has_u_escape(raw: bytes) -> bool:
 
 
 def deciding_references(body: JSON) -> Deciding | None:
-    """What decides resources of ``body`` beyond themselves; None when nothing does."""
+    """What decides resources of ``body`` beyond themselves; None when nothing does.
+
+    A contained resource is not addressable from outside its container: it never stands for a
+    ``Type/id`` of the answer."""
     present: dict[str, JSON] = {}
     contexts: set[str] = set()
     medications: set[str] = set()
+    ingredients: set[str] = set()
     unattached: set[str] = set()
+    inner: set[int] = set()
     refers = False
-    for resource in iter_resources(body):
+    for resource in iter_resources(body):  # a container comes before what it contains
         rtype, rid = resource.get("resourceType"), resource.get("id")
+        _note_contained(resource, inner)
         ref = f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) else None  # resource_reference
-        if ref is not None:
+        if ref is not None and id(resource) not in inner:
             present.setdefault(ref, resource)
         # Only a Binary has a security context, and only an order or statement a medication.
         if rtype == "Binary":
@@ -168,10 +222,33 @@ def deciding_references(body: JSON) -> Deciding | None:
                 refers = True
                 if not med.startswith("#"):
                     medications.add(med)
+        elif rtype == "Medication" and "ingredient" in resource:
+            named = ingredient_references(resource)
+            if named:
+                refers = True
+                ingredients.update(r for r in named if r[0] not in "#\0")
     if not refers:
         return None
     return Deciding(present, frozenset(contexts - present.keys()), frozenset(medications - present.keys()),
-                    frozenset(unattached))
+                    frozenset(unattached), frozenset(ingredients - present.keys()))
+
+
+def _note_contained(resource: JSON, inner: set[int]) -> None:
+    """Add the identities of what ``resource`` contains to ``inner``."""
+    contained = resource.get("contained")
+    if type(contained) is list:
+        inner.update(id(r) for r in contained)
+    elif type(contained) is dict:
+        inner.add(id(contained))
+
+
+def ingredients_to_read(medications: Iterable[JSON | None], known: Mapping[str, object]) -> frozenset[str]:
+    """The ingredients the given Medications name by reference that ``known`` does not hold."""
+    found: set[str] = set()
+    for medication in medications:
+        if type(medication) is dict and "ingredient" in medication:
+            found.update(r for r in ingredient_references(medication) if r[0] not in "#\0" and r not in known)
+    return frozenset(found)
 
 
 def attachment_urls(binary: str, base_url: str) -> tuple[str, ...]:
@@ -198,11 +275,14 @@ class Resolved:
     A target mapped to None is missing on the server (it decides nothing); one mapped to
     ``UNREADABLE`` could not be read (what it decides is unknown, so it closes). ``attached``
     maps a Binary without a security context to the DocumentReferences that attach it (None:
-    unknown, so it closes).
+    unknown, so it closes). ``roles``: the PractitionerRoles named as authors, by ``Type/id``
+    (None: missing on the server), read only when a consent reads authors; a role it does not
+    hold is an unknown author (``compartment.authors_of``).
     """
 
     targets: Mapping[str, JSON | None] = field(default_factory=dict)
     attached: Mapping[str, tuple[JSON, ...] | None] = field(default_factory=dict)
+    roles: Mapping[str, JSON | None] = field(default_factory=dict)
 
     def contexts_of(self, resource: JSON) -> tuple[JSON, ...] | None:
         """The patient data a Binary is decided as; None when that is unknown (it closes)."""
@@ -233,8 +313,72 @@ class Resolved:
             return UNREADABLE
         return self.targets.get(ref, UNREADABLE)
 
+    def medications_of(self, resource: JSON) -> tuple[JSON, ...] | None:
+        """The Medication an order names by reference followed by the ingredients that one names
+        by reference (one hop; an ingredient's own ingredients are not followed): their codes and
+        labels are the order's. () when it names none (or it is missing on the server); None when
+        one of them cannot be read (unknown: the order closes)."""
+        medication = self.medication_of(resource)
+        if medication is None:
+            return ()
+        if medication is UNREADABLE:
+            return None
+        ingredients = self.ingredients_of(medication, resource)
+        if ingredients is None:
+            return None
+        return (medication, *ingredients)
+
+    def ingredients_of(self, medication: JSON, container: JSON | None = None) -> tuple[JSON, ...] | None:
+        """The Medications and Substances a Medication names as ingredients by reference:
+        contained (in it, or in the ``container`` that contains it), in the answer or read. None
+        when one cannot be read or names nothing readable (unknown)."""
+        if "ingredient" not in medication:
+            return ()
+        found: list[JSON] = []
+        for ref in ingredient_references(medication):
+            if ref == UNKNOWN_INGREDIENT:
+                return None
+            if ref.startswith("#"):
+                target = _contained(medication, ref)
+                if target is None and container is not None:
+                    target = _contained(container, ref)
+                if target is None or target.get("resourceType") not in INGREDIENT_TYPES:
+                    return None
+            else:
+                target = self.targets.get(ref, UNREADABLE)
+                if target is UNREADABLE:
+                    return None
+            if target is not None:
+                found.append(target)
+        return tuple(found)
+
+    def authors_of(self, resource: JSON) -> frozenset[str]:
+        """``compartment.authors_of`` with the PractitionerRoles read."""
+        return authors_of(resource, self.roles)
+
 
 NOTHING_RESOLVED = Resolved()
+
+
+def author_roles(body: JSON) -> tuple[dict[str, JSON], frozenset[str]]:
+    """The PractitionerRoles of an answer (not contained ones) by ``Type/id``, and the
+    ``PractitionerRole/id`` its resources name as authors that it does not hold (to be read)."""
+    present: dict[str, JSON] = {}
+    named: set[str] = set()
+    inner: set[int] = set()
+    for resource in iter_resources(body):
+        _note_contained(resource, inner)
+        if id(resource) in inner:
+            continue  # a contained resource's authors are not its container's
+        if resource.get("resourceType") == ROLE:
+            rid = resource.get("id")
+            if isinstance(rid, str):
+                present.setdefault(f"{ROLE}/{rid}", resource)
+        for ref in author_references(resource):
+            key = role_reference(ref)
+            if key is not None and key != UNKNOWN_AUTHOR:
+                named.add(key)
+    return present, frozenset(named - present.keys())
 
 
 # A ``"reference": "..."`` member as written; the string's body unrolled (runs of plain bytes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -22,10 +22,12 @@ from gateway.core.errors import ConsentUnavailable, GatewayError
 from gateway.core.model import Actor, Label, RequestContext, Verdict, covered_codes
 from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
-from gateway.core.references import NOTHING_RESOLVED, UNREADABLE, Resolved
+from gateway.core.references import NOTHING_RESOLVED, Resolved
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
+# Reads the PractitionerRoles an answer names as authors into what resolves it (web.resolve).
+RoleResolver = Callable[[JSON, Resolved], Awaitable[Resolved]]
 
 
 def policy_from(settings_consent: object, settings_sensitivity: object, labels: LabelIndex) -> Policy:
@@ -77,13 +79,26 @@ class ConsentEnforcement:
     """Per-request consent work: look up once, decide per resource, filter."""
 
     def __init__(
-        self, store: ConsentStore, labels: LabelIndex, policy: Policy, decisions: DecisionCache | None = None
+        self, store: ConsentStore, labels: LabelIndex, policy: Policy, decisions: DecisionCache | None = None,
+        roles: RoleResolver | None = None,
     ) -> None:
         self.store = store
         self.labels = labels
         self.policy = policy
         # Decisions shared across requests (core.judge.DecisionCache); None: per request only.
         self.decisions = decisions if decisions is not None else DecisionCache()
+        # None: PractitionerRoles are never read, so an author given as one is unknown.
+        self.roles = roles
+
+    async def with_roles(
+        self, body: JSON, resolved: Resolved, consents: Iterable[tuple[CompiledConsent, ...]]
+    ) -> Resolved:
+        """``resolved`` with the PractitionerRoles ``body`` names as authors, when one of
+        ``consents`` reads authors (an actor AUT/INF/ENT, ``data``); else as it is: reading
+        roles would cost every other answer a round trip to the FHIR server."""
+        if self.roles is None or not any(_reads_authors(summary_reads(c)) for c in consents):
+            return resolved
+        return await self.roles(body, resolved)
 
     async def look_up(self, patients: frozenset[str], actor: Actor, purpose: str, now: datetime | None = None) -> Looked:
         """Fetch every patient's consents in one go; add the actor's groups when consents name groups."""
@@ -104,8 +119,9 @@ class ConsentEnforcement:
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
         seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
     ) -> Callable[[JSON], frozenset[Label]]:
-        """Labels of a resource, including those of the Medication it names by reference and
-        those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
+        """Labels of a resource, including those of the Medication it names by reference (with
+        the ingredients that one names by reference), those of a Medication's own ingredients
+        named by reference, and those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
         by object identity when given. ``keys``: by object identity, the label keys of viewed
         resources or the content keys of resources parsed whole (core.view), under which equal
         texts are labelled once."""
@@ -119,9 +135,11 @@ class ConsentEnforcement:
                 if extra:
                     found = found | extra
             if "medicationReference" in resource:
-                medication = resolved.medication_of(resource)
-                if medication is not None and medication is not UNREADABLE:
+                for medication in resolved.medications_of(resource) or ():
                     found = found | own(medication)
+            elif "ingredient" in resource and resource.get("resourceType") == "Medication":
+                for ingredient in resolved.ingredients_of(resource) or ():
+                    found = found | own(ingredient)
             if seen is not None:
                 seen[id(resource)] = found
             return found
@@ -197,6 +215,7 @@ class ConsentEnforcement:
             unknown = True
         if views and any(_reads_whole(summary_reads(c)) for c in looked.consents.values()):
             raise ViewsInsufficient("the consents read codes or references anywhere in a resource")
+        resolved = await self.with_roles(body, resolved, looked.consents.values())
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
@@ -237,6 +256,11 @@ def _reads_whole(reads: frozenset[str] | None) -> bool:
     """Whether consents reading ``reads`` read facts no view holds (codes, authors, references
     anywhere in a resource; None: the resource as it is)."""
     return reads is None or not reads.isdisjoint(WHOLE_RESOURCE_READS)
+
+
+def _reads_authors(reads: frozenset[str] | None) -> bool:
+    """Whether consents reading ``reads`` read authors (None: the resource as it is)."""
+    return reads is None or "authors" in reads or "data" in reads
 
 
 def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolved: Resolved) -> None:

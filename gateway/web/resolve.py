@@ -1,16 +1,21 @@
 """Reading the references that decide resources of an answer (CONTRACT §6).
 
 A Binary's security context is read afresh for each answer (it is patient data, decided
-now); a Medication is not patient data and changes rarely, so it is kept for the consent
-cache's TTL. Targets are read concurrently, each once per answer.
+now); a Medication, the Medications and Substances it names as ingredients, and a
+PractitionerRole are not patient data and change rarely, so they are kept for the consent
+cache's TTL (a failed read is not kept). Targets are read concurrently, each once per answer:
+an order's Medication first, then the ingredients the Medications name (one hop, no further).
+PractitionerRoles are read only for an answer whose consents read authors (``resolve_roles``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from urllib.parse import quote
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 
 import orjson
 from cachetools import TTLCache
@@ -18,8 +23,8 @@ from cachetools import TTLCache
 from gateway.core.errors import GatewayError
 from gateway.core.fhir import JSON
 from gateway.core.references import (
-    NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, deciding_references, iter_resources,
-    may_refer,
+    NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, author_roles, deciding_references,
+    ingredients_to_read, iter_resources, may_refer,
 )
 from gateway.upstream import Upstream
 from typing import TYPE_CHECKING
@@ -27,13 +32,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.web.state import GatewayState
 
-MEDICATION_CACHE_SIZE = 10_000
+TARGET_CACHE_SIZE = 10_000
 
 
-class MedicationCache:
-    """Medications read from the FHIR server, kept for ``ttl_s`` (failures are not kept)."""
+class TargetCache:
+    """Resources that are not patient data (Medications, Substances, PractitionerRoles) read
+    from the FHIR server by ``Type/id``, kept for ``ttl_s`` (failures are not kept)."""
 
-    def __init__(self, ttl_s: float, maxsize: int = MEDICATION_CACHE_SIZE) -> None:
+    def __init__(self, ttl_s: float, maxsize: int = TARGET_CACHE_SIZE) -> None:
         self._cache: TTLCache[str, JSON | None] = TTLCache(maxsize=maxsize, ttl=max(ttl_s, 1.0), timer=time.monotonic)
 
     def get(self, reference: str) -> tuple[bool, JSON | None]:
@@ -107,13 +113,7 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
         return NOTHING_RESOLVED
     targets: dict[str, JSON | None] = dict(found.present)
     cache = state.medications
-    unknown = []
-    for ref in found.medications:
-        hit, value = cache.get(ref)
-        if hit:
-            targets[ref] = value
-        else:
-            unknown.append(ref)
+    unknown = _cached(cache, found.medications | found.ingredients, targets)
     reads = _read_all(state.upstream, [*found.contexts, *unknown])
     if found.unattached:
         read, attached = await asyncio.gather(reads, read_attachments(state.upstream, found.unattached))
@@ -122,4 +122,49 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
     for ref in unknown:
         cache.put(ref, read[ref])
     targets.update(read)
+    # One hop further: the ingredients the Medications read or cached name, never theirs.
+    if found.medications:
+        more = ingredients_to_read((targets.get(m) for m in found.medications), targets)
+        if more:
+            await _read_cached(state.upstream, cache, more, targets)
     return Resolved(targets, attached)
+
+
+def _cached(cache: TargetCache, references: frozenset[str], into: dict[str, JSON | None]) -> list[str]:
+    """Put the cached ones of ``references`` into ``into``; the others, to be read."""
+    unknown = []
+    for ref in references:
+        hit, value = cache.get(ref)
+        if hit:
+            into[ref] = value
+        else:
+            unknown.append(ref)
+    return unknown
+
+
+async def _read_cached(
+    upstream: Upstream, cache: TargetCache, references: frozenset[str], into: dict[str, JSON | None]
+) -> None:
+    """``references`` into ``into``: from ``cache``, else read (and cached unless it failed)."""
+    unknown = _cached(cache, references, into)
+    if unknown:
+        read = await _read_all(upstream, unknown)
+        for ref in unknown:
+            cache.put(ref, read[ref])
+        into.update(read)
+
+
+def role_resolver(upstream: Upstream, cache: TargetCache) -> Callable[[JSON, Resolved], Awaitable[Resolved]]:
+    """``resolve_roles`` over this FHIR server and cache (``ConsentEnforcement.roles``)."""
+    return partial(resolve_roles, upstream, cache)
+
+
+async def resolve_roles(upstream: Upstream, cache: TargetCache, body: JSON, resolved: Resolved) -> Resolved:
+    """``resolved`` with the PractitionerRoles the resources of ``body`` name as authors: in the
+    answer, cached or read. One that cannot be read is left out (its author is unknown)."""
+    present, named = author_roles(body)
+    if not present and not named:
+        return resolved
+    roles: dict[str, JSON | None] = dict(present)
+    await _read_cached(upstream, cache, named, roles)
+    return replace(resolved, roles={k: v for k, v in roles.items() if v is not UNREADABLE})

@@ -17,7 +17,7 @@ from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.drain import Drain
 from gateway.web.enforcement import ConsentEnforcement
-from gateway.web.resolve import MedicationCache
+from gateway.web.resolve import TargetCache
 
 
 @dataclass
@@ -71,7 +71,7 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
-    medications: MedicationCache = field(default_factory=lambda: MedicationCache(60.0))
+    medications: TargetCache = field(default_factory=lambda: TargetCache(60.0))  # and their ingredients
     disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
     issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound

@@ -145,15 +145,20 @@ def _old_unreadable_context(resource: JSON) -> bool:
 
 
 def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
-    """The first version, its answer as (present, contexts, medications, unattached)."""
+    """The first version, its answer as (present, contexts, medications, unattached); changed
+    since in one way: a contained resource is not addressable from outside its container, so it
+    is never ``present`` (a contained ``#m1`` once stood for the server's ``Medication/m1``)."""
     present: dict[str, JSON] = {}
     contexts: set[str] = set()
     medications: set[str] = set()
     unattached: set[str] = set()
     refers = False
-    for resource in old_iter_resources(body):
+    resources = old_iter_resources(body)
+    inner = {id(c) for r in resources if type(r.get("contained")) is list for c in r["contained"]}
+    inner |= {id(r["contained"]) for r in resources if type(r.get("contained")) is dict}
+    for resource in resources:
         ref = resource_reference(resource)
-        if ref is not None:
+        if ref is not None and id(resource) not in inner:
             present.setdefault(ref, resource)
         context = references.security_context(resource)  # unchanged since the first version
         if context is not None:
