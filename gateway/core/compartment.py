@@ -551,8 +551,11 @@ def role_reference(ref: str) -> str | None:
     or malformed reference), None when it names no PractitionerRole."""
     if ROLE not in ref or ref.startswith("#"):
         return None
+    head, conditional, _ = ref.partition("?")
+    if conditional:
+        return UNKNOWN_AUTHOR if head.rstrip("/").rpartition("/")[2] == ROLE else None
     target = relative_reference(ref)
-    if not target.startswith(ROLE) or target[len(ROLE):len(ROLE) + 1] not in ("/", "?", ""):
+    if target.partition("/")[0] != ROLE:
         return None
     return target if _ROLE_ID.fullmatch(target) else UNKNOWN_AUTHOR
 
