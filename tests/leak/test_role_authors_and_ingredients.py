@@ -306,3 +306,18 @@ async def test_an_ordinary_compound_is_released(pharmacy: FakeFhir, make_gateway
     gateway = await make_gateway(pharmacy.base_url)
     status, _, body = await call(gateway, "GET", f"/MedicationRequest/{record['id']}")
     assert status == 200, body
+
+
+async def test_a_contained_medication_never_stands_for_the_server_one(pharmacy: FakeFhir, make_gateway: MakeGateway) -> None:
+    """One order contains its lisinopril under the id the server gives methadone; another names
+    the server's methadone. Contained resources are not addressable from outside their
+    container: the second order's drug is read, never taken from inside the first."""
+    shadowing = order("medrx-contained-lis-5e5", f"#{METHADONE['id']}", contained=[{**LISINOPRIL, "id": METHADONE["id"]}])
+    direct = order("medrx-methadone-direct-6f6", f"Medication/{METHADONE['id']}")
+    pharmacy.add(shadowing, direct)
+    pharmacy.override = routes({("GET", "/MedicationRequest"): lambda r: c.bundle([shadowing, direct], pharmacy.base_url)})
+    gateway = await make_gateway(pharmacy.base_url)
+    status, headers, body = await call(gateway, "GET", f"/MedicationRequest?patient={c.PAT_ANA}")
+    assert status == 200, body
+    assert kept(body) == {shadowing["id"]}
+    assert leaks(body, headers, (direct["id"], "864706")) == []
