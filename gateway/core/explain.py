@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from gateway.core.compartment import authors_of
+from gateway.core.compartment import UNKNOWN_AUTHOR, authors_of
 from gateway.core.consent import AMBIGUOUS, BASE, CompiledConsent, Provision
 from gateway.core.decision import UNTYPED_SCOPE, Policy
 from gateway.core.fhir import JSON, resource_reference
@@ -48,8 +48,9 @@ def _roles(node: Provision, requester: frozenset[str], authors: frozenset[str]) 
         found.append({"provision": node.path, "actor": ref, "role_rule": "recipient",
                       "matches": ref in requester})
     for ref in sorted(node.authors or ()):
-        found.append({"provision": node.path, "actor": ref, "role_rule": "author",
-                      "matches": ref in authors})
+        # An author that could not be learnt (a PractitionerRole not read) leaves it unknown.
+        matches: bool | str = ref in authors or ("unknown" if UNKNOWN_AUTHOR in authors else False)
+        found.append({"provision": node.path, "actor": ref, "role_rule": "author", "matches": matches})
     for ref in sorted(node.custodians):
         found.append({"provision": node.path, "actor": ref, "role_rule": "custodian-no-condition",
                       "matches": True})
