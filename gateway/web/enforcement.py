@@ -126,6 +126,9 @@ class ConsentEnforcement:
         resources or the content keys of resources parsed whole (core.view), under which equal
         texts are labelled once."""
         own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
+        # Nothing resolved: no ingredient is named by reference outside its Medication (a
+        # contained one labels it as its own).
+        follows = resolved is not NOTHING_RESOLVED
 
         def labels_for(resource: JSON) -> frozenset[Label]:
             key = keys.get(id(resource)) if keys else None
@@ -137,7 +140,7 @@ class ConsentEnforcement:
             if "medicationReference" in resource:
                 for medication in resolved.medications_of(resource) or ():
                     found = found | own(medication)
-            elif "ingredient" in resource and resource.get("resourceType") == "Medication":
+            elif follows and "ingredient" in resource and resource.get("resourceType") == "Medication":
                 for ingredient in resolved.ingredients_of(resource) or ():
                     found = found | own(ingredient)
             if seen is not None:

@@ -136,7 +136,10 @@ def old_in_answer(body: JSON) -> dict[str, JSON]:
 
 
 def old_may_refer(raw: bytes) -> bool:
-    return b"\\u" in raw or b'"Binary"' in raw or b'"medicationReference"' in raw
+    """Changed since in one way: an ``itemReference`` (a Medication's ingredient) refers too,
+    and one scan finds any ``...Reference"`` key, so it may say True where nothing refers,
+    never False where something does."""
+    return b"\\u" in raw or b'"Binary"' in raw or b'"medicationReference"' in raw or b'Reference"' in raw
 
 
 def _old_unreadable_context(resource: JSON) -> bool:
