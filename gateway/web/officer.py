@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from gateway.core.references import iter_resources
 from gateway.core.scopes import scoped
 from gateway.web.enforcement import Observed
 from gateway.web.exchange import Exchange
-from gateway.web.middleware import INFO, log_line
+from gateway.web.middleware import INFO, fresh_uuid, log_line
 from gateway.web.state import STATE, GatewayState
 
 decision_log = logging.getLogger("gateway.decision")
@@ -201,7 +200,7 @@ async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[
     now = datetime.now(timezone.utc)
     events = [
         disclosure_event(
-            event_id=str(uuid.uuid4()), actor=ex.actor, purpose=ex.purpose, patient=patient, now=now,
+            event_id=fresh_uuid(), actor=ex.actor, purpose=ex.purpose, patient=patient, now=now,
             resources=resources, interaction=ex.route.interaction,
         )
         for patient, resources in sorted(disclosed.items())
