@@ -121,8 +121,8 @@ class ConsentEnforcement:
     ) -> Callable[[JSON], frozenset[Label]]:
         """Labels of a resource, including those of the Medication it names by reference (with
         the ingredients that one names by reference), those of a Medication's own ingredients
-        named by reference, and those the consent source gives it (``source_labels``, by ``Type/id``); kept in ``seen``
-        by object identity when given. ``keys``: by object identity, the label keys of viewed
+        named by reference, and those the consent source gives it (``source_labels``, by
+        ``Type/id``); kept in ``seen`` by object identity when given. ``keys``: by object identity, the label keys of viewed
         resources or the content keys of resources parsed whole (core.view), under which equal
         texts are labelled once."""
         own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
