@@ -8,17 +8,25 @@ Semantics:
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
+- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding of
+  every extension (``extension`` and ``modifierExtension``, nested to any depth) of the
+  resource, of the backbone elements on those paths and of the code elements and codings
+  themselves (``condition-dueTo`` carrying B20 labels as ``code`` would).
 - SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
   terminology server on the request path); RxNorm sets list ingredients together with the drugs
   (SCD, SBD, packs) their sources name that contain them; CPT and HCPCS sets may give a numeric
-  range (``90785-90899``).
+  range (``90785-90899``). An NDC matches by product (labeler and product code), however
+  the package or product is written (``ndc_products``).
   ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule code covers itself and every
   code below it (``F11`` covers ``F11.20`` and ``F1120``, never ``F1`` or ``F12``). A set's
   ``sixth_character`` keeps only the codes below it whose 6th character is one of those given
   (``T36-T50`` with ``2``: intentional self-harm). An ``exclude`` entry cancels the matches of
   its own set's category for the codes below it (``F17`` under ``F12-F19``) and nothing else.
-- Codings with no system, or a system the rules do not know, earn nothing. A reference to a
-  resource that is not contained cannot be followed here (no I/O) and earns nothing.
+- A known system is recognised however its URI is spelled (``canonical_system``). A coding
+  without a system earns labels only when its code is dotted like ICD-10-CM (``F11.20``) or
+  hyphenated like an NDC package; other codings without a system, or with a system the rules
+  do not know, earn nothing. A reference to a resource that is not contained cannot be
+  followed here (no I/O) and earns nothing.
 - Invalid rule data raises ``RuleDataError`` naming the file, the entry and the problem.
 """
 
@@ -440,7 +448,6 @@ class LabelIndex:
         "_icd_excluded",
         "_icd_systems",
         "_ndc",
-        "_ndc_systems",
         "_systems",
         "_scope_types",
         "_scope_categories",
@@ -460,7 +467,6 @@ class LabelIndex:
             (CODE_SYSTEMS["icd-10-cm"][0], *CODE_SYSTEMS["icd-10-cm"][2])
         )
         self._ndc: dict[str, list[_Hit]] = {}
-        self._ndc_systems: frozenset[str] = frozenset((NDC, *CODE_SYSTEMS["ndc"][2]))
         # Systems no table holds as written -> the known system they spell (None: unknown),
         # so a local system costs one look-up per coding after its first.
         self._systems: dict[str, str | None] = {}
@@ -614,25 +620,23 @@ class LabelIndex:
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
         system = coding.get("system")
         code = coding.get("code")
-        if isinstance(code, list) and isinstance(system, str):
-            # codes as a list: not FHIR, but each is read as written
-            for item in code:
-                if isinstance(item, str):
-                    self._match_coding({"system": system, "code": item}, hits)
+        if type(code) is not str or type(system) is not str or not system:
+            self._match_odd_coding(system, code, hits)
             return
-        if not isinstance(code, str):
+        table = self._exact.get(system)
+        if table is not None:
+            hit = table.get(code) or table.get(code.strip())
+            if hit is not None:
+                hits.append(hit)
             return
-        if not system:
-            # SECURITY: a Coding's system is optional (R4 0..1); a code only ICD-10-CM or NDC
-            # spells so is read as theirs rather than let through.
-            if system is None or system == "":
-                found = _systemless(code)
-                if found is not None:
-                    self._match_in(found, code, hits)
+        if system in self._icd_systems:
+            self._match_icd(normalize_icd(code), hits)
             return
-        if not isinstance(system, str) or self._match_in(system, code, hits):
-            return
+        # Any other system: NDC, a known system spelled another way, or (most often) one the
+        # rules do not know, which costs this one look-up after its first.
         canonical = self._systems.get(system, _UNSEEN)
+        if canonical is None:
+            return
         if canonical is _UNSEEN:
             if len(self._systems) >= _SYSTEMS_MAX:
                 self._systems.clear()
@@ -640,21 +644,32 @@ class LabelIndex:
         if isinstance(canonical, str):
             self._match_in(canonical, code, hits)
 
-    def _match_in(self, system: str, code: str, hits: list[_Hit]) -> bool:
-        """Match ``code`` as a code of ``system`` as written; False when no table knows it."""
+    def _match_odd_coding(self, system: Any, code: Any, hits: list[_Hit]) -> None:
+        """Codings not of the usual shape: codes as a list (not FHIR, but each is read as
+        written), and a code without a system."""
+        if isinstance(code, list) and isinstance(system, str):
+            for item in code:
+                if isinstance(item, str):
+                    self._match_coding({"system": system, "code": item}, hits)
+        elif isinstance(code, str) and (system is None or system == ""):
+            # SECURITY: a Coding's system is optional (R4 0..1); a code only ICD-10-CM or NDC
+            # spells so is read as theirs rather than let through.
+            found = _systemless(code)
+            if found is not None:
+                self._match_in(found, code, hits)
+
+    def _match_in(self, system: str, code: str, hits: list[_Hit]) -> None:
+        """Match ``code`` as a code of ``system``, a canonical URI."""
         table = self._exact.get(system)
         if table is not None:
             hit = table.get(code) or table.get(code.strip())
             if hit is not None:
                 hits.append(hit)
-        elif system in self._icd_systems:
+        elif system == ICD10CM:
             self._match_icd(normalize_icd(code), hits)
-        elif system in self._ndc_systems:
+        elif system == NDC:
             for product in ndc_products(code):
                 hits.extend(self._ndc.get(product, ()))
-        else:
-            return False
-        return True
 
     def _match_icd(self, code: str, hits: list[_Hit]) -> None:
         # Longest prefix first, so an exclusion below a rule is seen before the rule itself.
@@ -926,6 +941,9 @@ class _Builder:
         rule = f"{file}: {title} {code} ({display})"
         if sixth is not None:
             rule += f", 6th character {'/'.join(sorted(sixth))}"
+        if alias == "ndc":
+            product = ndc_products(code)[0]
+            rule += f", product {product[:5]}-{product[5:]} in any package"
         hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels), sixth)
         if alias == "icd-10-cm":
             self.icd.setdefault(normalize_icd(code), []).append(hit)
@@ -933,8 +951,7 @@ class _Builder:
         if alias == "ndc":
             # Rules list packages; every package of a product is the same drug, so the product
             # carries the labels (one hit per set and product: the first package names it).
-            (product,) = ndc_products(code)
-            same = self.ndc.setdefault(product, [])
+            same = self.ndc.setdefault(ndc_products(code)[0], [])
             if not any(earlier.category == category and earlier.labels == hit.labels for earlier in same):
                 same.append(hit)
             return

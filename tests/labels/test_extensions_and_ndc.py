@@ -22,6 +22,7 @@ from gateway.core.labels import (
     RXNORM,
     SNOMED,
     LabelIndex,
+    RuleDataError,
     canonical_system,
     code_spellings,
     ndc_package,
@@ -255,3 +256,31 @@ def test_other_systems_are_not_read_as_known_ones(index: LabelIndex, system: str
 def test_system_less_codes_only_when_the_shape_is_icd_or_ndc(index: LabelIndex) -> None:
     for code in ("B20", "86406008", "1010603", "20447-9"):
         assert labels(index, {"resourceType": "Condition", "code": cc(None, code)}) == set(), code
+
+
+# ------------------------------------------------------------------ NDC rule codes
+
+SCOPES = {"kind": "scopes", "sensitivity": {"NORMAL": []}, "resource": {"DRUGS": ["MedicationDispense"]}}
+
+
+def ndc_rules(*codes: str) -> dict[str, Any]:
+    return {"sud.yaml": {"kind": "category", "category": "substance-use", "sets": [
+        {"name": "MOUD by NDC", "source": "test", "system": "ndc", "labels": ["OPIOIDUD", "42CFRPart2"],
+         "codes": [{code: "buprenorphine"} for code in codes]}]}, "scopes.yaml": SCOPES}
+
+
+def test_rule_files_may_write_an_ndc_in_any_layout_that_settles_it() -> None:
+    index = LabelIndex.from_documents(ndc_rules("12496120803", "0054-0176-13", "50383-924", "124960100"))
+    for code in ("12496-1208-3", "00054017613", "50383-0924-93", "12496-0100-05"):
+        assert labels(index, dispense(NDC, code)) == OUD, code
+
+
+@pytest.mark.parametrize("code", ["1249612083", "12496-12080-3", "ndc", "1249612"])
+def test_a_rule_ndc_that_names_no_single_product_is_refused(code: str) -> None:
+    with pytest.raises(RuleDataError, match=rf"sud.yaml: sets\[1\] \(MOUD by NDC\) {code}: bad NDC code"):
+        LabelIndex.from_documents(ndc_rules(code))
+
+
+def test_one_package_written_twice_is_a_duplicate() -> None:
+    with pytest.raises(RuleDataError, match="duplicate code"):
+        LabelIndex.from_documents(ndc_rules("12496120803", "12496-1208-3"))
