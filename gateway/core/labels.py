@@ -610,12 +610,34 @@ class LabelIndex:
                 if isinstance(coding, dict):
                     self._match_coding(coding, hits)
                     if "extension" in coding:
-                        self._match(_extension_codes(coding["extension"]), hits)
+                        self._match_extensions(coding["extension"], hits)
         elif isinstance(codings, dict):
             self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
         if "extension" in value:
             # a code element's own extensions (a translation, a qualifier) code it too
-            self._match(_extension_codes(value["extension"]), hits)
+            self._match_extensions(value["extension"], hits)
+
+    def _match_extensions(self, extensions: Any, hits: list[_Hit]) -> None:
+        """The coded values of ``extensions`` at any depth, and of the extensions those values
+        carry in turn; a loop, so that no nesting of the sender's can exhaust the stack."""
+        pending = [extensions]
+        while pending:
+            for value in _extension_codes(pending.pop()):
+                for item in value if isinstance(value, list) else (value,):
+                    if not isinstance(item, dict):
+                        continue
+                    codings = item.get("coding")
+                    if codings is None:
+                        codings = (item,)
+                    elif isinstance(codings, dict):
+                        codings = (codings,)
+                    for coding in codings if isinstance(codings, (list, tuple)) else ():
+                        if isinstance(coding, dict):
+                            self._match_coding(coding, hits)
+                            if coding is not item and "extension" in coding:
+                                pending.append(coding["extension"])
+                    if "extension" in item:
+                        pending.append(item["extension"])
 
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
         system = coding.get("system")
@@ -936,7 +958,9 @@ class _Builder:
         labels: tuple[Label, ...],
         sixth: frozenset[str] | None,
     ) -> None:
-        self._claim(file, f"{where} {code}", (alias, ndc_package(code) or ndc_products(code)[0]) if alias == "ndc" else (alias, code))
+        # An NDC is one code however it is written: its package (or product) in 11 (or 9) digits.
+        key = ndc_package(code) or ndc_products(code)[0] if alias == "ndc" else code
+        self._claim(file, f"{where} {code}", (alias, key))
         uri, title, others = CODE_SYSTEMS[alias]
         rule = f"{file}: {title} {code} ({display})"
         if sixth is not None:

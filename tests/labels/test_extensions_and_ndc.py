@@ -284,3 +284,14 @@ def test_a_rule_ndc_that_names_no_single_product_is_refused(code: str) -> None:
 def test_one_package_written_twice_is_a_duplicate() -> None:
     with pytest.raises(RuleDataError, match="duplicate code"):
         LabelIndex.from_documents(ndc_rules("12496120803", "12496-1208-3"))
+
+
+def test_extensions_nested_deeper_than_the_stack_still_label(index: LabelIndex) -> None:
+    value: JSON = HIV
+    for _ in range(3000):
+        value = {"text": "x", "extension": [ext("http://example.org/wrap", value)]}
+    assert labels(index, {"resourceType": "Condition", "code": value}) == {"HIV"}
+    chain: JSON = ext(DUE_TO, HIV)
+    for _ in range(3000):
+        chain = {"url": "http://example.org/wrap", "extension": [chain]}
+    assert labels(index, {"resourceType": "Condition", "extension": [chain]}) == {"HIV"}
