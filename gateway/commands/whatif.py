@@ -141,7 +141,8 @@ async def replay(state: GatewayState, entry: JSON, patient: str, draft: Compiled
     consents = dict(looked.consents)
     consents[patient] = with_draft(consents.get(patient, ()), draft)
     resolved = await resolve_references(state, body)
-    resolved = await state.enforcement.with_roles(body, resolved, [*looked.consents.values(), consents[patient]])
+    if state.enforcement.reads_roles([*looked.consents.values(), consents[patient]]):
+        resolved = await state.enforcement.with_roles(body, resolved)
     now: Judge = state.enforcement.judge(looked, resolved)
     # The draft is no cached consent set: its decisions are never shared (versions=None).
     then: Judge = state.enforcement.judge(replace(looked, consents=consents, versions=None), resolved)

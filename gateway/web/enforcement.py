@@ -90,15 +90,15 @@ class ConsentEnforcement:
         # None: PractitionerRoles are never read, so an author given as one is unknown.
         self.roles = roles
 
-    async def with_roles(
-        self, body: JSON, resolved: Resolved, consents: Iterable[tuple[CompiledConsent, ...]]
-    ) -> Resolved:
-        """``resolved`` with the PractitionerRoles ``body`` names as authors, when one of
-        ``consents`` reads authors (an actor AUT/INF/ENT, ``data``); else as it is: reading
-        roles would cost every other answer a round trip to the FHIR server."""
-        if self.roles is None or not any(_reads_authors(summary_reads(c)) for c in consents):
-            return resolved
-        return await self.roles(body, resolved)
+    def reads_roles(self, consents: Iterable[tuple[CompiledConsent, ...]]) -> bool:
+        """Whether answers decided by ``consents`` need the PractitionerRoles they name as
+        authors: when one reads authors (an actor AUT/INF/ENT, ``data``). Reading roles for
+        every answer would cost each a round trip to the FHIR server."""
+        return self.roles is not None and any(_reads_authors(summary_reads(c)) for c in consents)
+
+    async def with_roles(self, body: JSON, resolved: Resolved) -> Resolved:
+        """``resolved`` with the PractitionerRoles ``body`` names as authors (``reads_roles``)."""
+        return await self.roles(body, resolved) if self.roles is not None else resolved
 
     async def look_up(self, patients: frozenset[str], actor: Actor, purpose: str, now: datetime | None = None) -> Looked:
         """Fetch every patient's consents in one go; add the actor's groups when consents name groups."""
@@ -218,7 +218,8 @@ class ConsentEnforcement:
             unknown = True
         if views and any(_reads_whole(summary_reads(c)) for c in looked.consents.values()):
             raise ViewsInsufficient("the consents read codes or references anywhere in a resource")
-        resolved = await self.with_roles(body, resolved, looked.consents.values())
+        if self.reads_roles(looked.consents.values()):
+            resolved = await self.with_roles(body, resolved)
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
         drop_total = not (confined and self.unconditional(looked, confined))
