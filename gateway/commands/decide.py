@@ -43,8 +43,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "decide", help="decide one resource against Consent files and explain why"
     )
-    parser.add_argument("--consent", nargs="+", required=True, metavar="FILE",
-                        help="Consent JSON files (a Bundle of Consents also works)")
+    # extend: "--consent a.json --consent b.json" decides with both, as "--consent a.json b.json".
+    parser.add_argument("--consent", nargs="+", action="extend", required=True, metavar="FILE",
+                        help="Consent JSON files (a Bundle of Consents also works); repeatable")
     parser.add_argument("--from", dest="vendor", choices=sorted(CONVERTERS),
                         help="the --consent files are this vendor's consent records")
     parser.add_argument("--resource", required=True, metavar="FILE", help="the resource (JSON)")
@@ -61,7 +62,7 @@ def add_parser(subparsers: Any) -> None:
                         default=UNTYPED_EXCEPTION,
                         help="how a root provision with conditions but no type reads "
                              "(consent.untyped_root)")
-    parser.add_argument("--related", nargs="+", default=[], metavar="FILE",
+    parser.add_argument("--related", nargs="+", action="extend", default=[], metavar="FILE",
                         help="other resources of the same answer (for data.meaning related)")
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
 
