@@ -307,6 +307,15 @@ class Settings(_Section):
     def _public_base(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url(value)
 
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        listen, admin = self.listen, self.admin
+        wildcard = {"", "0.0.0.0", "::"}
+        overlap = listen.host == admin.host or listen.host in wildcard or admin.host in wildcard
+        if listen.port == admin.port != 0 and overlap:
+            raise ValueError(f"admin.port: must differ from listen.port ({listen.port}): the admin port is a port of its own")
+        return self
+
     @property
     def consent_source_url(self) -> str:
         return self.consent.source_url or self.upstream.url
@@ -415,6 +424,9 @@ def _describe(error: ValidationError) -> str:
         if not isinstance(part, str) or not part.isidentifier():
             break
         names.append(part)
+    if not names and first["type"] == "value_error":
+        # A check across sections names its keys in its own message.
+        return str(first["msg"]).removeprefix("Value error, ")
     key = ".".join(names) or "config"
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key"

@@ -4,6 +4,7 @@ like numbers or dates but are text."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from gateway.config import ConfigError, Settings, load_settings
+from tests.unit._util import clean_env, gateway_command
 
 # The configuration block of CONTRACT §3, verbatim (comments dropped).
 CONTRACT_YAML = """
@@ -264,3 +266,52 @@ def test_a_bad_environment_value_is_one_line_naming_the_key(key: str, raw: str) 
         load_settings(None, {"GATEWAY_UPSTREAM__URL": UPSTREAM, _env_name(key): raw})
     message = str(caught.value)
     assert "\n" not in message and message.startswith(key), message
+
+
+# Start-up checks beyond the file's syntax (CONTRACT §3): one line naming the key, exit 2.
+START_UP = {
+    "unknown-explicit-label": ("sensitivity: {explicit_consent_required: [HVI, PSY]}\n", ("sensitivity.explicit_consent_required", "HVI")),
+    "unknown-explicit-label-env": ("", ("sensitivity.explicit_consent_required", "PSYCH")),
+    "same-proxy-and-admin-port": (
+        "listen: {host: 127.0.0.1, port: 18555}\nadmin: {host: 127.0.0.1, port: 18555}\n", ("admin.port", "listen.port"),
+    ),
+    "audit-path-is-a-directory": ("audit: {path: '{tmp}'}\n", ("audit.path",)),
+    "audit-directory-is-a-file": ("audit: {path: '{tmp}/afile/audit.jsonl'}\n", ("audit.path",)),
+    "rules-dir-is-a-file": ("sensitivity: {rules_dir: '{tmp}/afile'}\n", ("sensitivity.rules_dir", "not a directory")),
+    "ca-file-unreadable": ("upstream: {url: 'https://127.0.0.1:9/fhir', ca_file: '{tmp}/nope.pem'}\n", ("upstream.ca_file",)),
+    "token-file-unreadable": (
+        "upstream: {url: 'http://127.0.0.1:9/fhir', auth: {kind: bearer, token_file: '{tmp}/nope'}}\n", ("upstream.auth.token_file",),
+    ),
+    "private-key-unreadable": (
+        "upstream: {url: 'http://127.0.0.1:9/fhir', auth: {kind: smart-backend, token_url: 'http://127.0.0.1:9/t', "
+        "client_id: gw, private_key_file: '{tmp}/nope.pem'}}\n", ("upstream.auth.private_key_file",),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(START_UP))
+def test_start_up_problems_stop_with_one_line_naming_the_key(name: str, tmp_path: Path) -> None:
+    text, expected = START_UP[name]
+    (tmp_path / "afile").write_text("x")
+    config = tmp_path / "gateway.yaml"
+    config.write_text("upstream: {url: 'http://127.0.0.1:9/fhir'}\n" + text.replace("{tmp}", str(tmp_path)), encoding="utf-8")
+    env: dict[str, str] = {}
+    if "port" not in name:  # a config that starts after all must not hold a real port
+        env |= {"GATEWAY_LISTEN__HOST": "127.0.0.1", "GATEWAY_LISTEN__PORT": "0", "GATEWAY_ADMIN__PORT": "0"}
+    if "audit" not in name:
+        env["GATEWAY_AUDIT__PATH"] = str(tmp_path / "audit.jsonl")
+    if name.endswith("-env"):
+        env["GATEWAY_SENSITIVITY__EXPLICIT_CONSENT_REQUIRED"] = "HIV,PSYCH"
+    try:
+        done = subprocess.run(
+            [*gateway_command(), "serve", "--config", str(config)], capture_output=True, text=True,
+            env=clean_env(tuple(env.items())), cwd=tmp_path, timeout=30, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the gateway started")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("consent-gateway: config error: "), lines[0]
+    for word in expected:
+        assert word in lines[0], lines[0]
