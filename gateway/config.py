@@ -276,6 +276,16 @@ class BreakGlassSettings(_Section):
         # HealtheIntent documents emergencyConsentReasons as a single string.
         return [value] if isinstance(value, str) else value
 
+    @field_validator("reasons")
+    @classmethod
+    def _sendable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A reason is matched against the X-Break-Glass value: one that no header can carry
+        # (a comma makes it a list, refused; edge spaces are trimmed) could never be used.
+        for reason in value:
+            if not reason or reason != reason.strip() or "," in reason or not reason.isprintable():
+                raise ValueError(f"{reason!r} cannot be sent in X-Break-Glass (no commas, no edge spaces, printable text)")
+        return value
+
 
 class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
@@ -344,8 +354,6 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 _NULLS = frozenset({"", "null", "Null", "NULL", "~"})
-# Lists whose items are free text (a reason may hold a comma); other lists hold codes.
-_TEXT_LISTS = frozenset({("break_glass", "reasons")})
 
 
 def _field_kind(path: list[str]) -> str | None:
@@ -369,7 +377,8 @@ def _field_kind(path: list[str]) -> str | None:
 
 def _env_value(name: str, raw: str, path: list[str]) -> Any:
     """An environment value as its key reads it: YAML for numbers, booleans and ``[a, b]``
-    lists; text keys keep the text as written; a list may also be one value or ``a,b``."""
+    lists; text keys keep the text as written; a list may also be one value or ``a,b`` (no list
+    item can hold a comma: codes, and break-glass reasons, which travel in a header)."""
     kind = _field_kind(path)
     value = raw.strip()
     if value in _NULLS:
@@ -382,8 +391,6 @@ def _env_value(name: str, raw: str, path: list[str]) -> Any:
                 return yaml.load(value, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader makes only str, list, dict
             if kind == "labels" and value in ("all", "none"):
                 return value
-            if tuple(path) in _TEXT_LISTS:
-                return [value]
             return [item.strip() for item in value.split(",") if item.strip()]
         return yaml.safe_load(value)
     except yaml.YAMLError:

@@ -237,7 +237,8 @@ LIST_VALUES = [
     ("sensitivity.explicit_consent_required", "none", "none"),
     ("sensitivity.explicit_consent_required", "all", "all"),
     ("break_glass.reasons", "Code blue", ["Code blue"]),
-    ("break_glass.reasons", "Cardiac arrest: unresponsive, no pulse", ["Cardiac arrest: unresponsive, no pulse"]),
+    ("break_glass.reasons", "Cardiac arrest: no pulse", ["Cardiac arrest: no pulse"]),
+    ("break_glass.reasons", "Code blue,Medical emergency", ["Code blue", "Medical emergency"]),
     ("break_glass.reasons", "[Code blue, 'Trauma: level 1']", ["Code blue", "Trauma: level 1"]),
 ]
 
@@ -260,6 +261,8 @@ def test_null_from_the_environment_is_the_default_null(raw: str) -> None:
     ("enforcement.denied_read_status", "500"),
     ("auth.jwt.algorithms", "[HS256]"),
     ("consent.writer_roles", "{a: b}"),
+    ("break_glass.reasons", "['Unresponsive, no pulse']"),
+    ("break_glass.reasons", "['Medical emergency ']"),
 ])
 def test_a_bad_environment_value_is_one_line_naming_the_key(key: str, raw: str) -> None:
     with pytest.raises(ConfigError) as caught:
