@@ -296,6 +296,14 @@ def tune_gc() -> None:
     gc.set_threshold(500_000, 50, 100)
 
 
+async def _bind(site: web.TCPSite, section: str, host: str, port: int) -> None:
+    """Start ``site``; an OSError names the settings that chose the address (CONTRACT §3)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{section}.host {host}, {section}.port {port}: {exc.strerror or exc}") from None
+
+
 async def start(state: GatewayState) -> RunningGateway:
     """Bind the proxy and admin listeners. Raises OSError when a port is taken."""
     settings = state.settings
@@ -318,9 +326,11 @@ async def start(state: GatewayState) -> RunningGateway:
         await worker_runner.setup()
     try:
         # SO_REUSEPORT with several workers: each binds the port and the kernel spreads connections.
-        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None).start()
+        proxy_site = web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None)
+        await _bind(proxy_site, "listen", settings.listen.host, settings.listen.port)
         if role.owner:
-            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+            admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
+            await _bind(admin_site, "admin", settings.admin.host, settings.admin.port)
         if worker_runner is not None:
             await web.UnixSite(worker_runner, str(role.socket_path(role.index))).start()
     except OSError:

@@ -318,3 +318,30 @@ def test_start_up_problems_stop_with_one_line_naming_the_key(name: str, tmp_path
     assert lines[0].startswith("consent-gateway: config error: "), lines[0]
     for word in expected:
         assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("which", ["admin-port-taken", "listen-host-unknown"])
+def test_an_address_that_cannot_be_bound_stops_start_up_naming_its_keys(which: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen, admin, expected = {
+            "admin-port-taken": ("{host: 127.0.0.1, port: 0}", f"{{host: 127.0.0.1, port: {port}}}", ("admin.port", str(port))),
+            "listen-host-unknown": ("{host: gateway.invalid, port: 0}", "{host: 127.0.0.1, port: 0}", ("listen.host", "gateway.invalid")),
+        }[which]
+        config = tmp_path / "gateway.yaml"
+        config.write_text(f"upstream: {{url: 'http://127.0.0.1:9/fhir'}}\nlisten: {listen}\nadmin: {admin}\n"
+                          f"audit: {{path: '{tmp_path / 'audit.jsonl'}'}}\n", encoding="utf-8")
+        try:
+            done = subprocess.run([*gateway_command(), "serve", "--config", str(config)], capture_output=True, text=True,
+                                  env=clean_env(), cwd=tmp_path, timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the gateway started")
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("consent-gateway: cannot listen: "), line
+    for word in expected:
+        assert word in line, line
