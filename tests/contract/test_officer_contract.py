@@ -90,3 +90,32 @@ async def test_a_bad_since_is_a_400_outcome(since: str, demo_fhir: DemoFhirServe
     status, ctype, outcome = await _disclosures(gw, patient="Patient/pat-alice", since=since)
     assert status == 400 and ctype == "application/fhir+json"
     assert outcome["resourceType"] == "OperationOutcome"
+
+
+REFUSED_EARLY = [
+    ({}, "/fhir/Observation/bob-cbc?_count=5", 401),
+    ({"X-Actor": "Practitioner/dr-gp", "X-Purpose-Of-Use": "NOPE"}, "/Observation/bob-cbc", 400),
+    ({"X-Actor": "Practitioner/dr-gp", "Accept": "application/fhir+xml"}, "/Observation?patient=pat-bob", 406),
+    ({"X-Actor": ["Practitioner/dr-gp", "Practitioner/dr-er"]}, "/Condition/bob-hiv", 400),
+]
+
+
+@pytest.mark.parametrize(("headers", "path", "status"), REFUSED_EARLY, ids=["401", "400-purpose", "406", "400-twice"])
+async def test_a_request_refused_before_deciding_still_has_its_method_path_and_query_logged(
+    headers: dict[str, Any], path: str, status: int, demo_fhir: DemoFhirServer, make_gateway: MakeGateway,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gateway.decision")
+    gw = await make_gateway(demo_fhir.base_url)
+    pairs = [(k, v) for k, vs in headers.items() for v in (vs if isinstance(vs, list) else [vs])]
+    async with gw.session.get(gw.url + path, headers=pairs) as resp:
+        assert resp.status == status
+    [line] = [r.__dict__ for r in caplog.records if r.name == "gateway.decision" and r.getMessage() == "decision"]
+    below_base, _, query = path.removeprefix("/fhir").partition("?")
+    rtype = below_base.split("/")[1]
+    # Nothing was decided: the id stays out of the log as for a denied read.
+    assert (line["method"], line["path"], line["query"], line["status"]) == ("GET", f"/{rtype}/*" if below_base.count("/") == 2 else below_base, query, status)
+    assert line["decision"] == "deny" and line["replayable"] is False
+    assert "bob-cbc" not in str(line) and "bob-hiv" not in str(line)
