@@ -29,6 +29,7 @@ from gateway.core.decision import UNTYPED_EXCEPTION, UNTYPED_SCOPE, Policy, deci
 from gateway.core.explain import explain_consents
 from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
+from gateway.core.purpose import PURPOSE_CODES
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
 
 Labeler = Callable[[JSON], tuple[frozenset[Label], frozenset[str]]]
@@ -127,6 +128,13 @@ def _sensitivity_labels() -> dict[str, tuple[Label, ...]]:
     return {scope: index.sensitivity_scope_labels(scope) for scope in index.sensitivity_scope_names}
 
 
+def _purpose(value: str) -> str:
+    """A v3 PurposeOfUse code, as the gateway and ``POST /decision`` accept (else bad input)."""
+    if value not in PURPOSE_CODES:
+        raise BadInput(f"--purpose must be a v3 PurposeOfUse code such as TREAT, got {value!r}")
+    return value
+
+
 def _reference(value: str, option: str) -> str:
     kind, _, rid = value.partition("/")
     if not kind or not rid or "/" in rid:
@@ -203,7 +211,7 @@ def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
             organization=_reference(args.org, "--org") if args.org else None,
             groups=frozenset(_reference(g, "--group") for g in args.group),
         ),
-        purpose=args.purpose,
+        purpose=_purpose(args.purpose),
         now=_instant(args.at),
     )
     labeler, sensitive = _labeler()

@@ -145,3 +145,21 @@ def test_decide_takes_consents_repeated_or_listed_alike(tmp_path: Path) -> None:
     assert outputs[0] == outputs[1]
     # The opt-out (deny-overrides) decides: the hospital's permit alone would let it through.
     assert outputs[1][0] == 1 and outputs[1][1]["decision"] == "deny"
+
+
+async def test_an_unknown_purpose_is_refused_by_decide_as_by_post_decision(gateway: GatewayUnderTest, tmp_path: Path) -> None:
+    consent, resource = RESOURCES["Consent/consent-bob-optin-not-jones"], RESOURCES["Observation/bob-cbc"]
+    async with gateway.session.post(gateway.admin_url + "/decision", json={
+        "consents": [consent], "resource": resource, "actor": "Practitioner/dr-gp", "purpose": "NOPE",
+    }) as resp:
+        assert resp.status == 400
+    (tmp_path / "c.json").write_text(json.dumps(consent))
+    (tmp_path / "r.json").write_text(json.dumps(resource))
+    done = subprocess.run(
+        [*gateway_command(), "decide", "--consent", str(tmp_path / "c.json"), "--resource", str(tmp_path / "r.json"),
+         "--actor", "Practitioner/dr-gp", "--purpose", "NOPE"],
+        capture_output=True, text=True, env=clean_env(), timeout=60, check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "--purpose" in line and "NOPE" in line
