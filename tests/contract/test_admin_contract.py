@@ -163,3 +163,17 @@ async def test_an_unknown_purpose_is_refused_by_decide_as_by_post_decision(gatew
     assert done.returncode == 2 and done.stdout == ""
     [line] = done.stderr.splitlines()
     assert "--purpose" in line and "NOPE" in line
+
+
+async def test_cache_entries_gauge_follows_invalidation(demo_fhir: DemoFhirServer, make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(demo_fhir.base_url, consent={"cache_ttl_s": 3600})
+    for path in ("/Observation/bob-cbc", "/Observation/alice-cbc", "/Observation/carol-cbc"):
+        await _read(gw, path, "Practitioner/dr-gp")
+    entries = "consent_gateway_consent_cache_entries"
+    assert gw.metric(entries) == 3
+    async with gw.session.post(gw.admin_url + "/cache/invalidate", json={"patient": "Patient/pat-bob"}) as resp:
+        assert resp.status == 200
+    assert gw.metric(entries) == 2
+    async with gw.session.post(gw.admin_url + "/cache/invalidate", json={}) as resp:
+        assert resp.status == 200
+    assert gw.metric(entries) == 0

@@ -162,3 +162,49 @@ async def test_break_glass_twice_is_400_in_jwt_mode(issuer: LocalIssuer, clinica
         ("Authorization", f"Bearer {token}"), ("X-Break-Glass", "Medical emergency"), ("X-Break-Glass", "Medical emergency"),
     ]) as resp:
         _assert_400(resp.status, resp.content_type, await resp.read())
+
+
+# SMART scopes, v1 and v2, as a token's "scope" claim: (scope, patient claim) -> what each read gives.
+SCOPE_TABLE = [
+    ("patient/Observation.read", "p1", {"/Observation/o1": 200, "/Observation/o2": 403, "/Condition/c1": 403}),
+    ("patient/*.read", "p1", {"/Observation/o1": 200, "/Observation/o2": 403, "/Condition/c1": 200}),
+    ("patient/*.rs", None, {"/Observation/o1": 403, "/Condition/c1": 403}),
+    ("user/Observation.read", None, {"/Observation/o1": 200, "/Observation/o2": 200, "/Condition/c1": 403}),
+    ("user/*.read", None, {"/Observation/o1": 200, "/Condition/c1": 200}),
+    ("user/Observation.rs", None, {"/Observation/o1": 200, "/Condition/c1": 403}),
+    ("user/Observation.cruds", None, {"/Observation/o1": 200, "/Condition/c1": 403}),
+    ("user/Observation.cud", None, {"/Observation/o1": 403}),
+    # A type granted "s" alone is released to reads too (README: withheld when neither r nor s):
+    # its search would return the same records.
+    ("user/Condition.rs user/Observation.s", None, {"/Observation/o1": 200, "/Condition/c1": 200, "/Patient/p1": 403}),
+    ("patient/Condition.cruds", "p1", {"/Condition/c1": 200, "/Observation/o1": 403}),
+]
+
+
+@pytest.mark.parametrize(("scope", "patient", "reads"), SCOPE_TABLE, ids=[f"{s}|{p}" for s, p, _ in SCOPE_TABLE])
+async def test_smart_scopes_decide_reads_before_consent(
+    scope: str, patient: str | None, reads: dict[str, int], issuer: LocalIssuer, clinical: FakeFhir,
+    make_gateway: Callable[..., Any],
+) -> None:
+    gw: GatewayUnderTest = await make_gateway(clinical.base_url, **jwt_sections(issuer))
+    claims: dict[str, Any] = {"fhirUser": "Practitioner/dr-1", "scope": scope}
+    if patient:
+        claims["patient"] = patient
+    token = issuer.mint(claims, audience=AUDIENCE)
+    for path, expected in reads.items():
+        async with gw.session.get(gw.url + path, headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == expected, path
+            assert resp.headers["X-Consent-Decision"] == ("permit" if expected == 200 else "deny")
+
+
+async def test_a_search_loses_what_the_scopes_do_not_grant(issuer: LocalIssuer, clinical: FakeFhir, make_gateway: Callable[..., Any]) -> None:
+    gw: GatewayUnderTest = await make_gateway(clinical.base_url, **jwt_sections(issuer))
+    token = issuer.mint({"fhirUser": "Practitioner/dr-1", "scope": "patient/Observation.rs", "patient": "p1"}, audience=AUDIENCE)
+    async with gw.session.get(gw.url + "/Observation", headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200 and resp.headers["X-Consent-Decision"] == "filtered"
+        bundle = orjson.loads(await resp.read())
+    kept = [e["resource"] for e in bundle["entry"]]
+    assert [r["id"] for r in kept if r["resourceType"] == "Observation"] == ["o1"]
+    [outcome] = [r for r in kept if r["resourceType"] == "OperationOutcome"]
+    assert outcome["issue"][0]["code"] == "suppressed"
+    assert "total" not in bundle
