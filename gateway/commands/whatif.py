@@ -26,7 +26,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.core.model import Actor, Verdict
 from gateway.web.enforcement import Looked
-from gateway.web.officer import top_resources
+from gateway.core.officer import top_resources
 from gateway.web.resolve import resolve_references
 from gateway.web.state import GatewayState
 

@@ -12,11 +12,14 @@ denied read is replaced (such lines are not replayable).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qsl, quote
 
-from gateway.core.fhir import JSON
+from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.ds4p import add_notice, is_part2, mark, sensitive_of
+from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_PURPOSE_OF_USE, Actor, Label
 
 DISCLOSURE_TAG = "disclosure"
@@ -174,3 +177,83 @@ def loggable_path(parts: Iterable[str], denied: bool) -> tuple[str, bool]:
         segments[1] = MASK
         return "/" + "/".join(segments), False
     return "/" + "/".join(segments), True
+
+
+def top_resources(body: JSON) -> Iterator[JSON]:
+    """The resources of an answer that are released as such (contained ones go with theirs)."""
+    rtype = body.get("resourceType")
+    if rtype == "Bundle":
+        for entry in body.get("entry") or ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                if resource.get("resourceType") in ("Bundle", "Parameters"):
+                    yield from top_resources(resource)
+                elif isinstance(resource.get("resourceType"), str):
+                    yield resource
+    elif rtype == "Parameters":
+        stack = list(body.get("parameter") or ())
+        while stack:
+            param = stack.pop()
+            if isinstance(param, dict):
+                if isinstance(param.get("resource"), dict):
+                    yield from top_resources(param["resource"])
+                stack.extend(param.get("part") or ())
+    elif isinstance(rtype, str):
+        yield body
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What one answer releases: how many resources of each type, and per patient the
+    ``Type/id`` and sensitive labels of what is disclosed (the accounting of disclosures)."""
+
+    counts: dict[str, int]
+    disclosed: dict[str, list[tuple[str, list[Label]]]]
+    changed: bool  # the answer was changed: DS4P labels or the redisclosure notice added
+
+
+def release_of(
+    body: JSON, labels: Mapping[int, frozenset[Label]], sensitive: frozenset[str], mode: str, requester: str,
+    owners: Mapping[int, frozenset[str]] | None = None, touched: set[int] | None = None,
+) -> Release:
+    """Label what ``body`` releases in place (DS4P: each sensitive resource's labels in
+    ``meta.security``, Part 2 data's refrain, and on a Bundle holding it the notice) and name
+    the disclosures ``mode`` (``audit.disclosures``: sensitive | all | none) accounts for.
+
+    ``labels`` and ``owners`` (patients) are by object identity as enforcement found them; a
+    resource without owners is read again. The ids of resources labelled in place go into
+    ``touched`` when given. A patient reading their own record is not a disclosure to account
+    for (45 CFR 164.528(a)(1)(i))."""
+    changed = part2 = False
+    disclosed: dict[str, list[tuple[str, list[Label]]]] = {}
+    counts: dict[str, int] = {}
+    for resource in top_resources(body):
+        rtype = resource["resourceType"]
+        if rtype == "OperationOutcome":
+            continue
+        counts[rtype] = counts.get(rtype, 0) + 1
+        found = labels.get(id(resource))
+        if not found:
+            if mode != "all":
+                continue
+            marked = []
+        else:
+            marked = sensitive_of(found, sensitive)
+        if marked:
+            if mark(resource, marked):
+                changed = True
+                if touched is not None:
+                    touched.add(id(resource))
+            part2 = part2 or is_part2(marked)
+        if mode == "none" or (mode == "sensitive" and not marked) or not is_patient_data(rtype):
+            continue
+        ref = resource_reference(resource)
+        if ref is None:
+            continue
+        found_owners = owners.get(id(resource)) if owners else None
+        for patient in patients_of(resource) if found_owners is None else found_owners:
+            if patient != requester:
+                disclosed.setdefault(patient, []).append((ref, marked))
+    if part2 and body.get("resourceType") == "Bundle":
+        changed |= add_notice(body)
+    return Release(counts, disclosed, changed)

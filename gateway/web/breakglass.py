@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import datetime, timezone
 
 from aiohttp import web
@@ -13,6 +12,7 @@ from gateway.core.breakglass import audit_event, emergency_consent, window_not_r
 from gateway.core.errors import BadRequest, BreakGlassDisabled, GatewayError
 from gateway.core.model import Actor
 from gateway.web.enforcement import Emergency
+from gateway.web.middleware import fresh_uuid
 from gateway.web.state import GatewayState
 
 log = logging.getLogger("gateway.breakglass")
@@ -37,7 +37,7 @@ async def audit(
     extra_patients: frozenset[str] = frozenset(),
 ) -> str:
     """Write the AuditEvent (durably) and count it; returns the event id for the response header."""
-    event_id = str(uuid.uuid4())
+    event_id = fresh_uuid()
     reason = emergency.reason
     if reason is None:
         windows = [w for w in emergency.windows.values() if w.consent in emergency.used]
@@ -96,7 +96,7 @@ async def record_emergency_consents(
 
 async def _audit_no_window(state: GatewayState, reason: str, actor: Actor, patients: list[str], audit_id: str) -> None:
     event = window_not_recorded_event(
-        event_id=str(uuid.uuid4()), access_event_id=audit_id, actor=actor, reason=reason,
+        event_id=fresh_uuid(), access_event_id=audit_id, actor=actor, reason=reason,
         now=datetime.now(timezone.utc), patients=patients,
     )
     try:

@@ -86,6 +86,12 @@ def fresh_request_id() -> str:
     return "%032x" % ((int.from_bytes(_RANDOM.take16(), "big") & _UUID4_CLEAR) | _UUID4_SET)
 
 
+def fresh_uuid() -> str:
+    """A random UUID4 in its canonical form (``str(uuid.uuid4())``), from the same pool."""
+    h = fresh_request_id()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def request_id_of(request: web.Request) -> str:
     """The caller's X-Request-Id when it is a sane token, else a fresh one."""
     given = request.headers.get("X-Request-Id")

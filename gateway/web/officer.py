@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import orjson
 from aiohttp import web
 
-from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.compartment import is_patient_data
 from gateway.core.consent import CompiledConsent
-from gateway.core.ds4p import add_notice, is_part2, mark, sensitive_of
 from gateway.core.enforce import Enforced, Enforcer
 from gateway.core.errors import BadRequest
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import Actor, Decision, Label, Verdict
-from gateway.core.officer import disclosure_event, loggable_path, loggable_query
+from gateway.core.officer import disclosure_event, loggable_path, loggable_query, release_of, top_resources
 from gateway.core.references import iter_resources
 from gateway.core.scopes import scoped
 from gateway.web.enforcement import Observed
 from gateway.web.exchange import Exchange
-from gateway.web.middleware import INFO, log_line
+from gateway.web.middleware import INFO, fresh_uuid, log_line
 from gateway.web.request import parse_route
 from gateway.web.state import STATE, GatewayState
 
@@ -114,29 +112,6 @@ def shadow_copy(parsed: JSON, refused: Mapping[int, JSON] | None = None) -> tupl
     return copy, originals
 
 
-def top_resources(body: JSON) -> Iterator[JSON]:
-    """The resources of an answer that are released as such (contained ones go with theirs)."""
-    rtype = body.get("resourceType")
-    if rtype == "Bundle":
-        for entry in body.get("entry") or ():
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict):
-                if resource.get("resourceType") in ("Bundle", "Parameters"):
-                    yield from top_resources(resource)
-                elif isinstance(resource.get("resourceType"), str):
-                    yield resource
-    elif rtype == "Parameters":
-        stack = list(body.get("parameter") or ())
-        while stack:
-            param = stack.pop()
-            if isinstance(param, dict):
-                if isinstance(param.get("resource"), dict):
-                    yield from top_resources(param["resource"])
-                stack.extend(param.get("part") or ())
-    elif isinstance(rtype, str):
-        yield body
-
-
 def count_denied(request: web.Request, body: JSON) -> None:
     """A body withheld whole: every resource in it counts as withheld."""
     outcome = outcome_of(request)
@@ -157,45 +132,12 @@ async def released(
     outcome = outcome_of(request)
     for rtype, _ in () if result.denied else result.removed:
         outcome.withhold(rtype)
-    mode = state.settings.audit.disclosures
-    sensitive = state.labels.sensitive
-    changed = part2 = False
-    disclosed: dict[str, list[tuple[str, list[Label]]]] = {}
-    counts: dict[str, int] = {}
-    for resource in top_resources(body):
-        rtype = resource["resourceType"]
-        if rtype == "OperationOutcome":
-            continue
-        counts[rtype] = counts.get(rtype, 0) + 1
-        found = labels.get(id(resource))
-        if not found:
-            if mode != "all":
-                continue
-            marked = []
-        else:
-            marked = sensitive_of(found, sensitive)
-        if marked:
-            if mark(resource, marked):
-                changed = True
-                if touched is not None:
-                    touched.add(id(resource))
-            part2 = part2 or is_part2(marked)
-        if mode == "none" or (mode == "sensitive" and not marked) or not is_patient_data(rtype):
-            continue
-        ref = resource_reference(resource)
-        if ref is None:
-            continue
-        found_owners = owners.get(id(resource)) if owners else None
-        for patient in patients_of(resource) if found_owners is None else found_owners:
-            # A patient reading their own record is not a disclosure to account for (45 CFR 164.528(a)(1)(i)).
-            if patient != ex.actor.reference:
-                disclosed.setdefault(patient, []).append((ref, marked))
-    outcome.release(counts)
-    if part2 and body.get("resourceType") == "Bundle":
-        changed |= add_notice(body)
-    if disclosed:
-        await record_disclosures(state, ex, disclosed)
-    return changed
+    found = release_of(body, labels, state.labels.sensitive, state.settings.audit.disclosures, ex.actor.reference,
+                       owners, touched)
+    outcome.release(found.counts)
+    if found.disclosed:
+        await record_disclosures(state, ex, found.disclosed)
+    return found.changed
 
 
 async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[str, list[tuple[str, list[Label]]]]) -> None:
@@ -203,7 +145,7 @@ async def record_disclosures(state: GatewayState, ex: Exchange, disclosed: dict[
     now = datetime.now(timezone.utc)
     events = [
         disclosure_event(
-            event_id=str(uuid.uuid4()), actor=ex.actor, purpose=ex.purpose, patient=patient, now=now,
+            event_id=fresh_uuid(), actor=ex.actor, purpose=ex.purpose, patient=patient, now=now,
             resources=resources, interaction=ex.route.interaction,
         )
         for patient, resources in sorted(disclosed.items())

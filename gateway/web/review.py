@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import re
-import uuid
 from datetime import datetime, timezone
 from urllib.parse import urlencode
 
@@ -21,6 +20,7 @@ from gateway.audit import disclosures_path
 from gateway.core.errors import BadRequest
 from gateway.core.officer import review_event
 from gateway.disclosures import EmergencyAccess, in_thread_accesses, in_thread_bundle, recorded_at
+from gateway.web.middleware import fresh_uuid
 from gateway.web.state import STATE
 
 _PATIENT = re.compile(r"^Patient/[A-Za-z0-9\-.]{1,64}$")
@@ -151,7 +151,7 @@ async def mark_reviewed(request: web.Request) -> web.Response:
     if not any(a.event_id == event for a in accesses):
         raise BadRequest("'event' must be the id of a break-glass AuditEvent.")
     await state.audit.append(review_event(
-        event_id=str(uuid.uuid4()), reviewed=event, reviewer=reviewer, now=datetime.now(timezone.utc), note=note,
+        event_id=fresh_uuid(), reviewed=event, reviewer=reviewer, now=datetime.now(timezone.utc), note=note,
     ))
     back = {k: v for k, v in request.query.items() if k in (*_FILTERS, "open")}
     raise web.HTTPSeeOther("/admin/break-glass" + (f"?{urlencode(back)}" if back else "") + f"#event-{event}")

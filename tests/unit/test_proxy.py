@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from gateway.core.errors import BadRequest
 from gateway.core.model import Actor
 from gateway.web import request as request_module
-from gateway.web.middleware import JsonLogFormatter, fresh_request_id
+from gateway.web.middleware import JsonLogFormatter, fresh_request_id, fresh_uuid
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir, Recorded
 from tests.unit._util import (
@@ -687,6 +687,14 @@ def test_a_made_request_id_is_a_random_uuid4_in_hex() -> None:
     for value in made:
         parsed = uuid.UUID(hex=value)
         assert (len(value), parsed.hex, parsed.version, parsed.variant) == (32, value, 4, uuid.RFC_4122)
+
+
+def test_an_audit_event_id_is_a_random_uuid4_in_its_canonical_form() -> None:
+    made = [fresh_uuid() for _ in range(700)]
+    assert len(set(made)) == 700
+    for value in made:
+        parsed = uuid.UUID(value)
+        assert (str(parsed), parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
