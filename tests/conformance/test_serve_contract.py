@@ -94,6 +94,15 @@ async def test_each_port_serves_only_its_own(served: Served) -> None:
             async with session.get(served.proxy + path, headers={"X-Actor": "Practitioner/dr-gp"}) as resp:
                 assert resp.status != 200 or resp.content_type == "application/fhir+json", path
                 assert b"consent_gateway_" not in await resp.read()
+        for path in ("/admin/break-glass", "/admin/disclosures?patient=Patient/pat-bob"):
+            async with session.get(served.proxy + path, headers={"X-Actor": "Practitioner/dr-gp"}) as resp:
+                body = await resp.read()
+                assert b"<html" not in body.lower() and b"AuditEvent" not in body, path
+        for path, payload in (("/decision", {"consents": [], "resource": {"resourceType": "Observation"}, "actor": "Practitioner/x"}),
+                              ("/cache/invalidate", {})):
+            async with session.post(served.proxy + path, json=payload, headers={"X-Actor": "Practitioner/dr-gp"}) as resp:
+                body = await resp.read()
+                assert b'"decision"' not in body and b'"invalidated"' not in body, path
         async with session.get(served.admin + "/Observation/bob-cbc", headers={"X-Actor": "Practitioner/dr-gp"}) as resp:
             assert resp.status == 404
         async with session.get(served.proxy + "/Observation/bob-cbc", headers={"X-Actor": "Practitioner/dr-gp"}) as resp:
