@@ -53,9 +53,12 @@ class Claims:
     icd_prefixes: dict[str, str] = field(default_factory=dict)  # unfiltered ICD categories/codes
     numeric: list[tuple[str, str, int, int, str]] = field(default_factory=list)  # system, letter, low, high
 
-    def holder(self, system: str, code: str) -> str | None:
+    def holder(self, system: str, code: str, asking: str = "") -> str | None:
         if (system, code) in self.exact:
             return self.exact[(system, code)]
+        if system == "ndc" and self.exact.get(("ndc-product", code[:9]), asking) != asking:
+            # another package of a product an earlier set holds: the index labels by product
+            return self.exact[("ndc-product", code[:9])]
         if system == "icd-10-cm":
             key = code.replace(".", "")
             for end in range(len(key), 2, -1):
@@ -71,6 +74,8 @@ class Claims:
 
     def take(self, system: str, code: str, who: str, filtered: bool) -> None:
         self.exact[(system, code)] = who
+        if system == "ndc":
+            self.exact.setdefault(("ndc-product", code[:9]), who)
         if system == "icd-10-cm" and not filtered:
             for one in _icd_categories(code):
                 self.icd_prefixes[one.replace(".", "")] = who
@@ -85,6 +90,9 @@ def _icd_categories(code: str) -> list[str]:
         return [code]
     letter, low, _, high = found.groups()
     return [f"{letter}{n:02d}" for n in range(int(low), int(high) + 1)]
+
+
+_NDC11 = re.compile(r"^\d{11}$")
 
 
 def read_extract(path: Path) -> Extract:
@@ -103,6 +111,8 @@ def read_extract(path: Path) -> Extract:
             parts = line.split("\t")
             if len(parts) < 3:
                 raise SourceError(f"{path.name}: line {number}: expected tab-separated columns")
+            if parts[0] == "ndc" and not _NDC11.match(parts[1]):
+                raise SourceError(f"{path.name}: line {number}: an NDC in an extract is written in 11 digits (5-4-2)")
             rows.append((parts[0], parts[1], "\t".join(parts[2:]).strip()))
     return Extract(path.relative_to(SOURCES).as_posix(), _source_line(header), rows)
 
@@ -137,7 +147,7 @@ def _sets_of(file_name: str, spec: Mapping[str, Any], claims: Claims, report: li
     by_system: dict[str, list[dict[str, str]]] = {}
     who = f"{file_name}: {spec['name']}"
     for system, code, display in rows:
-        earlier = claims.holder(system, code)
+        earlier = claims.holder(system, code, who)
         if earlier is not None:
             report.append(f"{who}: {system} {code} left to {earlier}")
             continue

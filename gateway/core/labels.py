@@ -8,17 +8,25 @@ Semantics:
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
+- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding of
+  every extension (``extension`` and ``modifierExtension``, nested to any depth) of the
+  resource, of the backbone elements on those paths and of the code elements and codings
+  themselves (``condition-dueTo`` carrying B20 labels as ``code`` would).
 - SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
   terminology server on the request path); RxNorm sets list ingredients together with the drugs
   (SCD, SBD, packs) their sources name that contain them; CPT and HCPCS sets may give a numeric
-  range (``90785-90899``).
+  range (``90785-90899``). An NDC matches by product (labeler and product code), however
+  the package or product is written (``ndc_products``).
   ICD-10-CM (and WHO ICD-10) codes match on code structure: a rule code covers itself and every
   code below it (``F11`` covers ``F11.20`` and ``F1120``, never ``F1`` or ``F12``). A set's
   ``sixth_character`` keeps only the codes below it whose 6th character is one of those given
   (``T36-T50`` with ``2``: intentional self-harm). An ``exclude`` entry cancels the matches of
   its own set's category for the codes below it (``F17`` under ``F12-F19``) and nothing else.
-- Codings with no system, or a system the rules do not know, earn nothing. A reference to a
-  resource that is not contained cannot be followed here (no I/O) and earns nothing.
+- A known system is recognised however its URI is spelled (``canonical_system``). A coding
+  without a system earns labels only when its code is dotted like ICD-10-CM (``F11.20``) or
+  hyphenated like an NDC package; other codings without a system, or with a system the rules
+  do not know, earn nothing. A reference to a resource that is not contained cannot be
+  followed here (no I/O) and earns nothing.
 - Invalid rule data raises ``RuleDataError`` naming the file, the entry and the problem.
 """
 
@@ -44,6 +52,7 @@ LOINC = "http://loinc.org"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
+NDC = "http://hl7.org/fhir/sid/ndc"
 
 # Rule files name code systems by these short names; each has the display used in explanations
 # and the other URIs a sender may put in Coding.system for the same system.
@@ -54,6 +63,7 @@ CODE_SYSTEMS: Mapping[str, tuple[str, str, tuple[str, ...]]] = {
     "rxnorm": (RXNORM, "RxNorm", ("urn:oid:2.16.840.1.113883.6.88",)),
     "cpt": (CPT, "CPT", ("urn:oid:2.16.840.1.113883.6.12",)),
     "hcpcs": (HCPCS, "HCPCS", ("urn:oid:2.16.840.1.113883.6.285", "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets")),
+    "ndc": (NDC, "NDC", ("urn:oid:2.16.840.1.113883.6.69",)),
 }
 
 # v3-ActCode codes a rule may yield: the information sensitivity policies and the privacy laws
@@ -127,6 +137,10 @@ def _path(names: tuple[str, ...]) -> _Getter:
             nxt: list[Any] = []
             for node in level:
                 if isinstance(node, dict):
+                    if "extension" in node or "modifierExtension" in node:
+                        # a backbone element on the way (Observation.component) may carry
+                        # the code in an extension as surely as in its code element
+                        out.extend(_element_extension_codes(node))
                     value = node.get(name)
                     if isinstance(value, list):
                         nxt.extend(value)
@@ -299,24 +313,130 @@ def normalize_icd(code: str) -> str:
     return code
 
 
+# ICD-10-CM as written without a system: the dot after the category makes the shape its own.
+_ICD_DOTTED = re.compile(r"^[A-Z][0-9][0-9A-Z]\.[0-9A-Z]{1,4}$")
+# NDC layouts (FDA): labeler-product-package as 4-4-2, 5-3-2 or 5-4-1 (the 10-digit code),
+# the HIPAA 11-digit 5-4-2; and the product code alone (labeler-product: 4-4, 5-3, 5-4).
+_NDC_PACKAGE_LAYOUTS = frozenset({(4, 4, 2), (5, 3, 2), (5, 4, 1), (5, 4, 2)})
+_NDC_PRODUCT_LAYOUTS = frozenset({(4, 4), (5, 3), (5, 4)})
+_NDC_HYPHENATED_PACKAGE = re.compile(r"^[0-9]{4,5}-[0-9]{3,4}-[0-9]{1,2}$")
+
+
+def ndc_products(code: str) -> tuple[str, ...]:
+    """The products an NDC as written may name, each as 9 digits (labeler 5, product 4).
+
+    A product code (labeler and product) names one drug in one strength, dose form and
+    formulation; its packages differ only in size, so rules and look-ups meet on the product.
+    Hyphenated codes name one product, zero-padded to 5-4: ``0054-0176-13`` (4-4-2),
+    ``50383-924-93`` (5-3-2), ``12496-1208-3`` (5-4-1), ``12496-1208-03`` (5-4-2) and the
+    product code ``12496-1208``. Digits alone: 11 (HIPAA 5-4-2) or 9 (a 5-4 product) name one;
+    10 digits may be any 10-digit layout and 8 either 8-digit product layout, so each reading is
+    given (a label fails closed). Anything else names none."""
+    text = code.strip()
+    if "-" in text:
+        parts = text.split("-")
+        if not all(part.isascii() and part.isdigit() for part in parts):
+            return ()
+        shape = tuple(len(part) for part in parts)
+        if shape in _NDC_PACKAGE_LAYOUTS or shape in _NDC_PRODUCT_LAYOUTS:
+            return (parts[0].zfill(5) + parts[1].zfill(4),)
+        return ()
+    if not (text.isascii() and text.isdigit()):
+        return ()
+    if len(text) == 11:
+        return (text[:9],)
+    if len(text) == 9:
+        return (text,)
+    if len(text) == 10:
+        return tuple(dict.fromkeys(("0" + text[:8], text[:5] + "0" + text[5:8], text[:9])))
+    if len(text) == 8:
+        return ("0" + text, text[:5] + "0" + text[5:])
+    return ()
+
+
+def ndc_package(code: str) -> str | None:
+    """The HIPAA 11-digit (5-4-2) form of a package NDC written in a layout that settles it
+    (hyphenated, or 11 digits); None for a product code or an ambiguous 10-digit one."""
+    text = code.strip()
+    if "-" in text:
+        parts = text.split("-")
+        if len(parts) == 3 and tuple(len(p) for p in parts) in _NDC_PACKAGE_LAYOUTS and ndc_products(text):
+            return parts[0].zfill(5) + parts[1].zfill(4) + parts[2].zfill(2)
+        return None
+    return text if len(text) == 11 and text.isascii() and text.isdigit() else None
+
+
 # Every URI a sender may put in Coding.system for a known code system -> its canonical URI.
 _CANONICAL_SYSTEMS: Mapping[str, str] = {
     alias: uri for uri, _, others in CODE_SYSTEMS.values() for alias in (uri, *others)
 }
 
 
+def _system_key(uri: str) -> str:
+    """A system URI with what senders vary and no registry tells apart left out: case, the
+    scheme (http or https), ``www.``, a trailing slash."""
+    key = uri.strip().lower()
+    for scheme in ("https://", "http://"):
+        if key.startswith(scheme):
+            key = key[len(scheme):]
+            break
+    if key.startswith("www."):
+        key = key[4:]
+    return key.rstrip("/")
+
+
+_SYSTEM_KEYS: Mapping[str, str] = {_system_key(alias): uri for alias, uri in _CANONICAL_SYSTEMS.items()}
+
+
+@lru_cache(maxsize=4096)
+def canonical_system(system: str) -> str | None:
+    """The canonical URI of the known code system ``system`` names, however it is spelled:
+    an alias (its OID), another case, https for http, a trailing slash, ``www.``, or a SNOMED CT
+    edition URI (``http://snomed.info/sct/731000124108``); None for any other system."""
+    found = _CANONICAL_SYSTEMS.get(system)
+    if found is not None:
+        return found
+    key = _system_key(system)
+    found = _SYSTEM_KEYS.get(key)
+    if found is None and key.startswith("snomed.info/sct/") and key[16:].isdigit():
+        found = SNOMED
+    return found
+
+
 def code_spellings(codes: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
     """``codes`` (system, code) with each code of a known system also written as this index
-    reads it: under the system's canonical URI (``urn:oid:2.16.840.1.113883.6.96`` is SNOMED CT),
-    and an ICD-10-CM code as ``normalize_icd`` spells it (``f11.20`` is ``F1120``). Applied to a
-    resource's codes and to a consent's, a ``code`` condition names a code however either side
-    writes it, as the labels do."""
+    reads it: under the system's canonical URI however the system is spelled
+    (``urn:oid:2.16.840.1.113883.6.96`` is SNOMED CT, see ``canonical_system``), an ICD-10-CM
+    code as ``normalize_icd`` spells it (``f11.20`` is ``F1120``), an NDC as its 11-digit package
+    (when the layout settles it) and as each 9-digit product it may name (packages of one product
+    meet there), and a code without a system that only ICD-10-CM (``F11.20``) or a hyphenated
+    NDC package spells so, as that system's. Applied to a resource's codes and to a consent's,
+    a ``code`` condition names a code however either side writes it, as the labels do."""
     extra: set[tuple[str, str]] = set()
     for system, code in codes:
-        canonical = _CANONICAL_SYSTEMS.get(system)
-        if canonical is not None:
-            extra.add((canonical, normalize_icd(code) if canonical == ICD10CM else code.strip()))
+        canonical = canonical_system(system) if system else _systemless(code)
+        if canonical == ICD10CM:
+            extra.add((canonical, normalize_icd(code)))
+        elif canonical == NDC:
+            package = ndc_package(code)
+            if package is not None:
+                extra.add((NDC, package))
+            extra.update((NDC, product) for product in ndc_products(code))
+        elif canonical is not None:
+            extra.add((canonical, code.strip()))
     return codes if extra <= codes else codes | extra
+
+
+def _systemless(code: str) -> str | None:
+    """The system a code written without one can only be: ICD-10-CM for a dotted ICD-10-CM
+    code, NDC for a hyphenated NDC package; None otherwise (a bare number is RxNorm, SNOMED CT
+    or a local code alike)."""
+    text = code.strip()
+    if _ICD_DOTTED.match(text.upper()):
+        return ICD10CM
+    if _NDC_HYPHENATED_PACKAGE.match(text) and ndc_products(text):
+        return NDC
+    return None
 
 
 class LabelIndex:
@@ -327,6 +447,8 @@ class LabelIndex:
         "_icd",
         "_icd_excluded",
         "_icd_systems",
+        "_ndc",
+        "_systems",
         "_scope_types",
         "_scope_categories",
         "_sensitivity_scopes",
@@ -344,6 +466,10 @@ class LabelIndex:
         self._icd_systems: frozenset[str] = frozenset(
             (CODE_SYSTEMS["icd-10-cm"][0], *CODE_SYSTEMS["icd-10-cm"][2])
         )
+        self._ndc: dict[str, list[_Hit]] = {}
+        # Systems no table holds as written -> the known system they spell (None: unknown),
+        # so a local system costs one look-up per coding after its first.
+        self._systems: dict[str, str | None] = {}
         self._scope_types: dict[str, frozenset[str]] = {}
         self._scope_categories: dict[str, dict[tuple[str, str], frozenset[str]]] = {}
         self._sensitivity_scopes: dict[str, tuple[Label, ...]] = {}
@@ -435,10 +561,8 @@ class LabelIndex:
                 extract(resource, values)
                 for value in values:
                     match(value, hits)
-        for key in ("extension", "modifierExtension"):
-            if key in resource:
-                for value in _extension_codes(resource[key]):
-                    match(value, hits)
+        if "extension" in resource or "modifierExtension" in resource:
+            match(_element_extension_codes(resource), hits)
         meta = resource.get("meta")
         if isinstance(meta, dict):
             security = meta.get("security")
@@ -485,29 +609,89 @@ class LabelIndex:
             for coding in codings:
                 if isinstance(coding, dict):
                     self._match_coding(coding, hits)
+                    if "extension" in coding:
+                        self._match_extensions(coding["extension"], hits)
         elif isinstance(codings, dict):
             self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
+        if "extension" in value:
+            # a code element's own extensions (a translation, a qualifier) code it too
+            self._match_extensions(value["extension"], hits)
+
+    def _match_extensions(self, extensions: Any, hits: list[_Hit]) -> None:
+        """The coded values of ``extensions`` at any depth, and of the extensions those values
+        carry in turn; a loop, so that no nesting of the sender's can exhaust the stack."""
+        pending = [extensions]
+        while pending:
+            for value in _extension_codes(pending.pop()):
+                for item in value if isinstance(value, list) else (value,):
+                    if not isinstance(item, dict):
+                        continue
+                    codings = item.get("coding")
+                    if codings is None:
+                        codings = (item,)
+                    elif isinstance(codings, dict):
+                        codings = (codings,)
+                    for coding in codings if isinstance(codings, (list, tuple)) else ():
+                        if isinstance(coding, dict):
+                            self._match_coding(coding, hits)
+                            if coding is not item and "extension" in coding:
+                                pending.append(coding["extension"])
+                    if "extension" in item:
+                        pending.append(item["extension"])
 
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
         system = coding.get("system")
-        if system is None:
-            return
         code = coding.get("code")
-        if isinstance(code, list) and isinstance(system, str):
-            # codes as a list: not FHIR, but each is read as written
-            for item in code:
-                if isinstance(item, str):
-                    self._match_coding({"system": system, "code": item}, hits)
-            return
-        if not isinstance(code, str) or not isinstance(system, str):
+        if type(code) is not str or type(system) is not str or not system:
+            self._match_odd_coding(system, code, hits)
             return
         table = self._exact.get(system)
         if table is not None:
             hit = table.get(code) or table.get(code.strip())
             if hit is not None:
                 hits.append(hit)
-        elif system in self._icd_systems:
+            return
+        if system in self._icd_systems:
             self._match_icd(normalize_icd(code), hits)
+            return
+        # Any other system: NDC, a known system spelled another way, or (most often) one the
+        # rules do not know, which costs this one look-up after its first.
+        canonical = self._systems.get(system, _UNSEEN)
+        if canonical is None:
+            return
+        if canonical is _UNSEEN:
+            if len(self._systems) >= _SYSTEMS_MAX:
+                self._systems.clear()
+            canonical = self._systems[system] = canonical_system(system)
+        if isinstance(canonical, str):
+            self._match_in(canonical, code, hits)
+
+    def _match_odd_coding(self, system: Any, code: Any, hits: list[_Hit]) -> None:
+        """Codings not of the usual shape: codes as a list (not FHIR, but each is read as
+        written), and a code without a system."""
+        if isinstance(code, list) and isinstance(system, str):
+            for item in code:
+                if isinstance(item, str):
+                    self._match_coding({"system": system, "code": item}, hits)
+        elif isinstance(code, str) and (system is None or system == ""):
+            # SECURITY: a Coding's system is optional (R4 0..1); a code only ICD-10-CM or NDC
+            # spells so is read as theirs rather than let through.
+            found = _systemless(code)
+            if found is not None:
+                self._match_in(found, code, hits)
+
+    def _match_in(self, system: str, code: str, hits: list[_Hit]) -> None:
+        """Match ``code`` as a code of ``system``, a canonical URI."""
+        table = self._exact.get(system)
+        if table is not None:
+            hit = table.get(code) or table.get(code.strip())
+            if hit is not None:
+                hits.append(hit)
+        elif system == ICD10CM:
+            self._match_icd(normalize_icd(code), hits)
+        elif system == NDC:
+            for product in ndc_products(code):
+                hits.extend(self._ndc.get(product, ()))
 
     def _match_icd(self, code: str, hits: list[_Hit]) -> None:
         # Longest prefix first, so an exclusion below a rule is seen before the rule itself.
@@ -562,16 +746,18 @@ class LabelIndex:
 
 
 _NO_LABELS: frozenset[Label] = frozenset()
+_UNSEEN = object()  # a system not yet looked up in LabelIndex._systems
+_SYSTEMS_MAX = 4096  # remembered system spellings, cleared when full
 _MEMO_MAX = 16_384  # remembered label sets (core.view keys), cleared when full
 _MEMO_MAX_BYTES = 16 << 20  # ... or when their keys hold this many bytes of text
 _NO_SCOPES: frozenset[str] = frozenset()
 
 
 def _extension_codes(extensions: Any) -> list[Any]:
-    """Coded values of a resource's own extensions, nested ones included (``condition-dueTo``
-    carrying B20 names the diagnosis as surely as ``code`` does)."""
+    """Coded values (valueCodeableConcept, valueCoding) of extensions, nested ones included at
+    any depth (``condition-dueTo`` carrying B20 names the diagnosis as surely as ``code`` does)."""
     found: list[Any] = []
-    stack = list(extensions) if isinstance(extensions, list) else []
+    stack = list(extensions) if isinstance(extensions, list) else [extensions]
     while stack:
         ext = stack.pop()
         if not isinstance(ext, dict):
@@ -579,9 +765,21 @@ def _extension_codes(extensions: Any) -> list[Any]:
         for key in ("valueCodeableConcept", "valueCoding"):
             if key in ext:
                 found.append(ext[key])
-        nested = ext.get("extension")
-        if isinstance(nested, list):
-            stack.extend(nested)
+        for key in ("extension", "modifierExtension"):
+            nested = ext.get(key)
+            if isinstance(nested, list):
+                stack.extend(nested)
+            elif isinstance(nested, dict):
+                stack.append(nested)  # one extension as an object: not FHIR, still read
+    return found
+
+
+def _element_extension_codes(element: JSON) -> list[Any]:
+    """Coded values of an element's own extensions and modifier extensions."""
+    found: list[Any] = []
+    for key in ("extension", "modifierExtension"):
+        if key in element:
+            found.extend(_extension_codes(element[key]))
     return found
 
 
@@ -621,6 +819,7 @@ class _Builder:
         self.exact: dict[str, dict[str, _Hit]] = {}
         self.icd: dict[str, list[_Hit]] = {}
         self.icd_excluded: dict[str, set[str]] = {}
+        self.ndc: dict[str, list[_Hit]] = {}
         self.seen: dict[tuple[str, str], str] = {}
         self.rule_labels: set[str] = set()
         self.sensitive: set[str] = set()
@@ -722,6 +921,13 @@ class _Builder:
             if not _ICD_CODE.match(code):
                 raise RuleDataError(file, f"{where} {code}", "bad ICD-10-CM code (category of 3, then a dot: F11, F11.2)")
             return [code]
+        if alias == "ndc":
+            if "-" not in code and len(code) not in (9, 11) or len(ndc_products(code)) != 1:
+                raise RuleDataError(
+                    file, f"{where} {code}",
+                    "bad NDC code (11 digits, 5-4-2; or hyphenated 4-4-2, 5-3-2, 5-4-1, 5-4-2, or a product 5-4)",
+                )
+            return [code]
         found = _NUMERIC_RANGE.match(code) if alias in ("cpt", "hcpcs") else None
         if found:
             letter, low, other, high = found.groups()
@@ -752,14 +958,26 @@ class _Builder:
         labels: tuple[Label, ...],
         sixth: frozenset[str] | None,
     ) -> None:
-        self._claim(file, f"{where} {code}", (alias, code))
+        # An NDC is one code however it is written: its package (or product) in 11 (or 9) digits.
+        key = ndc_package(code) or ndc_products(code)[0] if alias == "ndc" else code
+        self._claim(file, f"{where} {code}", (alias, key))
         uri, title, others = CODE_SYSTEMS[alias]
         rule = f"{file}: {title} {code} ({display})"
         if sixth is not None:
             rule += f", 6th character {'/'.join(sorted(sixth))}"
+        if alias == "ndc":
+            product = ndc_products(code)[0]
+            rule += f", product {product[:5]}-{product[5:]} in any package"
         hit = _Hit(category, frozenset(labels), tuple((label, rule) for label in labels), sixth)
         if alias == "icd-10-cm":
             self.icd.setdefault(normalize_icd(code), []).append(hit)
+            return
+        if alias == "ndc":
+            # Rules list packages; every package of a product is the same drug, so the product
+            # carries the labels (one hit per set and product: the first package names it).
+            same = self.ndc.setdefault(ndc_products(code)[0], [])
+            if not any(earlier.category == category and earlier.labels == hit.labels for earlier in same):
+                same.append(hit)
             return
         for system in (uri, *others):
             self.exact.setdefault(system, {})[code] = hit
@@ -789,6 +1007,7 @@ class _Builder:
         index._exact = self.exact
         index._icd = self.icd
         index._icd_excluded = self.icd_excluded
+        index._ndc = self.ndc
         index.coverage = tuple(self.coverage)
         return index
 
