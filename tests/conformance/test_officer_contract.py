@@ -119,3 +119,13 @@ async def test_a_request_refused_before_deciding_still_has_its_method_path_and_q
     assert (line["method"], line["path"], line["query"], line["status"]) == ("GET", f"/{rtype}/*" if below_base.count("/") == 2 else below_base, query, status)
     assert line["decision"] == "deny" and line["replayable"] is False
     assert "bob-cbc" not in str(line) and "bob-hiv" not in str(line)
+
+
+async def test_since_with_an_unencoded_plus_offset_is_read_as_the_offset(demo_fhir: DemoFhirServer, make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(demo_fhir.base_url)
+    await _get(gw, "Practitioner/dr-psych", "/Condition/alice-depression")
+    # Written into the URL as-is, "+" reaches the server as a space (form encoding).
+    for since, expected in (("2000-01-01T00:00:00+01:00", 1), ("2999-01-01T00:00:00+01:00", 0)):
+        async with gw.session.get(gw.admin_url + f"/admin/disclosures?patient=Patient/pat-alice&since={since}") as resp:
+            assert resp.status == 200, await resp.text()
+            assert len(orjson.loads(await resp.read())["entry"]) == expected
