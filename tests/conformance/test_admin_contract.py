@@ -177,3 +177,11 @@ async def test_cache_entries_gauge_follows_invalidation(demo_fhir: DemoFhirServe
     async with gw.session.post(gw.admin_url + "/cache/invalidate", json={}) as resp:
         assert resp.status == 200
     assert gw.metric(entries) == 0
+
+
+async def test_post_decision_explains_every_kind_of_requester_the_gateway_accepts(gateway: GatewayUnderTest, tmp_path: Path) -> None:
+    # jwt mode names requesters by fhirUser, which may be a Person (CONTRACT §4).
+    consents, resource = [RESOURCES["Consent/consent-bob-optin-not-jones"]], RESOURCES["Observation/bob-cbc"]
+    for actor in ("Person/pe-1", "PractitionerRole/pr-1", "RelatedPerson/rp-1", "Device/d-1", "Organization/org-hospital"):
+        _, printed = _decide_cli(tmp_path, consents, resource, actor, None)
+        assert await _decide_admin(gateway, consents, resource, actor, None) == printed, actor
