@@ -19,6 +19,8 @@ from gateway.audit import AuditDelivery, AuditLog, disclosures_path
 from gateway.config import ConfigError, Settings
 from gateway.core.errors import ConsentUnavailable
 from gateway.core.labels import LabelIndex
+from gateway.core.model import CONFIDENTIALITY_RANK
+from gateway.core.sensitivity_codes import CODES as SENSITIVITY_CODES
 from gateway.rules import load_rules
 from gateway.sources.changes import ChangeFeed
 from gateway.sources.factory import build_source
@@ -64,6 +66,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
     """Everything the handlers share, built once at start-up (rules loaded, store empty)."""
     metrics = metrics or Metrics()
     labels = labels or load_rules(settings.sensitivity.rules_dir)
+    check_explicit_labels(settings, labels)
     upstream = _fhir_upstream(settings)
     consent_server = None
     if settings.consent_source_url.rstrip("/") != upstream.base_url:
@@ -94,6 +97,21 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )
+
+
+def check_explicit_labels(settings: Settings, labels: LabelIndex) -> None:
+    """Each label named in ``sensitivity.explicit_consent_required`` must be one a resource can
+    carry: a misspelt label would leave the data it meant open to any general permit."""
+    required = settings.sensitivity.explicit_consent_required
+    if isinstance(required, str):
+        return
+    known = SENSITIVITY_CODES | CONFIDENTIALITY_RANK.keys() | labels.sensitive
+    for code in required:
+        if code not in known:
+            raise ConfigError(
+                f"sensitivity.explicit_consent_required: unknown label {code!r} "
+                "(neither a label of the rules nor a v3 sensitivity or confidentiality code)"
+            )
 
 
 def open_audit(settings: Settings) -> AuditLog:
@@ -281,6 +299,14 @@ def tune_gc() -> None:
     gc.set_threshold(500_000, 50, 100)
 
 
+async def _bind(site: web.TCPSite, section: str, host: str, port: int) -> None:
+    """Start ``site``; an OSError names the settings that chose the address (CONTRACT §3)."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{section}.host {host}, {section}.port {port}: {exc.strerror or exc}") from None
+
+
 async def start(state: GatewayState) -> RunningGateway:
     """Bind the proxy and admin listeners. Raises OSError when a port is taken."""
     settings = state.settings
@@ -303,9 +329,11 @@ async def start(state: GatewayState) -> RunningGateway:
         await worker_runner.setup()
     try:
         # SO_REUSEPORT with several workers: each binds the port and the kernel spreads connections.
-        await web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None).start()
+        proxy_site = web.TCPSite(proxy_runner, settings.listen.host, settings.listen.port, reuse_port=role.shared or None)
+        await _bind(proxy_site, "listen", settings.listen.host, settings.listen.port)
         if role.owner:
-            await web.TCPSite(admin_runner, settings.admin.host, settings.admin.port).start()
+            admin_site = web.TCPSite(admin_runner, settings.admin.host, settings.admin.port)
+            await _bind(admin_site, "admin", settings.admin.host, settings.admin.port)
         if worker_runner is not None:
             await web.UnixSite(worker_runner, str(role.socket_path(role.index))).start()
     except OSError:

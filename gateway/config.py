@@ -6,6 +6,8 @@ message is one line naming the key and the problem; ``cli`` prints it and exits 
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -274,6 +276,16 @@ class BreakGlassSettings(_Section):
         # HealtheIntent documents emergencyConsentReasons as a single string.
         return [value] if isinstance(value, str) else value
 
+    @field_validator("reasons")
+    @classmethod
+    def _sendable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A reason is matched against the X-Break-Glass value: one that no header can carry
+        # (a comma makes it a list, refused; edge spaces are trimmed) could never be used.
+        for reason in value:
+            if not reason or reason != reason.strip() or "," in reason or not reason.isprintable():
+                raise ValueError(f"{reason!r} cannot be sent in X-Break-Glass (no commas, no edge spaces, printable text)")
+        return value
+
 
 class AuditSettings(_Section):
     path: Path = Path("audit.jsonl")
@@ -305,6 +317,15 @@ class Settings(_Section):
     def _public_base(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url(value)
 
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        listen, admin = self.listen, self.admin
+        wildcard = {"", "0.0.0.0", "::"}
+        overlap = listen.host == admin.host or listen.host in wildcard or admin.host in wildcard
+        if listen.port == admin.port != 0 and overlap:
+            raise ValueError(f"admin.port: must differ from listen.port ({listen.port}): the admin port is a port of its own")
+        return self
+
     @property
     def consent_source_url(self) -> str:
         return self.consent.source_url or self.upstream.url
@@ -332,9 +353,46 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _env_value(name: str, raw: str) -> Any:
+_NULLS = frozenset({"", "null", "Null", "NULL", "~"})
+
+
+def _field_kind(path: list[str]) -> str | None:
+    """How an environment value for the key at ``path`` reads: ``text`` (str or Path: kept as
+    written, so ``4711`` or ``2026`` stay text), ``list`` (of str), ``labels`` (all | none |
+    a list), or None (parsed as YAML: numbers, booleans, choices; unknown keys too)."""
+    annotation: Any = Settings
+    for part in path:
+        fields = annotation.model_fields if isinstance(annotation, type) and issubclass(annotation, BaseModel) else {}
+        if part not in fields:
+            return None
+        annotation = fields[part].annotation
+    origin = typing.get_origin(annotation)
+    branches = [a for a in typing.get_args(annotation) if a is not type(None)] if origin in (typing.Union, types.UnionType) else [annotation]
+    if any(b in (str, Path) for b in branches):
+        return "text"
+    if any(typing.get_origin(b) is tuple for b in branches):
+        return "labels" if any(typing.get_origin(b) is Literal for b in branches) else "list"
+    return None
+
+
+def _env_value(name: str, raw: str, path: list[str]) -> Any:
+    """An environment value as its key reads it: YAML for numbers, booleans and ``[a, b]``
+    lists; text keys keep the text as written; a list may also be one value or ``a,b`` (no list
+    item can hold a comma: codes, and break-glass reasons, which travel in a header)."""
+    kind = _field_kind(path)
+    value = raw.strip()
+    if value in _NULLS:
+        return None
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        if kind == "text":
+            return yaml.safe_load(value) if value[0] in "\"'" else value
+        if kind in ("list", "labels"):
+            if value[0] in "[{":
+                return yaml.load(value, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader makes only str, list, dict
+            if kind == "labels" and value in ("all", "none"):
+                return value
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return yaml.safe_load(value)
     except yaml.YAMLError:
         raise ConfigError(f"{name}: cannot parse value {raw!r}") from None
 
@@ -346,7 +404,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
-        value = _env_value(name, raw)
+        value = _env_value(name, raw, path)
         if len(path) == 1:
             merged[path[0]] = value
         elif len(path) <= 3:
@@ -373,6 +431,9 @@ def _describe(error: ValidationError) -> str:
         if not isinstance(part, str) or not part.isidentifier():
             break
         names.append(part)
+    if not names and first["type"] == "value_error":
+        # A check across sections names its keys in its own message.
+        return str(first["msg"]).removeprefix("Value error, ")
     key = ".".join(names) or "config"
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key"

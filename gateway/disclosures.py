@@ -7,6 +7,7 @@ short by a crash) is skipped.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -67,9 +68,20 @@ def disclosures_bundle(path: Path, patient: str | None, since: datetime | None) 
         "type": "searchset",
         "total": len(found),
         "entry": [
-            {"fullUrl": f"AuditEvent/{e.get('id')}", "resource": e, "search": {"mode": "match"}} for e in found
+            {"fullUrl": _full_url(e), "resource": e, "search": {"mode": "match"}} for e in found
         ],
     }
+
+
+def _full_url(event: JSON) -> str:
+    """An absolute URL for the event (R4 ``Bundle.entry.fullUrl``): its id is a UUID the
+    gateway made, so ``urn:uuid:<id>``; any other id as the relative ``AuditEvent/<id>``."""
+    event_id = str(event.get("id"))
+    try:
+        is_uuid = str(uuid.UUID(event_id)) == event_id
+    except ValueError:
+        is_uuid = False
+    return f"urn:uuid:{event_id}" if is_uuid else f"AuditEvent/{event_id}"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from gateway.core.decision import UNTYPED_EXCEPTION, UNTYPED_SCOPE, Policy, deci
 from gateway.core.explain import explain_consents
 from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
+from gateway.core.purpose import PURPOSE_CODES
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
 
 Labeler = Callable[[JSON], tuple[frozenset[Label], frozenset[str]]]
@@ -43,8 +44,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "decide", help="decide one resource against Consent files and explain why"
     )
-    parser.add_argument("--consent", nargs="+", required=True, metavar="FILE",
-                        help="Consent JSON files (a Bundle of Consents also works)")
+    # extend: "--consent a.json --consent b.json" decides with both, as "--consent a.json b.json".
+    parser.add_argument("--consent", nargs="+", action="extend", required=True, metavar="FILE",
+                        help="Consent JSON files (a Bundle of Consents also works); repeatable")
     parser.add_argument("--from", dest="vendor", choices=sorted(CONVERTERS),
                         help="the --consent files are this vendor's consent records")
     parser.add_argument("--resource", required=True, metavar="FILE", help="the resource (JSON)")
@@ -61,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
                         default=UNTYPED_EXCEPTION,
                         help="how a root provision with conditions but no type reads "
                              "(consent.untyped_root)")
-    parser.add_argument("--related", nargs="+", default=[], metavar="FILE",
+    parser.add_argument("--related", nargs="+", action="extend", default=[], metavar="FILE",
                         help="other resources of the same answer (for data.meaning related)")
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
 
@@ -124,6 +126,13 @@ def _sensitivity_labels() -> dict[str, tuple[Label, ...]]:
     except Exception as exc:  # rule loading reports its own problem; show it on one line
         raise BadInput(f"cannot load rules: {exc}") from exc
     return {scope: index.sensitivity_scope_labels(scope) for scope in index.sensitivity_scope_names}
+
+
+def _purpose(value: str) -> str:
+    """A v3 PurposeOfUse code, as the gateway and ``POST /decision`` accept (else bad input)."""
+    if value not in PURPOSE_CODES:
+        raise BadInput(f"--purpose must be a v3 PurposeOfUse code such as TREAT, got {value!r}")
+    return value
 
 
 def _reference(value: str, option: str) -> str:
@@ -202,7 +211,7 @@ def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
             organization=_reference(args.org, "--org") if args.org else None,
             groups=frozenset(_reference(g, "--group") for g in args.group),
         ),
-        purpose=args.purpose,
+        purpose=_purpose(args.purpose),
         now=_instant(args.at),
     )
     labeler, sensitive = _labeler()

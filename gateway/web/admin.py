@@ -23,6 +23,7 @@ from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
 from gateway.peers import invalidate_others
 from gateway.web import review
+from gateway.web.identity import TOKEN_ACTOR_TYPES
 from gateway.web.state import STATE
 
 _REF = re.compile(r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
@@ -135,7 +136,8 @@ async def decision(request: web.Request) -> web.Response:
     if purpose not in PURPOSE_CODES:
         raise BadRequest("'purpose' must be a v3 PurposeOfUse code such as TREAT.")
     actor = Actor(
-        reference=_ref(data.get("actor"), "actor", ACTOR_TYPES),
+        # Any requester the proxy accepts: X-Actor's kinds and a token's fhirUser (Person too).
+        reference=_ref(data.get("actor"), "actor", ACTOR_TYPES | TOKEN_ACTOR_TYPES),
         organization=_ref(data["organization"], "organization", frozenset({"Organization"})) if data.get("organization") else None,
         groups=frozenset(_ref(g, "groups", frozenset({"Group", "CareTeam"})) for g in groups),
     )

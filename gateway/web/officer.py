@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.core.compartment import is_patient_data
 from gateway.core.consent import CompiledConsent
 from gateway.core.enforce import Enforced, Enforcer
+from gateway.core.errors import BadRequest
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import Actor, Decision, Label, Verdict
 from gateway.core.officer import disclosure_event, loggable_path, loggable_query, release_of, top_resources
@@ -27,6 +28,7 @@ from gateway.core.scopes import scoped
 from gateway.web.enforcement import Observed
 from gateway.web.exchange import Exchange
 from gateway.web.middleware import INFO, fresh_uuid, log_line
+from gateway.web.request import parse_route
 from gateway.web.state import STATE, GatewayState
 
 decision_log = logging.getLogger("gateway.decision")
@@ -201,7 +203,21 @@ def log_decision(request: web.Request, outcome: Outcome, decision: str, shadow: 
         }
         extra["released"] = _sorted_counts(outcome.released)
         extra["withheld"] = _sorted_counts(outcome.withheld)
+    else:
+        extra.update(_refused_request(request))
     log_line(decision_log, "decision", extra)
+
+
+def _refused_request(request: web.Request) -> dict[str, object]:
+    """What a request refused before it was read asked for (identity, purpose, format): its
+    path below the FHIR base with the id masked, as for a denied read, and its loggable query."""
+    try:
+        route = parse_route(request.method, request.raw_path, request.app[STATE].upstream.base.path.rstrip("/"))
+    except BadRequest:
+        return {"path": None, "query": None, "replayable": False}
+    path, _ = loggable_path(route.parts, True)
+    query, _ = loggable_query(request.rel_url.raw_query_string)
+    return {"path": path, "query": query, "replayable": False, "interaction": route.interaction}
 
 
 def consent_version(consent: CompiledConsent) -> str:

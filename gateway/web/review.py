@@ -28,9 +28,14 @@ _EVENT_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _FILTERS = ("patient", "actor", "reason", "since")
 
 
+# "+01:00" written into a URL as-is arrives as " 01:00" ("+" is a space in a query string).
+_UNENCODED_OFFSET = re.compile(r"(T[0-9:.]+) ([0-9]{2}:?[0-9]{2})$")
+
+
 def _since(value: str | None) -> datetime | None:
     if not value:
         return None
+    value = _UNENCODED_OFFSET.sub(r"\1+\2", value)
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
