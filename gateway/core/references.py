@@ -152,12 +152,18 @@ def _contained(resource: JSON, ref: str) -> JSON | None:
 
 
 def in_answer(body: JSON) -> dict[str, JSON]:
-    """The resources of an answer by ``Type/id`` (contained ones are not addressable); the first
-    one ``iter_resources`` gives wins."""
+    """The resources of an answer by ``Type/id``; the first one ``iter_resources`` gives wins.
+
+    SECURITY: a contained resource is not addressable from outside its container, so it never
+    stands for a ``Type/id`` of the answer (a contained ``Condition`` with a hidden record's id
+    would otherwise count that record as released, and keep displays that name it)."""
     found: dict[str, JSON] = {}
-    for resource in iter_resources(body):
+    inner: set[int] = set()
+    for resource in iter_resources(body):  # a container comes before what it contains
+        if "contained" in resource:
+            _note_contained(resource, inner)
         rtype, rid = resource.get("resourceType"), resource.get("id")
-        if isinstance(rtype, str) and isinstance(rid, str):  # resource_reference, inlined
+        if isinstance(rtype, str) and isinstance(rid, str) and id(resource) not in inner:  # resource_reference
             found.setdefault(f"{rtype}/{rid}", resource)
     return found
 

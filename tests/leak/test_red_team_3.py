@@ -337,6 +337,26 @@ async def test_display_in_a_read_without_id_is_scrubbed(
     assert leaks(body, headers, (HIV_DISPLAY,)) == []
 
 
+async def test_a_contained_resource_never_releases_the_display_of_a_hidden_record_of_its_id(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """The kept CBC contains an unrelated Condition whose local id is the hidden HIV
+    condition's, and names the hidden one by ``Condition/<id>`` with a display: a contained
+    resource is not addressable, so it does not make the server's record released."""
+    text = orjson.loads(_cbc_naming_hiv())
+    text["contained"] = [{"resourceType": "Condition", "id": c.HIV_CONDITION["id"],
+                          "code": {"text": "essential hypertension"}, "subject": {"reference": c.PAT_ANA}}]
+    raw = orjson.dumps(searchset([c.HIV_CONDITION, c.ANA_CBC], world.base_url))
+    raw = raw.replace(b'"entry":[', b'"entry":[{"fullUrl":"x","resource":%s,"search":{"mode":"match"}},'
+                      % orjson.dumps(text))
+    serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw)
+    assert status == 200, body
+    assert "obs-cbc-names-hiv" in ids_in(body)
+    assert leaks(body, headers, (HIV_DISPLAY,)) == []
+
+
 # ================================================================ 4. element texts shared between resources
 
 

@@ -127,10 +127,15 @@ def old_iter_resources(node: JSON) -> list[JSON]:
 
 
 def old_in_answer(body: JSON) -> dict[str, JSON]:
+    """The first version, changed since in one way: a contained resource is not addressable, so
+    it never stands for a ``Type/id`` of the answer (as in ``old_deciding_references``)."""
     found: dict[str, JSON] = {}
-    for resource in old_iter_resources(body):
+    resources = old_iter_resources(body)
+    inner = {id(c) for r in resources if type(r.get("contained")) is list for c in r["contained"]}
+    inner |= {id(r["contained"]) for r in resources if type(r.get("contained")) is dict}
+    for resource in resources:
         ref = resource_reference(resource)
-        if ref is not None:
+        if ref is not None and id(resource) not in inner:
             found.setdefault(ref, resource)
     return found
 
