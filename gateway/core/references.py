@@ -172,7 +172,7 @@ def in_answer(body: JSON) -> dict[str, JSON]:
 class Deciding:
     """What decides resources of an answer beyond themselves."""
 
-    present: dict[str, JSON]        # the answer's resources by ``Type/id``
+    present: dict[str, JSON]        # the answer's current resources by ``Type/id`` (current_resources)
     contexts: frozenset[str]        # security contexts not in the answer
     medications: frozenset[str]     # Medications named by reference, not in the answer
     unattached: frozenset[str]      # Binaries without a security context (``Binary/id``)
@@ -206,12 +206,13 @@ def deciding_references(body: JSON) -> Deciding | None:
     ingredients: set[str] = set()
     unattached: set[str] = set()
     inner: set[int] = set()
+    current = current_resources(body)
     refers = False
     for resource in iter_resources(body):  # a container comes before what it contains
         rtype, rid = resource.get("resourceType"), resource.get("id")
         _note_contained(resource, inner)
         ref = f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) else None  # resource_reference
-        if ref is not None and id(resource) not in inner:
+        if ref is not None and id(resource) not in inner and id(resource) in current:
             present.setdefault(ref, resource)
         # Only a Binary has a security context, and only an order or statement a medication.
         if rtype == "Binary":
@@ -239,6 +240,38 @@ def deciding_references(body: JSON) -> Deciding | None:
         return None
     return Deciding(present, frozenset(contexts - present.keys()), frozenset(medications - present.keys()),
                     frozenset(unattached), frozenset(ingredients - present.keys()))
+
+
+# Bundles whose direct entries hold the server's resources as they are now (a search's matches
+# and includes), and those whose searchsets do (a batch's answer).
+_CURRENT_ENTRIES = "searchset"
+_ANSWERS = frozenset({"batch-response", "transaction-response"})
+
+
+def current_resources(body: JSON) -> set[int]:
+    """The identities of the resources of an answer that are the FHIR server's current version of
+    their ``Type/id``: the answer itself when it is a resource, a searchset's entries, and the
+    entries of the searchsets a batch answered with.
+
+    SECURITY: anything else may be another version of the same ``Type/id`` (a vread or an
+    instance history in a batch; a history lists the oldest version last, which a walk meets
+    first) or a copy (a stored document or collection Bundle, a Parameters): a
+    PractitionerRole that was once another doctor's, a Medication before its ingredient was
+    entered. Only current resources stand for what a reference names now; others are read."""
+    rtype = body.get("resourceType")
+    if rtype != "Bundle":
+        return set() if rtype == "Parameters" else {id(body)}
+    kind = body.get("type")
+    found: set[int] = set()
+    for entry in body.get("entry") or ():
+        resource = entry.get("resource") if type(entry) is dict else None
+        if type(resource) is not dict:
+            continue
+        if kind == _CURRENT_ENTRIES:
+            found.add(id(resource))
+        elif kind in _ANSWERS and resource.get("resourceType") == "Bundle" and resource.get("type") == _CURRENT_ENTRIES:
+            found.update(current_resources(resource))
+    return found
 
 
 def _note_contained(resource: JSON, inner: set[int]) -> None:
@@ -339,7 +372,8 @@ class Resolved:
     def ingredients_of(self, medication: JSON, container: JSON | None = None) -> tuple[JSON, ...] | None:
         """The Medications and Substances a Medication names as ingredients by reference:
         contained (in it, or in the ``container`` that contains it), in the answer or read. None
-        when one cannot be read or names nothing readable (unknown)."""
+        when one cannot be read or names nothing readable, or names ingredients of its own by
+        reference that are not contained in it (one hop is followed; beyond it is unknown)."""
         if "ingredient" not in medication:
             return ()
         found: list[JSON] = []
@@ -357,6 +391,10 @@ class Resolved:
                 if target is UNREADABLE:
                     return None
             if target is not None:
+                if any(r[0] != "#" for r in ingredient_references(target)):
+                    # SECURITY: beyond the one hop followed, what an ingredient names is unknown,
+                    # so it closes (a kit whose component names methadone is not an ordinary drug).
+                    return None
                 found.append(target)
         return tuple(found)
 
@@ -369,16 +407,17 @@ NOTHING_RESOLVED = Resolved()
 
 
 def author_roles(body: JSON) -> tuple[dict[str, JSON], frozenset[str]]:
-    """The PractitionerRoles of an answer (not contained ones) by ``Type/id``, and the
+    """The PractitionerRoles of an answer (current ones, ``current_resources``) by ``Type/id``, and the
     ``PractitionerRole/id`` its resources name as authors that it does not hold (to be read)."""
     present: dict[str, JSON] = {}
     named: set[str] = set()
     inner: set[int] = set()
+    current = current_resources(body)
     for resource in iter_resources(body):
         _note_contained(resource, inner)
         if id(resource) in inner:
             continue  # a contained resource's authors are not its container's
-        if resource.get("resourceType") == ROLE:
+        if resource.get("resourceType") == ROLE and id(resource) in current:
             rid = resource.get("id")
             if isinstance(rid, str):
                 present.setdefault(f"{ROLE}/{rid}", resource)

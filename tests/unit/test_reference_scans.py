@@ -152,10 +152,28 @@ def _old_unreadable_context(resource: JSON) -> bool:
             and reference_of(resource.get("securityContext")) is None)
 
 
+def old_current(body: JSON) -> set[int]:
+    """The resources that are the server's current ones: the answer when a resource, a
+    searchset's entries, the entries of a batch answer's searchsets (written out, not walked)."""
+    if body.get("resourceType") == "Parameters":
+        return set()
+    if body.get("resourceType") != "Bundle":
+        return {id(body)}
+    resources = [e["resource"] for e in body.get("entry") or () if type(e) is dict and type(e.get("resource")) is dict]
+    if body.get("type") == "searchset":
+        return {id(r) for r in resources}
+    if body.get("type") not in ("batch-response", "transaction-response"):
+        return set()
+    return {i for r in resources if r.get("resourceType") == "Bundle" and r.get("type") == "searchset"
+            for i in old_current(r)}
+
+
 def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
     """The first version, its answer as (present, contexts, medications, unattached); changed
-    since in one way: a contained resource is not addressable from outside its container, so it
-    is never ``present`` (a contained ``#m1`` once stood for the server's ``Medication/m1``)."""
+    since in two ways: a contained resource is not addressable from outside its container, so it
+    is never ``present`` (a contained ``#m1`` once stood for the server's ``Medication/m1``); and
+    only the server's current resources are (``old_current``: a vread, a history, a stored
+    Bundle may hold another version of the same ``Type/id``)."""
     present: dict[str, JSON] = {}
     contexts: set[str] = set()
     medications: set[str] = set()
@@ -164,9 +182,10 @@ def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
     resources = old_iter_resources(body)
     inner = {id(c) for r in resources if type(r.get("contained")) is list for c in r["contained"]}
     inner |= {id(r["contained"]) for r in resources if type(r.get("contained")) is dict}
+    current = old_current(body)
     for resource in resources:
         ref = resource_reference(resource)
-        if ref is not None and id(resource) not in inner:
+        if ref is not None and id(resource) not in inner and id(resource) in current:
             present.setdefault(ref, resource)
         context = references.security_context(resource)  # unchanged since the first version
         if context is not None:
