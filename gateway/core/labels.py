@@ -33,6 +33,7 @@ Semantics:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -305,9 +306,17 @@ def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
         _provision_labels(nested, own)
 
 
+def plain_code(code: str) -> str:
+    """``code`` without surrounding blanks, in ASCII where its compatibility form is
+    (full-width digits, letters and stops, as East Asian input methods type them: NFKC)."""
+    text = code.strip()
+    return text if text.isascii() else unicodedata.normalize("NFKC", text).strip()
+
+
 def normalize_icd(code: str) -> str:
-    """``f11.20`` / ``F1120`` -> ``F1120``: upper case, the dot after the category dropped."""
-    code = code.strip().upper()
+    """``f11.20`` / ``F1120`` / ``Ｆ１１.２０`` -> ``F1120``: upper case, the dot after the category
+    dropped."""
+    code = plain_code(code).upper()
     if len(code) > 3 and code[3] == ".":
         code = code[:3] + code[4:]
     return code
@@ -320,6 +329,15 @@ _ICD_DOTTED = re.compile(r"^[A-Z][0-9][0-9A-Z]\.[0-9A-Z]{1,4}$")
 _NDC_PACKAGE_LAYOUTS = frozenset({(4, 4, 2), (5, 3, 2), (5, 4, 1), (5, 4, 2)})
 _NDC_PRODUCT_LAYOUTS = frozenset({(4, 4), (5, 3), (5, 4)})
 _NDC_HYPHENATED_PACKAGE = re.compile(r"^[0-9]{4,5}-[0-9]{3,4}-[0-9]{1,2}$")
+# Between NDC segments: a hyphen or dash with blanks around it, or blanks alone.
+_NDC_SEPARATOR = re.compile(r"\s*[-\u2010-\u2015\u2212]\s*|\s+")
+
+
+def _ndc_text(code: str) -> str:
+    """An NDC as written, in the digits and hyphens ``ndc_products`` reads: full-width forms in
+    ASCII, blanks or dashes between segments as one hyphen, and the FDA Directory's asterisk,
+    which stands for the digit a 5-3-2 or 5-4-1 code lacks (``50383-*924-93``), as that zero."""
+    return _NDC_SEPARATOR.sub("-", plain_code(code)).replace("*", "0")
 
 
 def ndc_products(code: str) -> tuple[str, ...]:
@@ -331,8 +349,9 @@ def ndc_products(code: str) -> tuple[str, ...]:
     ``50383-924-93`` (5-3-2), ``12496-1208-3`` (5-4-1), ``12496-1208-03`` (5-4-2) and the
     product code ``12496-1208``. Digits alone: 11 (HIPAA 5-4-2) or 9 (a 5-4 product) name one;
     10 digits may be any 10-digit layout and 8 either 8-digit product layout, so each reading is
-    given (a label fails closed). Anything else names none."""
-    text = code.strip()
+    given (a label fails closed). Each is read as ``_ndc_text`` writes it (``12496-1208-*3``,
+    ``12496 1208 03``, full-width digits). Anything else names none."""
+    text = _ndc_text(code)
     if "-" in text:
         parts = text.split("-")
         if not all(part.isascii() and part.isdigit() for part in parts):
@@ -357,7 +376,7 @@ def ndc_products(code: str) -> tuple[str, ...]:
 def ndc_package(code: str) -> str | None:
     """The HIPAA 11-digit (5-4-2) form of a package NDC written in a layout that settles it
     (hyphenated, or 11 digits); None for a product code or an ambiguous 10-digit one."""
-    text = code.strip()
+    text = _ndc_text(code)
     if "-" in text:
         parts = text.split("-")
         if len(parts) == 3 and tuple(len(p) for p in parts) in _NDC_PACKAGE_LAYOUTS and ndc_products(text):
@@ -409,7 +428,7 @@ def code_spellings(codes: frozenset[tuple[str, str]]) -> frozenset[tuple[str, st
     (``urn:oid:2.16.840.1.113883.6.96`` is SNOMED CT, see ``canonical_system``), an ICD-10-CM
     code as ``normalize_icd`` spells it (``f11.20`` is ``F1120``), an NDC as its 11-digit package
     (when the layout settles it) and as each 9-digit product it may name (packages of one product
-    meet there), and a code without a system that only ICD-10-CM (``F11.20``) or a hyphenated
+    meet there), any other code as ``plain_code`` writes it, and a code without a system that only ICD-10-CM (``F11.20``) or a hyphenated
     NDC package spells so, as that system's. Applied to a resource's codes and to a consent's,
     a ``code`` condition names a code however either side writes it, as the labels do."""
     extra: set[tuple[str, str]] = set()
@@ -423,7 +442,7 @@ def code_spellings(codes: frozenset[tuple[str, str]]) -> frozenset[tuple[str, st
                 extra.add((NDC, package))
             extra.update((NDC, product) for product in ndc_products(code))
         elif canonical is not None:
-            extra.add((canonical, code.strip()))
+            extra.add((canonical, plain_code(code)))
     return codes if extra <= codes else codes | extra
 
 
@@ -431,10 +450,10 @@ def _systemless(code: str) -> str | None:
     """The system a code written without one can only be: ICD-10-CM for a dotted ICD-10-CM
     code, NDC for a hyphenated NDC package; None otherwise (a bare number is RxNorm, SNOMED CT
     or a local code alike)."""
-    text = code.strip()
+    text = plain_code(code)
     if _ICD_DOTTED.match(text.upper()):
         return ICD10CM
-    if _NDC_HYPHENATED_PACKAGE.match(text) and ndc_products(text):
+    if _NDC_HYPHENATED_PACKAGE.match(_ndc_text(text)) and ndc_products(text):
         return NDC
     return None
 
@@ -647,7 +666,7 @@ class LabelIndex:
             return
         table = self._exact.get(system)
         if table is not None:
-            hit = table.get(code) or table.get(code.strip())
+            hit = table.get(code) or table.get(code.strip()) or (None if code.isascii() else table.get(plain_code(code)))
             if hit is not None:
                 hits.append(hit)
             return
@@ -684,7 +703,7 @@ class LabelIndex:
         """Match ``code`` as a code of ``system``, a canonical URI."""
         table = self._exact.get(system)
         if table is not None:
-            hit = table.get(code) or table.get(code.strip())
+            hit = table.get(code) or table.get(code.strip()) or (None if code.isascii() else table.get(plain_code(code)))
             if hit is not None:
                 hits.append(hit)
         elif system == ICD10CM:

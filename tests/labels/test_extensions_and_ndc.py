@@ -104,7 +104,7 @@ def test_ndc_normalisation() -> None:
     assert ndc_products("50383-924-93") == ("503830924",)
     assert ndc_products("12496-1208-3") == ndc_products("12496-1208-03") == ndc_products("12496120803") == ("124961208",)
     assert set(ndc_products("1249612083")) == {"012496120", "124960120", "124961208"}
-    assert ndc_products("１２４９６-１２０８-０３") == ()  # full-width digits are not an NDC
+    assert ndc_products("１２４９６-１２０８-０３") == ("124961208",)  # full-width digits, as typed
     assert ndc_package("12496-1208-3") == "12496120803"
     assert ndc_package("0054-0176-13") == "00054017613"
     assert ndc_package("12496-1208") is None and ndc_package("1249612083") is None

@@ -1,0 +1,81 @@
+"""Red team 7: NDC, ICD-10-CM and RxNorm codes as pharmacy and entry systems write them.
+
+The FDA's NDC Directory writes the missing digit of a 5-3-2 or 5-4-1 code as an asterisk
+(``50383-*924-93``, ``12496-1208-*3``); pharmacy systems copy it, or separate the segments with
+blanks. Codes typed through an East Asian input method arrive in full-width digits
+(``１２４９６-１２０８-０３``, ``Ｆ１１.２０``). Each names the same product or diagnosis, so
+each labels the resource as the plain spelling does, and a consent's ``code`` condition meets
+it however either side writes it. Codes: NDC 12496-1208 (Suboxone film) and 50383-924
+(buprenorphine HCl 2 mg, Hi-Tech), Opioid Data Lab MAT list; RxNorm 1010601 (Suboxone SBDC);
+ICD-10-CM F11.20 (opioid dependence, uncomplicated).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.core.labels import ICD10CM, NDC, RXNORM, LabelIndex, code_spellings, ndc_package, ndc_products
+from gateway.rules import load_rules
+
+OUD = {"OPIOIDUD", "42CFRPart2"}
+
+
+@pytest.fixture(scope="module")
+def index() -> LabelIndex:
+    return load_rules()
+
+
+def labels(index: LabelIndex, system: str | None, code: str) -> set[str]:
+    coding: dict[str, Any] = {"code": code} | ({"system": system} if system is not None else {})
+    resource = {"resourceType": "MedicationDispense", "status": "completed", "medicationCodeableConcept": {"coding": [coding]}}
+    return {label.code for label in index.labels_for(resource)}
+
+
+SPELLINGS = [
+    ("asterisk-5-3-2", NDC, "50383-*924-93"),
+    ("asterisk-5-4-1", NDC, "12496-1208-*3"),
+    ("asterisk-11-digits", NDC, "50383*92493"),
+    ("blanks-between-segments", NDC, "12496 1208 03"),
+    ("blanks-around-hyphens", NDC, "12496 - 1208 - 03"),
+    ("full-width-digits", NDC, "１２４９６-１２０８-０３"),
+    ("full-width-hyphens", NDC, "12496－1208－03"),
+    ("tab-and-newline-around", NDC, "\t12496-1208-03\n"),
+    ("no-system-asterisk", None, "50383-*924-93"),
+    ("rxnorm-full-width", RXNORM, "１０１０６０１"),
+    ("icd-full-width", ICD10CM, "Ｆ１１.２０"),
+    ("icd-no-system-full-width-lower", None, "ｆ１１．２０"),
+    ("icd-no-system-lower", None, "f11.20"),
+]
+
+
+@pytest.mark.parametrize(("system", "code"), [s[1:] for s in SPELLINGS], ids=[s[0] for s in SPELLINGS])
+def test_each_spelling_labels_as_the_plain_one(index: LabelIndex, system: str | None, code: str) -> None:
+    assert labels(index, system, code) >= OUD
+
+
+MISSES = [
+    ("gabapentin-with-asterisk", NDC, "00182-2719-*1"),
+    ("gabapentin-full-width", NDC, "００１８２-２７１９-０１"),
+    ("letters-between-blanks", NDC, "12496 12O8 03"),
+]
+
+
+@pytest.mark.parametrize(("system", "code"), [s[1:] for s in MISSES], ids=[s[0] for s in MISSES])
+def test_other_shapes_still_label_nothing(index: LabelIndex, system: str | None, code: str) -> None:
+    assert labels(index, system, code) == set()
+
+
+def test_the_normalised_forms() -> None:
+    assert ndc_products("50383-*924-93") == ndc_products("50383-924-93") == ("503830924",)
+    assert ndc_products("12496-1208-*3") == ndc_products("１２４９６-１２０８-０３") == ("124961208",)
+    assert ndc_package("12496-1208-*3") == "12496120803"
+
+
+def test_a_consent_code_meets_the_code_however_either_side_writes_it() -> None:
+    consent = code_spellings(frozenset({(NDC, "12496-1208-3")}))
+    for written in ("12496-1208-*3", "12496 1208 03", "１２４９６-１２０８-０３"):
+        assert consent & code_spellings(frozenset({(NDC, written)})), written
+    assert code_spellings(frozenset({(RXNORM, "1010601")})) & code_spellings(frozenset({(RXNORM, "１０１０６０１")}))
+    assert code_spellings(frozenset({(ICD10CM, "F11.20")})) & code_spellings(frozenset({(ICD10CM, "Ｆ１１.２０")}))
