@@ -561,12 +561,19 @@ def role_reference(ref: str) -> str | None:
 
 
 def role_members(role: JSON) -> set[str]:
-    """The practitioner and organization of a PractitionerRole (``Type/id``)."""
+    """The practitioner and organization of a PractitionerRole (``Type/id``); ``UNKNOWN_AUTHOR``
+    for one it names in a form that cannot be followed (an identifier alone, a conditional
+    reference: it may be anyone). One contained in the role's container (``#id``) is no one a
+    consent can name."""
     found: set[str] = set()
     for key in ROLE_MEMBERS:
-        ref = role.get(key)
-        ref = ref.get("reference") if isinstance(ref, dict) else None
-        if isinstance(ref, str) and not ref.startswith("#"):
+        value = role.get(key)
+        if value is None:
+            continue
+        ref = value.get("reference") if isinstance(value, dict) else None
+        if not isinstance(ref, str) or "?" in ref:
+            found.add(UNKNOWN_AUTHOR)
+        elif not ref.startswith("#"):
             found.add(relative_reference(ref))
     return found
 
@@ -585,8 +592,9 @@ def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> f
     An author given as a PractitionerRole (contained, or ``PractitionerRole/id`` looked up in
     ``roles``) also counts its practitioner and organization: a consent naming the doctor sees
     the records the doctor wrote in any role. A role ``roles`` does not hold (it was not read,
-    or could not be) adds ``UNKNOWN_AUTHOR``; one mapped to None (missing on the server) adds
-    nothing.
+    or could not be) adds ``UNKNOWN_AUTHOR``, and so does one mapped to None (missing on the
+    server: a role deleted when its doctor left still stands for whoever wrote through it, so
+    who that was is unknown, CONTRACT §5).
     """
     found: set[str] = set()
     for ref in author_references(resource):
@@ -603,8 +611,8 @@ def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> f
             found.add(UNKNOWN_AUTHOR)
             continue
         target = roles[key]
-        if target is not None:
-            found |= role_members(target)
+        # SECURITY: a missing role is an unknown author, never no one (it matches a deny).
+        found |= role_members(target) if target is not None else {UNKNOWN_AUTHOR}
     return frozenset(found)
 
 

@@ -318,7 +318,7 @@ class Resolved:
     maps a Binary without a security context to the DocumentReferences that attach it (None:
     unknown, so it closes). ``roles``: the PractitionerRoles named as authors, by ``Type/id``
     (None: missing on the server), read only when a consent reads authors; a role it does not
-    hold is an unknown author (``compartment.authors_of``).
+    hold, or one missing on the server, is an unknown author (``compartment.authors_of``).
     """
 
     targets: Mapping[str, JSON | None] = field(default_factory=dict)

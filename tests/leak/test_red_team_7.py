@@ -19,10 +19,10 @@ import pytest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.leak.test_role_authors_and_ingredients import (
-    BY_KOWALSKI, COMPOUND, COMPOUND_ORDER, MED_SECRETS, METHADONE, ROLE_KOWALSKI, order, pharmacy,
+    BY_GOMEZ, BY_KOWALSKI, COMPOUND, COMPOUND_ORDER, MED_SECRETS, METHADONE, ROLE_KOWALSKI, order, pharmacy,
     world,
 )
-from tests.leak.test_side_doors import MakeGateway, batch, call, leaks, routes, slots
+from tests.leak.test_side_doors import MakeGateway, batch, call, fhir, ids_in, leaks, routes, slots
 
 __all__ = ["pharmacy", "world"]  # fixtures
 
@@ -97,3 +97,34 @@ async def test_an_ingredient_two_hops_away_closes_the_order(pharmacy: FakeFhir, 
     status, headers, body = await call(gateway, "GET", f"/MedicationRequest?patient={c.PAT_ANA}")
     assert status == 200, body
     assert leaks(body, headers, (*MED_SECRETS, record["id"])) == []
+
+
+@pytest.mark.parametrize("gone", [404, 410])
+async def test_a_deleted_role_does_not_reopen_what_the_excluded_doctor_wrote(
+    world: FakeFhir, make_gateway: MakeGateway, gone: int,
+) -> None:
+    """Dr Kowalski left the clinic and his role was deleted: whoever wrote through it is unknown
+    (it matches the deny, CONTRACT §5), not no one."""
+    world.override = routes({("GET", f"/{ROLE_PATH}"): lambda r: fhir(
+        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "deleted"}]}, gone)})
+    gateway = await make_gateway(world.base_url)
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
+    assert status == 403, body
+    status, headers, body = await call(gateway, "GET", f"/Condition?patient={c.PAT_ANA}")
+    assert status == 200, body
+    assert BY_GOMEZ["id"] in ids_in(body)  # the other doctor's record stays open
+    assert leaks(body, headers, (BY_KOWALSKI["id"], "Hemiplegic")) == []
+
+
+@pytest.mark.parametrize("practitioner", [
+    {"identifier": {"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}},
+    {"reference": "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1234567893"},
+], ids=["identifier-only", "conditional"])
+async def test_a_role_whose_practitioner_cannot_be_followed_is_an_unknown_author(
+    world: FakeFhir, make_gateway: MakeGateway, practitioner: dict[str, Any],
+) -> None:
+    world.override = routes({("GET", f"/{ROLE_PATH}"): lambda r: {**ROLE_KOWALSKI, "practitioner": practitioner}})
+    gateway = await make_gateway(world.base_url)
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
+    assert status == 403, body
+    assert leaks(body, headers, (BY_KOWALSKI["id"], "Hemiplegic")) == []

@@ -103,7 +103,8 @@ def roles(**by_id: JSON | None) -> Resolved:
 def test_a_role_counts_its_practitioner_and_organization_as_authors() -> None:
     resource = condition()
     assert authors_of(resource, {"PractitionerRole/r1": role(F204, CLINIC)}) == {"PractitionerRole/r1", F204, CLINIC}
-    assert authors_of(resource, {"PractitionerRole/r1": None}) == {"PractitionerRole/r1"}  # missing: decides nothing
+    # missing on the server (deleted when its doctor left): whoever wrote through it is unknown
+    assert authors_of(resource, {"PractitionerRole/r1": None}) == {"PractitionerRole/r1", UNKNOWN_AUTHOR}
     assert authors_of(resource) == {"PractitionerRole/r1", UNKNOWN_AUTHOR}  # not read: unknown
     absolute = condition("https://ehr.example.org/fhir/PractitionerRole/r1/_history/3")
     assert authors_of(absolute, {"PractitionerRole/r1": role()}) >= {F204}
@@ -126,7 +127,7 @@ def test_not_this_doctor_closes_what_the_doctor_recorded_in_a_role(provision: JS
     recorder is ``PractitionerRole/r1`` (practitioner f204)."""
     assert verdict(provision, condition(), roles(r1=role(F204))) == "deny"
     assert verdict(provision, condition(), roles(r1=role(OTHER_DOCTOR))) == "permit"
-    assert verdict(provision, condition(), roles(r1=None)) == "permit"
+    assert verdict(provision, condition(), roles(r1=None)) == "deny"  # deleted: unknown, matches the deny
 
 
 def test_an_organization_condition_sees_the_role_organization() -> None:
