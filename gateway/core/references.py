@@ -357,12 +357,16 @@ class Resolved:
     def medications_of(self, resource: JSON) -> tuple[JSON, ...] | None:
         """The Medication an order names by reference followed by the ingredients that one names
         by reference (one hop; an ingredient's own ingredients are not followed): their codes and
-        labels are the order's. () when it names none (or it is missing on the server); None when
-        one of them cannot be read (unknown: the order closes)."""
-        medication = self.medication_of(resource)
-        if medication is None:
+        labels are the order's. () when it names none; None when one of them cannot be read or is
+        missing on the server (unknown: the order closes).
+
+        SECURITY: a drug the order names that the server does not hold (deleted, or named by an
+        absolute URL of another server) is not no drug: it may be methadone (CONTRACT §5, missing
+        data never opens data)."""
+        if medication_reference(resource) is None:
             return ()
-        if medication is UNREADABLE:
+        medication = self.medication_of(resource)
+        if medication is None or medication is UNREADABLE:
             return None
         ingredients = self.ingredients_of(medication, resource)
         if ingredients is None:
@@ -372,7 +376,7 @@ class Resolved:
     def ingredients_of(self, medication: JSON, container: JSON | None = None) -> tuple[JSON, ...] | None:
         """The Medications and Substances a Medication names as ingredients by reference:
         contained (in it, or in the ``container`` that contains it), in the answer or read. None
-        when one cannot be read or names nothing readable, or names ingredients of its own by
+        when one cannot be read, is missing on the server or names nothing readable, or names ingredients of its own by
         reference that are not contained in it (one hop is followed; beyond it is unknown)."""
         if "ingredient" not in medication:
             return ()
@@ -388,14 +392,13 @@ class Resolved:
                     return None
             else:
                 target = self.targets.get(ref, UNREADABLE)
-                if target is UNREADABLE:
-                    return None
-            if target is not None:
-                if any(r[0] != "#" for r in ingredient_references(target)):
-                    # SECURITY: beyond the one hop followed, what an ingredient names is unknown,
-                    # so it closes (a kit whose component names methadone is not an ordinary drug).
-                    return None
-                found.append(target)
+                if target is None or target is UNREADABLE:
+                    return None  # missing on the server or unread: what it is, is unknown
+            if any(r[0] != "#" for r in ingredient_references(target)):
+                # SECURITY: beyond the one hop followed, what an ingredient names is unknown,
+                # so it closes (a kit whose component names methadone is not an ordinary drug).
+                return None
+            found.append(target)
         return tuple(found)
 
     def authors_of(self, resource: JSON) -> frozenset[str]:

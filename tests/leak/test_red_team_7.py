@@ -19,7 +19,7 @@ import pytest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.leak.test_role_authors_and_ingredients import (
-    BY_GOMEZ, BY_KOWALSKI, COMPOUND, COMPOUND_ORDER, MED_SECRETS, METHADONE, ROLE_KOWALSKI, order, pharmacy,
+    BY_GOMEZ, BY_KOWALSKI, COMPOUND, COMPOUND_ORDER, MED_SECRETS, METHADONE, ORDINARY_ORDER, ROLE_KOWALSKI, order, pharmacy,
     world,
 )
 from tests.leak.test_side_doors import MakeGateway, batch, call, fhir, ids_in, leaks, routes, slots
@@ -128,3 +128,27 @@ async def test_a_role_whose_practitioner_cannot_be_followed_is_an_unknown_author
     status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
     assert status == 403, body
     assert leaks(body, headers, (BY_KOWALSKI["id"], "Hemiplegic")) == []
+
+
+@pytest.mark.parametrize("gone", ["the-medication", "its-ingredient", "another-server"])
+async def test_a_drug_the_server_does_not_hold_closes_the_order(
+    pharmacy: FakeFhir, make_gateway: MakeGateway, gone: str,
+) -> None:
+    """Missing data never opens data (CONTRACT §5): an order whose drug (or the drug's
+    ingredient) the server does not hold, deleted or named by another server's URL, names a drug
+    that may be methadone. It closes; the ordinary order beside it stays open."""
+    if gone == "the-medication":
+        pharmacy.resources.pop(f"Medication/{COMPOUND['id']}")
+        record = COMPOUND_ORDER
+    elif gone == "its-ingredient":
+        pharmacy.resources.pop(f"Medication/{METHADONE['id']}")
+        record = COMPOUND_ORDER
+    else:
+        record = order("medrx-other-ehr-5e2", f"https://ehr.other.example/fhir/Medication/{COMPOUND['id']}-x")
+        pharmacy.add(record)
+    gateway = await make_gateway(pharmacy.base_url)
+    status, headers, body = await call(gateway, "GET", f"/MedicationRequest/{record['id']}")
+    assert status == 403, body
+    status, headers, body = await call(gateway, "GET", f"/MedicationRequest?patient={c.PAT_ANA}")
+    assert status == 200, body
+    assert ORDINARY_ORDER["id"] in ids_in(body) and record["id"] not in body.decode()

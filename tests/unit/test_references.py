@@ -62,14 +62,18 @@ def test_security_context_only_names_patient_data() -> None:
 
 def test_targets_missing_from_the_answer_are_listed() -> None:
     bare = {"resourceType": "Binary", "id": "bin-2", "contentType": "application/pdf"}
-    bundle = {"resourceType": "Bundle", "entry": [{"resource": BINARY}, {"resource": ORDER}, {"resource": bare}]}
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"resource": BINARY}, {"resource": ORDER}, {"resource": bare}]}
     found = deciding_references(bundle)
     assert found is not None
     assert set(found.present) == {"Binary/bin-1", "MedicationRequest/rx-1", "Binary/bin-2"}
     assert found.contexts == {"DocumentReference/doc-1"} and found.medications == {"Medication/med-1"}
     assert found.unattached == {"Binary/bin-2"}
-    with_med = deciding_references({"resourceType": "Bundle", "entry": [{"resource": ORDER}, {"resource": MED}]})
+    with_med = deciding_references({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": ORDER}, {"resource": MED}]})
     assert with_med is not None and not with_med.medications and not with_med.contexts
+    # A Bundle that is not a search (a stored collection, a history) holds copies: read them.
+    copies = deciding_references({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": ORDER}, {"resource": MED}]})
+    assert copies is not None and copies.medications == {"Medication/med-1"} and not copies.present
     assert deciding_references({"resourceType": "Bundle", "entry": [{"resource": c.ANA_CBC}]}) is None
 
 
