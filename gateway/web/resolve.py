@@ -22,6 +22,7 @@ from cachetools import TTLCache
 
 from gateway.core.errors import GatewayError
 from gateway.core.fhir import JSON
+from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.references import (
     NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, author_roles, deciding_references,
     ingredients_to_read, iter_resources, may_refer,
@@ -54,7 +55,8 @@ class TargetCache:
 
 
 async def read_target(upstream: Upstream, reference: str) -> JSON | None:
-    """One resource by ``Type/id``: None when missing, ``UNREADABLE`` when it cannot be read."""
+    """One resource by ``Type/id``: None when missing, ``UNREADABLE`` when it cannot be read (or
+    has no single reading: a key given twice)."""
     try:
         answer = await upstream.request(
             "GET", upstream.url_for(reference), headers={"Accept": "application/fhir+json"}
@@ -70,6 +72,10 @@ async def read_target(upstream: Upstream, reference: str) -> JSON | None:
     except orjson.JSONDecodeError:
         return UNREADABLE
     if not isinstance(parsed, dict) or f"{parsed.get('resourceType')}/{parsed.get('id')}" != reference:
+        return UNREADABLE
+    # SECURITY: a key given twice has no single reading (a role's practitioner, a drug's
+    # ingredients, read one way or the other): never guessed at (core.strict_json).
+    if has_duplicate_keys(answer.body, parsed):
         return UNREADABLE
     return parsed
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
@@ -152,3 +154,31 @@ async def test_a_drug_the_server_does_not_hold_closes_the_order(
     status, headers, body = await call(gateway, "GET", f"/MedicationRequest?patient={c.PAT_ANA}")
     assert status == 200, body
     assert ORDINARY_ORDER["id"] in ids_in(body) and record["id"] not in body.decode()
+
+
+def _twice(first: dict[str, Any], key: str, second: Any) -> web.Response:
+    """``first`` as JSON text with ``key`` given again after it (``second``)."""
+    text = orjson.dumps(first)[:-1] + b',"' + key.encode() + b'":' + orjson.dumps(second) + b"}"
+    return web.Response(body=text, content_type="application/fhir+json")
+
+
+async def test_a_role_read_with_a_key_given_twice_is_an_unknown_author(world: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Read one way it is Dr Kowalski's role, the other way Dr Gomez's: who wrote through it is
+    unknown (a body with no single reading is never guessed at), so it matches the deny."""
+    world.override = routes({("GET", f"/{ROLE_PATH}"): lambda r: _twice(
+        ROLE_KOWALSKI, "practitioner", {"reference": c.DOCTOR})})
+    gateway = await make_gateway(world.base_url)
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
+    assert status == 403, body
+    assert leaks(body, headers, (BY_KOWALSKI["id"], "Hemiplegic")) == []
+
+
+async def test_an_ingredient_read_with_a_key_given_twice_closes_the_order(
+    pharmacy: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    pharmacy.override = routes({("GET", f"/{MED_PATH}"): lambda r: _twice(
+        COMPOUND, "ingredient", [{"itemCodeableConcept": c.concept(c.RXNORM, "314076", "lisinopril 10 MG Oral Tablet")}])})
+    gateway = await make_gateway(pharmacy.base_url)
+    status, headers, body = await call(gateway, "GET", f"/MedicationRequest/{COMPOUND_ORDER['id']}")
+    assert status == 403, body
+    assert leaks(body, headers, MED_SECRETS) == []
