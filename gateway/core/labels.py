@@ -628,13 +628,14 @@ class LabelIndex:
             for coding in codings:
                 if isinstance(coding, dict):
                     self._match_coding(coding, hits)
-                    if "extension" in coding:
-                        self._match_extensions(coding["extension"], hits)
+                    if "extension" in coding or "modifierExtension" in coding:
+                        self._match_extensions(_own_extensions(coding), hits)
         elif isinstance(codings, dict):
             self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
-        if "extension" in value:
-            # a code element's own extensions (a translation, a qualifier) code it too
-            self._match_extensions(value["extension"], hits)
+        if "extension" in value or "modifierExtension" in value:
+            # a code element's own extensions (a translation, a qualifier) code it too; a
+            # modifierExtension there is not FHIR, but a sender may write one: still read
+            self._match_extensions(_own_extensions(value), hits)
 
     def _match_extensions(self, extensions: Any, hits: list[_Hit]) -> None:
         """The coded values of ``extensions`` at any depth, and of the extensions those values
@@ -653,10 +654,10 @@ class LabelIndex:
                     for coding in codings if isinstance(codings, (list, tuple)) else ():
                         if isinstance(coding, dict):
                             self._match_coding(coding, hits)
-                            if coding is not item and "extension" in coding:
-                                pending.append(coding["extension"])
-                    if "extension" in item:
-                        pending.append(item["extension"])
+                            if coding is not item and ("extension" in coding or "modifierExtension" in coding):
+                                pending.append(_own_extensions(coding))
+                    if "extension" in item or "modifierExtension" in item:
+                        pending.append(_own_extensions(item))
 
     def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
         system = coding.get("system")
@@ -790,6 +791,18 @@ def _extension_codes(extensions: Any) -> list[Any]:
                 stack.extend(nested)
             elif isinstance(nested, dict):
                 stack.append(nested)  # one extension as an object: not FHIR, still read
+    return found
+
+
+def _own_extensions(element: JSON) -> list[Any]:
+    """An element's extensions and modifier extensions, as one list."""
+    found: list[Any] = []
+    for key in ("extension", "modifierExtension"):
+        value = element.get(key)
+        if isinstance(value, list):
+            found.extend(value)
+        elif isinstance(value, dict):
+            found.append(value)  # one extension as an object: not FHIR, still read
     return found
 
 
