@@ -391,10 +391,17 @@ _CANONICAL_SYSTEMS: Mapping[str, str] = {
 }
 
 
+# An OID written without its ``urn:oid:`` prefix (as CDA-derived data carries them).
+_BARE_OID = re.compile(r"[0-2](\.[0-9]+)+")
+
+
 def _system_key(uri: str) -> str:
     """A system URI with what senders vary and no registry tells apart left out: case, the
-    scheme (http or https), ``www.``, a trailing slash."""
-    key = uri.strip().lower()
+    scheme (http or https), ``www.``, a trailing slash, a ``|version`` after it (a canonical's
+    spelling), the ``urn:oid:`` of an OID written bare."""
+    key = uri.strip().lower().partition("|")[0].strip()
+    if _BARE_OID.fullmatch(key):
+        key = "urn:oid:" + key
     for scheme in ("https://", "http://"):
         if key.startswith(scheme):
             key = key[len(scheme):]
@@ -410,7 +417,8 @@ _SYSTEM_KEYS: Mapping[str, str] = {_system_key(alias): uri for alias, uri in _CA
 @lru_cache(maxsize=4096)
 def canonical_system(system: str) -> str | None:
     """The canonical URI of the known code system ``system`` names, however it is spelled:
-    an alias (its OID), another case, https for http, a trailing slash, ``www.``, or a SNOMED CT
+    an alias (its OID, with or without ``urn:oid:``), another case, https for http, a trailing
+    slash, ``www.``, a ``|version`` after it, or a SNOMED CT
     edition URI (``http://snomed.info/sct/731000124108``); None for any other system."""
     found = _CANONICAL_SYSTEMS.get(system)
     if found is not None:

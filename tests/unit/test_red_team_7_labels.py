@@ -118,3 +118,22 @@ def test_a_value_code_spelled_as_icd_10_cm_labels(index: LabelIndex) -> None:
 def test_an_extension_off_the_code_paths_labels(index: LabelIndex) -> None:
     resource = {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "see extension", "extension": EXTENSION}]}
     assert {label.code for label in index.labels_for(resource)} >= OUD
+
+
+# ------------------------------------------------------------------ system spellings
+
+SYSTEMS = [
+    ("canonical-with-version", "http://hl7.org/fhir/sid/icd-10-cm|2024"),
+    ("bare-oid", "2.16.840.1.113883.6.90"),
+    ("bare-oid-with-version", "2.16.840.1.113883.6.90|2024"),
+]
+
+
+@pytest.mark.parametrize("system", [s[1] for s in SYSTEMS], ids=[s[0] for s in SYSTEMS])
+def test_a_known_system_written_with_a_version_or_as_a_bare_oid_is_known(index: LabelIndex, system: str) -> None:
+    """``uri|version`` is how a canonical names a version (senders copy it into Coding.system),
+    and CDA-derived data writes OIDs without ``urn:oid:``."""
+    assert labels(index, None, "x") == set()
+    resource = {"resourceType": "Condition", "code": {"coding": [{"system": system, "code": "F11.20"}]}}
+    assert {label.code for label in index.labels_for(resource)} >= OUD
+    assert code_spellings(frozenset({(system, "F11.20")})) & code_spellings(frozenset({(ICD10CM, "F1120")}))
