@@ -255,12 +255,16 @@ def current_resources(body: JSON) -> set[int]:
 
     SECURITY: anything else may be another version of the same ``Type/id`` (a vread or an
     instance history in a batch; a history lists the oldest version last, which a walk meets
-    first) or a copy (a stored document or collection Bundle, a Parameters): a
+    first) or a copy (a Bundle stored on the server, which has a ``meta.versionId`` as no
+    search answer does, whatever its type; a Parameters): a
     PractitionerRole that was once another doctor's, a Medication before its ingredient was
     entered. Only current resources stand for what a reference names now; others are read."""
     rtype = body.get("resourceType")
     if rtype != "Bundle":
         return set() if rtype == "Parameters" else {id(body)}
+    meta = body.get("meta")
+    if type(meta) is dict and "versionId" in meta:
+        return set()  # a Bundle stored on the server (a search saved as a resource): copies
     kind = body.get("type")
     found: set[int] = set()
     for entry in body.get("entry") or ():

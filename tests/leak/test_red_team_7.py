@@ -182,3 +182,23 @@ async def test_an_ingredient_read_with_a_key_given_twice_closes_the_order(
     status, headers, body = await call(gateway, "GET", f"/MedicationRequest/{COMPOUND_ORDER['id']}")
     assert status == 403, body
     assert leaks(body, headers, MED_SECRETS) == []
+
+
+@pytest.mark.parametrize("how", ["read", "batch"])
+async def test_a_role_copied_into_a_stored_search_bundle_does_not_decide_the_record(
+    world: FakeFhir, make_gateway: MakeGateway, how: str,
+) -> None:
+    """A search's answer saved on the server as a Bundle resource (type searchset, but a stored,
+    versioned resource) holds copies as they were when it was saved: the role in it was Dr
+    Gomez's then; the record it holds is decided by the role as it is now."""
+    stored = {"resourceType": "Bundle", "id": "saved-search-1f3", "meta": {"versionId": "1"}, "type": "searchset",
+              "entry": [{"resource": OLD_ROLE, "search": {"mode": "include"}},
+                        {"resource": BY_KOWALSKI, "search": {"mode": "match"}}]}
+    world.add(stored)
+    gateway = await make_gateway(world.base_url)
+    if how == "read":
+        status, headers, body = await call(gateway, "GET", f"/Bundle/{stored['id']}")
+    else:
+        status, headers, body = await call(gateway, "POST", "/", body=batch(("GET", f"Bundle/{stored['id']}")))
+    assert status in (200, 403), body
+    assert leaks(body, headers, (BY_KOWALSKI["id"], "Hemiplegic")) == []

@@ -154,11 +154,13 @@ def _old_unreadable_context(resource: JSON) -> bool:
 
 def old_current(body: JSON) -> set[int]:
     """The resources that are the server's current ones: the answer when a resource, a
-    searchset's entries, the entries of a batch answer's searchsets (written out, not walked)."""
+    searchset's entries (not a stored, versioned Bundle's), the entries of a batch answer's searchsets (written out, not walked)."""
     if body.get("resourceType") == "Parameters":
         return set()
     if body.get("resourceType") != "Bundle":
         return {id(body)}
+    if isinstance(body.get("meta"), dict) and "versionId" in body["meta"]:
+        return set()  # stored on the server: copies
     resources = [e["resource"] for e in body.get("entry") or () if type(e) is dict and type(e.get("resource")) is dict]
     if body.get("type") == "searchset":
         return {id(r) for r in resources}
