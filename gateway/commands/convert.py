@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# fullUrl is absolute in R4: a name-based UUID of ``Consent/<id>``, the same on every run.
+_FULL_URL_NAMESPACE = uuid.UUID("5f0c6a52-6a0e-4d52-9c53-2a7d9b1f3e41")
+
+
+def full_url(consent: JSON) -> str:
+    return f"urn:uuid:{uuid.uuid5(_FULL_URL_NAMESPACE, 'Consent/' + str(consent['id']))}"
+
+
 def consent_bundle(consents: list[JSON]) -> JSON:
     """A collection Bundle of ``consents``."""
     return {
         "resourceType": "Bundle",
         "type": "collection",
-        "entry": [{"fullUrl": f"Consent/{c['id']}", "resource": c} for c in consents],
+        "entry": [{"fullUrl": full_url(c), "resource": c} for c in consents],
     }
 
 

@@ -30,7 +30,8 @@ from gateway.core.decision import (
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
-from gateway.core.references import Resolved
+from gateway.core.labels import LabelIndex
+from gateway.core.references import NOTHING_RESOLVED, Resolved
 
 NO_SCOPES: frozenset[str] = frozenset()
 # A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
@@ -42,6 +43,43 @@ Labeler = Callable[[JSON], frozenset[Label]]
 
 
 _NO_PROFILES: frozenset[str] = frozenset()
+
+
+def labeler(
+    index: LabelIndex, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
+    seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
+) -> Labeler:
+    """Labels of a resource: its own (``index``), those of the Medication it names by reference
+    (with the ingredients that one names by reference), those of a Medication's own ingredients
+    named by reference, and those the consent source gives it (``source_labels``, by
+    ``Type/id``); kept in ``seen`` by object identity when given. ``keys``: by object identity,
+    the label keys of viewed resources or the content keys of resources parsed whole
+    (core.view), under which equal texts are labelled once."""
+    own, keyed = index.labels_remembered, index.labels_keyed
+    # Nothing resolved: no ingredient is named by reference outside its Medication (a
+    # contained one labels it as its own).
+    follows = resolved is not NOTHING_RESOLVED
+
+    def labels_for(resource: JSON) -> frozenset[Label]:
+        key = keys.get(id(resource)) if keys else None
+        found = own(resource) if key is None else keyed(key, resource)
+        if source_labels:
+            extra = source_labels.get(resource_reference(resource) or "")
+            if extra:
+                found = found | extra
+        if "medicationReference" in resource:
+            for medication in resolved.medications_of(resource) or ():
+                found = found | own(medication)
+        elif follows and "ingredient" in resource and resource.get("resourceType") == "Medication":
+            for ingredient in resolved.ingredients_of(resource) or ():
+                found = found | own(ingredient)
+        if seen is not None:
+            seen[id(resource)] = found
+        return found
+
+    return labels_for
+
+
 
 
 def facts_of(

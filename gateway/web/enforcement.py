@@ -12,9 +12,10 @@ from gateway.core.consent import CompiledConsent
 from gateway.core.decision import WHOLE_RESOURCE_READS, Policy, preflight, summary_reads
 from gateway.core.enforce import Enforced, Enforcer, Judge, apply, owners_index, patients_in
 from gateway.core.judge import (
-    ConsentJudge, DecisionCache, Emergency, binaries_as_contexts, labelling, overriding, unknown_denies,
+    ConsentJudge, DecisionCache, Emergency, Labeler, binaries_as_contexts, labeler, labelling, overriding,
+    unknown_denies,
 )
-from gateway.core.fhir import JSON, resource_reference
+from gateway.core.fhir import JSON
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
@@ -118,36 +119,9 @@ class ConsentEnforcement:
     def labeler(
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
         seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
-    ) -> Callable[[JSON], frozenset[Label]]:
-        """Labels of a resource, including those of the Medication it names by reference (with
-        the ingredients that one names by reference), those of a Medication's own ingredients
-        named by reference, and those the consent source gives it (``source_labels``, by
-        ``Type/id``); kept in ``seen`` by object identity when given. ``keys``: by object identity, the label keys of viewed
-        resources or the content keys of resources parsed whole (core.view), under which equal
-        texts are labelled once."""
-        own, keyed = self.labels.labels_remembered, self.labels.labels_keyed
-        # Nothing resolved: no ingredient is named by reference outside its Medication (a
-        # contained one labels it as its own).
-        follows = resolved is not NOTHING_RESOLVED
-
-        def labels_for(resource: JSON) -> frozenset[Label]:
-            key = keys.get(id(resource)) if keys else None
-            found = own(resource) if key is None else keyed(key, resource)
-            if source_labels:
-                extra = source_labels.get(resource_reference(resource) or "")
-                if extra:
-                    found = found | extra
-            if "medicationReference" in resource:
-                for medication in resolved.medications_of(resource) or ():
-                    found = found | own(medication)
-            elif follows and "ingredient" in resource and resource.get("resourceType") == "Medication":
-                for ingredient in resolved.ingredients_of(resource) or ():
-                    found = found | own(ingredient)
-            if seen is not None:
-                seen[id(resource)] = found
-            return found
-
-        return labels_for
+    ) -> Labeler:
+        """The labels of a resource as this gateway's rules give them (``core.judge.labeler``)."""
+        return labeler(self.labels, resolved, source_labels, seen, keys)
 
     def judge(
         self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ def test_healthex_file_prints_a_consent_bundle_labelled_by_the_bundled_rules(
     assert bundle["type"] == "collection"
     consents = [e["resource"] for e in bundle["entry"]]
     assert all(c["resourceType"] == "Consent" for c in consents)
-    assert [e["fullUrl"] for e in bundle["entry"]] == [f"Consent/{c['id']}" for c in consents]
+    # R4: fullUrl is absolute; a name-based UUID of the id, the same on every run
+    urls = [e["fullUrl"] for e in bundle["entry"]]
+    assert all(u.startswith("urn:uuid:") and uuid.UUID(u[9:]).version == 5 for u in urls)
+    assert len(set(urls)) == len(consents)
+    _, again, _ = run(capsys, "--from", "healthex", str(FIXTURES / "healthex-consents.json"))
+    assert [e["fullUrl"] for e in again["entry"]] == urls
     labels = {
         label["code"]
         for c in consents if c["provision"].get("class") == [
