@@ -169,6 +169,38 @@ class ConsentEnforcement:
         label_keys: Mapping[int, Hashable] | None = None,
         content_keys: Mapping[int, Hashable] | None = None,
     ) -> tuple[Enforced, Emergency]:
+        """Decide and filter a parsed body in place (``_enforce``).
+
+        SECURITY: an error while deciding (indexing the answer's patients, looking up consents,
+        reading the roles that decide, labelling, judging, applying) sends nothing and is a 503
+        (fail closed), like consents that cannot be read: never the answer as it stands, never
+        half applied. Logged by its type only: a message or traceback may quote the record."""
+        try:
+            return await self._enforce(
+                body, actor, purpose, confined=confined, break_glass=break_glass, withheld_status=withheld_status,
+                resolved=resolved, observed=observed, views=views, label_keys=label_keys, content_keys=content_keys,
+            )
+        except (GatewayError, ViewsInsufficient):
+            raise
+        except Exception as exc:
+            decision_log.error("deciding failed: %s", type(exc).__name__)
+            raise ConsentUnavailable("The consent decision could not be made.") from None
+
+    async def _enforce(
+        self,
+        body: JSON,
+        actor: Actor,
+        purpose: str,
+        *,
+        confined: frozenset[str] | None,
+        break_glass: str | None = None,
+        withheld_status: str = "403 Forbidden",
+        resolved: Resolved = NOTHING_RESOLVED,
+        observed: Observed | None = None,
+        views: bool = False,
+        label_keys: Mapping[int, Hashable] | None = None,
+        content_keys: Mapping[int, Hashable] | None = None,
+    ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place.
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
@@ -213,16 +245,7 @@ class ConsentEnforcement:
             judge = scoped(judge, actor.grants)
         if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
-        try:
-            result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
-        except GatewayError:
-            raise
-        except Exception as exc:
-            # SECURITY: an error while deciding sends nothing and is a 503 (fail closed), like
-            # consents that cannot be read: never the answer as it stands, never half applied.
-            # Its type only: a message or traceback may quote the record being decided.
-            decision_log.error("deciding failed: %s", type(exc).__name__)
-            raise ConsentUnavailable("The consent decision could not be made.") from None
+        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
         # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
         # upstream's bytes, core.view).
         apply(body, result)

@@ -470,6 +470,37 @@ async def test_an_error_while_deciding_sends_no_data(
     assert hidden_in(gateway_logs(caplog), (*HTN_SECRETS, CBC_ID)) == []
 
 
+@pytest.mark.parametrize("where", ["owners_index", "with_roles"])
+async def test_an_error_before_judging_is_a_503_too(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    """Indexing the answer's patients and reading the roles that decide are part of deciding:
+    a defect there is the same 503 that names nothing, never a 500 or the answer as sent."""
+    caplog.set_level(logging.INFO)
+    import gateway.web.enforcement as enforcement_module
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise RuntimeError(f"Condition/{HTN_ID} could not be read")  # a message quoting the record
+
+    async def failing_roles(*args: object, **kwargs: object) -> object:
+        return failing()
+
+    if where == "owners_index":
+        monkeypatch.setattr(enforcement_module, "owners_index", failing)
+    else:
+        monkeypatch.setattr(enforcement_module.ConsentEnforcement, "with_roles", failing_roles)
+    world = world_with(fake_fhir, no_author(c.PAT_ANA, c.PSYCHIATRIST))
+    raw = orjson.dumps(searchset([c.ANA_CBC, c.ANA_HYPERTENSION], world.base_url))
+    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
+    gw = await make_gateway(world.base_url)
+    status, headers, body = await search(gw, CONDITIONS)
+    assert status == 503, (status, body)
+    assert orjson.loads(body)["resourceType"] == "OperationOutcome"
+    assert leaks(body, headers, (*HTN_SECRETS, CBC_ID, "58410-2")) == []
+    assert hidden_in(gateway_logs(caplog), (*HTN_SECRETS, CBC_ID)) == []
+
+
 async def test_counts_and_everything_under_a_code_consent(
     fake_fhir: FakeFhir, make_gateway: MakeGateway,
 ) -> None:
