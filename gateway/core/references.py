@@ -338,9 +338,11 @@ class Resolved:
         ref = security_context(resource)
         if ref is not None:
             target = self.targets.get(ref, UNREADABLE)
-            if target is UNREADABLE:
+            # SECURITY: a context the server does not hold (deleted, or another server's) is
+            # unknown, so the Binary closes: missing data never opens data (CONTRACT §5).
+            if target is UNREADABLE or target is None:
                 return None
-            return (target,) if target is not None else ()
+            return (target,)
         own = resource_reference(resource)
         if own is None or "securityContext" in resource:
             return ()

@@ -475,6 +475,18 @@ async def test_binary_whose_context_cannot_be_read_is_withheld(world: FakeFhir, 
     assert leaks(body, headers) == []
 
 
+@pytest.mark.parametrize("status", [404, 410])
+async def test_binary_whose_context_is_gone_is_withheld(world: FakeFhir, gateway: GatewayUnderTest, status: int) -> None:
+    """The document the Binary belongs to was deleted (its Binary kept, as servers do): the
+    context is unknown, so the note is not released as no one's data."""
+    world.override = routes({("GET", f"/DocumentReference/{c.VERY_RESTRICTED_DOCUMENT['id']}"):
+                             lambda r: fhir({"resourceType": "OperationOutcome", "issue": []}, status)})
+    for path in (f"/Binary/{HIDDEN_BINARY['id']}", f"/Binary?_id={HIDDEN_BINARY['id']}"):
+        code, headers, body = await call(gateway, "GET", path)
+        assert code in (200, 403), body
+        assert leaks(body, headers) == []
+
+
 # ---------------------------------------------------------------- 5. medicationReference
 
 

@@ -82,7 +82,8 @@ def test_a_binary_is_decided_as_its_context_or_the_documents_attaching_it() -> N
     bare = {"resourceType": "Binary", "id": "bin-2"}
     assert Resolved({"DocumentReference/doc-1": doc}).contexts_of(BINARY) == (doc,)
     assert Resolved().contexts_of(BINARY) is None                      # unread: it closes
-    assert Resolved({"DocumentReference/doc-1": None}).contexts_of(BINARY) == ()  # missing
+    # missing on the server (deleted): unknown, it closes; never released as no one's data
+    assert Resolved({"DocumentReference/doc-1": None}).contexts_of(BINARY) is None
     assert Resolved(attached={"Binary/bin-2": (doc,)}).contexts_of(bare) == (doc,)
     assert Resolved(attached={"Binary/bin-2": None}).contexts_of(bare) is None
     assert attachments_by_binary([doc], frozenset({"Binary/bin-2", "Binary/bin-3"})) == {
