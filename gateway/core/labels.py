@@ -793,12 +793,8 @@ def _extension_codes(extensions: Any) -> list[Any]:
         for key in ("valueCodeableConcept", "valueCoding"):
             if key in ext:
                 found.append(ext[key])
-        for key in ("extension", "modifierExtension"):
-            nested = ext.get(key)
-            if isinstance(nested, list):
-                stack.extend(nested)
-            elif isinstance(nested, dict):
-                stack.append(nested)  # one extension as an object: not FHIR, still read
+        if "extension" in ext or "modifierExtension" in ext:
+            stack.extend(_own_extensions(ext))
     return found
 
 
@@ -816,11 +812,7 @@ def _own_extensions(element: JSON) -> list[Any]:
 
 def _element_extension_codes(element: JSON) -> list[Any]:
     """Coded values of an element's own extensions and modifier extensions."""
-    found: list[Any] = []
-    for key in ("extension", "modifierExtension"):
-        if key in element:
-            found.extend(_extension_codes(element[key]))
-    return found
+    return _extension_codes(_own_extensions(element))
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import ParamSpec, TypeVar
 from datetime import datetime, timezone
 
 from gateway.core.breakglass import EmergencyWindow
@@ -27,6 +29,29 @@ from gateway.core.references import NOTHING_RESOLVED, Resolved
 from gateway.sources.store import ConsentStore, PatientConsents
 
 decision_log = logging.getLogger("gateway.decision")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fails_closed(deciding: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """SECURITY: an error while deciding (indexing the answer's patients, looking up consents,
+    reading the roles that decide, labelling, judging, applying) sends nothing and is a 503
+    (fail closed), like consents that cannot be read: never the answer as it stands, never half
+    applied. Logged by its type only: a message or traceback may quote the record."""
+
+    @functools.wraps(deciding)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await deciding(*args, **kwargs)
+        except (GatewayError, ViewsInsufficient):
+            raise
+        except Exception as exc:
+            decision_log.error("deciding failed: %s", type(exc).__name__)
+            raise ConsentUnavailable("The consent decision could not be made.") from None
+
+    return guarded
 # Reads the PractitionerRoles an answer names as authors into what resolves it (web.resolve).
 RoleResolver = Callable[[JSON, Resolved], Awaitable[Resolved]]
 
@@ -154,6 +179,7 @@ class ConsentEnforcement:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
         return overriding(judge, emergency, self.labeler(resolved, source_labels), self.labels.sensitive)
 
+    @_fails_closed
     async def enforce(
         self,
         body: JSON,
@@ -169,39 +195,8 @@ class ConsentEnforcement:
         label_keys: Mapping[int, Hashable] | None = None,
         content_keys: Mapping[int, Hashable] | None = None,
     ) -> tuple[Enforced, Emergency]:
-        """Decide and filter a parsed body in place (``_enforce``).
-
-        SECURITY: an error while deciding (indexing the answer's patients, looking up consents,
-        reading the roles that decide, labelling, judging, applying) sends nothing and is a 503
-        (fail closed), like consents that cannot be read: never the answer as it stands, never
-        half applied. Logged by its type only: a message or traceback may quote the record."""
-        try:
-            return await self._enforce(
-                body, actor, purpose, confined=confined, break_glass=break_glass, withheld_status=withheld_status,
-                resolved=resolved, observed=observed, views=views, label_keys=label_keys, content_keys=content_keys,
-            )
-        except (GatewayError, ViewsInsufficient):
-            raise
-        except Exception as exc:
-            decision_log.error("deciding failed: %s", type(exc).__name__)
-            raise ConsentUnavailable("The consent decision could not be made.") from None
-
-    async def _enforce(
-        self,
-        body: JSON,
-        actor: Actor,
-        purpose: str,
-        *,
-        confined: frozenset[str] | None,
-        break_glass: str | None = None,
-        withheld_status: str = "403 Forbidden",
-        resolved: Resolved = NOTHING_RESOLVED,
-        observed: Observed | None = None,
-        views: bool = False,
-        label_keys: Mapping[int, Hashable] | None = None,
-        content_keys: Mapping[int, Hashable] | None = None,
-    ) -> tuple[Enforced, Emergency]:
-        """Decide and filter a parsed body in place.
+        """Decide and filter a parsed body in place; an error while deciding is a 503
+        (``_fails_closed``).
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
