@@ -15,14 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fhirpy import AsyncFHIRClient
 from fhirpy.base.exceptions import ForbiddenError
 
 from tests.conftest import GatewayUnderTest
 from tests.fixtures import clinical as c
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
-from tests.integration.test_side_doors_engine import engine_put
+from tests.integration.test_side_doors_engine import fhir_client, seeded_gateway
 
 pytestmark = pytest.mark.integration
 DANA = "Patient/pat-codes-dana"
@@ -67,14 +66,11 @@ HIDDEN = ("12496-1208-3", "1010601", "B20", "HIV disease", "Suboxone", "md-codes
 
 @pytest.fixture
 async def gw(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> GatewayUnderTest:
-    for resource in RESOURCES:
-        await engine_put(fhir_engine, resource)
-    gut: GatewayUnderTest = await make_gateway(fhir_engine.base_url)
-    return gut
+    return await seeded_gateway(fhir_engine, make_gateway, RESOURCES)
 
 
 async def test_a_general_opt_in_keeps_pharmacy_codes_and_extension_codes_closed(gw: GatewayUnderTest) -> None:
-    fhir = AsyncFHIRClient(gw.url, extra_headers={"Accept": "application/fhir+json", **DOCTOR})
+    fhir = fhir_client(gw, DOCTOR)
     for resource in HIDDEN_RESOURCES:
         with pytest.raises(ForbiddenError):
             await fhir.reference(resource["resourceType"], resource["id"]).to_resource()

@@ -19,7 +19,7 @@ from fhirpy.base.exceptions import ForbiddenError
 from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
-from tests.integration.test_side_doors_engine import engine_put
+from tests.integration.test_side_doors_engine import fhir_client, seeded_gateway
 
 pytestmark = pytest.mark.integration
 CARLA = "Patient/pat-rt6-carla"
@@ -64,14 +64,11 @@ RESOURCES: list[dict[str, Any]] = [
 
 @pytest.fixture
 async def gw(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> GatewayUnderTest:
-    for resource in RESOURCES:
-        await engine_put(fhir_engine, resource)
-    gut: GatewayUnderTest = await make_gateway(fhir_engine.base_url)
-    return gut
+    return await seeded_gateway(fhir_engine, make_gateway, RESOURCES)
 
 
 def client(gw: GatewayUnderTest) -> AsyncFHIRClient:
-    return AsyncFHIRClient(gw.url, extra_headers={"Accept": "application/fhir+json", **GP})
+    return fhir_client(gw, GP)
 
 
 async def test_code_and_informant_consents_hide_what_the_engine_answers(gw: GatewayUnderTest) -> None:

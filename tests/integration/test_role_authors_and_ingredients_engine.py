@@ -22,7 +22,7 @@ from fhirpy.base.exceptions import ForbiddenError
 from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
-from tests.integration.test_side_doors_engine import engine_put
+from tests.integration.test_side_doors_engine import fhir_client, seeded_gateway
 
 pytestmark = pytest.mark.integration
 DORA = "Patient/pat-hop-dora"
@@ -84,14 +84,11 @@ MED_HIDDEN = ("medrx-hop-compound", "med-hop-compound", "med-hop-methadone", "86
 
 @pytest.fixture
 async def gw(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> GatewayUnderTest:
-    for resource in RESOURCES:
-        await engine_put(fhir_engine, resource)
-    gut: GatewayUnderTest = await make_gateway(fhir_engine.base_url)
-    return gut
+    return await seeded_gateway(fhir_engine, make_gateway, RESOURCES)
 
 
 def client(gw: GatewayUnderTest) -> AsyncFHIRClient:
-    return AsyncFHIRClient(gw.url, extra_headers={"Accept": "application/fhir+json", **GP})
+    return fhir_client(gw, GP)
 
 
 async def raw(gw: GatewayUnderTest, method: str, path: str, body: Any = None) -> tuple[int, bytes]:

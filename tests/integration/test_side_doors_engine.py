@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from fhirpy import AsyncFHIRClient
 
 from tests.conftest import GatewayUnderTest
 from tests.integration.engine import Engine
@@ -45,6 +46,21 @@ async def engine_put(engine: Engine, resource: dict[str, Any]) -> None:
         url = f"{engine.base_url}/{resource['resourceType']}/{resource['id']}"
         async with session.put(url, data=orjson.dumps(resource), headers={"Content-Type": FHIR_JSON}) as resp:
             assert resp.status in (200, 201), await resp.text()
+
+
+async def seeded_gateway(
+    engine: Engine, make_gateway: Callable[..., Any], resources: Iterable[dict[str, Any]],
+) -> GatewayUnderTest:
+    """A gateway in front of the engine once ``resources`` are written to it."""
+    for resource in resources:
+        await engine_put(engine, resource)
+    gut: GatewayUnderTest = await make_gateway(engine.base_url)
+    return gut
+
+
+def fhir_client(gw: GatewayUnderTest, headers: dict[str, str]) -> AsyncFHIRClient:
+    """fhirpy's client through the gateway, asking as ``headers`` say."""
+    return AsyncFHIRClient(gw.url, extra_headers={"Accept": "application/fhir+json", **headers})
 
 
 @pytest.mark.parametrize("kind", ["batch", "transaction"])
