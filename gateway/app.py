@@ -80,6 +80,9 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         related=FhirConsentSource(upstream).references,
     )
     policy = policy_from(settings.consent, settings.sensitivity, labels)
+    # Medications, their ingredients and PractitionerRoles read from the server: one cache, so a
+    # write through the gateway evicts what it changed (proxy.evict_targets).
+    targets = TargetCache(settings.consent.cache_ttl_s)
     return GatewayState(
         settings=settings,
         upstream=upstream,
@@ -87,13 +90,11 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         labels=labels,
         store=store,
         # PractitionerRoles named as authors: read only for consents that read authors.
-        enforcement=ConsentEnforcement(
-            store, labels, policy, roles=role_resolver(upstream, TargetCache(settings.consent.cache_ttl_s)),
-        ),
+        enforcement=ConsentEnforcement(store, labels, policy, roles=role_resolver(upstream, targets)),
         audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),
-        medications=TargetCache(settings.consent.cache_ttl_s),
+        medications=targets,
         disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
     )

@@ -79,6 +79,9 @@ async def _invalidate_here(request: web.Request) -> str | None:
         raise BadRequest("'patient' must be a reference such as Patient/123.")
     # Not announced: worker 0 tells the others itself, and waits for them (below).
     state.store.invalidate(patient, announce=False)
+    if patient is None:
+        # Everything: the Medications and PractitionerRoles read to decide records too.
+        state.medications.evict()
     return patient
 
 

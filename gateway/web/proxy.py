@@ -478,9 +478,12 @@ async def audited(state: GatewayState, ex: Exchange, status: int, response: web.
 
 
 def evict_consents(state: GatewayState, method: str, route: Route, body: bytes | None, upstream: UpstreamResponse) -> None:
-    """A successful write that touched Consents evicts those patients (all, when unknown)."""
+    """A successful write that touched Consents evicts those patients (all, when unknown); one
+    that may have changed what decides other records (a Medication, Substance or
+    PractitionerRole read from the server) evicts it (``evict_targets``)."""
     if not 200 <= upstream.status < 300:
         return
+    evict_targets(state, route)
     touched = touched_consent_patients(method, route.resource_type, body, upstream.body)
     if touched is None:
         return
@@ -489,6 +492,19 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
         return
     for patient in touched:
         state.store.invalidate(patient)
+
+
+# What the gateway reads from the FHIR server to decide other records (core.references).
+DECIDING_TARGETS = frozenset({"Medication", "Substance", "PractitionerRole"})
+
+
+def evict_targets(state: GatewayState, route: Route) -> None:
+    """Forget the cached copy of what a write changed: that instance, every one of its type
+    (a create or conditional write), or all of them (a batch or transaction)."""
+    if route.interaction == "batch":
+        state.medications.evict()
+    elif route.resource_type in DECIDING_TARGETS:
+        state.medications.evict(route.resource_type, route.resource_id)
 
 
 def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> None:

@@ -53,6 +53,16 @@ class TargetCache:
         if value is not UNREADABLE:
             self._cache[reference] = value
 
+    def evict(self, rtype: str | None = None, rid: str | None = None) -> None:
+        """Forget ``rtype/rid``, every one of ``rtype`` without an id, or everything."""
+        if rtype is None:
+            self._cache.clear()
+        elif rid is not None:
+            self._cache.pop(f"{rtype}/{rid}", None)
+        else:
+            for key in [k for k in self._cache if k.partition("/")[0] == rtype]:
+                self._cache.pop(key, None)
+
 
 async def read_target(upstream: Upstream, reference: str) -> JSON | None:
     """One resource by ``Type/id``: None when missing, ``UNREADABLE`` when it cannot be read (or

@@ -71,7 +71,8 @@ class GatewayState:
     audit: AuditLog
     consent_server: Upstream | None = None  # a consent source other than the upstream
     readiness: Readiness = field(default_factory=Readiness)
-    medications: TargetCache = field(default_factory=lambda: TargetCache(60.0))  # and their ingredients
+    # Medications, their ingredients and PractitionerRoles read from the FHIR server
+    medications: TargetCache = field(default_factory=lambda: TargetCache(60.0))
     disclosures: AuditLog | None = None  # accounting of disclosures (CONTRACT §10)
     issuer: Issuer | None = None  # auth.mode jwt: the token issuer's keys and discovery
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound

@@ -156,6 +156,33 @@ async def test_roles_are_read_only_for_consents_that_read_authors(world: FakeFhi
     assert sorted(role_reads(world)) == sorted(f"/fhir/PractitionerRole/{r['id']}" for r in (ROLE_KOWALSKI, ROLE_GOMEZ))
 
 
+@pytest.mark.parametrize("how", ["update", "batch", "invalidate-all"])
+async def test_a_role_changed_through_the_gateway_is_read_afresh(
+    world: FakeFhir, gateway: GatewayUnderTest, how: str,
+) -> None:
+    """The role a record names is kept for the consent cache's TTL; an update made through the
+    gateway (alone or in a batch), or an invalidation of everything, forgets the kept copy, so
+    a role now held by the excluded doctor closes the record at once."""
+    status, _, body = await call(gateway, "GET", f"/Condition/{BY_GOMEZ['id']}")
+    assert status == 200, body
+    handed_over = {**ROLE_GOMEZ, "practitioner": {"reference": KOWALSKI}}
+    if how == "update":
+        status, _, body = await call(gateway, "PUT", f"/PractitionerRole/{ROLE_GOMEZ['id']}", body=handed_over)
+        assert status == 200, body
+    elif how == "batch":
+        status, _, body = await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": handed_over, "request": {"method": "PUT", "url": f"PractitionerRole/{ROLE_GOMEZ['id']}"}}]})
+        assert status == 200, body
+    else:
+        world.add(handed_over)  # changed at the server by another system
+        async with gateway.session.post(f"{gateway.admin_url}/cache/invalidate", json={}) as resp:
+            assert resp.status == 200
+    world.add(handed_over)
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_GOMEZ['id']}")
+    assert status == 403, body
+    assert leaks(body, headers, (BY_GOMEZ["id"], "Migraine")) == []
+
+
 async def test_the_decision_shared_across_requests_follows_the_role(world: FakeFhir, gateway: GatewayUnderTest) -> None:
     """Two records alike but for the role that recorded them, asked in turn: the decision kept
     across requests for one is never served for the other."""
