@@ -16,7 +16,7 @@ from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway.core.fhir import JSON, iter_codings, relative_reference
+from gateway.core.fhir import JSON, contained_resource, iter_codings, relative_reference
 from gateway.core.labels import code_spellings
 
 Path = tuple[str, ...]
@@ -521,6 +521,7 @@ def references_of(resource: JSON) -> frozenset[str]:
 # provision, never a permit one). No reference is spelled this way.
 UNKNOWN_AUTHOR = "\0unknown-author"
 ROLE = "PractitionerRole"
+_ROLES = frozenset({ROLE})
 # A PractitionerRole's members who act through it: an authors condition naming either sees it.
 ROLE_MEMBERS = ("practitioner", "organization")
 _ROLE_ID = re.compile(r"PractitionerRole/[A-Za-z0-9\-.]{1,64}")
@@ -578,14 +579,6 @@ def role_members(role: JSON) -> set[str]:
     return found
 
 
-def _contained_role(resource: JSON, ref: str) -> JSON | None:
-    contained = resource.get("contained")
-    for inner in contained if isinstance(contained, list) else ():
-        if isinstance(inner, dict) and inner.get("id") == ref[1:] and inner.get("resourceType") == ROLE:
-            return inner
-    return None
-
-
 def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> frozenset[str]:
     """References of whoever authored, recorded, performed, asserted or requested it.
 
@@ -599,7 +592,7 @@ def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> f
     found: set[str] = set()
     for ref in author_references(resource):
         if ref.startswith("#"):
-            role = _contained_role(resource, ref)
+            role = contained_resource(resource, ref, _ROLES)
             if role is not None:
                 found |= role_members(role)
             continue

@@ -114,6 +114,16 @@ def resource_reference(resource: JSON) -> str | None:
     return None
 
 
+def contained_resource(resource: JSON, ref: str, types: frozenset[str] | None = None) -> JSON | None:
+    """The resource ``resource`` contains under the local reference ``ref`` (``#id``), when it is
+    of one of ``types`` (any type when None); None otherwise."""
+    contained = resource.get("contained")
+    for inner in contained if isinstance(contained, list) else ():
+        if isinstance(inner, dict) and inner.get("id") == ref[1:] and (types is None or inner.get("resourceType") in types):
+            return inner
+    return None
+
+
 def iter_bundle_resources(bundle: JSON) -> Iterator[JSON]:
     """Each ``entry.resource`` of a Bundle (not recursing)."""
     entries = bundle.get("entry")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -30,7 +30,9 @@ import orjson
 from gateway.core.compartment import (
     ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
 )
-from gateway.core.fhir import JSON, R4_RESOURCE_TYPES, reference_of, relative_reference, resource_reference
+from gateway.core.fhir import (
+    JSON, R4_RESOURCE_TYPES, contained_resource, reference_of, relative_reference, resource_reference,
+)
 
 # Resource types whose medication may be a reference to a Medication resource.
 MEDICATION_HOLDERS = frozenset({
@@ -38,6 +40,7 @@ MEDICATION_HOLDERS = frozenset({
 })
 # What a Medication's ingredient may name by reference (R4 ``Medication.ingredient.item[x]``).
 INGREDIENT_TYPES = frozenset({"Medication", "Substance"})
+_MEDICATION = frozenset({"Medication"})
 # What a target that could not be read stands for: decide as unknown (fail closed).
 UNREADABLE: JSON = {"resourceType": "OperationOutcome", "issue": []}
 
@@ -143,14 +146,6 @@ _NAMING_NOTHING = frozenset({"display", "identifier", "type", "id", "extension"}
 UNKNOWN_INGREDIENT = "\0unknown-ingredient"
 
 
-def _contained(resource: JSON, ref: str) -> JSON | None:
-    contained = resource.get("contained")
-    for inner in contained if isinstance(contained, list) else ():
-        if isinstance(inner, dict) and inner.get("id") == ref[1:]:
-            return inner
-    return None
-
-
 def in_answer(body: JSON) -> dict[str, JSON]:
     """The resources of an answer by ``Type/id``; the first one ``iter_resources`` gives wins.
 
@@ -158,14 +153,25 @@ def in_answer(body: JSON) -> dict[str, JSON]:
     stands for a ``Type/id`` of the answer (a contained ``Condition`` with a hidden record's id
     would otherwise count that record as released, and keep displays that name it)."""
     found: dict[str, JSON] = {}
+    for resource, addressable in addressed_resources(body):
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if addressable and isinstance(rtype, str) and isinstance(rid, str):  # resource_reference
+            found.setdefault(f"{rtype}/{rid}", resource)
+    return found
+
+
+def addressed_resources(body: JSON) -> Iterator[tuple[JSON, bool]]:
+    """Every resource of an answer (``iter_resources``), each with whether it stands for its
+    ``Type/id``: a contained resource is not addressable from outside its container."""
     inner: set[int] = set()
     for resource in iter_resources(body):  # a container comes before what it contains
         if "contained" in resource:
-            _note_contained(resource, inner)
-        rtype, rid = resource.get("resourceType"), resource.get("id")
-        if isinstance(rtype, str) and isinstance(rid, str) and id(resource) not in inner:  # resource_reference
-            found.setdefault(f"{rtype}/{rid}", resource)
-    return found
+            contained = resource["contained"]
+            if type(contained) is list:
+                inner.update(id(r) for r in contained)
+            elif type(contained) is dict:
+                inner.add(id(contained))
+        yield resource, id(resource) not in inner
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +211,12 @@ def deciding_references(body: JSON) -> Deciding | None:
     medications: set[str] = set()
     ingredients: set[str] = set()
     unattached: set[str] = set()
-    inner: set[int] = set()
     current = current_resources(body)
     refers = False
-    for resource in iter_resources(body):  # a container comes before what it contains
+    for resource, addressable in addressed_resources(body):
         rtype, rid = resource.get("resourceType"), resource.get("id")
-        _note_contained(resource, inner)
         ref = f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) else None  # resource_reference
-        if ref is not None and id(resource) not in inner and id(resource) in current:
+        if ref is not None and addressable and id(resource) in current:
             present.setdefault(ref, resource)
         # Only a Binary has a security context, and only an order or statement a medication.
         if rtype == "Binary":
@@ -276,15 +280,6 @@ def current_resources(body: JSON) -> set[int]:
         elif kind in _ANSWERS and resource.get("resourceType") == "Bundle" and resource.get("type") == _CURRENT_ENTRIES:
             found.update(current_resources(resource))
     return found
-
-
-def _note_contained(resource: JSON, inner: set[int]) -> None:
-    """Add the identities of what ``resource`` contains to ``inner``."""
-    contained = resource.get("contained")
-    if type(contained) is list:
-        inner.update(id(r) for r in contained)
-    elif type(contained) is dict:
-        inner.add(id(contained))
 
 
 def ingredients_to_read(medications: Iterable[JSON | None], known: Mapping[str, object]) -> frozenset[str]:
@@ -354,10 +349,8 @@ class Resolved:
         if ref is None:
             return None
         if ref.startswith("#"):
-            for inner in resource.get("contained") or ():
-                if isinstance(inner, dict) and inner.get("id") == ref[1:] and inner.get("resourceType") == "Medication":
-                    return inner
-            return UNREADABLE
+            found = contained_resource(resource, ref, _MEDICATION)
+            return found if found is not None else UNREADABLE
         return self.targets.get(ref, UNREADABLE)
 
     def medications_of(self, resource: JSON) -> tuple[JSON, ...] | None:
@@ -391,9 +384,9 @@ class Resolved:
             if ref == UNKNOWN_INGREDIENT:
                 return None
             if ref.startswith("#"):
-                target = _contained(medication, ref)
+                target = contained_resource(medication, ref)
                 if target is None and container is not None:
-                    target = _contained(container, ref)
+                    target = contained_resource(container, ref)
                 if target is None or target.get("resourceType") not in INGREDIENT_TYPES:
                     return None
             else:
@@ -420,11 +413,9 @@ def author_roles(body: JSON) -> tuple[dict[str, JSON], frozenset[str]]:
     ``PractitionerRole/id`` its resources name as authors that it does not hold (to be read)."""
     present: dict[str, JSON] = {}
     named: set[str] = set()
-    inner: set[int] = set()
     current = current_resources(body)
-    for resource in iter_resources(body):
-        _note_contained(resource, inner)
-        if id(resource) in inner:
+    for resource, addressable in addressed_resources(body):
+        if not addressable:
             continue  # a contained resource's authors are not its container's
         if resource.get("resourceType") == ROLE and id(resource) in current:
             rid = resource.get("id")

@@ -442,43 +442,25 @@ async def test_withheld_counts_and_logs_name_no_record(
     assert [e for e in entries(body) if e.get("search", {}).get("mode") == "outcome"]
 
 
+@pytest.mark.parametrize("where", ["judging", "owners_index", "with_roles"])
 async def test_an_error_while_deciding_sends_no_data(
-    fake_fhir: FakeFhir, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The facts of the second record cannot be read (a defect in the engine): the answer is a
-    503 that names nothing (fail closed, as when consents cannot be read), never the first record
-    alone nor the answer as the upstream sent it."""
-    caplog.set_level(logging.INFO)
-    import gateway.core.judge as judge_module
-
-    real = judge_module.authors_of
-
-    def failing(resource: dict[str, Any]) -> frozenset[str]:
-        if resource.get("id") == HTN_ID:
-            raise RuntimeError(f"facts of Condition/{HTN_ID} could not be read")  # a message quoting the record
-        return real(resource)
-
-    monkeypatch.setattr(judge_module, "authors_of", failing)
-    world = world_with(fake_fhir, no_author(c.PAT_ANA, c.PSYCHIATRIST))
-    raw = orjson.dumps(searchset([c.ANA_CBC, c.ANA_HYPERTENSION], world.base_url))
-    serve(world, {("GET", "/Condition"): lambda r: answer(raw)})
-    gw = await make_gateway(world.base_url)
-    status, headers, body = await search(gw, CONDITIONS)
-    assert status == 503, (status, body)
-    assert orjson.loads(body)["resourceType"] == "OperationOutcome"
-    assert leaks(body, headers, (*HTN_SECRETS, CBC_ID, "58410-2")) == []
-    assert hidden_in(gateway_logs(caplog), (*HTN_SECRETS, CBC_ID)) == []
-
-
-@pytest.mark.parametrize("where", ["owners_index", "with_roles"])
-async def test_an_error_before_judging_is_a_503_too(
     fake_fhir: FakeFhir, make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     where: str,
 ) -> None:
-    """Indexing the answer's patients and reading the roles that decide are part of deciding:
-    a defect there is the same 503 that names nothing, never a 500 or the answer as sent."""
+    """A defect while deciding: the facts of the second record cannot be read (``judging``), or
+    indexing the answer's patients or reading the roles that decide fails. The answer is a 503
+    that names nothing (fail closed, as when consents cannot be read), never a 500, the first
+    record alone, nor the answer as the upstream sent it."""
     caplog.set_level(logging.INFO)
+    import gateway.core.judge as judge_module
     import gateway.web.enforcement as enforcement_module
+
+    real = judge_module.authors_of
+
+    def failing_authors(resource: dict[str, Any], roles: Any = judge_module.NO_ROLES) -> frozenset[str]:
+        if resource.get("id") == HTN_ID:
+            raise RuntimeError(f"facts of Condition/{HTN_ID} could not be read")  # a message quoting the record
+        return real(resource, roles)
 
     def failing(*args: object, **kwargs: object) -> object:
         raise RuntimeError(f"Condition/{HTN_ID} could not be read")  # a message quoting the record
@@ -486,7 +468,9 @@ async def test_an_error_before_judging_is_a_503_too(
     async def failing_roles(*args: object, **kwargs: object) -> object:
         return failing()
 
-    if where == "owners_index":
+    if where == "judging":
+        monkeypatch.setattr(judge_module, "authors_of", failing_authors)
+    elif where == "owners_index":
         monkeypatch.setattr(enforcement_module, "owners_index", failing)
     else:
         monkeypatch.setattr(enforcement_module.ConsentEnforcement, "with_roles", failing_roles)
