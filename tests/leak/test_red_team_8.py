@@ -5,6 +5,11 @@
    slot "304 Not Modified" with no resource, which nothing decides, so the slot tells that the
    record exists and which version it is, where the request alone (whose ``If-None-Match``
    header is never forwarded) reads exactly like a missing record in 404 mode.
+2. Operations whose answer is computed from a patient's records rather than made of them
+   (``$evaluate-measure``, ``$care-gaps``, CQL ``$evaluate``, ``$apply``, ``$stats``,
+   ``$populate``, ``$member-match``, type- and system-level ``$meta``): a MeasureReport or a
+   Parameters that says Ana is in the numerator of an HIV measure, or which labels the records
+   of a type carry, holds no hidden record to withhold, yet tells what was hidden.
 
 Each test searches the RAW response bytes and headers for the hidden ids, codes and texts.
 """
@@ -19,7 +24,7 @@ from aiohttp import web
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.leak.test_side_doors import MakeGateway, batch, call, fhir, leaks, slots, world
+from tests.leak.test_side_doors import MakeGateway, call, fhir, is_outcome, leaks, routes, sent_upstream, slots, world
 
 __all__ = ["world"]  # fixtures
 
@@ -84,3 +89,87 @@ async def test_a_conditional_read_in_a_batch_tells_nothing_of_a_hidden_record(
     # A record the doctor may read is answered in full: the condition was not honoured for it either.
     assert visible["resource"]["id"] == c.ANA_HYPERTENSION["id"], visible
     assert leaks(body, headers, (c.HIV_CONDITION["id"], "B20", "HIV", "2020-01-01")) == []
+
+
+# ---------------------------------------------------------------- 2. operations that compute over records
+
+ANA_ID = c.PAT_ANA.split("/", 1)[1]
+HIV_MEASURE = "http://example.org/fhir/Measure/hiv-viral-suppression"
+
+
+def measure_report(request: web.Request) -> dict[str, Any]:
+    """What the server computes: Ana is in the HIV measure's population (her hidden records)."""
+    return {
+        "resourceType": "MeasureReport", "id": "mr-ana-hiv-e51", "status": "complete", "type": "individual",
+        "measure": HIV_MEASURE, "subject": {"reference": c.PAT_ANA}, "date": "2024-05-01",
+        "period": {"start": "2024-01-01", "end": "2024-12-31"},
+        "group": [{"population": [
+            {"code": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/measure-population",
+                                  "code": "denominator"}]}, "count": 1},
+            {"code": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/measure-population",
+                                  "code": "numerator"}]}, "count": 1}]}],
+    }
+
+
+def parameters(request: web.Request) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "In HIV care", "valueBoolean": True},
+        {"name": "MemberIdentifier", "valueIdentifier": {"system": "urn:oid:1.2.36.1", "value": ANA_ID}},
+        {"name": "return", "valueMeta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                                       "code": "HIV"}]}},
+    ]}
+
+
+COMPUTING = {
+    "evaluate-measure": ("GET", f"/Measure/hiv-viral-suppression/$evaluate-measure?subject={c.PAT_ANA}"
+                                "&periodStart=2024-01-01&periodEnd=2024-12-31", None),
+    "evaluate-measure-population": ("GET", "/Measure/hiv-viral-suppression/$evaluate-measure?reportType=population"
+                                           "&periodStart=2024-01-01&periodEnd=2024-12-31", None),
+    "evaluate-measure-type": ("POST", "/Measure/$evaluate-measure", {"resourceType": "Parameters", "parameter": [
+        {"name": "measure", "valueString": HIV_MEASURE}, {"name": "subject", "valueString": c.PAT_ANA}]}),
+    "collect-data": ("GET", f"/Measure/hiv-viral-suppression/$collect-data?subject={c.PAT_ANA}", None),
+    "care-gaps": ("GET", f"/Measure/$care-gaps?subject={c.PAT_ANA}&status=open-gap", None),
+    "cql-evaluate": ("POST", "/Library/hiv-care/$evaluate", {"resourceType": "Parameters", "parameter": [
+        {"name": "subject", "valueString": c.PAT_ANA}, {"name": "expression", "valueString": "In HIV care"}]}),
+    "cql": ("GET", f"/$cql?subject={c.PAT_ANA}&expression=exists%20%5BCondition%5D", None),
+    "apply": ("GET", f"/PlanDefinition/hiv-followup/$apply?subject={c.PAT_ANA}", None),
+    "stats": ("GET", f"/Observation/$stats?subject={c.PAT_ANA}&code=http://loinc.org|20447-9&statistic=count", None),
+    "populate": ("GET", f"/Questionnaire/hiv-intake/$populate?subject={c.PAT_ANA}", None),
+    "member-match": ("POST", "/Patient/$member-match", {"resourceType": "Parameters", "parameter": [
+        {"name": "MemberPatient", "resource": {"resourceType": "Patient", "name": [{"family": "Reyes"}]}}]}),
+    "meta-type": ("GET", "/Condition/$meta", None),
+    "meta-system": ("GET", "/$meta", None),
+    "evaluate-measure-encoded": ("GET", f"/Measure/hiv-viral-suppression/%24evaluate-measure?subject={c.PAT_ANA}", None),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPUTING))
+@pytest.mark.parametrize("actor", [c.DOCTOR, c.PAT_ANA])
+async def test_an_operation_computed_over_records_is_refused(
+    world: FakeFhir, make_gateway: MakeGateway, name: str, actor: str,
+) -> None:
+    """Its answer cannot be decided resource by resource, so it is refused (403) and never sent,
+    even to Ana herself (a measure or a CQL expression reads other patients' records too)."""
+    method, path, body = COMPUTING[name]
+
+    async def answer(request: web.Request) -> web.StreamResponse | None:
+        if "$" not in request.path or request.path.endswith("/metadata"):
+            return None
+        computed = measure_report(request) if "measure" in request.path else parameters(request)
+        return fhir(computed)
+
+    world.override = answer
+    gateway = await make_gateway(world.base_url)
+    status, headers, got = await call(gateway, method, path, actor=actor, body=body)
+    is_outcome(status, headers, got, 403)
+    assert not [s for s in sent_upstream(world) if "$" in s], sent_upstream(world)
+    assert leaks(got, headers, ("numerator", "In HIV care", ANA_ID, "HIV")) == []
+
+
+async def test_instance_meta_of_a_readable_record_still_answers(world: FakeFhir, make_gateway: MakeGateway) -> None:
+    """The instance ``$meta`` is not refused: its record is decided first (the refusal is for
+    type and system level only)."""
+    gateway = await make_gateway(world.base_url)
+    status, _, got = await call(gateway, "GET", f"/{HTN_REF}/$meta")
+    assert status == 200, got
+    assert orjson.loads(got)["resourceType"] == "Parameters"
