@@ -194,6 +194,19 @@ def may_refer(raw: bytes) -> bool:
     return b'Reference"' in raw or b'"Binary"' in raw or has_u_escape(raw)
 
 
+def may_name_in_text(raw: bytes) -> bool:
+    """False when the JSON text ``raw`` certainly holds no display and no listing (then no
+    display or narrative needs removing, ``scrub_displays``): no ``"display"`` key, no
+    ``Composition`` or ``List``, no ``\\u`` escape that could spell one."""
+    return b'"display"' in raw or has_u_escape(raw) or lists_records(raw)
+
+
+def lists_records(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` may hold a resource whose narrative renders the records it
+    lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
+    return b'"Composition"' in raw or b'"List"' in raw
+
+
 def has_u_escape(raw: bytes) -> bool:
     """``b"\\u" in raw``, faster: a backslash alone is found by ``memchr``, and most answers
     have none."""
@@ -460,6 +473,8 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     raises (``ValueError``) unless the text is unreadable anyway (None)."""
     if has_u_escape(raw):
         return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
+    if lists_records(raw):
+        return None  # a listing's narrative may name what its entries point at, display or not
     if b'"display"' not in raw:
         return frozenset()
     pending: dict[bytes, bool] = {}  # per distinct value: a suspect not yet named
@@ -521,7 +536,8 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool])
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
-    """Remove ``display`` from references to patient data not in ``released``; True if any was.
+    """Remove ``display`` from references to patient data not in ``released``, and the narrative
+    of a listing that lists such data (``scrub_listing``); True if any was.
 
     ``released`` are the ``Type/id`` of the resources the answer keeps. One walk over the
     whole body (contained resources included).
@@ -532,6 +548,8 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
     while stack:
         node = pop()
         if type(node) is dict:
+            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released):
+                changed = True
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#"):
@@ -549,6 +567,54 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
                 if kind is dict or kind is list:
                     push(value)
     return changed
+
+
+# Resources whose narrative renders the records they list: a summary's sections, a list's items.
+LISTINGS = frozenset({"Composition", "List"})
+
+
+def scrub_listing(listing: JSON, released: frozenset[str]) -> bool:
+    """Remove the narratives of a Composition or List that lists patient data not in
+    ``released``: each section's that lists it (and those of the sections around it), and the
+    resource's own; True if any was. The entries stay, like references anywhere.
+
+    SECURITY: read without its entries (a summary read alone, or found by a search), its
+    narrative ("HIV disease", "Opioid dependence") would say what the withheld records are. An
+    entry whose target cannot be read (a display or identifier alone) may be any record."""
+    removed: list[object] = []
+    if listing.get("resourceType") == "List":
+        items = listing.get("entry")
+        lists = isinstance(items, list) and any(
+            _names_unreleased(e.get("item") if isinstance(e, dict) else e, released) for e in items)
+    else:
+        lists = _scrub_sections(listing.get("section"), released, removed)
+    if lists and "text" in listing:
+        removed.append(listing.pop("text"))
+    return bool(removed)
+
+
+def _scrub_sections(sections: object, released: frozenset[str], removed: list[object]) -> bool:
+    """Drop the narrative of each section listing unreleased data (or holding one that does),
+    into ``removed``; True when any section here lists such data."""
+    found = False
+    for section in sections if isinstance(sections, list) else ():
+        if not isinstance(section, dict):
+            continue
+        entries = section.get("entry")
+        lists = isinstance(entries, list) and any(_names_unreleased(e, released) for e in entries)
+        if _scrub_sections(section.get("section"), released, removed) or lists:
+            if "text" in section:
+                removed.append(section.pop("text"))
+            found = True
+    return found
+
+
+def _names_unreleased(ref: object, released: frozenset[str]) -> bool:
+    target = reference_of(ref)
+    if target is None:
+        return ref is not None  # a Reference naming nothing readable (a display alone) may be any record
+    return not target.startswith("#") and relative_reference(target) not in released \
+        and may_be_patient_data(relative_reference(target))
 
 
 def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:

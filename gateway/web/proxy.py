@@ -22,7 +22,7 @@ from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLar
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import (
-    displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
+    displays_scrubber, in_answer, may_name_in_text, may_name_unreleased, scrub_displays, unreleased_named,
 )
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
@@ -392,9 +392,9 @@ async def decide_answer(
     owners = None if shadow else observed.owners
     touched = view.touched if view is not None else None
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
-    # A display may name what is not released: the key as written, or spelled with a \u escape.
+    # A display or a listing's narrative may name what is not released (keys as written or \u-escaped).
     raw = upstream.body
-    may_display = (b'"display"' in raw or has_u_escape(raw)) and not shadow
+    may_display = may_name_in_text(raw) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
         named = unreleased_named(upstream.body, released) if may_display else frozenset()

@@ -173,3 +173,84 @@ async def test_instance_meta_of_a_readable_record_still_answers(world: FakeFhir,
     status, _, got = await call(gateway, "GET", f"/{HTN_REF}/$meta")
     assert status == 200, got
     assert orjson.loads(got)["resourceType"] == "Parameters"
+
+
+# ---------------------------------------------------------------- 3. a summary's narrative, read without its entries
+
+IPS_NARRATIVE = ('<div xmlns="http://www.w3.org/1999/xhtml"><ul><li>Essential (primary) hypertension</li>'
+                 "<li>Human immunodeficiency virus [HIV] disease</li><li>Opioid dependence, uncomplicated</li></ul></div>")
+NARRATIVE_SECRETS = ("Human immunodeficiency", "HIV", "Opioid")
+
+
+def summary(rid: str, narrative_at: str) -> dict[str, Any]:
+    """Ana's patient summary as a server stores it: its sections list her problems by reference
+    and say them in a narrative (the section's, or the Composition's own)."""
+    section: dict[str, Any] = {
+        "title": "Active Problems", "code": c.concept(c.LOINC, "11450-4", "Problem list - Reported"),
+        "entry": [{"reference": HTN_REF}, {"reference": HIV_REF}, {"reference": f"Condition/{c.OUD_CONDITION['id']}"}],
+    }
+    composition: dict[str, Any] = {
+        "resourceType": "Composition", "id": rid, "status": "final",
+        "type": c.concept(c.LOINC, "60591-5", "Patient summary Document"),
+        "subject": {"reference": c.PAT_ANA}, "date": "2024-07-01T10:00:00Z",
+        "author": [{"reference": c.DOCTOR}], "title": "Patient Summary", "section": [section],
+    }
+    owner = section if narrative_at == "section" else composition
+    owner["text"] = {"status": "generated", "div": IPS_NARRATIVE}
+    return composition
+
+
+@pytest.mark.parametrize("narrative_at", ["section", "composition"])
+@pytest.mark.parametrize("how", ["read", "search", "batch"])
+async def test_a_summary_read_without_its_entries_does_not_name_the_hidden_ones(
+    world: FakeFhir, make_gateway: MakeGateway, narrative_at: str, how: str,
+) -> None:
+    """Read alone (or found by a search, or in a batch), Ana's summary lists her HIV and opioid
+    records, which the doctor may not see and which the answer does not hold: the narratives that
+    say them go; the rest of the summary stays."""
+    composition = summary("ips-ana-rt8", narrative_at)
+    world.add(composition)
+    gateway = await make_gateway(world.base_url)
+    path = "Composition/ips-ana-rt8"
+    if how == "read":
+        status, headers, body = await call(gateway, "GET", f"/{path}")
+    elif how == "search":
+        status, headers, body = await call(gateway, "GET", f"/Composition?patient={c.PAT_ANA}")
+    else:
+        status, headers, body = await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "batch",
+                                                                       "entry": [{"request": {"method": "GET", "url": path}}]})
+    assert status == 200, body
+    assert leaks(body, headers, NARRATIVE_SECRETS) == []
+    assert b"Patient Summary" in body and b"Active Problems" in body, body
+
+
+@pytest.mark.parametrize("how", ["read", "search"])
+async def test_a_problem_list_read_without_its_items_does_not_name_the_hidden_ones(
+    world: FakeFhir, make_gateway: MakeGateway, how: str,
+) -> None:
+    problems = {"resourceType": "List", "id": "list-ana-rt8", "status": "current", "mode": "working",
+                "title": "Problem list", "subject": {"reference": c.PAT_ANA},
+                "text": {"status": "generated", "div": IPS_NARRATIVE},
+                "entry": [{"item": {"reference": HTN_REF}}, {"item": {"reference": HIV_REF}}]}
+    world.add(problems)
+    gateway = await make_gateway(world.base_url)
+    path = "/List/list-ana-rt8" if how == "read" else f"/List?patient={c.PAT_ANA}"
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 200 and b"Problem list" in body, body
+    assert leaks(body, headers, NARRATIVE_SECRETS) == []
+
+
+async def test_a_summary_whose_listed_records_are_all_released_keeps_its_narrative(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """The narrative goes only where it may name what the answer does not hold: a summary of
+    the hypertension alone, found with it, keeps it."""
+    composition = summary("ips-ana-htn-rt8", "section")
+    composition["section"][0]["entry"] = [{"reference": HTN_REF}]
+    world.add(composition)
+    world.override = routes({("GET", "/Composition"): lambda r: c.bundle(
+        [composition, c.ANA_HYPERTENSION], world.base_url)})
+    gateway = await make_gateway(world.base_url)
+    status, _, body = await call(gateway, "GET", f"/Composition?patient={c.PAT_ANA}&_include=Composition:entry")
+    assert status == 200, body
+    assert b"Essential (primary) hypertension" in body  # the narrative, over released records only
