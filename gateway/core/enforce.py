@@ -6,7 +6,8 @@ its container's patients; if any is denied the container is denied with it; so a
 resources a contained Bundle or Parameters holds). Denied
 Bundle entries are removed and one OperationOutcome entry (issue ``suppressed``) is added;
 in batch/transaction responses the denied entry keeps its place but loses its resource.
-``Bundle.total`` is dropped whenever filtering could have hidden anything.
+``Bundle.total`` is dropped whenever filtering could have hidden anything, and with it the
+``last`` link (whose offset counts the matches).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Enforced:
     kept: list[int] | None = None
     slots: str | None = None        # the status of a refused slot, in a batch/transaction answer
     outcome_entry: bool = False     # the "some results were withheld" entry goes last
-    drop_total: bool = False        # Bundle.total goes
+    drop_total: bool = False        # Bundle.total goes, and the last link
     applied: bool = False
 
     @property
@@ -363,6 +364,14 @@ def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: boo
                 bundle["entry"].append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
     if drop_total:
         bundle.pop("total", None)
+        links = bundle.get("link")
+        if isinstance(links, list) and any(_is_last(link) for link in links):
+            # SECURITY: the last page's offset is the count of matches, written otherwise.
+            bundle["link"] = [link for link in links if not _is_last(link)]
+
+
+def _is_last(link: object) -> bool:
+    return isinstance(link, dict) and link.get("relation") == "last"
 
 
 def total_is_visible(bundle: JSON) -> bool:
@@ -515,10 +524,13 @@ class Enforcer:
             if filtered:
                 self.result.changed = True
         filtered = len(self.result.removed) > removed_before
-        drop_total = "total" in bundle and (self.drop_total or filtered or not total_is_visible(bundle))
+        links = bundle.get("link")
+        counted = "total" in bundle or (isinstance(links, list) and any(_is_last(link) for link in links))
+        drop_total = counted and (self.drop_total or filtered or not total_is_visible(bundle))
         if drop_total:
-            # SECURITY: Bundle.total would reveal how many entries were withheld, or count
-            # matches on other pages (a joint record of another patient) never decided here.
+            # SECURITY: Bundle.total (or the last page's link) would reveal how many entries
+            # were withheld, or count matches on other pages (a joint record of another patient)
+            # never decided here.
             self.result.changed = True
         if top:
             result = self.result
