@@ -10,6 +10,11 @@
    ``$populate``, ``$member-match``, type- and system-level ``$meta``): a MeasureReport or a
    Parameters that says Ana is in the numerator of an HIV measure, or which labels the records
    of a type carry, holds no hidden record to withhold, yet tells what was hidden.
+3. A Composition or List read without the records it lists: its narrative says them.
+4. The ``last`` link of a page: its offset is the count Bundle.total would have been.
+5. A cascading delete (``_cascade=delete``, ``X-Cascade: delete``, HAPI FHIR) of a record the
+   requester may read deletes every record that refers to it, hidden ones too, and its
+   answer (a 200 OperationOutcome, passed on) lists them.
 
 Each test searches the RAW response bytes and headers for the hidden ids, codes and texts.
 """
@@ -285,3 +290,48 @@ async def test_the_last_link_does_not_count_hidden_matches(
     links = {link["relation"]: link["url"] for link in orjson.loads(body)["link"]}
     assert "last" not in links and b"_offset=6" not in body and b'"total"' not in body, links
     assert links["next"].startswith(gateway.url) and links["next"].endswith("_offset=1"), links
+
+
+# ---------------------------------------------------------------- 5. cascading deletes
+
+
+def cascade(world: FakeFhir) -> Any:
+    """A delete as HAPI FHIR runs it with cascading on: the records that refer to the deleted
+    one go with it, and the answer (200) names them."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        cascading = request.query.get("_cascade") == "delete" or request.headers.get("X-Cascade") == "delete"
+        if request.method != "DELETE" or not cascading:
+            return None
+        target = request.path.removeprefix("/fhir/")
+        gone = [key for key, r in world.resources.items() if orjson.dumps(r).find(target.encode()) > 0 and key != target]
+        for key in [target, *gone]:
+            world.resources.pop(key, None)
+        return fhir({"resourceType": "OperationOutcome", "issue": [{
+            "severity": "information", "code": "informational",
+            "diagnostics": f"Cascaded delete to {len(gone)} resources: {gone}"}]})
+
+    return override
+
+
+@pytest.mark.parametrize("how", ["parameter", "header", "batch"])
+async def test_a_cascading_delete_is_refused(world: FakeFhir, make_gateway: MakeGateway, how: str) -> None:
+    """The doctor may read Ana's hypertension, not the records that may refer to it: he may not
+    delete those, nor learn them from the answer. A plain delete stays the server's to judge."""
+    world.override = cascade(world)
+    gateway = await make_gateway(world.base_url)
+    target = f"Patient/{ANA_ID}"
+    if how == "parameter":
+        status, headers, body = await call(gateway, "DELETE", f"/{target}?_cascade=delete")
+    elif how == "header":
+        status, headers, body = await call(gateway, "DELETE", f"/{target}", **{"X-Cascade": "delete"})
+    else:
+        status, headers, body = await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "DELETE", "url": f"{target}?_cascade=delete"}}]})
+    assert HIV_REF in world.resources and target in world.resources, sent_upstream(world)
+    assert not [s for s in sent_upstream(world) if s.startswith("DELETE")], sent_upstream(world)
+    if how == "batch":
+        assert status == 200 and slots(body)[0]["response"]["status"].startswith(("400", "403")), body
+    else:
+        assert status in (400, 403), body
+    assert leaks(body, headers, (c.HIV_CONDITION["id"], c.OUD_CONDITION["id"])) == []
