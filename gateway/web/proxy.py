@@ -541,4 +541,15 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
     log_access(request.method, info, response.status, seconds)
     officer.finish(request, response)
+    if 200 <= response.status < 300 and state.settings.enforcement.denied_read_status == 404:
+        conceal_withholding(response)  # SECURITY: after the decision line, which keeps the truth
     return response
+
+
+def conceal_withholding(response: web.StreamResponse) -> None:
+    """In 404 mode nothing tells a withheld record from a missing one (no "suppressed" entry
+    either): an answer that went out says only that it is permitted, and is always sent chunked
+    (a spliced answer is, one left as the upstream wrote it is not)."""
+    response.headers["X-Consent-Decision"] = "permit"
+    if response.status != 204 and not response.prepared and "Content-Length" not in response.headers:
+        response.enable_chunked_encoding()

@@ -335,3 +335,42 @@ async def test_a_cascading_delete_is_refused(world: FakeFhir, make_gateway: Make
     else:
         assert status in (400, 403), body
     assert leaks(body, headers, (c.HIV_CONDITION["id"], c.OUD_CONDITION["id"])) == []
+
+
+# ---------------------------------------------------------------- 6. the decision header in 404 mode
+
+VARYING = frozenset({"date", "x-request-id", "content-length"})
+
+
+@pytest.mark.parametrize("door", ["search", "batch", "include", "batch-all-refused"])
+async def test_404_mode_the_decision_header_does_not_tell_a_hidden_record_from_a_missing_one(
+    world: FakeFhir, make_gateway: MakeGateway, door: str,
+) -> None:
+    """A search, batch or include that lost a hidden record answers exactly as one that found
+    nothing, headers included: ``X-Consent-Decision`` must not say "filtered" (or, for a batch
+    whose every entry was refused, "deny") for the one and "permit" for the other. The decision
+    log and the metrics keep the true decision, for the operator."""
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
+    world.override = routes({
+        ("GET", "/Patient"): lambda r: c.bundle(
+            [c.ANA], world.base_url, include=(c.HIV_CONDITION,) if "_revinclude" in r.query and "hidden" in r.query.get("x", "") else ()),
+    })
+    answers = []
+    for rid in (c.HIV_CONDITION["id"], "cond-nothing-here-000"):
+        if door == "search":
+            answers.append(await call(gateway, "GET", f"/Condition?_id={rid}"))
+        elif door == "batch":
+            answers.append(await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "GET", "url": f"Condition?_id={rid}"}}]}))
+        elif door == "batch-all-refused":
+            answers.append(await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "batch", "entry": [
+                {"request": {"method": "GET", "url": f"Condition/{rid}/$meta"}}]}))
+        else:
+            which = "hidden" if rid == c.HIV_CONDITION["id"] else "none"
+            answers.append(await call(gateway, "GET", f"/Patient?_id={ANA_ID}&_revinclude=Condition:subject&x={which}"))
+    (s1, h1, b1), (s2, h2, b2) = answers
+    assert s1 == s2 == 200, (b1, b2)
+    if door in ("search", "batch"):
+        assert b1.replace(c.HIV_CONDITION["id"].encode(), b"cond-nothing-here-000") == b2
+    assert {k.lower(): v for k, v in h1.items() if k.lower() not in VARYING} == \
+        {k.lower(): v for k, v in h2.items() if k.lower() not in VARYING}
