@@ -354,7 +354,9 @@ def apply(body: JSON, result: Enforced) -> None:
 
 def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: bool, drop_total: bool) -> None:
     entries = bundle.get("entry")
-    if isinstance(entries, list) and (len(kept) != len(entries) or outcome):
+    if isinstance(entries, list) and (
+        len(kept) != len(entries) or outcome or (not entries and bundle.get("type") not in _RESPONSE_BUNDLES)
+    ):
         if slots is not None:
             keep = set(kept)
             bundle["entry"] = [e if i in keep else {"response": withheld_slot(slots)} for i, e in enumerate(entries)]
@@ -362,6 +364,10 @@ def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: boo
             bundle["entry"] = [entries[i] for i in kept]
             if outcome:
                 bundle["entry"].append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+            elif not bundle["entry"]:
+                # SECURITY: a page that found nothing has no entry list (FHIR JSON has no empty
+                # arrays); one whose every entry was withheld must read the same.
+                del bundle["entry"]
     if drop_total:
         bundle.pop("total", None)
         links = bundle.get("link")
@@ -466,6 +472,10 @@ class Enforcer:
         if entries is not None and not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
             self._malformed()
             return None
+        # An empty list goes (apply), as one emptied here does: FHIR JSON has no empty arrays.
+        empty = entries == [] and bundle.get("type") not in _RESPONSE_BUNDLES
+        if empty:
+            self.result.changed = True
         kept_indices: list[int] = []
         slots: str | None = None
         outcome = False
@@ -536,7 +546,7 @@ class Enforcer:
             result = self.result
             result.kept, result.slots, result.outcome_entry, result.drop_total = kept_indices, slots, outcome, drop_total
             return None
-        if not filtered and not drop_total:
+        if not filtered and not drop_total and not empty:
             return None
         return kept_indices, slots, outcome, drop_total
 

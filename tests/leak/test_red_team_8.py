@@ -374,3 +374,28 @@ async def test_404_mode_the_decision_header_does_not_tell_a_hidden_record_from_a
         assert b1.replace(c.HIV_CONDITION["id"].encode(), b"cond-nothing-here-000") == b2
     assert {k.lower(): v for k, v in h1.items() if k.lower() not in VARYING} == \
         {k.lower(): v for k, v in h2.items() if k.lower() not in VARYING}
+
+
+@pytest.mark.parametrize("rid", [c.HIV_CONDITION["id"], c.OUD_CONDITION["id"]])
+async def test_404_mode_a_page_that_lost_every_entry_has_no_entry_list(
+    world: FakeFhir, make_gateway: MakeGateway, rid: str,
+) -> None:
+    """A server leaves ``entry`` out of a page that found nothing (an empty array is no FHIR
+    JSON): a page whose every match was withheld must read the same, not ``"entry":[]``."""
+
+    def found(request: web.Request) -> dict[str, Any]:
+        wanted = request.query["_id"]
+        page = c.bundle([r for r in (c.HIV_CONDITION, c.OUD_CONDITION) if r["id"] == wanted], world.base_url,
+                        self_url=f"{world.base_url}/Condition?_id=x")
+        if not page["entry"]:
+            del page["entry"]
+        page.pop("total")
+        return page
+
+    world.override = routes({("GET", "/Condition"): found})
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
+    hidden = await call(gateway, "GET", f"/Condition?_id={rid}")
+    missing = await call(gateway, "GET", "/Condition?_id=cond-nothing-here-000")
+    assert hidden[0] == missing[0] == 200
+    assert hidden[2] == missing[2], (hidden[2], missing[2])
+    assert b'"entry"' not in hidden[2]
