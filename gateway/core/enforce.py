@@ -307,39 +307,63 @@ def may_be_included(entry: object, searchset: bool = True) -> bool:
     return searchset
 
 
-def without_orphan_includes(entries: list[object], searchset: bool = True) -> list[object]:
-    """Drop included non-patient resources (a Medication, a Practitioner) that no kept resource
-    refers to and that refer to none: they were brought by a withheld match and would tell
-    what it was (the drug of a hidden order). Included: ``may_be_included``."""
-    if not any(
-        may_be_included(e, searchset) and isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        and not is_patient_data(str(e["resource"].get("resourceType")))
-        for e in entries
-    ):
+def without_orphan_includes(
+    entries: list[object], searchset: bool = True, gone: frozenset[str] = frozenset(),
+) -> list[object]:
+    """Drop included resources that no kept resource refers to and that refer to no kept match:
+    they were brought by a withheld match and would tell what it was (the drug of a hidden
+    order, the Patient of a hidden HIV condition). ``gone``: what the withheld resources refer
+    to; an include among them that refers to a kept match stays only when a kept resource
+    refers to it too (a withheld condition's visit, which refers to the patient matched).
+
+    Included: a non-patient resource that ``may_be_included``; patient data only when its
+    ``search.mode`` says "include" (a server that writes no mode would lose its matches). What a
+    kept include refers to is kept in turn (``_include:iterate``)."""
+    candidates = [_included(e, searchset) for e in entries]
+    if not any(candidates):
         return entries
-    kept_refs: set[str] = set()
-    others: set[str] = set()
-    for entry in entries:
+    referenced: set[str] = set()
+    matches: set[str] = set()
+    for entry, candidate in zip(entries, candidates):
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
+        if candidate or not isinstance(resource, dict):
             continue
-        rtype = resource.get("resourceType")
-        if may_be_included(entry, searchset) and isinstance(rtype, str) and not is_patient_data(rtype):
+        referenced.update(references_of(resource))
+        own = resource_reference(resource)
+        if own is not None:
+            matches.add(own)
+    waiting: dict[str, list[int]] = {}
+    keep = [not candidate for candidate in candidates]
+    brought: list[int] = []
+    for index, candidate in enumerate(candidates):
+        if not candidate:
             continue
-        kept_refs.update(references_of(resource))
-        if isinstance(rtype, str) and isinstance(resource.get("id"), str):
-            others.add(f"{rtype}/{resource['id']}")
-    out: list[object] = []
-    for entry in entries:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(entry, dict) and isinstance(resource, dict) and may_be_included(entry, searchset):
-            rtype = resource.get("resourceType")
-            if isinstance(rtype, str) and not is_patient_data(rtype):
-                own = f"{rtype}/{resource.get('id')}"
-                if own not in kept_refs and not (references_of(resource) & others):
-                    continue
-        out.append(entry)
-    return out
+        resource = entries[index]["resource"]  # type: ignore[index]
+        own = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if own in referenced or (own not in gone and references_of(resource) & matches):
+            keep[index] = True
+            brought.append(index)
+        else:
+            waiting.setdefault(own, []).append(index)
+    while brought and waiting:
+        refs = references_of(entries[brought.pop()]["resource"])  # type: ignore[index]
+        for ref in refs & waiting.keys():
+            for index in waiting.pop(ref):
+                keep[index] = True
+                brought.append(index)
+    return [entry for entry, kept in zip(entries, keep) if kept]
+
+
+def _included(entry: object, searchset: bool) -> bool:
+    """Whether a kept entry is an include the orphan check may drop (``without_orphan_includes``)."""
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    if not isinstance(resource, dict):
+        return False
+    rtype = resource.get("resourceType")
+    if isinstance(rtype, str) and is_patient_data(rtype):
+        mode = _mode(entry)
+        return type(mode) is str and mode.strip().lower() == "include"
+    return may_be_included(entry, searchset)
 
 
 def apply(body: JSON, result: Enforced) -> None:
@@ -521,7 +545,8 @@ class Enforcer:
             # Something was withheld here or inside a kept entry (a Bundle in an entry).
             filtered = len(removed) > removed_before
             if filtered and not response_bundle and includes:
-                orphans = without_orphan_includes(kept, searchset)
+                named = frozenset().union(*(references_of(r) for _, r in withheld if type(r) is dict))
+                orphans = without_orphan_includes(kept, searchset, named)
                 if len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices = [i for i in kept_indices if id(entries[i]) in left]

@@ -15,6 +15,11 @@
 5. A cascading delete (``_cascade=delete``, ``X-Cascade: delete``, HAPI FHIR) of a record the
    requester may read deletes every record that refers to it, hidden ones too, and its
    answer (a 200 OperationOutcome, passed on) lists them.
+6. In 404 mode, what tells a search that lost a hidden record from one that found nothing:
+   the decision header, the framing, an empty ``entry`` list.
+7. Included patient data brought only by a withheld match: ``Condition?code=B20&_include=
+   Condition:subject`` answers the Patient of everyone with HIV, each record permitted on its
+   own, the match that brought it withheld.
 
 Each test searches the RAW response bytes and headers for the hidden ids, codes and texts.
 """
@@ -29,7 +34,7 @@ from aiohttp import web
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.leak.test_side_doors import MakeGateway, call, fhir, is_outcome, leaks, routes, sent_upstream, slots, world
+from tests.leak.test_side_doors import MakeGateway, call, fhir, ids_in, is_outcome, leaks, routes, sent_upstream, slots, world
 
 __all__ = ["world"]  # fixtures
 
@@ -399,3 +404,50 @@ async def test_404_mode_a_page_that_lost_every_entry_has_no_entry_list(
     assert hidden[0] == missing[0] == 200
     assert hidden[2] == missing[2], (hidden[2], missing[2])
     assert b'"entry"' not in hidden[2]
+
+
+# ---------------------------------------------------------------- 7. patient data included by a withheld match
+
+ENCOUNTER = {"resourceType": "Encounter", "id": "enc-ana-rt8", "status": "finished",
+             "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+             "subject": {"reference": c.PAT_ANA}, "period": {"start": "2021-03-04"}}
+HIV_AT_VISIT = {**c.HIV_CONDITION, "encounter": {"reference": "Encounter/enc-ana-rt8"}}
+
+
+def included(matches: list[dict[str, Any]], includes: list[dict[str, Any]], base: str) -> dict[str, Any]:
+    page = c.bundle(matches, base, include=tuple(includes))
+    page.pop("total")
+    return page
+
+
+@pytest.mark.parametrize("status", [403, 404])
+@pytest.mark.parametrize("asked", ["subject", "encounter", "iterate"])
+async def test_patient_data_included_only_by_a_withheld_match_is_not_sent(
+    world: FakeFhir, make_gateway: MakeGateway, status: int, asked: str,
+) -> None:
+    """Ana's Patient record and her visit are open to the doctor, her HIV condition is not: a
+    search for HIV conditions that includes their subjects (or encounters) must not answer
+    with Ana, which would say she has HIV. What a kept match brings stays, iterated too."""
+    world.add(ENCOUNTER, HIV_AT_VISIT)
+    htn = {**c.ANA_HYPERTENSION, "encounter": {"reference": "Encounter/enc-ana-htn-rt8"}}
+    htn_visit = {**ENCOUNTER, "id": "enc-ana-htn-rt8", "period": {"start": "2020-01-01"}}
+    brought = {"subject": [c.ANA], "encounter": [ENCOUNTER], "iterate": [ENCOUNTER, c.ANA]}[asked]
+
+    def answer(request: web.Request) -> dict[str, Any]:
+        if request.query.get("code") == "B20":
+            return included([HIV_AT_VISIT], brought, world.base_url)
+        return included([htn, HIV_AT_VISIT], [htn_visit, *brought], world.base_url)
+
+    world.override = routes({("GET", "/Condition"): answer})
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
+    include = {"subject": "_include=Condition:subject", "encounter": "_include=Condition:encounter",
+               "iterate": "_include=Condition:encounter&_include:iterate=Encounter:subject"}[asked]
+    code, headers, body = await call(gateway, "GET", f"/Condition?code=B20&{include}")
+    assert code == 200, body
+    assert ids_in(body) == set(), body
+    assert leaks(body, headers, (ANA_ID, "Reyes", "enc-ana-rt8", *c.SECRETS)) == []
+    # The same includes beside a kept match: what it brings is sent, what only the withheld one brings is not.
+    code, headers, body = await call(gateway, "GET", f"/Condition?patient={c.PAT_ANA}&{include}")
+    assert code == 200, body
+    assert ids_in(body) == {c.ANA_HYPERTENSION["id"], "enc-ana-htn-rt8"} | (
+        {ANA_ID} if asked != "encounter" else set()), body
