@@ -5,6 +5,8 @@
    through fhirpy, alone or found by a search, they come without those narratives.
 2. In 404 mode a search that lost Bob's hidden record answers exactly like one that found
    nothing, the decision header and the framing included.
+3. A search for HIV conditions that includes their subjects: the engine answers Bob's Patient
+   record (open to Dr GP on its own) beside his withheld HIV condition; it must not reach him.
 """
 
 from __future__ import annotations
@@ -72,3 +74,15 @@ async def test_404_mode_a_search_that_lost_a_hidden_record_answers_like_one_that
     assert {k.lower(): v for k, v in h1.items() if k.lower() not in varying} == \
         {k.lower(): v for k, v in h2.items() if k.lower() not in varying}
     assert h1["X-Consent-Decision"] == "permit"
+
+
+async def test_the_patients_of_withheld_hiv_conditions_are_not_included(gw: GatewayUnderTest) -> None:
+    fhir = fhir_client(gw, GP)
+    bundle = await fhir.resources("Condition").search(code="http://hl7.org/fhir/sid/icd-10-cm|B20").include(
+        "Condition", "subject").fetch_raw()
+    found = [e["resource"] for e in bundle.get("entry") or () if e.get("search", {}).get("mode") != "outcome"]
+    assert found == [], [f"{r['resourceType']}/{r['id']}" for r in found]
+    # Bob's results with their subject: his open CBC brings him, his withheld HIV test goes.
+    bundle = await fhir.resources("Observation").search(subject=BOB).include("Observation", "subject").fetch_raw()
+    kept = {f"{e['resource']['resourceType']}/{e['resource'].get('id')}" for e in bundle.get("entry") or ()}
+    assert {"Observation/bob-cbc", "Patient/pat-bob"} <= kept and "Observation/bob-hiv-test" not in kept, kept
