@@ -20,6 +20,7 @@ from gateway.core.fhir import JSON, relative_reference, resource_reference
 from gateway.core.errors import UpstreamUnavailable
 from gateway.core.memo import TextMemo
 from gateway.core.model import Decision, Reason, Verdict
+from gateway.core.references import LISTINGS
 
 # judge(resource, the patients it belongs to) -> Decision
 Judge = Callable[[JSON, frozenset[str]], Decision]
@@ -89,6 +90,9 @@ class Enforced:
     outcome_entry: bool = False     # the "some results were withheld" entry goes last
     drop_total: bool = False        # Bundle.total goes, and the last link
     applied: bool = False
+    # A Composition or List was met: its narrative may name what the answer does not release
+    # (references.scrub_listing), whatever the displays.
+    listings: bool = False
 
     @property
     def header(self) -> str:
@@ -461,6 +465,8 @@ class Enforcer:
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
+            if rtype in LISTINGS:
+                self.result.listings = True
             decision = judge_resource(body, self.judge, self.index)
             if decision.verdict is Verdict.DENY:
                 self.result.denied = True
@@ -475,6 +481,8 @@ class Enforcer:
         if rtype == "Parameters":
             self.parameters(resource.get("parameter"))
             return True
+        if rtype in LISTINGS:
+            self.result.listings = True
         decision = judge_resource(resource, self.judge, self.index)
         if decision.verdict is Verdict.DENY:
             self.result.removed.append((str(rtype), decision))
@@ -524,6 +532,8 @@ class Enforcer:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
                         compositions = True
+                    elif rtype == "List":
+                        self.result.listings = True
                     if not includes:
                         includes = may_be_included(entry, searchset)
                     if rtype == "Bundle" or rtype == "Parameters":
@@ -538,6 +548,8 @@ class Enforcer:
                     kept_indices.append(index)
                 else:
                     withheld.append((entry, resource))
+            if compositions:
+                self.result.listings = True
             if withheld and compositions:
                 gone = set().union(*(_identities(e, r) for e, r in withheld))
                 if scrub_compositions(kept, gone):

@@ -194,16 +194,9 @@ def may_refer(raw: bytes) -> bool:
     return b'Reference"' in raw or b'"Binary"' in raw or has_u_escape(raw)
 
 
-def may_name_in_text(raw: bytes) -> bool:
-    """False when the JSON text ``raw`` certainly holds no display and no listing (then no
-    display or narrative needs removing, ``scrub_displays``): no ``"display"`` key, no
-    ``Composition`` or ``List``, no ``\\u`` escape that could spell one."""
-    return b'"display"' in raw or has_u_escape(raw) or lists_records(raw)
-
-
 def lists_records(raw: bytes) -> bool:
-    """Whether the JSON text ``raw`` may hold a resource whose narrative renders the records it
-    lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
+    """Whether the JSON text ``raw`` (one entry's) may hold a resource whose narrative renders the
+    records it lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
     return b'"Composition"' in raw or b'"List"' in raw
 
 
@@ -473,8 +466,6 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     raises (``ValueError``) unless the text is unreadable anyway (None)."""
     if has_u_escape(raw):
         return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
-    if lists_records(raw):
-        return None  # a listing's narrative may name what its entries point at, display or not
     if b'"display"' not in raw:
         return frozenset()
     pending: dict[bytes, bool] = {}  # per distinct value: a suspect not yet named
@@ -621,13 +612,14 @@ def _names_unreleased(ref: object, released: frozenset[str]) -> bool:
 
 def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
     """Rewrites one kept entry's text without the displays of references to patient data the
-    answer does not release (the entry as the upstream wrote it when it has none). ``named``:
-    the reference values of the whole answer that may (``unreleased_named``)."""
+    answer does not release, and the narratives of a listing (``scrub_displays``; the entry as
+    the upstream wrote it when it has none). ``named``: the reference values of the whole
+    answer that may (``unreleased_named``); None when any may (an answer holding a listing)."""
 
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released):
+        if not may_name_unreleased(text, released) and not lists_records(text):
             return text
         entry = orjson.loads(text)
         return orjson.dumps(entry) if scrub_displays(entry, released) else text

@@ -22,7 +22,7 @@ from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLar
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter
 from gateway.core.references import (
-    displays_scrubber, in_answer, may_name_in_text, may_name_unreleased, scrub_displays, unreleased_named,
+    displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
 )
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
@@ -394,10 +394,11 @@ async def decide_answer(
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
     # A display or a listing's narrative may name what is not released (keys as written or \u-escaped).
     raw = upstream.body
-    may_display = may_name_in_text(raw) and not shadow
+    listings = decided_result.listings
+    may_display = (b'"display"' in raw or has_u_escape(raw) or listings) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
-        named = unreleased_named(upstream.body, released) if may_display else frozenset()
+        named = None if listings else unreleased_named(upstream.body, released) if may_display else frozenset()
         if named != frozenset() and view.is_bundle:
             # The Bundle's own elements (a signature's who.display) are put back from the parse.
             changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released)
@@ -410,7 +411,7 @@ async def decide_answer(
             response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
         return response
-    if may_display and may_name_unreleased(upstream.body, released):
+    if may_display and (listings or may_name_unreleased(upstream.body, released)):
         changed |= scrub_displays(parsed, released)
     if plan is not None and isinstance(parsed.get("entry"), list):
         changed |= settle_slots(plan, parsed["entry"], status)

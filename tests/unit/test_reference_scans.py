@@ -7,8 +7,6 @@ oracles, and generated texts and bodies must get the same answer (or the same ki
 from both: JSON texts with references and displays, ``\\u`` and other escapes, whitespace JSON
 does not know, nested objects, braces and quotes inside strings, conditional, ``#`` and
 absolute references, released and unreleased targets, and byte soups that are no JSON at all.
-(Changed since in one way: a text that may hold a Composition or a List cannot be read this way,
-since a listing's narrative may name what its entries point at, display or not.)
 """
 
 from __future__ import annotations
@@ -55,8 +53,6 @@ def old_may_be_patient_data(target: str) -> bool:
 def old_unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] | None:
     if b"\\u" in raw:
         return None
-    if b'"Composition"' in raw or b'"List"' in raw:
-        return None  # changed since: a listing's narrative may name its entries, display or not
     if b'"display"' not in raw:
         return frozenset()
     values = _OLD_REFERENCE.findall(raw)
