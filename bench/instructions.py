@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
+import random
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,22 @@ CALLGRIND_CONTROL = shutil.which("callgrind_control")
 # A process under valgrind runs some 50 times slower: start-up (the rules) takes minutes.
 START_TIMEOUT_S = 600
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+def stable_port() -> int:
+    """A free port below the kernel's ephemeral range: a process that starts for minutes under
+    valgrind must not find its port taken by a test server bound to port 0 meanwhile (nor have
+    the readiness check answered by one)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return procs.free_port()
 
 
 def headers_for(workload: str) -> dict[str, str]:
@@ -63,32 +80,59 @@ def _control(*args: str) -> None:
     subprocess.run([CALLGRIND_CONTROL, *args], check=True, capture_output=True)
 
 
+def _dumped(workdir: Path, name: str, seen: int) -> list[int]:
+    """The totals of every dump callgrind has written for ``name``, once there are more than ``seen``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        dumps = sorted(workdir.glob(f"{name}.callgrind.*"), key=lambda d: (len(d.name), d.name))
+        found = [int(m) for d in dumps for m in _TOTALS.findall(d.read_bytes())[:1]]
+        if len(found) > seen:
+            return found
+        time.sleep(0.5)
+    raise RuntimeError(f"{name}: callgrind wrote no counts")
+
+
 def count(name: str, command: list[str], cwd: Path | None, workdir: Path, port: int, ready: str,
-          path: str, headers: dict[str, str], requests: int) -> int:
-    """Instructions the process ``command`` runs for ``requests`` requests, after a warm-up."""
+          path: str, headers: dict[str, str], requests: int) -> float:
+    """Instructions per request of the process ``command``, after a warm-up: the counts of
+    ``requests`` and of a fifth as many, told apart, so what a dump costs falls out."""
     out = workdir / f"{name}.callgrind"
+    log = workdir / f"{name}.log"
     assert VALGRIND is not None
     wrapped = [VALGRIND, "--tool=callgrind", f"--callgrind-out-file={out}.%p", "--dump-instr=no", *command]
     if cwd is not None:
         wrapped = ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *wrapped]
-    service = procs.start(name, wrapped, port, None, workdir / f"{name}.log", ready,
-                          timeout_s=START_TIMEOUT_S, env={"PYTHONHASHSEED": "0"})
+    service = procs.start(name, wrapped, port, None, log, ready, timeout_s=START_TIMEOUT_S, env={"PYTHONHASHSEED": "0"})
+    few = max(requests // 5, 1)
     try:
         send(port, path, headers, 5)  # warm-up: caches, memos, the consent lookup
         pid = str(service.pid)
         _control("--zero", pid)
+        send(port, path, headers, few)
+        _control("--dump", pid)
+        seen = len(_dumped(workdir, name, 0))
         send(port, path, headers, requests)
         _control("--dump", pid)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            dumps = sorted(workdir.glob(f"{name}.callgrind.*"), key=os.path.getmtime)
-            found = [int(m) for d in dumps for m in _TOTALS.findall(d.read_bytes())]
-            if found:
-                return found[-1]
-            time.sleep(0.5)
-        raise RuntimeError(f"{name}: callgrind wrote no counts")
+        totals = _dumped(workdir, name, seen)
+        return (totals[-1] - totals[-2]) / (requests - few)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(f"{name}: {exc}; its log ends: {log.read_text()[-1500:]}") from None
     finally:
         service.stop()
+
+
+def quiet_config(workdir: Path, upstream_port: int, port: int, admin_port: int) -> Path:
+    """The bench's gateway configuration without the timed background work (the consent change
+    poll, the readiness ping), whose instructions would land among the requests' at random."""
+    path = workdir / "gateway.yaml"
+    path.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}{BASE_PATH}', health_interval_s: 3600}}\n"
+        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        "consent: {cache_ttl_s: 3600, change_poll_s: 0}\n"
+        f"audit: {{path: '{workdir / 'audit.jsonl'}'}}\n"
+    )
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,31 +146,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trees = dict(tree.split("=", 1) for tree in args.trees) or {"gateway": "."}
     path, headers = getattr(fixture, f"{args.workload}_PATH"), headers_for(args.workload)
-    figures: dict[str, int] = {}
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="consent-instructions-") as tmp:
         workdir = Path(tmp)
-        upstream_port = procs.free_port()
+        upstream_port = stable_port()
         upstream = procs.start(
             "upstream", procs.python_module("bench.upstream", "--port", str(upstream_port), "--rounds", "1",
                                             "--cold-patients", "1"),
             upstream_port, None, workdir / "upstream.log", f"{BASE_PATH}/metadata",
         )
         try:
-            port = procs.free_port()
+            port = stable_port()
             bare = procs.python_module("bench.bare_proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
                                        "--port", str(port))
             figures["bare"] = count("bare", bare, None, workdir, port, "/", path, headers, args.requests)
-            print(f"{'bare':>10} {figures['bare'] / args.requests:12,.0f} instructions/request", flush=True)
+            print(f"{'bare':>10} {figures['bare']:12,.0f} instructions/request", flush=True)
             for label, tree in trees.items():
                 own = workdir / label
                 own.mkdir()
-                port, admin_port = procs.free_port(), procs.free_port()
-                config = run.gateway_config(own, upstream_port, port, admin_port)
+                port, admin_port = stable_port(), stable_port()
+                config = quiet_config(own, upstream_port, port, admin_port)
                 command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
                 # The ready check asks the proxy port: the admin port is another listener.
                 figures[label] = count(label, command, Path(tree).resolve(), workdir, port, f"{BASE_PATH}/metadata",
                                        path, headers, args.requests)
-                print(f"{label:>10} {figures[label] / args.requests:12,.0f} instructions/request "
+                print(f"{label:>10} {figures[label]:12,.0f} instructions/request "
                       f"({figures[label] / figures['bare']:.2f}× bare)", flush=True)
         finally:
             upstream.stop()
