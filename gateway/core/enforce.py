@@ -6,7 +6,8 @@ its container's patients; if any is denied the container is denied with it; so a
 resources a contained Bundle or Parameters holds). Denied
 Bundle entries are removed and one OperationOutcome entry (issue ``suppressed``) is added;
 in batch/transaction responses the denied entry keeps its place but loses its resource.
-``Bundle.total`` is dropped whenever filtering could have hidden anything.
+``Bundle.total`` is dropped whenever filtering could have hidden anything, and with it the
+``last`` link (whose offset counts the matches).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gateway.core.fhir import JSON, relative_reference, resource_reference
 from gateway.core.errors import UpstreamUnavailable
 from gateway.core.memo import TextMemo
 from gateway.core.model import Decision, Reason, Verdict
+from gateway.core.references import LISTINGS
 
 # judge(resource, the patients it belongs to) -> Decision
 Judge = Callable[[JSON, frozenset[str]], Decision]
@@ -86,8 +88,11 @@ class Enforced:
     kept: list[int] | None = None
     slots: str | None = None        # the status of a refused slot, in a batch/transaction answer
     outcome_entry: bool = False     # the "some results were withheld" entry goes last
-    drop_total: bool = False        # Bundle.total goes
+    drop_total: bool = False        # Bundle.total goes, and the last link
     applied: bool = False
+    # A Composition or List was met: its narrative may name what the answer does not release
+    # (references.scrub_listing), whatever the displays.
+    listings: bool = False
 
     @property
     def header(self) -> str:
@@ -306,39 +311,63 @@ def may_be_included(entry: object, searchset: bool = True) -> bool:
     return searchset
 
 
-def without_orphan_includes(entries: list[object], searchset: bool = True) -> list[object]:
-    """Drop included non-patient resources (a Medication, a Practitioner) that no kept resource
-    refers to and that refer to none: they were brought by a withheld match and would tell
-    what it was (the drug of a hidden order). Included: ``may_be_included``."""
-    if not any(
-        may_be_included(e, searchset) and isinstance(e, dict) and isinstance(e.get("resource"), dict)
-        and not is_patient_data(str(e["resource"].get("resourceType")))
-        for e in entries
-    ):
+def without_orphan_includes(
+    entries: list[object], searchset: bool = True, gone: frozenset[str] = frozenset(),
+) -> list[object]:
+    """Drop included resources that no kept resource refers to and that refer to no kept match:
+    they were brought by a withheld match and would tell what it was (the drug of a hidden
+    order, the Patient of a hidden HIV condition). ``gone``: what the withheld resources refer
+    to; an include among them that refers to a kept match stays only when a kept resource
+    refers to it too (a withheld condition's visit, which refers to the patient matched).
+
+    Included: a non-patient resource that ``may_be_included``; patient data only when its
+    ``search.mode`` says "include" (a server that writes no mode would lose its matches). What a
+    kept include refers to is kept in turn (``_include:iterate``)."""
+    candidates = [_included(e, searchset) for e in entries]
+    if not any(candidates):
         return entries
-    kept_refs: set[str] = set()
-    others: set[str] = set()
-    for entry in entries:
+    referenced: set[str] = set()
+    matches: set[str] = set()
+    for entry, candidate in zip(entries, candidates):
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict):
+        if candidate or not isinstance(resource, dict):
             continue
-        rtype = resource.get("resourceType")
-        if may_be_included(entry, searchset) and isinstance(rtype, str) and not is_patient_data(rtype):
+        referenced.update(references_of(resource))
+        own = resource_reference(resource)
+        if own is not None:
+            matches.add(own)
+    waiting: dict[str, list[int]] = {}
+    keep = [not candidate for candidate in candidates]
+    brought: list[int] = []
+    for index, candidate in enumerate(candidates):
+        if not candidate:
             continue
-        kept_refs.update(references_of(resource))
-        if isinstance(rtype, str) and isinstance(resource.get("id"), str):
-            others.add(f"{rtype}/{resource['id']}")
-    out: list[object] = []
-    for entry in entries:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(entry, dict) and isinstance(resource, dict) and may_be_included(entry, searchset):
-            rtype = resource.get("resourceType")
-            if isinstance(rtype, str) and not is_patient_data(rtype):
-                own = f"{rtype}/{resource.get('id')}"
-                if own not in kept_refs and not (references_of(resource) & others):
-                    continue
-        out.append(entry)
-    return out
+        resource = entries[index]["resource"]  # type: ignore[index]
+        own = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if own in referenced or (own not in gone and references_of(resource) & matches):
+            keep[index] = True
+            brought.append(index)
+        else:
+            waiting.setdefault(own, []).append(index)
+    while brought and waiting:
+        refs = references_of(entries[brought.pop()]["resource"])  # type: ignore[index]
+        for ref in refs & waiting.keys():
+            for index in waiting.pop(ref):
+                keep[index] = True
+                brought.append(index)
+    return [entry for entry, kept in zip(entries, keep) if kept]
+
+
+def _included(entry: object, searchset: bool) -> bool:
+    """Whether a kept entry is an include the orphan check may drop (``without_orphan_includes``)."""
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    if not isinstance(resource, dict):
+        return False
+    rtype = resource.get("resourceType")
+    if isinstance(rtype, str) and is_patient_data(rtype):
+        mode = _mode(entry)
+        return type(mode) is str and mode.strip().lower() == "include"
+    return may_be_included(entry, searchset)
 
 
 def apply(body: JSON, result: Enforced) -> None:
@@ -353,7 +382,9 @@ def apply(body: JSON, result: Enforced) -> None:
 
 def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: bool, drop_total: bool) -> None:
     entries = bundle.get("entry")
-    if isinstance(entries, list) and (len(kept) != len(entries) or outcome):
+    if isinstance(entries, list) and (
+        len(kept) != len(entries) or outcome or (not entries and bundle.get("type") not in _RESPONSE_BUNDLES)
+    ):
         if slots is not None:
             keep = set(kept)
             bundle["entry"] = [e if i in keep else {"response": withheld_slot(slots)} for i, e in enumerate(entries)]
@@ -361,8 +392,20 @@ def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: boo
             bundle["entry"] = [entries[i] for i in kept]
             if outcome:
                 bundle["entry"].append({"resource": SUPPRESSED_OUTCOME, "search": {"mode": "outcome"}})
+            elif not bundle["entry"]:
+                # SECURITY: a page that found nothing has no entry list (FHIR JSON has no empty
+                # arrays); one whose every entry was withheld must read the same.
+                del bundle["entry"]
     if drop_total:
         bundle.pop("total", None)
+        links = bundle.get("link")
+        if isinstance(links, list) and any(_is_last(link) for link in links):
+            # SECURITY: the last page's offset is the count of matches, written otherwise.
+            bundle["link"] = [link for link in links if not _is_last(link)]
+
+
+def _is_last(link: object) -> bool:
+    return isinstance(link, dict) and link.get("relation") == "last"
 
 
 def total_is_visible(bundle: JSON) -> bool:
@@ -422,6 +465,8 @@ class Enforcer:
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
+            if rtype in LISTINGS:
+                self.result.listings = True
             decision = judge_resource(body, self.judge, self.index)
             if decision.verdict is Verdict.DENY:
                 self.result.denied = True
@@ -436,6 +481,8 @@ class Enforcer:
         if rtype == "Parameters":
             self.parameters(resource.get("parameter"))
             return True
+        if rtype in LISTINGS:
+            self.result.listings = True
         decision = judge_resource(resource, self.judge, self.index)
         if decision.verdict is Verdict.DENY:
             self.result.removed.append((str(rtype), decision))
@@ -457,6 +504,10 @@ class Enforcer:
         if entries is not None and not (isinstance(entries, list) and all(isinstance(e, dict) for e in entries)):
             self._malformed()
             return None
+        # An empty list goes (apply), as one emptied here does: FHIR JSON has no empty arrays.
+        empty = entries == [] and bundle.get("type") not in _RESPONSE_BUNDLES
+        if empty:
+            self.result.changed = True
         kept_indices: list[int] = []
         slots: str | None = None
         outcome = False
@@ -481,6 +532,8 @@ class Enforcer:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
                         compositions = True
+                    elif rtype == "List":
+                        self.result.listings = True
                     if not includes:
                         includes = may_be_included(entry, searchset)
                     if rtype == "Bundle" or rtype == "Parameters":
@@ -495,6 +548,8 @@ class Enforcer:
                     kept_indices.append(index)
                 else:
                     withheld.append((entry, resource))
+            if compositions:
+                self.result.listings = True
             if withheld and compositions:
                 gone = set().union(*(_identities(e, r) for e, r in withheld))
                 if scrub_compositions(kept, gone):
@@ -502,7 +557,8 @@ class Enforcer:
             # Something was withheld here or inside a kept entry (a Bundle in an entry).
             filtered = len(removed) > removed_before
             if filtered and not response_bundle and includes:
-                orphans = without_orphan_includes(kept, searchset)
+                named = frozenset().union(*(references_of(r) for _, r in withheld if type(r) is dict))
+                orphans = without_orphan_includes(kept, searchset, named)
                 if len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices = [i for i in kept_indices if id(entries[i]) in left]
@@ -515,16 +571,19 @@ class Enforcer:
             if filtered:
                 self.result.changed = True
         filtered = len(self.result.removed) > removed_before
-        drop_total = "total" in bundle and (self.drop_total or filtered or not total_is_visible(bundle))
+        links = bundle.get("link")
+        counted = "total" in bundle or (isinstance(links, list) and any(_is_last(link) for link in links))
+        drop_total = counted and (self.drop_total or filtered or not total_is_visible(bundle))
         if drop_total:
-            # SECURITY: Bundle.total would reveal how many entries were withheld, or count
-            # matches on other pages (a joint record of another patient) never decided here.
+            # SECURITY: Bundle.total (or the last page's link) would reveal how many entries
+            # were withheld, or count matches on other pages (a joint record of another patient)
+            # never decided here.
             self.result.changed = True
         if top:
             result = self.result
             result.kept, result.slots, result.outcome_entry, result.drop_total = kept_indices, slots, outcome, drop_total
             return None
-        if not filtered and not drop_total:
+        if not filtered and not drop_total and not empty:
             return None
         return kept_indices, slots, outcome, drop_total
 

@@ -194,6 +194,12 @@ def may_refer(raw: bytes) -> bool:
     return b'Reference"' in raw or b'"Binary"' in raw or has_u_escape(raw)
 
 
+def lists_records(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` (one entry's) may hold a resource whose narrative renders the
+    records it lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
+    return b'"Composition"' in raw or b'"List"' in raw
+
+
 def has_u_escape(raw: bytes) -> bool:
     """``b"\\u" in raw``, faster: a backslash alone is found by ``memchr``, and most answers
     have none."""
@@ -523,7 +529,8 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool])
 
 
 def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
-    """Remove ``display`` from references to patient data not in ``released``; True if any was.
+    """Remove ``display`` from references to patient data not in ``released``, and the narrative
+    of a listing that lists such data (``scrub_listing``); True if any was.
 
     ``released`` are the ``Type/id`` of the resources the answer keeps. One walk over the
     whole body (contained resources included).
@@ -534,6 +541,8 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
     while stack:
         node = pop()
         if type(node) is dict:
+            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released):
+                changed = True
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#"):
@@ -553,15 +562,64 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
     return changed
 
 
+# Resources whose narrative renders the records they list: a summary's sections, a list's items.
+LISTINGS = frozenset({"Composition", "List"})
+
+
+def scrub_listing(listing: JSON, released: frozenset[str]) -> bool:
+    """Remove the narratives of a Composition or List that lists patient data not in
+    ``released``: each section's that lists it (and those of the sections around it), and the
+    resource's own; True if any was. The entries stay, like references anywhere.
+
+    SECURITY: read without its entries (a summary read alone, or found by a search), its
+    narrative ("HIV disease", "Opioid dependence") would say what the withheld records are. An
+    entry whose target cannot be read (a display or identifier alone) may be any record."""
+    removed: list[object] = []
+    if listing.get("resourceType") == "List":
+        items = listing.get("entry")
+        lists = isinstance(items, list) and any(
+            _names_unreleased(e.get("item") if isinstance(e, dict) else e, released) for e in items)
+    else:
+        lists = _scrub_sections(listing.get("section"), released, removed)
+    if lists and "text" in listing:
+        removed.append(listing.pop("text"))
+    return bool(removed)
+
+
+def _scrub_sections(sections: object, released: frozenset[str], removed: list[object]) -> bool:
+    """Drop the narrative of each section listing unreleased data (or holding one that does),
+    into ``removed``; True when any section here lists such data."""
+    found = False
+    for section in sections if isinstance(sections, list) else ():
+        if not isinstance(section, dict):
+            continue
+        entries = section.get("entry")
+        lists = isinstance(entries, list) and any(_names_unreleased(e, released) for e in entries)
+        if _scrub_sections(section.get("section"), released, removed) or lists:
+            if "text" in section:
+                removed.append(section.pop("text"))
+            found = True
+    return found
+
+
+def _names_unreleased(ref: object, released: frozenset[str]) -> bool:
+    target = reference_of(ref)
+    if target is None:
+        return ref is not None  # a Reference naming nothing readable (a display alone) may be any record
+    return not target.startswith("#") and relative_reference(target) not in released \
+        and may_be_patient_data(relative_reference(target))
+
+
 def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
     """Rewrites one kept entry's text without the displays of references to patient data the
-    answer does not release (the entry as the upstream wrote it when it has none). ``named``:
-    the reference values of the whole answer that may (``unreleased_named``)."""
+    answer does not release, and the narratives of a listing (``scrub_displays``; the entry as
+    the upstream wrote it when it has none). ``named``: the reference values of the whole
+    answer that may (``unreleased_named``); None when any may (an answer holding a listing)."""
 
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released):
+        if not may_name_unreleased(text, released) and not lists_records(text):
             return text
         entry = orjson.loads(text)
         return orjson.dumps(entry) if scrub_displays(entry, released) else text

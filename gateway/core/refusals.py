@@ -15,6 +15,16 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 # Operations whose answers cannot be decided per resource.
 UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message"})
+# Operations whose answer is computed from records, not made of them (a MeasureReport's counts,
+# a CQL result, a statistic, a prefilled form, a matched member's identifier): it holds no
+# hidden record to withhold, yet says what the hidden ones are.
+COMPUTING_OPERATIONS = frozenset({
+    "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
+    "$populate", "$member-match",
+})
+# Operations refused at type and system level only: there they answer over every record of the
+# type (``Condition/$meta``: the labels the server's records carry); an instance's is decided.
+UNFILTERABLE_ABOVE_INSTANCE = frozenset({"$meta"})
 # Search parameters that select by data the requester may not see.
 UNFILTERABLE_PARAMS = frozenset({"_filter", "_query", "_text", "_content", "_list"})
 
@@ -23,7 +33,9 @@ def unfilterable(
     parts: tuple[str, ...], operation: str | None, query: Iterable[tuple[str, str]]
 ) -> str | None:
     """Why this request cannot be filtered (a stable code), or None when it can."""
-    if operation in UNFILTERABLE_OPERATIONS:
+    if operation in UNFILTERABLE_OPERATIONS or operation in COMPUTING_OPERATIONS:
+        return f"operation:{operation}"
+    if operation in UNFILTERABLE_ABOVE_INSTANCE and parts.index(operation) < 2:
         return f"operation:{operation}"
     if parts and parts[-1] == "_history" and len(parts) <= 2:
         return "history:type" if len(parts) == 2 else "history:system"

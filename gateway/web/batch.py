@@ -24,6 +24,8 @@ from gateway.web.request import Route, parse_route
 from gateway.web.state import GatewayState
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+# ``Bundle.entry.request`` fields that make a read conditional (the If-* headers of a request).
+CONDITIONAL_READ_FIELDS = ("ifNoneMatch", "ifModifiedSince", "ifMatch")
 
 
 @dataclass
@@ -126,6 +128,11 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
+        if method in ("GET", "HEAD"):
+            # SECURITY: a 304 slot carries no resource to decide, so it would confirm a hidden
+            # record and its version; the front door drops these headers of a read likewise.
+            for name in CONDITIONAL_READ_FIELDS:
+                forwarded_request.pop(name, None)
         if method == "HEAD":
             # Asked as GET so its answer can be decided; the body is dropped afterwards.
             forwarded_request["method"] = "GET"

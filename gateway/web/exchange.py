@@ -234,6 +234,10 @@ def check_request_shape(ex: Exchange) -> None:
     """Requests that are not FHIR interactions the gateway can reason about."""
     if ex.method not in ("GET", "HEAD") and "_history" in ex.route.parts:
         raise BadRequest("History is read-only.")
+    if any(name.split(":", 1)[0] == "_cascade" for name, _ in ex.query):
+        # SECURITY: the server would delete the records that refer to the target, hidden ones
+        # too, and name them in its answer (X-Cascade is refused with the headers).
+        raise Refused("Cascading deletes cannot be made through the consent gateway.")
     if ex.route.resource_type == "Consent" and ex.method in ("POST", "PUT", "PATCH", "DELETE") \
             and ex.route.interaction not in ("create", "update", "patch", "delete", "search"):
         raise Refused("This requester may not write consents this way.")

@@ -392,12 +392,13 @@ async def decide_answer(
     owners = None if shadow else observed.owners
     touched = view.touched if view is not None else None
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
-    # A display may name what is not released: the key as written, or spelled with a \u escape.
+    # A display or a listing's narrative may name what is not released (keys as written or \u-escaped).
     raw = upstream.body
-    may_display = (b'"display"' in raw or has_u_escape(raw)) and not shadow
+    listings = decided_result.listings
+    may_display = (b'"display"' in raw or has_u_escape(raw) or listings) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     if view is not None:
-        named = unreleased_named(upstream.body, released) if may_display else frozenset()
+        named = None if listings else unreleased_named(upstream.body, released) if may_display else frozenset()
         if named != frozenset() and view.is_bundle:
             # The Bundle's own elements (a signature's who.display) are put back from the parse.
             changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released)
@@ -410,7 +411,7 @@ async def decide_answer(
             response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
         return response
-    if may_display and may_name_unreleased(upstream.body, released):
+    if may_display and (listings or may_name_unreleased(upstream.body, released)):
         changed |= scrub_displays(parsed, released)
     if plan is not None and isinstance(parsed.get("entry"), list):
         changed |= settle_slots(plan, parsed["entry"], status)
@@ -541,4 +542,15 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     state.metrics.observe_request(request.method, info.interaction, response.status, seconds)
     log_access(request.method, info, response.status, seconds)
     officer.finish(request, response)
+    if 200 <= response.status < 300 and state.settings.enforcement.denied_read_status == 404:
+        conceal_withholding(response)  # SECURITY: after the decision line, which keeps the truth
     return response
+
+
+def conceal_withholding(response: web.StreamResponse) -> None:
+    """In 404 mode nothing tells a withheld record from a missing one (no "suppressed" entry
+    either): an answer that went out says only that it is permitted, and is always sent chunked
+    (a spliced answer is, one left as the upstream wrote it is not)."""
+    response.headers["X-Consent-Decision"] = "permit"
+    if response.status != 204 and not response.prepared and "Content-Length" not in response.headers:
+        response.enable_chunked_encoding()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.core.errors import BadRequest, NotAcceptable, Unauthenticated, UnsupportedMediaType
+from gateway.core.errors import BadRequest, NotAcceptable, Refused, Unauthenticated, UnsupportedMediaType
 from gateway.core.model import ACTOR_TYPES, Actor
 from gateway.core.purpose import PURPOSE_CODES
 
@@ -110,6 +110,9 @@ def check_identity_headers(request: web.Request) -> None:
         elif lower in METHOD_OVERRIDES:
             # The server would run another method than the one the gateway checked.
             raise BadRequest("Method override headers are not accepted.")
+        elif lower == "x-cascade":
+            # A cascading delete removes the records referring to its target, hidden ones too.
+            raise Refused("Cascading deletes cannot be made through the consent gateway.")
 
 
 def reject_xml(request: web.Request) -> None:

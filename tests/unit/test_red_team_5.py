@@ -293,6 +293,9 @@ class ReferenceEnforcer(Enforcer):
         ):
             del bundle["total"]
             self.result.changed = True
+        if bundle.get("entry") == [] and bundle.get("type") not in ("batch-response", "transaction-response"):
+            del bundle["entry"]  # since: an entry list left empty goes (FHIR JSON has no empty arrays)
+            self.result.changed = True
 
 
 def _cond(rid: str, code: str) -> JSON:

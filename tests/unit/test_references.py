@@ -163,3 +163,27 @@ def test_a_security_context_the_gateway_cannot_decide_by_closes_the_binary(conte
     assert unreadable_context(binary) is unreadable
     if unreadable:
         assert Resolved({"Condition/c1": {"resourceType": "Condition", "id": "c1"}}).contexts_of(binary) is None
+
+
+def test_a_listing_loses_the_narratives_that_may_name_unreleased_entries() -> None:
+    """A Composition's sections (nested too) and a List: the narrative of what lists patient data
+    the answer does not release goes, with the narratives around it; entries stay; a narrative
+    over released data or data that is no one's stays; an entry naming nothing readable closes."""
+    said = {"status": "generated", "div": "<div>HIV disease</div>"}
+    summary = {"resourceType": "Composition", "id": "s", "text": dict(said), "section": [
+        {"title": "Problems", "text": dict(said), "section": [
+            {"title": "Active", "text": dict(said), "entry": [{"reference": "Condition/hiv"}]}]},
+        {"title": "Labs", "text": dict(said), "entry": [{"reference": "Observation/cbc"}]},
+        {"title": "Team", "text": dict(said), "entry": [{"reference": c.DOCTOR}, {"reference": "#c1"}]},
+    ]}
+    released = frozenset({"Observation/cbc"})
+    assert scrub_displays(summary, released)
+    problems, labs, team = summary["section"]
+    assert "text" not in summary and "text" not in problems and "text" not in problems["section"][0]
+    assert problems["section"][0]["entry"] == [{"reference": "Condition/hiv"}]
+    assert labs["text"] == said and team["text"] == said
+    assert not scrub_displays(summary, released)
+    listed = {"resourceType": "List", "id": "l", "text": dict(said), "entry": [{"item": {"reference": "Observation/cbc"}}]}
+    assert not scrub_displays(listed, released) and listed["text"] == said
+    listed["entry"].append({"item": {"display": "HIV disease"}})
+    assert scrub_displays(listed, released) and "text" not in listed
