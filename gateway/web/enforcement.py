@@ -17,7 +17,7 @@ from gateway.core.judge import (
     ConsentJudge, DecisionCache, Emergency, Labeler, binaries_as_contexts, labeler, labelling, overriding,
     unknown_denies,
 )
-from gateway.core.fhir import JSON
+from gateway.core.fhir import NO_BASES, Bases, JSON, normal_base
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
@@ -106,7 +106,7 @@ class ConsentEnforcement:
 
     def __init__(
         self, store: ConsentStore, labels: LabelIndex, policy: Policy, decisions: DecisionCache | None = None,
-        roles: RoleResolver | None = None,
+        roles: RoleResolver | None = None, ours: Bases = NO_BASES,
     ) -> None:
         self.store = store
         self.labels = labels
@@ -115,6 +115,9 @@ class ConsentEnforcement:
         self.decisions = decisions if decisions is not None else DecisionCache()
         # None: PractitionerRoles are never read, so an author given as one is unknown.
         self.roles = roles
+        # The bases under which an absolute reference names this FHIR server's resources (the
+        # configured upstream and public bases, ``own_bases``): another server's are unknown.
+        self.ours = ours
 
     def reads_roles(self, consents: Iterable[tuple[CompiledConsent, ...]]) -> bool:
         """Whether answers decided by ``consents`` need the PractitionerRoles they name as
@@ -203,7 +206,7 @@ class ConsentEnforcement:
         but what consent would have denied is recorded for the audit.
         """
         binaries: list[JSON] = []
-        index = owners_index(body, binaries, content_keys)
+        index = owners_index(body, binaries, content_keys, self.ours)
         if resolved.targets:
             bind_contexts(binaries, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
@@ -264,7 +267,14 @@ def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolv
     for resource in binaries:
         contexts = resolved.contexts_of(resource)
         if contexts:
-            index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
+            index[id(resource)] = frozenset().union(*(patients_of(c, resolved.ours) for c in contexts))
+
+
+def own_bases(upstream_url: str, public_base_url: str | None) -> Bases:
+    """The bases under which an absolute reference names this FHIR server's resources: the
+    configured upstream base and the configured public base (never one derived from a request's
+    Host header, which the client chooses)."""
+    return frozenset(normal_base(u) for u in (upstream_url, public_base_url) if u)
 
 
 def log_decisions(result: Enforced) -> None:
