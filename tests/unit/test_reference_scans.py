@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from gateway.core import references
 from gateway.core.compartment import is_patient_data
-from gateway.core.fhir import R4_RESOURCE_TYPES, reference_of, relative_reference, resource_reference
+from gateway.core.fhir import R4_RESOURCE_TYPES, relative_reference, resource_reference
 from tests.strategies import ALL_TYPES, PATIENTS, resources
 
 JSON = dict[str, Any]
