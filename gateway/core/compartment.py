@@ -508,6 +508,10 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
                 system = node.get("system")
                 if isinstance(system, str) or system is None:
                     found.add((system or "", code))
+            value_code = node.get("valueCode")
+            if isinstance(value_code, str):
+                # an extension's code, without a system as a Coding may be (labels read it so)
+                found.add(("", value_code))
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))

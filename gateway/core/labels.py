@@ -8,8 +8,9 @@ Semantics:
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
-- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding of
-  every extension (``extension`` and ``modifierExtension``, nested to any depth) of the
+- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding /
+  valueCode (read as a coding without a system) of every extension (``extension`` and
+  ``modifierExtension``, nested to any depth) of the
   resource, of the backbone elements on those paths and of the code elements and codings
   themselves (``condition-dueTo`` carrying B20 labels as ``code`` would).
 - SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
@@ -782,8 +783,11 @@ _NO_SCOPES: frozenset[str] = frozenset()
 
 
 def _extension_codes(extensions: Any) -> list[Any]:
-    """Coded values (valueCodeableConcept, valueCoding) of extensions, nested ones included at
-    any depth (``condition-dueTo`` carrying B20 names the diagnosis as surely as ``code`` does)."""
+    """Coded values (valueCodeableConcept, valueCoding, valueCode) of extensions, nested ones
+    included at any depth (``condition-dueTo`` carrying B20 names the diagnosis as surely as
+    ``code`` does). A ``valueCode`` has no system (the extension's definition gives it), so it is
+    read as a Coding without one: it earns labels only when dotted like ICD-10-CM (``F11.20``)
+    or hyphenated like an NDC package (``_systemless``), never as ``final``, ``male`` or ``en-US``."""
     found: list[Any] = []
     stack = list(extensions) if isinstance(extensions, list) else [extensions]
     while stack:
@@ -793,6 +797,9 @@ def _extension_codes(extensions: Any) -> list[Any]:
         for key in ("valueCodeableConcept", "valueCoding"):
             if key in ext:
                 found.append(ext[key])
+        code = ext.get("valueCode")
+        if type(code) is str:
+            found.append({"code": code})
         if "extension" in ext or "modifierExtension" in ext:
             stack.extend(_own_extensions(ext))
     return found

@@ -747,6 +747,13 @@ ODD_PLACES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                        "medicationCodeableConcept": _cc("urn:oid:2.16.840.1.113883.6.69", "0054-0176-13",
                                                                         "Buprenorphine HCl 2 mg sublingual tablet")},
                                       ("0054-0176-13", "Buprenorphine HCl")),
+    # An extension's valueCode carries no system (its definition gives it): a dotted ICD-10-CM
+    # spelling there is read as in a Coding without one.
+    "extension-value-code-icd": ({"resourceType": "Condition", "id": "cond-valcode-f11-3e3", **SUBJ,
+                                  "code": _cc(c.SNOMED, "233604007", "Pneumonia"),
+                                  "extension": [{"url": "http://example.org/fhir/StructureDefinition/admission-diagnosis",
+                                                 "valueCode": "F11.20"}]},
+                                 ("F11.20", "cond-valcode-f11-3e3")),
     "dispense-ndc-no-system": ({"resourceType": "MedicationDispense", "id": "meddisp-ndcnosys-2d2", "status": "completed", **SUBJ,
                                 "medicationCodeableConcept": {"coding": [{"code": "12496-1208-3"}],
                                                               "text": "Suboxone 8 mg-2 mg sublingual film"}},
@@ -784,6 +791,12 @@ NEAR_MISSES = {
                                      "code": _cc(ICD, "I12.9", "Hypertensive chronic kidney disease"),
                                      "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/condition-dueTo",
                                                     "valueCodeableConcept": _cc(ICD, "I10", "Essential hypertension")}]},
+    # Ordinary valueCodes (a US Core birth sex, a language) label nothing.
+    "extension-value-codes-ordinary": {"resourceType": "Condition", "id": "cond-valcode-ord-h8", **SUBJ,
+                                       "code": _cc(ICD, "I10", "Essential hypertension"),
+                                       "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
+                                                      "valueCode": "F"},
+                                                     {"url": "http://hl7.org/fhir/StructureDefinition/language", "valueCode": "en-US"}]},
     # Gabapentin 300 mg (Opioid Data Lab gabapentin NDC list): an NDC the rules do not name.
     "dispense-ndc-gabapentin": {"resourceType": "MedicationDispense", "id": "meddisp-gaba-g7", "status": "completed", **SUBJ,
                                 "medicationCodeableConcept": _cc("http://hl7.org/fhir/sid/ndc", "00182271901", "Gabarone 300 mg")},

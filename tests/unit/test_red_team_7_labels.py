@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gateway.core.compartment import all_codes
 from gateway.core.labels import ICD10CM, NDC, RXNORM, LabelIndex, code_spellings, ndc_package, ndc_products
 from gateway.rules import load_rules
 
@@ -101,13 +102,42 @@ def test_codes_in_every_extension_a_code_element_carries_label(index: LabelIndex
     assert {label.code for label in index.labels_for(resource)} >= OUD
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "judgement call kept: an extension's valueCode has no system (the extension's definition "
-    "gives it), and tests/labels/test_extensions_and_ndc.py holds that a dotted ICD-10-CM shape "
-    "there labels nothing, unlike a Coding without a system"))
-def test_a_value_code_spelled_as_icd_10_cm_labels(index: LabelIndex) -> None:
-    resource = {**CONDITION, "extension": [{"url": "u", "valueCode": "F11.20"}]}
+VALUE_CODE_PLACES = [
+    ("on-the-resource", {**CONDITION, "extension": [{"url": "u", "valueCode": "F11.20"}]}),
+    ("nested", {**CONDITION, "extension": [{"url": "u", "extension": [{"url": "v", "valueCode": "f11.20"}]}]}),
+    ("modifier-extension", {**CONDITION, "modifierExtension": [{"url": "u", "valueCode": "F11.20"}]}),
+    ("on-a-code-element", {**CONDITION, "code": {"coding": [PLAIN], "extension": [{"url": "u", "valueCode": "F11.20"}]}}),
+    ("on-a-coding", {**CONDITION, "code": {"coding": [{**PLAIN, "extension": [{"url": "u", "valueCode": "F11.20"}]}]}}),
+    ("on-a-backbone-element", {"resourceType": "Observation", "subject": {"reference": "Patient/p"}, "code": {"text": "x"},
+                               "component": [{"code": {"text": "y"}, "extension": [{"url": "u", "valueCode": "F11.20"}]}]}),
+    ("an-ndc-package", {**CONDITION, "extension": [{"url": "u", "valueCode": "12496-1208-03"}]}),
+]
+
+
+@pytest.mark.parametrize("resource", [p[1] for p in VALUE_CODE_PLACES], ids=[p[0] for p in VALUE_CODE_PLACES])
+def test_a_value_code_spelled_as_icd_10_cm_labels(index: LabelIndex, resource: dict[str, Any]) -> None:
+    """An extension's valueCode has no system (its definition gives it): read as a Coding
+    without one, a dotted ICD-10-CM (or hyphenated NDC) spelling labels as it does there."""
     assert {label.code for label in index.labels_for(resource)} >= OUD
+
+
+def test_a_consent_code_condition_meets_an_extensions_value_code() -> None:
+    """``provision.code``: "found in an instance" reads the valueCode as the labels do."""
+    consent = code_spellings(frozenset({(ICD10CM, "F11.20")}))
+    for _, resource in VALUE_CODE_PLACES[:5]:
+        assert consent & all_codes(resource), resource
+
+
+# Ordinary valueCodes (US Core, FHIR core extensions): statuses, genders, languages, units,
+# dotted version numbers and bare numbers that are no ICD-10-CM code.
+ORDINARY_VALUE_CODES = ["final", "male", "F", "M", "UNK", "en-US", "es", "2106-3", "active", "mg", "1.0", "4.0.1",
+                        "B20", "F1120", "864706", "12.3", "v2.11", "A1.1.1"]
+
+
+@pytest.mark.parametrize("code", ORDINARY_VALUE_CODES)
+def test_an_ordinary_value_code_labels_nothing(index: LabelIndex, code: str) -> None:
+    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "extension": [{"url": "u", "valueCode": code}]}
+    assert {label.code for label in index.labels_for(resource)} == set()
 
 
 @pytest.mark.xfail(strict=True, reason=(
