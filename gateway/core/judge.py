@@ -30,7 +30,7 @@ from gateway.core.decision import (
 from gateway.core.enforce import Judge, judge_resource
 from gateway.core.fhir import NO_BASES, Bases, JSON, resource_reference
 from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
-from gateway.core.labels import LabelIndex
+from gateway.core.labels import LabelIndex, may_stray
 from gateway.core.references import Resolved
 
 NO_SCOPES: frozenset[str] = frozenset()
@@ -48,14 +48,17 @@ _NO_PROFILES: frozenset[str] = frozenset()
 def labeler(
     index: LabelIndex, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
     seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
+    strays: bool = True,
 ) -> Labeler:
     """Labels of a resource: its own (``index``), those of the Medication it names by reference
     (with the ingredients that one names by reference), those of a Medication's own ingredients
     named by reference, and those the consent source gives it (``source_labels``, by
     ``Type/id``); kept in ``seen`` by object identity when given. ``keys``: by object identity,
     the label keys of viewed resources or the content keys of resources parsed whole
-    (core.view), under which equal texts are labelled once."""
-    own, keyed = index.labels_remembered, index.labels_keyed
+    (core.view), under which equal texts are labelled once. ``strays``: whether the answer may
+    hold extensions off the field plans (``labels.may_extend``); then a resource whose text may
+    (``labels.may_stray``) also gets the labels of those (``LabelIndex.stray_labels``)."""
+    own, keyed, stray = index.labels_remembered, index.labels_keyed, index.stray_labels
     # Nothing resolved: no ingredient is named by reference outside its Medication (a
     # contained one labels it as its own).
     follows = bool(resolved.targets)
@@ -63,6 +66,11 @@ def labeler(
     def labels_for(resource: JSON) -> frozenset[Label]:
         key = keys.get(id(resource)) if keys else None
         found = own(resource) if key is None else keyed(key, resource)
+        if strays and may_stray(key):
+            # SECURITY: an extension on a note or a body site codes the record as surely.
+            strayed = stray(resource)
+            if strayed:
+                found = found | strayed
         if source_labels:
             extra = source_labels.get(resource_reference(resource) or "")
             if extra:

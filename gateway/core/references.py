@@ -351,6 +351,8 @@ class Resolved:
     attached: Mapping[str, tuple[JSON, ...] | None] = field(default_factory=dict)
     roles: Mapping[str, JSON | None] = field(default_factory=dict)
     ours: Bases = NO_BASES
+    # enforcement.unattached_binaries: withhold: a Binary nothing ties to a patient is unknown.
+    withhold_unattached: bool = False
 
     def contexts_of(self, resource: JSON) -> tuple[JSON, ...] | None:
         """The patient data a Binary is decided as; None when that is unknown (it closes)."""
@@ -367,9 +369,14 @@ class Resolved:
                 return None
             return (target,)
         own = resource_reference(resource)
-        if own is None or "securityContext" in resource:
+        if "securityContext" in resource:
             return ()
-        return self.attached.get(own, ())
+        attached = self.attached.get(own, ()) if own is not None else ()
+        if attached == () and self.withhold_unattached:
+            # SECURITY: no search finds a report's presentedForm or a Media's content by URL; a
+            # site that withholds what nothing ties to a patient closes such a Binary.
+            return None
+        return attached
 
     def medication_of(self, resource: JSON) -> JSON | None:
         """The Medication an order names by reference, contained or resolved (``UNREADABLE``

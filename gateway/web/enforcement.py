@@ -147,17 +147,18 @@ class ConsentEnforcement:
     def labeler(
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
         seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
+        strays: bool = True,
     ) -> Labeler:
         """The labels of a resource as this gateway's rules give them (``core.judge.labeler``)."""
-        return labeler(self.labels, resolved, source_labels, seen, keys)
+        return labeler(self.labels, resolved, source_labels, seen, keys, strays)
 
     def judge(
         self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None,
-        keys: Mapping[int, Hashable] | None = None,
+        keys: Mapping[int, Hashable] | None = None, strays: bool = True,
     ) -> ConsentJudge:
         """A per-resource decision function over the looked-up consents."""
         return ConsentJudge(
-            looked.consents, looked.ctx, self.policy, self.labeler(resolved, looked.labels, seen, keys),
+            looked.consents, looked.ctx, self.policy, self.labeler(resolved, looked.labels, seen, keys, strays),
             self.labels.scopes_for, resolved, versions=looked.versions, cache=self.decisions,
         )
 
@@ -177,10 +178,10 @@ class ConsentEnforcement:
 
     def overriding(
         self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED,
-        source_labels: Mapping[str, frozenset[Label]] | None = None,
+        source_labels: Mapping[str, frozenset[Label]] | None = None, strays: bool = True,
     ) -> Judge:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
-        return overriding(judge, emergency, self.labeler(resolved, source_labels), self.labels.sensitive)
+        return overriding(judge, emergency, self.labeler(resolved, source_labels, strays=strays), self.labels.sensitive)
 
     @_fails_closed
     async def enforce(
@@ -197,9 +198,11 @@ class ConsentEnforcement:
         views: bool = False,
         label_keys: Mapping[int, Hashable] | None = None,
         content_keys: Mapping[int, Hashable] | None = None,
+        strays: bool = True,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place; an error while deciding is a 503
-        (``_fails_closed``).
+        (``_fails_closed``). ``strays``: whether the answer may hold extensions off the field
+        plans (``core.labels.may_extend`` of its text; True when unknown).
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
@@ -234,10 +237,10 @@ class ConsentEnforcement:
         keys = label_keys or content_keys
         # Consents that could not be read decide nothing, but what is released under break-glass
         # is still labelled (DS4P) and accounted, so every resource is labelled on the way.
-        judge: Judge = (labelling(unknown_denies, self.labeler(resolved, looked.labels, seen, keys)) if unknown
-                        else self.judge(looked, resolved, seen, keys))
+        judge: Judge = (labelling(unknown_denies, self.labeler(resolved, looked.labels, seen, keys, strays)) if unknown
+                        else self.judge(looked, resolved, seen, keys, strays))
         if break_glass is not None or looked.windows:
-            judge = self.overriding(judge, emergency, resolved, looked.labels)
+            judge = self.overriding(judge, emergency, resolved, looked.labels, strays)
         if actor.grants is not None:
             # SECURITY: scopes decide first and break-glass never overrides them.
             judge = scoped(judge, actor.grants)

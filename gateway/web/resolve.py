@@ -127,7 +127,8 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
     """What decides the resources of ``body`` beyond themselves: in the answer, or read.
     ``raw``, the text ``body`` was read from, spares the walk when it names nothing that refers."""
     ours = state.enforcement.ours
-    nothing = NOTHING_RESOLVED if not ours else Resolved(ours=ours)
+    withhold = state.settings.enforcement.unattached_binaries == "withhold"
+    nothing = NOTHING_RESOLVED if not ours and not withhold else Resolved(ours=ours, withhold_unattached=withhold)
     if raw is not None and not may_refer(raw):
         return nothing
     found = deciding_references(body, ours)
@@ -149,7 +150,7 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
         more = ingredients_to_read((targets.get(m) for m in found.medications), targets, ours)
         if more:
             await _read_cached(state.upstream, cache, more, targets)
-    return Resolved(targets, attached, ours=ours)
+    return Resolved(targets, attached, ours=ours, withhold_unattached=withhold)
 
 
 def _cached(cache: TargetCache, references: frozenset[str], into: dict[str, JSON | None]) -> list[str]:

@@ -140,14 +140,32 @@ def test_an_ordinary_value_code_labels_nothing(index: LabelIndex, code: str) -> 
     assert {label.code for label in index.labels_for(resource)} == set()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "judgement call: extensions are read on the resource, on the backbone elements of its code "
-    "paths and on code elements; an extension on an element off those paths (a note, a body site, "
-    "a dosage) is not read, as reading every element would put whole resources on the hot path "
-    "and out of the views' field plans"))
-def test_an_extension_off_the_code_paths_labels(index: LabelIndex) -> None:
-    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "see extension", "extension": EXTENSION}]}
+STRAY_PLACES = [
+    ("note", {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "see extension", "extension": EXTENSION}]}),
+    ("body-site", {**CONDITION, "code": {"coding": [PLAIN]}, "bodySite": [{"text": "arm", "extension": EXTENSION}]}),
+    ("deep-in-a-dosage", {"resourceType": "MedicationRequest", "subject": {"reference": "Patient/p"},
+                          "medicationCodeableConcept": {"text": "x"},
+                          "dosageInstruction": [{"timing": {"repeat": {"frequency": 1, "extension": EXTENSION}}}]}),
+    ("value-code-on-a-note", {**CONDITION, "note": [{"text": "x", "extension": [{"url": "u", "valueCode": "F11.20"}]}]}),
+    ("modifier-extension-on-a-reference", {**CONDITION, "asserter": {"reference": "Practitioner/x", "modifierExtension": EXTENSION}}),
+    ("in-a-contained-resource", {**CONDITION, "contained": [{"resourceType": "Observation", "id": "o",
+                                                           "note": [{"text": "x", "extension": EXTENSION}]}]}),
+]
+
+
+@pytest.mark.parametrize("resource", [p[1] for p in STRAY_PLACES], ids=[p[0] for p in STRAY_PLACES])
+def test_an_extension_off_the_code_paths_labels(index: LabelIndex, resource: dict[str, Any]) -> None:
+    """An extension on any element codes the record: read on the elements off the code paths
+    too (``stray_labels``), where the answer's text holds an extension at all."""
     assert {label.code for label in index.labels_for(resource)} >= OUD
+    assert {label.code for label in index.stray_labels(resource)} >= OUD
+
+
+def test_an_ordinary_extension_off_the_code_paths_labels_nothing(index: LabelIndex) -> None:
+    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "x", "extension": [
+        {"url": "u", "valueCode": "final"}, {"url": "v", "valueCodeableConcept": {"coding": [PLAIN]}},
+        {"url": "w", "valueString": "F11.20"}]}]}
+    assert index.labels_for(resource) == frozenset()
 
 
 # ------------------------------------------------------------------ system spellings
