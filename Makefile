@@ -24,7 +24,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 typecheck: $(STAMP)
-	$(BIN)/mypy gateway
+	$(BIN)/mypy gateway bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

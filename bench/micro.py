@@ -12,6 +12,7 @@ import json
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from gateway.core.view import read_answer, spans_of
 from gateway.core.model import Actor
 from gateway.metrics import Metrics
 from gateway.rules import load_rules
-from gateway.sources.store import ConsentStore
+from gateway.sources.store import ConsentChange, ConsentStore
 from gateway.web.enforcement import ConsentEnforcement, policy_from
 
 JSON = dict[str, Any]
@@ -49,6 +50,15 @@ class CannedSource:
 
     async def store_consent(self, consent: JSON) -> str:
         raise NotImplementedError("the in-process figures record no emergency consents")
+
+    async def latest_change(self) -> datetime | None:
+        return None
+
+    async def changes(self, since: datetime) -> list[ConsentChange] | None:
+        return None  # no change listing: nothing here changes
+
+    async def probe(self) -> bool:
+        return False
 
 
 def _enforcement(labels: LabelIndex, source: CannedSource, max_patients: int) -> ConsentEnforcement:

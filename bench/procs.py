@@ -83,15 +83,16 @@ def _clean_env() -> dict[str, str]:
 
 
 def start(
-    name: str, command: list[str], port: int, cpus: set[int] | None, log: Path, ready_path: str = "/"
+    name: str, command: list[str], port: int, cpus: set[int] | None, log: Path, ready_path: str = "/",
+    *, timeout_s: float = 30, env: dict[str, str] | None = None,
 ) -> Service:
     """Start ``command`` pinned to ``cpus`` and wait until ``ready_path`` answers (any status)."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**_clean_env(), **(env or {})})
     if cpus:
         os.sched_setaffinity(proc.pid, cpus)
     service = Service(name, proc, port)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited at start-up: {log.read_text()[-500:]}")
@@ -103,7 +104,7 @@ def start(
         except OSError:
             time.sleep(0.05)
     service.stop()
-    raise RuntimeError(f"{name} did not answer within 30 s: {log.read_text()[-500:]}")
+    raise RuntimeError(f"{name} did not answer within {timeout_s:.0f} s: {log.read_text()[-500:]}")
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -5,6 +5,7 @@ Run with ``.venv/bin/python -m pytest -q bench/test_harness.py``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench import load
+from bench import instructions, load
 from bench.run import Sample, paired, rotated
 from bench.upstream import (
     W2_PATH, W3_PATH, Fixture, build_app, cold_path, cold_patient, search_entries,
@@ -130,3 +131,18 @@ def test_rounds_rotate_the_order_of_targets() -> None:
     targets = ("direct", "nginx", "bare", "gateway")
     orders = [rotated(targets, r) for r in range(4)]
     assert {order[0] for order in orders} == set(targets)
+
+
+def test_callgrind_totals_are_read_from_a_dump() -> None:
+    dump = b"version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 5380880\n\nfn=(1) main\n0 12\ntotals: 5380880\n"
+    assert [int(n) for n in instructions._TOTALS.findall(dump)] == [5380880, 5380880]
+    assert instructions._TOTALS.findall(b"events: Ir\nfn=(1) summary: 3\n") == []
+
+
+async def test_instruction_counts_send_requests_one_after_another(upstream: tuple[Fixture, TestServer]) -> None:
+    fixture, server = upstream
+    assert server.port is not None
+    await asyncio.to_thread(instructions.send, server.port, W2_PATH, instructions.headers_for("W2"), 3)
+    with pytest.raises(RuntimeError, match="answered 404"):
+        await asyncio.to_thread(instructions.send, server.port, "/nope", {}, 1)
+    assert instructions.headers_for("W5")["X-Break-Glass"] == "Medical emergency"

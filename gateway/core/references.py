@@ -549,6 +549,8 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool])
     nearest ``{`` before to the nearest ``}`` after is that very object only when it parses as
     one object holding the match (a nested or brace-bearing object does not): then its keys
     answer; anything else may have one."""
+    if raw[start - 1:start] == b"{" and raw[start + 11:start + 13] == b':"' and raw[end:end + 1] == b"}":
+        return False  # the object is {"reference":"..."} and nothing else
     first, last = raw.rfind(b"{", 0, start), raw.find(b"}", end)
     if first < 0 or last < 0:
         return True

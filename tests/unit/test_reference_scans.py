@@ -312,6 +312,8 @@ released_sets = st.frozensets(st.sampled_from(TARGETS))
 @example(b'{"reference":"Patient/p2","note":"}","display":"x"}', frozenset())
 @example(b'{"reference"\x0c:"Patient/p2"},{"display":"x"}', frozenset())
 @example(b'[{"reference":"Patient/p2"},{"reference":"Patient/p2","display":"x"}]', frozenset())
+@example(b'{"a":{"reference":"Patient/p2"},"b":{"reference":"Patient/p2" ,"display":"x"}}', frozenset())
+@example(b'{"a":{"reference":"Patient/p2"}},"display":"x"}', frozenset())  # a lone reference object
 def test_the_byte_scans_answer_as_the_first_versions(raw: bytes, released: frozenset[str]) -> None:
     assert outcome(lambda: references.unreleased_named(raw, released)) == outcome(
         lambda: old_unreleased_named(raw, released))
