@@ -75,10 +75,11 @@ def entry_view(resource: JSON) -> tuple[JSON, frozenset[Any]]:
     return found, (LABELS.labels_keyed(key, found) if key is not None else LABELS.labels_for(found))
 
 
-def facts(res: JSON) -> dict[str, object]:
-    """Everything the pipeline reads of one resource besides the consent decision."""
+def facts(res: JSON, strays: bool = True) -> dict[str, object]:
+    """Everything the pipeline reads of one resource besides the consent decision; with
+    ``strays``, the labels of extensions off the plans too (a walk of every element)."""
     return {
-        "labels": LABELS.labels_for(res),
+        "labels": LABELS.labels_for(res) if strays else LABELS.planned_labels(res),
         "scopes": LABELS.scopes_for(res),
         "patients": patients_of(res),
         "date": clinical_date(res),
@@ -252,7 +253,7 @@ def read_by_decision(
     and is left out: a view holds each element whose text holds an extension
     (``test_a_view_holds_the_elements_whose_extensions_label``)."""
     tracked = Tracked(resource)
-    facts(tracked)
+    facts(tracked, strays=False)
     labels = LABELS.planned_labels(tracked)
     decisions(consents, tracked, labels, ctx, policy)
     body: JSON = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": tracked}]}
