@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
+import random
 import re
+import socket
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,22 @@ CALLGRIND_CONTROL = shutil.which("callgrind_control")
 # A process under valgrind runs some 50 times slower: start-up (the rules) takes minutes.
 START_TIMEOUT_S = 600
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+def stable_port() -> int:
+    """A free port below the kernel's ephemeral range: a process that starts for minutes under
+    valgrind must not find its port taken by a test server bound to port 0 meanwhile (nor have
+    the readiness check answered by one)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return procs.free_port()
 
 
 def headers_for(workload: str) -> dict[str, str]:
@@ -132,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="consent-instructions-") as tmp:
         workdir = Path(tmp)
-        upstream_port = procs.free_port()
+        upstream_port = stable_port()
         upstream = procs.start(
             "upstream", procs.python_module("bench.upstream", "--port", str(upstream_port), "--rounds", "1",
                                             "--cold-patients", "1"),
             upstream_port, None, workdir / "upstream.log", f"{BASE_PATH}/metadata",
         )
         try:
-            port = procs.free_port()
+            port = stable_port()
             bare = procs.python_module("bench.bare_proxy", "--upstream", f"http://127.0.0.1:{upstream_port}",
                                        "--port", str(port))
             figures["bare"] = count("bare", bare, None, workdir, port, "/", path, headers, args.requests)
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree in trees.items():
                 own = workdir / label
                 own.mkdir()
-                port, admin_port = procs.free_port(), procs.free_port()
+                port, admin_port = stable_port(), stable_port()
                 config = quiet_config(own, upstream_port, port, admin_port)
                 command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
                 # The ready check asks the proxy port: the admin port is another listener.

@@ -27,6 +27,7 @@ from gateway.core.compartment import patients_of
 from gateway.core.view import ViewsInsufficient
 from gateway.core.references import NOTHING_RESOLVED, Resolved
 from gateway.sources.store import ConsentStore, PatientConsents
+from gateway.web.middleware import log_line
 
 decision_log = logging.getLogger("gateway.decision")
 
@@ -285,13 +286,10 @@ def log_decisions(result: Enforced) -> None:
     if not (result.denied or result.removed):
         return
     reasons = result.deciding + [r for _, d in result.removed for r in d.reasons]
-    decision_log.info(
-        "withheld",
-        extra={
-            "decision": result.header,
-            "reasons": sorted({f"{r.consent} {r.provision} {r.rule.split(':', 1)[0]}".strip() for r in reasons}),
-        },
-    )
+    log_line(decision_log, "withheld", {
+        "decision": result.header,
+        "reasons": sorted({f"{r.consent} {r.provision} {r.rule.split(':', 1)[0]}".strip() for r in reasons}),
+    })
 
 
 __all__ = ["ConsentEnforcement", "Emergency", "Looked", "Observed", "policy_from"]

@@ -9,7 +9,8 @@ import time
 import traceback
 from contextvars import ContextVar
 from dataclasses import dataclass
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -165,13 +166,51 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 
 
 def log_line(logger: logging.Logger, message: str, fields: dict[str, object]) -> None:
-    """``logger.info(message, extra=fields)`` for the lines written on every request: the same
-    record, handlers and filters, without the caller lookup and the per-key checks of
-    ``extra`` (the callers' keys are JsonLogFormatter.FIELDS, none a LogRecord attribute)."""
-    if logger.isEnabledFor(logging.INFO):
-        record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, message, (), None, "(unknown function)")
-        record.__dict__.update(fields)
-        logger.handle(record)
+    """``logger.info(message, extra=fields)`` for the lines written on every request (the
+    callers' keys are JsonLogFormatter.FIELDS, none a LogRecord attribute).
+
+    Where the line would reach exactly one handler, the gateway's own JSON lines on a stream
+    (``configure_logging``) with no filter on the way, it is formatted from ``fields`` and
+    written under the handler's lock, as the handler would, without a LogRecord; anywhere
+    else (a test's capturing handler, a site's own logging set-up) it goes through logging."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _only_json_handler(logger)
+    if handler is not None:
+        formatter = handler.formatter
+        assert isinstance(formatter, JsonLogFormatter)
+        created = time.time()
+        text = formatter.line(created, (created - int(created)) * 1000, "info", logger.name, message, fields)
+        try:
+            with handler.lock:  # type: ignore[union-attr]
+                handler.stream.write(text + handler.terminator)
+                handler.flush()
+        except Exception:  # a line that cannot be written never fails the request (as logging)
+            pass
+        return
+    record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, message, (), None, "(unknown function)")
+    record.__dict__.update(fields)
+    logger.handle(record)
+
+
+def _only_json_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
+    """The one handler an INFO line of ``logger`` reaches when that is a plain StreamHandler
+    with the JSON formatter and nothing on the way filters; None otherwise."""
+    found: logging.StreamHandler[Any] | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if (found is not None or type(handler) is not logging.StreamHandler
+                    or type(handler.formatter) is not JsonLogFormatter or handler.filters
+                    or handler.level > logging.INFO):
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
 
 
 # ".000Z" to ".999Z": a timestamp's tail, formatted once.
@@ -198,24 +237,27 @@ class JsonLogFormatter(logging.Formatter):
     _second = -1
     _prefix = ""
 
-    def _timestamp(self, record: logging.LogRecord) -> str:
+    def _timestamp(self, created: float, msecs: float) -> str:
         # Lines come many per second: format each second once, then add the milliseconds.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        millis = int(record.msecs)
+        millis = int(msecs)
         return self._prefix + (_MILLIS[millis] if 0 <= millis < 1000 else f".{millis:03d}Z")
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": self._timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
         # ``extra`` lands in the record's __dict__; none of FIELDS is a LogRecord attribute.
-        given = record.__dict__
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.msecs, record.levelname.lower(), record.name, record.getMessage(),
+                         record.__dict__, exc)
+
+    def line(self, created: float, msecs: float, level: str, logger: str, message: str, given: Mapping[str, object],
+             exc: str | None = None) -> str:
+        """One line: the time ``created`` (seconds since the epoch, ``msecs`` its milliseconds as
+        LogRecord has them), and of ``given`` the FIELDS that are not None, in their order."""
+        entry: dict[str, object] = {"ts": self._timestamp(created, msecs), "level": level, "logger": logger,
+                                    "msg": message}
         for name in self.FIELDS:
             value = given.get(name)
             if value is not None:
@@ -224,6 +266,6 @@ class JsonLogFormatter(logging.Formatter):
             current = CURRENT_REQUEST_ID.get()
             if current is not None:
                 entry["request_id"] = current
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if exc is not None:
+            entry["exc"] = exc
         return orjson.dumps(entry).decode()

@@ -169,3 +169,83 @@ async def test_an_unhandled_error_is_logged_by_type_and_place_never_by_its_messa
     assert errors[0]["msg"] == "unhandled error: ValueError"
     assert any(place.endswith(" broken") for place in errors[0]["where"]), errors[0]
     assert all(secret not in orjson.dumps(line).decode() for line in log_lines.lines)
+
+
+@pytest.fixture
+def json_stream() -> Iterator[tuple[logging.Logger, Any]]:
+    """The gateway's own set-up (``configure_logging``) on a stream the test reads; the test
+    calls ``only_ours`` first, as pytest adds its capturing handlers after the fixtures."""
+    import io
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("gateway")
+    saved = root.handlers[:], root.level, root.propagate
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    root.handlers[:] = [handler]
+    yield root, stream
+    root.handlers[:], root.level, root.propagate = saved
+
+
+def only_ours(root: logging.Logger) -> None:
+    root.handlers[:] = [h for h in root.handlers if type(h) is logging.StreamHandler]
+
+
+def test_a_hot_path_line_written_straight_to_the_stream_is_the_line_logging_writes(
+    json_stream: tuple[logging.Logger, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, stream = json_stream
+    only_ours(root)
+    fields: dict[str, object] = {"status": 200, "request_id": "r-1", "method": "GET", "released": {"Observation": 1},
+                                 "decision": "permit", "audit_id": None}
+    logger = logging.getLogger("gateway.access")
+    made: list[logging.LogRecord] = []
+    real = logging.Logger.makeRecord
+    monkeypatch.setattr(logging.Logger, "makeRecord", lambda self, *a, **k: made.append(real(self, *a, **k)) or made[-1])
+    log_line(logger, "request", fields)
+    assert made == []  # no LogRecord on the way
+    logger.info("request", extra=fields)
+    direct, by_logging = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert RFC3339_UTC_MS.match(direct["ts"]) and list(direct) == list(by_logging)
+    assert {k: v for k, v in direct.items() if k != "ts"} == {k: v for k, v in by_logging.items() if k != "ts"}
+    assert list(direct)[4:] == ["request_id", "method", "status", "decision", "released"]  # FIELDS' order
+
+
+@pytest.mark.parametrize("where", ["logger filter", "handler filter", "second handler", "handler level", "propagates"])
+def test_a_hot_path_line_goes_through_logging_wherever_a_handler_or_filter_may_act(
+    json_stream: tuple[logging.Logger, Any], where: str
+) -> None:
+    root, stream = json_stream
+    only_ours(root)
+    logger = logging.getLogger("gateway.decision")
+    seen = Lines()
+    undo: list[Any] = []
+    if where == "logger filter":
+        dropping = logging.Filter("nothing")  # lets no "gateway.*" record through
+        logger.addFilter(dropping)
+        undo.append(lambda: logger.removeFilter(dropping))
+    elif where == "handler filter":
+        dropping = logging.Filter("nothing")
+        root.handlers[0].addFilter(dropping)
+        undo.append(lambda: root.handlers[0].removeFilter(dropping))
+    elif where == "second handler":
+        root.addHandler(seen)
+    elif where == "handler level":
+        root.handlers[0].setLevel(logging.WARNING)
+    else:
+        root.propagate = True
+        logging.getLogger().addHandler(seen)
+        undo.append(lambda: logging.getLogger().removeHandler(seen))
+    try:
+        log_line(logger, "decision", {"request_id": "r-2", "decision": "deny"})
+    finally:
+        for step in undo:
+            step()
+    written = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    if where in ("logger filter", "handler filter", "handler level"):
+        assert written == []
+    else:
+        assert [line["request_id"] for line in written] == ["r-2"]
+        assert [line["request_id"] for line in seen.lines] == ["r-2"]
