@@ -26,7 +26,7 @@ from gateway.sources.changes import ChangeFeed
 from gateway.sources.factory import build_source
 from gateway.sources.fhir import FhirConsentSource
 from gateway.sources.store import ConsentStore
-from gateway.web.enforcement import ConsentEnforcement, policy_from
+from gateway.web.enforcement import ConsentEnforcement, own_bases, policy_from
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 from gateway.upstream_auth import build_credentials, tls_context
@@ -90,7 +90,10 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         labels=labels,
         store=store,
         # PractitionerRoles named as authors: read only for consents that read authors.
-        enforcement=ConsentEnforcement(store, labels, policy, roles=role_resolver(upstream, targets)),
+        enforcement=ConsentEnforcement(
+            store, labels, policy, roles=role_resolver(upstream, targets),
+            ours=own_bases(upstream.base_url, settings.public_base_url),
+        ),
         audit=open_audit(settings),
         consent_server=consent_server,
         readiness=Readiness(window_s=3 * settings.upstream.health_interval_s),

@@ -256,6 +256,11 @@ class EnforcementSettings(_Section):
     # shadow: every answer is decided as in enforce mode but passed unfiltered (CONTRACT §10).
     mode: Literal["enforce", "shadow"] = "enforce"
     denied_read_status: Literal[403, 404] = 403
+    # A Binary without securityContext that no DocumentReference attaches (a report's
+    # presentedForm, a Media's content): no FHIR search finds its holder, so nothing ties it to
+    # a patient. release: it passes as no one's data (CONTRACT §5, §6); withhold: it is refused
+    # to everyone, as a Binary whose context cannot be read.
+    unattached_binaries: Literal["release", "withhold"] = "release"
 
 
 class BreakGlassSettings(_Section):

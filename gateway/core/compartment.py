@@ -16,7 +16,7 @@ from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway.core.fhir import JSON, contained_resource, iter_codings, relative_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, contained_resource, iter_codings, local_reference, relative_reference
 from gateway.core.labels import code_spellings
 
 Path = tuple[str, ...]
@@ -345,31 +345,43 @@ def iter_path(node: Any, path: Path) -> Iterator[Any]:
             yield from iter_path(child, path[1:])
 
 
-def _relative(ref: str) -> str:
+# A patient the gateway cannot look up: named by an absolute reference to another FHIR server
+# (its ``Patient/p1`` is not this server's). No consent of it can be read, so a resource it owns
+# closes (``decision``: "unknown-patient"); it is never looked up, audited or accounted.
+# No reference is spelled this way.
+UNKNOWN_PATIENT = "\0unknown-patient"
+
+
+def _patient(ref: str, ours: Bases) -> str | None:
+    """The ``Patient/<id>`` a reference names, ``UNKNOWN_PATIENT`` for another server's patient,
+    None when it names no patient."""
     # Fast path for the common ``Type/id`` form; anything else goes the long way.
     if ref.count("/") == 1 and ":" not in ref and "#" not in ref:
-        return ref
-    return relative_reference(ref)
+        return ref if ref.startswith("Patient/") else None
+    if not relative_reference(ref).startswith("Patient/"):
+        return None
+    local = local_reference(ref, ours)
+    return UNKNOWN_PATIENT if local is None else local
 
 
-def _collect_patients(node: Any, path: Path, found: set[str]) -> None:
+def _collect_patients(node: Any, path: Path, found: set[str], ours: Bases = NO_BASES) -> None:
     """Add every ``Patient/<id>`` a Reference at ``path`` below ``node`` names (relative form)."""
     if isinstance(node, list):
         for item in node:
-            _collect_patients(item, path, found)
+            _collect_patients(item, path, found, ours)
         return
     if not isinstance(node, dict):
         return
     if path:
         child = node.get(path[0])
         if child is not None:
-            _collect_patients(child, path[1:], found)
+            _collect_patients(child, path[1:], found, ours)
         return
     ref = node.get("reference")
     if isinstance(ref, str) and ref and not ref.startswith("#"):
-        ref = _relative(ref)
-        if ref.startswith("Patient/"):
-            found.add(ref)
+        patient = _patient(ref, ours)
+        if patient is not None:
+            found.add(patient)
 
 
 # Patient links the R4 CompartmentDefinition leaves out but that plainly name a patient.
@@ -396,11 +408,13 @@ def is_patient_data(resource_type: str) -> bool:
     return resource_type in _COMPARTMENT_PLANS
 
 
-def patients_of(resource: JSON) -> frozenset[str]:
+def patients_of(resource: JSON, ours: Bases = NO_BASES) -> frozenset[str]:
     """``Patient/<id>`` references of every patient compartment the resource is in.
 
     A Patient belongs to itself and to the patients it links to. Contained (``#``) and
-    conditional references name no patient, so they add nothing.
+    conditional references name no patient, so they add nothing. An absolute reference names
+    this server's patient only under one of ``ours`` (``fhir.local_reference``); another
+    server's patient is ``UNKNOWN_PATIENT`` (it closes).
     """
     rtype = resource.get("resourceType")
     plan = _COMPARTMENT_PLANS.get(rtype) if isinstance(rtype, str) else None
@@ -415,16 +429,16 @@ def patients_of(resource: JSON) -> frozenset[str]:
         if isinstance(child, dict):
             # The common case (subject, patient): one Reference, no walk needed.
             ref = child.get("reference")
-            if isinstance(ref, str) and ref.startswith(("Patient/", "http")):
-                ref = _relative(ref)
-                if ref.startswith("Patient/"):
-                    found.add(ref)
+            if isinstance(ref, str) and (ref.startswith("Patient/") or "://" in ref):
+                patient = _patient(ref, ours)
+                if patient is not None:
+                    found.add(patient)
         else:
-            _collect_patients(child, (), found)
+            _collect_patients(child, (), found, ours)
     for path in deeper:
         child = resource.get(path[0])
         if child is not None:
-            _collect_patients(child, path[1:], found)
+            _collect_patients(child, path[1:], found, ours)
     if rtype == "Patient":
         rid = resource.get("id")
         if isinstance(rid, str) and rid:
@@ -494,6 +508,10 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
                 system = node.get("system")
                 if isinstance(system, str) or system is None:
                     found.add((system or "", code))
+            value_code = node.get("valueCode")
+            if isinstance(value_code, str):
+                # an extension's code, without a system as a Coding may be (labels read it so)
+                found.add(("", value_code))
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))
@@ -546,10 +564,11 @@ def author_references(resource: JSON) -> list[str]:
     return found
 
 
-def role_reference(ref: str) -> str | None:
+def role_reference(ref: str, ours: Bases = NO_BASES) -> str | None:
     """``PractitionerRole/id`` when an author reference (as written) names a PractitionerRole on
     the server, ``UNKNOWN_AUTHOR`` when it names one in a form that cannot be read (a conditional
-    or malformed reference), None when it names no PractitionerRole."""
+    or malformed reference, or another server's role: ``fhir.local_reference``), None when it
+    names no PractitionerRole."""
     if ROLE not in ref or ref.startswith("#"):
         return None
     head, conditional, _ = ref.partition("?")
@@ -558,14 +577,17 @@ def role_reference(ref: str) -> str | None:
     target = relative_reference(ref)
     if target.partition("/")[0] != ROLE:
         return None
+    # SECURITY: another server's PractitionerRole/r1 is not this server's: never read as it.
+    if local_reference(ref, ours) is None:
+        return UNKNOWN_AUTHOR
     return target if _ROLE_ID.fullmatch(target) else UNKNOWN_AUTHOR
 
 
-def role_members(role: JSON) -> set[str]:
+def role_members(role: JSON, ours: Bases = NO_BASES) -> set[str]:
     """The practitioner and organization of a PractitionerRole (``Type/id``); ``UNKNOWN_AUTHOR``
     for one it names in a form that cannot be followed (an identifier alone, a conditional
-    reference: it may be anyone). One contained in the role's container (``#id``) is no one a
-    consent can name."""
+    reference, another server's: it may be anyone). One contained in the role's container
+    (``#id``) is no one a consent can name."""
     found: set[str] = set()
     for key in ROLE_MEMBERS:
         value = role.get(key)
@@ -575,11 +597,11 @@ def role_members(role: JSON) -> set[str]:
         if not isinstance(ref, str) or "?" in ref:
             found.add(UNKNOWN_AUTHOR)
         elif not ref.startswith("#"):
-            found.add(relative_reference(ref))
+            found.add(local_reference(ref, ours) or UNKNOWN_AUTHOR)
     return found
 
 
-def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> frozenset[str]:
+def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES, ours: Bases = NO_BASES) -> frozenset[str]:
     """References of whoever authored, recorded, performed, asserted or requested it.
 
     An author given as a PractitionerRole (contained, or ``PractitionerRole/id`` looked up in
@@ -587,17 +609,23 @@ def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> f
     the records the doctor wrote in any role. A role ``roles`` does not hold (it was not read,
     or could not be) adds ``UNKNOWN_AUTHOR``, and so does one mapped to None (missing on the
     server: a role deleted when its doctor left still stands for whoever wrote through it, so
-    who that was is unknown, CONTRACT §5).
+    who that was is unknown, CONTRACT §5). An author named by an absolute reference to another
+    server (a base not among ``ours``) is unknown too: that server's ``Practitioner/f204`` is
+    not this one's.
     """
     found: set[str] = set()
     for ref in author_references(resource):
         if ref.startswith("#"):
             role = contained_resource(resource, ref, _ROLES)
             if role is not None:
-                found |= role_members(role)
+                found |= role_members(role, ours)
             continue
-        found.add(relative_reference(ref))
-        key = role_reference(ref)
+        local = local_reference(ref, ours)
+        if local is None:
+            found.add(UNKNOWN_AUTHOR)
+            continue
+        found.add(local)
+        key = role_reference(ref, ours)
         if key is None:
             continue
         if key == UNKNOWN_AUTHOR or key not in roles:
@@ -605,7 +633,7 @@ def authors_of(resource: JSON, roles: Mapping[str, JSON | None] = NO_ROLES) -> f
             continue
         target = roles[key]
         # SECURITY: a missing role is an unknown author, never no one (it matches a deny).
-        found |= role_members(target) if target is not None else {UNKNOWN_AUTHOR}
+        found |= role_members(target, ours) if target is not None else {UNKNOWN_AUTHOR}
     return frozenset(found)
 
 

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 from gateway.core.compartment import (
     NO_ROLES,
     UNKNOWN_AUTHOR,
+    UNKNOWN_PATIENT,
     DateRange,
     all_codes,
     as_utc,
@@ -62,7 +63,7 @@ from gateway.core.consent import (
     CompiledConsent,
     Provision,
 )
-from gateway.core.fhir import JSON, R4_RESOURCE_TYPES, resource_reference
+from gateway.core.fhir import NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, resource_reference
 from gateway.core.model import (
     DEFAULT_CONFIDENTIALITY_RANK,
     Decision,
@@ -214,7 +215,7 @@ class _Facts:
     """The resource as the conditions see it; each fact is read at most once, on demand."""
 
     __slots__ = (
-        "resource", "rtype", "labels", "scopes", "known_refs", "related", "roles",
+        "resource", "rtype", "labels", "scopes", "known_refs", "related", "roles", "ours",
         "_ref", "_profiles", "_codes", "_date", "_refs", "_authors", "_rank", "_version",
     )
 
@@ -234,6 +235,7 @@ class _Facts:
         # the deciding consent's server-read related targets (set per consent)
         self.related: Mapping[str, frozenset[str]] = NO_RELATED
         self.roles: Mapping[str, JSON | None] = NO_ROLES  # PractitionerRoles read (authors_of)
+        self.ours: Bases = NO_BASES  # this server's bases (authors_of)
         self._ref = self._profiles = self._codes = self._date = _UNSET
         self._refs = self._authors = self._rank = self._version = _UNSET
 
@@ -285,7 +287,7 @@ class _Facts:
     @property
     def authors(self) -> frozenset[str]:
         if self._authors is _UNSET:
-            self._authors = authors_of(self.resource, self.roles)
+            self._authors = authors_of(self.resource, self.roles, self.ours)
         found: frozenset[str] = self._authors
         return found
 
@@ -334,6 +336,7 @@ class _RecordFacts(_Facts):
         self.known_refs = known_refs
         self.related = NO_RELATED
         self.roles = NO_ROLES
+        self.ours = NO_BASES
         self._ref, self._profiles, self._codes = facts.ref, facts.profiles, facts.codes
         self._date, self._refs, self._authors = facts.date, facts.references, facts.authors
         self._version, self._rank = facts.version, _UNSET
@@ -800,6 +803,10 @@ def _combine(
     return _permit_decision(latest, req, facts, policy, LATEST_WINS, (), errors)
 
 
+# SECURITY: a resource of another server's patient (an absolute reference whose base is not this
+# server's) is decided by no consent of this server's patient of the same id: its patient's
+# consents cannot be read, so it closes (CONTRACT §5: missing data never opens data).
+UNKNOWN_PATIENT_DENIES = Decision(Verdict.DENY, (Reason("", "", "unknown-patient"),), combining="fail-closed")
 UNKNOWN_TYPE = Decision(Verdict.DENY, (Reason("", "", "unknown-resource-type"),), combining="fail-closed",
                         errors=("unknown-resource-type",))
 
@@ -816,6 +823,7 @@ def decide_resource(
     patients: frozenset[str] | None = None,
     medications: Sequence[JSON] = (),
     roles: Mapping[str, JSON | None] = NO_ROLES,
+    ours: Bases = NO_BASES,
 ) -> Decision:
     """Decide one resource for every patient whose compartment it is in; each must permit.
 
@@ -823,7 +831,8 @@ def decide_resource(
     them, or a contained resource inherits its container's); else they are read from it.
     ``medications``: the Medication an order names by reference and its ingredients named by
     reference, whose codes are the order's. ``roles``: the PractitionerRoles read for the
-    authors (``compartment.authors_of``).
+    authors (``compartment.authors_of``). ``ours``: the bases under which absolute references
+    name this server's resources (``fhir.local_reference``).
 
     Non-patient data (a type outside the Patient compartment) passes without a consent
     check. A compartment type naming no patient gets the default decision (with the
@@ -835,9 +844,9 @@ def decide_resource(
         # SECURITY: a type no table knows (or none) could be anyone's data: it closes.
         return UNKNOWN_TYPE
     if patients is None:
-        patients = patients_of(resource)
+        patients = patients_of(resource, ours)
     facts = _Facts(resource, labels, scopes, known_refs)
-    facts.roles = roles
+    facts.roles, facts.ours = roles, ours
     if medications:
         facts._codes = codes_of(resource, medications)
     return _decide_patients(consents_by_patient, facts, patients, ctx, policy)
@@ -872,6 +881,8 @@ def _decide_patients(
         req = _request_of(ctx)
         return _default_decision(req, facts, policy, (req.reason("", "", "no-patient"),), ())
     decisions = []
+    if UNKNOWN_PATIENT in patients:
+        return UNKNOWN_PATIENT_DENIES
     for patient in sorted(patients):
         consents = consents_by_patient.get(patient)
         if consents is None:

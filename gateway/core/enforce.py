@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from gateway.core.compartment import is_patient_data, patients_of, references_of
-from gateway.core.fhir import JSON, relative_reference, resource_reference
+from gateway.core.compartment import UNKNOWN_PATIENT, is_patient_data, patients_of, references_of
+from gateway.core.fhir import NO_BASES, Bases, JSON, relative_reference, resource_reference
 from gateway.core.errors import UpstreamUnavailable
 from gateway.core.memo import TextMemo
 from gateway.core.model import Decision, Reason, Verdict
@@ -109,9 +109,9 @@ def _contained(resource: JSON) -> list[JSON]:
     return [c for c in contained if isinstance(c, dict)] if isinstance(contained, list) else []
 
 
-def owners_of(resource: JSON, inherited: frozenset[str] = frozenset()) -> frozenset[str]:
+def owners_of(resource: JSON, inherited: frozenset[str] = frozenset(), ours: Bases = NO_BASES) -> frozenset[str]:
     """The patients a resource belongs to; a contained one of a patient-data type inherits its container's."""
-    own = patients_of(resource)
+    own = patients_of(resource, ours)
     if own or not inherited:
         return own
     rtype = resource.get("resourceType")
@@ -123,23 +123,25 @@ _WALKED = frozenset({"Bundle", "Parameters", "Binary"})
 
 
 def owners_index(
-    body: JSON, binaries: list[JSON] | None = None, content_keys: Mapping[int, Hashable] | None = None
+    body: JSON, binaries: list[JSON] | None = None, content_keys: Mapping[int, Hashable] | None = None,
+    ours: Bases = NO_BASES,
 ) -> dict[int, frozenset[str]]:
     """The patients of every resource in ``body``, by object identity (computed once per body);
     every Binary met on the way (contained ones too) goes into ``binaries`` when given.
     ``content_keys``: by object identity, a text that fixes a resource's whole content (its
     entry's, core.view.spans_of), under which its patients are remembered across answers.
+    ``ours``: the bases of this server's absolute references (``compartment.patients_of``).
 
     Equal owner sets are shared, so the per-resource decision memo hashes each one once.
     """
     index: dict[int, frozenset[str]] = {}
-    _index_into(body, index, {}, [] if binaries is None else binaries, content_keys or _NO_KEYS)
+    _index_into(body, index, {}, [] if binaries is None else binaries, content_keys or _NO_KEYS, ours)
     return index
 
 
 _NO_KEYS: Mapping[int, Hashable] = {}
-# Patients by content key (see owners_index).
-_OWNERS: TextMemo[frozenset[str]] = TextMemo(16_384, 16 << 20)
+# Patients by content key (see owners_index), with the bases they were read under.
+_OWNERS: TextMemo[tuple[Bases, frozenset[str]]] = TextMemo(16_384, 16 << 20)
 
 
 def forget_owners() -> None:
@@ -149,7 +151,7 @@ def forget_owners() -> None:
 
 def _index_into(
     node: JSON, index: dict[int, frozenset[str]], shared: dict[frozenset[str], frozenset[str]], binaries: list[JSON],
-    keys: Mapping[int, Hashable] = _NO_KEYS,
+    keys: Mapping[int, Hashable] = _NO_KEYS, ours: Bases = NO_BASES,
 ) -> None:
     """Add every resource in ``node`` (Bundles, Parameters, contained) with its patients."""
     rtype = node.get("resourceType")
@@ -162,22 +164,24 @@ def _index_into(
             if type(inner_type) is str and inner_type not in _WALKED and "contained" not in resource:
                 # The common entry, indexed here: one call per resource fewer.
                 key = keys.get(id(resource)) if keys else None
-                found = _OWNERS.get(key) if key is not None else None
-                if found is None:
-                    found = patients_of(resource)
+                memo = _OWNERS.get(key) if key is not None else None
+                if memo is not None and (memo[0] is ours or memo[0] == ours):
+                    found = memo[1]
+                else:
+                    found = patients_of(resource, ours)
                     if key is not None:
-                        _OWNERS.put(key, found)
+                        _OWNERS.put(key, (ours, found))
                 index[id(resource)] = shared.setdefault(found, found)
             else:
-                _index_into(resource, index, shared, binaries)
+                _index_into(resource, index, shared, binaries, ours=ours)
         return
     if rtype == "Parameters":
         for param in _iter_parameters(node.get("parameter")):
             resource = param.get("resource")
             if isinstance(resource, dict):
-                _index_into(resource, index, shared, binaries)
+                _index_into(resource, index, shared, binaries, ours=ours)
         return
-    owners = patients_of(node)
+    owners = patients_of(node, ours)
     owners = shared.setdefault(owners, owners)
     index[id(node)] = owners
     if not isinstance(rtype, (str, type(None))):
@@ -190,13 +194,14 @@ def _index_into(
                 raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
             if inner.get("resourceType") == "Binary":
                 binaries.append(inner)
-            inner_owners = owners_of(inner, owners)
+            inner_owners = owners_of(inner, owners, ours)
             index[id(inner)] = shared.setdefault(inner_owners, inner_owners)
 
 
 def patients_in(index: dict[int, frozenset[str]]) -> frozenset[str]:
-    """Every patient any resource belongs to: the consents to look up."""
-    return frozenset().union(*index.values())
+    """Every patient any resource belongs to: the consents to look up (another server's patient,
+    ``UNKNOWN_PATIENT``, has none that can be)."""
+    return frozenset().union(*index.values()) - {UNKNOWN_PATIENT}
 
 
 def _iter_parameters(params: object) -> Iterator[JSON]:
@@ -207,18 +212,21 @@ def _iter_parameters(params: object) -> Iterator[JSON]:
                 yield from _iter_parameters(param.get("part"))
 
 
-def judge_resource(resource: JSON, judge: Judge, index: dict[int, frozenset[str]] | None = None) -> Decision:
-    """A resource with its contained resources: denied if it or any contained one is denied."""
+def judge_resource(
+    resource: JSON, judge: Judge, index: dict[int, frozenset[str]] | None = None, ours: Bases = NO_BASES,
+) -> Decision:
+    """A resource with its contained resources: denied if it or any contained one is denied.
+    ``ours``: as for ``owners_index``, for resources ``index`` does not hold."""
     owners = index.get(id(resource)) if index is not None else None
     if owners is None:
-        owners = owners_of(resource)
+        owners = owners_of(resource, ours=ours)
     decision = judge(resource, owners)
     if decision.verdict is Verdict.DENY or "contained" not in resource:
         return decision
     for inner in _contained(resource):
         for one in _within(inner):
             one_owners = index.get(id(one)) if index is not None else None
-            inner_decision = judge(one, owners_of(one, owners) if one_owners is None else one_owners)
+            inner_decision = judge(one, owners_of(one, owners, ours) if one_owners is None else one_owners)
             if inner_decision.verdict is Verdict.DENY:
                 return inner_decision
     return decision

@@ -101,6 +101,56 @@ def relative_reference(ref: str) -> str:
     return ref.split("#", 1)[0]
 
 
+# Bases under which a reference names this FHIR server's resources (normalized, ``normal_base``):
+# the configured upstream base and the gateway's configured public base. A relative reference
+# is always this server's.
+Bases = frozenset[str]
+NO_BASES: Bases = frozenset()
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def normal_base(url: str) -> str:
+    """A FHIR base URL as bases are compared: scheme and host in lower case, no default port,
+    no trailing slash, no query or fragment."""
+    head = url.split("#", 1)[0].split("?", 1)[0]
+    scheme, sep, rest = head.partition("://")
+    if not sep:
+        return head.rstrip("/")
+    scheme = scheme.lower()
+    host, slash, path = rest.partition("/")
+    host = host.lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is not None and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme}://{host}{slash}{path}".rstrip("/")
+
+
+def reference_base(ref: str) -> str | None:
+    """The base (``normal_base``) of an absolute reference (``http://h/fhir/Patient/1`` ->
+    ``http://h/fhir``); None for a relative, local (``#``) or URN reference."""
+    if "://" not in ref:
+        return None
+    head = ref.split("#", 1)[0].split("?", 1)[0]
+    scheme, _, rest = head.partition("://")
+    segments = rest.split("/")
+    if "_history" in segments[1:]:
+        segments = segments[: segments.index("_history", 1)]
+    while len(segments) > 1 and not segments[-1]:
+        segments.pop()
+    return normal_base(f"{scheme}://{'/'.join(segments[:-2] if len(segments) > 2 else segments[:1])}")
+
+
+def local_reference(ref: str, ours: Bases) -> str | None:
+    """``relative_reference`` of a reference to this FHIR server's resources; None for an
+    absolute one whose base is not among ``ours``.
+
+    SECURITY: another server's ``Medication/m1`` or ``Patient/p1`` is not this server's
+    resource of the same ``Type/id``: what it is, is unknown to the gateway."""
+    if "://" in ref and reference_base(ref) not in ours:
+        return None
+    return relative_reference(ref)
+
+
 def reference_version(ref: str) -> str | None:
     """The version a reference names (``Patient/1/_history/2`` -> ``2``), or None."""
     return _reference_parts(ref)[1]

@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.core.breakglass import EmergencyWindow
-from gateway.core.compartment import NO_ROLES, authors_of, clinical_date, profiles_of, references_of
+from gateway.core.compartment import NO_ROLES, UNKNOWN_PATIENT, authors_of, clinical_date, profiles_of, references_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import (
     NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, codes_of, decide_facts, decide_resource, next_boundary,
     summary_key, summary_reads, version_of,
 )
 from gateway.core.enforce import Judge, judge_resource
-from gateway.core.fhir import JSON, resource_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, resource_reference
 from gateway.core.model import Decision, Label, Reason, RequestContext, Verdict
-from gateway.core.labels import LabelIndex
-from gateway.core.references import NOTHING_RESOLVED, Resolved
+from gateway.core.labels import LabelIndex, may_stray
+from gateway.core.references import Resolved
 
 NO_SCOPES: frozenset[str] = frozenset()
 # A resource whose deciding reference could not be read: unknown, so it closes (CONTRACT §5).
@@ -48,21 +48,29 @@ _NO_PROFILES: frozenset[str] = frozenset()
 def labeler(
     index: LabelIndex, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
     seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
+    strays: bool = True,
 ) -> Labeler:
     """Labels of a resource: its own (``index``), those of the Medication it names by reference
     (with the ingredients that one names by reference), those of a Medication's own ingredients
     named by reference, and those the consent source gives it (``source_labels``, by
     ``Type/id``); kept in ``seen`` by object identity when given. ``keys``: by object identity,
     the label keys of viewed resources or the content keys of resources parsed whole
-    (core.view), under which equal texts are labelled once."""
-    own, keyed = index.labels_remembered, index.labels_keyed
+    (core.view), under which equal texts are labelled once. ``strays``: whether the answer may
+    hold extensions off the field plans (``labels.may_extend``); then a resource whose text may
+    (``labels.may_stray``) also gets the labels of those (``LabelIndex.stray_labels``)."""
+    own, keyed, stray = index.labels_remembered, index.labels_keyed, index.stray_labels
     # Nothing resolved: no ingredient is named by reference outside its Medication (a
     # contained one labels it as its own).
-    follows = resolved is not NOTHING_RESOLVED
+    follows = bool(resolved.targets)
 
     def labels_for(resource: JSON) -> frozenset[Label]:
         key = keys.get(id(resource)) if keys else None
         found = own(resource) if key is None else keyed(key, resource)
+        if strays and may_stray(key):
+            # SECURITY: an extension on a note or a body site codes the record as surely.
+            strayed = stray(resource)
+            if strayed:
+                found = found | strayed
         if source_labels:
             extra = source_labels.get(resource_reference(resource) or "")
             if extra:
@@ -84,13 +92,14 @@ def labeler(
 
 def facts_of(
     resource: JSON, owners: frozenset[str], labels: frozenset[Label], scopes: frozenset[str], reads: frozenset[str],
-    medications: Sequence[JSON] = (), roles: Mapping[str, JSON | None] = NO_ROLES,
+    medications: Sequence[JSON] = (), roles: Mapping[str, JSON | None] = NO_ROLES, ours: Bases = NO_BASES,
 ) -> Facts:
     """The facts record of ``resource`` with what ``reads`` (decision.summary_reads) needs; the
     facts not read hold ``NOT_READ``. ``medications``: the Medication an order names by
     reference and its ingredients named by reference, whose codes are the order's
     (``decision.codes_of``). ``roles``: the PractitionerRoles read, whose practitioner and
-    organization are authors of what the role wrote (``compartment.authors_of``)."""
+    organization are authors of what the role wrote (``compartment.authors_of``); ``ours``: this
+    server's bases (``fhir.local_reference``)."""
     rtype = resource.get("resourceType")
     meta = resource.get("meta")
     whole = not reads.isdisjoint(WHOLE_RESOURCE_READS)
@@ -106,7 +115,7 @@ def facts_of(
         resource_reference(resource) if data else NOT_READ,
         codes_of(resource, medications) if whole and "codes" in reads else NOT_READ,
         references_of(resource) if data else NOT_READ,
-        authors_of(resource, roles) if whole and (data or "authors" in reads) else NOT_READ,
+        authors_of(resource, roles, ours) if whole and (data or "authors" in reads) else NOT_READ,
         version_of(resource) if data else NOT_READ,
     ))
 
@@ -209,11 +218,11 @@ class ConsentJudge:
         if reads is None:
             return decide_resource(
                 self.consents, resource, labels, self.scopes_for(resource), self.ctx, self.policy, patients=owners,
-                medications=medications, roles=self.resolved.roles,
+                medications=medications, roles=self.resolved.roles, ours=self.resolved.ours,
             )
         # Resource scopes matter only to consents whose class names one.
         scopes = self.scopes_for(resource) if "scopes" in reads else NO_SCOPES
-        facts = facts_of(resource, owners, labels, scopes, reads, medications, self.resolved.roles)
+        facts = facts_of(resource, owners, labels, scopes, reads, medications, self.resolved.roles, self.resolved.ours)
         key = summary_key(facts, reads)
         found = self._memo.get(key)
         if found is not None:
@@ -310,7 +319,8 @@ def overriding(judge: Judge, emergency: Emergency, labels_for: Labeler, sensitiv
             if emergency.reason is None and not covered:
                 return decision
             for patient in owners:
-                emergency.opened.setdefault(patient, set()).update(opened)
+                if patient != UNKNOWN_PATIENT:  # another server's patient: no one to name
+                    emergency.opened.setdefault(patient, set()).update(opened)
             decision = BREAK_GLASS
         if emergency.reason is None:
             emergency.used.update(w.consent for w in windowed)
@@ -318,7 +328,7 @@ def overriding(judge: Judge, emergency: Emergency, labels_for: Labeler, sensitiv
             ref = resource_reference(resource)
             if ref:
                 emergency.returned.append((ref, denied))
-            emergency.patients.update(owners)
+            emergency.patients.update(p for p in owners if p != UNKNOWN_PATIENT)
         return decision
 
     return wrapped
@@ -350,5 +360,5 @@ class _BinariesAsContexts:
         for context in contexts:
             if decision.verdict is Verdict.DENY:
                 break
-            decision = judge_resource(context, self)
+            decision = judge_resource(context, self, ours=self.resolved.ours)
         return decision

@@ -8,8 +8,9 @@ Semantics:
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
   its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
   ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
-- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding of
-  every extension (``extension`` and ``modifierExtension``, nested to any depth) of the
+- Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding /
+  valueCode (read as a coding without a system) of every extension (``extension`` and
+  ``modifierExtension``, nested to any depth) of the
   resource, of the backbone elements on those paths and of the code elements and codings
   themselves (``condition-dueTo`` carrying B20 labels as ``code`` would).
 - SNOMED CT, LOINC, RxNorm, CPT and HCPCS codes match exactly (no hierarchy: there is no
@@ -270,6 +271,7 @@ _DEFAULT_EXTRACTORS = _extractors("")
 _NO_EXTRACTORS: _Extractors = ((), ())
 # Types with label-bearing elements beyond their codes and meta.security.
 _OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle"})
+_NO_PLAN: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=512)
@@ -524,7 +526,15 @@ class LabelIndex:
     # ------------------------------------------------------------------ labels
 
     def labels_for(self, resource: JSON) -> frozenset[Label]:
-        """Every label of the resource: computed from its codes, contained resources and its own."""
+        """Every label of the resource: computed from its codes, contained resources and its own
+        (``planned_labels``), and from the extensions of its other elements (``stray_labels``)."""
+        found = self.planned_labels(resource)
+        stray = self.stray_labels(resource)
+        return found | stray if stray else found
+
+    def planned_labels(self, resource: JSON) -> frozenset[Label]:
+        """The labels of the elements of the resource's field plan (``label_elements``): its
+        codes, its own and its contained resources' (what a view holds)."""
         hits: list[_Hit] = []
         own: list[tuple[Label, str]] = []
         self._collect(resource, hits, own)
@@ -541,11 +551,11 @@ class LabelIndex:
         return frozenset(labels)
 
     def labels_keyed(self, key: Hashable, resource: JSON) -> frozenset[Label]:
-        """``labels_for(resource)``, remembered under ``key``: the exact text of every element
+        """``planned_labels(resource)``, remembered under ``key``: the exact text of every element
         the labels depend on (core.view.label_key), so equal texts are labelled once."""
         found = self._memo.get(key)
         if found is None:
-            found = self.labels_for(resource)
+            found = self.planned_labels(resource)
             self._memo.put(key, found)
         return found
 
@@ -554,13 +564,13 @@ class LabelIndex:
         self._memo.clear()
 
     def labels_remembered(self, resource: JSON) -> frozenset[Label]:
-        """``labels_for(resource)``, remembered under the compact text of the elements the labels
-        depend on: records that code alike are labelled once (a resource labelled by its own
-        meta.security or contained resources is labelled afresh)."""
+        """``planned_labels(resource)``, remembered under the compact text of the elements the
+        labels depend on: records that code alike are labelled once (a resource labelled by its
+        own meta.security or contained resources is labelled afresh)."""
         rtype = resource.get("resourceType")
         meta = resource.get("meta")
         if not isinstance(rtype, str) or "contained" in resource or (isinstance(meta, dict) and "security" in meta):
-            return self.labels_for(resource)
+            return self.planned_labels(resource)
         names = _label_names(rtype)
         return self.labels_keyed((rtype, orjson.dumps([resource.get(n) for n in names])), resource)
 
@@ -569,6 +579,7 @@ class LabelIndex:
         hits: list[_Hit] = []
         own: list[tuple[Label, str]] = []
         self._collect(resource, hits, own)
+        self._collect_strays(resource, hits)
         reasons = set(own)
         for hit in hits:
             reasons.update(hit.reasons)
@@ -603,6 +614,38 @@ class LabelIndex:
             for inner in [contained] if isinstance(contained, dict) else contained:
                 if isinstance(inner, dict):
                     self._collect(inner, hits, own)
+
+    def stray_labels(self, resource: JSON) -> frozenset[Label]:
+        """The labels of the coded values (valueCodeableConcept, valueCoding, valueCode) of the
+        extensions on elements outside the resource's field plan, at any depth (a ``note``, a
+        ``bodySite``, a ``dosage`` carrying ``F11.20`` in an extension), its contained
+        resources' too. A walk of those elements: callers on the hot path ask only for resources
+        whose text holds an extension (``core.view.may_stray``)."""
+        hits: list[_Hit] = []
+        self._collect_strays(resource, hits)
+        if not hits:
+            return _NO_LABELS
+        if len(hits) == 1:
+            return hits[0].labels
+        return frozenset().union(*(hit.labels for hit in hits))
+
+    def _collect_strays(self, resource: JSON, hits: list[_Hit]) -> None:
+        rtype = resource.get("resourceType")
+        plan = label_elements(rtype) if isinstance(rtype, str) else _NO_PLAN
+        stack: list[Any] = [v for k, v in resource.items() if k not in plan and type(v) in (dict, list)]
+        contained = resource.get("contained")
+        for inner in [contained] if isinstance(contained, dict) else contained if isinstance(contained, list) else ():
+            if isinstance(inner, dict):
+                self._collect_strays(inner, hits)
+        while stack:
+            node = stack.pop()
+            if type(node) is list:
+                stack.extend(v for v in node if type(v) in (dict, list))
+                continue
+            if "extension" in node or "modifierExtension" in node:
+                self._match_extensions(_own_extensions(node), hits)
+            stack.extend(v for k, v in node.items()
+                         if k != "extension" and k != "modifierExtension" and type(v) in (dict, list))
 
     def _collect_own_elements(
         self, resource: JSON, rtype: str, hits: list[_Hit], own: list[tuple[Label, str]]
@@ -781,9 +824,36 @@ _MEMO_MAX_BYTES = 16 << 20  # ... or when their keys hold this many bytes of tex
 _NO_SCOPES: frozenset[str] = frozenset()
 
 
+# How an extension shows in JSON text: the key ``extension`` or ``modifierExtension``.
+_EXTENSION_KEY = b'xtension"'
+
+
+def may_stray(key: object) -> bool:
+    """Whether a resource whose text (an entry's bytes, or a view's label key: the texts of the
+    elements it holds) is ``key`` may carry extensions ``stray_labels`` reads; True without a
+    text. A ``\\u`` escape can spell the key any way: it may."""
+    if type(key) is bytes:
+        return may_extend(key)
+    if type(key) is tuple:
+        return any(type(part) is bytes and may_extend(part) for part in key)
+    return True
+
+
+def may_extend(raw: bytes) -> bool:
+    """False when the JSON text ``raw`` certainly holds no extension (no resource of it has
+    ``stray_labels``): one scan of the answer spares every resource the walk."""
+    if _EXTENSION_KEY in raw:
+        return True
+    first = raw.find(b"\\")  # a backslash alone is found by memchr; most texts have none
+    return first >= 0 and raw.find(b"\\u", first) >= 0
+
+
 def _extension_codes(extensions: Any) -> list[Any]:
-    """Coded values (valueCodeableConcept, valueCoding) of extensions, nested ones included at
-    any depth (``condition-dueTo`` carrying B20 names the diagnosis as surely as ``code`` does)."""
+    """Coded values (valueCodeableConcept, valueCoding, valueCode) of extensions, nested ones
+    included at any depth (``condition-dueTo`` carrying B20 names the diagnosis as surely as
+    ``code`` does). A ``valueCode`` has no system (the extension's definition gives it), so it is
+    read as a Coding without one: it earns labels only when dotted like ICD-10-CM (``F11.20``)
+    or hyphenated like an NDC package (``_systemless``), never as ``final``, ``male`` or ``en-US``."""
     found: list[Any] = []
     stack = list(extensions) if isinstance(extensions, list) else [extensions]
     while stack:
@@ -793,6 +863,9 @@ def _extension_codes(extensions: Any) -> list[Any]:
         for key in ("valueCodeableConcept", "valueCoding"):
             if key in ext:
                 found.append(ext[key])
+        code = ext.get("valueCode")
+        if type(code) is str:
+            found.append({"code": code})
         if "extension" in ext or "modifierExtension" in ext:
             stack.extend(_own_extensions(ext))
     return found

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import parse_qsl, quote
 
-from gateway.core.compartment import is_patient_data, patients_of
+from gateway.core.compartment import UNKNOWN_PATIENT, is_patient_data, patients_of
 from gateway.core.ds4p import add_notice, is_part2, mark, sensitive_of
 from gateway.core.fhir import JSON, resource_reference
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_PURPOSE_OF_USE, Actor, Label
@@ -252,7 +252,7 @@ def release_of(
             continue
         found_owners = owners.get(id(resource)) if owners else None
         for patient in patients_of(resource) if found_owners is None else found_owners:
-            if patient != requester:
+            if patient != requester and patient != UNKNOWN_PATIENT:
                 disclosed.setdefault(patient, []).append((ref, marked))
     if part2 and body.get("resourceType") == "Bundle":
         changed |= add_notice(body)

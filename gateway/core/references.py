@@ -31,7 +31,8 @@ from gateway.core.compartment import (
     ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
 )
 from gateway.core.fhir import (
-    JSON, R4_RESOURCE_TYPES, contained_resource, reference_of, relative_reference, resource_reference,
+    NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, contained_resource, local_reference, reference_of, relative_reference,
+    resource_reference,
 )
 
 # Resource types whose medication may be a reference to a Medication resource.
@@ -77,48 +78,64 @@ def iter_resources(node: JSON) -> list[JSON]:
     return found
 
 
-def security_context(resource: JSON) -> str | None:
-    """``Type/id`` of the patient data a Binary stands for, or None."""
+def security_context(resource: JSON, ours: Bases = NO_BASES) -> str | None:
+    """``Type/id`` of the patient data a Binary stands for, or None (also for another server's
+    resource: ``unreadable_context``)."""
     if resource.get("resourceType") != "Binary":
         return None
     ref = reference_of(resource.get("securityContext"))
     if ref is None or ref.startswith("#"):
         return None
-    target = relative_reference(ref)
+    target = local_reference(ref, ours)
+    if target is None:
+        return None
     rtype = target.split("/", 1)[0]
     return target if "/" in target and is_patient_data(rtype) else None
 
 
-def unreadable_context(resource: JSON) -> bool:
+def unreadable_context(resource: JSON, ours: Bases = NO_BASES) -> bool:
     """A Binary whose securityContext is there but names nothing the gateway decides by: no
     Reference (null, {}, a list, a string, a list of references), a ``#`` reference (a Binary
     contains nothing), anything but ``Type/id`` of an R4 type (a conditional or misspelled
-    reference may be anyone's record), or another Binary (what that one stands for is not
-    followed): what it stands for is unknown."""
+    reference may be anyone's record), another server's resource (a base not among ``ours``:
+    its ``Observation/o1`` is not this server's), or another Binary (what that one stands for
+    is not followed): what it stands for is unknown."""
     if resource.get("resourceType") != "Binary" or "securityContext" not in resource:
         return False
     ref = reference_of(resource.get("securityContext"))
     if ref is None or ref.startswith("#"):
         return True
-    rtype, _, rid = relative_reference(ref).partition("/")
+    local = local_reference(ref, ours)
+    if local is None:
+        return True
+    rtype, _, rid = local.partition("/")
     return rtype == "Binary" or rtype not in R4_RESOURCE_TYPES or _ID.fullmatch(rid) is None
 
 
-def medication_reference(resource: JSON) -> str | None:
-    """The ``medicationReference`` of an order or statement (``#id`` for a contained one)."""
+def medication_reference(resource: JSON, ours: Bases = NO_BASES) -> str | None:
+    """The ``medicationReference`` of an order or statement (``#id`` for a contained one);
+    ``FOREIGN_MEDICATION`` for another server's (a base not among ``ours``: never read from this
+    server by its ``Type/id``, what it is, is unknown)."""
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or rtype not in MEDICATION_HOLDERS:
         return None
     ref = reference_of(resource.get("medicationReference"))
     if ref is None:
         return None
-    return ref if ref.startswith("#") else relative_reference(ref)
+    if ref.startswith("#"):
+        return ref
+    local = local_reference(ref, ours)
+    return FOREIGN_MEDICATION if local is None else local
 
 
-def ingredient_references(medication: JSON) -> list[str]:
+# What an order's medicationReference to another FHIR server stands for: unknown (it closes).
+FOREIGN_MEDICATION = "\0foreign-medication"
+
+
+def ingredient_references(medication: JSON, ours: Bases = NO_BASES) -> list[str]:
     """The ``ingredient.itemReference`` of a Medication as ``Type/id`` (``#id`` for a contained
     one); ``UNKNOWN_INGREDIENT`` for one naming no Medication or Substance in a form that can be
-    read (what it is, is unknown)."""
+    read, or naming another server's (a base not among ``ours``): what it is, is unknown."""
     ingredients = medication.get("ingredient")
     if medication.get("resourceType") != "Medication" or not isinstance(ingredients, list):
         return []
@@ -135,7 +152,7 @@ def ingredient_references(medication: JSON) -> list[str]:
         elif ref.startswith("#"):
             found.append(ref)
         else:
-            target = relative_reference(ref)
+            target = local_reference(ref, ours) or UNKNOWN_INGREDIENT
             rtype, _, rid = target.partition("/")
             found.append(target if rtype in INGREDIENT_TYPES and _ID.fullmatch(rid) else UNKNOWN_INGREDIENT)
     return found
@@ -207,8 +224,9 @@ def has_u_escape(raw: bytes) -> bool:
     return first >= 0 and raw.find(b"\\u", first) >= 0
 
 
-def deciding_references(body: JSON) -> Deciding | None:
-    """What decides resources of ``body`` beyond themselves; None when nothing does.
+def deciding_references(body: JSON, ours: Bases = NO_BASES) -> Deciding | None:
+    """What decides resources of ``body`` beyond themselves; None when nothing does. A reference
+    to another server (a base not among ``ours``) is never read: it is unknown.
 
     A contained resource is not addressable from outside its container: it never stands for a
     ``Type/id`` of the answer."""
@@ -226,23 +244,23 @@ def deciding_references(body: JSON) -> Deciding | None:
             present.setdefault(ref, resource)
         # Only a Binary has a security context, and only an order or statement a medication.
         if rtype == "Binary":
-            context = security_context(resource)
+            context = security_context(resource, ours)
             if context is not None:
                 refers = True
                 contexts.add(context)
             elif ref is not None and "securityContext" not in resource:
                 refers = True
                 unattached.add(ref)
-            elif unreadable_context(resource):
+            elif unreadable_context(resource, ours):
                 refers = True  # decided as unknown (contexts_of: None), so it closes
         elif isinstance(rtype, str) and rtype in MEDICATION_HOLDERS:
-            med = medication_reference(resource)
+            med = medication_reference(resource, ours)
             if med is not None:
                 refers = True
-                if not med.startswith("#"):
+                if med[0] not in "#\0":
                     medications.add(med)
         elif rtype == "Medication" and "ingredient" in resource:
-            named = ingredient_references(resource)
+            named = ingredient_references(resource, ours)
             if named:
                 refers = True
                 ingredients.update(r for r in named if r[0] not in "#\0")
@@ -288,29 +306,36 @@ def current_resources(body: JSON) -> set[int]:
     return found
 
 
-def ingredients_to_read(medications: Iterable[JSON | None], known: Mapping[str, object]) -> frozenset[str]:
+def ingredients_to_read(
+    medications: Iterable[JSON | None], known: Mapping[str, object], ours: Bases = NO_BASES,
+) -> frozenset[str]:
     """The ingredients the given Medications name by reference that ``known`` does not hold."""
     found: set[str] = set()
     for medication in medications:
         if type(medication) is dict and "ingredient" in medication:
-            found.update(r for r in ingredient_references(medication) if r[0] not in "#\0" and r not in known)
+            found.update(r for r in ingredient_references(medication, ours) if r[0] not in "#\0" and r not in known)
     return frozenset(found)
 
 
-def attachment_urls(binary: str, base_url: str) -> tuple[str, ...]:
-    """The ways a DocumentReference's ``content.attachment.url`` names a Binary."""
-    return (binary, f"{base_url.rstrip('/')}/{binary}")
+def attachment_urls(binary: str, base_urls: Iterable[str]) -> tuple[str, ...]:
+    """The ways a DocumentReference's ``content.attachment.url`` names a Binary: relative, or
+    under one of this server's bases."""
+    return (binary, *(f"{base.rstrip('/')}/{binary}" for base in base_urls))
 
 
-def attachments_by_binary(documents: list[JSON], binaries: frozenset[str]) -> dict[str, tuple[JSON, ...]]:
-    """The DocumentReferences that attach each Binary (by ``content.attachment.url``)."""
+def attachments_by_binary(
+    documents: list[JSON], binaries: frozenset[str], ours: Bases = NO_BASES,
+) -> dict[str, tuple[JSON, ...]]:
+    """The DocumentReferences that attach each Binary (by ``content.attachment.url``); an
+    attachment on another server (a base not among ``ours``) attaches none of this server's."""
     found: dict[str, list[JSON]] = {b: [] for b in binaries}
     for doc in documents:
         for content in doc.get("content") or ():
             attachment = content.get("attachment") if isinstance(content, dict) else None
             url = attachment.get("url") if isinstance(attachment, dict) else None
-            if isinstance(url, str) and relative_reference(url) in found:
-                found[relative_reference(url)].append(doc)
+            binary = local_reference(url, ours) if isinstance(url, str) else None
+            if binary is not None and binary in found:
+                found[binary].append(doc)
     return {b: tuple(d) for b, d in found.items()}
 
 
@@ -324,19 +349,24 @@ class Resolved:
     unknown, so it closes). ``roles``: the PractitionerRoles named as authors, by ``Type/id``
     (None: missing on the server), read only when a consent reads authors; a role it does not
     hold, or one missing on the server, is an unknown author (``compartment.authors_of``).
+    ``ours``: the bases under which an absolute reference names this server's resources
+    (``fhir.local_reference``); another server's target is unknown, never read by its ``Type/id``.
     """
 
     targets: Mapping[str, JSON | None] = field(default_factory=dict)
     attached: Mapping[str, tuple[JSON, ...] | None] = field(default_factory=dict)
     roles: Mapping[str, JSON | None] = field(default_factory=dict)
+    ours: Bases = NO_BASES
+    # enforcement.unattached_binaries: withhold: a Binary nothing ties to a patient is unknown.
+    withhold_unattached: bool = False
 
     def contexts_of(self, resource: JSON) -> tuple[JSON, ...] | None:
         """The patient data a Binary is decided as; None when that is unknown (it closes)."""
         if resource.get("resourceType") != "Binary":
             return ()
-        if unreadable_context(resource):
+        if unreadable_context(resource, self.ours):
             return None
-        ref = security_context(resource)
+        ref = security_context(resource, self.ours)
         if ref is not None:
             target = self.targets.get(ref, UNREADABLE)
             # SECURITY: a context the server does not hold (deleted, or another server's) is
@@ -345,15 +375,23 @@ class Resolved:
                 return None
             return (target,)
         own = resource_reference(resource)
-        if own is None or "securityContext" in resource:
+        if "securityContext" in resource:
             return ()
-        return self.attached.get(own, ())
+        attached = self.attached.get(own, ()) if own is not None else ()
+        if attached == () and self.withhold_unattached:
+            # SECURITY: no search finds a report's presentedForm or a Media's content by URL; a
+            # site that withholds what nothing ties to a patient closes such a Binary.
+            return None
+        return attached
 
     def medication_of(self, resource: JSON) -> JSON | None:
-        """The Medication an order names by reference, contained or resolved."""
-        ref = medication_reference(resource)
+        """The Medication an order names by reference, contained or resolved (``UNREADABLE``
+        for another server's)."""
+        ref = medication_reference(resource, self.ours)
         if ref is None:
             return None
+        if ref == FOREIGN_MEDICATION:
+            return UNREADABLE
         if ref.startswith("#"):
             found = contained_resource(resource, ref, _MEDICATION)
             return found if found is not None else UNREADABLE
@@ -368,7 +406,7 @@ class Resolved:
         SECURITY: a drug the order names that the server does not hold (deleted, or named by an
         absolute URL of another server) is not no drug: it may be methadone (CONTRACT §5, missing
         data never opens data)."""
-        if medication_reference(resource) is None:
+        if medication_reference(resource, self.ours) is None:
             return ()
         medication = self.medication_of(resource)
         if medication is None or medication is UNREADABLE:
@@ -386,7 +424,7 @@ class Resolved:
         if "ingredient" not in medication:
             return ()
         found: list[JSON] = []
-        for ref in ingredient_references(medication):
+        for ref in ingredient_references(medication, self.ours):
             if ref == UNKNOWN_INGREDIENT:
                 return None
             if ref.startswith("#"):
@@ -399,7 +437,7 @@ class Resolved:
                 target = self.targets.get(ref, UNREADABLE)
                 if target is None or target is UNREADABLE:
                     return None  # missing on the server or unread: what it is, is unknown
-            if any(r[0] != "#" for r in ingredient_references(target)):
+            if any(r[0] != "#" for r in ingredient_references(target, self.ours)):
                 # SECURITY: beyond the one hop followed, what an ingredient names is unknown,
                 # so it closes (a kit whose component names methadone is not an ordinary drug).
                 return None
@@ -408,13 +446,13 @@ class Resolved:
 
     def authors_of(self, resource: JSON) -> frozenset[str]:
         """``compartment.authors_of`` with the PractitionerRoles read."""
-        return authors_of(resource, self.roles)
+        return authors_of(resource, self.roles, self.ours)
 
 
 NOTHING_RESOLVED = Resolved()
 
 
-def author_roles(body: JSON) -> tuple[dict[str, JSON], frozenset[str]]:
+def author_roles(body: JSON, ours: Bases = NO_BASES) -> tuple[dict[str, JSON], frozenset[str]]:
     """The PractitionerRoles of an answer (current ones, ``current_resources``) by ``Type/id``, and the
     ``PractitionerRole/id`` its resources name as authors that it does not hold (to be read)."""
     present: dict[str, JSON] = {}
@@ -428,7 +466,7 @@ def author_roles(body: JSON) -> tuple[dict[str, JSON], frozenset[str]]:
             if isinstance(rid, str):
                 present.setdefault(f"{ROLE}/{rid}", resource)
         for ref in author_references(resource):
-            key = role_reference(ref)
+            key = role_reference(ref, ours)
             if key is not None and key != UNKNOWN_AUTHOR:
                 named.add(key)
     return present, frozenset(named - present.keys())

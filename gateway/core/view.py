@@ -41,7 +41,7 @@ import orjson
 from gateway.core.compartment import deciding_elements, is_patient_data
 from gateway.core.enforce import may_be_included
 from gateway.core.fhir import JSON
-from gateway.core.labels import label_elements
+from gateway.core.labels import label_elements, may_extend
 from gateway.core.strict_json import has_duplicate_keys
 
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -160,14 +160,23 @@ def _check_whole(raw: msgspec.Raw | bytes) -> None:
 LabelKey = tuple[str | bytes, ...]
 
 
-def _view(fields: dict[str, msgspec.Raw], rtype: str, checked: bool = True) -> tuple[JSON, LabelKey | None]:
+def _view(
+    fields: dict[str, msgspec.Raw], rtype: str, checked: bool = True, extended: bool = False,
+) -> tuple[JSON, LabelKey | None]:
     """The view of one resource, and what its labels depend on as text (the exact text of each
-    label-bearing element; None when its own meta.security or contained resources label it)."""
+    label-bearing element; None when its own meta.security or contained resources label it).
+    ``extended``: the answer may hold extensions (``labels.may_extend``); then an element off the
+    plan whose text may (a note, a body site) is held too, and labels it (``stray_labels``)."""
     plan, labelled = view_elements(rtype), label_elements(rtype)
     view: JSON = {}
     key: list[str | bytes] | None = [rtype]
     for name, raw in fields.items():
         if name not in plan:
+            if extended and may_extend(bytes(raw)):
+                text, view[name] = _element(raw, False, checked)
+                if key is not None:
+                    key.append(name)
+                    key.append(text)
             continue
         if name == "meta":
             meta = bytes(raw)
@@ -214,6 +223,7 @@ class AnswerView:
     # is remembered under it across requests (``content_keys``).
     content_keys: dict[int, bytes] = field(default_factory=dict)
     touched: set[int] = field(default_factory=set)  # ids of viewed resources changed in place
+    extended: bool = True  # the answer may hold extensions (labels.may_extend)
 
     @property
     def is_bundle(self) -> bool:
@@ -306,23 +316,24 @@ def read_answer(raw: bytes) -> AnswerView | None:
         rtype = _string(top.get("resourceType"))
         if not rtype or rtype in _NOT_VIEWED:
             return None
+        extended = may_extend(raw)
         if rtype != "Bundle":
             _check_whole(raw)
-            view, key = _view(top, rtype)
-            answer = AnswerView(raw, view)
+            view, key = _view(top, rtype, extended=extended)
+            answer = AnswerView(raw, view, extended=extended)
             if key is not None:
                 answer.label_keys[id(view)] = key
             return answer
-        return _bundle(raw, top)
+        return _bundle(raw, top, extended)
     except _Unviewable:
         return None
 
 
-def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
+def _bundle(raw: bytes, top: dict[str, msgspec.Raw], extended: bool) -> AnswerView | None:
     body = _parsed(top, skip="entry", fresh=True)
     if body.get("type") != "searchset":
         return None
-    answer = AnswerView(raw, body)
+    answer = AnswerView(raw, body, extended=extended)
     entries_raw = top.get("entry")
     if entries_raw is None:
         return answer
@@ -334,7 +345,7 @@ def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
         return None  # whitespace between entries: vouch for nothing
     decided: list[object] = []
     for item in items:
-        entry, resource_raw, whole = _entry(item, answer.label_keys)
+        entry, resource_raw, whole = _entry(item, answer.label_keys, extended)
         if entry is None:
             return None
         key = id(entry)
@@ -350,7 +361,7 @@ def _bundle(raw: bytes, top: dict[str, msgspec.Raw]) -> AnswerView | None:
 
 
 def _entry(
-    item: msgspec.Raw, keys: dict[int, LabelKey]
+    item: msgspec.Raw, keys: dict[int, LabelKey], extended: bool = True,
 ) -> tuple[JSON | None, msgspec.Raw | None, bool]:
     fields = _fields(item)
     _check_whole(item)
@@ -369,7 +380,7 @@ def _entry(
             entry["resource"] = _parsed(inner, fresh=True, checked=True)
             whole = True
         else:
-            entry["resource"], key = _view(inner, rtype)
+            entry["resource"], key = _view(inner, rtype, extended=extended)
             if key is not None:
                 resource = entry["resource"]
                 keys[id(resource)] = key
@@ -383,8 +394,9 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
     rtype = body.get("resourceType")
     if not isinstance(rtype, str) or rtype in _NOT_VIEWED:
         return None
+    extended = may_extend(raw)
     if rtype != "Bundle":
-        return AnswerView(raw, body, partial=False)
+        return AnswerView(raw, body, partial=False, extended=extended)
     entries = body.get("entry")
     if body.get("type") != "searchset" or not isinstance(entries, list):
         return None
@@ -394,7 +406,7 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
         return None
     if len(items) != len(entries):
         return None
-    answer = AnswerView(raw, body, partial=False)
+    answer = AnswerView(raw, body, partial=False, extended=extended)
     spans, rewritten, content = answer.spans, answer.rewritten, answer.content_keys
     for item, entry in zip(items, entries):
         if type(entry) is not dict:

@@ -17,7 +17,7 @@ from gateway.core.judge import (
     ConsentJudge, DecisionCache, Emergency, Labeler, binaries_as_contexts, labeler, labelling, overriding,
     unknown_denies,
 )
-from gateway.core.fhir import JSON
+from gateway.core.fhir import NO_BASES, Bases, JSON, normal_base
 from gateway.core.purpose import lineage
 from gateway.core.scopes import scoped
 from gateway.core.labels import LabelIndex
@@ -107,7 +107,7 @@ class ConsentEnforcement:
 
     def __init__(
         self, store: ConsentStore, labels: LabelIndex, policy: Policy, decisions: DecisionCache | None = None,
-        roles: RoleResolver | None = None,
+        roles: RoleResolver | None = None, ours: Bases = NO_BASES,
     ) -> None:
         self.store = store
         self.labels = labels
@@ -116,6 +116,9 @@ class ConsentEnforcement:
         self.decisions = decisions if decisions is not None else DecisionCache()
         # None: PractitionerRoles are never read, so an author given as one is unknown.
         self.roles = roles
+        # The bases under which an absolute reference names this FHIR server's resources (the
+        # configured upstream and public bases, ``own_bases``): another server's are unknown.
+        self.ours = ours
 
     def reads_roles(self, consents: Iterable[tuple[CompiledConsent, ...]]) -> bool:
         """Whether answers decided by ``consents`` need the PractitionerRoles they name as
@@ -145,17 +148,18 @@ class ConsentEnforcement:
     def labeler(
         self, resolved: Resolved, source_labels: Mapping[str, frozenset[Label]] | None = None,
         seen: dict[int, frozenset[Label]] | None = None, keys: Mapping[int, Hashable] | None = None,
+        strays: bool = True,
     ) -> Labeler:
         """The labels of a resource as this gateway's rules give them (``core.judge.labeler``)."""
-        return labeler(self.labels, resolved, source_labels, seen, keys)
+        return labeler(self.labels, resolved, source_labels, seen, keys, strays)
 
     def judge(
         self, looked: Looked, resolved: Resolved = NOTHING_RESOLVED, seen: dict[int, frozenset[Label]] | None = None,
-        keys: Mapping[int, Hashable] | None = None,
+        keys: Mapping[int, Hashable] | None = None, strays: bool = True,
     ) -> ConsentJudge:
         """A per-resource decision function over the looked-up consents."""
         return ConsentJudge(
-            looked.consents, looked.ctx, self.policy, self.labeler(resolved, looked.labels, seen, keys),
+            looked.consents, looked.ctx, self.policy, self.labeler(resolved, looked.labels, seen, keys, strays),
             self.labels.scopes_for, resolved, versions=looked.versions, cache=self.decisions,
         )
 
@@ -175,10 +179,10 @@ class ConsentEnforcement:
 
     def overriding(
         self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED,
-        source_labels: Mapping[str, frozenset[Label]] | None = None,
+        source_labels: Mapping[str, frozenset[Label]] | None = None, strays: bool = True,
     ) -> Judge:
         """Wrap ``judge`` so break-glass (or an open emergency window) overrides denials."""
-        return overriding(judge, emergency, self.labeler(resolved, source_labels), self.labels.sensitive)
+        return overriding(judge, emergency, self.labeler(resolved, source_labels, strays=strays), self.labels.sensitive)
 
     @_fails_closed
     async def enforce(
@@ -195,16 +199,18 @@ class ConsentEnforcement:
         views: bool = False,
         label_keys: Mapping[int, Hashable] | None = None,
         content_keys: Mapping[int, Hashable] | None = None,
+        strays: bool = True,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place; an error while deciding is a 503
-        (``_fails_closed``).
+        (``_fails_closed``). ``strays``: whether the answer may hold extensions off the field
+        plans (``core.labels.may_extend`` of its text; True when unknown).
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
         requester may see everything of each of them. With ``break_glass`` nothing is removed,
         but what consent would have denied is recorded for the audit.
         """
         binaries: list[JSON] = []
-        index = owners_index(body, binaries, content_keys)
+        index = owners_index(body, binaries, content_keys, self.ours)
         if resolved.targets:
             bind_contexts(binaries, index, resolved)
         patients = patients_in(index) | (confined or frozenset())
@@ -232,10 +238,10 @@ class ConsentEnforcement:
         keys = label_keys or content_keys
         # Consents that could not be read decide nothing, but what is released under break-glass
         # is still labelled (DS4P) and accounted, so every resource is labelled on the way.
-        judge: Judge = (labelling(unknown_denies, self.labeler(resolved, looked.labels, seen, keys)) if unknown
-                        else self.judge(looked, resolved, seen, keys))
+        judge: Judge = (labelling(unknown_denies, self.labeler(resolved, looked.labels, seen, keys, strays)) if unknown
+                        else self.judge(looked, resolved, seen, keys, strays))
         if break_glass is not None or looked.windows:
-            judge = self.overriding(judge, emergency, resolved, looked.labels)
+            judge = self.overriding(judge, emergency, resolved, looked.labels, strays)
         if actor.grants is not None:
             # SECURITY: scopes decide first and break-glass never overrides them.
             judge = scoped(judge, actor.grants)
@@ -265,7 +271,14 @@ def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolv
     for resource in binaries:
         contexts = resolved.contexts_of(resource)
         if contexts:
-            index[id(resource)] = frozenset().union(*(patients_of(c) for c in contexts))
+            index[id(resource)] = frozenset().union(*(patients_of(c, resolved.ours) for c in contexts))
+
+
+def own_bases(upstream_url: str, public_base_url: str | None) -> Bases:
+    """The bases under which an absolute reference names this FHIR server's resources: the
+    configured upstream base and the configured public base (never one derived from a request's
+    Host header, which the client chooses)."""
+    return frozenset(normal_base(u) for u in (upstream_url, public_base_url) if u)
 
 
 def log_decisions(result: Enforced) -> None:

@@ -20,6 +20,7 @@ from gateway.core.compartment import is_patient_data
 from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
+from gateway.core.labels import may_extend
 from gateway.core.links import LinkRewriter
 from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
@@ -358,6 +359,7 @@ async def decide_answer(
         withheld_status=withheld_status(state), resolved=resolved, observed=observed, views=view is not None and view.partial,
         label_keys=view.label_keys if view is not None else None,
         content_keys=view.content_keys if view is not None else None,
+        strays=view.extended if view is not None else may_extend(upstream.body),
     )
     status = withheld_status(state)
     denied = result.denied or all_versions_hidden(ex.route, decided) or (

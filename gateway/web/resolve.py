@@ -21,7 +21,7 @@ import orjson
 from cachetools import TTLCache
 
 from gateway.core.errors import GatewayError
-from gateway.core.fhir import JSON
+from gateway.core.fhir import NO_BASES, Bases, JSON, normal_base
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.references import (
     NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, author_roles, deciding_references,
@@ -96,10 +96,14 @@ async def _read_all(upstream: Upstream, references: Iterable[str]) -> dict[str, 
     return dict(zip(refs, found))
 
 
-async def read_attachments(upstream: Upstream, binaries: frozenset[str]) -> dict[str, tuple[JSON, ...] | None]:
-    """The DocumentReferences attaching each Binary (``DocumentReference?location=``), in one
-    search; None for every Binary when the search fails (what they hold is then unknown)."""
-    urls = ",".join(u for b in sorted(binaries) for u in attachment_urls(b, upstream.base_url))
+async def read_attachments(
+    upstream: Upstream, binaries: frozenset[str], ours: Bases = NO_BASES,
+) -> dict[str, tuple[JSON, ...] | None]:
+    """The DocumentReferences attaching each Binary (``DocumentReference?location=``, by its
+    relative URL and its URL under each of this server's bases), in one search; None for every
+    Binary when the search fails (what they hold is then unknown)."""
+    bases = sorted({upstream.base_url, *ours})
+    urls = ",".join(u for b in sorted(binaries) for u in attachment_urls(b, bases))
     try:
         answer = await upstream.request(
             "GET", upstream.url_for("DocumentReference", f"location={quote(urls, safe=',/:')}&_count=1000"),
@@ -111,7 +115,7 @@ async def read_attachments(upstream: Upstream, binaries: frozenset[str]) -> dict
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or _has_next(bundle):
         return {b: None for b in binaries}
     documents = [r for r in iter_resources(bundle) if r.get("resourceType") == "DocumentReference"]
-    return dict(attachments_by_binary(documents, binaries))
+    return dict(attachments_by_binary(documents, binaries, ours or frozenset({normal_base(upstream.base_url)})))
 
 
 def _has_next(bundle: JSON) -> bool:
@@ -122,17 +126,20 @@ def _has_next(bundle: JSON) -> bool:
 async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None = None) -> Resolved:
     """What decides the resources of ``body`` beyond themselves: in the answer, or read.
     ``raw``, the text ``body`` was read from, spares the walk when it names nothing that refers."""
+    ours = state.enforcement.ours
+    withhold = state.settings.enforcement.unattached_binaries == "withhold"
+    nothing = NOTHING_RESOLVED if not ours and not withhold else Resolved(ours=ours, withhold_unattached=withhold)
     if raw is not None and not may_refer(raw):
-        return NOTHING_RESOLVED
-    found = deciding_references(body)
+        return nothing
+    found = deciding_references(body, ours)
     if found is None:
-        return NOTHING_RESOLVED
+        return nothing
     targets: dict[str, JSON | None] = dict(found.present)
     cache = state.medications
     unknown = _cached(cache, found.medications | found.ingredients, targets)
     reads = _read_all(state.upstream, [*found.contexts, *unknown])
     if found.unattached:
-        read, attached = await asyncio.gather(reads, read_attachments(state.upstream, found.unattached))
+        read, attached = await asyncio.gather(reads, read_attachments(state.upstream, found.unattached, ours))
     else:
         read, attached = await reads, {}
     for ref in unknown:
@@ -140,10 +147,10 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
     targets.update(read)
     # One hop further: the ingredients the Medications read or cached name, never theirs.
     if found.medications:
-        more = ingredients_to_read((targets.get(m) for m in found.medications), targets)
+        more = ingredients_to_read((targets.get(m) for m in found.medications), targets, ours)
         if more:
             await _read_cached(state.upstream, cache, more, targets)
-    return Resolved(targets, attached)
+    return Resolved(targets, attached, ours=ours, withhold_unattached=withhold)
 
 
 def _cached(cache: TargetCache, references: frozenset[str], into: dict[str, JSON | None]) -> list[str]:
@@ -178,7 +185,7 @@ def role_resolver(upstream: Upstream, cache: TargetCache) -> Callable[[JSON, Res
 async def resolve_roles(upstream: Upstream, cache: TargetCache, body: JSON, resolved: Resolved) -> Resolved:
     """``resolved`` with the PractitionerRoles the resources of ``body`` name as authors: in the
     answer, cached or read. One that cannot be read is left out (its author is unknown)."""
-    present, named = author_roles(body)
+    present, named = author_roles(body, resolved.ours)
     if not present and not named:
         return resolved
     roles: dict[str, JSON | None] = dict(present)

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from gateway.core.compartment import (
+    UNKNOWN_PATIENT,
     PATIENT_COMPARTMENT,
     DateRange,
     authors_of,
@@ -30,7 +31,13 @@ def utc(*parts: int) -> datetime:
           "performer": [{"reference": "Patient/2"}, {"reference": "Practitioner/9"}]},
          {"Patient/1", "Patient/2"}),
         ({"resourceType": "Encounter", "subject": {"reference": "http://h/fhir/Patient/3/_history/2"}},
-         {"Patient/3"}),
+         {"Patient/3"}),  # under this server's base (OURS)
+        ({"resourceType": "Encounter", "subject": {"reference": "HTTP://H:80/fhir/Patient/3"}}, {"Patient/3"}),
+        # another server's Patient/3 is not this server's: a patient whose consents cannot be read
+        ({"resourceType": "Encounter", "subject": {"reference": "https://other.example/fhir/Patient/3"}},
+         {UNKNOWN_PATIENT}),
+        ({"resourceType": "Observation", "subject": {"reference": "Patient/1"},
+          "performer": [{"reference": "http://elsewhere/Patient/9"}]}, {"Patient/1", UNKNOWN_PATIENT}),
         ({"resourceType": "Provenance", "target": [{"reference": "Patient/4"},
                                                    {"reference": "Observation/5"}]}, {"Patient/4"}),
         ({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/6"}}]}, {"Patient/6"}),
@@ -45,7 +52,10 @@ def utc(*parts: int) -> datetime:
     ],
 )
 def test_patients_of(resource: dict[str, object], patients: set[str]) -> None:
-    assert patients_of(resource) == patients
+    assert patients_of(resource, OURS) == patients
+
+
+OURS = frozenset({"http://h/fhir"})
 
 
 def test_compartment_covers_the_r4_definition() -> None:

@@ -213,8 +213,10 @@ def test_an_extension_with_an_ordinary_code_labels_nothing(index: LabelIndex) ->
         {"resourceType": "Condition", "code": {**cc(ICD10CM, "I12.9"), "extension": [ext("http://example.org/o", hypertension)]}},
         {"resourceType": "Observation", "code": cc(LOINC, "718-7"), "component": [
             {"code": cc(LOINC, "718-7"), "extension": [ext("http://example.org/c", cc(SNOMED, "38341003"))]}]},
+        # text is no code; a valueCode is read as a coding without a system, and a bare B20 is
+        # no ICD-10-CM spelling (tests/unit/test_red_team_7_labels.py: a dotted F11.20 labels)
         {"resourceType": "Condition", "code": cc(ICD10CM, "I10"), "extension": [
-            {"url": "http://example.org/a", "valueString": "B20"}, {"url": "http://example.org/b", "valueCode": "F11.20"}]},
+            {"url": "http://example.org/a", "valueString": "F11.20"}, {"url": "http://example.org/b", "valueCode": "B20"}]},
     ):
         assert labels(index, resource) == set(), resource
 

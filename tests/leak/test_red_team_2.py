@@ -747,6 +747,31 @@ ODD_PLACES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                        "medicationCodeableConcept": _cc("urn:oid:2.16.840.1.113883.6.69", "0054-0176-13",
                                                                         "Buprenorphine HCl 2 mg sublingual tablet")},
                                       ("0054-0176-13", "Buprenorphine HCl")),
+    # Extensions on elements off the code paths code the record as surely.
+    "note-extension": ({"resourceType": "Condition", "id": "cond-noteext-4f4", **SUBJ,
+                        "code": _cc(c.SNOMED, "233604007", "Pneumonia"),
+                        "note": [{"text": "Reviewed with the patient", "extension": [{
+                            "url": "http://example.org/fhir/StructureDefinition/note-finding",
+                            "valueCodeableConcept": _cc(ICD, "F11.20", "Opioid dependence, uncomplicated")}]}]},
+                       ("F11.20", "Opioid dependence")),
+    "body-site-extension": ({"resourceType": "Procedure", "id": "proc-siteext-5a5", "status": "completed", **SUBJ,
+                             "code": _cc(c.SNOMED, "71388002", "Procedure"),
+                             "bodySite": [{**_cc(c.SNOMED, "368209003", "Right arm"), "extension": [{
+                                 "url": "http://example.org/fhir/StructureDefinition/site-reason",
+                                 "valueCoding": {"system": ICD, "code": "B20", "display": "HIV disease"}}]}]},
+                            ("B20", "HIV disease")),
+    "dosage-value-code": ({"resourceType": "MedicationStatement", "id": "medst-dosext-6b6", "status": "active", **SUBJ,
+                           "medicationCodeableConcept": _cc(c.RXNORM, "314076", "lisinopril 10 MG Oral Tablet"),
+                           "dosage": [{"text": "daily", "extension": [{
+                               "url": "http://example.org/fhir/StructureDefinition/indication", "valueCode": "F11.20"}]}]},
+                          ("F11.20", "medst-dosext-6b6")),
+    # An extension's valueCode carries no system (its definition gives it): a dotted ICD-10-CM
+    # spelling there is read as in a Coding without one.
+    "extension-value-code-icd": ({"resourceType": "Condition", "id": "cond-valcode-f11-3e3", **SUBJ,
+                                  "code": _cc(c.SNOMED, "233604007", "Pneumonia"),
+                                  "extension": [{"url": "http://example.org/fhir/StructureDefinition/admission-diagnosis",
+                                                 "valueCode": "F11.20"}]},
+                                 ("F11.20", "cond-valcode-f11-3e3")),
     "dispense-ndc-no-system": ({"resourceType": "MedicationDispense", "id": "meddisp-ndcnosys-2d2", "status": "completed", **SUBJ,
                                 "medicationCodeableConcept": {"coding": [{"code": "12496-1208-3"}],
                                                               "text": "Suboxone 8 mg-2 mg sublingual film"}},
@@ -784,6 +809,17 @@ NEAR_MISSES = {
                                      "code": _cc(ICD, "I12.9", "Hypertensive chronic kidney disease"),
                                      "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/condition-dueTo",
                                                     "valueCodeableConcept": _cc(ICD, "I10", "Essential hypertension")}]},
+    # An extension off the code paths holding an ordinary code labels nothing.
+    "note-extension-ordinary": {"resourceType": "Condition", "id": "cond-noteext-ord-i9", **SUBJ,
+                                "code": _cc(ICD, "I10", "Essential hypertension"),
+                                "note": [{"text": "x", "extension": [{"url": "http://example.org/n", "valueCodeableConcept":
+                                                                       _cc(c.SNOMED, "38341003", "Hypertensive disorder")}]}]},
+    # Ordinary valueCodes (a US Core birth sex, a language) label nothing.
+    "extension-value-codes-ordinary": {"resourceType": "Condition", "id": "cond-valcode-ord-h8", **SUBJ,
+                                       "code": _cc(ICD, "I10", "Essential hypertension"),
+                                       "extension": [{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
+                                                      "valueCode": "F"},
+                                                     {"url": "http://hl7.org/fhir/StructureDefinition/language", "valueCode": "en-US"}]},
     # Gabapentin 300 mg (Opioid Data Lab gabapentin NDC list): an NDC the rules do not name.
     "dispense-ndc-gabapentin": {"resourceType": "MedicationDispense", "id": "meddisp-gaba-g7", "status": "completed", **SUBJ,
                                 "medicationCodeableConcept": _cc("http://hl7.org/fhir/sid/ndc", "00182271901", "Gabarone 300 mg")},

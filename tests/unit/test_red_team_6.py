@@ -254,13 +254,17 @@ def test_an_author_actor_covers_every_element_naming_who_wrote_informed_or_enter
     _authored_by_the_psychiatrist_is_denied(role, resource)
 
 
+# An absolute reference names this server's resource under its own base (fhir.local_reference).
+THIS_SERVER = Resolved(ours=frozenset({"http://fhir.example/fhir"}))
+
+
 def _authored_by_the_psychiatrist_is_denied(role: str, resource: JSON) -> None:
     provision = deny(actor=author(PSYCHIATRIST, role))
-    assert verdict(provision, resource) == "deny"
+    assert verdict(provision, resource, THIS_SERVER) == "deny"
     other = orjson.loads(orjson.dumps(resource).replace(PSYCHIATRIST.encode(), b"Practitioner/dr-other"))
-    assert verdict(provision, other) == "permit"
+    assert verdict(provision, other, THIS_SERVER) == "permit"
     by_data = deny(data=[{"meaning": "authoredby", "reference": {"reference": PSYCHIATRIST}}])
-    assert verdict(by_data, resource) == "deny"
+    assert verdict(by_data, resource, THIS_SERVER) == "deny"
 
 
 def test_an_author_actor_written_as_an_absolute_url_matches() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gateway.core.compartment import all_codes
 from gateway.core.labels import ICD10CM, NDC, RXNORM, LabelIndex, code_spellings, ndc_package, ndc_products
 from gateway.rules import load_rules
 
@@ -101,23 +102,70 @@ def test_codes_in_every_extension_a_code_element_carries_label(index: LabelIndex
     assert {label.code for label in index.labels_for(resource)} >= OUD
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "judgement call kept: an extension's valueCode has no system (the extension's definition "
-    "gives it), and tests/labels/test_extensions_and_ndc.py holds that a dotted ICD-10-CM shape "
-    "there labels nothing, unlike a Coding without a system"))
-def test_a_value_code_spelled_as_icd_10_cm_labels(index: LabelIndex) -> None:
-    resource = {**CONDITION, "extension": [{"url": "u", "valueCode": "F11.20"}]}
+VALUE_CODE_PLACES = [
+    ("on-the-resource", {**CONDITION, "extension": [{"url": "u", "valueCode": "F11.20"}]}),
+    ("nested", {**CONDITION, "extension": [{"url": "u", "extension": [{"url": "v", "valueCode": "f11.20"}]}]}),
+    ("modifier-extension", {**CONDITION, "modifierExtension": [{"url": "u", "valueCode": "F11.20"}]}),
+    ("on-a-code-element", {**CONDITION, "code": {"coding": [PLAIN], "extension": [{"url": "u", "valueCode": "F11.20"}]}}),
+    ("on-a-coding", {**CONDITION, "code": {"coding": [{**PLAIN, "extension": [{"url": "u", "valueCode": "F11.20"}]}]}}),
+    ("on-a-backbone-element", {"resourceType": "Observation", "subject": {"reference": "Patient/p"}, "code": {"text": "x"},
+                               "component": [{"code": {"text": "y"}, "extension": [{"url": "u", "valueCode": "F11.20"}]}]}),
+    ("an-ndc-package", {**CONDITION, "extension": [{"url": "u", "valueCode": "12496-1208-03"}]}),
+]
+
+
+@pytest.mark.parametrize("resource", [p[1] for p in VALUE_CODE_PLACES], ids=[p[0] for p in VALUE_CODE_PLACES])
+def test_a_value_code_spelled_as_icd_10_cm_labels(index: LabelIndex, resource: dict[str, Any]) -> None:
+    """An extension's valueCode has no system (its definition gives it): read as a Coding
+    without one, a dotted ICD-10-CM (or hyphenated NDC) spelling labels as it does there."""
     assert {label.code for label in index.labels_for(resource)} >= OUD
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "judgement call: extensions are read on the resource, on the backbone elements of its code "
-    "paths and on code elements; an extension on an element off those paths (a note, a body site, "
-    "a dosage) is not read, as reading every element would put whole resources on the hot path "
-    "and out of the views' field plans"))
-def test_an_extension_off_the_code_paths_labels(index: LabelIndex) -> None:
-    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "see extension", "extension": EXTENSION}]}
+def test_a_consent_code_condition_meets_an_extensions_value_code() -> None:
+    """``provision.code``: "found in an instance" reads the valueCode as the labels do."""
+    consent = code_spellings(frozenset({(ICD10CM, "F11.20")}))
+    for _, resource in VALUE_CODE_PLACES[:5]:
+        assert consent & all_codes(resource), resource
+
+
+# Ordinary valueCodes (US Core, FHIR core extensions): statuses, genders, languages, units,
+# dotted version numbers and bare numbers that are no ICD-10-CM code.
+ORDINARY_VALUE_CODES = ["final", "male", "F", "M", "UNK", "en-US", "es", "2106-3", "active", "mg", "1.0", "4.0.1",
+                        "B20", "F1120", "864706", "12.3", "v2.11", "A1.1.1"]
+
+
+@pytest.mark.parametrize("code", ORDINARY_VALUE_CODES)
+def test_an_ordinary_value_code_labels_nothing(index: LabelIndex, code: str) -> None:
+    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "extension": [{"url": "u", "valueCode": code}]}
+    assert {label.code for label in index.labels_for(resource)} == set()
+
+
+STRAY_PLACES = [
+    ("note", {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "see extension", "extension": EXTENSION}]}),
+    ("body-site", {**CONDITION, "code": {"coding": [PLAIN]}, "bodySite": [{"text": "arm", "extension": EXTENSION}]}),
+    ("deep-in-a-dosage", {"resourceType": "MedicationRequest", "subject": {"reference": "Patient/p"},
+                          "medicationCodeableConcept": {"text": "x"},
+                          "dosageInstruction": [{"timing": {"repeat": {"frequency": 1, "extension": EXTENSION}}}]}),
+    ("value-code-on-a-note", {**CONDITION, "note": [{"text": "x", "extension": [{"url": "u", "valueCode": "F11.20"}]}]}),
+    ("modifier-extension-on-a-reference", {**CONDITION, "asserter": {"reference": "Practitioner/x", "modifierExtension": EXTENSION}}),
+    ("in-a-contained-resource", {**CONDITION, "contained": [{"resourceType": "Observation", "id": "o",
+                                                           "note": [{"text": "x", "extension": EXTENSION}]}]}),
+]
+
+
+@pytest.mark.parametrize("resource", [p[1] for p in STRAY_PLACES], ids=[p[0] for p in STRAY_PLACES])
+def test_an_extension_off_the_code_paths_labels(index: LabelIndex, resource: dict[str, Any]) -> None:
+    """An extension on any element codes the record: read on the elements off the code paths
+    too (``stray_labels``), where the answer's text holds an extension at all."""
     assert {label.code for label in index.labels_for(resource)} >= OUD
+    assert {label.code for label in index.stray_labels(resource)} >= OUD
+
+
+def test_an_ordinary_extension_off_the_code_paths_labels_nothing(index: LabelIndex) -> None:
+    resource = {**CONDITION, "code": {"coding": [PLAIN]}, "note": [{"text": "x", "extension": [
+        {"url": "u", "valueCode": "final"}, {"url": "v", "valueCodeableConcept": {"coding": [PLAIN]}},
+        {"url": "w", "valueString": "F11.20"}]}]}
+    assert index.labels_for(resource) == frozenset()
 
 
 # ------------------------------------------------------------------ system spellings

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from gateway.core import references
 from gateway.core.compartment import is_patient_data
-from gateway.core.fhir import R4_RESOURCE_TYPES, reference_of, relative_reference, resource_reference
+from gateway.core.fhir import R4_RESOURCE_TYPES, relative_reference, resource_reference
 from tests.strategies import ALL_TYPES, PATIENTS, resources
 
 JSON = dict[str, Any]
@@ -147,11 +147,6 @@ def old_may_refer(raw: bytes) -> bool:
     return b"\\u" in raw or b'"Binary"' in raw or b'"medicationReference"' in raw or b'Reference"' in raw
 
 
-def _old_unreadable_context(resource: JSON) -> bool:
-    return (resource.get("resourceType") == "Binary" and "securityContext" in resource
-            and reference_of(resource.get("securityContext")) is None)
-
-
 def old_current(body: JSON) -> set[int]:
     """The resources that are the server's current ones: the answer when a resource, a
     searchset's entries (not a stored, versioned Bundle's), the entries of a batch answer's searchsets (written out, not walked)."""
@@ -168,6 +163,11 @@ def old_current(body: JSON) -> set[int]:
         return set()
     return {i for r in resources if r.get("resourceType") == "Bundle" and r.get("type") == "searchset"
             for i in old_current(r)}
+
+
+# The bodies' one base: the first versions read every absolute reference as this server's (another
+# server's references: tests/unit/test_foreign_references.py).
+_THE_BASE = frozenset({"http://example.org/fhir", "https://example.org/fhir"})
 
 
 def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
@@ -189,16 +189,16 @@ def old_deciding_references(body: JSON) -> tuple[Any, ...] | None:
         ref = resource_reference(resource)
         if ref is not None and id(resource) not in inner and id(resource) in current:
             present.setdefault(ref, resource)
-        context = references.security_context(resource)  # unchanged since the first version
+        context = references.security_context(resource, _THE_BASE)  # unchanged since the first version
         if context is not None:
             refers = True
             contexts.add(context)
         elif ref is not None and resource.get("resourceType") == "Binary" and "securityContext" not in resource:
             refers = True
             unattached.add(ref)
-        elif _old_unreadable_context(resource):
+        elif references.unreadable_context(resource, _THE_BASE):  # a per-resource rule, tested on its own
             refers = True
-        med = references.medication_reference(resource)  # unchanged since the first version
+        med = references.medication_reference(resource, _THE_BASE)  # unchanged since the first version
         if med is not None:
             refers = True
             if not med.startswith("#"):
@@ -412,7 +412,7 @@ def test_the_walks_answer_as_the_first_versions(body: JSON) -> None:
     assert [id(r) for r in references.iter_resources(body)] == [id(r) for r in old_iter_resources(body)]
     found, expected = references.in_answer(body), old_in_answer(body)
     assert [(k, id(v)) for k, v in found.items()] == [(k, id(v)) for k, v in expected.items()]
-    deciding, old = references.deciding_references(body), old_deciding_references(body)
+    deciding, old = references.deciding_references(body, _THE_BASE), old_deciding_references(body)
     if old is None:
         assert deciding is None
     else:

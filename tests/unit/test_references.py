@@ -148,7 +148,8 @@ def test_the_reference_object_is_read_exactly_or_the_walk_runs(raw: bytes, expec
 
 @pytest.mark.parametrize("context, unreadable", [
     ({"reference": "Condition/c1"}, False),                      # patient data: decided as it
-    ({"reference": "http://fhir.example/fhir/Condition/c1"}, False),
+    ({"reference": "http://fhir.example/fhir/Condition/c1"}, False),  # under this server's base
+    ({"reference": "http://elsewhere.example/fhir/Condition/c1"}, True),  # another server's record
     ({"reference": "Organization/o1"}, False),                   # not patient data: decided as itself
     ({"reference": "Binary/b2"}, True),                          # what that one stands for is not followed
     ({"reference": "#c1"}, True),                                # a Binary contains nothing
@@ -160,9 +161,11 @@ def test_the_reference_object_is_read_exactly_or_the_walk_runs(raw: bytes, expec
 ])
 def test_a_security_context_the_gateway_cannot_decide_by_closes_the_binary(context: object, unreadable: bool) -> None:
     binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain", "securityContext": context}
-    assert unreadable_context(binary) is unreadable
+    ours = frozenset({"http://fhir.example/fhir"})
+    assert unreadable_context(binary, ours) is unreadable
     if unreadable:
-        assert Resolved({"Condition/c1": {"resourceType": "Condition", "id": "c1"}}).contexts_of(binary) is None
+        resolved = Resolved({"Condition/c1": {"resourceType": "Condition", "id": "c1"}}, ours=ours)
+        assert resolved.contexts_of(binary) is None
 
 
 def test_a_listing_loses_the_narratives_that_may_name_unreleased_entries() -> None:

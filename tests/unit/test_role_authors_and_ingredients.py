@@ -107,7 +107,9 @@ def test_a_role_counts_its_practitioner_and_organization_as_authors() -> None:
     assert authors_of(resource, {"PractitionerRole/r1": None}) == {"PractitionerRole/r1", UNKNOWN_AUTHOR}
     assert authors_of(resource) == {"PractitionerRole/r1", UNKNOWN_AUTHOR}  # not read: unknown
     absolute = condition("https://ehr.example.org/fhir/PractitionerRole/r1/_history/3")
-    assert authors_of(absolute, {"PractitionerRole/r1": role()}) >= {F204}
+    assert authors_of(absolute, {"PractitionerRole/r1": role()}, frozenset({"https://ehr.example.org/fhir"})) >= {F204}
+    # another server's role of the same id is not this server's: unknown, never ours read
+    assert authors_of(absolute, {"PractitionerRole/r1": role()}) == {UNKNOWN_AUTHOR}
     conditional = condition("PractitionerRole?identifier=http://hl7.org/fhir/sid/us-npi|1234567893")
     assert UNKNOWN_AUTHOR in authors_of(conditional, {"PractitionerRole/r1": role()})
     wrapped = {"resourceType": "Procedure", "id": "pr1", "subject": {"reference": P1},

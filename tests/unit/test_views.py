@@ -75,10 +75,11 @@ def entry_view(resource: JSON) -> tuple[JSON, frozenset[Any]]:
     return found, (LABELS.labels_keyed(key, found) if key is not None else LABELS.labels_for(found))
 
 
-def facts(res: JSON) -> dict[str, object]:
-    """Everything the pipeline reads of one resource besides the consent decision."""
+def facts(res: JSON, strays: bool = True) -> dict[str, object]:
+    """Everything the pipeline reads of one resource besides the consent decision; with
+    ``strays``, the labels of extensions off the plans too (a walk of every element)."""
     return {
-        "labels": LABELS.labels_for(res),
+        "labels": LABELS.labels_for(res) if strays else LABELS.planned_labels(res),
         "scopes": LABELS.scopes_for(res),
         "patients": patients_of(res),
         "date": clinical_date(res),
@@ -247,15 +248,18 @@ def read_by_decision(
 ) -> set[str]:
     """The top-level keys the whole pipeline asks of ``resource``: the facts, the decision, and
     the gateway's enforcement of a search set holding it (the references it resolves, its
-    owners, the judge with its label and decision memos, the enforcer)."""
+    owners, the judge with its label and decision memos, the enforcer). The walk for extensions
+    off the plans (``LabelIndex.stray_labels``, for a text that holds one) reads every element
+    and is left out: a view holds each element whose text holds an extension
+    (``test_a_view_holds_the_elements_whose_extensions_label``)."""
     tracked = Tracked(resource)
-    facts(tracked)
-    labels = LABELS.labels_for(tracked)
+    facts(tracked, strays=False)
+    labels = LABELS.planned_labels(tracked)
     decisions(consents, tracked, labels, ctx, policy)
     body: JSON = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": tracked}]}
     deciding_references(tracked)  # the resource itself: entries are walked only when exactly dicts
     looked = Looked(ctx, {p: tuple(c) for p, c in consents.items()})
-    judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED)  # type: ignore[arg-type]
+    judge = ConsentEnforcement(None, LABELS, policy).judge(looked, RESOLVED, strays=False)  # type: ignore[arg-type]
     binaries: list[JSON] = []
     index = owners_index(body, binaries)
     bind_contexts(binaries, index, RESOLVED)
@@ -279,6 +283,24 @@ def test_decision_code_reads_only_what_the_view_holds(rtype: str, data: st.DataO
     whole = data.draw(resources(rtype), label="resource")
     consents = by_patient(data.draw(st.lists(consent_specs, max_size=3), label="consents"), None)
     check_reads_planned(whole, consents, data.draw(contexts), data.draw(policies))
+
+
+def test_a_view_holds_the_elements_whose_extensions_label() -> None:
+    """In an answer whose text holds an extension, a view also holds each element off the plan
+    whose text does (and its label key names it), so its stray labels are the whole resource's;
+    in an answer without one, views hold the plan only."""
+    f11 = {"url": "u", "valueCodeableConcept": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F11.20"}]}}
+    noted = {**OBSERVATION, "id": "o2", "note": [{"text": "x", "extension": [f11]}], "valueString": "plain"}
+    plain = {**OBSERVATION, "id": "o3", "note": [{"text": "x"}]}
+    answer = read_answer(orjson.dumps({"resourceType": "Bundle", "type": "searchset",
+                                       "entry": [{"resource": noted}, {"resource": plain}]}))
+    assert answer is not None and answer.extended
+    viewed, unviewed = (e["resource"] for e in answer.body["entry"])
+    assert "note" in viewed and "valueString" not in viewed and "note" not in unviewed
+    assert LABELS.stray_labels(viewed) == LABELS.stray_labels(noted) != frozenset()
+    assert any(part == "note" for part in answer.label_keys[id(viewed)])
+    quiet = read_answer(orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": plain}]}))
+    assert quiet is not None and not quiet.extended and "note" not in quiet.body["entry"][0]["resource"]
 
 
 OBSERVATION: JSON = {
