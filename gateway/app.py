@@ -92,7 +92,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         # PractitionerRoles named as authors: read only for consents that read authors.
         enforcement=ConsentEnforcement(
             store, labels, policy, roles=role_resolver(upstream, targets),
-            ours=own_bases(upstream.base_url, settings.public_base_url),
+            ours=own_bases(upstream.base_url, settings.public_base_url, settings.upstream.reference_bases),
         ),
         audit=open_audit(settings),
         consent_server=consent_server,

@@ -89,8 +89,17 @@ class UpstreamSettings(_Section):
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
     auth: UpstreamAuthSettings = UpstreamAuthSettings()
+    # Other bases under which the FHIR server writes references to its own resources (its
+    # external name, when the gateway reaches it by an internal one): absolute references
+    # under them are this server's; under any base not listed, another server's (unknown).
+    reference_bases: tuple[str, ...] = ()
 
     _url = field_validator("url")(_check_http_url)
+
+    @field_validator("reference_bases")
+    @classmethod
+    def _reference_bases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_http_url(base) for base in value)
 
     @model_validator(mode="after")
     def _client_pair(self) -> UpstreamSettings:

@@ -274,11 +274,11 @@ def bind_contexts(binaries: list[JSON], index: dict[int, frozenset[str]], resolv
             index[id(resource)] = frozenset().union(*(patients_of(c, resolved.ours) for c in contexts))
 
 
-def own_bases(upstream_url: str, public_base_url: str | None) -> Bases:
+def own_bases(upstream_url: str, public_base_url: str | None, reference_bases: Iterable[str] = ()) -> Bases:
     """The bases under which an absolute reference names this FHIR server's resources: the
-    configured upstream base and the configured public base (never one derived from a request's
-    Host header, which the client chooses)."""
-    return frozenset(normal_base(u) for u in (upstream_url, public_base_url) if u)
+    configured upstream base, the configured public base and ``upstream.reference_bases``
+    (never one derived from a request's Host header, which the client chooses)."""
+    return frozenset(normal_base(u) for u in (upstream_url, public_base_url, *reference_bases) if u)
 
 
 def log_decisions(result: Enforced) -> None:

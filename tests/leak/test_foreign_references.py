@@ -166,22 +166,46 @@ async def test_break_glass_opens_another_servers_patients_record_without_naming_
     assert all("unknown" not in str(r) for r in stored)
 
 
+# The server's own external name, which it writes in its references while the gateway reaches it
+# by another (upstream.reference_bases).
+EXTERNAL = "https://FHIR.Hospital.example:443/r4/"
+
+
 @pytest.mark.parametrize("kind", ["medication", "ingredient", "role", "patient", "context"])
-@pytest.mark.parametrize("base", ["upstream", "public"])
+@pytest.mark.parametrize("base", ["upstream", "public", "reference base"])
 async def test_this_servers_own_bases_decide_as_relative_references(
     world: FakeFhir, make_gateway: MakeGateway, kind: str, base: str,
 ) -> None:
-    """Control: the same references under the configured upstream base or the gateway's
-    configured public base are this server's, and release the ordinary record."""
-    own = world.base_url if base == "upstream" else PUBLIC
+    """Control: the same references under the configured upstream base, the gateway's
+    configured public base or one of ``upstream.reference_bases`` are this server's, and
+    release the ordinary record."""
+    own = {"upstream": world.base_url, "public": PUBLIC, "reference base": EXTERNAL.rstrip("/")}[base]
     record = _rebased(RECORDS[kind], OTHER, own)
     # A role recorded by Dr Gomez's own role, a Binary of Ana's own CBC, an order of lisinopril.
     world.add(record)
     if kind == "ingredient":
         world.add(_rebased(FOREIGN_INGREDIENT_MED, OTHER, own))
-    gateway = await make_gateway(world.base_url, public_base_url=PUBLIC)
+    gateway = await make_gateway(world.base_url, public_base_url=PUBLIC,
+                                 upstream={"reference_bases": ["https://fhir.hospital.example/r4"]})
     status, _, body = await call(gateway, "GET", f"/{path_of(record)}")
     assert status == 200, (kind, base, body)
+
+
+@pytest.mark.parametrize("kind", ["medication", "patient"])
+async def test_the_servers_external_name_is_another_servers_until_it_is_listed(
+    world: FakeFhir, make_gateway: MakeGateway, kind: str,
+) -> None:
+    """Without ``upstream.reference_bases`` the server's external name is an unknown base: its
+    records close (fail closed), and open once the name is listed."""
+    record = _rebased(RECORDS[kind], OTHER, EXTERNAL.rstrip("/"))
+    world.add(record)
+    hidden, secret = SECRETS[kind]
+    closed = await make_gateway(world.base_url)
+    status, headers, body = await call(closed, "GET", f"/{path_of(record)}")
+    assert status == 403 and not leaks(body, headers, (hidden, secret))
+    opened = await make_gateway(world.base_url, upstream={"reference_bases": [EXTERNAL]})
+    status, _, body = await call(opened, "GET", f"/{path_of(record)}")
+    assert status == 200 and hidden.encode() in body
 
 
 def _rebased(resource: dict[str, Any], old: str, new: str) -> dict[str, Any]:

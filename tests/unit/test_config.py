@@ -260,3 +260,12 @@ def test_identity_settings_are_checked(data: dict[str, Any], expected: str) -> N
     with pytest.raises(ConfigError) as caught:
         build_settings(data)
     assert str(caught.value).startswith(expected), caught.value
+
+
+def test_reference_bases_read_as_a_list_of_urls_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "upstream: {url: 'http://fhir:8080/fhir', reference_bases: ['https://fhir.example/r4/']}\n")
+    assert load_settings(path, {}).upstream.reference_bases == ("https://fhir.example/r4",)
+    env = {"GATEWAY_UPSTREAM__REFERENCE_BASES": "https://a.example/fhir, https://b.example/r4"}
+    assert load_settings(path, env).upstream.reference_bases == ("https://a.example/fhir", "https://b.example/r4")
+    with pytest.raises(ConfigError, match=r"^upstream\.reference_bases: must be an http\(s\) URL"):
+        load_settings(path, {"GATEWAY_UPSTREAM__REFERENCE_BASES": "fhir.example/r4"})
