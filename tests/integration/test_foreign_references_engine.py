@@ -21,27 +21,19 @@ from fhirpy.base.exceptions import ForbiddenError
 from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
+from tests.integration.test_role_authors_and_ingredients_engine import RXNORM, SNOMED, concept
 from tests.integration.test_side_doors_engine import engine_put, fhir_client, seeded_gateway
 
 pytestmark = pytest.mark.integration
 EVA = "Patient/pat-frn-eva"
 GP = {"X-Actor": "Practitioner/dr-gp"}
 OTHER = "https://hie.elsewhere.example/fhir"
-SNOMED = "http://snomed.info/sct"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 VIDAL = "Practitioner/dr-frn-vidal"
-
-
-def _code(system: str, code: str, display: str | None = None) -> dict[str, Any]:
-    coding = {"system": system, "code": code}
-    if display:
-        coding["display"] = display
-    return {"coding": [coding]}
 
 
 def _condition(rid: str, recorder: str, subject: str = EVA, **extra: Any) -> dict[str, Any]:
     return {"resourceType": "Condition", "id": rid, "subject": {"reference": subject},
-            "code": _code(SNOMED, "37796009", "Migraine"), "onsetDateTime": "2023-09-14",
+            "code": concept(SNOMED, "37796009", "Migraine"), "onsetDateTime": "2023-09-14",
             "recorder": {"reference": recorder}, **extra}
 
 
@@ -56,13 +48,13 @@ RESOURCES: list[dict[str, Any]] = [
     {"resourceType": "Practitioner", "id": "dr-frn-vidal", "name": [{"family": "Vidal"}]},
     {"resourceType": "Practitioner", "id": "dr-frn-other", "name": [{"family": "Okafor"}]},
     {"resourceType": "PractitionerRole", "id": "role-frn-other", "practitioner": {"reference": "Practitioner/dr-frn-other"}},
-    {"resourceType": "Medication", "id": "med-frn-lisinopril", "code": _code(RXNORM, "314076", "lisinopril 10 MG Oral Tablet")},
+    {"resourceType": "Medication", "id": "med-frn-lisinopril", "code": concept(RXNORM, "314076", "lisinopril 10 MG Oral Tablet")},
     {"resourceType": "Consent", "id": "consent-frn-eva", "status": "active",
-     "scope": _code("http://terminology.hl7.org/CodeSystem/consentscope", "patient-privacy"),
-     "category": [_code("http://loinc.org", "59284-0")], "patient": {"reference": EVA},
-     "dateTime": "2024-01-15T10:00:00Z", "policyRule": _code("http://terminology.hl7.org/CodeSystem/v3-ActCode", "OPTIN"),
+     "scope": concept("http://terminology.hl7.org/CodeSystem/consentscope", "patient-privacy"),
+     "category": [concept("http://loinc.org", "59284-0")], "patient": {"reference": EVA},
+     "dateTime": "2024-01-15T10:00:00Z", "policyRule": concept("http://terminology.hl7.org/CodeSystem/v3-ActCode", "OPTIN"),
      "provision": {"type": "permit", "provision": [
-         {"type": "deny", "actor": [{"role": _code("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "AUT"),
+         {"type": "deny", "actor": [{"role": concept("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "AUT"),
                                      "reference": {"reference": VIDAL}}]},
      ]}},
     _condition("cond-frn-role", f"{OTHER}/PractitionerRole/role-frn-other",

@@ -33,7 +33,8 @@ PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 FERREIRA = "Practitioner/dr-hop-ferreira"
 
 
-def _code(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+def concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    """A CodeableConcept of one coding."""
     coding = {"system": system, "code": code}
     if display:
         coding["display"] = display
@@ -42,7 +43,7 @@ def _code(system: str, code: str, display: str | None = None) -> dict[str, Any]:
 
 def _condition(rid: str, recorder: str, **extra: Any) -> dict[str, Any]:
     return {"resourceType": "Condition", "id": rid, "subject": {"reference": DORA},
-            "code": _code(SNOMED, "37796009", "Migraine"), "onsetDateTime": "2023-09-14",
+            "code": concept(SNOMED, "37796009", "Migraine"), "onsetDateTime": "2023-09-14",
             "recorder": {"reference": recorder}, "asserter": {"reference": recorder}, **extra}
 
 
@@ -61,16 +62,16 @@ RESOURCES: list[dict[str, Any]] = [
      "organization": {"reference": "Organization/org-hop-neuro"}},
     {"resourceType": "PractitionerRole", "id": "role-hop-other", "practitioner": {"reference": "Practitioner/dr-hop-other"}},
     {"resourceType": "Consent", "id": "consent-hop-dora", "status": "active",
-     "scope": _code("http://terminology.hl7.org/CodeSystem/consentscope", "patient-privacy"),
-     "category": [_code("http://loinc.org", "59284-0")], "patient": {"reference": DORA},
-     "dateTime": "2024-01-15T10:00:00Z", "policyRule": _code("http://terminology.hl7.org/CodeSystem/v3-ActCode", "OPTIN"),
+     "scope": concept("http://terminology.hl7.org/CodeSystem/consentscope", "patient-privacy"),
+     "category": [concept("http://loinc.org", "59284-0")], "patient": {"reference": DORA},
+     "dateTime": "2024-01-15T10:00:00Z", "policyRule": concept("http://terminology.hl7.org/CodeSystem/v3-ActCode", "OPTIN"),
      "provision": {"type": "permit", "provision": [
-         {"type": "deny", "actor": [{"role": _code(PARTICIPATION, "AUT"), "reference": {"reference": FERREIRA}}]},
+         {"type": "deny", "actor": [{"role": concept(PARTICIPATION, "AUT"), "reference": {"reference": FERREIRA}}]},
      ]}},
     _condition("cond-hop-ferreira", "PractitionerRole/role-hop-ferreira", note=NOTE),
     _condition("cond-hop-other", "PractitionerRole/role-hop-other"),
-    {"resourceType": "Medication", "id": "med-hop-methadone", "code": _code(RXNORM, "864706", "methadone hydrochloride 10 MG Oral Tablet")},
-    {"resourceType": "Medication", "id": "med-hop-lisinopril", "code": _code(RXNORM, "314076", "lisinopril 10 MG Oral Tablet")},
+    {"resourceType": "Medication", "id": "med-hop-methadone", "code": concept(RXNORM, "864706", "methadone hydrochloride 10 MG Oral Tablet")},
+    {"resourceType": "Medication", "id": "med-hop-lisinopril", "code": concept(RXNORM, "314076", "lisinopril 10 MG Oral Tablet")},
     {"resourceType": "Medication", "id": "med-hop-compound", "code": {"text": "Compounded oral solution"},
      "ingredient": [{"itemReference": {"reference": "Medication/med-hop-methadone"}, "isActive": True}]},
     {"resourceType": "Medication", "id": "med-hop-ordinary", "code": {"text": "Ordinary compound"},
