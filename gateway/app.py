@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -33,7 +34,7 @@ from gateway.upstream_auth import build_credentials, tls_context
 from gateway.issuer import Issuer
 from gateway.web import admin, discovery, proxy
 from gateway.web.drain import Drain, build_drain_middleware
-from gateway.web.middleware import JsonLogFormatter, build_error_middleware, request_id_middleware
+from gateway.web.middleware import JsonLogFormatter, build_error_middleware, code_locations, request_id_middleware
 from gateway.web.protocol import FhirAppRunner
 from gateway.web.resolve import TargetCache, role_resolver
 from gateway.web.state import STATE, GatewayState, Readiness
@@ -367,10 +368,24 @@ async def serve_until_signalled(state: GatewayState) -> None:
     await running.stop()
 
 
+def loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An error the event loop caught outside any request (a callback's, a task nobody
+    awaited): one log line naming its type and the code it passed through. SECURITY: never its
+    message nor the context's values, which may quote the record being handled (asyncio's own
+    handler prints both, with a traceback, on stderr)."""
+    exc = context.get("exception")
+    if isinstance(exc, BaseException):
+        log.error(f"event loop error: {type(exc).__name__}", extra={"where": code_locations(exc)})
+    else:
+        log.error("event loop error")
+
+
 async def until_signalled() -> None:
-    """Wait for SIGTERM or SIGINT; later signals fall back to their defaults during shutdown."""
+    """Wait for SIGTERM or SIGINT; later signals fall back to their defaults during shutdown.
+    Errors the loop catches meanwhile are logged by ``loop_error``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_error)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

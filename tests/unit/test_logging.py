@@ -249,3 +249,39 @@ def test_a_hot_path_line_goes_through_logging_wherever_a_handler_or_filter_may_a
     else:
         assert [line["request_id"] for line in written] == ["r-2"]
         assert [line["request_id"] for line in seen.lines] == ["r-2"]
+
+
+def test_an_error_the_event_loop_catches_is_one_line_by_type_and_place_never_its_message(log_lines: Lines) -> None:
+    """asyncio's own handler prints the error's message, the callback with its arguments and a
+    traceback on stderr; any of them may quote the record being handled."""
+    from gateway.app import loop_error
+
+    secret = "Condition/hiv-secret B20"
+    try:
+        raise KeyError(secret)
+    except KeyError as exc:
+        error = exc
+    loop_error(None, {"message": f"Exception in callback handle({secret!r})", "exception": error})  # type: ignore[arg-type]
+    loop_error(None, {"message": f"Task was destroyed: {secret}"})  # type: ignore[arg-type]
+    first, second = log_lines.lines
+    assert first["msg"] == "event loop error: KeyError" and first["level"] == "error"
+    assert any("test_logging.py" in place for place in first["where"])
+    assert second["msg"] == "event loop error"
+    assert secret not in orjson.dumps(log_lines.lines).decode()
+
+
+async def test_the_serving_loop_logs_its_errors_by_type() -> None:
+    import asyncio
+    import os
+    import signal
+
+    from gateway.app import loop_error, until_signalled
+
+    waiting = asyncio.ensure_future(until_signalled())
+    await asyncio.sleep(0)
+    try:
+        assert asyncio.get_running_loop().get_exception_handler() is loop_error
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(waiting, 5)
+        asyncio.get_running_loop().set_exception_handler(None)
