@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import queue
 import sys
-import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,9 +36,6 @@ def disclosures_path(audit_path: Path) -> Path:
 class AuditLog:
     """Appends AuditEvents durably; ``append`` returns only after the line is on disk.
 
-    One writer thread per log writes and fsyncs: lines queued while an fsync is under way go
-    together in the next write and fsync (group commit), so a line is never interleaved or
-    lost and the cost of fsync is paid once per batch, without a thread hand-off per batch.
     The file is reopened when it was rotated (renamed) or deleted since the last write, so
     events never go to a file nobody can find. With ``stdout`` each durable line is also
     printed on standard output (the gateway's own log goes to stderr) for a SIEM pipeline.
@@ -51,15 +46,13 @@ class AuditLog:
         self.stdout = stdout
         self._fd: int | None = None
         self._failed = False  # the last write failed (readiness)
-        self._queue: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._io = threading.Lock()  # the descriptor: held by each write and fsync, and by close
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
         self.written = asyncio.Event()  # set after each durable batch (wakes delivery)
 
     def open(self) -> None:
         """Open (create) the file now; OSError when it cannot be written (start-up check)."""
-        with self._io:
-            self._open()
+        self._open()
 
     def writable(self) -> bool:
         """True when the last write succeeded and the file (or its directory) can be written."""
@@ -81,7 +74,7 @@ class AuditLog:
     def _open(self) -> int:
         if self._fd is not None and not self._current():
             log.warning("audit file was rotated or deleted; reopening it")
-            self._close_fd()
+            self.close()
         if self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             size = os.fstat(fd).st_size
@@ -103,73 +96,36 @@ class AuditLog:
         """Write one event as one line; AuditUnavailable (503) when it cannot be made durable."""
         line = orjson.dumps(event) + b"\n"
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put((line, future))
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._run, name=f"audit {self.path.name}", daemon=True)
-            self._writer.start()
+        self._pending.append((line, future))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
         await future
 
-    def _run(self) -> None:
-        """The writer: each batch is everything queued by the time the last fsync ended."""
-        while True:
-            item = self._queue.get()
-            batch: list[tuple[bytes, asyncio.Future[None]]] = []
-            while item is not None:
-                batch.append(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._commit(batch)
-            if item is None:  # close(): what was queued before it is written
-                return
-
-    def _commit(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
-        data = b"".join(line for line, _ in batch)
-        error: AuditUnavailable | None = None
-        with self._io:
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            data = b"".join(line for line, _ in batch)
             try:
-                self._write(data)
+                await asyncio.to_thread(self._write, data)
             except OSError as exc:
                 log.error("audit write failed: %s", exc.strerror or exc)
-                self._close_fd()
-                error = AuditUnavailable("The access could not be audited; nothing was returned.")
-        self._failed = error is not None
-        if error is None and self.stdout:
-            _print(data)
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        for _, future in batch:
-            by_loop.setdefault(future.get_loop(), []).append(future)
-        for loop, futures in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a loop closed meanwhile: nobody waits
-                loop.call_soon_threadsafe(self._settle, futures, error)
-
-    def _settle(self, futures: list[asyncio.Future[None]], error: AuditUnavailable | None) -> None:
-        for future in futures:
-            if future.done():  # the request was cancelled meanwhile
+                self._failed = True
+                self.close()
+                for _, future in batch:
+                    future.set_exception(AuditUnavailable("The access could not be audited; nothing was returned."))
                 continue
-            if error is None:
+            self._failed = False
+            if self.stdout:
+                _print(data)
+            for _, future in batch:
                 future.set_result(None)
-            else:
-                future.set_exception(error)
-        if error is None:
             self.written.set()
 
-    def _close_fd(self) -> None:
+    def close(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-
-    def close(self) -> None:
-        """Write what is queued, stop the writer and close the file (a later append reopens it)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            self._queue.put(None)
-            writer.join()
-        with self._io:
-            self._close_fd()
 
 
 def _print(data: bytes) -> None:
