@@ -24,11 +24,14 @@ from bench import procs, run
 from bench.upstream import ACTOR
 
 
-def wrk(port: int, path: str, seconds: int, connections: int, cpus: set[int] | None) -> int:
-    """Answered requests of one wrk run (with the bench's requester header)."""
+def wrk(port: int, path: str, seconds: int, connections: int, cpus: set[int] | None,
+        headers: dict[str, str] | None = None) -> int:
+    """Answered requests of one wrk run (with the bench's requester header unless ``headers``)."""
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    sent = headers if headers is not None else {"X-Actor": ACTOR}
+    flags = [part for name, value in sent.items() for part in ("-H", f"{name}: {value}")]
     out = subprocess.run(
-        [*pin, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-H", f"X-Actor: {ACTOR}",
+        [*pin, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", *flags,
          f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -41,13 +44,15 @@ def wrk(port: int, path: str, seconds: int, connections: int, cpus: set[int] | N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare_trees", description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", help="LABEL=DIR: a source tree of the gateway")
-    parser.add_argument("--workload", default="W1", help="a workload with a fixed path (W1, W2, W3, W6)")
+    parser.add_argument("--workload", default="W1", help="a workload with a fixed path (W1, W2, W3, W5: break-glass, W6)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=8)
     args = parser.parse_args(argv)
     trees = dict(tree.split("=", 1) for tree in args.trees)
     path = getattr(fixture, f"{args.workload}_PATH")
+    # W5 is the break-glass read: every request audited (fsync) before its answer.
+    headers = {"X-Actor": "Practitioner/er-1", "X-Break-Glass": run.BREAK_GLASS_REASON} if args.workload == "W5" else None
     cores = procs.Cores.split()
     services: dict[str, procs.Service] = {}
     with tempfile.TemporaryDirectory(prefix="consent-compare-") as tmp:
@@ -66,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             measured = ["bare", *trees]
             figures: dict[str, list[float]] = {name: [] for name in measured}
             for name in measured:  # warm-up
-                wrk(services[name].port, path, 2, args.connections, cores.load)
+                wrk(services[name].port, path, 2, args.connections, cores.load, headers)
             for round_no in range(args.rounds):
                 for name in measured if round_no % 2 == 0 else reversed(measured):
                     pid = services[name].proc.pid
                     before = procs.cpu_seconds(pid)
-                    answered = wrk(services[name].port, path, args.seconds, args.connections, cores.load)
+                    answered = wrk(services[name].port, path, args.seconds, args.connections, cores.load, headers)
                     per_request = (procs.cpu_seconds(pid) - before) / answered * 1e6
                     figures[name].append(per_request)
                     print(f"round {round_no} {name:>10} {answered:7d} requests {per_request:7.0f} µs CPU/request",

@@ -8,10 +8,10 @@ Each process under test (the bare proxy, then one gateway per tree, each run fro
 runs under ``valgrind --tool=callgrind`` with the fixture upstream and the requests outside
 it. After a warm-up, its counters are zeroed (``callgrind_control --zero``), ``--requests``
 requests are sent one after the other on one keep-alive connection, and the counters are
-dumped: every instruction the process ran for them, in all its threads (the audit writer's
-included; the kernel's work for its system calls, such as fsync, is not counted). Python's
-hash seed is fixed, so a tree gives the same count run after run within a fraction of a
-percent.
+dumped: every instruction the process ran for them, in all its threads (the kernel's work for
+its system calls, such as fsync, is not counted: fewer instructions can still cost more time,
+so a change that moves system calls needs ``bench.compare_trees`` too). Python's hash seed is
+fixed, so a tree gives the same count run after run within a fraction of a percent.
 """
 
 from __future__ import annotations
