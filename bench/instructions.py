@@ -121,20 +121,6 @@ def count(name: str, command: list[str], cwd: Path | None, workdir: Path, port: 
         service.stop()
 
 
-def quiet_config(workdir: Path, upstream_port: int, port: int, admin_port: int) -> Path:
-    """The bench's gateway configuration without the timed background work (the consent change
-    poll, the readiness ping), whose instructions would land among the requests' at random."""
-    path = workdir / "gateway.yaml"
-    path.write_text(
-        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}{BASE_PATH}', health_interval_s: 3600}}\n"
-        f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-        f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        "consent: {cache_ttl_s: 3600, change_poll_s: 0}\n"
-        f"audit: {{path: '{workdir / 'audit.jsonl'}'}}\n"
-    )
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="*", help="LABEL=DIR: a source tree of the gateway (default: this one)")
@@ -165,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 own = workdir / label
                 own.mkdir()
                 port, admin_port = stable_port(), stable_port()
-                config = quiet_config(own, upstream_port, port, admin_port)
+                # Without the consent change poll and the readiness ping, whose instructions would
+                # land among the requests' at random.
+                config = run.gateway_config(own, upstream_port, port, admin_port, quiet=True)
                 command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
                 # The ready check asks the proxy port: the admin port is another listener.
                 figures[label] = count(label, command, Path(tree).resolve(), workdir, port, f"{BASE_PATH}/metadata",

@@ -147,14 +147,16 @@ class Bench:
 
 # ---- processes -------------------------------------------------------------------------
 
-def gateway_config(workdir: Path, upstream_port: int, port: int, admin_port: int) -> Path:
-    """The gateway's YAML: defaults, except a cache TTL that outlasts the run."""
+def gateway_config(workdir: Path, upstream_port: int, port: int, admin_port: int, *, quiet: bool = False) -> Path:
+    """The gateway's YAML: defaults, except a cache TTL that outlasts the run; ``quiet``: also
+    without the timed background work (the consent change poll, the readiness ping)."""
     path = workdir / "gateway.yaml"
+    upstream_extra, consent_extra = (", health_interval_s: 3600", ", change_poll_s: 0") if quiet else ("", "")
     path.write_text(
-        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}{BASE_PATH}'}}\n"
+        f"upstream: {{url: 'http://127.0.0.1:{upstream_port}{BASE_PATH}'{upstream_extra}}}\n"
         f"listen: {{host: 127.0.0.1, port: {port}}}\n"
         f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        "consent: {cache_ttl_s: 3600}\n"
+        f"consent: {{cache_ttl_s: 3600{consent_extra}}}\n"
         f"audit: {{path: '{workdir / 'audit.jsonl'}'}}\n"
     )
     return path
