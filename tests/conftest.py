@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,29 @@ async def issuer() -> AsyncIterator[LocalIssuer]:
     async with serving(local.app()) as url:
         local.base_url = url
         yield local
+
+
+@pytest.fixture(autouse=True)
+def _gateway_logger_restored() -> Iterator[None]:
+    """Each test leaves the ``gateway`` logger as it found it: ``cli.main`` run in process
+    installs a handler on the stderr of that moment, which pytest closes after the test, and
+    a later test's lines would meet a closed stream there."""
+    logger = logging.getLogger("gateway")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A FHIR base on 127.0.0.1 that refuses connections for the whole test.
+
+    The port stays bound (never listening), so no server started during the test, the
+    gateway under test included, can be given it: a port merely free a moment ago can be.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/fhir"
 
 
 @pytest.fixture

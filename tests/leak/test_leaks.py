@@ -20,7 +20,6 @@ from aiohttp import web
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.unit._util import free_port
 from tests.unit.test_enforcement import MakeGateway, fhir
 from gateway.web.middleware import JsonLogFormatter
 from tests.hidden import hidden_in
@@ -284,9 +283,11 @@ async def test_leak_check_sees_a_leak(fake_fhir: FakeFhir, make_gateway: MakeGat
     assert set(find_secrets(text, c.SECRETS)) >= {"B20", "F11.20", "F32.9", "cond-hiv-b20-91a"}
 
 
-async def test_upstream_down_reveals_nothing(make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+async def test_upstream_down_reveals_nothing(
+    make_gateway: MakeGateway, dead_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="gateway")
-    gw = await make_gateway(f"http://127.0.0.1:{free_port()}/fhir")
+    gw = await make_gateway(dead_url)
     async with gw.session.get(gw.url + "/Condition/cond-hiv-b20-91a", headers={"X-Actor": c.DOCTOR}) as resp:
         raw = await resp.read()
         assert resp.status == 502

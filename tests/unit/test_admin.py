@@ -52,8 +52,8 @@ async def test_readyz_is_200_once_the_upstream_answered_metadata(gateway: Gatewa
     assert any(r.method == "GET" and r.path_qs == "/fhir/metadata" for r in fake_fhir.requests)
 
 
-async def test_readyz_is_503_when_the_upstream_is_down(make_gateway: MakeGateway) -> None:
-    gut = await make_gateway(f"http://127.0.0.1:{free_port()}/fhir", upstream={"health_interval_s": 0.05})
+async def test_readyz_is_503_when_the_upstream_is_down(make_gateway: MakeGateway, dead_url: str) -> None:
+    gut = await make_gateway(dead_url, upstream={"health_interval_s": 0.05})
     await asyncio.sleep(0.3)  # several pings have failed by now
     for _ in range(3):
         status, _, _ = await admin_get(gut, "/readyz")

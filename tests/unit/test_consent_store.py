@@ -15,7 +15,6 @@ from aiohttp import web
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.unit._util import free_port
 from tests.unit.test_enforcement import (
     MakeGateway,
     assert_no_secrets,
@@ -204,8 +203,8 @@ async def test_failed_lookup_is_503_and_reveals_nothing(
     assert (await call(gw, "GET", CBC))[0] == 200
 
 
-async def test_consent_source_down_is_503(world: FakeFhir, make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(world.base_url, consent={"source_url": f"http://127.0.0.1:{free_port()}/fhir"})
+async def test_consent_source_down_is_503(world: FakeFhir, make_gateway: MakeGateway, dead_url: str) -> None:
+    gw = await make_gateway(world.base_url, consent={"source_url": dead_url})
     status, headers, raw = await call(gw, "GET", f"/Condition?patient={c.PAT_ANA}")
     assert status == 503
     assert headers["X-Consent-Decision"] == "deny"
