@@ -205,12 +205,18 @@ def _everything_subject(route: Route) -> str | None:
 async def check_write_target(state: GatewayState, ex: Exchange) -> None:
     """Nobody changes what he may not see: an update, patch or delete of patient data (or of a
     Binary) needs the stored instance to be readable by the requester, else a patch could
-    relabel a hidden record and release it (Consents have their own rules)."""
+    relabel a hidden record and release it (Consents have their own rules).
+
+    With ``denied_read_status: 404`` an update of a record that does not exist is refused as
+    one of a hidden record: the server would create it (update as create), and 201 against 404
+    would tell which ids hold hidden records."""
     route = ex.route
     if (ex.method not in ("PUT", "PATCH", "DELETE") or route.resource_id is None
             or route.resource_type == "Consent" or not _guarded(route.resource_type)):
         return
-    await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
+    found = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
+    if found is None and ex.method == "PUT" and state.settings.enforcement.denied_read_status == 404:
+        raise ConsentDenied("Access to this resource is not permitted.")
 
 
 def check_conditional_references(ex: Exchange) -> None:
