@@ -207,15 +207,16 @@ async def check_write_target(state: GatewayState, ex: Exchange) -> None:
     Binary) needs the stored instance to be readable by the requester, else a patch could
     relabel a hidden record and release it (Consents have their own rules).
 
-    With ``denied_read_status: 404`` an update of a record that does not exist is refused as
-    one of a hidden record: the server would create it (update as create), and 201 against 404
-    would tell which ids hold hidden records."""
+    With ``denied_read_status: 404`` an update, patch or delete of a record that does not exist
+    is refused as one of a hidden record, and not sent: the server would create it on update
+    (201), or answer a delete of nothing in its own way (200 on some servers), either telling
+    which ids hold hidden records."""
     route = ex.route
     if (ex.method not in ("PUT", "PATCH", "DELETE") or route.resource_id is None
             or route.resource_type == "Consent" or not _guarded(route.resource_type)):
         return
     found = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
-    if found is None and ex.method == "PUT" and state.settings.enforcement.denied_read_status == 404:
+    if found is None and state.settings.enforcement.denied_read_status == 404:
         raise ConsentDenied("Access to this resource is not permitted.")
 
 
