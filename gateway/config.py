@@ -270,6 +270,9 @@ class EnforcementSettings(_Section):
     # a patient. release: it passes as no one's data (CONTRACT §5, §6); withhold: it is refused
     # to everyone, as a Binary whose context cannot be read.
     unattached_binaries: Literal["release", "withhold"] = "release"
+    # 404 mode: a search page that lost matches to withholding is filled from the upstream's
+    # further pages, reading at most this many of them (0: never; CONTRACT §6).
+    refill_max_pages: int = Field(10, ge=0, le=100)
 
 
 class BreakGlassSettings(_Section):

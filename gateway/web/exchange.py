@@ -23,6 +23,7 @@ from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnav
 from gateway.core.fhir import JSON, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
+from gateway.core.paging import PageWindow
 from gateway.core.projection import PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.identity import check_scopes
@@ -53,6 +54,7 @@ class Exchange:
     resource: object = None         # the parsed JSON body, when it has one
     query: list[tuple[str, str]] = field(default_factory=list)  # URL query + form/Parameters body
     projection: Projection | None = None
+    page: PageWindow | None = None  # 404 mode: the part of its page a refilled answer takes (web.refill)
 
     @property
     def forwarded_query(self) -> str:

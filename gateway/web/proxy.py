@@ -31,7 +31,7 @@ from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
 )
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
-from gateway.web import officer
+from gateway.web import officer, refill
 from gateway.web.enforcement import Emergency, Observed
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
@@ -259,6 +259,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     info = request[INFO]
     ex = await exchange_of(request, state, None)
+    refill.take_skip(state, ex)
     officer.open_outcome(request, ex)
     ex.body = await read_body(request, state.settings.listen.max_body_bytes)
     plan = None
@@ -283,6 +284,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
         evict_consents(state, request.method, ex.route, ex.body, upstream)
+    response = await answer_page(state, request, ex, upstream, links, plan)
+    if refill.wanted(state, ex, info.decision, upstream.body):
+        # 404 mode: a page that lost matches is completed from the upstream's further pages.
+        return await refill.completed(state, request, ex, upstream, links, response, answer_page, upstream_headers)
+    return response
+
+
+async def answer_page(
+    state: GatewayState, request: web.Request, ex: Exchange, upstream: UpstreamResponse, links: LinkRewriter,
+    plan: BatchPlan | None = None,
+) -> web.StreamResponse:
+    """The answer to ``ex`` from the upstream's ``upstream``: checked, decided and spliced."""
+    info = request[INFO]
     if upstream.status in (404, 410) and ex.route.interaction != "batch":
         # A missing record: the same answer as a hidden one in 404 mode, nothing of the upstream's.
         info.decision = "deny"
@@ -378,7 +392,8 @@ async def decide_answer(
         outcome.shadow = outcome.shadow or ("deny" if denied else result.header)
         result = officer.scopes_only(parsed, ex.actor, withheld_status(state))
     info.decision = result.header
-    state.metrics.count_decision(result.header)
+    if ex.page is None or not ex.page.further:
+        state.metrics.count_decision(result.header)  # once per request, not per page read to refill it
     count_removed(state, result)
     if result.denied or (denied and not shadow):
         if ex.route.interaction in WRITE_INTERACTIONS:
@@ -391,6 +406,8 @@ async def decide_answer(
             state, emergency, ex.actor, ex.route.interaction, upstream.status, confined or frozenset()
         )
         await record_emergency_consents(state, emergency, ex.actor, headers["X-Break-Glass-Audit-Id"])
+    if ex.page is not None and ex.page.trim(parsed):
+        result.changed = True  # the part of this page a refilled answer takes (web.refill)
     labels = {id(originals[k]): v for k, v in observed.labels.items() if k in originals} if shadow else observed.labels
     # In shadow mode the copy was decided: its patients are not the answer's resources'.
     owners = None if shadow else observed.owners

@@ -1,0 +1,190 @@
+"""404 mode: a search page that lost matches to withholding is refilled (CONTRACT §6).
+
+Without it a page that lost matches is short yet has a ``next`` link, which never happens
+when nothing is hidden, and a page whose every match was withheld comes back empty with one:
+"there are matching records you cannot see". When an answer is a search set (a search,
+``_search``, an operation's pages), lost at least one match, and has a ``next`` link, the
+gateway follows the upstream's own ``next`` links (only under the upstream base), decides
+each further page for the same requester and purpose through the very pipeline of the first
+(``answer_page``: references, labels, Binary contexts, orphan includes, display scrubbing,
+disclosures), and gathers kept matches until it holds the page size (the first upstream
+page's matches), the chain ends, or ``enforcement.refill_max_pages`` further pages were read.
+
+A page gathered past the page size is cut there: its ``next`` link is the gateway's URL of
+the upstream page it was cut in plus ``gateway-skip`` (how many of that page's kept matches
+were sent), which the gateway strips before forwarding (``take_skip``). ``previous`` links
+go; kept entries go out as the upstream wrote them. An upstream error on a further page fails
+the whole answer (502/504), never a partial page that looks complete.
+
+Residual signals (README): the bound reached leaves a short page with a ``next`` link; the
+upstream's own paging parameters in ``next`` links (an offset) still move past the hidden
+matches that were skipped; refilling takes the time of the pages it reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from aiohttp.payload import Payload
+from multidict import CIMultiDict
+
+from gateway.core.errors import BadRequest, UpstreamUnavailable
+from gateway.core.links import LinkRewriter
+from gateway.core.paging import (
+    AnswerParts, PageWindow, answer_parts, read_skip, refilled, under_base, upstream_page, with_skip, without_previous,
+)
+from gateway.upstream import UpstreamResponse
+from gateway.web import officer
+from gateway.web.exchange import Exchange
+from gateway.web.middleware import INFO
+from gateway.web.request import parse_route
+from gateway.web.state import GatewayState
+
+# One upstream answer decided for an exchange, as the handler answers it (proxy.answer_page).
+AnswerPage = Callable[[GatewayState, web.Request, Exchange, UpstreamResponse, LinkRewriter], Awaitable[web.StreamResponse]]
+# The headers a request sends upstream (proxy.upstream_headers).
+HeadersOf = Callable[[web.Request, str], CIMultiDict[str]]
+
+_REFILLED = frozenset({"search", "operation"})
+# A further page is read with GET: what described the client's own body or made it conditional goes.
+_NOT_FOR_PAGES = ("Content-Type", "If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+
+
+def in_force(state: GatewayState) -> bool:
+    """Whether answers may be refilled at all: 404 mode, enforced, with a bound above 0."""
+    enforcement = state.settings.enforcement
+    return enforcement.denied_read_status == 404 and enforcement.mode == "enforce" and enforcement.refill_max_pages > 0
+
+
+def _eligible(state: GatewayState, ex: Exchange) -> bool:
+    # Break-glass answers hide nothing; a batch is not a page.
+    return in_force(state) and ex.reason is None and ex.route.interaction in _REFILLED
+
+
+def take_skip(state: GatewayState, ex: Exchange) -> None:
+    """In 404 mode the gateway's continuation parameter is stripped before the request goes on
+    (and checked: BadRequest); a search it may refill then starts after that many kept matches."""
+    if state.settings.enforcement.denied_read_status != 404 or "skip" not in ex.raw_query:
+        return
+    ex.raw_query, skip = read_skip(ex.raw_query)
+    if skip is None:
+        return
+    ex.query = [(k, v) for k, v in ex.query if k != "gateway-skip"]
+    if skip and _eligible(state, ex):
+        ex.page = PageWindow(skip=skip)
+
+
+def wanted(state: GatewayState, ex: Exchange, decision: str | None, raw: bytes) -> bool:
+    """Whether the first page's answer may need refilling: it withheld something (``decision``)
+    or was asked to skip; or it may have a ``previous`` link (in the upstream's answer ``raw``),
+    which goes from every page a refill may answer. Checked before anything of the answer is read."""
+    if ex.page is not None:
+        return True
+    return (decision == "filtered" or b'"prev' in raw) and _eligible(state, ex)
+
+
+async def completed(
+    state: GatewayState, request: web.Request, ex: Exchange, upstream: UpstreamResponse, links: LinkRewriter,
+    response: web.StreamResponse, answer_page: AnswerPage, headers_of: HeadersOf,
+) -> web.StreamResponse:
+    """The first page's ``response``, refilled when it lost matches and has a ``next`` link.
+
+    SECURITY: a refilled page has no ``previous`` link, so no page has one: its absence would
+    tell that the page lost matches."""
+    if not _eligible(state, ex) or response.status != 200 or not isinstance(response, web.Response):
+        return response
+    page = upstream_page(upstream.body)
+    first = answer_parts(_bytes_of(response))
+    if page is None or first is None:
+        return response
+    size = page.matches
+    gathered = first.matches()
+    if page.next is None or gathered >= size:
+        # Nothing to refill (only includes were lost, or this is the last page).
+        if first.has_previous():
+            response.body = without_previous(first)
+        return response
+    info = request[INFO]
+    outcome = officer.outcome_of(request)
+    consents = dict(outcome.consents)
+    decision = info.decision or "permit"
+    filtered = decision == "filtered"
+    entries = list(first.entries)
+    url: str | None = page.next
+    continuation: str | None = None
+    base = state.upstream.base_url
+    for _ in range(state.settings.enforcement.refill_max_pages):
+        if gathered >= size or url is None or not under_base(url, base):
+            break
+        further = _further(state, ex, url, size - gathered)
+        if further is None:
+            break
+        answer, parts, upstream_next = await _read_page(state, request, further, url, links, answer_page, headers_of)
+        consents.update(outcome.consents)
+        filtered = filtered or info.decision == "filtered"
+        entries.extend(parts.entries)
+        window = further.page
+        assert window is not None
+        gathered += window.taken
+        if window.matches > window.taken:
+            # Cut inside this page: the next answer starts after what this one took of it.
+            continuation = with_skip(links.header(url), window.taken)
+            url = None
+            break
+        url = upstream_next
+    if url is not None:
+        continuation = links.header(url)
+    outcome.consents = consents
+    info.decision = decision = "filtered" if filtered else decision
+    response.body = refilled(first, entries, continuation, ex.page.skip if ex.page is not None else 0)
+    response.headers["X-Consent-Decision"] = decision
+    return response
+
+
+def _further(state: GatewayState, ex: Exchange, url: str, take: int) -> Exchange | None:
+    """The exchange of a further page at ``url`` (under the upstream base): the same requester,
+    purpose and projection; None when its path is no FHIR path (it is then not read)."""
+    base = state.upstream.base_url
+    rest = url[len(base.rstrip("/")):].partition("#")[0]
+    path, _, query = rest.partition("?")
+    try:
+        route = parse_route("GET", state.upstream.base.path.rstrip("/") + path, state.upstream.base.path.rstrip("/"))
+    except BadRequest:
+        return None
+    return replace(
+        ex, method="GET", route=route, raw_query=query, body=None, content_type="", if_none_exist=None,
+        resource=None, query=parse_qsl(query, keep_blank_values=True), page=PageWindow(take=take, further=True),
+    )
+
+
+async def _read_page(
+    state: GatewayState, request: web.Request, further: Exchange, url: str, links: LinkRewriter,
+    answer_page: AnswerPage, headers_of: HeadersOf,
+) -> tuple[web.Response, AnswerParts, str | None]:
+    """Read and decide one further page: its answer, the answer's texts and the upstream's next
+    link. Anything but a decided search set fails the whole answer closed (502)."""
+    headers = headers_of(request, request[INFO].request_id)
+    for name in _NOT_FOR_PAGES:
+        headers.popall(name, None)
+    upstream = await state.upstream.request(
+        "GET", state.upstream.url_for(further.route.path, further.raw_query), headers=headers,
+    )
+    state.metrics.upstream_duration.observe(upstream.seconds)
+    answer = await answer_page(state, request, further, upstream, links)
+    parts = answer_parts(_bytes_of(answer)) if isinstance(answer, web.Response) and answer.status == 200 else None
+    page = upstream_page(upstream.body) if parts is not None else None
+    if parts is None or page is None or not isinstance(answer, web.Response):
+        raise UpstreamUnavailable("The FHIR server failed while the gateway completed a search page.")
+    return answer, parts, page.next
+
+
+def _bytes_of(response: web.Response) -> bytes:
+    body = response.body
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, Payload):
+        return body.decode("utf-8").encode("utf-8")
+    return b""
