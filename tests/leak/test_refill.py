@@ -51,12 +51,14 @@ class Pager:
     """Answers ``GET <path>`` (and ``POST <path>/_search``) from a list of records, filtered by
     ``patient`` and ``code``, paged by ``_count`` and ``_offset`` with self, first, next and
     previous links; ``include`` comes with every page as included entries; ``next_base``
-    replaces the base of ``next`` links; ``fail`` answers pages by offset its own way."""
+    replaces the base of the ``next`` links of pages from offset ``next_base_from`` on;
+    ``fail`` answers pages by offset its own way."""
 
     def __init__(self, fake: FakeFhir, records: list[dict[str, Any]], path: str = "/Observation") -> None:
         self.fake, self.records, self.path = fake, records, path
         self.include: tuple[dict[str, Any], ...] = ()
         self.next_base: str | None = None
+        self.next_base_from = 0
         self.fail: dict[int, Callable[[], Awaitable[web.StreamResponse]]] = {}
 
     async def __call__(self, request: web.Request) -> web.StreamResponse | None:
@@ -86,7 +88,8 @@ class Pager:
         bundle["total"] = len(found)
         bundle["link"].append({"relation": "first", "url": page(0)})
         if offset + count < len(found):
-            bundle["link"].append({"relation": "next", "url": page(offset + count, self.next_base or base)})
+            elsewhere = self.next_base if self.next_base and offset >= self.next_base_from else base
+            bundle["link"].append({"relation": "next", "url": page(offset + count, elsewhere)})
         if offset > 0:
             bundle["link"].append({"relation": "previous", "url": page(max(0, offset - count))})
         raw = orjson.dumps(bundle).replace(b'"value":4.1,', b'"value":4.10,')
@@ -263,7 +266,7 @@ async def test_a_skip_past_the_visible_matches_of_a_page_skips_only_those(
 
 
 async def test_skip_outside_404_mode_is_not_the_gateways(ana: FakeFhir, make_gateway: MakeGateway) -> None:
-    """403 mode is unchanged: the parameter is the client's, sent on like any other."""
+    """Control: 403 mode is unchanged, the parameter is the client's, sent on like any other."""
     gw = await make_gateway(ana.base_url)
     ana.override = Pager(ana, records())
     status, _, _ = await call(gw, f"/Observation?patient={c.PAT_ANA}&_count=3&gateway-skip=abc")
@@ -276,18 +279,21 @@ async def test_skip_outside_404_mode_is_not_the_gateways(ana: FakeFhir, make_gat
 
 @pytest.mark.parametrize("where", ["other-host", "other-base"])
 async def test_a_next_link_off_the_upstream_base_is_not_followed(ana: FakeFhir, gw404: GatewayUnderTest, where: str) -> None:
+    """The first page's next link is followed; the second page's points elsewhere and is not."""
     other = FakeFhir()
     async with serving(other.app()) as root:
         other.base_url = root + other.base_path
-        pager = Pager(ana, records("hvv"))
+        pager = Pager(ana, records("hvhvvv"))
         pager.next_base = other.base_url if where == "other-host" else ana.base_url.removesuffix("/fhir") + "/elsewhere"
+        pager.next_base_from = 2
         ana.override = pager
-        status, _, body = await call(gw404, f"/Observation?patient={c.PAT_ANA}&_count=1")
+        status, _, body = await call(gw404, f"/Observation?patient={c.PAT_ANA}&_count=2")
         assert status == 200
+        assert matches(body) == ["obs-rbc-02", "obs-rbc-04"]
         assert other.requests == []
-        assert len(pages_read(ana)) == 1
         assert not [r for r in ana.requests if r.path_qs.startswith("/elsewhere")]
-        assert matches(body) == []
+        assert len(pages_read(ana)) == 2
+        assert (link(body, "next") or "").startswith(pager.next_base), "a link elsewhere is left as the upstream wrote it"
 
 
 async def test_the_bound_answers_what_was_gathered_with_a_link_to_continue(ana: FakeFhir, make_gateway: MakeGateway) -> None:
@@ -346,6 +352,7 @@ async def test_an_upstream_error_while_refilling_fails_closed(
 
 
 async def test_403_mode_break_glass_and_shadow_are_not_refilled(ana: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Control: outside enforced 404 mode, and under break-glass, a page is answered as it was."""
     path = f"/Observation?patient={c.PAT_ANA}&_count=1"
     for enforcement, headers in (
         ({}, {}),

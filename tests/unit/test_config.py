@@ -40,6 +40,7 @@ def test_every_contract_key_has_its_default() -> None:
     assert s.sensitivity.rules_dir is None
     assert s.sensitivity.explicit_consent_required == "all"
     assert s.enforcement.denied_read_status == 403
+    assert s.enforcement.refill_max_pages == 10
     bg = s.break_glass
     assert bg.enabled is True
     assert list(bg.reasons) == ["Patient Unresponsive.", "Medical emergency", "Imminent threat to life"]
@@ -156,6 +157,12 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], str]] = [
     ("wrong-type-section", {"upstream": {"url": UPSTREAM}, "listen": 8080}, "listen:"),
     ("bad-enum", {"upstream": {"url": UPSTREAM}, "enforcement": {"denied_read_status": 500}},
      "enforcement.denied_read_status:"),
+    ("refill-pages-negative", {"upstream": {"url": UPSTREAM}, "enforcement": {"refill_max_pages": -1}},
+     "enforcement.refill_max_pages:"),
+    ("refill-pages-too-many", {"upstream": {"url": UPSTREAM}, "enforcement": {"refill_max_pages": 101}},
+     "enforcement.refill_max_pages:"),
+    ("refill-pages-not-a-number", {"upstream": {"url": UPSTREAM}, "enforcement": {"refill_max_pages": "many"}},
+     "enforcement.refill_max_pages:"),
     ("bad-purpose", {"upstream": {"url": UPSTREAM}, "auth": {"default_purpose": "treat"}}, "auth.default_purpose:"),
     ("bad-untyped-root", {"upstream": {"url": UPSTREAM}, "consent": {"untyped_root": "applies-to"}},
      "consent.untyped_root:"),
