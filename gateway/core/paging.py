@@ -161,10 +161,12 @@ _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 
 @dataclass(frozen=True, slots=True)
 class UpstreamPage:
-    """One upstream search-set page as paging reads it: its matches and its ``next`` link."""
+    """One upstream search-set page as paging reads it: its matches, its ``next`` link, and
+    whether it has a ``previous``/``prev`` link."""
 
     matches: int
     next: str | None
+    previous: bool = False
 
 
 def upstream_page(raw: bytes) -> UpstreamPage | None:
@@ -176,7 +178,9 @@ def upstream_page(raw: bytes) -> UpstreamPage | None:
     if page.resourceType != "Bundle" or page.type != "searchset":
         return None
     matches = sum(1 for head in page.entry or () if _head_kind(head) == MATCH)
-    return UpstreamPage(matches, next_link(page.link))
+    links = page.link if isinstance(page.link, list) else []
+    previous = any(isinstance(link, dict) and link.get("relation") in _DROPPED_RELATIONS for link in links)
+    return UpstreamPage(matches, next_link(links), previous)
 
 
 def _head_kind(head: _Head) -> str:
@@ -213,12 +217,6 @@ class AnswerParts:
             if _head_kind(head) == MATCH:
                 count += 1
         return count
-
-    def has_previous(self) -> bool:
-        """Whether the answer has a ``previous`` or ``prev`` link."""
-        links = _value(self.top.get("link"))
-        return isinstance(links, list) and any(
-            isinstance(link, dict) and link.get("relation") in _DROPPED_RELATIONS for link in links)
 
 
 def answer_parts(raw: bytes) -> AnswerParts | None:

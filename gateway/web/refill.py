@@ -97,14 +97,16 @@ async def completed(
     if not _eligible(state, ex) or response.status != 200 or not isinstance(response, web.Response):
         return response
     page = upstream_page(upstream.body)
+    if page is None or (page.next is None and not page.previous):
+        return response  # the answer is not read (a large one is sent without being joined)
     first = answer_parts(_bytes_of(response))
-    if page is None or first is None:
+    if first is None:
         return response
     size = page.matches
     gathered = first.matches()
     if page.next is None or gathered >= size:
         # Nothing to refill (only includes were lost, or this is the last page).
-        if first.has_previous():
+        if page.previous:
             response.body = without_previous(first)
         return response
     info = request[INFO]
