@@ -29,6 +29,7 @@ from urllib.parse import unquote_plus
 import msgspec
 import orjson
 
+from gateway.core.ds4p import NOTICE_EXTENSION, add_notice
 from gateway.core.errors import BadRequest
 from gateway.core.fhir import JSON
 
@@ -229,6 +230,20 @@ def answer_parts(raw: bytes) -> AnswerParts | None:
     except (msgspec.DecodeError, orjson.JSONDecodeError):
         return None
     return AnswerParts(top, entries)
+
+
+def carries_notice(answer: AnswerParts) -> bool:
+    """Whether the answer's Bundle carries the 42 CFR Part 2 redisclosure notice (core.ds4p)."""
+    meta = answer.top.get("meta")
+    return meta is not None and NOTICE_EXTENSION.encode() in bytes(meta)
+
+
+def with_notice(answer: AnswerParts) -> None:
+    """Put the redisclosure notice on the answer's Bundle, in place: a refilled answer holds
+    Part 2 data that one of its further pages brought."""
+    bundle = {"meta": _value(answer.top.get("meta"))} if "meta" in answer.top else {}
+    if add_notice(bundle):
+        answer.top["meta"] = msgspec.Raw(orjson.dumps(bundle["meta"]))
 
 
 def without_previous(answer: AnswerParts) -> bytes:

@@ -34,7 +34,8 @@ from multidict import CIMultiDict
 from gateway.core.errors import BadRequest, UpstreamUnavailable
 from gateway.core.links import LinkRewriter
 from gateway.core.paging import (
-    AnswerParts, PageWindow, answer_parts, read_skip, refilled, under_base, upstream_page, with_skip, without_previous,
+    AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, under_base, upstream_page, with_notice,
+    with_skip, without_previous,
 )
 from gateway.upstream import UpstreamResponse
 from gateway.web import officer
@@ -115,6 +116,7 @@ async def completed(
     decision = info.decision or "permit"
     filtered = decision == "filtered"
     entries = list(first.entries)
+    notice = False  # a further page brought Part 2 data: the answer carries the notice (CONTRACT §10)
     url: str | None = page.next
     continuation: str | None = None
     base = state.upstream.base_url
@@ -128,6 +130,7 @@ async def completed(
         consents.update(outcome.consents)
         filtered = filtered or info.decision == "filtered"
         entries.extend(parts.entries)
+        notice = notice or carries_notice(parts)
         window = further.page
         assert window is not None
         gathered += window.taken
@@ -140,6 +143,8 @@ async def completed(
     if url is not None:
         continuation = links.header(url)
     outcome.consents = consents
+    if notice:
+        with_notice(first)
     info.decision = decision = "filtered" if filtered else decision
     response.body = refilled(first, entries, continuation, ex.page.skip if ex.page is not None else 0)
     response.headers["X-Consent-Decision"] = decision

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from gateway.core.ds4p import NORDSLCD, NOTICE_EXTENSION
 from tests.conftest import GatewayUnderTest, serving
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
@@ -227,6 +228,20 @@ async def test_includes_of_the_matches_taken_stay(ana: FakeFhir, gw404: GatewayU
     entries = orjson.loads(body)["entry"]
     assert [(e["resource"]["id"], e["search"]["mode"]) for e in entries] == [
         ("obs-rbc-02", "match"), (c.PRACTITIONER["id"], "include")]
+
+
+async def test_part2_data_a_further_page_brought_carries_the_notice(ana: FakeFhir, gw404: GatewayUnderTest) -> None:
+    """Dr Gomez may see Ana's opioid-use record (a permit names its labels), not her HIV test."""
+    ana.add(c.opt_in(c.PAT_ANA, labels=("42CFRPart2", "OPIOIDUD")))
+    hidden = {**c.condition("cond-hiv-b20-2c1", c.PAT_ANA, c.concept(
+        "http://hl7.org/fhir/sid/icd-10-cm", "B20", "Human immunodeficiency virus [HIV] disease"), "2021-03-04")}
+    ana.override = Pager(ana, [hidden, c.OUD_CONDITION], path="/Condition")
+    status, _, body = await call(gw404, f"/Condition?patient={c.PAT_ANA}&_count=1")
+    assert status == 200 and matches(body) == [c.OUD_CONDITION["id"]]
+    bundle = orjson.loads(body)
+    assert [e["url"] for e in bundle["meta"]["extension"]] == [NOTICE_EXTENSION]
+    assert NORDSLCD in {s["code"] for s in bundle["entry"][0]["resource"]["meta"]["security"]}
+    assert b"cond-hiv" not in body and b"B20" not in body
 
 
 async def test_a_refilled_request_counts_one_decision(ana: FakeFhir, gw404: GatewayUnderTest) -> None:
