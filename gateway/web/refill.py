@@ -84,7 +84,7 @@ def wanted(state: GatewayState, ex: Exchange, decision: str | None, raw: bytes) 
     which goes from every page a refill may answer. Checked before anything of the answer is read."""
     if ex.page is not None:
         return True
-    return (decision == "filtered" or b'"prev' in raw) and _eligible(state, ex)
+    return _eligible(state, ex) and (decision == "filtered" or b'"prev' in raw)
 
 
 async def completed(
