@@ -34,7 +34,7 @@ from multidict import CIMultiDict
 from gateway.core.errors import BadRequest, UpstreamUnavailable
 from gateway.core.links import LinkRewriter
 from gateway.core.paging import (
-    AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, under_base, upstream_page, with_notice,
+    SKIP_PARAM, AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, under_base, upstream_page, with_notice,
     with_skip, without_previous,
 )
 from gateway.upstream import UpstreamResponse
@@ -73,7 +73,7 @@ def take_skip(state: GatewayState, ex: Exchange) -> None:
     ex.raw_query, skip = read_skip(ex.raw_query)
     if skip is None:
         return
-    ex.query = [(k, v) for k, v in ex.query if k != "gateway-skip"]
+    ex.query = [(k, v) for k, v in ex.query if k != SKIP_PARAM]
     if skip and _eligible(state, ex):
         ex.page = PageWindow(skip=skip)
 
