@@ -120,6 +120,7 @@ async def completed(
     url: str | None = page.next
     continuation: str | None = None
     base = state.upstream.base_url
+    read: set[str] = {page.next}
     for _ in range(state.settings.enforcement.refill_max_pages):
         if gathered >= size or url is None or not under_base(url, base):
             break
@@ -139,7 +140,11 @@ async def completed(
             continuation = with_skip(links.header(url), window.taken)
             url = None
             break
+        if upstream_next in read:
+            upstream_next = None  # a chain that comes back to a page read already ends: none is sent twice
         url = upstream_next
+        if url is not None:
+            read.add(url)
     if url is not None:
         continuation = links.header(url)
     outcome.consents = consents

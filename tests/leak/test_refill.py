@@ -322,6 +322,24 @@ async def test_the_bound_answers_what_was_gathered_with_a_link_to_continue(ana: 
     assert [m for b in await walk(gw, f"/Observation?patient={c.PAT_ANA}&_count=1") for m in matches(b)] == ["obs-rbc-06"]
 
 
+async def test_a_next_link_back_to_a_page_read_ends_the_chain(ana: FakeFhir, gw404: GatewayUnderTest) -> None:
+    """An upstream whose second page names itself as next: it is read once, sent once."""
+    pager = Pager(ana, records("hv"))
+    looping = f"{ana.base_url}/Observation?patient={c.PAT_ANA.replace('/', '%2F')}&_count=1&_offset=1"
+
+    async def itself() -> web.StreamResponse:
+        bundle = c.bundle([rbc(2)], ana.base_url, self_url=looping)
+        bundle["link"].append({"relation": "next", "url": looping})
+        return web.Response(body=orjson.dumps(bundle), content_type=FHIR_JSON)
+
+    pager.fail = {1: itself}
+    ana.override = pager
+    status, _, body = await call(gw404, f"/Observation?patient={c.PAT_ANA}&_count=1")
+    assert status == 200 and matches(body) == ["obs-rbc-02"]
+    assert link(body, "next") is None
+    assert len(pages_read(ana)) == 2
+
+
 async def test_refilling_off_leaves_the_page_as_it_was(ana: FakeFhir, make_gateway: MakeGateway) -> None:
     gw = await make_gateway(ana.base_url, enforcement={"denied_read_status": 404, "refill_max_pages": 0})
     ana.override = Pager(ana, records("hv"))
