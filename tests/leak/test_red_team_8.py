@@ -269,14 +269,15 @@ async def test_a_summary_whose_listed_records_are_all_released_keeps_its_narrati
 # ---------------------------------------------------------------- 4. the last page's link counts the matches
 
 
-def paged(world: FakeFhir, records: list[dict[str, Any]], total: int) -> dict[str, Any]:
-    """Page one of a search with ``_count=1`` as HAPI FHIR answers it: a ``last`` link whose
+def paged(world: FakeFhir, records: list[dict[str, Any]], total: int, offset: int = 0) -> dict[str, Any]:
+    """A page of a search with ``_count=1`` as HAPI FHIR answers it: a ``last`` link whose
     offset is the number of matches less one, hidden ones included."""
     page = c.bundle(records, world.base_url)
     page["total"] = total
     url = f"{world.base_url}/Condition?patient={c.PAT_ANA}&_count=1"
-    page["link"] = [{"relation": "self", "url": f"{url}&_offset=0"}, {"relation": "first", "url": f"{url}&_offset=0"},
-                    {"relation": "next", "url": f"{url}&_offset=1"}, {"relation": "last", "url": f"{url}&_offset={total - 1}"}]
+    page["link"] = [{"relation": "self", "url": f"{url}&_offset={offset}"}, {"relation": "first", "url": f"{url}&_offset=0"},
+                    {"relation": "next", "url": f"{url}&_offset={offset + 1}"},
+                    {"relation": "last", "url": f"{url}&_offset={total - 1}"}]
     return page
 
 
@@ -286,15 +287,22 @@ async def test_the_last_link_does_not_count_hidden_matches(
     world: FakeFhir, make_gateway: MakeGateway, status: int, page_one: str,
 ) -> None:
     """Bundle.total goes whenever filtering could hide anything; so does the ``last`` link, the
-    same count written as an offset (seven matches: ``_offset=6``). Paging on stays possible."""
+    same count written as an offset (seven matches: ``_offset=6``). Paging on stays possible
+    (in 404 mode a page that lost its match is refilled from the next: it continues at 2)."""
     record = c.HIV_CONDITION if page_one == "hidden" else c.ANA_HYPERTENSION
-    world.override = routes({("GET", "/Condition"): lambda r: paged(world, [record], 7)})
+
+    def page(request: web.Request) -> dict[str, Any]:
+        offset = int(request.query.get("_offset", "0"))
+        return paged(world, [record if offset == 0 else c.ANA_HYPERTENSION], 7, offset)
+
+    world.override = routes({("GET", "/Condition"): page})
     gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
     code, headers, body = await call(gateway, "GET", f"/Condition?patient={c.PAT_ANA}&_count=1")
     assert code == 200, body
     links = {link["relation"]: link["url"] for link in orjson.loads(body)["link"]}
     assert "last" not in links and b"_offset=6" not in body and b'"total"' not in body, links
-    assert links["next"].startswith(gateway.url) and links["next"].endswith("_offset=1"), links
+    following = "_offset=2" if (page_one, status) == ("hidden", 404) else "_offset=1"
+    assert links["next"].startswith(gateway.url) and links["next"].endswith(following), links
 
 
 # ---------------------------------------------------------------- 5. cascading deletes
