@@ -70,6 +70,7 @@ def take_skip(state: GatewayState, ex: Exchange) -> None:
     (and checked: BadRequest); a search it may refill then starts after that many kept matches."""
     if state.settings.enforcement.denied_read_status != 404 or "skip" not in ex.raw_query:
         return
+    # SECURITY: the value counts visible matches only; a bad one is a 400 (core.paging.read_skip).
     ex.raw_query, skip = read_skip(ex.raw_query)
     if skip is None:
         return
@@ -122,6 +123,7 @@ async def completed(
     base = state.upstream.base_url
     read: set[str] = {page.next}
     for _ in range(state.settings.enforcement.refill_max_pages):
+        # SECURITY: only the upstream's own pages are read, never a link to another host or base.
         if gathered >= size or url is None or not under_base(url, base):
             break
         further = _further(state, ex, url, size - gathered)
