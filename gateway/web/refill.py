@@ -85,7 +85,7 @@ def wanted(state: GatewayState, ex: Exchange, decision: str | None, raw: bytes) 
     which goes from every page a refill may answer. Checked before anything of the answer is read."""
     if ex.page is not None:
         return True
-    return _eligible(state, ex) and (decision == "filtered" or b'"prev' in raw)
+    return _eligible(state, ex) and ((decision == "filtered" and b'"next"' in raw) or b'"prev' in raw)
 
 
 async def completed(
