@@ -81,7 +81,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
     store = ConsentStore(
         source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients,
         # Related data targets live on the FHIR server, read with the gateway's own credentials.
-        related=FhirConsentSource(upstream).references,
+        related=FhirConsentSource(upstream, ours=ours).references,
         # A FHIR consent server's own base names what its relative references name.
         ours=ours | {normal_base(settings.consent_source_url)} if settings.consent.source_kind == "fhir" else ours,
     )

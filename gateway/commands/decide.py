@@ -197,7 +197,7 @@ def evaluate(args: argparse.Namespace) -> Decision:
     return _evaluated(args)[0]
 
 
-def _known_refs(paths: list[str]) -> dict[str, frozenset[str]]:
+def _known_refs(paths: list[str], ours: Bases) -> dict[str, frozenset[str]]:
     found: dict[str, frozenset[str]] = {}
     for path in paths:
         data = _read_json(path)
@@ -205,7 +205,7 @@ def _known_refs(paths: list[str]) -> dict[str, frozenset[str]]:
         for item in items:
             rtype, rid = item.get("resourceType"), item.get("id")
             if isinstance(rtype, str) and isinstance(rid, str):
-                found[f"{rtype}/{rid}"] = references_of(item)
+                found[f"{rtype}/{rid}"] = references_of(item, ours)
     return found
 
 
@@ -235,7 +235,7 @@ def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
         default_decision=args.default_decision, combining=args.combining, sensitive=sensitive,
         untyped_root=getattr(args, "untyped_root", UNTYPED_EXCEPTION),
     )
-    known = _known_refs(getattr(args, "related", []))
+    known = _known_refs(getattr(args, "related", []), ours)
     decision = decide_with(consents, resource, labels, scopes, ctx, policy, known_refs=known, ours=ours)
     explained = {
         "consents": explain_consents(

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 from gateway.core.compartment import (
     NO_ROLES,
+    FOREIGN_MARK,
     UNKNOWN_AUTHOR,
     UNKNOWN_PATIENT,
     DateRange,
@@ -285,7 +286,7 @@ class _Facts:
     @property
     def references(self) -> frozenset[str]:
         if self._refs is _UNSET:
-            self._refs = references_of(self.resource)
+            self._refs = references_of(self.resource, self.ours)
         found: frozenset[str] = self._refs
         return found
 
@@ -491,10 +492,13 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
                 refs = facts.related.get(target)
             if refs is None:
                 unknown = True
-            elif own is not None and own in refs:
+            elif own is not None and (own in refs or (deny and FOREIGN_MARK + own in refs)):
+                # SECURITY: another server's record of this ``Type/id`` may be this one under a
+                # base not configured: it may close, never open.
                 return True
         elif item.meaning == "dependents":
-            if target in facts.references:
+            references = facts.references
+            if target in references or (deny and FOREIGN_MARK + target in references):
                 return True
         elif item.meaning == "authoredby":
             authors = facts.authors

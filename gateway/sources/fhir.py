@@ -148,7 +148,7 @@ class FhirConsentSource:
             return None
         if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
             return None
-        return references_of(resource)
+        return references_of(resource, self.ours)
 
     async def memberships(self, actor: str) -> frozenset[str]:
         refs: set[str] = set()

@@ -149,10 +149,10 @@ async def decision(request: web.Request) -> web.Response:
     if not isinstance(related, list) or not all(isinstance(r, dict) for r in related):
         raise BadRequest("'related' must be a list of FHIR resources.")
     # The other resources of the same answer, for data.meaning = related (as decide --related).
-    known = {ref: references_of(r) for r in related if (ref := resource_reference(r))}
-    labels, policy = state.labels, state.enforcement.policy
     # The proxy's notion of this server's resources: absolute references under its bases.
     ours = state.enforcement.ours
+    known = {ref: references_of(r, ours) for r in related if (ref := resource_reference(r))}
+    labels, policy = state.labels, state.enforcement.policy
     compiled = [compile_consent(c, state.store.ours) for c in consents]
     resource_labels = labels.labels_for(resource)
     found = decide_with(

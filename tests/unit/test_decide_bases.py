@@ -42,8 +42,12 @@ def permit_for(actor: str) -> dict[str, Any]:
     return {"type": "permit", "actor": [{"reference": {"reference": actor}}]}
 
 
-def decide(tmp_path: Path, consents: dict[str, Any], resource: dict[str, Any], *argv: str) -> int:
+def decide(tmp_path: Path, consents: dict[str, Any], resource: dict[str, Any], *argv: str,
+           related: dict[str, Any] | None = None) -> int:
     parser = argparse.ArgumentParser()
+    if related is not None:
+        (tmp_path / "related.json").write_text(json.dumps(related))
+        argv = (*argv, "--related", str(tmp_path / "related.json"))
     command.add_parser(parser.add_subparsers())
     (tmp_path / "consent.json").write_text(json.dumps(consents))
     (tmp_path / "resource.json").write_text(json.dumps(resource))
@@ -80,6 +84,23 @@ def test_decide_counts_no_consent_of_another_servers_patient(tmp_path: Path) -> 
     assert decide(tmp_path, theirs, glucose(), "--base", OURS) == 1
     ours = consent({"type": "permit"}, patient=f"{OURS}/Patient/p1")
     assert decide(tmp_path, ours, glucose(), "--base", OURS) == 0
+
+
+def test_decide_reads_what_a_related_target_refers_to_by_its_base(tmp_path: Path) -> None:
+    """The report (in the answer) lists another server's Observation of our record's id: our
+    record is not what it refers to, so a permit of the report and what it refers to does not
+    open ours; a deny of them closes it (that server may be this one under a name not given)."""
+    def report(result: str) -> dict[str, Any]:
+        return {"resourceType": "DiagnosticReport", "id": "r1", "status": "final",
+                "subject": {"reference": "Patient/p1"}, "code": {"text": "CBC"}, "result": [{"reference": result}]}
+
+    related = {"meaning": "related", "reference": {"reference": "DiagnosticReport/r1"}}
+    permit = consent({"type": "deny", "provision": [{"type": "permit", "data": [related]}]})
+    deny = consent({"type": "permit", "provision": [{"type": "deny", "data": [related]}]})
+    assert decide(tmp_path, permit, glucose(), "--base", OURS, related=report(f"{OTHER}/Observation/o1")) == 1
+    assert decide(tmp_path, permit, glucose(), "--base", OURS, related=report(f"{OURS}/Observation/o1")) == 0
+    assert decide(tmp_path, deny, glucose(), "--base", OURS, related=report(f"{OTHER}/Observation/o1")) == 1
+    assert decide(tmp_path, deny, glucose(), "--base", OURS, related=report(f"{OTHER}/Observation/o2")) == 0
 
 
 def test_decide_refuses_a_base_that_is_no_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
