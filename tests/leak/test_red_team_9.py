@@ -16,6 +16,13 @@ Holes found and closed here:
    version is hidden (a "fatigue" problem later coded as HIV disease) answered 200 with the
    versions still open, where the record itself read as missing; a missing record has no
    versions, and a deleted one ends its history with the deletion. They now read as missing.
+4. The headers of a search answer were passed as the server wrote them: a ``rel="last"`` link in
+   an RFC 8288 ``Link`` header (its offset counts the matches, as the ``last`` link of
+   Bundle.link did before red team 8 removed it), and the ``ETag`` and ``Last-Modified`` of the
+   server's whole answer (the newest match's time: a hidden record's; a tag that changes when a
+   hidden record does). A Bundle answer now goes without ``ETag``/``Last-Modified`` (filtered or
+   not, so their absence tells nothing in 404 mode), and without ``last`` links in its ``Link``
+   header whenever its total goes.
 
 Tried and already closed (no test added beyond the earlier passes' unless said):
 - XML: ``_format=xml``/``text/xml``/``html`` and ``Accept: application/fhir+xml`` (406, request.reject_xml);
@@ -314,6 +321,63 @@ async def test_versions_are_decided_one_by_one_otherwise(world: FakeFhir, make_g
                                      **{"X-Break-Glass": "Medical emergency"})
     assert code == 200 and b"B20" in body and b"84229001" in body
     assert headers.get("X-Break-Glass-Audit-Id")
+
+
+# ---------------------------------------------------------------- 4. headers of a Bundle answer
+
+LAST_MODIFIED = "Thu, 04 Mar 2021 10:00:00 GMT"  # when Ana's HIV record was written
+
+
+def headed_search(fake: FakeFhir) -> Any:
+    """A server that pages with RFC 8288 ``Link`` headers too, and tags its search answers with
+    an ``ETag`` and the ``Last-Modified`` of their newest match (Ana's hidden HIV record)."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        if request.path != "/fhir/Condition":
+            return None
+        page = c.bundle([c.HIV_CONDITION, c.ANA_HYPERTENSION], fake.base_url, self_url=str(request.url))
+        page["total"] = 7
+        nxt = f"{fake.base_url}/Condition?patient={c.PAT_ANA}&_count=2&_getpagesoffset=2"
+        last = f"{fake.base_url}/Condition?patient={c.PAT_ANA}&_count=2&_getpagesoffset=6"
+        page["link"] += [{"relation": "next", "url": nxt}, {"relation": "last", "url": last}]
+        return fhir(page, headers={"Link": f'<{nxt}>; rel="next", <{last}>;rel=last', "ETag": 'W/"hiv-b20-v1"',
+                                   "Last-Modified": LAST_MODIFIED})
+
+    return override
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_a_search_answer_keeps_no_header_counting_or_dating_hidden_matches(
+    world: FakeFhir, make_gateway: MakeGateway, status: int,
+) -> None:
+    """The ``last`` link of a ``Link`` header goes with Bundle.total (its offset, 6, says seven
+    matches), and the server's ``ETag`` and ``Last-Modified`` (the hidden record's) go too;
+    ``next`` stays, so paging works. A single read keeps its own ``ETag``."""
+    world.override = headed_search(world)
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
+    code, headers, body = await call(gateway, "GET", f"/Condition?patient={c.PAT_ANA}&_count=2")
+    assert code == 200, body
+    headers = {k.lower(): v for k, v in headers.items()}
+    link = headers.get("link", "")
+    assert "getpagesoffset=6" not in link and "last" not in link, link
+    assert link == f'<{gateway.url}/Condition?patient={c.PAT_ANA}&_count=2&_getpagesoffset=2>; rel="next"', link
+    assert "etag" not in headers and "last-modified" not in headers, headers
+    assert leaks(body, headers, (*SECRETS, "2021", "getpagesoffset=6")) == []
+    world.override = routes({("GET", f"/Condition/{HTN_ID}"): lambda r: fhir(c.ANA_HYPERTENSION, headers={"ETag": 'W/"3"'})})
+    code, headers, _ = await call(gateway, "GET", f"/Condition/{HTN_ID}")
+    assert code == 200 and {k.lower(): v for k, v in headers.items()}.get("etag") == 'W/"3"'
+
+
+@pytest.mark.parametrize("value", [
+    '<http://h/fhir/Condition?_getpagesoffset=6>; rel="prev last"',
+    '<http://h/fhir/Condition?_getpagesoffset=6>; title="a, b"; REL=LAST',
+    'http://h/fhir/Condition?_getpagesoffset=6; rel=last',
+])
+def test_a_link_header_loses_every_spelling_of_last(value: str) -> None:
+    from gateway.core.links import without_last_links
+    assert without_last_links(value) in ("", None)
+    assert without_last_links(f'<http://h/fhir/Condition?_id=a,b>; rel="next", {value}') in (
+        '<http://h/fhir/Condition?_id=a,b>; rel="next"', None)
 
 
 # ---------------------------------------------------------------- found, not closed: paging
