@@ -23,6 +23,12 @@ Holes found and closed here:
    hidden record does). A Bundle answer now goes without ``ETag``/``Last-Modified`` (filtered or
    not, so their absence tells nothing in 404 mode), and without ``last`` links in its ``Link``
    header whenever its total goes.
+5. The privacy officer's pages on the admin port (``/admin/disclosures``, all patients' when no
+   patient is named, and ``/admin/break-glass``) list who saw which sensitive records: record
+   ids, labels, patients, reasons. The admin port has no login, and the Helm chart binds it to
+   the pod IP and admits the monitoring namespace to it (sidecar mode: no NetworkPolicy at all),
+   so any pod there read them. They now answer only peers in ``admin.officer_from`` (default
+   loopback: ``kubectl port-forward``); ``/metrics``, ``/readyz`` and the rest are unchanged.
 
 Tried and already closed (no test added beyond the earlier passes' unless said):
 - XML: ``_format=xml``/``text/xml``/``html`` and ``Accept: application/fhir+xml`` (406, request.reject_xml);
@@ -378,6 +384,54 @@ def test_a_link_header_loses_every_spelling_of_last(value: str) -> None:
     assert without_last_links(value) in ("", None)
     assert without_last_links(f'<http://h/fhir/Condition?_id=a,b>; rel="next", {value}') in (
         '<http://h/fhir/Condition?_id=a,b>; rel="next"', None)
+
+
+# ---------------------------------------------------------------- 5. the officer's pages
+
+
+@pytest.mark.parametrize("page", ["/admin/disclosures", f"/admin/disclosures?patient={c.PAT_ANA}", "/admin/break-glass"])
+async def test_the_officers_pages_answer_only_the_officers_peers(
+    world: FakeFhir, make_gateway: MakeGateway, page: str,
+) -> None:
+    """After Dr Gomez broke the glass on Ana's HIV record, the officer's pages list it (ids,
+    labels, reason): from a peer outside ``admin.officer_from`` (here loopback is left out,
+    as a monitoring pod's address is) they answer 403 and name nothing; /metrics still answers."""
+    outside = await make_gateway(world.base_url, admin={"officer_from": ["10.0.0.0/8", "fd00::/8"]})
+    code, _, body = await call(outside, "GET", f"/{HIV_REF}", **{"X-Break-Glass": "Medical emergency"})
+    assert code == 200 and b"B20" in body
+    async with outside.session.get(outside.admin_url + page) as resp:
+        status, text, headers = resp.status, await resp.read(), dict(resp.headers)
+    assert status == 403, text
+    assert orjson.loads(text)["resourceType"] == "OperationOutcome"
+    assert leaks(text, headers, (*SECRETS, c.PAT_ANA, "pat-ana", c.DOCTOR, "Medical emergency")) == []
+    async with outside.session.get(outside.admin_url + "/metrics") as resp:
+        assert resp.status == 200
+    inside = await make_gateway(world.base_url)  # the same audit files; loopback by default
+    async with inside.session.get(inside.admin_url + page) as resp:
+        assert resp.status == 200 and HIV_ID.encode() in await resp.read()
+
+
+@pytest.mark.parametrize(("remote", "allowed", "expected"), [
+    ("127.0.0.1", ("127.0.0.0/8", "::1/128"), True),
+    ("::1", ("127.0.0.0/8", "::1/128"), True),
+    ("::ffff:127.0.0.1", ("127.0.0.0/8",), True),
+    ("fe80::1%eth0", ("fe80::/10",), True),
+    ("10.2.3.4", ("127.0.0.0/8", "::1/128"), False),
+    ("::ffff:10.2.3.4", ("127.0.0.0/8", "::1/128"), False),
+    ("10.2.3.4", (), False),
+    (None, ("0.0.0.0/0",), False),
+    ("not-an-address", ("0.0.0.0/0",), False),
+])
+def test_officer_peers_are_read_from_the_socket_address(remote: str | None, allowed: tuple[str, ...], expected: bool) -> None:
+    from gateway.web.review import is_officer_peer
+    assert is_officer_peer(remote, allowed) is expected
+
+
+def test_an_officer_network_that_is_not_one_stops_start_up() -> None:
+    from gateway.config import ConfigError
+    from tests.conftest import gateway_settings
+    with pytest.raises(ConfigError, match="admin.officer_from"):
+        gateway_settings("http://127.0.0.1:1/fhir", admin={"officer_from": ["monitoring"]})
 
 
 # ---------------------------------------------------------------- found, not closed: paging
