@@ -60,11 +60,28 @@ Tried and already closed (no test added beyond the earlier passes' unless said):
 - Metrics: unknown methods fold into ``other``, resource types outside the compartments into
   ``other``; the officer pages are on the admin port only.
 
-Found and not closed: paging. ``next`` links stay (README: so paging works), so a page that
-lost entries has fewer than ``_count`` with a ``next`` link: with ``_count=1`` every empty page
-counts one hidden match, and in 404 mode an empty page with a ``next`` link is not what a search
-that found nothing answers. Closing it needs the gateway to page itself (its own cursor over the
-server's pages and offsets); ``test_paging_counts_hidden_matches`` states it (xfail).
+Found and not closed (each needs a decision beyond a fix):
+- Paging. ``next`` links stay (README: so paging works), so a page that lost entries has fewer
+  than ``_count`` with a ``next`` link: with ``_count=1`` every empty page counts one hidden
+  match, and in 404 mode an empty page with a ``next`` link is not what a search that found
+  nothing answers. Closing it needs the gateway to page itself (its own cursor over the
+  server's pages and offsets); ``test_paging_counts_hidden_matches`` states it (xfail).
+- 403 mode: the ``suppressed`` entry CONTRACT §6 requires makes any search an oracle for what
+  was hidden: ``Condition?patient=P&code=B20`` (or ``_security=...|HIV``, ``_lastUpdated=gt...``)
+  answers "withheld" exactly when P has such a hidden record. 404 mode closes it.
+- A privacy Consent that denies one doctor one record (``provision.data``) is P's data like
+  any other: that doctor reads it, and with it the hidden record's id and that it is hidden
+  from him (in 404 mode, where the record reads as missing). Who may read privacy Consents
+  (the patient and ``consent.writer_roles`` only?) is for the contract to say.
+- jwt mode: a ``fhirUser`` that is another server's absolute URL
+  (``https://other.example/fhir/Patient/p1``) is taken as this server's ``Patient/p1``
+  (CONTRACT §4: "a reference or its absolute URL"); an issuer that serves several FHIR servers
+  would make one's patient another's self. Records of another server's patient are already
+  closed (``upstream.reference_bases``); the requester is not checked that way.
+- Servers that check references on write (HAPI's referential integrity) or resolve them in
+  ``$validate`` answer a write naming a hidden id (accepted) otherwise than one naming a missing
+  id (400, or a 2xx OperationOutcome whose texts are passed): an existence oracle in 404 mode
+  that depends on the server.
 
 Each test searches the RAW response bytes and headers for the hidden ids, codes and texts.
 """
