@@ -101,6 +101,9 @@ def read_body_parameters(ex: Exchange) -> None:
         for param in params:
             name = param.get("name") if isinstance(param, dict) else None
             value = next((param[k] for k in _VALUE_KEYS if k in param), None) if isinstance(param, dict) else None
+            if value is None and isinstance(param, dict) and isinstance(param.get("valueReference"), dict):
+                # An operation's target named by reference is decided like one named by id.
+                value = param["valueReference"].get("reference")
             if isinstance(name, str) and value is not None:
                 ex.query.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
                 if name.split(":", 1)[0] in PROJECTION_PARAMS:

@@ -29,6 +29,14 @@ Holes found and closed here:
    the pod IP and admits the monitoring namespace to it (sidecar mode: no NetworkPolicy at all),
    so any pod there read them. They now answer only peers in ``admin.officer_from`` (default
    loopback: ``kubectl port-forward``); ``/metrics``, ``/readyz`` and the rest are unchanged.
+6. Operations that move or count records (HAPI FHIR's): ``Patient/$merge`` moves every record of
+   a patient the requester may not see into the compartment of one he may (where the other
+   patient's consent then decides them), names its source by identifier too, and its preview
+   counts and names the records; type- and system-level ``$expunge`` answers how many records
+   it removed. ``$merge`` is refused, ``$expunge`` above an instance too; and an operation
+   target given in a ``Parameters`` body as a ``valueReference`` (not only as a string or id)
+   is decided before the operation runs (``$diff`` of a hidden record against an open one
+   answers the hidden one's code).
 
 Tried and already closed (no test added beyond the earlier passes' unless said):
 - XML: ``_format=xml``/``text/xml``/``html`` and ``Accept: application/fhir+xml`` (406, request.reject_xml);
@@ -449,6 +457,96 @@ def test_an_officer_network_that_is_not_one_stops_start_up() -> None:
     from tests.conftest import gateway_settings
     with pytest.raises(ConfigError, match="admin.officer_from"):
         gateway_settings("http://127.0.0.1:1/fhir", admin={"officer_from": ["monitoring"]})
+
+
+# ---------------------------------------------------------------- 6. operations that move or count records
+
+OPTED_OUT = {**c.patient("Patient/pat-cruz-4410", "Cruz", "Dana", "female", "1971-02-11")}
+CRUZ_HIV = {**c.HIV_CONDITION, "id": "cond-hiv-cruz-4410", "subject": {"reference": "Patient/pat-cruz-4410"}}
+
+
+def merge_parameters(source: dict[str, Any], preview: bool) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "source-patient", **source},
+        {"name": "target-patient", "valueReference": {"reference": c.PAT_BEN}},
+        {"name": "preview", "valueBoolean": preview},
+    ]}
+
+
+def merge_answer(request: web.Request) -> Any:
+    """What a server (HAPI FHIR's Patient/$merge) answers: how many records it moves (preview),
+    or the target with the source's records now its own."""
+    return {"resourceType": "Parameters", "parameter": [
+        {"name": "outcome", "resource": {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "information", "code": "informational",
+             "diagnostics": "Merge would update 2 resources (Condition/cond-hiv-cruz-4410, Patient/pat-cruz-4410)"}]}},
+        {"name": "result", "resource": c.BEN},
+    ]}
+
+
+@pytest.mark.parametrize("source", [
+    {"valueReference": {"reference": "Patient/pat-cruz-4410"}},
+    {"valueIdentifier": {"system": "urn:oid:2.16.840.1.113883.19.5", "value": "MRN-4410"}},
+])
+@pytest.mark.parametrize("preview", [True, False])
+async def test_a_patient_merge_is_refused(
+    world: FakeFhir, make_gateway: MakeGateway, source: dict[str, Any], preview: bool,
+) -> None:
+    """Dana opted out. Merging her into Ben (whose records the doctor may read) would move her
+    HIV record into Ben's compartment, decided by Ben's consent from then on; its preview counts
+    and names her records. Refused, alone and in a transaction, and never sent."""
+    world.add(OPTED_OUT, CRUZ_HIV, c.opt_out("Patient/pat-cruz-4410", "consent-cruz-out"))
+    world.override = routes({("POST", "/Patient/$merge"): merge_answer})
+    gateway = await make_gateway(world.base_url)
+    code, headers, body = await call(gateway, "POST", "/Patient/$merge", body=merge_parameters(source, preview))
+    assert code == 403, body
+    code, _, body = await call(gateway, "POST", "/", body={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient/$merge"}, "resource": merge_parameters(source, preview)}]})
+    assert code == 403, body
+    assert not [r for r in world.requests if "$merge" in r.path_qs]
+    assert leaks(body, headers, ("cond-hiv-cruz", "B20", "Merge would")) == []
+
+
+EXPUNGE_COUNT = {"resourceType": "Parameters", "parameter": [{"name": "count", "valueInteger": 3}]}
+
+
+@pytest.mark.parametrize("path", ["/Condition/$expunge", "/$expunge"])
+async def test_expunge_over_a_type_or_the_server_is_refused(world: FakeFhir, make_gateway: MakeGateway, path: str) -> None:
+    """Its answer counts every record it removed, hidden ones too; an instance's runs once the
+    record is decided (Ana's hidden HIV record: refused; her hypertension: sent)."""
+    world.override = routes({("POST", path): lambda r: EXPUNGE_COUNT,
+                             ("POST", f"/Condition/{HTN_ID}/$expunge"): lambda r: EXPUNGE_COUNT})
+    gateway = await make_gateway(world.base_url)
+    body = {"resourceType": "Parameters", "parameter": [{"name": "expungeDeletedResources", "valueBoolean": True}]}
+    code, headers, answer = await call(gateway, "POST", path, body=body)
+    assert code == 403, answer
+    assert not [r for r in world.requests if r.path_qs.endswith(path)]
+    code, _, answer = await call(gateway, "POST", f"/{HIV_REF}/$expunge", body=body)
+    assert code == 403, answer
+    code, _, answer = await call(gateway, "POST", f"/Condition/{HTN_ID}/$expunge", body=body)
+    assert code == 200 and orjson.loads(answer)["parameter"][0]["valueInteger"] == 3
+
+
+DIFF_ANSWER = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+    {"name": "type", "valueCode": "replace"}, {"name": "path", "valueString": "Condition.code.coding[0].code"},
+    {"name": "previousValue", "valueString": "B20"}, {"name": "value", "valueString": "I10"}]}]}
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_an_operation_target_named_by_reference_in_its_parameters_is_decided(
+    world: FakeFhir, make_gateway: MakeGateway, status: int,
+) -> None:
+    """``$diff`` with ``from`` given as a ``valueReference`` (not only a ``valueString``): the
+    hidden record it names is decided first, as it is when named in the query."""
+    world.override = routes({("POST", "/$diff"): lambda r: DIFF_ANSWER})
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
+    code, headers, body = await call(gateway, "POST", "/$diff", body={"resourceType": "Parameters", "parameter": [
+        {"name": "from", "valueReference": {"reference": HIV_REF}},
+        {"name": "to", "valueReference": {"reference": f"Condition/{HTN_ID}"}},
+    ]})
+    assert code == status, body
+    assert not [r for r in world.requests if "$diff" in r.path_qs]
+    assert leaks(body, headers, SECRETS) == []
 
 
 # ---------------------------------------------------------------- found, not closed: paging
