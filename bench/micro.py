@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from bench.upstream import ACTOR, W2_PATH, W3_PATH, Fixture, consents_for, everything, search_entries
 from gateway.config import build_settings
 from gateway.core.enforce import forget_owners, judge_resource, owners_index
-from gateway.core.labels import LabelIndex
+from gateway.core.labels import LabelIndex, may_extend
 from gateway.core.links import LinkRewriter
 from gateway.core.references import deciding_references, in_answer, unreleased_named
 from gateway.core.strict_json import has_duplicate_keys
@@ -95,14 +95,18 @@ async def decision_us_per_resource(labels: LabelIndex, passes: int) -> dict[str,
         whole = spans_of(bundle, orjson.loads(bundle))
         view = read_answer(bundle)
         assert view is not None and whole is not None
+        strays = may_extend(bundle)
         for label, answer, keys in ((name, whole, whole.content_keys), (f"{name} views", view, view.label_keys)):
             body = answer.body
             items = [e["resource"] for e in body["entry"]]
             content = answer.content_keys
 
-            def run(items: list[JSON] = items, body: JSON = body, keys: Any = keys, content: Any = content) -> None:
+            def run(items: list[JSON] = items, body: JSON = body, keys: Any = keys, content: Any = content,
+                    strays: bool = strays) -> None:
                 for _ in range(passes):
-                    judge = enforcement.judge(looked, keys=keys)  # one request's judge per pass
+                    # One request's judge per pass; extensions read as the live path decides
+                    # (web.proxy: one scan of the answer).
+                    judge = enforcement.judge(looked, keys=keys, strays=strays)
                     index = owners_index(body, [], content)
                     for resource in items:
                         judge_resource(resource, judge, index)

@@ -104,6 +104,8 @@ class Policy:
     explicit_consent_required: frozenset[str] | None = None
     sensitive: frozenset[str] = frozenset()
     untyped_root: str = UNTYPED_EXCEPTION
+    # consent.writer_roles: who, besides its patient, reads a Consent that names records.
+    consent_writers: frozenset[str] = frozenset()
 
     @property
     def required_labels(self) -> frozenset[str]:
@@ -811,6 +813,44 @@ UNKNOWN_TYPE = Decision(Verdict.DENY, (Reason("", "", "unknown-resource-type"),)
                         errors=("unknown-resource-type",))
 
 
+# A Consent naming records withheld from a requester who is neither its patient nor a writer.
+CONSENT_NAMES_RECORDS = Decision(Verdict.DENY, (Reason("", "", "consent-names-records"),), combining="consent-reader")
+CONSENT_WRITER = Decision(Verdict.PERMIT, (Reason("", "", "consent-writer"),), combining="consent-writer")
+
+
+def consent_reader(resource: JSON, patients: frozenset[str], ctx: RequestContext, policy: Policy) -> Decision | None:
+    """Who reads a Consent beyond what consents decide; None when this rule does not decide
+    ``resource``. ``consent.writer_roles``, who may rewrite any Consent, read every one (labels
+    included: a consent naming HIV codes is labelled HIV). A Consent whose provisions name
+    records (``provision.data``, at any depth) is read by no one else but its patient (with
+    self-access).
+
+    SECURITY: "withhold Condition/c1 from everyone" names the very record it hides and says why
+    it is hidden; a requester the record is hidden from reads neither."""
+    if resource.get("resourceType") != "Consent":
+        return None
+    if ctx.actor.role is not None and ctx.actor.role in policy.consent_writers:
+        return CONSENT_WRITER
+    if not _names_records(resource.get("provision")):
+        return None
+    if policy.patient_self_access and ctx.actor.reference in patients:
+        return None
+    return CONSENT_NAMES_RECORDS
+
+
+def _names_records(provision: object) -> bool:
+    stack = [provision]
+    while stack:
+        node = stack.pop()
+        if type(node) is list:
+            stack.extend(node)
+        elif type(node) is dict:
+            if node.get("data"):
+                return True
+            stack.append(node.get("provision"))
+    return False
+
+
 def decide_resource(
     consents_by_patient: Mapping[str, Sequence[CompiledConsent]],
     resource: JSON,
@@ -845,6 +885,10 @@ def decide_resource(
         return UNKNOWN_TYPE
     if patients is None:
         patients = patients_of(resource, ours)
+    if rtype == "Consent":
+        withheld = consent_reader(resource, patients, ctx, policy)
+        if withheld is not None:
+            return withheld
     facts = _Facts(resource, labels, scopes, known_refs)
     facts.roles, facts.ours = roles, ours
     if medications:

@@ -24,7 +24,7 @@ from gateway.core.breakglass import EmergencyWindow
 from gateway.core.compartment import NO_ROLES, UNKNOWN_PATIENT, authors_of, clinical_date, profiles_of, references_of
 from gateway.core.consent import CompiledConsent
 from gateway.core.decision import (
-    NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, codes_of, decide_facts, decide_resource, next_boundary,
+    NOT_READ, WHOLE_RESOURCE_READS, Facts, Policy, codes_of, consent_reader, decide_facts, decide_resource, next_boundary,
     summary_key, summary_reads, version_of,
 )
 from gateway.core.enforce import Judge, judge_resource
@@ -212,6 +212,10 @@ class ConsentJudge:
                 return UNRESOLVED
             medications = named
         labels = self.labels_for(resource)
+        if "provision" in resource:  # a Consent's (the only type with that element)
+            withheld = consent_reader(resource, owners, self.ctx, self.policy)
+            if withheld is not None:
+                return withheld
         reads = self._owners_reads.get(owners, _UNSET)
         if reads is _UNSET:
             reads = self.reads(owners)

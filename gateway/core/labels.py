@@ -658,8 +658,18 @@ class LabelIndex:
             if isinstance(code, str):
                 own.append((Label(V3_CONFIDENTIALITY, code), "Composition.confidentiality"))
         elif rtype == "Consent":
-            # A consent naming a sensitive label tells that the patient has such records.
+            # A consent naming a sensitive label tells that the patient has such records; one
+            # naming a clinical code (provision.code) tells what they are, as the record would.
             _provision_labels(resource.get("provision"), own)
+            stack = [resource.get("provision")]
+            while stack:
+                provision = stack.pop()
+                if isinstance(provision, dict):
+                    if "code" in provision:
+                        self._match(provision["code"], hits)
+                    nested = provision.get("provision")
+                    if isinstance(nested, list):
+                        stack.extend(nested)
         elif rtype == "Bundle":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -337,6 +338,39 @@ def attachments_by_binary(
             if binary is not None and binary in found:
                 found[binary].append(doc)
     return {b: tuple(d) for b, d in found.items()}
+
+
+def attachment_holders(
+    body: JSON, binaries: frozenset[str], ours: Bases = NO_BASES,
+) -> dict[str, tuple[JSON, ...]]:
+    """The resources of the answer ``body`` that hold an attachment (any ``url`` element, in
+    the resource or what it contains) naming one of ``binaries`` (``Binary/id``), by Binary: a
+    report's ``presentedForm``, a Media's ``content``, a message's payload. A holder that is
+    contained counts as its container, whose patients it shares.
+
+    SECURITY: no search finds these holders by URL (``read_attachments`` finds documents
+    only); a Binary that comes with its report in one answer is that report's, and goes where
+    the report goes."""
+    found: dict[str, list[JSON]] = {}
+    for resource, addressable in addressed_resources(body):
+        if not addressable or resource.get("resourceType") == "Binary":
+            continue
+        stack: list[Any] = [resource]
+        named: set[str] = set()
+        while stack:
+            node = stack.pop()
+            if type(node) is dict:
+                url = node.get("url")
+                if type(url) is str and "Binary/" in url:
+                    binary = local_reference(url, ours)
+                    if binary in binaries:
+                        named.add(binary)
+                stack.extend(v for v in node.values() if type(v) is dict or type(v) is list)
+            elif type(node) is list:
+                stack.extend(v for v in node if type(v) is dict or type(v) is list)
+        for binary in named:
+            found.setdefault(binary, []).append(resource)
+    return {b: tuple(h) for b, h in found.items()}
 
 
 @dataclass(frozen=True, slots=True)

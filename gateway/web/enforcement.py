@@ -75,6 +75,7 @@ def policy_from(settings_consent: object, settings_sensitivity: object, labels: 
         untyped_root=getattr(settings_consent, "untyped_root", "exception"),
         explicit_consent_required=explicit,
         sensitive=labels.sensitive,
+        consent_writers=frozenset(getattr(settings_consent, "writer_roles", ())),
     )
 
 

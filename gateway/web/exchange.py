@@ -212,16 +212,18 @@ def _everything_subject(route: Route) -> str | None:
 async def check_write_target(state: GatewayState, ex: Exchange) -> None:
     """Nobody changes what he may not see: an update, patch or delete of patient data (or of a
     Binary) needs the stored instance to be readable by the requester, else a patch could
-    relabel a hidden record and release it (Consents have their own rules)."""
+    relabel a hidden record and release it (Consents have their own rules).
+
+    With ``denied_read_status: 404`` an update, patch or delete of a record that does not exist
+    is refused as one of a hidden record, and not sent: the server would create it on update
+    (201), or answer a delete of nothing in its own way (200 on some servers), either telling
+    which ids hold hidden records."""
     route = ex.route
     if (ex.method not in ("PUT", "PATCH", "DELETE") or route.resource_id is None
             or route.resource_type == "Consent" or not _guarded(route.resource_type)):
         return
     stored = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
     if stored is None and conceals(state):
-        # SECURITY: a hidden target is answered as missing; a missing one must not then be
-        # created by an update (201 where the hidden one is a 404) or deleted by a server that
-        # answers 2xx for nothing deleted: both tell which ids are hidden.
         raise ConsentDenied("Access to this resource is not permitted.")
 
 

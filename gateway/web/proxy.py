@@ -347,7 +347,9 @@ async def decide_answer(
     from the upstream's bytes; ViewsInsufficient (before anything is decided) asks the caller
     for whole resources."""
     info = request[INFO]
-    resolved = await resolve_references(state, parsed, upstream.body if plan is None else None)
+    resolved = await resolve_references(
+        state, parsed, upstream.body if plan is None else None, views=view is not None and view.partial,
+    )
     confined = ex.confined
     shadow = officer.is_shadow(state)
     # Shadow mode decides a copy exactly as enforce mode would, and answers with the original.

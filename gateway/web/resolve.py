@@ -24,9 +24,10 @@ from gateway.core.errors import GatewayError
 from gateway.core.fhir import NO_BASES, Bases, JSON, normal_base
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.references import (
-    NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_urls, attachments_by_binary, author_roles, deciding_references,
-    ingredients_to_read, iter_resources, may_refer,
+    NOTHING_RESOLVED, UNREADABLE, Resolved, attachment_holders, attachment_urls, attachments_by_binary, author_roles,
+    deciding_references, ingredients_to_read, iter_resources, may_refer,
 )
+from gateway.core.view import ViewsInsufficient
 from gateway.upstream import Upstream
 from typing import TYPE_CHECKING
 
@@ -123,9 +124,11 @@ def _has_next(bundle: JSON) -> bool:
     return isinstance(links, list) and any(isinstance(l, dict) and l.get("relation") == "next" for l in links)
 
 
-async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None = None) -> Resolved:
+async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None = None, views: bool = False) -> Resolved:
     """What decides the resources of ``body`` beyond themselves: in the answer, or read.
-    ``raw``, the text ``body`` was read from, spares the walk when it names nothing that refers."""
+    ``raw``, the text ``body`` was read from, spares the walk when it names nothing that refers.
+    ``views``: ``body`` holds views (core.view), which leave out the attachments that tie a
+    Binary without a security context to its holder: ViewsInsufficient when one is met."""
     ours = state.enforcement.ours
     withhold = state.settings.enforcement.unattached_binaries == "withhold"
     nothing = NOTHING_RESOLVED if not ours and not withhold else Resolved(ours=ours, withhold_unattached=withhold)
@@ -134,12 +137,19 @@ async def resolve_references(state: GatewayState, body: JSON, raw: bytes | None 
     found = deciding_references(body, ours)
     if found is None:
         return nothing
+    if found.unattached and views:
+        raise ViewsInsufficient("a Binary's holder is read whole")
     targets: dict[str, JSON | None] = dict(found.present)
     cache = state.medications
     unknown = _cached(cache, found.medications | found.ingredients, targets)
     reads = _read_all(state.upstream, [*found.contexts, *unknown])
     if found.unattached:
         read, attached = await asyncio.gather(reads, read_attachments(state.upstream, found.unattached, ours))
+        for binary, holders in attachment_holders(body, found.unattached, ours).items():
+            searched = attached.get(binary, ())
+            # A failed search (None) leaves the Binary unknown whatever the answer holds.
+            if searched is not None:
+                attached[binary] = (*holders, *(d for d in searched if all(d is not h for h in holders)))
     else:
         read, attached = await reads, {}
     for ref in unknown:

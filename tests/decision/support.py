@@ -74,6 +74,7 @@ def policy_of(spec: dict[str, Any] | None) -> Policy:
         patient_self_access=spec.pop("patient_self_access", True),
         explicit_consent_required=None if required is None else frozenset(required),
         sensitive=frozenset(spec.pop("sensitive", SENSITIVE)),
+        consent_writers=frozenset(spec.pop("consent_writers", [])),
     )
 
 
@@ -84,6 +85,7 @@ def context_of(spec: dict[str, Any] | None) -> RequestContext:
             reference=spec.get("actor", "Practitioner/pr1"),
             organization=spec.get("organization"),
             groups=frozenset(spec.get("groups", [])),
+            role=spec.get("role"),
         ),
         purpose=spec.get("purpose", "TREAT"),
         now=datetime.fromisoformat(spec.get("at", "2024-06-01T12:00:00+00:00")),

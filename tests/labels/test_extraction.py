@@ -63,6 +63,8 @@ CASES: list[tuple[str, JSON, set[str]]] = [
     ("bundle-unions-entries", {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Condition", "code": HIV_DX}}, {"resource": {"resourceType": "Condition", "code": OPIOID_DX}}]}, {"HIV", "OPIOIDUD", "42CFRPart2"}),
     ("two-codings-union", {"resourceType": "Condition", "code": {"coding": [*HIV_DX["coding"], *OPIOID_DX["coding"]]}}, {"HIV", "OPIOIDUD", "42CFRPart2"}),
     ("bare-coding-accepted", {"resourceType": "QuestionnaireResponse", "item": [{"answer": [{"valueCoding": {"system": ICD10CM, "code": "Z21"}}]}]}, {"HIV"}),
+    ("consent-provision-code", {"resourceType": "Consent", "provision": {"type": "permit", "provision": [{"type": "deny", "code": [HIV_DX]}, {"type": "deny", "provision": [{"code": [OPIOID_DX]}]}]}}, {"HIV", "OPIOIDUD", "42CFRPart2"}),
+    ("consent-provision-ordinary-code", {"resourceType": "Consent", "provision": {"type": "deny", "code": [HYPERTENSION]}}, set()),
     ("garbage-tolerated", {"resourceType": "Condition", "code": {"coding": ["B20", {"system": ICD10CM, "code": 20}, None]}, "contained": "x"}, set()),
 ]
 

@@ -945,6 +945,46 @@ async def test_404_mode_hidden_equals_missing(world: FakeFhir, gw404: GatewayUnd
     assert leaks(a[2], a[1], (*ALL_SECRETS, "Okafor", c.BEN_CBC["id"])) == []
 
 
+def _condition(rid: str) -> dict[str, Any]:
+    return {"resourceType": "Condition", "id": rid, "subject": {"reference": c.PAT_ANA},
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I10"}]}}
+
+
+@pytest.mark.parametrize("how", ["direct", "batch"])
+async def test_404_mode_update_of_hidden_equals_update_of_missing(
+    world: FakeFhir, gw404: GatewayUnderTest, how: str,
+) -> None:
+    """A server that creates on update (a client-chosen id) would answer 201 for an id that
+    holds nothing and the gateway 404 for one that holds a hidden record: in 404 mode neither
+    update is sent."""
+    hidden_id, missing_id = HIV_REF.split("/")[1], "cond-nothing-here-000"
+    if how == "direct":
+        # A server that deletes nothing with 200 would tell these apart too.
+        world.override = routes({("DELETE", f"/Condition/{missing_id}"): lambda r: {
+            "resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational"}]}})
+        alike(await call(gw404, "DELETE", f"/{HIV_REF}"), await call(gw404, "DELETE", f"/Condition/{missing_id}"))
+        a = await call(gw404, "PUT", f"/{HIV_REF}", body=_condition(hidden_id))
+        b = await call(gw404, "PUT", f"/Condition/{missing_id}", body=_condition(missing_id))
+        assert a[0] == 404, a[2]
+        alike(a, b)
+    else:
+        status, _, body = await call(gw404, "POST", "/", body=batch(
+            ("PUT", HIV_REF, _condition(hidden_id)), ("PUT", f"Condition/{missing_id}", _condition(missing_id))))
+        assert status == 200, body
+        hidden_slot, missing_slot = slots(body)
+        assert hidden_slot == missing_slot and hidden_slot["response"]["status"].startswith("404")
+    assert writes_sent(world, "Condition") == []
+    assert f"Condition/{missing_id}" not in world.resources
+
+
+async def test_403_mode_update_of_a_missing_record_creates_it(world: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Control: outside 404 mode an update of an id that holds nothing goes to the server."""
+    gateway = await make_gateway(world.base_url)
+    status, _, body = await call(gateway, "PUT", "/Condition/cond-new-4f1", body=_condition("cond-new-4f1"))
+    assert status in (200, 201), body
+    assert writes_sent(world, "Condition") == ["PUT /fhir/Condition/cond-new-4f1"]
+
+
 async def test_404_mode_head_of_hidden_equals_missing(world: FakeFhir, gw404: GatewayUnderTest) -> None:
     alike(await call(gw404, "HEAD", f"/{HIV_REF}"), await call(gw404, "HEAD", "/Condition/cond-nothing-here-000"))
 

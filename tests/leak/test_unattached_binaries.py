@@ -60,8 +60,12 @@ async def test_withhold_refuses_a_binary_nothing_ties_to_a_patient_at_every_door
     gateway = await make_gateway(world.base_url, **WITHHOLD)
     method, path, body_sent = doors(world)[door]
     status, headers, body = await call(gateway, method, path, body=body_sent)
-    # The report itself names its form's URL: beside it, only the Binary's bytes are secret.
-    assert leaks(body, headers, SECRETS[1:] if door == "include" else SECRETS) == []
+    if door == "include":
+        # Its report came with it: the Binary is that report's, released with it (below).
+        assert status == 200, body
+        assert {REPORT["id"], REPORT_PDF["id"]} <= ids_in(body)
+        return
+    assert leaks(body, headers, SECRETS) == []
     if door == "read":
         assert status == 403, body
     elif door == "batch":
@@ -72,7 +76,7 @@ async def test_withhold_refuses_a_binary_nothing_ties_to_a_patient_at_every_door
         assert status == 200, body
         kept = ids_in(body)
         assert REPORT_PDF["id"] not in kept
-        assert (REPORT["id"] if door == "include" else ORDINARY_BINARY["id"]) in kept
+        assert ORDINARY_BINARY["id"] in kept
 
 
 async def test_withhold_in_404_mode_answers_as_for_a_missing_binary(world: FakeFhir, make_gateway: MakeGateway) -> None:
@@ -100,3 +104,53 @@ async def test_release_is_the_default(world: FakeFhir, make_gateway: MakeGateway
     assert gateway.state.settings.enforcement.unattached_binaries == "release"
     status, _, body = await call(gateway, "GET", f"/Binary/{REPORT_PDF['id']}")
     assert status == 200, body
+
+
+# A report the doctor may not see (its HIV viral load code labels it), with its printout.
+HIV_PDF = {
+    "resourceType": "Binary", "id": "bin-hiv-vl-print-5e4", "contentType": "text/plain",
+    "data": base64.b64encode(b"HIV-1 RNA 48000 copies/mL, detected").decode(),
+}
+HIV_REPORT = {
+    "resourceType": "DiagnosticReport", "id": "rep-hiv-vl-8b9", "status": "final", "subject": {"reference": c.PAT_ANA},
+    "code": {"coding": [{"system": "http://loinc.org", "code": "20447-9"}]},
+    "presentedForm": [{"contentType": "text/plain", "url": f"Binary/{HIV_PDF['id']}"}],
+}
+HIV_SECRETS = (HIV_PDF["id"], HIV_PDF["data"], HIV_REPORT["id"], "20447-9")
+
+
+def _with_its_report(world: FakeFhir, report: dict[str, Any], pdf: dict[str, Any], absolute: bool = False) -> None:
+    """``$everything`` and a report search with ``_include``: the report and its printout in one answer."""
+    if absolute:
+        report = {**report, "presentedForm": [{"contentType": "text/plain", "url": f"{world.base_url}/Binary/{pdf['id']}"}]}
+    world.add(report, pdf)
+    world.override = routes({
+        ("GET", f"/Patient/{c.PAT_ANA.split('/')[1]}/$everything"): lambda r: c.bundle([report, pdf], world.base_url),
+        ("GET", "/DiagnosticReport"): lambda r: c.bundle([report], world.base_url, include=(pdf,)),
+    })
+
+
+@pytest.mark.parametrize("door", ["everything", "include"])
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+async def test_a_binary_goes_with_the_withheld_report_it_came_with(
+    world: FakeFhir, make_gateway: MakeGateway, door: str, absolute: bool,
+) -> None:
+    """The default (release) passes a Binary nothing on the server ties to a patient; one whose
+    report is in the same answer is that report's, and is withheld with it."""
+    _with_its_report(world, HIV_REPORT, HIV_PDF, absolute)
+    gateway = await make_gateway(world.base_url)
+    path = (f"/Patient/{c.PAT_ANA.split('/')[1]}/$everything" if door == "everything"
+            else f"/DiagnosticReport?patient={c.PAT_ANA}&_include=*")
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 200, body
+    assert leaks(body, headers, HIV_SECRETS) == []
+
+
+async def test_a_binary_comes_with_the_released_report_it_came_with(world: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Control: the same shape with a report the doctor may see keeps both, under either setting."""
+    _with_its_report(world, REPORT, REPORT_PDF)
+    for config in ({}, WITHHOLD):
+        gateway = await make_gateway(world.base_url, **config)
+        status, _, body = await call(gateway, "GET", f"/Patient/{c.PAT_ANA.split('/')[1]}/$everything")
+        assert status == 200, body
+        assert {REPORT["id"], REPORT_PDF["id"]} <= ids_in(body), config

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core import strict_json
 from gateway.core.references import (
-    UNREADABLE, Resolved, attachments_by_binary, deciding_references, iter_resources, may_name_unreleased, medication_reference,
+    UNREADABLE, Resolved, attachment_holders, attachments_by_binary, deciding_references, iter_resources, may_name_unreleased, medication_reference,
     scrub_displays,
     security_context, unreadable_context,
 )
@@ -190,3 +190,19 @@ def test_a_listing_loses_the_narratives_that_may_name_unreleased_entries() -> No
     assert not scrub_displays(listed, released) and listed["text"] == said
     listed["entry"].append({"item": {"display": "HIV disease"}})
     assert scrub_displays(listed, released) and "text" not in listed
+
+
+def test_the_holders_of_a_binary_in_the_same_answer_are_found_wherever_its_url_is() -> None:
+    """A report's presentedForm, a contained Media's content (its container holds it), an
+    absolute URL under our base; another server's URL and a Binary not asked for hold nothing."""
+    ours = frozenset({"http://fhir.example/fhir"})
+    report = {"resourceType": "DiagnosticReport", "id": "r1", "presentedForm": [{"url": "Binary/b1"}]}
+    container = {"resourceType": "Observation", "id": "o1", "contained": [
+        {"resourceType": "Media", "id": "m", "content": {"url": "http://fhir.example/fhir/Binary/b2"}}]}
+    foreign = {"resourceType": "DiagnosticReport", "id": "r2", "presentedForm": [{"url": "http://other.example/fhir/Binary/b1"}]}
+    unasked = {"resourceType": "DiagnosticReport", "id": "r3", "presentedForm": [{"url": "Binary/b9"}]}
+    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain"}
+    body = {"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"resource": r} for r in (report, container, foreign, unasked, binary)]}
+    found = attachment_holders(body, frozenset({"Binary/b1", "Binary/b2"}), ours)
+    assert {b: [h["id"] for h in holders] for b, holders in found.items()} == {"Binary/b1": ["r1"], "Binary/b2": ["o1"]}

@@ -1,0 +1,88 @@
+"""A patient's Consents, read through the gateway, must not tell what they hide.
+
+"Withhold ``Condition/cond-hiv-b20-91a`` from everyone" (``provision.data``, R4's ``notThis``
+shape) names the record it hides and says why it is hidden; a provision naming ICD-10-CM B20
+says what the patient has as surely as the condition does. A Consent naming records is read
+only by its patient and by ``consent.writer_roles``; one naming clinical codes is labelled by
+them, like the record (so a general permit does not open it). Each test searches the RAW
+response bytes at every door: read, search, ``$everything``, batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+from tests.leak.test_side_doors import MakeGateway, batch, call, ids_in, leaks, routes, slots
+
+HIV_CONDITION = "Condition/cond-hiv-b20-91a"
+NOT_THIS = {
+    "resourceType": "Consent", "id": "consent-ana-not-this-4d2", "status": "active",
+    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+    "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+    "patient": {"reference": c.PAT_ANA}, "dateTime": "2024-02-01",
+    "provision": {"type": "permit", "provision": [
+        {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": HIV_CONDITION}}]},
+    ]},
+}
+NOT_THESE_CODES = {
+    **NOT_THIS, "id": "consent-ana-not-codes-9e7",
+    "provision": {"type": "permit", "provision": [
+        {"type": "deny", "code": [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "B20"}]}]},
+    ]},
+}
+SECRETS = ("cond-hiv-b20-91a", "B20", NOT_THIS["id"], NOT_THESE_CODES["id"])
+HIM = {"X-Actor-Role": "HIM"}
+
+
+@pytest.fixture
+def world(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), NOT_THIS, NOT_THESE_CODES)
+    ana = c.PAT_ANA.split("/")[1]
+    consents = [c.opt_in(c.PAT_ANA), NOT_THIS, NOT_THESE_CODES]
+    fake_fhir.override = routes({
+        ("GET", "/Consent"): lambda r: c.bundle(consents, fake_fhir.base_url),
+        ("GET", f"/Patient/{ana}/$everything"): lambda r: c.bundle(consents, fake_fhir.base_url),
+    })
+    return fake_fhir
+
+
+def doors() -> dict[str, tuple[str, str, Any]]:
+    ana = c.PAT_ANA.split("/")[1]
+    return {
+        "read-data": ("GET", f"/Consent/{NOT_THIS['id']}", None),
+        "read-codes": ("GET", f"/Consent/{NOT_THESE_CODES['id']}", None),
+        "search": ("GET", f"/Consent?patient={c.PAT_ANA}", None),
+        "everything": ("GET", f"/Patient/{ana}/$everything", None),
+        "batch": ("POST", "/", batch(("GET", f"Consent/{NOT_THIS['id']}"), ("GET", f"Consent/{NOT_THESE_CODES['id']}"))),
+    }
+
+
+@pytest.mark.parametrize("door", list(doors()))
+async def test_a_clinician_does_not_read_what_a_consent_hides(world: FakeFhir, make_gateway: MakeGateway, door: str) -> None:
+    gateway = await make_gateway(world.base_url, consent={"writer_roles": ["HIM"]})
+    method, path, sent = doors()[door]
+    status, headers, body = await call(gateway, method, path, body=sent)
+    assert leaks(body, headers, SECRETS) == []
+    if door.startswith("read"):
+        assert status == 403, body
+    elif door == "batch":
+        assert all(s["response"]["status"].startswith("403") for s in slots(body)), body
+    else:
+        assert status == 200, body
+        assert "consent-optin" in ids_in(body)  # a consent that names nothing still shows
+
+
+@pytest.mark.parametrize("who", ["patient", "writer"])
+async def test_the_patient_and_a_consent_writer_read_every_consent(
+    world: FakeFhir, make_gateway: MakeGateway, who: str,
+) -> None:
+    gateway = await make_gateway(world.base_url, consent={"writer_roles": ["HIM"]})
+    actor, headers = (c.PAT_ANA, {}) if who == "patient" else (c.DOCTOR, HIM)
+    status, _, body = await call(gateway, "GET", f"/Consent?patient={c.PAT_ANA}", actor=actor, **headers)
+    assert status == 200, body
+    assert {NOT_THIS["id"], NOT_THESE_CODES["id"], "consent-optin"} <= ids_in(body)
