@@ -24,6 +24,9 @@ UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", 
 COMPUTING_OPERATIONS = frozenset({
     "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
     "$populate", "$member-match",
+    # How many records of each type the server holds (HAPI FHIR, SMART's bulk data server; Blaze's
+    # $totals): _summary=count of every type at once.
+    "$get-resource-counts", "$totals",
 })
 # Operations refused at type and system level only: there they answer over every record of the
 # type (``Condition/$meta``: the labels the server's records carry; ``$expunge``, HAPI FHIR: how

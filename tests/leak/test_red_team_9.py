@@ -35,7 +35,8 @@ Holes found and closed here:
    a patient the requester may not see into the compartment of one he may (where the other
    patient's consent then decides them), names its source by identifier too, and its preview
    counts and names the records; type- and system-level ``$expunge`` answers how many records
-   it removed. ``$merge`` is refused, ``$expunge`` above an instance too; and an operation
+   it removed; ``$get-resource-counts`` (``$totals``) is ``_summary=count`` of every type.
+   ``$merge`` and the counts are refused, ``$expunge`` above an instance too; and an operation
    target given in a ``Parameters`` body as a ``valueReference`` (not only as a string or id)
    is decided before the operation runs (``$diff`` of a hidden record against an open one
    answers the hidden one's code).
@@ -525,6 +526,18 @@ async def test_expunge_over_a_type_or_the_server_is_refused(world: FakeFhir, mak
     assert code == 403, answer
     code, _, answer = await call(gateway, "POST", f"/Condition/{HTN_ID}/$expunge", body=body)
     assert code == 200 and orjson.loads(answer)["parameter"][0]["valueInteger"] == 3
+
+
+@pytest.mark.parametrize("operation", ["$get-resource-counts", "$totals"])
+async def test_counts_of_every_type_are_refused(world: FakeFhir, make_gateway: MakeGateway, operation: str) -> None:
+    """``_summary=count`` of every type at once: refused like ``_summary=count``, never sent."""
+    counts = {"resourceType": "Parameters", "parameter": [{"name": "Condition", "valueInteger": 7}]}
+    world.override = routes({("GET", f"/{operation}"): lambda r: counts})
+    gateway = await make_gateway(world.base_url)
+    code, headers, body = await call(gateway, "GET", f"/{operation}")
+    assert code == 403, body
+    assert not [r for r in world.requests if operation in r.path_qs]
+    assert leaks(body, headers, ("valueInteger",)) == []
 
 
 DIFF_ANSWER = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
