@@ -133,6 +133,17 @@ def parse_json_body(ex: Exchange) -> None:
         ex.body = ex.body[len(strict_json.BOM):]  # the FHIR server reads what was checked
 
 
+def _asks_hidden_consents(state: GatewayState, ex: Exchange, patients: frozenset[str]) -> bool:
+    """Whether an unfilterable request reads or selects by Consents (``Consent?...&_summary=count``,
+    ``_has:Consent``) that a patient's consents do not decide for this requester: one naming
+    records is its patient's and the consent writers' only (core.decision.consent_reader)."""
+    if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
+        return False
+    if patients == {ex.actor.reference}:
+        return False
+    return ex.route.resource_type == "Consent" or any("consent" in f"{k}={v}".lower() for k, v in ex.query)
+
+
 async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     """Refuse (403) what cannot be filtered unless every named patient is unconditionally
     permitted; an allowed one is still filtered like any other."""
@@ -148,7 +159,7 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     patients = named_patients(route.parts if condition is ex.query else route.parts[:1], condition)
     # An operation whose answer is not a set of resources ($graphql) can reach other patients'
     # records through references: no consent of the named patient can vouch for it.
-    if patients and not why.startswith("operation:"):
+    if patients and not why.startswith("operation:") and not _asks_hidden_consents(state, ex, patients):
         looked = await state.enforcement.look_up(patients, ex.actor, ex.purpose)
         if state.enforcement.unconditional(looked, patients):
             return

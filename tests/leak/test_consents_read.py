@@ -86,3 +86,34 @@ async def test_the_patient_and_a_consent_writer_read_every_consent(
     status, _, body = await call(gateway, "GET", f"/Consent?patient={c.PAT_ANA}", actor=actor, **headers)
     assert status == 200, body
     assert {NOT_THIS["id"], NOT_THESE_CODES["id"], "consent-optin"} <= ids_in(body)
+
+
+@pytest.mark.parametrize("path", [
+    f"/Consent?patient={c.PAT_ANA}&_summary=count",
+    f"/Consent?patient={c.PAT_ANA}&data={HIV_CONDITION}&_summary=count",
+    f"/Patient?_id={c.PAT_ANA.split('/')[1]}&_has:Consent:patient:data={HIV_CONDITION}",
+])
+async def test_an_unconditional_permit_does_not_open_counts_of_consents(
+    world: FakeFhir, make_gateway: MakeGateway, path: str,
+) -> None:
+    """Counts and reverse chains are let through where every named patient permits whatever the
+    content; a Consent naming records is not decided by those consents, so no such exemption."""
+    # Ana's only active consent permits everything; the two that name what they hide are inactive.
+    world.add({**NOT_THIS, "status": "inactive"}, {**NOT_THESE_CODES, "status": "inactive"})
+    world.override = routes({
+        # The gateway's own consent lookups fall through to the store (None).
+        ("GET", "/Consent"): lambda r: (
+            {"resourceType": "Bundle", "type": "searchset", "total": 1} if "_summary" in r.query else None),
+        ("GET", "/Patient"): lambda r: c.bundle([c.ANA], world.base_url),
+    })
+    open_everything = {"sensitivity": {"explicit_consent_required": "none"}, "consent": {"writer_roles": ["HIM"]}}
+    gateway = await make_gateway(world.base_url, **open_everything)
+    control = await call(gateway, "GET", f"/Observation?patient={c.PAT_ANA}&_summary=count")
+    assert control[0] == 200, control[2]  # the exemption holds for clinical data
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 403, body
+    assert leaks(body, headers, SECRETS) == []
+    status, _, body = await call(gateway, "GET", path, actor=c.PAT_ANA)
+    assert status == 200, body  # the patient's own
+    status, _, body = await call(gateway, "GET", path, **HIM)
+    assert status == 200, body  # a consent writer
