@@ -134,9 +134,11 @@ class AdminSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
     # The peers (IP networks) the privacy officer's pages (/admin/...) answer: they list who
-    # saw which sensitive records. Loopback by default (reach them by kubectl port-forward):
-    # an admin port open to monitoring still serves /metrics and /readyz to it.
-    officer_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # saw which sensitive records. Any peer by default, as the rest of the admin port (bound to
+    # loopback unless configured, CONTRACT §2, §10); a site that opens the admin port to
+    # monitoring narrows this (the Helm chart: loopback, reached by kubectl port-forward), and
+    # /metrics and /readyz still answer monitoring.
+    officer_from: tuple[str, ...] = ("0.0.0.0/0", "::/0")
 
     @field_validator("officer_from")
     @classmethod

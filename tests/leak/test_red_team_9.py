@@ -432,7 +432,7 @@ async def test_the_officers_pages_answer_only_the_officers_peers(
     assert leaks(text, headers, (*SECRETS, c.PAT_ANA, "pat-ana", c.DOCTOR, "Medical emergency")) == []
     async with outside.session.get(outside.admin_url + "/metrics") as resp:
         assert resp.status == 200
-    inside = await make_gateway(world.base_url)  # the same audit files; loopback by default
+    inside = await make_gateway(world.base_url)  # the same audit files; any peer by default
     async with inside.session.get(inside.admin_url + page) as resp:
         assert resp.status == 200 and HIV_ID.encode() in await resp.read()
 
