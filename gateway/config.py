@@ -154,14 +154,23 @@ class JwtSettings(_Section):
     purpose_claim: str | None = Field(None, min_length=1)
     role_claim: str | None = Field(None, min_length=1)
 
-    @field_validator("issuer", "jwks_url")
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str | None) -> str | None:
+        # Kept as written: a token's ``iss`` must equal it exactly, trailing slash included
+        # (some issuers end theirs with one).
+        if value is not None:
+            _check_http_url(value)
+        return value
+
+    @field_validator("jwks_url")
     @classmethod
     def _urls(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url(value)
 
     @property
     def jwks(self) -> str:
-        return self.jwks_url or f"{self.issuer}/.well-known/jwks.json"
+        return self.jwks_url or f"{(self.issuer or '').rstrip('/')}/.well-known/jwks.json"
 
 
 class AuthSettings(_Section):

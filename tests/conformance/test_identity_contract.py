@@ -208,3 +208,22 @@ async def test_a_search_loses_what_the_scopes_do_not_grant(issuer: LocalIssuer, 
     [outcome] = [r for r in kept if r["resourceType"] == "OperationOutcome"]
     assert outcome["issue"][0]["code"] == "suppressed"
     assert "total" not in bundle
+
+
+async def test_an_issuer_written_with_a_trailing_slash_is_matched_exactly(
+    issuer: LocalIssuer, clinical: FakeFhir, make_gateway: Callable[..., Any],
+) -> None:
+    # Some issuers' "iss" ends with "/" (e.g. https://<tenant>.auth0.com/): auth.jwt.issuer is
+    # written the same way, the token's iss must equal it, and the keys are still found at
+    # <issuer>/.well-known/jwks.json (one slash).
+    sections = jwt_sections(issuer)
+    sections["auth"]["jwt"]["issuer"] = issuer.base_url + "/"
+    gw: GatewayUnderTest = await make_gateway(clinical.base_url, **sections)
+    slashed = issuer.mint({**DOCTOR, "iss": issuer.base_url + "/"}, audience=AUDIENCE)
+    status, _, body = await _jwt_get(gw, slashed)
+    assert status == 200, body
+    # iss is compared exactly: the same issuer without the slash is another issuer.
+    _assert_401_bearer(*await _jwt_get(gw, issuer.mint(DOCTOR, audience=AUDIENCE)))
+    async with gw.session.get(gw.url + "/.well-known/smart-configuration") as resp:
+        assert resp.status == 200
+        assert (await resp.json(content_type=None))["issuer"] == issuer.base_url + "/"
