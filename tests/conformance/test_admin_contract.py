@@ -220,3 +220,23 @@ async def test_post_decision_refuses_what_is_not_a_consent_as_decide_does(
         capture_output=True, text=True, env=clean_env(), timeout=60, check=False,
     )
     assert done.returncode == 2 and done.stdout == ""
+
+
+def test_decide_prints_the_decision_the_consent_the_provision_path_and_the_labels(tmp_path: Path) -> None:
+    # CONTRACT §2: "prints the decision and why (which consent, which provision path, which labels)".
+    (tmp_path / "c.json").write_text(json.dumps(RESOURCES["Consent/consent-alice-optin"]))
+    (tmp_path / "r.json").write_text(json.dumps(RESOURCES["Condition/alice-depression"]))
+    printed = {}
+    for actor in ("Practitioner/dr-psych", "Practitioner/dr-gp"):
+        done = subprocess.run(
+            [*gateway_command(), "decide", "--consent", str(tmp_path / "c.json"), "--resource", str(tmp_path / "r.json"),
+             "--actor", actor, "--purpose", "TREAT"],
+            capture_output=True, text=True, env=clean_env(), timeout=60, check=False,
+        )
+        printed[actor] = (done.returncode, done.stdout)
+    code, text = printed["Practitioner/dr-psych"]
+    assert code == 0 and "decision: permit" in text
+    assert "Consent/consent-alice-optin" in text and "provision.provision[" in text
+    assert "labels: " in text and "PSY" in text.split("labels: ", 1)[1].splitlines()[0]
+    code, text = printed["Practitioner/dr-gp"]
+    assert code == 1 and "decision: deny" in text and "Consent/consent-alice-optin" in text
