@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.audit import AuditDelivery, AuditLog, disclosures_path
 from gateway.config import ConfigError, Settings
 from gateway.core.errors import ConsentUnavailable
+from gateway.core.fhir import normal_base
 from gateway.core.labels import LabelIndex
 from gateway.core.model import CONFIDENTIALITY_RANK
 from gateway.core.sensitivity_codes import CODES as SENSITIVITY_CODES
@@ -74,11 +75,15 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         # A FHIR consent server is reached like the upstream; a vendor API with its own key.
         fhir_source = upstream if settings.consent.source_kind == "fhir" else None
         consent_server = _server(settings.consent_source_url, settings, fhir_source)
-    source = build_source(settings, upstream, consent_server, os.environ, labels)
+    # The bases under which an absolute reference names this FHIR server's resources.
+    ours = own_bases(upstream.base_url, settings.public_base_url, settings.upstream.reference_bases)
+    source = build_source(settings, upstream, consent_server, os.environ, labels, ours)
     store = ConsentStore(
         source, metrics, ttl_s=settings.consent.cache_ttl_s, max_patients=settings.consent.cache_max_patients,
         # Related data targets live on the FHIR server, read with the gateway's own credentials.
-        related=FhirConsentSource(upstream).references,
+        related=FhirConsentSource(upstream, ours=ours).references,
+        # A FHIR consent server's own base names what its relative references name.
+        ours=ours | {normal_base(settings.consent_source_url)} if settings.consent.source_kind == "fhir" else ours,
     )
     policy = policy_from(settings.consent, settings.sensitivity, labels)
     # Medications, their ingredients and PractitionerRoles read from the server: one cache, so a
@@ -93,7 +98,7 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         # PractitionerRoles named as authors: read only for consents that read authors.
         enforcement=ConsentEnforcement(
             store, labels, policy, roles=role_resolver(upstream, targets),
-            ours=own_bases(upstream.base_url, settings.public_base_url, settings.upstream.reference_bases),
+            ours=ours,
         ),
         audit=open_audit(settings),
         consent_server=consent_server,

@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gateway.core.compartment import patients_of, references_of
+from gateway.core.compartment import UNKNOWN_PATIENT, patients_of, references_of
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.decision import UNTYPED_EXCEPTION, UNTYPED_SCOPE, Policy, decide_with, explain_json
 from gateway.core.explain import explain_consents
-from gateway.core.fhir import JSON, iter_bundle_resources, iter_codings
+from gateway.core.fhir import Bases, JSON, iter_bundle_resources, iter_codings, normal_base
 from gateway.core.model import Actor, Decision, Label, RequestContext, Verdict
 from gateway.core.purpose import PURPOSE_CODES
 from gateway.core.vendors import CONVERTERS, ConvertOptions, VendorError
@@ -65,6 +65,11 @@ def add_parser(subparsers: Any) -> None:
                              "(consent.untyped_root)")
     parser.add_argument("--related", nargs="+", action="extend", default=[], metavar="FILE",
                         help="other resources of the same answer (for data.meaning related)")
+    parser.add_argument("--base", action="append", default=[], metavar="URL",
+                        help="a base under which absolute references name this FHIR server's resources, "
+                             "as the gateway's upstream.url, public_base_url and upstream.reference_bases "
+                             "(repeatable); an absolute reference under any other base is another "
+                             "server's: unknown, as the gateway reads it")
     parser.add_argument("--json", action="store_true", help="print the decision as JSON")
 
 
@@ -84,7 +89,16 @@ def _read_json(path: str) -> JSON:
     return data
 
 
-def _consents(paths: list[str]) -> list[CompiledConsent]:
+def _bases(values: list[str]) -> Bases:
+    """The ``--base`` URLs as the gateway compares bases (``own_bases``)."""
+    for value in values:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.split("/", 1)[0]:
+            raise BadInput(f"--base must be an http(s) URL such as https://fhir.example/r4, got {value!r}")
+    return frozenset(normal_base(v) for v in values)
+
+
+def _consents(paths: list[str], ours: Bases) -> list[CompiledConsent]:
     found = []
     for path in paths:
         data = _read_json(path)
@@ -92,16 +106,16 @@ def _consents(paths: list[str]) -> list[CompiledConsent]:
         for item in items:
             if item.get("resourceType") != "Consent":
                 raise BadInput(f"{path} holds a {item.get('resourceType')!r}, not a Consent")
-            found.append(compile_consent(item))
+            found.append(compile_consent(item, ours))
     return found
 
 
-def _vendor_consents(paths: list[str], vendor: str, resource: JSON) -> list[CompiledConsent]:
+def _vendor_consents(paths: list[str], vendor: str, resource: JSON, ours: Bases) -> list[CompiledConsent]:
     """Convert each vendor file to FHIR Consents, then compile them."""
     patient: str | None = None
     if vendor == "healtheintent":
-        owners = patients_of(resource)
-        if len(owners) != 1:
+        owners = patients_of(resource, ours)
+        if len(owners) != 1 or UNKNOWN_PATIENT in owners:
             raise BadInput("--from healtheintent needs a resource about exactly one patient")
         patient = next(iter(owners))
     options = ConvertOptions(
@@ -113,7 +127,7 @@ def _vendor_consents(paths: list[str], vendor: str, resource: JSON) -> list[Comp
             converted = CONVERTERS[vendor](_read_any_json(path), options)
         except VendorError as exc:
             raise BadInput(f"{path}: {exc}") from exc
-        found.extend(compile_consent(c) for c in converted)
+        found.extend(compile_consent(c, ours) for c in converted)
     return found
 
 
@@ -183,7 +197,7 @@ def evaluate(args: argparse.Namespace) -> Decision:
     return _evaluated(args)[0]
 
 
-def _known_refs(paths: list[str]) -> dict[str, frozenset[str]]:
+def _known_refs(paths: list[str], ours: Bases) -> dict[str, frozenset[str]]:
     found: dict[str, frozenset[str]] = {}
     for path in paths:
         data = _read_json(path)
@@ -191,20 +205,21 @@ def _known_refs(paths: list[str]) -> dict[str, frozenset[str]]:
         for item in items:
             rtype, rid = item.get("resourceType"), item.get("id")
             if isinstance(rtype, str) and isinstance(rid, str):
-                found[f"{rtype}/{rid}"] = references_of(item)
+                found[f"{rtype}/{rid}"] = references_of(item, ours)
     return found
 
 
 def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
     """The decision and its explanation of how each consent was read."""
     vendor = getattr(args, "vendor", None)
-    consents = [] if vendor else _consents(args.consent)
+    ours = _bases(getattr(args, "base", None) or [])
+    consents = [] if vendor else _consents(args.consent, ours)
     resource = _read_json(args.resource)
     if not isinstance(resource.get("resourceType"), str):
         raise BadInput(f"{args.resource} has no resourceType")
     if vendor:
         # HealtheIntent records are about the resource's patient, so the resource comes first.
-        consents = _vendor_consents(args.consent, vendor, resource)
+        consents = _vendor_consents(args.consent, vendor, resource, ours)
     ctx = RequestContext(
         actor=Actor(
             reference=_reference(args.actor, "--actor"),
@@ -220,11 +235,11 @@ def _evaluated(args: argparse.Namespace) -> tuple[Decision, dict[str, Any]]:
         default_decision=args.default_decision, combining=args.combining, sensitive=sensitive,
         untyped_root=getattr(args, "untyped_root", UNTYPED_EXCEPTION),
     )
-    known = _known_refs(getattr(args, "related", []))
-    decision = decide_with(consents, resource, labels, scopes, ctx, policy, known_refs=known)
+    known = _known_refs(getattr(args, "related", []), ours)
+    decision = decide_with(consents, resource, labels, scopes, ctx, policy, known_refs=known, ours=ours)
     explained = {
         "consents": explain_consents(
-            consents, resource, labels, ctx.actor.references(), policy, known
+            consents, resource, labels, ctx.actor.references(), policy, known, ours
         ),
         "ambiguous_consents": [c.id for c in consents if c.ambiguous],
     }

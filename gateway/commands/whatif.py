@@ -23,7 +23,7 @@ from gateway.core.compartment import is_patient_data
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.enforce import Judge, judge_resource, owners_index, patients_in
 from gateway.core.errors import GatewayError
-from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.model import Actor, Verdict
 from gateway.web.enforcement import Looked
 from gateway.core.officer import top_resources
@@ -81,11 +81,16 @@ def read_draft(path: Path) -> JSON:
     return draft
 
 
-def draft_patient(draft: JSON) -> str:
+def draft_patient(draft: JSON, ours: Bases = NO_BASES) -> str:
+    """The draft's ``Patient/<id>``; an absolute reference names one only under one of ``ours``
+    (the gateway's bases): another server's patient of the same id is not this server's."""
     ref = reference_of(draft.get("patient"))
     if not ref or not relative_reference(ref).startswith("Patient/"):
         raise WhatIfError("the draft Consent has no patient reference")
-    return relative_reference(ref)
+    local = local_reference(ref, ours)
+    if local is None:
+        raise WhatIfError("the draft Consent is about another FHIR server's patient (its base is not this server's)")
+    return local
 
 
 def decision_lines(path: Path) -> list[JSON]:
@@ -136,7 +141,7 @@ async def replay(state: GatewayState, entry: JSON, patient: str, draft: Compiled
         return
     actor = Actor(str(entry.get("actor")), organization=entry.get("organization"), role=entry.get("role"))
     purpose = str(entry.get("purpose") or state.settings.auth.default_purpose)
-    index = owners_index(body)
+    index = owners_index(body, ours=state.enforcement.ours)
     looked = await state.enforcement.look_up(patients_in(index) | {patient}, actor, purpose)
     consents = dict(looked.consents)
     consents[patient] = with_draft(consents.get(patient, ()), draft)
@@ -189,15 +194,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         draft = read_draft(args.consent)
-        patient = draft_patient(draft)
+        entries = decision_lines(args.log)
+        state = build_state(settings_from_args(args))
+        # The proxy's notion of this server's resources: absolute references under its bases.
+        patient = draft_patient(draft, state.store.ours)
         if args.patient and args.patient != patient:
             raise WhatIfError(f"the draft is about {patient}, not {args.patient}")
-        entries = decision_lines(args.log)
     except WhatIfError as exc:
         print(f"consent-gateway whatif: {exc}", file=sys.stderr)
         return 2
-    state = build_state(settings_from_args(args))
-    compiled = compile_consent(draft)
+    compiled = compile_consent(draft, state.store.ours)
     report = asyncio.run(what_if(state, entries, patient, compiled))
     print(f"draft {compiled.id} for {patient}")
     print(report.render())

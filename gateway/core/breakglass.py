@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from gateway.core.compartment import parse_period
-from gateway.core.fhir import JSON, iter_codings, reference_of, relative_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, iter_codings, local_reference, reference_of
 from gateway.core.consent import ACTORS_ALL_OF
 from gateway.core.model import GATEWAY_CODE_SYSTEM, V3_ACT_CODE, V3_CONFIDENTIALITY, V3_PURPOSE_OF_USE, Actor, Label
 
@@ -59,8 +59,10 @@ def is_emergency(consent: JSON) -> bool:
     )
 
 
-def emergency_window(consent: JSON) -> EmergencyWindow | None:
-    """The window of an active emergency Consent; None for anything else or anything unreadable."""
+def emergency_window(consent: JSON, ours: Bases = NO_BASES) -> EmergencyWindow | None:
+    """The window of an active emergency Consent; None for anything else or anything unreadable,
+    and for one naming an actor on another FHIR server (a base not among ``ours``): that
+    server's Practitioner/dr1 is not this one's, so the window opens to no one here."""
     if consent.get("status") != "active" or not is_emergency(consent):
         return None
     provision = consent.get("provision")
@@ -70,7 +72,10 @@ def emergency_window(consent: JSON) -> EmergencyWindow | None:
     actors = [reference_of(a.get("reference")) for a in provision.get("actor") or () if isinstance(a, dict)]
     if period is None or period.start is None or period.end is None or not actors or None in actors:
         return None
-    refs = frozenset(relative_reference(str(a)) for a in actors)
+    local = [local_reference(str(a), ours) for a in actors]
+    if None in local:
+        return None
+    refs = frozenset(str(a) for a in local)
     persons = [r for r in refs if r.startswith("Practitioner/")]
     if len(refs) == 1 and not _all_of(provision):
         person, refs = next(iter(refs)), frozenset()

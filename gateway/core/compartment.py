@@ -16,7 +16,9 @@ from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway.core.fhir import NO_BASES, Bases, JSON, contained_resource, iter_codings, local_reference, relative_reference
+from gateway.core.fhir import (
+    NO_BASES, Bases, JSON, contained_resource, iter_codings, local_reference, reference_base, relative_reference,
+)
 from gateway.core.labels import code_spellings
 
 Path = tuple[str, ...]
@@ -518,8 +520,17 @@ def all_codes(resource: JSON) -> frozenset[tuple[str, str]]:
     return code_spellings(frozenset(found))
 
 
-def references_of(resource: JSON) -> frozenset[str]:
-    """Every ``Reference.reference`` anywhere in the resource, in relative ``Type/id`` form."""
+# What ``references_of`` (given bases) writes before the ``Type/id`` of another server's record:
+# none of this server's, but one a deny may take for this server's of that ``Type/id`` (this
+# server under a name not configured). No reference is spelled this way.
+FOREIGN_MARK = "\0"
+
+
+def references_of(resource: JSON, ours: Bases | None = None) -> frozenset[str]:
+    """Every ``Reference.reference`` anywhere in the resource, in relative ``Type/id`` form.
+
+    With ``ours``, a reference under a base not among them is another server's record:
+    ``FOREIGN_MARK`` + its ``Type/id`` (None: every base read as this server's)."""
     found: set[str] = set()
     stack: list[Any] = [resource]
     while stack:
@@ -527,7 +538,10 @@ def references_of(resource: JSON) -> frozenset[str]:
         if isinstance(node, dict):
             ref = node.get("reference")
             if isinstance(ref, str) and not ref.startswith("#"):
-                found.add(relative_reference(ref))
+                if ours is not None and "://" in ref and reference_base(ref) not in ours:
+                    found.add(FOREIGN_MARK + relative_reference(ref))
+                else:
+                    found.add(relative_reference(ref))
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, (dict, list)))

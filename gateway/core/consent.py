@@ -14,6 +14,12 @@ Actor roles: recipient roles (none, PRCP, IRCP, DELEGATEE, GRANTEE, any other) n
 requester; ``CST`` (custodian) names who holds the data and is no condition; ``AUT``,
 ``INF``, ``ENT`` name the resource's author (``authors``).
 
+References (``patient``, actors, ``data``) name this FHIR server's resources when relative or
+under one of its bases (``ours``, ``fhir.local_reference``); one under any other base names
+another server's resource and compiles to ``FOREIGN``: it is no patient of this server (the
+consent is about no one here), and as an actor or ``data`` it is unknown: it matches on a deny
+provision and never on a permit one (CONTRACT §5: missing data never opens data).
+
 Compiling never raises. Whatever cannot be read (a missing status, a provision of the
 wrong shape, an unparseable date, an unknown code) is recorded in ``defects``; the
 condition it belonged to is left out and the decision engine decides what a defective
@@ -29,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.core.compartment import DateRange, parse_date_range, parse_period
-from gateway.core.fhir import JSON, iter_codings, reference_version, relative_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, iter_codings, local_reference, reference_version, relative_reference
 from gateway.core.labels import code_spellings
 from gateway.core.model import (
     RESOURCE_SCOPE_SYSTEM,
@@ -77,6 +83,10 @@ NO_REFS: frozenset[str] = frozenset()
 # scopes such as HealtheIntent's provisionScope (unit AND group AND person) need it.
 ACTORS_ALL_OF = "urn:consent-gateway:extension:actors-all-of"
 KNOWN_MODIFIERS = frozenset({ACTORS_ALL_OF})
+# What a reference to another FHIR server's resource (an absolute reference whose base is not
+# this server's) compiles to: no patient, requester, author or record of this server, so the
+# condition naming it is unknown. No reference is spelled this way.
+FOREIGN = "\0foreign-reference"
 
 
 def opposite(ptype: str) -> str:
@@ -212,7 +222,7 @@ class CompiledConsent:
         stack = [self.root]
         while stack:
             node = stack.pop()
-            found.update(d.reference for d in node.data or () if d.meaning == "related")
+            found.update(d.reference for d in node.data or () if d.meaning == "related" and d.reference != FOREIGN)
             stack.extend(node.children)
         return frozenset(found)
 
@@ -220,13 +230,19 @@ class CompiledConsent:
 class _Compiler:
     """Walks one consent once, collecting defects instead of raising."""
 
-    def __init__(self) -> None:
+    def __init__(self, ours: Bases = NO_BASES) -> None:
+        self.ours = ours
         self.defects: list[str] = []
         self.types: set[str] = set()
         self.root_sound = True
 
     def defect(self, text: str) -> None:
         self.defects.append(text)
+
+    def reference(self, ref: str) -> str:
+        """``Type/id`` of a reference to this server's resource; FOREIGN for another server's."""
+        # SECURITY: another server's Practitioner/pr1 or Observation/o1 is not this server's.
+        return local_reference(ref, self.ours) or FOREIGN
 
     def entries(self, node: JSON, key: str, path: str) -> list[JSON] | None:
         """A list-of-objects element; absent or empty gives None, a bad shape a defect."""
@@ -314,14 +330,14 @@ class _Compiler:
                 continue
             roles = {c.get("code") for c in iter_codings(entry.get("role"))}
             if roles & CUSTODIAN_ROLES:
-                custodians.add(relative_reference(target))
+                custodians.add(self.reference(target))
                 continue
             if roles & AUTHOR_ROLES:
                 seen_author = True
-                authors.add(relative_reference(target))
+                authors.add(self.reference(target))
             else:
                 seen_recipient = True
-                recipients.add(relative_reference(target))
+                recipients.add(self.reference(target))
         return (
             frozenset(recipients) if seen_recipient else None,
             frozenset(authors) if seen_author else None,
@@ -444,7 +460,8 @@ class _Compiler:
                 # bundle-local urn, a bare type) would match no record and release what it hides.
                 self.defect(f"bad-reference:{path}.data[{i}]")
             else:
-                refs.append(DataRef(meaning, relative_reference(target), reference_version(target)))
+                local = self.reference(target)
+                refs.append(DataRef(meaning, local, reference_version(target) if local != FOREIGN else None))
         return tuple(refs)
 
 
@@ -503,15 +520,16 @@ def _scopes(consent: JSON) -> frozenset[str]:
     )
 
 
-def compile_consent(consent: JSON) -> CompiledConsent:
+def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
     """Compile one Consent resource; never raises, records every defect found.
 
     The base is the policyRule's type (OPTIN/OPTINR permit, OPTOUT/OPTOUTE deny), else ""
     (the policy's default decision). The root type is ``provision.type``; an untyped root
     takes the base, or (AMBIGUOUS, in ``root``) the opposite of the base. Nested provisions
-    without a type inherit their parent's.
+    without a type inherit their parent's. ``ours``: the bases under which an absolute reference
+    names this server's resources; another server's compile to FOREIGN (module docstring).
     """
-    compiler = _Compiler()
+    compiler = _Compiler(ours)
     if not isinstance(consent, dict):
         compiler.defect("bad-shape:consent")
         compiler.types.add(DENY)
@@ -545,7 +563,7 @@ def compile_consent(consent: JSON) -> CompiledConsent:
     patient_ref = patient.get("reference") if isinstance(patient, dict) else None
     return CompiledConsent(
         id=cid,
-        patient=relative_reference(patient_ref) if isinstance(patient_ref, str) else None,
+        patient=compiler.reference(patient_ref) if isinstance(patient_ref, str) else None,
         status=status if isinstance(status, str) else None,
         scopes=scopes,
         date_time=date_time,

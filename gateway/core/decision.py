@@ -25,6 +25,9 @@ Semantics (CONTRACT §5):
 - A condition that cannot be evaluated (no clinical date for ``dataPeriod``, a ``related``
   target found in neither, a class system we cannot read) matches on a deny
   provision and does not match on a permit provision, so missing data never opens data.
+- A reference to another FHIR server's resource in a consent (``consent.FOREIGN``: an actor,
+  an author or ``data`` under a base not this server's) is unknown: it matches on a deny
+  provision and never on a permit one.
 - A malformed consent is skipped only when it is certain not to apply or could only
   permit; otherwise the decision is deny, naming the defect. Nothing here raises.
 """
@@ -40,6 +43,7 @@ from typing import Any, NamedTuple
 
 from gateway.core.compartment import (
     NO_ROLES,
+    FOREIGN_MARK,
     UNKNOWN_AUTHOR,
     UNKNOWN_PATIENT,
     DateRange,
@@ -56,6 +60,7 @@ from gateway.core.consent import (
     AMBIGUOUS,
     CONSENT_STATUSES,
     DENY,
+    FOREIGN,
     NO_RELATED,
     NOT_DEFAULT,
     PERMIT,
@@ -119,11 +124,12 @@ class _Request:
     """What the request contributes to every condition (cached per request context)."""
 
     __slots__ = (
-        "actors", "purposes", "action", "now", "research", "_gates", "_mismatch", "_kids", "_reasons",
+        "actors", "purposes", "action", "now", "research", "default", "_gates", "_mismatch", "_kids", "_reasons",
     )
 
-    def __init__(self, ctx: RequestContext) -> None:
+    def __init__(self, ctx: RequestContext, default: str = DENY) -> None:
         self.actors = ctx.actor.references()
+        self.default = default  # the policy's default decision (what an untyped provision gives)
         self.purposes = frozenset(lineage(ctx.purpose))
         self.action = ctx.action
         self.now = as_utc(ctx.now)
@@ -282,7 +288,7 @@ class _Facts:
     @property
     def references(self) -> frozenset[str]:
         if self._refs is _UNSET:
-            self._refs = references_of(self.resource)
+            self._refs = references_of(self.resource, self.ours)
         found: frozenset[str] = self._refs
         return found
 
@@ -375,9 +381,10 @@ class _RecordFacts(_Facts):
 
 
 @lru_cache(maxsize=1024)
-def _request_of(ctx: RequestContext) -> _Request:
-    """The request's side of every condition; one response's resources share it."""
-    return _Request(ctx)
+def _request_of(ctx: RequestContext, default: str = DENY) -> _Request:
+    """The request's side of every condition under the policy's default decision ``default``;
+    one response's resources share it."""
+    return _Request(ctx, default)
 
 
 def _request_mismatch(node: Provision, req: _Request) -> str | None:
@@ -387,13 +394,22 @@ def _request_mismatch(node: Provision, req: _Request) -> str | None:
     actors = node.actors
     if actors is not None and (
         not actors <= req.actors if node.actors_all else actors.isdisjoint(req.actors)
-    ):
+    ) and not (FOREIGN in actors and _foreign_actor_matches(node, actors, req)):
         return "actor-mismatch"
     if node.purposes is not None and node.purposes.isdisjoint(req.purposes):
         return "purpose-mismatch"
     if node.actions is not None and not req.action_matches(node.actions):
         return "action-mismatch"
     return None
+
+
+def _foreign_actor_matches(node: Provision, actors: frozenset[str], req: _Request) -> bool:
+    """SECURITY: an actor on another FHIR server is unknown (it may be this requester under a
+    base not configured as this server's): it matches on a deny provision (the other actors of
+    an all-of still must), never on a permit one."""
+    ptype = node.type
+    denies = ptype == DENY if ptype in (PERMIT, DENY) else (ptype == "") == (req.default == DENY)
+    return denies and (not node.actors_all or actors - {FOREIGN} <= req.actors)
 
 
 def _request_gate(consent: CompiledConsent, req: _Request) -> str | None:
@@ -469,16 +485,22 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
             if deny or item.version is None or facts.version == item.version:
                 return True
             continue
+        if target == FOREIGN:
+            unknown = True  # another server's record: what it is, or refers to, is unknown here
+            continue
         if item.meaning == "related":
             refs = facts.known_refs.get(target)
             if refs is None:
                 refs = facts.related.get(target)
             if refs is None:
                 unknown = True
-            elif own is not None and own in refs:
+            elif own is not None and (own in refs or (deny and FOREIGN_MARK + own in refs)):
+                # SECURITY: another server's record of this ``Type/id`` may be this one under a
+                # base not configured: it may close, never open.
                 return True
         elif item.meaning == "dependents":
-            if target in facts.references:
+            references = facts.references
+            if target in references or (deny and FOREIGN_MARK + target in references):
                 return True
         elif item.meaning == "authoredby":
             authors = facts.authors
@@ -491,8 +513,9 @@ def _data_matches(node: Provision, facts: _Facts, deny: bool) -> bool:
 def _content_mismatch(node: Provision, facts: _Facts, deny: bool) -> str | None:
     """The first resource-side condition (class, code, label, dataPeriod, data) that fails."""
     if node.authors is not None and node.authors.isdisjoint(facts.authors):
-        # An author that could not be learnt matches a deny and never a permit (CONTRACT §5).
-        if not (deny and UNKNOWN_AUTHOR in facts.authors):
+        # An author that could not be learnt, or one the consent names on another server, matches
+        # a deny and never a permit (CONTRACT §5).
+        if not (deny and (UNKNOWN_AUTHOR in facts.authors or FOREIGN in node.authors)):
             return "author-mismatch"
     if node.has_class and not _class_matches(node, facts, deny):
         return "class-mismatch"
@@ -768,7 +791,7 @@ def decide(
     """
     if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
         return SELF_ACCESS
-    req = _request_of(ctx)
+    req = _request_of(ctx, policy.default_decision)
     facts = _Facts(resource, labels, scopes, known_refs)
     return _combine(consents, req, facts, policy)
 
@@ -922,7 +945,7 @@ def _decide_patients(
             return Decision(
                 Verdict.PERMIT, (Reason("", "", "non-patient-data"),), combining="non-patient-data"
             )
-        req = _request_of(ctx)
+        req = _request_of(ctx, policy.default_decision)
         return _default_decision(req, facts, policy, (req.reason("", "", "no-patient"),), ())
     decisions = []
     if UNKNOWN_PATIENT in patients:
@@ -939,7 +962,7 @@ def _decide_patients(
         if policy.patient_self_access and ctx.actor.reference == patient:
             found = SELF_ACCESS
         else:
-            found = _combine(consents, _request_of(ctx), facts, policy)
+            found = _combine(consents, _request_of(ctx, policy.default_decision), facts, policy)
         if found.verdict is Verdict.DENY:
             return found
         decisions.append(found)
@@ -1025,17 +1048,20 @@ def decide_with(
     policy: Policy,
     *,
     known_refs: Mapping[str, frozenset[str]] = NO_REFS,
+    ours: Bases = NO_BASES,
 ) -> Decision:
     """Decide a resource against a flat list of consents (``decide`` / ``POST /decision``).
 
     Each consent counts for the patient it names; consents of patients the resource does not
-    belong to are ignored. ``known_refs``: as for ``decide``.
+    belong to are ignored (a consent about another server's patient is about no patient here:
+    compile it with the same ``ours``). ``known_refs``: as for ``decide``. ``ours``: as for
+    ``decide_resource``, so that the answer is the proxy's.
     """
-    by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
+    by_patient: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource, ours)}
     for consent in consents:
         if consent.patient in by_patient:
             by_patient[consent.patient].append(consent)
-    return decide_resource(by_patient, resource, labels, scopes, ctx, policy, known_refs=known_refs)
+    return decide_resource(by_patient, resource, labels, scopes, ctx, policy, known_refs=known_refs, ours=ours)
 
 
 def _possible(node: Provision, req: _Request, policy: Policy) -> dict[str, Provision]:
@@ -1107,7 +1133,7 @@ def preflight(
     """
     if patient is not None and policy.patient_self_access and ctx.actor.reference == patient:
         return Decision(Verdict.PERMIT, (Reason("", "", "self-access"),), combining="self-access")
-    req = _request_of(ctx)
+    req = _request_of(ctx, policy.default_decision)
     answers = [_preflight_consent(c, req, policy) for c in consents]
     reasons = tuple(a.reason for a in answers)
     errors = tuple(f"{a.consent.id}: {d}" for a in answers for d in a.consent.defects)

@@ -13,12 +13,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from gateway.core.compartment import UNKNOWN_AUTHOR, authors_of
-from gateway.core.consent import AMBIGUOUS, BASE, CompiledConsent, Provision
+from gateway.core.consent import AMBIGUOUS, BASE, FOREIGN, CompiledConsent, Provision
 from gateway.core.decision import UNTYPED_SCOPE, Policy
-from gateway.core.fhir import JSON, resource_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, resource_reference
 from gateway.core.model import CONFIDENTIALITY_RANK, DEFAULT_CONFIDENTIALITY_RANK, Label
 
 _RANK_CODE = {rank: code for code, rank in CONFIDENTIALITY_RANK.items()}
+# How a reference to another FHIR server's resource (``consent.FOREIGN``) is shown: it is
+# unknown here (it matches on a deny provision, never on a permit one).
+FOREIGN_SHOWN = "another server's resource"
 ROOT_READINGS = {
     "typed": "typed root: applies to the whole consent when its conditions match (IHE PCF)",
     "base": "untyped root without conditions: the base policy (policyRule) decides",
@@ -45,16 +48,20 @@ def _nodes(root: Provision) -> Iterator[Provision]:
 def _roles(node: Provision, requester: frozenset[str], authors: frozenset[str]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for ref in sorted(node.actors or ()):
-        found.append({"provision": node.path, "actor": ref, "role_rule": "recipient",
-                      "matches": ref in requester})
+        found.append({"provision": node.path, "actor": _shown(ref), "role_rule": "recipient",
+                      "matches": "unknown" if ref == FOREIGN else ref in requester})
     for ref in sorted(node.authors or ()):
         # An author that could not be learnt (a PractitionerRole not read) leaves it unknown.
-        matches: bool | str = ref in authors or ("unknown" if UNKNOWN_AUTHOR in authors else False)
-        found.append({"provision": node.path, "actor": ref, "role_rule": "author", "matches": matches})
+        matches: bool | str = ref in authors or ("unknown" if UNKNOWN_AUTHOR in authors or ref == FOREIGN else False)
+        found.append({"provision": node.path, "actor": _shown(ref), "role_rule": "author", "matches": matches})
     for ref in sorted(node.custodians):
-        found.append({"provision": node.path, "actor": ref, "role_rule": "custodian-no-condition",
+        found.append({"provision": node.path, "actor": _shown(ref), "role_rule": "custodian-no-condition",
                       "matches": True})
     return found
+
+
+def _shown(ref: str) -> str:
+    return FOREIGN_SHOWN if ref == FOREIGN else ref
 
 
 def _resource_rank(labels: frozenset[Label]) -> int:
@@ -80,6 +87,10 @@ def _related(
     for item in node.data or ():
         if item.meaning != "related":
             continue
+        if item.reference == FOREIGN:
+            found.append({"provision": node.path, "target": FOREIGN_SHOWN, "resolved": "unknown",
+                          "covers_resource": None})
+            continue
         refs = known.get(item.reference)
         source = "in the answer"
         if refs is None:
@@ -102,9 +113,11 @@ def explain_consents(
     requester: frozenset[str],
     policy: Policy,
     known_refs: Mapping[str, frozenset[str]],
+    ours: Bases = NO_BASES,
 ) -> list[dict[str, Any]]:
-    """Per consent: root reading, actor role rules, high-water marks, related targets."""
-    authors = authors_of(resource)
+    """Per consent: root reading, actor role rules, high-water marks, related targets.
+    ``ours``: the bases under which absolute references name this server's resources."""
+    authors = authors_of(resource, ours=ours)
     rank = _resource_rank(labels)
     labelled = any(lb.confidentiality_rank is not None for lb in labels)
     own = resource_reference(resource)

@@ -114,7 +114,7 @@ def facts_of(
         clinical_date(resource) if "date" in reads else NOT_READ,
         resource_reference(resource) if data else NOT_READ,
         codes_of(resource, medications) if whole and "codes" in reads else NOT_READ,
-        references_of(resource) if data else NOT_READ,
+        references_of(resource, ours) if data else NOT_READ,
         authors_of(resource, roles, ours) if whole and (data or "authors" in reads) else NOT_READ,
         version_of(resource) if data else NOT_READ,
     ))

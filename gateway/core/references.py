@@ -15,7 +15,8 @@ from the FHIR server and hands everything to ``Resolved``; deciding stays pure.
 
 A ``Reference.display`` can name what it points at ("HIV-1 viral load 12000 copies/mL"):
 ``scrub_displays`` removes the display of every reference to patient data that the answer
-does not release.
+does not release; a reference to another server's patient data (a base not among ``ours``) is
+never released here, whatever this server's record of the same ``Type/id`` is.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from gateway.core.compartment import (
     ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
 )
 from gateway.core.fhir import (
-    NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, contained_resource, local_reference, reference_of, relative_reference,
-    resource_reference,
+    NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, contained_resource, local_reference, reference_base, reference_of,
+    relative_reference, resource_reference,
 )
 
 # Resource types whose medication may be a reference to a Medication resource.
@@ -522,20 +523,21 @@ def may_be_patient_data(target: str) -> bool:
     return not (rtype in R4_RESOURCE_TYPES and not is_patient_data(rtype) and _ID.fullmatch(rid) is not None)
 
 
-def may_name_unreleased(raw: bytes, released: frozenset[str]) -> bool:
+def may_name_unreleased(raw: bytes, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
     """False when no reference in the JSON text ``raw`` points at patient data outside
     ``released`` (then no display needs removing); True when one may."""
-    return unreleased_named(raw, released) != frozenset()
+    return unreleased_named(raw, released, ours) != frozenset()
 
 
-def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] | None:
+def unreleased_named(raw: bytes, released: frozenset[str], ours: Bases = NO_BASES) -> frozenset[bytes] | None:
     """The reference values (as written in ``raw``) that point at patient data outside
     ``released`` from a Reference that may carry a display; None when the text cannot be read
     this way (then any reference may).
 
     One scan of the text: each distinct value is judged once, and the object around a match
     is read only while its value is a suspect not yet named. A value that is no JSON string
-    raises (``ValueError``) unless the text is unreadable anyway (None)."""
+    raises (``ValueError``) unless the text is unreadable anyway (None). ``ours``: as for
+    ``unreleased``."""
     if has_u_escape(raw):
         return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
     if b'"display"' not in raw:
@@ -551,7 +553,7 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
         suspect = pending.get(value)
         if suspect is None:
             try:
-                suspect = _points_outside(value, released)
+                suspect = _points_outside(value, released, ours)
             except ValueError as exc:  # raised below, once the text is known to be read whole
                 error, suspect = exc, False
             pending[value] = suspect
@@ -566,12 +568,25 @@ def unreleased_named(raw: bytes, released: frozenset[str]) -> frozenset[bytes] |
     return frozenset(named)
 
 
-def _points_outside(value: bytes, released: frozenset[str]) -> bool:
+def _points_outside(value: bytes, released: frozenset[str], ours: Bases) -> bool:
     """Whether a reference value as written may point at patient data outside ``released``."""
     ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
     if ref.startswith("#"):
         return False
+    return unreleased(ref, released, ours)
+
+
+def unreleased(ref: str, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
+    """Whether a reference (not a ``#`` one) may point at patient data outside ``released``, the
+    ``Type/id`` of what the answer releases.
+
+    SECURITY: a reference under a base not among ``ours`` names another server's record, which
+    no answer of this server releases (this server's record of the same ``Type/id`` may be): its
+    display may name what the gateway cannot decide, so it is unreleased whenever its type may
+    be patient data."""
     target = relative_reference(ref)
+    if "://" in ref and reference_base(ref) not in ours:
+        return may_be_patient_data(target)
     return target not in released and may_be_patient_data(target)
 
 
@@ -600,12 +615,14 @@ def _may_have_display(raw: bytes, start: int, end: int, seen: dict[bytes, bool])
     return seen[text]
 
 
-def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
+def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
     """Remove ``display`` from references to patient data not in ``released``, and the narrative
     of a listing that lists such data (``scrub_listing``); True if any was.
 
     ``released`` are the ``Type/id`` of the resources the answer keeps. One walk over the
-    whole body (contained resources included).
+    whole body (contained resources included). ``ours``: the bases under which an absolute
+    reference names this server's resources; another server's patient data is never released
+    (``unreleased``).
     """
     changed = False
     stack: list[object] = [body]
@@ -613,15 +630,13 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
     while stack:
         node = pop()
         if type(node) is dict:
-            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released):
+            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released, ours):
                 changed = True
             if "display" in node:
                 ref = node.get("reference")
-                if type(ref) is str and not ref.startswith("#"):
-                    target = relative_reference(ref)
-                    if target not in released and may_be_patient_data(target):
-                        del node["display"]
-                        changed = True
+                if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
+                    del node["display"]
+                    changed = True
             for value in node.values():
                 kind = type(value)
                 if kind is dict or kind is list:
@@ -638,7 +653,7 @@ def scrub_displays(body: JSON, released: frozenset[str]) -> bool:
 LISTINGS = frozenset({"Composition", "List"})
 
 
-def scrub_listing(listing: JSON, released: frozenset[str]) -> bool:
+def scrub_listing(listing: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
     """Remove the narratives of a Composition or List that lists patient data not in
     ``released``: each section's that lists it (and those of the sections around it), and the
     resource's own; True if any was. The entries stay, like references anywhere.
@@ -650,15 +665,15 @@ def scrub_listing(listing: JSON, released: frozenset[str]) -> bool:
     if listing.get("resourceType") == "List":
         items = listing.get("entry")
         lists = isinstance(items, list) and any(
-            _names_unreleased(e.get("item") if isinstance(e, dict) else e, released) for e in items)
+            _names_unreleased(e.get("item") if isinstance(e, dict) else e, released, ours) for e in items)
     else:
-        lists = _scrub_sections(listing.get("section"), released, removed)
+        lists = _scrub_sections(listing.get("section"), released, removed, ours)
     if lists and "text" in listing:
         removed.append(listing.pop("text"))
     return bool(removed)
 
 
-def _scrub_sections(sections: object, released: frozenset[str], removed: list[object]) -> bool:
+def _scrub_sections(sections: object, released: frozenset[str], removed: list[object], ours: Bases) -> bool:
     """Drop the narrative of each section listing unreleased data (or holding one that does),
     into ``removed``; True when any section here lists such data."""
     found = False
@@ -666,23 +681,24 @@ def _scrub_sections(sections: object, released: frozenset[str], removed: list[ob
         if not isinstance(section, dict):
             continue
         entries = section.get("entry")
-        lists = isinstance(entries, list) and any(_names_unreleased(e, released) for e in entries)
-        if _scrub_sections(section.get("section"), released, removed) or lists:
+        lists = isinstance(entries, list) and any(_names_unreleased(e, released, ours) for e in entries)
+        if _scrub_sections(section.get("section"), released, removed, ours) or lists:
             if "text" in section:
                 removed.append(section.pop("text"))
             found = True
     return found
 
 
-def _names_unreleased(ref: object, released: frozenset[str]) -> bool:
+def _names_unreleased(ref: object, released: frozenset[str], ours: Bases) -> bool:
     target = reference_of(ref)
     if target is None:
         return ref is not None  # a Reference naming nothing readable (a display alone) may be any record
-    return not target.startswith("#") and relative_reference(target) not in released \
-        and may_be_patient_data(relative_reference(target))
+    return not target.startswith("#") and unreleased(target, released, ours)
 
 
-def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) -> Callable[[bytes], bytes]:
+def displays_scrubber(
+    released: frozenset[str], named: frozenset[bytes] | None, ours: Bases = NO_BASES,
+) -> Callable[[bytes], bytes]:
     """Rewrites one kept entry's text without the displays of references to patient data the
     answer does not release, and the narratives of a listing (``scrub_displays``; the entry as
     the upstream wrote it when it has none). ``named``: the reference values of the whole
@@ -691,9 +707,9 @@ def displays_scrubber(released: frozenset[str], named: frozenset[bytes] | None) 
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released) and not lists_records(text):
+        if not may_name_unreleased(text, released, ours) and not lists_records(text):
             return text
         entry = orjson.loads(text)
-        return orjson.dumps(entry) if scrub_displays(entry, released) else text
+        return orjson.dumps(entry) if scrub_displays(entry, released, ours) else text
 
     return scrub

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.config import ConfigError, ConsentSettings, Settings
+from gateway.core.fhir import NO_BASES, Bases
 from gateway.core.labels import LabelIndex
 from gateway.core.model import Label
 from gateway.rules import load_rules
@@ -25,6 +26,7 @@ def build_source(
     consent_server: Upstream | None,
     environ: Mapping[str, str],
     labels: LabelIndex | None = None,
+    ours: Bases = NO_BASES,
 ) -> ConsentSource:
     """The ConsentSource for ``settings.consent.source_kind``.
 
@@ -34,11 +36,12 @@ def build_source(
     ``consent.source_api_key_env``; ``labels`` (loaded from the rules when not given) map
     HealthEx sensitivity scopes to labels. Raises ConfigError (one line naming the key)
     when the credential is not set or HealtheIntent emergency consents cannot be stored.
+    ``ours``: the bases under which an absolute reference names this FHIR server's resources.
     """
     consent = settings.consent
     server = consent_server or upstream
     if consent.source_kind == "fhir":
-        return FhirConsentSource(server)
+        return FhirConsentSource(server, ours=ours)
     secret = _credential(consent, environ)
     patients = PatientIds(upstream, consent.patient_identifier_system, consent.cache_max_patients)
     fhir_groups = FhirConsentSource(upstream).memberships

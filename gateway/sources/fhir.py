@@ -12,7 +12,7 @@ from yarl import URL
 
 from gateway.core.compartment import references_of
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.fhir import NO_BASES, Bases, JSON, local_reference, normal_base, reference_of, relative_reference
 from gateway.sources.store import ConsentChange
 from gateway.upstream import Upstream, UpstreamResponse
 
@@ -47,8 +47,11 @@ class FhirConsentSource:
     and only the active Consents of its answer are kept.
     """
 
-    def __init__(self, server: Upstream, page_size: int = 100) -> None:
+    def __init__(self, server: Upstream, page_size: int = 100, ours: Bases = NO_BASES) -> None:
         self.server = server
+        # The bases under which a Consent's absolute patient reference names a patient of this
+        # FHIR system: the gateway's (``own_bases``) and the consent server's own.
+        self.ours = ours | {normal_base(server.base_url)}
         self.page_size = page_size
         self._filters: tuple[str, ...] = ("status=active", f"_count={page_size}")
         self.history = True  # the server lists deletions in Consent/_history
@@ -114,8 +117,9 @@ class FhirConsentSource:
         wanted = {p: [] for p in patients}  # type: dict[str, list[JSON]]
         for consent in await self._consents(patients):
             patient = reference_of(consent.get("patient"))
-            owner = relative_reference(patient) if patient else None
-            # SECURITY: a consent for someone else (or no one) means the answer cannot be trusted.
+            owner = local_reference(patient, self.ours) if patient else None
+            # SECURITY: a consent for someone else (or no one, or another server's patient of
+            # the same id) means the answer cannot be trusted.
             if owner not in wanted:
                 raise ConsentUnavailable("Consent information is unavailable.")
             wanted[owner].append(consent)
@@ -144,7 +148,7 @@ class FhirConsentSource:
             return None
         if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
             return None
-        return references_of(resource)
+        return references_of(resource, self.ours)
 
     async def memberships(self, actor: str) -> frozenset[str]:
         refs: set[str] = set()

@@ -24,7 +24,7 @@ from cachetools import LRUCache, TTLCache
 from gateway.core.breakglass import EmergencyWindow, emergency_window
 from gateway.core.consent import CompiledConsent, compile_consent
 from gateway.core.errors import ConsentUnavailable
-from gateway.core.fhir import JSON
+from gateway.core.fhir import NO_BASES, Bases, JSON
 from gateway.core.model import Label
 from gateway.metrics import Metrics
 
@@ -111,16 +111,20 @@ def _provision_names_groups(provision: object) -> bool:
     return any(_provision_names_groups(child) for child in getattr(provision, "children", ()))
 
 
-def compile_patient(patient: str, raw: Sequence[JSON], version: int | None = None) -> PatientConsents:
+def compile_patient(
+    patient: str, raw: Sequence[JSON], version: int | None = None, ours: Bases = NO_BASES,
+) -> PatientConsents:
     """Compile one patient's consents once, as they enter the cache. ``version``: the fill's
-    (one per lookup, shared by the patients it fills: a patient is in a fill once)."""
-    windows = tuple(w for w in (emergency_window(c) for c in raw) if w is not None)
+    (one per lookup, shared by the patients it fills: a patient is in a fill once). ``ours``:
+    the bases under which an absolute reference names this server's resources
+    (``consent.compile_consent``)."""
+    windows = tuple(w for w in (emergency_window(c, ours) for c in raw) if w is not None)
     # A person's emergency window acts only through the break-glass override (exact labels,
     # audited), never as an ordinary permit whose labels would also open narrower ones. A
     # care-unit window (HealtheIntent) is decided as its consent: unit AND group AND person.
     opened = {w.consent for w in windows if w.actor and not w.requires}
     compiled = tuple(
-        compile_consent(c) for c in raw if f"Consent/{c.get('id')}" not in opened and c.get("id") not in opened
+        compile_consent(c, ours) for c in raw if f"Consent/{c.get('id')}" not in opened and c.get("id") not in opened
     )
     return PatientConsents(patient, compiled, _names_groups(compiled), windows,
                            version=next(_VERSIONS) if version is None else version)
@@ -149,8 +153,11 @@ class ConsentStore:
         max_patients: int,
         chunk_size: int = 50,
         related: RelatedReader | None = None,
+        ours: Bases = NO_BASES,
     ) -> None:
         self.source = source
+        # The bases under which a consent's absolute references name this server's resources.
+        self.ours = ours
         self.metrics = metrics
         self.chunk_size = chunk_size
         self.related = related
@@ -257,7 +264,7 @@ class ConsentStore:
         version = next(_VERSIONS)  # this fill's: the decisions over what it compiles are shared under it
         for patient in chunk:
             consents = raw.get(patient, [])
-            entry = await self._prepared(compile_patient(patient, consents, version), consents)
+            entry = await self._prepared(compile_patient(patient, consents, version, self.ours), consents)
             if labels.get(patient):
                 entry = replace(entry, labels=labels[patient], version=next(_VERSIONS))
             entries[patient] = entry

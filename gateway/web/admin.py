@@ -161,16 +161,18 @@ async def decision(request: web.Request) -> web.Response:
     if not isinstance(related, list) or not all(isinstance(r, dict) for r in related):
         raise BadRequest("'related' must be a list of FHIR resources.")
     # The other resources of the same answer, for data.meaning = related (as decide --related).
-    known = {ref: references_of(r) for r in related if (ref := resource_reference(r))}
+    # The proxy's notion of this server's resources: absolute references under its bases.
+    ours = state.enforcement.ours
+    known = {ref: references_of(r, ours) for r in related if (ref := resource_reference(r))}
     labels, policy = state.labels, state.enforcement.policy
-    compiled = [compile_consent(c) for c in consents]
+    compiled = [compile_consent(c, state.store.ours) for c in consents]
     resource_labels = labels.labels_for(resource)
     found = decide_with(
-        compiled, resource, resource_labels, labels.scopes_for(resource), ctx, policy, known_refs=known,
+        compiled, resource, resource_labels, labels.scopes_for(resource), ctx, policy, known_refs=known, ours=ours,
     )
     return web.json_response({
         **explain_json(found),
-        "consents": explain_consents(compiled, resource, resource_labels, actor.references(), policy, known),
+        "consents": explain_consents(compiled, resource, resource_labels, actor.references(), policy, known, ours),
         "ambiguous_consents": [c.id for c in compiled if c.ambiguous],
     })
 

@@ -20,7 +20,7 @@ from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
-from gateway.core.fhir import JSON, reference_of, relative_reference
+from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.projection import PROJECTION_PARAMS, Projection
@@ -264,10 +264,12 @@ def check_request_shape(ex: Exchange) -> None:
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
 
 
-def _patient_of(consent: object) -> str | None:
+def _patient_of(consent: object, ours: Bases) -> str | None:
+    """The patient a Consent is about; None when it names none, or another server's patient
+    (a base not among ``ours``: not the requester of the same id)."""
     if isinstance(consent, dict):
         ref = reference_of(consent.get("patient"))
-        return relative_reference(ref) if ref else None
+        return local_reference(ref, ours) if ref else None
     return None
 
 
@@ -291,13 +293,14 @@ async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
     if route.interaction not in ("create", "update", "patch", "delete"):
         return
     roles = state.settings.consent.writer_roles
+    ours = state.enforcement.ours
     if ex.method in ("POST", "PUT"):
         consent = ex.resource
         if not isinstance(consent, dict) or consent.get("resourceType") != "Consent":
             raise BadRequest("A Consent write needs a Consent resource as its body.")
         if is_emergency(consent) and consent.get("status") == "active":
             raise Refused("Emergency consents are created by break-glass only.")
-        if not _may_write(ex, roles, _patient_of(consent)) and not (
+        if not _may_write(ex, roles, _patient_of(consent, ours)) and not (
             ex.method == "PUT" and consent.get("status") != "active" and is_emergency(consent)
         ):
             raise Refused("This requester may not write this consent.")
@@ -309,20 +312,20 @@ async def check_consent_write(state: GatewayState, ex: Exchange) -> None:
         raise Refused("This requester may not write consents selected by a search.")
     if ex.method in ("PUT", "PATCH", "DELETE") and route.resource_id is not None:
         stored = await _stored_consent(state, route.resource_id)
-        if stored is not None and not _may_write(ex, roles, _patient_of(stored)) \
-                and not _closes_own_window(ex, stored):
+        if stored is not None and not _may_write(ex, roles, _patient_of(stored, ours)) \
+                and not _closes_own_window(ex, stored, ours):
             raise Refused("This requester may not write this consent.")
 
 
-def _closes_own_window(ex: Exchange, stored: JSON) -> bool:
+def _closes_own_window(ex: Exchange, stored: JSON, ours: Bases) -> bool:
     """A clinician may close the emergency window his own break-glass opened (an update to a
     status other than active, same patient); nothing else of it."""
-    window = emergency_window(stored) if is_emergency(stored) else None
+    window = emergency_window(stored, ours) if is_emergency(stored) else None
     new = ex.resource
     return (
         window is not None and window.actor == ex.actor.reference and ex.method == "PUT"
         and isinstance(new, dict) and new.get("status") != "active"
-        and _patient_of(new) == _patient_of(stored)
+        and _patient_of(new, ours) == _patient_of(stored, ours) is not None
     )
 
 

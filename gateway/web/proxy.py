@@ -401,12 +401,13 @@ async def decide_answer(
     listings = decided_result.listings
     may_display = (b'"display"' in raw or has_u_escape(raw) or listings) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
+    ours = state.enforcement.ours  # another server's record is never released here
     if view is not None:
-        named = None if listings else unreleased_named(upstream.body, released) if may_display else frozenset()
+        named = None if listings else unreleased_named(upstream.body, released, ours) if may_display else frozenset()
         if named != frozenset() and view.is_bundle:
             # The Bundle's own elements (a signature's who.display) are put back from the parse.
-            changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released)
-        scrub = displays_scrubber(released, named) if named != frozenset() else None
+            changed |= scrub_displays({k: v for k, v in parsed.items() if k != "entry"}, released, ours)
+        scrub = displays_scrubber(released, named, ours) if named != frozenset() else None
         if view.partial and view.is_bundle and (changed or scrub is not None):
             # A large answer is sent piece by piece: never joined, rewritten as it goes.
             response = client_response(upstream, links, SplicedPayload(view.pieces(scrub), links.body), result.header)
@@ -415,8 +416,8 @@ async def decide_answer(
             response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
         return response
-    if may_display and (listings or may_name_unreleased(upstream.body, released)):
-        changed |= scrub_displays(parsed, released)
+    if may_display and (listings or may_name_unreleased(upstream.body, released, ours)):
+        changed |= scrub_displays(parsed, released, ours)
     if plan is not None and isinstance(parsed.get("entry"), list):
         changed |= settle_slots(plan, parsed["entry"], status)
         if plan.projections:

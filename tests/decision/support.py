@@ -53,13 +53,18 @@ def compiled(case: dict[str, Any]) -> list[CompiledConsent]:
     raw = [consent_json(spec, i) for i, spec in enumerate(case.get("consents", []), 1)]
     raw += [hl7_example(name) for name in case.get("hl7", [])]
     raw += [seed_example(name) for name in case.get("seed", [])]
-    found = [compile_consent(c) for c in raw]
+    found = [compile_consent(c, bases_of(case)) for c in raw]
     related = case.get("related")
     if related is not None:
         # What the consent cache read from the FHIR server for each related target.
         refs = {k: frozenset(v) for k, v in related.items()}
         found = [replace(c, related=refs) for c in found]
     return found
+
+
+def bases_of(case: dict[str, Any]) -> frozenset[str]:
+    """The case's ``bases``: under them an absolute reference names this server's resources."""
+    return frozenset(case.get("bases", ()))
 
 
 def policy_of(spec: dict[str, Any] | None) -> Policy:

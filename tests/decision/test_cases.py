@@ -14,6 +14,7 @@ from gateway.core.decision import decide_resource, preflight
 from gateway.core.model import Decision
 from tests.decision.support import (
     DEFAULT_RESOURCE,
+    bases_of,
     compiled,
     context_of,
     labels_of,
@@ -32,9 +33,9 @@ def _load() -> list[Any]:
 
 
 def _by_patient(
-    consents: list[CompiledConsent], resource: dict[str, Any], missing: list[str]
+    consents: list[CompiledConsent], resource: dict[str, Any], missing: list[str], ours: frozenset[str],
 ) -> dict[str, list[CompiledConsent]]:
-    grouped: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource)}
+    grouped: dict[str, list[CompiledConsent]] = {p: [] for p in patients_of(resource, ours)}
     for consent in consents:
         # The consent source files a consent under the patient it was looked up for.
         grouped.setdefault(consent.patient or "Patient/p1", []).append(consent)
@@ -52,13 +53,14 @@ def _run(case: dict[str, Any]) -> Decision:
     resource = case.get("resource", DEFAULT_RESOURCE)
     known = {k: frozenset(v) for k, v in case.get("known_refs", {}).items()}
     return decide_resource(
-        _by_patient(consents, resource, case.get("not_looked_up", [])),
+        _by_patient(consents, resource, case.get("not_looked_up", []), bases_of(case)),
         resource,
         labels_of(case.get("labels", [])),
         frozenset(case.get("scopes", [])),
         ctx,
         policy,
         known_refs=known,
+        ours=bases_of(case),
     )
 
 

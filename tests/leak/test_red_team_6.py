@@ -227,7 +227,8 @@ async def test_author_and_instance_consents_decide_on_both_paths(
               "derivedFrom": [{"reference": "http://fhir.example/fhir/Condition/cond-root-rt6/_history/2"}]}
     raw = orjson.dumps(searchset([hidden, c.ANA_CBC], world.base_url))
     serve(world, {("GET", "/Observation"): lambda r: answer(raw)})
-    gw = await make_gateway(world.base_url)
+    # http://fhir.example/fhir is this server's external name (another server's would be unknown).
+    gw = await make_gateway(world.base_url, upstream={"reference_bases": ["http://fhir.example/fhir"]})
     for _ in range(2):
         status, headers, body = await search(gw)
         assert status == 200, body

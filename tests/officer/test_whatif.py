@@ -103,6 +103,60 @@ async def test_whatif_refuses_a_draft_for_another_patient(demo_fhir: DemoFhirSer
     assert code == 2 and "not a Consent" in err
 
 
+OTHER = "https://hie.elsewhere.example/fhir"
+
+
+def _rebased_actor(draft: dict[str, Any], actor: str, base: str) -> dict[str, Any]:
+    return dict(orjson.loads(orjson.dumps(draft).replace(f'"{actor}"'.encode(), f'"{base}/{actor}"'.encode())))
+
+
+@pytest.mark.parametrize("base", ["own", "other"])
+async def test_whatif_reads_the_drafts_references_as_the_proxy_does(
+    demo_fhir: DemoFhirServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, base: str,
+) -> None:
+    """The draft's patient and actors written with the FHIR server's own base are this server's
+    (the same report as the relative draft); another server's psychiatrist and GP are not ours:
+    the permit for that GP opens nothing, the deny for that psychiatrist is unknown and closes to
+    every requester of Bob's records (CONTRACT §5)."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    gw = await make_gateway(demo_fhir.base_url)
+    log = tmp_path / "gateway.log"
+    await _write_log(gw, caplog, log)
+    prefix = demo_fhir.base_url if base == "own" else OTHER
+    draft = draft_of(demo_fhir)
+    for actor in ("Practitioner/dr-gp", "Practitioner/dr-psych"):
+        draft = _rebased_actor(draft, actor, prefix)
+    if base == "own":
+        draft["patient"] = {"reference": f"{demo_fhir.base_url}/Patient/pat-bob"}
+    path = tmp_path / "draft.json"
+    path.write_bytes(orjson.dumps(draft))
+    code, out, err = await _whatif("--consent", str(path), "--log", str(log), "--patient", "Patient/pat-bob",
+                                   "--upstream", demo_fhir.base_url)
+    assert code == 0, err
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.startswith("Practitioner/")}
+    if base == "own":
+        assert rows == {
+            ("Practitioner/dr-gp", "Condition"): ["0", "1"],
+            ("Practitioner/dr-gp", "Observation"): ["0", "1"],
+            ("Practitioner/dr-psych", "Observation"): ["1", "0"],
+        }
+    else:
+        assert not any(row[1] != "0" for row in rows.values()), out  # nothing newly released
+        assert rows[("Practitioner/dr-gp", "Observation")][0] != "0", out  # the unknown deny closes
+
+
+async def test_whatif_refuses_a_draft_about_another_servers_patient(demo_fhir: DemoFhirServer, tmp_path: Path) -> None:
+    draft = draft_of(demo_fhir)
+    draft["patient"] = {"reference": f"{OTHER}/Patient/pat-bob"}
+    path = tmp_path / "draft.json"
+    path.write_bytes(orjson.dumps(draft))
+    log = tmp_path / "empty.log"
+    log.write_text("")
+    code, _, err = await _whatif("--consent", str(path), "--log", str(log), "--upstream", demo_fhir.base_url)
+    assert code == 2 and err.count("\n") == 1 and "another FHIR server's patient" in err
+
+
 async def test_whatif_without_patient_replays_with_the_gateways_upstream_credentials(
     demo_fhir: DemoFhirServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -315,9 +315,9 @@ released_sets = st.frozensets(st.sampled_from(TARGETS))
 @example(b'{"a":{"reference":"Patient/p2"},"b":{"reference":"Patient/p2" ,"display":"x"}}', frozenset())
 @example(b'{"a":{"reference":"Patient/p2"}},"display":"x"}', frozenset())  # a lone reference object
 def test_the_byte_scans_answer_as_the_first_versions(raw: bytes, released: frozenset[str]) -> None:
-    assert outcome(lambda: references.unreleased_named(raw, released)) == outcome(
+    assert outcome(lambda: references.unreleased_named(raw, released, _THE_BASE)) == outcome(
         lambda: old_unreleased_named(raw, released))
-    assert outcome(lambda: references.may_name_unreleased(raw, released)) == outcome(
+    assert outcome(lambda: references.may_name_unreleased(raw, released, _THE_BASE)) == outcome(
         lambda: old_unreleased_named(raw, released) != frozenset())
     assert references.may_refer(raw) is old_may_refer(raw)
 

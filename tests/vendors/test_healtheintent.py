@@ -190,6 +190,10 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
         ("recordedDateTime", "2021-01-01T08:15:00", "recordedDateTime", "expected a date-time"),
         ("aliases", [{"value": "x"}], "aliases[0].system", "missing"),
         ("category", {"id": "x"}, "category.concept", "missing"),
+        # An id holding a path would name another resource (here our Dr 1, or another server's).
+        ("provisionScope.personnel", {"id": "x/Practitioner/1"}, "provisionScope.personnel.id", "expected a Practitioner id"),
+        ("provisionScope.organization", {"id": "https://hie.example/fhir/Organization/1"},
+         "provisionScope.organization.id", "expected a Organization id"),
     ],
 )
 def test_record_it_cannot_understand_raises(path: str, value: Any, field: str, problem: str) -> None:

@@ -277,3 +277,17 @@ def test_group_errors_name_the_position() -> None:
         convert(response)
     with pytest.raises(VendorError, match="expected an object or a list"):
         CONVERTERS["healthex"]("[]", ConvertOptions())
+
+
+@pytest.mark.parametrize("patient_id", ["x/Patient/hx-pat-7", "https://hie.example/fhir/Patient/hx-pat-7"])
+def test_a_patient_id_holding_a_path_names_no_patient(patient_id: str) -> None:
+    """Converted without the FHIR patient (``convert``), ``Patient/<patientId>`` would name
+    another patient (ours of the path's last id, or another server's): it is an error."""
+    response = group(0)
+    response[0]["patientId"] = patient_id
+    for consent in response[0]["consents"]:
+        if isinstance(consent.get("consentRecord"), dict):
+            consent["consentRecord"]["patientId"] = patient_id
+    with pytest.raises(VendorError) as caught:
+        convert(response)
+    assert caught.value.field == "patientId" and "expected a Patient id" in caught.value.problem

@@ -223,6 +223,15 @@ def fhir_id(vendor_id: str | None, prefix: str, *fallback: object) -> str:
     return stable_id(prefix, vendor_id, *fallback)
 
 
+def id_reference(fields: Fields, key: str, value: str, rtype: str) -> str:
+    """``rtype/value`` for a vendor's bare id. SECURITY: an id holding a path, a fragment or a
+    query (``x/Practitioner/dr1``, an absolute URL) would make the reference name another
+    resource than the vendor's, of this server or another one: it fails."""
+    if not value.strip() or any(ch in value for ch in "/#?"):
+        fields.fail(key, f"expected a {rtype} id")
+    return f"{rtype}/{value}"
+
+
 def typed_reference(value: str, default_type: str) -> str:
     """``Type/id`` as given, or ``default_type/id`` for a bare vendor id."""
     return value if "/" in value else f"{default_type}/{value}"

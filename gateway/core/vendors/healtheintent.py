@@ -42,6 +42,7 @@ from gateway.core.vendors._common import (
     Fields,
     drop_empty,
     fhir_id,
+    id_reference,
     patient_consent_category,
     period,
     records_of,
@@ -258,12 +259,13 @@ def _actors(fields: Fields) -> list[JSON]:
             part = scope.obj(key)
             assert part is not None
             # Personnel.id is optional in the documented schema: no id, no actor.
-            actor_id = part.text("id", required=required)
+            holder, field_key = part, "id"
         else:
-            actor_id = scope.text(key, required=required)
+            holder, field_key = scope, key
+        actor_id = holder.text(field_key, required=required)
         if actor_id is not None:
             actors.append({
                 "role": {"coding": [{"system": PARTICIPATION_TYPE_SYSTEM, "code": RECIPIENT_ROLE}]},
-                "reference": {"reference": f"{rtype}/{actor_id}"},
+                "reference": {"reference": id_reference(holder, field_key, actor_id, rtype)},
             })
     return actors

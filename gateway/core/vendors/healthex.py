@@ -51,6 +51,7 @@ from gateway.core.vendors._common import (
     Fields,
     VendorError,
     drop_empty,
+    id_reference,
     label_coding,
     records_of,
     scope_concept,
@@ -121,7 +122,7 @@ def consents_from_healthex(
         if patient_ref is not None and patient_id != first_patient:
             # SECURITY: one FHIR patient cannot take on another patient's consents (issue 8).
             fields.fail("patientId", f"a second patient in a response about {patient_ref}")
-        reference = patient_ref or f"Patient/{patient_id}"
+        reference = patient_ref or id_reference(fields, "patientId", patient_id, "Patient")
         for c, raw in enumerate(fields.items("consents")):
             consent = Fields.of(raw, _consent_name(raw, g, c))
             consents.extend(_convert_consent(consent, patient_id, reference, sensitivity_labels, study_id))
