@@ -6,6 +6,7 @@ message is one line naming the key and the problem; ``cli`` prints it and exits 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import types
 import typing
@@ -134,6 +135,22 @@ class ListenSettings(_Section):
 class AdminSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(9090, ge=0, le=65535)
+    # The peers (IP networks) the privacy officer's pages (/admin/...) answer: they list who
+    # saw which sensitive records. Any peer by default, as the rest of the admin port (bound to
+    # loopback unless configured, CONTRACT §2, §10); a site that opens the admin port to
+    # monitoring narrows this (the Helm chart: loopback, reached by kubectl port-forward), and
+    # /metrics and /readyz still answer monitoring.
+    officer_from: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+
+    @field_validator("officer_from")
+    @classmethod
+    def _officer_from(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP network such as 10.0.0.0/8") from None
+        return value
 
 
 PURPOSE_CODE_PATTERN = r"^[A-Z][A-Z0-9]*$"

@@ -320,7 +320,7 @@ def may_be_included(entry: object, searchset: bool = True) -> bool:
 
 
 def without_orphan_includes(
-    entries: list[object], searchset: bool = True, gone: frozenset[str] = frozenset(),
+    entries: list[object], searchset: bool = True, gone: frozenset[str] = frozenset(), ours: Bases | None = None,
 ) -> list[object]:
     """Drop included resources that no kept resource refers to and that refer to no kept match:
     they were brought by a withheld match and would tell what it was (the drug of a hidden
@@ -330,7 +330,9 @@ def without_orphan_includes(
 
     Included: a non-patient resource that ``may_be_included``; patient data only when its
     ``search.mode`` says "include" (a server that writes no mode would lose its matches). What a
-    kept include refers to is kept in turn (``_include:iterate``)."""
+    kept include refers to is kept in turn (``_include:iterate``). ``ours``: the bases under which
+    an absolute reference names this server's resources (``compartment.references_of``): a kept
+    resource naming another server's ``Medication/m1`` does not keep this server's."""
     candidates = [_included(e, searchset) for e in entries]
     if not any(candidates):
         return entries
@@ -340,7 +342,7 @@ def without_orphan_includes(
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if candidate or not isinstance(resource, dict):
             continue
-        referenced.update(references_of(resource))
+        referenced.update(references_of(resource, ours))
         own = resource_reference(resource)
         if own is not None:
             matches.add(own)
@@ -352,13 +354,13 @@ def without_orphan_includes(
             continue
         resource = entries[index]["resource"]  # type: ignore[index]
         own = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if own in referenced or (own not in gone and references_of(resource) & matches):
+        if own in referenced or (own not in gone and references_of(resource, ours) & matches):
             keep[index] = True
             brought.append(index)
         else:
             waiting.setdefault(own, []).append(index)
     while brought and waiting:
-        refs = references_of(entries[brought.pop()]["resource"])  # type: ignore[index]
+        refs = references_of(entries[brought.pop()]["resource"], ours)  # type: ignore[index]
         for ref in refs & waiting.keys():
             for index in waiting.pop(ref):
                 keep[index] = True
@@ -441,11 +443,13 @@ class Enforcer:
         drop_total: bool,
         index: dict[int, frozenset[str]] | None = None,
         withheld_status: str = "403 Forbidden",
+        ours: Bases | None = None,
     ) -> None:
         self.judge = judge
         self.drop_total = drop_total
         self.index = index
         self.withheld_status = withheld_status
+        self.ours = ours  # this server's bases (without_orphan_includes); None: every base is ours
         self.result = Enforced()
 
     def _malformed(self) -> None:
@@ -565,8 +569,8 @@ class Enforcer:
             # Something was withheld here or inside a kept entry (a Bundle in an entry).
             filtered = len(removed) > removed_before
             if filtered and not response_bundle and includes:
-                named = frozenset().union(*(references_of(r) for _, r in withheld if type(r) is dict))
-                orphans = without_orphan_includes(kept, searchset, named)
+                named = frozenset().union(*(references_of(r, self.ours) for _, r in withheld if type(r) is dict))
+                orphans = without_orphan_includes(kept, searchset, named, self.ours)
                 if len(orphans) != len(kept):
                     left = {id(e) for e in orphans}
                     kept_indices = [i for i in kept_indices if id(entries[i]) in left]

@@ -44,6 +44,14 @@ class Refused(GatewayError):
     code = "not-filterable"
 
 
+class OfficerOnly(GatewayError):
+    """A privacy officer's page asked from a peer outside ``admin.officer_from``."""
+
+    status = 403
+    issue_code = "forbidden"
+    code = "officer-only"
+
+
 class BreakGlassDisabled(GatewayError):
     status = 403
     issue_code = "forbidden"

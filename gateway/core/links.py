@@ -49,3 +49,32 @@ class LinkRewriter:
         if value == self.upstream or value.startswith((self.upstream + "/", self.upstream + "?")):
             return self.public + value[len(self.upstream):]
         return value
+
+
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+# One RFC 8288 link-value and the comma (or end) after it.
+_LINK_VALUE = re.compile(
+    rf"\s*<[^>]*>((?:\s*;\s*{_TOKEN}\s*(?:=\s*(?:{_QUOTED}|[^\s,;\"]+))?)*)\s*(?:,|$)"
+)
+_LINK_PARAM = re.compile(rf";\s*({_TOKEN})\s*(?:=\s*({_QUOTED}|[^\s,;\"]+))?")
+
+
+def without_last_links(value: str) -> str | None:
+    """An RFC 8288 ``Link`` header value without its ``rel="last"`` links (the last page's
+    offset counts the matches, like ``Bundle.total``); None when the value cannot be read
+    link by link (then it may hold one anywhere)."""
+    kept: list[str] = []
+    pos = 0
+    while pos < len(value):
+        found = _LINK_VALUE.match(value, pos)
+        if found is None or found.end() == pos:
+            return None
+        rels: list[str] = []
+        for param in _LINK_PARAM.finditer(found.group(1)):
+            if param.group(1).lower() == "rel":
+                rels.extend((param.group(2) or "").strip('"').lower().split())
+        if "last" not in rels:
+            kept.append(value[found.start():found.end()].strip().rstrip(",").rstrip())
+        pos = found.end()
+    return ", ".join(kept)

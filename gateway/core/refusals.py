@@ -13,18 +13,25 @@ from gateway.core.compartment import PATIENT_COMPARTMENT
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
-# Operations whose answers cannot be decided per resource.
-UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message"})
+# Operations whose answers cannot be decided per resource. ``$merge`` (Patient merge, HAPI FHIR)
+# moves every record of one patient into another's compartment, where that patient's consents
+# decide them, names the source by identifier as well as by reference, and its preview counts
+# the records it would move.
+UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", "$merge"})
 # Operations whose answer is computed from records, not made of them (a MeasureReport's counts,
 # a CQL result, a statistic, a prefilled form, a matched member's identifier): it holds no
 # hidden record to withhold, yet says what the hidden ones are.
 COMPUTING_OPERATIONS = frozenset({
     "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
     "$populate", "$member-match",
+    # How many records of each type the server holds (HAPI FHIR, SMART's bulk data server; Blaze's
+    # $totals): _summary=count of every type at once.
+    "$get-resource-counts", "$totals",
 })
 # Operations refused at type and system level only: there they answer over every record of the
-# type (``Condition/$meta``: the labels the server's records carry); an instance's is decided.
-UNFILTERABLE_ABOVE_INSTANCE = frozenset({"$meta"})
+# type (``Condition/$meta``: the labels the server's records carry; ``$expunge``, HAPI FHIR: how
+# many records it removed); an instance's runs once its record is decided.
+UNFILTERABLE_ABOVE_INSTANCE = frozenset({"$meta", "$expunge"})
 # Search parameters that select by data the requester may not see.
 UNFILTERABLE_PARAMS = frozenset({"_filter", "_query", "_text", "_content", "_list"})
 

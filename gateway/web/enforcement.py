@@ -248,7 +248,9 @@ class ConsentEnforcement:
             judge = scoped(judge, actor.grants)
         if resolved.targets or resolved.attached or binaries:
             judge = binaries_as_contexts(judge, resolved)
-        result = Enforcer(judge, drop_total=drop_total, index=index, withheld_status=withheld_status).decide(body)
+        result = Enforcer(
+            judge, drop_total=drop_total, index=index, withheld_status=withheld_status, ours=self.ours,
+        ).decide(body)
         # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
         # upstream's bytes, core.view).
         apply(body, result)

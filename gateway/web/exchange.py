@@ -101,6 +101,9 @@ def read_body_parameters(ex: Exchange) -> None:
         for param in params:
             name = param.get("name") if isinstance(param, dict) else None
             value = next((param[k] for k in _VALUE_KEYS if k in param), None) if isinstance(param, dict) else None
+            if value is None and isinstance(param, dict) and isinstance(param.get("valueReference"), dict):
+                # An operation's target named by reference is decided like one named by id.
+                value = param["valueReference"].get("reference")
             if isinstance(name, str) and value is not None:
                 ex.query.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
                 if name.split(":", 1)[0] in PROJECTION_PARAMS:
@@ -196,7 +199,10 @@ async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
     if route.operation is None:
         return
     targets: set[str] = set()
-    if route.resource_id is not None and route.operation != "$everything" and _guarded(route.resource_type):
+    # SECURITY: Patient/<id>/$everything is decided on its answer (subject_hidden); any other
+    # instance's (Encounter/<id>/$everything) answers the records of an instance the requester
+    # may not see, and answers at all where a missing one is a 404.
+    if route.resource_id is not None and _guarded(route.resource_type) and _everything_subject(route) is None:
         targets.add(f"{route.resource_type}/{route.resource_id}")
     for _, value in ex.query:
         for item in value.split(","):
@@ -208,8 +214,9 @@ async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
 
 
 def _everything_subject(route: Route) -> str | None:
-    if route.operation == "$everything" and route.resource_type and route.resource_id:
-        return f"{route.resource_type}/{route.resource_id}"
+    """The patient of ``Patient/<id>/$everything``, whose answer decides it."""
+    if route.operation == "$everything" and route.resource_type == "Patient" and route.resource_id:
+        return f"Patient/{route.resource_id}"
     return None
 
 
@@ -226,9 +233,28 @@ async def check_write_target(state: GatewayState, ex: Exchange) -> None:
     if (ex.method not in ("PUT", "PATCH", "DELETE") or route.resource_id is None
             or route.resource_type == "Consent" or not _guarded(route.resource_type)):
         return
-    found = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
-    if found is None and state.settings.enforcement.denied_read_status == 404:
+    stored = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
+    if stored is None and conceals(state):
         raise ConsentDenied("Access to this resource is not permitted.")
+
+
+def conceals(state: GatewayState) -> bool:
+    """404 mode enforced: a hidden record reads exactly like a missing one (CONTRACT §6);
+    shadow mode hides nothing, so it has nothing to conceal."""
+    enforcement = state.settings.enforcement
+    return enforcement.denied_read_status == 404 and enforcement.mode == "enforce"
+
+
+async def check_version_target(state: GatewayState, ex: Exchange) -> None:
+    """In 404 mode an old version (a vread, the instance history) of a record whose current
+    version is hidden is hidden with it: a missing record has no versions, and a deleted one
+    (read: gone) ends its history with the deletion, so versions of a record that reads as
+    missing would say it is there, hidden. Each version is otherwise decided on its own."""
+    route = ex.route
+    if (route.interaction != "vread" and route.interaction != "history") or route.resource_id is None \
+            or not _guarded(route.resource_type) or not conceals(state) or ex.reason is not None:
+        return  # break-glass opens what consent hides; its answer is decided (and audited) as sent
+    await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
 
 
 def check_conditional_references(ex: Exchange) -> None:
@@ -379,5 +405,6 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await refuse_unfilterable(state, ex)
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
+    await check_version_target(state, ex)
     await check_consent_write(state, ex)
     prepare_projection(ex)

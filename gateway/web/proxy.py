@@ -21,7 +21,7 @@ from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
-from gateway.core.links import LinkRewriter
+from gateway.core.links import LinkRewriter, without_last_links
 from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
 )
@@ -415,6 +415,7 @@ async def decide_answer(
             payload = view.splice(scrub) if changed or scrub is not None else upstream.body
             response = client_response(upstream, links, links.body(payload), result.header)
         response.headers.update(headers)
+        settle_bundle_headers(response, parsed, result)
         return response
     if may_display and (listings or may_name_unreleased(upstream.body, released, ours)):
         changed |= scrub_displays(parsed, released, ours)
@@ -433,7 +434,29 @@ async def decide_answer(
     payload = orjson.dumps(parsed) if changed else upstream.body
     response = client_response(upstream, links, links.body(payload), result.header)
     response.headers.update(headers)
+    settle_bundle_headers(response, parsed, result)
     return response
+
+
+def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: Enforced) -> None:
+    """A Bundle answer (a search, a history, an operation's) goes without the upstream's
+    ``ETag`` and ``Last-Modified``, and without a ``rel="last"`` link in a ``Link`` header
+    when its total went.
+
+    SECURITY: they describe the server's answer, hidden entries included (the newest hidden
+    record's time, a tag that changes when a hidden record does), and the last page's offset
+    counts the matches. Dropped from every Bundle, filtered or not, so their absence does not
+    tell a filtered answer (404 mode)."""
+    if parsed.get("resourceType") != "Bundle":
+        return
+    headers = response.headers
+    headers.popall("ETag", None)
+    headers.popall("Last-Modified", None)
+    if result.drop_total and "Link" in headers:
+        values = [without_last_links(value) for value in headers.popall("Link")]
+        for value in values:
+            if value:
+                headers.add("Link", value)
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:

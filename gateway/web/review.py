@@ -8,7 +8,9 @@ marks one reviewed; the mark is itself an AuditEvent in the audit file.
 
 from __future__ import annotations
 
+import functools
 import html
+import ipaddress
 import re
 from datetime import datetime, timezone
 from urllib.parse import urlencode
@@ -17,10 +19,10 @@ import orjson
 from aiohttp import web
 
 from gateway.audit import disclosures_path
-from gateway.core.errors import BadRequest
+from gateway.core.errors import BadRequest, OfficerOnly
 from gateway.core.officer import review_event
 from gateway.disclosures import EmergencyAccess, in_thread_accesses, in_thread_bundle, recorded_at
-from gateway.web.middleware import fresh_uuid
+from gateway.web.middleware import Handler, fresh_uuid
 from gateway.web.state import STATE
 
 _PATIENT = re.compile(r"^Patient/[A-Za-z0-9\-.]{1,64}$")
@@ -162,7 +164,41 @@ async def mark_reviewed(request: web.Request) -> web.Response:
     raise web.HTTPSeeOther("/admin/break-glass" + (f"?{urlencode(back)}" if back else "") + f"#event-{event}")
 
 
+@functools.lru_cache(maxsize=8)
+def _networks(spelled: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(item, strict=False) for item in spelled)
+
+
+def is_officer_peer(remote: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether the peer address ``remote`` is in one of the ``allowed`` networks (an IPv4
+    peer written as IPv6, ``::ffff:10.0.0.1``, as its IPv4 self); no address is no peer."""
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in _networks(allowed) if network.version == address.version)
+
+
+@web.middleware
+async def officer_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The officer's pages answer only peers in ``admin.officer_from``.
+
+    SECURITY: they list who saw which sensitive records of which patient, and an admin port
+    is opened to monitoring (the chart binds it to the pod IP). The peer is the socket's, never
+    a forwarded header."""
+    if request.path.startswith("/admin/") and not is_officer_peer(
+        request.remote, request.app[STATE].settings.admin.officer_from
+    ):
+        raise OfficerOnly("The privacy officer's pages answer only from admin.officer_from.")
+    return await handler(request)
+
+
 def add_routes(app: web.Application) -> None:
+    app.middlewares.append(officer_only)
     app.router.add_get("/admin/disclosures", disclosures)
     app.router.add_get("/admin/break-glass", break_glass_page)
     app.router.add_post("/admin/break-glass/review", mark_reviewed)

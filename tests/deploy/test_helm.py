@@ -487,3 +487,35 @@ def test_default_max_response_bytes_fits_the_memory_limit(render: Render, tmp_pa
     assert limit.endswith("Mi")
     cap = _settings(manifests, container, tmp_path).upstream.max_response_bytes
     assert 10 * cap + 64 * 2**20 <= int(limit[:-2]) * 2**20
+
+
+@pytest.mark.parametrize("mode", ["standalone", "sidecar"])
+def test_the_chart_keeps_the_officers_pages_to_loopback(render: Render, tmp_path: Path, mode: str) -> None:
+    """The chart opens the admin port to monitoring on the pod IP; the officer's pages (who saw
+    which sensitive records) answer only loopback there (kubectl port-forward), unless told."""
+    from gateway.web.review import is_officer_peer
+
+    def settings_of(values: dict[str, Any]) -> Settings:
+        manifests = render(values)
+        if mode == "sidecar":
+            (container,) = _sidecar(manifests)["container.yaml"]
+        else:
+            container = _container(_pod_spec(manifests))
+        return _settings(manifests, container, tmp_path)
+
+    base = load_values("sidecar") if mode == "sidecar" else {}
+    settings = settings_of(base)
+    assert settings.admin.host == "0.0.0.0"
+    assert is_officer_peer("127.0.0.1", settings.admin.officer_from)
+    assert not is_officer_peer("10.42.0.17", settings.admin.officer_from)
+    assert is_officer_peer("10.42.0.17", settings_of({**base, "officerFrom": ["10.42.0.0/16"]}).admin.officer_from)
+
+
+def test_the_product_default_answers_the_officers_pages_to_any_peer_of_the_admin_port() -> None:
+    """Outside the chart the admin port is bound to loopback unless configured (CONTRACT §2):
+    whoever may reach it may read §10's pages, as before ``admin.officer_from``."""
+    from gateway.web.review import is_officer_peer
+    from tests.conftest import gateway_settings
+    settings = gateway_settings("http://127.0.0.1:1/fhir")
+    assert settings.admin.host == "127.0.0.1"
+    assert is_officer_peer("192.0.2.7", settings.admin.officer_from)

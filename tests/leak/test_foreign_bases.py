@@ -305,3 +305,36 @@ async def test_a_patient_may_not_write_a_consent_about_another_servers_patient(
     own = {**theirs, "patient": {"reference": f"{world.base_url}/{c.PAT_ANA}"}}
     status, _, body = await call(gateway, "POST", "/Consent", actor=c.PAT_ANA, body=own)
     assert status in (200, 201), body
+
+
+# ================================================================ includes brought by a withheld match
+
+BUPE = {"resourceType": "Medication", "id": "med-bupe-fb1",
+        "code": {"coding": [{"system": c.RXNORM, "code": "1010600", "display": c.BUPRENORPHINE_DISPLAY}]}}
+HIDDEN_ORDER = {"resourceType": "MedicationRequest", "id": "mr-bupe-ana-fb1", "status": "active", "intent": "order",
+                "subject": {"reference": c.PAT_ANA}, "medicationReference": {"reference": f"Medication/{BUPE['id']}"}}
+
+
+@pytest.mark.parametrize("base", ["other", "upstream"])
+async def test_an_include_brought_by_a_withheld_order_is_not_kept_by_another_servers_reference(
+    world: FakeFhir, make_gateway: MakeGateway, base: str,
+) -> None:
+    """The kept order names another server's ``Medication/med-bupe-fb1``; this server's, included
+    only for the withheld buprenorphine order, would say what that order was. Control: under
+    this server's base the kept order names ours, which then stays."""
+    open_order = {"resourceType": "MedicationRequest", "id": "mr-lisinopril-ana-fb1", "status": "active",
+                  "intent": "order", "subject": {"reference": c.PAT_ANA},
+                  "medicationCodeableConcept": {"coding": [{"system": c.RXNORM, "code": "314076"}]},
+                  "supportingInformation": [{"reference": based(f"Medication/{BUPE['id']}", base, world)}]}
+    world.add(BUPE, HIDDEN_ORDER, open_order)
+    world.override = routes({("GET", "/MedicationRequest"): lambda r: c.bundle(
+        [HIDDEN_ORDER, open_order], world.base_url, include=(BUPE,))})
+    gateway = await make_gateway(world.base_url)
+    status, headers, body = await call(gateway, "GET", f"/MedicationRequest?patient={c.PAT_ANA}&_include=*")
+    assert status == 200, body
+    assert open_order["id"] in kept(body) and HIDDEN_ORDER["id"] not in kept(body)
+    if base == "other":
+        assert BUPE["id"] not in kept(body)
+        assert leaks(body, headers, ("1010600", c.BUPRENORPHINE_DISPLAY)) == []
+    else:
+        assert BUPE["id"] in kept(body)

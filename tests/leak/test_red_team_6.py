@@ -399,7 +399,9 @@ async def test_a_permit_of_one_version_releases_that_version_only(
 ) -> None:
     """An opt-out whose one exception permits ``Condition/<id>/_history/1``: the history and the
     version reads give version 1 only; version 2, whose note names what the patient shared
-    later, is never sent."""
+    later, is never sent. In 404 mode the record's current version is hidden, so the record
+    reads as missing, its first version and history too (red team 9: versions of a record that
+    reads as missing would say it is there)."""
     secret = "later: HIV positive, started on Biktarvy"
     consent = c._consent("consent-v1", c.PAT_ANA, "OPTOUT", {"type": "deny", "provision": [
         {"type": "permit", "data": [{"meaning": "instance",
@@ -413,14 +415,17 @@ async def test_a_permit_of_one_version_releases_that_version_only(
         ("GET", f"/Condition/{HTN_ID}/_history/2"): lambda r: answer(orjson.dumps(v2)),
     })
     gw = await make_gateway(world.base_url, enforcement={"denied_read_status": status_mode})
-    status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history/1")
-    assert status == 200, body
     status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history/2")
     assert status == status_mode and leaks(body, headers, (secret, "Biktarvy")) == []
+    if status_mode == 404:
+        for path in (f"/Condition/{HTN_ID}/_history/1", f"/Condition/{HTN_ID}/_history"):
+            status, headers, body = await search(gw, path)
+            assert status == 404 and leaks(body, headers, (secret, "Biktarvy", HTN_ID)) == [], body
+        return
+    status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history/1")
+    assert status == 200, body
     status, headers, body = await search(gw, f"/Condition/{HTN_ID}/_history")
     assert status == 200 and leaks(body, headers, (secret, "Biktarvy")) == []
-    if status_mode == 404:
-        assert b"suppressed" not in body and b'"total"' not in body
     assert [e["resource"]["meta"]["versionId"] for e in entries(body) if "resource" in e
             and e["resource"].get("resourceType") == "Condition"] == ["1"]
 

@@ -71,7 +71,8 @@ settable inside `config`.
 {{- $_ := set $config "upstream" $upstream }}
 {{- /* 0.0.0.0: kubelet probes and Prometheus connect to the pod IP, not to loopback. */}}
 {{- $_ := set $config "listen" (dict "host" "0.0.0.0" "port" (int .Values.ports.proxy) "workers" (int .Values.workers)) }}
-{{- $_ := set $config "admin" (dict "host" "0.0.0.0" "port" (int .Values.ports.admin)) }}
+{{- /* The officer's pages list who saw which sensitive records: not for monitoring's peers. */}}
+{{- $_ := set $config "admin" (dict "host" "0.0.0.0" "port" (int .Values.ports.admin) "officer_from" .Values.officerFrom) }}
 {{- toYaml $config }}
 {{- end }}
 
