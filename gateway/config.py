@@ -7,6 +7,7 @@ message is one line naming the key and the problem; ``cli`` prints it and exits 
 from __future__ import annotations
 
 import ipaddress
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from gateway.core.purpose import PURPOSE_CODES
 from pydantic import (
     AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
     model_validator,
@@ -68,11 +70,11 @@ class UpstreamAuthSettings(_Section):
     @model_validator(mode="after")
     def _complete(self) -> UpstreamAuthSettings:
         if self.kind == "bearer" and (self.token_env is None) == (self.token_file is None):
-            raise ValueError("bearer needs exactly one of token_env or token_file")
+            raise ValueError("token_env: kind bearer needs exactly one of token_env or token_file")
         if self.kind == "smart-backend":
             for key in ("token_url", "client_id", "private_key_file"):
                 if getattr(self, key) is None:
-                    raise ValueError(f"{key} is required for kind smart-backend")
+                    raise ValueError(f"{key}: required for kind smart-backend")
         return self
 
 
@@ -106,7 +108,7 @@ class UpstreamSettings(_Section):
     def _client_pair(self) -> UpstreamSettings:
         if (self.client_cert_file is None) != (self.client_key_file is None):
             missing = "client_key_file" if self.client_key_file is None else "client_cert_file"
-            raise ValueError(f"{missing} is required with {'client_cert_file' if missing == 'client_key_file' else 'client_key_file'}")
+            raise ValueError(f"{missing}: required with {'client_cert_file' if missing == 'client_key_file' else 'client_key_file'}")
         return self
 
 
@@ -169,14 +171,23 @@ class JwtSettings(_Section):
     purpose_claim: str | None = Field(None, min_length=1)
     role_claim: str | None = Field(None, min_length=1)
 
-    @field_validator("issuer", "jwks_url")
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str | None) -> str | None:
+        # Kept as written: a token's ``iss`` must equal it exactly, trailing slash included
+        # (some issuers end theirs with one).
+        if value is not None:
+            _check_http_url(value)
+        return value
+
+    @field_validator("jwks_url")
     @classmethod
     def _urls(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url(value)
 
     @property
     def jwks(self) -> str:
-        return self.jwks_url or f"{self.issuer}/.well-known/jwks.json"
+        return self.jwks_url or f"{(self.issuer or '').rstrip('/')}/.well-known/jwks.json"
 
 
 class AuthSettings(_Section):
@@ -184,12 +195,21 @@ class AuthSettings(_Section):
     default_purpose: str = Field("TREAT", pattern=PURPOSE_CODE_PATTERN)
     jwt: JwtSettings = JwtSettings()
 
+    @field_validator("default_purpose")
+    @classmethod
+    def _known_purpose(cls, value: str) -> str:
+        # A request without X-Purpose-Of-Use is decided for this code: an unknown one would
+        # refuse every such request (400) instead of stopping start-up.
+        if value not in PURPOSE_CODES:
+            raise ValueError(f"{value!r} is not a v3 PurposeOfUse code")
+        return value
+
     @model_validator(mode="after")
     def _jwt_complete(self) -> AuthSettings:
         if self.mode == "jwt":
             for key in ("issuer", "audience"):
                 if getattr(self.jwt, key) is None:
-                    raise ValueError(f"jwt.{key} is required in mode jwt")
+                    raise ValueError(f"jwt.{key}: required in mode jwt")
         return self
 
 
@@ -457,6 +477,9 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return merged
 
 
+_RELATIVE_KEY = re.compile(r"^[a-z_]+(\.[a-z_]+)*$")
+
+
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     names: list[str] = []
@@ -475,6 +498,10 @@ def _describe(error: ValidationError) -> str:
         # A missing upstream section means its one required key is missing.
         return f"{'upstream.url' if key == 'upstream' else key}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")
+    inner, sep, problem = message.partition(": ")
+    if sep and _RELATIVE_KEY.match(inner):
+        # A check across a section's keys names the key below the section: name it in full.
+        return f"{key}.{inner}: {problem}"
     return f"{key}: {message}"
 
 

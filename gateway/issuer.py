@@ -193,7 +193,7 @@ class Issuer:
             return cached[1]
         for name in ("smart-configuration", "openid-configuration"):
             try:
-                document = await self._get_json(f"{self.issuer}/.well-known/{name}")
+                document = await self._get_json(f"{self.issuer.rstrip('/')}/.well-known/{name}")
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, orjson.JSONDecodeError):
                 continue
             self._discovery = (self.clock(), document)

@@ -18,7 +18,7 @@ from gateway.core.consent import compile_consent
 from gateway.core.decision import decide_with, explain_json
 from gateway.core.errors import BadRequest, ConsentUnavailable
 from gateway.core.explain import explain_consents
-from gateway.core.fhir import resource_reference
+from gateway.core.fhir import JSON, iter_bundle_resources, resource_reference
 from gateway.core.model import ACTOR_TYPES, Actor, RequestContext
 from gateway.core.purpose import PURPOSE_CODES
 from gateway.peers import invalidate_others
@@ -120,6 +120,20 @@ def _at(value: object) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def _consent_list(value: object) -> list[JSON]:
+    """The Consents of ``consents`` as ``decide --consent`` reads its files: a Bundle stands for
+    the Consents it holds, and anything that is not a Consent is refused (never skipped)."""
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise BadRequest("'consents' must be a list of Consent resources.")
+    found: list[JSON] = []
+    for item in value:
+        for consent in iter_bundle_resources(item) if item.get("resourceType") == "Bundle" else [item]:
+            if consent.get("resourceType") != "Consent":
+                raise BadRequest(f"'consents' holds a {str(consent.get('resourceType'))!r}, not a Consent.")
+            found.append(consent)
+    return found
+
+
 async def decision(request: web.Request) -> web.Response:
     """The ``decide`` command as JSON: consents, a resource and a requester in; the explanation out."""
     state = request.app[STATE]
@@ -127,9 +141,7 @@ async def decision(request: web.Request) -> web.Response:
     unknown = set(data) - {"consents", "resource", "actor", "organization", "groups", "purpose", "at", "related"}
     if unknown:
         raise BadRequest(f"Unknown key {sorted(unknown)[0]!r}.")
-    consents, resource = data.get("consents", []), data.get("resource")
-    if not isinstance(consents, list) or not all(isinstance(c, dict) for c in consents):
-        raise BadRequest("'consents' must be a list of Consent resources.")
+    consents, resource = _consent_list(data.get("consents", [])), data.get("resource")
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
         raise BadRequest("'resource' must be a FHIR resource.")
     groups = data.get("groups", [])

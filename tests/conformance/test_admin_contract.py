@@ -185,3 +185,58 @@ async def test_post_decision_explains_every_kind_of_requester_the_gateway_accept
     for actor in ("Person/pe-1", "PractitionerRole/pr-1", "RelatedPerson/rp-1", "Device/d-1", "Organization/org-hospital"):
         _, printed = _decide_cli(tmp_path, consents, resource, actor, None)
         assert await _decide_admin(gateway, consents, resource, actor, None) == printed, actor
+
+
+async def test_post_decision_reads_a_bundle_of_consents_as_decide_does(gateway: GatewayUnderTest, tmp_path: Path) -> None:
+    # decide --consent takes "a Bundle of Consents" too; the same JSON posted gets the same answer.
+    hospital, opt_out = RESOURCES["Consent/consent-dana-hospital"], RESOURCES["Consent/consent-carol-optout"]
+    opt_out = {**opt_out, "patient": {"reference": "Patient/pat-dana"}}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": hospital}, {"resource": opt_out}]}
+    resource = RESOURCES["Observation/dana-cbc"]
+    code, printed = _decide_cli(tmp_path, [bundle], resource, "Practitioner/dr-gp", None)
+    assert code == 1 and printed["reasons"][0]["consent"] == "Consent/consent-carol-optout"
+    assert await _decide_admin(gateway, [bundle], resource, "Practitioner/dr-gp", None) == printed
+
+
+@pytest.mark.parametrize("consents", [
+    [{"resourceType": "Observation", "id": "o1"}],
+    [{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}}]}],
+], ids=["not-a-consent", "bundle-of-other-things"])
+async def test_post_decision_refuses_what_is_not_a_consent_as_decide_does(
+    consents: list[dict[str, Any]], gateway: GatewayUnderTest, tmp_path: Path,
+) -> None:
+    resource = RESOURCES["Observation/bob-cbc"]
+    async with gateway.session.post(gateway.admin_url + "/decision", json={
+        "consents": consents, "resource": resource, "actor": "Practitioner/dr-gp",
+    }) as resp:
+        assert resp.status == 400
+        assert resp.content_type == "application/fhir+json"
+        assert (await resp.json())["resourceType"] == "OperationOutcome"
+    (tmp_path / "c.json").write_text(json.dumps(consents[0]))
+    (tmp_path / "r.json").write_text(json.dumps(resource))
+    done = subprocess.run(
+        [*gateway_command(), "decide", "--consent", str(tmp_path / "c.json"), "--resource", str(tmp_path / "r.json"),
+         "--actor", "Practitioner/dr-gp"],
+        capture_output=True, text=True, env=clean_env(), timeout=60, check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+
+
+def test_decide_prints_the_decision_the_consent_the_provision_path_and_the_labels(tmp_path: Path) -> None:
+    # CONTRACT §2: "prints the decision and why (which consent, which provision path, which labels)".
+    (tmp_path / "c.json").write_text(json.dumps(RESOURCES["Consent/consent-alice-optin"]))
+    (tmp_path / "r.json").write_text(json.dumps(RESOURCES["Condition/alice-depression"]))
+    printed = {}
+    for actor in ("Practitioner/dr-psych", "Practitioner/dr-gp"):
+        done = subprocess.run(
+            [*gateway_command(), "decide", "--consent", str(tmp_path / "c.json"), "--resource", str(tmp_path / "r.json"),
+             "--actor", actor, "--purpose", "TREAT"],
+            capture_output=True, text=True, env=clean_env(), timeout=60, check=False,
+        )
+        printed[actor] = (done.returncode, done.stdout)
+    code, text = printed["Practitioner/dr-psych"]
+    assert code == 0 and "decision: permit" in text
+    assert "Consent/consent-alice-optin" in text and "provision.provision[" in text
+    assert "labels: " in text and "PSY" in text.split("labels: ", 1)[1].splitlines()[0]
+    code, text = printed["Practitioner/dr-gp"]
+    assert code == 1 and "decision: deny" in text and "Consent/consent-alice-optin" in text

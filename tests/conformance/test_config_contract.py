@@ -345,3 +345,49 @@ def test_an_address_that_cannot_be_bound_stops_start_up_naming_its_keys(which: s
     assert line.startswith("consent-gateway: cannot listen: "), line
     for word in expected:
         assert word in line, line
+
+
+# Keys required only together with another (CONTRACT §3: "one clear line naming the key"):
+# the line names the missing key in full, as the YAML block spells it.
+REQUIRED_TOGETHER = {
+    "jwt-issuer": ({"GATEWAY_AUTH__MODE": "jwt"}, "auth.jwt.issuer"),
+    "jwt-audience": ({"GATEWAY_AUTH__MODE": "jwt", "GATEWAY_AUTH__JWT__ISSUER": "https://login.example.org"}, "auth.jwt.audience"),
+    "bearer-token": ({"GATEWAY_UPSTREAM__AUTH__KIND": "bearer"}, "upstream.auth.token_env"),
+    "smart-backend-token-url": ({"GATEWAY_UPSTREAM__AUTH__KIND": "smart-backend"}, "upstream.auth.token_url"),
+    "smart-backend-client-id": ({"GATEWAY_UPSTREAM__AUTH__KIND": "smart-backend",
+                                 "GATEWAY_UPSTREAM__AUTH__TOKEN_URL": "https://login.example.org/token"}, "upstream.auth.client_id"),
+    "client-key": ({"GATEWAY_UPSTREAM__CLIENT_CERT_FILE": "/etc/gw/tls.crt"}, "upstream.client_key_file"),
+    "client-cert": ({"GATEWAY_UPSTREAM__CLIENT_KEY_FILE": "/etc/gw/tls.key"}, "upstream.client_cert_file"),
+    "vendor-source-url": ({"GATEWAY_CONSENT__SOURCE_KIND": "healthex"}, "consent.source_url"),
+    # A purpose every request without X-Purpose-Of-Use would be refused for (400) is a config error.
+    "unknown-default-purpose": ({"GATEWAY_AUTH__DEFAULT_PURPOSE": "TREATMENT"}, "auth.default_purpose"),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUIRED_TOGETHER))
+def test_a_key_required_with_another_is_named_in_full(name: str) -> None:
+    env, key = REQUIRED_TOGETHER[name]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"GATEWAY_UPSTREAM__URL": UPSTREAM, **env})
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(key + ": "), message
+
+
+@pytest.mark.parametrize("name", ["jwt-audience", "unknown-default-purpose"])
+def test_serve_stops_with_exit_2_and_the_full_key(name: str, tmp_path: Path) -> None:
+    env, key = REQUIRED_TOGETHER[name]
+    done = subprocess.run(
+        [*gateway_command(), "serve", "--upstream", "http://127.0.0.1:9/fhir"], capture_output=True, text=True,
+        env=clean_env(tuple({**env, "GATEWAY_LISTEN__PORT": "0", "GATEWAY_ADMIN__PORT": "0",
+                             "GATEWAY_AUDIT__PATH": str(tmp_path / "audit.jsonl")}.items())),
+        cwd=tmp_path, timeout=30, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"consent-gateway: config error: {key}: "), line
+
+
+@pytest.mark.parametrize("purpose", ["TREAT", "ETREAT", "HPAYMT", "HOPERAT", "HRESCH", "PUBHLTH"])
+def test_every_purpose_the_contract_names_is_a_valid_default(purpose: str) -> None:
+    settings = load_settings(None, {"GATEWAY_UPSTREAM__URL": UPSTREAM, "GATEWAY_AUTH__DEFAULT_PURPOSE": purpose})
+    assert settings.auth.default_purpose == purpose

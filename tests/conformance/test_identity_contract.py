@@ -6,6 +6,7 @@ Practitioner, Patient, RelatedPerson and Person."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -208,3 +209,45 @@ async def test_a_search_loses_what_the_scopes_do_not_grant(issuer: LocalIssuer, 
     [outcome] = [r for r in kept if r["resourceType"] == "OperationOutcome"]
     assert outcome["issue"][0]["code"] == "suppressed"
     assert "total" not in bundle
+
+
+async def test_an_issuer_written_with_a_trailing_slash_is_matched_exactly(
+    issuer: LocalIssuer, clinical: FakeFhir, make_gateway: Callable[..., Any],
+) -> None:
+    # Some issuers' "iss" ends with "/" (e.g. https://<tenant>.auth0.com/): auth.jwt.issuer is
+    # written the same way, the token's iss must equal it, and the keys are still found at
+    # <issuer>/.well-known/jwks.json (one slash).
+    sections = jwt_sections(issuer)
+    sections["auth"]["jwt"]["issuer"] = issuer.base_url + "/"
+    gw: GatewayUnderTest = await make_gateway(clinical.base_url, **sections)
+    slashed = issuer.mint({**DOCTOR, "iss": issuer.base_url + "/"}, audience=AUDIENCE)
+    status, _, body = await _jwt_get(gw, slashed)
+    assert status == 200, body
+    # iss is compared exactly: the same issuer without the slash is another issuer.
+    _assert_401_bearer(*await _jwt_get(gw, issuer.mint(DOCTOR, audience=AUDIENCE)))
+    async with gw.session.get(gw.url + "/.well-known/smart-configuration") as resp:
+        assert resp.status == 200
+        assert (await resp.json(content_type=None))["issuer"] == issuer.base_url + "/"
+
+
+async def test_actor_claim_names_the_claim_that_says_who_asks(
+    issuer: LocalIssuer, clinical: FakeFhir, make_gateway: Callable[..., Any],
+) -> None:
+    gw: GatewayUnderTest = await make_gateway(clinical.base_url, **jwt_sections(issuer, actor_claim="sub"))
+    status, _, body = await _jwt_get(gw, issuer.mint({"sub": "Practitioner/dr-1", "scope": "user/*.rs"}, audience=AUDIENCE))
+    assert status == 200, body
+    # fhirUser alone no longer names the requester.
+    _assert_401_bearer(*await _jwt_get(gw, issuer.mint({"fhirUser": "Practitioner/dr-1", "scope": "user/*.rs"}, audience=AUDIENCE)))
+
+
+async def test_leeway_s_is_the_clock_skew_allowed_on_exp_and_nbf(
+    issuer: LocalIssuer, clinical: FakeFhir, make_gateway: Callable[..., Any],
+) -> None:
+    lenient: GatewayUnderTest = await make_gateway(clinical.base_url, **jwt_sections(issuer, leeway_s=60))
+    strict: GatewayUnderTest = await make_gateway(clinical.base_url, **jwt_sections(issuer, leeway_s=0))
+    expired_20s_ago = issuer.mint(DOCTOR, audience=AUDIENCE, now=time.time() - 3620, lifetime_s=3600)
+    valid_in_20s = issuer.mint({**DOCTOR, "nbf": int(time.time()) + 20}, audience=AUDIENCE)
+    for token in (expired_20s_ago, valid_in_20s):
+        status, _, body = await _jwt_get(lenient, token)
+        assert status == 200, body
+        _assert_401_bearer(*await _jwt_get(strict, token))

@@ -12,10 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from gateway.cli import main
-from gateway.demo.server import DemoFhirServer
+from gateway.demo.server import DemoFhirServer, demo_server
 from gateway.web.middleware import JsonLogFormatter
+from tests.conftest import serving
 from tests.unit._util import MakeGateway
 
 V3 = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -153,3 +155,47 @@ async def test_whatif_refuses_a_draft_about_another_servers_patient(demo_fhir: D
     log.write_text("")
     code, _, err = await _whatif("--consent", str(path), "--log", str(log), "--upstream", demo_fhir.base_url)
     assert code == 2 and err.count("\n") == 1 and "another FHIR server's patient" in err
+
+
+async def test_whatif_without_patient_replays_with_the_gateways_upstream_credentials(
+    demo_fhir: DemoFhirServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CONTRACT §10: ``[--patient P]`` is optional (the draft names its patient), and the reads
+    are replayed "with the gateway's upstream credentials" (``upstream.auth`` of ``--config``)."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    gw = await make_gateway(demo_fhir.base_url)
+    log = tmp_path / "gateway.log"
+    await _write_log(gw, caplog, log)
+    draft = tmp_path / "draft.json"
+    draft.write_bytes(orjson.dumps(draft_of(demo_fhir)))
+
+    secured = demo_server()
+    seen: list[str | None] = []
+
+    @web.middleware
+    async def bearer_only(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization"))
+        if request.headers.get("Authorization") != "Bearer whatif-secret":
+            return web.json_response({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login"}]},
+                                     status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = secured.app()
+    app.middlewares.append(bearer_only)
+    async with serving(app) as url:
+        config = tmp_path / "gateway.yaml"
+        config.write_text(f"upstream:\n  url: {url}{secured.base_path}\n  auth: {{kind: bearer, token_env: WHATIF_TOKEN}}\n",
+                          encoding="utf-8")
+        monkeypatch.setenv("WHATIF_TOKEN", "whatif-secret")
+        code, out, err = await _whatif("--consent", str(draft), "--log", str(log), "--config", str(config))
+    assert code == 0, err
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.startswith("Practitioner/")}
+    assert rows == {
+        ("Practitioner/dr-gp", "Condition"): ["0", "1"],
+        ("Practitioner/dr-gp", "Observation"): ["0", "1"],
+        ("Practitioner/dr-psych", "Observation"): ["1", "0"],
+    }
+    assert "replayed 3 logged read(s)" in out and "0 failed" in out
+    assert seen and set(seen) == {"Bearer whatif-secret"}

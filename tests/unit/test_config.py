@@ -256,11 +256,11 @@ def test_nested_sections_from_the_environment() -> None:
 
 
 @pytest.mark.parametrize(("data", "expected"), [
-    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "bearer"}}}, "upstream.auth: bearer needs exactly one of token_env or token_file"),
-    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "smart-backend", "client_id": "gw"}}}, "upstream.auth: token_url is required"),
+    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "bearer"}}}, "upstream.auth.token_env: kind bearer needs exactly one of token_env or token_file"),
+    ({"upstream": {"url": UPSTREAM, "auth": {"kind": "smart-backend", "client_id": "gw"}}}, "upstream.auth.token_url: required"),
     ({"upstream": {"url": UPSTREAM, "auth": {"kind": "basic"}}}, "upstream.auth.kind:"),
-    ({"upstream": {"url": UPSTREAM, "client_key_file": "k.pem"}}, "upstream: client_cert_file is required"),
-    ({"upstream": {"url": UPSTREAM}, "auth": {"mode": "jwt", "jwt": {"issuer": "https://i.example.org"}}}, "auth: jwt.audience is required"),
+    ({"upstream": {"url": UPSTREAM, "client_key_file": "k.pem"}}, "upstream.client_cert_file: required"),
+    ({"upstream": {"url": UPSTREAM}, "auth": {"mode": "jwt", "jwt": {"issuer": "https://i.example.org"}}}, "auth.jwt.audience: required"),
     ({"upstream": {"url": UPSTREAM}, "auth": {"mode": "jwt", "jwt": {"issuer": "https://i", "audience": "a", "algorithms": ["none"]}}}, "auth.jwt.algorithms:"),
 ])
 def test_identity_settings_are_checked(data: dict[str, Any], expected: str) -> None:
