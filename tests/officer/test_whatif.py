@@ -55,6 +55,17 @@ async def _write_log(gw: Any, caplog: pytest.LogCaptureFixture, path: Path) -> N
     path.write_text("\n".join(lines) + "\nnot json\n")
 
 
+async def _logged_reads(
+    demo_fhir: Any, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture, tmp_path: Path,
+) -> Path:
+    """A gateway in front of the demo server, its decision log of ``READS`` in a file."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    gw = await make_gateway(demo_fhir.base_url)
+    log = tmp_path / "gateway.log"
+    await _write_log(gw, caplog, log)
+    return log
+
+
 async def _whatif(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
 
@@ -70,10 +81,7 @@ async def test_whatif_reports_what_the_draft_would_change(
     demo_fhir: DemoFhirServer, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="gateway")
-    gw = await make_gateway(demo_fhir.base_url)
-    log = tmp_path / "gateway.log"
-    await _write_log(gw, caplog, log)
+    log = await _logged_reads(demo_fhir, make_gateway, caplog, tmp_path)
     draft = tmp_path / "draft.json"
     draft.write_bytes(orjson.dumps(draft_of(demo_fhir)))
     code, out, err = await _whatif("--consent", str(draft), "--log", str(log), "--patient", "Patient/pat-bob",
@@ -119,10 +127,7 @@ async def test_whatif_reads_the_drafts_references_as_the_proxy_does(
     (the same report as the relative draft); another server's psychiatrist and GP are not ours:
     the permit for that GP opens nothing, the deny for that psychiatrist is unknown and closes to
     every requester of Bob's records (CONTRACT §5)."""
-    caplog.set_level(logging.INFO, logger="gateway")
-    gw = await make_gateway(demo_fhir.base_url)
-    log = tmp_path / "gateway.log"
-    await _write_log(gw, caplog, log)
+    log = await _logged_reads(demo_fhir, make_gateway, caplog, tmp_path)
     prefix = demo_fhir.base_url if base == "own" else OTHER
     draft = draft_of(demo_fhir)
     for actor in ("Practitioner/dr-gp", "Practitioner/dr-psych"):
@@ -163,10 +168,7 @@ async def test_whatif_without_patient_replays_with_the_gateways_upstream_credent
 ) -> None:
     """CONTRACT §10: ``[--patient P]`` is optional (the draft names its patient), and the reads
     are replayed "with the gateway's upstream credentials" (``upstream.auth`` of ``--config``)."""
-    caplog.set_level(logging.INFO, logger="gateway")
-    gw = await make_gateway(demo_fhir.base_url)
-    log = tmp_path / "gateway.log"
-    await _write_log(gw, caplog, log)
+    log = await _logged_reads(demo_fhir, make_gateway, caplog, tmp_path)
     draft = tmp_path / "draft.json"
     draft.write_bytes(orjson.dumps(draft_of(demo_fhir)))
 
