@@ -68,7 +68,7 @@ from gateway.core.consent import (
     CompiledConsent,
     Provision,
 )
-from gateway.core.fhir import NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, resource_reference
+from gateway.core.fhir import NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, provisions, resource_reference
 from gateway.core.model import (
     DEFAULT_CONFIDENTIALITY_RANK,
     Decision,
@@ -854,24 +854,11 @@ def consent_reader(resource: JSON, patients: frozenset[str], ctx: RequestContext
         return None
     if ctx.actor.role is not None and ctx.actor.role in policy.consent_writers:
         return CONSENT_WRITER
-    if not _names_records(resource.get("provision")):
+    if not any(provision.get("data") for provision in provisions(resource)):
         return None
     if policy.patient_self_access and ctx.actor.reference in patients:
         return None
     return CONSENT_NAMES_RECORDS
-
-
-def _names_records(provision: object) -> bool:
-    stack = [provision]
-    while stack:
-        node = stack.pop()
-        if type(node) is list:
-            stack.extend(node)
-        elif type(node) is dict:
-            if node.get("data"):
-                return True
-            stack.append(node.get("provision"))
-    return False
 
 
 def decide_resource(

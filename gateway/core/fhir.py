@@ -60,6 +60,19 @@ def operation_outcome(
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
+def provisions(consent: JSON) -> Iterator[JSON]:
+    """Every provision of a Consent, the root's and the nested ones at any depth (a list or an
+    object where either stands, as written)."""
+    stack: list[Any] = [consent.get("provision")]
+    while stack:
+        node = stack.pop()
+        if type(node) is list:
+            stack.extend(node)
+        elif type(node) is dict:
+            yield node
+            stack.append(node.get("provision"))
+
+
 def iter_codings(value: Any) -> Iterator[JSON]:
     """Codings of a CodeableConcept, a list of them, or a bare Coding."""
     if isinstance(value, list):

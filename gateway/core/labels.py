@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from gateway.core.fhir import JSON
+from gateway.core.fhir import JSON, provisions
 from gateway.core.memo import TextMemo
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
 from gateway.core.sensitivity_codes import CODES
@@ -296,16 +296,6 @@ _OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Consent": ("provision",),
     "Bundle": ("entry",),
 }
-
-
-def _provision_labels(provision: Any, own: list[tuple[Label, str]]) -> None:
-    if not isinstance(provision, dict):
-        return
-    for coding in provision.get("securityLabel") or ():
-        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-            own.append((Label(str(coding.get("system") or ""), coding["code"]), "Consent.provision.securityLabel"))
-    for nested in provision.get("provision") or ():
-        _provision_labels(nested, own)
 
 
 def plain_code(code: str) -> str:
@@ -660,16 +650,13 @@ class LabelIndex:
         elif rtype == "Consent":
             # A consent naming a sensitive label tells that the patient has such records; one
             # naming a clinical code (provision.code) tells what they are, as the record would.
-            _provision_labels(resource.get("provision"), own)
-            stack = [resource.get("provision")]
-            while stack:
-                provision = stack.pop()
-                if isinstance(provision, dict):
-                    if "code" in provision:
-                        self._match(provision["code"], hits)
-                    nested = provision.get("provision")
-                    if isinstance(nested, list):
-                        stack.extend(nested)
+            for provision in provisions(resource):
+                for coding in provision.get("securityLabel") or ():
+                    if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                        own.append((Label(str(coding.get("system") or ""), coding["code"]),
+                                    "Consent.provision.securityLabel"))
+                if "code" in provision:
+                    self._match(provision["code"], hits)
         elif rtype == "Bundle":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):

@@ -46,9 +46,15 @@ class LinkRewriter:
 
     def header(self, value: str) -> str:
         """A Location-style header value rewritten when it points at the upstream."""
-        if value == self.upstream or value.startswith((self.upstream + "/", self.upstream + "?")):
+        if under_base(value, self.upstream):
             return self.public + value[len(self.upstream):]
         return value
+
+
+def under_base(url: str, base: str) -> bool:
+    """Whether ``url`` names something of the FHIR server at ``base`` (never another host or base)."""
+    base = base.rstrip("/")
+    return url == base or url.startswith((base + "/", base + "?"))
 
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"

@@ -11,8 +11,8 @@ Semantics:
   (``skip`` kept matches left out first, at most ``take`` after them). Includes stay only
   when at least one match of the page stays (those of matches cut off may go, never those of
   a match sent); a further page's outcome entries go (the first page's stay).
-- Only links under the upstream base are ever followed (``under_base``, compared as
-  ``LinkRewriter.header`` rewrites them): a link to another host or base is never read.
+- Only links under the upstream base are ever followed (``links.under_base``, the test
+  ``LinkRewriter.header`` rewrites by): a link to another host or base is never read.
 - The gateway's own continuation parameter (``SKIP_PARAM``) says how many kept matches of the
   page it names were already sent. It counts only what the requester may see, so a value a
   client chooses can only skip its own visible records; anything but a whole number from 0 to
@@ -67,12 +67,6 @@ def with_skip(url: str, skip: int) -> str:
         return url
     joiner = "&" if "?" in url else "?"
     return f"{url}{joiner}{SKIP_PARAM}={skip}"
-
-
-def under_base(url: str, base: str) -> bool:
-    """Whether ``url`` names a page of the FHIR server at ``base`` (never another host or base)."""
-    base = base.rstrip("/")
-    return url == base or url.startswith((base + "/", base + "?"))
 
 
 def entry_kind(entry: object) -> str:

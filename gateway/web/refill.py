@@ -32,14 +32,14 @@ from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
 from gateway.core.errors import BadRequest, UpstreamUnavailable
-from gateway.core.links import LinkRewriter
+from gateway.core.links import LinkRewriter, under_base
 from gateway.core.paging import (
-    SKIP_PARAM, AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, under_base, upstream_page, with_notice,
+    SKIP_PARAM, AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, upstream_page, with_notice,
     with_skip, without_previous,
 )
 from gateway.upstream import UpstreamResponse
 from gateway.web import officer
-from gateway.web.exchange import Exchange
+from gateway.web.exchange import Exchange, conceals
 from gateway.web.middleware import INFO
 from gateway.web.request import parse_route
 from gateway.web.state import GatewayState
@@ -56,8 +56,7 @@ _NOT_FOR_PAGES = ("Content-Type", "If-None-Match", "If-Modified-Since", "If-Matc
 
 def in_force(state: GatewayState) -> bool:
     """Whether answers may be refilled at all: 404 mode, enforced, with a bound above 0."""
-    enforcement = state.settings.enforcement
-    return enforcement.denied_read_status == 404 and enforcement.mode == "enforce" and enforcement.refill_max_pages > 0
+    return conceals(state) and state.settings.enforcement.refill_max_pages > 0
 
 
 def _eligible(state: GatewayState, ex: Exchange) -> bool:

@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from gateway.core.errors import BadRequest
-from gateway.core.paging import PageWindow, answer_parts, read_skip, refilled, under_base, upstream_page
+from gateway.core.links import under_base
+from gateway.core.paging import PageWindow, answer_parts, read_skip, refilled, upstream_page
 
 
 def test_read_skip_strips_the_parameter_in_any_spelling() -> None:
