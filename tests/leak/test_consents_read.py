@@ -16,7 +16,7 @@ import pytest
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.leak.test_side_doors import MakeGateway, batch, call, ids_in, leaks, routes, slots
+from tests.leak.test_side_doors import MakeGateway, alike, batch, call, ids_in, leaks, routes, slots
 
 HIV_CONDITION = "Condition/cond-hiv-b20-91a"
 NOT_THIS = {
@@ -47,6 +47,9 @@ def world(fake_fhir: FakeFhir) -> FakeFhir:
     fake_fhir.override = routes({
         ("GET", "/Consent"): lambda r: c.bundle(consents, fake_fhir.base_url),
         ("GET", f"/Patient/{ana}/$everything"): lambda r: c.bundle(consents, fake_fhir.base_url),
+        ("GET", "/Patient"): lambda r: c.bundle([c.ANA], fake_fhir.base_url, include=tuple(consents)),
+        ("POST", "/Consent/_search"): lambda r: c.bundle(consents, fake_fhir.base_url),
+        ("GET", f"/Consent/{NOT_THIS['id']}/_history"): lambda r: c.history_bundle([NOT_THIS], fake_fhir.base_url),
     })
     return fake_fhir
 
@@ -59,6 +62,9 @@ def doors() -> dict[str, tuple[str, str, Any]]:
         "search": ("GET", f"/Consent?patient={c.PAT_ANA}", None),
         "everything": ("GET", f"/Patient/{ana}/$everything", None),
         "batch": ("POST", "/", batch(("GET", f"Consent/{NOT_THIS['id']}"), ("GET", f"Consent/{NOT_THESE_CODES['id']}"))),
+        "revinclude": ("GET", f"/Patient?_id={ana}&_revinclude=Consent:patient", None),
+        "form-search": ("POST", "/Consent/_search", f"patient={c.PAT_ANA}".encode()),
+        "history": ("GET", f"/Consent/{NOT_THIS['id']}/_history", None),
     }
 
 
@@ -66,15 +72,16 @@ def doors() -> dict[str, tuple[str, str, Any]]:
 async def test_a_clinician_does_not_read_what_a_consent_hides(world: FakeFhir, make_gateway: MakeGateway, door: str) -> None:
     gateway = await make_gateway(world.base_url, consent={"writer_roles": ["HIM"]})
     method, path, sent = doors()[door]
-    status, headers, body = await call(gateway, method, path, body=sent)
+    form = {"Content-Type": "application/x-www-form-urlencoded"} if door == "form-search" else {}
+    status, headers, body = await call(gateway, method, path, body=sent, **form)
     assert leaks(body, headers, SECRETS) == []
-    if door.startswith("read"):
+    if door.startswith("read") or door == "history":
         assert status == 403, body
     elif door == "batch":
         assert all(s["response"]["status"].startswith("403") for s in slots(body)), body
     else:
         assert status == 200, body
-        assert "consent-optin" in ids_in(body)  # a consent that names nothing still shows
+        assert ("pat-ana-5581" if door == "revinclude" else "consent-optin") in ids_in(body)
 
 
 @pytest.mark.parametrize("who", ["patient", "writer"])
@@ -117,3 +124,14 @@ async def test_an_unconditional_permit_does_not_open_counts_of_consents(
     assert status == 200, body  # the patient's own
     status, _, body = await call(gateway, "GET", path, **HIM)
     assert status == 200, body  # a consent writer
+
+
+async def test_404_mode_a_consent_that_names_records_reads_like_a_missing_one(
+    world: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
+    hidden = await call(gateway, "GET", f"/Consent/{NOT_THIS['id']}")
+    missing = await call(gateway, "GET", "/Consent/consent-nothing-here-000")
+    assert hidden[0] == 404, hidden[2]
+    alike(hidden, missing)
+    assert leaks(hidden[2], hidden[1], SECRETS) == []
