@@ -25,7 +25,9 @@ from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
 from gateway.core.projection import PROJECTION_PARAMS, Projection
-from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.core.refusals import (
+    conditional_write, named_patients, subscription_criteria, subscription_write, unfilterable,
+)
 from gateway.web.identity import check_scopes
 from gateway.web.request import Route
 from gateway.web.resolve import read_target, resolve_references
@@ -167,6 +169,23 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
             return
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
+
+
+def refuse_subscription(state: GatewayState, ex: Exchange) -> None:
+    """A Subscription makes the FHIR server push what its criteria select to the subscriber,
+    around the gateway, for as long as it lives (a consent revoked later cannot stop it): it is
+    refused (403), except a patient's own whose criteria name only that patient (self access,
+    CONTRACT §5, which no consent revokes). Deleting one passes."""
+    if subscription_write(ex.method, ex.route.resource_type) is None:
+        return
+    found = subscription_criteria(ex.resource) if ex.method != "PATCH" else None
+    if found is not None and state.settings.consent.patient_self_access:
+        patients = named_patients(*found)
+        if patients == {ex.actor.reference}:  # named patients are Patient/<id>: a patient himself
+            return
+    access_log.info("refused", extra={"reasons": ["subscription"]})
+    raise Refused("Subscriptions cannot be made through the consent gateway: the FHIR server would send "
+                  "what they select around it.")
 
 
 async def ensure_readable(state: GatewayState, reference: str, actor: Actor, purpose: str) -> JSON | None:
@@ -405,6 +424,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
+    refuse_subscription(state, ex)
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
     await check_version_target(state, ex)
