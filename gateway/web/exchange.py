@@ -19,6 +19,7 @@ import orjson
 from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
+from gateway.core.deciding import DECIDING_TYPES, deciding_part
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
@@ -259,6 +260,34 @@ async def check_write_target(state: GatewayState, ex: Exchange) -> None:
         raise ConsentDenied("Access to this resource is not permitted.")
 
 
+async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
+    """Nobody changes what decides records he may not see: an update of a Medication, Substance
+    or PractitionerRole (what labels an order, who wrote a record) must leave the part that
+    decides the records naming it as it is (``core.deciding``); a patch (not judged by its
+    result), an update of an id the server does not hold (records naming a missing drug or role
+    are closed; giving it one would decide them) and a ``$meta-delete`` (its security labels)
+    are refused. A create (the server names it: nothing names it yet) and a delete (what names
+    a missing one closes) pass."""
+    route = ex.route
+    if route.resource_type not in DECIDING_TYPES or route.resource_id is None:
+        return
+    if ex.method == "PATCH" or route.operation == "$meta-delete":
+        raise Refused(_DECIDING_REFUSAL)
+    if ex.method != "PUT" or route.interaction != "update":
+        return
+    stored = await read_target(state.upstream, f"{route.resource_type}/{route.resource_id}")
+    if stored is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    new = ex.resource
+    if stored is None or not isinstance(new, dict) or new.get("resourceType") != route.resource_type \
+            or deciding_part(new) != deciding_part(stored):
+        raise Refused(_DECIDING_REFUSAL)
+
+
+_DECIDING_REFUSAL = ("This change would decide other records anew (a drug's codes or ingredients, a role's "
+                     "practitioner or organization); it cannot be made through the consent gateway.")
+
+
 def conceals(state: GatewayState) -> bool:
     """404 mode enforced: a hidden record reads exactly like a missing one (CONTRACT §6);
     shadow mode hides nothing, so it has nothing to conceal."""
@@ -427,6 +456,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     refuse_subscription(state, ex)
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
+    await check_deciding_write(state, ex)
     await check_version_target(state, ex)
     await check_consent_write(state, ex)
     prepare_projection(ex)

@@ -11,6 +11,7 @@ from aiohttp import web
 from tests.conftest import GatewayUnderTest
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
+from tests.leak.test_role_authors_and_ingredients import BY_KOWALSKI, NOT_KOWALSKI, ROLE_GOMEZ, ROLE_KOWALSKI
 from tests.leak.test_side_doors import (
     BUPNAL_MEDICATION, LISINOPRIL, MakeGateway, batch, call, entry_requests, is_outcome, leaks, med_request, routes,
     slots,
@@ -111,4 +112,125 @@ async def test_a_subscription_is_not_patched_or_listened_to_around_the_gateway(
     assert writes_sent(world, "Subscription") == []
     assert not any("$get-ws-binding-token" in r.path_qs for r in world.requests)
     status, _, body = await call(gateway, "DELETE", "/Subscription/sub-ana-own-3f1", actor=c.PAT_ANA)
+    assert status == 200, body
+
+
+# ================================================================ 2. what decides other records
+
+ORDER = med_request("medrx-bupnal-ref-8d2", f"Medication/{BUPNAL_MEDICATION['id']}")
+ORDER_OF_A_MISSING_DRUG = med_request("medrx-gone-drug-5e7", "Medication/med-not-yet-here-9c1")
+ORDER_SECRETS = (ORDER["id"], ORDER_OF_A_MISSING_DRUG["id"], "1010600", "buprenorphine", "Sublingual",
+                 "One film under the tongue")
+RELABELLED = {**BUPNAL_MEDICATION, "code": LISINOPRIL["code"], "form": c.concept(c.SNOMED, "421026006", "Oral tablet")}
+
+
+@pytest.fixture
+def pharmacy(world: FakeFhir) -> FakeFhir:
+    world.add(BUPNAL_MEDICATION, ORDER, ORDER_OF_A_MISSING_DRUG)
+    return world
+
+
+async def orders_closed(gateway: GatewayUnderTest) -> None:
+    for order in (ORDER, ORDER_OF_A_MISSING_DRUG):
+        status, headers, body = await call(gateway, "GET", f"/MedicationRequest/{order['id']}")
+        assert status == 403, body
+        assert leaks(body, headers, ORDER_SECRETS) == []
+
+
+@pytest.mark.parametrize("door", ["update", "batch", "transaction", "update-as-create", "patch"])
+async def test_a_drug_is_not_rewritten_to_release_the_orders_naming_it(
+    pharmacy: FakeFhir, gateway: GatewayUnderTest, door: str,
+) -> None:
+    """An opioid-use order names its drug by reference; the drug decides it (CONTRACT §6). A
+    clinician who may not see the order rewrites the drug as lisinopril (or gives the missing
+    drug an order names a harmless code), and the order would read as a blood-pressure pill."""
+    await orders_closed(gateway)
+    med_url = f"Medication/{BUPNAL_MEDICATION['id']}"
+    if door == "update":
+        status, headers, body = await call(gateway, "PUT", f"/{med_url}", body=RELABELLED)
+    elif door == "update-as-create":
+        status, headers, body = await call(gateway, "PUT", "/Medication/med-not-yet-here-9c1",
+                                           body={**LISINOPRIL, "id": "med-not-yet-here-9c1"})
+    elif door == "patch":
+        status, headers, body = await call(gateway, "PATCH", f"/{med_url}", body=[
+            {"op": "replace", "path": "/code", "value": LISINOPRIL["code"]}],
+            **{"Content-Type": "application/json-patch+json"})
+    else:
+        status, headers, body = await call(gateway, "POST", "/", body=batch(("PUT", med_url, RELABELLED), kind=door))
+        if door == "batch":
+            assert status == 200, body
+            (slot,) = slots(body)
+            assert slot["response"]["status"].startswith("403"), slot
+            status = 403
+    if door != "batch":
+        is_outcome(status, headers, body, 403)
+    assert writes_sent(pharmacy, "Medication") == []
+    assert pharmacy.resources[med_url] == BUPNAL_MEDICATION
+    await orders_closed(gateway)
+
+
+async def test_a_drug_may_still_be_created_and_changed_where_nothing_decides(
+    pharmacy: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """What does not decide an order passes: a new drug (the server names it), a change of
+    anything but its codes and ingredients, a delete (an order naming a missing drug closes)."""
+    status, _, body = await call(gateway, "POST", "/Medication", body={k: v for k, v in LISINOPRIL.items() if k != "id"})
+    assert status == 201, body
+    med_url = f"Medication/{BUPNAL_MEDICATION['id']}"
+    status, _, body = await call(gateway, "PUT", f"/{med_url}", body={**BUPNAL_MEDICATION, "status": "inactive"})
+    assert status == 200, body
+    await orders_closed(gateway)
+    status, _, body = await call(gateway, "DELETE", f"/{med_url}")
+    assert status == 200, body
+    await orders_closed(gateway)
+
+
+async def test_a_drugs_security_labels_are_not_deleted_by_an_operation(
+    pharmacy: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    params = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"security": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPIOIDUD"}]}}]}
+    status, headers, body = await call(gateway, "POST", f"/Medication/{BUPNAL_MEDICATION['id']}/$meta-delete", body=params)
+    is_outcome(status, headers, body, 403)
+    assert not any("$meta-delete" in r.path_qs for r in pharmacy.requests)
+
+
+@pytest.fixture
+def roles(fake_fhir: FakeFhir) -> FakeFhir:
+    """Ana: "everyone but Dr Kowalski"; her migraine was recorded through his neurology role."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(NOT_KOWALSKI, c.opt_in(c.PAT_BEN, "consent-ben-in"), ROLE_KOWALSKI, ROLE_GOMEZ, BY_KOWALSKI)
+    return fake_fhir
+
+
+@pytest.mark.parametrize("door", ["update", "transaction", "patch", "update-as-create"])
+async def test_a_role_is_not_handed_over_to_release_what_was_written_through_it(
+    roles: FakeFhir, gateway: GatewayUnderTest, door: str,
+) -> None:
+    """Dr Kowalski's role handed to Dr Gomez: what Kowalski wrote through it would read as
+    Gomez's, and open to everyone Ana's consent lets in."""
+    role_url = f"PractitionerRole/{ROLE_KOWALSKI['id']}"
+    handed = {**ROLE_KOWALSKI, "practitioner": {"reference": c.DOCTOR}}
+    secrets = (BY_KOWALSKI["id"], "Hemiplegic", "Migraine")
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
+    assert status == 403, body
+    if door == "update":
+        status, headers, body = await call(gateway, "PUT", f"/{role_url}", body=handed)
+    elif door == "transaction":
+        status, headers, body = await call(gateway, "POST", "/", body=batch(("PUT", role_url, handed), kind=door))
+    elif door == "patch":
+        status, headers, body = await call(gateway, "PATCH", f"/{role_url}", body=[
+            {"op": "replace", "path": "/practitioner/reference", "value": c.DOCTOR}],
+            **{"Content-Type": "application/json-patch+json"})
+    else:
+        roles.resources.pop(role_url)  # a role deleted when its doctor left: the author is unknown
+        status, headers, body = await call(gateway, "PUT", f"/{role_url}", body=handed)
+    is_outcome(status, headers, body, 403)
+    assert writes_sent(roles, "PractitionerRole") == [] and not any(r.path_qs == "/fhir/" for r in roles.requests)
+    status, headers, body = await call(gateway, "GET", f"/Condition/{BY_KOWALSKI['id']}")
+    assert status == 403, body
+    assert leaks(body, headers, secrets) == []
+    # What does not decide (a phone number) still changes.
+    status, _, body = await call(gateway, "PUT", f"/PractitionerRole/{ROLE_GOMEZ['id']}",
+                                 body={**ROLE_GOMEZ, "telecom": [{"system": "phone", "value": "+1 555 0100"}]})
     assert status == 200, body
