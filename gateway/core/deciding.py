@@ -34,3 +34,28 @@ def deciding_part(resource: JSON) -> object:
     meta = resource.get("meta")
     part["meta.security"] = meta.get("security") if isinstance(meta, dict) else meta
     return part
+
+
+# Teams a consent may name as its actor: the requester is in when he is their member.
+TEAM_TYPES = frozenset({"Group", "CareTeam"})
+_MEMBERSHIP = {"Group": "member", "CareTeam": "participant"}
+
+
+def members_of(team: object) -> frozenset[str]:
+    """Every reference a Group's ``member`` or a CareTeam's ``participant`` holds (at any depth:
+    a member, on whose behalf), as written. A consent naming the team opens to each of them
+    (``sources``: ``Group?member=``, ``CareTeam?participant=``)."""
+    if not isinstance(team, dict):
+        return frozenset()
+    found: set[str] = set()
+    stack: list[object] = [team.get(_MEMBERSHIP.get(str(team.get("resourceType")), ""))]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("reference")
+            if isinstance(ref, str):
+                found.add(ref)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return frozenset(found)

@@ -19,7 +19,7 @@ import orjson
 from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
-from gateway.core.deciding import DECIDING_TYPES, deciding_part
+from gateway.core.deciding import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
@@ -284,6 +284,42 @@ async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
         raise Refused(_DECIDING_REFUSAL)
 
 
+async def check_team_write(state: GatewayState, ex: Exchange) -> None:
+    """A consent may open records to a Group or CareTeam: whoever it holds reads them, so adding
+    a member is as much a consent write as the consent itself. An update that adds a member
+    (of an id the server does not hold: every member is added) or a patch (not judged by its
+    result) is made only by ``consent.writer_roles``, or by the patient a CareTeam is about for
+    his own. A create (the server names it: no consent names it yet), an update that adds no
+    member, and a delete pass."""
+    route = ex.route
+    if route.resource_type not in TEAM_TYPES or route.resource_id is None or ex.method not in ("PUT", "PATCH"):
+        return
+    if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
+        return
+    if ex.method == "PATCH" or route.interaction != "update":
+        raise Refused(_TEAM_REFUSAL)
+    stored = await read_target(state.upstream, f"{route.resource_type}/{route.resource_id}")
+    if stored is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    new = ex.resource
+    if not isinstance(new, dict) or new.get("resourceType") != route.resource_type:
+        raise Refused(_TEAM_REFUSAL)
+    if members_of(new) <= members_of(stored) or _own_care_team(ex, new, stored):
+        return
+    raise Refused(_TEAM_REFUSAL)
+
+
+def _own_care_team(ex: Exchange, new: JSON, stored: JSON | None) -> bool:
+    """A patient's own CareTeam, before and after: whom he lets in is his to say."""
+    me = ex.actor.reference
+    return me.startswith("Patient/") and new.get("resourceType") == "CareTeam" and all(
+        isinstance(team, dict) and relative_reference(reference_of(team.get("subject")) or "") == me
+        for team in (new, stored)
+    )
+
+
+_TEAM_REFUSAL = ("Members of a group or care team a consent may open records to are added only by those who "
+                 "may write consents.")
 _DECIDING_REFUSAL = ("This change would decide other records anew (a drug's codes or ingredients, a role's "
                      "practitioner or organization); it cannot be made through the consent gateway.")
 
@@ -457,6 +493,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
     await check_deciding_write(state, ex)
+    await check_team_write(state, ex)
     await check_version_target(state, ex)
     await check_consent_write(state, ex)
     prepare_projection(ex)

@@ -234,3 +234,117 @@ async def test_a_role_is_not_handed_over_to_release_what_was_written_through_it(
     status, _, body = await call(gateway, "PUT", f"/PractitionerRole/{ROLE_GOMEZ['id']}",
                                  body={**ROLE_GOMEZ, "telecom": [{"system": "phone", "value": "+1 555 0100"}]})
     assert status == 200, body
+
+
+# ================================================================ 3. who belongs to a group a consent names
+
+HIV_TEAM = {
+    "resourceType": "Group", "id": "grp-hiv-clinic-team-6b2", "type": "practitioner", "actual": True,
+    "name": "Infectious disease clinic", "member": [{"entity": {"reference": c.PSYCHIATRIST}}],
+}
+CARE_TEAM = {
+    "resourceType": "CareTeam", "id": "ct-ana-hiv-care-2d8", "status": "active",
+    "subject": {"reference": c.PAT_ANA}, "name": "Ana's care team",
+    "participant": [{"member": {"reference": c.PSYCHIATRIST}}],
+}
+
+
+def opening_to(team: str) -> dict[str, Any]:
+    """Ana's general opt-in, and her HIV records for the members of ``team`` only."""
+    consent = c.opt_in(c.PAT_ANA)
+    consent["provision"]["provision"] = [{
+        "type": "permit", "actor": [{"role": c.concept("http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                                       "PRCP", "primary information recipient"),
+                                     "reference": {"reference": team}}],
+        "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}],
+    }]
+    return consent
+
+
+def _members(fake: FakeFhir, rtype: str) -> Any:
+    def answer(request: web.Request) -> Any:
+        who = request.query.get("member") or request.query.get("participant")
+        found = [r for key, r in fake.resources.items() if key.startswith(f"{rtype}/") and (who is None or who in orjson.dumps(
+            r.get("member") or r.get("participant") or []).decode())]
+        return fake.bundle(found, f"{fake.base_url}/{rtype}")
+    return answer
+
+
+@pytest.fixture
+def teams(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(HIV_TEAM, CARE_TEAM, c.opt_in(c.PAT_BEN, "consent-ben-in"))
+    fake_fhir.override = routes({("GET", "/Group"): _members(fake_fhir, "Group"),
+                                 ("GET", "/CareTeam"): _members(fake_fhir, "CareTeam")})
+    return fake_fhir
+
+
+def joined(team: dict[str, Any], who: str) -> dict[str, Any]:
+    if team["resourceType"] == "Group":
+        return {**team, "member": [*team["member"], {"entity": {"reference": who}}]}
+    return {**team, "participant": [*team["participant"], {"member": {"reference": who}}]}
+
+
+async def hiv_closed_to_doctor(gateway: GatewayUnderTest) -> None:
+    async with gateway.session.post(f"{gateway.admin_url}/cache/invalidate", json={}) as resp:
+        assert resp.status == 200  # memberships are kept like consents: read them afresh
+    status, headers, body = await call(gateway, "GET", f"/Condition/{HIV_ID}")
+    assert status == 403, body
+    assert leaks(body, headers, HIV_SECRETS) == []
+
+
+@pytest.mark.parametrize("team", [HIV_TEAM, CARE_TEAM], ids=["group", "care-team"])
+@pytest.mark.parametrize("door", ["update", "batch", "patch", "update-as-create"])
+async def test_a_clinician_does_not_join_the_team_a_consent_opens_to(
+    teams: FakeFhir, gateway: GatewayUnderTest, team: dict[str, Any], door: str,
+) -> None:
+    """Ana opens her HIV records to one team. Dr Gomez (general access only) adds himself to it
+    and would read them: membership is part of the consent, and only who may write consents
+    changes it (removing members closes, and passes)."""
+    url = f"{team['resourceType']}/{team['id']}"
+    teams.add(opening_to(url))
+    status, _, body = await call(gateway, "GET", f"/Condition/{HIV_ID}", actor=c.PSYCHIATRIST)
+    assert status == 200, body  # the team's member reads them
+    await hiv_closed_to_doctor(gateway)
+    bigger = joined(team, c.DOCTOR)
+    if door == "update":
+        status, headers, body = await call(gateway, "PUT", f"/{url}", body=bigger)
+    elif door == "batch":
+        status, headers, body = await call(gateway, "POST", "/", body=batch(("PUT", url, bigger)))
+        assert status == 200, body
+        (slot,) = slots(body)
+        assert slot["response"]["status"].startswith("403"), slot
+        status = 403
+    elif door == "patch":
+        key, value = ("member", {"entity": {"reference": c.DOCTOR}}) if team["resourceType"] == "Group" else (
+            "participant", {"member": {"reference": c.DOCTOR}})
+        status, headers, body = await call(gateway, "PATCH", f"/{url}", body=[{"op": "add", "path": f"/{key}/-", "value": value}],
+                                           **{"Content-Type": "application/json-patch+json"})
+    else:
+        teams.resources.pop(url)  # a team the consent names that the server does not hold (yet)
+        status, headers, body = await call(gateway, "PUT", f"/{url}", body=bigger)
+    if door != "batch":
+        is_outcome(status, headers, body, 403)
+    assert writes_sent(teams, team["resourceType"]) == []
+    await hiv_closed_to_doctor(gateway)
+
+
+async def test_teams_are_still_made_and_members_removed(teams: FakeFhir, make_gateway: MakeGateway) -> None:
+    """A new team (the server names it: no consent names it yet), a team left as big as it was,
+    a member removed: nothing opens. A consent writer adds members; the patient to his own team."""
+    gateway = await make_gateway(teams.base_url, consent={"writer_roles": ["CONSENTER"], "change_poll_s": 0})
+    teams.add(opening_to(f"CareTeam/{CARE_TEAM['id']}"))
+    url = f"/CareTeam/{CARE_TEAM['id']}"
+    status, _, body = await call(gateway, "POST", "/CareTeam", body={k: v for k, v in joined(CARE_TEAM, c.DOCTOR).items() if k != "id"})
+    assert status == 201, body
+    status, _, body = await call(gateway, "PUT", url, body={**CARE_TEAM, "name": "Ana's team"})
+    assert status == 200, body
+    status, _, body = await call(gateway, "PUT", url, body={**CARE_TEAM, "participant": []})
+    assert status == 200, body
+    status, _, body = await call(gateway, "PUT", url, actor=c.PAT_ANA, body=CARE_TEAM)
+    assert status == 200, body  # Ana lets her psychiatrist back in
+    status, _, body = await call(gateway, "PUT", url, actor=c.PAT_BEN, body=joined(CARE_TEAM, c.PAT_BEN))
+    assert status == 403, body  # not Ben's team
+    status, _, body = await call(gateway, "PUT", url, actor=c.PSYCHIATRIST, body=joined(CARE_TEAM, c.DOCTOR),
+                                 **{"X-Actor-Role": "CONSENTER"})
+    assert status == 200, body
