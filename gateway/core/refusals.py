@@ -27,6 +27,9 @@ UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", 
 COMPUTING_OPERATIONS = frozenset({
     "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
     "$populate", "$member-match",
+    # $populate's siblings (R4 Questionnaire, SDC): the prefilled form as HTML, or a link to a
+    # page that shows it outside the gateway; cqf-ruler's $prepopulate.
+    "$populatehtml", "$populatelink", "$prepopulate",
     # How many records of each type the server holds (HAPI FHIR, SMART's bulk data server; Blaze's
     # $totals): _summary=count of every type at once.
     "$get-resource-counts", "$totals",

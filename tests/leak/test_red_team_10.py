@@ -348,3 +348,34 @@ async def test_teams_are_still_made_and_members_removed(teams: FakeFhir, make_ga
     status, _, body = await call(gateway, "PUT", url, actor=c.PSYCHIATRIST, body=joined(CARE_TEAM, c.DOCTOR),
                                  **{"X-Actor-Role": "CONSENTER"})
     assert status == 200, body
+
+
+# ================================================================ 4. operations computed over records
+
+
+@pytest.mark.parametrize("operation", ["$populatehtml", "$populatelink", "$prepopulate"])
+@pytest.mark.parametrize("how", ["GET", "POST-form", "batch"])
+async def test_a_form_prefilled_from_hidden_records_is_refused(
+    world: FakeFhir, gateway: GatewayUnderTest, operation: str, how: str,
+) -> None:
+    """A form prefilled from what the server knows of Ana (an HIV questionnaire answered from her
+    records), as HTML or as a link to a page outside the gateway: made of no resource the
+    gateway could withhold, so refused like $populate."""
+    world.override = routes({("GET", f"/Questionnaire/q-hiv-intake-1/{operation}"): lambda r: web.Response(
+        text="<html>HIV disease since 2021 (B20)</html>", content_type="text/html")})
+    path = f"/Questionnaire/q-hiv-intake-1/{operation}"
+    if how == "GET":
+        status, headers, body = await call(gateway, "GET", f"{path}?subject={c.PAT_ANA}")
+    elif how == "POST-form":
+        status, headers, body = await call(gateway, "POST", path, body=f"subject={c.PAT_ANA}".encode(),
+                                           **{"Content-Type": "application/x-www-form-urlencoded"})
+    else:
+        status, headers, body = await call(gateway, "POST", "/", body=batch(("GET", f"{path.lstrip('/')}?subject={c.PAT_ANA}")))
+        assert status == 200, body
+        (slot,) = slots(body)
+        assert slot["response"]["status"].startswith("403"), slot
+        status = 403
+    if how != "batch":
+        is_outcome(status, headers, body, 403)
+    assert leaks(body, headers, HIV_SECRETS) == []
+    assert not any(operation in r.path_qs for r in world.requests)
