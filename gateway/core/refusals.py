@@ -68,11 +68,14 @@ def unfilterable(
     return None
 
 
-def conditional_write(method: str, parts: tuple[str, ...], has_query: bool, if_none_exist: str | None) -> str | None:
-    """A conditional write selects records by a search whose answer may be hidden."""
+def conditional_write(method: str, parts: tuple[str, ...], if_none_exist: str | None) -> str | None:
+    """A conditional write selects records by a search whose answer may be hidden; an update,
+    patch or delete of a type (``DELETE Condition?code=B20``) or of the base is one."""
     if if_none_exist:
         return "conditional:create"
-    if method in ("PUT", "PATCH", "DELETE") and len(parts) == 1 and has_query:
+    # SECURITY: without a query (``DELETE Condition``, or at the base) the search matches every
+    # record: a server that runs it changes hidden ones and may count or name them.
+    if method in ("PUT", "PATCH", "DELETE") and len(parts) <= 1:
         return f"conditional:{method.lower()}"
     return None
 

@@ -156,7 +156,7 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     why = unfilterable(route.parts, route.operation, ex.query)
     condition = ex.query
     if why is None:
-        why = conditional_write(ex.method, route.parts, bool(ex.query), ex.if_none_exist)
+        why = conditional_write(ex.method, route.parts, ex.if_none_exist)
         if ex.if_none_exist:
             condition = parse_qsl(ex.if_none_exist, keep_blank_values=True)
     if why is None:
@@ -170,6 +170,35 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
             return
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
+
+
+async def check_conditional_matches(state: GatewayState, ex: Exchange) -> None:
+    """A conditional update, patch or delete let through (every patient it names permits the
+    requester outright: a patient's own records) still changes only what he may read: the
+    gateway runs its search first and refuses (403) when a match is withheld (a record he shares
+    with another patient who does not permit him), when the matches do not fit one page, or when
+    the search fails (fail closed). The server runs the search again; what changed in between is
+    not seen."""
+    route = ex.route
+    if ex.method not in ("PUT", "PATCH", "DELETE") or len(route.parts) != 1 or route.resource_type is None:
+        return
+    url = state.upstream.url_for(route.resource_type, "&".join(filter(None, (ex.forwarded_query, "_count=100"))))
+    try:
+        answer = await state.upstream.request("GET", url, headers={"Accept": "application/fhir+json"})
+        page = strict_json.loads(answer.body) if answer.status == 200 else None
+    except ValueError:
+        page = None
+    if not isinstance(page, dict) or page.get("resourceType") != "Bundle":
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    if any(isinstance(link, dict) and link.get("relation") == "next" for link in page.get("link") or ()):
+        raise Refused(_MATCHES_REFUSAL)
+    resolved = await resolve_references(state, page)
+    result, _ = await state.enforcement.enforce(page, ex.actor, ex.purpose, confined=None, resolved=resolved)
+    if result.denied or result.removed:
+        raise Refused(_MATCHES_REFUSAL)
+
+
+_MATCHES_REFUSAL = "This conditional write would change records the requester may not read."
 
 
 def refuse_subscription(state: GatewayState, ex: Exchange) -> None:
@@ -490,6 +519,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
     refuse_subscription(state, ex)
+    await check_conditional_matches(state, ex)
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
     await check_deciding_write(state, ex)

@@ -308,8 +308,11 @@ async def answer_page(
     if view is None and spliceable and parsed is not None:
         view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
-        # SECURITY: an upstream error text can name a hidden record; keep only its codes.
-        scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
+        # SECURITY: an upstream error text can name a hidden record; keep only its codes. So can
+        # the text a write is answered with ("Successfully deleted 3 resource(s): ...").
+        scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else (
+            orjson.dumps(scrubbed_outcome(parsed, WRITE_DONE)) if ex.route.interaction in WRITE_INTERACTIONS else None
+        )
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
     if parsed is None:
         return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
@@ -485,6 +488,7 @@ def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Resp
     return response
 
 
+WRITE_DONE = "The request was processed."
 WRITE_WITHHELD: JSON = {
     "resourceType": "OperationOutcome",
     "issue": [{"severity": "information", "code": "informational",

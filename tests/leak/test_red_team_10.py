@@ -379,3 +379,97 @@ async def test_a_form_prefilled_from_hidden_records_is_refused(
         is_outcome(status, headers, body, 403)
     assert leaks(body, headers, HIV_SECRETS) == []
     assert not any(operation in r.path_qs for r in world.requests)
+
+
+# ================================================================ 5. writes with an empty search
+
+
+def _delete_every(fake: FakeFhir, rtype: str) -> Any:
+    """A server that reads a type-level delete as a conditional delete matching everything, and
+    says how many it removed (HAPI FHIR's text)."""
+    def answer(request: web.Request) -> Any:
+        gone = [k for k in fake.resources if k.startswith(f"{rtype}/")]
+        for key in gone:
+            fake.resources.pop(key)
+        return {"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational",
+                "diagnostics": f"Successfully deleted {len(gone)} resource(s): {', '.join(gone)}"}]}
+    return answer
+
+
+@pytest.mark.parametrize("method,path", [("DELETE", "/Condition"), ("PUT", "/Condition"), ("PATCH", "/Condition"),
+                                         ("DELETE", "/"), ("PUT", "/"), ("PATCH", "/")])
+async def test_a_write_by_an_empty_search_is_refused(
+    world: FakeFhir, gateway: GatewayUnderTest, method: str, path: str,
+) -> None:
+    """``DELETE Condition`` (no query) is a conditional delete whose search matches every
+    record: a server that runs it removes Ana's hidden HIV record and counts (or names) what it
+    removed; a write to the base is no FHIR interaction at all."""
+    world.override = routes({(method, path): _delete_every(world, "Condition")})
+    body = [{"op": "replace", "path": "/status", "value": "x"}] if method == "PATCH" else (
+        {**c.HIV_CONDITION, "code": c.ANA_HYPERTENSION["code"]} if method == "PUT" else None)
+    headers = {"Content-Type": "application/json-patch+json"} if method == "PATCH" else {}
+    status, got, answer = await call(gateway, method, path, body=body, **headers)
+    is_outcome(status, got, answer, 403)
+    assert leaks(answer, got, HIV_SECRETS) == []
+    assert f"Condition/{HIV_ID}" in world.resources and not any(r.method == method for r in world.requests)
+
+
+# ================================================================ 6. a patient's conditional writes
+
+# Ana's record that Ben asserted (a relative's report): in both compartments, so both decide it.
+JOINT = {**c.condition("cond-joint-htn-asserted-7f3", c.PAT_ANA, c.ANA_HYPERTENSION["code"], "2020-02-02"),
+         "asserter": {"reference": c.PAT_BEN}, "note": [{"text": "Reported by Ben Okafor at the family visit"}]}
+JOINT_SECRETS = (JOINT["id"], "Reported by Ben", "family visit")
+
+
+def _conditional(fake: FakeFhir) -> Any:
+    """A server that runs a conditional delete/update by ``patient`` and names what it changed."""
+    def answer(request: web.Request) -> Any:
+        patient = request.query.get("patient", "")
+        hit = [k for k, r in fake.resources.items() if k.startswith("Condition/") and orjson.dumps(r).find(patient.encode()) >= 0]
+        if request.method == "DELETE":
+            for key in hit:
+                fake.resources.pop(key)
+        return {"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational",
+                "diagnostics": f"Successfully changed {len(hit)} resource(s): {', '.join(hit)}"}]}
+    return answer
+
+
+@pytest.fixture
+def joint(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_out(c.PAT_BEN, "consent-ben-out"), JOINT)
+    fake_fhir.override = routes({("DELETE", "/Condition"): _conditional(fake_fhir),
+                                 ("PATCH", "/Condition"): _conditional(fake_fhir)})
+    return fake_fhir
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PATCH"])
+async def test_a_patients_conditional_write_does_not_reach_a_record_she_may_not_read(
+    joint: FakeFhir, gateway: GatewayUnderTest, method: str,
+) -> None:
+    """Ana may write her own records by a search (self access), but the record Ben asserted is
+    his too, and Ben opted out: she does not read it, so her search does not change it."""
+    status, _, body = await call(gateway, "GET", f"/Condition/{JOINT['id']}", actor=c.PAT_ANA)
+    assert status == 403, body
+    path = f"/Condition?patient={c.PAT_ANA}"
+    patch = [{"op": "add", "path": "/note/-", "value": {"text": "reviewed"}}]
+    status, headers, body = await call(gateway, method, path, actor=c.PAT_ANA, body=patch if method == "PATCH" else None,
+                                       **({"Content-Type": "application/json-patch+json"} if method == "PATCH" else {}))
+    is_outcome(status, headers, body, 403)
+    assert leaks(body, headers, JOINT_SECRETS) == []
+    assert f"Condition/{JOINT['id']}" in joint.resources and not any(r.method == method for r in joint.requests)
+
+
+async def test_a_patients_conditional_delete_of_her_own_records_passes_and_names_nothing(
+    joint: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """Without a shared record in the way the write goes through; the server's text (it names
+    what it changed) is not passed, only its codes."""
+    joint.resources.pop(f"Condition/{JOINT['id']}")
+    status, _, body = await call(gateway, "DELETE", f"/Condition?patient={c.PAT_ANA}", actor=c.PAT_ANA)
+    assert status == 200, body
+    outcome = orjson.loads(body)
+    assert outcome["issue"] == [{"severity": "information", "code": "informational",
+                                 "diagnostics": "The request was processed."}]
+    assert not any(k.startswith("Condition/") and c.PAT_ANA in orjson.dumps(r).decode() for k, r in joint.resources.items())
