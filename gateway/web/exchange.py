@@ -261,7 +261,12 @@ async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
             if _REFERENCE.match(ref) and _guarded(ref.split("/", 1)[0]) and ref != _everything_subject(route):
                 targets.add(ref)
     for target in sorted(targets):
-        await ensure_readable(state, target, ex.actor, ex.purpose)
+        found = await ensure_readable(state, target, ex.actor, ex.purpose)
+        if found is None and conceals(state):
+            # SECURITY: 404 mode: an operation on a missing record is answered as one on a hidden
+            # record, unsent: a server may run it anyway ($validate of the body sent, 200) or
+            # answer it in its own way, either telling which ids hold hidden records.
+            raise ConsentDenied("Access to this resource is not permitted.")
 
 
 def _everything_subject(route: Route) -> str | None:

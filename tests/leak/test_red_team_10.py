@@ -473,3 +473,59 @@ async def test_a_patients_conditional_delete_of_her_own_records_passes_and_names
     assert outcome["issue"] == [{"severity": "information", "code": "informational",
                                  "diagnostics": "The request was processed."}]
     assert not any(k.startswith("Condition/") and c.PAT_ANA in orjson.dumps(r).decode() for k, r in joint.resources.items())
+
+
+# ================================================================ 7. doors that held (kept as tests)
+
+MISSING_ID = "cond-nothing-here-rt10"
+
+
+@pytest.mark.parametrize("operation", ["$validate", "$meta-add", "$meta-delete", "$meta"])
+async def test_404_mode_an_operation_on_a_hidden_id_answers_like_one_on_a_missing_id(
+    world: FakeFhir, make_gateway: MakeGateway, operation: str,
+) -> None:
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
+    params = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": [{"code": "x"}]}}]}
+    hidden = await call(gateway, "POST", f"/Condition/{HIV_ID}/{operation}", body=params)
+    missing = await call(gateway, "POST", f"/Condition/{MISSING_ID}/{operation}", body=params)
+    assert hidden[0] == missing[0] == 404, hidden
+    assert hidden[2] == missing[2]
+    assert leaks(hidden[2], hidden[1], HIV_SECRETS) == []
+    assert not any(HIV_ID in r.path_qs and operation in r.path_qs for r in world.requests)
+
+
+async def test_a_write_answered_with_a_record_its_writer_may_not_read_names_nothing(
+    world: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """Dr Gomez records an HIV diagnosis for Ana (he knows what he wrote): the stored record,
+    with whatever the server added, is not shown, nor its address, version or time."""
+    new = {k: v for k, v in c.HIV_CONDITION.items() if k != "id"}
+    status, headers, body = await call(gateway, "POST", "/Condition", body=new, Prefer="return=representation")
+    assert status == 201, body
+    assert orjson.loads(body)["resourceType"] == "OperationOutcome"
+    assert not {"Location", "ETag", "Last-Modified", "Content-Location"} & set(headers)
+    assert leaks(body, headers, ("new", "B20", "Human immunodeficiency")) == []
+
+
+async def test_a_bulk_status_answer_is_not_passed(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """$export is refused; an export another client started is polled at a URL the server
+    chose. Its manifest is no FHIR resource the gateway can decide: refused, never passed."""
+    manifest = {"transactionTime": "2024-01-01T00:00:00Z", "request": f"{world.base_url}/$export",
+                "output": [{"type": "Condition", "url": f"{world.base_url}/Binary/export-condition-{HIV_ID}"}]}
+    world.override = routes({("GET", "/$export-poll-status"): lambda r: web.json_response(manifest)})
+    status, headers, body = await call(gateway, "GET", "/$export-poll-status?_jobId=0f3c")
+    assert status in (403, 502), body
+    assert leaks(body, headers, HIV_SECRETS) == []
+    for path in ("/$export", "/Patient/$export", f"/Group/grp-1/$export?_type=Condition"):
+        status, headers, body = await call(gateway, "GET", path)
+        is_outcome(status, headers, body, 403)
+
+
+async def test_a_message_or_document_bundle_at_the_base_is_not_processed(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    for kind in ("message", "document", "collection"):
+        bundle = {"resourceType": "Bundle", "type": kind, "entry": [{"resource": {**c.HIV_CONDITION, "id": "x1"}}]}
+        status, headers, body = await call(gateway, "POST", "/", body=bundle)
+        is_outcome(status, headers, body, 400)
+    status, headers, body = await call(gateway, "POST", "/$process-message", body={"resourceType": "Bundle", "type": "message"})
+    is_outcome(status, headers, body, 403)
+    assert not any(r.method == "POST" for r in world.requests)
