@@ -211,7 +211,7 @@ def refuse_subscription(state: GatewayState, ex: Exchange) -> None:
     found = subscription_criteria(ex.resource) if ex.method != "PATCH" else None
     if found is not None and state.settings.consent.patient_self_access:
         patients = named_patients(*found)
-        if patients == {ex.actor.reference}:  # named patients are Patient/<id>: a patient himself
+        if patients == frozenset({ex.actor.reference}):  # named patients are Patient/<id>: a patient himself
             return
     access_log.info("refused", extra={"reasons": ["subscription"]})
     raise Refused("Subscriptions cannot be made through the consent gateway: the FHIR server would send "
