@@ -544,15 +544,21 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
 
 # What the gateway reads from the FHIR server to decide other records (core.references).
 DECIDING_TARGETS = frozenset({"Medication", "Substance", "PractitionerRole"})
+# What consents' Group and CareTeam actors are read from (a requester's memberships).
+MEMBERSHIP_TYPES = frozenset({"Group", "CareTeam"})
 
 
 def evict_targets(state: GatewayState, route: Route) -> None:
     """Forget the cached copy of what a write changed: that instance, every one of its type
-    (a create or conditional write), or all of them (a batch or transaction)."""
+    (a create or conditional write), or all of them (a batch or transaction); a write of a
+    Group or CareTeam (or a batch) forgets every cached membership."""
     if route.interaction == "batch":
         state.medications.evict()
+        state.store.forget_memberships()
     elif route.resource_type in DECIDING_TARGETS:
         state.medications.evict(route.resource_type, route.resource_id)
+    elif route.resource_type in MEMBERSHIP_TYPES:
+        state.store.forget_memberships()
 
 
 def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> None:
