@@ -19,7 +19,7 @@ import orjson
 from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
-from gateway.core.deciding import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
+from gateway.core.deciding_writes import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 import orjson
 
 from gateway.core.compartment import is_patient_data
+from gateway.core.deciding_writes import DECIDING_TYPES
 from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
@@ -547,7 +548,7 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
 
 
 # What the gateway reads from the FHIR server to decide other records (core.references).
-DECIDING_TARGETS = frozenset({"Medication", "Substance", "PractitionerRole"})
+DECIDING_TARGETS = DECIDING_TYPES
 # What consents' Group and CareTeam actors are read from (a requester's memberships).
 MEMBERSHIP_TYPES = frozenset({"Group", "CareTeam"})
 

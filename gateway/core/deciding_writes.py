@@ -1,4 +1,4 @@
-"""What a record that decides other records holds of what decides them.
+"""Writes to records that decide other records: what of them decides.
 
 The gateway reads a ``Medication`` (and the ``Substance`` or ``Medication`` its ingredients
 name) to label the orders naming it, and a ``PractitionerRole`` to learn who wrote what
