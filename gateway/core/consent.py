@@ -470,25 +470,41 @@ def _frozen(items: set[str]) -> frozenset[str]:
     return frozenset(items) if items else NO_REFS
 
 
-def _policy_rule(consent: JSON) -> str:
-    """The v3 ActCode policyRule code (OPTIN, OPTOUT, ...), or "" when there is none.
+def _policy_rule(consent: JSON) -> tuple[str, bool]:
+    """(the v3 ActCode policyRule code: OPTIN, OPTOUT, ..., or "" when there is none; whether
+    the consent names both a permitting and a denying base).
 
     The policy URIs ``http://hl7.org/fhir/ConsentPolicy/opt-in`` / ``opt-out`` (as a
-    policyRule coding or a ``policy.uri``) count as OPTIN / OPTOUT.
+    policyRule coding or a ``policy.uri``) count as OPTIN / OPTOUT. A known code counts
+    wherever it stands among the policyRule's codings (a local code may come first); only
+    when none is known does the first v3 (or system-less) code name the rule (its base is the
+    default decision).
     """
     codings = list(iter_codings(consent.get("policyRule")))
+    known: list[str] = []
+    fallback = ""
     for coding in codings:
         code = coding.get("code")
-        if isinstance(code, str) and code in POLICY_URIS:
-            return POLICY_URIS[code]
-        if coding.get("system") in (V3_ACT_CODE, None) and isinstance(code, str):
-            return code
+        if not isinstance(code, str):
+            continue
+        if code in POLICY_URIS:
+            known.append(POLICY_URIS[code])
+        elif coding.get("system") in (V3_ACT_CODE, None):
+            if code in POLICY_RULE_TYPES:
+                known.append(code)
+            elif not fallback:
+                fallback = code
     policies = consent.get("policy")
     for policy in policies if isinstance(policies, list) else ():
         uri = policy.get("uri") if isinstance(policy, dict) else None
         if isinstance(uri, str) and uri in POLICY_URIS:
-            return POLICY_URIS[uri]
-    return ""
+            known.append(POLICY_URIS[uri])
+    bases = {POLICY_RULE_TYPES[code] for code in known}
+    if len(bases) > 1:
+        # SECURITY: opt-in and opt-out at once cannot be read either way; the consent is
+        # defective (a deny wherever it could deny), its base read as the deny.
+        return next(code for code in known if POLICY_RULE_TYPES[code] == DENY), True
+    return (known[0] if known else fallback), False
 
 
 def _retyped(node: Provision, ptype: str, rule: str, inherited: str) -> Provision:
@@ -551,7 +567,9 @@ def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
             compiler.defect("bad-date:dateTime")
         else:
             date_time = stamp.start
-    policy_rule = _policy_rule(consent)
+    policy_rule, conflicting = _policy_rule(consent)
+    if conflicting:
+        compiler.defect("conflicting-policy-rule")
     base = POLICY_RULE_TYPES.get(policy_rule, "")
     raw_root = consent.get("provision")
     if raw_root is None:

@@ -90,6 +90,7 @@ BASE_POLICY = "policyRule"
 READ_ACTIONS = frozenset({"access", "use", "disclose"})
 NO_REFS: Mapping[str, frozenset[str]] = MappingProxyType({})
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc)
 _INACTIVE = CONSENT_STATUSES - {"active"}
 # Skip rules about the consent as a whole rather than its root provision.
 _CONSENT_LEVEL = frozenset({"not-active", "scope-not-applicable"})
@@ -761,9 +762,15 @@ def _default_decision(
 
 
 def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
-    """The applicable consents with the latest ``dateTime`` (undated count as earliest)."""
+    """The applicable consents with the latest ``dateTime``.
+
+    SECURITY: an undated consent cannot be placed in time. An undated deny counts as the
+    latest (no dated permit overrules it), an undated permit as the earliest (it overrules
+    no dated deny): missing data never opens data."""
     def stamp(v: _Verdict) -> datetime:
-        return v.consent.date_time or _EARLIEST
+        outcome = v.outcome
+        denies = isinstance(outcome, _Outcome) and outcome.type == DENY
+        return v.consent.date_time or (_LATEST if denies else _EARLIEST)
 
     top = max(stamp(v) for v in applicable)
     return [v for v in applicable if stamp(v) == top]
@@ -1104,6 +1111,12 @@ def _preflight_consent(consent: CompiledConsent, req: _Request, policy: Policy) 
     return _Pre(consent, ptype, Reason(cid, where.path, where.rule or f"default-{ptype}"))
 
 
+def _pre_stamp(answer: _Pre) -> datetime:
+    """A pre-flight answer's place in time for latest-wins (``_latest``): an undated consent
+    that denies, or may deny, counts as the latest; an undated permit as the earliest."""
+    return answer.consent.date_time or (_EARLIEST if answer.kind == PERMIT else _LATEST)
+
+
 def preflight(
     consents: Sequence[CompiledConsent],
     ctx: RequestContext,
@@ -1136,8 +1149,8 @@ def preflight(
     combining = DENY_OVERRIDES
     if policy.combining == LATEST_WINS:
         combining = LATEST_WINS
-        top = max(a.consent.date_time or _EARLIEST for a in live)
-        live = [a for a in live if (a.consent.date_time or _EARLIEST) == top]
+        top = max(map(_pre_stamp, live))
+        live = [a for a in live if _pre_stamp(a) == top]
     kinds = {a.kind for a in live}
     if DENY in kinds:
         verdict = Verdict.DENY
