@@ -158,10 +158,11 @@ SCENARIOS: list[Scenario] = [
         (dr(**{"X-Purpose-Of-Use": "ETREAT"}), _obs("purpose"), 200),
         (dr(**{"X-Purpose-Of-Use": "HPAYMT"}), _obs("purpose"), 403),
     ]),
-    # a policyRule's OPTOUT counts wherever it stands among its codings
+    # a policyRule's OPTOUT counts wherever it stands among its codings (here after a local
+    # code written without a system)
     Scenario("rule-order", _plain("rule-order", consent(
         _p("rule-order"), "s5-rule-order-c", {}, "OPTIN",
-        policyRule={"coding": [{"system": "urn:s5:local-policy", "code": "HOSP-7"}, {"system": ACT, "code": "OPTOUT"}]})), [
+        policyRule={"coding": [{"code": "HOSP-7", "display": "hospital policy 7"}, {"system": ACT, "code": "OPTOUT"}]})), [
         (dr(), _obs("rule-order"), 403),
     ], PERMIT_DEFAULT),
     # latest-wins: an undated deny is not outranked by a dated permit
