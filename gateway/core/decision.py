@@ -17,7 +17,8 @@ Semantics (CONTRACT §5):
   ``code`` matches any coding anywhere in the resource. Confidentiality labels are a
   high-water mark: naming R covers U..R; a resource without one counts as N.
 - Across consents ``deny-overrides`` (any deny wins) or ``latest-wins`` (latest
-  ``dateTime``; ties fall back to deny-overrides). No applicable consent: the default.
+  ``dateTime``; ties fall back to deny-overrides; an undated deny counts as the latest, an
+  undated permit as the earliest). No applicable consent: the default.
 - A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
   path names it in ``securityLabel``; a general permit or a default permit does not.
 - A ``related`` target is looked up in the response (``known_refs``), else in what the
