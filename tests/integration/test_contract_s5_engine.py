@@ -298,3 +298,27 @@ async def test_an_unknown_purpose_is_refused(fhir_engine: Engine, make_gateway: 
         assert resp.status == 400
         body = await resp.json(content_type=None)
     assert body["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(
+    ("scenario_name", "reading", "counted"),
+    [
+        ("notthem", "exception", 1),   # untyped root with conditions
+        ("notthem", "scope", 1),       # counted whichever way the site reads it
+        ("grantor", "exception", 1),   # custodian beside a recipient: still conditions
+        ("out", "exception", 0),       # untyped root naming only the custodian: no condition
+        ("expired-notTime-deny", "exception", 0),  # untyped root with only a period
+        ("custodian", "exception", 0),  # typed root
+    ],
+)
+async def test_ambiguous_consents_are_counted(
+    fhir_engine: Engine, make_gateway: Callable[..., Any], scenario_name: str, reading: str, counted: int,
+) -> None:
+    scenario = next(s for s in SCENARIOS if s.name == scenario_name)
+    for resource in scenario.resources:
+        await engine_put(fhir_engine, resource)
+    gw: GatewayUnderTest = await make_gateway(fhir_engine.base_url, consent={"untyped_root": reading})
+    headers, ref, _ = scenario.reads[0]
+    async with gw.session.get(f"{gw.url}/{ref}", headers=headers) as resp:
+        assert resp.status in (200, 403)
+    assert gw.metric("consent_gateway_ambiguous_consents_total") == counted
