@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -87,6 +87,8 @@ KNOWN_MODIFIERS = frozenset({ACTORS_ALL_OF})
 # this server's) compiles to: no patient, requester, author or record of this server, so the
 # condition naming it is unknown. No reference is spelled this way.
 FOREIGN = "\0foreign-reference"
+# The smallest step between two instants (a DateRange's end is exclusive).
+_INSTANT = timedelta(microseconds=1)
 
 
 def opposite(ptype: str) -> str:
@@ -181,7 +183,7 @@ class CompiledConsent:
     patient: str | None
     status: str | None
     scopes: frozenset[str]
-    date_time: datetime | None
+    date_time: datetime | None  # the first instant ``dateTime`` covers
     policy_rule: str
     root: Provision
     defects: tuple[str, ...] = ()
@@ -192,6 +194,8 @@ class CompiledConsent:
     # consent version; a target missing here is unknown (unless in the same answer)
     related: Mapping[str, frozenset[str]] = field(default_factory=lambda: NO_RELATED)
     version: str | None = None  # meta.versionId, for the decision log
+    # the last instant ``dateTime`` covers at its precision ("2024-05-01": the whole day)
+    date_time_last: datetime | None = None
 
     @property
     def period(self) -> DateRange | None:
@@ -560,13 +564,14 @@ def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
     scopes = _scopes(consent)
     if not scopes:
         compiler.defect("missing-scope")
-    date_time = None
+    date_time = date_time_last = None
     if "dateTime" in consent:
         stamp = parse_date_range(consent["dateTime"])
         if stamp is None:
             compiler.defect("bad-date:dateTime")
         else:
             date_time = stamp.start
+            date_time_last = stamp.end - _INSTANT if stamp.end is not None else None
     policy_rule, conflicting = _policy_rule(consent)
     if conflicting:
         compiler.defect("conflicting-policy-rule")
@@ -592,6 +597,7 @@ def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
         root_sound=compiler.root_sound,
         scope_root=scope_root,
         version=_version_of(consent),
+        date_time_last=date_time_last,
     )
 
 

@@ -17,8 +17,9 @@ Semantics (CONTRACT §5):
   ``code`` matches any coding anywhere in the resource. Confidentiality labels are a
   high-water mark: naming R covers U..R; a resource without one counts as N.
 - Across consents ``deny-overrides`` (any deny wins) or ``latest-wins`` (latest
-  ``dateTime``; ties fall back to deny-overrides; an undated deny counts as the latest, an
-  undated permit as the earliest). No applicable consent: the default.
+  ``dateTime``; ties fall back to deny-overrides; a deny counts at the last instant its
+  ``dateTime`` covers, a permit at the first, undated ones last and first). No applicable
+  consent: the default.
 - A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
   path names it in ``securityLabel``; a general permit or a default permit does not.
 - A ``related`` target is looked up in the response (``known_refs``), else in what the
@@ -762,16 +763,23 @@ def _default_decision(
     return _permit_decision([], req, facts, policy, "default", reasons, errors)
 
 
-def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
-    """The applicable consents with the latest ``dateTime``.
+def _stamp(consent: CompiledConsent, denies: bool) -> datetime:
+    """A consent's place in time for latest-wins.
 
-    SECURITY: an undated consent cannot be placed in time. An undated deny counts as the
-    latest (no dated permit overrules it), an undated permit as the earliest (it overrules
-    no dated deny): missing data never opens data."""
+    SECURITY: when the order of a deny and a permit cannot be told, the deny is taken as the
+    later: a deny counts at the last instant its ``dateTime`` covers ("2024-05-01": the end of
+    that day), a permit at the first; an undated deny counts as the latest of all, an undated
+    permit as the earliest. Missing data never opens data."""
+    if denies:
+        return consent.date_time_last or (_LATEST if consent.date_time is None else consent.date_time)
+    return consent.date_time or _EARLIEST
+
+
+def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
+    """The applicable consents with the latest ``dateTime`` (``_stamp``)."""
     def stamp(v: _Verdict) -> datetime:
         outcome = v.outcome
-        denies = isinstance(outcome, _Outcome) and outcome.type == DENY
-        return v.consent.date_time or (_LATEST if denies else _EARLIEST)
+        return _stamp(v.consent, isinstance(outcome, _Outcome) and outcome.type == DENY)
 
     top = max(stamp(v) for v in applicable)
     return [v for v in applicable if stamp(v) == top]
@@ -1113,9 +1121,9 @@ def _preflight_consent(consent: CompiledConsent, req: _Request, policy: Policy) 
 
 
 def _pre_stamp(answer: _Pre) -> datetime:
-    """A pre-flight answer's place in time for latest-wins (``_latest``): an undated consent
-    that denies, or may deny, counts as the latest; an undated permit as the earliest."""
-    return answer.consent.date_time or (_EARLIEST if answer.kind == PERMIT else _LATEST)
+    """A pre-flight answer's place in time for latest-wins (``_stamp``): one that denies, or
+    may deny, counts as a deny."""
+    return _stamp(answer.consent, answer.kind != PERMIT)
 
 
 def preflight(
