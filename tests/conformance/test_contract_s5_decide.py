@@ -105,6 +105,23 @@ CASES: dict[str, Case] = {
         [consent("pr", {}, {"coding": [{"system": "urn:example:local", "code": "GENERAL"}, {"system": ACT, "code": "OPTIN"}]}),
          consent("pr2", {}, {"coding": [{"code": "hospital-general"}, {"system": ACT, "code": "OPTIN"}]})],
         "Practitioner/x", "permit"),
+    # class: a resource scope of rules/scopes.yaml (a laboratory Observation is LABS, vital signs not)
+    "class-resource-scope-labs": Case(
+        [consent("labs", {"type": "permit", "class": [{"system": "urn:consent-gateway:resource-scope", "code": "LABS"}]})],
+        "Practitioner/x", "permit", resource=observation(category=[{"coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}])),
+    "class-resource-scope-labs-not-vitals": Case(
+        [consent("labs", {"type": "permit", "class": [{"system": "urn:consent-gateway:resource-scope", "code": "LABS"}]})],
+        "Practitioner/x", "deny", resource=observation(category=[{"coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}])),
+    # code anywhere: a deny on a code in an extension withholds the record (default permit via
+    # an opt-in base)
+    "code-in-an-extension": Case(
+        [consent("code", {"provision": [{"type": "deny", "code": [{"coding": [
+            {"system": "http://snomed.info/sct", "code": "38341003"}]}]}]})],
+        "Practitioner/x", "deny", resource=observation(extension=[{
+            "url": "http://hl7.org/fhir/StructureDefinition/workflow-reasonCode",
+            "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]}}])),
     # confidentiality: the rules make R sensitive; a permit naming V opens it, naming N does not
     "restricted-opened-by-a-v-permit": Case(
         [consent("v", {"type": "permit", "securityLabel": [{"system": CONF, "code": "V"}]})],

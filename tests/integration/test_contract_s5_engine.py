@@ -213,6 +213,14 @@ SCENARIOS: list[Scenario] = [
         (dr(), "Observation/s5-pair-both", 403),
         (dr(), _obs("pair-a"), 200),
     ]),
+    # data in no patient compartment passes without a consent check (default deny here)
+    Scenario("nonpatient", [
+        {"resourceType": "Organization", "id": "s5-hospital", "name": "Good Health"},
+        {"resourceType": "Location", "id": "s5-ward", "name": "Ward 3"},
+    ], [
+        (dr(), "Organization/s5-hospital", 200),
+        (dr("Practitioner/s5-anyone"), "Location/s5-ward", 200),
+    ]),
     # the official R4 examples
     Scenario("notthem", _plain("notthem", hl7("notThem", _p("notthem"))), [
         (dr("Practitioner/f204"), _obs("notthem"), 403),
