@@ -301,10 +301,12 @@ async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
     result), an update of an id the server does not hold (records naming a missing drug or role
     are closed; giving it one would decide them) and a ``$meta-delete`` (its security labels)
     are refused. A create (the server names it: nothing names it yet) and a delete (what names
-    a missing one closes) pass."""
+    a missing one closes) pass, and so does any such write by ``consent.writer_roles``."""
     route = ex.route
     if route.resource_type not in DECIDING_TYPES or route.resource_id is None:
         return
+    if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
+        return  # who may rewrite any Consent may open anything already: a drug's correction is theirs
     if ex.method == "PATCH" or route.operation == "$meta-delete":
         raise Refused(_DECIDING_REFUSAL)
     if ex.method != "PUT" or route.interaction != "update":

@@ -613,3 +613,15 @@ async def test_a_message_or_document_bundle_at_the_base_is_not_processed(world: 
     status, headers, body = await call(gateway, "POST", "/$process-message", body={"resourceType": "Bundle", "type": "message"})
     is_outcome(status, headers, body, 403)
     assert not any(r.method == "POST" for r in world.requests)
+
+
+async def test_a_consent_writer_role_corrects_a_drug(pharmacy: FakeFhir, make_gateway: MakeGateway) -> None:
+    """Who may rewrite any Consent (``consent.writer_roles``) may open anything already: a drug's
+    correction by that role passes; the same write by another role does not."""
+    gateway = await make_gateway(pharmacy.base_url, consent={"writer_roles": ["CONSENTER"], "change_poll_s": 0})
+    med_url = f"/Medication/{BUPNAL_MEDICATION['id']}"
+    status, headers, body = await call(gateway, "PUT", med_url, body=RELABELLED, **{"X-Actor-Role": "PRCP"})
+    is_outcome(status, headers, body, 403)
+    status, _, body = await call(gateway, "PUT", med_url, body=RELABELLED, **{"X-Actor-Role": "CONSENTER"})
+    assert status == 200, body
+    assert writes_sent(pharmacy, "Medication") == [f"PUT /fhir{med_url}"]
