@@ -20,6 +20,7 @@ from gateway.core.fhir import (
     NO_BASES, Bases, JSON, contained_resource, iter_codings, local_reference, reference_base, relative_reference,
 )
 from gateway.core.labels import code_spellings
+from gateway.core.subscriptions import CRITERIA_ELEMENTS, subscription_patients
 
 Path = tuple[str, ...]
 
@@ -421,7 +422,8 @@ def patients_of(resource: JSON, ours: Bases = NO_BASES) -> frozenset[str]:
     rtype = resource.get("resourceType")
     plan = _COMPARTMENT_PLANS.get(rtype) if isinstance(rtype, str) else None
     if plan is None:
-        return frozenset()
+        # A Subscription is its criteria's patients' data (core.subscriptions).
+        return subscription_patients(resource) if rtype == "Subscription" else frozenset()
     names, deeper = plan
     found: set[str] = set()
     for name in names:
@@ -672,4 +674,6 @@ def deciding_elements(rtype: str) -> frozenset[str]:
     found.update(path[0] for path in CLINICAL_DATE.get(rtype, ()))
     found.update(path[0] for path in MAIN_CODE.get(rtype, _DEFAULT_CODE))
     found.update(AUTHOR_ELEMENTS)
+    if rtype == "Subscription":
+        found.update(CRITERIA_ELEMENTS)
     return frozenset(found)

@@ -866,7 +866,13 @@ def consent_reader(resource: JSON, patients: frozenset[str], ctx: RequestContext
 
     SECURITY: "withhold Condition/c1 from everyone" names the very record it hides and says why
     it is hidden; a requester the record is hidden from reads neither."""
-    if resource.get("resourceType") != "Consent":
+    rtype = resource.get("resourceType")
+    if rtype == "Subscription":
+        # Who watches a patient's records is hers and the consent writers' to read (besides
+        # what her consents open): core.subscriptions.
+        writer = ctx.actor.role is not None and ctx.actor.role in policy.consent_writers
+        return CONSENT_WRITER if writer else None
+    if rtype != "Consent":
         return None
     if ctx.actor.role is not None and ctx.actor.role in policy.consent_writers:
         return CONSENT_WRITER
@@ -911,7 +917,7 @@ def decide_resource(
         return UNKNOWN_TYPE
     if patients is None:
         patients = patients_of(resource, ours)
-    if rtype == "Consent":
+    if rtype == "Consent" or rtype == "Subscription":
         withheld = consent_reader(resource, patients, ctx, policy)
         if withheld is not None:
             return withheld

@@ -212,7 +212,8 @@ class ConsentJudge:
                 return UNRESOLVED
             medications = named
         labels = self.labels_for(resource)
-        if "provision" in resource:  # a Consent's (the only type with that element)
+        if "provision" in resource or resource.get("resourceType") == "Subscription":
+            # A Consent's (the only type with ``provision``) and a Subscription's readers
             withheld = consent_reader(resource, owners, self.ctx, self.policy)
             if withheld is not None:
                 return withheld

@@ -46,6 +46,7 @@ from gateway.core.fhir import JSON, provisions
 from gateway.core.memo import TextMemo
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
 from gateway.core.sensitivity_codes import CODES
+from gateway.core.subscriptions import CRITERIA_ELEMENTS, criteria_codes
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -270,7 +271,7 @@ _EXTRACTORS: dict[str, _Extractors] = {t: _extractors(t) for t in _CODE_PATHS}
 _DEFAULT_EXTRACTORS = _extractors("")
 _NO_EXTRACTORS: _Extractors = ((), ())
 # Types with label-bearing elements beyond their codes and meta.security.
-_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle"})
+_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle", "Subscription"})
 _NO_PLAN: frozenset[str] = frozenset()
 
 
@@ -295,6 +296,7 @@ _OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Composition": ("confidentiality",),
     "Consent": ("provision",),
     "Bundle": ("entry",),
+    "Subscription": CRITERIA_ELEMENTS,
 }
 
 
@@ -661,6 +663,14 @@ class LabelIndex:
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     self._collect(entry["resource"], hits, own)
+        elif rtype == "Subscription":
+            # Its criteria's codes (``code=http://loinc.org|75622-1``) say what it watches, as
+            # the records would.
+            for system, code in criteria_codes(resource):
+                if system:
+                    self._match_coding({"system": system, "code": code}, hits)
+                else:
+                    self._match_any_system(code, hits)
 
     def _match(self, value: Any, hits: list[_Hit]) -> None:
         if isinstance(value, list):
@@ -747,6 +757,17 @@ class LabelIndex:
             found = _systemless(code)
             if found is not None:
                 self._match_in(found, code, hits)
+
+    def _match_any_system(self, code: str, hits: list[_Hit]) -> None:
+        """A code that names no system (a search token ``code=B20``) matches a code of any: it
+        earns the labels of every system's code spelt so."""
+        for table in self._exact.values():
+            hit = table.get(code) or table.get(code.strip()) or (None if code.isascii() else table.get(plain_code(code)))
+            if hit is not None:
+                hits.append(hit)
+        self._match_icd(normalize_icd(code), hits)
+        for product in ndc_products(code):
+            hits.extend(self._ndc.get(product, ()))
 
     def _match_in(self, system: str, code: str, hits: list[_Hit]) -> None:
         """Match ``code`` as a code of ``system``, a canonical URI."""

@@ -20,7 +20,12 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # the records it would move.
 # ``$get-ws-binding-token`` (R4B Subscriptions backport) hands out a token to receive a
 # Subscription's notifications over the server's websocket, around the gateway.
-UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", "$merge", "$get-ws-binding-token"})
+# ``$events`` and ``$status`` (R4B/R5 Subscriptions, the R4 backport): a Subscription's events,
+# each with its number and ``focus`` reference, and counts of them: a withheld record's event
+# would still show in the numbering and the counts, so these answers cannot be filtered.
+UNFILTERABLE_OPERATIONS = frozenset({
+    "$graphql", "$export", "$process-message", "$merge", "$get-ws-binding-token", "$events", "$status",
+})
 # Operations whose answer is computed from records, not made of them (a MeasureReport's counts,
 # a CQL result, a statistic, a prefilled form, a matched member's identifier): it holds no
 # hidden record to withhold, yet says what the hidden ones are.
@@ -115,6 +120,12 @@ def _confining(params: Iterable[str]) -> frozenset[str]:
 
 # The search parameters that confine a search of each type to patients, built once.
 _CONFINING = {rtype: _confining(params) for rtype, params in PATIENT_COMPARTMENT.items()}
+
+
+def confining(rtype: str) -> frozenset[str]:
+    """The search parameters that confine a search of ``rtype`` to patients (``_id`` on Patient)."""
+    links = _CONFINING.get(rtype, frozenset())
+    return links | {"_id"} if rtype == "Patient" else links
 
 
 def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> frozenset[str] | None:

@@ -206,8 +206,8 @@ def refuse_subscription(state: GatewayState, ex: Exchange) -> None:
     around the gateway, for as long as it lives (a consent revoked later cannot stop it): it is
     refused (403), except a patient's own whose criteria name only that patient (self access,
     CONTRACT §5, which no consent revokes). Deleting one passes."""
-    if subscription_write(ex.method, ex.route.resource_type) is None:
-        return
+    if subscription_write(ex.method, ex.route.resource_type) is None or ex.route.interaction == "search":
+        return  # ``POST Subscription/_search`` reads (decided like any read)
     found = subscription_criteria(ex.resource) if ex.method != "PATCH" else None
     if found is not None and state.settings.consent.patient_self_access:
         patients = named_patients(*found)
