@@ -236,8 +236,10 @@ async def ensure_readable(state: GatewayState, reference: str, actor: Actor, pur
 
 
 def _guarded(resource_type: str | None) -> bool:
-    """Types whose instances are decided by consent (a Binary by its security context)."""
-    return resource_type is not None and (is_patient_data(resource_type) or resource_type == "Binary")
+    """Types whose instances are decided by consent (a Binary by its security context, a
+    Subscription by the patients and codes its criteria name)."""
+    return resource_type is not None and (
+        is_patient_data(resource_type) or resource_type == "Binary" or resource_type == "Subscription")
 
 
 async def check_operation_target(state: GatewayState, ex: Exchange) -> None:

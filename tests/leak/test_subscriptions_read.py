@@ -24,7 +24,7 @@ import pytest
 
 from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
-from tests.leak.test_side_doors import MakeGateway, batch, call, ids_in, leaks, routes, slots
+from tests.leak.test_side_doors import MakeGateway, batch, call, ids_in, leaks, routes, sent_upstream, slots
 
 ANA_ID = c.PAT_ANA.split("/", 1)[1]
 BACKPORT_FILTER = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria"
@@ -193,3 +193,23 @@ async def test_subscription_events_do_not_name_withheld_records(
     status, _, body = await call(gateway, "POST", "/", body=batch(("GET", f"Subscription/{ALL_CBC['id']}/{operation}")))
     assert leaks(body, None, (c.HIV_TEST["id"], c.HIV_CONDITION["id"])) == [], body
     assert all(s["response"]["status"].startswith("403") for s in slots(body)), body
+
+
+@pytest.mark.parametrize("mode", [403, 404])
+async def test_a_hidden_subscription_is_not_deleted_nor_its_versions_read(
+    world: FakeFhir, make_gateway: MakeGateway, mode: int,
+) -> None:
+    """Nobody changes what he may not see: a delete (200 where a missing one is a 404) would
+    tell that it exists; in 404 mode its versions read as a missing record's."""
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": mode})
+    sid = HIV_RESULTS["id"]
+    status, headers, body = await call(gateway, "DELETE", f"/Subscription/{sid}")
+    assert status == mode and leaks(body, headers, SECRETS) == [], body
+    assert not any(line.startswith("DELETE") for line in sent_upstream(world))
+    assert f"Subscription/{sid}" in world.resources
+    for path in (f"/Subscription/{sid}/_history", f"/Subscription/{sid}/_history/1"):
+        status, headers, body = await call(gateway, "GET", path)
+        assert status == mode and leaks(body, headers, SECRETS) == [], body
+    # Her ordinary one: the doctor may read it, so he may delete it.
+    status, _, body = await call(gateway, "DELETE", f"/Subscription/{ANA_CBC['id']}")
+    assert status in (200, 204), body
