@@ -63,10 +63,9 @@ Tried and held (tests in section 7, or earlier passes' as named):
 
 Found and left open:
 - Subscriptions already stored (made at the server or before this pass) keep pushing; the
-  gateway cannot stop what the server sends elsewhere. Reading Subscriptions is not decided (a
-  Subscription is no patient's data), so one whose criteria name a patient and a sensitive code
-  tells that someone watches them; ``Subscription/<id>/$events`` answers are decided entry by
-  entry, but an event's ``focus`` reference keeps a withheld record's id.
+  gateway cannot stop what the server sends elsewhere. (Reading Subscriptions, left open here,
+  is decided since: a Subscription is its criteria's patients' data, labelled by their codes,
+  and ``$events``/``$status`` are refused; test_subscriptions_read.)
 - A patient's conditional create (``If-None-Exist`` naming herself) that matches a record she
   shares with someone who does not permit her is answered 200 (the withheld match, as an
   informational outcome) where no match is a 201; item 6's refusal is the same kind of answer.
