@@ -24,7 +24,7 @@ from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relati
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
-from gateway.core.projection import PROJECTION_PARAMS, Projection
+from gateway.core.projection import ELEMENT_PARAMS, PROJECTION_PARAMS, Projection
 from gateway.core.refusals import conditional_write, named_patients, unfilterable
 from gateway.web.identity import check_scopes
 from gateway.web.request import Route
@@ -58,7 +58,7 @@ class Exchange:
 
     @property
     def forwarded_query(self) -> str:
-        """The query string for the upstream: verbatim, minus every ``_elements``/``_summary``."""
+        """The query string for the upstream: verbatim, minus every ``_elements``/``_fields``/``_summary``."""
         return strip_projection(self.raw_query)
 
     @property
@@ -67,9 +67,9 @@ class Exchange:
 
 
 def strip_projection(raw: str) -> str:
-    """``raw`` without ``_elements``/``_summary`` (any modifier, any encoding): the gateway applies
+    """``raw`` without ``_elements``/``_fields``/``_summary`` (any modifier, any encoding): the gateway applies
     the projection after deciding, so the upstream cannot strip the codes that carry labels."""
-    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw):
+    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw and "_fields" not in raw):
         return raw
     kept = [
         item for item in raw.split("&")
@@ -392,7 +392,7 @@ def prepare_projection(ex: Exchange) -> None:
         ex.projection = None  # what from_query answers for no parameters, without building them
         return
     ex.projection = Projection.from_query(
-        [v for k, v in ex.query if k.split(":", 1)[0] == "_elements"],
+        [v for k, v in ex.query if k.split(":", 1)[0] in ELEMENT_PARAMS],
         [v for k, v in ex.query if k.split(":", 1)[0] == "_summary"],
     )
 
