@@ -16,7 +16,8 @@ from the FHIR server and hands everything to ``Resolved``; deciding stays pure.
 A ``Reference.display`` can name what it points at ("HIV-1 viral load 12000 copies/mL"):
 ``scrub_displays`` removes the display of every reference to patient data that the answer
 does not release; a reference to another server's patient data (a base not among ``ours``) is
-never released here, whatever this server's record of the same ``Type/id`` is.
+never released here, whatever this server's record of the same ``Type/id`` is. A narrative
+renders what its resource refers to, so it goes with them (``scrub_narrative``, ``scrub_listing``).
 """
 
 from __future__ import annotations
@@ -217,6 +218,12 @@ def lists_records(raw: bytes) -> bool:
     """Whether the JSON text ``raw`` (one entry's) may hold a resource whose narrative renders the
     records it lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
     return b'"Composition"' in raw or b'"List"' in raw
+
+
+def narrates(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` may hold a narrative (``text.div``; a ``\\u`` escape that could
+    spell one is ``has_u_escape``'s)."""
+    return b'"div"' in raw
 
 
 def has_u_escape(raw: bytes) -> bool:
@@ -630,8 +637,11 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
     while stack:
         node = pop()
         if type(node) is dict:
-            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released, ours):
-                changed = True
+            if "resourceType" in node:
+                if node["resourceType"] in LISTINGS:
+                    changed |= scrub_listing(node, released, ours)
+                elif "text" in node and node["resourceType"] not in _CONTAINERS:
+                    changed |= scrub_narrative(node, released, ours)
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
@@ -651,6 +661,42 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
 
 # Resources whose narrative renders the records they list: a summary's sections, a list's items.
 LISTINGS = frozenset({"Composition", "List"})
+# Resources that hold resources (decided and scrubbed one by one), with no narrative of their own
+# that renders them.
+_CONTAINERS = frozenset({"Bundle", "Parameters"})
+# A resource's own context: the patient it is about and the visit it was made at. Its narrative
+# names them, not another record.
+_CONTEXT_LINKS = frozenset({"subject", "patient", "encounter"})
+
+
+def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
+    """Remove the narrative of a resource (not a listing) that refers, beyond its own context
+    (``subject``, ``patient``, ``encounter``), to patient data not in ``released``; True if it was.
+
+    SECURITY: a narrative renders the resource and what it refers to: a lab report's its results
+    ("HIV-1 RNA 12000 copies/mL"), a Provenance, AuditEvent, Task, DetectedIssue or Communication
+    the record it is about, a panel its members. Read without them (alone, or beside the withheld
+    one), it would say what the withheld record is. Contained resources count as the resource's;
+    a reference naming only an identifier or a display is not followed (it names no record here).
+    """
+    stack: list[object] = [resource]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            ref = node.get("reference")
+            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
+                del resource["text"]
+                return True
+            own = "resourceType" in node
+            for key, value in node.items():
+                if (type(value) is dict or type(value) is list) and not (own and (key in _CONTEXT_LINKS or key == "text")):
+                    push(value)
+        elif type(node) is list:
+            for value in node:
+                if type(value) is dict or type(value) is list:
+                    push(value)
+    return False
 
 
 def scrub_listing(listing: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
@@ -707,7 +753,7 @@ def displays_scrubber(
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released, ours) and not lists_records(text):
+        if not may_name_unreleased(text, released, ours) and not lists_records(text) and not narrates(text):
             return text
         entry = orjson.loads(text)
         return orjson.dumps(entry) if scrub_displays(entry, released, ours) else text

@@ -112,3 +112,104 @@ async def test_fields_still_projects_what_is_released(world: FakeFhir, gateway: 
     cbc = orjson.loads(body)
     assert cbc["id"] == c.ANA_CBC["id"] and "subject" in cbc and "code" not in cbc and "valueQuantity" not in cbc
     assert any(t.get("code") == "SUBSETTED" for t in cbc["meta"].get("tag", []))
+
+
+# ---------------------------------------------------------------- 2. narratives naming hidden records
+
+
+VL_NARRATIVE = "HIV-1 RNA (viral load) 12000 copies/mL"
+# What a narrative may say of the hidden result; its id stays in the reference (CONTRACT §6).
+NARRATED = ("20447-9", "HIV 1 RNA", "HIV-1", "12000", "copies/mL", "viral load")
+
+
+def _narrative(text: str) -> dict[str, str]:
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{text}</div>'}
+
+
+LAB_REPORT = {
+    "resourceType": "DiagnosticReport", "id": "rep-lab-ana-0302", "status": "final",
+    "code": c.concept(c.LOINC, "11502-2", "Laboratory report"),
+    "subject": {"reference": c.PAT_ANA}, "effectiveDateTime": "2023-03-02T08:30:00Z",
+    "result": [{"reference": CBC_REF}, {"reference": VL_REF}],
+    "text": _narrative(f"Hemoglobin 13.2 g/dL; {VL_NARRATIVE}"),
+}
+CBC_REPORT = {
+    **LAB_REPORT, "id": "rep-cbc-ana-0302", "result": [{"reference": CBC_REF}],
+    "text": _narrative("Hemoglobin 13.2 g/dL"),
+}
+# Records about a record: each names the hidden result and says in its narrative what it is.
+ABOUT_HIDDEN = {
+    "Provenance": {"target": [{"reference": VL_REF}, {"reference": c.PAT_ANA}],
+                   "recorded": "2023-03-02T09:00:00Z", "agent": [{"who": {"reference": c.DOCTOR}}]},
+    "DetectedIssue": {"status": "final", "patient": {"reference": c.PAT_ANA}, "implicated": [{"reference": VL_REF}]},
+    "Task": {"status": "requested", "intent": "order", "for": {"reference": c.PAT_ANA}, "focus": {"reference": VL_REF}},
+    "Communication": {"status": "completed", "subject": {"reference": c.PAT_ANA},
+                      "payload": [{"contentReference": {"reference": VL_REF}}]},
+    "ClinicalImpression": {"status": "completed", "subject": {"reference": c.PAT_ANA},
+                           "finding": [{"itemReference": {"reference": VL_REF}}]},
+    "AuditEvent": {"type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110110"},
+                   "recorded": "2023-03-02T09:00:00Z", "agent": [{"who": {"reference": c.DOCTOR}, "requestor": True}],
+                   "source": {"observer": {"reference": c.DOCTOR}},
+                   "entity": [{"what": {"reference": c.PAT_ANA}}, {"what": {"reference": VL_REF}}]},
+    "Linkage": {"item": [{"type": "source", "resource": {"reference": VL_REF}},
+                         {"type": "alternate", "resource": {"reference": CBC_REF}}]},
+    "Observation": {"status": "final", "code": c.concept(c.LOINC, "11502-2", "Laboratory report"),
+                    "subject": {"reference": c.PAT_ANA}, "hasMember": [{"reference": VL_REF}]},
+}
+
+
+def about_hidden(rtype: str) -> dict[str, Any]:
+    return {"resourceType": rtype, "id": f"about-{rtype.lower()}-vl", **ABOUT_HIDDEN[rtype],
+            "text": _narrative(f"About: {VL_NARRATIVE}")}
+
+
+@pytest.mark.parametrize("door", ["read", "search", "include", "batch"])
+async def test_a_report_does_not_narrate_a_result_it_does_not_release(
+    world: FakeFhir, gateway: GatewayUnderTest, door: str,
+) -> None:
+    """A lab report's narrative renders its results; read without them (alone, or with the hidden
+    one withheld) it would say what the withheld one is."""
+    world.add(LAB_REPORT)
+    report_ref = f"DiagnosticReport/{LAB_REPORT['id']}"
+    if door == "include":
+        world.override = lambda r: _answer(r, "/DiagnosticReport", c.bundle(
+            [LAB_REPORT], world.base_url, include=(c.ANA_CBC, VIRAL_LOAD)))
+    path = {"read": f"/{report_ref}", "search": f"/DiagnosticReport?patient={c.PAT_ANA}",
+            "include": f"/DiagnosticReport?patient={c.PAT_ANA}&_include=DiagnosticReport:result", "batch": "/"}[door]
+    method = "POST" if door == "batch" else "GET"
+    status, headers, body = await call(gateway, method, path, body=batch(("GET", report_ref)) if door == "batch" else None)
+    assert status == 200, body
+    assert leaks(body, headers, NARRATED) == []
+    assert LAB_REPORT["id"] in body.decode()  # the report itself is released
+    assert VL_REF in body.decode()  # its reference stays
+
+
+async def _answer(request: web.Request, path: str, data: dict[str, Any]) -> web.StreamResponse | None:
+    return fhir(data) if request.method == "GET" and request.path.removeprefix("/fhir") == path else None
+
+
+async def test_a_narrative_naming_only_what_is_released_stays(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """A report whose results are all in the answer, and a result that refers to nothing but its
+    patient, keep their narratives."""
+    cbc = {**c.ANA_CBC, "text": _narrative("Hemoglobin 13.2 g/dL")}
+    world.add(cbc)
+    world.override = lambda r: _answer(r, "/DiagnosticReport", c.bundle([CBC_REPORT], world.base_url, include=(cbc,)))
+    status, _, body = await call(gateway, "GET", f"/DiagnosticReport?patient={c.PAT_ANA}&_include=DiagnosticReport:result")
+    assert status == 200, body
+    assert body.decode().count("Hemoglobin 13.2 g/dL") == 2, body
+    status, _, body = await call(gateway, "GET", f"/{CBC_REF}")
+    assert status == 200 and b"Hemoglobin 13.2 g/dL" in body, body
+
+
+@pytest.mark.parametrize("rtype", sorted(ABOUT_HIDDEN))
+@pytest.mark.parametrize("door", ["read", "search"])
+async def test_a_record_about_a_hidden_record_does_not_narrate_it(
+    world: FakeFhir, gateway: GatewayUnderTest, rtype: str, door: str,
+) -> None:
+    record = about_hidden(rtype)
+    world.add(record)
+    path = f"/{rtype}/{record['id']}" if door == "read" else f"/{rtype}?_id={record['id']}"
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 200, body
+    assert leaks(body, headers, NARRATED) == []
+    assert record["id"] in body.decode()
