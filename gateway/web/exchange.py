@@ -69,11 +69,15 @@ class Exchange:
 def strip_projection(raw: str) -> str:
     """``raw`` without ``_elements``/``_fields``/``_summary`` (any modifier, any encoding): the gateway applies
     the projection after deciding, so the upstream cannot strip the codes that carry labels."""
-    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw and "_fields" not in raw):
+    if not raw:
+        return raw
+    # SECURITY: in any case (``_ELEMENTS``), as a server that reads names so would take them.
+    low = raw.lower()
+    if "%" not in raw and "_elements" not in low and "_summary" not in low and "_fields" not in low:
         return raw
     kept = [
         item for item in raw.split("&")
-        if unquote(item.split("=", 1)[0]).split(":", 1)[0] not in PROJECTION_PARAMS
+        if unquote(item.split("=", 1)[0]).split(":", 1)[0].lower() not in PROJECTION_PARAMS
     ]
     return "&".join(kept)
 
@@ -108,7 +112,7 @@ def read_body_parameters(ex: Exchange) -> None:
                 value = param["valueReference"].get("reference")
             if isinstance(name, str) and value is not None:
                 ex.query.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
-                if name.split(":", 1)[0] in PROJECTION_PARAMS:
+                if name.split(":", 1)[0].lower() in PROJECTION_PARAMS:
                     continue
             kept.append(param)
         if len(kept) != len(params):
@@ -392,8 +396,8 @@ def prepare_projection(ex: Exchange) -> None:
         ex.projection = None  # what from_query answers for no parameters, without building them
         return
     ex.projection = Projection.from_query(
-        [v for k, v in ex.query if k.split(":", 1)[0] in ELEMENT_PARAMS],
-        [v for k, v in ex.query if k.split(":", 1)[0] == "_summary"],
+        [v for k, v in ex.query if k.split(":", 1)[0].lower() in ELEMENT_PARAMS],
+        [v for k, v in ex.query if k.split(":", 1)[0].lower() == "_summary"],
     )
 
 

@@ -213,3 +213,61 @@ async def test_a_record_about_a_hidden_record_does_not_narrate_it(
     assert status == 200, body
     assert leaks(body, headers, NARRATED) == []
     assert record["id"] in body.decode()
+
+
+# ---------------------------------------------------------------- 3. names in another case
+
+
+def _case_folding(fake: FakeFhir) -> Override:
+    """A server that reads parameter and operation names in any case: projections, reverse
+    chains and computing operations named in capitals still run there."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        path = request.path.removeprefix("/fhir")
+        pairs = [(k.lower(), v) for k, v in request.query.items()]
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[1].lower() == "$stats":
+            count = sum(1 for r in fake.resources.values() if r["resourceType"] == parts[0]
+                        and any(v in orjson.dumps(r).decode() for k, v in pairs if k == "code"))
+            return fhir({"resourceType": "Parameters", "parameter": [{"name": "count", "valueInteger": count}]})
+        if path == "/Patient" and any(k.startswith("_has:observation:") for k, _ in pairs):
+            wanted = [v for k, v in pairs if k.startswith("_has:")]
+            found = [p for p in (c.ANA, c.BEN) if any(
+                r.get("subject", {}).get("reference") == f"Patient/{p['id']}" and any(w in orjson.dumps(r).decode() for w in wanted)
+                for r in fake.resources.values() if r["resourceType"] == "Observation")]
+            return fhir(c.bundle(found, fake.base_url))
+        if request.method == "GET" and len(parts) == 2 and "/".join(parts) in fake.resources:
+            return fhir(_projected(fake.resources["/".join(parts)], next((v for k, v in pairs if k == "_elements"), None)))
+        return None
+
+    return override
+
+
+@pytest.mark.parametrize("path", [
+    f"/{VL_REF}?_ELEMENTS=id,subject,valueQuantity",
+    f"/{VL_REF}?_Elements:exclude=code",
+    f"/{VL_REF}?_%45LEMENTS=id,subject,valueQuantity",
+])
+async def test_a_projection_named_in_capitals_is_the_gateways_too(
+    world: FakeFhir, gateway: GatewayUnderTest, path: str,
+) -> None:
+    world.override = _case_folding(world)
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 403, body
+    assert leaks(body, headers, SECRETS) == []
+    assert not any("lements" in s.lower() for s in sent_upstream(world)), sent_upstream(world)
+
+
+@pytest.mark.parametrize("path", [
+    "/Patient?_HAS:Observation:patient:code=20447-9",
+    "/Patient?_Has:Observation:subject:code=20447-9",
+    f"/Observation/$STATS?patient={c.PAT_ANA}&code=20447-9",
+    f"/Observation/$Stats?subject={c.PAT_ANA}&code=20447-9",
+])
+async def test_refusals_hold_in_any_case(world: FakeFhir, gateway: GatewayUnderTest, path: str) -> None:
+    """Which patients have a hidden viral load, or how many: refused however the name is written."""
+    world.override = _case_folding(world)
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 403, body
+    assert orjson.loads(body)["issue"][0]["details"]["coding"][0]["code"] == "not-filterable"
+    assert c.PAT_ANA.split("/")[1] not in body.decode() and b"valueInteger" not in body
