@@ -220,10 +220,11 @@ def lists_records(raw: bytes) -> bool:
     return b'"Composition"' in raw or b'"List"' in raw
 
 
-def narrates(raw: bytes) -> bool:
-    """Whether the JSON text ``raw`` may hold a narrative (``text.div``; a ``\\u`` escape that could
-    spell one is ``has_u_escape``'s)."""
-    return b'"div"' in raw
+def names_records(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` may hold a narrative (``text.div``) or an AuditEvent, which
+    describe what they refer to (``scrub_narrative``, ``scrub_audit_entities``; a ``\\u`` escape
+    that could spell one is ``has_u_escape``'s)."""
+    return b'"div"' in raw or b'"AuditEvent"' in raw
 
 
 def has_u_escape(raw: bytes) -> bool:
@@ -638,10 +639,14 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
         node = pop()
         if type(node) is dict:
             if "resourceType" in node:
-                if node["resourceType"] in LISTINGS:
+                rtype = node["resourceType"]
+                if rtype in LISTINGS:
                     changed |= scrub_listing(node, released, ours)
-                elif "text" in node and node["resourceType"] not in _CONTAINERS:
-                    changed |= scrub_narrative(node, released, ours)
+                elif rtype not in _CONTAINERS:
+                    if rtype == "AuditEvent":
+                        changed |= scrub_audit_entities(node, released, ours)
+                    if "text" in node:
+                        changed |= scrub_narrative(node, released, ours)
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
@@ -667,6 +672,31 @@ _CONTAINERS = frozenset({"Bundle", "Parameters"})
 # A resource's own context: the patient it is about and the visit it was made at. Its narrative
 # names them, not another record.
 _CONTEXT_LINKS = frozenset({"subject", "patient", "encounter"})
+
+
+# What an AuditEvent's entity says of the record its ``what`` names.
+_ENTITY_DESCRIPTIONS = ("name", "description", "query", "detail", "securityLabel")
+
+
+def scrub_audit_entities(event: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
+    """Remove what each entity of an AuditEvent says of a record (its name, description, query,
+    details and labels) when its ``what`` is patient data not in ``released``; True if any was.
+
+    SECURITY: "HIV-1 viral load result" beside ``what: Observation/..`` is that record's display
+    under another name. The ``what`` reference stays, like references anywhere."""
+    changed = False
+    entities = event.get("entity")
+    for entity in entities if isinstance(entities, list) else ():
+        if not isinstance(entity, dict):
+            continue
+        what = reference_of(entity.get("what"))
+        if what is None or what.startswith("#") or not unreleased(what, released, ours):
+            continue
+        for key in _ENTITY_DESCRIPTIONS:
+            if key in entity:
+                del entity[key]
+                changed = True
+    return changed
 
 
 def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
@@ -753,7 +783,7 @@ def displays_scrubber(
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released, ours) and not lists_records(text) and not narrates(text):
+        if not may_name_unreleased(text, released, ours) and not lists_records(text) and not names_records(text):
             return text
         entry = orjson.loads(text)
         return orjson.dumps(entry) if scrub_displays(entry, released, ours) else text

@@ -271,3 +271,52 @@ async def test_refusals_hold_in_any_case(world: FakeFhir, gateway: GatewayUnderT
     assert status == 403, body
     assert orjson.loads(body)["issue"][0]["details"]["coding"][0]["code"] == "not-filterable"
     assert c.PAT_ANA.split("/")[1] not in body.decode() and b"valueInteger" not in body
+
+
+# ---------------------------------------------------------------- 4. AuditEvents about a hidden record
+
+
+def _audit(entity: dict[str, Any]) -> dict[str, Any]:
+    """A read of Ana's record as a FHIR server's audit trail (IHE BALP) writes it."""
+    return {
+        "resourceType": "AuditEvent", "id": f"ae-read-{len(orjson.dumps(entity))}",
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"}],
+        "action": "R", "recorded": "2023-03-02T09:00:00Z", "outcome": "0",
+        "agent": [{"who": {"reference": c.DOCTOR}, "requestor": True}],
+        "source": {"observer": {"reference": c.DOCTOR}},
+        "entity": [{"what": {"reference": c.PAT_ANA}, "role": {"code": "1"}}, entity],
+    }
+
+
+DESCRIBED = _audit({"what": {"reference": VL_REF}, "name": "HIV-1 viral load result",
+                    "description": VL_NARRATIVE, "detail": [{"type": "note", "valueString": VL_NARRATIVE}]})
+LABELLED = _audit({"what": {"reference": f"Observation/{c.ANA_CBC['id']}"},
+                   "securityLabel": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}]})
+
+
+@pytest.mark.parametrize("door", ["read", "search", "revinclude"])
+async def test_an_audit_event_does_not_describe_the_hidden_record_it_names(
+    world: FakeFhir, gateway: GatewayUnderTest, door: str,
+) -> None:
+    world.add(DESCRIBED)
+    if door == "revinclude":
+        world.override = lambda r: _answer(r, "/Observation", c.bundle(
+            [c.ANA_CBC, VIRAL_LOAD], world.base_url, include=(DESCRIBED,)))
+    path = {"read": f"/AuditEvent/{DESCRIBED['id']}", "search": f"/AuditEvent?_id={DESCRIBED['id']}",
+            "revinclude": f"/Observation?patient={c.PAT_ANA}&_revinclude=AuditEvent:entity"}[door]
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 200, body
+    assert leaks(body, headers, NARRATED) == []
+    if door != "revinclude":  # there the event goes with the withheld result that brought it
+        assert DESCRIBED["id"] in body.decode() and VL_REF in body.decode()
+
+
+async def test_an_audit_event_carries_the_labels_of_what_it_records(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """An AuditEvent whose entity is labelled HIV tells that Ana has HIV data: it is HIV data."""
+    world.add(LABELLED)
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent/{LABELLED['id']}")
+    assert status == 403, body
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent?_id={LABELLED['id']}")
+    assert status == 200 and LABELLED["id"] not in ids_in(body), body
+    assert leaks(body, headers, ("HIV", "v3-ActCode")) == []
