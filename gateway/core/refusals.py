@@ -48,7 +48,7 @@ def unfilterable(
         return f"operation:{op}"
     if op in UNFILTERABLE_ABOVE_INSTANCE and operation is not None and parts.index(operation) < 2:
         return f"operation:{op}"
-    if parts and parts[-1] == "_history" and len(parts) <= 2:
+    if parts and parts[-1].lower() == "_history" and len(parts) <= 2:
         return "history:type" if len(parts) == 2 else "history:system"
     for name, value in query:
         base = name.split(":", 1)[0].lower()

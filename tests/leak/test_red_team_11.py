@@ -230,6 +230,9 @@ def _case_folding(fake: FakeFhir) -> Override:
             count = sum(1 for r in fake.resources.values() if r["resourceType"] == parts[0]
                         and any(v in orjson.dumps(r).decode() for k, v in pairs if k == "code"))
             return fhir({"resourceType": "Parameters", "parameter": [{"name": "count", "valueInteger": count}]})
+        if parts and parts[-1].lower() == "_history" and len(parts) <= 2:
+            return fhir(c.history_bundle([r for r in fake.resources.values() if r["resourceType"] == "Observation"],
+                                         fake.base_url))
         if path == "/Patient" and any(k.startswith("_has:observation:") for k, _ in pairs):
             wanted = [v for k, v in pairs if k.startswith("_has:")]
             found = [p for p in (c.ANA, c.BEN) if any(
@@ -263,9 +266,12 @@ async def test_a_projection_named_in_capitals_is_the_gateways_too(
     "/Patient?_Has:Observation:subject:code=20447-9",
     f"/Observation/$STATS?patient={c.PAT_ANA}&code=20447-9",
     f"/Observation/$Stats?subject={c.PAT_ANA}&code=20447-9",
+    "/Observation/_HISTORY",
+    "/_History",
 ])
 async def test_refusals_hold_in_any_case(world: FakeFhir, gateway: GatewayUnderTest, path: str) -> None:
-    """Which patients have a hidden viral load, or how many: refused however the name is written."""
+    """Which patients have a hidden viral load, how many, or every version of every record: refused
+    however the name is written."""
     world.override = _case_folding(world)
     status, headers, body = await call(gateway, "GET", path)
     assert status == 403, body
