@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from gateway.core.compartment import (
-    ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
+    ROLE, author_references, authors_of, is_patient_data, patients_of, role_reference, UNKNOWN_AUTHOR,
 )
 from gateway.core.fhir import (
     NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, contained_resource, local_reference, reference_base, reference_of,
@@ -669,9 +669,8 @@ LISTINGS = frozenset({"Composition", "List"})
 # Resources that hold resources (decided and scrubbed one by one), with no narrative of their own
 # that renders them.
 _CONTAINERS = frozenset({"Bundle", "Parameters"})
-# A resource's own context: the patient it is about and the visit it was made at. Its narrative
-# names them, not another record.
-_CONTEXT_LINKS = frozenset({"subject", "patient", "encounter"})
+# A resource's own context: the visit it was made at. Its narrative names it, not another record.
+_CONTEXT_LINKS = frozenset({"encounter"})
 
 
 # What an AuditEvent's entity says of the record its ``what`` names.
@@ -700,8 +699,9 @@ def scrub_audit_entities(event: JSON, released: frozenset[str], ours: Bases = NO
 
 
 def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
-    """Remove the narrative of a resource (not a listing) that refers, beyond its own context
-    (``subject``, ``patient``, ``encounter``), to patient data not in ``released``; True if it was.
+    """Remove the narrative of a resource (not a listing) that refers, beyond its own patients
+    (``compartment.patients_of``) and its ``encounter``, to patient data not in ``released``;
+    True if it was.
 
     SECURITY: a narrative renders the resource and what it refers to: a lab report's its results
     ("HIV-1 RNA 12000 copies/mL"), a Provenance, AuditEvent, Task, DetectedIssue or Communication
@@ -709,18 +709,21 @@ def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_B
     one), it would say what the withheld record is. Contained resources count as the resource's;
     a reference naming only an identifier or a display is not followed (it names no record here).
     """
+    patients = patients_of(resource, ours)
     stack: list[object] = [resource]
     pop, push = stack.pop, stack.append
     while stack:
         node = pop()
         if type(node) is dict:
             ref = node.get("reference")
-            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
+            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours) \
+                    and local_reference(ref, ours) not in patients:
                 del resource["text"]
                 return True
-            own = "resourceType" in node
+            is_resource = "resourceType" in node
             for key, value in node.items():
-                if (type(value) is dict or type(value) is list) and not (own and (key in _CONTEXT_LINKS or key == "text")):
+                if (type(value) is dict or type(value) is list) \
+                        and not (is_resource and (key in _CONTEXT_LINKS or key == "text")):
                     push(value)
         elif type(node) is list:
             for value in node:

@@ -249,8 +249,8 @@ async def _answer(request: web.Request, path: str, data: dict[str, Any]) -> web.
 
 
 async def test_a_narrative_naming_only_what_is_released_stays(world: FakeFhir, gateway: GatewayUnderTest) -> None:
-    """A report whose results are all in the answer, and a result that refers to nothing but its
-    patient, keep their narratives."""
+    """A report whose results are all in the answer, and records that refer to nothing but their
+    patient (and practitioners), keep their narratives."""
     cbc = {**c.ANA_CBC, "text": _narrative("Hemoglobin 13.2 g/dL")}
     world.add(cbc)
     world.override = lambda r: _answer(r, "/DiagnosticReport", c.bundle([CBC_REPORT], world.base_url, include=(cbc,)))
@@ -259,6 +259,11 @@ async def test_a_narrative_naming_only_what_is_released_stays(world: FakeFhir, g
     assert body.decode().count("Hemoglobin 13.2 g/dL") == 2, body
     status, _, body = await call(gateway, "GET", f"/{CBC_REF}")
     assert status == 200 and b"Hemoglobin 13.2 g/dL" in body, body
+    task = {"resourceType": "Task", "id": "task-call-ana", "status": "requested", "intent": "order",
+            "for": {"reference": c.PAT_ANA}, "owner": {"reference": c.DOCTOR}, "text": _narrative("Call Ana back")}
+    world.add(task)
+    status, _, body = await call(gateway, "GET", "/Task/task-call-ana")
+    assert status == 200 and b"Call Ana back" in body, body
 
 
 @pytest.mark.parametrize("rtype", sorted(ABOUT_HIDDEN))
