@@ -21,8 +21,8 @@ Holes found and closed here:
    (``Provenance.target``, ``AuditEvent.entity``, ``Task.focus``, ``DetectedIssue.implicated``,
    ``Communication.payload``, ``ClinicalImpression.finding``, ``Linkage.item``). Red team 8 had
    closed this for Compositions and Lists only. The narrative of any released resource now goes
-   when it refers, beyond its own subject, patient and encounter, to patient data not released
-   in the same answer (also against the real engine: ``test_red_team_11_engine.py``).
+   when it refers, beyond the patients it belongs to and its encounter, to patient data not
+   released in the same answer (also against the real engine: ``test_red_team_11_engine.py``).
 3. AuditEvents (an audit trail the FHIR server keeps, IHE BALP): an entity whose ``what`` is the
    hidden record said what it is in ``name``/``description``/``detail``, and an entity's
    ``securityLabel`` (``HIV``) was not a label of the event, which was released to a general
