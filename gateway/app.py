@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -25,6 +26,7 @@ from gateway.core.model import CONFIDENTIALITY_RANK
 from gateway.core.sensitivity_codes import CODES as SENSITIVITY_CODES
 from gateway.rules import load_rules
 from gateway.sources.changes import ChangeFeed
+from gateway.sources.deciding import DecidingFeed, Forget
 from gateway.sources.factory import build_source
 from gateway.sources.fhir import FhirConsentSource
 from gateway.sources.store import ConsentStore
@@ -153,6 +155,25 @@ async def _once_listening(state: GatewayState, work: Callable[[], Awaitable[None
     await work()
 
 
+def _deciding_feeds(state: GatewayState, poll_s: float) -> list[DecidingFeed]:
+    """Polls of what decides besides Consents, on the server each is read from: memberships
+    where the consent source reads them (the consent server of a FHIR source, else the FHIR
+    server), Medications, Substances and PractitionerRoles on the FHIR server."""
+    targets: dict[str, Forget] = {
+        rtype: functools.partial(_forget_target, state, rtype) for rtype in sorted(proxy.DECIDING_TARGETS)
+    }
+    groups: dict[str, Forget] = {rtype: state.store.forget_memberships for rtype in sorted(proxy.MEMBERSHIP_TYPES)}
+    members_on = state.consent_server if state.settings.consent.source_kind == "fhir" else None
+    if members_on is None:
+        return [DecidingFeed(state.upstream, {**groups, **targets}, state.metrics, poll_s)]
+    return [DecidingFeed(state.upstream, targets, state.metrics, poll_s),
+            DecidingFeed(members_on, groups, state.metrics, poll_s)]
+
+
+def _forget_target(state: GatewayState, rtype: str, changed: str | None) -> None:
+    state.medications.evict(rtype, changed.partition("/")[2] if changed else None)
+
+
 async def _watch_dependencies(state: GatewayState) -> None:
     """Readiness: ping the FHIR server; ask the consent source when it has not answered lately."""
     interval = state.settings.upstream.health_interval_s
@@ -190,6 +211,8 @@ def build_proxy_app(state: GatewayState) -> web.Application:
         if poll_s > 0:
             feed = ChangeFeed(state.store, state.metrics, poll_s)
             tasks.append(asyncio.create_task(_once_listening(state, feed.run)))
+            for deciding in _deciding_feeds(state, poll_s):
+                tasks.append(asyncio.create_task(_once_listening(state, deciding.run)))
         audit_server = delivery = None
         # With several workers all of them append to the audit files and worker 0 alone
         # delivers them, so each line goes out once; it looks for the others' lines every

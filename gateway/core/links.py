@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import orjson
+
+from gateway.core.fhir import normal_base
 
 
 class LinkRewriter:
@@ -12,20 +15,34 @@ class LinkRewriter:
 
     Works on serialized JSON: any string value that starts with the upstream base (a link,
     a fullUrl, a location, an absolute reference) is rewritten in one pass per pattern.
+    ``also``: other bases the FHIR server writes for itself (``upstream.reference_bases``, its
+    external name when the gateway reaches it by an internal one), rewritten alike: a ``next``
+    link under them would send paging around the gateway.
     """
 
-    __slots__ = ("upstream", "public", "_pairs")
+    __slots__ = ("upstream", "public", "_bases", "_pairs")
 
-    def __init__(self, upstream_base: str, public_base: str) -> None:
+    def __init__(self, upstream_base: str, public_base: str, also: Iterable[str] = ()) -> None:
         self.upstream = upstream_base.rstrip("/")
         self.public = public_base.rstrip("/")
-        up = orjson.dumps(self.upstream)[:-1]  # '"http://h/fhir' with JSON escaping
+        # Each base as configured and in its normal spelling (as bases are compared), the
+        # upstream's own first; none that is the public base (nothing to rewrite there).
+        bases: list[str] = []
+        for base in (upstream_base, *also):
+            for spelling in (base.rstrip("/"), normal_base(base)):
+                if spelling not in bases and spelling != self.public:
+                    bases.append(spelling)
+        # The longest first: a base inside another is rewritten as itself.
+        self._bases = tuple(sorted(bases, key=len, reverse=True))
         pub = orjson.dumps(self.public)[:-1]
-        self._pairs = tuple((up + tail, pub + tail) for tail in (b"/", b'"', b"?"))
+        self._pairs = tuple(
+            (orjson.dumps(base)[:-1] + tail, pub + tail)  # '"http://h/fhir' with JSON escaping
+            for base in self._bases for tail in (b"/", b'"', b"?")
+        )
 
     def body(self, payload: bytes) -> bytes:
         """JSON bytes with every upstream-based string rewritten."""
-        if self.upstream == self.public:
+        if not self._pairs:
             return payload
         # One byte first: a search for it runs at memory speed, a two-byte one does not.
         if b"\\" in payload and (b"\\u" in payload or b"\\/" in payload):
@@ -46,9 +63,19 @@ class LinkRewriter:
 
     def header(self, value: str) -> str:
         """A Location-style header value rewritten when it points at the upstream."""
-        if under_base(value, self.upstream):
-            return self.public + value[len(self.upstream):]
+        for base in self._bases:
+            if under_base(value, base):
+                return self.public + value[len(base):]
         return value
+
+    def upstream_url(self, url: str) -> str | None:
+        """``url`` as the gateway reaches it when it names something of the FHIR server (under
+        the upstream base or one of the other bases it writes for itself); None otherwise (another
+        host or base, never read)."""
+        for base in self._bases:
+            if under_base(url, base):
+                return self.upstream + url[len(base):]
+        return None
 
 
 def under_base(url: str, base: str) -> bool:

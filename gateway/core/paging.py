@@ -11,8 +11,9 @@ Semantics:
   (``skip`` kept matches left out first, at most ``take`` after them). Includes stay only
   when at least one match of the page stays (those of matches cut off may go, never those of
   a match sent); a further page's outcome entries go (the first page's stay).
-- Only links under the upstream base are ever followed (``links.under_base``, the test
-  ``LinkRewriter.header`` rewrites by): a link to another host or base is never read.
+- Only links under the upstream base, or a base the server writes for itself, are ever followed
+  (``LinkRewriter.upstream_url``, by the test ``LinkRewriter.header`` rewrites by): a link to
+  another host or base is never read.
 - The gateway's own continuation parameter (``SKIP_PARAM``) says how many kept matches of the
   page it names were already sent. It counts only what the requester may see, so a value a
   client chooses can only skip its own visible records; anything but a whole number from 0 to

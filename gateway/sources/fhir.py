@@ -174,7 +174,7 @@ class FhirConsentSource:
 
         A listing too long to read in one poll yields one change with no patient: evict all.
         """
-        query = f"_lastUpdated=gt{_instant(since)}&_sort=_lastUpdated&_count={self.page_size}"
+        query = f"_lastUpdated=gt{instant_text(since)}&_sort=_lastUpdated&_count={self.page_size}"
         try:
             found = await self._pages(self.server.url_for("Consent", query), MAX_CHANGE_PAGES)
         except _TooManyPages as exc:
@@ -192,7 +192,7 @@ class FhirConsentSource:
         """
         if not self.history:
             return []
-        url: URL | None = self.server.url_for("Consent/_history", f"_since={_instant(since)}&_count={self.page_size}")
+        url: URL | None = self.server.url_for("Consent/_history", f"_since={instant_text(since)}&_count={self.page_size}")
         deleted: list[ConsentChange] = []
         for _ in range(MAX_CHANGE_PAGES):
             if url is None:
@@ -252,7 +252,11 @@ def _matches(bundle: JSON) -> list[JSON]:
 
 def _updated(resource: JSON) -> datetime | None:
     meta = resource.get("meta")
-    raw = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    return parse_instant(meta.get("lastUpdated") if isinstance(meta, dict) else None)
+
+
+def parse_instant(raw: object) -> datetime | None:
+    """A FHIR instant (the server's clock); None when absent or unreadable."""
     if not isinstance(raw, str):
         return None
     try:
@@ -262,7 +266,8 @@ def _updated(resource: JSON) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
-def _instant(when: datetime) -> str:
+def instant_text(when: datetime) -> str:
+    """``when`` as a FHIR instant in UTC, to the millisecond."""
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -373,6 +373,11 @@ class ConsentStore:
         self.probes = await self._counted(self.source.probe(), lookup_error=False)
         return self.probes
 
+    def forget_memberships(self, _changed: str | None = None) -> None:
+        """Forget every cached Group and CareTeam membership (one of them changed: ``_changed``,
+        which cannot tell whose membership it was, a member taken off naming no one)."""
+        self._groups.clear()
+
     async def memberships(self, actor: str) -> frozenset[str]:
         """The Groups and CareTeams ``actor`` belongs to (cached like consents)."""
         cached = self._groups.get(actor)

@@ -81,7 +81,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
         headers={"Accept": "application/fhir+json", "X-Request-Id": info.request_id},
     )
     state.metrics.upstream_duration.observe(upstream.seconds)
-    links = link_rewriter(state.upstream.base_url, public_base(request, state, route))
+    links = link_rewriter(state.upstream.base_url, public_base(request, state, route),
+                          state.settings.upstream.reference_bases)
     try:
         parsed = orjson.loads(upstream.body) if upstream.body else None
     except orjson.JSONDecodeError:

@@ -89,9 +89,10 @@ def _public_base(forwarded_proto: str, forwarded_host: str, scheme: str, host: s
 
 
 @functools.lru_cache(maxsize=64)
-def link_rewriter(upstream_base: str, public: str) -> LinkRewriter:
-    """The (immutable) rewriter for a pair of bases, built once: a base rarely changes."""
-    return LinkRewriter(upstream_base, public)
+def link_rewriter(upstream_base: str, public: str, also: tuple[str, ...] = ()) -> LinkRewriter:
+    """The (immutable) rewriter for a pair of bases (and the other bases the FHIR server writes
+    for itself, ``upstream.reference_bases``), built once: a base rarely changes."""
+    return LinkRewriter(upstream_base, public, also)
 
 
 def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
@@ -281,7 +282,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body = orjson.dumps({"resourceType": "Bundle", "type": f"{plan.kind}-response", "entry": plan.answer([])})
         return web.Response(body=body, content_type="application/fhir+json", headers={"X-Consent-Decision": "deny"})
     upstream = await send(state, request, ex, info.request_id)
-    links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route))
+    links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route),
+                          state.settings.upstream.reference_bases)
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
         evict_consents(state, request.method, ex.route, ex.body, upstream)
     response = await answer_page(state, request, ex, upstream, links, plan)
@@ -543,15 +545,21 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
 
 # What the gateway reads from the FHIR server to decide other records (core.references).
 DECIDING_TARGETS = frozenset({"Medication", "Substance", "PractitionerRole"})
+# What consents' Group and CareTeam actors are read from (a requester's memberships).
+MEMBERSHIP_TYPES = frozenset({"Group", "CareTeam"})
 
 
 def evict_targets(state: GatewayState, route: Route) -> None:
     """Forget the cached copy of what a write changed: that instance, every one of its type
-    (a create or conditional write), or all of them (a batch or transaction)."""
+    (a create or conditional write), or all of them (a batch or transaction); a write of a
+    Group or CareTeam (or a batch) forgets every cached membership."""
     if route.interaction == "batch":
         state.medications.evict()
+        state.store.forget_memberships()
     elif route.resource_type in DECIDING_TARGETS:
         state.medications.evict(route.resource_type, route.resource_id)
+    elif route.resource_type in MEMBERSHIP_TYPES:
+        state.store.forget_memberships()
 
 
 def log_access(method: str, info: RequestInfo, status: int, seconds: float) -> None:

@@ -4,7 +4,8 @@ Without it a page that lost matches is short yet has a ``next`` link, which neve
 when nothing is hidden, and a page whose every match was withheld comes back empty with one:
 "there are matching records you cannot see". When an answer is a search set (a search,
 ``_search``, an operation's pages), lost at least one match, and has a ``next`` link, the
-gateway follows the upstream's own ``next`` links (only under the upstream base), decides
+gateway follows the upstream's own ``next`` links (only under the upstream base, or a base
+it writes for itself: ``upstream.reference_bases``), decides
 each further page for the same requester and purpose through the very pipeline of the first
 (``answer_page``: references, labels, Binary contexts, orphan includes, display scrubbing,
 disclosures), and gathers kept matches until it holds the page size (the first upstream
@@ -32,7 +33,7 @@ from aiohttp.payload import Payload
 from multidict import CIMultiDict
 
 from gateway.core.errors import BadRequest, UpstreamUnavailable
-from gateway.core.links import LinkRewriter, under_base
+from gateway.core.links import LinkRewriter
 from gateway.core.paging import (
     SKIP_PARAM, AnswerParts, PageWindow, answer_parts, carries_notice, read_skip, refilled, upstream_page, with_notice,
     with_skip, without_previous,
@@ -117,16 +118,17 @@ async def completed(
     filtered = decision == "filtered"
     entries = list(first.entries)
     notice = False  # a further page brought Part 2 data: the answer carries the notice (CONTRACT §10)
-    url: str | None = page.next
+    link: str | None = page.next  # the upstream's next link, as it wrote it
     continuation: str | None = None
-    base = state.upstream.base_url
     read: set[str] = {page.next}
     for _ in range(state.settings.enforcement.refill_max_pages):
-        # SECURITY: only the upstream's own pages are read, never a link to another host or base.
-        if gathered >= size or url is None or not under_base(url, base):
+        if gathered >= size or link is None:
             break
-        further = _further(state, ex, url, size - gathered)
-        if further is None:
+        # SECURITY: only the upstream's own pages are read (under its base, or a base it writes
+        # for itself, read at its base), never a link to another host or base.
+        url = links.upstream_url(link)
+        further = _further(state, ex, url, size - gathered) if url is not None else None
+        if url is None or further is None:
             break
         answer, parts, upstream_next = await _read_page(state, request, further, url, links, answer_page, headers_of)
         consents.update(outcome.consents)
@@ -139,15 +141,15 @@ async def completed(
         if window.matches > window.taken:
             # Cut inside this page: the next answer starts after what this one took of it.
             continuation = with_skip(links.header(url), window.taken)
-            url = None
+            link = None
             break
         if upstream_next in read:
             upstream_next = None  # a chain that comes back to a page read already ends: none is sent twice
-        url = upstream_next
-        if url is not None:
-            read.add(url)
-    if url is not None:
-        continuation = links.header(url)
+        if upstream_next is not None:
+            read.add(upstream_next)
+        link = upstream_next
+    if link is not None:
+        continuation = links.header(link)
     outcome.consents = consents
     if notice:
         with_notice(first)

@@ -27,7 +27,7 @@ from tests.integration.engine import Engine
 from tests.unit._util import free_port, start_serving
 
 POLL_S = 1.0
-SLACK_S = 1.5
+SLACK_S = 3.0  # one request and the engine's answer on a loaded 2-core machine
 DOCTOR = {"X-Actor": "Practitioner/dr-replica"}
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
@@ -178,3 +178,97 @@ async def test_poll_metrics_on_each_replica(replicas: tuple[Replica, Replica], h
         assert age < POLL_S + SLACK_S
         async with http.get(replica.admin_url + "/readyz") as resp:
             assert resp.status == 200, await resp.text()
+
+
+# ---------------------------------------------------------------- what decides besides Consents
+
+
+async def excluded_team(engine: Engine, members: list[str]) -> tuple[str, str, str]:
+    """A fresh patient whose consent opens everything but to one CareTeam; the team's members.
+    Returns the patient's Observation path, the team id and the CareTeam's path."""
+    fhir = AsyncFHIRClient(engine.base_url, extra_headers={"Accept": "application/fhir+json"})
+    patient, observation, _ = await new_patient(engine, "OPTIN")
+    team = f"team-{uuid.uuid4().hex[:12]}"
+    await fhir.resource("CareTeam", **care_team(team, patient, members)).save()
+    excluding = {**consent(f"{team}-consent", patient, "OPTIN"),
+                 "provision": {"provision": [{"type": "deny", "actor": [{
+                     "role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]},
+                     "reference": {"reference": f"CareTeam/{team}"}}]}]}}
+    await fhir.resource("Consent", **excluding).save()
+    return observation, team, f"/CareTeam/{team}"
+
+
+def care_team(team: str, patient: str, members: list[str]) -> dict[str, Any]:
+    return {"resourceType": "CareTeam", "id": team, "status": "active", "subject": {"reference": patient},
+            "participant": [{"member": {"reference": m}} for m in members]}
+
+
+@pytest.mark.parametrize("change", ["joins", "leaves", "team deleted"])
+async def test_a_care_team_changed_on_the_server_reaches_every_replica_within_one_poll(
+    change: str, replicas: tuple[Replica, Replica], fhir_engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    """Memberships are cached per requester for ``cache_ttl_s`` (600 s here): only the change
+    feed makes a replica see a clinician put on, or taken off, the team a patient excluded."""
+    _, b = replicas
+    doctor = f"Practitioner/dr-{uuid.uuid4().hex[:8]}"
+    nurse = f"Practitioner/rn-{uuid.uuid4().hex[:8]}"
+    members = [nurse] if change == "joins" else [nurse, doctor]
+    observation, team, team_path = await excluded_team(fhir_engine, members)
+    before, after = (200, 403) if change == "joins" else (403, 200)
+    assert await status_of(http, b, observation, {"X-Actor": doctor}) == before  # B has cached the membership
+    assert await status_of(http, b, observation, {"X-Actor": doctor}) == before
+    if change == "team deleted":
+        async with http.delete(f"{fhir_engine.base_url}{team_path}") as resp:
+            assert resp.status in (200, 204), await resp.text()
+    else:
+        now = [nurse, doctor] if change == "joins" else [nurse]
+        patient = (await (await http.get(f"{fhir_engine.base_url}{team_path}")).json())["subject"]["reference"]
+        await put(http, f"{fhir_engine.base_url}{team_path}", care_team(team, patient, now), {})
+
+    async def changed_on_b() -> bool:
+        return await status_of(http, b, observation, {"X-Actor": doctor}) == after
+
+    took = await seconds_until(changed_on_b, POLL_S + SLACK_S)
+    print(f"care team change ({change}) enforced by replica B after {took:.2f} s")
+
+
+async def test_a_care_team_written_through_a_replica_takes_effect_there_at_once(
+    replicas: tuple[Replica, Replica], fhir_engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    a, _ = replicas
+    doctor = f"Practitioner/dr-{uuid.uuid4().hex[:8]}"
+    observation, team, team_path = await excluded_team(fhir_engine, [])
+    assert await status_of(http, a, observation, {"X-Actor": doctor}) == 200
+    patient = (await (await http.get(f"{fhir_engine.base_url}{team_path}")).json())["subject"]["reference"]
+    await put(http, f"{a.url}{team_path}", care_team(team, patient, [doctor]), {"X-Actor": doctor})
+    assert await status_of(http, a, observation, {"X-Actor": doctor}) == 403
+
+
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+
+async def test_a_medication_changed_on_the_server_relabels_its_orders_on_every_replica_within_one_poll(
+    replicas: tuple[Replica, Replica], fhir_engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    """An order names its drug by reference; the drug is read once and cached. When the server's
+    Medication becomes buprenorphine (42 CFR Part 2), a general permit no longer opens the order."""
+    _, b = replicas
+    patient, _, _ = await new_patient(fhir_engine, "OPTIN")
+    pid = patient.split("/")[1]
+    med = {"resourceType": "Medication", "id": f"{pid}-med",
+           "code": {"coding": [{"system": RXNORM, "code": "197361", "display": "amlodipine 5 MG Oral Tablet"}]}}
+    order = {"resourceType": "MedicationRequest", "id": f"{pid}-order", "status": "active", "intent": "order",
+             "subject": {"reference": patient}, "medicationReference": {"reference": f"Medication/{med['id']}"}}
+    await put(http, f"{fhir_engine.base_url}/Medication/{med['id']}", med, {})
+    await put(http, f"{fhir_engine.base_url}/MedicationRequest/{order['id']}", order, {})
+    path = f"/MedicationRequest/{order['id']}"
+    assert await status_of(http, b, path, DOCTOR) == 200  # B has read and cached the drug
+    bupe = {**med, "code": {"coding": [{"system": RXNORM, "code": "1010600",
+                                        "display": "buprenorphine 2 MG / naloxone 0.5 MG Sublingual Tablet"}]}}
+    await put(http, f"{fhir_engine.base_url}/Medication/{med['id']}", bupe, {})
+
+    async def withheld_on_b() -> bool:
+        return await status_of(http, b, path, DOCTOR) == 403
+
+    took = await seconds_until(withheld_on_b, POLL_S + SLACK_S)
+    print(f"medication change enforced by replica B after {took:.2f} s")

@@ -399,3 +399,41 @@ async def test_403_mode_break_glass_and_shadow_are_not_refilled(ana: FakeFhir, m
         assert status == 200, body
         assert len(pages_read(ana)) == 1, (enforcement, headers)
         assert link(body, "next")
+
+
+# ---------------------------------------------------------------- a server that writes its external name
+
+
+EXTERNAL = "https://FHIR.hospital.example:443/r4"  # listed spelled otherwise than the server writes it
+WRITTEN = "https://fhir.hospital.example/r4"
+
+
+@pytest.mark.parametrize("status", [404, 403])
+async def test_pages_the_server_links_under_its_external_name_stay_behind_the_gateway(
+    ana: FakeFhir, make_gateway: MakeGateway, status: int,
+) -> None:
+    """A server reached by an internal name that writes its external one (``reference_bases``)
+    in its next links: clients page through the gateway, and in 404 mode the gateway refills
+    from those pages, reading them at the upstream base."""
+    gw = await make_gateway(ana.base_url, enforcement={"denied_read_status": status},
+                            upstream={"reference_bases": [EXTERNAL + "/"]})
+    pager = Pager(ana, records())
+    pager.next_base = WRITTEN
+    ana.override = pager
+    bodies = await walk(gw, f"/Observation?patient={c.PAT_ANA}&_count=3")
+    assert [m for b in bodies for m in matches(b)] == visible()
+    for body in bodies:
+        assert "hospital.example" not in body.decode().lower(), "a link under the external name leaves the gateway"
+        assert hidden_in(body.decode(), SECRETS) == []
+    if status == 404:
+        assert all(len(matches(b)) == 3 for b in bodies[:-1]), "pages under the external name are refilled"
+
+
+async def test_a_next_link_under_the_external_name_is_not_followed_unless_listed(ana: FakeFhir, gw404: GatewayUnderTest) -> None:
+    pager = Pager(ana, records("hvhvvv"))
+    pager.next_base = WRITTEN
+    ana.override = pager
+    status, _, body = await call(gw404, f"/Observation?patient={c.PAT_ANA}&_count=2")
+    assert status == 200 and matches(body) == ["obs-rbc-02"]
+    assert len(pages_read(ana)) == 1
+    assert (link(body, "next") or "").startswith(WRITTEN), "another base is left as the upstream wrote it"

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from gateway.core.errors import BadRequest
-from gateway.core.links import under_base
+from gateway.core.links import LinkRewriter, under_base
 from gateway.core.paging import PageWindow, answer_parts, read_skip, refilled, upstream_page
 
 
@@ -80,3 +80,33 @@ def test_upstream_page_reads_matches_and_the_next_link() -> None:
     page = upstream_page(raw)
     assert page is not None and (page.matches, page.next) == (2, "u")
     assert upstream_page(b'{"resourceType":"Bundle","type":"history"}') is None
+
+
+# ---------------------------------------------------------------- the bases links are read under
+
+
+def test_links_under_any_base_the_server_writes_for_itself_are_the_upstreams() -> None:
+    links = LinkRewriter("http://fhir:8080/fhir/", "https://gw.example/fhir",
+                         also=("https://EHR.example:443/r4/", "https://ehr.example/r4/dstu"))
+    assert links.header("https://ehr.example/r4/Observation?_offset=2") == "https://gw.example/fhir/Observation?_offset=2"
+    assert links.header("https://EHR.example:443/r4") == "https://gw.example/fhir"
+    assert links.header("https://ehr.example/r4/dstu/Patient/1") == "https://gw.example/fhir/Patient/1", "the longest base first"
+    assert links.header("http://fhir:8080/fhir/Patient/1") == "https://gw.example/fhir/Patient/1"
+    for elsewhere in ("https://ehr.example/r4x/Patient/1", "https://other.example/r4/Patient/1", "https://ehr.example/r"):
+        assert links.header(elsewhere) == elsewhere
+        assert links.upstream_url(elsewhere) is None
+    assert links.upstream_url("https://ehr.example/r4/Observation?_offset=2") == "http://fhir:8080/fhir/Observation?_offset=2"
+    assert links.upstream_url("http://fhir:8080/fhir?_getpages=x") == "http://fhir:8080/fhir?_getpages=x"
+    raw = (b'{"link":[{"relation":"next","url":"https://ehr.example/r4/Observation?_offset=2"}],'
+           b'"entry":[{"fullUrl":"https:\\/\\/ehr.example\\/r4\\/Observation\\/o1"},{"fullUrl":"https://ehr.example/r4x/O/1"}]}')
+    out = orjson.loads(links.body(raw))
+    assert out["link"][0]["url"] == "https://gw.example/fhir/Observation?_offset=2"
+    assert out["entry"][0]["fullUrl"] == "https://gw.example/fhir/Observation/o1"
+    assert out["entry"][1]["fullUrl"] == "https://ehr.example/r4x/O/1"
+
+
+def test_a_listed_base_that_is_the_public_one_is_left_alone() -> None:
+    links = LinkRewriter("http://fhir:8080/fhir", "https://gw.example/fhir", also=("https://gw.example/fhir",))
+    raw = b'{"fullUrl":"https://gw.example/fhir/Patient/1"}'
+    assert links.body(raw) == raw
+    assert links.upstream_url("https://gw.example/fhir/Patient/1") is None
