@@ -642,11 +642,11 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
                 rtype = node["resourceType"]
                 if rtype in LISTINGS:
                     changed |= scrub_listing(node, released, ours)
-                elif rtype not in _CONTAINERS:
-                    if rtype == "AuditEvent":
-                        changed |= scrub_audit_entities(node, released, ours)
-                    if "text" in node:
-                        changed |= scrub_narrative(node, released, ours)
+                elif rtype == "AuditEvent":
+                    changed |= scrub_audit_entities(node, released, ours)
+                if "text" in node and rtype not in _CONTAINERS:
+                    # A listing's own narrative renders its other references too (an event's detail).
+                    changed |= scrub_narrative(node, released, ours)
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):

@@ -20,7 +20,8 @@ Holes found and closed here:
    load) 12000 copies/mL"; so did a panel (``hasMember``) and the records about a record
    (``Provenance.target``, ``AuditEvent.entity``, ``Task.focus``, ``DetectedIssue.implicated``,
    ``Communication.payload``, ``ClinicalImpression.finding``, ``Linkage.item``). Red team 8 had
-   closed this for Compositions and Lists only. The narrative of any released resource now goes
+   closed this for the records a Composition's sections or a List's items list (a summary's
+   ``event.detail`` naming the hidden result still narrated it). The narrative of any released resource now goes
    when it refers, beyond the patients it belongs to and its encounter, to patient data not
    released in the same answer (also against the real engine: ``test_red_team_11_engine.py``).
 3. AuditEvents (an audit trail the FHIR server keeps, IHE BALP): an entity whose ``what`` is the
@@ -391,3 +392,24 @@ async def test_an_audit_event_carries_the_labels_of_what_it_records(world: FakeF
     status, headers, body = await call(gateway, "GET", f"/AuditEvent?_id={LABELLED['id']}")
     assert status == 200 and LABELLED["id"] not in ids_in(body), body
     assert leaks(body, headers, ("HIV", "v3-ActCode")) == []
+
+
+async def test_a_summary_does_not_narrate_a_hidden_record_it_names_outside_its_sections(
+    world: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """A Composition whose sections list only open records, but whose ``event`` names the hidden
+    result, loses its own narrative (the sections keep theirs)."""
+    summary = {
+        "resourceType": "Composition", "id": "comp-ana-visit", "status": "final",
+        "type": c.concept(c.LOINC, "11506-3", "Progress note"), "subject": {"reference": c.PAT_ANA},
+        "date": "2023-03-02T10:00:00Z", "author": [{"reference": c.DOCTOR}], "title": "Visit note",
+        "event": [{"detail": [{"reference": VL_REF}]}],
+        "text": _narrative(f"Visit note. Reviewed {VL_NARRATIVE}."),
+        "section": [{"title": "Labs", "entry": [{"reference": CBC_REF}], "text": _narrative("Hemoglobin 13.2 g/dL")}],
+    }
+    world.add(summary)
+    world.override = lambda r: _answer(r, "/Composition", c.bundle([summary], world.base_url, include=(c.ANA_CBC,)))
+    status, headers, body = await call(gateway, "GET", f"/Composition?patient={c.PAT_ANA}&_include=Composition:entry")
+    assert status == 200, body
+    assert leaks(body, headers, NARRATED) == []
+    assert b"Hemoglobin 13.2 g/dL" in body
