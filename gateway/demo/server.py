@@ -1,14 +1,16 @@
 """A small in-memory FHIR R4 server for the demo (not a production store).
 
-Reads, searches by type (``patient``/``subject``, ``status``, ``_id``, ``code``) with
-``_count`` paging, ``Patient/<id>/$everything``, creates, updates and deletes, and
-``/metadata``. Compartment membership comes from the gateway's own R4 Patient
+Reads, searches by type (``patient``/``subject``, ``status``, ``_id``, ``code``,
+``_lastUpdated=gt``) with ``_count`` paging, ``Patient/<id>/$everything``, creates, updates
+and deletes, type histories (``<Type>/_history?_since=``, which the gateway's change feeds
+read), and ``/metadata``. Compartment membership comes from the gateway's own R4 Patient
 CompartmentDefinition table.
 """
 
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class DemoFhirServer:
         self.resources: dict[str, JSON] = {}
         self.base_url = ""
         self._ids = itertools.count(1)
+        self.history: list[JSON] = []  # every write, oldest first, as type-history entries
 
     def load(self, bundle: JSON) -> None:
         """Load a transaction/collection Bundle's resources (ids kept)."""
@@ -47,10 +50,26 @@ class DemoFhirServer:
                 self.put(resource)
 
     def put(self, resource: JSON) -> JSON:
+        key = f"{resource['resourceType']}/{resource['id']}"
         meta = resource.setdefault("meta", {})
-        meta["versionId"] = str(int(meta.get("versionId", "0")) + 1)
-        self.resources[f"{resource['resourceType']}/{resource['id']}"] = resource
+        previous = self.resources.get(key)
+        meta["versionId"] = str(int((previous or {}).get("meta", {}).get("versionId", meta.get("versionId", "0"))) + 1)
+        meta["lastUpdated"] = _now()
+        self.resources[key] = resource
+        self.history.append({"resource": resource, "request": {"method": "PUT", "url": key}})
         return resource
+
+    def delete(self, key: str) -> None:
+        if self.resources.pop(key, None) is not None:
+            self.history.append({"request": {"method": "DELETE", "url": key},
+                                 "response": {"status": "204", "lastModified": _now()}})
+
+    def _history(self, rtype: str, query: Any) -> web.Response:
+        since = query.get("_since", "")
+        count = max(1, min(int(query.get("_count", "100")), 500))
+        found = [e for e in reversed(self.history)
+                 if e["request"]["url"].startswith(rtype + "/") and _stamp(e) > since][:count]
+        return _json({"resourceType": "Bundle", "type": "history", "entry": found})
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,6 +86,8 @@ class DemoFhirServer:
             elif base == "status" and resource.get("status") not in value.split(","):
                 return False
             elif base == "_id" and resource.get("id") not in value.split(","):
+                return False
+            elif base == "_lastUpdated" and value.startswith("gt") and not resource["meta"]["lastUpdated"] > value[2:]:
                 return False
             elif base == "code":
                 codes = {(c.get("system"), c.get("code")) for c in iter_codings(resource.get("code"))}
@@ -107,6 +128,8 @@ class DemoFhirServer:
             wanted = {f"Patient/{parts[1]}"}
             found = [r for r in self.resources.values() if r["resourceType"] != "Consent" and patients_of(r) & wanted]
             return self._page(request, found, "/".join(parts))
+        if method == "GET" and len(parts) == 2 and parts[1] == "_history":
+            return self._history(parts[0], request.query)
         if method == "GET" and len(parts) == 1:
             found = [r for k, r in self.resources.items() if k.startswith(parts[0] + "/") and self._matches(r, request.query)]
             return self._page(request, found, parts[0])
@@ -120,7 +143,7 @@ class DemoFhirServer:
         if method == "PUT" and len(parts) == 2:
             return self._write(await request.read(), parts[0], parts[1], 200)
         if method == "DELETE" and len(parts) == 2:
-            self.resources.pop("/".join(parts), None)
+            self.delete("/".join(parts))
             return web.Response(status=204)
         return _outcome("not-supported", "Not supported by the demo server", 400)
 
@@ -135,6 +158,15 @@ class DemoFhirServer:
         stored = self.put(resource)
         location = f"{self.base_url}/{rtype}/{stored['id']}/_history/{stored['meta']['versionId']}"
         return _json(stored, status, {"Location": location, "ETag": f'W/"{stored["meta"]["versionId"]}"'})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _stamp(entry: JSON) -> str:
+    resource = entry.get("resource")
+    return str(resource["meta"]["lastUpdated"] if resource else entry["response"]["lastModified"])
 
 
 def demo_server() -> DemoFhirServer:

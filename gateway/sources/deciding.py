@@ -26,12 +26,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import orjson
 from yarl import URL
 
 from gateway.core.fhir import JSON
 from gateway.metrics import Metrics
-from gateway.sources.fhir import instant_text, parse_instant
+from gateway.sources.fhir import bundle_of, instant_text, next_page, parse_instant
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway.changes")
@@ -92,16 +91,10 @@ class TypeHistory:
         resp = await self.server.request("GET", url, headers=_HEADERS)
         if 400 <= resp.status < 500:
             raise _NoHistory()
-        if resp.status != 200:
-            raise _Unreadable("The FHIR server's history could not be read.")
-        try:
-            bundle = orjson.loads(resp.body)
-        except orjson.JSONDecodeError:
-            raise _Unreadable("The FHIR server's history could not be read.") from None
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            raise _Unreadable("The FHIR server's history could not be read.")
+        failure = _Unreadable("The FHIR server's history could not be read.")
+        bundle = bundle_of(resp, failure)
         changes = [self._changed(entry) for entry in bundle.get("entry") or () if isinstance(entry, dict)]
-        return changes, self._next(bundle)
+        return changes, next_page(bundle, self.server, failure)
 
     def _changed(self, entry: JSON) -> Changed:
         resource = entry.get("resource")
@@ -125,16 +118,6 @@ class TypeHistory:
             version = version or response.get("etag")
         updated = parse_instant(stamp)
         return Changed(f"{ref}|{version}|{stamp}", ref, updated)
-
-    def _next(self, bundle: JSON) -> URL | None:
-        for link in bundle.get("link") or ():
-            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                url = URL(link["url"], encoded=True)
-                # SECURITY: never follow a paging link off the server.
-                if url.origin() != self.server.base.origin():
-                    raise _Unreadable("The FHIR server's history could not be read.")
-                return url
-        return None
 
 
 class DecidingFeed:

@@ -76,25 +76,10 @@ class FhirConsentSource:
         return self._bundle_of(resp)
 
     def _bundle_of(self, resp: UpstreamResponse) -> JSON:
-        if resp.status != 200:
-            raise ConsentUnavailable("Consent information is unavailable.")
-        try:
-            bundle = orjson.loads(resp.body)
-        except orjson.JSONDecodeError:
-            raise ConsentUnavailable("Consent information is unavailable.") from None
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-            raise ConsentUnavailable("Consent information is unavailable.")
-        return bundle
+        return bundle_of(resp, ConsentUnavailable("Consent information is unavailable."))
 
     def _next(self, bundle: JSON) -> URL | None:
-        for link in bundle.get("link") or ():
-            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                url = URL(link["url"], encoded=True)
-                # SECURITY: never follow a paging link off the consent server.
-                if url.origin() != self.server.base.origin():
-                    raise ConsentUnavailable("Consent information is unavailable.")
-                return url
-        return None
+        return next_page(bundle, self.server, ConsentUnavailable("Consent information is unavailable."))
 
     async def _consents(self, patients: Sequence[str]) -> list[JSON]:
         """The patients' Consents, dropping filters the server rejects (status, then _count)."""
@@ -228,6 +213,31 @@ class FhirConsentSource:
             location = resp.headers.get("Location", "")
             cid = relative_reference(location).split("/")[-1] if location else ""
         return f"Consent/{cid}"
+
+
+def bundle_of(resp: UpstreamResponse, failure: Exception) -> JSON:
+    """The Bundle of a 200 answer; raises ``failure`` for anything else."""
+    if resp.status != 200:
+        raise failure
+    try:
+        bundle = orjson.loads(resp.body)
+    except orjson.JSONDecodeError:
+        raise failure from None
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise failure
+    return bundle
+
+
+def next_page(bundle: JSON, server: Upstream, failure: Exception) -> URL | None:
+    """The Bundle's ``next`` link; raises ``failure`` when it leads off ``server``."""
+    for link in bundle.get("link") or ():
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            url = URL(link["url"], encoded=True)
+            # SECURITY: never follow a paging link off the server.
+            if url.origin() != server.base.origin():
+                raise failure
+            return url
+    return None
 
 
 def _matches(bundle: JSON) -> list[JSON]:
