@@ -671,6 +671,9 @@ LISTINGS = frozenset({"Composition", "List"})
 _CONTAINERS = frozenset({"Bundle", "Parameters"})
 # A resource's own context: the visit it was made at. Its narrative names it, not another record.
 _CONTEXT_LINKS = frozenset({"encounter"})
+# Elements that hold no Reference to patient data (codings, metadata, the narrative itself, a
+# business identifier, whose assigner is an Organization), not walked.
+_NO_REFERENCES = frozenset({"coding", "meta", "text", "identifier"})
 
 
 # What an AuditEvent's entity says of the record its ``what`` names.
@@ -709,21 +712,22 @@ def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_B
     one), it would say what the withheld record is. Contained resources count as the resource's;
     a reference naming only an identifier or a display is not followed (it names no record here).
     """
-    patients = patients_of(resource, ours)
+    patients: frozenset[str] | None = None  # the resource's own, read at the first suspect
     stack: list[object] = [resource]
     pop, push = stack.pop, stack.append
     while stack:
         node = pop()
         if type(node) is dict:
             ref = node.get("reference")
-            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours) \
-                    and local_reference(ref, ours) not in patients:
-                del resource["text"]
-                return True
-            is_resource = "resourceType" in node
+            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
+                if patients is None:
+                    patients = patients_of(resource, ours)
+                if local_reference(ref, ours) not in patients:
+                    del resource["text"]
+                    return True
+            skipped = _NO_REFERENCES | _CONTEXT_LINKS if "resourceType" in node else _NO_REFERENCES
             for key, value in node.items():
-                if (type(value) is dict or type(value) is list) \
-                        and not (is_resource and (key in _CONTEXT_LINKS or key == "text")):
+                if (type(value) is dict or type(value) is list) and key not in skipped:
                     push(value)
         elif type(node) is list:
             for value in node:
