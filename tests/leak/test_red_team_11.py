@@ -413,3 +413,21 @@ async def test_a_summary_does_not_narrate_a_hidden_record_it_names_outside_its_s
     assert status == 200, body
     assert leaks(body, headers, NARRATED) == []
     assert b"Hemoglobin 13.2 g/dL" in body
+
+
+async def test_a_narrative_spelled_with_escapes_goes_too(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """The gateway looks for a narrative by its ``<``: one written ``\\u003c`` is found as well."""
+    text = orjson.dumps({**LAB_REPORT, "text": {"status": "generated", "div": "DIV"}}).replace(
+        b'"DIV"', b'"\\u003cdiv xmlns=\\"http://www.w3.org/1999/xhtml\\"\\u003e' + VL_NARRATIVE.encode()
+        + b'\\u003c/div\\u003e"')
+    world.override = lambda r: _raw(r, text)
+    status, headers, body = await call(gateway, "GET", f"/DiagnosticReport/{LAB_REPORT['id']}")
+    assert status == 200, body
+    assert leaks(body, headers, NARRATED) == []
+    assert LAB_REPORT["id"] in body.decode()
+
+
+async def _raw(request: web.Request, text: bytes) -> web.StreamResponse | None:
+    if request.method == "GET" and request.path.removeprefix("/fhir") == f"/DiagnosticReport/{LAB_REPORT['id']}":
+        return web.Response(body=text, content_type="application/fhir+json")
+    return None
