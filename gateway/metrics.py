@@ -99,6 +99,7 @@ class Metrics:
         self._filtered: dict[tuple[str, str], Counter] = {}
         self._errored: dict[str, Counter] = {}  # error codes: the gateway's own and http-<status>
         self._shadowed: dict[str, Counter] = {d: self.shadow_decisions.labels(d) for d in DECISIONS}
+        self._glass: dict[str, Counter] = {}  # break-glass reasons: the configured ones only
 
     def observe_request(self, method: str, interaction: str, status: int, seconds: float) -> None:
         """Count one answered request (unknown methods are folded into ``other``)."""
@@ -129,6 +130,13 @@ class Metrics:
         counter = self._shadowed.get(decision)
         if counter is None:
             counter = self._shadowed[decision] = self.shadow_decisions.labels(decision)
+        counter.inc()
+
+    def count_break_glass(self, reason: str) -> None:
+        """Count one break-glass access by its reason (one of ``break_glass.reasons``)."""
+        counter = self._glass.get(reason)
+        if counter is None:
+            counter = self._glass[reason] = self.break_glass.labels(reason)
         counter.inc()
 
     def count_filtered(self, resource_type: str, reason: str, count: int = 1) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -87,6 +87,8 @@ KNOWN_MODIFIERS = frozenset({ACTORS_ALL_OF})
 # this server's) compiles to: no patient, requester, author or record of this server, so the
 # condition naming it is unknown. No reference is spelled this way.
 FOREIGN = "\0foreign-reference"
+# The smallest step between two instants (a DateRange's end is exclusive).
+_INSTANT = timedelta(microseconds=1)
 
 
 def opposite(ptype: str) -> str:
@@ -181,7 +183,7 @@ class CompiledConsent:
     patient: str | None
     status: str | None
     scopes: frozenset[str]
-    date_time: datetime | None
+    date_time: datetime | None  # the first instant ``dateTime`` covers
     policy_rule: str
     root: Provision
     defects: tuple[str, ...] = ()
@@ -192,6 +194,8 @@ class CompiledConsent:
     # consent version; a target missing here is unknown (unless in the same answer)
     related: Mapping[str, frozenset[str]] = field(default_factory=lambda: NO_RELATED)
     version: str | None = None  # meta.versionId, for the decision log
+    # the last instant ``dateTime`` covers at its precision ("2024-05-01": the whole day)
+    date_time_last: datetime | None = None
 
     @property
     def period(self) -> DateRange | None:
@@ -470,25 +474,41 @@ def _frozen(items: set[str]) -> frozenset[str]:
     return frozenset(items) if items else NO_REFS
 
 
-def _policy_rule(consent: JSON) -> str:
-    """The v3 ActCode policyRule code (OPTIN, OPTOUT, ...), or "" when there is none.
+def _policy_rule(consent: JSON) -> tuple[str, bool]:
+    """(the v3 ActCode policyRule code: OPTIN, OPTOUT, ..., or "" when there is none; whether
+    the consent names both a permitting and a denying base).
 
     The policy URIs ``http://hl7.org/fhir/ConsentPolicy/opt-in`` / ``opt-out`` (as a
-    policyRule coding or a ``policy.uri``) count as OPTIN / OPTOUT.
+    policyRule coding or a ``policy.uri``) count as OPTIN / OPTOUT. A known code counts
+    wherever it stands among the policyRule's codings (a local code may come first); only
+    when none is known does the first v3 (or system-less) code name the rule (its base is the
+    default decision).
     """
     codings = list(iter_codings(consent.get("policyRule")))
+    known: list[str] = []
+    fallback = ""
     for coding in codings:
         code = coding.get("code")
-        if isinstance(code, str) and code in POLICY_URIS:
-            return POLICY_URIS[code]
-        if coding.get("system") in (V3_ACT_CODE, None) and isinstance(code, str):
-            return code
+        if not isinstance(code, str):
+            continue
+        if code in POLICY_URIS:
+            known.append(POLICY_URIS[code])
+        elif coding.get("system") in (V3_ACT_CODE, None):
+            if code in POLICY_RULE_TYPES:
+                known.append(code)
+            elif not fallback:
+                fallback = code
     policies = consent.get("policy")
     for policy in policies if isinstance(policies, list) else ():
         uri = policy.get("uri") if isinstance(policy, dict) else None
         if isinstance(uri, str) and uri in POLICY_URIS:
-            return POLICY_URIS[uri]
-    return ""
+            known.append(POLICY_URIS[uri])
+    bases = {POLICY_RULE_TYPES[code] for code in known}
+    if len(bases) > 1:
+        # SECURITY: opt-in and opt-out at once cannot be read either way; the consent is
+        # defective (a deny wherever it could deny), its base read as the deny.
+        return next(code for code in known if POLICY_RULE_TYPES[code] == DENY), True
+    return (known[0] if known else fallback), False
 
 
 def _retyped(node: Provision, ptype: str, rule: str, inherited: str) -> Provision:
@@ -544,14 +564,17 @@ def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
     scopes = _scopes(consent)
     if not scopes:
         compiler.defect("missing-scope")
-    date_time = None
+    date_time = date_time_last = None
     if "dateTime" in consent:
         stamp = parse_date_range(consent["dateTime"])
         if stamp is None:
             compiler.defect("bad-date:dateTime")
         else:
             date_time = stamp.start
-    policy_rule = _policy_rule(consent)
+            date_time_last = stamp.end - _INSTANT if stamp.end is not None else None
+    policy_rule, conflicting = _policy_rule(consent)
+    if conflicting:
+        compiler.defect("conflicting-policy-rule")
     base = POLICY_RULE_TYPES.get(policy_rule, "")
     raw_root = consent.get("provision")
     if raw_root is None:
@@ -574,6 +597,7 @@ def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
         root_sound=compiler.root_sound,
         scope_root=scope_root,
         version=_version_of(consent),
+        date_time_last=date_time_last,
     )
 
 

@@ -17,7 +17,9 @@ Semantics (CONTRACT §5):
   ``code`` matches any coding anywhere in the resource. Confidentiality labels are a
   high-water mark: naming R covers U..R; a resource without one counts as N.
 - Across consents ``deny-overrides`` (any deny wins) or ``latest-wins`` (latest
-  ``dateTime``; ties fall back to deny-overrides). No applicable consent: the default.
+  ``dateTime``; ties fall back to deny-overrides; a deny counts at the last instant its
+  ``dateTime`` covers, a permit at the first, undated ones last and first). No applicable
+  consent: the default.
 - A label in ``Policy.required_labels`` is opened only by a permit whose matched provision
   path names it in ``securityLabel``; a general permit or a default permit does not.
 - A ``related`` target is looked up in the response (``known_refs``), else in what the
@@ -90,6 +92,7 @@ BASE_POLICY = "policyRule"
 READ_ACTIONS = frozenset({"access", "use", "disclose"})
 NO_REFS: Mapping[str, frozenset[str]] = MappingProxyType({})
 _EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+_LATEST = datetime.max.replace(tzinfo=timezone.utc)
 _INACTIVE = CONSENT_STATUSES - {"active"}
 # Skip rules about the consent as a whole rather than its root provision.
 _CONSENT_LEVEL = frozenset({"not-active", "scope-not-applicable"})
@@ -760,10 +763,23 @@ def _default_decision(
     return _permit_decision([], req, facts, policy, "default", reasons, errors)
 
 
+def _stamp(consent: CompiledConsent, denies: bool) -> datetime:
+    """A consent's place in time for latest-wins.
+
+    SECURITY: when the order of a deny and a permit cannot be told, the deny is taken as the
+    later: a deny counts at the last instant its ``dateTime`` covers ("2024-05-01": the end of
+    that day), a permit at the first; an undated deny counts as the latest of all, an undated
+    permit as the earliest. Missing data never opens data."""
+    if denies:
+        return consent.date_time_last or (_LATEST if consent.date_time is None else consent.date_time)
+    return consent.date_time or _EARLIEST
+
+
 def _latest(applicable: Sequence[_Verdict]) -> list[_Verdict]:
-    """The applicable consents with the latest ``dateTime`` (undated count as earliest)."""
+    """The applicable consents with the latest ``dateTime`` (``_stamp``)."""
     def stamp(v: _Verdict) -> datetime:
-        return v.consent.date_time or _EARLIEST
+        outcome = v.outcome
+        return _stamp(v.consent, isinstance(outcome, _Outcome) and outcome.type == DENY)
 
     top = max(stamp(v) for v in applicable)
     return [v for v in applicable if stamp(v) == top]
@@ -1104,6 +1120,12 @@ def _preflight_consent(consent: CompiledConsent, req: _Request, policy: Policy) 
     return _Pre(consent, ptype, Reason(cid, where.path, where.rule or f"default-{ptype}"))
 
 
+def _pre_stamp(answer: _Pre) -> datetime:
+    """A pre-flight answer's place in time for latest-wins (``_stamp``): one that denies, or
+    may deny, counts as a deny."""
+    return _stamp(answer.consent, answer.kind != PERMIT)
+
+
 def preflight(
     consents: Sequence[CompiledConsent],
     ctx: RequestContext,
@@ -1136,8 +1158,8 @@ def preflight(
     combining = DENY_OVERRIDES
     if policy.combining == LATEST_WINS:
         combining = LATEST_WINS
-        top = max(a.consent.date_time or _EARLIEST for a in live)
-        live = [a for a in live if (a.consent.date_time or _EARLIEST) == top]
+        top = max(map(_pre_stamp, live))
+        live = [a for a in live if _pre_stamp(a) == top]
     kinds = {a.kind for a in live}
     if DENY in kinds:
         verdict = Verdict.DENY

@@ -46,14 +46,15 @@ SUPPRESSED_OUTCOME: JSON = {
 }
 
 
-def scrubbed_outcome(outcome: JSON) -> JSON:
-    """An OperationOutcome with its severities and codes but none of its texts."""
+def scrubbed_outcome(outcome: JSON, text: str = "The FHIR server reported an error.") -> JSON:
+    """An OperationOutcome with its severities and codes but none of its texts (each issue says
+    ``text``)."""
     issues = [i for i in outcome.get("issue") or () if isinstance(i, dict)] or [{}]
     return {
         "resourceType": "OperationOutcome",
         "issue": [
             {"severity": str(i.get("severity", "error")), "code": str(i.get("code", "processing")),
-             "diagnostics": "The FHIR server reported an error."}
+             "diagnostics": text}
             for i in issues
         ],
     }

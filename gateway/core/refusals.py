@@ -7,6 +7,7 @@ permitted; a request that names no patient cannot be proven safe and stays refus
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl
 from collections.abc import Iterable
 
 from gateway.core.compartment import PATIENT_COMPARTMENT
@@ -17,13 +18,18 @@ _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # moves every record of one patient into another's compartment, where that patient's consents
 # decide them, names the source by identifier as well as by reference, and its preview counts
 # the records it would move.
-UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", "$merge"})
+# ``$get-ws-binding-token`` (R4B Subscriptions backport) hands out a token to receive a
+# Subscription's notifications over the server's websocket, around the gateway.
+UNFILTERABLE_OPERATIONS = frozenset({"$graphql", "$export", "$process-message", "$merge", "$get-ws-binding-token"})
 # Operations whose answer is computed from records, not made of them (a MeasureReport's counts,
 # a CQL result, a statistic, a prefilled form, a matched member's identifier): it holds no
 # hidden record to withhold, yet says what the hidden ones are.
 COMPUTING_OPERATIONS = frozenset({
     "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
     "$populate", "$member-match",
+    # $populate's siblings (R4 Questionnaire, SDC): the prefilled form as HTML, or a link to a
+    # page that shows it outside the gateway; cqf-ruler's $prepopulate.
+    "$populatehtml", "$populatelink", "$prepopulate",
     # How many records of each type the server holds (HAPI FHIR, SMART's bulk data server; Blaze's
     # $totals): _summary=count of every type at once.
     "$get-resource-counts", "$totals",
@@ -66,13 +72,41 @@ def unfilterable(
     return None
 
 
-def conditional_write(method: str, parts: tuple[str, ...], has_query: bool, if_none_exist: str | None) -> str | None:
-    """A conditional write selects records by a search whose answer may be hidden."""
+def conditional_write(method: str, parts: tuple[str, ...], if_none_exist: str | None) -> str | None:
+    """A conditional write selects records by a search whose answer may be hidden; an update,
+    patch or delete of a type (``DELETE Condition?code=B20``) or of the base is one."""
     if if_none_exist:
         return "conditional:create"
-    if method in ("PUT", "PATCH", "DELETE") and len(parts) == 1 and has_query:
+    # SECURITY: without a query (``DELETE Condition``, or at the base) the search matches every
+    # record: a server that runs it changes hidden ones and may count or name them.
+    if method in ("PUT", "PATCH", "DELETE") and len(parts) <= 1:
         return f"conditional:{method.lower()}"
     return None
+
+
+def subscription_write(method: str, resource_type: str | None) -> str | None:
+    """A Subscription the FHIR server would act on: it pushes what its criteria select (new HIV
+    results, say) to an endpoint or websocket of the subscriber's choosing, around the gateway,
+    and goes on doing so after a consent is revoked. Deleting one stops a push; anything else
+    (create, update, patch) starts or changes one."""
+    if resource_type == "Subscription" and method in ("POST", "PUT", "PATCH"):
+        return "subscription"
+    return None
+
+
+def subscription_criteria(resource: object) -> tuple[tuple[str, ...], list[tuple[str, str]]] | None:
+    """The search a Subscription's ``criteria`` names (``Observation?patient=Patient/1``) as
+    (type, query), or None when it names none the gateway can read: a topic's canonical URL, or
+    filters the backport writes in extensions of ``_criteria``, select by what is not checked."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Subscription" or "_criteria" in resource:
+        return None
+    criteria = resource.get("criteria")
+    if not isinstance(criteria, str) or "?" not in criteria:
+        return None
+    rtype, _, query = criteria.partition("?")
+    if not re.fullmatch(r"[A-Z][A-Za-z]{1,63}", rtype):
+        return None
+    return (rtype,), parse_qsl(query, keep_blank_values=True)
 
 
 def _confining(params: Iterable[str]) -> frozenset[str]:

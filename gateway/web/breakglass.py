@@ -56,7 +56,7 @@ async def audit(
     )
     await state.audit.append(event)
     if emergency.reason is not None:
-        state.metrics.break_glass.labels(emergency.reason).inc()
+        state.metrics.count_break_glass(emergency.reason)
     return event_id
 
 

@@ -19,13 +19,16 @@ import orjson
 from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
+from gateway.core.deciding_writes import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
 from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
 from gateway.core.projection import ELEMENT_PARAMS, PROJECTION_PARAMS, Projection
-from gateway.core.refusals import conditional_write, named_patients, unfilterable
+from gateway.core.refusals import (
+    conditional_write, named_patients, subscription_criteria, subscription_write, unfilterable,
+)
 from gateway.web.identity import check_scopes
 from gateway.web.request import Route
 from gateway.web.resolve import read_target, resolve_references
@@ -157,7 +160,7 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     why = unfilterable(route.parts, route.operation, ex.query)
     condition = ex.query
     if why is None:
-        why = conditional_write(ex.method, route.parts, bool(ex.query), ex.if_none_exist)
+        why = conditional_write(ex.method, route.parts, ex.if_none_exist)
         if ex.if_none_exist:
             condition = parse_qsl(ex.if_none_exist, keep_blank_values=True)
     if why is None:
@@ -171,6 +174,52 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
             return
     access_log.info("refused", extra={"reasons": [why]})
     raise Refused("This request cannot be answered through the consent gateway; narrow it to resources that can be filtered.")
+
+
+async def check_conditional_matches(state: GatewayState, ex: Exchange) -> None:
+    """A conditional update, patch or delete let through (every patient it names permits the
+    requester outright: a patient's own records) still changes only what he may read: the
+    gateway runs its search first and refuses (403) when a match is withheld (a record he shares
+    with another patient who does not permit him), when the matches do not fit one page, or when
+    the search fails (fail closed). The server runs the search again; what changed in between is
+    not seen."""
+    route = ex.route
+    if ex.method not in ("PUT", "PATCH", "DELETE") or len(route.parts) != 1 or route.resource_type is None:
+        return
+    url = state.upstream.url_for(route.resource_type, "&".join(filter(None, (ex.forwarded_query, "_count=100"))))
+    try:
+        answer = await state.upstream.request("GET", url, headers={"Accept": "application/fhir+json"})
+        page = strict_json.loads(answer.body) if answer.status == 200 else None
+    except ValueError:
+        page = None
+    if not isinstance(page, dict) or page.get("resourceType") != "Bundle":
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    if any(isinstance(link, dict) and link.get("relation") == "next" for link in page.get("link") or ()):
+        raise Refused(_MATCHES_REFUSAL)
+    resolved = await resolve_references(state, page)
+    result, _ = await state.enforcement.enforce(page, ex.actor, ex.purpose, confined=None, resolved=resolved)
+    if result.denied or result.removed:
+        raise Refused(_MATCHES_REFUSAL)
+
+
+_MATCHES_REFUSAL = "This conditional write would change records the requester may not read."
+
+
+def refuse_subscription(state: GatewayState, ex: Exchange) -> None:
+    """A Subscription makes the FHIR server push what its criteria select to the subscriber,
+    around the gateway, for as long as it lives (a consent revoked later cannot stop it): it is
+    refused (403), except a patient's own whose criteria name only that patient (self access,
+    CONTRACT §5, which no consent revokes). Deleting one passes."""
+    if subscription_write(ex.method, ex.route.resource_type) is None:
+        return
+    found = subscription_criteria(ex.resource) if ex.method != "PATCH" else None
+    if found is not None and state.settings.consent.patient_self_access:
+        patients = named_patients(*found)
+        if patients == frozenset({ex.actor.reference}):  # named patients are Patient/<id>: a patient himself
+            return
+    access_log.info("refused", extra={"reasons": ["subscription"]})
+    raise Refused("Subscriptions cannot be made through the consent gateway: the FHIR server would send "
+                  "what they select around it.")
 
 
 async def ensure_readable(state: GatewayState, reference: str, actor: Actor, purpose: str) -> JSON | None:
@@ -216,7 +265,12 @@ async def check_operation_target(state: GatewayState, ex: Exchange) -> None:
             if _REFERENCE.match(ref) and _guarded(ref.split("/", 1)[0]) and ref != _everything_subject(route):
                 targets.add(ref)
     for target in sorted(targets):
-        await ensure_readable(state, target, ex.actor, ex.purpose)
+        found = await ensure_readable(state, target, ex.actor, ex.purpose)
+        if found is None and conceals(state):
+            # SECURITY: 404 mode: an operation on a missing record is answered as one on a hidden
+            # record, unsent: a server may run it anyway ($validate of the body sent, 200) or
+            # answer it in its own way, either telling which ids hold hidden records.
+            raise ConsentDenied("Access to this resource is not permitted.")
 
 
 def _everything_subject(route: Route) -> str | None:
@@ -242,6 +296,72 @@ async def check_write_target(state: GatewayState, ex: Exchange) -> None:
     stored = await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
     if stored is None and conceals(state):
         raise ConsentDenied("Access to this resource is not permitted.")
+
+
+async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
+    """Nobody changes what decides records he may not see: an update of a Medication, Substance
+    or PractitionerRole (what labels an order, who wrote a record) must leave the part that
+    decides the records naming it as it is (``core.deciding``); a patch (not judged by its
+    result), an update of an id the server does not hold (records naming a missing drug or role
+    are closed; giving it one would decide them) and a ``$meta-delete`` (its security labels)
+    are refused. A create (the server names it: nothing names it yet) and a delete (what names
+    a missing one closes) pass, and so does any such write by ``consent.writer_roles``."""
+    route = ex.route
+    if route.resource_type not in DECIDING_TYPES or route.resource_id is None:
+        return
+    if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
+        return  # who may rewrite any Consent may open anything already: a drug's correction is theirs
+    if ex.method == "PATCH" or route.operation == "$meta-delete":
+        raise Refused(_DECIDING_REFUSAL)
+    if ex.method != "PUT" or route.interaction != "update":
+        return
+    stored = await read_target(state.upstream, f"{route.resource_type}/{route.resource_id}")
+    if stored is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    new = ex.resource
+    if stored is None or not isinstance(new, dict) or new.get("resourceType") != route.resource_type \
+            or deciding_part(new) != deciding_part(stored):
+        raise Refused(_DECIDING_REFUSAL)
+
+
+async def check_team_write(state: GatewayState, ex: Exchange) -> None:
+    """A consent may open records to a Group or CareTeam: whoever it holds reads them, so adding
+    a member is as much a consent write as the consent itself. An update that adds a member
+    (of an id the server does not hold: every member is added) or a patch (not judged by its
+    result) is made only by ``consent.writer_roles``, or by the patient a CareTeam is about for
+    his own. A create (the server names it: no consent names it yet), an update that adds no
+    member, and a delete pass."""
+    route = ex.route
+    if route.resource_type not in TEAM_TYPES or route.resource_id is None or ex.method not in ("PUT", "PATCH"):
+        return
+    if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
+        return
+    if ex.method == "PATCH" or route.interaction != "update":
+        raise Refused(_TEAM_REFUSAL)
+    stored = await read_target(state.upstream, f"{route.resource_type}/{route.resource_id}")
+    if stored is UNREADABLE:
+        raise UpstreamUnavailable("The FHIR server could not answer for the target of this request.")
+    new = ex.resource
+    if not isinstance(new, dict) or new.get("resourceType") != route.resource_type:
+        raise Refused(_TEAM_REFUSAL)
+    if members_of(new) <= members_of(stored) or _own_care_team(ex, new, stored):
+        return
+    raise Refused(_TEAM_REFUSAL)
+
+
+def _own_care_team(ex: Exchange, new: JSON, stored: JSON | None) -> bool:
+    """A patient's own CareTeam, before and after: whom he lets in is his to say."""
+    me = ex.actor.reference
+    return me.startswith("Patient/") and new.get("resourceType") == "CareTeam" and all(
+        isinstance(team, dict) and relative_reference(reference_of(team.get("subject")) or "") == me
+        for team in (new, stored)
+    )
+
+
+_TEAM_REFUSAL = ("Members of a group or care team a consent may open records to are added only by those who "
+                 "may write consents.")
+_DECIDING_REFUSAL = ("This change would decide other records anew (a drug's codes or ingredients, a role's "
+                     "practitioner or organization); it cannot be made through the consent gateway.")
 
 
 def conceals(state: GatewayState) -> bool:
@@ -409,8 +529,12 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
+    refuse_subscription(state, ex)
+    await check_conditional_matches(state, ex)
     await check_operation_target(state, ex)
     await check_write_target(state, ex)
+    await check_deciding_write(state, ex)
+    await check_team_write(state, ex)
     await check_version_target(state, ex)
     await check_consent_write(state, ex)
     prepare_projection(ex)

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 import orjson
 
 from gateway.core.compartment import is_patient_data
+from gateway.core.deciding_writes import DECIDING_TYPES
 from gateway.core.enforce import Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
@@ -310,8 +311,11 @@ async def answer_page(
     if view is None and spliceable and parsed is not None:
         view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
-        # SECURITY: an upstream error text can name a hidden record; keep only its codes.
-        scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else None
+        # SECURITY: an upstream error text can name a hidden record; keep only its codes. So can
+        # the text a write is answered with ("Successfully deleted 3 resource(s): ...").
+        scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else (
+            orjson.dumps(scrubbed_outcome(parsed, WRITE_DONE)) if ex.route.interaction in WRITE_INTERACTIONS else None
+        )
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
     if parsed is None:
         return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
@@ -488,6 +492,7 @@ def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Resp
     return response
 
 
+WRITE_DONE = "The request was processed."
 WRITE_WITHHELD: JSON = {
     "resourceType": "OperationOutcome",
     "issue": [{"severity": "information", "code": "informational",
@@ -544,7 +549,7 @@ def evict_consents(state: GatewayState, method: str, route: Route, body: bytes |
 
 
 # What the gateway reads from the FHIR server to decide other records (core.references).
-DECIDING_TARGETS = frozenset({"Medication", "Substance", "PractitionerRole"})
+DECIDING_TARGETS = DECIDING_TYPES
 # What consents' Group and CareTeam actors are read from (a requester's memberships).
 MEMBERSHIP_TYPES = frozenset({"Group", "CareTeam"})
 

@@ -235,12 +235,14 @@ async def test_a_care_team_changed_on_the_server_reaches_every_replica_within_on
 async def test_a_care_team_written_through_a_replica_takes_effect_there_at_once(
     replicas: tuple[Replica, Replica], fhir_engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
+    """The patient puts the doctor on the team she excluded (adding members through the gateway
+    is hers and the consent writers' to do: test_red_team_10)."""
     a, _ = replicas
     doctor = f"Practitioner/dr-{uuid.uuid4().hex[:8]}"
     observation, team, team_path = await excluded_team(fhir_engine, [])
     assert await status_of(http, a, observation, {"X-Actor": doctor}) == 200
     patient = (await (await http.get(f"{fhir_engine.base_url}{team_path}")).json())["subject"]["reference"]
-    await put(http, f"{a.url}{team_path}", care_team(team, patient, [doctor]), {"X-Actor": doctor})
+    await put(http, f"{a.url}{team_path}", care_team(team, patient, [doctor]), {"X-Actor": patient})
     assert await status_of(http, a, observation, {"X-Actor": doctor}) == 403
 
 
