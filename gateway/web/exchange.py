@@ -311,7 +311,7 @@ async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
         return
     if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
         return  # who may rewrite any Consent may open anything already: a drug's correction is theirs
-    if ex.method == "PATCH" or route.operation == "$meta-delete":
+    if ex.method == "PATCH" or (route.operation or "").lower() == "$meta-delete":  # in any case: a server may fold it
         raise Refused(_DECIDING_REFUSAL)
     if ex.method != "PUT" or route.interaction != "update":
         return

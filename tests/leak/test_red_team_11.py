@@ -65,9 +65,10 @@ Found and not closed (each needs a decision beyond a fix):
   records for a hidden id and none for a missing one, so in 404 mode a guessed id can be told
   hidden from missing where a released record refers to it (a dangling reference proves
   nothing, as red team 9 noted).
-- Write side, left to that pass: SMART's check that ``$meta-add``/``$meta-delete`` is an update
-  (``web.identity.META_WRITES``) compares operation names exactly, so ``$META-ADD`` at a
-  case-folding server runs under a read-only token.
+- Write side, found here and closed on merging: SMART's check that ``$meta-add``/``$meta-delete``
+  is an update (``web.identity.META_WRITES``), and the refusal of ``$meta-delete`` on a drug or
+  role, compared operation names exactly (``$META-ADD`` at a case-folding server ran under a
+  read-only token); both now compare in any case (tests in test_red_team_2 and _10).
 """
 
 from __future__ import annotations
