@@ -20,7 +20,7 @@ from gateway.core.fhir import NO_BASES, Bases, JSON, relative_reference, resourc
 from gateway.core.errors import UpstreamUnavailable
 from gateway.core.memo import TextMemo
 from gateway.core.model import Decision, Reason, Verdict
-from gateway.core.references import LISTINGS
+from gateway.core.references import DESCRIBING
 
 # judge(resource, the patients it belongs to) -> Decision
 Judge = Callable[[JSON, frozenset[str]], Decision]
@@ -91,8 +91,8 @@ class Enforced:
     outcome_entry: bool = False     # the "some results were withheld" entry goes last
     drop_total: bool = False        # Bundle.total goes, and the last link
     applied: bool = False
-    # A Composition or List was met: its narrative may name what the answer does not release
-    # (references.scrub_listing), whatever the displays.
+    # A Composition, List or AuditEvent was met: its narrative or entities may name what the
+    # answer does not release (references.scrub_listing, scrub_audit_entities), whatever the displays.
     listings: bool = False
 
     @property
@@ -478,7 +478,7 @@ class Enforcer:
         elif rtype == "Parameters":
             self.parameters(body.get("parameter"))
         else:
-            if rtype in LISTINGS:
+            if rtype in DESCRIBING:
                 self.result.listings = True
             decision = judge_resource(body, self.judge, self.index)
             if decision.verdict is Verdict.DENY:
@@ -494,7 +494,7 @@ class Enforcer:
         if rtype == "Parameters":
             self.parameters(resource.get("parameter"))
             return True
-        if rtype in LISTINGS:
+        if rtype in DESCRIBING:
             self.result.listings = True
         decision = judge_resource(resource, self.judge, self.index)
         if decision.verdict is Verdict.DENY:
@@ -545,7 +545,7 @@ class Enforcer:
                     rtype = resource.get("resourceType")
                     if rtype == "Composition":
                         compositions = True
-                    elif rtype == "List":
+                    elif rtype == "List" or rtype == "AuditEvent":
                         self.result.listings = True
                     if not includes:
                         includes = may_be_included(entry, searchset)

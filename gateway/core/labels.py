@@ -6,8 +6,8 @@ into lookup tables once; ``labels_for`` then costs a few dict look-ups per codin
 Semantics:
 - A resource's labels are the UNION of the labels its codes earn, the labels of every
   ``contained`` resource (so a contained Medication named by ``medicationReference`` counts),
-  its own ``meta.security``, a DocumentReference's ``securityLabel`` and a Composition's
-  ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
+  its own ``meta.security``, a DocumentReference's ``securityLabel``, an AuditEvent's
+  ``entity.securityLabel`` and a Composition's ``confidentiality``. Nothing is ever subtracted, so conflicting rules cannot hide a label.
 - Its codes are those at its type's code paths, and the valueCodeableConcept / valueCoding /
   valueCode (read as a coding without a system) of every extension (``extension`` and
   ``modifierExtension``, nested to any depth) of the
@@ -271,7 +271,7 @@ _EXTRACTORS: dict[str, _Extractors] = {t: _extractors(t) for t in _CODE_PATHS}
 _DEFAULT_EXTRACTORS = _extractors("")
 _NO_EXTRACTORS: _Extractors = ((), ())
 # Types with label-bearing elements beyond their codes and meta.security.
-_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle", "Subscription"})
+_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle", "AuditEvent", "Subscription"})
 _NO_PLAN: frozenset[str] = frozenset()
 
 
@@ -296,6 +296,7 @@ _OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Composition": ("confidentiality",),
     "Consent": ("provision",),
     "Bundle": ("entry",),
+    "AuditEvent": ("entity",),
     "Subscription": CRITERIA_ELEMENTS,
 }
 
@@ -659,6 +660,12 @@ class LabelIndex:
                                     "Consent.provision.securityLabel"))
                 if "code" in provision:
                     self._match(provision["code"], hits)
+        elif rtype == "AuditEvent":
+            # A record of access to HIV data carries the labels of what it records (BALP writes
+            # them in entity.securityLabel): it tells that there is such data.
+            for entity in _as_list(resource.get("entity")):
+                if isinstance(entity, dict) and "securityLabel" in entity:
+                    _own_labels(entity["securityLabel"], "AuditEvent.entity.securityLabel", own)
         elif rtype == "Bundle":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):

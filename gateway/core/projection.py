@@ -1,4 +1,4 @@
-"""``_elements`` and ``_summary``, applied by the gateway after deciding.
+"""``_elements`` (or ``_fields``) and ``_summary``, applied by the gateway after deciding.
 
 The upstream is always asked for full resources, so a projection can never hide the codes
 that carry sensitivity labels; the requester still gets the projection it asked for.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from gateway.core.fhir import JSON
 
-PROJECTION_PARAMS = frozenset({"_elements", "_summary"})
+# ``_fields``: Medplum's name for ``_elements`` (its search parser reads both alike). A projection
+# parameter left on the upstream query would hide the codes that decide (SECURITY).
+ELEMENT_PARAMS = frozenset({"_elements", "_fields"})
+PROJECTION_PARAMS = ELEMENT_PARAMS | {"_summary"}
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
 _SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 # Elements never part of a summary (narrative, contained resources, bulky content).

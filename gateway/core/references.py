@@ -16,7 +16,8 @@ from the FHIR server and hands everything to ``Resolved``; deciding stays pure.
 A ``Reference.display`` can name what it points at ("HIV-1 viral load 12000 copies/mL"):
 ``scrub_displays`` removes the display of every reference to patient data that the answer
 does not release; a reference to another server's patient data (a base not among ``ours``) is
-never released here, whatever this server's record of the same ``Type/id`` is.
+never released here, whatever this server's record of the same ``Type/id`` is. A narrative
+renders what its resource refers to, so it goes with them (``scrub_narrative``, ``scrub_listing``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import orjson
 
 from gateway.core.compartment import (
-    ROLE, author_references, authors_of, is_patient_data, role_reference, UNKNOWN_AUTHOR,
+    ROLE, author_references, authors_of, is_patient_data, patients_of, role_reference, UNKNOWN_AUTHOR,
 )
 from gateway.core.fhir import (
     NO_BASES, R4_RESOURCE_TYPES, Bases, JSON, contained_resource, local_reference, reference_base, reference_of,
@@ -217,6 +218,19 @@ def lists_records(raw: bytes) -> bool:
     """Whether the JSON text ``raw`` (one entry's) may hold a resource whose narrative renders the
     records it lists (``LISTINGS``; a ``\\u`` escape that could spell one is ``has_u_escape``'s)."""
     return b'"Composition"' in raw or b'"List"' in raw
+
+
+def may_narrate(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` may hold a narrative (``scrub_narrative``): its XHTML holds a
+    ``<`` (a ``\\u`` escape that could spell one is ``has_u_escape``'s). One byte, found by
+    ``memchr``: a scan for ``"div"`` costs about a millisecond per 3 MB answer."""
+    return b"<" in raw
+
+
+def names_records(raw: bytes) -> bool:
+    """Whether the JSON text ``raw`` (one entry's) may hold a narrative or an AuditEvent, which
+    describe what they refer to (``scrub_narrative``, ``scrub_audit_entities``)."""
+    return b"<" in raw or b'"AuditEvent"' in raw
 
 
 def has_u_escape(raw: bytes) -> bool:
@@ -630,8 +644,15 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
     while stack:
         node = pop()
         if type(node) is dict:
-            if "resourceType" in node and node["resourceType"] in LISTINGS and scrub_listing(node, released, ours):
-                changed = True
+            if "resourceType" in node:
+                rtype = node["resourceType"]
+                if rtype in LISTINGS:
+                    changed |= scrub_listing(node, released, ours)
+                elif rtype == "AuditEvent":
+                    changed |= scrub_audit_entities(node, released, ours)
+                if "text" in node and rtype not in _CONTAINERS:
+                    # A listing's own narrative renders its other references too (an event's detail).
+                    changed |= scrub_narrative(node, released, ours)
             if "display" in node:
                 ref = node.get("reference")
                 if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
@@ -651,6 +672,77 @@ def scrub_displays(body: JSON, released: frozenset[str], ours: Bases = NO_BASES)
 
 # Resources whose narrative renders the records they list: a summary's sections, a list's items.
 LISTINGS = frozenset({"Composition", "List"})
+# Resources met by enforcement whose every kept text is read again (``scrub_displays``): listings,
+# and AuditEvents, whose entities describe the records they name (``scrub_audit_entities``).
+DESCRIBING = LISTINGS | {"AuditEvent"}
+# Resources that hold resources (decided and scrubbed one by one), with no narrative of their own
+# that renders them.
+_CONTAINERS = frozenset({"Bundle", "Parameters"})
+# A resource's own context: the visit it was made at. Its narrative names it, not another record.
+_CONTEXT_LINKS = frozenset({"encounter"})
+# Elements that hold no Reference to patient data (codings, metadata, the narrative itself, a
+# business identifier, whose assigner is an Organization), not walked.
+_NO_REFERENCES = frozenset({"coding", "meta", "text", "identifier"})
+
+
+# What an AuditEvent's entity says of the record its ``what`` names.
+_ENTITY_DESCRIPTIONS = ("name", "description", "query", "detail", "securityLabel")
+
+
+def scrub_audit_entities(event: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
+    """Remove what each entity of an AuditEvent says of a record (its name, description, query,
+    details and labels) when its ``what`` is patient data not in ``released``; True if any was.
+
+    SECURITY: "HIV-1 viral load result" beside ``what: Observation/..`` is that record's display
+    under another name. The ``what`` reference stays, like references anywhere."""
+    changed = False
+    entities = event.get("entity")
+    for entity in entities if isinstance(entities, list) else ():
+        if not isinstance(entity, dict):
+            continue
+        what = reference_of(entity.get("what"))
+        if what is None or what.startswith("#") or not unreleased(what, released, ours):
+            continue
+        for key in _ENTITY_DESCRIPTIONS:
+            if key in entity:
+                del entity[key]
+                changed = True
+    return changed
+
+
+def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
+    """Remove the narrative of a resource (not a listing) that refers, beyond its own patients
+    (``compartment.patients_of``) and its ``encounter``, to patient data not in ``released``;
+    True if it was.
+
+    SECURITY: a narrative renders the resource and what it refers to: a lab report's its results
+    ("HIV-1 RNA 12000 copies/mL"), a Provenance, AuditEvent, Task, DetectedIssue or Communication
+    the record it is about, a panel its members. Read without them (alone, or beside the withheld
+    one), it would say what the withheld record is. Contained resources count as the resource's;
+    a reference naming only an identifier or a display is not followed (it names no record here).
+    """
+    patients: frozenset[str] | None = None  # the resource's own, read at the first suspect
+    stack: list[object] = [resource]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if type(node) is dict:
+            ref = node.get("reference")
+            if type(ref) is str and not ref.startswith("#") and unreleased(ref, released, ours):
+                if patients is None:
+                    patients = patients_of(resource, ours)
+                if local_reference(ref, ours) not in patients:
+                    del resource["text"]
+                    return True
+            skipped = _NO_REFERENCES | _CONTEXT_LINKS if "resourceType" in node else _NO_REFERENCES
+            for key, value in node.items():
+                if (type(value) is dict or type(value) is list) and key not in skipped:
+                    push(value)
+        elif type(node) is list:
+            for value in node:
+                if type(value) is dict or type(value) is list:
+                    push(value)
+    return False
 
 
 def scrub_listing(listing: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
@@ -707,7 +799,7 @@ def displays_scrubber(
     def scrub(text: bytes) -> bytes:
         if named is not None and not any(value in text for value in named):
             return text
-        if not may_name_unreleased(text, released, ours) and not lists_records(text):
+        if not may_name_unreleased(text, released, ours) and not lists_records(text) and not names_records(text):
             return text
         entry = orjson.loads(text)
         return orjson.dumps(entry) if scrub_displays(entry, released, ours) else text

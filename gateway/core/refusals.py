@@ -50,18 +50,22 @@ UNFILTERABLE_PARAMS = frozenset({"_filter", "_query", "_text", "_content", "_lis
 def unfilterable(
     parts: tuple[str, ...], operation: str | None, query: Iterable[tuple[str, str]]
 ) -> str | None:
-    """Why this request cannot be filtered (a stable code), or None when it can."""
-    if operation in UNFILTERABLE_OPERATIONS or operation in COMPUTING_OPERATIONS:
-        return f"operation:{operation}"
-    if operation in UNFILTERABLE_ABOVE_INSTANCE and parts.index(operation) < 2:
-        return f"operation:{operation}"
-    if parts and parts[-1] == "_history" and len(parts) <= 2:
+    """Why this request cannot be filtered (a stable code), or None when it can.
+
+    SECURITY: names are compared in any case (``$STATS``, ``_HAS:``, ``_Filter``): the gateway
+    cannot know that the FHIR server reads them only as FHIR writes them."""
+    op = operation.lower() if operation is not None else None
+    if op in UNFILTERABLE_OPERATIONS or op in COMPUTING_OPERATIONS:
+        return f"operation:{op}"
+    if op in UNFILTERABLE_ABOVE_INSTANCE and operation is not None and parts.index(operation) < 2:
+        return f"operation:{op}"
+    if parts and parts[-1].lower() == "_history" and len(parts) <= 2:
         return "history:type" if len(parts) == 2 else "history:system"
     for name, value in query:
-        base = name.split(":", 1)[0]
+        base = name.split(":", 1)[0].lower()
         if base.startswith("_has"):
             return "param:_has"
-        if base == "_summary" and value.strip() == "count":
+        if base == "_summary" and value.strip().lower() == "count":
             return "param:_summary=count"
         if base in UNFILTERABLE_PARAMS:
             return f"param:{base}"

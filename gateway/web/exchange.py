@@ -25,7 +25,7 @@ from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relati
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
-from gateway.core.projection import PROJECTION_PARAMS, Projection
+from gateway.core.projection import ELEMENT_PARAMS, PROJECTION_PARAMS, Projection
 from gateway.core.refusals import (
     conditional_write, named_patients, subscription_criteria, subscription_write, unfilterable,
 )
@@ -61,7 +61,7 @@ class Exchange:
 
     @property
     def forwarded_query(self) -> str:
-        """The query string for the upstream: verbatim, minus every ``_elements``/``_summary``."""
+        """The query string for the upstream: verbatim, minus every ``_elements``/``_fields``/``_summary``."""
         return strip_projection(self.raw_query)
 
     @property
@@ -70,13 +70,17 @@ class Exchange:
 
 
 def strip_projection(raw: str) -> str:
-    """``raw`` without ``_elements``/``_summary`` (any modifier, any encoding): the gateway applies
+    """``raw`` without ``_elements``/``_fields``/``_summary`` (any modifier, any encoding): the gateway applies
     the projection after deciding, so the upstream cannot strip the codes that carry labels."""
-    if not raw or ("%" not in raw and "_elements" not in raw and "_summary" not in raw):
+    if not raw:
+        return raw
+    # SECURITY: in any case (``_ELEMENTS``), as a server that reads names so would take them.
+    low = raw.lower()
+    if "%" not in raw and "_elements" not in low and "_summary" not in low and "_fields" not in low:
         return raw
     kept = [
         item for item in raw.split("&")
-        if unquote(item.split("=", 1)[0]).split(":", 1)[0] not in PROJECTION_PARAMS
+        if unquote(item.split("=", 1)[0]).split(":", 1)[0].lower() not in PROJECTION_PARAMS
     ]
     return "&".join(kept)
 
@@ -111,7 +115,7 @@ def read_body_parameters(ex: Exchange) -> None:
                 value = param["valueReference"].get("reference")
             if isinstance(name, str) and value is not None:
                 ex.query.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
-                if name.split(":", 1)[0] in PROJECTION_PARAMS:
+                if name.split(":", 1)[0].lower() in PROJECTION_PARAMS:
                     continue
             kept.append(param)
         if len(kept) != len(params):
@@ -309,7 +313,7 @@ async def check_deciding_write(state: GatewayState, ex: Exchange) -> None:
         return
     if ex.actor.role is not None and ex.actor.role in state.settings.consent.writer_roles:
         return  # who may rewrite any Consent may open anything already: a drug's correction is theirs
-    if ex.method == "PATCH" or route.operation == "$meta-delete":
+    if ex.method == "PATCH" or (route.operation or "").lower() == "$meta-delete":  # in any case: a server may fold it
         raise Refused(_DECIDING_REFUSAL)
     if ex.method != "PUT" or route.interaction != "update":
         return
@@ -514,8 +518,8 @@ def prepare_projection(ex: Exchange) -> None:
         ex.projection = None  # what from_query answers for no parameters, without building them
         return
     ex.projection = Projection.from_query(
-        [v for k, v in ex.query if k.split(":", 1)[0] == "_elements"],
-        [v for k, v in ex.query if k.split(":", 1)[0] == "_summary"],
+        [v for k, v in ex.query if k.split(":", 1)[0].lower() in ELEMENT_PARAMS],
+        [v for k, v in ex.query if k.split(":", 1)[0].lower() == "_summary"],
     )
 
 

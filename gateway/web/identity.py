@@ -151,7 +151,8 @@ def check_scopes(route: Route, resource: object, grants: Grants | None) -> None:
     decided on what they return. ``admit`` runs it for a request and for each batch entry."""
     if grants is not None:
         # $meta-add / $meta-delete change the stored resource's labels: an update.
-        interaction = "update" if route.operation in META_WRITES else route.interaction
+        # (in any case: a server may fold it)
+        interaction = "update" if (route.operation or "").lower() in META_WRITES else route.interaction
         _check_write(grants, interaction, route.resource_type, resource)
 
 

@@ -24,7 +24,7 @@ from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
 from gateway.core.links import LinkRewriter, without_last_links
 from gateway.core.references import (
-    displays_scrubber, has_u_escape, in_answer, may_name_unreleased, scrub_displays, unreleased_named,
+    displays_scrubber, has_u_escape, in_answer, may_name_unreleased, may_narrate, scrub_displays, unreleased_named,
 )
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
@@ -421,7 +421,8 @@ async def decide_answer(
     changed = await officer.released(state, request, ex, parsed, labels, decided_result, touched, owners) or result.changed
     # A display or a listing's narrative may name what is not released (keys as written or \u-escaped).
     raw = upstream.body
-    listings = decided_result.listings
+    # A narrative describes what its resource refers to (references.scrub_narrative).
+    listings = decided_result.listings or may_narrate(raw)
     may_display = (b'"display"' in raw or has_u_escape(raw) or listings) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     ours = state.enforcement.ours  # another server's record is never released here

@@ -268,14 +268,15 @@ async def test_a_drug_may_still_be_created_and_changed_where_nothing_decides(
     await orders_closed(gateway)
 
 
+@pytest.mark.parametrize("operation", ["$meta-delete", "$META-DELETE"])
 async def test_a_drugs_security_labels_are_not_deleted_by_an_operation(
-    pharmacy: FakeFhir, gateway: GatewayUnderTest,
+    pharmacy: FakeFhir, gateway: GatewayUnderTest, operation: str,
 ) -> None:
     params = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"security": [
         {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPIOIDUD"}]}}]}
-    status, headers, body = await call(gateway, "POST", f"/Medication/{BUPNAL_MEDICATION['id']}/$meta-delete", body=params)
+    status, headers, body = await call(gateway, "POST", f"/Medication/{BUPNAL_MEDICATION['id']}/{operation}", body=params)
     is_outcome(status, headers, body, 403)
-    assert not any("$meta-delete" in r.path_qs for r in pharmacy.requests)
+    assert not any(operation in r.path_qs for r in pharmacy.requests)
 
 
 @pytest.fixture

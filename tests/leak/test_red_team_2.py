@@ -256,17 +256,19 @@ async def test_confined_token_cannot_write_for_another_patient_in_a_batch(
     assert not any(r.method in ("POST", "PUT", "PATCH") and BATCH_ENTRY_HEADER in r.headers for r in world.requests[before:])
 
 
+@pytest.mark.parametrize("operation", ["$meta-delete", "$meta-add", "$META-DELETE", "$Meta-Add"])
 async def test_read_only_token_cannot_change_meta_through_an_operation(
-    world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer
+    world: FakeFhir, jgw: GatewayUnderTest, issuer: LocalIssuer, operation: str,
 ) -> None:
-    """``$meta-add`` / ``$meta-delete`` change the stored resource: a write needing ``u``."""
-    world.override = routes({("POST", f"/Observation/{c.ANA_CBC['id']}/$meta-delete"): lambda r: {
+    """``$meta-add`` / ``$meta-delete`` change the stored resource: a write needing ``u``, however
+    the name is written (a server may fold its case)."""
+    world.override = routes({("POST", f"/Observation/{c.ANA_CBC['id']}/{operation}"): lambda r: {
         "resourceType": "Parameters", "parameter": [{"name": "return", "valueMeta": {}}]}})
     params = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {
         "security": [{"system": c.V3_CONFIDENTIALITY, "code": "R"}]}}]}
-    status, headers, body = await jcall(jgw, "POST", f"/Observation/{c.ANA_CBC['id']}/$meta-delete",
+    status, headers, body = await jcall(jgw, "POST", f"/Observation/{c.ANA_CBC['id']}/{operation}",
                                         bearer(issuer, "user/*.rs"), params)
-    sent = [r for r in world.requests if "$meta-delete" in r.path_qs]
+    sent = [r for r in world.requests if operation in r.path_qs]
     assert status == 403 and not sent, (status, body)
 
 
