@@ -144,13 +144,19 @@ def subscription_patients(resource: Any) -> frozenset[str]:
 def criteria_codes(resource: Any) -> list[tuple[str, str]]:
     """Every token a Subscription's criteria write, as (system, code); system "" when the token
     names none (``code=B20``, ``code=|B20``): such a code is any system's."""
+    from gateway.core.refusals import confining
+
     searches = criteria_searches(resource) or ()
     found: list[tuple[str, str]] = []
-    for _, query in searches:
+    for rtype, query in searches:
+        # What names a patient (``subject=b20x``, an id) is no code.
+        links = confining(rtype) | {"subject"}
         for name, value in query:
-            if name.startswith("_"):
+            if name.startswith("_") or name.partition(":")[0] in links:
                 continue
             for item in value.split(","):
+                if "/" in item and "|" not in item:
+                    continue  # a reference
                 system, bar, code = item.strip().rpartition("|")
                 if not bar:
                     system, code = "", item.strip()

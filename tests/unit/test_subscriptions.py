@@ -66,8 +66,9 @@ def test_tokens() -> None:
     resource = sub("Condition?patient=1&code=http://hl7.org/fhir/sid/icd-10-cm|B20,|F11.20,86406008&_sort=date")
     assert criteria_searches(resource) == [("Condition", [
         ("patient", "1"), ("code", "http://hl7.org/fhir/sid/icd-10-cm|B20,|F11.20,86406008"), ("_sort", "date")])]
-    assert criteria_codes(resource) == [
-        ("", "1"), ("http://hl7.org/fhir/sid/icd-10-cm", "B20"), ("", "F11.20"), ("", "86406008")]
+    assert criteria_codes(resource) == [("http://hl7.org/fhir/sid/icd-10-cm", "B20"), ("", "F11.20"), ("", "86406008")]
+    # What names a patient is no code: an id spelt like B20 labels nothing.
+    assert criteria_codes(sub("Condition?subject=b20x&performer=Patient/b20y")) == []
 
 
 @pytest.mark.parametrize(("criteria", "wanted"), [
@@ -84,6 +85,7 @@ def test_criteria_codes_label_the_subscription(index: LabelIndex, criteria: str,
 
 def test_ordinary_criteria_label_nothing(index: LabelIndex) -> None:
     assert index.labels_for(sub(f"Observation?patient={ANA}&code=http://loinc.org|58410-2")) == frozenset()
+    assert index.labels_for(sub("Condition?subject=b20x&code=I10")) == frozenset()
 
 
 def test_a_view_holds_the_criteria() -> None:
