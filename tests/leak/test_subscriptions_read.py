@@ -85,6 +85,8 @@ def doors() -> dict[str, tuple[str, str, Any]]:
     return {
         **{f"read-{s['id']}": ("GET", f"/Subscription/{s['id']}", None) for s in HIDDEN},
         "search": ("GET", "/Subscription?status=active", None),
+        # Decided on the whole record, projected after: criteria cut away decide nothing.
+        "elements": ("GET", "/Subscription?status=active&_elements=id,status", None),
         "form-search": ("POST", "/Subscription/_search", b"status=active"),
         "batch": ("POST", "/", batch(*(("GET", f"Subscription/{s['id']}") for s in HIDDEN))),
         "batch-search": ("POST", "/", batch(("GET", "Subscription?status=active"))),
