@@ -745,6 +745,51 @@ def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_B
     return False
 
 
+def scrub_narrative_read(
+    resource: JSON, text: bytes, released: frozenset[str], ours: Bases = NO_BASES,
+    memo: dict[bytes, bool] | None = None,
+) -> bool:
+    """``scrub_narrative(resource, released, ours)``, settled first from ``text``, the resource's
+    (or its entry's) exact JSON text, by one scan of its reference values: the walk runs only when
+    a value points outside ``released`` and is neither one of the resource's own patients nor,
+    written once in the text, its ``encounter``. ``memo``: per distinct value as written, whether
+    it points outside (shared by the entries of one answer).
+
+    Exact: every ``reference`` string the walk meets is one the scan reads (a text whose keys may
+    be spelled with an escape, ``has_u_escape``, is walked); the walk excuses the resource's own
+    patients anywhere, and its encounter where the ``encounter`` element names it, the only place
+    a value written once can stand."""
+    if "text" not in resource:
+        return False
+    if has_u_escape(text):
+        return scrub_narrative(resource, released, ours)
+    memo = {} if memo is None else memo
+    suspects: list[bytes] = []
+    for match in _REFERENCE.finditer(text):
+        value = match[1]
+        outside = memo.get(value)
+        if outside is None:
+            try:
+                outside = memo[value] = _points_outside(value, released, ours)
+            except ValueError:
+                return scrub_narrative(resource, released, ours)  # not a JSON string: the walk decides
+        if outside:
+            suspects.append(value)
+    if not suspects:
+        return False
+    patients = patients_of(resource, ours)
+    encounter = resource.get("encounter")
+    context = encounter.get("reference") if type(encounter) is dict else None
+    for value in suspects:
+        ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+        if local_reference(ref, ours) in patients:
+            continue
+        if ref == context and text.count(b'"' + value + b'"') == 1:
+            continue
+        return scrub_narrative(resource, released, ours)
+    return False
+
+
 def scrub_listing(listing: JSON, released: frozenset[str], ours: Bases = NO_BASES) -> bool:
     """Remove the narratives of a Composition or List that lists patient data not in
     ``released``: each section's that lists it (and those of the sections around it), and the

@@ -40,8 +40,9 @@ import orjson
 
 from gateway.core.compartment import deciding_elements, is_patient_data
 from gateway.core.enforce import may_be_included
-from gateway.core.fhir import JSON
+from gateway.core.fhir import NO_BASES, Bases, JSON
 from gateway.core.labels import label_elements, may_extend
+from gateway.core.references import scrub_narrative_read
 from gateway.core.strict_json import has_duplicate_keys
 
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -292,6 +293,38 @@ class AnswerView:
                 yield orjson.dumps({**entry, "resource": _merged(self.resource_spans[key], resource)})
             else:
                 yield orjson.dumps(entry)
+
+
+def scrub_narratives(answer: AnswerView, released: frozenset[str], ours: Bases = NO_BASES) -> bool | None:
+    """Remove the narrative of each kept resource of an answer parsed whole that refers to patient
+    data ``released`` does not hold (``references.scrub_narrative``), deciding each from its
+    entry's upstream text; the resources changed are re-serialized (``touched``). True if any
+    was; None when an entry whose text holds a ``<`` cannot be read this way (no text of its own,
+    or it holds resources): then every kept text is read again (``references.scrub_displays``)."""
+    if answer.partial:
+        return None
+    memo: dict[bytes, bool] = {}
+    if not answer.is_bundle:
+        if scrub_narrative_read(answer.body, answer.raw, released, ours, memo):
+            answer.touched.add(id(answer.body))
+            return True
+        return False
+    changed = False
+    for entry in answer.body.get("entry") or ():
+        if id(entry) in answer.rewritten:
+            return None  # it holds resources (a Bundle, Parameters) or is read through others
+        span = answer.spans.get(id(entry))
+        # An entry without upstream text is the gateway's own (a suppressed-entries outcome).
+        text = bytes(span) if span is not None else orjson.dumps(entry)
+        if b"<" not in text:
+            continue
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if type(resource) is not dict:
+            return None
+        if scrub_narrative_read(resource, text, released, ours, memo):
+            answer.touched.add(id(resource))
+            changed = True
+    return changed
 
 
 def _merged(raw: msgspec.Raw | bytes, view: JSON) -> JSON:

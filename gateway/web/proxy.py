@@ -27,7 +27,7 @@ from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, may_narrate, scrub_displays, unreleased_named,
 )
 from gateway.core.strict_json import has_duplicate_keys
-from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, spans_of
+from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
 )
@@ -422,10 +422,19 @@ async def decide_answer(
     # A display or a listing's narrative may name what is not released (keys as written or \u-escaped).
     raw = upstream.body
     # A narrative describes what its resource refers to (references.scrub_narrative).
-    listings = decided_result.listings or may_narrate(raw)
-    may_display = (b'"display"' in raw or has_u_escape(raw) or listings) and not shadow
+    narrated = may_narrate(raw) and not shadow
+    listings = decided_result.listings
+    may_display = (b'"display"' in raw or has_u_escape(raw) or listings or narrated) and not shadow
     released = frozenset(in_answer(parsed)) if may_display else frozenset()
     ours = state.enforcement.ours  # another server's record is never released here
+    if narrated and not listings:
+        # Each narrated entry decided from its own text (view.scrub_narratives); when that cannot
+        # be, every kept text is read again, as for a listing.
+        narratives = scrub_narratives(view, released, ours) if view is not None else None
+        if narratives is None:
+            listings = True
+        else:
+            changed |= narratives
     if view is not None:
         named = None if listings else unreleased_named(upstream.body, released, ours) if may_display else frozenset()
         if named != frozenset() and view.is_bundle:
