@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -535,9 +536,16 @@ def _readings(
 
 
 def _scopes(consent: JSON) -> frozenset[str]:
-    return frozenset(
+    return _scope_set(tuple(sorted({
         str(c["code"]) for c in iter_codings(consent.get("scope")) if isinstance(c.get("code"), str)
-    )
+    })))
+
+
+@lru_cache(maxsize=256)
+def _scope_set(codes: tuple[str, ...]) -> frozenset[str]:
+    """One frozenset per set of scope codes, shared by every consent naming it (nearly all name
+    ``patient-privacy``; a frozenset costs 216 bytes in each of 100,000 cached patients)."""
+    return frozenset(codes)
 
 
 def compile_consent(consent: JSON, ours: Bases = NO_BASES) -> CompiledConsent:
