@@ -582,9 +582,15 @@ def unreleased_named(raw: bytes, released: frozenset[str], ours: Bases = NO_BASE
     return frozenset(named)
 
 
+def _reference_text(value: bytes) -> str:
+    """A reference value as written in JSON text (between its quotes), as a string; raises
+    ValueError when it is no JSON string."""
+    return json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+
+
 def _points_outside(value: bytes, released: frozenset[str], ours: Bases) -> bool:
     """Whether a reference value as written may point at patient data outside ``released``."""
-    ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+    ref = _reference_text(value)
     if ref.startswith("#"):
         return False
     return unreleased(ref, released, ours)
@@ -781,7 +787,7 @@ def scrub_narrative_read(
     encounter = resource.get("encounter")
     context = encounter.get("reference") if type(encounter) is dict else None
     for value in suspects:
-        ref = json.loads(b'"' + value + b'"') if b"\\" in value else value.decode("utf-8", "replace")
+        ref = _reference_text(value)
         if local_reference(ref, ours) in patients:
             continue
         if ref == context and text.count(b'"' + value + b'"') == 1:

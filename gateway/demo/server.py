@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.core.compartment import patients_of
 from gateway.core.fhir import JSON, iter_codings
+from gateway.sources.fhir import instant_text
 
 SEED = Path(__file__).with_name("seed.json")
 FHIR_JSON = "application/fhir+json"
@@ -161,7 +162,7 @@ class DemoFhirServer:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return instant_text(datetime.now(timezone.utc))
 
 
 def _stamp(entry: JSON) -> str:
