@@ -60,6 +60,22 @@ def scrubbed_outcome(outcome: JSON, text: str = "The FHIR server reported an err
     }
 
 
+# What an issue of the FHIR server's own outcome in a successful answer says instead of its texts.
+SERVER_NOTE = "The FHIR server added a note to this answer."
+
+
+def scrub_server_outcome(resource: JSON) -> None:
+    """An OperationOutcome the FHIR server put in a read answer (a search set's ``outcome``
+    entry, a batch slot's resource, an operation's result) keeps its severities and codes only.
+
+    SECURITY: its texts (``details``, ``diagnostics``, ``expression``, ``location``, its
+    narrative) can name what the answer withholds ("Resource Observation/123 was filtered"); no
+    text of the server's can be vouched for, so none stays (fail closed)."""
+    scrubbed = scrubbed_outcome(resource, SERVER_NOTE)
+    resource.clear()
+    resource.update(scrubbed)
+
+
 def not_found_slot() -> JSON:
     """The batch slot of a missing record, and of a withheld one in 404 mode."""
     return {"status": "404 Not Found",
@@ -480,6 +496,8 @@ class Enforcer:
         else:
             if rtype in DESCRIBING:
                 self.result.listings = True
+            elif rtype == "OperationOutcome":
+                self._outcome(body)
             decision = judge_resource(body, self.judge, self.index)
             if decision.verdict is Verdict.DENY:
                 self.result.denied = True
@@ -496,11 +514,20 @@ class Enforcer:
             return True
         if rtype in DESCRIBING:
             self.result.listings = True
+        elif rtype == "OperationOutcome":
+            self._outcome(resource)
         decision = judge_resource(resource, self.judge, self.index)
         if decision.verdict is Verdict.DENY:
             self.result.removed.append((str(rtype), decision))
             return False
         return True
+
+    def _outcome(self, resource: JSON) -> None:
+        """The server's own OperationOutcome met in the answer loses its texts (never the
+        gateway's ``suppressed`` one, added after deciding)."""
+        if resource is not SUPPRESSED_OUTCOME:
+            scrub_server_outcome(resource)
+            self.result.changed = True
 
     def bundle(self, bundle: JSON) -> None:
         """Decide a Bundle inside the body and remove its withheld entries at once."""
@@ -547,6 +574,8 @@ class Enforcer:
                         compositions = True
                     elif rtype == "List" or rtype == "AuditEvent":
                         self.result.listings = True
+                    elif rtype == "OperationOutcome":
+                        self._outcome(resource)
                     if not includes:
                         includes = may_be_included(entry, searchset)
                     if rtype == "Bundle" or rtype == "Parameters":
@@ -612,7 +641,8 @@ class Enforcer:
             return
         outcome = response.get("outcome")
         if isinstance(outcome, dict):
-            response["outcome"] = scrubbed_outcome(outcome)
+            failed = str(response.get("status", "")).lstrip()[:1] not in ("1", "2", "3")
+            response["outcome"] = scrubbed_outcome(outcome) if failed else scrubbed_outcome(outcome, SERVER_NOTE)
             self.result.changed = True
 
     def parameters(self, params: object) -> None:

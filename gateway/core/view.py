@@ -58,8 +58,9 @@ class _Entries(msgspec.Struct):
 _ENTRIES = msgspec.json.Decoder(_Entries)
 
 # Entry resources read whole: they hold resources (Bundle, Parameters), are rewritten by
-# enforcement (a document's Composition) or decided through what they point at (Binary).
-WHOLE_TYPES = frozenset({"Bundle", "Parameters", "Composition", "Binary"})
+# enforcement (a document's Composition, the server's OperationOutcome) or decided through what
+# they point at (Binary).
+WHOLE_TYPES = frozenset({"Bundle", "Parameters", "Composition", "Binary", "OperationOutcome"})
 # Answers the whole-resource path handles: they are rewritten, never filtered.
 _NOT_VIEWED = frozenset({"OperationOutcome", "Parameters", "Composition", "Binary"})
 # Elements every view holds: what reference resolution and the scopes read.

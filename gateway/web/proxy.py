@@ -18,7 +18,7 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES
-from gateway.core.enforce import Enforced, scrubbed_outcome
+from gateway.core.enforce import SERVER_NOTE, Enforced, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
@@ -312,9 +312,11 @@ async def answer_page(
         view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes. So can
-        # the text a write is answered with ("Successfully deleted 3 resource(s): ...").
+        # the text a write is answered with ("Successfully deleted 3 resource(s): ...") and the
+        # note a read is answered with ("Resource Observation/123 was filtered").
         scrubbed = orjson.dumps(scrubbed_outcome(parsed)) if upstream.status >= 400 else (
-            orjson.dumps(scrubbed_outcome(parsed, WRITE_DONE)) if ex.route.interaction in WRITE_INTERACTIONS else None
+            orjson.dumps(scrubbed_outcome(parsed, WRITE_DONE)) if ex.route.interaction in WRITE_INTERACTIONS
+            else orjson.dumps(scrubbed_outcome(parsed, SERVER_NOTE))
         )
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
     if parsed is None:
