@@ -20,7 +20,7 @@ from gateway.core.fhir import (
     NO_BASES, Bases, JSON, contained_resource, iter_codings, local_reference, reference_base, relative_reference,
 )
 from gateway.core.labels import code_spellings
-from gateway.core.subscriptions import CRITERIA_ELEMENTS, subscription_patients
+from gateway.core.subscriptions import CRITERIA_ELEMENTS, audit_searches, searches_patients, subscription_patients
 
 Path = tuple[str, ...]
 
@@ -447,6 +447,9 @@ def patients_of(resource: JSON, ours: Bases = NO_BASES) -> frozenset[str]:
         rid = resource.get("id")
         if isinstance(rid, str) and rid:
             found.add(f"Patient/{rid}")
+    elif rtype == "AuditEvent":
+        # The searches it records are its patients' data too (core.subscriptions.audit_searches).
+        found |= searches_patients(audit_searches(resource))
     return frozenset(found)
 
 

@@ -46,7 +46,7 @@ from gateway.core.fhir import JSON, provisions
 from gateway.core.memo import TextMemo
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
 from gateway.core.sensitivity_codes import CODES
-from gateway.core.subscriptions import CRITERIA_ELEMENTS, criteria_codes
+from gateway.core.subscriptions import CRITERIA_ELEMENTS, audit_searches, criteria_codes, searches_codes
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -666,6 +666,8 @@ class LabelIndex:
             for entity in _as_list(resource.get("entity")):
                 if isinstance(entity, dict) and "securityLabel" in entity:
                     _own_labels(entity["securityLabel"], "AuditEvent.entity.securityLabel", own)
+            # The codes of a search it records (``entity.query``) say what was searched for.
+            self._match_tokens(searches_codes(audit_searches(resource)), hits)
         elif rtype == "Bundle":
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
@@ -673,11 +675,15 @@ class LabelIndex:
         elif rtype == "Subscription":
             # Its criteria's codes (``code=http://loinc.org|75622-1``) say what it watches, as
             # the records would.
-            for system, code in criteria_codes(resource):
-                if system:
-                    self._match_coding({"system": system, "code": code}, hits)
-                else:
-                    self._match_any_system(code, hits)
+            self._match_tokens(criteria_codes(resource), hits)
+
+    def _match_tokens(self, tokens: list[tuple[str, str]], hits: list[_Hit]) -> None:
+        """Search tokens (system, code) matched as codings; system "": any system's code."""
+        for system, code in tokens:
+            if system:
+                self._match_coding({"system": system, "code": code}, hits)
+            else:
+                self._match_any_system(code, hits)
 
     def _match(self, value: Any, hits: list[_Hit]) -> None:
         if isinstance(value, list):

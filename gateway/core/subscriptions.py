@@ -1,4 +1,4 @@
-"""What a Subscription is about: the searches its criteria name, the patients and codes in them.
+"""What a Subscription or a recorded search is about: the searches named, the patients and codes in them.
 
 A Subscription tells that someone watches what its criteria select (``Observation?patient=
 Patient/ana&code=http://loinc.org|75622-1``: Ana's HIV results) as surely as the records do. It
@@ -7,7 +7,12 @@ by the codes they name (``labels.LabelIndex``). Criteria are read in three shape
 ``criteria`` search URL (R4B alike), the R4B/R4 backport's topic URL in ``criteria`` with its
 filters in ``backport-filter-criteria`` extensions of ``_criteria``, and R5's ``filterBy``.
 
-SECURITY: criteria the gateway cannot read (a filter of an unknown shape, a patient named by
+An AuditEvent that records a search (IHE BALP's query entity: ``entity.query``, base64 of the
+search) tells what was searched for as surely: its searches are read the same way
+(``audit_searches``), and the event is decided as the data of the patients they name and
+labelled by their codes, besides its own patients (``agent.who``, ``entity.what``).
+
+SECURITY: criteria (or a recorded query) the gateway cannot read (a filter of an unknown shape, a patient named by
 identifier or through a chain, a type it cannot tell) name ``UNKNOWN_PATIENT``: no consent
 opens the Subscription (fail closed). Pure: stdlib only at import (compartment and refusals,
 which this module's callers import, are read when called).
@@ -15,6 +20,8 @@ which this module's callers import, are read when called).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 from urllib.parse import parse_qsl
@@ -93,10 +100,15 @@ def subscription_patients(resource: Any) -> frozenset[str]:
     """The patients a Subscription's criteria name (``Patient/<id>``); ``UNKNOWN_PATIENT``
     among them when the criteria name one the gateway cannot read, or name one and select by
     what its labels cannot read (``code:text=HIV``)."""
+    return searches_patients(criteria_searches(resource))
+
+
+def searches_patients(searches: list[Search] | None) -> frozenset[str]:
+    """The patients ``searches`` name (None: searches that cannot be read, ``UNKNOWN_PATIENT``),
+    as for ``subscription_patients``."""
     from gateway.core.compartment import UNKNOWN_PATIENT
     from gateway.core.refusals import confining, named_patients, unfilterable
 
-    searches = criteria_searches(resource)
     if searches is None:
         return frozenset({UNKNOWN_PATIENT})
     found: set[str] = set()
@@ -144,11 +156,15 @@ def subscription_patients(resource: Any) -> frozenset[str]:
 def criteria_codes(resource: Any) -> list[tuple[str, str]]:
     """Every token a Subscription's criteria write, as (system, code); system "" when the token
     names none (``code=B20``, ``code=|B20``): such a code is any system's."""
+    return searches_codes(criteria_searches(resource))
+
+
+def searches_codes(searches: list[Search] | None) -> list[tuple[str, str]]:
+    """Every token ``searches`` write, as for ``criteria_codes``."""
     from gateway.core.refusals import confining
 
-    searches = criteria_searches(resource) or ()
     found: list[tuple[str, str]] = []
-    for rtype, query in searches:
+    for rtype, query in searches or ():
         # What names a patient (``subject=b20x``, an id) is no code.
         links = confining(rtype) | {"subject"}
         for name, value in query:
@@ -163,3 +179,51 @@ def criteria_codes(resource: Any) -> list[tuple[str, str]]:
                 if code:
                     found.append((system, code))
     return found
+
+
+_METHODS = frozenset({"GET", "POST"})
+
+
+def audit_searches(event: Any) -> list[Search] | None:
+    """The searches an AuditEvent's entities record (``entity.query``, base64 of the search as
+    sent: ``Observation?patient=Patient/ana&code=..``, a compartment search ``Patient/ana/
+    Observation?..``, with or without the server's base or the method), or None when one cannot
+    be read: base64 that does not decode, a text that is no search of a known shape (fail closed:
+    it names an unknown patient)."""
+    entities = event.get("entity") if isinstance(event, dict) else None
+    if not isinstance(entities, list):
+        return [] if entities is None else None
+    found: list[Search] = []
+    for entity in entities:
+        if not isinstance(entity, dict) or "query" not in entity:
+            continue
+        query = entity["query"]
+        if not isinstance(query, str):
+            return None
+        try:
+            text = base64.b64decode("".join(query.split()), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            return None
+        one = _recorded_search(text)
+        if one is None:
+            return None
+        found.append(one)
+    return found
+
+
+def _recorded_search(text: str) -> Search | None:
+    method, space, rest = text.strip().partition(" ")
+    if space and method.upper() in _METHODS:
+        text = rest.strip()
+    path, _, query = text.partition("?")
+    if "://" in path:
+        path = path.split("://", 1)[1].partition("/")[2]
+    segments = [s for s in path.split("/") if s]
+    if segments[-1:] == ["_search"]:
+        segments.pop()
+    if not segments or not _TYPE.fullmatch(segments[-1]):
+        return None  # a read, an operation, a system-wide search: what it selects is unknown
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if len(segments) >= 3 and segments[-3] == "Patient":
+        pairs.append(("patient", f"Patient/{segments[-2]}"))  # a compartment search names her
+    return segments[-1], pairs

@@ -9,6 +9,7 @@ headers for the hidden id, codes and texts. The leak conftest runs each test on 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import orjson
@@ -115,3 +116,102 @@ async def test_the_gateways_own_suppressed_outcome_keeps_its_text(world: FakeFhi
     assert status == 200, body
     assert VIRAL_LOAD["id"] not in ids_in(body)
     assert b"Some results were withheld by consent policy." in body
+
+
+# ---------------------------------------------------------------- 2. AuditEvents recording a search
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def search_audit(
+    rid: str, query: str | None = None, raw_query: str | None = None, about: str | None = c.PAT_ANA,
+) -> dict[str, Any]:
+    """A search as a FHIR server's audit trail records it (IHE BALP): the requester, the patient
+    (``about``), and the query entity: the search itself, base64, with no ``what``."""
+    return {
+        "resourceType": "AuditEvent", "id": rid,
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type"}],
+        "action": "E", "recorded": "2023-03-02T09:00:00Z", "outcome": "0",
+        "agent": [{"who": {"reference": "Practitioner/dr-patel"}, "requestor": True}],
+        "source": {"observer": {"display": "FHIR server"}},
+        "entity": [{"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+                    "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24"},
+                    "query": raw_query if raw_query is not None else _b64(query or "")}],
+    } | ({} if about is None else {"entity": [
+        {"what": {"reference": about}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                                                "code": "1"}, "role": {"code": "1"}},
+        {"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "24"},
+         "query": raw_query if raw_query is not None else _b64(query or "")}]})
+
+
+HIV_SEARCHES = {
+    "plain": f"Observation?patient={c.PAT_ANA}&code=http://loinc.org|75622-1",
+    "bare-code": f"Observation?subject={c.PAT_ANA}&code=75622-1",
+    "absolute": f"GET https://fhir.example.org/r4/Observation?patient={c.PAT_ANA}&code=http%3A%2F%2Floinc.org%7C75622-1",
+    "compartment": f"/{c.PAT_ANA}/Observation?code=http://loinc.org|75622-1",
+    "form": f"POST Observation/_search?patient={c.PAT_ANA}&code=http://loinc.org|75622-1",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HIV_SEARCHES))
+async def test_an_audit_event_of_a_search_for_hiv_results_is_hiv_data(
+    world: FakeFhir, gateway: GatewayUnderTest, shape: str,
+) -> None:
+    """"Someone searched Ana's HIV results" is told by the event's query: it is labelled HIV and
+    is Ana's, so her general opt-in does not open it."""
+    event = search_audit(f"ae-search-{shape}", HIV_SEARCHES[shape])
+    world.add(event)
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent/{event['id']}")
+    assert status == 403, body
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent?_id={event['id']}")
+    assert status == 200 and event["id"] not in ids_in(body), body
+    assert leaks(body, headers, (event["entity"][-1]["query"], "75622-1")) == []
+
+
+async def test_an_audit_event_of_a_search_opens_with_its_patients_permit(
+    world: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """Control: an ordinary search of hers opens with her opt-in (also when only the query names
+    her); the HIV one opens to her."""
+    ordinary = search_audit("ae-search-cbc", f"Observation?patient={c.PAT_ANA}&code=http://loinc.org|58410-2",
+                            about=None)
+    hiv = search_audit("ae-search-hiv", HIV_SEARCHES["plain"])
+    world.add(ordinary, hiv)
+    status, _, body = await call(gateway, "GET", f"/AuditEvent/{ordinary['id']}")
+    assert status == 200, body
+    status, _, body = await call(gateway, "GET", f"/AuditEvent/{hiv['id']}")
+    assert status == 403, body
+    world.add(c.opt_in(c.PAT_ANA, labels=("HIV",)))
+    status, _, body = await call(gateway, "GET", f"/AuditEvent/{hiv['id']}", actor=c.PAT_ANA)
+    assert status == 200, body  # her own
+
+
+async def test_an_audit_event_of_a_search_is_decided_by_the_patient_it_names(
+    world: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """Ben opted out: a record that someone searched Ben's blood counts (filed with Ana's) is Ben's
+    data too."""
+    world.add(c.opt_out(c.PAT_BEN, "consent-ben-in"))
+    event = search_audit("ae-search-ben", f"Observation?patient={c.PAT_BEN}&code=http://loinc.org|58410-2")
+    world.add(event)
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent/{event['id']}")
+    assert status == 403, body
+    status, headers, body = await call(gateway, "GET", "/AuditEvent?type=rest")
+    assert status == 200 and event["id"] not in ids_in(body), body
+
+
+@pytest.mark.parametrize("raw_query", [
+    "not base64 at all!", _b64("Observation/obs-hiv-vl-20447-5d1"), base64.b64encode(b"\xff\xfe").decode(),
+    _b64("Observation?patient:identifier=urn:mrn|123&code=75622-1"), _b64("?_type=Observation&code=75622-1"),
+])
+async def test_an_audit_event_whose_query_cannot_be_read_closes(
+    world: FakeFhir, gateway: GatewayUnderTest, raw_query: str,
+) -> None:
+    event = search_audit("ae-search-odd", raw_query=raw_query)
+    world.add(event)
+    status, headers, body = await call(gateway, "GET", f"/AuditEvent/{event['id']}")
+    assert status == 403, body
