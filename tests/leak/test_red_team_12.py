@@ -215,3 +215,61 @@ async def test_an_audit_event_whose_query_cannot_be_read_closes(
     world.add(event)
     status, headers, body = await call(gateway, "GET", f"/AuditEvent/{event['id']}")
     assert status == 403, body
+
+
+# ---------------------------------------------------------------- 3. a Binary whose context is elsewhere
+
+HIDDEN_DOC_REF = f"DocumentReference/{c.VERY_RESTRICTED_DOCUMENT['id']}"
+
+
+def _binary(rid: str, context: str, text: bytes) -> dict[str, Any]:
+    return {"resourceType": "Binary", "id": rid, "contentType": "text/plain",
+            "securityContext": {"reference": context}, "data": base64.b64encode(text).decode()}
+
+
+PAGED_HIDDEN = _binary("bin-page2-hidden-4d1", HIDDEN_DOC_REF, b"Forensic examination record, page two")
+PAGED_ORDINARY = _binary("bin-page2-cbc-7e2", CBC_REF, b"CBC printout, page two")
+
+
+def _reads_of(fake: FakeFhir, reference: str) -> int:
+    return sum(1 for r in fake.requests if r.method == "GET" and r.path_qs == f"/fhir/{reference}")
+
+
+@pytest.mark.parametrize("how", ["match", "include"])
+async def test_a_binary_whose_context_is_on_another_page_is_decided_by_that_record(
+    world: FakeFhir, gateway: GatewayUnderTest, how: str,
+) -> None:
+    """The page holds the Binaries, not the records they stand for (those are on the next page,
+    or never matched): each context is read once, and decides."""
+    twin = {**PAGED_HIDDEN, "id": "bin-page2-hidden-twin-4d2"}
+    binaries = (PAGED_HIDDEN, twin, PAGED_ORDINARY)
+    answer = (c.bundle(list(binaries), world.base_url) if how == "match"
+              else c.bundle([c.ANA_HYPERTENSION], world.base_url, include=binaries))
+    answer["link"].append({"relation": "next", "url": f"{world.base_url}/Binary?_page=2"})
+    world.override = routes({("GET", "/Binary"): lambda r: answer, ("GET", "/Condition"): lambda r: answer})
+    path = "/Binary?_count=3" if how == "match" else f"/Condition?patient={c.PAT_ANA}&_include=*"
+    status, headers, body = await call(gateway, "GET", path)
+    assert status == 200, body
+    kept = ids_in(body)
+    assert PAGED_HIDDEN["id"] not in kept and twin["id"] not in kept
+    assert leaks(body, headers, ("Forensic", PAGED_HIDDEN["data"])) == []
+    if how == "match":
+        assert PAGED_ORDINARY["id"] in kept
+    assert _reads_of(world, HIDDEN_DOC_REF) == 1
+
+
+@pytest.mark.parametrize("answer", ["error", "other-record", "not-json"])
+async def test_a_binary_whose_context_reads_wrong_is_withheld(
+    world: FakeFhir, gateway: GatewayUnderTest, answer: str,
+) -> None:
+    """The context read fails, answers with another record, or with no JSON: unknown, so closed."""
+    reply = {"error": lambda r: fhir({"resourceType": "OperationOutcome", "issue": []}, 500),
+             "other-record": lambda r: fhir(c.ANA_CBC),
+             "not-json": lambda r: web.Response(body=b"<html>busy</html>", content_type="text/html")}[answer]
+    ordinary_context = _binary("bin-page2-cbc-9f3", HIDDEN_DOC_REF.replace(c.VERY_RESTRICTED_DOCUMENT["id"], "doc-ordinary-3a1"),
+                               b"Ordinary note")
+    world.override = routes({("GET", "/DocumentReference/doc-ordinary-3a1"): reply,
+                             ("GET", "/Binary"): lambda r: c.bundle([ordinary_context], world.base_url)})
+    status, headers, body = await call(gateway, "GET", "/Binary")
+    assert status in (200, 503), body
+    assert ordinary_context["id"] not in body.decode()
