@@ -431,6 +431,29 @@ def _apply_bundle(bundle: JSON, kept: list[int], slots: str | None, outcome: boo
             bundle["link"] = [link for link in links if not _is_last(link)]
 
 
+# Links of a page that found something: none is in the answer of a search that found nothing.
+_PAGING_RELATIONS = frozenset({"next", "previous", "prev", "last"})
+
+
+def found_nothing(bundle: JSON) -> bool:
+    """Make a search set read as one that found nothing (in place): no entries, no total, no
+    links to other pages; True if it is a search set.
+
+    SECURITY: in 404 mode a search by a record the requester may not see (``Provenance?target=
+    Observation/<hidden>``) answers as one by a missing record, which finds nothing."""
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
+        return False
+    bundle.pop("entry", None)
+    bundle.pop("total", None)
+    links = bundle.get("link")
+    if isinstance(links, list):
+        bundle["link"] = [link for link in links
+                          if not (isinstance(link, dict) and link.get("relation") in _PAGING_RELATIONS)]
+        if not bundle["link"]:
+            del bundle["link"]
+    return True
+
+
 def _is_last(link: object) -> bool:
     return isinstance(link, dict) and link.get("relation") == "last"
 

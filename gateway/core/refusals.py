@@ -10,9 +10,12 @@ import re
 from urllib.parse import parse_qsl
 from collections.abc import Iterable
 
-from gateway.core.compartment import PATIENT_COMPARTMENT
+from gateway.core.compartment import PATIENT_COMPARTMENT, is_patient_data
+from gateway.core.fhir import Bases, local_reference
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_RECORD = re.compile(r"^([A-Z][A-Za-z]{1,63})/[A-Za-z0-9\-.]{1,64}$")
 
 # Operations whose answers cannot be decided per resource. ``$merge`` (Patient merge, HAPI FHIR)
 # moves every record of one patient into another's compartment, where that patient's consents
@@ -159,3 +162,34 @@ def named_patients(parts: tuple[str, ...], query: Iterable[tuple[str, str]]) -> 
                 return None
             found.add(patient)
     return frozenset(found) or None
+
+
+def named_records(query: Iterable[tuple[str, str]], ours: Bases) -> frozenset[str]:
+    """The records a search names by reference (``target=Observation/1``, its absolute URL under
+    one of ``ours``, ``target:Observation=1``), as ``Type/id``: patient data other than a Patient,
+    and Binaries. A search by a record finds what refers to it, so it tells that the record is
+    there; whether the requester may see it is decided apart (404 mode, ``web.exchange``).
+
+    Not here: ``_id`` and other ``_`` parameters (their matches are the records themselves,
+    decided), chains (refused or decided elsewhere), Patients (a search naming one is confined to
+    her, and her consents decide each match), references by identifier (unread)."""
+    found: set[str] = set()
+    for name, value in query:
+        base, _, modifier = name.partition(":")
+        if base.startswith("_") or "." in name:
+            continue
+        typed = modifier if _TYPE.match(modifier) else None
+        for item in value.split(","):
+            item = item.strip()
+            if "/" not in item:
+                if typed is None:
+                    continue
+                item = f"{typed}/{item}"
+            ref = local_reference(item, ours)
+            match = _RECORD.match(ref) if ref is not None else None
+            if ref is None or match is None:
+                continue
+            rtype = match.group(1)
+            if rtype != "Patient" and (is_patient_data(rtype) or rtype == "Binary"):
+                found.add(ref)
+    return frozenset(found)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from gateway.core.enforce import scrubbed_outcome, withheld_slot
+from gateway.core.enforce import found_nothing, scrubbed_outcome, withheld_slot
 from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, Refused
 from gateway.core.fhir import JSON
 from gateway.core.projection import Projection
@@ -42,6 +42,8 @@ class BatchPlan:
     body: bytes = b""                           # the Bundle sent upstream
     # Shadow mode: reads refused on their own but sent anyway; the slot enforce mode would give.
     shadow_refused: dict[int, JSON] = field(default_factory=dict)
+    # 404 mode: searches naming a record the requester may not see (Exchange.finds_nothing).
+    find_nothing: set[int] = field(default_factory=set)
 
     def answer(self, upstream_entries: list[object]) -> list[object]:
         """The slots in the client's order: the upstream's, with the refused ones put back."""
@@ -125,6 +127,8 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
                 continue
         if sub.projection is not None:
             plan.projections[index] = sub.projection
+        if sub.finds_nothing:
+            plan.find_nothing.add(index)
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
@@ -145,6 +149,21 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         plan.sent.append(index)
     plan.body = orjson.dumps({**bundle, "entry": sent})
     return plan
+
+
+def found_nothing_slots(plan: BatchPlan, answer: JSON) -> bool:
+    """The upstream's slots of the searches that find nothing (``find_nothing``) made so, in
+    place (core.enforce.found_nothing); True if any was."""
+    entries = answer.get("entry")
+    if not isinstance(entries, list):
+        return False
+    changed = False
+    for position, index in enumerate(plan.sent):
+        slot = entries[position] if index in plan.find_nothing and position < len(entries) else None
+        resource = slot.get("resource") if isinstance(slot, dict) else None
+        if isinstance(resource, dict):
+            changed |= found_nothing(resource)
+    return changed
 
 
 def _shadow_read(state: GatewayState, sub: Exchange, exc: GatewayError) -> bool:

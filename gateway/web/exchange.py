@@ -27,7 +27,7 @@ from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
 from gateway.core.projection import ELEMENT_PARAMS, PROJECTION_PARAMS, Projection
 from gateway.core.refusals import (
-    conditional_write, named_patients, subscription_criteria, subscription_write, unfilterable,
+    conditional_write, named_patients, named_records, subscription_criteria, subscription_write, unfilterable,
 )
 from gateway.web.identity import check_scopes
 from gateway.web.request import Route
@@ -58,6 +58,9 @@ class Exchange:
     query: list[tuple[str, str]] = field(default_factory=list)  # URL query + form/Parameters body
     projection: Projection | None = None
     page: PageWindow | None = None  # 404 mode: the part of its page a refilled answer takes (web.refill)
+    # 404 mode: the search names a record the requester may not see, so it answers as one naming
+    # a missing record: nothing found (check_search_targets).
+    finds_nothing: bool = False
 
     @property
     def forwarded_query(self) -> str:
@@ -385,6 +388,25 @@ async def check_version_target(state: GatewayState, ex: Exchange) -> None:
     await ensure_readable(state, f"{route.resource_type}/{route.resource_id}", ex.actor, ex.purpose)
 
 
+async def check_search_targets(state: GatewayState, ex: Exchange) -> None:
+    """In 404 mode a search naming a record by reference (``Provenance?target=Observation/1``,
+    ``Task?focus=..``; core.refusals.named_records) is answered as one naming a missing record
+    when the requester may not see that record: it finds nothing (``finds_nothing``).
+
+    SECURITY: the records that refer to a hidden one are often visible (a Provenance, a Task,
+    an AuditEvent of the patient), so finding them tells that the hidden id is there, where a
+    missing id finds nothing. Costs one read of each named record per such search, in 404 mode
+    only; a record that cannot be read fails the search (502), as for an operation's target."""
+    if ex.route.interaction != "search" or not conceals(state) or ex.reason is not None:
+        return  # break-glass opens what consent hides
+    for reference in sorted(named_records(ex.query, state.enforcement.ours)):
+        try:
+            await ensure_readable(state, reference, ex.actor, ex.purpose)
+        except ConsentDenied:
+            ex.finds_nothing = True
+            return
+
+
 def check_conditional_references(ex: Exchange) -> None:
     """A written resource may not refer by search (``Patient?identifier=...``): the server
     resolves it over records the requester may not see, and 201 or 412 tells which exist."""
@@ -538,5 +560,6 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     await check_deciding_write(state, ex)
     await check_team_write(state, ex)
     await check_version_target(state, ex)
+    await check_search_targets(state, ex)
     await check_consent_write(state, ex)
     prepare_projection(ex)

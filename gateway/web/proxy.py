@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 import logging
 import re
@@ -18,7 +19,7 @@ import orjson
 
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES
-from gateway.core.enforce import SERVER_NOTE, Enforced, scrubbed_outcome
+from gateway.core.enforce import SERVER_NOTE, Enforced, found_nothing, scrubbed_outcome
 from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
@@ -29,7 +30,8 @@ from gateway.core.references import (
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
-    BatchPlan, all_versions_hidden, apply_projections, not_found_outcome, plan_batch, settle_slots, subject_hidden,
+    BatchPlan, all_versions_hidden, apply_projections, found_nothing_slots, not_found_outcome, plan_batch, settle_slots,
+    subject_hidden,
 )
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
 from gateway.web import officer, refill
@@ -283,6 +285,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body = orjson.dumps({"resourceType": "Bundle", "type": f"{plan.kind}-response", "entry": plan.answer([])})
         return web.Response(body=body, content_type="application/fhir+json", headers={"X-Consent-Decision": "deny"})
     upstream = await send(state, request, ex, info.request_id)
+    if ex.finds_nothing or (plan is not None and plan.find_nothing):
+        upstream = finding_nothing(upstream, plan)
     links = link_rewriter(state.upstream.base_url, public_base(request, state, ex.route),
                           state.settings.upstream.reference_bases)
     if ex.route.interaction in WRITE_INTERACTIONS or ex.route.interaction == "batch":
@@ -292,6 +296,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # 404 mode: a page that lost matches is completed from the upstream's further pages.
         return await refill.completed(state, request, ex, upstream, links, response, answer_page, upstream_headers)
     return response
+
+
+def finding_nothing(upstream: UpstreamResponse, plan: BatchPlan | None) -> UpstreamResponse:
+    """The upstream's answer to a search that names a record the requester may not see (404
+    mode, ``Exchange.finds_nothing``; a batch's such entries), made to find nothing: what the
+    server answers for a missing record. An answer that is no search set, or cannot be read
+    whole, goes on as it is (the pipeline decides it, or refuses it)."""
+    if upstream.status != 200:
+        return upstream
+    try:
+        parsed = orjson.loads(upstream.body)
+    except orjson.JSONDecodeError:
+        return upstream
+    if not isinstance(parsed, dict) or has_duplicate_keys(upstream.body, parsed):
+        return upstream
+    changed = found_nothing(parsed) if plan is None else found_nothing_slots(plan, parsed)
+    return replace(upstream, body=orjson.dumps(parsed)) if changed else upstream
 
 
 async def answer_page(

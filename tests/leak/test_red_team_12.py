@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import pytest
@@ -273,3 +274,104 @@ async def test_a_binary_whose_context_reads_wrong_is_withheld(
     status, headers, body = await call(gateway, "GET", "/Binary")
     assert status in (200, 503), body
     assert ordinary_context["id"] not in body.decode()
+
+
+# ---------------------------------------------------------------- 4. 404 mode: searching by a hidden record
+
+MISSING_ID = "obs-nothing-here-000"
+PROVENANCE = {"resourceType": "Provenance", "id": "prov-vl-ana-1c2",
+              "target": [{"reference": VL_REF}, {"reference": c.PAT_ANA}], "recorded": "2023-03-02T09:00:00Z",
+              "agent": [{"who": {"reference": c.DOCTOR}}]}
+TASK = {"resourceType": "Task", "id": "task-vl-ana-2d3", "status": "requested", "intent": "order",
+        "for": {"reference": c.PAT_ANA}, "focus": {"reference": VL_REF}, "owner": {"reference": c.DOCTOR}}
+
+
+def _by_reference(fake: FakeFhir) -> Any:
+    """Searches by any reference parameter, as a server runs them: the records of the type that
+    refer to the value (relative, absolute or ``param:Type=id``); paged by two with ``_count``."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        parts = [p for p in request.path.removeprefix("/fhir").split("/") if p]
+        pairs = list(request.query.items())
+        if request.method == "POST" and parts[-1:] == ["_search"]:
+            pairs += parse_qsl((await request.read()).decode(), keep_blank_values=True)
+            parts = parts[:-1]
+        if len(parts) != 1 or parts[0] not in ("Provenance", "Task"):
+            return None
+        wanted = []
+        for name, value in pairs:
+            base, _, modifier = name.partition(":")
+            if base.startswith("_"):
+                continue
+            ref = f"{modifier}/{value}" if modifier else value
+            wanted.append(ref.split("/fhir/", 1)[-1])
+        found = [r for k, r in fake.resources.items() if k.startswith(parts[0] + "/")
+                 and all(f'"reference":"{w}"' in orjson.dumps(r).decode() for w in wanted)]
+        page = c.bundle(found, fake.base_url, self_url=f"{fake.base_url}/{parts[0]}?{request.query_string}")
+        if found:  # more on a next page: a missing record's search has none
+            page["link"].append({"relation": "next", "url": f"{fake.base_url}/{parts[0]}?_page=2"})
+        return fhir(page)
+
+    return override
+
+
+@pytest.fixture
+async def gw404(world: FakeFhir, make_gateway: Any) -> GatewayUnderTest:
+    world.add(VIRAL_LOAD, PROVENANCE, TASK)
+    world.override = _by_reference(world)
+    return await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
+
+
+def _same(hidden: tuple[int, dict[str, str], bytes], missing: tuple[int, dict[str, str], bytes]) -> None:
+    """The two answers differ by the id asked for, nothing else."""
+    (sa, ha, ba), (sb, hb, bb) = hidden, missing
+    assert sa == sb == 200, (ba, bb)
+    assert ba.replace(VIRAL_LOAD["id"].encode(), MISSING_ID.encode()) == bb, (ba, bb)
+    names = {"content-type", "x-consent-decision", "transfer-encoding", "content-length", "etag", "last-modified"}
+    assert {k.lower(): v for k, v in ha.items() if k.lower() in names} == \
+        {k.lower(): v for k, v in hb.items() if k.lower() in names}
+
+
+SEARCHES_BY_REFERENCE = {
+    "provenance": ("GET", "/Provenance?target={ref}"),
+    "task-focus": ("GET", "/Task?focus={ref}"),
+    "typed-modifier": ("GET", "/Provenance?target:Observation={id}"),
+    "absolute": ("GET", "/Provenance?target={base}/{ref}"),
+    "form": ("POST", "/Provenance/_search"),
+}
+
+
+@pytest.mark.parametrize("door", sorted(SEARCHES_BY_REFERENCE))
+async def test_404_mode_a_search_by_a_hidden_record_answers_as_by_a_missing_one(
+    world: FakeFhir, gw404: GatewayUnderTest, door: str,
+) -> None:
+    method, template = SEARCHES_BY_REFERENCE[door]
+
+    async def ask(rid: str) -> tuple[int, dict[str, str], bytes]:
+        ref = f"Observation/{rid}"
+        if door == "form":
+            return await call(gw404, method, template, body=f"target={ref}".encode(),
+                              **{"Content-Type": "application/x-www-form-urlencoded"})
+        return await call(gw404, method, template.format(ref=ref, id=rid, base=world.base_url))
+
+    hidden, missing = await ask(VIRAL_LOAD["id"]), await ask(MISSING_ID)
+    assert PROVENANCE["id"] not in hidden[2].decode() and TASK["id"] not in hidden[2].decode()
+    _same(hidden, missing)
+
+
+async def test_404_mode_a_search_by_a_visible_record_still_finds(world: FakeFhir, gw404: GatewayUnderTest) -> None:
+    """Control: a Provenance of the visible blood count is found, and the gateway read that record once."""
+    prov = {**PROVENANCE, "id": "prov-cbc-ana-3e4", "target": [{"reference": CBC_REF}, {"reference": c.PAT_ANA}]}
+    world.add(prov)
+    status, _, body = await call(gw404, "GET", f"/Provenance?target={CBC_REF}")
+    assert status == 200 and prov["id"] in ids_in(body), body
+
+
+async def test_404_mode_a_batch_search_by_a_hidden_record_answers_as_by_a_missing_one(
+    world: FakeFhir, gw404: GatewayUnderTest,
+) -> None:
+    status, _, body = await call(gw404, "POST", "/", body=batch(
+        ("GET", f"Provenance?target={VL_REF}"), ("GET", f"Provenance?target=Observation/{MISSING_ID}")))
+    assert status == 200, body
+    hidden, missing = slots(body)
+    assert orjson.dumps(hidden).replace(VIRAL_LOAD["id"].encode(), MISSING_ID.encode()) == orjson.dumps(missing)
