@@ -584,7 +584,8 @@ class Enforcer:
             compositions = includes = False
             for index, entry in enumerate(entries):
                 resource = entry.get("resource")
-                if response_bundle:
+                if response_bundle or "response" in entry:
+                    # A history entry's response may carry the server's outcome too.
                     self._scrub_response(entry)
                 if resource is None:
                     keep = True

@@ -375,3 +375,17 @@ async def test_404_mode_a_batch_search_by_a_hidden_record_answers_as_by_a_missin
     assert status == 200, body
     hidden, missing = slots(body)
     assert orjson.dumps(hidden).replace(VIRAL_LOAD["id"].encode(), MISSING_ID.encode()) == orjson.dumps(missing)
+
+
+# ---------------------------------------------------------------- attacks: more of the server's notes
+
+
+async def test_a_history_entry_outcome_keeps_only_its_codes(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """An instance history whose entries carry the server's outcome in ``response.outcome``."""
+    history = c.history_bundle([c.ANA_CBC], world.base_url)
+    history["entry"][0]["response"]["outcome"] = _telling_outcome()
+    world.override = routes({("GET", f"/{CBC_REF}/_history"): lambda r: history})
+    status, headers, body = await call(gateway, "GET", f"/{CBC_REF}/_history")
+    assert status == 200, body
+    assert leaks(body, headers, SECRETS) == [], body
+    assert _bare_issue(entries(body)[0]["response"]["outcome"]) == [("information", "informational")]
