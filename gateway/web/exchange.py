@@ -390,16 +390,22 @@ async def check_version_target(state: GatewayState, ex: Exchange) -> None:
 
 async def check_search_targets(state: GatewayState, ex: Exchange) -> None:
     """In 404 mode a search naming a record by reference (``Provenance?target=Observation/1``,
-    ``Task?focus=..``; core.refusals.named_records) is answered as one naming a missing record
+    ``Task?focus=..``; core.refusals.named_records) or by its compartment (``Encounter/1/*``)
+    is answered as one naming a missing record
     when the requester may not see that record: it finds nothing (``finds_nothing``).
 
     SECURITY: the records that refer to a hidden one are often visible (a Provenance, a Task,
     an AuditEvent of the patient), so finding them tells that the hidden id is there, where a
     missing id finds nothing. Costs one read of each named record per such search, in 404 mode
     only; a record that cannot be read fails the search (502), as for an operation's target."""
-    if ex.route.interaction != "search" or not conceals(state) or ex.reason is not None:
+    route = ex.route
+    if route.interaction != "search" or not conceals(state) or ex.reason is not None:
         return  # break-glass opens what consent hides
-    for reference in sorted(named_records(ex.query, state.enforcement.ours)):
+    named = set(named_records(ex.query, state.enforcement.ours))
+    if route.resource_id is not None and route.resource_type != "Patient" and _guarded(route.resource_type):
+        # A compartment search (``Encounter/1/Observation``) finds what refers to its record.
+        named.add(f"{route.resource_type}/{route.resource_id}")
+    for reference in sorted(named):
         try:
             await ensure_readable(state, reference, ex.actor, ex.purpose)
         except ConsentDenied:

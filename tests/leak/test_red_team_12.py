@@ -389,3 +389,34 @@ async def test_a_history_entry_outcome_keeps_only_its_codes(world: FakeFhir, gat
     assert status == 200, body
     assert leaks(body, headers, SECRETS) == [], body
     assert _bare_issue(entries(body)[0]["response"]["outcome"]) == [("information", "informational")]
+
+
+HIV_VISIT = {"resourceType": "Encounter", "id": "enc-hiv-visit-5e6", "status": "finished",
+             "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+             "subject": {"reference": c.PAT_ANA},
+             "reasonCode": [c.concept("http://hl7.org/fhir/sid/icd-10-cm", "B20", "HIV disease")]}
+MISSING_VISIT = "enc-nothing-here-000"
+
+
+@pytest.mark.parametrize("path", ["/Encounter/{id}/Observation", "/Encounter/{id}/*", "/Observation?encounter=Encounter/{id}"])
+async def test_404_mode_a_compartment_search_of_a_hidden_record_answers_as_of_a_missing_one(
+    world: FakeFhir, gw404: GatewayUnderTest, path: str,
+) -> None:
+    """Ana's blood count was taken at her HIV visit: the visit is hidden, the count is not."""
+    cbc = {**c.ANA_CBC, "encounter": {"reference": f"Encounter/{HIV_VISIT['id']}"}}
+    world.add(HIV_VISIT, cbc)
+
+    async def compartment(request: web.Request) -> web.StreamResponse | None:
+        parts = [p for p in request.path.removeprefix("/fhir").split("/") if p]
+        visit = parts[1] if parts[:1] == ["Encounter"] and len(parts) == 3 else (
+            request.query.get("encounter", "").split("/")[-1] if parts == ["Observation"] else None)
+        if visit is None:
+            return None
+        found = [cbc] if visit == HIV_VISIT["id"] else []
+        return fhir(c.bundle(found, world.base_url, self_url=f"{world.base_url}{request.path_qs.removeprefix('/fhir')}"))
+
+    world.override = compartment
+    hidden = await call(gw404, "GET", path.format(id=HIV_VISIT["id"]))
+    missing = await call(gw404, "GET", path.format(id=MISSING_VISIT))
+    assert c.ANA_CBC["id"] not in hidden[2].decode(), hidden[2]
+    assert hidden[2].replace(HIV_VISIT["id"].encode(), MISSING_VISIT.encode()) == missing[2]
