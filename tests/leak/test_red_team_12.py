@@ -420,3 +420,72 @@ async def test_404_mode_a_compartment_search_of_a_hidden_record_answers_as_of_a_
     missing = await call(gw404, "GET", path.format(id=MISSING_VISIT))
     assert c.ANA_CBC["id"] not in hidden[2].decode(), hidden[2]
     assert hidden[2].replace(HIV_VISIT["id"].encode(), MISSING_VISIT.encode()) == missing[2]
+
+
+# ---------------------------------------------------------------- attacks: doors that held
+
+
+def _conditional(fake: FakeFhir) -> Any:
+    """A server that honours conditional reads: 304 when the tag or date matches."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        if request.headers.get("If-None-Match") or request.headers.get("If-Modified-Since"):
+            return web.Response(status=304, headers={"ETag": 'W/"1"', "Last-Modified": "Thu, 02 Mar 2023 08:30:00 GMT"})
+        return None
+
+    return override
+
+
+@pytest.mark.parametrize("header", [{"If-None-Match": 'W/"1"'}, {"If-Modified-Since": "Thu, 02 Mar 2023 08:30:00 GMT"},
+                                    {"if-none-match": "*"}])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_conditional_read_of_a_hidden_record_is_no_304(
+    world: FakeFhir, gateway: GatewayUnderTest, header: dict[str, str], method: str,
+) -> None:
+    world.add(VIRAL_LOAD)
+    world.override = _conditional(world)
+    status, headers, body = await call(gateway, method, f"/{VL_REF}", **header)
+    assert status == 403, body
+    assert "ETag" not in headers and "Last-Modified" not in headers
+    assert not any(k.lower().startswith("if-") for r in world.requests for k in r.headers)
+
+
+async def test_a_format_in_a_form_body_gets_no_other_format_out(world: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """``_format=html`` in a ``_search`` form: a server answering HTML (its narrative page) is refused."""
+    world.add(VIRAL_LOAD)
+
+    async def html(request: web.Request) -> web.StreamResponse | None:
+        if request.method == "POST" and b"_format=html" in await request.read():
+            return web.Response(body=b"<html>HIV 1 RNA 12000 copies/mL obs-hiv-vl-20447-5d1</html>", content_type="text/html")
+        return None
+
+    world.override = html
+    status, headers, body = await call(gateway, "POST", "/Observation/_search", body=f"patient={c.PAT_ANA}&_format=html".encode(),
+                                       **{"Content-Type": "application/x-www-form-urlencoded"})
+    assert status in (406, 502), body
+    assert leaks(body, headers, SECRETS) == []
+
+
+@pytest.mark.parametrize("accept", ["text/html", "application/fhir+xml;q=1, application/json;q=0.1", "*/*", "text/plain"])
+async def test_accept_variants_of_a_hidden_read(world: FakeFhir, gateway: GatewayUnderTest, accept: str) -> None:
+    world.add(VIRAL_LOAD)
+    status, headers, body = await call(gateway, "GET", f"/{VL_REF}", Accept=accept)
+    assert status in (403, 406), body
+    assert leaks(body, headers, SECRETS) == []
+
+
+@pytest.mark.parametrize("path", [
+    f"/{VL_REF}?_summary=text", f"/{VL_REF}?_summary=data", f"/{VL_REF}?_elements=valueQuantity.value",
+    f"/{VL_REF}?_elements=code.coding.display", f"/Observation?patient={c.PAT_ANA}&_sort=-value-quantity&_count=1",
+    f"/Observation?patient={c.PAT_ANA}&_total=accurate", f"/Observation?patient={c.PAT_ANA}&_count=0",
+    f"/Observation?_id={VIRAL_LOAD['id']}&_id={c.ANA_CBC['id']}", f"/Observation?_id={VIRAL_LOAD['id'].upper()}",
+    f"/Observation/{VIRAL_LOAD['id']}%00", f"/Observation?_id={VIRAL_LOAD['id']}%00",
+    f"/Observation?patient={c.PAT_ANA}&code=http://loinc.org%7C20447-9", f"/Observation?patient={c.PAT_ANA}&code=20447-9+",
+])
+async def test_parameters_and_encodings_of_a_hidden_read(world: FakeFhir, gateway: GatewayUnderTest, path: str) -> None:
+    world.add(VIRAL_LOAD)
+    status, headers, body = await call(gateway, "GET", path)
+    assert status in (200, 400, 403, 404), body
+    answer = orjson.loads(body)
+    answer.pop("link", None)  # the self link echoes the client's own query
+    assert leaks(orjson.dumps(answer), headers, SECRETS) == []
