@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from gateway.core.enforce import found_nothing, scrubbed_outcome, withheld_slot
+from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, Refused
 from gateway.core.fhir import JSON
 from gateway.core.projection import Projection
@@ -182,16 +183,32 @@ def settle_slots(plan: BatchPlan, slots: list[object], withheld_status: str) -> 
         if not isinstance(slot, dict):
             continue
         resource = slot.get("resource")
-        if isinstance(resource, dict) and (
+        response = slot.get("response")
+        status = response.get("status") if isinstance(response, dict) else None
+        if (isinstance(resource, dict) and (
             all_versions_hidden(route, resource)
             or (withheld_status.startswith("404") and subject_hidden(route, resource))
-        ):
+        )) or (resource is None and bodiless_read(route, _status_code(status))):
             slots[index] = {"response": withheld_slot(withheld_status)}
             changed = True
         elif index in plan.heads and "resource" in slot:
             del slot["resource"]
             changed = True
     return changed
+
+
+def bodiless_read(route: Route, status: int) -> bool:
+    """A read (or vread) of a record consent decides, answered with success but without the
+    record: nothing to decide, so it is withheld (its status, version and date would tell that
+    the record is there)."""
+    rtype = route.resource_type
+    return (route.interaction in ("read", "vread") and 200 <= status < 300 and rtype is not None
+            and (is_patient_data(rtype) or rtype == "Binary" or rtype == "Subscription"))
+
+
+def _status_code(status: object) -> int:
+    text = str(status).strip()[:3]
+    return int(text) if text.isdigit() else 0
 
 
 def all_versions_hidden(route: Route, body: JSON) -> bool:

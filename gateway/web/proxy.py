@@ -30,7 +30,7 @@ from gateway.core.references import (
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
-    BatchPlan, all_versions_hidden, apply_projections, found_nothing_slots, not_found_outcome, plan_batch, settle_slots,
+    BatchPlan, all_versions_hidden, apply_projections, bodiless_read, found_nothing_slots, not_found_outcome, plan_batch, settle_slots,
     subject_hidden,
 )
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
@@ -341,6 +341,12 @@ async def answer_page(
         )
         return await _unchecked(state, info, upstream, links, ex, scrubbed)
     if parsed is None:
+        if bodiless_read(ex.route, upstream.status):
+            # SECURITY: a record read without its body (``Prefer: return=minimal``) cannot be
+            # decided, yet the 200, its ETag and date tell that it is there (fail closed).
+            info.decision = "deny"
+            state.metrics.count_decision("deny")
+            return denied_answer(state)
         return await _unchecked(state, info, upstream, links, ex)  # nothing to decide
     if plan is not None and plan.refused and isinstance(parsed.get("entry"), list):
         parsed["entry"] = plan.answer(parsed["entry"])

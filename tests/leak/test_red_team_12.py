@@ -489,3 +489,49 @@ async def test_parameters_and_encodings_of_a_hidden_read(world: FakeFhir, gatewa
     answer = orjson.loads(body)
     answer.pop("link", None)  # the self link echoes the client's own query
     assert leaks(orjson.dumps(answer), headers, SECRETS) == []
+
+
+# ---------------------------------------------------------------- attacks: a read answered without its record
+
+
+def _minimal(fake: FakeFhir) -> Any:
+    """A server that answers a read with ``Prefer: return=minimal`` (the client's header, passed
+    on) or inside a batch without the record: 200, its version tag and date, no body."""
+
+    async def override(request: web.Request) -> web.StreamResponse | None:
+        parts = [p for p in request.path.removeprefix("/fhir").split("/") if p]
+        if request.method == "GET" and len(parts) == 2 and "/".join(parts) in fake.resources:
+            return web.Response(status=200, headers={"ETag": 'W/"3"', "Last-Modified": "Thu, 02 Mar 2023 08:30:00 GMT",
+                                                     "Content-Type": "application/fhir+json"})
+        if request.method == "POST" and not parts:
+            sent = orjson.loads(await request.read())
+            slots = []
+            for entry in sent["entry"]:
+                ref = entry["request"]["url"].split("?")[0]
+                slots.append({"response": {"status": "200 OK", "etag": 'W/"3"', "lastModified": "2023-03-02T08:30:00Z"}}
+                             if ref in fake.resources else {"response": {"status": "404 Not Found"}})
+            return fhir({"resourceType": "Bundle", "type": "batch-response", "entry": slots})
+        return None
+
+    return override
+
+
+@pytest.mark.parametrize("mode", [403, 404])
+async def test_a_read_answered_without_the_record_tells_nothing_of_a_hidden_one(
+    world: FakeFhir, make_gateway: Any, mode: int,
+) -> None:
+    """No body: nothing to decide, so nothing may pass: not the 200 (the record is there), not its
+    version or date. In 404 mode it reads like a missing record."""
+    world.add(VIRAL_LOAD)
+    world.override = _minimal(world)
+    gw = await make_gateway(world.base_url, enforcement={"denied_read_status": mode})
+    status, headers, body = await call(gw, "GET", f"/{VL_REF}", Prefer="return=minimal")
+    assert status == mode, (status, headers, body)
+    assert "ETag" not in headers and "Last-Modified" not in headers
+    status, _, body = await call(gw, "POST", "/", body=batch(("GET", VL_REF), ("GET", f"Observation/{MISSING_ID}")))
+    assert status == 200, body
+    hidden, missing = slots(body)
+    assert hidden["response"]["status"].startswith(str(mode)), hidden
+    assert "etag" not in hidden["response"] and "lastModified" not in hidden["response"]
+    if mode == 404:
+        assert hidden == missing
