@@ -135,6 +135,8 @@ def owners_of(resource: JSON, inherited: frozenset[str] = frozenset(), ours: Bas
     return inherited if isinstance(rtype, str) and is_patient_data(rtype) else frozenset()
 
 
+# Entry types the loop of ``Enforcer._bundle`` notes: listings, documents, the server's outcomes.
+_NOTED = frozenset({"Composition", "List", "AuditEvent", "OperationOutcome"})
 # Entries indexed by a call of their own: they hold resources, or are collected (Binary).
 _WALKED = frozenset({"Bundle", "Parameters", "Binary"})
 
@@ -576,6 +578,8 @@ class Enforcer:
         outcome = False
         if entries:
             response_bundle = bundle.get("type") in _RESPONSE_BUNDLES
+            # A history entry's response may carry the server's outcome too.
+            slotted = response_bundle or bundle.get("type") == "history"
             searchset = bundle.get("type") == "searchset"
             kept: list[object] = []
             withheld: list[tuple[JSON, JSON]] = []
@@ -584,8 +588,7 @@ class Enforcer:
             compositions = includes = False
             for index, entry in enumerate(entries):
                 resource = entry.get("resource")
-                if response_bundle or "response" in entry:
-                    # A history entry's response may carry the server's outcome too.
+                if slotted:
                     self._scrub_response(entry)
                 if resource is None:
                     keep = True
@@ -594,12 +597,13 @@ class Enforcer:
                     return None
                 else:
                     rtype = resource.get("resourceType")
-                    if rtype == "Composition":
-                        compositions = True
-                    elif rtype == "List" or rtype == "AuditEvent":
-                        self.result.listings = True
-                    elif rtype == "OperationOutcome":
-                        self._outcome(resource)
+                    if rtype in _NOTED:  # one lookup for the rare types, on the common path
+                        if rtype == "Composition":
+                            compositions = True
+                        elif rtype == "OperationOutcome":
+                            self._outcome(resource)
+                        else:
+                            self.result.listings = True
                     if not includes:
                         includes = may_be_included(entry, searchset)
                     if rtype == "Bundle" or rtype == "Parameters":

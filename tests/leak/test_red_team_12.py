@@ -5,6 +5,49 @@ viral load (``VIRAL_LOAD``). Each test goes through the real request path (HTTP 
 gateway, the fake FHIR server on a real socket) and searches the RAW response bytes and
 headers for the hidden id, codes and texts. The leak conftest runs each test on both paths
 (answers parsed whole, and decided on views).
+
+Holes found and closed here:
+
+1. The FHIR server's own OperationOutcomes in a read answer kept their texts: a search set's
+   ``outcome`` entry (or one without a mode), an outcome as a batch slot's resource, a history
+   entry's ``response.outcome``, one inside ``Parameters``, and a 2xx answer that is an
+   OperationOutcome ("Resource Observation/<hidden> was filtered", "HIV 1 RNA ... not
+   returned"). Each now keeps only its severities and codes (``core.enforce.scrub_server_outcome``);
+   the gateway's own ``suppressed`` entry keeps its text.
+2. An AuditEvent recording a search (``entity.query``, base64 of ``Observation?patient=..&code=
+   ..|75622-1``) was decided by its agent and ``what`` only: a general permit showed "someone
+   searched Ana's HIV results". The query is decoded and read like a Subscription's criteria
+   (``core.subscriptions.audit_searches``): the event is also the data of the patients it names
+   and labelled by its codes; a query that cannot be read names an unknown patient (closed).
+3. 404 mode: ``Provenance?target=Observation/<hidden>`` (``Task?focus=``, ``target:Observation=``,
+   the absolute URL, a ``_search`` form, a batch entry, a compartment search ``Encounter/<hidden>/*``)
+   found the visible records that refer to the hidden one, where a missing id finds nothing. The
+   gateway now reads each record a search names (404 mode only) and, when it is hidden, answers
+   the search as one naming a missing record (``web.exchange.check_search_targets``).
+4. A read answered 200 without a body (``Prefer: return=minimal`` passed on, or a batch slot
+   with only ``etag``/``lastModified``) passed with its status, ``ETag`` and ``Last-Modified``:
+   the hidden record is there (and in 404 mode, not missing). It is now withheld.
+
+Tried and held (tests below):
+- A Binary whose ``securityContext`` names a record on another page (or never matched): that
+  record is read once per answer and decides; a context read that fails, answers another record
+  or no JSON closes the Binary.
+- Conditional reads (``If-None-Match``, ``If-Modified-Since``, GET and HEAD): the headers are not
+  sent on, no 304, no ``ETag``; ``_format=html`` in a ``_search`` form (the server's HTML is a
+  502); ``Accept`` variants; ``_summary=text|data``, nested ``_elements``, ``_sort``, ``_total=
+  accurate``, ``_count=0``, repeated ``_id``, an id in capitals, ``%00``, ``%7C`` and ``+`` in
+  tokens.
+
+Found and not closed (each needs a decision beyond a fix):
+- Upstream response headers other than those the gateway handles pass on as the server wrote
+  them (CONTRACT: "end-to-end upstream headers"); a server that writes a note about withheld data
+  in a header (``Warning``, a count header) would be heard.
+- A paging link whose cursor the server writes from the last entry of a page (plain or encoded)
+  names that entry even when it is withheld; links are rewritten, not sealed.
+- 404 mode: a search naming a hidden record by identifier (``target:identifier=``) or under a base
+  the gateway does not know as its own still finds what refers to it.
+- An OperationOutcome's texts are gone from ``$validate`` answers too: the client learns which
+  issues (severity, code), not where or why.
 """
 
 from __future__ import annotations
