@@ -60,7 +60,9 @@ ALLOWED: dict[str, Allowed | tuple[Allowed, ...]] = {
     # R4 Patient/Encounter $everything: a Bundle of the patient's records, each decided; the
     # patient's own record decides Patient/<id>/$everything (404 mode: web.batch.subject_hidden);
     # an Encounter's is decided before it is sent.
-    "$everything": (_at(_RECORDS, TYPE, INSTANCE, types=("Patient",)), _at(_RECORDS, INSTANCE, types=("Encounter",))),
+    # (R4 group-operations: a Group's $everything, its members' records, each decided; the Group
+    # is patient data, decided before it runs.)
+    "$everything": (_at(_RECORDS, TYPE, INSTANCE, types=("Patient",)), _at(_RECORDS, INSTANCE, types=("Encounter", "Group"))),
     # R4 Composition/<id>/$document: a document Bundle of the Composition and what it names, each
     # decided, narratives of withheld entries scrubbed (core.references). Instance only: at type
     # level the Composition is named by an ``id`` parameter, not decided before it runs. With
@@ -91,10 +93,11 @@ ALLOWED: dict[str, Allowed | tuple[Allowed, ...]] = {
     # that is not JSON is refused anyway (web.proxy.parse_body: 502).
     "$binary-access-read": _at(_RECORDS, INSTANCE),
     "$binary-access-write": _at(_RECORDS, INSTANCE),
-    # R5/HAPI system $diff?from=A&to=B: the differences of two records, both decided first
-    # (a versioned reference is refused: an old version is not the record decided). The
-    # instance form compares versions of one record, none decided: refused.
-    "$diff": _at(_RECORDS, SYSTEM),
+    # HAPI $diff?from=A&to=B (system and type level; https://hapifhir.io/hapi-fhir/docs/server_jpa/diff.html):
+    # the differences of two records as a Parameters of values, both records decided first (a
+    # versioned reference, ``from=Patient/1/_history/2``, is refused: an old version is not the
+    # record decided). The instance form compares versions of one record, none decided: refused.
+    "$diff": _at(_RECORDS, SYSTEM, TYPE),
     # R4 terminology: ValueSet, CodeSystem, ConceptMap; no patient data.
     "$expand": _at(_TERMINOLOGY, TYPE, INSTANCE, types=("ValueSet",)),
     "$validate-code": _at(_TERMINOLOGY, TYPE, INSTANCE, types=("ValueSet", "CodeSystem")),

@@ -16,7 +16,7 @@ LET_THROUGH = [
     "Composition/c1/$document", "Patient/p1/$summary", "DocumentReference/$docref", "Observation/$lastn",
     "Patient/$match", "Condition/$validate", "Condition/c1/$validate", "Condition/c1/$meta",
     "Condition/c1/$meta-add", "Condition/c1/$Meta-Delete", "Condition/c1/$expunge",
-    "DocumentReference/d1/$binary-access-read", "Binary/b1/$binary-access-write", "$diff",
+    "DocumentReference/d1/$binary-access-read", "Binary/b1/$binary-access-write", "$diff", "Condition/$diff", "Group/g1/$everything",
     # terminology and conformance: no patient data
     "ValueSet/$expand", "ValueSet/vs1/$expand", "ValueSet/$validate-code", "CodeSystem/$validate-code",
     "CodeSystem/$lookup", "CodeSystem/$SUBSUMES", "CodeSystem/$find-matches", "ConceptMap/$translate",
@@ -44,7 +44,7 @@ REFUSED = [
     ("Condition/$meta", "operation:level"), ("$meta", "operation:level"), ("Condition/$expunge", "operation:level"),
     ("$expunge", "operation:level"), ("Condition/c1/$diff", "operation:level"), ("Patient/$summary", "operation:level"),
     ("Composition/$document", "operation:level"), ("$everything", "operation:level"),
-    ("Group/g1/$everything", "operation:level"), ("Encounter/$everything", "operation:level"),
+    ("Group/$everything", "operation:level"), ("Encounter/$everything", "operation:level"),
     ("Observation/$expand", "operation:level"), ("Observation/o1/$lookup", "operation:level"),
     ("Condition/$lastn", "operation:level"), ("Condition/$meta-add", "operation:level"),
     # a path the table does not know: after a version, in a compartment, parts after it, a lower-case type
