@@ -104,3 +104,15 @@ def test_an_operator_allows_more_at_the_level_named() -> None:
 def test_an_operator_cannot_allow_what_is_refused_by_design_or_unreadable(entry: str) -> None:
     with pytest.raises(ValueError, match="names an operation|must read"):
         configured((entry,))
+
+
+def test_an_operators_list_is_read_from_the_environment_and_checked() -> None:
+    from gateway.config import ConfigError, load_settings
+
+    base = {"GATEWAY_UPSTREAM__URL": "http://fhir.example.org/fhir"}
+    settings = load_settings(None, {**base, "GATEWAY_ENFORCEMENT__ALLOWED_OPERATIONS": "Patient/[id]/$care-summary,$ping"})
+    assert settings.enforcement.allowed_operations == ("Patient/[id]/$care-summary", "$ping")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {**base, "GATEWAY_ENFORCEMENT__ALLOWED_OPERATIONS": "$ping,$graphql"})
+    assert str(caught.value).startswith("enforcement.allowed_operations: '$graphql' names an operation")
+    assert "\n" not in str(caught.value)
