@@ -232,6 +232,9 @@ def test_term_list_is_reviewable(path: Path) -> None:
         normal = [tuple(words(t)) for t in terms]
         assert len(set(normal)) == len(normal), f"{path.name} {term_set['name']}: a term twice"
         assert all(t == t.lower() for t in terms)
+        for short in normal:  # a term inside another of its set makes the longer one say nothing
+            assert not [b for b in normal if b != short and any(
+                b[i:i + len(short)] == short for i in range(len(b) - len(short) + 1))], (path.name, short)
 
 
 @pytest.mark.parametrize("path", TERM_FILES, ids=[p.name for p in TERM_FILES])
