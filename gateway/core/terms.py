@@ -14,15 +14,16 @@ Semantics:
 - A match right after the word ``non`` does not count (``Non-alcoholic fatty liver``: the
   prefix turns the word into its opposite). No other negation is read: ``HIV test negative``
   names HIV and matches ``hiv`` (a test for HIV is itself what HIV-testing laws protect).
-- One pass over the text's words, one dict look-up per word (a trie keyed by whole words):
-  the cost does not grow with the number of terms.
+- One pass over the text's words, walking a trie keyed by whole words from each (a dict
+  look-up per word, and one more per word of a phrase that goes on matching): the cost does
+  not grow with the number of terms.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 H = TypeVar("H")
 
@@ -37,14 +38,20 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.casefold())
 
 
-class TermMatcher(Generic[H]):
-    """Phrases, each with what a match gives (``H``), compiled for ``scan``."""
+# In a trie node, the key under which the hits of the phrase ending there are kept (a word is
+# never empty, so no word can be this key).
+_END = ""
 
-    __slots__ = ("_first", "count")
+
+class TermMatcher(Generic[H]):
+    """Phrases, each with what a match gives (``H``), compiled for ``scan``: a trie keyed by
+    whole words, each node a dict (next word -> node; ``_END`` -> the hits of a phrase ending
+    there)."""
+
+    __slots__ = ("_root", "count")
 
     def __init__(self) -> None:
-        # first word -> (the words after it, what a match gives)
-        self._first: dict[str, list[tuple[tuple[str, ...], H]]] = {}
+        self._root: dict[str, Any] = {}
         self.count = 0
 
     def __bool__(self) -> bool:
@@ -57,21 +64,33 @@ class TermMatcher(Generic[H]):
         if not found:
             return False
         self.count += 1
-        variants = [tuple(found)]
-        if len(found[-1]) > 3 and found[-1].isalpha() and not found[-1].endswith("s"):
-            variants.append((*found[:-1], found[-1] + "s"))
+        variants = [found]
+        last = found[-1]
+        if len(last) > 3 and last.isalpha() and not last.endswith("s"):
+            variants.append([*found[:-1], last + "s"])
         for variant in variants:
-            self._first.setdefault(variant[0], []).append((variant[1:], hit))
+            node = self._root
+            for word in variant:
+                node = node.setdefault(word, {})
+            node.setdefault(_END, []).append(hit)
         return True
 
     def scan(self, text: str, out: list[H]) -> None:
         """Append to ``out`` what each term found in ``text`` gives (a term found twice gives twice)."""
-        first = self._first
+        root = self._root
         found = words(text)
         for at, word in enumerate(found):
-            candidates = first.get(word)
-            if candidates is None or (at and found[at - 1] == _NEGATING_PREFIX):
+            node = root.get(word)
+            if node is None or (at and found[at - 1] == _NEGATING_PREFIX):
                 continue
-            for rest, hit in candidates:
-                if not rest or tuple(found[at + 1:at + 1 + len(rest)]) == rest:
-                    out.append(hit)
+            following = at + 1
+            while True:
+                hits = node.get(_END)
+                if hits is not None:
+                    out.extend(hits)
+                if following == len(found):
+                    break
+                node = node.get(found[following])
+                if node is None:
+                    break
+                following += 1
