@@ -142,6 +142,21 @@ def parse_json_body(ex: Exchange) -> None:
         ex.body = ex.body[len(strict_json.BOM):]  # the FHIR server reads what was checked
 
 
+def check_body_matches_route(ex: Exchange) -> None:
+    """A create or update whose body is another type than its URL names, or an update whose
+    body names another id, is a 400 (FHIR R4 http.html#update): a server that stores what the
+    body says would take a Consent posted to ``Observation``, or Ana's Consent put at her id
+    naming Ben's, past every check the URL chose (the Consent-write rules, the write target)."""
+    route = ex.route
+    body = ex.resource
+    if route.interaction not in ("create", "update") or route.resource_type is None or not isinstance(body, dict):
+        return
+    if body.get("resourceType") != route.resource_type or (
+            route.interaction == "update" and route.resource_id is not None and "id" in body
+            and body["id"] != route.resource_id):
+        raise BadRequest("The resource in the body is not the one the request URL names.")
+
+
 def _asks_hidden_consents(state: GatewayState, ex: Exchange, patients: frozenset[str]) -> bool:
     """Whether an unfilterable request reads or selects by Consents (``Consent?...&_summary=count``,
     ``_has:Consent``) that a patient's consents do not decide for this requester: one naming
@@ -527,6 +542,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     """Every check a request passes before it is sent upstream, in order."""
     check_request_shape(ex)
     parse_json_body(ex)
+    check_body_matches_route(ex)
     read_body_parameters(ex)
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)

@@ -705,3 +705,35 @@ async def test_everything_counts_only_what_the_requester_sees(world: FakeFhir, g
         assert status == 200
         matches = [e for e in bundle["entry"] if (e.get("search") or {}).get("mode") != "outcome"]
         assert "total" not in bundle or bundle["total"] == len(matches)
+
+
+# A Consent written at another type's URL: a server that stores what the body says (the body's
+# resourceType and id) would take it as a Consent the Consent-write rules never saw.
+SNEAKY = {**c.opt_in(c.PAT_ANA, "sneaky-s6", ("HIV",)), "provision": {
+    "type": "permit", "actor": [{"reference": {"reference": c.DOCTOR}}],
+    "provision": [{"type": "permit", "securityLabel": [{"system": c.V3_ACT_CODE, "code": "HIV"}]}]}}
+MISMATCHED_WRITES = {
+    "create-at-another-type": ("POST", "/Observation", SNEAKY),
+    "update-at-another-type": ("PUT", "/Observation/sneaky-s6", SNEAKY),
+    "update-of-another-id": ("PUT", "/Consent/ana-own-s6", {**c.opt_out(c.PAT_ANA), "id": "consent-ben-in"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHED_WRITES))
+async def test_a_body_that_is_not_what_its_url_names_is_refused_at_every_door(
+        world: FakeFhir, gw: GatewayUnderTest, case: str) -> None:
+    method, path, body = MISMATCHED_WRITES[case]
+    actor = c.PAT_ANA if case == "update-of-another-id" else c.DOCTOR
+    status, headers, raw = await call(gw, method, path, actor=actor, body=body)
+    assert_outcome(status, headers, raw, 400)
+    entry = {"request": {"method": method, "url": path.lstrip("/")}, "resource": body}
+    for kind in ("batch", "transaction"):
+        status, headers, raw = await call(gw, "POST", "/", actor=actor,
+                                          body={"resourceType": "Bundle", "type": kind, "entry": [entry]})
+        if kind == "transaction":
+            assert_outcome(status, headers, raw, 400)
+        else:
+            assert status == 200 and orjson.loads(raw)["entry"][0]["response"]["status"].startswith("400")
+    assert not any(r.method in ("POST", "PUT") and r.path_qs != "/fhir/" for r in world.requests)
+    assert "Consent/sneaky-s6" not in world.resources
+    assert world.resources["Consent/consent-ben-in"]["patient"]["reference"] == c.PAT_BEN
