@@ -361,12 +361,21 @@ async def test_xml_is_answered_406_with_a_json_outcome(world: FakeFhir, gw: Gate
 
 
 @pytest.mark.parametrize("how", [{"Accept": "application/fhir+json"}, {"Accept": "*/*"}, {"_format": "json"},
-                                 {"_format": "application/fhir+json"}])
+                                 {"_format": "application/fhir+json"}, {"_format": "application/json"},
+                                 {"Accept": "application/fhir+xml;q=0.9, application/fhir+json"}])
 async def test_json_is_answered(gw: GatewayUnderTest, how: dict[str, str]) -> None:
     query = f"?_format={quote(how['_format'])}" if "_format" in how else ""
     headers = {k: v for k, v in how.items() if k != "_format"}
     status, _, _ = await call(gw, "GET", f"/{CBC_REF}{query}", **headers)
     assert status == 200
+
+
+# As curl sends them: a ``+`` left unescaped reads as a space; FHIR's mime type parameters.
+@pytest.mark.parametrize("query", ["_format=application/fhir+json", "_format=application/fhir%2Bjson;%20fhirVersion=4.0",
+                                   "_format=application/json+fhir"])
+async def test_json_format_as_clients_write_it_is_answered(gw: GatewayUnderTest, query: str) -> None:
+    status, _, body = await call(gw, "GET", f"/{CBC_REF}?{query}")
+    assert status == 200, body
 
 
 # ---------------------------------------------------------------- fail closed, upstream errors
