@@ -746,3 +746,21 @@ async def test_a_body_that_is_not_what_its_url_names_is_refused_at_every_door(
     assert not any(r.method in ("POST", "PUT") and r.path_qs != "/fhir/" for r in world.requests)
     assert "Consent/sneaky-s6" not in world.resources
     assert world.resources["Consent/consent-ben-in"]["patient"]["reference"] == c.PAT_BEN
+
+
+@pytest.mark.parametrize("path", [ANA_OBS, f"/Patient/{ANA_ID}/$everything"])
+async def test_self_access_counts_never_count_a_record_shared_with_a_patient_who_opted_out(
+        world: FakeFhir, gw: GatewayUnderTest, path: str) -> None:
+    """Ana sees her own record, but one Ben performed (his compartment too) needs Ben's consent."""
+    world.resources.pop("Consent/consent-ben-in")
+    world.add(c.opt_out(c.PAT_BEN, "ben-out-s6"))
+    joint = {**c.ANA_CBC, "id": "obs-joint-s6", "performer": [{"reference": c.PAT_BEN}]}
+    world.add(joint)
+    world.override = answer_path({("GET", f"/Patient/{ANA_ID}/$everything"): lambda r: c.bundle(
+        [c.ANA, c.ANA_CBC, joint, c.HIV_TEST], world.base_url)})
+    status, _, raw = await call(gw, "GET", path, actor=c.PAT_ANA)
+    bundle = orjson.loads(raw)
+    matches = [e for e in bundle["entry"] if (e.get("search") or {}).get("mode") != "outcome"]
+    assert status == 200 and b"obs-joint-s6" not in raw
+    assert c.HIV_TEST["id"] in raw.decode()  # her own sensitive record is hers
+    assert "total" not in bundle or bundle["total"] == len(matches)
