@@ -764,3 +764,20 @@ async def test_self_access_counts_never_count_a_record_shared_with_a_patient_who
     assert status == 200 and b"obs-joint-s6" not in raw
     assert c.HIV_TEST["id"] in raw.decode()  # her own sensitive record is hers
     assert "total" not in bundle or bundle["total"] == len(matches)
+
+
+async def test_upstream_urls_inside_resources_point_at_the_gateway(world: FakeFhir, gw: GatewayUnderTest) -> None:
+    """'Every URL in the response that points at the upstream': an attachment's url, an absolute
+    reference, an extension's URI, a history entry's request url."""
+    up = world.base_url
+    world.add({"resourceType": "DocumentReference", "id": "doc-s6", "status": "current",
+               "subject": {"reference": c.PAT_BEN}, "type": c.concept(c.LOINC, "34117-2", "History and physical note"),
+               "content": [{"attachment": {"contentType": "text/plain", "url": f"{up}/Binary/bin-cbc-s6"}}],
+               "extension": [{"url": "http://example.org/x", "valueUri": f"{up}/Observation/x"}],
+               "context": {"related": [{"reference": f"{up}/{CBC_REF}"}]}})
+    history = c.history_bundle([c.BEN_CBC], up)
+    history["entry"][0]["request"]["url"] = f"{up}/Observation/{c.BEN_CBC['id']}"
+    world.override = answer_path({("GET", f"/Observation/{c.BEN_CBC['id']}/_history"): lambda r: history})
+    for path in ("/DocumentReference/doc-s6", f"/Observation/{c.BEN_CBC['id']}/_history"):
+        status, _, raw = await call(gw, "GET", path)
+        assert status == 200 and up.encode() not in raw and gw.url.encode() in raw, raw
