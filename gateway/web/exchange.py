@@ -20,7 +20,7 @@ from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
-from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, ConsentDenied, Refused, UnsupportedMediaType, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
@@ -91,7 +91,13 @@ def read_body_parameters(ex: Exchange) -> None:
     the ``Parameters`` resource of an operation."""
     if ex.method != "POST" or not ex.body:
         return
-    if FORM in ex.content_type.lower():
+    ctype = ex.content_type.lower()
+    # SECURITY: parameters in a body the gateway does not read (multipart form data; a _search
+    # body of another type) would be read by a lenient server and never checked here.
+    if ("multipart/" in ctype and ex.route.interaction in ("search", "operation")) or (
+            ex.route.interaction == "search" and FORM not in ctype and ex.body.strip()):
+        raise UnsupportedMediaType("Parameters in a POST body must be form-encoded (application/x-www-form-urlencoded).")
+    if FORM in ctype:
         if ex.route.interaction not in ("search", "operation"):
             raise BadRequest("A form-encoded body is accepted only by _search and operations.")
         try:
