@@ -753,13 +753,14 @@ def scrub_narrative(resource: JSON, released: frozenset[str], ours: Bases = NO_B
 
 def scrub_narrative_read(
     resource: JSON, text: bytes, released: frozenset[str], ours: Bases = NO_BASES,
-    memo: dict[bytes, bool] | None = None,
+    memo: dict[bytes, bool] | None = None, patients: frozenset[str] | None = None,
 ) -> bool:
     """``scrub_narrative(resource, released, ours)``, settled first from ``text``, the resource's
     (or its entry's) exact JSON text, by one scan of its reference values: the walk runs only when
     a value points outside ``released`` and is neither one of the resource's own patients nor,
     written once in the text, its ``encounter``. ``memo``: per distinct value as written, whether
-    it points outside (shared by the entries of one answer).
+    it points outside (shared by the entries of one answer). ``patients``: the resource's
+    (``compartment.patients_of`` under ``ours``) when already known.
 
     Exact: every ``reference`` string the walk meets is one the scan reads (a text whose keys may
     be spelled with an escape, ``has_u_escape``, is walked); the walk excuses the resource's own
@@ -783,7 +784,8 @@ def scrub_narrative_read(
             suspects.append(value)
     if not suspects:
         return False
-    patients = patients_of(resource, ours)
+    if patients is None:
+        patients = patients_of(resource, ours)
     encounter = resource.get("encounter")
     context = encounter.get("reference") if type(encounter) is dict else None
     for value in suspects:

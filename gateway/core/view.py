@@ -30,7 +30,7 @@ What views cannot vouch for takes the whole-resource path:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -295,17 +295,23 @@ class AnswerView:
                 yield orjson.dumps(entry)
 
 
-def scrub_narratives(answer: AnswerView, released: frozenset[str], ours: Bases = NO_BASES) -> bool | None:
+def scrub_narratives(
+    answer: AnswerView, released: frozenset[str], ours: Bases = NO_BASES,
+    owners: Mapping[int, frozenset[str]] | None = None,
+) -> bool | None:
     """Remove the narrative of each kept resource of an answer parsed whole that refers to patient
     data ``released`` does not hold (``references.scrub_narrative``), deciding each from its
     entry's upstream text; the resources changed are re-serialized (``touched``). True if any
     was; None when an entry whose text holds a ``<`` cannot be read this way (no text of its own,
-    or it holds resources): then every kept text is read again (``references.scrub_displays``)."""
+    or it holds resources): then every kept text is read again (``references.scrub_displays``).
+    ``owners``: each resource's patients as enforcement found them (``enforce.owners_index``, by
+    object identity, read under the same ``ours``), so they are not read again."""
     if answer.partial:
         return None
     memo: dict[bytes, bool] = {}
     if not answer.is_bundle:
-        if scrub_narrative_read(answer.body, answer.raw, released, ours, memo):
+        patients = owners.get(id(answer.body)) if owners else None
+        if scrub_narrative_read(answer.body, answer.raw, released, ours, memo, patients):
             answer.touched.add(id(answer.body))
             return True
         return False
@@ -321,7 +327,8 @@ def scrub_narratives(answer: AnswerView, released: frozenset[str], ours: Bases =
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if type(resource) is not dict:
             return None
-        if scrub_narrative_read(resource, text, released, ours, memo):
+        patients = owners.get(id(resource)) if owners else None
+        if scrub_narrative_read(resource, text, released, ours, memo, patients):
             answer.touched.add(id(resource))
             changed = True
     return changed

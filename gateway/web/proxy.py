@@ -430,7 +430,7 @@ async def decide_answer(
     if narrated and not listings:
         # Each narrated entry decided from its own text (view.scrub_narratives); when that cannot
         # be, every kept text is read again, as for a listing.
-        narratives = scrub_narratives(view, released, ours) if view is not None else None
+        narratives = scrub_narratives(view, released, ours, owners) if view is not None else None
         if narratives is None:
             listings = True
         else:

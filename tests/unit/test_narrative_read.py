@@ -10,7 +10,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core.enforce import owners_index
 from gateway.core.references import scrub_narrative, scrub_narrative_read
+from gateway.core.view import scrub_narratives, spans_of
 
 BASE = "http://fhir.example/fhir"
 OURS = frozenset({BASE})
@@ -55,3 +57,23 @@ def test_the_read_decides_as_the_walk(resource: dict[str, Any], released: frozen
     text = orjson.dumps(read, option=orjson.OPT_INDENT_2 if pretty else 0)
     assert scrub_narrative_read(read, text, released, OURS) == scrub_narrative(walked, released, OURS)
     assert read == walked
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(st.lists(resources(), min_size=1, max_size=4), st.sampled_from(RELEASED))
+def test_an_answer_read_with_enforcements_patients_decides_as_the_walk(
+    found: list[dict[str, Any]], released: frozenset[str]
+) -> None:
+    """The live path hands each entry's patients from enforcement's owners index
+    (``enforce.owners_index``) instead of reading them again: the outcome is the walk's."""
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"fullUrl": f"{BASE}/{r['resourceType']}/r{i}", "resource": {**r, "id": f"r{i}"}}
+                        for i, r in enumerate(found)]}
+    raw = orjson.dumps(bundle)
+    walked = orjson.loads(raw)
+    answer = spans_of(raw, orjson.loads(raw))
+    index = owners_index(answer.body, ours=OURS)
+    changed = scrub_narratives(answer, released, OURS, index)
+    expected = [scrub_narrative(e["resource"], released, OURS) for e in walked["entry"]]
+    assert changed == any(expected)
+    assert answer.body == walked
