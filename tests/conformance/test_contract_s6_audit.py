@@ -484,14 +484,24 @@ async def test_404_mode_hidden_reads_exactly_like_missing(world: FakeFhir, make_
     assert not hidden_in(got_hidden[2], SECRETS)
 
 
-async def test_404_mode_batch_slot_of_hidden_reads_like_missing(world: FakeFhir, make_gateway: MakeGateway) -> None:
+@pytest.mark.parametrize("method,template,hidden,missing", [
+    ("GET", "{}", HIV_REF, MISSING_OBS), ("GET", "{}/$meta", HIV_REF, MISSING_OBS),
+    ("GET", "{}/_history", HIV_REF, MISSING_OBS), ("DELETE", "{}", HIV_REF, MISSING_OBS),
+    ("GET", "{}", "Binary/bin-hiv-s6", "Binary/bin-none-s6"),
+])
+async def test_404_mode_batch_of_a_hidden_record_reads_like_one_of_a_missing_record(
+        world: FakeFhir, make_gateway: MakeGateway, method: str, template: str, hidden: str, missing: str) -> None:
     gw = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
-    batch = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"request": {"method": "GET", "url": HIV_REF}}, {"request": {"method": "GET", "url": MISSING_OBS}}]}
-    status, _, body = await call(gw, "POST", "/", body=batch)
-    assert status == 200 and not hidden_in(body, SECRETS)
-    hidden, missing = orjson.loads(body)["entry"]
-    assert hidden == missing
+
+    def batch(target: str) -> JSON:
+        return {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": method, "url": template.format(target)}}, {"request": {"method": "GET", "url": CBC_REF}}]}
+
+    got_hidden = await call(gw, "POST", "/", body=batch(hidden))
+    got_missing = await call(gw, "POST", "/", body=batch(missing))
+    assert got_hidden[0] == got_missing[0] == 200 and not hidden_in(got_hidden[2], SECRETS)
+    assert got_hidden[2] == got_missing[2]
+    _same_headers(got_hidden[1], got_missing[1])
 
 
 async def test_404_mode_search_that_lost_a_record_looks_like_one_that_did_not(
