@@ -811,3 +811,14 @@ async def test_a_post_body_with_parameters_the_gateway_cannot_read_is_not_sent(
     status, headers, raw = await call(gw, "POST", path, body=body, **{"Content-Type": ctype})
     assert_outcome(status, headers, raw, 415)
     assert upstream_queries(world) == []
+
+
+@pytest.mark.parametrize("ctype,body", [("text/plain", orjson.dumps(SNEAKY)), (FHIR_JSON, b'{"note": "no resourceType"}')])
+async def test_raw_binary_content_and_bodies_that_are_no_resource_are_left_to_the_server(
+        world: FakeFhir, gw: GatewayUnderTest, ctype: str, body: bytes) -> None:
+    """A Binary's raw content may be any document (a Consent's JSON kept as a file); a body with no
+    resourceType names no type a server could take it for."""
+    path = "/Binary" if ctype == "text/plain" else "/Observation"
+    world.override = answer_path({("POST", path): lambda r: fhir({"resourceType": "Binary", "id": "raw-s6"}, 201)})
+    status, _, raw = await call(gw, "POST", path, body=body, **{"Content-Type": ctype})
+    assert status == 201, raw
