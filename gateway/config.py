@@ -16,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from gateway.core.operations import configured
 from gateway.core.purpose import PURPOSE_CODES
 from pydantic import (
     AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -310,6 +311,16 @@ class EnforcementSettings(_Section):
     # 404 mode: a search page that lost matches to withholding is filled from the upstream's
     # further pages, reading at most this many of them (0: never; CONTRACT §6).
     refill_max_pages: int = Field(10, ge=0, le=100)
+    # Operations a deployment runs beyond those the gateway knows (core.operations), let through
+    # with their answers decided per resource like a search's: ``$op`` (system level),
+    # ``Type/$op`` (type level), ``Type/[id]/$op`` (instance level, the instance decided first).
+    allowed_operations: tuple[str, ...] = ()
+
+    @field_validator("allowed_operations")
+    @classmethod
+    def _operations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        configured(value)  # raises ValueError naming the entry
+        return value
 
 
 class BreakGlassSettings(_Section):

@@ -8,57 +8,34 @@ from __future__ import annotations
 
 import re
 from urllib.parse import parse_qsl
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gateway.core.compartment import PATIENT_COMPARTMENT
+from gateway.core.operations import NONE_CONFIGURED, Configured, names_version, refusal
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
-# Operations whose answers cannot be decided per resource. ``$merge`` (Patient merge, HAPI FHIR)
-# moves every record of one patient into another's compartment, where that patient's consents
-# decide them, names the source by identifier as well as by reference, and its preview counts
-# the records it would move.
-# ``$get-ws-binding-token`` (R4B Subscriptions backport) hands out a token to receive a
-# Subscription's notifications over the server's websocket, around the gateway.
-# ``$events`` and ``$status`` (R4B/R5 Subscriptions, the R4 backport): a Subscription's events,
-# each with its number and ``focus`` reference, and counts of them: a withheld record's event
-# would still show in the numbering and the counts, so these answers cannot be filtered.
-UNFILTERABLE_OPERATIONS = frozenset({
-    "$graphql", "$export", "$process-message", "$merge", "$get-ws-binding-token", "$events", "$status",
-})
-# Operations whose answer is computed from records, not made of them (a MeasureReport's counts,
-# a CQL result, a statistic, a prefilled form, a matched member's identifier): it holds no
-# hidden record to withhold, yet says what the hidden ones are.
-COMPUTING_OPERATIONS = frozenset({
-    "$evaluate-measure", "$collect-data", "$care-gaps", "$evaluate", "$cql", "$apply", "$stats",
-    "$populate", "$member-match",
-    # $populate's siblings (R4 Questionnaire, SDC): the prefilled form as HTML, or a link to a
-    # page that shows it outside the gateway; cqf-ruler's $prepopulate.
-    "$populatehtml", "$populatelink", "$prepopulate",
-    # How many records of each type the server holds (HAPI FHIR, SMART's bulk data server; Blaze's
-    # $totals): _summary=count of every type at once.
-    "$get-resource-counts", "$totals",
-})
-# Operations refused at type and system level only: there they answer over every record of the
-# type (``Condition/$meta``: the labels the server's records carry; ``$expunge``, HAPI FHIR: how
-# many records it removed); an instance's runs once its record is decided.
-UNFILTERABLE_ABOVE_INSTANCE = frozenset({"$meta", "$expunge"})
 # Search parameters that select by data the requester may not see.
 UNFILTERABLE_PARAMS = frozenset({"_filter", "_query", "_text", "_content", "_list"})
 
 
 def unfilterable(
-    parts: tuple[str, ...], operation: str | None, query: Iterable[tuple[str, str]]
+    parts: tuple[str, ...], operation: str | None, query: Sequence[tuple[str, str]],
+    operations: Configured = NONE_CONFIGURED,
 ) -> str | None:
     """Why this request cannot be filtered (a stable code), or None when it can.
 
+    An operation is let through only where ``core.operations`` (or the operator's
+    ``operations``) allows it; a version named in its parameters is refused.
+
     SECURITY: names are compared in any case (``$STATS``, ``_HAS:``, ``_Filter``): the gateway
     cannot know that the FHIR server reads them only as FHIR writes them."""
-    op = operation.lower() if operation is not None else None
-    if op in UNFILTERABLE_OPERATIONS or op in COMPUTING_OPERATIONS:
-        return f"operation:{op}"
-    if op in UNFILTERABLE_ABOVE_INSTANCE and operation is not None and parts.index(operation) < 2:
-        return f"operation:{op}"
+    if operation is not None:
+        why = refusal(parts, operation, operations)
+        if why is not None:
+            return why
+        if any(names_version(value) for _, value in query):
+            return "operation:version"
     if parts and parts[-1].lower() == "_history" and len(parts) <= 2:
         return "history:type" if len(parts) == 2 else "history:system"
     for name, value in query:

@@ -181,7 +181,7 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
     """Refuse (403) what cannot be filtered unless every named patient is unconditionally
     permitted; an allowed one is still filtered like any other."""
     route = ex.route
-    why = unfilterable(route.parts, route.operation, ex.query)
+    why = unfilterable(route.parts, route.operation, ex.query, state.operations)
     condition = ex.query
     if why is None:
         why = conditional_write(ex.method, route.parts, ex.if_none_exist)

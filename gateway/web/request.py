@@ -81,8 +81,10 @@ def _route_of(method: str, path: str, base_prefix: str) -> Route:
     raw_parts = [p for p in path.split("/") if p]
     # SECURITY: classify what the upstream will see (it decodes %24graphql, %5Fhistory).
     parts = tuple(unquote(p) for p in raw_parts)
-    # A ";" starts path parameters that many servers drop (Consent;x/1 is Consent/1 to them).
-    if any(p in (".", "..") or "/" in p or "\\" in p or ";" in p for p in parts):
+    # A ";" starts path parameters that many servers drop (Consent;x/1 is Consent/1 to them). A
+    # "%" left after decoding (%2524everything) is in no FHIR type, id or operation name: a server
+    # that decodes twice would run what the gateway did not see.
+    if any(p in (".", "..") or "/" in p or "\\" in p or ";" in p or "%" in p for p in parts):
         raise BadRequest("The request path is not a FHIR path.")
     rtype = parts[0] if parts and _TYPE.match(parts[0]) and parts[0] != "metadata" else None
     rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None

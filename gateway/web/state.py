@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.core.labels import LabelIndex
+from gateway.core.operations import Configured, configured
 from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.peers import WorkerRole
@@ -80,6 +81,11 @@ class GatewayState:
     worker: WorkerRole = field(default_factory=WorkerRole)  # listen.workers: which process this is
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # The operator's enforcement.allowed_operations, read once (core.operations).
+    operations: Configured = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.operations = configured(self.settings.enforcement.allowed_operations)
 
     def window_lock(self, actor: str, patient: str) -> asyncio.Lock:
         """The lock serialising emergency-window creation for one actor and patient."""

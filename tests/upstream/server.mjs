@@ -5,7 +5,8 @@
 // conditional create/update, validation). This file only adds what an HTTP FHIR server adds
 // around it: paging links (_count, _offset), fullUrl, Location/ETag/Last-Modified, history
 // bundles (instance, type, system), 410 for deleted resources, transaction rollback and
-// /metadata. Not supported: operations such as Patient/$everything (501 not-supported),
+// /metadata and `$validate` (Medplum's validator). Not supported: other operations such as
+// Patient/$everything (501 not-supported),
 // _has reverse chaining (Medplum's MemoryRepository matches nothing), XML.
 //
 // Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1] [--require-bearer TOKEN]
@@ -216,6 +217,9 @@ async function handle(req, res) {
     return history(res, segments.slice(0, -1), query);
   }
   const operation = segments.find((s) => s.startsWith('$'));
+  if (operation === '$validate' && method === 'POST' && segments.at(-1) === '$validate' && segments.length <= 3) {
+    return validate(res, segments, body);
+  }
   if (operation && operation !== '$graphql') {
     return send(res, 501, outcome('not-supported', `Operation ${operation} is not supported`));
   }
@@ -230,6 +234,34 @@ async function handle(req, res) {
     return search(res, req, segments[0] ?? '', query);
   }
   return route(res, req, method, segments, url.search, body);
+}
+
+/**
+ * R4 `$validate` (type or instance level) by Medplum's validator: the resource sent, as the
+ * body or as the `resource` parameter of a Parameters body; 200 with the outcome either way.
+ */
+function validate(res, segments, body) {
+  const sent = typeof body === 'object' && body?.resourceType === 'Parameters'
+    ? body.parameter?.find((p) => p.name === 'resource')?.resource
+    : body;
+  if (typeof sent !== 'object' || sent?.resourceType !== segments[0]) {
+    return send(res, 400, outcome('invalid', `$validate needs a ${segments[0]} resource`));
+  }
+  if (segments.length === 3 && !repo.lastChange(segments[0], segments[1])) {
+    return send(res, 404, outcome('not-found', `${segments[0]}/${segments[1]} not found`));
+  }
+  let issues;
+  try {
+    issues = validateResource(sent);
+  } catch (err) {
+    if (!(err instanceof OperationOutcomeError)) {
+      throw err;
+    }
+    issues = err.outcome.issue;  // Medplum's validator throws on errors: they are the answer
+  }
+  return send(res, 200, issues.length > 0
+    ? { resourceType: 'OperationOutcome', issue: issues }
+    : outcome('informational', 'Validation successful', 'information'));
 }
 
 /** Search with paging: `_count` (default 20) and `_offset` select the page. */
@@ -455,8 +487,8 @@ function clamp(value, low, high) {
   return Math.min(high, Math.max(low, value));
 }
 
-function outcome(code, message) {
-  return { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code, details: { text: message } }] };
+function outcome(code, message, severity = 'error') {
+  return { resourceType: 'OperationOutcome', issue: [{ severity, code, details: { text: message } }] };
 }
 
 function send(res, status, body, headers = {}) {
