@@ -46,7 +46,11 @@ BUPNAL = {"resourceType": "Medication", "id": "med-bupnal-s6",
           "code": c.concept(c.RXNORM, "1010600", c.BUPRENORPHINE_DISPLAY)}
 LISINOPRIL = {"resourceType": "Medication", "id": "med-lisinopril-s6",
               "code": c.concept(c.RXNORM, "314076", "lisinopril 10 MG Oral Tablet")}
-SECRETS = (*c.SECRETS, HIDDEN_BINARY["data"], "bin-hiv-s6", "med-bupnal-s6", "medrx-s6-bup")
+HIV_ENCOUNTER = {"resourceType": "Encounter", "id": "enc-hiv-s6", "status": "finished",
+                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                 "subject": {"reference": c.PAT_ANA},
+                 "reasonCode": [c.concept(c.ICD10CM, "B20", "Human immunodeficiency virus [HIV] disease")]}
+SECRETS = (*c.SECRETS, "enc-hiv-s6", HIDDEN_BINARY["data"], "bin-hiv-s6", "med-bupnal-s6", "medrx-s6-bup")
 
 
 def med_order(rid: str, medication: str, contained: list[JSON] | None = None) -> JSON:
@@ -111,7 +115,7 @@ def upstream_queries(fake: FakeFhir) -> list[str]:
 def world(fake_fhir: FakeFhir) -> FakeFhir:
     c.seed_all(fake_fhir)
     fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"), BUPNAL, LISINOPRIL,
-                  HIDDEN_BINARY, OPEN_BINARY)
+                  HIDDEN_BINARY, OPEN_BINARY, HIV_ENCOUNTER)
     return fake_fhir
 
 
@@ -464,7 +468,7 @@ def _same_headers(a: dict[str, str], b: dict[str, str]) -> None:
 MISSING_OBS = "Observation/obs-none-s6"
 
 
-@pytest.mark.parametrize("door", ["read", "vread", "history", "meta", "binary", "everything-of-obs"])
+@pytest.mark.parametrize("door", ["read", "vread", "history", "meta", "binary", "everything-of-encounter"])
 async def test_404_mode_hidden_reads_exactly_like_missing(world: FakeFhir, make_gateway: MakeGateway, door: str) -> None:
     gw = await make_gateway(world.base_url, enforcement={"denied_read_status": 404})
     paths = {
@@ -473,7 +477,7 @@ async def test_404_mode_hidden_reads_exactly_like_missing(world: FakeFhir, make_
         "history": ("/{}/_history", HIV_REF, MISSING_OBS),
         "meta": ("/{}/$meta", HIV_REF, MISSING_OBS),
         "binary": ("/{}", "Binary/bin-hiv-s6", "Binary/bin-none-s6"),
-        "everything-of-obs": ("/{}/$everything", HIV_REF, MISSING_OBS),
+        "everything-of-encounter": ("/{}/$everything", "Encounter/enc-hiv-s6", "Encounter/enc-none-s6"),
     }
     template, hidden, missing = paths[door]
     got_hidden = await call(gw, "GET", template.format(hidden))
