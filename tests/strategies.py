@@ -165,9 +165,15 @@ coding = st.one_of(
     st.sampled_from(ORDINARY_CODINGS),
     st.sampled_from(CATEGORY_CODINGS),
 )
+# A hospital's local code with only a display: the term lists read it (rules/terms-*.yaml).
+LOCAL_DISPLAY_CODINGS: tuple[JSON, ...] = (
+    {"system": "urn:oid:1.2.3.4.local", "code": "L123", "display": "Opioid use disorder, moderate"},
+    {"system": "urn:oid:1.2.3.4.local", "code": "L200", "display": "Essential hypertension"},
+)
+coding = st.one_of(coding, st.sampled_from(LOCAL_DISPLAY_CODINGS))
 concept = st.one_of(
     st.lists(coding, min_size=1, max_size=3).map(lambda cs: {"coding": cs}),
-    st.tuples(st.lists(coding, max_size=2), st.sampled_from(["HIV test", "note"])).map(
+    st.tuples(st.lists(coding, max_size=2), st.sampled_from(["HIV test", "note", "Buprenorphine 8 mg film"])).map(
         lambda p: {"coding": p[0], "text": p[1]}
     ),
     coding,  # a bare Coding where a CodeableConcept belongs: read the same way by both
@@ -315,6 +321,9 @@ def resources(draw: Draw, rtype: str) -> JSON:
     if rtype == "Consent" and draw(st.booleans()):
         resource["provision"] = {"securityLabel": [draw(st.sampled_from(SECURITY_CODINGS))],
                                  "provision": [{"securityLabel": [draw(st.sampled_from(SECURITY_CODINGS))]}]}
+    if rtype in ("DetectedIssue", "ClinicalImpression") and draw(st.booleans()):
+        name = "detail" if rtype == "DetectedIssue" else draw(st.sampled_from(["summary", "description"]))
+        resource[name] = draw(st.sampled_from(["Methadone with ciprofloxacin: QT prolongation", "No issue"]))
     if rtype == "Binary":
         resource["contentType"] = "text/plain"
         resource["data"] = "SElWIHZpcmFsIGxvYWQ="

@@ -47,6 +47,7 @@ from gateway.core.memo import TextMemo
 from gateway.core.model import V3_ACT_CODE, V3_CONFIDENTIALITY, Label
 from gateway.core.sensitivity_codes import CODES
 from gateway.core.subscriptions import CRITERIA_ELEMENTS, criteria_codes
+from gateway.core.terms import TermMatcher, words
 
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -271,7 +272,10 @@ _EXTRACTORS: dict[str, _Extractors] = {t: _extractors(t) for t in _CODE_PATHS}
 _DEFAULT_EXTRACTORS = _extractors("")
 _NO_EXTRACTORS: _Extractors = ((), ())
 # Types with label-bearing elements beyond their codes and meta.security.
-_OWN_ELEMENT_TYPES = frozenset({"DocumentReference", "Composition", "Consent", "Bundle", "AuditEvent", "Subscription"})
+_OWN_ELEMENT_TYPES = frozenset({
+    "DocumentReference", "Composition", "Consent", "Bundle", "AuditEvent", "Subscription",
+    "DetectedIssue", "ClinicalImpression",
+})
 _NO_PLAN: frozenset[str] = frozenset()
 
 
@@ -290,6 +294,13 @@ def _label_names(rtype: str) -> tuple[str, ...]:
     return tuple(sorted(label_elements(rtype) - {"meta", "contained"}))
 
 
+# Free-text elements (strings) that state a finding, scanned for terms whatever their codes.
+# Annotation notes, narratives and valueString are not: see README "Labels from text".
+_FINDING_TEXTS: Mapping[str, tuple[str, ...]] = {
+    "DetectedIssue": ("detail",),
+    "ClinicalImpression": ("description", "summary"),
+}
+
 # The label-bearing elements of _OWN_ELEMENT_TYPES, as _collect_own_elements reads them.
 _OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "DocumentReference": ("securityLabel",),
@@ -298,6 +309,10 @@ _OWN_ELEMENTS: Mapping[str, tuple[str, ...]] = {
     "Bundle": ("entry",),
     "AuditEvent": ("entity",),
     "Subscription": CRITERIA_ELEMENTS,
+    # Free text that states what the record found, read against the term lists (rules/terms-*):
+    # a DetectedIssue's detail and a ClinicalImpression's summary are the finding itself.
+    "DetectedIssue": _FINDING_TEXTS["DetectedIssue"],
+    "ClinicalImpression": _FINDING_TEXTS["ClinicalImpression"],
 }
 
 
@@ -425,6 +440,43 @@ def canonical_system(system: str) -> str | None:
     return found
 
 
+# Standard clinical code systems beyond the rules' own (CODE_SYSTEMS), each by its FHIR URI and
+# OIDs (FHIR R4 terminology pages; HL7 OID registry). A concept carrying a code of one of these,
+# or of the rules' systems, states a known fact: the rules judge it by its code, and its text
+# is not read for terms (a standard code not in a sensitive set is a known non-sensitive fact).
+_OTHER_STANDARD_SYSTEMS = (
+    "http://hl7.org/fhir/sid/icd-9-cm", "urn:oid:2.16.840.1.113883.6.103", "urn:oid:2.16.840.1.113883.6.104",
+    "urn:oid:2.16.840.1.113883.6.2",  # ICD-9-CM (diagnoses, procedures)
+    "http://www.cms.gov/Medicare/Coding/ICD10", "urn:oid:2.16.840.1.113883.6.4",  # ICD-10-PCS
+    "http://id.who.int/icd/release/11/mms",  # ICD-11 MMS
+    "http://hl7.org/fhir/sid/cvx", "urn:oid:2.16.840.1.113883.12.292",  # CVX
+    "http://fdasis.nlm.nih.gov", "urn:oid:2.16.840.1.113883.4.9",  # UNII
+    "http://www.whocc.no/atc", "urn:oid:2.16.840.1.113883.6.73",  # WHO ATC
+    "http://unitsofmeasure.org", "urn:oid:2.16.840.1.113883.6.8",  # UCUM
+)
+_STANDARD_KEYS = frozenset(_system_key(uri) for uri in _OTHER_STANDARD_SYSTEMS)
+# HL7's own code systems (observation categories, v3 and v2 tables) are standard too, except
+# those whose codes say that there is no code: a null flavor or data-absent reason states no fact.
+_HL7_PREFIXES = ("terminology.hl7.org/codesystem/", "hl7.org/fhir/")
+_NO_FACT_KEYS = frozenset({
+    "terminology.hl7.org/codesystem/v3-nullflavor", "terminology.hl7.org/codesystem/data-absent-reason",
+    "hl7.org/fhir/data-absent-reason", "hl7.org/fhir/v3/nullflavor", "urn:oid:2.16.840.1.113883.5.1008",
+})
+
+
+@lru_cache(maxsize=4096)
+def standard_system(system: str) -> bool:
+    """Whether ``system`` names a standard code system (the rules' own however spelled, the
+    others above, HL7's code systems that state a fact); False for a local one
+    (``urn:oid:1.2.3.4.local``, a hospital's URL) or a system that states no fact."""
+    if canonical_system(system) is not None:
+        return True
+    key = _system_key(system)
+    if key in _STANDARD_KEYS:
+        return True
+    return key.startswith(_HL7_PREFIXES) and key not in _NO_FACT_KEYS
+
+
 def code_spellings(codes: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
     """``codes`` (system, code) with each code of a known system also written as this index
     reads it: under the system's canonical URI however the system is spelled
@@ -478,6 +530,7 @@ class LabelIndex:
         "resource_scope_names",
         "sensitivity_scope_names",
         "coverage",
+        "terms",
         "_memo",
     )
 
@@ -499,6 +552,9 @@ class LabelIndex:
         self.resource_scope_names: frozenset[str] = frozenset()
         self.sensitivity_scope_names: frozenset[str] = frozenset()
         self.coverage: tuple[CoverageEntry, ...] = ()
+        # The term lists (rules/terms-*.yaml), read in concepts that carry no standard code;
+        # None without any.
+        self.terms: TermMatcher[_Hit] | None = None
         self._memo: TextMemo[frozenset[Label]] = TextMemo(_MEMO_MAX, _MEMO_MAX_BYTES)
 
     # ------------------------------------------------------------------ building
@@ -670,6 +726,13 @@ class LabelIndex:
             for entry in resource.get("entry") or ():
                 if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
                     self._collect(entry["resource"], hits, own)
+        elif rtype in _FINDING_TEXTS:
+            terms = self.terms
+            if terms is not None:
+                for name in _FINDING_TEXTS[rtype]:
+                    text = resource.get(name)
+                    if type(text) is str:
+                        terms.scan(text, hits)
         elif rtype == "Subscription":
             # Its criteria's codes (``code=http://loinc.org|75622-1``) say what it watches, as
             # the records would.
@@ -687,16 +750,20 @@ class LabelIndex:
         if not isinstance(value, dict):
             return
         codings = value.get("coding")
+        standard = False
         if codings is None:
-            self._match_coding(value, hits)
+            standard = self._match_coding(value, hits)  # a Coding, or a concept of text alone
         elif isinstance(codings, list):
             for coding in codings:
                 if isinstance(coding, dict):
-                    self._match_coding(coding, hits)
+                    if self._match_coding(coding, hits):
+                        standard = True
                     if "extension" in coding or "modifierExtension" in coding:
                         self._match_extensions(_own_extensions(coding), hits)
         elif isinstance(codings, dict):
-            self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
+            standard = self._match_coding(codings, hits)  # one coding as an object: not FHIR, still read
+        if not standard and self.terms is not None:
+            self._match_words(value, codings, hits)
         if "extension" in value or "modifierExtension" in value:
             # a code element's own extensions (a translation, a qualifier) code it too; a
             # modifierExtension there is not FHIR, but a sender may write one: still read
@@ -711,59 +778,89 @@ class LabelIndex:
                 for item in value if isinstance(value, list) else (value,):
                     if not isinstance(item, dict):
                         continue
-                    codings = item.get("coding")
+                    listed = codings = item.get("coding")
                     if codings is None:
                         codings = (item,)
                     elif isinstance(codings, dict):
                         codings = (codings,)
+                    standard = False
                     for coding in codings if isinstance(codings, (list, tuple)) else ():
                         if isinstance(coding, dict):
-                            self._match_coding(coding, hits)
+                            if self._match_coding(coding, hits):
+                                standard = True
                             if coding is not item and ("extension" in coding or "modifierExtension" in coding):
                                 pending.append(_own_extensions(coding))
+                    if not standard and self.terms is not None:
+                        self._match_words(item, listed, hits)
                     if "extension" in item or "modifierExtension" in item:
                         pending.append(_own_extensions(item))
 
-    def _match_coding(self, coding: JSON, hits: list[_Hit]) -> None:
+    def _match_coding(self, coding: JSON, hits: list[_Hit]) -> bool:
+        """Add the hits of one coding's code; True when it is a code of a standard system
+        (``standard_system``: a known fact, so the concept's text need not be read)."""
         system = coding.get("system")
         code = coding.get("code")
-        if type(code) is not str or type(system) is not str or not system:
-            self._match_odd_coding(system, code, hits)
-            return
+        if type(code) is not str or type(system) is not str or not system or not code:
+            return self._match_odd_coding(system, code, hits)
         table = self._exact.get(system)
         if table is not None:
             hit = table.get(code) or table.get(code.strip()) or (None if code.isascii() else table.get(plain_code(code)))
             if hit is not None:
                 hits.append(hit)
-            return
+            return True
         if system in self._icd_systems:
             self._match_icd(normalize_icd(code), hits)
-            return
+            return True
         # Any other system: NDC, a known system spelled another way, or (most often) one the
         # rules do not know, which costs this one look-up after its first.
         canonical = self._systems.get(system, _UNSEEN)
         if canonical is None:
-            return
+            return standard_system(system)
         if canonical is _UNSEEN:
             if len(self._systems) >= _SYSTEMS_MAX:
                 self._systems.clear()
             canonical = self._systems[system] = canonical_system(system)
         if isinstance(canonical, str):
             self._match_in(canonical, code, hits)
+            return True
+        return standard_system(system)
 
-    def _match_odd_coding(self, system: Any, code: Any, hits: list[_Hit]) -> None:
+    def _match_odd_coding(self, system: Any, code: Any, hits: list[_Hit]) -> bool:
         """Codings not of the usual shape: codes as a list (not FHIR, but each is read as
-        written), and a code without a system."""
+        written), and a code without a system. True when a code of a standard system was read."""
         if isinstance(code, list) and isinstance(system, str):
+            standard = False
             for item in code:
-                if isinstance(item, str):
-                    self._match_coding({"system": system, "code": item}, hits)
-        elif isinstance(code, str) and (system is None or system == ""):
+                if isinstance(item, str) and self._match_coding({"system": system, "code": item}, hits):
+                    standard = True
+            return standard
+        if isinstance(code, str) and code.strip() and (system is None or system == ""):
             # SECURITY: a Coding's system is optional (R4 0..1); a code only ICD-10-CM or NDC
             # spells so is read as theirs rather than let through.
             found = _systemless(code)
             if found is not None:
                 self._match_in(found, code, hits)
+                return True
+        return False
+
+    def _match_words(self, concept: JSON, codings: Any, hits: list[_Hit]) -> None:
+        """The terms in a concept that carries no standard code: its ``text`` and the
+        ``display`` of each of its codings (or its own, when it is a Coding). Each string is
+        read apart, so that no term spans two of them."""
+        terms = self.terms
+        assert terms is not None
+        for key in ("text", "display"):
+            text = concept.get(key)
+            if type(text) is str:
+                terms.scan(text, hits)
+        if isinstance(codings, dict):
+            codings = (codings,)
+        if isinstance(codings, (list, tuple)):
+            for coding in codings:
+                if isinstance(coding, dict):
+                    display = coding.get("display")
+                    if type(display) is str:
+                        terms.scan(display, hits)
 
     def _match_any_system(self, code: str, hits: list[_Hit]) -> None:
         """A code that names no system (a search token ``code=B20``) matches a code of any: it
@@ -955,6 +1052,8 @@ class _Builder:
         self.sensitive: set[str] = set()
         self.scopes: tuple[str, JSON] | None = None
         self.coverage: list[CoverageEntry] = []
+        self.terms: TermMatcher[_Hit] = TermMatcher()
+        self.term_seen: dict[tuple[tuple[str, ...], frozenset[Label]], str] = {}
 
     def add(self, file: str, document: Any) -> None:
         if not isinstance(document, dict):
@@ -968,12 +1067,14 @@ class _Builder:
                 if code not in CONFIDENTIALITY_CODES:
                     raise RuleDataError(file, f"sensitive {code}", "bad label: not a v3-Confidentiality code")
             self.sensitive.update(codes)
+        elif kind == "terms":
+            self._terms(file, document)
         elif kind == "scopes":
             if self.scopes is not None:
                 raise RuleDataError(file, "kind", f"a second scopes file (first: {self.scopes[0]})")
             self.scopes = (file, document)
         else:
-            raise RuleDataError(file, "kind", f"unknown kind {kind!r} (category, confidentiality, scopes)")
+            raise RuleDataError(file, "kind", f"unknown kind {kind!r} (category, terms, confidentiality, scopes)")
 
     def _category(self, file: str, document: JSON) -> None:
         category = document.get("category")
@@ -987,6 +1088,56 @@ class _Builder:
                 raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
             self._code_set(file, category, f"sets[{number}]", code_set)
 
+    def _terms(self, file: str, document: JSON) -> None:
+        """A term list: sets of phrases, each set with its labels and source."""
+        category = document.get("category")
+        if not isinstance(category, str) or not category:
+            raise RuleDataError(file, "category", "missing category name")
+        sets = document.get("sets")
+        if not isinstance(sets, list) or not sets:
+            raise RuleDataError(file, "sets", "expected a non-empty list of term sets")
+        for number, term_set in enumerate(sets, 1):
+            if not isinstance(term_set, dict):
+                raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
+            name = term_set.get("name")
+            where = f"sets[{number}] ({name})" if isinstance(name, str) else f"sets[{number}]"
+            if not isinstance(term_set.get("source"), str) or not term_set["source"].strip():
+                raise RuleDataError(file, where, "missing source (the value sets or lists the terms come from)")
+            labels = self._labels(file, where, term_set.get("labels"))
+            terms = term_set.get("terms")
+            if not isinstance(terms, list) or not terms:
+                raise RuleDataError(file, f"{where} terms", "expected a non-empty list of terms")
+            for term in terms:
+                self._term(file, category, where, term, labels)
+            self.coverage.append(
+                CoverageEntry(
+                    file, category, str(name or where), "text", tuple(label.code for label in labels),
+                    len(terms), len(terms), " ".join(str(term_set["source"]).split()),
+                )
+            )
+
+    def _term(self, file: str, category: str, where: str, term: Any, labels: tuple[Label, ...]) -> None:
+        if not isinstance(term, str) or not words(term):
+            raise RuleDataError(file, f"{where} terms", f"bad term {term!r}: expected a phrase of words")
+        key = (tuple(words(term)), frozenset(labels))
+        earlier = self.term_seen.get(key)
+        if earlier is not None:
+            raise RuleDataError(file, f"{where} {term}", f"duplicate term (already in {earlier})")
+        self.term_seen[key] = file
+        self.rule_labels.update(label.code for label in labels)
+        rule = f"{file}: text term {' '.join(key[0])!r}"
+        self.terms.add(term, _Hit(category, frozenset(labels), tuple((label, rule) for label in labels)))
+
+    @staticmethod
+    def _labels(file: str, where: str, value: Any) -> tuple[Label, ...]:
+        labels = tuple(Label(V3_ACT_CODE, code) for code in _strings(file, f"{where} labels", value))
+        for label in labels:
+            if label.code not in ACT_CODE_LABELS:
+                raise RuleDataError(file, f"{where} labels", f"bad label {label.code!r}: not a v3-ActCode sensitivity or policy code")
+        if not labels:
+            raise RuleDataError(file, f"{where} labels", "no labels")
+        return labels
+
     def _code_set(self, file: str, category: str, where: str, code_set: JSON) -> None:
         name = code_set.get("name")
         where = f"{where} ({name})" if isinstance(name, str) else where
@@ -995,12 +1146,7 @@ class _Builder:
         alias = code_set.get("system")
         if not isinstance(alias, str) or alias not in CODE_SYSTEMS:
             raise RuleDataError(file, where, f"unknown code system {alias!r} (one of {', '.join(CODE_SYSTEMS)})")
-        labels = tuple(Label(V3_ACT_CODE, code) for code in _strings(file, f"{where} labels", code_set.get("labels")))
-        for label in labels:
-            if label.code not in ACT_CODE_LABELS:
-                raise RuleDataError(file, f"{where} labels", f"bad label {label.code!r}: not a v3-ActCode sensitivity or policy code")
-        if not labels:
-            raise RuleDataError(file, f"{where} labels", "no labels")
+        labels = self._labels(file, where, code_set.get("labels"))
         self.rule_labels.update(label.code for label in labels)
         includes = [
             (one, display if one == code else f"in {code}: {display}")
@@ -1139,6 +1285,7 @@ class _Builder:
         index._icd_excluded = self.icd_excluded
         index._ndc = self.ndc
         index.coverage = tuple(self.coverage)
+        index.terms = self.terms if self.terms else None
         return index
 
     @staticmethod

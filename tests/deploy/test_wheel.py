@@ -83,6 +83,18 @@ def test_installed_label_command_uses_the_bundled_rules(installed: Installed) ->
     assert "OPIOIDUD" in result.stdout
 
 
+def test_installed_label_command_reads_the_bundled_term_lists(installed: Installed) -> None:
+    flag = {"resourceType": "Flag", "id": "f1", "status": "active", "code": {"text": "HIV-1 positive"}}
+    path = installed.home / "flag.json"
+    path.write_text(json.dumps(flag), encoding="utf-8")
+    result = subprocess.run(
+        [str(installed.script), "label", str(path)],
+        capture_output=True, text=True, env=_env(), cwd=installed.home, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "HIV" in result.stdout and "terms-hiv-sti.yaml" in result.stdout
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -93,7 +93,7 @@ def test_bad_rules_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (tmp_path / "rules" / "bad.yaml").write_text("kind: nonsense\n")
     code, out, err = _run(capsys, str(path), "--rules-dir", str(tmp_path / "rules"))
     assert (code, out) == (2, [])
-    assert err == ["consent-gateway label: rules/bad.yaml: kind: unknown kind 'nonsense' (category, confidentiality, scopes)"]
+    assert err == ["consent-gateway label: rules/bad.yaml: kind: unknown kind 'nonsense' (category, terms, confidentiality, scopes)"]
 
 
 def test_reads_stdin_in_a_subprocess() -> None:
