@@ -20,7 +20,7 @@ from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
-from gateway.core.errors import BadRequest, ConsentDenied, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, ConsentDenied, Refused, UnsupportedMediaType, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
@@ -94,7 +94,13 @@ def read_body_parameters(ex: Exchange) -> None:
     the ``Parameters`` resource of an operation."""
     if ex.method != "POST" or not ex.body:
         return
-    if FORM in ex.content_type.lower():
+    ctype = ex.content_type.lower()
+    # SECURITY: parameters in a body the gateway does not read (multipart form data; a _search
+    # body of another type) would be read by a lenient server and never checked here.
+    if ("multipart/" in ctype and ex.route.interaction in ("search", "operation")) or (
+            ex.route.interaction == "search" and FORM not in ctype and ex.body.strip()):
+        raise UnsupportedMediaType("Parameters in a POST body must be form-encoded (application/x-www-form-urlencoded).")
+    if FORM in ctype:
         if ex.route.interaction not in ("search", "operation"):
             raise BadRequest("A form-encoded body is accepted only by _search and operations.")
         try:
@@ -143,6 +149,24 @@ def parse_json_body(ex: Exchange) -> None:
         return
     if ex.body.startswith(strict_json.BOM):
         ex.body = ex.body[len(strict_json.BOM):]  # the FHIR server reads what was checked
+
+
+def check_body_matches_route(ex: Exchange) -> None:
+    """A create or update whose body is another type than its URL names, or an update whose
+    body names another id, is a 400 (FHIR R4 http.html#update): a server that stores what the
+    body says would take a Consent posted to ``Observation``, or Ana's Consent put at her id
+    naming Ben's, past every check the URL chose (the Consent-write rules, the write target)."""
+    route = ex.route
+    body = ex.resource
+    if route.interaction not in ("create", "update") or route.resource_type is None \
+            or not isinstance(body, dict) or "resourceType" not in body:
+        return
+    if route.resource_type == "Binary" and "json" not in ex.content_type.lower():
+        return  # a Binary's raw content (FHIR R4 binary.html#rest), whatever it holds
+    if body.get("resourceType") != route.resource_type or (
+            route.interaction == "update" and route.resource_id is not None and "id" in body
+            and body["id"] != route.resource_id):
+        raise BadRequest("The resource in the body is not the one the request URL names.")
 
 
 def _asks_hidden_consents(state: GatewayState, ex: Exchange, patients: frozenset[str]) -> bool:
@@ -555,6 +579,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     """Every check a request passes before it is sent upstream, in order."""
     check_request_shape(ex)
     parse_json_body(ex)
+    check_body_matches_route(ex)
     read_body_parameters(ex)
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)

@@ -120,7 +120,8 @@ def check_identity_headers(request: web.Request) -> None:
 def reject_xml(request: web.Request) -> None:
     """Only FHIR JSON is served: XML asked for by Accept or ``_format`` gets 406."""
     for fmt in request.query.getall("_format", []):
-        if fmt.strip().lower() not in _JSON_FORMATS:
+        # A ``+`` sent unescaped (curl) arrives as a space; a mime type may carry parameters.
+        if fmt.split(";", 1)[0].strip().lower().replace(" ", "+") not in _JSON_FORMATS:
             raise NotAcceptable("Only JSON is supported (_format must be json).")
     accept = request.headers.get("Accept", "").lower()
     if accept and _XML.search(accept) and "json" not in accept and "*/*" not in accept:
