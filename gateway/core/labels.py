@@ -1083,28 +1083,14 @@ class _Builder:
             raise RuleDataError(file, "kind", f"unknown kind {kind!r} (category, terms, confidentiality, scopes)")
 
     def _category(self, file: str, document: JSON) -> None:
-        category = document.get("category")
-        if not isinstance(category, str) or not category:
-            raise RuleDataError(file, "category", "missing category name")
-        sets = document.get("sets")
-        if not isinstance(sets, list) or not sets:
-            raise RuleDataError(file, "sets", "expected a non-empty list of code sets")
+        category, sets = _named_sets(file, document, "code sets")
         for number, code_set in enumerate(sets, 1):
-            if not isinstance(code_set, dict):
-                raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
             self._code_set(file, category, f"sets[{number}]", code_set)
 
     def _terms(self, file: str, document: JSON) -> None:
         """A term list: sets of phrases, each set with its labels and source."""
-        category = document.get("category")
-        if not isinstance(category, str) or not category:
-            raise RuleDataError(file, "category", "missing category name")
-        sets = document.get("sets")
-        if not isinstance(sets, list) or not sets:
-            raise RuleDataError(file, "sets", "expected a non-empty list of term sets")
+        category, sets = _named_sets(file, document, "term sets")
         for number, term_set in enumerate(sets, 1):
-            if not isinstance(term_set, dict):
-                raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
             name = term_set.get("name")
             where = f"sets[{number}] ({name})" if isinstance(name, str) else f"sets[{number}]"
             if not isinstance(term_set.get("source"), str) or not term_set["source"].strip():
@@ -1340,3 +1326,17 @@ def _entries(file: str, where: str, value: Any, key: str) -> Iterable[tuple[str,
         if not isinstance(display, str) or not display:
             raise RuleDataError(file, f"{where} {key} {code}", "missing display")
         yield str(code).strip(), display
+
+
+def _named_sets(file: str, document: JSON, what: str) -> tuple[str, list[JSON]]:
+    """A rules file's category name and its non-empty list of sets, each a mapping."""
+    category = document.get("category")
+    if not isinstance(category, str) or not category:
+        raise RuleDataError(file, "category", "missing category name")
+    sets = document.get("sets")
+    if not isinstance(sets, list) or not sets:
+        raise RuleDataError(file, "sets", f"expected a non-empty list of {what}")
+    for number, one in enumerate(sets, 1):
+        if not isinstance(one, dict):
+            raise RuleDataError(file, f"sets[{number}]", "expected a mapping")
+    return category, sets
