@@ -502,8 +502,8 @@ async def decide_answer(
 
 def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: Enforced) -> None:
     """A Bundle answer (a search, a history, an operation's) goes without the upstream's
-    ``ETag`` and ``Last-Modified``, and without a ``rel="last"`` link in a ``Link`` header
-    when its total went.
+    ``ETag`` and ``Last-Modified``, and without a ``rel="last"`` link in a ``Link`` header or a
+    header that may count its matches when its total went.
 
     SECURITY: they describe the server's answer, hidden entries included (the newest hidden
     record's time, a tag that changes when a hidden record does), and the last page's offset
@@ -514,11 +514,20 @@ def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: En
     headers = response.headers
     headers.popall("ETag", None)
     headers.popall("Last-Modified", None)
+    if result.drop_total:
+        # A count in a header of the server's own (``X-Total-Count``, ``X-Result-Count``) goes
+        # with Bundle.total: it counts the matches the answer withholds too.
+        for name in {name for name in headers if _COUNTING_HEADER.search(name)}:
+            headers.popall(name, None)
     if result.drop_total and "Link" in headers:
         values = [without_last_links(value) for value in headers.popall("Link")]
         for value in values:
             if value:
                 headers.add("Link", value)
+
+
+# Response headers that may count an answer's matches, by their names.
+_COUNTING_HEADER = re.compile(r"count|total", re.IGNORECASE)
 
 
 def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:

@@ -374,7 +374,8 @@ def headed_search(fake: FakeFhir) -> Any:
         last = f"{fake.base_url}/Condition?patient={c.PAT_ANA}&_count=2&_getpagesoffset=6"
         page["link"] += [{"relation": "next", "url": nxt}, {"relation": "last", "url": last}]
         return fhir(page, headers={"Link": f'<{nxt}>; rel="next", <{last}>;rel=last', "ETag": 'W/"hiv-b20-v1"',
-                                   "Last-Modified": LAST_MODIFIED})
+                                   "Last-Modified": LAST_MODIFIED, "X-Total-Count": "7", "x-result-count": "7",
+                                   "X-Served-By": "fhir-1"})
 
     return override
 
@@ -384,7 +385,8 @@ async def test_a_search_answer_keeps_no_header_counting_or_dating_hidden_matches
     world: FakeFhir, make_gateway: MakeGateway, status: int,
 ) -> None:
     """The ``last`` link of a ``Link`` header goes with Bundle.total (its offset, 6, says seven
-    matches), and the server's ``ETag`` and ``Last-Modified`` (the hidden record's) go too;
+    matches), and so do the server's count headers; the server's ``ETag`` and ``Last-Modified``
+    (the hidden record's) go too;
     ``next`` stays, so paging works. A single read keeps its own ``ETag``."""
     world.override = headed_search(world)
     gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
@@ -395,6 +397,9 @@ async def test_a_search_answer_keeps_no_header_counting_or_dating_hidden_matches
     assert "getpagesoffset=6" not in link and "last" not in link, link
     assert link == f'<{gateway.url}/Condition?patient={c.PAT_ANA}&_count=2&_getpagesoffset=2>; rel="next"', link
     assert "etag" not in headers and "last-modified" not in headers, headers
+    # A count of the server's own in a header goes with Bundle.total; other headers stay.
+    assert "x-total-count" not in headers and "x-result-count" not in headers, headers
+    assert headers.get("x-served-by") == "fhir-1", headers
     assert leaks(body, headers, (*SECRETS, "2021", "getpagesoffset=6")) == []
     world.override = routes({("GET", f"/Condition/{HTN_ID}"): lambda r: fhir(c.ANA_HYPERTENSION, headers={"ETag": 'W/"3"'})})
     code, headers, _ = await call(gateway, "GET", f"/Condition/{HTN_ID}")
