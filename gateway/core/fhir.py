@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
+
+# A resource type name as FHIR writes it (``Observation``): the one pattern every reading of a
+# type in a path, a reference or a search uses (``match`` or ``fullmatch``).
+TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
 JSON = dict[str, Any]
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gateway.core.fhir import TYPE_NAME
+
 SYSTEM, TYPE, INSTANCE = "system", "type", "instance"
 _ALL_LEVELS = frozenset({SYSTEM, TYPE, INSTANCE})
 
@@ -152,7 +154,6 @@ COMPUTING: frozenset[str] = frozenset({
 # An operator's entry (``enforcement.allowed_operations``): ``$op`` (system), ``Type/$op``
 # (type) or ``Type/[id]/$op`` (instance).
 CONFIGURED_ENTRY = re.compile(r"^(?:([A-Z][A-Za-z]{1,63})/(\[id\]/)?)?(\$[A-Za-z][A-Za-z0-9_.\-]{0,63})$")
-_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
 Configured = frozenset[tuple[str, str, str | None]]  # (name in lower case, level, type)
 NONE_CONFIGURED: Configured = frozenset()
@@ -178,7 +179,7 @@ def level_of(parts: tuple[str, ...], operation: str) -> str | None:
     """The level an operation is called at; None for any other path (after a version, inside a
     compartment, with parts after it)."""
     index = parts.index(operation)
-    if index != len(parts) - 1 or index > 2 or (index > 0 and not _TYPE.match(parts[0])):
+    if index != len(parts) - 1 or index > 2 or (index > 0 and not TYPE_NAME.match(parts[0])):
         return None
     return (SYSTEM, TYPE, INSTANCE)[index]
 

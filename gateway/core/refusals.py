@@ -11,11 +11,10 @@ from urllib.parse import parse_qsl
 from collections.abc import Iterable, Sequence
 
 from gateway.core.compartment import PATIENT_COMPARTMENT, is_patient_data
-from gateway.core.fhir import Bases, local_reference
+from gateway.core.fhir import TYPE_NAME, Bases, local_reference
 from gateway.core.operations import NONE_CONFIGURED, Configured, names_version, refusal
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RECORD = re.compile(r"^([A-Z][A-Za-z]{1,63})/[A-Za-z0-9\-.]{1,64}$")
 
 # Search parameters that select by data the requester may not see.
@@ -89,7 +88,7 @@ def subscription_criteria(resource: object) -> tuple[tuple[str, ...], list[tuple
     if not isinstance(criteria, str) or "?" not in criteria:
         return None
     rtype, _, query = criteria.partition("?")
-    if not re.fullmatch(r"[A-Z][A-Za-z]{1,63}", rtype):
+    if not TYPE_NAME.fullmatch(rtype):
         return None
     return (rtype,), parse_qsl(query, keep_blank_values=True)
 
@@ -155,7 +154,7 @@ def named_records(query: Iterable[tuple[str, str]], ours: Bases) -> frozenset[st
         base, _, modifier = name.partition(":")
         if base.startswith("_") or "." in name:
             continue
-        typed = modifier if _TYPE.match(modifier) else None
+        typed = modifier if TYPE_NAME.match(modifier) else None
         for item in value.split(","):
             item = item.strip()
             if "/" not in item:

@@ -26,12 +26,13 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
+from gateway.core.fhir import TYPE_NAME
+
 BACKPORT_FILTER = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria"
 # The top-level elements criteria are read from (a view of a Subscription holds them).
 CRITERIA_ELEMENTS = ("criteria", "_criteria", "filterBy")
 
 Search = tuple[str, list[tuple[str, str]]]
-_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _PATIENT = re.compile(r"(?:^|/)Patient/[A-Za-z0-9\-.]{1,64}$")
 # Search modifiers that select by text or by a value set's content: what they watch is not
 # read from the codes the criteria write (``code:text=HIV``).
@@ -42,7 +43,7 @@ _UNLABELLED_PARAMS = frozenset({"_text", "_content", "_filter", "_query", "_list
 
 def _search(text: str) -> Search | None:
     rtype, mark, query = text.partition("?")
-    if not mark or not _TYPE.fullmatch(rtype):
+    if not mark or not TYPE_NAME.fullmatch(rtype):
         return None
     return rtype, parse_qsl(query, keep_blank_values=True)
 
@@ -87,7 +88,7 @@ def criteria_searches(resource: Any) -> list[Search] | None:
                 return None
             rtype, name, value = item.get("resourceType"), item.get("filterParameter"), item.get("value")
             modifier = item.get("modifier")
-            if not (isinstance(rtype, str) and _TYPE.fullmatch(rtype) and isinstance(name, str)
+            if not (isinstance(rtype, str) and TYPE_NAME.fullmatch(rtype) and isinstance(name, str)
                     and isinstance(value, str) and (modifier is None or isinstance(modifier, str))):
                 return None
             key = f"{name}:{modifier}" if modifier else name
@@ -221,7 +222,7 @@ def _recorded_search(text: str) -> Search | None:
     segments = [s for s in path.split("/") if s]
     if segments[-1:] == ["_search"]:
         segments.pop()
-    if not segments or not _TYPE.fullmatch(segments[-1]):
+    if not segments or not TYPE_NAME.fullmatch(segments[-1]):
         return None  # a read, an operation, a system-wide search: what it selects is unknown
     pairs = parse_qsl(query, keep_blank_values=True)
     if len(segments) >= 3 and segments[-3] == "Patient":

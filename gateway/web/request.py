@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.core.errors import BadRequest, NotAcceptable, Refused, Unauthenticated, UnsupportedMediaType
+from gateway.core.fhir import TYPE_NAME
 from gateway.core.model import ACTOR_TYPES, Actor
 from gateway.core.purpose import PURPOSE_CODES
 
@@ -20,7 +21,6 @@ GATEWAY_HEADERS = frozenset(
 )
 GATEWAY_HEADER_PREFIXES = ("x-actor", "x-purpose-of-use", "x-break-glass")
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ROLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
 _XML = re.compile(r"(^|[/+])xml\b")
@@ -86,7 +86,7 @@ def _route_of(method: str, path: str, base_prefix: str) -> Route:
     # that decodes twice would run what the gateway did not see.
     if any(p in (".", "..") or "/" in p or "\\" in p or ";" in p or "%" in p for p in parts):
         raise BadRequest("The request path is not a FHIR path.")
-    rtype = parts[0] if parts and _TYPE.match(parts[0]) and parts[0] != "metadata" else None
+    rtype = parts[0] if parts and TYPE_NAME.match(parts[0]) and parts[0] != "metadata" else None
     rid = parts[1] if rtype and len(parts) >= 2 and _FHIR_ID.match(parts[1]) else None
     operation = next((p for p in parts if p.startswith("$")), None)
     return Route("/".join(raw_parts), parts, prefix, _interaction(method, parts), rtype, rid, operation)
