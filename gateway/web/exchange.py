@@ -30,7 +30,7 @@ from gateway.core.refusals import (
     conditional_write, named_patients, named_records, subscription_criteria, subscription_write, unfilterable,
 )
 from gateway.web.identity import check_scopes
-from gateway.web.request import Route
+from gateway.web.request import Route, check_formats
 from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
 
@@ -581,6 +581,8 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     parse_json_body(ex)
     check_body_matches_route(ex)
     read_body_parameters(ex)
+    # A batch entry's URL and a form body carry ``_format`` as the front door's query does.
+    check_formats(value for name, value in ex.query if name == "_format")
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
