@@ -20,7 +20,7 @@ import orjson
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES
 from gateway.core.enforce import SERVER_NOTE, Enforced, found_nothing, scrubbed_outcome
-from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
 from gateway.core.links import LinkRewriter, without_last_links
@@ -249,9 +249,18 @@ async def exchange_of(request: web.Request, state: GatewayState, body: bytes | N
         method=request.method, route=route, raw_query=raw_query,
         actor=actor, purpose=purpose, reason=reason, body=body,
         content_type=request.headers.get("Content-Type", ""),
-        if_none_exist=request.headers.get("If-None-Exist"),
+        if_none_exist=if_none_exist(request),
         query=list(request.query.items()) if raw_query else [],
     )
+
+
+def if_none_exist(request: web.Request) -> str | None:
+    """A conditional create's condition; given twice → 400: the gateway checks one search, and a
+    server may run the other (or both joined)."""
+    given = request.headers.getall("If-None-Exist", [])
+    if len(given) > 1:
+        raise BadRequest("If-None-Exist may be given once.")
+    return given[0] if given else None
 
 
 def withheld_status(state: GatewayState) -> str:
@@ -379,9 +388,13 @@ async def send(state: GatewayState, request: web.Request, ex: Exchange, request_
     """Forward the admitted request; HEAD is asked as GET so its answer can be decided."""
     url = state.upstream.url_for(ex.route.path, ex.forwarded_query)
     method = "GET" if request.method == "HEAD" else request.method
-    upstream = await state.upstream.request(
-        method, url, headers=upstream_headers(request, request_id), body=ex.body
-    )
+    headers = upstream_headers(request, request_id)
+    if "If-None-Exist" in headers:
+        # A conditional create goes with the condition as admitted (narrowed, or none: 404 mode).
+        del headers["If-None-Exist"]
+        if ex.if_none_exist:
+            headers["If-None-Exist"] = ex.if_none_exist
+    upstream = await state.upstream.request(method, url, headers=headers, body=ex.body)
     state.metrics.upstream_duration.observe(upstream.seconds)
     return upstream
 

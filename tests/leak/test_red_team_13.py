@@ -1,0 +1,295 @@
+"""Red team 13: conditional writes, 404-mode searches, cursors in paging links, and the values
+of operations' Parameters answers.
+
+Scenario: Ana may write her own records by a search (self access), but the hypertension record
+Ben asserted (``JOINT``) is his too, and Ben opted out: she does not read it. Dr Gomez holds
+Ana's general opt-in, which does not open her HIV diagnosis. Each test goes through the real
+request path (HTTP to the gateway, the fake FHIR server on a real socket) and searches the RAW
+response bytes and headers. The leak conftest runs each test on both paths (answers parsed
+whole, and decided on views).
+
+Holes found and closed here (each test below fails on the code before this pass):
+
+1. Conditional create (``If-None-Exist``, also a batch entry's ``request.ifNoneExist``) was let
+   through for a patient's own records without the search the gateway runs for a conditional
+   update or delete: the server found the record she may not read and answered 200 (nothing
+   created) where a missing one gives 201, so the status told that a hidden record of hers holds
+   that identifier. In 404 mode even the refusal told it (403 where a missing one is created,
+   and a conditional update or delete refused where a missing one is sent). Now the gateway runs
+   every conditional write's search first, decided for the requester: in 403 mode a withheld
+   match refuses it (as a search would say "withheld"); in 404 mode the write is narrowed to the
+   matches he may see (``_id=``): a create with none creates, an update, patch or delete with
+   none is answered 404 and not sent, whether something hidden matched or nothing did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import GatewayUnderTest
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+from tests.leak.test_side_doors import MakeGateway, batch, call, is_outcome, leaks, routes, slots
+
+ANA_ID = c.PAT_ANA.split("/", 1)[1]
+HIV_ID = c.HIV_CONDITION["id"]
+HIV_SECRETS = (HIV_ID, "B20", "86406008", "Human immunodeficiency", "HIV disease")
+
+# ================================================================ 1. conditional writes
+
+IDENTIFIER = {"system": "urn:oid:2.16.840.1.113883.19.5", "value": "htn-asserted-ben-7f3"}
+JOINT = {**c.condition("cond-joint-htn-asserted-7f3", c.PAT_ANA, c.ANA_HYPERTENSION["code"], "2020-02-02"),
+         "identifier": [IDENTIFIER], "asserter": {"reference": c.PAT_BEN},
+         "note": [{"text": "Reported by Ben Okafor at the family visit"}]}
+JOINT_SECRETS = (JOINT["id"], "Reported by Ben", "family visit")
+# Ana's own record under the same identifier (a duplicate entry of the same finding).
+OWN = {**c.condition("cond-own-htn-dup-51a", c.PAT_ANA, c.ANA_HYPERTENSION["code"], "2020-02-02"),
+       "identifier": [IDENTIFIER]}
+CONDITION = f"patient={c.PAT_ANA}&identifier={IDENTIFIER['system']}|{IDENTIFIER['value']}"
+NEW = {"resourceType": "Condition", "subject": {"reference": c.PAT_ANA}, "code": c.ANA_HYPERTENSION["code"],
+       "identifier": [IDENTIFIER]}
+
+
+def _matching(fake: FakeFhir, query: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The Conditions a search by ``patient``, ``identifier`` and ``_id`` finds (as R4 runs it)."""
+    found = []
+    for key, res in fake.resources.items():
+        if not key.startswith("Condition/"):
+            continue
+        text = orjson.dumps(res).decode()
+        ok = True
+        for name, value in query:
+            if name == "patient":
+                ok = ok and f'"reference":"{value}"' in text
+            elif name == "identifier":
+                ok = ok and value.rpartition("|")[2] in text
+            elif name == "_id":
+                ok = ok and res["id"] in value.split(",")
+        if ok:
+            found.append(res)
+    return found
+
+
+def _conditional_server(fake: FakeFhir) -> Any:
+    """A server that runs conditional writes as R4 says: a create with one match answers 200 with
+    it (nothing created), with several 412, with none creates (201); a conditional update, patch
+    or delete changes its one match, or answers 412 for several, and names what it changed."""
+    def create(request: web.Request) -> Any:
+        condition = request.headers.get("If-None-Exist")
+        if condition is None:
+            return None
+        found = _matching(fake, parse_qsl(condition))
+        if len(found) > 1:
+            return web.json_response({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "duplicate", "diagnostics": "Multiple matches"}]}, status=412)
+        if found:
+            match = found[0]
+            return web.json_response(match, status=200, headers={
+                "Location": f"{fake.base_url}/Condition/{match['id']}/_history/1", "ETag": 'W/"1"'})
+        return None  # the fake creates it (201)
+
+    def change(request: web.Request) -> Any:
+        found = _matching(fake, list(request.query.items()))
+        if len(found) > 1:
+            return web.json_response({"resourceType": "OperationOutcome", "issue": [
+                {"severity": "error", "code": "multiple-matches"}]}, status=412)
+        if request.method == "DELETE":
+            for res in found:
+                fake.resources.pop(f"Condition/{res['id']}")
+            return {"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational",
+                    "diagnostics": f"Deleted {len(found)}: {', '.join(r['id'] for r in found)}"}]}
+        if not found:
+            return web.json_response({**NEW, "id": "made-by-update"}, status=201)
+        return web.json_response(found[0], status=200)
+
+    def search(request: web.Request) -> Any:
+        return fake.bundle(_matching(fake, list(request.query.items())), str(request.url))
+
+    return routes({("GET", "/Condition"): search, ("POST", "/Condition"): create, ("DELETE", "/Condition"): change,
+                   ("PUT", "/Condition"): change, ("PATCH", "/Condition"): change})
+
+
+@pytest.fixture
+def joint(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_out(c.PAT_BEN, "consent-ben-out"), JOINT)
+    fake_fhir.override = _conditional_server(fake_fhir)
+    return fake_fhir
+
+
+def _forget_hidden(fake: FakeFhir) -> None:
+    """The world where the hidden record is missing (and the first attempt created nothing)."""
+    for key, res in list(fake.resources.items()):
+        if key.startswith("Condition/") and IDENTIFIER in res.get("identifier", []) and res["id"] != OWN["id"]:
+            fake.resources.pop(key)
+
+
+def _as_sent(fake: FakeFhir, method: str) -> list[str]:
+    return [f"{r.method} {r.path_qs} {r.headers.get('If-None-Exist', '')}" for r in fake.requests
+            if r.method == method and r.path_qs.startswith("/fhir/Condition")]
+
+
+def _shape(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, set[str], Any]:
+    """What a client compares: the status, which headers, and the body without the new id."""
+    status, headers, body = answer
+    parsed = orjson.loads(body) if body else None
+    if isinstance(parsed, dict):
+        parsed.pop("id", None)
+    keep = {h for h in headers if h not in ("Date", "X-Request-Id", "Content-Length", "Transfer-Encoding")}
+    return status, keep, parsed
+
+
+async def _create(gateway: GatewayUnderTest) -> tuple[int, dict[str, str], bytes]:
+    return await call(gateway, "POST", "/Condition", actor=c.PAT_ANA, body=NEW, **{"If-None-Exist": CONDITION})
+
+
+async def test_403_mode_a_patients_conditional_create_does_not_find_a_record_she_may_not_read(
+    joint: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """The create's search meets a record Ana may not read: refused like her conditional delete
+    would be (in this mode her search says "withheld" too), and not sent."""
+    status, headers, body = await _create(gateway)
+    is_outcome(status, headers, body, 403)
+    assert leaks(body, headers, JOINT_SECRETS) == []
+    assert _as_sent(joint, "POST") == []
+
+
+async def test_404_mode_a_conditional_create_over_a_hidden_match_answers_as_over_none(
+    joint: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """In 404 mode the answer is the one she gets when nothing matches: her record is created
+    (the server is asked without the condition), nothing names the hidden one."""
+    gateway = await make_gateway(joint.base_url, enforcement={"denied_read_status": 404})
+    hidden = await _create(gateway)
+    assert leaks(hidden[2], hidden[1], JOINT_SECRETS) == []
+    _forget_hidden(joint)
+    missing = await _create(gateway)
+    assert hidden[0] == missing[0] == 201, hidden
+    assert _shape(hidden) == _shape(missing)
+
+
+async def test_404_mode_a_conditional_create_finds_what_she_may_see_beside_a_hidden_match(
+    joint: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """Her own record under the same identifier is found (200, nothing created), as when the
+    hidden one is not there; the server would otherwise answer 412 "multiple matches"."""
+    joint.add(OWN)
+    gateway = await make_gateway(joint.base_url, enforcement={"denied_read_status": 404})
+    hidden = await _create(gateway)
+    assert leaks(hidden[2], hidden[1], JOINT_SECRETS) == []
+    _forget_hidden(joint)
+    missing = await _create(gateway)
+    assert hidden[0] == missing[0] == 200, hidden
+    assert orjson.loads(hidden[2])["id"] == OWN["id"]
+    assert _shape(hidden) == _shape(missing)
+
+
+def _entry_server(fake: FakeFhir) -> Any:
+    """A batch whose entries carry ``ifNoneExist`` sent on as the header (as servers do)."""
+    inner = _conditional_server(fake)
+
+    async def override(request: web.Request) -> Any:
+        if request.method == "POST" and request.path.rstrip("/") == "/fhir":
+            bundle = orjson.loads(await request.read())
+            out = []
+            for entry in bundle["entry"]:
+                req = entry["request"]
+                headers = {"If-None-Exist": req["ifNoneExist"]} if "ifNoneExist" in req else {}
+                async with aiohttp.ClientSession() as session:
+                    async with session.request(req["method"], f"{fake.base_url}/{req['url']}",
+                                               data=orjson.dumps(entry["resource"]),
+                                               headers={"Content-Type": "application/fhir+json", **headers}) as resp:
+                        answer = await resp.json(content_type=None)
+                        slot: dict[str, Any] = {"response": {"status": f"{resp.status} {resp.reason}"}}
+                        if "Location" in resp.headers:
+                            slot["response"]["location"] = resp.headers["Location"]
+                        slot["resource"] = answer
+                out.append(slot)
+            return web.json_response({"resourceType": "Bundle", "type": "batch-response", "entry": out})
+        return await inner(request)
+
+    return override
+
+
+def _conditional_batch() -> dict[str, Any]:
+    bundle = batch(("POST", "Condition", NEW))
+    bundle["entry"][0]["request"]["ifNoneExist"] = CONDITION
+    return bundle
+
+
+async def test_403_mode_a_conditional_create_in_a_batch_is_refused_in_its_slot(
+    joint: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    joint.override = _entry_server(joint)
+    status, headers, body = await call(gateway, "POST", "/", actor=c.PAT_ANA, body=_conditional_batch())
+    assert leaks(body, headers, JOINT_SECRETS) == []
+    assert [s["response"]["status"] for s in slots(body)] == ["403 Forbidden"], body
+    assert _as_sent(joint, "POST") == []
+
+
+async def test_404_mode_a_conditional_create_in_a_batch_answers_as_over_none(
+    joint: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    joint.override = _entry_server(joint)
+    gateway = await make_gateway(joint.base_url, enforcement={"denied_read_status": 404})
+    hidden = await call(gateway, "POST", "/", actor=c.PAT_ANA, body=_conditional_batch())
+    assert leaks(hidden[2], hidden[1], JOINT_SECRETS) == []
+    _forget_hidden(joint)
+    missing = await call(gateway, "POST", "/", actor=c.PAT_ANA, body=_conditional_batch())
+    statuses = [[s["response"]["status"] for s in slots(b[2])] for b in (hidden, missing)]
+    assert statuses == [["201 Created"], ["201 Created"]], statuses
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+async def test_404_mode_a_conditional_change_over_a_hidden_match_answers_as_over_none(
+    joint: FakeFhir, make_gateway: MakeGateway, method: str,
+) -> None:
+    """An update, patch or delete by a search that finds only what she may not read is answered
+    as one that finds nothing: 404, not sent (as a write to a missing id is in this mode)."""
+    gateway = await make_gateway(joint.base_url, enforcement={"denied_read_status": 404})
+    body: Any = [{"op": "replace", "path": "/clinicalStatus", "value": {"text": "x"}}] if method == "PATCH" else (
+        NEW if method == "PUT" else None)
+    ctype = {"Content-Type": "application/json-patch+json"} if method == "PATCH" else {}
+    hidden = await call(gateway, method, f"/Condition?{CONDITION}", actor=c.PAT_ANA, body=body, **ctype)
+    assert leaks(hidden[2], hidden[1], JOINT_SECRETS) == []
+    _forget_hidden(joint)
+    missing = await call(gateway, method, f"/Condition?{CONDITION}", actor=c.PAT_ANA, body=body, **ctype)
+    assert hidden[0] == missing[0] == 404, (hidden, missing)
+    assert hidden[2] == missing[2]
+    assert _as_sent(joint, method) == []
+
+
+async def test_404_mode_a_conditional_delete_reaches_only_what_she_may_see(
+    joint: FakeFhir, make_gateway: MakeGateway,
+) -> None:
+    """Her own record beside the hidden one: the delete is narrowed to hers (the server would
+    otherwise answer 412 for two matches), and the hidden one stays."""
+    joint.add(OWN)
+    gateway = await make_gateway(joint.base_url, enforcement={"denied_read_status": 404})
+    status, headers, body = await call(gateway, "DELETE", f"/Condition?{CONDITION}", actor=c.PAT_ANA)
+    assert status == 200, body
+    assert leaks(body, headers, JOINT_SECRETS) == []
+    assert f"Condition/{JOINT['id']}" in joint.resources and f"Condition/{OWN['id']}" not in joint.resources
+
+
+async def test_an_if_none_exist_given_twice_is_refused(joint: FakeFhir, gateway: GatewayUnderTest) -> None:
+    """The gateway checks one condition; a server may read the other (or both joined)."""
+    async with gateway.session.post(gateway.url + "/Condition", data=orjson.dumps(NEW), headers=[
+            ("X-Actor", c.PAT_ANA), ("Content-Type", "application/fhir+json"),
+            ("If-None-Exist", f"patient={c.PAT_ANA}"), ("If-None-Exist", "identifier=x")]) as resp:
+        assert resp.status == 400, await resp.read()
+    assert _as_sent(joint, "POST") == []
+
+
+async def test_a_batch_condition_that_is_not_text_is_refused(joint: FakeFhir, gateway: GatewayUnderTest) -> None:
+    bundle = batch(("POST", "Condition", NEW))
+    bundle["entry"][0]["request"]["ifNoneExist"] = [CONDITION]
+    status, _, body = await call(gateway, "POST", "/", actor=c.PAT_ANA, body=bundle)
+    assert status == 400, body
+    assert _as_sent(joint, "POST") == []
