@@ -293,3 +293,199 @@ async def test_a_batch_condition_that_is_not_text_is_refused(joint: FakeFhir, ga
     status, _, body = await call(gateway, "POST", "/", actor=c.PAT_ANA, body=bundle)
     assert status == 400, body
     assert _as_sent(joint, "POST") == []
+
+
+# ================================================================ 2. 404 mode: searches by what only a hidden record holds
+
+HIV_IDENTIFIER = {"system": "urn:oid:2.16.840.1.113883.19.5.99", "value": "dx-hiv-20230114-ana"}
+HIV_DATED = {**c.HIV_CONDITION, "identifier": [HIV_IDENTIFIER],
+             "meta": {"lastUpdated": "2023-01-14T09:30:00Z", "versionId": "3"}}
+HIV_DATED_SECRETS = (*HIV_SECRETS, HIV_IDENTIFIER["value"], "2023-01-14T09:30:00Z")
+
+
+def _searching(fake: FakeFhir) -> Any:
+    """A server that searches Conditions by ``identifier``, ``_id``, ``patient``, ``_lastUpdated``
+    (``ge``), sorted by ``-_lastUpdated`` and paged by ``_count``/``_offset``, with ``total``."""
+    def search(request: web.Request) -> Any:
+        query = list(request.query.items())
+        found = [r for k, r in fake.resources.items() if k.startswith("Condition/")]
+        for name, value in query:
+            if name == "identifier":
+                found = [r for r in found if any(i.get("value") == value.rpartition("|")[2] for i in r.get("identifier", []))]
+            elif name == "_id":
+                found = [r for r in found if r["id"] in value.split(",")]
+            elif name == "patient":
+                found = [r for r in found if (r.get("subject") or {}).get("reference") == value]
+            elif name == "_lastUpdated":
+                found = [r for r in found if (r.get("meta") or {}).get("lastUpdated", "") >= value.removeprefix("ge")]
+        found.sort(key=lambda r: (r.get("meta") or {}).get("lastUpdated", ""), reverse=True)
+        count = int(request.query.get("_count", "50"))
+        offset = int(request.query.get("_offset", "0"))
+        bundle = fake.bundle(found[offset:offset + count], str(request.url))
+        bundle["total"] = len(found)
+        if offset + count < len(found):
+            rest = [(k, v) for k, v in query if k != "_offset"] + [("_offset", str(offset + count))]
+            bundle["link"].append({"relation": "next", "url": f"{fake.base_url}/Condition?" + "&".join(
+                f"{k}={v}" for k, v in rest)})
+        return bundle
+
+    return routes({("GET", "/Condition"): search})
+
+
+@pytest.fixture
+def dated(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"), HIV_DATED)
+    fake_fhir.override = _searching(fake_fhir)
+    return fake_fhir
+
+
+def _comparable(answer: tuple[int, dict[str, str], bytes]) -> tuple[int, list[tuple[str, str]], bytes]:
+    status, headers, body = answer
+    return status, sorted((k, v) for k, v in headers.items() if k not in ("Date", "X-Request-ID", "X-Request-Id")), body
+
+
+SEARCHES = [
+    f"/Condition?identifier={HIV_IDENTIFIER['system']}|{HIV_IDENTIFIER['value']}",
+    f"/Condition?identifier={HIV_IDENTIFIER['value']}&patient={c.PAT_ANA}",
+    f"/Condition?_id={HIV_ID}",
+    f"/Condition?patient={c.PAT_ANA}&_lastUpdated=ge2023-01-14T09:30:00Z",
+    pytest.param(f"/Condition?patient={c.PAT_ANA}&_sort=-_lastUpdated&_count=1", marks=pytest.mark.xfail(
+        strict=True, reason="the upstream's own offset in the next link (_offset=2 where a missing record "
+        "gives _offset=1) counts the hidden match the refill skipped (README: residual signals)")),
+]
+
+
+@pytest.mark.parametrize("actor", [c.DOCTOR, c.PAT_ANA])
+@pytest.mark.parametrize("path", SEARCHES)
+async def test_404_mode_a_search_by_what_only_a_hidden_record_holds_answers_as_for_a_missing_one(
+    dated: FakeFhir, make_gateway: MakeGateway, path: str, actor: str,
+) -> None:
+    """By its identifier, its id, its time, or sorted to the top: the answer (status, headers,
+    bytes) is the one for the same search when the record is not there. Ana herself is asked
+    too: her record shared with Ben, who opted out, is hidden from her."""
+    if actor == c.PAT_ANA:
+        dated.resources.pop(f"Condition/{HIV_ID}")
+        dated.add(c.opt_out(c.PAT_BEN, "consent-ben-in"), {**HIV_DATED, "asserter": {"reference": c.PAT_BEN}})
+    gateway = await make_gateway(dated.base_url, enforcement={"denied_read_status": 404})
+    hidden = await call(gateway, "GET", path, actor=actor)
+    assert hidden[0] == 200, hidden
+    # What the client wrote itself comes back in the self link.
+    assert leaks(hidden[2], hidden[1], tuple(s for s in HIV_DATED_SECRETS if s not in path)) == []
+    dated.resources.pop(f"Condition/{HIV_ID}")
+    missing = await call(gateway, "GET", path, actor=actor)
+    assert _comparable(hidden) == _comparable(missing)
+
+
+# ================================================================ 3. cursors in paging links
+
+VISIBLE = [{**c.condition(f"cond-htn-visit-{n}", c.PAT_ANA, c.ANA_HYPERTENSION["code"], f"2021-0{n}-01"),
+            "meta": {"lastUpdated": f"2024-0{9 - n}-01T00:00:00Z"}} for n in range(1, 7)]
+HIDDEN_AT = {**c.HIV_CONDITION, "meta": {"lastUpdated": "2024-07-15T12:34:56Z"}}  # between visits 1 and 2
+CURSOR_SECRETS = (HIV_ID, "2024-07-15T12:34:56", "1721046896")
+
+
+def _b64(text: str) -> str:
+    import base64
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _cursor_server(fake: FakeFhir, style: str) -> Any:
+    """Ana's Conditions newest first, ``_count`` a page; the ``next`` link continues after the
+    page's last entry, named in a cursor as servers write them."""
+    def cursor_of(res: dict[str, Any]) -> tuple[str, str]:
+        stamp = res["meta"]["lastUpdated"]
+        if style == "base64":
+            return "_cursor", _b64(f"Condition/{res['id']}|{stamp}")
+        if style == "json":
+            import base64
+            return "ct", base64.b64encode(orjson.dumps({"id": res["id"], "lastUpdated": stamp})).decode()
+        return "_id:above", res["id"]
+
+    def after(found: list[dict[str, Any]], query: dict[str, str]) -> list[dict[str, Any]]:
+        for name in ("_cursor", "ct", "_id:above"):
+            if name in query:
+                ids = [r["id"] for r in found]
+                for i, r in enumerate(found):
+                    if cursor_of(r)[1] == query[name]:
+                        return found[i + 1:]
+                raise AssertionError(f"unknown cursor {query[name]} among {ids}")
+        return found
+
+    def search(request: web.Request) -> Any:
+        found = sorted((r for k, r in fake.resources.items() if k.startswith("Condition/")
+                        and (r.get("subject") or {}).get("reference") == request.query.get("patient")),
+                       key=lambda r: (r.get("meta") or {}).get("lastUpdated", ""), reverse=True)
+        rest = after(found, dict(request.query))
+        count = int(request.query.get("_count", "50"))
+        page = rest[:count]
+        bundle = fake.bundle(page, str(request.url))
+        del bundle["total"]
+        if len(rest) > count:
+            name, value = cursor_of(page[-1])
+            from urllib.parse import quote
+            bundle["link"].append({"relation": "next", "url": f"{fake.base_url}/Condition?patient={request.query['patient']}"
+                                   f"&_count={count}&{quote(name)}={quote(value, safe='')}"})
+        return bundle
+
+    return routes({("GET", "/Condition"): search})
+
+
+def _decodings(body: bytes) -> str:
+    """The body with every link's query decoded as a client would try: percent, base64(url), JSON."""
+    import base64
+    from urllib.parse import parse_qsl, urlsplit
+    texts = [body.decode()]
+    for link in orjson.loads(body).get("link", []):
+        for _, value in parse_qsl(urlsplit(link["url"]).query):
+            texts.append(value)
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    texts.append(decode(value + "=" * (-len(value) % 4)).decode("utf-8", "replace"))
+                except ValueError:
+                    pass
+    return "\n".join(texts)
+
+
+async def _all_pages(gateway: GatewayUnderTest, path: str) -> tuple[list[str], list[bytes]]:
+    ids: list[str] = []
+    bodies: list[bytes] = []
+    url = gateway.url + path
+    for _ in range(20):
+        async with gateway.session.get(url, headers={"X-Actor": c.DOCTOR}) as resp:
+            body = await resp.read()
+            assert resp.status == 200, body
+        bodies.append(body)
+        bundle = orjson.loads(body)
+        ids += [e["resource"]["id"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == "match"]
+        nxt = [link["url"] for link in bundle.get("link", []) if link["relation"] == "next"]
+        if not nxt:
+            return ids, bodies
+        url = nxt[0]
+    raise AssertionError("paging did not end")
+
+
+@pytest.fixture
+def cursored(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    for key in [k for k in fake_fhir.resources if k.startswith("Condition/")]:
+        fake_fhir.resources.pop(key)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), *VISIBLE, HIDDEN_AT)
+    return fake_fhir
+
+
+@pytest.mark.parametrize("status", [403, 404])
+@pytest.mark.parametrize("style", ["base64", "json", "id-above"])
+@pytest.mark.parametrize("count", [2, 3])
+async def test_a_cursor_in_a_next_link_does_not_name_the_withheld_record(
+    cursored: FakeFhir, make_gateway: MakeGateway, style: str, status: int, count: int,
+) -> None:
+    """The server continues after the page's last entry and names it in the link (a cursor of
+    its id and time; base64, JSON in base64, or ``_id:above``). When that entry is withheld the
+    client would read it there. Paging still gives every visible record once, in order."""
+    cursored.override = _cursor_server(cursored, style)
+    gateway = await make_gateway(cursored.base_url, enforcement={"denied_read_status": status})
+    ids, bodies = await _all_pages(gateway, f"/Condition?patient={c.PAT_ANA}&_count={count}")
+    assert ids == [r["id"] for r in VISIBLE]
+    for body in bodies:
+        assert leaks(_decodings(body).encode(), {}, CURSOR_SECRETS) == []
