@@ -350,20 +350,23 @@ SEARCHES = [
     f"/Condition?identifier={HIV_IDENTIFIER['value']}&patient={c.PAT_ANA}",
     f"/Condition?_id={HIV_ID}",
     f"/Condition?patient={c.PAT_ANA}&_lastUpdated=ge2023-01-14T09:30:00Z",
-    pytest.param(f"/Condition?patient={c.PAT_ANA}&_sort=-_lastUpdated&_count=1", marks=pytest.mark.xfail(
-        strict=True, reason="the upstream's own offset in the next link (_offset=2 where a missing record "
-        "gives _offset=1) counts the hidden match the refill skipped (README: residual signals)")),
+    f"/Condition?patient={c.PAT_ANA}&_sort=-_lastUpdated&_count=1",
 ]
+OFFSET_RESIDUAL = pytest.mark.xfail(strict=True, reason=(
+    "the upstream's own offset in the next link (_offset=2 where a missing record gives _offset=1) counts "
+    "the hidden match the refill skipped (README: residual signals)"))
 
 
 @pytest.mark.parametrize("actor", [c.DOCTOR, c.PAT_ANA])
 @pytest.mark.parametrize("path", SEARCHES)
 async def test_404_mode_a_search_by_what_only_a_hidden_record_holds_answers_as_for_a_missing_one(
-    dated: FakeFhir, make_gateway: MakeGateway, path: str, actor: str,
+    dated: FakeFhir, make_gateway: MakeGateway, path: str, actor: str, request: pytest.FixtureRequest,
 ) -> None:
     """By its identifier, its id, its time, or sorted to the top: the answer (status, headers,
     bytes) is the one for the same search when the record is not there. Ana herself is asked
     too: her record shared with Ben, who opted out, is hidden from her."""
+    if actor == c.PAT_ANA and "_offset" not in path and "_count=1" in path:
+        request.applymarker(OFFSET_RESIDUAL)  # the next visible one is on the third page there, the second here
     if actor == c.PAT_ANA:
         dated.resources.pop(f"Condition/{HIV_ID}")
         dated.add(c.opt_out(c.PAT_BEN, "consent-ben-in"), {**HIV_DATED, "asserter": {"reference": c.PAT_BEN}})
