@@ -38,8 +38,6 @@ from gateway.web.state import GatewayState
 access_log = logging.getLogger("gateway.access")
 
 FORM = "application/x-www-form-urlencoded"
-# Parameters of an operation's Parameters body that select or shape data like query parameters.
-_VALUE_KEYS = ("valueString", "valueCode", "valueUri", "valueBoolean", "valueInteger", "valueId")
 
 
 @dataclass
@@ -119,7 +117,10 @@ def read_body_parameters(ex: Exchange) -> None:
         kept = []
         for param in params:
             name = param.get("name") if isinstance(param, dict) else None
-            value = next((param[k] for k in _VALUE_KEYS if k in param), None) if isinstance(param, dict) else None
+            # SECURITY: any primitive value[x] (valueCanonical, valueUrl, ...): a server may read
+            # an id parameter from whichever it is given.
+            value = next((v for k, v in param.items() if k.startswith("value") and isinstance(v, (str, bool, int, float))),
+                         None) if isinstance(param, dict) else None
             if value is None and isinstance(param, dict) and isinstance(param.get("valueReference"), dict):
                 # An operation's target named by reference is decided like one named by id.
                 value = param["valueReference"].get("reference")

@@ -27,6 +27,8 @@ from gateway.core.links import LinkRewriter, without_last_links
 from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, may_narrate, scrub_displays, unreleased_named,
 )
+from gateway.core import strict_json
+from gateway.core.differences import scrub_differences
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
@@ -335,6 +337,8 @@ async def answer_page(
         info.decision = "deny"
         state.metrics.count_decision("deny")
         return await audited(state, ex, upstream.status, not_found())
+    if (ex.route.operation or "").lower() == "$diff" and upstream.status < 300:
+        upstream = _released_differences(upstream)
     spliceable = can_splice(state, ex, upstream, plan)
     view = read_answer(upstream.body) if spliceable and len(upstream.body) >= state.settings.upstream.views_above_bytes else None
     parsed = view.body if view is not None else parse_body(upstream, ex.route)
@@ -511,6 +515,18 @@ async def decide_answer(
     response.headers.update(headers)
     settle_bundle_headers(response, parsed, result)
     return response
+
+
+def _released_differences(upstream: UpstreamResponse) -> UpstreamResponse:
+    """A ``$diff`` answer without the differences a release of its records would not show
+    (core.differences): its values are the records as stored, displays and narratives included."""
+    try:
+        parsed = strict_json.loads(upstream.body)
+    except ValueError:
+        return upstream  # read (and refused) as any answer that is not JSON
+    if not isinstance(parsed, dict) or not scrub_differences(parsed):
+        return upstream
+    return replace(upstream, body=orjson.dumps(parsed))
 
 
 def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: Enforced) -> None:

@@ -20,6 +20,20 @@ Holes found and closed here (each test below fails on the code before this pass)
    match refuses it (as a search would say "withheld"); in 404 mode the write is narrowed to the
    matches he may see (``_id=``): a create with none creates, an update, patch or delete with
    none is answered 404 and not sent, whether something hidden matched or nothing did.
+2. 404 mode: a patient's own search kept ``total: 0`` where nothing matched and lost it where a
+   record she shares with a patient who does not permit her matched (by identifier, ``_id``,
+   ``_lastUpdated``): a search set has no total in this mode now.
+3. Cursors: a server that names the page's last entry in its ``next`` link (base64 of its id and
+   time, base64 JSON, ``_id:above``) handed the id and time of a withheld entry to the client.
+   Such a link is no longer handed out (core.paging.names_any): the answer continues from an
+   anchor (the request, or the last link that named nothing withheld) with ``gateway-skip``.
+4. ``$diff`` answered the differences of two open records as stored values: a display the
+   gateway removes on a read ("HIV-1 RNA viral load 12000 copies/mL") came back as a
+   ``valueString``; and an operation target named by ``valueCanonical`` (``valueUrl``, ...) in a
+   Parameters body was not decided first.
+
+Left open (xfail strict): 404 mode, the upstream's own offset in a refilled page's ``next`` link
+counts the hidden matches skipped (README: residual signals).
 """
 
 from __future__ import annotations
@@ -492,3 +506,77 @@ async def test_a_cursor_in_a_next_link_does_not_name_the_withheld_record(
     assert ids == [r["id"] for r in VISIBLE]
     for body in bodies:
         assert leaks(_decodings(body).encode(), {}, CURSOR_SECRETS) == []
+
+
+# ================================================================ 4. values of operations' Parameters answers
+
+HTN_ID = c.ANA_HYPERTENSION["id"]
+VL_TEXT = "HIV-1 RNA viral load 12000 copies/mL"
+# Two of Ana's open records; the second names her hidden HIV diagnosis, with a display saying so.
+HTN_NOTED = {**c.ANA_HYPERTENSION, "id": "cond-htn-noted-2b"}
+HTN_LINKED = {**c.ANA_HYPERTENSION, "id": "cond-htn-linked-2c",
+              "evidence": [{"detail": [{"reference": f"Condition/{HIV_ID}", "display": VL_TEXT}]}]}
+DIFF_SECRETS = (VL_TEXT, "viral load", "12000")
+
+
+def _diff_server(fake: FakeFhir) -> Any:
+    """A server's ``$diff`` as HAPI writes it: one ``operation`` per changed leaf, its path and its
+    values as primitives; ``from``/``to`` read from the query or a Parameters body (any value[x])."""
+    async def diff(request: web.Request) -> Any:
+        names = dict(request.query)
+        if request.method == "POST":
+            for param in (await request.json()).get("parameter", []):
+                value = next((v for k, v in param.items() if k.startswith("value")), None)
+                names[param["name"]] = value["reference"] if isinstance(value, dict) else value
+        old, new = fake.resources[names["from"]], fake.resources[names["to"]]
+        ops = []
+        if "evidence" in new and "evidence" not in old:
+            detail = new["evidence"][0]["detail"][0]
+            ops += [{"name": "operation", "part": [
+                {"name": "type", "valueCode": "insert"},
+                {"name": "path", "valueString": "Condition.evidence[0].detail[0].display"},
+                {"name": "value", "valueString": detail["display"]}]},
+                {"name": "operation", "part": [
+                    {"name": "type", "valueCode": "insert"}, {"name": "path", "valueString": "Condition.evidence[0].detail[0]"},
+                    {"name": "value", "valueReference": detail}]}]
+        return {"resourceType": "Parameters", "parameter": ops}
+
+    return routes({("GET", "/Condition/$diff"): diff, ("POST", "/Condition/$diff"): diff,
+                   ("GET", "/$diff"): diff, ("POST", "/$diff"): diff})
+
+
+@pytest.fixture
+def diffs(fake_fhir: FakeFhir) -> FakeFhir:
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), HTN_NOTED, HTN_LINKED)
+    fake_fhir.override = _diff_server(fake_fhir)
+    return fake_fhir
+
+
+async def test_a_diff_of_open_records_does_not_carry_the_display_a_read_would_remove(
+    diffs: FakeFhir, gateway: GatewayUnderTest,
+) -> None:
+    """Both records are open to Dr Gomez, and a read of the second removes the display naming the
+    hidden diagnosis; the difference of the two must not hand it over as a value."""
+    status, headers, read = await call(gateway, "GET", f"/Condition/{HTN_LINKED['id']}")
+    assert status == 200 and leaks(read, headers, DIFF_SECRETS) == [], read
+    status, headers, body = await call(
+        gateway, "GET", f"/Condition/$diff?from=Condition/{HTN_NOTED['id']}&to=Condition/{HTN_LINKED['id']}")
+    assert status == 200, body
+    assert leaks(body, headers, DIFF_SECRETS) == []
+    assert f"Condition/{HIV_ID}" in body.decode()  # the reference itself stays, as in the read
+
+
+@pytest.mark.parametrize("key", ["valueCanonical", "valueUrl", "valueOid", "valueUuid", "valueMarkdown"])
+@pytest.mark.parametrize("status", [403, 404])
+async def test_an_operation_target_named_in_any_primitive_value_is_decided(
+    diffs: FakeFhir, make_gateway: MakeGateway, key: str, status: int,
+) -> None:
+    """``from`` given as a canonical, a url, ...: a server that reads any primitive for an id
+    parameter compares the hidden record; it is decided first, as when named as a string."""
+    gateway = await make_gateway(diffs.base_url, enforcement={"denied_read_status": status})
+    code, headers, body = await call(gateway, "POST", "/$diff", body={"resourceType": "Parameters", "parameter": [
+        {"name": "from", key: f"Condition/{HIV_ID}"}, {"name": "to", "valueString": f"Condition/{HTN_ID}"}]})
+    assert code == status, body
+    assert not [r for r in diffs.requests if "$diff" in r.path_qs]
+    assert leaks(body, headers, HIV_SECRETS) == []

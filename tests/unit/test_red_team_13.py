@@ -1,4 +1,4 @@
-"""core.paging: what a link the upstream made may name of the entries withheld from its page."""
+"""Red team 13, the pure parts: what a paging link may name of withheld entries (core.paging), and what a $diff answer may say (core.differences)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,35 @@ def test_outcome_entries_go_last() -> None:
     outcome = msgspec.Raw(b'{"resource":{"resourceType":"OperationOutcome"},"search":{"mode":"outcome"}}')
     later = msgspec.Raw(b'{"resource":{"resourceType":"Condition","id":"b"}}')
     assert outcomes_last([match, outcome, later]) == [match, later, outcome]
+
+
+# ---------------------------------------------------------------- core.differences ($diff answers)
+
+from gateway.core.differences import scrub_differences  # noqa: E402
+
+
+def _op(path: str, value: object) -> dict[str, object]:
+    return {"name": "operation", "part": [{"name": "type", "valueCode": "replace"},
+                                          {"name": "path", "valueString": path}, {"name": "value", **value}]}
+
+
+@pytest.mark.parametrize("path", ["Condition.evidence[0].detail[0].display", "Condition.text.div", "Condition.text",
+                                  "Composition.section[1].text.div", "AuditEvent.entity[0].description"])
+def test_a_difference_a_release_may_remove_goes(path: str) -> None:
+    answer = {"resourceType": "Parameters", "parameter": [_op(path, {"valueString": "HIV-1 RNA 12000"}),
+                                                          _op("Condition.onsetDateTime", {"valueDateTime": "2020"})]}
+    assert scrub_differences(answer)
+    assert [p["part"][1]["valueString"] for p in answer["parameter"]] == ["Condition.onsetDateTime"]
+
+
+def test_displays_inside_values_go_and_references_stay() -> None:
+    answer = {"resourceType": "Parameters", "parameter": [
+        _op("Condition.evidence[0].detail[0]", {"valueReference": {"reference": "Condition/h", "display": "HIV"}})]}
+    assert scrub_differences(answer)
+    assert answer["parameter"][0]["part"][2] == {"name": "value", "valueReference": {"reference": "Condition/h"}}
+
+
+def test_other_differences_stay_as_written() -> None:
+    answer = {"resourceType": "Parameters", "parameter": [_op("Patient.name[0].family", {"valueString": "Okafor"}),
+                                                          _op("Condition.code.text", {"valueString": "Hypertension"})]}
+    assert not scrub_differences(answer)
