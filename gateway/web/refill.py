@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 from gateway.core.errors import BadRequest, UpstreamUnavailable
 from gateway.core.links import LinkRewriter
 from gateway.core.paging import (
-    SKIP_PARAM, AnswerParts, PageWindow, answer_parts, carries_notice, names_any, outcomes_last, read_skip, refilled,
+    SKIP_PARAM, AnswerParts, PageWindow, UpstreamPage, answer_parts, carries_notice, names_any, outcomes_last, read_skip, refilled,
     upstream_page, with_notice, with_skip, withheld_marks,
 )
 from gateway.upstream import UpstreamResponse
@@ -132,10 +132,12 @@ async def completed(
     page = upstream_page(upstream.body)
     if page is None or (page.next is None and not page.previous):
         return response  # the answer is not read (a large one is sent without being joined)
+    concealing = in_force(state)
+    if not concealing and ex.page is None and not _may_name_entries(page, upstream.body):
+        return response  # 403 mode: no link names an entry of the page; the answer is not joined
     first = answer_parts(_bytes_of(response))
     if first is None:
         return response
-    concealing = in_force(state)
     window0 = ex.page
     asked = window0.skip if window0 is not None else 0
     size = page.matches
@@ -206,6 +208,13 @@ async def completed(
     response.body = refilled(first, outcomes_last(entries), continuation, asked)
     response.headers["X-Consent-Decision"] = decision
     return response
+
+
+def _may_name_entries(page: UpstreamPage, raw: bytes) -> bool:
+    """Whether a ``next`` or ``previous`` link of the upstream page names any of its entries (a
+    cursor): only then is the answer read to learn whether that entry was withheld."""
+    marks = withheld_marks(raw, [])
+    return any(names_any(url, marks) for url in (page.next, *page.previous_urls) if url)
 
 
 def _further(state: GatewayState, ex: Exchange, url: str, take: int, skip: int = 0) -> Exchange | None:
