@@ -580,3 +580,43 @@ async def test_an_operation_target_named_in_any_primitive_value_is_decided(
     assert code == status, body
     assert not [r for r in diffs.requests if "$diff" in r.path_qs]
     assert leaks(body, headers, HIV_SECRETS) == []
+
+
+def _including(fake: FakeFhir) -> Any:
+    """``Condition?_id=...&_include=Condition:evidence-detail`` as a server answers it."""
+    def search(request: web.Request) -> Any:
+        found = [fake.resources[f"Condition/{i}"] for i in request.query.get("_id", "").split(",")
+                 if f"Condition/{i}" in fake.resources]
+        bundle = fake.bundle(found, str(request.url))
+        for res in found:
+            for ev in res.get("evidence", []):
+                for detail in ev.get("detail", []):
+                    target = fake.resources.get(detail["reference"])
+                    if target is not None and "_include" in request.query:
+                        bundle["entry"].append({"fullUrl": f"{fake.base_url}/{detail['reference']}", "resource": target,
+                                                "search": {"mode": "include"}})
+        return bundle
+
+    return routes({("GET", "/Condition"): search})
+
+
+@pytest.mark.parametrize("status", [403, 404])
+async def test_an_include_reaching_a_hidden_record_answers_as_one_reaching_a_missing_one(
+    fake_fhir: FakeFhir, make_gateway: MakeGateway, status: int,
+) -> None:
+    """In 404 mode the whole answer is the same (the display naming it goes either way); in 403
+    mode only the ``suppressed`` entry differs, as CONTRACT §6 says."""
+    c.seed_all(fake_fhir)
+    fake_fhir.add(c.opt_in(c.PAT_ANA), HTN_LINKED)
+    fake_fhir.override = _including(fake_fhir)
+    gateway = await make_gateway(fake_fhir.base_url, enforcement={"denied_read_status": status})
+    path = f"/Condition?_id={HTN_LINKED['id']}&_include=Condition:evidence-detail"
+    hidden = await call(gateway, "GET", path)
+    # The open record's reference to it stays (CONTRACT §6 removes only its display).
+    assert leaks(hidden[2], hidden[1], (*HIV_SECRETS[1:], *DIFF_SECRETS)) == []
+    fake_fhir.resources.pop(f"Condition/{HIV_ID}")
+    missing = await call(gateway, "GET", path)
+    if status == 404:
+        assert _comparable(hidden) == _comparable(missing)
+    else:
+        assert b"suppressed" in hidden[2] and b"suppressed" not in missing[2]
