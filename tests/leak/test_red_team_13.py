@@ -620,3 +620,22 @@ async def test_an_include_reaching_a_hidden_record_answers_as_one_reaching_a_mis
         assert _comparable(hidden) == _comparable(missing)
     else:
         assert b"suppressed" in hidden[2] and b"suppressed" not in missing[2]
+
+
+@pytest.mark.parametrize("path", [
+    "/Condition?_content=HIV", "/Condition?_text=immunodeficiency",
+    f"/Condition?subject:Patient.identifier={HIV_IDENTIFIER['value']}", f"/Condition?subject.identifier={HIV_IDENTIFIER['value']}",
+    f"/Condition?_has:Provenance:target:agent={c.DOCTOR}",
+])
+async def test_404_mode_searches_by_what_the_gateway_cannot_check_are_refused_alike(
+    dated: FakeFhir, make_gateway: MakeGateway, path: str,
+) -> None:
+    """Free text, chains and reverse chains select by what the gateway cannot decide: refused
+    (403) before they are sent, whether a hidden record would match or none would."""
+    gateway = await make_gateway(dated.base_url, enforcement={"denied_read_status": 404})
+    hidden = await call(gateway, "GET", path)
+    dated.resources.pop(f"Condition/{HIV_ID}")
+    missing = await call(gateway, "GET", path)
+    assert hidden[0] == 403, hidden
+    assert _comparable(hidden) == _comparable(missing)
+    assert not [r for r in dated.requests if r.path_qs.startswith("/fhir/Condition?")]
