@@ -108,10 +108,13 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         if route.interaction == "batch" or not route.parts:
             raise BadRequest("A batch entry cannot be a batch.")
         resource = entry.get("resource")
+        condition = request.get("ifNoneExist")
+        if condition is not None and not isinstance(condition, str):
+            raise BadRequest("Bundle.entry.request.ifNoneExist must be a string.")
         sub = Exchange(
             method=method, route=route, raw_query=query, actor=front.actor, purpose=front.purpose,
             reason=front.reason, content_type="application/fhir+json",
-            if_none_exist=request.get("ifNoneExist") if isinstance(request.get("ifNoneExist"), str) else None,
+            if_none_exist=condition,
             body=orjson.dumps(resource) if resource is not None else None,
         )
         sub.query = parse_qsl(query, keep_blank_values=True)
@@ -133,6 +136,11 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
+        if "ifNoneExist" in forwarded_request:
+            # The condition as admitted: narrowed to what the requester may see, or none (404 mode).
+            forwarded_request.pop("ifNoneExist")
+            if sub.if_none_exist:
+                forwarded_request["ifNoneExist"] = sub.if_none_exist
         if method in ("GET", "HEAD"):
             # SECURITY: a 304 slot carries no resource to decide, so it would confirm a hidden
             # record and its version; the front door drops these headers of a read likewise.
