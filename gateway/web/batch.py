@@ -18,6 +18,7 @@ from gateway.core.enforce import found_nothing, scrubbed_outcome, withheld_slot
 from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, Refused
 from gateway.core.fhir import JSON
+from gateway.core.paging import SKIP_PARAM, read_skip
 from gateway.core.projection import Projection
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.core.references import in_answer
@@ -119,6 +120,7 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         )
         sub.query = parse_qsl(query, keep_blank_values=True)
         try:
+            continuation(sub)
             await admit(state, sub)
         except GatewayError as exc:
             if _shadow_read(state, sub, exc):
@@ -158,6 +160,20 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         plan.sent.append(index)
     plan.body = orjson.dumps({**bundle, "entry": sent})
     return plan
+
+
+def continuation(sub: Exchange) -> None:
+    """The gateway's own paging parameter (``SKIP_PARAM``) never reaches the server: in an
+    entry it is checked as at the front door and taken out; a search is continued only when
+    sent alone (the ``next`` link it was answered with), so a count above 0 is a 400 here."""
+    if "skip" not in sub.raw_query:
+        return
+    sub.raw_query, skip = read_skip(sub.raw_query)
+    if skip is None:
+        return
+    sub.query = [(k, v) for k, v in sub.query if k != SKIP_PARAM]
+    if skip:
+        raise BadRequest(f"The {SKIP_PARAM} parameter continues a search sent alone, not one in a batch.")
 
 
 def found_nothing_slots(plan: BatchPlan, answer: JSON) -> bool:
