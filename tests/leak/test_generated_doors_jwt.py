@@ -1,0 +1,440 @@
+"""Generated requests in jwt mode (Hypothesis): the doors' parts with SMART access tokens.
+
+The requests are composed as in ``test_generated_doors.py`` (paths, ids, operations, query
+parameters, encodings, form and batch bodies), and the requester is an access token drawn
+from its own parts: SMART v1 and v2 scopes (granular ones with a query, scopes for one type,
+``user/``, ``system/``, none), a ``patient`` launch context (Ana, Ben, a patient nobody
+has), a ``fhirUser`` (a practitioner, Ana, Ben, an absolute URL, one that names no
+requester, none), and what can be wrong with a token (expired, not yet valid, another
+audience or issuer, ``alg: none``, HMAC with the public key, a key not in the JWKS, altered
+after signing, no ``exp``), written in odd ways (scheme case and spacing, another scheme,
+given twice) and sometimes with headers jwt mode refuses (``X-Actor*``,
+``X-Purpose-Of-Use``).
+
+Scenario: Ana and Ben both hold a general opt-in (Ana's HIV, opioid-use, mental-health and
+psychotherapy records stay closed), so what keeps Ben's records from a token confined to
+Ana is the token alone. For every request, on a gateway deciding whole answers (403) and
+one on views in 404 mode:
+
+- no unhandled failure (``internal-error`` stays 0); an error answer is a FHIR JSON
+  OperationOutcome;
+- a request without a valid identity never gets data: a token problem is a 401 with
+  ``WWW-Authenticate: Bearer realm="FHIR"`` (``error="invalid_token"`` when a token was
+  given), a refused header a 400, and only discovery answers 2xx;
+- a valid token is never answered 401;
+- no hidden string (Ana's sensitive records, to anyone but Ana) and no string of a patient
+  the token may not see (a token whose scopes are all ``patient/`` sees one patient's data)
+  is in the raw answer, unless the request carried it;
+- every resource of a 2xx answer (entries, batch slots, nested bundles, contained ones) is
+  of a type the token's scopes release (outright, or confined for a patient-compartment type
+  to the launch patient), or one that carries no data of its own.
+
+Derandomized by default; to search further:
+``GATEWAY_FUZZ_EXAMPLES=5000 GATEWAY_FUZZ_RANDOM=1 pytest --timeout=0 tests/leak/test_generated_doors_jwt.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from gateway.app import build_state, start
+from gateway.core.compartment import is_patient_data
+from gateway.demo.issuer import LocalIssuer, rsa_key
+from gateway.metrics import Metrics
+from tests.conftest import LABELS, gateway_settings, serving
+from tests.fakes import FakeFhir
+from tests.fixtures import clinical as c
+from tests.hidden import hidden_in
+from tests.leak.test_generated_doors import (
+    ACCEPTS,
+    ANA_ID,
+    BEN_ID,
+    BEN_SECRETS,
+    EXAMPLES,
+    EXTRA,
+    KEPT_REFERENCE,
+    PREFERS,
+    RANDOM,
+    SECRETS,
+    Attempt,
+    Doors,
+    _body,
+    _pairs,
+    _path,
+    _query,
+    parts,
+)
+
+AUDIENCE = "https://gateway.example.org/fhir"
+# Ana's ordinary records: hidden only from a token that may not see Ana's data at all.
+ANA_STRINGS = (c.ANA_CBC["id"], c.ANA_HYPERTENSION["id"], "Reyes", "1984-07-19", ANA_ID)
+BEN_STRINGS = (*BEN_SECRETS, BEN_ID)
+# An ordinary report of Ana's with an ordinary Observation of hers contained in it.
+CONTAINED_REPORT = {
+    "resourceType": "DiagnosticReport", "id": "dr-cbc-contained-9", "status": "final",
+    "code": c.concept(c.LOINC, "58410-2", "CBC panel - Blood by Automated count"),
+    "subject": {"reference": c.PAT_ANA},
+    "contained": [{**{k: v for k, v in c.ANA_CBC.items() if k != "subject"}, "id": "cbc-inline-1"}],
+    "result": [{"reference": "#cbc-inline-1"}],
+}
+# A stored collection holding records of both patients.
+MIXED_COLLECTION = {
+    "resourceType": "Bundle", "id": "bundle-mixed-1", "type": "collection",
+    "entry": [{"resource": c.BEN_CBC}, {"resource": c.ANA_HYPERTENSION}],
+}
+JWT_EXTRA = (CONTAINED_REPORT, MIXED_COLLECTION)
+# What carries no data of its own, and what discovery answers with.
+NEUTRAL = frozenset({"OperationOutcome", "Bundle", "Parameters", "CapabilityStatement"})
+
+# ---------------------------------------------------------------- the parts of a token
+
+SCOPES = (
+    "patient/Observation.read", "patient/*.rs", "patient/*.read", "patient/*.*", "patient/Condition.rs",
+    "patient/Patient.read", "patient/Observation.cu", "patient/*.cruds", "patient/DiagnosticReport.rs",
+    "patient/Condition.rs?category=problem-list-item", "patient/Observation.rs?category=laboratory",
+    "user/*.read", "user/*.rs", "user/Observation.rs", "user/Practitioner.rs", "user/Observation.s", "user/*.write",
+    "user/*.cruds", "system/*.rs", "system/Condition.read",
+    "openid", "fhirUser", "launch/patient", "offline_access", "patient/Observation.sr", "user/observation.read",
+)
+FHIR_USERS = (
+    c.DOCTOR, c.DOCTOR, c.PSYCHIATRIST, c.PAT_ANA, c.PAT_ANA, c.PAT_BEN,
+    f"https://ehr.example.org/fhir/{c.DOCTOR}", f"https://ehr.example.org/fhir/{c.PAT_ANA}",
+    None, "Organization/org-1", "Practitioner/../Patient/pat-ana-5581", "Practitioner/dr%2Dgomez",
+)
+LAUNCHES = (None, None, ANA_ID, ANA_ID, BEN_ID, c.PAT_ANA, c.PAT_BEN, "nope-1", "", "Practitioner/dr-gomez")
+FLAWS = (None,) * 10 + (
+    "expired", "not-yet-valid", "wrong-audience", "wrong-issuer", "alg-none", "hs256-public-key",
+    "unknown-key", "wrong-key", "altered", "no-exp",
+)
+# How the Authorization header is written: {t} is the token.
+PRESENTATIONS = (
+    ("Bearer {t}",) * 10 + ("bearer {t}", "BEARER {t}", "Bearer  {t}", " Bearer {t} ")
+    + ("Bearer\t{t}", "Basic {t}", "Token {t}", "{t}", "Bearer", "Bearer ", "", "twice", "two-tokens", "absent")
+)
+ACCEPTED_PRESENTATIONS = frozenset({"Bearer {t}", "bearer {t}", "BEARER {t}", "Bearer  {t}", " Bearer {t} "})
+REFUSED_HEADERS = (
+    ("X-Actor", c.PAT_ANA), ("X-Actor", c.DOCTOR), ("X-Purpose-Of-Use", "TREAT"), ("X-Purpose-Of-Use", "ETREAT"),
+    ("X-Actor-Role", "PRCP"), ("X-Actor-Organization", "Organization/org-1"), ("x-actor", c.PAT_BEN),
+)
+
+
+@dataclass(frozen=True)
+class Token:
+    scopes: tuple[str, ...]
+    launch: str | None
+    fhir_user: str | None
+    flaw: str | None
+    kid: str
+    as_list: bool
+
+    def claims(self) -> dict[str, Any]:
+        claims: dict[str, Any] = {"scope": list(self.scopes) if self.as_list else " ".join(self.scopes)}
+        if self.fhir_user is not None:
+            claims["fhirUser"] = self.fhir_user
+        if self.launch is not None:
+            claims["patient"] = self.launch
+        return claims
+
+    @property
+    def verifiable(self) -> bool:
+        """Signed by the issuer, for this gateway, in its time, naming a requester."""
+        return self.flaw is None and self.fhir_user in (
+            c.DOCTOR, c.PSYCHIATRIST, c.PAT_ANA, c.PAT_BEN,
+            f"https://ehr.example.org/fhir/{c.DOCTOR}", f"https://ehr.example.org/fhir/{c.PAT_ANA}",
+        )
+
+    @property
+    def requester(self) -> str | None:
+        return None if self.fhir_user is None else self.fhir_user.removeprefix("https://ehr.example.org/fhir/")
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    token: Token
+    presentation: str
+    refused: tuple[tuple[str, str], ...]
+    break_glass: bool
+
+    @property
+    def identified(self) -> bool:
+        """The gateway must know who asks."""
+        return self.token.verifiable and self.presentation in ACCEPTED_PRESENTATIONS and not self.refused
+
+    def attempt(self, issuer: LocalIssuer) -> Attempt:
+        token = mint(issuer, self.token)
+        headers = list(self.headers)
+        if self.presentation == "twice":
+            headers += [("Authorization", f"Bearer {token}")] * 2
+        elif self.presentation == "two-tokens":
+            other = mint(issuer, Token(("user/*.rs",), None, c.DOCTOR, None, "rsa-1", False))
+            headers += [("Authorization", f"Bearer {token}"), ("Authorization", f"Bearer {other}")]
+        elif self.presentation != "absent":
+            headers.append(("Authorization", self.presentation.replace("{t}", token)))
+        headers += self.refused
+        if self.break_glass:
+            headers.append(("X-Break-Glass", "Medical emergency"))
+        return Attempt(self.method, self.target, tuple(headers), self.body)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mint(issuer: LocalIssuer, token: Token) -> str:
+    """The token, signed now (or made wrong the way ``token.flaw`` says)."""
+    claims, now, flaw = token.claims(), time.time(), token.flaw
+    if flaw == "expired":
+        return issuer.mint(claims, kid=token.kid, audience=AUDIENCE, now=now - 7200, lifetime_s=3600)
+    if flaw == "not-yet-valid":
+        return issuer.mint({**claims, "nbf": int(now) + 600}, kid=token.kid, audience=AUDIENCE)
+    if flaw == "wrong-audience":
+        return issuer.mint(claims, kid=token.kid, audience="https://other.example.org/fhir")
+    if flaw == "wrong-issuer":
+        return issuer.mint({**claims, "iss": issuer.base_url + "/"}, kid=token.kid, audience=AUDIENCE)
+    if flaw == "no-exp":
+        return issuer.mint({**claims, "exp": None}, kid=token.kid, audience=AUDIENCE)
+    if flaw == "unknown-key":
+        return issuer.mint(claims, kid="rsa-rogue", audience=AUDIENCE)
+    if flaw == "wrong-key":
+        rogue = issuer.key("rsa-rogue")
+        body = {"iss": issuer.base_url, "aud": AUDIENCE, "exp": int(now) + 600, **claims}
+        return jwt.encode(body, rogue.private, algorithm="RS256", headers={"kid": "rsa-1"})
+    payload = _b64(orjson.dumps({"iss": issuer.base_url, "aud": AUDIENCE, "exp": int(now) + 600, **claims}))
+    if flaw == "alg-none":
+        return f"{_b64(orjson.dumps({'alg': 'none', 'typ': 'JWT'}))}.{payload}."
+    if flaw == "hs256-public-key":
+        pem = issuer.key("rsa-1").private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        header = _b64(orjson.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}))
+        return f"{header}.{payload}.{_b64(hmac.new(pem, f'{header}.{payload}'.encode(), hashlib.sha256).digest())}"
+    signed = issuer.mint(claims, kid=token.kid, audience=AUDIENCE)
+    if flaw == "altered":  # the same signature on a wider grant
+        header, _, rest = signed.partition(".")
+        signature = rest.partition(".")[2]
+        return f"{header}.{_b64(orjson.dumps({**orjson.loads(base64.urlsafe_b64decode(rest.partition('.')[0] + '==')), 'scope': 'user/*.rs'}))}.{signature}"
+    return signed
+
+
+@st.composite
+def tokens(draw: st.DrawFn) -> Token:
+    return Token(
+        scopes=tuple(draw(st.lists(st.sampled_from(SCOPES), max_size=3))),
+        launch=draw(st.sampled_from(LAUNCHES)),
+        fhir_user=draw(st.sampled_from(FHIR_USERS)),
+        flaw=draw(st.sampled_from(FLAWS)),
+        kid=draw(st.sampled_from(("rsa-1", "rsa-1", "ec-1"))),
+        as_list=draw(st.integers(0, 5)) == 0,
+    )
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    path = draw(_path())
+    query = _query(draw(_pairs()))
+    method = draw(st.sampled_from(("GET",) * 6 + ("HEAD", "POST", "POST", "POST", "PUT", "DELETE", "PATCH")))
+    if method == "POST" and draw(st.booleans()):
+        path = "/fhir" if draw(st.booleans()) else "/fhir/"
+    headers: list[tuple[str, str]] = []
+    for name, choices in (("Accept", ACCEPTS), ("Prefer", PREFERS)):
+        value = draw(st.sampled_from(choices))
+        if value is not None:
+            headers.append((name, value))
+    body = b""
+    if method in ("POST", "PUT", "PATCH"):
+        body, content_type = draw(_body(path))
+        headers.append(("Content-Type", content_type))
+    refused: tuple[tuple[str, str], ...] = ()
+    if draw(st.integers(0, 9)) == 0:
+        refused = (draw(st.sampled_from(REFUSED_HEADERS)),)
+    return Case(method, f"{path}?{query}" if query else path, tuple(headers), body, draw(tokens()),
+                draw(st.sampled_from(PRESENTATIONS)), refused, draw(st.integers(0, 19)) == 0)
+
+
+# ---------------------------------------------------------------- what a token releases (the test's own reading)
+
+_GRANT = re.compile(r"^(patient|user|system)/([A-Z][A-Za-z]+|\*)\.(read|\*|c?r?u?d?s?)$")
+
+
+def releases(token: Token) -> tuple[set[str], set[str], str | None]:
+    """Types released outright, types released in the launch patient's compartment, and that
+    patient (``Patient/<id>``) when the token is confined to one."""
+    outright: set[str] = set()
+    confined: set[str] = set()
+    launch = token.launch
+    patient = None
+    if launch:
+        patient = launch if launch.startswith("Patient/") else (None if "/" in launch else f"Patient/{launch}")
+    for scope in token.scopes:
+        found = _GRANT.match(scope)
+        if found is None or not found.group(3):
+            continue
+        context, rtype, letters = found.groups()
+        if letters in ("read", "*") or "r" in letters or "s" in letters:
+            if context != "patient":
+                outright.add(rtype)
+            elif patient is not None:
+                confined.add(rtype)
+    return outright, confined, patient
+
+
+def resources_in(node: Any) -> Iterator[dict[str, Any]]:
+    """Every resource of an answer: the answer, its entries and slots, nested, and contained."""
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("resourceType"), str):
+        yield node
+    for entry in node.get("entry", []) if isinstance(node.get("entry"), list) else []:
+        if isinstance(entry, dict):
+            yield from resources_in(entry.get("resource"))
+            response = entry.get("response")
+            if isinstance(response, dict):
+                yield from resources_in(response.get("outcome"))
+    for inner in node.get("contained", []) if isinstance(node.get("contained"), list) else []:
+        yield from resources_in(inner)
+    for parameter in node.get("parameter", []) if isinstance(node.get("parameter"), list) else []:
+        if isinstance(parameter, dict):
+            yield from resources_in(parameter.get("resource"))
+
+
+def type_released(rtype: str, outright: set[str], confined: set[str]) -> bool:
+    if rtype in NEUTRAL or rtype in outright or "*" in outright:
+        return True
+    return rtype in confined or "*" in confined
+
+
+# ---------------------------------------------------------------- the issuer, the server and two gateways
+
+
+class JwtDoors(Doors):
+    """The fake FHIR server, a local token issuer, and two gateways in jwt mode: answers
+    decided whole (403), and on views in 404 mode."""
+
+    async def _start(self) -> bool:
+        self.issuer = LocalIssuer()
+        self.issuer.keys.append(rsa_key("rsa-rogue"))
+        self.issuer.keys[-1].published = False
+        self._issuing = serving(self.issuer.app())
+        self.issuer.base_url = await self._issuing.__aenter__()
+        self.fake = FakeFhir()
+        self._serving = serving(self.fake.app())
+        url = await self._serving.__aenter__()
+        self.fake.base_url = url + self.fake.base_path
+        c.seed_all(self.fake)
+        self.fake.add(*EXTRA, *JWT_EXTRA)
+        self.fake.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
+        self.seeded = dict(self.fake.resources)
+        self.gateways = []
+        for name, upstream, status in (("whole", {}, 403), ("views-404", {"views_above_bytes": 0}, 404)):
+            settings_ = gateway_settings(
+                self.fake.base_url, upstream=upstream, enforcement={"denied_read_status": status},
+                auth={"mode": "jwt", "jwt": {"issuer": self.issuer.base_url, "audience": AUDIENCE}},
+                audit={"path": str(self.audit_dir / f"audit-jwt-{name}.jsonl")},
+            )
+            state = build_state(settings_, Metrics(CollectorRegistry()), LABELS)
+            self.gateways.append((name, state, await start(state)))
+        return True
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for _, _, running in self.gateways:
+                await running.stop()
+            await self._serving.__aexit__(None, None, None)
+            await self._issuing.__aexit__(None, None, None)
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def jwt_doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwtDoors]:
+    running = JwtDoors(tmp_path_factory.mktemp("generated-doors-jwt"))
+    yield running
+    running.close()
+
+
+def _discovery(body: bytes) -> bool:
+    """A CapabilityStatement or a SMART configuration: what answers without an identity."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and (doc.get("resourceType") == "CapabilityStatement"
+                                      or ("resourceType" not in doc and "token_endpoint" in doc))
+
+
+def check_answer(name: str, case: Case, attempt: Attempt, answer: bytes) -> None:
+    said = attempt.said()
+    status, headers, body = parts(answer)
+    seen = (answer.partition(b"\r\n\r\n")[0] + b"\n" + body).replace(KEPT_REFERENCE, b"")
+    where = f"{name}: {attempt.raw()!r}\n{case.token}\n{answer[:2500]!r}"
+    if status >= 400 and attempt.method != "HEAD" and body:
+        assert headers.get("content-type", "").startswith("application/fhir+json"), where
+        assert orjson.loads(body).get("resourceType") == "OperationOutcome", where
+    if not case.identified:
+        assert status >= 400 or (status < 300 and _discovery(body)) or attempt.method == "HEAD", where
+        if case.refused and status not in (400, 405, 406) and status < 300:
+            raise AssertionError(f"a refused header was not refused: {where}")
+    elif status == 401:
+        raise AssertionError(f"a valid token was refused: {where}")
+    if status == 401:
+        challenge = headers.get("www-authenticate", "")
+        assert challenge.startswith('Bearer realm="FHIR"'), where
+        if case.presentation in ACCEPTED_PRESENTATIONS:
+            assert 'error="invalid_token"' in challenge, where
+    # What this token may see of each patient, and of Ana's hidden records.
+    outright, confined, patient = releases(case.token)
+    shown: list[str] = []
+    if not case.identified:
+        shown += [*SECRETS, *BEN_STRINGS, *ANA_STRINGS]
+    else:
+        if case.token.requester != c.PAT_ANA and not case.break_glass:
+            shown += SECRETS
+        if not outright:  # all its grants are confined to one patient (or it has none)
+            shown += [*(BEN_STRINGS if patient != c.PAT_BEN else ()), *(ANA_STRINGS if patient != c.PAT_ANA else ())]
+            if patient != c.PAT_ANA:
+                shown += SECRETS
+    secrets = [s for s in dict.fromkeys(shown) if s.lower() not in said]
+    found = hidden_in(seen, secrets)
+    assert not found, f"{found} in the answer: {where}"
+    if 200 <= status < 300 and body and case.identified and not _discovery(body):
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        for resource in resources_in(doc):
+            rtype = resource["resourceType"]
+            assert type_released(rtype, outright, confined), f"a {rtype} its scopes do not release: {where}"
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_no_generated_token_request_fails_unhandled_or_reaches_what_its_token_may_not(jwt_doors: JwtDoors, case: Case) -> None:
+    attempt = case.attempt(jwt_doors.issuer)
+    for name, answer, errors in jwt_doors.send(attempt):
+        assert errors == 0, f"{name}: the gateway failed unhandled on {attempt.raw()!r}"
+        status = parts(answer)[0]
+        identity = "valid" if case.identified else "refused header" if case.refused else "no identity"
+        event(f"{identity}: {attempt.method} {status}")
+        check_answer(name, case, attempt, answer)
