@@ -41,6 +41,13 @@ _RELEASE = ("r", "s")
 # The letter each write needs before it is sent (reads and searches are decided on their
 # answers, so a type not granted reads exactly like a consent denial).
 INTERACTION_LETTER = {"create": "c", "update": "u", "patch": "u", "delete": "d"}
+# What a method writes whatever its path's shape (DELETE on a path that is no FHIR shape still
+# deletes at a server that reads it otherwise); POST writes unless it searches, runs an
+# operation or is a batch (whose entries are checked each).
+_METHOD_WRITES = {"DELETE": "delete", "PUT": "update", "PATCH": "patch"}
+# $meta-add / $meta-delete change the stored resource's labels: an update (in any case: a
+# server may fold it).
+META_WRITES = frozenset({"$meta-add", "$meta-delete"})
 # Answers that carry no data of their own.
 _NEUTRAL = frozenset({"OperationOutcome", "Bundle", "Parameters"})
 
@@ -78,10 +85,13 @@ class Grants:
         return not is_patient_data(rtype) or self.patient in owners
 
     def permits_request(self, interaction: str, rtype: str | None) -> bool:
-        """May a write of this interaction on this type be sent at all? (True for reads.)"""
+        """May a write of this interaction on this type be sent at all? (True for reads.) A
+        write whose type the path does not name needs its letter on every type, outright."""
         letter = INTERACTION_LETTER.get(interaction)
-        if letter is None or rtype is None:
+        if letter is None:
             return True
+        if rtype is None:
+            return self._has(self.outright, "*", letter)
         if self._has(self.outright, rtype, letter):
             return True
         if not self._has(self.confined, rtype, letter):
@@ -93,6 +103,17 @@ class Grants:
         if self._has(self.outright, rtype, "c"):
             return True
         return not is_patient_data(rtype) or self.patient in owners
+
+
+def write_interaction(method: str, interaction: str, operation: str | None) -> str:
+    """The interaction whose letter a request needs: its route's, or the write its method makes."""
+    if (operation or "").lower() in META_WRITES:
+        return "update"
+    if method in _METHOD_WRITES:
+        return _METHOD_WRITES[method]
+    if method == "POST" and interaction == "other":
+        return "create"
+    return interaction
 
 
 def parse_scopes(scopes: str | list[str] | tuple[str, ...], patient: str | None) -> Grants:

@@ -607,7 +607,7 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     # A batch entry's URL and a form body carry ``_format`` as the front door's query does.
     check_formats(value for name, value in ex.query if name == "_format")
     check_conditional_references(ex)
-    check_scopes(ex.route, ex.resource, ex.actor.grants)
+    check_scopes(ex.method, ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)
     refuse_subscription(state, ex)
     await check_conditional_matches(state, ex)

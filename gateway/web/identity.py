@@ -21,7 +21,7 @@ from gateway.core.compartment import patients_of
 from gateway.core.errors import BadRequest, InsufficientScope, Unauthenticated
 from gateway.core.model import Actor
 from gateway.core.purpose import PURPOSE_CODES
-from gateway.core.scopes import Grants, parse_scopes
+from gateway.core.scopes import Grants, parse_scopes, write_interaction
 from gateway.issuer import CHALLENGE, Issuer, invalid_token, no_token
 from gateway.web.request import Route, actor_headers, actor_of, read_purpose
 from gateway.web.state import GatewayState
@@ -31,7 +31,6 @@ TOKEN_ACTOR_TYPES = frozenset({"Practitioner", "PractitionerRole", "Patient", "R
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _ROLE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _HEADERS_REFUSED = ("x-actor", "x-purpose-of-use")
-META_WRITES = frozenset({"$meta-add", "$meta-delete"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +145,11 @@ def _check_write(grants: Grants, interaction: str, rtype: str | None, resource: 
             raise _insufficient()
 
 
-def check_scopes(route: Route, resource: object, grants: Grants | None) -> None:
+def check_scopes(method: str, route: Route, resource: object, grants: Grants | None) -> None:
     """Refuse (403, ``insufficient_scope``) a write the token's scopes do not grant; reads are
     decided on what they return. ``admit`` runs it for a request and for each batch entry."""
     if grants is not None:
-        # $meta-add / $meta-delete change the stored resource's labels: an update.
-        # (in any case: a server may fold it)
-        interaction = "update" if (route.operation or "").lower() in META_WRITES else route.interaction
-        _check_write(grants, interaction, route.resource_type, resource)
+        _check_write(grants, write_interaction(method, route.interaction, route.operation), route.resource_type, resource)
 
 
 __all__ = ["Identity", "Issuer", "Unauthenticated", "check_scopes", "identify", "purpose_of"]

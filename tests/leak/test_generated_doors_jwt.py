@@ -56,6 +56,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import build_state, start
 from gateway.core.compartment import is_patient_data
+from gateway.core.scopes import parse_scopes, write_interaction
 from gateway.demo.issuer import LocalIssuer, rsa_key
 from gateway.metrics import Metrics
 from tests.conftest import LABELS, gateway_settings, serving
@@ -359,6 +360,42 @@ def releases(token: Token) -> tuple[set[str], set[str], str | None]:
     return outright, confined, patient
 
 
+_LETTERS = {"read": "rs", "write": "cud", "*": "cruds"}
+_WRITE_LETTER = {"POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}
+
+
+def may_write(token: Token, method: str, rtype: str, body: bytes) -> bool:
+    """May the token's scopes send this write (CONTRACT §4): its letter on the type outright,
+    or confined: a create in the launch patient's compartment, an update or delete only of
+    data outside every compartment."""
+    letter = _WRITE_LETTER[method]
+    _, _, patient = releases(token)
+    for scope in token.scopes:
+        found = _GRANT.match(scope)
+        if found is None or found.group(2) not in (rtype, "*") or letter not in _LETTERS.get(found.group(3), found.group(3)):
+            continue
+        if found.group(1) != "patient":
+            return True
+        if patient is None:
+            continue
+        if not is_patient_data(rtype):
+            return True
+        if letter == "c" and patient.encode() in body:  # a loose check: the body names the patient
+            return True
+    return False
+
+
+def unrestricted(token: Token) -> bool:
+    """Every type may be read and searched outright (``user/*.read``, ``system/*.rs``)."""
+    for scope in token.scopes:
+        found = _GRANT.match(scope)
+        if found and found.group(1) != "patient" and found.group(2) == "*":
+            letters = found.group(3)
+            if letters in ("read", "*") or ("r" in letters and "s" in letters):
+                return True
+    return False
+
+
 def resources_in(node: Any) -> Iterator[dict[str, Any]]:
     """Every resource of an answer: the answer, its entries and slots, nested, and contained."""
     if not isinstance(node, dict):
@@ -445,6 +482,26 @@ def _discovery(body: bytes) -> bool:
                                       or ("resourceType" not in doc and "token_endpoint" in doc))
 
 
+def check_writes(name: str, case: Case, attempt: Attempt, sent: list[Any]) -> None:
+    """Every write that reached the FHIR server is one the token's scopes allow."""
+    for request in sent:
+        path = request.path_qs.split("?", 1)[0].removeprefix("/fhir").strip("/").split("/")
+        if request.method not in _WRITE_LETTER or not path[0] or path[-1] == "_search":
+            continue
+        method = request.method
+        if any(p.startswith("$") for p in path):  # operations: the allowed ones read, but these
+            if not any(p.lower() in ("$meta-add", "$meta-delete") for p in path):
+                continue
+            method = "PUT"
+        if case.break_glass and request.method == "POST" and path == ["Consent"]:
+            continue  # the gateway's own record of an emergency access
+        if request.method == "POST" and path[0] in ("AuditEvent",):
+            continue
+        assert case.identified, f"{name}: a write reached the server without an identity: {attempt.raw()!r}"
+        assert may_write(case.token, method, path[0], request.body or b""), (
+            f"{name}: {request.method} {request.path_qs} reached the server: {attempt.raw()!r}\n{case.token}")
+
+
 def check_answer(name: str, case: Case, attempt: Attempt, answer: bytes) -> None:
     said = attempt.said()
     status, headers, body = parts(answer)
@@ -487,6 +544,8 @@ def check_answer(name: str, case: Case, attempt: Attempt, answer: bytes) -> None
         for resource in resources_in(doc):
             rtype = resource["resourceType"]
             assert type_released(rtype, outright, confined), f"a {rtype} its scopes do not release: {where}"
+            if rtype == "Bundle" and not unrestricted(case.token):  # CONTRACT §4: a restricted token keeps no total
+                assert "total" not in resource, f"a total for a token whose scopes restrict: {where}"
 
 
 def _plain(target: str, scopes: tuple[str, ...], launch: str | None, fhir_user: str = c.DOCTOR) -> Case:
@@ -509,15 +568,79 @@ def _batch(urls: tuple[str, ...], scopes: tuple[str, ...], launch: str | None) -
 @example(case=_plain("/fhir/Condition?_include=*", ("user/Observation.rs",), None))
 @example(case=_plain("/fhir/Observation?_revinclude=Provenance:target", ("patient/Observation.read",), ANA_ID))
 @example(case=_plain("/fhir/Bundle/bundle-mixed-1", ("patient/*.rs",), ANA_ID))
+@example(case=_plain("/fhir/Bundle/bundle-mixed-1", ("user/Observation.rs",), None))
+@example(case=_plain("/fhir/DiagnosticReport/dr-cbc-contained-9", ("patient/DiagnosticReport.rs",), ANA_ID))
+@example(case=_plain("/fhir/DiagnosticReport?_contained=true", ("user/DiagnosticReport.rs",), None))
 @example(case=_batch(("Observation", f"Condition?patient={c.PAT_BEN}", f"Patient/{BEN_ID}"), ("patient/*.rs",), ANA_ID))
 @example(case=_batch(("Observation", "Condition", "Patient"), ("user/Observation.rs",), None))
 @given(case=cases())
 def test_no_generated_token_request_fails_unhandled_or_reaches_what_its_token_may_not(jwt_doors: JwtDoors, case: Case) -> None:
     attempt = case.attempt(jwt_doors.issuer)
-    for name, answer, errors in jwt_doors.send(attempt):
+    for name, _, _ in jwt_doors.gateways:
+        before = len(jwt_doors.fake.requests)
+        answer, errors = jwt_doors.send_to(name, attempt)
+        check_writes(name, case, attempt, jwt_doors.fake.requests[before:])
         assert errors == 0, f"{name}: the gateway failed unhandled on {attempt.raw()!r}"
         status = parts(answer)[0]
         identity = "valid" if case.identified else "refused header" if case.refused else "no identity"
         entries = " with entries" if b'"entry"' in answer else ""
         event(f"{identity}: {attempt.method} {status}{entries}")
         check_answer(name, case, attempt, answer)
+
+
+# ---------------------------------------------------------------- what the generated tests found
+
+
+@pytest.mark.parametrize(("method", "target", "body"), [
+    ("DELETE", f"/fhir/{c.HIV_CONDITION['id']}/Observation", b""),
+    ("DELETE", "/fhir?_id=" + c.ANA_CBC["id"], b""),
+    ("DELETE", "/fhir/", b""),
+    ("PUT", f"/fhir/{c.ANA_CBC['id']}/Observation", orjson.dumps(c.ANA_CBC)),
+    ("PATCH", f"/fhir/{c.ANA_CBC['id']}/Observation", b"[]"),
+    ("POST", f"/fhir/Observation/{c.ANA_CBC['id']}", orjson.dumps(c.ANA_CBC)),
+])
+def test_a_write_on_a_path_of_no_fhir_shape_needs_its_scope(jwt_doors: JwtDoors, method: str, target: str, body: bytes) -> None:
+    """Found by the generated test: a DELETE (or PUT, PATCH) whose path names no type first,
+    and a POST to a record's path, went to the server for a token granting no write; the
+    server decides what such a path means. A write needs its letter on the type it names, and
+    one that names none needs it on every type."""
+    headers = (("Content-Type", "application/fhir+json"),) if body else ()
+    for scopes, launch in ((("user/*.rs",), None), (("patient/*.cruds",), BEN_ID), (("user/Patient.cruds",), None)):
+        case = Case(method, target, headers, body, Token(scopes, launch, c.DOCTOR, None, "rsa-1", False), "Bearer {t}", (), False)
+        for name, _, _ in jwt_doors.gateways:
+            before = len(jwt_doors.fake.requests)
+            answer, errors = jwt_doors.send_to(name, case.attempt(jwt_doors.issuer))
+            status, answer_headers, _ = parts(answer)
+            assert errors == 0
+            assert status == 403, (scopes, answer[:600])
+            assert 'error="insufficient_scope"' in answer_headers.get("www-authenticate", ""), answer[:600]
+            assert jwt_doors.fake.requests[before:] == [], (scopes, method, target)
+
+
+@pytest.mark.parametrize(("method", "interaction", "operation", "needed"), [
+    ("DELETE", "other", None, "delete"), ("DELETE", "delete", None, "delete"), ("PUT", "other", None, "update"),
+    ("PATCH", "update", None, "patch"), ("POST", "other", None, "create"), ("POST", "create", None, "create"),
+    ("POST", "search", None, "search"), ("POST", "batch", None, "batch"), ("POST", "operation", "$everything", "operation"),
+    ("POST", "operation", "$META-ADD", "update"), ("GET", "read", None, "read"),
+])
+def test_the_write_a_request_makes_is_told_by_its_method(method: str, interaction: str, operation: str | None, needed: str) -> None:
+    assert write_interaction(method, interaction, operation) == needed
+
+
+def test_a_write_naming_no_type_needs_its_letter_on_every_type_outright() -> None:
+    assert not parse_scopes("user/*.rs user/Observation.cruds", None).permits_request("delete", None)
+    assert not parse_scopes("patient/*.cruds", ANA_ID).permits_request("delete", None)
+    assert not parse_scopes("patient/*.cruds", ANA_ID).permits_request("create", None)
+    assert parse_scopes("user/*.cruds", None).permits_request("delete", None)
+    assert parse_scopes("system/*.write", None).permits_request("update", None)
+    assert parse_scopes("user/*.rs", None).permits_request("read", None)
+
+
+def test_a_write_on_a_path_of_no_fhir_shape_goes_on_with_the_scope_for_every_type(jwt_doors: JwtDoors) -> None:
+    """The letter on every type, outright, lets such a write through to the server to judge."""
+    case = Case("DELETE", f"/fhir/{c.HIV_CONDITION['id']}/Observation", (), b"",
+                Token(("user/*.cruds",), None, c.DOCTOR, None, "rsa-1", False), "Bearer {t}", (), False)
+    before = len(jwt_doors.fake.requests)
+    answer, errors = jwt_doors.send_to("whole", case.attempt(jwt_doors.issuer))
+    assert errors == 0 and parts(answer)[0] != 403, answer[:600]
+    assert [r.method for r in jwt_doors.fake.requests[before:]] == ["DELETE"]
