@@ -25,6 +25,10 @@ one on views in 404 mode:
 - no hidden string (Ana's sensitive records, to anyone but Ana) and no string of a patient
   the token may not see (a token whose scopes are all ``patient/`` sees one patient's data)
   is in the raw answer, unless the request carried it;
+- every write that reaches the FHIR server (each write entry of a batch sent whole too) is
+  one the token's scopes allow (its letter on the type; confined: a create in the launch
+  patient's compartment);
+- a token whose scopes restrict anything gets no ``Bundle.total``;
 - every resource of a 2xx answer (entries, batch slots, nested bundles, contained ones) is
   of a type the token's scopes release (outright, or confined for a patient-compartment type
   to the launch patient), or one that carries no data of its own.
@@ -44,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import jwt
 import orjson
@@ -483,23 +487,32 @@ def _discovery(body: bytes) -> bool:
 
 
 def check_writes(name: str, case: Case, attempt: Attempt, sent: list[Any]) -> None:
-    """Every write that reached the FHIR server is one the token's scopes allow."""
+    """Every write that reached the FHIR server is one the token's scopes allow, also each
+    write entry of a batch or transaction sent whole."""
+    writes: list[tuple[str, str, bytes]] = []
     for request in sent:
-        path = request.path_qs.split("?", 1)[0].removeprefix("/fhir").strip("/").split("/")
-        if request.method not in _WRITE_LETTER or not path[0] or path[-1] == "_search":
+        writes.append((request.method, request.path_qs, request.body or b""))
+        if request.method == "POST" and request.path_qs.split("?", 1)[0].rstrip("/") == "/fhir" and request.body:
+            bundle = orjson.loads(request.body)
+            for entry in bundle.get("entry", []) if isinstance(bundle, dict) else []:
+                inner = entry.get("request", {}) if isinstance(entry, dict) else {}
+                if isinstance(inner.get("method"), str) and isinstance(inner.get("url"), str):
+                    writes.append((inner["method"], "/fhir/" + inner["url"], orjson.dumps(entry.get("resource"))))
+    for method, path_qs, body in writes:
+        path = path_qs.split("?", 1)[0].removeprefix("/fhir").strip("/").split("/")
+        if method not in _WRITE_LETTER or not path[0] or path[-1] == "_search":
             continue
-        method = request.method
         if any(p.startswith("$") for p in path):  # operations: the allowed ones read, but these
             if not any(p.lower() in ("$meta-add", "$meta-delete") for p in path):
                 continue
             method = "PUT"
-        if case.break_glass and request.method == "POST" and path == ["Consent"]:
+        if case.break_glass and method == "POST" and path == ["Consent"]:
             continue  # the gateway's own record of an emergency access
-        if request.method == "POST" and path[0] in ("AuditEvent",):
+        if method == "POST" and path[0] in ("AuditEvent",):
             continue
         assert case.identified, f"{name}: a write reached the server without an identity: {attempt.raw()!r}"
-        assert may_write(case.token, method, path[0], request.body or b""), (
-            f"{name}: {request.method} {request.path_qs} reached the server: {attempt.raw()!r}\n{case.token}")
+        assert may_write(case.token, method, unquote(path[0]), body), (
+            f"{name}: {method} {path_qs} reached the server: {attempt.raw()!r}\n{case.token}")
 
 
 def check_answer(name: str, case: Case, attempt: Attempt, answer: bytes) -> None:
