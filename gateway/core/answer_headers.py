@@ -10,6 +10,7 @@ any other header is dropped, whatever the server or a facade in front of it writ
   never which records there are.
 - ``RECORD_HEADERS`` describe the one resource of the answer: passed only on a 2xx read, vread
   or write whose resource was decided and released (or a write's own answer without one).
+- ``WWW-Authenticate`` is passed only on a 401.
 - ``Link`` is passed only on a 2xx Bundle answer of a search, history, operation or batch, and
   only its paging links (``core.links.paging_links``).
 - ``Content-Type`` is passed on every answer as its media type with its ``charset`` and
@@ -38,10 +39,12 @@ ANSWER_HEADERS = (
     "Preference-Applied",  # RFC 7240: which of the client's own Prefer tokens were honoured
     "Retry-After",         # seconds or an HTTP-date: the server's load (429, 503)
     "Allow",               # the methods a 405 answer allows
-    "WWW-Authenticate",    # the challenge a 401 must carry (the client's own token is sent on
-                           # when upstream.auth.kind is none); checked before any record is read
     "X-Content-Type-Options",  # nosniff: a browser never reads a JSON answer as HTML
 )
+# A 401's challenge, which it must carry (the client's own token is sent on when
+# upstream.auth.kind is none): the credentials were refused before any record was read. On any
+# other answer its free text (error_description) could name what the request met.
+CHALLENGE_HEADER = "WWW-Authenticate"
 # The one resource of a decided and released read, vread or write.
 RECORD_HEADERS = ("ETag", "Last-Modified", "Location", "Content-Location")
 PAGING_HEADER = "Link"
@@ -57,7 +60,7 @@ OWN_HEADERS = frozenset(
 # Request headers the gateway reads itself (identity and break-glass, CONTRACT §4).
 _OWN_PREFIXES = ("x-actor", "x-purpose-of-use", "x-break-glass")
 # Passed under rules of their own (above), never as named.
-_RULED = frozenset(name.lower() for name in (*RECORD_HEADERS, PAGING_HEADER, CONTENT_TYPE))
+_RULED = frozenset(name.lower() for name in (*RECORD_HEADERS, PAGING_HEADER, CONTENT_TYPE, CHALLENGE_HEADER))
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 

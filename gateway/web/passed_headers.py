@@ -7,12 +7,15 @@ used), with the URLs it holds rewritten to the gateway's public base (CONTRACT Â
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.core.answer_headers import ANSWER_HEADERS, CONTENT_TYPE, PAGING_HEADER, RECORD_HEADERS, content_type, passed_names
+from gateway.core.answer_headers import (
+    ANSWER_HEADERS, CHALLENGE_HEADER, CONTENT_TYPE, PAGING_HEADER, RECORD_HEADERS, content_type, passed_names,
+)
 from gateway.core.fhir import JSON
 from gateway.core.links import LinkRewriter, paging_links
 from gateway.upstream import connection_named
@@ -20,6 +23,8 @@ from gateway.web.writes import WRITE_INTERACTIONS
 
 # The interactions whose answer is one resource the request named (or wrote).
 _RECORD_INTERACTIONS = WRITE_INTERACTIONS | {"read", "vread"}
+# A server writes the same Content-Type on every answer: each value is cut once.
+_content_type = functools.lru_cache(maxsize=32)(content_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,11 +34,12 @@ class PassedHeaders:
 
     ``answer``: any answer (an error, an outcome, one the gateway withheld, the capability
     statement); ``record``: a 2xx read, vread or write, its resource released;
-    ``bundle``: a 2xx Bundle of a search, history, operation or batch."""
+    ``bundle``: a 2xx Bundle of a search, history, operation or batch; ``challenge``: a 401."""
 
     answer: Mapping[str, str]
     record: Mapping[str, str]
     bundle: Mapping[str, str]
+    challenge: Mapping[str, str]
 
     @classmethod
     def of(cls, extra: tuple[str, ...]) -> PassedHeaders:
@@ -42,12 +48,13 @@ class PassedHeaders:
             answer=passed_names(plain, extra),
             record=passed_names((*plain, *RECORD_HEADERS), extra),
             bundle=passed_names((*plain, PAGING_HEADER), extra),
+            challenge=passed_names((*plain, CHALLENGE_HEADER), extra),
         )
 
     def decided(self, interaction: str, status: int, parsed: JSON) -> Mapping[str, str]:
         """For an answer whose resources were decided and (some) released."""
         if not 200 <= status < 300:
-            return self.answer
+            return self.challenge if status == 401 else self.answer
         if interaction in _RECORD_INTERACTIONS:
             return self.record  # a Bundle's ETag and Last-Modified go (proxy.settle_bundle_headers)
         return self.bundle if parsed.get("resourceType") == "Bundle" else self.answer
@@ -55,6 +62,8 @@ class PassedHeaders:
     def unchecked(self, interaction: str, status: int) -> Mapping[str, str]:
         """For an answer with no resource decided: a write's own (its Location names what the
         requester wrote) keeps the record's headers; any other keeps none."""
+        if status == 401:
+            return self.challenge
         return self.record if interaction in WRITE_INTERACTIONS and 200 <= status < 300 else self.answer
 
 
@@ -63,12 +72,12 @@ def passed_headers(
 ) -> CIMultiDict[str]:
     """The server's ``headers`` that ``passed`` allows, every occurrence (one Content-Type),
     none the Connection header names; URLs rewritten, Link cut to its paging links."""
-    named = connection_named(headers) if "Connection" in headers else ()
+    named = connection_named(headers) if "Connection" in headers else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         written = passed.get(lower)
-        if written is None or lower in named:
+        if written is None or (named is not None and lower in named):
             continue
         if lower == "location" or lower == "content-location":
             value = links.header(value)
@@ -80,6 +89,6 @@ def passed_headers(
         elif lower == "content-type":
             if written in out:
                 continue  # the first, as the answer was read (proxy.parse_body)
-            value = content_type(value)
+            value = _content_type(value)
         out.add(written, value)
     return out

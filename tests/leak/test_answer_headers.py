@@ -158,18 +158,20 @@ async def test_an_operation_passes_no_header_naming_a_withheld_record(world: Fak
     ("GET", f"/Condition/{HTN_ID}", 503),
     ("PUT", f"/Condition/{HTN_ID}", 409),
     ("GET", f"/Condition?patient={c.PAT_ANA}&code=I10", 400),
-], ids=["search-500", "read-503", "update-409", "search-400"])
+    ("GET", f"/Condition?patient={c.PAT_ANA}&code=B20", 403),
+], ids=["search-500", "read-503", "update-409", "search-400", "search-403"])
 async def test_an_error_answer_passes_no_header_naming_a_hidden_record(
     world: FakeFhir, make_gateway: MakeGateway, method: str, path: str, status: int,
 ) -> None:
     """An error carries no record: not even a Location or ETag (a 409's current version, a
-    412's), only what says how to retry or authenticate."""
+    412's), nor a challenge's free text but on a 401, only what says how to retry."""
     outcome = {"resourceType": "OperationOutcome", "issue": [
         {"severity": "error", "code": "conflict", "diagnostics": f"{HIV_REF} conflicts"}]}
 
     def failing(request: web.Request) -> web.Response:
         headers = leaky_headers(world.base_url, bundle=True)
         headers.add("Retry-After", "5")
+        headers.add("WWW-Authenticate", f'Bearer error="insufficient_scope", error_description="{HIV_REF}"')
         return answer(outcome, headers, status)
 
     world.override = routes({(method, path.split("?")[0]): failing})

@@ -46,6 +46,8 @@ def names(headers: CIMultiDict[str]) -> list[str]:
     ("read", 302, RECORD, "answer"),      # a redirect's Location is not decided
     ("read", 412, RECORD, "answer"),
     ("search", 500, BUNDLE, "answer"),
+    ("read", 401, RECORD, "challenge"),
+    ("search", 403, BUNDLE, "answer"),
 ])
 def test_a_decided_answer_passes_by_its_kind(interaction: str, status: int, parsed: dict[str, str], kind: str) -> None:
     assert DEFAULT.decided(interaction, status, parsed) is getattr(DEFAULT, kind)
@@ -55,6 +57,7 @@ def test_a_decided_answer_passes_by_its_kind(interaction: str, status: int, pars
     ("create", 201, "record"), ("delete", 204, "record"), ("patch", 200, "record"),
     ("create", 400, "answer"), ("update", 409, "answer"),
     ("read", 200, "answer"), ("search", 200, "answer"), ("capabilities", 200, "answer"), ("other", 200, "answer"),
+    ("read", 401, "challenge"), ("create", 401, "challenge"), ("read", 403, "answer"),
 ])
 def test_an_unchecked_answer_keeps_record_headers_only_for_a_write_that_succeeded(interaction: str, status: int, kind: str) -> None:
     assert DEFAULT.unchecked(interaction, status) is getattr(DEFAULT, kind)
@@ -75,11 +78,12 @@ def test_each_kind_passes_its_headers_and_nothing_unknown() -> None:
         ("Transfer-Encoding", "chunked"), ("Keep-Alive", "timeout=5"), ("Accept-Ranges", "bytes"),
     )
     answer = ["Content-Type", "Cache-Control", "Pragma", "Expires", "Vary", "Content-Language",
-              "Preference-Applied", "Retry-After", "Allow", "WWW-Authenticate", "X-Content-Type-Options"]
+              "Preference-Applied", "Retry-After", "Allow", "X-Content-Type-Options"]
     assert names(passed_headers(every, DEFAULT.answer, LINKS)) == answer
     assert names(passed_headers(every, DEFAULT.record, LINKS)) == [
         *answer, "ETag", "Last-Modified", "Location", "Content-Location"]
     assert names(passed_headers(every, DEFAULT.bundle, LINKS)) == [*answer, "Link"]
+    assert names(passed_headers(every, DEFAULT.challenge, LINKS)) == [*answer[:9], "WWW-Authenticate", answer[9]]
 
 
 def test_urls_are_rewritten_and_link_keeps_its_paging_links_alone() -> None:
@@ -150,7 +154,7 @@ def test_paging_links_keep_only_paging_relations(value: str, expected: str | Non
     ("X-Break-Glass-Audit-Id", "gateway's own"), ("X-Request-Id", "gateway's own"), ("X-Actor", "gateway's own"),
     ("Content-Length", "gateway's own"), ("Server", "gateway's own"),
     ("ETag", "own rule"), ("Location", "own rule"), ("content-location", "own rule"), ("Link", "own rule"),
-    ("Content-Type", "own rule"), ("Last-Modified", "own rule"),
+    ("Content-Type", "own rule"), ("Last-Modified", "own rule"), ("WWW-Authenticate", "own rule"),
     ("X Rate", "not a header name"), ("X-Rate:", "not a header name"), ("", "not a header name"),
     ("X-Ráte", "not a header name"),
 ])
@@ -171,5 +175,5 @@ def test_passed_response_headers_default_empty_from_file_or_environment(tmp_path
     env = {"GATEWAY_UPSTREAM__PASSED_RESPONSE_HEADERS": "X-RateLimit-Remaining, X-RateLimit-Reset"}
     assert load_settings(path, env).upstream.passed_response_headers == ("X-RateLimit-Remaining", "X-RateLimit-Reset")
     configured = PassedHeaders.of(("x-ratelimit-remaining",))
-    for kind in (configured.answer, configured.record, configured.bundle):
+    for kind in (configured.answer, configured.record, configured.bundle, configured.challenge):
         assert kind["x-ratelimit-remaining"] == "x-ratelimit-remaining"
