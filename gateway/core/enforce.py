@@ -332,6 +332,8 @@ def may_be_included(entry: object, searchset: bool = True) -> bool:
     mode at all (``search`` is optional in R4: a server that leaves it out must not turn the
     Medication of a withheld order into a match)."""
     mode = _mode(entry)
+    if mode == "match":
+        return False  # the common entry, without the normalising below
     if type(mode) is str:
         mode = mode.strip().lower()
         return mode == "include" or (searchset and mode != "match" and mode != "outcome")
@@ -609,7 +611,12 @@ class Enforcer:
                     if rtype == "Bundle" or rtype == "Parameters":
                         keep = self._keep(resource)
                     else:
-                        decision = judge_resource(resource, judge, owners)
+                        if "contained" in resource:
+                            decision = judge_resource(resource, judge, owners)
+                        else:
+                            # judge_resource without contained resources: one call fewer.
+                            found = owners.get(id(resource)) if owners is not None else None
+                            decision = judge(resource, owners_of(resource) if found is None else found)
                         keep = decision.verdict is not Verdict.DENY
                         if not keep:
                             removed.append((str(rtype), decision))
