@@ -42,13 +42,16 @@ class PassedHeaders:
     challenge: Mapping[str, str]
 
     @classmethod
-    def of(cls, extra: tuple[str, ...]) -> PassedHeaders:
+    def of(cls, extra: tuple[str, ...], clients_credentials: bool = True) -> PassedHeaders:
+        """``clients_credentials``: the client's own Authorization reaches the server
+        (``upstream.auth.kind: none``); otherwise a 401 refused the gateway's own credentials
+        and its challenge is not the client's to answer."""
         plain = (CONTENT_TYPE, *ANSWER_HEADERS)
         return cls(
             answer=passed_names(plain, extra),
             record=passed_names((*plain, *RECORD_HEADERS), extra),
             bundle=passed_names((*plain, PAGING_HEADER), extra),
-            challenge=passed_names((*plain, CHALLENGE_HEADER), extra),
+            challenge=passed_names((*plain, CHALLENGE_HEADER) if clients_credentials else plain, extra),
         )
 
     def decided(self, interaction: str, status: int, parsed: JSON) -> Mapping[str, str]:

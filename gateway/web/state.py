@@ -89,7 +89,8 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.operations = configured(self.settings.enforcement.allowed_operations)
-        self.passed_headers = PassedHeaders.of(self.settings.upstream.passed_response_headers)
+        upstream = self.settings.upstream
+        self.passed_headers = PassedHeaders.of(upstream.passed_response_headers, upstream.auth.kind == "none")
 
     def window_lock(self, actor: str, patient: str) -> asyncio.Lock:
         """The lock serialising emergency-window creation for one actor and patient."""

@@ -84,6 +84,8 @@ def test_each_kind_passes_its_headers_and_nothing_unknown() -> None:
         *answer, "ETag", "Last-Modified", "Location", "Content-Location"]
     assert names(passed_headers(every, DEFAULT.bundle, LINKS)) == [*answer, "Link"]
     assert names(passed_headers(every, DEFAULT.challenge, LINKS)) == [*answer[:9], "WWW-Authenticate", answer[9]]
+    # With the gateway's own credentials, a 401 refused those: its challenge is not the client's.
+    assert names(passed_headers(every, PassedHeaders.of((), clients_credentials=False).challenge, LINKS)) == answer
 
 
 def test_urls_are_rewritten_and_link_keeps_its_paging_links_alone() -> None:
