@@ -139,7 +139,7 @@ class FakeFhir:
             for entry in bundle.get("entry") or ():
                 request = entry.get("request") or {}
                 url = str(request.get("url", ""))
-                if "://" in url:
+                if "://" in url.split("?", 1)[0]:  # an absolute URL, not one in a query value
                     url = url.split("://", 1)[1].split("/", 1)[1] if "/" in url.split("://", 1)[1] else ""
                     url = url.removeprefix(self.base_path.strip("/")).lstrip("/")
                 data = orjson.dumps(entry["resource"]) if entry.get("resource") is not None else None

@@ -14,18 +14,28 @@ Semantics:
 - Only links under the upstream base, or a base the server writes for itself, are ever followed
   (``LinkRewriter.upstream_url``, by the test ``LinkRewriter.header`` rewrites by): a link to
   another host or base is never read.
+- A link the upstream made after entries that were withheld may name them: a cursor of the
+  page's last entry (``_cursor=<base64 of "Observation/<id>|<lastUpdated>">``, ``ct=<base64 JSON>``,
+  ``_id:above=<id>``). ``names_any`` reads a link as a client could (percent-decoded, each query
+  value also as base64 or base64url, JSON included) for the ids and times (``withheld_marks``:
+  as written, and as epoch seconds and milliseconds) of the entries withheld; such a link is
+  never handed out: the answer continues from an anchor instead, a page whose link names nothing
+  withheld (the request itself, or a link that was safe) plus the kept matches sent from it on.
 - The gateway's own continuation parameter (``SKIP_PARAM``) says how many kept matches of the
-  page it names were already sent. It counts only what the requester may see, so a value a
+  page it names (and of the pages after it) were already sent. It counts only what the requester may see, so a value a
   client chooses can only skip its own visible records; anything but a whole number from 0 to
   ``SKIP_MAX``, or the parameter given twice, is a BadRequest.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 import msgspec
 import orjson
@@ -163,6 +173,7 @@ class UpstreamPage:
     matches: int
     next: str | None
     previous: bool = False
+    previous_urls: tuple[str, ...] = ()
 
 
 def upstream_page(raw: bytes) -> UpstreamPage | None:
@@ -175,8 +186,9 @@ def upstream_page(raw: bytes) -> UpstreamPage | None:
         return None
     matches = sum(1 for head in page.entry or () if _head_kind(head) == MATCH)
     links = page.link if isinstance(page.link, list) else []
-    previous = any(isinstance(link, dict) and link.get("relation") in _DROPPED_RELATIONS for link in links)
-    return UpstreamPage(matches, next_link(links), previous)
+    previous = tuple(link.get("url") for link in links
+                     if isinstance(link, dict) and link.get("relation") in _DROPPED_RELATIONS)
+    return UpstreamPage(matches, next_link(links), bool(previous), tuple(u for u in previous if isinstance(u, str)))
 
 
 def _head_kind(head: _Head) -> str:
@@ -244,6 +256,104 @@ def with_notice(answer: AnswerParts) -> None:
 def without_previous(answer: AnswerParts) -> bytes:
     """``answer`` as it is but for its ``previous``/``prev`` links."""
     return refilled(answer, answer.entries, next_link(_value(answer.top.get("link"))))
+
+
+class _Meta(msgspec.Struct):
+    lastUpdated: Any = None
+
+
+class _Marked(msgspec.Struct):
+    resourceType: Any = None
+    id: Any = None
+    meta: _Meta | None = None
+
+
+class _MarkedEntry(msgspec.Struct):
+    resource: _Marked | None = None
+
+
+class _MarkedPage(msgspec.Struct):
+    entry: list[_MarkedEntry] | None = None
+
+
+_MARKED_PAGE = msgspec.json.Decoder(_MarkedPage)
+_MARKED_ENTRY = msgspec.json.Decoder(_MarkedEntry)
+
+
+def _marks(resource: _Marked) -> tuple[str, ...]:
+    """How a cursor may name a resource: its id, its ``meta.lastUpdated`` as written and as epoch
+    seconds and milliseconds."""
+    marks: list[str] = [resource.id] if isinstance(resource.id, str) and resource.id else []
+    stamp = resource.meta.lastUpdated if resource.meta is not None else None
+    if isinstance(stamp, str) and stamp:
+        marks.append(stamp)
+        try:
+            moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            seconds = moment.timestamp()
+            marks += [str(int(seconds)), str(int(seconds * 1000))]
+    return tuple(marks)
+
+
+def withheld_marks(upstream_raw: bytes, sent: list[msgspec.Raw]) -> frozenset[str]:
+    """The marks (``_marks``) of the entries of an upstream page that the answer made of it does
+    not hold (``sent``: the answer's entry texts): what a link the upstream made may name."""
+    try:
+        page = _MARKED_PAGE.decode(upstream_raw)
+    except msgspec.DecodeError:
+        return frozenset()
+    kept: set[tuple[object, object]] = set()
+    for text in sent:
+        try:
+            entry = _MARKED_ENTRY.decode(text)
+        except msgspec.DecodeError:
+            continue
+        if entry.resource is not None:
+            kept.add((entry.resource.resourceType, entry.resource.id))
+    marks: set[str] = set()
+    for entry in page.entry or ():
+        resource = entry.resource
+        if resource is not None and (resource.resourceType, resource.id) not in kept:
+            marks.update(_marks(resource))
+    return frozenset(marks)
+
+
+def _readings(url: str) -> list[str]:
+    """A link as a client could read it: as written, percent-decoded, and each query value also
+    decoded as base64 and base64url (a JSON cursor is read as its text)."""
+    texts = [url, unquote_plus(url)]
+    for _, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        texts.append(value)
+        padded = value.strip() + "=" * (-len(value.strip()) % 4)
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                text = decode(padded).decode("utf-8")
+            except (binascii.Error, ValueError):
+                continue
+            texts += [text, unquote_plus(text)]
+    return texts
+
+
+def names_any(url: str, marks: frozenset[str] | set[str]) -> bool:
+    """Whether the link ``url`` names any of ``marks`` in a reading a client could make of it."""
+    if not marks:
+        return False
+    return any(mark in text for text in _readings(url) for mark in marks)
+
+
+def outcomes_last(entries: list[msgspec.Raw]) -> list[msgspec.Raw]:
+    """``entries`` with their outcome entries after every other (a page gathered from several
+    upstream pages keeps the first page's "withheld" entry, at the end)."""
+    kinds = []
+    for text in entries:
+        try:
+            head = _HEAD.decode(text)
+        except msgspec.DecodeError:
+            head = _Head()
+        kinds.append(_head_kind(head))
+    return [e for e, k in zip(entries, kinds) if k != OUTCOME] + [e for e, k in zip(entries, kinds) if k == OUTCOME]
 
 
 def _value(raw: msgspec.Raw | None) -> object:

@@ -68,6 +68,38 @@ def conditional_write(method: str, parts: tuple[str, ...], if_none_exist: str | 
     return None
 
 
+def conditional_search(method: str, parts: tuple[str, ...], if_none_exist: str | None, query: str) -> str | None:
+    """The search a conditional write selects by (its ``If-None-Exist``, or the query of an update,
+    patch or delete of a type), or None when the request is no conditional write of a type."""
+    if len(parts) != 1:
+        return None
+    if method == "POST" and if_none_exist:
+        return if_none_exist
+    return query if method in ("PUT", "PATCH", "DELETE") else None
+
+
+def visible_matches(page: object, rtype: str) -> list[str]:
+    """The ids of the ``rtype`` matches a decided search set still holds (includes and the
+    gateway's outcome entry aside)."""
+    if not isinstance(page, dict):
+        return []
+    ids = []
+    for entry in page.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        mode = (entry.get("search") or {}).get("mode") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == rtype and mode in (None, "match") \
+                and isinstance(resource.get("id"), str):
+            ids.append(resource["id"])
+    return ids
+
+
+def narrowed(condition: str, visible: Sequence[str]) -> str:
+    """A conditional write's search confined to the matches the requester may see: the server
+    then finds what it would find were the hidden matches not there (``_id`` is ANDed with the
+    rest of the search)."""
+    return "&".join(filter(None, (condition, "_id=" + ",".join(visible))))
+
+
 def subscription_write(method: str, resource_type: str | None) -> str | None:
     """A Subscription the FHIR server would act on: it pushes what its criteria select (new HIV
     results, say) to an endpoint or websocket of the subscriber's choosing, around the gateway,

@@ -18,6 +18,7 @@ from gateway.core.enforce import found_nothing, scrubbed_outcome, withheld_slot
 from gateway.core.compartment import is_patient_data
 from gateway.core.errors import BadRequest, ConsentDenied, GatewayError, Refused
 from gateway.core.fhir import JSON
+from gateway.core.paging import SKIP_PARAM, read_skip
 from gateway.core.projection import Projection
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.core.references import in_answer
@@ -108,14 +109,18 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         if route.interaction == "batch" or not route.parts:
             raise BadRequest("A batch entry cannot be a batch.")
         resource = entry.get("resource")
+        condition = request.get("ifNoneExist")
+        if condition is not None and not isinstance(condition, str):
+            raise BadRequest("Bundle.entry.request.ifNoneExist must be a string.")
         sub = Exchange(
             method=method, route=route, raw_query=query, actor=front.actor, purpose=front.purpose,
             reason=front.reason, content_type="application/fhir+json",
-            if_none_exist=request.get("ifNoneExist") if isinstance(request.get("ifNoneExist"), str) else None,
+            if_none_exist=condition,
             body=orjson.dumps(resource) if resource is not None else None,
         )
         sub.query = parse_qsl(query, keep_blank_values=True)
         try:
+            continuation(sub)
             await admit(state, sub)
         except GatewayError as exc:
             if _shadow_read(state, sub, exc):
@@ -133,6 +138,11 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")
+        if "ifNoneExist" in forwarded_request:
+            # The condition as admitted: narrowed to what the requester may see, or none (404 mode).
+            forwarded_request.pop("ifNoneExist")
+            if sub.if_none_exist:
+                forwarded_request["ifNoneExist"] = sub.if_none_exist
         if method in ("GET", "HEAD"):
             # SECURITY: a 304 slot carries no resource to decide, so it would confirm a hidden
             # record and its version; the front door drops these headers of a read likewise.
@@ -150,6 +160,20 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
         plan.sent.append(index)
     plan.body = orjson.dumps({**bundle, "entry": sent})
     return plan
+
+
+def continuation(sub: Exchange) -> None:
+    """The gateway's own paging parameter (``SKIP_PARAM``) never reaches the server: in an
+    entry it is checked as at the front door and taken out; a search is continued only when
+    sent alone (the ``next`` link it was answered with), so a count above 0 is a 400 here."""
+    if "skip" not in sub.raw_query:
+        return
+    sub.raw_query, skip = read_skip(sub.raw_query)
+    if skip is None:
+        return
+    sub.query = [(k, v) for k, v in sub.query if k != SKIP_PARAM]
+    if skip:
+        raise BadRequest(f"The {SKIP_PARAM} parameter continues a search sent alone, not one in a batch.")
 
 
 def found_nothing_slots(plan: BatchPlan, answer: JSON) -> bool:

@@ -231,7 +231,10 @@ class ConsentEnforcement:
             resolved = await self.with_roles(body, resolved)
         # Bundle.total stays only where nothing could be hidden from it: every named patient permits
         # everything, and it counts only this page's entries (core.enforce.total_is_visible).
-        drop_total = not (confined and self.unconditional(looked, confined))
+        # SECURITY: in 404 mode never: a patient's own search keeps a total of 0 when nothing
+        # matches, and loses it when a record she shares with a patient who does not permit her
+        # matched, which would tell a hidden record from a missing one.
+        drop_total = withheld_status.startswith("404") or not (confined and self.unconditional(looked, confined))
         emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
         if observed is not None:
             observed.consents, observed.owners = looked.consents, index

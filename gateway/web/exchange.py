@@ -27,18 +27,17 @@ from gateway.core.model import Actor
 from gateway.core.paging import PageWindow
 from gateway.core.projection import ELEMENT_PARAMS, PROJECTION_PARAMS, Projection
 from gateway.core.refusals import (
-    conditional_write, named_patients, named_records, subscription_criteria, subscription_write, unfilterable,
+    conditional_search, conditional_write, named_patients, named_records, subscription_criteria, subscription_write, unfilterable,
+    narrowed, visible_matches,
 )
 from gateway.web.identity import check_scopes
-from gateway.web.request import Route
+from gateway.web.request import Route, check_formats
 from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
 
 access_log = logging.getLogger("gateway.access")
 
 FORM = "application/x-www-form-urlencoded"
-# Parameters of an operation's Parameters body that select or shape data like query parameters.
-_VALUE_KEYS = ("valueString", "valueCode", "valueUri", "valueBoolean", "valueInteger", "valueId")
 
 
 @dataclass
@@ -118,7 +117,10 @@ def read_body_parameters(ex: Exchange) -> None:
         kept = []
         for param in params:
             name = param.get("name") if isinstance(param, dict) else None
-            value = next((param[k] for k in _VALUE_KEYS if k in param), None) if isinstance(param, dict) else None
+            # SECURITY: any primitive value[x] (valueCanonical, valueUrl, ...): a server may read
+            # an id parameter from whichever it is given.
+            value = next((v for k, v in param.items() if k.startswith("value") and isinstance(v, (str, bool, int, float))),
+                         None) if isinstance(param, dict) else None
             if value is None and isinstance(param, dict) and isinstance(param.get("valueReference"), dict):
                 # An operation's target named by reference is decided like one named by id.
                 value = param["valueReference"].get("reference")
@@ -204,16 +206,22 @@ async def refuse_unfilterable(state: GatewayState, ex: Exchange) -> None:
 
 
 async def check_conditional_matches(state: GatewayState, ex: Exchange) -> None:
-    """A conditional update, patch or delete let through (every patient it names permits the
-    requester outright: a patient's own records) still changes only what he may read: the
-    gateway runs its search first and refuses (403) when a match is withheld (a record he shares
-    with another patient who does not permit him), when the matches do not fit one page, or when
-    the search fails (fail closed). The server runs the search again; what changed in between is
-    not seen."""
+    """A conditional write let through (every patient it names permits the requester outright:
+    a patient's own records) still reaches only what he may read: the gateway runs its search
+    first (``If-None-Exist`` of a create, the query of an update, patch or delete), decided for
+    him. A failed search, or matches that do not fit one page, refuse it (fail closed).
+
+    In 403 mode a withheld match refuses it (403), as his search would say "withheld". In 404
+    mode a hidden match reads as a missing one: the write is narrowed to the matches he may see
+    (``_id=``); with none, a create is sent without its condition (it creates, as over no
+    match) and an update, patch or delete is answered 404 and not sent (as one of a missing id).
+    The server runs the search again; what changed in between is not seen."""
     route = ex.route
-    if ex.method not in ("PUT", "PATCH", "DELETE") or len(route.parts) != 1 or route.resource_type is None:
+    condition = conditional_search(ex.method, route.parts, ex.if_none_exist, ex.forwarded_query)
+    if condition is None or route.resource_type is None:
         return
-    url = state.upstream.url_for(route.resource_type, "&".join(filter(None, (ex.forwarded_query, "_count=100"))))
+    query = "&".join(filter(None, (strip_projection(condition), "_count=100")))
+    url = state.upstream.url_for(route.resource_type, query)
     try:
         answer = await state.upstream.request("GET", url, headers={"Accept": "application/fhir+json"})
         page = strict_json.loads(answer.body) if answer.status == 200 else None
@@ -225,8 +233,23 @@ async def check_conditional_matches(state: GatewayState, ex: Exchange) -> None:
         raise Refused(_MATCHES_REFUSAL)
     resolved = await resolve_references(state, page)
     result, _ = await state.enforcement.enforce(page, ex.actor, ex.purpose, confined=None, resolved=resolved)
-    if result.denied or result.removed:
-        raise Refused(_MATCHES_REFUSAL)
+    withheld = result.denied or bool(result.removed)
+    if not conceals(state):
+        if withheld:
+            raise Refused(_MATCHES_REFUSAL)
+        return
+    # SECURITY: 404 mode. A refusal here, or the server's 200/412 over a match he may not see,
+    # would tell a hidden record from a missing one.
+    visible = [] if result.denied else visible_matches(page, route.resource_type)
+    if not visible:
+        if ex.method != "POST":
+            raise ConsentDenied("Access to this resource is not permitted.")
+        ex.if_none_exist = None
+    elif withheld and ex.method == "POST":
+        ex.if_none_exist = narrowed(ex.if_none_exist or "", visible)
+    elif withheld:
+        ex.raw_query = narrowed(ex.raw_query, visible)
+        ex.query.append(("_id", ",".join(visible)))
 
 
 _MATCHES_REFUSAL = "This conditional write would change records the requester may not read."
@@ -581,6 +604,8 @@ async def admit(state: GatewayState, ex: Exchange) -> None:
     parse_json_body(ex)
     check_body_matches_route(ex)
     read_body_parameters(ex)
+    # A batch entry's URL and a form body carry ``_format`` as the front door's query does.
+    check_formats(value for name, value in ex.query if name == "_format")
     check_conditional_references(ex)
     check_scopes(ex.route, ex.resource, ex.actor.grants)
     await refuse_unfilterable(state, ex)

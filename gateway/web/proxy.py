@@ -20,13 +20,15 @@ import orjson
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES
 from gateway.core.enforce import SERVER_NOTE, Enforced, found_nothing, scrubbed_outcome
-from gateway.core.errors import BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
+from gateway.core.errors import BadRequest, BreakGlassDisabled, ConsentDenied, PayloadTooLarge, Refused, UpstreamUnavailable
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
 from gateway.core.links import LinkRewriter, without_last_links
 from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, may_narrate, scrub_displays, unreleased_named,
 )
+from gateway.core import strict_json
+from gateway.core.differences import scrub_differences
 from gateway.core.strict_json import has_duplicate_keys
 from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
@@ -245,9 +247,18 @@ async def exchange_of(request: web.Request, state: GatewayState, body: bytes | N
         method=request.method, route=route, raw_query=raw_query,
         actor=actor, purpose=purpose, reason=reason, body=body,
         content_type=request.headers.get("Content-Type", ""),
-        if_none_exist=request.headers.get("If-None-Exist"),
+        if_none_exist=if_none_exist(request),
         query=list(request.query.items()) if raw_query else [],
     )
+
+
+def if_none_exist(request: web.Request) -> str | None:
+    """A conditional create's condition; given twice → 400: the gateway checks one search, and a
+    server may run the other (or both joined)."""
+    given = request.headers.getall("If-None-Exist", [])
+    if len(given) > 1:
+        raise BadRequest("If-None-Exist may be given once.")
+    return given[0] if given else None
 
 
 def withheld_status(state: GatewayState) -> str:
@@ -322,6 +333,8 @@ async def answer_page(
         info.decision = "deny"
         state.metrics.count_decision("deny")
         return await audited(state, ex, upstream.status, not_found())
+    if (ex.route.operation or "").lower() == "$diff" and upstream.status < 300:
+        upstream = _released_differences(upstream)
     spliceable = can_splice(state, ex, upstream, plan)
     view = read_answer(upstream.body) if spliceable and len(upstream.body) >= state.settings.upstream.views_above_bytes else None
     parsed = view.body if view is not None else parse_body(upstream, ex.route)
@@ -375,9 +388,13 @@ async def send(state: GatewayState, request: web.Request, ex: Exchange, request_
     """Forward the admitted request; HEAD is asked as GET so its answer can be decided."""
     url = state.upstream.url_for(ex.route.path, ex.forwarded_query)
     method = "GET" if request.method == "HEAD" else request.method
-    upstream = await state.upstream.request(
-        method, url, headers=upstream_headers(request, request_id), body=ex.body
-    )
+    headers = upstream_headers(request, request_id)
+    if "If-None-Exist" in headers:
+        # A conditional create goes with the condition as admitted (narrowed, or none: 404 mode).
+        del headers["If-None-Exist"]
+        if ex.if_none_exist:
+            headers["If-None-Exist"] = ex.if_none_exist
+    upstream = await state.upstream.request(method, url, headers=headers, body=ex.body)
     state.metrics.upstream_duration.observe(upstream.seconds)
     return upstream
 
@@ -495,6 +512,18 @@ async def decide_answer(
     response.headers.update(headers)
     settle_bundle_headers(response, parsed, result)
     return response
+
+
+def _released_differences(upstream: UpstreamResponse) -> UpstreamResponse:
+    """A ``$diff`` answer without the differences a release of its records would not show
+    (core.differences): its values are the records as stored, displays and narratives included."""
+    try:
+        parsed = strict_json.loads(upstream.body)
+    except ValueError:
+        return upstream  # read (and refused) as any answer that is not JSON
+    if not isinstance(parsed, dict) or not scrub_differences(parsed):
+        return upstream
+    return replace(upstream, body=orjson.dumps(parsed))
 
 
 def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: Enforced) -> None:

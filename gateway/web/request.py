@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import functools
 import re
 from urllib.parse import unquote
@@ -117,12 +118,17 @@ def check_identity_headers(request: web.Request) -> None:
             raise Refused("Cascading deletes cannot be made through the consent gateway.")
 
 
-def reject_xml(request: web.Request) -> None:
-    """Only FHIR JSON is served: XML asked for by Accept or ``_format`` gets 406."""
-    for fmt in request.query.getall("_format", []):
+def check_formats(values: Iterable[str]) -> None:
+    """Only FHIR JSON is served: a ``_format`` value that is no JSON gets 406."""
+    for fmt in values:
         # A ``+`` sent unescaped (curl) arrives as a space; a mime type may carry parameters.
         if fmt.split(";", 1)[0].strip().lower().replace(" ", "+") not in _JSON_FORMATS:
             raise NotAcceptable("Only JSON is supported (_format must be json).")
+
+
+def reject_xml(request: web.Request) -> None:
+    """Only FHIR JSON is served: XML asked for by Accept or ``_format`` gets 406."""
+    check_formats(request.query.getall("_format", []))
     accept = request.headers.get("Accept", "").lower()
     if accept and _XML.search(accept) and "json" not in accept and "*/*" not in accept:
         raise NotAcceptable("Only JSON is supported (Accept: application/fhir+json).")

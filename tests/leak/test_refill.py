@@ -268,23 +268,29 @@ async def test_a_tampered_skip_is_a_clear_400(ana: FakeFhir, gw404: GatewayUnder
 
 
 @pytest.mark.parametrize("skip", [2, 3, 10000])
-async def test_a_skip_past_the_visible_matches_of_a_page_skips_only_those(
+async def test_a_skip_past_the_visible_matches_of_a_page_skips_only_visible_ones(
     ana: FakeFhir, gw404: GatewayUnderTest, skip: int,
 ) -> None:
-    """A client's own value skips its own visible records and never brings a hidden one."""
+    """A client's own value skips its own visible records (of the page it names and the pages
+    after it, as a continuation from an anchor does) and never brings a hidden one."""
     ana.override = Pager(ana, records("vhvhvv"))
     status, _, body = await call(gw404, f"/Observation?patient={c.PAT_ANA}&_count=3&gateway-skip={skip}")
     assert status == 200, body
-    expected = {2: ["obs-rbc-05", "obs-rbc-06"], 3: ["obs-rbc-05", "obs-rbc-06"], 10000: ["obs-rbc-05", "obs-rbc-06"]}[skip]
+    expected = {2: ["obs-rbc-05", "obs-rbc-06"], 3: ["obs-rbc-06"], 10000: []}[skip]
     assert matches(body) == expected
     assert hidden_in(body.decode(), SECRETS) == []
 
 
-async def test_skip_outside_404_mode_is_not_the_gateways(ana: FakeFhir, make_gateway: MakeGateway) -> None:
-    """Control: 403 mode is unchanged, the parameter is the client's, sent on like any other."""
+async def test_skip_in_403_mode_is_the_gateways_too(ana: FakeFhir, make_gateway: MakeGateway) -> None:
+    """403 mode continues from anchors as well (a cursor naming a withheld entry is never handed
+    out): the parameter is the gateway's, checked and not sent on; in shadow mode it is the client's."""
     gw = await make_gateway(ana.base_url)
     ana.override = Pager(ana, records())
     status, _, _ = await call(gw, f"/Observation?patient={c.PAT_ANA}&_count=3&gateway-skip=abc")
+    assert status == 400
+    assert not [p for p in pages_read(ana) if "gateway-skip" in p]
+    shadow = await make_gateway(ana.base_url, enforcement={"mode": "shadow"})
+    status, _, _ = await call(shadow, f"/Observation?patient={c.PAT_ANA}&_count=3&gateway-skip=abc")
     assert status == 200
     assert [p for p in pages_read(ana) if "gateway-skip=abc" in p]
 
