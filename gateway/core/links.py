@@ -111,3 +111,32 @@ def without_last_links(value: str) -> str | None:
             kept.append(value[found.start():found.end()].strip().rstrip(",").rstrip())
         pos = found.end()
     return ", ".join(kept)
+
+
+# The relations of a search's pages (R4 Bundle.link, RFC 8288 and RFC 5005).
+PAGING_RELATIONS = frozenset({"self", "first", "previous", "prev", "next", "last"})
+
+
+def paging_links(value: str) -> str | None:
+    """An RFC 8288 ``Link`` header value with its paging links alone, each written anew as
+    ``<url>; rel="..."``; None when none is left or the value cannot be read link by link.
+
+    SECURITY: another relation (``related``, ``item``, a server's own) or another parameter
+    (``title``, ``anchor``) can name any record, hidden ones too; a paging link names only the
+    search's own pages, as Bundle.link does."""
+    kept: list[str] = []
+    pos = 0
+    while pos < len(value):
+        found = _LINK_VALUE.match(value, pos)
+        if found is None or found.end() == pos:
+            return None
+        rels: list[str] = []
+        for param in _LINK_PARAM.finditer(found.group(1)):
+            if param.group(1).lower() == "rel":
+                rels.extend((param.group(2) or "").strip('"').lower().split())
+        if rels and PAGING_RELATIONS.issuperset(rels):
+            text = found.group(0)
+            url = text[text.index("<") + 1:text.index(">")]
+            kept.append(f'<{url}>; rel="{" ".join(rels)}"')
+        pos = found.end()
+    return ", ".join(kept) or None
