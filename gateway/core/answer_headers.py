@@ -40,6 +40,14 @@ ANSWER_HEADERS = (
     "Retry-After",         # seconds or an HTTP-date: the server's load (429, 503)
     "Allow",               # the methods a 405 answer allows
     "X-Content-Type-Options",  # nosniff: a browser never reads a JSON answer as HTML
+    # CORS (the Fetch standard), which browser apps need and the CapabilityStatement the
+    # gateway serves announces (security.cors): origins, methods, header names and a lifetime.
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Expose-Headers",
+    "Access-Control-Max-Age",
 )
 # A 401's challenge, which it must carry (the client's own token is sent on when
 # upstream.auth.kind is none): the credentials were refused before any record was read. On any

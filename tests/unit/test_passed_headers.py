@@ -69,6 +69,7 @@ def test_each_kind_passes_its_headers_and_nothing_unknown() -> None:
         ("Expires", "0"), ("Vary", "Accept"), ("Content-Language", "en"), ("Preference-Applied", "return=minimal"),
         ("Retry-After", "5"), ("Allow", "GET"), ("WWW-Authenticate", 'Bearer realm="fhir"'),
         ("X-Content-Type-Options", "nosniff"),
+        ("Access-Control-Allow-Origin", "https://app.example.org"), ("Access-Control-Expose-Headers", "ETag, Location"),
         ("ETag", 'W/"2"'), ("Last-Modified", "Tue, 05 Mar 2024 10:00:00 GMT"), ("Location", f"{UP}/Condition/c1"),
         ("Content-Location", f"{UP}/Condition/c1/_history/2"), ("Link", f'<{UP}/Condition?page=2>; rel="next"'),
         ("X-Resource-Ids", "Condition/c9"), ("Set-Cookie", "s=1"), ("Warning", '299 - "x"'), ("X-Powered-By", "HAPI"),
@@ -78,12 +79,13 @@ def test_each_kind_passes_its_headers_and_nothing_unknown() -> None:
         ("Transfer-Encoding", "chunked"), ("Keep-Alive", "timeout=5"), ("Accept-Ranges", "bytes"),
     )
     answer = ["Content-Type", "Cache-Control", "Pragma", "Expires", "Vary", "Content-Language",
-              "Preference-Applied", "Retry-After", "Allow", "X-Content-Type-Options"]
+              "Preference-Applied", "Retry-After", "Allow", "X-Content-Type-Options",
+              "Access-Control-Allow-Origin", "Access-Control-Expose-Headers"]
     assert names(passed_headers(every, DEFAULT.answer, LINKS)) == answer
     assert names(passed_headers(every, DEFAULT.record, LINKS)) == [
         *answer, "ETag", "Last-Modified", "Location", "Content-Location"]
     assert names(passed_headers(every, DEFAULT.bundle, LINKS)) == [*answer, "Link"]
-    assert names(passed_headers(every, DEFAULT.challenge, LINKS)) == [*answer[:9], "WWW-Authenticate", answer[9]]
+    assert names(passed_headers(every, DEFAULT.challenge, LINKS)) == [*answer[:9], "WWW-Authenticate", *answer[9:]]
     # With the gateway's own credentials, a 401 refused those: its challenge is not the client's.
     assert names(passed_headers(every, PassedHeaders.of((), clients_credentials=False).challenge, LINKS)) == answer
 
