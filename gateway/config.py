@@ -16,6 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+from gateway.core.answer_headers import check_passed_name
 from gateway.core.operations import configured
 from gateway.core.purpose import PURPOSE_CODES
 from pydantic import (
@@ -97,8 +98,18 @@ class UpstreamSettings(_Section):
     # external name, when the gateway reaches it by an internal one): absolute references
     # under them are this server's; under any base not listed, another server's (unknown).
     reference_bases: tuple[str, ...] = ()
+    # Response headers of the FHIR server passed on every answer beyond the gateway's allow-list
+    # (core.answer_headers): a deployment's own that say nothing of records (rate limits, ...).
+    passed_response_headers: tuple[str, ...] = ()
 
     _url = field_validator("url")(_check_http_url)
+
+    @field_validator("passed_response_headers")
+    @classmethod
+    def _passed_response_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            check_passed_name(name)  # raises ValueError naming the header
+        return value
 
     @field_validator("reference_bases")
     @classmethod

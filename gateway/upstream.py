@@ -8,23 +8,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.core.answer_headers import HOP_BY_HOP
 from gateway.core.errors import UpstreamTimeout, UpstreamTooLarge, UpstreamUnavailable
 from gateway.upstream_auth import Credentials, CredentialsUnavailable
-
-# RFC 9110 §7.6.1 hop-by-hop headers, plus those the gateway computes itself.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    }
-)
 
 
 def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -34,20 +27,19 @@ def connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[s
 
 def end_to_end(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], dropped: frozenset[str] = HOP_BY_HOP,
-    dropped_prefixes: tuple[str, ...] = (), rewrite: Callable[[str, str], str] | None = None,
+    dropped_prefixes: tuple[str, ...] = (),
 ) -> CIMultiDict[str]:
     """Headers without hop-by-hop ones, including any the Connection header names.
 
     ``dropped`` (lower-case, a superset of HOP_BY_HOP) and ``dropped_prefixes`` name more
-    headers to leave out, every occurrence, in the same pass; ``rewrite(lower-case name,
-    value)`` gives the value kept of every other occurrence.
+    headers to leave out, every occurrence, in the same pass.
     """
     named = connection_named(headers)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         if lower not in dropped and lower not in named and not lower.startswith(dropped_prefixes):
-            out.add(name, value if rewrite is None else rewrite(lower, value))
+            out.add(name, value)
     return out
 
 

@@ -93,11 +93,10 @@ _LINK_VALUE = re.compile(
 _LINK_PARAM = re.compile(rf";\s*({_TOKEN})\s*(?:=\s*({_QUOTED}|[^\s,;\"]+))?")
 
 
-def without_last_links(value: str) -> str | None:
-    """An RFC 8288 ``Link`` header value without its ``rel="last"`` links (the last page's
-    offset counts the matches, like ``Bundle.total``); None when the value cannot be read
-    link by link (then it may hold one anywhere)."""
-    kept: list[str] = []
+def _links_of(value: str) -> list[tuple[str, list[str]]] | None:
+    """Each link-value of an RFC 8288 ``Link`` header value (as written, with the comma after
+    it) and its relations in lower case; None when the value cannot be read link by link."""
+    links: list[tuple[str, list[str]]] = []
     pos = 0
     while pos < len(value):
         found = _LINK_VALUE.match(value, pos)
@@ -107,7 +106,35 @@ def without_last_links(value: str) -> str | None:
         for param in _LINK_PARAM.finditer(found.group(1)):
             if param.group(1).lower() == "rel":
                 rels.extend((param.group(2) or "").strip('"').lower().split())
-        if "last" not in rels:
-            kept.append(value[found.start():found.end()].strip().rstrip(",").rstrip())
+        links.append((found.group(0), rels))
         pos = found.end()
-    return ", ".join(kept)
+    return links
+
+
+def without_last_links(value: str) -> str | None:
+    """An RFC 8288 ``Link`` header value without its ``rel="last"`` links (the last page's
+    offset counts the matches, like ``Bundle.total``); None when the value cannot be read
+    link by link (then it may hold one anywhere)."""
+    links = _links_of(value)
+    if links is None:
+        return None
+    return ", ".join(text.strip().rstrip(",").rstrip() for text, rels in links if "last" not in rels)
+
+
+# The relations of a search's pages (R4 Bundle.link, RFC 8288 and RFC 5005).
+PAGING_RELATIONS = frozenset({"self", "first", "previous", "prev", "next", "last"})
+
+
+def paging_links(value: str) -> str | None:
+    """An RFC 8288 ``Link`` header value with its paging links alone, each written anew as
+    ``<url>; rel="..."``; None when none is left or the value cannot be read link by link.
+
+    SECURITY: another relation (``related``, ``item``, a server's own) or another parameter
+    (``title``, ``anchor``) can name any record, hidden ones too; a paging link names only the
+    search's own pages, as Bundle.link does."""
+    links = _links_of(value)
+    if links is None:
+        return None
+    kept = [f'<{text[text.index("<") + 1:text.index(">")]}>; rel="{" ".join(rels)}"'
+            for text, rels in links if rels and PAGING_RELATIONS.issuperset(rels)]
+    return ", ".join(kept) or None

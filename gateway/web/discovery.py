@@ -89,14 +89,14 @@ async def metadata(request: web.Request) -> web.StreamResponse:
         parsed = None
     if upstream.status >= 400:
         body = orjson.dumps(scrubbed_outcome(parsed if isinstance(parsed, dict) else {}))
-        response = client_response(upstream, links, body, "permit")
+        response = client_response(upstream, links, body, "permit", state.passed_headers.answer)
         response.content_type = "application/fhir+json"
         return response
     # SECURITY: nobody has been identified here, so nothing but the server's description leaves.
     if not isinstance(parsed, dict) or parsed.get("resourceType") not in ("CapabilityStatement", "OperationOutcome"):
         raise UpstreamUnavailable("The FHIR server did not answer with a CapabilityStatement.")
     if parsed["resourceType"] == "OperationOutcome":
-        return client_response(upstream, links, orjson.dumps(scrubbed_outcome(parsed)), "permit")
+        return client_response(upstream, links, orjson.dumps(scrubbed_outcome(parsed)), "permit", state.passed_headers.answer)
     if state.issuer is not None:
         security = _security(await smart_configuration_of(state))
         rests = parsed.get("rest")
@@ -105,7 +105,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
                 parsed["rest"] = [{"mode": "server", "security": security}]
             elif isinstance(rest, dict):
                 rest["security"] = security
-    return client_response(upstream, links, links.body(orjson.dumps(parsed)), "permit")
+    return client_response(upstream, links, links.body(orjson.dumps(parsed)), "permit", state.passed_headers.answer)
 
 
 async def smart_configuration(request: web.Request) -> web.Response:

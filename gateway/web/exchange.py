@@ -481,6 +481,11 @@ def check_request_shape(ex: Exchange) -> None:
     """Requests that are not FHIR interactions the gateway can reason about."""
     if ex.method not in ("GET", "HEAD") and "_history" in ex.route.parts:
         raise BadRequest("History is read-only.")
+    if ex.method == "POST" and ex.route.interaction == "other":
+        # SECURITY: no FHIR interaction (``POST Type/id``): a server refuses it as such, so
+        # checking it against the record it names first would tell a hidden record (refused
+        # here) from a missing one (refused there, or created by a lenient server).
+        raise BadRequest("POST is not a FHIR interaction at this path (create posts to the type).")
     if any(name.split(":", 1)[0] == "_cascade" for name, _ in ex.query):
         # SECURITY: the server would delete the records that refer to the target, hidden ones
         # too, and name them in its answer (X-Cascade is refused with the headers).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 import logging
 import re
 import time
@@ -41,7 +41,9 @@ from gateway.web.enforcement import Emergency, Observed
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
 from gateway.web.writes import WRITE_INTERACTIONS, touched_consent_patients
-from gateway.upstream import HOP_BY_HOP, UpstreamResponse, end_to_end
+from gateway.core.answer_headers import HOP_BY_HOP
+from gateway.upstream import UpstreamResponse, end_to_end
+from gateway.web.passed_headers import passed_headers
 from gateway.web.middleware import INFO, Handler, RequestInfo, log_line
 from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
@@ -55,14 +57,10 @@ BREAK_GLASS_ACTORS = frozenset({"Practitioner", "PractitionerRole"})
 _HOST_OK = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 # Headers recomputed by the gateway or by aiohttp for the other leg.
 _NOT_FORWARDED_REQUEST = GATEWAY_HEADERS | {"host", "content-length", "accept-encoding", "accept"}
-_NOT_FORWARDED_RESPONSE = frozenset({"content-length", "content-encoding", "server", "date"})
 _CONDITIONAL_READ = frozenset({"if-none-match", "if-modified-since", "if-match", "if-unmodified-since"})
-# Each leg's headers left out in one pass: hop-by-hop, recomputed, and (a read) conditional.
+# The request's headers left out in one pass: hop-by-hop, recomputed, and (a read) conditional.
 _DROPPED_REQUEST = HOP_BY_HOP | _NOT_FORWARDED_REQUEST
 _DROPPED_READ_REQUEST = _DROPPED_REQUEST | _CONDITIONAL_READ
-_DROPPED_RESPONSE = HOP_BY_HOP | _NOT_FORWARDED_RESPONSE
-# Headers of a stored resource the requester may not see.
-_RESOURCE_HEADERS = ("Location", "Content-Location", "ETag", "Last-Modified")
 
 
 def public_base(request: web.Request, state: GatewayState, route: Route) -> str:
@@ -161,15 +159,13 @@ class SplicedPayload(Payload):
 
 
 def client_response(
-    upstream: UpstreamResponse, links: LinkRewriter, body: bytes | Payload, decision: str
+    upstream: UpstreamResponse, links: LinkRewriter, body: bytes | Payload, decision: str,
+    passed: Mapping[str, str],
 ) -> web.Response:
-    """The answer to the client: end-to-end upstream headers, URLs rewritten, decision header."""
-    def rewrite(lower: str, value: str) -> str:
-        if lower == "location" or lower == "content-location":
-            return links.header(value)
-        return links.link_header(value) if lower == "link" else value
-
-    headers = end_to_end(upstream.headers, _DROPPED_RESPONSE, rewrite=rewrite)
+    """The answer to the client: the upstream headers ``passed`` allows for this kind of answer
+    (``PassedHeaders``), URLs rewritten, decision header."""
+    # SECURITY: an allow-list: a header the gateway does not know may name a withheld record.
+    headers = passed_headers(upstream.headers, passed, links)
     headers["X-Consent-Decision"] = decision
     return web.Response(status=upstream.status, body=body, headers=headers)
 
@@ -449,7 +445,7 @@ async def decide_answer(
     count_removed(state, result)
     if result.denied or (denied and not shadow):
         if ex.route.interaction in WRITE_INTERACTIONS:
-            return _write_withheld(upstream, links)
+            return _write_withheld(upstream, links, state.passed_headers.answer)
         return denied_answer(state)
     headers = {}
     if emergency.audited:
@@ -481,6 +477,7 @@ async def decide_answer(
             listings = True
         else:
             changed |= narratives
+    passed = state.passed_headers.decided(ex.route.interaction, upstream.status, parsed)
     if view is not None:
         named = None if listings else unreleased_named(upstream.body, released, ours) if may_display else frozenset()
         if named != frozenset() and view.is_bundle:
@@ -489,10 +486,10 @@ async def decide_answer(
         scrub = displays_scrubber(released, named, ours) if named != frozenset() else None
         if view.partial and view.is_bundle and (changed or scrub is not None):
             # A large answer is sent piece by piece: never joined, rewritten as it goes.
-            response = client_response(upstream, links, SplicedPayload(view.pieces(scrub), links.body), result.header)
+            response = client_response(upstream, links, SplicedPayload(view.pieces(scrub), links.body), result.header, passed)
         else:
             payload = view.splice(scrub) if changed or scrub is not None else upstream.body
-            response = client_response(upstream, links, links.body(payload), result.header)
+            response = client_response(upstream, links, links.body(payload), result.header, passed)
         response.headers.update(headers)
         settle_bundle_headers(response, parsed, result)
         return response
@@ -511,7 +508,7 @@ async def decide_answer(
         changed = True
     # Unchanged bodies go out as the upstream wrote them (decimals and all).
     payload = orjson.dumps(parsed) if changed else upstream.body
-    response = client_response(upstream, links, links.body(payload), result.header)
+    response = client_response(upstream, links, links.body(payload), result.header, passed)
     response.headers.update(headers)
     settle_bundle_headers(response, parsed, result)
     return response
@@ -559,11 +556,10 @@ def settle_bundle_headers(response: web.StreamResponse, parsed: JSON, result: En
 _COUNTING_HEADER = re.compile(r"count|total", re.IGNORECASE)
 
 
-def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter) -> web.Response:
-    """A write that succeeded but whose stored resource the requester may not see."""
-    response = client_response(upstream, links, orjson.dumps(WRITE_WITHHELD), "filtered")
-    for name in _RESOURCE_HEADERS:
-        response.headers.popall(name, None)
+def _write_withheld(upstream: UpstreamResponse, links: LinkRewriter, passed: Mapping[str, str]) -> web.Response:
+    """A write that succeeded but whose stored resource the requester may not see: ``passed``
+    holds none of its headers (Location, Content-Location, ETag, Last-Modified)."""
+    response = client_response(upstream, links, orjson.dumps(WRITE_WITHHELD), "filtered", passed)
     response.content_type = "application/fhir+json"
     return response
 
@@ -588,7 +584,8 @@ async def _unchecked(
     decision = "permit" if upstream.status < 400 else "deny"
     info.decision = decision
     state.metrics.count_decision(decision)
-    response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision)
+    passed = state.passed_headers.unchecked(ex.route.interaction, upstream.status)
+    response = client_response(upstream, links, links.body(upstream.body if body is None else body), decision, passed)
     if body is not None:
         response.content_type = "application/fhir+json"
     return await audited(state, ex, upstream.status, response)

@@ -18,6 +18,7 @@ from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.drain import Drain
 from gateway.web.enforcement import ConsentEnforcement
+from gateway.web.passed_headers import PassedHeaders
 from gateway.web.resolve import TargetCache
 
 
@@ -83,9 +84,13 @@ class GatewayState:
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # The operator's enforcement.allowed_operations, read once (core.operations).
     operations: Configured = field(init=False)
+    # The FHIR server's response headers each kind of answer passes, built once.
+    passed_headers: PassedHeaders = field(init=False)
 
     def __post_init__(self) -> None:
         self.operations = configured(self.settings.enforcement.allowed_operations)
+        upstream = self.settings.upstream
+        self.passed_headers = PassedHeaders.of(upstream.passed_response_headers, upstream.auth.kind == "none")
 
     def window_lock(self, actor: str, patient: str) -> asyncio.Lock:
         """The lock serialising emergency-window creation for one actor and patient."""

@@ -521,3 +521,19 @@ def test_the_gateways_paging_parameter_never_reaches_the_server_from_a_batch(doo
         [slot] = orjson.loads(body)["entry"]
         assert slot["response"]["status"].startswith(status), slot
         assert not any("gateway-skip" in r.path_qs for r in doors.fake.requests[sent_before:])
+
+
+@pytest.mark.parametrize("target", ["/fhir/Binary/bin-v-9a0", "/fhir/Binary/zzz-z-0z0", "/fhir/Observation/nope-1/extra",
+                                    "/fhir/metadata"])
+def test_a_post_that_is_no_fhir_interaction_is_refused_before_anything_is_read(doors: Doors, target: str) -> None:
+    """Found by the 404-mode twin test: ``POST Binary/<hidden id>`` was answered 404 (the target
+    decided first), ``POST Binary/<missing id>`` went to the server, which created it (201) or
+    refused it: the answer told the hidden record from a missing one."""
+    rid = target.rsplit("/", 1)[-1]
+    attempt = Attempt("POST", target, (("X-Actor", c.DOCTOR), ("Content-Type", "application/fhir+json")),
+                      orjson.dumps({"resourceType": "Binary", "id": rid, "contentType": "text/plain"}))
+    for name in ("whole", "404"):
+        sent_before = len(doors.fake.requests)
+        status, _, body = parts(doors.send_to(name, attempt)[0])
+        assert status == 400 and orjson.loads(body)["resourceType"] == "OperationOutcome"
+        assert doors.fake.requests[sent_before:] == []

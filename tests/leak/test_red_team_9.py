@@ -387,9 +387,12 @@ async def test_a_search_answer_keeps_no_header_counting_or_dating_hidden_matches
     """The ``last`` link of a ``Link`` header goes with Bundle.total (its offset, 6, says seven
     matches), and so do the server's count headers; the server's ``ETag`` and ``Last-Modified``
     (the hidden record's) go too;
-    ``next`` stays, so paging works. A single read keeps its own ``ETag``."""
+    ``next`` stays, so paging works. A single read keeps its own ``ETag``. The count headers go
+    even when the deployment passes them (``upstream.passed_response_headers``)."""
     world.override = headed_search(world)
-    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status})
+    passed = ["X-Served-By", "X-Total-Count", "X-Result-Count"]
+    gateway = await make_gateway(world.base_url, enforcement={"denied_read_status": status},
+                                 upstream={"passed_response_headers": passed})
     code, headers, body = await call(gateway, "GET", f"/Condition?patient={c.PAT_ANA}&_count=2")
     assert code == 200, body
     headers = {k.lower(): v for k, v in headers.items()}

@@ -121,6 +121,14 @@ IN_PROCESS_CASES: dict[str, tuple[str | None, list[str], dict[str, str], tuple[s
     "broken-rules-file": (
         GOOD_UPSTREAM + "sensitivity: {rules_dir: '{tmp}/rules'}\n", [], {}, ("sensitivity.rules_dir", "bad.yaml", "malformed YAML")
     ),
+    "passed-hop-by-hop-header": (
+        GOOD_UPSTREAM.replace("}", ", passed_response_headers: [X-Rate-Limit, Keep-Alive]}"), [], {},
+        ("upstream.passed_response_headers", "Keep-Alive", "hop-by-hop"),
+    ),
+    "env-passed-gateway-header": (
+        GOOD_UPSTREAM, [], {"GATEWAY_UPSTREAM__PASSED_RESPONSE_HEADERS": "X-Rate-Limit,X-Consent-Decision"},
+        ("upstream.passed_response_headers", "X-Consent-Decision", "gateway's own"),
+    ),
     "env-rules-dir-missing": (
         GOOD_UPSTREAM, [], {"GATEWAY_SENSITIVITY__RULES_DIR": "/nonexistent/rules"}, ("sensitivity.rules_dir", "not a directory")
     ),
