@@ -297,6 +297,20 @@ def _marks(resource: _Marked) -> tuple[str, ...]:
     return tuple(marks)
 
 
+def paging_relations(body: JSON) -> frozenset[str]:
+    """The relations (lower case) of a Bundle's own links that go to other pages (``next``,
+    ``previous``, ``prev``, in any case); empty for anything else."""
+    links = body.get("link") if body.get("resourceType") == "Bundle" else None
+    if type(links) is not list:
+        return _NO_RELATIONS
+    found = {rel for link in links if type(link) is dict and type(rel := link.get("relation")) is str}
+    return frozenset(rel.strip().lower() for rel in found) & _PAGING if found else _NO_RELATIONS
+
+
+_NO_RELATIONS: frozenset[str] = frozenset()
+_PAGING = frozenset({"next", "previous", "prev"})
+
+
 def withheld_marks(upstream_raw: bytes, sent: list[msgspec.Raw]) -> frozenset[str]:
     """The marks (``_marks``) of the entries of an upstream page that the answer made of it does
     not hold (``sent``: the answer's entry texts): what a link the upstream made may name."""

@@ -60,6 +60,9 @@ class Exchange:
     # 404 mode: the search names a record the requester may not see, so it answers as one naming
     # a missing record: nothing found (check_search_targets).
     finds_nothing: bool = False
+    # The relations of the upstream answer's own paging links (core.paging.paging_relations),
+    # read from the parsed answer; None when it was not read that way (web.refill.wanted).
+    relations: frozenset[str] | None = None
 
     @property
     def forwarded_query(self) -> str:

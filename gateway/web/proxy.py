@@ -24,6 +24,7 @@ from gateway.core.errors import BadRequest, BreakGlassDisabled, ConsentDenied, P
 from gateway.core.fhir import JSON
 from gateway.core.labels import may_extend
 from gateway.core.links import LinkRewriter, without_last_links
+from gateway.core.paging import paging_relations
 from gateway.core.references import (
     displays_scrubber, has_u_escape, in_answer, may_name_unreleased, may_narrate, scrub_displays, unreleased_named,
 )
@@ -338,6 +339,8 @@ async def answer_page(
     spliceable = can_splice(state, ex, upstream, plan)
     view = read_answer(upstream.body) if spliceable and len(upstream.body) >= state.settings.upstream.views_above_bytes else None
     parsed = view.body if view is not None else parse_body(upstream, ex.route)
+    if parsed is not None:
+        ex.relations = paging_relations(parsed)
     if view is None and spliceable and parsed is not None:
         view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":

@@ -89,12 +89,20 @@ def take_skip(state: GatewayState, ex: Exchange) -> None:
 def wanted(state: GatewayState, ex: Exchange, decision: str | None, raw: bytes) -> bool:
     """Whether the first page's answer may need refilling or continuing from an anchor: it
     withheld something (``decision``) and has a next link, or was asked to skip; or (404 mode)
-    it may have a ``previous`` link (in the upstream's answer ``raw``), which goes from every
-    page a refill may answer. Checked before anything of the answer is read."""
+    it may have a ``previous`` link, which goes from every page a refill may answer. The links
+    are the relations read when the answer was parsed (``Exchange.relations``), else the
+    upstream's answer ``raw`` is searched for them."""
     if ex.page is not None:
         return True
-    return _eligible(state, ex) and (
-        (decision == "filtered" and (b'"next"' in raw or b'"prev' in raw)) or (in_force(state) and b'"prev' in raw))
+    if not _eligible(state, ex):
+        return False
+    relations = ex.relations
+    if relations is not None:
+        # Read from the parsed answer: two scans of a large answer's text cost as much as
+        # deciding a tenth of it.
+        back = "previous" in relations or "prev" in relations
+        return (decision == "filtered" and ("next" in relations or back)) or (in_force(state) and back)
+    return (decision == "filtered" and (b'"next"' in raw or b'"prev' in raw)) or (in_force(state) and b'"prev' in raw)
 
 
 @dataclass(slots=True)

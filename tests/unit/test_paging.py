@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core.errors import BadRequest
 from gateway.core.links import LinkRewriter, under_base
-from gateway.core.paging import PageWindow, answer_parts, read_skip, refilled, upstream_page
+from gateway.core.paging import PageWindow, answer_parts, paging_relations, read_skip, refilled, upstream_page
 
 
 def test_read_skip_strips_the_parameter_in_any_spelling() -> None:
@@ -110,3 +110,17 @@ def test_a_listed_base_that_is_the_public_one_is_left_alone() -> None:
     raw = b'{"fullUrl":"https://gw.example/fhir/Patient/1"}'
     assert links.body(raw) == raw
     assert links.upstream_url("https://gw.example/fhir/Patient/1") is None
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"resourceType": "Bundle", "link": [{"relation": "self", "url": "a"}, {"relation": "next", "url": "b"}]}, {"next"}),
+    ({"resourceType": "Bundle", "link": [{"relation": " Previous ", "url": "a"}, {"relation": "PREV", "url": "b"}]},
+     {"previous", "prev"}),
+    ({"resourceType": "Bundle", "link": [{"relation": "self", "url": "a"}, {"relation": "last", "url": "b"}]}, set()),
+    ({"resourceType": "Bundle", "link": {"relation": "next"}}, set()),
+    ({"resourceType": "Bundle", "link": [{"relation": ["next"]}, "next"]}, set()),
+    ({"resourceType": "Bundle"}, set()),
+    ({"resourceType": "Observation", "link": [{"relation": "next"}]}, set()),
+])
+def test_paging_relations_are_a_bundles_own_links_to_other_pages(body: dict[str, Any], expected: set[str]) -> None:
+    assert paging_relations(body) == expected
