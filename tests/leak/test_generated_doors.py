@@ -225,24 +225,36 @@ class Attempt:
 
 
 @st.composite
-def attempts(draw: st.DrawFn) -> Attempt:
+def request_parts(
+    draw: st.DrawFn, choices: tuple[tuple[str, tuple[str | None, ...]], ...],
+) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """A request's method, target, headers (one of each of ``choices``, or none, and the
+    body's Content-Type) and body, for the requester's headers to be put before them."""
     path = draw(_path())
     query = _query(draw(_pairs()))
     method = draw(st.sampled_from(("GET",) * 6 + ("HEAD", "POST", "POST", "POST", "PUT", "DELETE", "PATCH")))
     if method == "POST" and draw(st.booleans()):
         path = "/fhir" if draw(st.booleans()) else "/fhir/"
-    headers = [("X-Actor", draw(st.sampled_from(SELF_ACTORS)))]
-    if draw(st.integers(0, 39)) == 0:
-        headers.append(("X-Actor", draw(st.sampled_from(ACTORS))))
-    for name, choices in (("Accept", ACCEPTS), ("Prefer", PREFERS), ("X-Purpose-Of-Use", PURPOSES)):
-        value = draw(st.sampled_from(choices))
+    headers: list[tuple[str, str]] = []
+    for name, values in choices:
+        value = draw(st.sampled_from(values))
         if value is not None:
             headers.append((name, value))
     body = b""
     if method in ("POST", "PUT", "PATCH"):
         body, content_type = draw(_body(path))
         headers.append(("Content-Type", content_type))
-    return Attempt(method, f"{path}?{query}" if query else path, tuple(headers), body)
+    return method, f"{path}?{query}" if query else path, headers, body
+
+
+@st.composite
+def attempts(draw: st.DrawFn) -> Attempt:
+    method, target, rest, body = draw(request_parts((("Accept", ACCEPTS), ("Prefer", PREFERS),
+                                                     ("X-Purpose-Of-Use", PURPOSES))))
+    headers = [("X-Actor", draw(st.sampled_from(SELF_ACTORS)))]
+    if draw(st.integers(0, 39)) == 0:
+        headers.append(("X-Actor", draw(st.sampled_from(ACTORS))))
+    return Attempt(method, target, (*headers, *rest), body)
 
 
 # ---------------------------------------------------------------- two gateways on a loop of their own
@@ -264,23 +276,38 @@ class Doors:
     def call(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    # What the gateways are (name, upstream section, denied_read_status) and their other settings.
+    GATEWAYS: tuple[tuple[str, dict[str, Any], int], ...] = (
+        ("whole", {}, 403), ("views", {"views_above_bytes": 0}, 403), ("404", {}, 404),
+    )
+
+    def settings_for(self) -> dict[str, Any]:
+        return {}
+
+    def seed(self) -> None:
+        self.fake.add(*EXTRA)
+        self.fake.add(c.opt_in(c.PAT_ANA), c.opt_out(c.PAT_BEN, "consent-ben-out"))
+
     async def _start(self) -> bool:
         self.fake = FakeFhir()
         self._serving = serving(self.fake.app())
         url = await self._serving.__aenter__()
         self.fake.base_url = url + self.fake.base_path
         c.seed_all(self.fake)
-        self.fake.add(*EXTRA)
-        self.fake.add(c.opt_in(c.PAT_ANA), c.opt_out(c.PAT_BEN, "consent-ben-out"))
+        self.seed()
         self.seeded = dict(self.fake.resources)
         self.gateways = []
-        for name, upstream, status in (("whole", {}, 403), ("views", {"views_above_bytes": 0}, 403), ("404", {}, 404)):
+        for name, upstream, status in self.GATEWAYS:
             settings_ = gateway_settings(self.fake.base_url, upstream=upstream,
                                          enforcement={"denied_read_status": status},
-                                         audit={"path": str(self.audit_dir / f"audit-{name}.jsonl")})
+                                         audit={"path": str(self.audit_dir / f"audit-{name}.jsonl")},
+                                         **self.settings_for())
             state = build_state(settings_, Metrics(CollectorRegistry()), LABELS)
             self.gateways.append((name, state, await start(state)))
         return True
+
+    async def _stop_servers(self) -> None:
+        await self._serving.__aexit__(None, None, None)
 
     def send(self, attempt: Attempt) -> list[tuple[str, bytes, float]]:
         """Each gateway's raw answer to ``attempt``, with its internal-error count after it."""
@@ -309,7 +336,7 @@ class Doors:
         async def stop() -> None:
             for _, _, running in self.gateways:
                 await running.stop()
-            await self._serving.__aexit__(None, None, None)
+            await self._stop_servers()
 
         self.call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -80,11 +80,8 @@ from tests.leak.test_generated_doors import (
     SECRETS,
     Attempt,
     Doors,
-    _body,
-    _pairs,
-    _path,
-    _query,
     parts,
+    request_parts,
 )
 
 AUDIENCE = "https://gateway.example.org/fhir"
@@ -316,25 +313,12 @@ def cases(draw: st.DrawFn) -> Case:
         headers = [("Content-Type", content_type)] if content_type else []
         return Case(method, target, tuple(headers), body, draw(tokens()), draw(st.sampled_from(PRESENTATIONS)),
                     (draw(st.sampled_from(REFUSED_HEADERS)),) if draw(_RARELY) else (), draw(_RARELY))
-    path = draw(_path())
-    query = _query(draw(_pairs()))
-    method = draw(st.sampled_from(("GET",) * 6 + ("HEAD", "POST", "POST", "POST", "PUT", "DELETE", "PATCH")))
-    if method == "POST" and draw(st.booleans()):
-        path = "/fhir" if draw(st.booleans()) else "/fhir/"
-    headers: list[tuple[str, str]] = []
-    for name, choices in (("Accept", ACCEPTS), ("Prefer", PREFERS)):
-        value = draw(st.sampled_from(choices))
-        if value is not None:
-            headers.append((name, value))
-    body = b""
-    if method in ("POST", "PUT", "PATCH"):
-        body, content_type = draw(_body(path))
-        headers.append(("Content-Type", content_type))
+    method, target, headers, body = draw(request_parts((("Accept", ACCEPTS), ("Prefer", PREFERS))))
     refused: tuple[tuple[str, str], ...] = ()
     if draw(_RARELY):
         refused = (draw(st.sampled_from(REFUSED_HEADERS)),)
-    return Case(method, f"{path}?{query}" if query else path, tuple(headers), body, draw(tokens()),
-                draw(st.sampled_from(PRESENTATIONS)), refused, draw(_RARELY))
+    return Case(method, target, tuple(headers), body, draw(tokens()), draw(st.sampled_from(PRESENTATIONS)), refused,
+                draw(_RARELY))
 
 
 # ---------------------------------------------------------------- what a token releases (the test's own reading)
@@ -433,41 +417,26 @@ class JwtDoors(Doors):
     """The fake FHIR server, a local token issuer, and two gateways in jwt mode: answers
     decided whole (403), and on views in 404 mode."""
 
+    GATEWAYS = (("whole", {}, 403), ("views-404", {"views_above_bytes": 0}, 404))
+
     async def _start(self) -> bool:
         self.issuer = LocalIssuer()
         self.issuer.keys.append(rsa_key("rsa-rogue"))
         self.issuer.keys[-1].published = False
         self._issuing = serving(self.issuer.app())
         self.issuer.base_url = await self._issuing.__aenter__()
-        self.fake = FakeFhir()
-        self._serving = serving(self.fake.app())
-        url = await self._serving.__aenter__()
-        self.fake.base_url = url + self.fake.base_path
-        c.seed_all(self.fake)
+        return await super()._start()
+
+    def settings_for(self) -> dict[str, Any]:
+        return {"auth": {"mode": "jwt", "jwt": {"issuer": self.issuer.base_url, "audience": AUDIENCE}}}
+
+    def seed(self) -> None:
         self.fake.add(*EXTRA, *JWT_EXTRA)
         self.fake.add(c.opt_in(c.PAT_ANA), c.opt_in(c.PAT_BEN, "consent-ben-in"))
-        self.seeded = dict(self.fake.resources)
-        self.gateways = []
-        for name, upstream, status in (("whole", {}, 403), ("views-404", {"views_above_bytes": 0}, 404)):
-            settings_ = gateway_settings(
-                self.fake.base_url, upstream=upstream, enforcement={"denied_read_status": status},
-                auth={"mode": "jwt", "jwt": {"issuer": self.issuer.base_url, "audience": AUDIENCE}},
-                audit={"path": str(self.audit_dir / f"audit-jwt-{name}.jsonl")},
-            )
-            state = build_state(settings_, Metrics(CollectorRegistry()), LABELS)
-            self.gateways.append((name, state, await start(state)))
-        return True
 
-    def close(self) -> None:
-        async def stop() -> None:
-            for _, _, running in self.gateways:
-                await running.stop()
-            await self._serving.__aexit__(None, None, None)
-            await self._issuing.__aexit__(None, None, None)
-
-        self.call(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    async def _stop_servers(self) -> None:
+        await super()._stop_servers()
+        await self._issuing.__aexit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
