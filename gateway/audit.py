@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,19 +79,23 @@ class AuditLog:
             self.close()
         if self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                # A crash mid-write left a partial line: end it so the next event parses.
-                os.write(fd, b"\n")
+            # Exclusive: another process's write in progress (its size grows page by page)
+            # would look like a partial line, and a newline added after it an empty one.
+            with _locked(fd, fcntl.LOCK_EX):
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # A crash mid-write left a partial line: end it so the next event parses.
+                    os.write(fd, b"\n")
             self._fd = fd
         return self._fd
 
     def _write(self, data: bytes) -> None:
         fd = self._open()
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        with _locked(fd, fcntl.LOCK_SH):  # writers share the file; an opener's check waits
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
 
     async def append(self, event: JSON) -> None:
@@ -126,6 +132,23 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+@contextlib.contextmanager
+def _locked(fd: int, kind: int) -> Iterator[None]:
+    """``flock`` ``kind`` on ``fd`` for the block (several processes append to one file); the
+    block runs unlocked where the file system has no such locks."""
+    try:
+        fcntl.flock(fd, kind)
+    except OSError:
+        locked = False
+    else:
+        locked = True
+    try:
+        yield
+    finally:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _print(data: bytes) -> None:

@@ -66,3 +66,41 @@ async def test_two_processes_appending_large_lines_leave_only_whole_lines(tmp_pa
     assert sum(x != y for x, y in zip(names, names[1:])) >= 2  # the writers overlapped
     for name in "ab":
         assert [e["n"] for e in events if e["outcomeDesc"] == name * 40960] == list(range(written[name]))
+
+
+def test_a_process_opening_the_file_during_anothers_write_adds_no_empty_line(tmp_path: Path) -> None:
+    """Found by CI: a worker that opened the file while another's write was in progress saw a
+    line without its newline (the size grows as the write goes), took it for one a crash cut
+    short, and ended it: an empty line after the other's. The repair now waits for writes."""
+    import fcntl
+    import os
+    import threading
+
+    from gateway.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":')  # another process's write, half done
+    other = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(other, fcntl.LOCK_SH)  # as AuditLog holds it while writing
+    log = AuditLog(path)
+    opened = threading.Thread(target=log.open)
+    opened.start()
+    opened.join(0.3)
+    assert opened.is_alive()  # waits for the write in progress
+    os.write(other, b"2}\n")
+    fcntl.flock(other, fcntl.LOCK_UN)
+    os.close(other)
+    opened.join(5)
+    log.close()
+    assert path.read_bytes() == b'{"a":1}\n{"b":2}\n'
+
+
+def test_a_line_a_crash_cut_short_is_still_ended_at_open(tmp_path: Path) -> None:
+    from gateway.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":')
+    log = AuditLog(path)
+    log.open()
+    log.close()
+    assert path.read_bytes() == b'{"a":1}\n{"b":\n'
