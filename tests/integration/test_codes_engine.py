@@ -15,13 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fhirpy.base.exceptions import ForbiddenError
 
 from tests.conftest import GatewayUnderTest
 from tests.fixtures import clinical as c
-from tests.hidden import hidden_in
 from tests.integration.engine import Engine
-from tests.integration.test_side_doors_engine import fhir_client, seeded_gateway
+from tests.integration.test_side_doors_engine import assert_closed_to, seeded_gateway
 
 pytestmark = pytest.mark.integration
 DANA = "Patient/pat-codes-dana"
@@ -70,16 +68,4 @@ async def gw(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> GatewayUn
 
 
 async def test_a_general_opt_in_keeps_pharmacy_codes_and_extension_codes_closed(gw: GatewayUnderTest) -> None:
-    fhir = fhir_client(gw, DOCTOR)
-    for resource in HIDDEN_RESOURCES:
-        with pytest.raises(ForbiddenError):
-            await fhir.reference(resource["resourceType"], resource["id"]).to_resource()
-    for resource in SHOWN_RESOURCES:
-        shown = await fhir.reference(resource["resourceType"], resource["id"]).to_resource()
-        assert shown["id"] == resource["id"]
-    for rtype in ("MedicationDispense", "MedicationStatement", "MedicationRequest", "Condition"):
-        found = await fhir.resources(rtype).search(patient=DANA).fetch_all()
-        assert {r["id"] for r in found} == {r["id"] for r in SHOWN_RESOURCES if r["resourceType"] == rtype}, rtype
-        resp = await gw.get(f"/{rtype}?patient={DANA}", actor=DOCTOR["X-Actor"])
-        raw = await resp.read()
-        assert hidden_in(raw, HIDDEN) == [], (rtype, raw[:300])
+    await assert_closed_to(gw, DOCTOR, DANA, ("MedicationDispense", "MedicationStatement", "MedicationRequest", "Condition"), HIDDEN_RESOURCES, SHOWN_RESOURCES, HIDDEN)

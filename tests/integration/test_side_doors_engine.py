@@ -16,8 +16,10 @@ import aiohttp
 import orjson
 import pytest
 from fhirpy import AsyncFHIRClient
+from fhirpy.base.exceptions import ForbiddenError
 
 from tests.conftest import GatewayUnderTest
+from tests.hidden import hidden_in
 from tests.integration.engine import Engine
 from tests.integration.test_gateway_engine import BOB_HIDDEN, GP
 
@@ -61,6 +63,29 @@ async def seeded_gateway(
 def fhir_client(gw: GatewayUnderTest, headers: dict[str, str]) -> AsyncFHIRClient:
     """fhirpy's client through the gateway, asking as ``headers`` say."""
     return AsyncFHIRClient(gw.url, extra_headers={"Accept": "application/fhir+json", **headers})
+
+
+async def assert_closed_to(
+    gw: GatewayUnderTest, headers: dict[str, str], patient: str, types: Iterable[str],
+    hidden: Iterable[dict[str, Any]], shown: Iterable[dict[str, Any]], secrets: tuple[str, ...],
+) -> None:
+    """Read through fhirpy as ``headers`` say: each of ``hidden`` is refused (403), each of
+    ``shown`` is read, a search of each type for ``patient`` finds exactly the shown ones, and
+    no secret is in its raw answer."""
+    fhir = fhir_client(gw, headers)
+    shown = list(shown)
+    for resource in hidden:
+        with pytest.raises(ForbiddenError):
+            await fhir.reference(resource["resourceType"], resource["id"]).to_resource()
+    for resource in shown:
+        read = await fhir.reference(resource["resourceType"], resource["id"]).to_resource()
+        assert read["id"] == resource["id"]
+    for rtype in types:
+        found = await fhir.resources(rtype).search(patient=patient).fetch_all()
+        assert {r["id"] for r in found} == {r["id"] for r in shown if r["resourceType"] == rtype}, rtype
+        resp = await gw.get(f"/{rtype}?patient={patient}", actor=headers["X-Actor"])
+        raw = await resp.read()
+        assert hidden_in(raw, secrets) == [], (rtype, raw[:300])
 
 
 @pytest.mark.parametrize("kind", ["batch", "transaction"])
