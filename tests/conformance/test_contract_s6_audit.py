@@ -24,9 +24,9 @@ from tests.fakes import FakeFhir
 from tests.fixtures import clinical as c
 from tests.hidden import hidden_in
 from tests.unit._util import raw_http, split_http
+from tests.leak.test_side_doors import call, fhir, routes as answer_path
 
 MakeGateway = Callable[..., Awaitable[GatewayUnderTest]]
-Override = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 JSON = dict[str, Any]
 FHIR_JSON = "application/fhir+json"
 FORM = "application/x-www-form-urlencoded"
@@ -60,38 +60,6 @@ def med_order(rid: str, medication: str, contained: list[JSON] | None = None) ->
     if contained:
         order["contained"] = contained
     return order
-
-
-def fhir(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type=FHIR_JSON, headers=headers)
-
-
-def answer_path(table: dict[tuple[str, str], Callable[[web.Request], Any]]) -> Override:
-    """Answer ``(method, path below /fhir)`` from ``table``; anything else goes to the fake."""
-
-    async def override(request: web.Request) -> web.StreamResponse | None:
-        make = table.get((request.method, request.path.removeprefix("/fhir") or "/"))
-        if make is None:
-            return None
-        result = make(request)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result if isinstance(result, web.StreamResponse) else fhir(result)
-
-    return override
-
-
-async def call(gw: GatewayUnderTest, method: str, path: str, actor: str | None = c.DOCTOR,
-               body: Any = None, **headers: str) -> tuple[int, dict[str, str], bytes]:
-    hdrs = dict(headers)
-    if actor is not None:
-        hdrs["X-Actor"] = actor
-    data: bytes | None = None
-    if body is not None:
-        data = body if isinstance(body, bytes) else orjson.dumps(body)
-        hdrs.setdefault("Content-Type", FHIR_JSON)
-    async with gw.session.request(method, gw.url + path, headers=hdrs, data=data) as resp:
-        return resp.status, dict(resp.headers), await resp.read()
 
 
 def assert_outcome(status: int, headers: dict[str, str], body: bytes, expected: int) -> JSON:
