@@ -2,8 +2,10 @@
 
 A token is ``base64url(nonce || AES-256-GCM(plaintext))`` without padding characters. The
 plaintext is a version byte and the link relative to the gateway's public base (its path and
-query), padded to a multiple of ``BLOCK`` bytes (ISO/IEC 7816-4: ``0x80`` then zeros), so a
-token's length does not tell an offset's digits. The associated data is the public base the
+query), padded (ISO/IEC 7816-4: ``0x80`` then zeros) to ``PADDED_MIN`` bytes, or to the next
+power of two above it for a longer link: a token's length tells neither an offset's digits nor
+whether the gateway continues inside a page (``gateway-skip``), unless the link is longer than
+``PADDED_MIN`` bytes and the difference crosses a power of two. The associated data is the public base the
 link was handed out under: a token opens only at the base that made it, under the key that
 made it (``enforcement.paging_key_file``, shared by every worker and replica of a gateway).
 
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 VERSION = b"\x01"
-BLOCK = 64
+PADDED_MIN = 256
 NONCE_BYTES = 12
 SECRET_MIN = 32
 _INFO = b"consent-gateway paging links v1"
@@ -60,7 +62,7 @@ class PageSeal:
     def seal(self, relative: str, bound: str) -> str:
         """The token of ``relative`` (a link's path and query under the public base ``bound``)."""
         plain = VERSION + relative.encode("utf-8") + b"\x80"
-        plain += b"\x00" * (-len(plain) % BLOCK)
+        plain += b"\x00" * (padded_size(len(plain)) - len(plain))
         nonce = os.urandom(NONCE_BYTES)
         sealed = nonce + self._aead.encrypt(nonce, plain, bound.encode("utf-8"))
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
@@ -74,7 +76,7 @@ class PageSeal:
             sealed = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (binascii.Error, ValueError):
             return None
-        if len(sealed) < NONCE_BYTES + _TAG_BYTES + BLOCK:
+        if len(sealed) < NONCE_BYTES + _TAG_BYTES + PADDED_MIN:
             return None
         try:
             plain = self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], bound.encode("utf-8"))
@@ -87,6 +89,14 @@ class PageSeal:
             return body[1:-1].decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+
+def padded_size(size: int) -> int:
+    """The plaintext size a link of ``size`` bytes (version and padding end included) is padded to."""
+    padded = PADDED_MIN
+    while padded < size:
+        padded *= 2
+    return padded
 
 
 def read_secret(path: Path) -> bytes:

@@ -211,6 +211,13 @@ def _asked_in_batch(public: str, url: str | None) -> str | None:
         return None
     if "://" in url:
         return url if under_base(url, public) else None
+    path, _, query = url.partition("?")
+    try:
+        token = page_token(query) if query and path in ("", "/") else None
+    except PagingLinkInvalid:
+        return None
+    if token is not None:
+        return sealed_link(public, token)  # as it was handed out
     return public + (url if url.startswith("?") else "/" + url.lstrip("/"))
 
 
