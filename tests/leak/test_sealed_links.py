@@ -288,3 +288,34 @@ async def test_a_link_header_says_the_bundles_sealed_links(ana: FakeFhir, make_g
     assert status == 200
     assert "_offset" not in headers["Link"]
     assert headers["Link"] == ", ".join(f'<{url}>; rel="{rel}"' for rel, url in page_links(body).items())
+
+
+# ---------------------------------------------------------------- the decision log
+
+
+async def test_the_log_names_the_request_a_token_seals_never_the_token(
+    ana: FakeFhir, make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Following a sealed link logs the search it seals (its values masked as any search's);
+    a bad token is logged as a refused request; no line holds a token or a hidden record."""
+    import logging
+
+    from gateway.web.middleware import JsonLogFormatter
+
+    caplog.set_level(logging.DEBUG, logger="gateway")
+    gw = await make_gateway(ana.base_url, enforcement={"denied_read_status": 404})
+    ana.override = Pager(ana, HIDING)
+    following = await _first_next(gw)
+    token = following.split("gateway-page=")[1]
+    assert (await call(gw, "GET", following.removeprefix(gw.url)))[0] == 200
+    assert (await call(gw, "GET", _tampered(following).removeprefix(gw.url)))[0] == 400
+    formatter = JsonLogFormatter()
+    records = [r for r in caplog.records if r.name.startswith("gateway")]
+    logs = "\n".join(formatter.format(r) + repr(r.__dict__) for r in records)
+    assert token[:40] not in logs and _tampered(following).split("gateway-page=")[1][:40] not in logs
+    assert hidden_in(logs, SECRETS) == []
+    decisions = [orjson.loads(formatter.format(r)) for r in records if r.getMessage() == "decision"]
+    followed, refused = decisions[-2], decisions[-1]
+    assert (followed["path"], followed["interaction"]) == ("/Observation", "search")
+    assert "_offset=" in followed["query"] and "gateway-page" not in followed["query"], followed
+    assert refused["status"] == 400 and refused["query"] == "gateway-page=*", refused
