@@ -21,6 +21,7 @@ body is a 400 (``PagingLinkInvalid``) and nothing is sent.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import unquote_plus
@@ -37,6 +38,8 @@ PAGE_PARAM = "gateway-page"
 # Bundles whose links go to the pages of one search (or history).
 _PAGED = frozenset({"searchset", "history"})
 _SLOTTED = frozenset({"batch-response", "transaction-response"})
+# A registered link relation's syntax (RFC 8288 reg-rel-type).
+_RELATION = re.compile(r"[a-z][a-z0-9.\-]{0,63}")
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 
@@ -96,7 +99,8 @@ class Sealer:
 
     def links(self, links: object, asked: str | None, rewrite: Callable[[str], str] | None = None) -> list[dict[str, str]]:
         """A Bundle's ``link`` list written anew: ``self`` is ``asked`` (none when None), every
-        other relation sealed; a link under another base, or not a relation and URL, goes.
+        other relation sealed; a link under another base, or not a relation name (in lower
+        case) and a URL, goes.
         ``rewrite``: the links are not yet under the public base (LinkRewriter.header)."""
         out: list[dict[str, str]] = []
         for link in links if isinstance(links, list) else ():
@@ -104,7 +108,10 @@ class Sealer:
             url = link.get("url") if isinstance(link, dict) else None
             if not isinstance(relation, str) or not isinstance(url, str):
                 continue
-            if relation.strip().lower() == "self":
+            relation = relation.strip().lower()
+            if not _RELATION.fullmatch(relation):
+                continue  # SECURITY: a relation is a name (RFC 8288), never a text that could name a record
+            if relation == "self":
                 written = asked
             else:
                 written = self.sealed(rewrite(url) if rewrite is not None else url)

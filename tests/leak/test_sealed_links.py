@@ -319,3 +319,26 @@ async def test_the_log_names_the_request_a_token_seals_never_the_token(
     assert (followed["path"], followed["interaction"]) == ("/Observation", "search")
     assert "_offset=" in followed["query"] and "gateway-page" not in followed["query"], followed
     assert refused["status"] == 400 and refused["query"] == "gateway-page=*", refused
+
+
+async def test_a_relation_is_a_name_never_a_text(ana: FakeFhir, make_gateway: MakeGateway) -> None:
+    """A server's own relation text could name a record: only relation names go out (in lower
+    case), each link sealed."""
+    pager = Pager(ana, HIDING)
+
+    async def odd(request: Any) -> Any:
+        answer = await pager(request)
+        if answer is not None:
+            bundle = orjson.loads(answer.body)
+            bundle["link"] += [{"relation": "Next", "url": bundle["link"][-1]["url"]},
+                               {"relation": "related obs-hiv-01", "url": f"{ana.base_url}/Observation/obs-hiv-01"},
+                               {"relation": "alternate", "url": f"{ana.base_url}/Observation/obs-hiv-02"}]
+            answer.body = orjson.dumps(bundle)
+        return answer
+
+    ana.override = odd
+    gw = await make_gateway(ana.base_url)
+    status, _, body = await call(gw, "GET", SEARCH)
+    assert status == 200 and hidden_in(body.decode(), SECRETS) == [], body
+    relations = [lk["relation"] for lk in orjson.loads(body)["link"]]
+    assert "related obs-hiv-01" not in relations and "Next" not in relations and "alternate" in relations, relations
