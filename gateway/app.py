@@ -25,6 +25,7 @@ from gateway.core.labels import LabelIndex
 from gateway.core.model import CONFIDENTIALITY_RANK
 from gateway.core.sensitivity_codes import CODES as SENSITIVITY_CODES
 from gateway.rules import load_rules
+from gateway.sealing import KeyFileError, PageSeal
 from gateway.sources.changes import ChangeFeed
 from gateway.sources.deciding import DecidingFeed, Forget
 from gateway.sources.factory import build_source
@@ -108,7 +109,20 @@ def build_state(settings: Settings, metrics: Metrics | None = None, labels: Labe
         medications=targets,
         disclosures=open_disclosures(settings),
         issuer=Issuer(settings.auth.jwt) if settings.auth.mode == "jwt" else None,
+        pages=page_seal(settings),
     )
+
+
+def page_seal(settings: Settings) -> PageSeal:
+    """The seal of paging links: under ``enforcement.paging_key_file`` (ConfigError, exit 2, when
+    it cannot be read or is too short), else under a key made now."""
+    path = settings.enforcement.paging_key_file
+    if path is None:
+        return PageSeal.random()
+    try:
+        return PageSeal.from_file(path)
+    except KeyFileError as exc:
+        raise ConfigError(f"enforcement.paging_key_file: {exc}") from None
 
 
 def check_explicit_labels(settings: Settings, labels: LabelIndex) -> None:

@@ -326,6 +326,9 @@ class EnforcementSettings(_Section):
     # with their answers decided per resource like a search's: ``$op`` (system level),
     # ``Type/$op`` (type level), ``Type/[id]/$op`` (instance level, the instance decided first).
     allowed_operations: tuple[str, ...] = ()
+    # The secret that seals the gateway's paging links (gateway.sealing): a file every replica
+    # mounts; none: a random one made at start, shared by this gateway's worker processes.
+    paging_key_file: Path | None = None
 
     @field_validator("allowed_operations")
     @classmethod

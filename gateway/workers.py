@@ -2,7 +2,8 @@
 
 The supervisor checks the settings as a single process would (rules, audit files, keys:
 exit 2), makes a private run directory (mode 0700: the settings, the metric files of
-prometheus_client's multiprocess mode, the workers' sockets) and starts each worker as
+prometheus_client's multiprocess mode, the workers' sockets, and the key that seals paging
+links when ``enforcement.paging_key_file`` names none) and starts each worker as
 ``python -m gateway.workers``. Every worker binds the proxy port with SO_REUSEPORT, so the
 kernel spreads connections over them; worker 0 also serves the admin port and delivers the
 audit files; each listens on a private socket for cache invalidations (``gateway.peers``).
@@ -34,11 +35,13 @@ from gateway.app import build_state, configure_logging, start, tune_gc, until_si
 from gateway.config import ConfigError, Settings, build_settings
 from gateway.peers import Announcer, WorkerRole
 from gateway.rules import RulesError
+from gateway.sealing import write_random_key
 from gateway.web.state import GatewayState
 
 log = logging.getLogger("gateway.workers")
 
 SETTINGS_FILE = "settings.json"
+PAGING_KEY_FILE = "paging.key"
 LISTENING = b"listening\n"
 RESTART_DELAY_S = 1.0
 # Beyond listen.shutdown_timeout_s, how long a stopping worker may take before it is killed.
@@ -69,7 +72,13 @@ def supervise(settings: Settings) -> int:
         (run_dir / "metrics").mkdir()
         settings_path = run_dir / SETTINGS_FILE
         settings_path.touch(0o600)
-        settings_path.write_bytes(orjson.dumps(settings.model_dump(mode="json")))
+        shared = settings.model_dump(mode="json")
+        if settings.enforcement.paging_key_file is None:
+            # Every worker seals and opens paging links under one key: a link one handed out
+            # is followed on a connection another one accepts.
+            write_random_key(run_dir / PAGING_KEY_FILE)
+            shared["enforcement"]["paging_key_file"] = str(run_dir / PAGING_KEY_FILE)
+        settings_path.write_bytes(orjson.dumps(shared))
         return asyncio.run(_supervise(settings, run_dir))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

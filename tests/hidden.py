@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 # Identifiers the gateway makes up itself (request ids, AuditEvent ids, trace and span ids):
-# random lowercase hex, in which a short secret such as a code can turn up by chance.
-_MINTED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])")
+# random lowercase hex, in which a short secret such as a code can turn up by chance; and the
+# tokens of sealed paging links (gateway.web.pages: random base64url, ciphertext).
+_MINTED = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|(?<![0-9A-Za-z])[0-9a-f]{16,}(?![0-9A-Za-z])"
+                     r"|(?<=gateway-page=)[A-Za-z0-9_-]+")
 
 
 def hidden_in(text: str | bytes, secrets: tuple[str, ...] | list[str]) -> list[str]:

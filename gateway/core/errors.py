@@ -24,6 +24,15 @@ class BadRequest(GatewayError):
     code = "bad-request"
 
 
+class PagingLinkInvalid(BadRequest):
+    """A sealed paging link that does not open here (web.pages): it says no more than that."""
+
+    code = "paging-link-invalid"
+
+    def __init__(self) -> None:
+        super().__init__("This paging link is not valid here. Repeat the search to page through its results.")
+
+
 class Unauthenticated(GatewayError):
     status = 401
     issue_code = "login"

@@ -209,10 +209,12 @@ def next_link(links: object) -> str | None:
 @dataclass(slots=True)
 class AnswerParts:
     """A search-set answer the gateway made, as its texts: its top-level elements (entries
-    apart) and each entry's text, kept byte for byte."""
+    apart) and each entry's text, kept byte for byte; ``entry_at``: how many top-level elements
+    came before its entries (None: it had none), so a refilled answer keeps its order."""
 
     top: dict[str, msgspec.Raw]
     entries: list[msgspec.Raw]
+    entry_at: int | None = None
 
     def matches(self) -> int:
         """How many of the entries are matches."""
@@ -233,10 +235,11 @@ def answer_parts(raw: bytes) -> AnswerParts | None:
         top = _FIELDS.decode(raw)
         if _value(top.get("resourceType")) != "Bundle" or _value(top.get("type")) != "searchset":
             return None
+        entry_at = list(top).index("entry") if "entry" in top else None
         entries = _ITEMS.decode(top.pop("entry")) if "entry" in top else []
     except (msgspec.DecodeError, orjson.JSONDecodeError):
         return None
-    return AnswerParts(top, entries)
+    return AnswerParts(top, entries, entry_at)
 
 
 def carries_notice(answer: AnswerParts) -> bool:
@@ -385,18 +388,23 @@ def refilled(first: AnswerParts, entries: list[msgspec.Raw], continuation: str |
             parts.append(b",")
         parts.append(orjson.dumps(key) + b":" + text)
 
-    placed = False
-    for key, value in first.top.items():
+    # SECURITY: the entries go where the first page had them (after its links when it had
+    # none): an order of elements only a refilled page has would tell that it lost matches.
+    placed = not entries
+    for index, (key, value) in enumerate(first.top.items()):
+        if not placed and index == first.entry_at:
+            add("entry", b"[" + b",".join(bytes(e) for e in entries) + b"]")
+            placed = True
         if key == "link":
             links = _links(_value(value), continuation, skip)
             if links:
                 add(key, orjson.dumps(links))
-            if entries:
+            if not placed and first.entry_at is None:
                 add("entry", b"[" + b",".join(bytes(e) for e in entries) + b"]")
                 placed = True
         else:
             add(key, bytes(value))
-    if entries and not placed:
+    if not placed:
         add("entry", b"[" + b",".join(bytes(e) for e in entries) + b"]")
     parts.append(b"}")
     return b"".join(parts)

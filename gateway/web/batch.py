@@ -21,6 +21,7 @@ from gateway.core.fhir import JSON
 from gateway.core.paging import SKIP_PARAM, read_skip
 from gateway.core.projection import Projection
 from gateway.web.exchange import Exchange, admit, prepare_projection
+from gateway.web.pages import opened, page_token
 from gateway.core.references import in_answer
 from gateway.web.request import Route, parse_route
 from gateway.web.state import GatewayState
@@ -46,6 +47,7 @@ class BatchPlan:
     shadow_refused: dict[int, JSON] = field(default_factory=dict)
     # 404 mode: searches naming a record the requester may not see (Exchange.finds_nothing).
     find_nothing: set[int] = field(default_factory=set)
+    urls: dict[int, str] = field(default_factory=dict)          # client index -> request.url as written
 
     def answer(self, upstream_entries: list[object]) -> list[object]:
         """The slots in the client's order: the upstream's, with the refused ones put back."""
@@ -86,8 +88,15 @@ def _entry_target(url: str, base_prefix: str) -> tuple[str, str]:
     return path, split.query
 
 
-async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str) -> BatchPlan:
-    """Admit every entry of a batch/transaction as a request of its own."""
+def _at_base(url: str, public: str) -> bool:
+    """Whether an entry's URL names the gateway's base itself (where a sealed link points)."""
+    path = url.partition("?")[0].partition("#")[0]
+    return path.rstrip("/") == public.rstrip("/") if "://" in path else path in ("", "/")
+
+
+async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str, public: str) -> BatchPlan:
+    """Admit every entry of a batch/transaction as a request of its own (``public``: the
+    gateway's public base, under which a sealed paging link opens)."""
     bundle = front.resource
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
             or bundle.get("type") not in ("batch", "transaction"):
@@ -104,7 +113,18 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str)
                 or not isinstance(request.get("url"), str):
             raise BadRequest("Each entry needs request.method and request.url.")
         method, url = str(request["method"]), str(request["url"])
+        plan.urls[index] = url
         path, query = _entry_target(url, base_prefix)
+        token = page_token(query) if query else None
+        if token is not None:
+            # A sealed paging link is the entry of the link it seals, as at the front door.
+            try:
+                path, query = opened(state.pages, token, public, method, _at_base(url, public))
+            except GatewayError as exc:
+                if plan.kind == "transaction":
+                    raise
+                plan.refused[index] = refused_slot(exc, withheld_status)
+                continue
         route = parse_route(method, path, "")
         if route.interaction == "batch" or not route.parts:
             raise BadRequest("A batch entry cannot be a batch.")

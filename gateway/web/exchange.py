@@ -20,7 +20,7 @@ from gateway.core import strict_json
 from gateway.core.breakglass import emergency_window, is_emergency
 from gateway.core.compartment import is_patient_data
 from gateway.core.deciding_writes import DECIDING_TYPES, TEAM_TYPES, deciding_part, members_of
-from gateway.core.errors import BadRequest, ConsentDenied, Refused, UnsupportedMediaType, UpstreamUnavailable
+from gateway.core.errors import BadRequest, ConsentDenied, PagingLinkInvalid, Refused, UnsupportedMediaType, UpstreamUnavailable
 from gateway.core.fhir import Bases, JSON, local_reference, reference_of, relative_reference
 from gateway.core.references import UNREADABLE
 from gateway.core.model import Actor
@@ -31,6 +31,7 @@ from gateway.core.refusals import (
     narrowed, visible_matches,
 )
 from gateway.web.identity import check_scopes
+from gateway.web.pages import names_page
 from gateway.web.request import Route, check_formats
 from gateway.web.resolve import read_target, resolve_references
 from gateway.web.state import GatewayState
@@ -109,7 +110,10 @@ def read_body_parameters(ex: Exchange) -> None:
             text = ex.body.decode()
         except UnicodeDecodeError:
             raise BadRequest("The form body is not valid form data.") from None
-        ex.query += parse_qsl(text, keep_blank_values=True)
+        pairs = parse_qsl(text, keep_blank_values=True)
+        if names_page(pairs):
+            raise PagingLinkInvalid()  # a sealed link is followed with GET, never posted
+        ex.query += pairs
         ex.body = strip_projection(text).encode()
         return
     if ex.route.interaction == "operation" and isinstance(ex.resource, dict) \

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 import logging
 import re
 import time
+from urllib.parse import parse_qsl, unquote_plus
 
 import msgspec
 from aiohttp import web
@@ -37,7 +38,7 @@ from gateway.web.batch import (
     subject_hidden,
 )
 from gateway.web.breakglass import audit, read_break_glass, record_emergency_consents
-from gateway.web import officer, refill
+from gateway.web import officer, pages, refill
 from gateway.web.enforcement import Emergency, Observed
 from gateway.web.exchange import Exchange, admit, prepare_projection
 from gateway.web.resolve import resolve_references
@@ -48,7 +49,7 @@ from gateway.web.passed_headers import passed_headers
 from gateway.web.middleware import INFO, Handler, RequestInfo, log_line
 from gateway.web.identity import identify, purpose_of
 from gateway.web.request import (
-    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_identity_headers, parse_route, reject_xml,
+    GATEWAY_HEADER_PREFIXES, GATEWAY_HEADERS, Route, check_formats, check_identity_headers, parse_route, reject_xml,
 )
 from gateway.web.state import STATE, GatewayState
 
@@ -142,6 +143,36 @@ class SplicedPayload(Payload):
         for piece in self._pieces:
             yield rewrite(piece if isinstance(piece, bytes) else bytes(piece))
 
+    def element(self, name: str) -> object:
+        """The value of the answer's top-level element ``name`` (None when it has none)."""
+        index = self._element_at(name)
+        if index is None:
+            return None
+        text = self._pieces[index]
+        return orjson.loads(memoryview(text)[len(orjson.dumps(name)) + 1:])
+
+    def replace_element(self, name: str, text: bytes | None) -> None:
+        """The answer's top-level element ``name`` written as ``text`` (JSON), or gone (None)."""
+        index = self._element_at(name)
+        if index is None:
+            return
+        pieces = self._pieces
+        if text is not None:
+            pieces[index] = orjson.dumps(name) + b":" + text
+        elif pieces[index - 1] == b",":
+            del pieces[index - 1:index + 1]
+        else:
+            del pieces[index:index + 2 if pieces[index + 1] == b"," else index + 1]
+
+    def _element_at(self, name: str) -> int | None:
+        # Top-level elements are pieces of their own, written by the gateway (core.view.pieces):
+        # an entry's text starts with "{".
+        head = orjson.dumps(name) + b":"
+        for index, piece in enumerate(self._pieces):
+            if isinstance(piece, bytes) and piece.startswith(head):
+                return index
+        return None
+
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._texts()).decode(encoding, errors)
 
@@ -228,11 +259,22 @@ def count_removed(state: GatewayState, result: Enforced) -> None:
 
 
 async def exchange_of(request: web.Request, state: GatewayState, body: bytes | None) -> Exchange:
-    """The request as an Exchange: route, identity, purpose, break-glass (CONTRACT §4)."""
-    route = parse_route(request.method, request.raw_path, state.upstream.base.path.rstrip("/"))
+    """The request as an Exchange: route, identity, purpose, break-glass (CONTRACT §4). A
+    request that follows a sealed paging link is the request of the link it seals (web.pages)."""
+    prefix = state.upstream.base.path.rstrip("/")
+    route = parse_route(request.method, request.raw_path, prefix)
+    raw_query = request.rel_url.raw_query_string
+    token = pages.page_token(raw_query) if raw_query else None
+    if token is not None:
+        public = public_base(request, state, route)
+        path, raw_query = pages.opened(state.pages, token, public, request.method, not route.parts)
+        route = parse_route(request.method, route.prefix + path, prefix)
     info = request[INFO]
     info.interaction, info.resource_type = route.interaction, route.resource_type
     reject_xml(request)
+    if token is not None:
+        check_formats(unquote_plus(item.partition("=")[2]) for item in raw_query.split("&")
+                      if unquote_plus(item.partition("=")[0]) == "_format")
     check_identity_headers(request)
     identity = await identify(request, state)
     actor = identity.actor
@@ -243,13 +285,13 @@ async def exchange_of(request: web.Request, state: GatewayState, body: bytes | N
     # Break-glass turns the purpose into emergency treatment.
     purpose = "ETREAT" if reason is not None else purpose_of(request, state.settings, identity)
     info.actor, info.purpose = actor.reference, purpose
-    raw_query = request.rel_url.raw_query_string
     return Exchange(
         method=request.method, route=route, raw_query=raw_query,
         actor=actor, purpose=purpose, reason=reason, body=body,
         content_type=request.headers.get("Content-Type", ""),
         if_none_exist=if_none_exist(request),
-        query=list(request.query.items()) if raw_query else [],
+        query=(list(request.query.items()) if token is None else parse_qsl(raw_query, keep_blank_values=True))
+        if raw_query else [],
     )
 
 
@@ -278,7 +320,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         await admit(state, ex)
         if ex.route.interaction == "batch" and request.method == "POST":
-            plan = await plan_batch(state, ex, withheld_status(state))
+            plan = await plan_batch(state, ex, withheld_status(state), public_base(request, state, ex.route))
             ex.body = plan.body
     except (ConsentDenied, Refused) as exc:
         if not officer.admitted_in_shadow(state, request, ex):
@@ -302,8 +344,23 @@ async def handle(request: web.Request) -> web.StreamResponse:
     response = await answer_page(state, request, ex, upstream, links, plan)
     if refill.wanted(state, ex, info.decision, upstream.body):
         # 404 mode: a page that lost matches is completed from the upstream's further pages.
-        return await refill.completed(state, request, ex, upstream, links, response, answer_page, upstream_headers)
+        response = await refill.completed(state, request, ex, upstream, links, response, answer_page, upstream_headers)
+    if state.settings.enforcement.mode == "enforce":
+        # SECURITY: the server's paging parameters count or name what was withheld (web.pages).
+        sent = response.body if isinstance(response, web.Response) else None
+        spliced = sent if isinstance(sent, SplicedPayload) else None
+        pages.seal_response(response, pages.Sealer(state.pages, links.public), asked_url(request, links.public, ex.route),
+                            plan.urls if plan is not None else None, spliced, links.header)
     return response
+
+
+def asked_url(request: web.Request, public: str, route: Route) -> str:
+    """The URL the client asked, under the public base (an answer's ``self`` link)."""
+    path = request.raw_path.split("?", 1)[0][len(route.prefix):]
+    query = request.rel_url.raw_query_string
+    if path in ("", "/") and query.startswith(pages.PAGE_PARAM + "="):
+        return pages.sealed_link(public, query[len(pages.PAGE_PARAM) + 1:])  # as handed out
+    return f"{public}{path}?{query}" if query else f"{public}{path}"
 
 
 def finding_nothing(upstream: UpstreamResponse, plan: BatchPlan | None) -> UpstreamResponse:

@@ -17,9 +17,10 @@ were sent), which the gateway strips before forwarding (``take_skip``). ``previo
 go; kept entries go out as the upstream wrote them. An upstream error on a further page fails
 the whole answer (502/504), never a partial page that looks complete.
 
-Residual signals (README): the bound reached leaves a short page with a ``next`` link; the
-upstream's own paging parameters in ``next`` links (an offset) still move past the hidden
-matches that were skipped; refilling takes the time of the pages it reads.
+The client holds every link sealed (web.pages), so the upstream's own paging parameters (an
+offset that moved past the hidden matches skipped) are never read by it. Residual signals
+(README): the bound reached leaves a short page with a ``next`` link; refilling takes the time
+of the pages it reads.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from gateway.core.operations import Configured, configured
 from gateway.issuer import Issuer
 from gateway.metrics import Metrics
 from gateway.peers import WorkerRole
+from gateway.sealing import PageSeal
 from gateway.sources.store import ConsentStore
 from gateway.upstream import Upstream
 from gateway.web.drain import Drain
@@ -80,6 +81,8 @@ class GatewayState:
     listening: asyncio.Event = field(default_factory=asyncio.Event)  # both listeners are bound
     drain: Drain = field(default_factory=Drain)  # running proxy handlers, cut at shutdown
     worker: WorkerRole = field(default_factory=WorkerRole)  # listen.workers: which process this is
+    # Seals the gateway's paging links (enforcement.paging_key_file; web.pages).
+    pages: PageSeal = field(default_factory=PageSeal.random)
 
     window_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # The operator's enforcement.allowed_operations, read once (core.operations).

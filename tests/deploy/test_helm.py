@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import copy
 import json
 import re
@@ -82,6 +84,7 @@ def test_default_values_render_a_standalone_release(render: Render) -> None:
         ("Service", f"{FULL}-pods"),
         ("NetworkPolicy", FULL),
         ("PodDisruptionBudget", FULL),
+        ("Secret", f"{FULL}-paging-key"),
     }
 
 
@@ -94,6 +97,7 @@ def test_deployment_workload_renders_one_shared_claim(render: Render) -> None:
         ("NetworkPolicy", FULL),
         ("PodDisruptionBudget", FULL),
         ("PersistentVolumeClaim", f"{FULL}-audit"),
+        ("Secret", f"{FULL}-paging-key"),
     }
 
 
@@ -246,6 +250,7 @@ def test_secret_files_are_mounted_read_only(render: Render) -> None:
 def test_existing_secrets_are_used_and_none_created(render: Render) -> None:
     values = load_values("full")
     values["secret"].update(existingEnvSecret="vendor-keys", existingFilesSecret="jwt-keys")
+    values["pagingKey"] = {"existingSecret": "paging-keys"}
     manifests = render(values)
     assert not [m for m in manifests if m["kind"] == "Secret"]
     pod = _pod_spec(manifests)
@@ -256,8 +261,33 @@ def test_existing_secrets_are_used_and_none_created(render: Render) -> None:
 def test_no_secret_values_means_no_secret_wiring(render: Render) -> None:
     manifests = render()
     container = _container(_pod_spec(manifests))
-    assert not [m for m in manifests if m["kind"] == "Secret"]
+    assert [m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"] == [f"{FULL}-paging-key"]
     assert "envFrom" not in container
+
+
+@pytest.mark.parametrize("existing", ["", "paging-keys"])
+def test_every_pod_seals_paging_links_with_one_kept_key(render: Render, tmp_path: Path, existing: str) -> None:
+    """The chart's Secret (a random key, kept on uninstall; read back on upgrade) or the one
+    named, mounted read-only in every pod and named by enforcement.paging_key_file."""
+    manifests = render({"pagingKey": {"existingSecret": existing}})
+    name = existing or f"{FULL}-paging-key"
+    pod = _pod_spec(manifests)
+    container = _container(pod)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "consent-gateway-paging-key"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True
+    assert volume["secret"] == {"secretName": name, "items": [{"key": "paging.key", "path": "paging.key"}]}
+    settings = _settings(manifests, container, tmp_path)
+    assert str(settings.enforcement.paging_key_file) == mount["mountPath"] + "/paging.key"
+    made = [m for m in manifests if m["kind"] == "Secret"]
+    if existing:
+        assert made == []
+        return
+    (secret,) = made
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    key = base64.b64decode(secret["data"]["paging.key"])
+    assert len(key) >= 32
+    assert base64.b64decode(find_named(render(), "Secret", name)["data"]["paging.key"]) != key, "random per install"
 
 
 @pytest.mark.parametrize("workload", ["statefulset", "deployment"])
@@ -293,6 +323,7 @@ def test_sidecar_values_render_no_workload(render: Render) -> None:
         ("ConfigMap", f"{FULL}-sidecar"),
         ("ConfigMap", f"{FULL}-dashboard"),
         ("PersistentVolumeClaim", f"{FULL}-audit"),
+        ("Secret", f"{FULL}-paging-key"),
     }
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.sealed import opaque
 from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
@@ -69,7 +70,8 @@ async def test_404_mode_a_search_that_lost_a_hidden_record_answers_like_one_that
             answers.append((resp.status, dict(resp.headers), await resp.read()))
     (s1, h1, b1), (s2, h2, b2) = answers
     assert s1 == s2 == 200
-    assert b1.replace(b"bob-hiv", b"bob-nothing-rt8") == b2, (b1[:300], b2[:300])
+    # A client compares sealed links by their length (tests.sealed.opaque).
+    assert opaque(b1).replace(b"bob-hiv", b"bob-nothing-rt8") == opaque(b2), (b1[:300], b2[:300])
     varying = {"date", "x-request-id", "content-length"}
     assert {k.lower(): v for k, v in h1.items() if k.lower() not in varying} == \
         {k.lower(): v for k, v in h2.items() if k.lower() not in varying}

@@ -105,14 +105,17 @@ async def test_another_servers_target_closes_the_record_at_every_door(
     # search (and the record beside an open one)
     rtype = record["resourceType"]
     world.override = routes({("GET", f"/{rtype}"): searchset(world, [record, control])})
-    status, headers, body = await call(gateway, "GET", f"/{rtype}?_id={record['id']},{control['id']}")
+    path = f"/{rtype}?_id={record['id']},{control['id']}"
+    # What the client wrote itself (the ids it searched by) comes back in the search's self link.
+    unasked = tuple(s for s in secrets if s not in path)
+    status, headers, body = await call(gateway, "GET", path)
     assert status == 200, body
-    assert kept(body) == {control["id"]} and leaks(body, headers, secrets) == []
+    assert kept(body) == {control["id"]} and leaks(body, headers, unasked) == []
     # _include: our resource of the same id in the answer decides nothing for the other server's
     world.override = routes({("GET", f"/{rtype}"): searchset(world, [record, control], INCLUDED[kind])})
-    status, headers, body = await call(gateway, "GET", f"/{rtype}?_id={record['id']},{control['id']}&_include=*")
+    status, headers, body = await call(gateway, "GET", f"{path}&_include=*")
     assert status == 200, body
-    assert control["id"] in kept(body) and leaks(body, headers, secrets) == []
+    assert control["id"] in kept(body) and leaks(body, headers, unasked) == []
     world.override = None
     # a batch entry is a request of its own
     status, headers, body = await call(gateway, "POST", "/", body=batch(

@@ -65,7 +65,8 @@ async def test_withhold_refuses_a_binary_nothing_ties_to_a_patient_at_every_door
         assert status == 200, body
         assert {REPORT["id"], REPORT_PDF["id"]} <= ids_in(body)
         return
-    assert leaks(body, headers, SECRETS) == []
+    # What the client wrote itself (the ids it searched by) comes back in the search's self link.
+    assert leaks(body, headers, tuple(s for s in SECRETS if door != "search" or s not in path)) == []
     if door == "read":
         assert status == 403, body
     elif door == "batch":

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import build_settings
@@ -338,3 +339,47 @@ def test_settings_reach_the_workers_unchanged() -> None:
         "audit": {"path": "/var/lib/audit.jsonl", "disclosures": "all"},
     })
     assert build_settings(orjson.loads(orjson.dumps(settings.model_dump(mode="json")))) == settings
+
+
+def _paged(fake: FakeFhir) -> Any:
+    """Ana's search answered with a next link naming the server's own offset."""
+    async def override(request: Any) -> Any:
+        if request.path != "/fhir/Observation":
+            return None
+        page = c.bundle([c.ANA_CBC], fake.base_url, self_url=str(request.url))
+        page["link"].append({"relation": "next", "url": f"{fake.base_url}/Observation?patient={c.PAT_ANA}&_offset=1"})
+        return web.json_response(page, content_type="application/fhir+json")
+    return override
+
+
+async def test_a_paging_link_one_worker_sealed_opens_at_every_worker(fake_fhir: FakeFhir, launch: Any) -> None:
+    """Without enforcement.paging_key_file the supervisor makes one key for all its workers:
+    the sealed next link is followed on fresh connections, which both workers accept."""
+    seed(fake_fhir, c.opt_in(c.PAT_ANA))
+    fake_fhir.override = _paged(fake_fhir)
+    gw = await launch(fake_fhir.base_url)
+    async with aiohttp.ClientSession() as session, session.get(gw.url + SEARCH, headers=DOCTOR) as resp:
+        following = next(lk["url"] for lk in orjson.loads(await resp.read())["link"] if lk["relation"] == "next")
+    assert "gateway-page=" in following and "_offset" not in following
+    answers = await fresh_gets(following, DOCTOR)
+    assert [status for status, _ in answers] == [200] * SPREAD
+    assert sorted(gw.answered_by()) == [0, 1]
+    followed = [r.path_qs for r in fake_fhir.requests if r.path_qs.startswith("/fhir/Observation")]
+    assert followed.count(f"/fhir/Observation?patient={c.PAT_ANA}&_offset=1") == SPREAD
+    # The key lives in the supervisor's private run directory, never in the settings file given.
+    assert "paging_key_file" not in (gw.log.parent / "gateway.yaml").read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("problem", ["short", "missing"])
+async def test_a_bad_paging_key_file_is_one_line_and_exit_2(workers: int, problem: str, tmp_path: Path) -> None:
+    key = tmp_path / "paging.key"
+    if problem == "short":
+        key.write_text("too-short\n")
+    config = write_config(tmp_path, "http://127.0.0.1:9/fhir", workers, free_port(), free_port(),
+                          extra=f"enforcement: {{paging_key_file: {key}}}\n")
+    code, err = await run_serve(tmp_path, config)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("consent-gateway: config error: enforcement.paging_key_file: "), err
+    assert ("at least 32" if problem == "short" else "cannot read the key file") in err, err
+    assert "too-short" not in err, "the secret is never printed"

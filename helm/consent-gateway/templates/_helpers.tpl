@@ -92,6 +92,10 @@ settable inside `config`.
 {{- end }}
 {{- end }}
 
+{{- define "consent-gateway.pagingKeySecretName" -}}
+{{- default (printf "%s-paging-key" (include "consent-gateway.fullname" .)) .Values.pagingKey.existingSecret }}
+{{- end }}
+
 {{- define "consent-gateway.auditClaimName" -}}
 {{- default (printf "%s-audit" (include "consent-gateway.fullname" .)) .Values.persistence.existingClaim }}
 {{- end }}
@@ -126,6 +130,9 @@ definition, so the snippet is exactly what the chart runs.
     # One audit file per pod: replicas sharing the volume never interleave their lines.
     - name: GATEWAY_AUDIT__PATH
       value: /var/lib/consent-gateway/audit-$(POD_NAME).jsonl
+    # One paging key for every pod: a link one pod handed out opens at any other.
+    - name: GATEWAY_ENFORCEMENT__PAGING_KEY_FILE
+      value: /var/run/secrets/consent-gateway-paging/paging.key
     {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -164,6 +171,9 @@ definition, so the snippet is exactly what the chart runs.
       mountPath: /var/lib/consent-gateway
     - name: consent-gateway-tmp
       mountPath: /tmp
+    - name: consent-gateway-paging-key
+      mountPath: /var/run/secrets/consent-gateway-paging
+      readOnly: true
     {{- if include "consent-gateway.filesSecretName" . }}
     - name: consent-gateway-secrets
       mountPath: /var/run/secrets/consent-gateway
@@ -187,6 +197,12 @@ definition, so the snippet is exactly what the chart runs.
 {{- end }}
 - name: consent-gateway-tmp
   emptyDir: {}
+- name: consent-gateway-paging-key
+  secret:
+    secretName: {{ include "consent-gateway.pagingKeySecretName" . }}
+    items:
+      - key: paging.key
+        path: paging.key
 {{- with include "consent-gateway.filesSecretName" . }}
 - name: consent-gateway-secrets
   secret:
