@@ -94,6 +94,7 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     ("sex-vasectomy", procedure(SNOMED, "22523008"), {"SEX"}),
     ("sex-history-of-tubal-ligation", condition(SNOMED, "267020005"), {"SEX"}),
     ("sex-embryo-transfer", procedure(CPT, "58974"), {"SEX"}),
+    ("sex-mifepristone-200mg", medication_request("311704"), {"SEX"}),
     # reproductive health: pregnancy (PREGNANT)
     ("pregnant-weeks-of-gestation", condition(ICD10CM, "Z3A.20"), {"PREGNANT"}),
     ("pregnant-normal-delivery", condition(ICD10CM, "O80"), {"PREGNANT"}),
@@ -135,6 +136,7 @@ UNLABELED: list[tuple[str, dict[str, Any]]] = [
     ("hiv-baseline-blood-count", procedure(SNOMED, "9564003")),
     ("hiv-prophylaxis-cotrimoxazole", medication_request("198335")),
     ("hcpcs-prenatal-H1000-outside-the-range", procedure(HCPCS, "H1000")),
+    ("mifepristone-300mg-cushing", medication_request("1245262")),
 ]
 
 
