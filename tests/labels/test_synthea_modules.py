@@ -80,6 +80,8 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     ("psy-severe-anxiety", condition(SNOMED, "80583007"), {"PSY"}),
     ("psy-suicide-risk-assessment", procedure(SNOMED, "225337009"), {"PSY"}),
     ("psy-trauma-therapy", procedure(SNOMED, "406185000"), {"PSY"}),
+    ("psy-suicide-prevention-note", observation("87626-8"), {"PSY"}),
+    ("psy-anxiety-finding", condition(SNOMED, "48694002"), {"PSY"}),
     # reproductive health: contraception (SEX)
     ("sex-camila-pack", medication_request("748962"), {"SEX"}),
     ("sex-mirena", medication_request("807283"), {"SEX"}),
@@ -112,6 +114,7 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     # violence
     ("sdv-hark", observation("76499-3"), {"SDV"}),
     ("sdv-hark-score", observation("76504-0"), {"SDV"}),
+    ("sdv-history-of-sexual-abuse", condition(SNOMED, "313216003"), {"SDV"}),
 ]
 
 # Left out on purpose (see "Left out on purpose" in the rules files and tools/sources/policy.yaml).
