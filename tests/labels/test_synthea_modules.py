@@ -54,6 +54,8 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     ("sud-dast-10", observation("82666-9"), {"SUD", PART2}),
     ("sud-urine-drugs-of-abuse-panel", observation("65750-2"), {"SUD", PART2}),
     ("sud-dsm5-oud-criteria", observation("99999-0"), {"OPIOIDUD", PART2}),
+    ("sud-thc-urine-3426-4", observation("3426-4"), {"SUD", PART2}),
+    ("sud-benzoylecgonine-urine", observation("3394-4"), {"SUD", PART2}),
     ("sud-hcpcs-H0001-assessment", procedure(HCPCS, "H0001"), {"SUD", PART2}),
     ("sud-hcpcs-H0015-intensive-outpatient", procedure(HCPCS, "H0015"), {"SUD", PART2}),
     ("sud-alcohol-education", procedure(SNOMED, "281078001"), {"ETHUD", PART2}),
