@@ -63,6 +63,8 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     ("bh-hcpcs-H0031-assessment", procedure(HCPCS, "H0031"), {"BH"}),
     # HIV / STI
     ("hiv-1-rna-25836-8", observation("25836-8"), {"HIV"}),
+    ("hiv-biktarvy-branded", medication_request("1999673"), {"HIV"}),
+    ("hiv-cabotegravir-vocabria", medication_request("2475205"), {"HIV"}),
     ("hiv-2-proviral-dna", observation("25842-6"), {"HIV"}),
     ("hiv-cpt-87389", procedure(CPT, "87389"), {"HIV"}),
     ("hiv-cpt-86701", procedure(CPT, "86701"), {"HIV"}),
