@@ -121,6 +121,13 @@ LABELED: list[tuple[str, dict[str, Any], set[str]]] = [
     ("sdv-history-of-sexual-abuse", condition(SNOMED, "313216003"), {"SDV"}),
 ]
 
+# Codes the earlier rules already labeled keep their labels: new sets only add.
+KEPT: list[tuple[str, dict[str, Any], set[str]]] = [
+    ("phq9-shift-behavioral-health-stays-bh", observation("89204-2"), {"BH"}),
+    ("ectopic-pregnancy-surgery-stays-pregnant", procedure(SNOMED, "445912000"), {"PREGNANT"}),
+    ("hiv-in-pregnancy-gains-pregnant", condition(ICD10CM, "O98.711"), {"HIV", "PREGNANT"}),
+]
+
 # Left out on purpose (see "Left out on purpose" in the rules files and tools/sources/policy.yaml).
 UNLABELED: list[tuple[str, dict[str, Any]]] = [
     ("buprenorphine-ingredient-names-pain-products-too", medication_request("1819")),
@@ -149,6 +156,11 @@ UNLABELED: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.mark.parametrize(("resource", "expected"), [e[1:] for e in LABELED], ids=[e[0] for e in LABELED])
 def test_synthea_and_public_codes_earn_their_labels(index: LabelIndex, resource: dict[str, Any], expected: set[str]) -> None:
+    assert labels(index, resource) == expected
+
+
+@pytest.mark.parametrize(("resource", "expected"), [k[1:] for k in KEPT], ids=[k[0] for k in KEPT])
+def test_earlier_labels_are_kept(index: LabelIndex, resource: dict[str, Any], expected: set[str]) -> None:
     assert labels(index, resource) == expected
 
 
