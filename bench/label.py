@@ -154,7 +154,8 @@ ROUTINE_CODES: list[tuple[str, str, str]] = [
         "1049630", "849574", "106892", "198405",
     )],
     *[("Immunization", "http://hl7.org/fhir/sid/cvx", c) for c in ("140", "133", "115", "208", "62", "21")],
-    *[("Procedure", SCT, c) for c in ("430193006", "171207006", "710824005", "183460006", "252160004")],
+    # 183460006 (obstetric emergency hospital admission) is not here: it says a pregnancy exists (PREGNANT).
+    *[("Procedure", SCT, c) for c in ("430193006", "171207006", "710824005", "252160004")],
     *[("Encounter", SCT, c) for c in ("185349003", "162673000", "185345009", "410620009")],
 ]
 

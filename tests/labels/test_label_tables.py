@@ -13,7 +13,7 @@ TABLE: list[tuple[str, str, str, set[str]]] = [
     # HIV / STI
     ("hiv", ICD10CM, "B20", {"HIV"}),
     ("hiv", ICD10CM, "Z21", {"HIV"}),
-    ("hiv", ICD10CM, "O98.711", {"HIV"}),
+    ("hiv", ICD10CM, "O98.711", {"HIV", "PREGNANT"}),  # HIV complicating pregnancy says both
     ("hiv", SNOMED, "86406008", {"HIV"}),
     ("hiv", LOINC, "56888-1", {"HIV"}),
     ("hiv", LOINC, "20447-9", {"HIV"}),

@@ -141,7 +141,7 @@ NEAR_MISSES: list[tuple[str, dict[str, Any]]] = [
     ("er-admission-from-the-self-harm-module", procedure(SNOMED, "50849002")),
     ("wellness-visit-G0439-claim", claim(HCPCS, "G0439")),
     ("psychiatry-neighbour-90900", procedure(CPT, "90900")),
-    ("maternity-neighbour-59870", procedure(CPT, "59870")),
+    ("surgery-neighbour-60000", procedure(CPT, "60000")),  # past the maternity codes (59870 is a molar pregnancy: PREGNANT)
 ]
 
 

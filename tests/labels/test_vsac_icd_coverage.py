@@ -16,6 +16,7 @@ from gateway.core.labels import ICD10CM, LabelIndex
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vsac-icd10cm"
 SUD = {"SUD", "ETHUD", "OPIOIDUD"}
+REPRODUCTIVE = {"PREGNANT", "SEX"}
 # OID -> (labels any of which each code must earn, code prefixes left out on purpose)
 EXPECTED: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "2.16.840.1.113883.3.464.1003.106.12.1001": (SUD, ()),  # Alcohol and Drug Dependence
@@ -27,6 +28,11 @@ EXPECTED: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "2.16.840.1.113883.3.464.1003.120.12.1003": ({"HIV"}, ()),  # HIV
     "2.16.840.1.113762.1.4.1029.272": ({"HIV"}, ()),  # HIV in Pregnancy Childbirth and Puerperium
     "2.16.840.1.113762.1.4.1029.241": ({"SCA"}, ()),  # Sickle Cell Disease with Crisis
+    # Pregnancy: the O chapter and the pregnancy Z codes earn PREGNANT (abortive outcomes O00-O08: SEX)
+    "2.16.840.1.113883.3.117.1.7.1.263": (REPRODUCTIVE, ()),  # Obstetrical or Pregnancy Related Conditions
+    "2.16.840.1.113762.1.4.1110.67": (REPRODUCTIVE, ()),  # 20 to 42 Plus Weeks Gestation
+    "2.16.840.1.113762.1.4.1029.299": (REPRODUCTIVE, ()),  # Preterm Birth
+    "2.16.840.1.113762.1.4.1045.99": (REPRODUCTIVE, ()),  # Delivery of Singleton
 }
 
 
