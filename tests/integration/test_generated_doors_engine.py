@@ -71,6 +71,7 @@ from tests.leak.test_generated_doors import (
     check_slot,
     check_twins,
     hidden_attempts,
+    missing_twin,
     parts,
     plain_reads,
     unsaid,
@@ -143,7 +144,20 @@ PROBLEM_LIST = {
               {"item": {"reference": HIV_CONDITION_REF, "display": "HIV disease"}},
               {"item": {"reference": DEPRESSION_REF}}],
 }
-POINTERS = (TASK, AUDIT_EVENT, SUMMARY, ENCOUNTER, PROBLEM_LIST, CONTAINED_REPORT)
+# Ana's records that name Ben (who opted out): his records by reference, with displays naming him.
+HOUSEHOLD = {
+    "resourceType": "List", "id": "list-household-3", "status": "current", "mode": "snapshot", "title": "Household",
+    "subject": {"reference": c.PAT_ANA},
+    "entry": [{"item": {"reference": c.PAT_BEN, "display": "Ben Okafor"}},
+              {"item": {"reference": f"Observation/{c.BEN_CBC['id']}", "display": "CBC of Ben Okafor"}}],
+}
+SHARED_PROVENANCE = {
+    "resourceType": "Provenance", "id": "prov-shared-9", "recorded": "2023-05-02T09:00:00Z",
+    "target": [{"reference": f"Observation/{c.ANA_CBC['id']}"},
+               {"reference": f"Observation/{c.BEN_CBC['id']}", "display": "CBC of Ben Okafor"}],
+    "agent": [{"who": {"reference": c.DOCTOR}}],
+}
+POINTERS = (TASK, AUDIT_EVENT, SUMMARY, ENCOUNTER, PROBLEM_LIST, CONTAINED_REPORT, HOUSEHOLD, SHARED_PROVENANCE)
 ENGINE_HIDDEN = (*HIDDEN, RESTRICTED_BINARY)
 
 
@@ -163,7 +177,8 @@ def seed_bundle() -> dict[str, Any]:
 ENGINE_SECRETS = (*SECRETS, *HIDDEN_IDENTIFIERS, "bin-r-61f", RESTRICTED_NOTE_DATA, "Binary/bin-r-61f")
 # A released record keeps its references (CONTRACT §6 removes their displays): a hidden record's
 # id may show there, as a reference's value, and nowhere else.
-KEPT = tuple(orjson.dumps({"reference": f"{r['resourceType']}/{r['id']}"})[1:-1] for r in ENGINE_HIDDEN)
+KEPT = tuple(orjson.dumps({"reference": f"{r['resourceType']}/{r['id']}"})[1:-1]
+             for r in (*ENGINE_HIDDEN, *c.BEN_ORDINARY))
 
 # ---------------------------------------------------------------- the words of requests to the engine
 
@@ -200,7 +215,7 @@ ENGINE_VALUES = (
 ENGINE_WORDS = Words(
     types=(*TYPES, "Task", "DiagnosticReport"),
     ids=(*IDS, "bin-r-61f", "task-follow-7", "audit-read-5", "docref-summary-4", "enc-visit-6", "list-problems-8",
-         CONTAINED_REPORT["id"]),
+         CONTAINED_REPORT["id"], "list-household-3", "prov-shared-9"),
     markers=MARKERS, params=ENGINE_PARAMS, values=ENGINE_VALUES, wider_history=True,
 )
 CONDITIONS = (
@@ -398,6 +413,55 @@ def test_no_generated_request_to_the_engine_fails_unhandled_or_tells_a_hidden_re
 @settings(max_examples=ENGINE_EXAMPLES * 2, **_SETTINGS)
 @given(case=hidden_attempts(ENGINE_HIDDEN))
 def test_in_404_mode_a_hidden_record_on_the_engine_answers_as_a_missing_one(
+    engine_doors: EngineDoors, case: tuple[Attempt, Attempt, str, str],
+) -> None:
+    check_twins(engine_doors, case)
+
+
+# The searches that name a hidden record by a reference to it, by the type that refers to it:
+# each finds an ordinary record pointing at the hidden one (the engine acts on all of them).
+_REFERRING = (
+    ("Provenance", "target"), ("Task", "focus"), ("List", "item"), ("Encounter", "diagnosis"),
+    ("Encounter", "reason-reference"), ("AuditEvent", "entity"), ("Observation", "derived-from"),
+    ("DocumentReference", "relatesto"), ("Binary", "_id"),
+)
+_IDENTIFIED = {r["id"]: (r.get("identifier") or [r.get("masterIdentifier")])[0]["value"] for r in HIDDEN_WITH_IDENTIFIERS}
+
+
+@st.composite
+def hidden_searches(draw: st.DrawFn) -> tuple[Attempt, Attempt, str, str]:
+    """A search naming one of Ana's hidden records (by ``_id``, by its identifier, by a
+    reference to it, with includes), alone or as a batch entry, the same search naming a
+    missing record written alike, and the two names."""
+    record = draw(st.sampled_from(ENGINE_HIDDEN))
+    rtype, rid = record["resourceType"], record["id"]
+    how = draw(st.sampled_from(("_id", "_id", "identifier", "reference", "reference")))
+    if how == "identifier" and rid in _IDENTIFIED:
+        name, query = _IDENTIFIED[rid], f"{rtype}?identifier={LAB_IDS}|{{}}"
+    elif how == "reference":
+        referring, param = draw(st.sampled_from(_REFERRING))
+        name, query = rid, f"{referring}?{param}={rtype}/{{}}" if param != "_id" else f"{referring}?_id={{}}"
+    else:
+        name, query = rid, f"{rtype}?_id={{}}"
+    extra = draw(st.sampled_from(("", "", "&_include=*", "&_revinclude=*", "&_revinclude=Provenance:target",
+                                  "&_summary=count", "&_count=1", "&_total=accurate", "&_elements=id")))
+    kind = draw(st.sampled_from(("alone", "alone", "alone", "batch", "transaction")))
+    headers: tuple[tuple[str, str], ...] = (("X-Actor", draw(st.sampled_from(ACTORS))),)
+
+    def naming(value: str) -> Attempt:
+        url = query.format(value) + extra
+        if kind == "alone":
+            return Attempt("GET", f"/fhir/{url}", headers, b"")
+        bundle = {"resourceType": "Bundle", "type": kind, "entry": [{"request": {"method": "GET", "url": url}}]}
+        return Attempt("POST", "/fhir", (*headers, ("Content-Type", "application/fhir+json")), orjson.dumps(bundle))
+
+    twin = missing_twin(name)
+    return naming(name), naming(twin), name, twin
+
+
+@settings(max_examples=ENGINE_EXAMPLES * 2, **_SETTINGS)
+@given(case=hidden_searches())
+def test_in_404_mode_a_search_naming_a_hidden_record_answers_as_one_naming_a_missing_one(
     engine_doors: EngineDoors, case: tuple[Attempt, Attempt, str, str],
 ) -> None:
     check_twins(engine_doors, case)
