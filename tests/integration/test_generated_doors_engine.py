@@ -158,7 +158,12 @@ SHARED_PROVENANCE = {
     "agent": [{"who": {"reference": c.DOCTOR}}],
 }
 POINTERS = (TASK, AUDIT_EVENT, SUMMARY, ENCOUNTER, PROBLEM_LIST, CONTAINED_REPORT, HOUSEHOLD, SHARED_PROVENANCE)
-ENGINE_HIDDEN = (*HIDDEN, RESTRICTED_BINARY)
+# History: a record of Ana's first written as fatigue, then as HIV disease (its current version
+# hidden), and an HIV diagnosis of hers written and then deleted.
+REVISED_BEFORE = c.condition("cond-rev-r5383-2", c.PAT_ANA, c.concept(c.ICD10CM, "R53.83", "Other fatigue"), "2020-05-02")
+REVISED = {**REVISED_BEFORE, "code": c.HIV_CONDITION["code"]}
+DELETED = {**c.HIV_CONDITION, "id": "cond-hiv-gone-4"}
+ENGINE_HIDDEN = (*HIDDEN, RESTRICTED_BINARY, REVISED)
 
 
 def world() -> list[dict[str, Any]]:
@@ -168,13 +173,18 @@ def world() -> list[dict[str, Any]]:
             c.opt_in(c.PAT_ANA), c.opt_out(c.PAT_BEN, "consent-ben-out")]
 
 
-def seed_bundle() -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in world()
-    ]}
+def seed_bundles() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The world as written, then the revision and the deletion that make its history."""
+    first = [*world(), REVISED_BEFORE, DELETED]
+    return ({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in first
+    ]}, {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": REVISED, "request": {"method": "PUT", "url": f"Condition/{REVISED['id']}"}},
+        {"request": {"method": "DELETE", "url": f"Condition/{DELETED['id']}"}},
+    ]})
 
 
-ENGINE_SECRETS = (*SECRETS, *HIDDEN_IDENTIFIERS, "bin-r-61f", RESTRICTED_NOTE_DATA, "Binary/bin-r-61f")
+ENGINE_SECRETS = (*SECRETS, *HIDDEN_IDENTIFIERS, "bin-r-61f", RESTRICTED_NOTE_DATA, "Binary/bin-r-61f", "cond-hiv-gone-4")
 # A released record keeps its references (CONTRACT §6 removes their displays): a hidden record's
 # id may show there, as a reference's value, and nowhere else.
 KEPT = tuple(orjson.dumps({"reference": f"{r['resourceType']}/{r['id']}"})[1:-1]
@@ -215,7 +225,7 @@ ENGINE_VALUES = (
 ENGINE_WORDS = Words(
     types=(*TYPES, "Task", "DiagnosticReport"),
     ids=(*IDS, "bin-r-61f", "task-follow-7", "audit-read-5", "docref-summary-4", "enc-visit-6", "list-problems-8",
-         CONTAINED_REPORT["id"], "list-household-3", "prov-shared-9"),
+         CONTAINED_REPORT["id"], "list-household-3", "prov-shared-9", REVISED["id"], DELETED["id"]),
     markers=MARKERS, params=ENGINE_PARAMS, values=ENGINE_VALUES, wider_history=True,
 )
 CONDITIONS = (
@@ -325,12 +335,13 @@ class EngineDoors(Doors):
     """The real engine, seeded with the world, and the three gateways of ``Doors`` in front."""
 
     def __init__(self, audit_dir: Path) -> None:
-        self.seed_file = audit_dir / "world.json"
-        self.seed_file.write_text(json.dumps(seed_bundle()))
+        self.seed_files = [audit_dir / "world.json", audit_dir / "history.json"]
+        for path, bundle in zip(self.seed_files, seed_bundles()):
+            path.write_text(json.dumps(bundle))
         super().__init__(audit_dir)
 
     async def _start(self) -> bool:
-        self._engine = start_engine(seeds=[self.seed_file], rollback=True)
+        self._engine = start_engine(seeds=self.seed_files, rollback=True)
         self.engine: Engine = self._engine.__enter__()
         self.session = aiohttp.ClientSession()
         self.changes_url = f"http://127.0.0.1:{self.engine.port}/__engine/changes"
