@@ -486,19 +486,3 @@ def test_an_entry_of_a_batch_or_transaction_is_answered_by_the_engine_as_the_sam
 ) -> None:
     check_slot(engine_doors, alone, gateway, kind)
 
-
-# ---------------------------------------------------------------- what the generated tests found
-
-
-@pytest.mark.parametrize("gateway", ["whole", "views", "404"])
-@pytest.mark.parametrize("kind", ["batch", "transaction"])
-def test_a_search_page_in_a_batch_slot_carries_the_redisclosure_notice_as_it_does_alone(
-    engine_doors: EngineDoors, gateway: str, kind: str,
-) -> None:
-    """Found by the batch test: Ana reading her own Conditions (her opioid-use disorder among
-    them) got the 42 CFR Part 2 notice on the search page sent alone, and on the
-    batch-response only when the same search was an entry: the page in the slot had none."""
-    alone = Attempt("GET", "/fhir/Condition?patient=Patient/pat-ana-5581", (("X-Actor", c.PAT_ANA),), b"")
-    front, _ = engine_doors.send_to(gateway, alone)
-    assert b"urn:consent-gateway:redisclosure-notice" in parts(front)[2]
-    check_slot(engine_doors, alone, gateway, kind)
