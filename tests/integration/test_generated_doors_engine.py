@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import base64
 import json
-from urllib.parse import quote
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -45,15 +45,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures import clinical as c
-from tests.integration.engine import Engine, engine_installed, start_engine
 from tests.integration.conftest import NOT_INSTALLED
+from tests.integration.engine import Engine, engine_installed, start_engine
 from tests.leak.test_generated_doors import (
     ACTORS,
     EXAMPLES,
     EXTRA,
     HEADER_CHOICES,
     HIDDEN,
-    HIDDEN_BINARY,
     HIV_TEST_REF,
     IDS,
     MARKERS,
@@ -87,18 +86,14 @@ DEPRESSION_REF = f"Condition/{c.DEPRESSION['id']}"
 PSYNOTE_REF = f"DocumentReference/{c.PSYCHOTHERAPY_NOTE['id']}"
 LAB_IDS = "urn:oid:2.16.840.1.113883.19.5.99"  # the lab's accession numbers
 TAGS = "urn:oid:2.16.840.1.113883.19.5.98"  # the clinic's own workflow tags
-# Hidden records as the engine holds them: each with an accession number of its own and the
-# follow-up tag an ordinary record carries too.
+# Hidden records as the engine holds them: each with an accession number of its own (a
+# document: its masterIdentifier) and the follow-up tag an ordinary record carries too.
 HIDDEN_WITH_IDENTIFIERS = tuple(
-    {**record, "identifier": [{"system": LAB_IDS, "value": f"ACC-{n:04d}-77"}],
-     "meta": {**record.get("meta", {}), "tag": [{"system": TAGS, "code": "follow-up"}]}}
+    {**record, "meta": {**record.get("meta", {}), "tag": [{"system": TAGS, "code": "follow-up"}]},
+     **({"masterIdentifier": {"system": LAB_IDS, "value": f"DOC-{n:04d}-77"}}
+        if record["resourceType"] == "DocumentReference"
+        else {"identifier": [{"system": LAB_IDS, "value": f"ACC-{n:04d}-77"}]})}
     for n, record in enumerate(c.ANA_SENSITIVE, start=3101)
-    if record["resourceType"] != "DocumentReference"  # DocumentReference.identifier is a list too, but
-) + tuple(  # its masterIdentifier is what the documents carry here
-    {**record, "masterIdentifier": {"system": LAB_IDS, "value": f"DOC-{n:04d}-77"},
-     "meta": {**record.get("meta", {}), "tag": [{"system": TAGS, "code": "follow-up"}]}}
-    for n, record in enumerate(c.ANA_SENSITIVE, start=3101)
-    if record["resourceType"] == "DocumentReference"
 )
 HIDDEN_IDENTIFIERS = tuple(
     r["identifier"][0]["value"] if "identifier" in r else r["masterIdentifier"]["value"] for r in HIDDEN_WITH_IDENTIFIERS
@@ -408,10 +403,9 @@ def engine_doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineDoo
 
 _SETTINGS = {"deadline": None, "derandomize": not RANDOM, "database": None,
              "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]}
-ENGINE_EXAMPLES = EXAMPLES
 
 
-@settings(max_examples=ENGINE_EXAMPLES * 4, **_SETTINGS)
+@settings(max_examples=EXAMPLES * 4, **_SETTINGS)
 @given(attempt=ENGINE_ATTEMPTS)
 def test_no_generated_request_to_the_engine_fails_unhandled_or_tells_a_hidden_record(
     engine_doors: EngineDoors, attempt: Attempt,
@@ -421,7 +415,7 @@ def test_no_generated_request_to_the_engine_fails_unhandled_or_tells_a_hidden_re
         check_answer(name, attempt, answer, errors, secrets, KEPT)
 
 
-@settings(max_examples=ENGINE_EXAMPLES * 2, **_SETTINGS)
+@settings(max_examples=EXAMPLES * 2, **_SETTINGS)
 @given(case=hidden_attempts(ENGINE_HIDDEN))
 def test_in_404_mode_a_hidden_record_on_the_engine_answers_as_a_missing_one(
     engine_doors: EngineDoors, case: tuple[Attempt, Attempt, str, str],
@@ -470,7 +464,7 @@ def hidden_searches(draw: st.DrawFn) -> tuple[Attempt, Attempt, str, str]:
     return naming(name), naming(twin), name, twin
 
 
-@settings(max_examples=ENGINE_EXAMPLES * 2, **_SETTINGS)
+@settings(max_examples=EXAMPLES * 2, **_SETTINGS)
 @given(case=hidden_searches())
 def test_in_404_mode_a_search_naming_a_hidden_record_answers_as_one_naming_a_missing_one(
     engine_doors: EngineDoors, case: tuple[Attempt, Attempt, str, str],
@@ -478,7 +472,7 @@ def test_in_404_mode_a_search_naming_a_hidden_record_answers_as_one_naming_a_mis
     check_twins(engine_doors, case)
 
 
-@settings(max_examples=ENGINE_EXAMPLES * 2, **_SETTINGS)
+@settings(max_examples=EXAMPLES * 2, **_SETTINGS)
 @given(alone=st.one_of(plain_reads(ENGINE_WORDS), engine_searches().filter(lambda a: a.method == "GET")), gateway=st.sampled_from(("whole", "views", "404")),
        kind=st.sampled_from(("batch", "transaction")))
 def test_an_entry_of_a_batch_or_transaction_is_answered_by_the_engine_as_the_same_request_alone(
