@@ -488,9 +488,14 @@ class Enforcer:
         index: dict[int, frozenset[str]] | None = None,
         withheld_status: str = "403 Forbidden",
         ours: Bases | None = None,
+        kept_totals: frozenset[int] = frozenset(),
     ) -> None:
         self.judge = judge
         self.drop_total = drop_total
+        # Bundles inside the body (by identity: a batch slot's search page) whose total is
+        # judged as the body's own would be without ``drop_total``: their search, sent alone,
+        # would keep it (web.enforcement.totals_kept).
+        self.kept_totals = kept_totals
         self.index = index
         self.withheld_status = withheld_status
         self.ours = ours  # this server's bases (without_orphan_includes); None: every base is ours
@@ -650,7 +655,8 @@ class Enforcer:
         filtered = len(self.result.removed) > removed_before
         links = bundle.get("link")
         counted = "total" in bundle or (isinstance(links, list) and any(_is_last(link) for link in links))
-        drop_total = counted and (self.drop_total or filtered or not total_is_visible(bundle))
+        dropped = self.drop_total and id(bundle) not in self.kept_totals
+        drop_total = counted and (dropped or filtered or not total_is_visible(bundle))
         if drop_total:
             # SECURITY: Bundle.total (or the last page's link) would reveal how many entries
             # were withheld, or count matches on other pages (a joint record of another patient)

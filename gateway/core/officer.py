@@ -224,7 +224,8 @@ def release_of(
     resource without owners is read again. The ids of resources labelled in place go into
     ``touched`` when given. A patient reading their own record is not a disclosure to account
     for (45 CFR 164.528(a)(1)(i))."""
-    changed = part2 = False
+    changed = False
+    part2: set[int] = set()
     disclosed: dict[str, list[tuple[str, list[Label]]]] = {}
     counts: dict[str, int] = {}
     for resource in top_resources(body):
@@ -244,7 +245,8 @@ def release_of(
                 changed = True
                 if touched is not None:
                     touched.add(id(resource))
-            part2 = part2 or is_part2(marked)
+            if is_part2(marked):
+                part2.add(id(resource))
         if mode == "none" or (mode == "sensitive" and not marked) or not is_patient_data(rtype):
             continue
         ref = resource_reference(resource)
@@ -254,6 +256,49 @@ def release_of(
         for patient in patients_of(resource) if found_owners is None else found_owners:
             if patient != requester and patient != UNKNOWN_PATIENT:
                 disclosed.setdefault(patient, []).append((ref, marked))
-    if part2 and body.get("resourceType") == "Bundle":
-        changed |= add_notice(body)
+    if part2:
+        changed |= add_notices(body, part2, touched)
     return Release(counts, disclosed, changed)
+
+
+def add_notices(body: JSON, part2: set[int], touched: set[int] | None = None) -> bool:
+    """Put the redisclosure notice on every Bundle of ``body`` (itself, a search page in a batch
+    slot, a Bundle in a Parameters) that holds a resource of ``part2`` (ids), however deep; a
+    nested Bundle so changed goes into ``touched``. True when any Bundle changed.
+
+    A batch entry's page is answered as the same search sent alone (CONTRACT §6): both carry
+    the notice, and so does the batch-response that holds it."""
+    return _notices(body, part2, touched)[1]
+
+
+def _notices(node: JSON, part2: set[int], touched: set[int] | None) -> tuple[bool, bool]:
+    """Whether ``node`` holds a Part 2 resource, and whether a Bundle in it was changed."""
+    holds = changed = False
+    for child in _held(node):
+        if id(child) in part2:
+            holds = True
+        elif child.get("resourceType") in ("Bundle", "Parameters"):
+            child_holds, child_changed = _notices(child, part2, touched)
+            holds, changed = holds or child_holds, changed or child_changed
+            if child_holds and child_changed and touched is not None and child.get("resourceType") == "Bundle":
+                touched.add(id(child))
+    if holds and node.get("resourceType") == "Bundle" and add_notice(node):
+        changed = True
+    return holds, changed
+
+
+def _held(node: JSON) -> Iterator[JSON]:
+    """The resources a Bundle's entries or a Parameters' parameters (and parts) hold."""
+    if node.get("resourceType") == "Bundle":
+        for entry in node.get("entry") or ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict):
+                yield resource
+        return
+    stack = list(node.get("parameter") or ())
+    while stack:
+        param = stack.pop()
+        if isinstance(param, dict):
+            if isinstance(param.get("resource"), dict):
+                yield param["resource"]
+            stack.extend(param.get("part") or ())

@@ -48,6 +48,9 @@ class BatchPlan:
     # 404 mode: searches naming a record the requester may not see (Exchange.finds_nothing).
     find_nothing: set[int] = field(default_factory=set)
     urls: dict[int, str] = field(default_factory=dict)          # client index -> request.url as written
+    # client index -> the patients a search entry names (Exchange.confined): its page keeps
+    # Bundle.total as the same search alone does (web.enforcement.totals_kept).
+    confined: dict[int, frozenset[str]] = field(default_factory=dict)
 
     def answer(self, upstream_entries: list[object]) -> list[object]:
         """The slots in the client's order: the upstream's, with the refused ones put back."""
@@ -155,6 +158,8 @@ async def plan_batch(state: GatewayState, front: Exchange, withheld_status: str,
             plan.projections[index] = sub.projection
         if sub.finds_nothing:
             plan.find_nothing.add(index)
+        if method == "GET" and route.interaction == "search" and sub.confined:
+            plan.confined[index] = sub.confined
         forwarded = dict(entry)
         forwarded_request = dict(request)
         forwarded_request["url"] = route.path + (f"?{sub.forwarded_query}" if sub.forwarded_query else "")

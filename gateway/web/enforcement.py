@@ -178,6 +178,21 @@ class ConsentEnforcement:
             for p in patients
         )
 
+    def totals_kept(self, body: JSON, slot_confined: Mapping[int, frozenset[str]], looked: Looked) -> frozenset[int]:
+        """The search pages in a batch answer's slots whose total stays as it would for the same
+        search sent alone: the patients it named all permit this requester everything (by
+        identity; whether the total counts only that page is judged in core.enforce)."""
+        entries = body.get("entry")
+        if body.get("resourceType") != "Bundle" or not isinstance(entries, list):
+            return frozenset()
+        kept = set()
+        for index, patients in slot_confined.items():
+            entry = entries[index] if index < len(entries) else None
+            page = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(page, dict) and page.get("resourceType") == "Bundle" and self.unconditional(looked, patients):
+                kept.add(id(page))
+        return frozenset(kept)
+
     def overriding(
         self, judge: Judge, emergency: Emergency, resolved: Resolved = NOTHING_RESOLVED,
         source_labels: Mapping[str, frozenset[Label]] | None = None, strays: bool = True,
@@ -201,20 +216,23 @@ class ConsentEnforcement:
         label_keys: Mapping[int, Hashable] | None = None,
         content_keys: Mapping[int, Hashable] | None = None,
         strays: bool = True,
+        slot_confined: Mapping[int, frozenset[str]] | None = None,
     ) -> tuple[Enforced, Emergency]:
         """Decide and filter a parsed body in place; an error while deciding is a 503
         (``_fails_closed``). ``strays``: whether the answer may hold extensions off the field
         plans (``core.labels.may_extend`` of its text; True when unknown).
 
         ``confined`` are the patients the request named; Bundle.total survives only when the
-        requester may see everything of each of them. With ``break_glass`` nothing is removed,
+        requester may see everything of each of them; ``slot_confined`` are, by slot index of
+        a batch answer, the patients each entry's search named, which decide the total of the
+        page in that slot alike. With ``break_glass`` nothing is removed,
         but what consent would have denied is recorded for the audit.
         """
         binaries: list[JSON] = []
         index = owners_index(body, binaries, content_keys, self.ours)
         if resolved.targets:
             bind_contexts(binaries, index, resolved)
-        patients = patients_in(index) | (confined or frozenset())
+        patients = patients_in(index) | (confined or frozenset()).union(*(slot_confined or {}).values())
         unknown = False
         try:
             looked = await self.look_up(patients, actor, purpose)
@@ -235,6 +253,8 @@ class ConsentEnforcement:
         # matches, and loses it when a record she shares with a patient who does not permit her
         # matched, which would tell a hidden record from a missing one.
         drop_total = withheld_status.startswith("404") or not (confined and self.unconditional(looked, confined))
+        kept_totals = (frozenset() if withheld_status.startswith("404") or not slot_confined
+                       else self.totals_kept(body, slot_confined, looked))
         emergency = Emergency(break_glass, looked.windows, consents_unknown=unknown)
         if observed is not None:
             observed.consents, observed.owners = looked.consents, index
@@ -253,6 +273,7 @@ class ConsentEnforcement:
             judge = binaries_as_contexts(judge, resolved)
         result = Enforcer(
             judge, drop_total=drop_total, index=index, withheld_status=withheld_status, ours=self.ours,
+            kept_totals=kept_totals,
         ).decide(body)
         # The verdicts per entry, applied to the parsed answer (whose kept entries go out as the
         # upstream's bytes, core.view).

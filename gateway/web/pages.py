@@ -216,7 +216,7 @@ def _asked_in_batch(public: str, url: str | None) -> str | None:
     """An entry's ``request.url`` as a URL under the public base (None: another base, or none)."""
     if url is None:
         return None
-    if "://" in url:
+    if "://" in url.partition("?")[0]:  # an absolute URL, not a relative one with a URL in its query
         return url if under_base(url, public) else None
     path, _, query = url.partition("?")
     try:

@@ -484,6 +484,7 @@ async def decide_answer(
         label_keys=view.label_keys if view is not None else None,
         content_keys=view.content_keys if view is not None else None,
         strays=view.extended if view is not None else may_extend(upstream.body),
+        slot_confined=plan.confined if plan is not None and not shadow else None,
     )
     status = withheld_status(state)
     denied = result.denied or all_versions_hidden(ex.route, decided) or (

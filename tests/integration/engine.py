@@ -59,11 +59,13 @@ def engine_installed() -> bool:
 
 @contextmanager
 def start_engine(
-    seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0, require_bearer: str | None = None
+    seeds: Sequence[Path] = DEFAULT_SEEDS, timeout_s: float = 30.0, require_bearer: str | None = None,
+    rollback: bool = False,
 ) -> Iterator[Engine]:
     """Run the engine for the duration of the ``with`` block, seeded with ``seeds`` in order.
 
     With ``require_bearer`` the engine answers 401 to every request without that bearer token.
+    With ``rollback`` it serves ``/__engine/changes`` (see server.mjs): undo what was written.
 
     Raises EngineError when the engine is not installed, does not start within ``timeout_s``
     or rejects any entry of a seed; the engine's stderr is included in the message.
@@ -71,7 +73,7 @@ def start_engine(
     if not engine_installed():
         raise EngineError(f"FHIR engine not installed ({NODE} missing): run bash tests/upstream/install.sh")
     with tempfile.TemporaryFile() as stderr:
-        process = _spawn(stderr, require_bearer)
+        process = _spawn(stderr, require_bearer, rollback)
         stop = functools.partial(_stop, process)
         atexit.register(stop)
         try:
@@ -86,8 +88,9 @@ def start_engine(
             atexit.unregister(stop)
 
 
-def _spawn(stderr: IO[bytes], require_bearer: str | None = None) -> subprocess.Popen[bytes]:
+def _spawn(stderr: IO[bytes], require_bearer: str | None = None, rollback: bool = False) -> subprocess.Popen[bytes]:
     extra = ["--require-bearer", require_bearer] if require_bearer else []
+    extra += ["--rollback"] if rollback else []
     return subprocess.Popen(
         [str(NODE), str(SERVER), "--port", "0", "--base-path", BASE_PATH, *extra],
         cwd=UPSTREAM_DIR,

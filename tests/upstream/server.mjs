@@ -9,9 +9,13 @@
 // Patient/$everything (501 not-supported),
 // _has reverse chaining (Medplum's MemoryRepository matches nothing), XML.
 //
-// Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1] [--require-bearer TOKEN]
+// Usage: node server.mjs [--port N] [--base-path /fhir] [--host 127.0.0.1] [--require-bearer TOKEN] [--rollback]
 // (or ENGINE_PORT / ENGINE_BASE_PATH / ENGINE_REQUIRE_BEARER). Port 0 picks a free port. Once listening, prints
 // one line `LISTENING <port>` on stdout.
+//
+// With --rollback, `GET /__engine/changes` answers `{"count": N}` (how many changes the store
+// holds) and `POST /__engine/changes?to=N` undoes every change after the N-th, so that a test
+// can put the records back as they were seeded after each request it sends.
 
 import http from 'node:http';
 import { parseArgs } from 'node:util';
@@ -43,6 +47,7 @@ const options = parseArgs({
     'base-path': { type: 'string', default: process.env.ENGINE_BASE_PATH ?? '/fhir' },
     // A secured server: every request (also /metadata) needs `Authorization: Bearer <token>`.
     'require-bearer': { type: 'string', default: process.env.ENGINE_REQUIRE_BEARER ?? '' },
+    rollback: { type: 'boolean', default: false },
   },
 }).values;
 const trimmedBase = options['base-path'].replace(/^\/+|\/+$/g, '');
@@ -202,6 +207,9 @@ async function handle(req, res) {
   if (options['require-bearer'] && req.headers.authorization !== `Bearer ${options['require-bearer']}`) {
     return send(res, 401, outcome('login', 'A valid bearer token is required'), { 'WWW-Authenticate': 'Bearer' });
   }
+  if (options.rollback && url.pathname === '/__engine/changes') {
+    return changes(req, res, url.searchParams.get('to'));
+  }
   if (url.pathname !== basePath && !url.pathname.startsWith(basePath + '/')) {
     return send(res, 404, outcome('not-found', `Not under ${basePath}`));
   }
@@ -216,12 +224,12 @@ async function handle(req, res) {
   if (method === 'GET' && segments.at(-1) === '_history' && segments.length <= 3) {
     return history(res, segments.slice(0, -1), query);
   }
-  const operation = segments.find((s) => s.startsWith('$'));
-  if (operation === '$validate' && method === 'POST' && segments.at(-1) === '$validate' && segments.length <= 3) {
+  if (isValidate(method, segments)) {
     return validate(res, segments, body);
   }
-  if (operation && operation !== '$graphql') {
-    return send(res, 501, outcome('not-supported', `Operation ${operation} is not supported`));
+  const operation = unsupportedOperation(method, segments);
+  if (operation) {
+    return send(res, 501, notSupported(operation));
   }
   if (method === 'POST' && segments.length === 2 && segments[1] === '_search') {
     const form = typeof body === 'string' ? new URLSearchParams(body) : new URLSearchParams();
@@ -234,6 +242,32 @@ async function handle(req, res) {
     return search(res, req, segments[0] ?? '', query);
   }
   return route(res, req, method, segments, url.search, body);
+}
+
+/** How many changes the store holds; on POST, first undoes every change after the `to`-th. */
+async function changes(req, res, to) {
+  if (req.method === 'POST') {
+    const mark = Number(to);
+    if (!Number.isInteger(mark) || mark < 0 || mark > repo.changes.length) {
+      return send(res, 400, outcome('invalid', 'to must be a count of changes the store holds'));
+    }
+    await repo.rollback(mark);
+  }
+  return send(res, 200, { count: repo.changes.length });
+}
+
+function isValidate(method, segments) {
+  return method === 'POST' && segments.at(-1) === '$validate' && segments.length <= 3;
+}
+
+/** The operation a request names that this server does not run (`$validate` and `$graphql` it runs). */
+function unsupportedOperation(method, segments) {
+  const operation = segments.find((s) => s.startsWith('$'));
+  return operation && operation !== '$graphql' && !isValidate(method, segments) ? operation : undefined;
+}
+
+function notSupported(operation) {
+  return outcome('not-supported', `Operation ${operation} is not supported`);
 }
 
 /**
@@ -266,11 +300,7 @@ function validate(res, segments, body) {
 
 /** Search with paging: `_count` (default 20) and `_offset` select the page. */
 async function search(res, req, resourceType, query) {
-  // _summary=count asks for the total only; an explicit _count must not bring entries back.
-  const count = query.get('_summary') === 'count' ? 0 : clamp(intParam(query, '_count', DEFAULT_COUNT), 0, MAX_COUNT);
-  const offset = Math.max(0, intParam(query, '_offset', 0));
-  query.set('_count', String(count));
-  query.set('_offset', String(offset));
+  const { count, offset } = paging(query);
   const [result, bundle] = await router.handleRequest(
     fhirRequest(req, 'GET', `${resourceType}?${query}`, undefined),
     repo
@@ -289,9 +319,48 @@ async function search(res, req, resourceType, query) {
   return send(res, 200, page);
 }
 
-/** Everything else goes to Medplum's router as it is. */
+/**
+ * The page a search asks for, written into its query as the page links write it.
+ * _summary=count asks for the total only; an explicit _count must not bring entries back.
+ */
+function paging(query) {
+  const count = query.get('_summary') === 'count' ? 0 : clamp(intParam(query, '_count', DEFAULT_COUNT), 0, MAX_COUNT);
+  const offset = Math.max(0, intParam(query, '_offset', 0));
+  query.set('_count', String(count));
+  query.set('_offset', String(offset));
+  return { count, offset };
+}
+
+/**
+ * The searches of a batch or transaction Bundle (GET entries naming a type and no id), each
+ * paged as a search sent alone (its entry's URL rewritten so), by entry index.
+ */
+function batchSearches(body) {
+  const searches = new Map();
+  if (body?.resourceType !== 'Bundle' || !['batch', 'transaction'].includes(body.type)) {
+    return searches;
+  }
+  for (const [index, entry] of (body.entry ?? []).entries()) {
+    const url = entry?.request?.url;
+    if (entry?.request?.method !== 'GET' || typeof url !== 'string') {
+      continue;
+    }
+    const [path, search = ''] = url.split(/\?(.*)/s);
+    if (path.replace(/^\/+|\/+$/g, '').split('/').length !== 1 || path.startsWith('$') || path === '') {
+      continue;
+    }
+    const query = new URLSearchParams(search);
+    const { count, offset } = paging(query);
+    entry.request.url = `${path}?${query}`;
+    searches.set(index, { path: path.replace(/^\/+|\/+$/g, ''), query, count, offset });
+  }
+  return searches;
+}
+
+/** Everything else goes to Medplum's router as it is (a batch's searches paged, see batchSearches). */
 async function route(res, req, method, segments, search, body) {
   const path = segments.join('/') + search;
+  const searches = method === 'POST' && segments.length === 0 ? batchSearches(body) : new Map();
   const [result, resource] = await router.handleRequest(fhirRequest(req, method, path, body), repo);
   const status = getStatus(result);
   if (isNotFound(result) && method === 'GET' && segments.length === 2) {
@@ -305,7 +374,7 @@ async function route(res, req, method, segments, search, body) {
   }
   const headers = {};
   if (resource.resourceType === 'Bundle' && resource.type?.endsWith('-response')) {
-    completeBatchResponse(resource, body);
+    completeBatchResponse(resource, body, searches);
   } else if (resource.meta?.versionId && resource.id) {
     Object.assign(headers, versionHeaders(resource));
     if (method === 'POST' || method === 'PUT') {
@@ -318,9 +387,15 @@ async function route(res, req, method, segments, search, body) {
 
 /** Instance, type or system history from the change log, newest first, paged. */
 function history(res, target, query) {
+  const [status, body] = historyAnswer(target, query);
+  return send(res, status, body);
+}
+
+/** The status and body of a history read (also one in a batch: Medplum's own keeps no deletions). */
+function historyAnswer(target, query) {
   const [resourceType, id] = target;
   if (id && !repo.lastChange(resourceType, id)) {
-    return send(res, 404, outcome('not-found', `${resourceType}/${id} not found`));
+    return [404, outcome('not-found', `${resourceType}/${id} not found`)];
   }
   const since = query.get('_since');
   const changes = repo.changes
@@ -338,7 +413,7 @@ function history(res, target, query) {
     link: pageLinks([...target, '_history'].join('/'), query, offset, count, changes.length),
     entry: changes.slice(offset, offset + count).map(historyEntry),
   };
-  return send(res, 200, bundle);
+  return [200, bundle];
 }
 
 function historyEntry(change) {
@@ -362,13 +437,37 @@ function historyEntry(change) {
   };
 }
 
-/** Adds absolute locations, version headers and fullUrls to a batch/transaction response. */
-function completeBatchResponse(bundle, request) {
+/**
+ * Adds absolute locations, version headers and fullUrls to a batch/transaction response, and
+ * to each search's page the links it has when sent alone.
+ */
+function completeBatchResponse(bundle, request, searches) {
   for (const [index, entry] of (bundle.entry ?? []).entries()) {
     const method = request.entry?.[index]?.request?.method;
+    const url = request.entry?.[index]?.request?.url;
+    const segments = typeof url === 'string' ? url.split('?')[0].split('/').filter(Boolean) : [];
+    const operation = unsupportedOperation(method, segments);
+    if (operation) {
+      // Answered as the same request sent alone (Medplum's batch router knows no such route).
+      bundle.entry[index] = { response: { status: '501 Not Implemented', outcome: notSupported(operation) } };
+      continue;
+    }
+    if (method === 'GET' && segments.at(-1) === '_history' && segments.length <= 3) {
+      const [status, body] = historyAnswer(segments.slice(0, -1), new URLSearchParams(url.split(/\?(.*)/s)[1] ?? ''));
+      bundle.entry[index] = status === 200
+        ? { resource: body, response: { status: '200 OK' } }
+        : { response: { status: `${status}`, outcome: body } };
+      continue;
+    }
     const resource = entry.resource;
     if (resource?.resourceType === 'Bundle') {
       addFullUrls(resource);
+      const search = searches.get(index);
+      if (search && resource.type === 'searchset') {
+        const { path, query, offset, count } = search;
+        entry.resource = { resourceType: 'Bundle', type: 'searchset', total: resource.total,
+          link: pageLinks(path, query, offset, count, resource.total), entry: resource.entry };
+      }
     } else if (resource?.id && resource.meta?.versionId) {
       entry.fullUrl = `${baseUrl}/${resource.resourceType}/${resource.id}`;
       entry.response.etag = `W/"${resource.meta.versionId}"`;
