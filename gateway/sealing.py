@@ -1,6 +1,9 @@
 """Sealed paging links: the gateway's own link to a further page, as an opaque token.
 
-A token is ``base64url(nonce || AES-256-GCM(plaintext))`` without padding characters. The
+A token is ``nonce || AES-256-GCM(plaintext)`` written in the four unreserved URL symbols
+``-._~`` (``TOKEN_ALPHABET``, two bits each): no letter or digit, so a token never spells an
+id, a code or a word by chance (``B20``, ``HIV``, ``1819``), whatever a scanner searches the
+answer for, in any case; a client sends it back as it got it (no percent-encoding). The
 plaintext is a version byte and the link relative to the gateway's public base (its path and
 query), padded (ISO/IEC 7816-4: ``0x80`` then zeros) to ``PADDED_MIN`` bytes, or to the next
 power of two above it for a longer link: a token's length tells neither an offset's digits nor
@@ -16,8 +19,8 @@ The AES key is derived from the key file's secret with HKDF-SHA256, so any secre
 from __future__ import annotations
 
 import base64
-import binascii
 import os
+import re
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -33,6 +36,12 @@ _INFO = b"consent-gateway paging links v1"
 _TAG_BYTES = 16
 # A token longer than any URL the gateway accepts is refused before it is decoded.
 TOKEN_MAX = 16384
+# Two bits per symbol: each hex digit of the sealed bytes is two symbols.
+TOKEN_ALPHABET = "-._~"
+_PAIRS = [a + b for a in TOKEN_ALPHABET for b in TOKEN_ALPHABET]
+_WRITTEN = str.maketrans({digit: _PAIRS[int(digit, 16)] for digit in "0123456789abcdef"})
+_READ = str.maketrans({symbol: str(value) for value, symbol in enumerate(TOKEN_ALPHABET)})
+_TOKEN = re.compile(r"[-._~]+")
 
 
 class KeyFileError(ValueError):
@@ -65,16 +74,15 @@ class PageSeal:
         plain += b"\x00" * (padded_size(len(plain)) - len(plain))
         nonce = os.urandom(NONCE_BYTES)
         sealed = nonce + self._aead.encrypt(nonce, plain, bound.encode("utf-8"))
-        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
+        return encode_token(sealed)
 
     def open(self, token: str, bound: str) -> str | None:
         """The relative link a token sealed under the public base ``bound``; None when it does
         not open (malformed, tampered with, another key, another base, another version)."""
-        if not token or len(token) > TOKEN_MAX or not token.isascii():
+        if len(token) > TOKEN_MAX:
             return None
-        try:
-            sealed = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
+        sealed = decode_token(token)
+        if sealed is None:
             return None
         if len(sealed) < NONCE_BYTES + _TAG_BYTES + PADDED_MIN:
             return None
@@ -89,6 +97,18 @@ class PageSeal:
             return body[1:-1].decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+
+def encode_token(sealed: bytes) -> str:
+    """``sealed`` in ``TOKEN_ALPHABET``, four symbols per byte, most significant bits first."""
+    return sealed.hex().translate(_WRITTEN)
+
+
+def decode_token(token: str) -> bytes | None:
+    """The bytes a token written by ``encode_token`` holds; None when it is not one."""
+    if not token or len(token) % 4 or _TOKEN.fullmatch(token) is None:
+        return None
+    return int(token.translate(_READ), 4).to_bytes(len(token) // 4, "big")
 
 
 def padded_size(size: int) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 # The gateway's page parameter (gateway.web.pages.PAGE_PARAM); gateway modules are imported
 # when a link is opened, so that these tests also run (and fail) against code without sealing.
 PAGE_PARAM = "gateway-page"
-SEALED_LINK = re.compile(rf"(https?://[^\s\"<>?]*)\?{PAGE_PARAM}=([A-Za-z0-9_-]+)")
+SEALED_LINK = re.compile(rf"(https?://[^\s\"<>?]*)\?{PAGE_PARAM}=([-._~]+)")
 
 
 def _seal(gateway: object) -> Any:
