@@ -28,7 +28,7 @@ typedef unsigned char uchar;
  * out (FAILED, with a Python exception set). */
 enum { OK = 1, REFUSED = 0, FAILED = -1 };
 
-enum { WANT_DUPLICATES = 1, WANT_ENTRIES = 2 };
+enum { WANT_DUPLICATES = 1, WANT_ENTRIES = 2, WANT_DISPLAY = 4 };
 
 typedef struct {
     char *data;
@@ -58,6 +58,8 @@ typedef struct {
     int want;
     int duplicate;           /* some object names a key twice */
     int entries_found;       /* the top-level object's "entry" is an array */
+    int has_display;         /* the top-level object has a "display" key */
+    int unsupported;         /* refused for a limit of this reader (depth, a number), not as malformed */
     Buffer arena;            /* unescaped key bytes of the open objects */
     Spans keys;              /* the open objects' keys, as spans of arena */
     Spans entries;           /* the entry items' spans in s */
@@ -359,11 +361,17 @@ static int read_number(Reader *r) {
             pos++;
             exponent++;
         }
-        if (exponent == 0 || exponent > MAX_EXPONENT_DIGITS)
+        if (exponent == 0)
             return REFUSED;
+        if (exponent > MAX_EXPONENT_DIGITS) {
+            r->unsupported = 1;
+            return REFUSED;
+        }
     }
-    if (digits > MAX_DIGITS)
+    if (digits > MAX_DIGITS) {
+        r->unsupported = 1;
         return REFUSED;
+    }
     r->pos = pos;
     return OK;
 }
@@ -460,7 +468,7 @@ static inline Py_ssize_t plain_run(const uchar *s, Py_ssize_t n, Py_ssize_t pos)
 static int read_text(Reader *r) {
     const uchar *s = r->s;
     const Py_ssize_t n = r->n;
-    const int duplicates = r->want & WANT_DUPLICATES, entries = r->want & WANT_ENTRIES;
+    const int duplicates = r->want & WANT_DUPLICATES, entries = r->want & WANT_ENTRIES, display = r->want & WANT_DISPLAY;
     Frame *stack = r->stack;
     Py_ssize_t pos = 0, start;
     int ok, depth = 0, is_entry = 0, escaped = 0;
@@ -478,8 +486,10 @@ static int read_text(Reader *r) {
         switch (s[pos]) {
         case '{':
         case '[': {
-            if (depth >= MAX_DEPTH)
+            if (depth >= MAX_DEPTH) {
+                r->unsupported = 1;
                 return REFUSED;
+            }
             Frame *f = &stack[depth++];
             uchar kind = s[pos];
             f->kind = (char)kind;
@@ -586,6 +596,8 @@ static int read_text(Reader *r) {
             }
             Span k = {off, len};
             is_entry = entries && depth == 1 && len == 5 && memcmp(key_bytes(r, &k), "entry", 5) == 0;
+            if (display && depth == 1 && len == 7 && memcmp(key_bytes(r, &k), "display", 7) == 0)
+                r->has_display = 1;
             if (duplicates) {
                 if ((ok = spans_push(&r->keys, off, len)) != OK)
                     return ok;
@@ -605,12 +617,31 @@ static void fill_space(void) {
     SPACE[' '] = SPACE['\n'] = SPACE['\r'] = SPACE['\t'] = 1;
 }
 
-static int read_bytes(PyObject *raw, Reader *r, int want) {
+/* A reader with no buffers yet (reader_free frees them). */
+static Reader *reader_new(void) {
+    Reader *r = PyMem_Malloc(sizeof(Reader));
+    if (r == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
     memset(r, 0, offsetof(Reader, stack));
-    r->s = (const uchar *)PyBytes_AS_STRING(raw);
-    r->n = PyBytes_GET_SIZE(raw);
+    return r;
+}
+
+/* Reads s[:n] with r, whose buffers (if any) are kept for reuse. */
+static int read_range(const uchar *s, Py_ssize_t n, Reader *r, int want) {
+    r->pos = 0;
+    r->duplicate = r->entries_found = r->has_display = r->unsupported = 0;
+    r->arena.len = r->keys.len = r->entries.len = 0;
+    r->depth = 0;
+    r->s = s;
+    r->n = n;
     r->want = want;
     return read_text(r);
+}
+
+static int read_bytes(PyObject *raw, Reader *r, int want) {
+    return read_range((const uchar *)PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), r, want);
 }
 
 PyDoc_STRVAR(duplicate_keys_doc,
@@ -623,9 +654,9 @@ static PyObject *duplicate_keys(PyObject *Py_UNUSED(module), PyObject *raw) {
         PyErr_SetString(PyExc_TypeError, "duplicate_keys() takes bytes");
         return NULL;
     }
-    Reader *r = PyMem_Malloc(sizeof(Reader));
+    Reader *r = reader_new();
     if (r == NULL)
-        return PyErr_NoMemory();
+        return NULL;
     int ok = read_bytes(raw, r, WANT_DUPLICATES);
     int duplicate = r->duplicate;
     reader_free(r);
@@ -648,9 +679,9 @@ static PyObject *entry_spans(PyObject *Py_UNUSED(module), PyObject *const *args,
         return NULL;
     }
     PyObject *raw = args[0], *wrap = args[1];
-    Reader *r = PyMem_Malloc(sizeof(Reader));
+    Reader *r = reader_new();
     if (r == NULL)
-        return PyErr_NoMemory();
+        return NULL;
     int ok = read_bytes(raw, r, WANT_ENTRIES);
     PyObject *out = NULL;
     if (ok == REFUSED || (ok == OK && !r->entries_found)) {
@@ -745,9 +776,9 @@ static PyObject *index_entries(PyObject *Py_UNUSED(module), PyObject *const *arg
     int check = PyObject_IsTrue(args[8]);
     if (check < 0)
         return NULL;
-    Reader *r = PyMem_Malloc(sizeof(Reader));
+    Reader *r = reader_new();
     if (r == NULL)
-        return PyErr_NoMemory();
+        return NULL;
     int ok = read_bytes(raw, r, WANT_ENTRIES | (check ? WANT_DUPLICATES : 0));
     PyObject *out = NULL;
     if (ok == FAILED)
@@ -792,9 +823,158 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------------ references and displays */
+
+static const uchar REFERENCE_KEY[] = "\"reference\"";
+#define REFERENCE_KEY_LEN 11
+
+/* Where "reference" (quoted) next occurs in s[from:n], or -1. */
+static Py_ssize_t find_reference_key(const uchar *s, Py_ssize_t n, Py_ssize_t from) {
+    if (from > n - REFERENCE_KEY_LEN)
+        return -1;
+    const uchar *hit = memmem(s + from, (size_t)(n - from), REFERENCE_KEY, REFERENCE_KEY_LEN);
+    return hit == NULL ? -1 : hit - s;
+}
+
+/* Python's bytes \s: space, \t, \n, \r, \v, \f. */
+static inline int regex_space(uchar c) {
+    return c == ' ' || (c >= '\t' && c <= '\r');
+}
+
+/* references._REFERENCE matched at s[at] (where "reference" occurs): the value's span (between
+ * its quotes) and the match's end, or 0. Exactly rb'"reference"\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+ * (its "." takes any byte but a newline). */
+static int match_reference(const uchar *s, Py_ssize_t n, Py_ssize_t at, Py_ssize_t *value, Py_ssize_t *value_end,
+                           Py_ssize_t *end) {
+    Py_ssize_t pos = at + REFERENCE_KEY_LEN;
+    while (pos < n && regex_space(s[pos]))
+        pos++;
+    if (pos >= n || s[pos] != ':')
+        return 0;
+    pos++;
+    while (pos < n && regex_space(s[pos]))
+        pos++;
+    if (pos >= n || s[pos] != '"')
+        return 0;
+    pos++;
+    *value = pos;
+    while (pos < n) {
+        uchar c = s[pos];
+        if (c == '"') {
+            *value_end = pos;
+            *end = pos + 1;
+            return 1;
+        }
+        if (c == '\\') {
+            if (pos + 1 >= n || s[pos + 1] == '\n')
+                return 0;
+            pos += 2;
+        } else
+            pos++;
+    }
+    return 0;
+}
+
+/* references._may_have_display: 1 when the object around the match s[start:end] may have a
+ * display, 0 when not, -1 when this reader cannot tell. */
+static int may_have_display(const uchar *s, Py_ssize_t n, Py_ssize_t start, Py_ssize_t end, Reader *r) {
+    if (start >= 1 && s[start - 1] == '{' && start + 13 <= n && s[start + 11] == ':' && s[start + 12] == '"'
+        && end < n && s[end] == '}')
+        return 0; /* the object is {"reference":"..."} and nothing else */
+    Py_ssize_t first = start - 1;
+    while (first >= 0 && s[first] != '{')
+        first--;
+    const uchar *close = end < n ? memchr(s + end, '}', (size_t)(n - end)) : NULL;
+    if (first < 0 || close == NULL)
+        return 1;
+    Py_ssize_t last = close - s;
+    int ok = read_range(s + first, last + 1 - first, r, WANT_DISPLAY);
+    if (ok == FAILED)
+        return -2;
+    if (ok == REFUSED)
+        return r->unsupported ? -1 : 1; /* orjson would not read it either: it may */
+    return r->has_display;
+}
+
+PyDoc_STRVAR(reference_displays_doc,
+"reference_displays(raw: bytes) -> dict[bytes, bool] | bool | None\n\n"
+"What references.unreleased_named reads of raw's bytes: each distinct value of the\n"
+"references._REFERENCE pattern (as written), with whether the object around any of its matches\n"
+"may have a display (references._may_have_display); False when the pattern matches fewer\n"
+"times than \"reference\" (quoted) occurs; None when raw, or an object text read around a\n"
+"match, cannot be read here (the Python path reads it).");
+
+static PyObject *reference_displays(PyObject *Py_UNUSED(module), PyObject *raw) {
+    if (!PyBytes_CheckExact(raw)) {
+        PyErr_SetString(PyExc_TypeError, "reference_displays() takes bytes");
+        return NULL;
+    }
+    Reader *r = reader_new();
+    if (r == NULL)
+        return NULL;
+    PyObject *out = NULL;
+    int ok = read_bytes(raw, r, 0);
+    if (ok != OK) {
+        if (ok == REFUSED)
+            out = Py_NewRef(Py_None);
+        goto done;
+    }
+    const uchar *s = (const uchar *)PyBytes_AS_STRING(raw);
+    Py_ssize_t n = PyBytes_GET_SIZE(raw), occurrences = 0, matches = 0;
+    for (Py_ssize_t at = find_reference_key(s, n, 0); at >= 0; at = find_reference_key(s, n, at + REFERENCE_KEY_LEN))
+        occurrences++;
+    out = PyDict_New();
+    if (out == NULL)
+        goto done;
+    Py_ssize_t from = 0;
+    for (;;) {
+        Py_ssize_t at = find_reference_key(s, n, from), value, value_end, end;
+        if (at < 0)
+            break;
+        if (!match_reference(s, n, at, &value, &value_end, &end)) {
+            from = at + 1;
+            continue;
+        }
+        matches++;
+        from = end;
+        int may = may_have_display(s, n, at, end, r);
+        if (may == -2) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        if (may < 0) {
+            Py_SETREF(out, Py_NewRef(Py_None));
+            goto done;
+        }
+        PyObject *key = PyBytes_FromStringAndSize((const char *)s + value, value_end - value);
+        if (key == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyObject *seen = PyDict_GetItemWithError(out, key);
+        int failed = 0;
+        if (seen == NULL && PyErr_Occurred())
+            failed = 1;
+        else if (seen == NULL || (seen == Py_False && may))
+            failed = PyDict_SetItem(out, key, may ? Py_True : Py_False) < 0;
+        Py_DECREF(key);
+        if (failed) {
+            Py_CLEAR(out);
+            goto done;
+        }
+    }
+    if (matches != occurrences)
+        Py_SETREF(out, Py_NewRef(Py_False));
+done:
+    reader_free(r);
+    PyMem_Free(r);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"duplicate_keys", (PyCFunction)duplicate_keys, METH_O, duplicate_keys_doc},
     {"entry_spans", (PyCFunction)(void (*)(void))entry_spans, METH_FASTCALL, entry_spans_doc},
+    {"reference_displays", (PyCFunction)reference_displays, METH_O, reference_displays_doc},
     {"index_entries", (PyCFunction)(void (*)(void))index_entries, METH_FASTCALL, index_entries_doc},
     {NULL, NULL, 0, NULL},
 };

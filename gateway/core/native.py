@@ -1,8 +1,8 @@
 """The byte-level reads of the answer path in C, when built (``gateway/core/_native.c``).
 
 One pass of a small C reader over an answer's text replaces, where it can, what the Python
-code does with orjson and msgspec: the exact repeated-key check of ``strict_json`` and the
-entry spans of ``view.spans_of``. The Python code stays the reference: the C reader answers
+code does with orjson, msgspec and a pattern: the exact repeated-key check of ``strict_json``,
+the entry spans of ``view.spans_of`` and the reference scan of ``references.unreleased_named``. The Python code stays the reference: the C reader answers
 only for a text it has read whole as strict JSON and returns None ("cannot tell") for anything
 else (a malformed text, invalid UTF-8, a lone surrogate escape, nesting deeper than 512, a
 number that may not fit a double), and the Python path then decides, as it does when the
@@ -46,6 +46,16 @@ def entry_spans(raw: bytes, wrap: Callable[[bytes], Any]) -> list[Any] | None:
     if _NATIVE is None:
         return None
     return _NATIVE.entry_spans(raw, wrap)  # type: ignore[no-any-return]
+
+
+def reference_displays(raw: bytes) -> dict[bytes, bool] | bool | None:
+    """What ``references.unreleased_named`` reads of the bytes, in one C pass: each distinct
+    value its pattern matches (as written) with whether the object around any of its matches may
+    have a display; False when the pattern matches fewer times than ``"reference"`` occurs (any
+    reference may then be named); None when the C reader is off or cannot tell."""
+    if _NATIVE is None:
+        return None
+    return _NATIVE.reference_displays(raw)  # type: ignore[no-any-return]
 
 
 # What ``index_entries`` answers.

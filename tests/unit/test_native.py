@@ -326,3 +326,33 @@ def test_gateway_native_0_runs_the_python_path_alone() -> None:
     env = {**os.environ, "GATEWAY_NATIVE": "0"}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split() == ["False", "None", "True"]
+
+
+# ---------------------------------------------------------------------- references and displays
+
+from gateway.core import references  # noqa: E402
+from tests.unit.test_reference_scans import _THE_BASE, outcome, released_sets, texts  # noqa: E402
+
+
+def assert_reference_scans_agree(raw: bytes, released: frozenset[str]) -> None:
+    found = _native.reference_displays(raw)
+    if _orjson(raw) is _REFUSED:
+        assert found is None, raw
+    if found is None:
+        return
+    assert outcome(lambda: references._named(found, released, _THE_BASE)) == outcome(
+        lambda: references.python_unreleased_named(raw, released, _THE_BASE)), raw
+
+
+@_fast(1500)
+@given(texts, released_sets)
+@example(b'{"a":{"reference":"Patient/p2","n":1e100},"display":"x"}', frozenset())
+@example(b'{"a":"{\\"n\\":1e100,\\"reference\\":\\"x","reference":"Patient/p2"}', frozenset())
+def test_reference_scan_agrees_with_the_python_scan(raw: bytes, released: frozenset[str]) -> None:
+    assert_reference_scans_agree(raw, released)
+
+
+@_fast(1500)
+@given(any_texts(), released_sets)
+def test_reference_scan_agrees_or_refuses_on_any_text(raw: bytes, released: frozenset[str]) -> None:
+    assert_reference_scans_agree(raw, released)
