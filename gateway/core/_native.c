@@ -901,8 +901,9 @@ PyDoc_STRVAR(reference_displays_doc,
 "What references.unreleased_named reads of raw's bytes: each distinct value of the\n"
 "references._REFERENCE pattern (as written), with whether the object around any of its matches\n"
 "may have a display (references._may_have_display); False when the pattern matches fewer\n"
-"times than \"reference\" (quoted) occurs; None when raw, or an object text read around a\n"
-"match, cannot be read here (the Python path reads it).");
+"times than \"reference\" (quoted) occurs; None when an object text read around a match is\n"
+"beyond this reader's limits (the Python path reads it). Any bytes: the pattern is matched as\n"
+"Python matches it, the object texts are read as orjson reads them.");
 
 static PyObject *reference_displays(PyObject *Py_UNUSED(module), PyObject *raw) {
     if (!PyBytes_CheckExact(raw)) {
@@ -912,13 +913,10 @@ static PyObject *reference_displays(PyObject *Py_UNUSED(module), PyObject *raw) 
     Reader *r = reader_new();
     if (r == NULL)
         return NULL;
+    /* The pattern and the count are matched on the bytes as they are, exactly as Python does
+     * (no reading of the whole text is needed for that); only the object texts around matches
+     * are read as JSON. */
     PyObject *out = NULL;
-    int ok = read_bytes(raw, r, 0);
-    if (ok != OK) {
-        if (ok == REFUSED)
-            out = Py_NewRef(Py_None);
-        goto done;
-    }
     const uchar *s = (const uchar *)PyBytes_AS_STRING(raw);
     Py_ssize_t n = PyBytes_GET_SIZE(raw), occurrences = 0, matches = 0;
     for (Py_ssize_t at = find_reference_key(s, n, 0); at >= 0; at = find_reference_key(s, n, at + REFERENCE_KEY_LEN))

@@ -336,10 +336,8 @@ from tests.unit.test_reference_scans import _THE_BASE, outcome, released_sets, t
 
 def assert_reference_scans_agree(raw: bytes, released: frozenset[str]) -> None:
     found = _native.reference_displays(raw)
-    if _orjson(raw) is _REFUSED:
-        assert found is None, raw
     if found is None:
-        return
+        return  # an object text beyond the reader's limits
     assert outcome(lambda: references._named(found, released, _THE_BASE)) == outcome(
         lambda: references.python_unreleased_named(raw, released, _THE_BASE)), raw
 
