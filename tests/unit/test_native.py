@@ -8,7 +8,9 @@ NUL bytes, a byte order mark, trailing garbage). Wherever the C reader gives an 
 reads the text and the Python check (``strict_json.python_has_duplicate_keys``,
 ``view.python_spans_of``) gives the same one; on a text orjson refuses, the C reader says it
 cannot tell (None). The public functions are checked both ways too: with the reader, and with
-``GATEWAY_NATIVE=0`` (a fresh interpreter), where the Python path runs alone.
+``GATEWAY_NATIVE=0`` (a fresh interpreter), where the Python path runs alone. The reference
+scan (``references.unreleased_named``) answers on any bytes as the Python scan does, over the
+texts of ``test_reference_scans`` and the ones above.
 """
 
 from __future__ import annotations
