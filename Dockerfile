@@ -16,10 +16,23 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 
-# Every runtime dependency has a binary wheel, so no compiler is needed; the builder stage
-# exists to keep pip's build tooling and the source tree out of the final image.
+# Every runtime dependency has a binary wheel; the one C source of the project, the answer
+# reader gateway/core/_native.c, is built by gcc here when Debian's package index can give it
+# (NATIVE=0 skips it). Without a compiler the wheel leaves the extension out and the gateway
+# runs its Python path, the reference (README "Native reader"). The builder stage keeps the
+# compiler, pip's build tooling and the source tree out of the final image.
+ARG NATIVE=1
+# hadolint ignore=DL3008
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install pip==25.3
+ && /opt/venv/bin/pip install pip==25.3 \
+ && if [ "$NATIVE" = 1 ]; then \
+        if apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev; then \
+            echo "C compiler installed: the native reader is built"; \
+        else \
+            echo "no C compiler: the wheel runs the Python path"; \
+        fi; \
+        rm -rf /var/lib/apt/lists/*; \
+    fi
 
 # The dependency pins live in pyproject.toml; pip installs exactly those versions. The wheel
 # carries the label rules (rules/ becomes the package data gateway/bundled_rules, see setup.py),

@@ -25,6 +25,9 @@ from pydantic import (
 )
 
 ENV_PREFIX = "GATEWAY_"
+# Variables of the prefix that are no settings: GATEWAY_NATIVE=0 turns the native answer reader
+# off (read by gateway.core.native when it is imported).
+NOT_SETTINGS = frozenset({"GATEWAY_NATIVE"})
 
 
 class ConfigError(Exception):
@@ -480,7 +483,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     """Overlay ``GATEWAY_<SECTION>__<KEY>`` (and ``GATEWAY_<KEY>`` for top-level keys)."""
     merged: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         value = _env_value(name, raw, path)

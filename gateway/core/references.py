@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from gateway.core import native
 from gateway.core.compartment import (
     ROLE, author_references, authors_of, is_patient_data, patients_of, role_reference, UNKNOWN_AUTHOR,
 )
@@ -556,6 +557,34 @@ def unreleased_named(raw: bytes, released: frozenset[str], ours: Bases = NO_BASE
         return None  # a \u escape can spell a key the pattern cannot see ("displa\u0079")
     if b'"display"' not in raw:
         return frozenset()
+    found = native.reference_displays(raw)
+    if found is not None:
+        return _named(found, released, ours)
+    return python_unreleased_named(raw, released, ours)
+
+
+def _named(found: dict[bytes, bool] | bool, released: frozenset[str], ours: Bases) -> frozenset[bytes] | None:
+    """``unreleased_named`` from the C reader's reading of the text (``native.reference_displays``:
+    each distinct value with whether any object around it may have a display)."""
+    if found is False or found is True:
+        return None  # a "reference" key the pattern could not read may be any reference
+    named: list[bytes] = []
+    error: ValueError | None = None
+    for value, display in found.items():
+        try:
+            suspect = _points_outside(value, released, ours)
+        except ValueError as exc:
+            error, suspect = exc, False
+        if suspect and display:
+            named.append(value)
+    if error is not None:
+        raise error
+    return frozenset(named)
+
+
+def python_unreleased_named(raw: bytes, released: frozenset[str], ours: Bases = NO_BASES) -> frozenset[bytes] | None:
+    """``unreleased_named`` in Python alone, after its first two checks: the reference the C
+    reader is held to."""
     pending: dict[bytes, bool] = {}  # per distinct value: a suspect not yet named
     named: list[bytes] = []
     objects: dict[bytes, bool] = {}  # the text around a match, read once

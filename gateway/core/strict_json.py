@@ -4,7 +4,9 @@
 read as A by one that keeps the first; the gateway must never decide one and pass on the
 other. The check costs one compact re-serialisation and two byte counts
 (``has_duplicate_keys``); the texts the counts cannot vouch for are settled by the exact,
-slower parser.
+slower parser. When the C reader is built (``core.native``), one pass of it answers instead,
+whatever the text's layout; the Python check remains the reference and decides whatever the C
+reader cannot tell.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 from typing import Any
 
 import orjson
+
+from gateway.core import native
 
 BOM = b"\xef\xbb\xbf"
 _KEY_END = b'":'
@@ -38,7 +42,16 @@ def has_duplicate_keys(raw: bytes, parsed: object) -> bool:
     a string holds an escaped quote before a colon). The compact re-serialisation counts
     exactly its distinct keys when none of its strings holds ``\\":``. Equal counts therefore
     prove that no key was given twice; unequal ones are settled by the exact parser.
+    The C reader (``core.native``) answers first when it is built.
     """
+    found = native.duplicate_keys(raw)
+    if found is not None:
+        return found
+    return python_has_duplicate_keys(raw, parsed)
+
+
+def python_has_duplicate_keys(raw: bytes, parsed: object) -> bool:
+    """``has_duplicate_keys`` in Python alone: the reference the C reader is held to."""
     compact = orjson.dumps(parsed)
     if compact == raw:
         # The text is its own compact re-serialisation, which names each key of an object once.

@@ -38,12 +38,13 @@ from typing import Any
 import msgspec
 import orjson
 
+from gateway.core import native
 from gateway.core.compartment import deciding_elements, is_patient_data
 from gateway.core.enforce import may_be_included
 from gateway.core.fhir import NO_BASES, Bases, JSON
 from gateway.core.labels import label_elements, may_extend
 from gateway.core.references import scrub_narrative_read
-from gateway.core.strict_json import has_duplicate_keys
+from gateway.core.strict_json import DuplicateKey, has_duplicate_keys
 
 _FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
@@ -441,13 +442,44 @@ def spans_of(raw: bytes, body: JSON) -> AnswerView | None:
     entries = body.get("entry")
     if body.get("type") != "searchset" or not isinstance(entries, list):
         return None
+    answer = AnswerView(raw, body, partial=False, extended=extended)
+    if type(entries) is list:
+        indexed = native.index_entries(raw, entries, msgspec.Raw, WHOLE_TYPES, _CONTENT_KEY_MAX_BYTES,
+                                       answer.spans, answer.rewritten, answer.content_keys)
+        if indexed is not None:
+            return answer if indexed == native.INDEXED else None
+    return python_spans_of(raw, body, answer)
+
+
+def checked_spans_of(raw: bytes, body: JSON) -> AnswerView | None:
+    """``spans_of`` for an answer not yet checked for repeated keys: raises ``DuplicateKey``
+    when ``raw`` names a key twice (``strict_json.has_duplicate_keys``). With the C reader, a
+    search set's check and the reading of its entries' spans are one pass over ``raw``."""
+    entries = body.get("entry")
+    if (type(entries) is list and body.get("resourceType") == "Bundle" and body.get("type") == "searchset"
+            and native.ENABLED):
+        answer = AnswerView(raw, body, partial=False, extended=may_extend(raw))
+        indexed = native.index_entries(raw, entries, msgspec.Raw, WHOLE_TYPES, _CONTENT_KEY_MAX_BYTES,
+                                       answer.spans, answer.rewritten, answer.content_keys, check=True)
+        if indexed == native.REPEATED:
+            raise DuplicateKey("duplicate key")
+        if indexed is not None:
+            return answer if indexed == native.INDEXED else None
+    if has_duplicate_keys(raw, body):
+        raise DuplicateKey("duplicate key")
+    return spans_of(raw, body)
+
+
+def python_spans_of(raw: bytes, body: JSON, answer: AnswerView) -> AnswerView | None:
+    """``spans_of``'s indexing of a search set's entries in Python alone (msgspec reads the
+    spans): the reference the C reader is held to."""
+    entries = body["entry"]
     try:
         items = _ENTRIES.decode(raw).entry
     except msgspec.DecodeError:
         return None
     if len(items) != len(entries):
         return None
-    answer = AnswerView(raw, body, partial=False, extended=extended)
     spans, rewritten, content = answer.spans, answer.rewritten, answer.content_keys
     for item, entry in zip(items, entries):
         if type(entry) is not dict:

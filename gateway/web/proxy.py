@@ -32,7 +32,7 @@ from gateway.core.references import (
 from gateway.core import strict_json
 from gateway.core.differences import scrub_differences
 from gateway.core.strict_json import has_duplicate_keys
-from gateway.core.view import AnswerView, ViewsInsufficient, read_answer, scrub_narratives, spans_of
+from gateway.core.view import AnswerView, ViewsInsufficient, checked_spans_of, read_answer, scrub_narratives, spans_of
 from gateway.web.batch import (
     BatchPlan, all_versions_hidden, apply_projections, bodiless_read, found_nothing_slots, not_found_outcome, plan_batch, settle_slots,
     subject_hidden,
@@ -208,6 +208,31 @@ def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
     SECURITY: anything but JSON is passed on only for the capability statement; an error
     answer in another format is replaced by a bare outcome, a 2xx one is refused (502).
     """
+    body = _loaded(upstream, route)
+    # SECURITY: decided on one reading of a repeated key, read on another downstream.
+    if body is not None and has_duplicate_keys(upstream.body, body):
+        raise UpstreamUnavailable(_REPEATED_KEYS)
+    return body
+
+
+def parse_spliced(upstream: UpstreamResponse, route: Route) -> tuple[JSON | None, AnswerView | None]:
+    """``parse_body`` for an answer sent as the upstream's bytes of what is kept (``can_splice``),
+    with those bytes read beside it (``view.checked_spans_of``: with the C reader, the
+    repeated-key check and the entries' spans are one pass over the answer)."""
+    body = _loaded(upstream, route)
+    if body is None:
+        return None, None
+    try:
+        return body, checked_spans_of(upstream.body, body)
+    except strict_json.DuplicateKey:
+        raise UpstreamUnavailable(_REPEATED_KEYS) from None
+
+
+_REPEATED_KEYS = "The FHIR server sent an answer with repeated keys."
+
+
+def _loaded(upstream: UpstreamResponse, route: Route) -> JSON | None:
+    """The upstream's JSON body parsed (not yet checked for repeated keys): ``parse_body``."""
     if not upstream.body:
         return None
     ctype = upstream.headers.get("Content-Type", "").lower()
@@ -223,9 +248,6 @@ def parse_body(upstream: UpstreamResponse, route: Route) -> JSON | None:
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.") from None
     if not isinstance(body, dict):
         raise UpstreamUnavailable("The FHIR server sent a malformed answer.")
-    # SECURITY: decided on one reading of a repeated key, read on another downstream.
-    if has_duplicate_keys(upstream.body, body):
-        raise UpstreamUnavailable("The FHIR server sent an answer with repeated keys.")
     return body
 
 
@@ -395,11 +417,14 @@ async def answer_page(
         upstream = _released_differences(upstream)
     spliceable = can_splice(state, ex, upstream, plan)
     view = read_answer(upstream.body) if spliceable and len(upstream.body) >= state.settings.upstream.views_above_bytes else None
-    parsed = view.body if view is not None else parse_body(upstream, ex.route)
+    if view is not None:
+        parsed: JSON | None = view.body
+    elif spliceable:
+        parsed, view = parse_spliced(upstream, ex.route)
+    else:
+        parsed = parse_body(upstream, ex.route)
     if parsed is not None:
         ex.relations = paging_relations(parsed)
-    if view is None and spliceable and parsed is not None:
-        view = spans_of(upstream.body, parsed)
     if parsed is not None and parsed.get("resourceType") == "OperationOutcome":
         # SECURITY: an upstream error text can name a hidden record; keep only its codes. So can
         # the text a write is answered with ("Successfully deleted 3 resource(s): ...") and the

@@ -199,6 +199,12 @@ def test_bad_config_is_one_line_naming_the_key(data: dict[str, Any], expected: s
     assert message.startswith(expected), message
 
 
+def test_gateway_native_is_no_setting() -> None:
+    # GATEWAY_NATIVE=0 turns the native answer reader off (gateway.core.native); serve starts.
+    settings = load_settings(None, {"GATEWAY_UPSTREAM__URL": UPSTREAM, "GATEWAY_NATIVE": "0"})
+    assert str(settings.upstream.url).startswith(UPSTREAM.rstrip("/"))
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
