@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test unit bench bench-smoke typecheck clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py gateway/core/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
