@@ -9,7 +9,6 @@ like one that found nothing (no ``next`` link).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
 from tests.integration.test_gateway_engine import GP
-from tests.integration.test_side_doors_engine import engine_put, fhir_client
+from tests.integration.test_side_doors_engine import engine_put, fhir_client, opted_in_patient
 
 pytestmark = pytest.mark.integration
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -42,17 +41,8 @@ HIDDEN = ("B20", "F11.20", "Z21", "Human immunodeficiency", "Opioid")
 @pytest.fixture
 async def seeded(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> tuple[GatewayUnderTest, str, list[str]]:
     """A new patient with her opt-in and conditions on the engine, and a gateway in 404 mode."""
-    pid = f"pat-refill-{uuid.uuid4().hex[:8]}"
-    patient = f"Patient/{pid}"
-    await engine_put(fhir_engine, {"resourceType": "Patient", "id": pid, "name": [{"family": "Moreau", "given": ["Ines"]}]})
-    await engine_put(fhir_engine, {
-        "resourceType": "Consent", "id": f"consent-{pid}", "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": patient}, "dateTime": "2026-01-15T10:00:00Z",
-        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
-        "provision": {"type": "permit"},
-    })
+    patient = await opted_in_patient(fhir_engine, "pat-refill", "Moreau", "Ines")
+    pid = patient.split("/", 1)[1]
     visible = []
     for n, (kind, code, display) in enumerate(CONDITIONS, start=1):
         rid = f"{pid}-{'open' if kind == 'v' else 'closed'}-{n}"

@@ -9,7 +9,6 @@ offset, in either ``denied_read_status``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
 from tests.integration.test_gateway_engine import GP
-from tests.integration.test_side_doors_engine import engine_put, fhir_client
+from tests.integration.test_side_doors_engine import engine_put, fhir_client, opted_in_patient
 from tests.sealed import inner, is_sealed
 
 pytestmark = pytest.mark.integration
@@ -40,17 +39,8 @@ SECRETS = ("B20", "F11.20", "Z21", "Human immunodeficiency", "Opioid")
 async def seeded(fhir_engine: Engine) -> tuple[str, list[str]]:
     """A new patient with her opt-in (which does not open HIV or opioid-use data) and her
     conditions on the engine; the ids Dr GP may see, in the order written."""
-    pid = f"pat-sealed-{uuid.uuid4().hex[:8]}"
-    patient = f"Patient/{pid}"
-    await engine_put(fhir_engine, {"resourceType": "Patient", "id": pid, "name": [{"family": "Lindqvist", "given": ["Maja"]}]})
-    await engine_put(fhir_engine, {
-        "resourceType": "Consent", "id": f"consent-{pid}", "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": patient}, "dateTime": "2026-01-15T10:00:00Z",
-        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
-        "provision": {"type": "permit"},
-    })
+    patient = await opted_in_patient(fhir_engine, "pat-sealed", "Lindqvist", "Maja")
+    pid = patient.split("/", 1)[1]
     visible: list[str] = []
     shown, withheld = iter(VISIBLE * 3), iter(HIDDEN * 3)
     for n, kind in enumerate(ORDER, start=1):

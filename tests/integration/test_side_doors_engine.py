@@ -50,6 +50,23 @@ async def engine_put(engine: Engine, resource: dict[str, Any]) -> None:
             assert resp.status in (200, 201), await resp.text()
 
 
+async def opted_in_patient(engine: Engine, prefix: str, family: str, given: str) -> str:
+    """A new patient (``Patient/<prefix>-<random>``) and her general opt-in (which opens no
+    sensitive data), written to the engine; her reference."""
+    pid = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    patient = f"Patient/{pid}"
+    await engine_put(engine, {"resourceType": "Patient", "id": pid, "name": [{"family": family, "given": [given]}]})
+    await engine_put(engine, {
+        "resourceType": "Consent", "id": f"consent-{pid}", "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": patient}, "dateTime": "2026-01-15T10:00:00Z",
+        "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}]},
+        "provision": {"type": "permit"},
+    })
+    return patient
+
+
 async def seeded_gateway(
     engine: Engine, make_gateway: Callable[..., Any], resources: Iterable[dict[str, Any]],
 ) -> GatewayUnderTest:
