@@ -19,7 +19,7 @@ from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
 from tests.integration.test_gateway_engine import GP
-from tests.integration.test_side_doors_engine import engine_put, fhir_client, opted_in_patient
+from tests.integration.test_side_doors_engine import engine_conditions, fhir_client, opted_in_patient
 
 pytestmark = pytest.mark.integration
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -42,17 +42,7 @@ HIDDEN = ("B20", "F11.20", "Z21", "Human immunodeficiency", "Opioid")
 async def seeded(fhir_engine: Engine, make_gateway: Callable[..., Any]) -> tuple[GatewayUnderTest, str, list[str]]:
     """A new patient with her opt-in and conditions on the engine, and a gateway in 404 mode."""
     patient = await opted_in_patient(fhir_engine, "pat-refill", "Moreau", "Ines")
-    pid = patient.split("/", 1)[1]
-    visible = []
-    for n, (kind, code, display) in enumerate(CONDITIONS, start=1):
-        rid = f"{pid}-{'open' if kind == 'v' else 'closed'}-{n}"
-        await engine_put(fhir_engine, {
-            "resourceType": "Condition", "id": rid, "subject": {"reference": patient},
-            "code": {"coding": [{"system": ICD10, "code": code, "display": display}], "text": display},
-            "onsetDateTime": f"2020-01-{n:02d}",
-        })
-        if kind == "v":
-            visible.append(rid)
+    visible = await engine_conditions(fhir_engine, patient, CONDITIONS)
     gw: GatewayUnderTest = await make_gateway(fhir_engine.base_url, enforcement={"denied_read_status": 404})
     return gw, patient, visible
 

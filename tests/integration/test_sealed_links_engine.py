@@ -19,11 +19,10 @@ from tests.conftest import GatewayUnderTest
 from tests.hidden import hidden_in
 from tests.integration.engine import Engine
 from tests.integration.test_gateway_engine import GP
-from tests.integration.test_side_doors_engine import engine_put, fhir_client, opted_in_patient
+from tests.integration.test_side_doors_engine import engine_conditions, fhir_client, opted_in_patient
 from tests.sealed import inner, is_sealed
 
 pytestmark = pytest.mark.integration
-ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 VISIBLE = [("I10", "Essential (primary) hypertension"), ("E11.9", "Type 2 diabetes mellitus without complications"),
            ("J45.909", "Unspecified asthma, uncomplicated"), ("E78.5", "Hyperlipidemia, unspecified"),
            ("K21.9", "Gastro-esophageal reflux disease without esophagitis"), ("M54.50", "Low back pain, unspecified"),
@@ -40,19 +39,9 @@ async def seeded(fhir_engine: Engine) -> tuple[str, list[str]]:
     """A new patient with her opt-in (which does not open HIV or opioid-use data) and her
     conditions on the engine; the ids Dr GP may see, in the order written."""
     patient = await opted_in_patient(fhir_engine, "pat-sealed", "Lindqvist", "Maja")
-    pid = patient.split("/", 1)[1]
-    visible: list[str] = []
     shown, withheld = iter(VISIBLE * 3), iter(HIDDEN * 3)
-    for n, kind in enumerate(ORDER, start=1):
-        code, display = next(shown) if kind == "v" else next(withheld)
-        rid = f"{pid}-{'open' if kind == 'v' else 'closed'}-{n:02d}"
-        await engine_put(fhir_engine, {
-            "resourceType": "Condition", "id": rid, "subject": {"reference": patient},
-            "code": {"coding": [{"system": ICD10, "code": code, "display": display}], "text": display},
-            "onsetDateTime": f"2020-01-{n:02d}",
-        })
-        if kind == "v":
-            visible.append(rid)
+    rows = [(kind, *(next(shown) if kind == "v" else next(withheld))) for kind in ORDER]
+    visible = await engine_conditions(fhir_engine, patient, rows)
     return patient, visible
 
 

@@ -67,6 +67,24 @@ async def opted_in_patient(engine: Engine, prefix: str, family: str, given: str)
     return patient
 
 
+async def engine_conditions(engine: Engine, patient: str, rows: Iterable[tuple[str, str, str]]) -> list[str]:
+    """The patient's conditions written to the engine in order, one per row (kind ``v`` for
+    visible, any other for closed; an ICD-10-CM code; its display); the visible ones' ids."""
+    pid = patient.split("/", 1)[1]
+    visible: list[str] = []
+    for n, (kind, code, display) in enumerate(rows, start=1):
+        rid = f"{pid}-{'open' if kind == 'v' else 'closed'}-{n:02d}"
+        await engine_put(engine, {
+            "resourceType": "Condition", "id": rid, "subject": {"reference": patient},
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code, "display": display}],
+                     "text": display},
+            "onsetDateTime": f"2020-01-{n:02d}",
+        })
+        if kind == "v":
+            visible.append(rid)
+    return visible
+
+
 async def seeded_gateway(
     engine: Engine, make_gateway: Callable[..., Any], resources: Iterable[dict[str, Any]],
 ) -> GatewayUnderTest:
