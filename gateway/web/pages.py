@@ -6,7 +6,7 @@ top, or as a batch slot's resource) are written anew once everything else is dec
 link goes out, ``web.refill`` and ``core.paging.names_any``, is decided before): ``self`` is
 the URL the client asked, every other relation is ``<public base>/?gateway-page=<token>``,
 the token sealing the gateway's link relative to its public base (``gateway.sealing``); a
-link under another base goes. A ``Link`` header says what the Bundle's links say, or goes.
+link under another base goes. The server's ``Link`` header goes.
 
 SECURITY: an offset (``_offset=13`` after ten visible matches), a page number, a row number
 or a server's cursor counts or names what the answer withheld; a token says nothing, and its
@@ -134,22 +134,22 @@ def seal_response(
 ) -> None:
     """Seal the paging links of a 2xx answer in place: its Bundle's (``asked``: the URL the
     client asked, its ``self``) or its batch slots' (``slots``: each entry's URL as the client
-    wrote it, by index); its ``Link`` header then says the Bundle's links, or goes. ``pieces``:
+    wrote it, by index); its ``Link`` header goes. ``pieces``:
     the answer's body when it is sent in pieces, not yet rewritten (``rewrite``)."""
     if not isinstance(response, web.Response) or not 200 <= response.status < 300:
         return
-    written: list[dict[str, str]] | None = None
     body = response.body
     if pieces is not None:
-        written = _sealed_pieces(pieces, sealer, asked, rewrite)
+        _sealed_pieces(pieces, sealer, asked, rewrite)
     elif isinstance(body, (bytes, bytearray)) and body:
         sealed = _sealed_answer(bytes(body), sealer, asked, slots or {})
         if sealed is not None:
-            response.body, written = sealed
-    if "Link" in response.headers:
-        response.headers.popall("Link")
-        if written:
-            response.headers["Link"] = ", ".join(f'<{link["url"]}>; rel="{link["relation"]}"' for link in written)
+            response.body = sealed[0]
+    # The server's Link header names its own offsets or cursors; the Bundle's links are not
+    # repeated there: three sealed links make a header of about 3.5 KB, near what proxies in
+    # front of the gateway take by default (nginx: 4 or 8 KB of response headers), and FHIR
+    # clients page by Bundle.link.
+    response.headers.popall("Link", None)
 
 
 def _sealed_answer(

@@ -272,9 +272,10 @@ async def test_a_bad_token_refuses_a_whole_transaction(ana: FakeFhir, make_gatew
 # ---------------------------------------------------------------- the Link header
 
 
-async def test_a_link_header_says_the_bundles_sealed_links(ana: FakeFhir, make_gateway: MakeGateway) -> None:
+async def test_a_servers_link_header_goes(ana: FakeFhir, make_gateway: MakeGateway) -> None:
     """A server that pages with a Link header too: its next there counts the hidden matches
-    (``_offset=10``); the gateway's header says what its Bundle says."""
+    (``_offset=10``); the gateway answers without it (the Bundle's sealed links are not repeated
+    there either: three of them make a header near proxies' default limits)."""
     gw = await make_gateway(ana.base_url, enforcement={"denied_read_status": 404})
     pager = Pager(ana, HIDING)
 
@@ -289,8 +290,8 @@ async def test_a_link_header_says_the_bundles_sealed_links(ana: FakeFhir, make_g
     ana.override = with_header
     status, headers, body = await call(gw, "GET", SEARCH)
     assert status == 200
-    assert "_offset" not in headers["Link"]
-    assert headers["Link"] == ", ".join(f'<{url}>; rel="{rel}"' for rel, url in page_links(body).items())
+    assert "Link" not in headers and "link" not in {name.lower() for name in headers}
+    assert is_sealed(page_links(body)["next"])
 
 
 # ---------------------------------------------------------------- the decision log
