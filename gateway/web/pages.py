@@ -152,16 +152,24 @@ def seal_response(
     response.headers.popall("Link", None)
 
 
-def _sealed_answer(
-    raw: bytes, sealer: Sealer, asked: str | None, slots: Mapping[int, str],
-) -> tuple[bytes, list[dict[str, str]] | None] | None:
-    """The answer ``raw`` with its links sealed, and its own new links (None when it is no paged
-    Bundle); None when nothing in it is a paging link."""
-    if b'"link"' not in raw and b"\\u" not in raw:
+def _top_level(text: bytes) -> dict[str, msgspec.Raw] | None:
+    """The top-level elements of a JSON object text that may hold a ``link`` (keys as written, or
+    \\u-escaped); None when it cannot (or is no object)."""
+    if b'"link"' not in text and b"\\u" not in text:
         return None
     try:
-        top = _FIELDS.decode(raw)
+        return _FIELDS.decode(text)
     except msgspec.DecodeError:
+        return None
+
+
+def _sealed_answer(
+    raw: bytes, sealer: Sealer, asked: str | None, slots: Mapping[int, str],
+) -> tuple[bytes, bool] | None:
+    """The answer ``raw`` with its links sealed, and whether it is a paged Bundle (its own links
+    sealed, not only its slots'); None when nothing in it is a paging link."""
+    top = _top_level(raw)
+    if top is None:
         return None
     if _text(top.get("resourceType")) != "Bundle":
         return None
@@ -174,7 +182,7 @@ def _sealed_answer(
             top["link"] = msgspec.Raw(orjson.dumps(links))
         else:
             del top["link"]
-        return _joined(top), links
+        return _joined(top), True
     if kind in _SLOTTED and "entry" in top and asked is not None:
         try:
             entries = _ITEMS.decode(top["entry"])
@@ -189,24 +197,21 @@ def _sealed_answer(
         if not changed:
             return None
         top["entry"] = msgspec.Raw(b"[" + b",".join(bytes(e) for e in entries) + b"]")
-        return _joined(top), None
+        return _joined(top), False
     return None
 
 
 def _sealed_slot(text: bytes, sealer: Sealer, asked: str | None) -> bytes | None:
     """A batch slot whose resource is a paged Bundle, its links sealed (``self``: the entry's
     URL as the client wrote it, under the public base); None when it has none."""
-    if b'"link"' not in text and b"\\u" not in text:
-        return None
-    try:
-        slot = _FIELDS.decode(text)
-    except msgspec.DecodeError:
+    slot = _top_level(text)
+    if slot is None:
         return None
     resource = slot.get("resource")
     if resource is None:
         return None
     sealed = _sealed_answer(bytes(resource), sealer, _asked_in_batch(sealer.public, asked), {})
-    if sealed is None or sealed[1] is None:
+    if sealed is None or not sealed[1]:
         return None
     slot["resource"] = msgspec.Raw(sealed[0])
     return _joined(slot)
@@ -230,14 +235,13 @@ def _asked_in_batch(public: str, url: str | None) -> str | None:
 
 def _sealed_pieces(
     pieces: Pieces, sealer: Sealer, asked: str, rewrite: Callable[[str], str] | None,
-) -> list[dict[str, str]] | None:
+) -> None:
     """A spliced answer's top-level ``link`` element written anew, when it is a paged Bundle's."""
     links = pieces.element("link")
     if pieces.element("resourceType") != "Bundle" or pieces.element("type") not in _PAGED or links is None:
-        return None
+        return
     written = sealer.links(links, asked, rewrite)
     pieces.replace_element("link", orjson.dumps(written) if written else None)
-    return written
 
 
 def _text(raw: msgspec.Raw | None) -> str | None:
